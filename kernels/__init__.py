@@ -1,0 +1,1 @@
+"""Fused merge kernels: numba (CPU), Triton (GPU); installed as ``streammerge.kernels``."""

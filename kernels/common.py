@@ -1,0 +1,74 @@
+"""Host-side constants of the merge contract shared by every kernel (shared/SPEC.md).
+
+Both the numba CPU kernel and the Triton GPU kernel take their per-model constants from
+here, so the two can only differ in the elementwise pass itself.
+
+Conventions on the CPU side: a tensor is a 1-D numpy array in its stored dtype, with
+bfloat16 carried as ``np.uint16`` bit patterns (numpy has no bfloat16). The safetensors
+dtype strings ``"F32"``, ``"F16"``, ``"BF16"`` name the float dtypes the kernels accept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+
+#: Float dtypes the kernels read and write, as safetensors dtype strings, with their codes.
+FLOAT_CODES: dict[str, int] = {"F32": 0, "F16": 1, "BF16": 2}
+#: Bytes per element of each float dtype.
+FLOAT_ITEMSIZE: dict[str, int] = {"F32": 4, "F16": 2, "BF16": 2}
+#: numpy dtype that carries each float dtype on the CPU (bf16 as raw uint16 bits).
+NUMPY_CARRIER: dict[str, np.dtype] = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+}
+
+
+def tensor_key(seed: int, name: str) -> int:
+    """Per-tensor Philox key ``key_t`` (SPEC "Per-tensor key").
+
+    Args:
+        seed: merge seed, 0 <= seed < 2**64.
+        name: tensor name as stored, e.g. ``model.layers.0.mlp.up_proj.weight``.
+
+    Returns:
+        int in [0, 2**63): blake2b-64 of the UTF-8 name keyed by the seed's 8 little-endian
+        bytes, read little-endian, top bit cleared (so it fits a signed int64 argument).
+
+    Raises:
+        ValueError: seed outside [0, 2**64).
+    """
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    digest = hashlib.blake2b(
+        name.encode("utf-8"), digest_size=8, key=seed.to_bytes(8, "little")
+    ).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def drop_threshold(p: float) -> int:
+    """DARE keep threshold ``floor(p * 2**32)`` as an int in [0, 2**32) (SPEC "masks").
+
+    Element i of model j is kept when its Philox word r satisfies ``r >= threshold``.
+
+    Raises:
+        ValueError: p outside [0, 1).
+    """
+    if not (0.0 <= p < 1.0) or math.isnan(p):
+        raise ValueError(f"drop rate p must satisfy 0 <= p < 1, got {p}")
+    return int(math.floor(float(p) * 2**32))
+
+
+def drop_rescale(p: float) -> np.float32:
+    """DARE rescale ``float32(1 / (1 - p))``: the quotient in float64, then rounded to float32.
+
+    Source: DARE (arXiv 2311.03099) eq. 2; rounding as in SPEC "The merged value".
+
+    Raises:
+        ValueError: p outside [0, 1).
+    """
+    drop_threshold(p)  # validates p
+    return np.float32(1.0 / (1.0 - float(p)))

@@ -1,0 +1,1 @@
+"""streammerge: memory-streaming M3 + DARE merge engine (see README.md)."""
