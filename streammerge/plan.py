@@ -1,0 +1,409 @@
+"""The merge plan: a pure function from headers and a recipe to what the streamer executes.
+
+No I/O happens here. Given the validated headers of the base and the fine-tunes, the plan
+says which tensors are merged and which copied, each tensor's output dtype, shard and byte
+offset, each shard's header, and (through ``iter_chunks``) the element ranges each pass
+walks. A method that needs a per-tensor statistic first (TIES) walks the same chunks twice.
+
+Worked example (HF-style greedy sharding, ``shard_size_bytes=10``, tensors of 4, 4, 4
+and 12 bytes in name order): shard 1 gets the first two (8 bytes; a third would make 12),
+shard 2 gets the third, shard 3 the 12-byte one alone -> ``model-00001-of-00003.safetensors``
+... ``model-00003-of-00003.safetensors``.
+
+Vocabulary rule (issue 5; printed by the CLI when it applies): tensors whose shapes differ
+only in the first dimension get as many rows as the largest fine-tune. A row the base and
+every fine-tune have is merged per SPEC; a row only some fine-tunes have is merged over
+those, their weights renormalized to keep the full weights' sum; a row the base lacks is
+the weighted mean of the fine-tunes that have it, no drop. See ``_row_segments``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from streammerge.errors import MergeError
+from streammerge.kernels.common import FLOAT_ITEMSIZE
+from streammerge.methods import Recipe
+from streammerge.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
+
+#: Output dtype names users may pass to ``--dtype``, mapped to safetensors dtype strings.
+DTYPE_ALIASES = {
+    "bf16": "BF16", "bfloat16": "BF16", "fp16": "F16", "f16": "F16", "float16": "F16",
+    "fp32": "F32", "f32": "F32", "float32": "F32",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Element range ``[start, stop)`` of an output tensor merged with one set of models.
+
+    Attributes:
+        has_base: the base has these rows (else x_b = +0.0, p = 0, s = 1: weighted mean).
+        models: SPEC index j of each participating fine-tune, ascending.
+        weights: w_j of each (float64; renormalized when not all fine-tunes take part).
+        drop: p_j of each.
+        scale: s.
+    """
+
+    start: int
+    stop: int
+    has_base: bool
+    models: tuple[int, ...]
+    weights: tuple[float, ...]
+    drop: tuple[float, ...]
+    scale: float
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor.
+
+    Attributes:
+        name: tensor name.
+        action: ``"merge"`` (the fused kernel), ``"copy"`` (base bytes unchanged) or
+            ``"convert"`` (a base-only float tensor cast to another ``--dtype``).
+        dtype: output safetensors dtype.
+        shape: output shape.
+        offset: byte offset of its data within its shard's data area.
+        base: the base tensor, or None (never None for copy / convert).
+        sources: each fine-tune's tensor (None when that model does not take part).
+        segments: for merges, element ranges with their models and weights, covering
+            ``[0, numel)`` in order.
+        rule: a one-line description when the vocabulary rule shaped this tensor.
+    """
+
+    name: str
+    action: str
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    base: TensorInfo | None
+    sources: tuple[TensorInfo | None, ...]
+    segments: tuple[Segment, ...]
+    rule: str | None = None
+
+    @property
+    def numel(self) -> int:
+        """Elements in the output tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Output bytes."""
+        return self.numel * DTYPE_ITEMSIZE[self.dtype]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """One output shard: its file name, its tensors in file order, and its header bytes.
+
+    ``header`` is the whole prefix of the file (8-byte length + JSON padded with spaces to a
+    multiple of 8), so data byte ``k`` lies at file offset ``len(header) + k``.
+    """
+
+    filename: str
+    tensors: tuple[TensorPlan, ...]
+    header: bytes
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes after the header."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def size_bytes(self) -> int:
+        """Whole file size in bytes."""
+        return len(self.header) + self.data_bytes
+
+    @property
+    def read_bytes(self) -> int:
+        """Input bytes read to produce this shard (base + participating fine-tunes)."""
+        total = 0
+        for t in self.tensors:
+            if t.action != "merge":
+                total += t.base.nbytes  # type: ignore[union-attr]
+                continue
+            for seg in t.segments:
+                n = seg.stop - seg.start
+                if seg.has_base:
+                    total += n * t.base.itemsize  # type: ignore[union-attr]
+                total += sum(n * t.sources[j].itemsize for j in seg.models)  # type: ignore[union-attr]
+        return total
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole merge, from headers alone.
+
+    Attributes:
+        shards: output shards in order.
+        recipe: the resolved recipe.
+        base_only: names of tensors only the base has (copied from it, SPEC).
+        vocab_rules: one line per tensor the vocabulary rule shaped.
+        vocab_rows: output rows of the vocabulary-shaped tensors (None when none), and
+            ``tokenizer_model``: index of the fine-tune with the most rows.
+    """
+
+    shards: tuple[ShardPlan, ...]
+    recipe: Recipe
+    base_only: tuple[str, ...]
+    vocab_rules: tuple[str, ...]
+    vocab_rows: int | None
+    tokenizer_model: int | None
+
+    @property
+    def tensors(self) -> Iterator[TensorPlan]:
+        """Every output tensor, shard by shard."""
+        for shard in self.shards:
+            yield from shard.tensors
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of output tensor bytes (``metadata.total_size`` of the index)."""
+        return sum(s.data_bytes for s in self.shards)
+
+    @property
+    def output_bytes(self) -> int:
+        """Bytes of every shard file, headers included."""
+        return sum(s.size_bytes for s in self.shards)
+
+    @property
+    def read_bytes(self) -> int:
+        """Input bytes one pass reads (base + every participating fine-tune)."""
+        return sum(s.read_bytes for s in self.shards)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def shard_names(k: int) -> list[str]:
+    """HF shard file names: ``model.safetensors`` for one, else ``model-0000i-of-0000K``."""
+    if k == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{k:05d}.safetensors" for i in range(1, k + 1)]
+
+
+def greedy_shards(sizes: Sequence[int], shard_size_bytes: int) -> list[list[int]]:
+    """HF-style greedy sharding: indices of ``sizes`` grouped in order into shards.
+
+    A shard is closed when adding the next item would exceed ``shard_size_bytes``; an item
+    larger than the limit gets a shard of its own. Example: sizes (4, 4, 4, 12), limit 10
+    -> [[0, 1], [2], [3]].
+    """
+    shards: list[list[int]] = []
+    current: list[int] = []
+    current_size = 0
+    for i, size in enumerate(sizes):
+        if current and current_size + size > shard_size_bytes:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(i)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _names(names: Sequence[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
+
+
+def _row_segments(
+    name: str, base: TensorInfo, srcs: Sequence[TensorInfo], recipe: Recipe
+) -> tuple[tuple[int, ...], tuple[Segment, ...], str]:
+    """Vocabulary rule for a tensor whose shapes differ only in dim 0 (issue 5).
+
+    Output rows R = max rows over the fine-tunes. Rows are cut where any model's or the
+    base's row count ends. Over rows every fine-tune and the base have: SPEC unchanged.
+    Over rows only some fine-tunes have: those fine-tunes only, weights w_j / sum(w_active)
+    * sum(w_all) (so M3's weights still sum to 1). Over rows the base lacks: x_b = 0, p = 0,
+    s = 1, the same renormalized weights: the weighted mean of the fine-tunes that have them.
+    """
+    row = math.prod(base.shape[1:])
+    rows = [s.shape[0] for s in srcs]
+    out_rows = max(rows)
+    cuts = sorted({0, out_rows, *(r for r in (*rows, base.shape[0]) if r < out_rows)})
+    total_w = sum(recipe.weights)
+    segs = []
+    for r0, r1 in itertools.pairwise(cuts):
+        active = tuple(j for j, r in enumerate(rows) if r >= r1)
+        has_base = base.shape[0] >= r1
+        w_act = sum(recipe.weights[j] for j in active)
+        if len(active) == len(rows):
+            weights = tuple(recipe.weights)
+        else:
+            if w_act == 0:
+                raise MergeError(
+                    f"rows {r0}..{r1 - 1} are in fine-tunes {list(active)} whose weights sum to 0",
+                    None, name, "give weights that do not cancel, or align the vocabularies",
+                )
+            weights = tuple(recipe.weights[j] * total_w / w_act for j in active)
+        if has_base:
+            drop, scale = tuple(recipe.drop[j] for j in active), recipe.scale
+        else:
+            if w_act == 0:
+                raise MergeError(f"rows {r0}..{r1 - 1}: fine-tune weights sum to 0", None, name, "give other weights")
+            weights = tuple(recipe.weights[j] / w_act for j in active)
+            drop, scale = (0.0,) * len(active), 1.0
+        segs.append(Segment(r0 * row, r1 * row, has_base, active, weights, drop, scale))
+    rule = (
+        f"{name}: rows base={base.shape[0]}, fine-tunes={rows} -> {out_rows}; rows all have: SPEC; "
+        "rows some fine-tunes have: merged over those, weights renormalized; "
+        "rows the base lacks: weighted mean of the fine-tunes that have them (no drop)"
+    )
+    return (out_rows, *base.shape[1:]), tuple(segs), rule
+
+
+def make_plan(
+    base: ModelDir, models: Sequence[ModelDir], recipe: Recipe, shard_size_bytes: int
+) -> Plan:
+    """Plan a merge from headers alone (SPEC "Tensors that are not merged", "Output").
+
+    Args:
+        base: the validated base directory.
+        models: the validated fine-tunes, in command-line order (model j).
+        recipe: the resolved recipe (weights drawn, drop rates per model).
+        shard_size_bytes: greedy output shard limit in bytes (HF ``max_shard_size``).
+
+    Returns:
+        The Plan; output tensors in natural name order, so the output does not depend on
+        how the inputs are sharded.
+
+    Raises:
+        MergeError: a tensor some fine-tunes lack, a tensor the base lacks, a shape
+            mismatch other than the vocabulary rule's, a float tensor that is an integer
+            elsewhere, a float dtype the kernels cannot merge, or an unknown ``--dtype``.
+    """
+    out_dtype = recipe.dtype
+    if out_dtype is not None:
+        out_dtype = DTYPE_ALIASES.get(out_dtype.lower(), out_dtype.upper())
+        if out_dtype not in FLOAT_ITEMSIZE:
+            raise MergeError(f"unknown output dtype {recipe.dtype!r}", None, None, "use bf16, fp16 or fp32")
+    missing: dict[int, list[str]] = {}
+    extra: list[tuple[str, int]] = []
+    for j, m in enumerate(models):
+        for name in m.tensors:
+            if name not in base.tensors:
+                extra.append((name, j))
+    if extra:
+        names = sorted({n for n, _ in extra}, key=natural_key)
+        raise MergeError(
+            f"{len(names)} tensor(s) in a fine-tune are not in the base", models[extra[0][1]].path,
+            _names(names), "merge fine-tunes of the same base (the base must have every tensor)",
+        )
+    plans: list[tuple] = []  # (name, action, dtype, shape, base, sources, segments, rule)
+    base_only: list[str] = []
+    vocab_rules: list[str] = []
+    vocab_rows: int | None = None
+    tokenizer_model: int | None = None
+    for name in sorted(base.tensors, key=natural_key):
+        b = base.tensors[name]
+        srcs = [m.tensors.get(name) for m in models]
+        have = [j for j, s in enumerate(srcs) if s is not None]
+        if not have:
+            base_only.append(name)
+            dtype = b.dtype
+            action = "copy"
+            if b.is_float and out_dtype is not None and out_dtype != b.dtype:
+                if b.dtype not in FLOAT_ITEMSIZE:
+                    raise MergeError(f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype")
+                dtype, action = out_dtype, "convert"
+            plans.append((name, action, dtype, b.shape, b, (None,) * len(models), (), None))
+            continue
+        if len(have) != len(models):
+            lacking = [j for j in range(len(models)) if srcs[j] is None]
+            missing.setdefault(lacking[0], []).append(name)
+            continue
+        kinds = {s.is_float for s in srcs} | {b.is_float}
+        if len(kinds) > 1:
+            who = next(s for s in srcs if s.is_float != b.is_float)
+            raise MergeError(
+                f"float in one model, integer in another (base {b.dtype}, {who.file.parent}: {who.dtype})",
+                who.file, name, "merge checkpoints of the same architecture",
+            )
+        shapes = {s.shape for s in srcs} | {b.shape}
+        if not b.is_float:
+            if len({s.dtype for s in srcs} | {b.dtype}) > 1 or len(shapes) > 1:
+                who = next(s for s in srcs if s.dtype != b.dtype or s.shape != b.shape)
+                raise MergeError(
+                    f"non-float tensor differs (base {b.dtype}{list(b.shape)}, "
+                    f"{who.file.parent}: {who.dtype}{list(who.shape)})",
+                    who.file, name, "merge checkpoints of the same architecture",
+                )
+            plans.append((name, "copy", b.dtype, b.shape, b, (None,) * len(models), (), None))
+            continue
+        for t in (b, *srcs):
+            if t.dtype not in FLOAT_ITEMSIZE:
+                raise MergeError(f"cannot merge dtype {t.dtype}", t.file, name, "convert the checkpoint to bf16, fp16 or fp32")
+        dtype = out_dtype or b.dtype
+        if len(shapes) == 1:
+            seg = Segment(0, b.numel, True, tuple(range(len(models))), recipe.weights, recipe.drop, recipe.scale)
+            plans.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None))
+            continue
+        if len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
+            who = next(s for s in srcs if s.shape != b.shape)
+            raise MergeError(
+                f"shape mismatch: base {list(b.shape)}, {who.file.parent} {list(who.shape)}",
+                who.file, name, "merge fine-tunes of the same base architecture",
+            )
+        shape, segs, rule = _row_segments(name, b, srcs, recipe)
+        vocab_rules.append(rule)
+        vocab_rows = max(vocab_rows or 0, shape[0])
+        rows = [s.shape[0] for s in srcs]
+        tokenizer_model = rows.index(max(rows))
+        plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule))
+    if missing:
+        j, names = next(iter(sorted(missing.items())))
+        raise MergeError(
+            f"{sum(map(len, missing.values()))} tensor(s) missing from fine-tune {models[j].path}"
+            f" (the base and other fine-tunes have them)", models[j].path, _names(names),
+            "merge fine-tunes saved with the same tensors",
+        )
+    specs = plans
+    sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in specs]
+    groups = greedy_shards(sizes, shard_size_bytes)
+    names = shard_names(len(groups))
+    shards = []
+    for fname, group in zip(names, groups):
+        members = sorted((specs[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0])))
+        tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
+        for name, action, dtype, shape, b, srcs, segs, rule in members:
+            t = TensorPlan(name, action, dtype, tuple(shape), offset, b, srcs, segs, rule)
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+            tensors.append(t)
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        shards.append(ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text))
+    return Plan(tuple(shards), recipe, tuple(base_only), tuple(vocab_rules), vocab_rows, tokenizer_model)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """``count`` elements of a tensor starting at element ``start``, within one segment."""
+
+    start: int
+    count: int
+    segment: Segment | None
+
+
+def iter_chunks(t: TensorPlan, max_elems: int) -> Iterator[Chunk]:
+    """Element ranges of ``t`` of at most ``max_elems``, never crossing a segment boundary.
+
+    Copies and conversions have no segments and are cut only by size. The same call gives
+    the same chunks, so a method's statistics pass and its merge pass walk alike.
+    """
+    if max_elems < 1:
+        raise ValueError(f"max_elems must be >= 1, got {max_elems}")
+    ranges = [(s.start, s.stop, s) for s in t.segments] or [(0, t.numel, None)]
+    for lo, hi, seg in ranges:
+        for start in range(lo, hi, max_elems):
+            yield Chunk(start, min(max_elems, hi - start), seg)

@@ -1,0 +1,285 @@
+"""Open a model directory, validate every safetensors header, and read byte ranges.
+
+The safetensors format (huggingface/safetensors README): 8 bytes little-endian u64 N, then
+N bytes of UTF-8 JSON mapping each tensor name to ``{"dtype", "shape", "data_offsets":
+[begin, end]}`` (offsets relative to the data area that follows the header, ``end - begin
+== prod(shape) * itemsize``), an optional ``"__metadata__"`` string map, then the data.
+
+Nothing here memory-maps a file: reads go through ``os.preadv`` into the caller's buffer,
+so resident memory does not grow with the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streammerge.errors import MergeError
+
+#: Bytes per element of every safetensors dtype (huggingface/safetensors, ``Dtype``).
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+#: Floating dtypes; the merge kernels read and write F32, F16 and BF16.
+FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
+#: Largest header the reader accepts (bytes); the Rust safetensors loader uses 100 MB.
+MAX_HEADER_BYTES = 100_000_000
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes lie.
+
+    Attributes:
+        name: tensor name as stored.
+        dtype: safetensors dtype string (``"BF16"``, ``"F32"``, ``"I64"``...).
+        shape: dimensions, row-major.
+        file: the shard file holding it.
+        start: absolute byte offset of its first byte in ``file``.
+        nbytes: byte length (= numel * itemsize).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return DTYPE_ITEMSIZE[self.dtype]
+
+    @property
+    def is_float(self) -> bool:
+        """True for floating dtypes."""
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass
+class ModelDir:
+    """A validated Hugging Face model directory (single file or index + shards).
+
+    Attributes:
+        path: the directory.
+        files: the safetensors files, in index order.
+        tensors: name -> TensorInfo, for every tensor of every file.
+        fingerprint: sha256 (hex) of every file's name, size and header bytes; changes when
+            any header or size changes.
+    """
+
+    path: Path
+    files: list[Path]
+    tensors: dict[str, TensorInfo]
+    fingerprint: str
+    total_bytes: int = field(default=0)
+
+
+def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header.
+
+    Raises:
+        MergeError: unreadable file, header length past the end, bad JSON, unknown dtype,
+            span != shape x itemsize, span outside the data area, or overlapping spans.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MergeError(
+                    f"file is {size} bytes, too short for a safetensors header", path,
+                    todo="the shard is truncated: re-download or re-save it",
+                )
+            n = int.from_bytes(head, "little")
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise MergeError(
+                    f"header length {n} runs past the end of the {size}-byte file", path,
+                    todo="the shard is truncated or not safetensors: re-download or re-save it",
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise MergeError(f"cannot read file: {e.strerror}", path, todo="check the path and its permissions") from e
+    digest.update(f"{path.name}\0{size}\0".encode())
+    digest.update(raw)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"header is not valid JSON ({e})", path, todo="the shard is corrupt: re-download or re-save it") from e
+    if not isinstance(header, dict):
+        raise MergeError("header is not a JSON object", path, todo="the shard is corrupt: re-download or re-save it")
+    data_start = 8 + n
+    data_size = size - data_start
+    out: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict):
+                raise MergeError("__metadata__ is not a JSON object", path, todo="re-save the shard")
+            continue
+        fix = "the shard is corrupt: re-download or re-save it"
+        if not isinstance(entry, dict):
+            raise MergeError("header entry is not a JSON object", path, name, fix)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_ITEMSIZE:
+            raise MergeError(f"unknown dtype {dtype!r}", path, name, fix)
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise MergeError(f"bad shape {shape!r}", path, name, fix)
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise MergeError(f"bad data_offsets {offsets!r}", path, name, fix)
+        begin, end = offsets
+        want = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+        if end - begin != want:
+            raise MergeError(
+                f"byte span {end - begin} != shape {shape} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
+                path, name, fix,
+            )
+        if end > data_size:
+            raise MergeError(
+                f"data_offsets {offsets} run past the {data_size}-byte data area", path, name,
+                "the shard is truncated: re-download or re-save it",
+            )
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+    spans.sort()
+    reach, reach_name = 0, ""  # furthest end of the non-empty spans so far
+    for begin, end, name in spans:
+        if begin == end:
+            continue
+        if begin < reach:
+            raise MergeError(f"byte span overlaps tensor {reach_name!r}", path, name, fix)
+        reach, reach_name = end, name
+    return out
+
+
+def open_model(path: str | Path) -> ModelDir:
+    """Open and validate a model directory: every header, and the index against them.
+
+    Args:
+        path: directory with ``model.safetensors``, or ``model.safetensors.index.json``
+            plus the shards its ``weight_map`` names.
+
+    Returns:
+        ModelDir with every tensor's location.
+
+    Raises:
+        MergeError: not a directory, no weights, bad index, a shard missing, a tensor in two
+            shards, index and headers disagreeing, or any header check of the reader failing.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise MergeError("not a directory", root, todo="pass a model directory in Hugging Face layout")
+    digest = hashlib.sha256()
+    index_path = root / INDEX_FILE
+    tensors: dict[str, TensorInfo] = {}
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text("utf-8"))
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise TypeError("weight_map is not a map of tensor name to file name")
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise MergeError(f"bad index ({type(e).__name__}: {e})", index_path, todo="fix or re-save the index") from e
+        files = list(dict.fromkeys(weight_map.values()))
+        for fname in files:
+            fpath = root / fname
+            if Path(fname).name != fname or not fpath.is_file():
+                raise MergeError(f"the index names shard {fname!r}, which is missing", index_path, todo="restore the shard or fix the index")
+            for name, info in _parse_header(fpath, digest).items():
+                if name in tensors:
+                    raise MergeError(
+                        f"tensor stored in two shards ({tensors[name].file.name} and {fname})", root, name,
+                        "remove the duplicate or re-save the model",
+                    )
+                if weight_map.get(name) != fname:
+                    raise MergeError(
+                        f"the header of {fname} has this tensor, the index says {weight_map.get(name)!r}",
+                        index_path, name, "fix or re-save the index",
+                    )
+                tensors[name] = info
+        for name, fname in weight_map.items():
+            if name not in tensors:
+                raise MergeError(f"the index puts this tensor in {fname}, whose header lacks it", index_path, name, "fix or re-save the index")
+        file_paths = [root / f for f in files]
+    elif (root / SINGLE_FILE).is_file():
+        file_paths = [root / SINGLE_FILE]
+        tensors = _parse_header(file_paths[0], digest)
+    else:
+        raise MergeError(
+            f"no {SINGLE_FILE} or {INDEX_FILE}", root,
+            todo="pass a model directory in Hugging Face safetensors layout",
+        )
+    if not tensors:
+        raise MergeError("the model has no tensors", root, todo="pass a model directory with weights")
+    total = sum(t.nbytes for t in tensors.values())
+    return ModelDir(root, file_paths, tensors, digest.hexdigest(), total)
+
+
+class RangeReader:
+    """Reads byte ranges of tensors into caller buffers with ``os.preadv`` (GIL released).
+
+    One file descriptor per file, opened on first use and advised for sequential reading.
+    Safe to share between threads (``preadv`` takes an explicit offset).
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            self._fds[path] = fd
+        return fd
+
+    def read_into(self, info: TensorInfo, byte_offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` (writable, ``len(buf)`` bytes) from ``info``'s bytes at ``byte_offset``.
+
+        Raises:
+            MergeError: the range is outside the tensor or the file ended early
+                (truncated or changed since it was validated).
+        """
+        n = len(buf)
+        if byte_offset < 0 or byte_offset + n > info.nbytes:
+            raise MergeError(f"read of {n} bytes at {byte_offset} outside the tensor", info.file, info.name, "report this bug")
+        fd = self._fd(info.file)
+        pos = info.start + byte_offset
+        done = 0
+        while done < n:
+            got = os.preadv(fd, [buf[done:]], pos + done)
+            if got <= 0:
+                raise MergeError(
+                    "file ended early (changed or truncated while merging)", info.file, info.name,
+                    "do not modify inputs during a merge; re-run",
+                )
+            done += got
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -1,0 +1,154 @@
+"""Streaming safetensors writer: the header first (known from the plan), then the data in
+file order, chunk by chunk, so no shard is ever held in memory.
+
+Writes go through an aligned staging block with ``O_DIRECT`` where the filesystem allows
+it: on the reference machine ``O_DIRECT`` writes reached 1.7-2.1 GB/s against 0.33-0.37
+GB/s for buffered writes + fdatasync (issue 4), and they leave no dirty page cache behind.
+Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) it falls back to buffered
+writes. Either way the file is fsync'd before ``finish`` returns, and its sha256 is
+computed on the way out (no second read).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import mmap
+import os
+from pathlib import Path
+
+#: Alignment O_DIRECT needs for buffer address, file offset and length (bytes).
+DIRECT_ALIGN = 4096
+#: Staging block size (bytes): one O_DIRECT write each.
+BLOCK_BYTES = 8 * 2**20
+
+
+class StagingBlock:
+    """A page-aligned, reusable buffer of ``nbytes`` bytes (anonymous mmap), so repeated
+    shards reuse the same pages instead of faulting in new ones."""
+
+    def __init__(self, nbytes: int = BLOCK_BYTES) -> None:
+        self.nbytes = nbytes
+        self.mem = mmap.mmap(-1, nbytes)
+        self.view = memoryview(self.mem)
+
+    def close(self) -> None:
+        """Release the mapping."""
+        self.view.release()
+        self.mem.close()
+
+
+class ShardWriter:
+    """Writes one shard file sequentially.
+
+    Args:
+        path: file to create (truncated if it exists).
+        header: the shard's header bytes (``ShardPlan.header``), written first.
+        size_bytes: the final file size; ``finish`` checks it.
+        staging: a StagingBlock to use (shared across shards by one writer thread).
+        direct: try ``O_DIRECT`` (falls back to buffered when refused).
+
+    Raises:
+        OSError: the file cannot be created or written (e.g. ENOSPC: disk full).
+    """
+
+    def __init__(
+        self, path: Path, header: bytes, size_bytes: int, staging: StagingBlock, direct: bool = True
+    ) -> None:
+        self.path = Path(path)
+        self.size_bytes = size_bytes
+        self._staging = staging
+        self._fill = 0  # bytes staged
+        self._pos = 0  # file offset of the staging block's first byte
+        self._sha = hashlib.sha256()
+        self._fd = -1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        self.direct = False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+                self.direct = True
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+        if not self.direct:
+            self._fd = os.open(self.path, flags, 0o644)
+        try:
+            if hasattr(os, "posix_fallocate") and size_bytes > 0:
+                try:
+                    os.posix_fallocate(self._fd, 0, size_bytes)  # ENOSPC now, not at 90%
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise
+            self.write(memoryview(header))
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes handed to ``write`` so far."""
+        return self._pos + self._fill
+
+    def write(self, data: memoryview) -> None:
+        """Append ``data`` (a bytes-like object, any length) to the file."""
+        data = memoryview(data).cast("B")
+        if not self.direct:
+            self._sha.update(data)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self._fd, data[done:], self._pos + done)
+            self._pos += len(data)
+            return
+        block = self._staging.view
+        size = self._staging.nbytes
+        while len(data):
+            n = min(len(data), size - self._fill)
+            block[self._fill : self._fill + n] = data[:n]
+            self._fill += n
+            data = data[n:]
+            if self._fill == size:
+                self._flush(size)
+
+    def _flush(self, nbytes: int) -> None:
+        view = self._staging.view[:nbytes]
+        self._sha.update(view[: self._fill])
+        done = 0
+        while done < nbytes:
+            done += os.pwrite(self._fd, view[done:], self._pos + done)
+        self._pos += self._fill
+        self._fill = 0
+
+    def finish(self) -> tuple[int, str]:
+        """Flush, trim, fsync and close. Returns (size in bytes, sha256 hex).
+
+        Raises:
+            OSError: a write or fsync failed.
+            RuntimeError: the bytes written differ from the planned size (a bug).
+        """
+        try:
+            if self.direct and self._fill:
+                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                self._staging.view[self._fill : padded] = bytes(padded - self._fill)
+                self._flush(padded)
+            size = self._pos
+            os.ftruncate(self._fd, size)
+            if size != self.size_bytes:
+                raise RuntimeError(f"{self.path}: wrote {size} bytes, planned {self.size_bytes}")
+            os.fsync(self._fd)
+        except BaseException:
+            self.abort()
+            raise
+        os.close(self._fd)
+        self._fd = -1
+        return size, self._sha.hexdigest()
+
+    def abort(self) -> None:
+        """Close and delete the partial file (never leaves a half-written shard)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass

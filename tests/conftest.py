@@ -1,0 +1,140 @@
+"""Shared fixtures: small real safetensors checkpoints, sharded any way, and an independent
+recomputation of every merged tensor from the inputs and ``streammerge.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any test imports triton
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+
+
+def write_model(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1, config: dict | None = None) -> Path:
+    """Save ``tensors`` as an HF directory: one file, or ``shards`` files plus an index.
+
+    Tensors are dealt to shards round-robin in insertion order, so different ``shards``
+    give differently sharded copies of a model.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(root / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for k in range(shards):
+            part = {n: tensors[n] for n in names[k::shards]}
+            fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(part, str(root / fname), metadata={"format": "pt"})
+            weight_map.update({n: fname for n in part})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg = config or {"model_type": "test", "vocab_size": 10}
+    (root / "config.json").write_text(json.dumps(cfg))
+    return root
+
+
+def make_trio(
+    tmp: Path,
+    dtype: str = "BF16",
+    shards: tuple[int, int, int] = (1, 3, 2),
+    seed: int = 0,
+    big: int = 0,
+    model_dtypes: tuple[str, str] | None = None,
+) -> tuple[Path, Path, Path]:
+    """A base and two fine-tunes (base + small noise), sharded differently.
+
+    Includes odd sizes, an integer buffer, and a tensor only the base has. ``big`` adds a
+    tensor of that many elements (to span several chunks).
+    """
+    g = torch.Generator().manual_seed(seed)
+    shapes = {
+        "embed.weight": (37, 24),
+        "layers.0.attn.q.weight": (24, 24),
+        "layers.0.mlp.up.weight": (61, 24),
+        "layers.0.norm.weight": (24,),
+        "layers.1.mlp.down.weight": (24, 61),
+        "layers.10.norm.weight": (24,),
+        "scalar.weight": (),
+    }
+    if big:
+        shapes["layers.2.big.weight"] = (big,)
+    base = {n: (torch.randn(s, generator=g) * 0.02) for n, s in shapes.items()}
+    mdt = model_dtypes or (dtype, dtype)
+    out = []
+    for k, name in enumerate(("base", "a", "b")):
+        dt = dtype if k == 0 else mdt[k - 1]
+        ts = {n: (v if k == 0 else v + torch.randn(v.shape, generator=g) * 0.002).to(TORCH_DTYPES[dt]) for n, v in base.items()}
+        ts["position_ids"] = torch.arange(13, dtype=torch.int64).reshape(1, 13)
+        if k == 0:
+            ts["pooler.weight"] = torch.randn(5, 3, generator=g).to(TORCH_DTYPES[dt])
+        out.append(write_model(tmp / name, ts, shards=shards[k]))
+    return out[0], out[1], out[2]
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's stored bytes as the CPU carrier array (bf16 -> uint16 bits)."""
+    t = t.contiguous().reshape(-1)
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def load_dir(root: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF directory (test sizes only)."""
+    out = {}
+    for f in sorted(root.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def expected_merge(out_dir: Path, base: Path, models: list[Path]) -> dict[str, np.ndarray]:
+    """Recompute every output tensor independently from the inputs and streammerge.json,
+    with the numpy SPEC reference (tests/spec_reference.py). Returns name -> uint8 bytes."""
+    import spec_reference as ref
+
+    rec = json.loads((out_dir / "streammerge.json").read_text())
+    b = load_dir(base)
+    ms = [load_dir(m) for m in models]
+    out = {}
+    for name, bt in b.items():
+        if not bt.is_floating_point() or not all(name in m for m in ms):
+            out[name] = as_numpy(bt).view(np.uint8)
+            continue
+        dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+        key = ref.spec_key(rec["seed"], name)
+        res = ref.spec_merge(
+            as_numpy(bt), dtype[bt.dtype], [as_numpy(m[name]) for m in ms], [dtype[m[name].dtype] for m in ms],
+            dtype[bt.dtype] if rec["dtype"] is None else {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[rec["dtype"]],
+            key=key, start=0, model_ids=list(range(len(ms))), drop=rec["drop"], weights=rec["weights"],
+            scale=rec["scale"],
+        )
+        out[name] = np.ascontiguousarray(res).view(np.uint8)
+    return out
+
+
+def output_bytes(out_dir: Path) -> dict[str, np.ndarray]:
+    """Every output tensor's stored bytes, name -> uint8."""
+    return {n: as_numpy(t).view(np.uint8) for n, t in load_dir(out_dir).items()}
+
+
+def dir_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below ``root`` (inputs must never change)."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
