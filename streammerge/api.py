@@ -151,6 +151,32 @@ def _copy_side_files(output: OutputDir, plan: Plan, base: ModelDir, models: Sequ
                 output.copy_file(p, rel.as_posix())
 
 
+def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
+    """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
+
+    Raises:
+        MergeError: cuda asked for but not available; ValueError: unknown names.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
+    if backend not in ("auto", "numba", "triton"):
+        raise ValueError(f"unknown backend {backend!r} (use numba or triton)")
+    if device in ("auto", "cuda") and backend in ("auto", "triton"):
+        from streammerge import gpu
+
+        if gpu.cuda_available():
+            return gpu.CudaBackend(None if vram is None else parse_size(vram))
+        if device == "cuda":
+            raise MergeError("--device cuda but no CUDA device is available", None, None, "use --device cpu")
+    if backend == "triton":
+        from streammerge.backends import TritonCpuBackend
+
+        return TritonCpuBackend()
+    from streammerge.backends import NumbaBackend
+
+    return NumbaBackend(threads)
+
+
 def merge(
     models: Sequence[str | Path],
     base: str | Path,
@@ -166,7 +192,9 @@ def merge(
     shard_size: int | str = DEFAULT_SHARD_SIZE,
     memory: int | str = DEFAULT_MEMORY,
     threads: int | None = None,
-    backend: str = "numba",
+    backend: str = "auto",
+    device: str = "auto",
+    vram: int | str | None = None,
     overwrite: bool = False,
     resume: bool = False,
     copy_files: bool = True,
@@ -189,8 +217,12 @@ def merge(
         dtype: output dtype of float tensors (``bf16``, ``fp16``, ``fp32``); default the base's.
         shard_size: output shard limit (bytes or ``"5GB"``); memory: buffer budget
             (bytes or ``"256MiB"``); threads: numba threads (default all cores).
-        backend: ``"numba"`` (CPU) or ``"triton"`` (the Triton kernel; on CPU tensors under
-            ``TRITON_INTERPRET=1``, the test path).
+        backend: ``"auto"`` (Triton on a CUDA device when there is one, else numba),
+            ``"numba"`` (CPU) or ``"triton"`` (the Triton kernel; without a GPU it runs on CPU
+            tensors under ``TRITON_INTERPRET=1``: the test path).
+        device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
+        vram: device buffer budget on a GPU (bytes or ``"2GB"``; default a modest share
+            of free device memory, see ``streammerge.gpu``).
         overwrite: replace a non-empty output; resume: continue an interrupted merge.
         copy_files: copy config / tokenizer / module files from the base.
         direct_io: write shards with O_DIRECT where the filesystem allows.
@@ -224,16 +256,11 @@ def merge(
         drop=_parse_list(drop), scale=scale, dtype=dtype,
     )
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
-    layout = pipeline.make_layout(plan, len(model_dirs), memory_bytes)
+    engine = make_backend(backend, device, threads, vram)
+    layout = pipeline.make_layout(
+        plan, len(model_dirs), memory_bytes, engine.depth, getattr(engine, "max_chunk_elems", None)
+    )
     output.preflight(plan.output_bytes)
-    if backend == "numba":
-        compute = pipeline.numba_compute(threads)
-    elif backend == "triton":
-        from streammerge.backends import triton_compute
-
-        compute = triton_compute()
-    else:
-        raise ValueError(f"unknown backend {backend!r} (use numba or triton)")
     done = output.open(fingerprint(recipe, base_dir, model_dirs, shard_size_bytes), recipe.seed)
     try:
         todo = [s for s in plan.shards if s.filename not in done]
@@ -242,7 +269,7 @@ def merge(
             total_read = plan.read_bytes - sum(s.read_bytes for s in skipped)
             on_start(plan, total_read)
         bytes_read, bytes_written, results = pipeline.run(
-            plan, todo, output, layout, compute, on_bytes=on_bytes, direct_io=direct_io
+            plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io
         )
         shards = []
         for s in plan.shards:

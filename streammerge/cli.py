@@ -33,8 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB (default 5GB)")
     p.add_argument("--memory", default="256MiB", help="budget for all I/O buffers, e.g. 256MiB, 1GB (default 256MiB)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--backend", choices=("numba", "triton"), default="numba",
-                   help="kernel: numba (CPU) or triton (set TRITON_INTERPRET=1 to run it on the CPU: the test path)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to merge: cuda when available (auto, the default), cpu, or cuda")
+    p.add_argument("--vram", default=None,
+                   help="GPU buffer budget, e.g. 2GB (default: a quarter of free GPU memory, at most 4GiB)")
+    p.add_argument("--backend", choices=("auto", "numba", "triton"), default="auto",
+                   help="kernel: numba (CPU) or triton (GPU; with TRITON_INTERPRET=1 it runs on the CPU: "
+                   "the test path); auto picks triton on a GPU, else numba")
     p.add_argument("--resume", action="store_true", help="continue an interrupted merge into the same output")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output / discard an interrupted merge")
     p.add_argument("--no-copy-files", dest="copy_files", action="store_false",
@@ -86,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         s = merge(
             args.models, args.base, args.output, alpha=args.alpha, lam=args.lam, weights=args.weights,
             drop=args.drop, scale=args.scale, seed=args.seed, dtype=args.dtype, shard_size=args.shard_size,
-            memory=args.memory, threads=args.threads, backend=args.backend, overwrite=args.overwrite,
+            memory=args.memory, threads=args.threads, backend=args.backend, device=args.device, vram=args.vram, overwrite=args.overwrite,
             resume=args.resume, copy_files=args.copy_files, direct_io=args.direct_io,
             on_start=on_start, on_bytes=on_bytes,
         )

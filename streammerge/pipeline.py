@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from typing import Protocol
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ from streammerge.plan import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 from streammerge.reader import DTYPE_ITEMSIZE, RangeReader
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
-#: Slots in flight: one being read, one merged, one written.
+#: Host slots besides those a backend keeps in flight: one read, one merged, one written.
 N_SLOTS = 3
 #: Smallest useful chunk (elements); below it per-call overhead dominates.
 MIN_CHUNK_ELEMS = 4096
@@ -85,11 +87,17 @@ class Layout:
         return self.chunk_elems
 
 
-def make_layout(plan: Plan, n_models: int, memory_bytes: int) -> Layout:
+def make_layout(
+    plan: Plan, n_models: int, memory_bytes: int, depth: int = 0, device_limit=None
+) -> Layout:
     """Size the slot buffers so that all of them fit ``memory_bytes``.
 
     Each merge element needs one input element per row (at the widest float itemsize in the
-    plan) and one output element, in each of N_SLOTS slots.
+    plan) and one output element, in each of N_SLOTS + depth slots (``depth``: the slots a
+    backend keeps in flight).
+
+    ``device_limit(rows, in_itemsize, out_itemsize) -> elems``, when given, caps the chunk
+    too (the GPU backend's VRAM budget).
 
     Raises:
         MergeError: the budget is too small for even MIN_CHUNK_ELEMS elements.
@@ -101,8 +109,10 @@ def make_layout(plan: Plan, n_models: int, memory_bytes: int) -> Layout:
             srcs = [s for s in (t.base, *t.sources) if s is not None]
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
-    per_elem = N_SLOTS * (rows * in_size + out_size)
+    per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
     chunk = (memory_bytes - BLOCK_BYTES) // per_elem
+    if device_limit is not None:
+        chunk = min(chunk, device_limit(rows, in_size, out_size))
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
         need = (MIN_CHUNK_ELEMS * per_elem + BLOCK_BYTES) / 2**20
@@ -111,7 +121,7 @@ def make_layout(plan: Plan, n_models: int, memory_bytes: int) -> Layout:
             f"give at least {need:.0f}MiB",
         )
     layout = Layout(rows, chunk, chunk * in_size, chunk * out_size)
-    layout.buffer_bytes = N_SLOTS * (rows * layout.cap_in_bytes + layout.cap_out_bytes) + BLOCK_BYTES
+    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.cap_in_bytes + layout.cap_out_bytes) + BLOCK_BYTES
     return layout
 
 
@@ -125,32 +135,19 @@ def work_items(plan: Plan, shards: list[ShardPlan], layout: Layout) -> Iterator[
         yield Marker("close", shard)
 
 
-ComputeFn = Callable[[Slot, int], None]
+class Backend(Protocol):
+    """Where chunks are merged. ``submit`` starts merging a filled slot and returns a handle;
+    ``wait`` blocks until that merge's bytes are in ``slot.out``. Up to ``depth`` submitted
+    slots may be in flight before the oldest is waited on (0: ``submit`` finishes the work).
+    ``alloc`` makes the slot buffers (pinned host memory for a GPU)."""
 
+    depth: int
 
-def numba_compute(threads: int | None) -> ComputeFn:
-    """The CPU backend: numba kernels from ``streammerge.kernels.cpu_merge``."""
-    import numba
+    def alloc(self, shape: tuple[int, ...]) -> np.ndarray: ...
 
-    from streammerge.kernels import cpu_merge
+    def submit(self, slot: Slot, key: int) -> object: ...
 
-    if threads:
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-
-    def compute(slot: Slot, key: int) -> None:
-        t, c = slot.tensor, slot.chunk
-        assert t is not None and c is not None
-        if t.action == "convert":
-            cpu_merge.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
-            return
-        seg = c.segment
-        dtypes = [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
-        cpu_merge.merge_chunk(
-            slot.inputs, dtypes, 0 if seg.has_base else -1, [1 + j for j in seg.models], list(seg.models),
-            list(seg.drop), list(seg.weights), seg.scale, slot.out, t.dtype, c.count, key, c.start,
-        )
-
-    return compute
+    def wait(self, handle: object) -> None: ...
 
 
 class _Failed(Exception):
@@ -162,7 +159,7 @@ def run(
     shards: list[ShardPlan],
     output: OutputDir,
     layout: Layout,
-    compute: ComputeFn,
+    backend: Backend,
     on_bytes: Callable[[int], None] | None = None,
     direct_io: bool = True,
 ) -> tuple[int, int, dict[str, tuple[int, str]]]:
@@ -173,7 +170,7 @@ def run(
         shards: the shards still to write (all of them unless resuming).
         output: the open output transaction (staging dir, journal).
         layout: buffer sizes (``make_layout``).
-        compute: merges a filled slot (``numba_compute`` or the Triton backend).
+        backend: merges filled slots (``streammerge.backends``, ``streammerge.gpu``).
         on_bytes: called from the writer thread with input bytes done since the last call.
         direct_io: write shards with O_DIRECT where allowed.
 
@@ -185,8 +182,8 @@ def run(
             deleted, finished ones stay in the journal for --resume.
     """
     slots = [
-        Slot(np.empty((layout.rows, layout.cap_in_bytes), np.uint8), np.empty(layout.cap_out_bytes, np.uint8))
-        for _ in range(N_SLOTS)
+        Slot(backend.alloc((layout.rows, layout.cap_in_bytes)), backend.alloc((layout.cap_out_bytes,)))
+        for _ in range(N_SLOTS + backend.depth)
     ]
     free_q: queue.Queue = queue.Queue()
     ready_q: queue.Queue = queue.Queue()
@@ -289,14 +286,26 @@ def run(
     for th in threads:
         th.start()
     keys: dict[str, int] = {}
+    inflight: deque = deque()  # (item, handle) in submission order
     try:
         while (item := get(ready_q)) is not None:
+            handle = None
             if isinstance(item, Slot) and item.tensor.action != "copy":
                 name = item.tensor.name
                 if name not in keys:
                     keys[name] = tensor_key(plan.recipe.seed, name)
-                compute(item, keys[name])
-            done_q.put(item)
+                handle = backend.submit(item, keys[name])
+            inflight.append((item, handle))
+            while len(inflight) > backend.depth:
+                done, handle = inflight.popleft()
+                if handle is not None:
+                    backend.wait(handle)
+                done_q.put(done)
+        while inflight:
+            done, handle = inflight.popleft()
+            if handle is not None:
+                backend.wait(handle)
+            done_q.put(done)
         done_q.put(None)
     except _Failed:
         pass

@@ -1,0 +1,107 @@
+"""Compute backends for the streaming pipeline: numba on the CPU, and the Triton kernel on
+CPU tensors under ``TRITON_INTERPRET=1`` (the test path for the GPU kernel). The CUDA
+streaming backend lives in ``streammerge.gpu``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streammerge.pipeline import Slot
+
+
+class NumbaBackend:
+    """Merges each slot in place with ``streammerge.kernels.cpu_merge`` (synchronous).
+
+    Args:
+        threads: numba threads (None: numba's default, all cores).
+    """
+
+    depth = 0
+
+    def __init__(self, threads: int | None = None) -> None:
+        import numba
+
+        from streammerge.kernels import cpu_merge
+
+        self._k = cpu_merge
+        if threads:
+            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+    def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Plain host memory."""
+        return np.empty(shape, np.uint8)
+
+    def submit(self, slot: Slot, key: int) -> None:
+        """Merge (or convert) the slot's chunk into ``slot.out``."""
+        t, c = slot.tensor, slot.chunk
+        if t.action == "convert":
+            self._k.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
+            return
+        seg = c.segment
+        dtypes = [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
+        self._k.merge_chunk(
+            slot.inputs, dtypes, 0 if seg.has_base else -1, [1 + j for j in seg.models], list(seg.models),
+            list(seg.drop), list(seg.weights), seg.scale, slot.out, t.dtype, c.count, key, c.start,
+        )
+
+    def wait(self, handle: object) -> None:
+        """Nothing to wait for."""
+
+
+class TritonCpuBackend:
+    """Runs the Triton kernel on CPU tensors that view the slot buffers (no copies).
+
+    Only meaningful under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton
+    is imported): the test path that proves the GPU kernel equals the numba one bit for
+    bit. Slow (the interpreter runs numpy per block); for small models.
+
+    Raises:
+        MergeError: (at construction) TRITON_INTERPRET is not set or triton/torch is missing.
+    """
+
+    depth = 0
+
+    def __init__(self) -> None:
+        import os
+
+        from streammerge.errors import MergeError
+
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise MergeError(
+                "--backend triton without a GPU needs Triton's interpreter", None, None,
+                "set TRITON_INTERPRET=1 (the test path) or use --backend numba",
+            )
+        try:
+            import torch
+
+            from streammerge.kernels.triton_merge import merge_chunk_triton
+        except ImportError as e:
+            raise MergeError(f"--backend triton needs torch and triton ({e})", None, None, "pip install 'streammerge[gpu]'") from e
+        self.torch = torch
+        self._launch = merge_chunk_triton
+        self._cpu = NumbaBackend()
+
+    def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Plain host memory."""
+        return np.empty(shape, np.uint8)
+
+    def submit(self, slot: Slot, key: int) -> None:
+        """Merge the slot's chunk with the Triton kernel into ``slot.out``."""
+        from streammerge.gpu import _typed, _typed_rows
+
+        t, c = slot.tensor, slot.chunk
+        if t.action == "convert":
+            self._cpu.submit(slot, key)
+            return
+        seg = c.segment
+        torch = self.torch
+        view = _typed_rows(torch, torch.from_numpy(slot.inputs), t, c.count)
+        out = _typed(torch, torch.from_numpy(slot.out), t.dtype, c.count)
+        self._launch(
+            view[0] if seg.has_base else None, [view[1 + j] for j in seg.models], out,
+            key=key, start=c.start, drop=list(seg.drop), weights=list(seg.weights), scale=seg.scale,
+            model_ids=list(seg.models),
+        )
+
+    def wait(self, handle: object) -> None:
+        """Nothing to wait for."""

@@ -1,0 +1,89 @@
+"""GPU path: the VRAM budget on a 70B-shaped plan (headers only, runs on the CPU), and the
+CUDA streaming backend (skips without a GPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from streammerge.gpu import GPU_DEPTH, cuda_available, device_bytes_in_flight, vram_chunk_elems
+from streammerge.methods import make_recipe
+from streammerge.pipeline import make_layout, work_items
+from streammerge.plan import make_plan
+from streammerge.reader import ModelDir, TensorInfo
+
+
+def _llama70b(root: str) -> ModelDir:
+    """Llama-3-70B tensor names and shapes, bf16, as headers only (no file is touched)."""
+    h, inter, vocab, kv = 8192, 28672, 128256, 1024
+    shapes = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h), "model.norm.weight": (h,)}
+    for i in range(80):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    tensors, off = {}, 0
+    for name, shape in shapes.items():
+        n = 2
+        for d in shape:
+            n *= d
+        tensors[name] = TensorInfo(name, "BF16", shape, Path(root) / "model.safetensors", off, n)
+        off += n
+    return ModelDir(Path(root), [Path(root) / "model.safetensors"], tensors, root, off)
+
+
+def test_vram_budget_bounds_every_chunk_of_a_70b_merge():
+    vram = 8 * 10**9
+    base, a, b = (_llama70b(r) for r in ("/c", "/a", "/b"))
+    assert base.total_bytes > 140e9
+    plan = make_plan(base, [a, b], make_recipe(2, seed=0), 5 * 10**9)
+    limit = lambda rows, i, o: vram_chunk_elems(rows, i, o, vram)  # noqa: E731
+    layout = make_layout(plan, 2, 2**30, GPU_DEPTH, limit)
+    assert device_bytes_in_flight(3, 2, 2, layout.chunk_elems) <= vram
+    embed_chunks = 0
+    for item in work_items(plan, list(plan.shards), layout):
+        if isinstance(item, tuple):
+            t, c = item
+            in_flight = GPU_DEPTH * c.count * (sum(s.itemsize for s in (t.base, *t.sources)) + 2)
+            assert in_flight <= vram, (t.name, c)
+            embed_chunks += t.name == "model.embed_tokens.weight"
+    assert embed_chunks >= 2  # the 2.1 GB-per-input embedding is streamed in pieces
+
+
+def test_tiny_vram_is_refused():
+    from streammerge.errors import MergeError
+
+    with pytest.raises(MergeError, match="too small"):
+        vram_chunk_elems(3, 2, 2, 1000)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_backend_equals_numba(tmp_path):
+    import streammerge
+    from conftest import make_trio, output_bytes
+
+    base, a, b = make_trio(tmp_path, big=3_000_001)
+    streammerge.merge([a, b], base, tmp_path / "gpu", seed=5, device="cuda", vram="64MB", memory="64MiB")
+    streammerge.merge([a, b], base, tmp_path / "cpu", seed=5, device="cpu", backend="numba")
+    assert sorted((tmp_path / "gpu").iterdir()) and all(
+        (tmp_path / "gpu" / p.name).read_bytes() == p.read_bytes()
+        for p in (tmp_path / "cpu").glob("*.safetensors")
+    )
+    got, want = output_bytes(tmp_path / "gpu"), output_bytes(tmp_path / "cpu")
+    assert all((got[k] == want[k]).all() for k in want)
+
+
+@pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_backend_uses_pinned_memory():
+    from streammerge.gpu import CudaBackend
+
+    be = CudaBackend(vram_bytes=2**26)
+    import torch
+
+    buf = be.alloc((4, 1024))
+    assert torch.from_numpy(buf).is_pinned()
