@@ -71,6 +71,7 @@ class Layout:
         chunk_elems: elements per merge chunk.
         cap_in_bytes: bytes per input row.
         cap_out_bytes: bytes of the output buffer.
+        block_bytes: the writer's staging block (O_DIRECT writes of this size).
         buffer_bytes: total bytes of all slots plus the writer's staging block.
     """
 
@@ -78,6 +79,7 @@ class Layout:
     chunk_elems: int
     cap_in_bytes: int
     cap_out_bytes: int
+    block_bytes: int
     buffer_bytes: int = field(default=0)
 
     def max_elems(self, t: TensorPlan) -> int:
@@ -110,18 +112,19 @@ def make_layout(
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
     per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
-    chunk = (memory_bytes - BLOCK_BYTES) // per_elem
+    block = min(BLOCK_BYTES, max(2**20, memory_bytes // 16))  # writer staging, 4096-aligned
+    chunk = (memory_bytes - block) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
-        need = (MIN_CHUNK_ELEMS * per_elem + BLOCK_BYTES) / 2**20
+        need = (MIN_CHUNK_ELEMS * per_elem + block) / 2**20
         raise MergeError(
             f"--memory {memory_bytes / 2**20:.0f} MiB is too small", None, None,
             f"give at least {need:.0f}MiB",
         )
-    layout = Layout(rows, chunk, chunk * in_size, chunk * out_size)
-    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.cap_in_bytes + layout.cap_out_bytes) + BLOCK_BYTES
+    layout = Layout(rows, chunk, chunk * in_size, chunk * out_size, block)
+    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.cap_in_bytes + layout.cap_out_bytes) + block
     return layout
 
 
@@ -245,7 +248,7 @@ def run(
             stop.set()
 
     def write_stage() -> None:
-        staging = StagingBlock()
+        staging = StagingBlock(layout.block_bytes)
         writer: ShardWriter | None = None
         try:
             while (item := get(done_q)) is not None:

@@ -31,7 +31,7 @@ def _assert_same(got: dict, want: dict):
 def test_merge_equals_spec(tmp_path, dtype, model_dtypes):
     base, a, b = make_trio(tmp_path, dtype=dtype, model_dtypes=model_dtypes, big=70_001)
     before = {p: dir_digest(p) for p in (base, a, b)}
-    s = streammerge.merge([a, b], base, tmp_path / "out", seed=7, alpha=1.0, drop=[0.3, 0.6], memory="8MiB",
+    s = streammerge.merge([a, b], base, tmp_path / "out", seed=7, alpha=1.0, drop=[0.3, 0.6], memory="2MiB",
                           shard_size="40KB")
     out = tmp_path / "out"
     assert len(s.shards) > 1 and (out / "model.safetensors.index.json").is_file()
@@ -46,7 +46,7 @@ def test_merge_equals_spec(tmp_path, dtype, model_dtypes):
 def test_bytes_do_not_depend_on_memory_threads_or_shard_size(tmp_path):
     base, a, b = make_trio(tmp_path, big=300_007)
     runs = [
-        dict(memory="8MiB", threads=1, shard_size="5GB"),
+        dict(memory="2MiB", threads=1, shard_size="5GB"),
         dict(memory="64MiB", threads=2, shard_size="100KB"),
         dict(memory="9MiB", threads=2, shard_size="300KB"),
     ]
