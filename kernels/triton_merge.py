@@ -1,0 +1,295 @@
+"""The Triton merge kernel: SPEC "Random drop (DARE) masks" and "The merged value" over one
+chunk of one tensor, for N fine-tunes at once (contract: shared/SPEC.md, tested bit for bit
+against ``tests/spec_reference.py`` in ``tests/test_triton_kernel.py``).
+
+One private ``@triton.jit`` kernel, ``_m3_dare_kernel``, and its public launcher,
+``merge_chunk_triton``. The kernel reads top to bottom: program id (int64) -> local offsets
+-> bounds mask -> tensor offsets (chunk start + local index, int64) -> loads upcast to
+float32 -> Philox masks -> float32 math in SPEC's order -> round -> store.
+
+How the N fine-tunes reach the kernel: as a *tuple* of N pointers (Triton's tuple kernel
+arguments; tested with Triton 3.8). Each pointer keeps its own element type, so fine-tunes of
+mixed dtypes need no grouping or conversion, and each is specialized on 16-byte alignment like
+any pointer argument (vectorized loads). The per-model constants travel as tuples of scalars
+in the launch arguments: no device tensors, no host-to-device copy per launch. The model ids
+j are ``constexpr``: the kernel is unrolled over the N models (``tl.static_range``), Philox
+word ``j % 4`` is picked at compile time, and the four words of one Philox draw serve every
+model with the same counter ``j // 4`` (``DRAW``), so N = 2 (ids 0, 1) costs one Philox draw
+per element, N = 5 two. N = 2 is thus the fast path without a second kernel: each N (and each
+tuple of input dtypes and model ids) compiles its own fully unrolled specialization; key,
+start, p, w and s are runtime values and never cause a recompile.
+
+Rounding on the way out: float32 -> bfloat16 is done in integer arithmetic on the float32
+bits (round to nearest even, NaN kept a quiet NaN) because Triton's interpreter truncates in
+``x.to(tl.bfloat16)`` (measured: ~30% of random values differ from torch), and bfloat16 ->
+float32 on the way in is a 16-bit shift because the interpreter's conversion flushes bf16
+subnormals to zero. float32 -> float16 uses ``x.to(tl.float16)``: numpy's ``astype`` under the
+interpreter and ``cvt.rn.f16.f32`` on NVIDIA GPUs, both round to nearest even (subnormals and
+overflow to inf included; checked against numpy over all the special cases in the tests).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .common import drop_rescale, drop_threshold
+
+#: torch dtypes the kernel loads and stores, with their safetensors names (for messages).
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+@triton.jit(do_not_specialize=["key", "start"])
+def _m3_dare_kernel(
+    base_ptr,  # [n] f32 / f16 / bf16, or None when HAS_BASE is False (x_b = +0.0)
+    model_ptrs,  # tuple of N pointers, [n] each, f32 / f16 / bf16 (may differ)
+    out_ptr,  # [n] f32 / f16 / bf16
+    thresholds,  # tuple of N ints, 2**33 + 2 * floor(p_j * 2**32) + 1 (see the launcher)
+    rescales,  # tuple of N floats, float32(1 / (1 - p_j))
+    weights,  # tuple of N floats, float32(w_j)
+    scale,  # float, float32(s)
+    n,  # elements in the chunk
+    key: tl.int64,  # key_t in [0, 2**63), runtime (one compile for every tensor)
+    start: tl.int64,  # tensor index of the chunk's element 0, runtime
+    MODEL_IDS: tl.constexpr,  # tuple of N SPEC model indices j
+    MASKED: tl.constexpr,  # tuple of N bools, p_j > 0 (False: every element kept, no Philox)
+    DRAW: tl.constexpr,  # tuple of N bools: draw Philox words here (else reuse the last ones)
+    HAS_BASE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    local = pid * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64 index in the chunk
+    in_bounds = local < n
+    # The interpreter passes ints by value (i32 below 2**31); the GPU signature says i64.
+    offsets = start.to(tl.int64) + local  # [BLOCK] int64 index i in the tensor
+
+    # x_b = float32(base[i]), or +0.0 when the base is absent.
+    if HAS_BASE:
+        if base_ptr.dtype.element_ty == tl.bfloat16:
+            b16 = tl.load(base_ptr + local, mask=in_bounds).to(tl.uint16, bitcast=True)
+            x_b = (b16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x_b = tl.load(base_ptr + local, mask=in_bounds).to(tl.float32)
+    else:
+        x_b = tl.zeros([BLOCK], dtype=tl.float32)
+
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # +0.0
+    for k in tl.static_range(len(MODEL_IDS)):
+        ptr = model_ptrs[k]
+        if ptr.dtype.element_ty == tl.bfloat16:
+            m16 = tl.load(ptr + local, mask=in_bounds).to(tl.uint16, bitcast=True)
+            x_m = (m16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        else:
+            x_m = tl.load(ptr + local, mask=in_bounds).to(tl.float32)
+        d = x_m - x_b  # the task vector
+        if MASKED[k]:
+            # Philox4x32-10, key (key_t lo, key_t hi), counter (i lo, i hi, j // 4, 0). Its
+            # four uint32 words serve up to four models (equal j // 4): drawn once for them.
+            if DRAW[k]:
+                if MODEL_IDS[k] // 4 == 0:
+                    r0, r1, r2, r3 = tl.randint4x(key, offsets)
+                else:
+                    lo = offsets.to(tl.uint32)
+                    hi = (offsets >> 32).to(tl.uint32)
+                    zero = lo * 0
+                    r0, r1, r2, r3 = tl.philox(key, lo, hi, zero + MODEL_IDS[k] // 4, zero)
+            if MODEL_IDS[k] % 4 == 0:
+                r = r0
+            elif MODEL_IDS[k] % 4 == 1:
+                r = r1
+            elif MODEL_IDS[k] % 4 == 2:
+                r = r2
+            else:
+                r = r3
+            threshold = (thresholds[k] >> 1).to(tl.uint32)  # floor(p_j * 2**32)
+            kept = r >= threshold  # unsigned 32-bit comparison
+            e = tl.where(kept, d * rescales[k], 0.0)
+        else:
+            e = d * rescales[k]  # p_j = 0: threshold 0 keeps every element
+        acc = acc + weights[k] * e
+    out = x_b + scale * acc  # float32; no FMA: launched with enable_fp_fusion=False
+
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even on the float32 bits; a NaN keeps its top bits, made quiet.
+        bits = out.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        b16 = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+        tl.store(out_ptr + local, b16.to(tl.bfloat16, bitcast=True), mask=in_bounds)
+    else:
+        tl.store(out_ptr + local, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+
+
+#: True under TRITON_INTERPRET=1 (set before triton was imported): the kernel runs on CPU
+#: tensors, one program at a time, in numpy.
+_INTERPRETED = not isinstance(_m3_dare_kernel, triton.runtime.JITFunction)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) for a chunk of ``n`` elements.
+
+    On a GPU: 1024 elements and 4 warps, 8 elements per thread, so each bf16 input is one
+    16-byte vector load per thread (``ld.global.v4.b32`` in the sm_90 PTX). Not yet measured
+    on a device: ``bench/bench_kernel.py --sweep`` times the alternatives. Under the
+    interpreter each program is a round of numpy calls (tens of ms per Philox draw at any block
+    size on 2 cores), so chunks over 2**16 elements get blocks of 2**14; smaller ones keep
+    1024, so the tests cross block boundaries.
+    """
+    if _INTERPRETED and n > 2**16:
+        return 2**14, 4
+    return 1024, 4
+
+
+def _check_tensor(t: object, what: str, shape: torch.Size, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"{what} has dtype {t.dtype}; the merge kernel reads and writes torch.float32, "
+            "torch.float16 and torch.bfloat16"
+        )
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device} but out is on {device}; put them on one device")
+    if t.shape != shape:
+        raise ValueError(
+            f"{what} has shape {tuple(t.shape)}, out has {tuple(shape)}: they must match"
+        )
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous (call .contiguous() or copy it into a buffer)")
+
+
+def merge_chunk_triton(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor] | torch.Tensor,
+    out: torch.Tensor,
+    *,
+    key: int,
+    start: int,
+    drop: Sequence[float],
+    weights: Sequence[float],
+    scale: float = 1.0,
+    model_ids: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Merge one chunk of one tensor into ``out`` with the Triton kernel (SPEC "Random drop
+    (DARE) masks", "The merged value"; bit for bit equal to the numba kernel).
+
+    Element t of the chunk (row-major order) is element ``start + t`` of the tensor; masks
+    depend only on (key, j, start + t), so any chunking gives the same bytes. Asynchronous on
+    a GPU (queued on the current stream, like any torch op); synchronous under the
+    interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors (CUDA ones work too there:
+    Triton copies their whole storage to the host and back on every launch, slowly).
+
+    Args:
+        base: the base's chunk, out's shape, float32 / float16 / bfloat16, or None when the
+            base lacks these elements (x_b = +0.0, e.g. vocabulary rows only fine-tunes have).
+        models: the N >= 1 participating fine-tunes' chunks, in model order: a sequence of
+            tensors of out's shape, or one 2-D tensor [N, n] whose rows are the models (each
+            row contiguous; rows may be strided, e.g. ``buf[:, :n]``). dtypes may differ from
+            one another and from the base: each pointer is loaded as its own dtype.
+        out: [n] (any shape; contiguous) float32 / float16 / bfloat16, the output buffer,
+            written in place. It must not overlap the inputs unless it is one of them with
+            the same dtype.
+        key: key_t in [0, 2**63) (``kernels.common.tensor_key``); a runtime argument.
+        start: tensor index of the chunk's element 0, >= 0, start + n <= 2**63; runtime.
+        drop: N drop rates p_j, 0 <= p_j < 1.
+        weights: N contribution weights w_j (rounded to float32 on the host, finite).
+        scale: scaling coefficient s (rounded to float32 on the host, finite).
+        model_ids: N SPEC model indices j in [0, 2**32) (Philox word j % 4, counter word
+            2 = j // 4); default 0 .. N-1. Compile-time constants of the kernel.
+
+    Returns:
+        ``out``.
+
+    Raises:
+        TypeError: an input or out is not a torch.Tensor of float32 / float16 / bfloat16;
+            key, start or a model id is not an integer.
+        ValueError: shapes, devices or lengths that disagree, a non-contiguous tensor, a
+            CPU tensor without ``TRITON_INTERPRET=1`` (set before triton is imported), p
+            outside [0, 1), non-finite weights or scale, key / start / j out of range.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    device = out.device
+    if device.type == "cpu" and not _INTERPRETED:
+        raise ValueError(
+            "out is a CPU tensor but Triton is not in interpreter mode: set TRITON_INTERPRET=1 "
+            "before triton is imported (the test path), or pass CUDA tensors"
+        )
+    if isinstance(models, torch.Tensor):
+        if models.ndim != 2 or out.ndim != 1:
+            raise ValueError(
+                "models given as one tensor must be 2-D [N, n] (one row per model) with a 1-D "
+                f"out [n]; got models {tuple(models.shape)}, out {tuple(out.shape)}"
+            )
+        models = list(models.unbind(0))
+    models = list(models)
+    n_models = len(models)
+    ids = list(range(n_models)) if model_ids is None else [operator.index(j) for j in model_ids]
+    key, start = operator.index(key), operator.index(start)
+    if n_models < 1:
+        raise ValueError("merge_chunk_triton needs at least one fine-tune")
+    if not (len(drop) == len(weights) == len(ids) == n_models):
+        raise ValueError(
+            f"models, drop, weights and model_ids must have one entry per model; got "
+            f"{n_models}, {len(drop)}, {len(weights)}, {len(ids)}"
+        )
+    _check_tensor(out, "out", out.shape, device)
+    if base is not None:
+        _check_tensor(base, "base", out.shape, device)
+    for k, m in enumerate(models):
+        _check_tensor(m, f"models[{k}]", out.shape, device)
+    for k, p in enumerate(drop):
+        if not 0.0 <= p < 1.0:  # also rejects NaN
+            raise ValueError(f"drop[{k}] = {p}: a drop rate p must satisfy 0 <= p < 1")
+    for j in ids:
+        if not 0 <= j < 2**32:
+            raise ValueError(f"model id j must be in [0, 2**32), got {j}")
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"weights must be finite, got {list(weights)}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    n = out.numel()
+    if not 0 <= key < 2**63:
+        raise ValueError(f"key must be in [0, 2**63), got {key}")
+    if start < 0 or start + n > 2**63:
+        raise ValueError(f"start must satisfy 0 <= start and start + n <= 2**63, got {start}")
+    if n == 0:
+        return out
+
+    # Philox words are drawn for a masked model unless the previous masked model shares
+    # its counter (j // 4); then the same four words are reused.
+    masked = tuple(drop_threshold(p) > 0 for p in drop)
+    draw, group = [], None
+    for j, m in zip(ids, masked):
+        draw.append(m and j // 4 != group)
+        group = j // 4 if m else group
+    block, num_warps = _launch_config(n)
+    _m3_dare_kernel[(triton.cdiv(n, block),)](
+        base,
+        tuple(models),
+        out,
+        # Ints in a tuple are specialized whatever do_not_specialize says: 1 becomes a
+        # constexpr, values below 2**31 i32, multiples of 16 get an alignment attribute.
+        # Sent as 2**33 + 2 * threshold + 1 (always an odd int64), p never recompiles.
+        tuple(2**33 + 2 * drop_threshold(p) + 1 for p in drop),
+        tuple(float(drop_rescale(p)) for p in drop),
+        tuple(float(np.float32(w)) for w in weights),
+        float(np.float32(scale)),
+        n,
+        key,
+        start,
+        MODEL_IDS=tuple(ids),
+        MASKED=masked,
+        DRAW=tuple(draw),
+        HAS_BASE=base is not None,
+        BLOCK=block,
+        num_warps=num_warps,
+        enable_fp_fusion=False,
+    )
+    return out
