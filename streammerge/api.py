@@ -74,13 +74,18 @@ def _parse_list(value, n: int | None = None) -> list[float] | float | None:
 
 
 def fingerprint(recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int) -> str:
-    """Hash of everything that decides the output bytes (journal check for --resume)."""
+    """Hash of everything that decides the output bytes (journal check for --resume).
+
+    Besides the headers it covers each input file's size and modification time, so an input
+    rewritten with other values under the same names and shapes is caught too.
+    """
     blob = json.dumps(
         {
             "version": __version__,
             "recipe": asdict(recipe),
             "base": base.fingerprint,
             "models": [m.fingerprint for m in models],
+            "stamps": [base.stamp] + [m.stamp for m in models],
             "shard_size_bytes": shard_size_bytes,
         },
         sort_keys=True,
@@ -256,11 +261,11 @@ def merge(
         drop=_parse_list(drop), scale=scale, dtype=dtype,
     )
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
+    output.preflight(plan.output_bytes)  # before starting a backend (a GPU takes seconds)
     engine = make_backend(backend, device, threads, vram)
     layout = pipeline.make_layout(
         plan, len(model_dirs), memory_bytes, engine.depth, getattr(engine, "max_chunk_elems", None)
     )
-    output.preflight(plan.output_bytes)
     done = output.open(fingerprint(recipe, base_dir, model_dirs, shard_size_bytes), recipe.seed)
     try:
         todo = [s for s in plan.shards if s.filename not in done]

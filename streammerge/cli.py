@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import threading
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     def on_start(plan, total_bytes: int) -> None:
         nonlocal task
         r = plan.recipe
+        if args.quiet:
+            return
         if args.seed is None:
             err.print(f"streammerge: seed {r.seed} (pass --seed {r.seed} to repeat this merge)")
         for line in plan.vocab_rules:
@@ -107,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
             progress.stop()
         if args.debug:
             traceback.print_exc()
-        msg = str(e) if isinstance(e, MergeError) else f"{e} (-, -): check the options and paths"
+        if isinstance(e, MergeError):
+            msg = str(e)
+        elif isinstance(e, OSError):  # during the merge: finished shards are kept
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            todo = "free disk space, then re-run the same command with --resume" if full else "check the paths and permissions"
+            msg = f"{e.strerror or e} ({e.filename or os.path.abspath(args.output)}): {todo}"
+        else:
+            msg = f"{e} (-, -): check the options and paths"
         print(f"streammerge: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if progress is not None:

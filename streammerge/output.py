@@ -95,6 +95,8 @@ class OutputDir:
                 "the output directory exists and is not empty", self.out, None,
                 "choose a new directory, or pass --overwrite to replace it",
             )
+        if self.staging.is_dir():
+            self._lock(check_only=True)  # a running merge is not an interrupted one
         if self.staging.exists() and not (self.resume or self.overwrite):
             raise MergeError(
                 "an interrupted merge left its staging directory", self.staging, None,
@@ -155,6 +157,13 @@ class OutputDir:
             shutil.rmtree(self.staging)
         self.staging.mkdir(exist_ok=True)
         self._lock()
+        try:
+            return self._open_journal(fingerprint, seed)
+        except BaseException:
+            self.close()  # a refused resume must not keep the lock (the API may be called again)
+            raise
+
+    def _open_journal(self, fingerprint: str, seed: int) -> dict[str, dict]:
         head, shards = self._read_journal()
         done: dict[str, dict] = {}
         if head and head.get("recipe") != fingerprint:
@@ -177,9 +186,12 @@ class OutputDir:
 
     def _lock(self, check_only: bool = False) -> None:
         path = self.staging / LOCK
-        if check_only and not path.exists():
-            return
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR if check_only else os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            if check_only:  # no lock file: nobody holds it (and checking creates nothing)
+                return
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

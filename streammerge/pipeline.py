@@ -120,7 +120,7 @@ def make_layout(
     if chunk < MIN_CHUNK_ELEMS:
         need = (MIN_CHUNK_ELEMS * per_elem + block) / 2**20
         raise MergeError(
-            f"--memory {memory_bytes / 2**20:.0f} MiB is too small", None, None,
+            f"--memory {memory_bytes / 2**10:.0f}KiB is too small", None, None,
             f"give at least {need:.0f}MiB",
         )
     layout = Layout(rows, chunk, chunk * in_size, chunk * out_size, block)

@@ -81,6 +81,9 @@ class ModelDir:
         tensors: name -> TensorInfo, for every tensor of every file.
         fingerprint: sha256 (hex) of every file's name, size and header bytes; changes when
             any header or size changes.
+        stamp: sha256 (hex) of every file's name, size and modification time (ns): changes
+            too when a file is rewritten with other values under the same header (what
+            ``--resume`` checks; not recorded in the output, which must not depend on it).
     """
 
     path: Path
@@ -88,6 +91,24 @@ class ModelDir:
     tensors: dict[str, TensorInfo]
     fingerprint: str
     total_bytes: int = field(default=0)
+    stamp: str = field(default="")
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` hook: a key given twice is an error (plain ``json.loads`` keeps the
+    last one silently, so a header could hide a second span for a tensor)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
@@ -95,7 +116,8 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
 
     Raises:
         MergeError: unreadable file, header length past the end, bad JSON, unknown dtype,
-            span != shape x itemsize, span outside the data area, or overlapping spans.
+            span != shape x itemsize, span outside the data area, overlapping spans, or a
+            key listed twice.
     """
     try:
         size = path.stat().st_size
@@ -118,7 +140,11 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
     digest.update(f"{path.name}\0{size}\0".encode())
     digest.update(raw)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise MergeError(
+            "the header lists this key twice", path, e.key, "the shard is corrupt: re-download or re-save it"
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise MergeError(f"header is not valid JSON ({e})", path, todo="the shard is corrupt: re-download or re-save it") from e
     if not isinstance(header, dict):
@@ -189,6 +215,10 @@ def open_model(path: str | Path) -> ModelDir:
     root = Path(path)
     if not root.is_dir():
         raise MergeError("not a directory", root, todo="pass a model directory in Hugging Face layout")
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise MergeError(f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions") from e
     digest = hashlib.sha256()
     index_path = root / INDEX_FILE
     tensors: dict[str, TensorInfo] = {}
@@ -203,22 +233,31 @@ def open_model(path: str | Path) -> ModelDir:
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise MergeError(f"bad index ({type(e).__name__}: {e})", index_path, todo="fix or re-save the index") from e
         files = list(dict.fromkeys(weight_map.values()))
+        headers = {}
         for fname in files:
             fpath = root / fname
-            if Path(fname).name != fname or not fpath.is_file():
+            if Path(fname).name != fname:
+                raise MergeError(
+                    f"the index names shard {fname!r}, outside the model directory", index_path,
+                    todo="fix the index: shards lie beside it",
+                )
+            if not fpath.is_file():
                 raise MergeError(f"the index names shard {fname!r}, which is missing", index_path, todo="restore the shard or fix the index")
-            for name, info in _parse_header(fpath, digest).items():
+            headers[fname] = _parse_header(fpath, digest)
+        for fname, infos in headers.items():  # every header first: a duplicate is named as one
+            for name, info in infos.items():
                 if name in tensors:
                     raise MergeError(
                         f"tensor stored in two shards ({tensors[name].file.name} and {fname})", root, name,
                         "remove the duplicate or re-save the model",
                     )
-                if weight_map.get(name) != fname:
-                    raise MergeError(
-                        f"the header of {fname} has this tensor, the index says {weight_map.get(name)!r}",
-                        index_path, name, "fix or re-save the index",
-                    )
                 tensors[name] = info
+        for name, info in tensors.items():
+            if weight_map.get(name) != info.file.name:
+                raise MergeError(
+                    f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
+                    index_path, name, "fix or re-save the index",
+                )
         for name, fname in weight_map.items():
             if name not in tensors:
                 raise MergeError(f"the index puts this tensor in {fname}, whose header lacks it", index_path, name, "fix or re-save the index")
@@ -234,7 +273,11 @@ def open_model(path: str | Path) -> ModelDir:
     if not tensors:
         raise MergeError("the model has no tensors", root, todo="pass a model directory with weights")
     total = sum(t.nbytes for t in tensors.values())
-    return ModelDir(root, file_paths, tensors, digest.hexdigest(), total)
+    stamp = hashlib.sha256()
+    for p in file_paths:
+        st = p.stat()
+        stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return ModelDir(root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest())
 
 
 class RangeReader:

@@ -1,0 +1,395 @@
+"""Issue 5: a killed merge never leaves a directory that looks like a finished model, and
+``--resume`` finishes it byte-identical to an uninterrupted run.
+
+The kill trials run the real CLI (``streammerge.cli.main``) in processes forked from a
+"zygote" that has already imported the package (interpreter and numba start-up would
+otherwise take most of each trial): the SIGKILL delay is measured from the fork, and the
+delays spread over the merge itself (two uninterrupted runs measure it first). Each killed
+merge is resumed (most in this process, every fifth in a fresh ``python -m streammerge.cli``)
+and every output file, index and streammerge.json included, must equal the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_model
+from safetensors.torch import load_file, save_file
+
+import streammerge.cli
+from streammerge.output import OutputDir
+
+TRIALS = 20
+SEED = 1234
+PARTIAL = ".out.streammerge-partial"
+#: Small and slow enough to stream in ~100 chunks into ~9 shards (one 120 KB tensor each).
+OPTS = [
+    "--seed",
+    str(SEED),
+    "--shard-size",
+    "200KB",
+    "--memory",
+    "1150KiB",
+    "--device",
+    "cpu",
+    "--quiet",
+]
+
+#: A zygote: imports streammerge (numba and the kernels included, nothing run, so no thread
+#: started) once, then forks one child per command line; the child is the CLI
+#: (``streammerge.cli.main``), its output going to a log file. The zygote reaps a child only
+#: when told to, so the pid the test signals cannot have been reused.
+ZYGOTE = """
+import json, os, sys
+import streammerge.cli
+from streammerge.api import make_backend
+make_backend("numba", "cpu", None)
+print("ready", flush=True)
+while line := sys.stdin.readline():
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:
+            rc = streammerge.cli.main(job["argv"])
+        except BaseException as e:
+            print("zygote child:", repr(e), file=sys.stderr, flush=True)
+            rc = 99
+        os._exit(rc)
+    print(pid, flush=True)
+    sys.stdin.readline()
+    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+"""
+
+
+class Zygote:
+    """Starts CLI processes without paying for interpreter and numba start-up each time."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        line = self.p.stdout.readline()
+        assert line == "ready\n", line
+        self.pid = 0
+
+    def start(self, argv: list[str]) -> float:
+        """Fork a child running the CLI on ``argv``; returns the time it started."""
+        self.p.stdin.write(json.dumps({"argv": argv, "log": str(self.log)}) + "\n")
+        self.p.stdin.flush()
+        self.pid = int(self.p.stdout.readline())
+        return time.perf_counter()
+
+    def running(self) -> bool:
+        """True until the child exits (it stays a zombie, unreaped, until ``reap``)."""
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    def reap(self) -> tuple[int, str]:
+        """Let the zygote reap the child: (exit code, or -signal; its log)."""
+        self.p.stdin.write("reap\n")
+        self.p.stdin.flush()
+        rc = int(self.p.stdout.readline())
+        return rc, self.log.read_text()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(timeout=60)
+
+
+def build_trio(root: Path, seed: int = 5, scale: float = 0.002) -> tuple[Path, Path, Path]:
+    """Base (1 file), a (3 shards), b (2 shards): eight 250x240 bf16 layers, an embedding,
+    an integer buffer, and a tensor only the base has."""
+    g = torch.Generator().manual_seed(seed)
+    base = {f"layers.{i}.mlp.weight": torch.randn(250, 240, generator=g) * 0.02 for i in range(8)}
+    base["embed.weight"] = torch.randn(37, 24, generator=g) * 0.02
+    dirs = []
+    for k, (name, shards) in enumerate((("base", 1), ("a", 3), ("b", 2))):
+        ts = {
+            n: (v if k == 0 else v + torch.randn(v.shape, generator=g) * scale).to(torch.bfloat16)
+            for n, v in base.items()
+        }
+        ts["position_ids"] = torch.arange(13, dtype=torch.int64).reshape(1, 13)
+        if k == 0:
+            ts["pooler.weight"] = torch.randn(5, 3, generator=g).to(torch.bfloat16)
+        dirs.append(write_model(root / name, ts, shards=shards))
+    return dirs[0], dirs[1], dirs[2]
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` (hidden ones too), relative path -> bytes."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def assert_same_files(out: Path, ref: dict[str, bytes]) -> None:
+    got = files_of(out)
+    assert sorted(got) == sorted(ref), (sorted(got), sorted(ref))
+    for name, want in ref.items():
+        assert got[name] == want, f"{name} differs from the uninterrupted run"
+
+
+def argv_for(trio, out: Path, *extra: str) -> list[str]:
+    base, a, b = trio
+    return [str(a), str(b), "--base", str(base), "-o", str(out), *OPTS, *extra]
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streammerge.cli", *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    """The inputs and the reference: every file of one uninterrupted merge."""
+    root = tmp_path_factory.mktemp("resume")
+    trio = build_trio(root / "m")
+    assert streammerge.cli.main(argv_for(trio, root / "ref")) == 0
+    ref = files_of(root / "ref")
+    shards = [n for n in ref if n.endswith(".safetensors")]
+    assert len(shards) >= 8 and "model.safetensors.index.json" in ref and "streammerge.json" in ref
+    return trio, ref, root
+
+
+def inspect_parent(work: Path, ref: dict[str, bytes]) -> str:
+    """After a kill: the output is absent or whole; nothing else in its parent looks like a
+    model (only the hidden staging directory). Returns the phase the kill hit."""
+    names = sorted(p.name for p in work.iterdir())
+    assert set(names) <= {"out", PARTIAL}, names
+    if (work / "out").exists():
+        assert_same_files(work / "out", ref)  # renamed into place only when whole
+        assert PARTIAL not in names
+        return "finished"
+    staging = work / PARTIAL
+    if not staging.exists():
+        return "before staging"
+    journal = staging / "journal.jsonl"
+    if not journal.exists():
+        return "staging, no journal"
+    return f"{shards_journaled(journal)} shard(s) journaled"
+
+
+def shards_journaled(journal: Path) -> int:
+    """Shards a journal records as finished (0 when there is none, or it is being replaced)."""
+    try:
+        return sum('"shard"' in line for line in journal.read_text().splitlines())
+    except OSError:
+        return 0
+
+
+def test_kill_9_at_random_points_then_resume_is_byte_identical(trio):
+    trio_dirs, ref, root = trio
+    work = root / "work"
+    work.mkdir()
+    out = work / "out"
+    argv = argv_for(trio_dirs, out)
+    zygote = Zygote(root / "child.log")
+    try:
+        # Two uninterrupted runs: the same bytes, and when the first shard is journaled and
+        # the merge ends (the kills spread over both: the first shard pays for loading the
+        # compiled kernels, the others stream by quickly).
+        journal = work / PARTIAL / "journal.jsonl"
+        first, total = [], []
+        for _ in range(2):
+            t0 = zygote.start(argv)
+            seen = None
+            while zygote.running():
+                if seen is None and shards_journaled(journal):
+                    seen = time.perf_counter() - t0
+                time.sleep(0.002)
+            total.append(time.perf_counter() - t0)
+            first.append(seen or 0.0)
+            rc, log = zygote.reap()
+            assert rc == 0, log
+            assert_same_files(out, ref)
+            shutil.rmtree(out)
+        duration, t_first = sum(total) / 2, sum(first) / 2
+
+        rng = random.Random(20240605)
+        early, late = TRIALS * 2 // 5, TRIALS - TRIALS * 2 // 5
+        delays = [duration * 1.15 * (i + rng.random()) / early for i in range(early)]
+        delays += [t_first + (duration - t_first) * (i + rng.random()) / late for i in range(late)]
+        rng.shuffle(delays)
+        phases = []
+        for trial, delay in enumerate(delays):
+            t0 = zygote.start(argv)
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            os.kill(zygote.pid, signal.SIGKILL)  # our child, running or an unreaped zombie
+            rc, log = zygote.reap()
+            assert rc in (0, -signal.SIGKILL), (rc, log)
+            phase = inspect_parent(work, ref)
+            phases.append(f"{delay:.2f}s: {phase}")
+            if rc == 0:  # exited before the kill: then the output is whole
+                assert phase == "finished", (phase, log)
+            if phase != "finished":
+                if trial % 5 == 4:  # every fifth resume in a fresh process, the others in this one
+                    r = run_cli(argv + ["--resume"])
+                    assert r.returncode == 0, (phases, r.stderr)
+                else:
+                    assert streammerge.cli.main(argv + ["--resume"]) == 0, phases
+                assert sorted(p.name for p in work.iterdir()) == ["out"], phases
+                assert_same_files(out, ref)
+            shutil.rmtree(out)
+    finally:
+        zygote.close()
+    print(
+        f"\nuninterrupted: {duration:.2f}s, first shard {t_first:.2f}s; kills:", *phases, sep="\n  "
+    )
+    # The kills hit mid-merge, not only before or after it.
+    assert any("journaled" in p and not p.endswith(": 0 shard(s) journaled") for p in phases), (
+        phases
+    )
+
+
+def interrupt_after(monkeypatch, argv: list[str], shards: int) -> None:
+    """Run the CLI in this process and Ctrl-C it right after ``shards`` shards are committed."""
+    real = OutputDir.commit_shard
+    count = [0]
+
+    def commit(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        count[0] += 1
+        if count[0] == shards:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(OutputDir, "commit_shard", commit)
+        assert streammerge.cli.main(argv) == 130
+    assert count[0] == shards
+
+
+def journaled(staging: Path) -> list[dict]:
+    lines = (staging / "journal.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if '"shard"' in x]
+
+
+def test_resume_refuses_a_changed_recipe(trio, monkeypatch, capsys, tmp_path):
+    trio_dirs, ref, _ = trio
+    out = tmp_path / "out"
+    argv = argv_for(trio_dirs, out)
+    interrupt_after(monkeypatch, argv, 2)
+    staging = tmp_path / PARTIAL
+    kept = files_of(staging)
+    assert len(journaled(staging)) == 2
+    capsys.readouterr()
+    for change in (
+        ["--drop", "0.3"],
+        ["--seed", str(SEED + 1)],
+        ["--shard-size", "300KB"],
+        ["--lambda", "0.4"],
+    ):
+        assert streammerge.cli.main(argv + change + ["--resume"]) == 2, change
+        err = capsys.readouterr().err.strip().split("\n")
+        assert len(err) == 1 and err[0].startswith("streammerge: error: "), err
+        assert "the recipe or the inputs changed" in err[0] and str(staging) in err[0], err
+        assert "--overwrite" in err[0]
+        assert files_of(staging) == kept and not out.exists(), change
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    assert_same_files(out, ref)
+
+
+def test_resume_refuses_a_changed_input(trio, monkeypatch, capsys, tmp_path):
+    src, _, _ = trio
+    base, a, b = (tmp_path / "m" / p.name for p in src)
+    for p, q in zip(src, (base, a, b)):
+        shutil.copytree(p, q)
+    out = tmp_path / "out"
+    argv = argv_for((base, a, b), out)
+    interrupt_after(monkeypatch, argv, 1)
+    staging = tmp_path / PARTIAL
+    kept = files_of(staging)
+
+    # b rewritten with other values: same names, shapes, dtypes, sharding, header bytes.
+    def headers():
+        raw = {p.name: p.read_bytes() for p in b.glob("*.safetensors")}
+        return {k: v[: 8 + int.from_bytes(v[:8], "little")] for k, v in raw.items()}
+
+    before = headers()
+    time.sleep(0.01)
+    for f in b.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        tensors = {
+            n: (t.float() + 0.001).to(t.dtype) if t.is_floating_point() else t
+            for n, t in tensors.items()
+        }
+        save_file(tensors, str(f), metadata={"format": "pt"})
+    assert headers() == before
+    capsys.readouterr()
+    assert streammerge.cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and "the recipe or the inputs changed" in err[0], err
+    assert files_of(staging) == kept and not out.exists()
+    # Starting over is what the message offers.
+    assert streammerge.cli.main(argv + ["--overwrite"]) == 0
+    assert not staging.exists() and (out / "streammerge.json").is_file()
+
+
+def test_resume_rewrites_a_corrupted_finished_shard(trio, monkeypatch, capsys, tmp_path):
+    trio_dirs, ref, _ = trio
+    out = tmp_path / "out"
+    argv = argv_for(trio_dirs, out)
+    interrupt_after(monkeypatch, argv, 3)
+    staging = tmp_path / PARTIAL
+    recs = journaled(staging)
+    assert len(recs) == 3
+    flipped = staging / recs[0]["shard"]
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only sha256 can tell
+    flipped.write_bytes(bytes(data))
+    truncated = staging / recs[1]["shard"]
+    os.truncate(truncated, truncated.stat().st_size - 1)
+    capsys.readouterr()
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    assert "(1 shard(s) resumed)" in capsys.readouterr().out
+    assert_same_files(out, ref)
+
+
+def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
+    trio_dirs, ref, _ = trio
+    out = tmp_path / "out"
+    argv = argv_for(trio_dirs, out)
+    staging = tmp_path / PARTIAL
+    journal = staging / "journal.jsonl"
+    for _attempt in range(5):  # the merge may win the race on a fast machine: try again
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        p = subprocess.Popen(
+            [sys.executable, "-m", "streammerge.cli", *argv], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        while p.poll() is None and not (journal.exists() and '"shard"' in journal.read_text()):
+            time.sleep(0.002)
+        p.send_signal(signal.SIGINT)  # Ctrl-C once a shard is finished
+        log = p.communicate(timeout=120)[0]
+        if p.returncode != 0:
+            break
+    assert p.returncode == 130, log
+    assert "--resume" in log and "Traceback" not in log, log
+    assert not out.exists() and staging.is_dir() and journaled(staging)
+    # --resume without --seed takes the seed from the journal.
+    argv_no_seed = [x for x in argv if x not in ("--seed", str(SEED))]
+    r = run_cli(argv_no_seed + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    assert_same_files(out, ref)
