@@ -1,0 +1,338 @@
+"""The numba CPU kernel (kernels/cpu_merge.py) against the numpy SPEC reference, bit for bit.
+
+Outputs are compared as stored bytes; the one freedom SPEC allows is a NaN's bit pattern,
+so two NaNs compare equal. Sizes include ones that do not divide the kernel's block, and
+starts past 2**32 (Philox counter word 1).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numba
+import numpy as np
+import pytest
+import spec_reference as ref
+from streammerge.kernels import cpu_merge
+
+DTYPES = ("F32", "F16", "BF16")
+CARRIER = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+BITS = {"F32": np.uint32, "F16": np.uint16, "BF16": np.uint16}
+KEY = ref.spec_key(20240611, "model.layers.0.mlp.up_proj.weight")
+
+
+def assert_same_bits(got: np.ndarray, want: np.ndarray, dtype: str, what: str = "") -> None:
+    """Equal stored bits, NaN == NaN; on failure print the first mismatches."""
+    g = np.asarray(got).view(BITS[dtype])
+    w = np.asarray(want).view(BITS[dtype])
+    assert g.shape == w.shape, f"{what}: shape {g.shape} != {w.shape}"
+    gf, wf = (
+        ref.to_float32(g.view(CARRIER[dtype]), dtype),
+        ref.to_float32(w.view(CARRIER[dtype]), dtype),
+    )
+    both_nan = np.isnan(gf) & np.isnan(wf)
+    bad = np.flatnonzero((g != w) & ~both_nan)
+    if bad.size:
+        lines = [
+            f"  [{i}] got {int(g[i]):#x} ({gf[i]!r}) want {int(w[i]):#x} ({wf[i]!r})"
+            for i in bad[:8]
+        ]
+        raise AssertionError(
+            f"{what}: {bad.size} of {g.size} {dtype} elements differ; first:\n" + "\n".join(lines)
+        )
+
+
+def stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values rounded to ``dtype``'s carrier (bf16 as uint16 bits)."""
+    return ref.from_float32(np.asarray(x, np.float32), dtype)
+
+
+SPECIALS = np.array(
+    [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, -1e-45, 6e-8, -3e-5, 65504.0, -65504.0, 65519.0,
+     3.3895e38, -3.4028235e38, 3.4028235e38, 1e-5, 1.0, -1.0, 2.0**-24, 2.0**-14, 1e38],
+    np.float32,
+)  # fmt: skip
+
+
+def make_inputs(rng, n, dtypes, specials=False, spread=0.02):
+    """A base and fine-tunes (base + small noise) of length n, stored in ``dtypes`` (base first)."""
+    base = (rng.standard_normal(n) * spread).astype(np.float32)
+    arrays = []
+    for k, dt in enumerate(dtypes):
+        x = base if k == 0 else base + (rng.standard_normal(n) * spread / 10).astype(np.float32)
+        x = x.copy()
+        if specials and n:
+            pos = rng.integers(0, n, min(n, 3 * SPECIALS.size))
+            x[pos] = rng.choice(SPECIALS, pos.size)
+        arrays.append(stored(x, dt))
+    return arrays
+
+
+def run_both(
+    arrays, dtypes, out_dtype, *, drop, weights, scale=1.0, start=0, model_ids=None, base=True
+):
+    """(kernel, reference) results for the base (arrays[0], if ``base``) and models."""
+    models, mdts = (arrays[1:], dtypes[1:]) if base else (arrays, dtypes)
+    ids = list(range(len(models))) if model_ids is None else model_ids
+    kw = {
+        "key": KEY,
+        "start": start,
+        "drop": drop,
+        "weights": weights,
+        "scale": scale,
+        "model_ids": ids,
+    }
+    b = arrays[0] if base else None
+    got = cpu_merge.merge_arrays(
+        b, models, out_dtype, base_dtype=dtypes[0] if base else None, model_dtypes=mdts, **kw
+    )
+    want = ref.spec_merge(b, dtypes[0] if base else None, models, mdts, out_dtype, **kw)
+    return got, want
+
+
+@pytest.mark.parametrize(
+    "in_dtypes",
+    [
+        ("F32", "F32", "F32"),
+        ("F16", "F16", "F16"),
+        ("BF16", "BF16", "BF16"),
+        ("F16", "BF16", "BF16"),  # f16 base, bf16 fine-tunes
+        ("BF16", "F32", "F16"),
+        ("F32", "BF16", "F16"),
+    ],
+)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_dtypes(in_dtypes, out_dtype):
+    rng = np.random.default_rng(1)
+    arrays = make_inputs(rng, 4097, in_dtypes, specials=True)
+    got, want = run_both(
+        arrays, in_dtypes, out_dtype, drop=[0.3, 0.6], weights=[0.7, 0.3], scale=1.25, start=77
+    )
+    assert_same_bits(got, want, out_dtype, f"{in_dtypes}->{out_dtype}")
+
+
+@pytest.mark.parametrize("n", [1, 3, 4097, cpu_merge.BLOCK + 1, 100003])
+@pytest.mark.parametrize("start", [0, 12345, 2**32 - 37, 3 * 2**33 + 5])
+def test_sizes_and_starts(n, start):
+    rng = np.random.default_rng(n)
+    dts = ("BF16", "BF16", "BF16")
+    arrays = make_inputs(rng, n, dts)
+    got, want = run_both(arrays, dts, "BF16", drop=[0.5, 0.5], weights=[0.4, 0.6], start=start)
+    assert_same_bits(got, want, "BF16", f"n={n} start={start}")
+
+
+def test_last_counters_below_2_63():
+    rng = np.random.default_rng(4)
+    dts = ("F32", "BF16", "BF16")
+    arrays = make_inputs(rng, 5, dts)
+    got, want = run_both(arrays, dts, "F32", drop=[0.5, 0.5], weights=[0.5, 0.5], start=2**63 - 5)
+    assert_same_bits(got, want, "F32", "start = 2**63 - 5")
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("drop", [0.0, 0.5, 0.9, "per-model"])
+def test_models_and_drop_rates(n_models, drop):
+    rng = np.random.default_rng(n_models)
+    dts = ("F16",) + ("BF16",) * n_models
+    arrays = make_inputs(rng, 20011, dts)
+    p = [0.0, 0.9, 0.5, 0.1, 0.75][:n_models] if drop == "per-model" else [drop] * n_models
+    w = list(rng.uniform(-1.0, 1.5, n_models))  # negative weights too
+    got, want = run_both(
+        arrays, dts, "F32", drop=p, weights=w, scale=0.7, start=2**32 - 5000
+    )  # straddles 2**32; j = 4 uses counter word 2 = 1
+    assert_same_bits(got, want, "F32", f"N={n_models} p={p}")
+
+
+def test_model_ids_subset_and_groups():
+    """Participating models may be any subset of j (the pipeline passes e.g. j = 1, 4, 6)."""
+    rng = np.random.default_rng(5)
+    dts = ("BF16",) * 4
+    arrays = make_inputs(rng, 9001, dts, specials=True)
+    for ids in ([1, 4, 6], [6, 4, 1], [7, 8, 3]):
+        got, want = run_both(
+            arrays, dts, "BF16", drop=[0.2, 0.5, 0.8], weights=[0.5, -0.25, 0.75], start=3,
+            model_ids=ids,
+        )  # fmt: skip
+        assert_same_bits(got, want, "BF16", f"ids={ids}")
+
+
+def test_keep_threshold_is_inclusive():
+    """kept = r >= floor(p * 2**32): choose p so the threshold equals an element's own word."""
+    n, start = 64, 2**32 - 7
+    idx = np.arange(start, start + n, dtype=np.uint64)
+    c = (idx & np.uint64(0xFFFFFFFF)).astype(np.uint32), (idx >> np.uint64(32)).astype(np.uint32)
+    z = np.zeros(n, np.uint32)
+    words = ref.philox4x32_10(*c, z, z, np.uint32(KEY & 0xFFFFFFFF), np.uint32(KEY >> 32))
+    t = 9
+    p = [int(words[j][t]) / 2**32 for j in range(2)]  # exact in float64
+    assert all(ref.spec_threshold(pj) == int(words[j][t]) for j, pj in enumerate(p))
+    ones = np.ones(n, np.float32)
+    base = np.zeros(n, np.float32)
+    got = cpu_merge.merge_arrays(base, [ones, ones], "F32", key=KEY, start=start, drop=p,
+                                 weights=[1.0, 1.0])  # fmt: skip
+    want = ref.spec_merge(base, "F32", [ones, ones], ["F32"] * 2, "F32", key=KEY, start=start,
+                          model_ids=[0, 1], drop=p, weights=[1.0, 1.0], scale=1.0)  # fmt: skip
+    assert got[t] > 0 and want[t] > 0
+    assert_same_bits(got, want, "F32", "threshold edge")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_base_absent(out_dtype):
+    rng = np.random.default_rng(6)
+    dts = ("F16", "BF16", "F32")
+    arrays = make_inputs(rng, 5003, dts, specials=True)
+    got, want = run_both(
+        arrays, dts, out_dtype, drop=[0.0, 0.0, 0.0], weights=[0.2, 0.3, 0.5], base=False
+    )
+    assert_same_bits(got, want, out_dtype, "base absent, p=0")
+    got, want = run_both(
+        arrays, dts, out_dtype, drop=[0.4, 0.0, 0.7], weights=[1.0, -1.0, 2.0], scale=3.0,
+        base=False, start=2**32,
+    )  # fmt: skip
+    assert_same_bits(got, want, out_dtype, "base absent, p>0")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_special_values(dtype, out_dtype):
+    """NaN, +-inf, +-0, subnormals and max finite in every position, and results that
+    overflow or land among the output's subnormals."""
+    rng = np.random.default_rng(7)
+    n = 3000
+    bits = rng.integers(0, 2 ** (8 * np.dtype(BITS[dtype]).itemsize), (3, n), dtype=np.uint64)
+    arrays = [b.astype(BITS[dtype]).view(CARRIER[dtype]) for b in bits]  # any bit pattern
+    arrays = [np.concatenate([a, stored(SPECIALS, dtype)]) for a in arrays]
+    arrays[1][n:] = np.roll(arrays[1][n:], 3)
+    small = make_inputs(rng, 2000, (dtype,) * 3, spread=1e-6)  # f16 subnormal results
+    big = make_inputs(rng, 2000, (dtype,) * 3, spread=6e4)  # f16 overflow
+    arrays = [np.concatenate([a, s, g]) for a, s, g in zip(arrays, small, big)]
+    for drop, scale in (([0.0, 0.0], 1.0), ([0.5, 0.3], -2.5)):
+        got, want = run_both(
+            arrays, (dtype,) * 3, out_dtype, drop=drop, weights=[0.6, 0.4], scale=scale, start=11
+        )
+        assert_same_bits(got, want, out_dtype, f"{dtype}->{out_dtype} p={drop} s={scale}")
+
+
+def _merge_rows(inputs, dtypes, out_dtype, n, start, split):
+    """merge_chunk over [lo, hi) pieces of the rows, as the pipeline does per chunk."""
+    isz = {"F32": 4, "F16": 2, "BF16": 2}
+    out = np.zeros(n * isz[out_dtype], np.uint8)
+    bounds = [0, *split, n]
+    for lo, hi in itertools.pairwise(bounds):
+        rows = np.zeros((len(dtypes), max(1, (hi - lo) * 4)), np.uint8)  # fresh chunk buffer
+        for r, dt in enumerate(dtypes):
+            piece = inputs[r][lo * isz[dt] : hi * isz[dt]]
+            rows[r, : piece.size] = piece
+        o = np.full(max(1, (hi - lo) * isz[out_dtype]), 0xAB, np.uint8)
+        cpu_merge.merge_chunk(
+            rows, list(dtypes), 0, [1, 2, 3], [0, 1, 2], [0.5, 0.25, 0.9], [0.5, 0.3, 0.2], 1.5,
+            o, out_dtype, hi - lo, KEY, start + lo,
+        )  # fmt: skip
+        out[lo * isz[out_dtype] : hi * isz[out_dtype]] = o[: (hi - lo) * isz[out_dtype]]
+    return out
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_chunking_invariance(out_dtype):
+    """Any split of a tensor into chunks gives the same bytes as one call, and SPEC's."""
+    rng = np.random.default_rng(8)
+    n, start = 50_000, 2**32 - 20_000
+    dts = ("BF16", "F16", "BF16", "F32")
+    arrays = make_inputs(rng, n, dts, specials=True)
+    raw = [np.ascontiguousarray(a).view(np.uint8) for a in arrays]
+    whole = _merge_rows(raw, dts, out_dtype, n, start, [])
+    for split in ([1], [4095, 4096, 4097], sorted(rng.choice(n, 7, replace=False)), [20_000]):
+        pieces = _merge_rows(raw, dts, out_dtype, n, start, list(split))
+        assert np.array_equal(pieces, whole), f"split {split} changes the bytes"
+    want = ref.spec_merge(
+        arrays[0], dts[0], arrays[1:], dts[1:], out_dtype, key=KEY, start=start,
+        model_ids=[0, 1, 2], drop=[0.5, 0.25, 0.9], weights=[0.5, 0.3, 0.2], scale=1.5,
+    )  # fmt: skip
+    assert_same_bits(whole.view(BITS[out_dtype]), want, out_dtype, "one call vs SPEC")
+
+
+def test_thread_count_invariance():
+    rng = np.random.default_rng(9)
+    dts = ("BF16",) * 3
+    arrays = make_inputs(rng, 100_003, dts)
+    kw = {"key": KEY, "start": 5, "drop": [0.5, 0.5], "weights": [0.5, 0.5], "scale": 1.0}
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            results.append(cpu_merge.merge_arrays(arrays[0], arrays[1:], "BF16", **kw))
+    finally:
+        numba.set_num_threads(before)
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("src_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_convert_chunk(src_dtype, out_dtype):
+    rng = np.random.default_rng(10)
+    nbits = 8 * np.dtype(BITS[src_dtype]).itemsize
+    bits = rng.integers(0, 2**nbits, 70_001, dtype=np.uint64).astype(BITS[src_dtype])
+    x = np.concatenate([bits.view(CARRIER[src_dtype]), stored(SPECIALS, src_dtype)])
+    if src_dtype == "F32":  # values near the f16/bf16 rounding edges and overflow
+        x = np.concatenate([x, (rng.standard_normal(10_000) * 3e4).astype(np.float32)])
+    n = x.size
+    out = np.zeros(n * np.dtype(BITS[out_dtype]).itemsize + 3, np.uint8)
+    cpu_merge.convert_chunk(np.ascontiguousarray(x).view(np.uint8), src_dtype, out, out_dtype, n)
+    want = ref.from_float32(ref.to_float32(x, src_dtype), out_dtype)
+    got = out[: n * np.dtype(BITS[out_dtype]).itemsize].view(BITS[out_dtype])
+    assert_same_bits(got, want, out_dtype, f"convert {src_dtype}->{out_dtype}")
+    assert (out[-3:] == 0).all(), "wrote past n elements"
+
+
+def test_writes_exactly_n_elements():
+    rng = np.random.default_rng(11)
+    arrays = make_inputs(rng, 4099, ("BF16",) * 3)
+    buf = np.zeros((3, 4099 * 2 + 10), np.uint8)
+    for r, a in enumerate(arrays):
+        buf[r, : 4099 * 2] = a.view(np.uint8)
+    out = np.full(4099 * 4 + 8, 0xCD, np.uint8)
+    cpu_merge.merge_chunk(buf, ["BF16"] * 3, 0, [1, 2], [0, 1], [0.5, 0.5], [0.5, 0.5], 1.0, out,
+                          "F32", 4099, KEY, 0)  # fmt: skip
+    assert (out[4099 * 4 :] == 0xCD).all()
+
+
+def _args(**over):
+    base = {
+        "inputs": np.zeros((3, 64), np.uint8), "dtypes": ["BF16"] * 3, "base_row": 0, "model_rows": [1, 2],
+        "model_ids": [0, 1], "drop": [0.5, 0.5], "weights": [0.5, 0.5], "scale": 1.0,
+        "out": np.zeros(64, np.uint8), "out_dtype": "BF16", "n": 32, "key": KEY, "start": 0,
+    }  # fmt: skip
+    base.update(over)
+    return base
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"inputs": np.zeros((3, 64), np.float32)}, "uint8"),
+        ({"inputs": np.zeros((3, 128), np.uint8)[:, ::2]}, "C-contiguous"),
+        ({"dtypes": ["BF16", "F64", "BF16"]}, "F64"),
+        ({"dtypes": ["BF16"] * 2}, "dtypes"),
+        ({"out_dtype": "I32"}, "I32"),
+        ({"drop": [0.5, 1.0]}, "drop rate"),
+        ({"drop": [-0.1, 0.5]}, "drop rate"),
+        ({"weights": [0.5]}, "one entry per model"),
+        ({"n": 33}, "too few"),
+        ({"dtypes": ["F32"] * 3}, "too few"),
+        ({"out_dtype": "F32"}, "too few"),
+        ({"model_rows": [1, 3]}, "out of range"),
+        ({"key": 2**63}, "key"),
+        ({"start": -1}, "start"),
+        ({"scale": float("nan")}, "scale"),
+    ],
+)
+def test_merge_chunk_rejects_bad_arguments(over, match):
+    with pytest.raises(ValueError, match=match):
+        cpu_merge.merge_chunk(**_args(**over))
+
+
+def test_merge_chunk_accepts_minimal_call():
+    cpu_merge.merge_chunk(**_args())
+    cpu_merge.merge_chunk(**_args(n=0))
+    cpu_merge.merge_chunk(**_args(base_row=-1))
