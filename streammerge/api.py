@@ -44,6 +44,7 @@ class MergeSummary:
         resumed_shards: shards found finished in a journal and not rewritten.
         base_only: tensors copied from the base because no fine-tune has them.
         vocab_rules: one line per tensor the vocabulary rule shaped.
+        stage_seconds: seconds each pipeline stage was busy (read_s, compute_s, write_s).
     """
 
     out: Path
@@ -62,6 +63,7 @@ class MergeSummary:
     resumed_shards: int = 0
     base_only: tuple[str, ...] = ()
     vocab_rules: tuple[str, ...] = ()
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def _parse_list(value, n: int | None = None) -> list[float] | float | None:
@@ -273,9 +275,8 @@ def merge(
             skipped = [s for s in plan.shards if s.filename in done]
             total_read = plan.read_bytes - sum(s.read_bytes for s in skipped)
             on_start(plan, total_read)
-        bytes_read, bytes_written, results = pipeline.run(
-            plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io
-        )
+        run = pipeline.run(plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io)
+        results = run.shards
         shards = []
         for s in plan.shards:
             size, sha = results[s.filename] if s.filename in results else (done[s.filename]["size"], done[s.filename]["sha256"])
@@ -294,9 +295,9 @@ def merge(
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return MergeSummary(
         out=output.out, seed=recipe.seed, method=recipe.method, alpha=recipe.alpha, weights=recipe.weights,
-        drop=recipe.drop, scale=recipe.scale, bytes_read=bytes_read, bytes_written=bytes_written,
-        seconds=seconds, gb_per_s=bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
+        drop=recipe.drop, scale=recipe.scale, bytes_read=run.bytes_read, bytes_written=run.bytes_written,
+        seconds=seconds, gb_per_s=run.bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
         peak_rss_bytes=peak, shards=shards, resumed_shards=len(done), base_only=plan.base_only,
-        vocab_rules=plan.vocab_rules,
+        vocab_rules=plan.vocab_rules, stage_seconds=run.busy_s,
     )
 

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffered-io", dest="direct_io", action="store_false", help="write with the page cache, not O_DIRECT")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the closing line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--profile", action="store_true", help="also print the seconds each pipeline stage was busy")
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     return p
 
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({s.resumed_shards} shard(s) resumed)" if s.resumed_shards else ""),
         flush=True,
     )
+    if args.profile:
+        busy = ", ".join(f"{k} {v:.2f}" for k, v in s.stage_seconds.items())
+        print(f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Protocol
@@ -153,6 +154,18 @@ class Backend(Protocol):
     def wait(self, handle: object) -> None: ...
 
 
+@dataclass
+class RunStats:
+    """What ``run`` did: bytes, shard digests, and busy seconds per stage
+    (``read_s``: preadv into slots, ``compute_s``: kernel, ``write_s``: staging copy,
+    sha256, O_DIRECT writes, fsync)."""
+
+    bytes_read: int
+    bytes_written: int
+    shards: dict[str, tuple[int, str]]
+    busy_s: dict[str, float]
+
+
 class _Failed(Exception):
     pass
 
@@ -165,7 +178,7 @@ def run(
     backend: Backend,
     on_bytes: Callable[[int], None] | None = None,
     direct_io: bool = True,
-) -> tuple[int, int, dict[str, tuple[int, str]]]:
+) -> RunStats:
     """Stream ``shards`` of ``plan`` into ``output``.
 
     Args:
@@ -178,7 +191,8 @@ def run(
         direct_io: write shards with O_DIRECT where allowed.
 
     Returns:
-        (input bytes read, output bytes written, shard name -> (size, sha256)).
+        RunStats: bytes read and written, shard name -> (size, sha256), and the seconds
+        each stage was busy (the profile: the busiest stage is the bottleneck).
 
     Raises:
         MergeError / OSError: from any stage; the other stages stop, partial shards are
@@ -197,6 +211,7 @@ def run(
     errors: list[BaseException] = []
     reader = RangeReader()
     stats = {"read": 0, "written": 0}
+    busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
     results: dict[str, tuple[int, str]] = {}
 
     def get(q: queue.Queue):
@@ -238,7 +253,9 @@ def run(
                         ready_q.put(item)
                         continue
                     slot = get(free_q)
+                    t0 = time.perf_counter()
                     fill(pool, slot, *item)
+                    busy["read_s"] += time.perf_counter() - t0
                     ready_q.put(slot)
             ready_q.put(None)
         except _Failed:
@@ -254,6 +271,7 @@ def run(
             while (item := get(done_q)) is not None:
                 if isinstance(item, Marker):
                     name = item.shard.filename
+                    t0 = time.perf_counter()
                     if item.kind == "open":
                         writer = ShardWriter(
                             output.shard_tmp_path(name), item.shard.header, item.shard.size_bytes, staging, direct_io
@@ -265,9 +283,12 @@ def run(
                         output.commit_shard(name, size, sha)
                         results[name] = (size, sha)
                         stats["written"] += size
+                    busy["write_s"] += time.perf_counter() - t0
                     continue
                 assert writer is not None
+                t0 = time.perf_counter()
                 writer.write(memoryview(item.out)[: item.out_nbytes])
+                busy["write_s"] += time.perf_counter() - t0
                 stats["read"] += item.in_nbytes
                 if on_bytes is not None:
                     on_bytes(item.in_nbytes)
@@ -297,7 +318,9 @@ def run(
                 name = item.tensor.name
                 if name not in keys:
                     keys[name] = tensor_key(plan.recipe.seed, name)
+                t0 = time.perf_counter()
                 handle = backend.submit(item, keys[name])
+                busy["compute_s"] += time.perf_counter() - t0
             inflight.append((item, handle))
             while len(inflight) > backend.depth:
                 done, handle = inflight.popleft()
@@ -324,6 +347,6 @@ def run(
         reader.close()
     if errors:
         raise errors[0]
-    return stats["read"], stats["written"], results
+    return RunStats(stats["read"], stats["written"], results, busy)
 
 
