@@ -436,7 +436,10 @@ def merge_chunk(
             unknown dtype, lengths that disagree, a row index out of range, p outside
             [0, 1), or key/start/j out of range.
 
-    Speed: the hot path of the CPU engine; see ``bench`` and the module docstring.
+    Speed (N=2 bf16 in and out, 16M-element chunk, 2-core AMD EPYC VM, 2 threads, best of
+    9): p=0.5: 12.7-14.7 ms, 1.1-1.3 G elements/s, 6.8-7.9 GB/s of input; p=0: 7-9.4 ms,
+    1.8-2.4 G elements/s, 11-14 GB/s. One thread, p=0.5: 25 ms. First call compiles in
+    ~12 s of CPU (0.3 s from numba's cache); call ``warmup`` early.
     """
     _check_bytes(inputs, 2, "inputs")
     _check_bytes(out, 1, "out")
