@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streammerge.pipeline import Slot
+from streammerge.pipeline import Slot, page_aligned
 
 
 class NumbaBackend:
@@ -28,8 +28,8 @@ class NumbaBackend:
             numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Plain host memory."""
-        return np.empty(shape, np.uint8)
+        """Page-aligned host memory (O_DIRECT reads land in it)."""
+        return page_aligned(shape)
 
     def submit(self, slot: Slot, key: int) -> None:
         """Merge (or convert) the slot's chunk into ``slot.out``."""
@@ -82,8 +82,8 @@ class TritonCpuBackend:
         self._cpu = NumbaBackend()
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Plain host memory."""
-        return np.empty(shape, np.uint8)
+        """Page-aligned host memory (O_DIRECT reads land in it)."""
+        return page_aligned(shape)
 
     def submit(self, slot: Slot, key: int) -> None:
         """Merge the slot's chunk with the Triton kernel into ``slot.out``."""

@@ -14,6 +14,7 @@ budget bounds every buffer: slots x (inputs + output) + the writer's staging blo
 
 from __future__ import annotations
 
+import mmap
 import queue
 import threading
 import time
@@ -29,7 +30,7 @@ from streammerge.errors import MergeError
 from streammerge.kernels.common import tensor_key
 from streammerge.output import OutputDir
 from streammerge.plan import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
-from streammerge.reader import DTYPE_ITEMSIZE, RangeReader
+from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -63,6 +64,17 @@ class Marker:
     shard: ShardPlan
 
 
+def _aligned(n: int) -> int:
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
+def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 array of ``shape`` on fresh page-aligned memory (anonymous mmap), as O_DIRECT
+    needs."""
+    size = max(1, int(np.prod(shape)))
+    return np.frombuffer(mmap.mmap(-1, _aligned(size)), dtype=np.uint8)[:size].reshape(shape)
+
+
 @dataclass
 class Layout:
     """Buffer sizes derived from the memory budget.
@@ -82,6 +94,17 @@ class Layout:
     cap_out_bytes: int
     block_bytes: int
     buffer_bytes: int = field(default=0)
+
+    @property
+    def row_bytes(self) -> int:
+        """Stride of an input row: capacity + O_DIRECT slack, a multiple of DIRECT_ALIGN, so
+        every row of a page-aligned slot starts page-aligned."""
+        return _aligned(self.cap_in_bytes + DIRECT_SLACK)
+
+    @property
+    def out_row_bytes(self) -> int:
+        """Length of the output buffer: capacity + O_DIRECT slack (copies read into it)."""
+        return _aligned(self.cap_out_bytes + DIRECT_SLACK)
 
     def max_elems(self, t: TensorPlan) -> int:
         """Largest chunk (elements) of ``t`` that fits the buffers."""
@@ -113,7 +136,8 @@ def make_layout(
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
     per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
-    block = min(BLOCK_BYTES, max(2**20, memory_bytes // 16))  # writer staging, 4096-aligned
+    memory_bytes -= (N_SLOTS + depth) * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row slack
+    block = _aligned(min(BLOCK_BYTES, max(2**18, memory_bytes // 16)))  # writer staging block
     chunk = (memory_bytes - block) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))
@@ -125,7 +149,7 @@ def make_layout(
             f"give at least {need:.0f}MiB",
         )
     layout = Layout(rows, chunk, chunk * in_size, chunk * out_size, block)
-    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.cap_in_bytes + layout.cap_out_bytes) + block
+    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.row_bytes + layout.out_row_bytes) + block
     return layout
 
 
@@ -188,7 +212,7 @@ def run(
         layout: buffer sizes (``make_layout``).
         backend: merges filled slots (``streammerge.backends``, ``streammerge.gpu``).
         on_bytes: called from the writer thread with input bytes done since the last call.
-        direct_io: write shards with O_DIRECT where allowed.
+        direct_io: read inputs and write shards with O_DIRECT where allowed.
 
     Returns:
         RunStats: bytes read and written, shard name -> (size, sha256), and the seconds
@@ -199,7 +223,7 @@ def run(
             deleted, finished ones stay in the journal for --resume.
     """
     slots = [
-        Slot(backend.alloc((layout.rows, layout.cap_in_bytes)), backend.alloc((layout.cap_out_bytes,)))
+        Slot(backend.alloc((layout.rows, layout.row_bytes)), backend.alloc((layout.out_row_bytes,)))
         for _ in range(N_SLOTS + backend.depth)
     ]
     free_q: queue.Queue = queue.Queue()
@@ -209,7 +233,7 @@ def run(
         free_q.put(s)
     stop = threading.Event()
     errors: list[BaseException] = []
-    reader = RangeReader()
+    reader = RangeReader(direct=direct_io)
     stats = {"read": 0, "written": 0}
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
     results: dict[str, tuple[int, str]] = {}
@@ -229,7 +253,7 @@ def run(
         jobs = []
         if t.action == "copy":
             isz = t.base.itemsize
-            jobs.append((t.base, c.start * isz, memoryview(slot.out)[: c.count * isz]))
+            jobs.append((t.base, c.start * isz, c.count * isz, slot.out))
         else:
             seg = c.segment
             srcs = [(0, t.base)] if (seg is None or seg.has_base) else []
@@ -237,12 +261,12 @@ def run(
                 srcs += [(1 + j, t.sources[j]) for j in seg.models]
             for row, info in srcs:
                 isz = info.itemsize
-                jobs.append((info, c.start * isz, memoryview(slot.inputs[row])[: c.count * isz]))
-        slot.in_nbytes = sum(len(b) for _, _, b in jobs)
+                jobs.append((info, c.start * isz, c.count * isz, slot.inputs[row]))
+        slot.in_nbytes = sum(j[2] for j in jobs)
         if len(jobs) == 1:
-            reader.read_into(*jobs[0])
+            reader.read_row(*jobs[0])
         else:
-            for f in [pool.submit(reader.read_into, *j) for j in jobs]:
+            for f in [pool.submit(reader.read_row, *j) for j in jobs]:
                 f.result()
 
     def read_stage() -> None:

@@ -11,12 +11,17 @@ so resident memory does not grow with the model.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from streammerge.errors import MergeError
 
@@ -280,39 +285,68 @@ def open_model(path: str | Path) -> ModelDir:
     return ModelDir(root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest())
 
 
+#: Alignment of O_DIRECT reads: buffer address, file offset and length (bytes).
+DIRECT_ALIGN = 4096
+#: Extra bytes a destination needs beyond the data for an aligned (O_DIRECT) read.
+DIRECT_SLACK = 2 * DIRECT_ALIGN
+
+
 class RangeReader:
     """Reads byte ranges of tensors into caller buffers with ``os.preadv`` (GIL released).
 
-    One file descriptor per file, opened on first use and advised for sequential reading.
-    Safe to share between threads (``preadv`` takes an explicit offset).
+    With ``direct=True`` reads bypass the page cache (``O_DIRECT``): the device writes
+    straight into the caller's buffer, which saves the kernel's copy out of the page cache.
+    On the reference 2-core VM, reading a 6 GB trio cost 2.3-4.5 s of system CPU buffered
+    against 0.2 s direct, at the same or better speed; on a 2-core machine that CPU is what
+    the kernel and sha256 need. Files or filesystems that refuse ``O_DIRECT`` fall back to
+    buffered reads with sequential read-ahead advice.
+
+    One descriptor per file, opened on first use; safe to share between threads
+    (``preadv`` takes an explicit offset).
     """
 
-    def __init__(self) -> None:
-        self._fds: dict[Path, int] = {}
+    def __init__(self, direct: bool = False) -> None:
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        self._fds: dict[Path, tuple[int, bool]] = {}
+        self._lock = threading.Lock()
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = os.open(path, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            self._fds[path] = fd
-        return fd
+    def _fd(self, path: Path) -> tuple[int, bool]:
+        with self._lock:
+            entry = self._fds.get(path)
+            if entry is None:
+                entry = None
+                if self.direct:
+                    try:
+                        entry = (os.open(path, os.O_RDONLY | os.O_DIRECT), True)
+                    except OSError:
+                        entry = None
+                if entry is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                    entry = (fd, False)
+                self._fds[path] = entry
+            return entry
 
-    def read_into(self, info: TensorInfo, byte_offset: int, buf: memoryview) -> None:
-        """Fill ``buf`` (writable, ``len(buf)`` bytes) from ``info``'s bytes at ``byte_offset``.
+    def _fallback(self, path: Path) -> int:
+        """Replace a file's O_DIRECT descriptor by a buffered one (the read was refused)."""
+        with self._lock:
+            fd, direct = self._fds[path]
+            if direct:
+                os.close(fd)
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = (fd, False)
+            return fd
 
-        Raises:
-            MergeError: the range is outside the tensor or the file ended early
-                (truncated or changed since it was validated).
-        """
-        n = len(buf)
+    @staticmethod
+    def _check(info: TensorInfo, byte_offset: int, n: int) -> None:
         if byte_offset < 0 or byte_offset + n > info.nbytes:
             raise MergeError(f"read of {n} bytes at {byte_offset} outside the tensor", info.file, info.name, "report this bug")
-        fd = self._fd(info.file)
-        pos = info.start + byte_offset
+
+    @staticmethod
+    def _pread_full(fd: int, buf: memoryview, pos: int, need: int, info: TensorInfo) -> None:
         done = 0
-        while done < n:
+        while done < need:
             got = os.preadv(fd, [buf[done:]], pos + done)
             if got <= 0:
                 raise MergeError(
@@ -321,8 +355,52 @@ class RangeReader:
                 )
             done += got
 
+    def read_into(self, info: TensorInfo, byte_offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` (writable, ``len(buf)`` bytes) from ``info``'s bytes at ``byte_offset``
+        (buffered read; any buffer).
+
+        Raises:
+            MergeError: the range is outside the tensor or the file ended early
+                (truncated or changed since it was validated).
+        """
+        self._check(info, byte_offset, len(buf))
+        fd, direct = self._fd(info.file)
+        if direct:
+            fd = self._fallback(info.file)
+        self._pread_full(fd, buf, info.start + byte_offset, len(buf), info)
+
+    def read_row(self, info: TensorInfo, byte_offset: int, nbytes: int, row: np.ndarray) -> None:
+        """Put ``nbytes`` of ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``.
+
+        ``row`` is a uint8 array whose address is DIRECT_ALIGN-aligned and whose length is
+        at least ``nbytes + DIRECT_SLACK``: with O_DIRECT the aligned pages around the range
+        are read into it and the range is moved to the front (``memmove``, GIL released).
+
+        Raises:
+            MergeError: as ``read_into``.
+        """
+        self._check(info, byte_offset, nbytes)
+        fd, direct = self._fd(info.file)
+        pos = info.start + byte_offset
+        addr = row.ctypes.data
+        if direct and addr % DIRECT_ALIGN == 0 and len(row) >= nbytes + DIRECT_SLACK:
+            lo = pos - pos % DIRECT_ALIGN
+            delta = pos - lo
+            length = -(-(delta + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+            try:
+                self._pread_full(fd, memoryview(row)[:length], lo, delta + nbytes, info)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                fd = self._fallback(info.file)  # e.g. a filesystem that accepts O_DIRECT opens only
+            else:
+                if delta:
+                    ctypes.memmove(addr, addr + delta, nbytes)
+                return
+        self._pread_full(fd, memoryview(row)[:nbytes], pos, nbytes, info)
+
     def close(self) -> None:
         """Close every descriptor."""
-        for fd in self._fds.values():
+        for fd, _ in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -43,12 +43,13 @@ def test_merge_equals_spec(tmp_path, dtype, model_dtypes):
     assert rec["weights"][0] == lam
 
 
-def test_bytes_do_not_depend_on_memory_threads_or_shard_size(tmp_path):
+def test_bytes_do_not_depend_on_memory_threads_shard_size_or_io_mode(tmp_path):
     base, a, b = make_trio(tmp_path, big=300_007)
     runs = [
         dict(memory="2MiB", threads=1, shard_size="5GB"),
         dict(memory="64MiB", threads=2, shard_size="100KB"),
         dict(memory="9MiB", threads=2, shard_size="300KB"),
+        dict(memory="3MiB", threads=1, shard_size="200KB", direct_io=False),
     ]
     results = []
     for k, kw in enumerate(runs):

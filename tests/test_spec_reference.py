@@ -86,6 +86,9 @@ def test_f16_rounding_matches_numpy():
     nan = np.isnan(x)
     assert np.isnan(got[nan]).all()
     assert np.array_equal(got[~nan].view(np.uint16), want[~nan].view(np.uint16))
+    torch = pytest.importorskip("torch")
+    theirs = torch.from_numpy(x).to(torch.float16).numpy()
+    assert np.array_equal(got[~nan].view(np.uint16), theirs[~nan].view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", ref.FLOAT_DTYPES)
