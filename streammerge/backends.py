@@ -4,6 +4,8 @@ streaming backend lives in ``streammerge.gpu``."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from streammerge.pipeline import Slot, page_aligned
@@ -19,13 +21,37 @@ class NumbaBackend:
     depth = 0
 
     def __init__(self, threads: int | None = None) -> None:
-        import numba
+        # Importing numba and loading the cached kernels takes ~0.8 s: do it in the
+        # background while the pipeline starts reading; the first submit waits for it.
+        self._threads = threads
+        self._threads_set = False
+        self._k = None
+        self._error: BaseException | None = None
+        self._loader = threading.Thread(target=self._load, name="sm-numba-load", daemon=True)
+        self._loader.start()
 
-        from streammerge.kernels import cpu_merge
+    def _load(self) -> None:
+        try:
+            import numba
 
-        self._k = cpu_merge
-        if threads:
-            numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+            from streammerge.kernels import cpu_merge
+
+            cpu_merge.warmup()
+            self._k = cpu_merge
+        except BaseException as e:  # noqa: BLE001 - re-raised by the first submit
+            self._error = e
+
+    def _kernels(self):
+        if self._k is None:
+            self._loader.join()
+            if self._error is not None:
+                raise self._error
+        if self._threads and not self._threads_set:  # numba's thread count is per thread
+            import numba
+
+            numba.set_num_threads(max(1, min(self._threads, numba.config.NUMBA_NUM_THREADS)))
+            self._threads_set = True
+        return self._k
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Page-aligned host memory (O_DIRECT reads land in it)."""
@@ -33,13 +59,14 @@ class NumbaBackend:
 
     def submit(self, slot: Slot, key: int) -> None:
         """Merge (or convert) the slot's chunk into ``slot.out``."""
+        k = self._kernels()
         t, c = slot.tensor, slot.chunk
         if t.action == "convert":
-            self._k.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
+            k.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
             return
         seg = c.segment
         dtypes = [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
-        self._k.merge_chunk(
+        k.merge_chunk(
             slot.inputs, dtypes, 0 if seg.has_base else -1, [1 + j for j in seg.models], list(seg.models),
             list(seg.drop), list(seg.weights), seg.scale, slot.out, t.dtype, c.count, key, c.start,
         )

@@ -34,7 +34,7 @@ from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, Range
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
-N_SLOTS = 3
+N_SLOTS = 6
 #: Smallest useful chunk (elements); below it per-call overhead dominates.
 MIN_CHUNK_ELEMS = 4096
 

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 #: Alignment O_DIRECT needs for buffer address, file offset and length (bytes).
@@ -24,18 +25,48 @@ BLOCK_BYTES = 8 * 2**20
 
 
 class StagingBlock:
-    """A page-aligned, reusable buffer of ``nbytes`` bytes (anonymous mmap), so repeated
-    shards reuse the same pages instead of faulting in new ones."""
+    """Page-aligned, reusable staging buffers (anonymous mmap), so repeated shards reuse
+    the same pages instead of faulting in new ones.
 
-    def __init__(self, nbytes: int = BLOCK_BYTES) -> None:
+    Two blocks of ``nbytes`` each and one I/O thread: while the device writes one block,
+    the writer hashes and fills the other, so sha256 (CPU) and the write (device) overlap.
+    """
+
+    def __init__(self, nbytes: int = BLOCK_BYTES, n_blocks: int = 2) -> None:
         self.nbytes = nbytes
-        self.mem = mmap.mmap(-1, nbytes)
-        self.view = memoryview(self.mem)
+        self.mems = [mmap.mmap(-1, nbytes) for _ in range(n_blocks)]
+        self.views = [memoryview(m) for m in self.mems]
+        self.pending: list[Future | None] = [None] * n_blocks
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sm-write")
+        self.current = 0
+
+    @property
+    def view(self) -> memoryview:
+        """The block being filled."""
+        return self.views[self.current]
+
+    def wait(self, k: int | None = None) -> None:
+        """Wait for block k's write (all blocks when None); re-raises its error."""
+        for i in range(len(self.views)) if k is None else (k,):
+            fut, self.pending[i] = self.pending[i], None
+            if fut is not None:
+                fut.result()
+
+    def submit(self, fn, *args) -> None:
+        """Start writing the current block in the I/O thread and move to the next one."""
+        self.pending[self.current] = self.io.submit(fn, *args)
+        self.current = (self.current + 1) % len(self.views)
+        self.wait(self.current)
 
     def close(self) -> None:
-        """Release the mapping."""
-        self.view.release()
-        self.mem.close()
+        """Wait for the I/O thread and release the mappings."""
+        try:
+            self.wait()
+        finally:
+            self.io.shutdown(wait=True)
+            for v, m in zip(self.views, self.mems):
+                v.release()
+                m.close()
 
 
 class ShardWriter:
@@ -100,11 +131,10 @@ class ShardWriter:
                 done += os.pwrite(self._fd, data[done:], self._pos + done)
             self._pos += len(data)
             return
-        block = self._staging.view
         size = self._staging.nbytes
         while len(data):
             n = min(len(data), size - self._fill)
-            block[self._fill : self._fill + n] = data[:n]
+            self._staging.view[self._fill : self._fill + n] = data[:n]
             self._fill += n
             data = data[n:]
             if self._fill == size:
@@ -113,9 +143,7 @@ class ShardWriter:
     def _flush(self, nbytes: int) -> None:
         view = self._staging.view[:nbytes]
         self._sha.update(view[: self._fill])
-        done = 0
-        while done < nbytes:
-            done += os.pwrite(self._fd, view[done:], self._pos + done)
+        self._staging.submit(_pwrite_all, self._fd, view, self._pos)
         self._pos += self._fill
         self._fill = 0
 
@@ -131,6 +159,7 @@ class ShardWriter:
                 padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
                 self._staging.view[self._fill : padded] = bytes(padded - self._fill)
                 self._flush(padded)
+            self._staging.wait()
             size = self._pos
             os.ftruncate(self._fd, size)
             if size != self.size_bytes:
@@ -145,6 +174,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Close and delete the partial file (never leaves a half-written shard)."""
+        try:
+            self._staging.wait()
+        except OSError:
+            pass
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -152,3 +185,9 @@ class ShardWriter:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], pos + done)
