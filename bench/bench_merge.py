@@ -7,8 +7,8 @@ Contenders, each run as a child process, page cache dropped before each (``sync;
 /proc/sys/vm/drop_caches``; where that is refused the numbers are labelled warm). On a VM
 the host caches the disk as well, beyond drop_caches' reach, so the first read of files
 untouched for a while is several times slower than later ones; the inputs are therefore
-read once, untimed, before the first row (``--no-prime`` skips it), so that no row pays
-for running first.
+read once, untimed, right before every row (``--no-prime`` skips it), so that no row pays
+for running first or after a long one.
 
 - ``floor-buffered``: read every input shard fully (16 MiB reads), then write one
   output-sized file with buffered writes and one ``fdatasync`` at the end;
@@ -624,7 +624,7 @@ def write_readme(path: Path, rows: list[dict]) -> None:
         "- *cache*: `cold` when the page cache was dropped before the row, else `warm`. On a",
         "  VM the host caches the disk too, out of reach of drop_caches (the first read of",
         "  files untouched for a while ran at 0.55 GB/s, the next at 1.77 GB/s on the",
-        "  reference VM), so the inputs are read once, untimed, before the rows (`not primed`",
+        "  reference VM), so the inputs are read once, untimed, before each row (`not primed`",
         "  when `--no-prime` skipped that): rows are guest-cold, host state unknown.",
         "- *load*: 1-minute load average just before the row (the machine may be shared).",
         "- *env*: OMP_/MKL_/NUMBA_/TORCH_ variables set for the run (e.g. OMP_WAIT_POLICY).",
@@ -688,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=7200.0, help="per contender, seconds")
     ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                     help="do not drop the page cache (numbers are then warm)")  # fmt: skip
+    ap.add_argument("--settle", type=float, default=10.0,
+                    help="seconds to wait (after sync) between rows so one row's writes do not slow the next")
     ap.add_argument("--no-prime", dest="prime", action="store_false",
                     help="skip the untimed first read of the inputs")  # fmt: skip
     args = ap.parse_args(argv)
@@ -736,10 +738,11 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
     largest = max((math.prod(s) for _, s in expect.values()), default=0)  # elements
     need = 4 * base_bytes + 6 * 4 * largest
 
-    if args.prime:
-        # On a VM the host (or the disk) caches too, out of reach of drop_caches: the first
-        # read of files not touched for a while is several times slower than the next. One
-        # untimed pass puts every row below in the same state, whichever runs first.
+    def prime() -> None:
+        # On a VM the host (or the disk) caches too, out of reach of drop_caches, and forgets
+        # within a minute or two: the first read of files not touched for a while is several
+        # times slower than the next. An untimed pass right before every row puts each row
+        # in the same state, whichever runs first and however long the row before it took.
         t0 = time.perf_counter()
         drop_caches(args.drop_caches)
         with mmap.mmap(-1, BLOCK) as buf:
@@ -747,7 +750,7 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
             read_all(inputs, view)
             view.release()
         secs = time.perf_counter() - t0
-        print(f"primed: read the inputs once, untimed ({input_bytes / 1e9 / secs:.2f} GB/s)")
+        print(f"   primed: read the inputs once, untimed ({input_bytes / 1e9 / secs:.2f} GB/s)")
     dropped = drop_caches(args.drop_caches)
     cache_state = "cold" if dropped else "warm"
     if args.drop_caches and not dropped:
@@ -763,6 +766,12 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
     results: list[Result] = []
     for name in args.only:
         print(f"-- {name} ...", flush=True)
+        if results and args.settle > 0:
+            # let the previous row's writes drain (the host may still be flushing them)
+            subprocess.run(["sync"], check=False)
+            time.sleep(args.settle)
+        if args.prime:
+            prime()
         if name.startswith("floor-"):
             r = run_floor(name.split("-", 1)[1], inputs, base_bytes, work, args)
         else:

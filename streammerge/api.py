@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,6 +72,20 @@ def _parse_list(value, n: int | None = None) -> list[float] | float | None:
         parts = [float(x) for x in value.split(",") if x.strip()]
         return parts[0] if len(parts) == 1 else parts
     return [float(x) for x in value]
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory in bytes: the kernel's high-water mark
+    (``getrusage`` ru_maxrss, KiB on Linux) where there is one, else psutil's current RSS."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # no resource module (Windows): psutil's peak working set / RSS
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
 
 
 def fingerprint(recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int) -> str:
@@ -292,7 +305,7 @@ def merge(
     finally:
         output.close()
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return MergeSummary(
         out=output.out, seed=recipe.seed, method=recipe.method, alpha=recipe.alpha, weights=recipe.weights,
         drop=recipe.drop, scale=recipe.scale, bytes_read=run.bytes_read, bytes_written=run.bytes_written,

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = "free disk space, then re-run the same command with --resume" if full else "check the paths and permissions"
             msg = f"{e.strerror or e} ({e.filename or os.path.abspath(args.output)}): {todo}"
         else:
-            msg = f"{e} (-, -): check the options and paths"
+            msg = f"{e}: check the command-line options"
         print(f"streammerge: error: {msg}", file=sys.stderr)
         return EXIT_BAD_INPUT
     if progress is not None:

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark tools in bench/: the synthetic Llama trio, the naive merge,
-and the bench_merge harness (floor + naive rows only; no timing assertions)."""
+and the bench_merge harness (floor, naive and streammerge rows; no timing assertions)."""
 
 from __future__ import annotations
 
@@ -153,23 +153,27 @@ def test_naive_merge(trio: Path, tmp_path: Path, one_thread) -> None:
 
 def test_bench_merge_smoke(tmp_path: Path) -> None:
     results = tmp_path / "results"
-    cmd = [sys.executable, str(BENCH / "bench_merge.py"), "--smoke", "--only", "floor,naive",
-           "--data", str(tmp_path / "trio"), "--results", str(results),
-           "--no-drop-caches"]  # fmt: skip
+    cli = Path(sys.executable).parent / "streammerge"
+    cmd = [sys.executable, str(BENCH / "bench_merge.py"), "--smoke", "--only", "floor,naive,streammerge",
+           "--data", str(tmp_path / "trio"), "--results", str(results), "--streammerge-bin", str(cli),
+           "--no-drop-caches", "--settle", "0"]  # fmt: skip
     # PASSIVE: OpenMP threads that spin-wait crawl when another job holds the other core
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     with open(results / "bench_merge.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["contender"] for r in rows] == ["floor-buffered", "floor-direct", "naive"]
+    assert [r["contender"] for r in rows] == ["floor-buffered", "floor-direct", "naive", "streammerge"]
     assert rows[0]["status"] == "ok", rows
     # O_DIRECT may be refused where the temporary directory is a tmpfs
     assert rows[1]["status"] == "ok" or rows[1]["status"].startswith("O_DIRECT refused"), rows
     assert rows[2]["status"] == "ok", rows
-    naive = rows[-1]
+    naive, ours = rows[2], rows[3]
+    assert ours["status"] == "ok" and ours["output_check"] == "ok", rows
+    assert float(ours["peak_rss_mib"]) > 0 and float(naive["streammerge_ratio"]) > 0
     assert naive["output_check"] == "ok"
     assert float(naive["peak_rss_mib"]) > 0 and float(naive["wall_s"]) > 0
     assert "| naive |" in (results / "README.md").read_text()
     assert not (tmp_path / "trio" / "out-naive").exists()  # outputs are deleted
+    assert not (tmp_path / "trio" / "out-streammerge").exists()
     shutil.rmtree(tmp_path / "trio")  # 150 MB; pytest keeps the last few tmp dirs
