@@ -688,8 +688,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=7200.0, help="per contender, seconds")
     ap.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                     help="do not drop the page cache (numbers are then warm)")  # fmt: skip
-    ap.add_argument("--settle", type=float, default=10.0,
-                    help="seconds to wait (after sync) between rows so one row's writes do not slow the next")
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=10.0,
+        help="seconds to wait (after sync) between rows so one row's writes do not slow the next",
+    )
     ap.add_argument("--no-prime", dest="prime", action="store_false",
                     help="skip the untimed first read of the inputs")  # fmt: skip
     args = ap.parse_args(argv)
@@ -751,6 +755,7 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
             view.release()
         secs = time.perf_counter() - t0
         print(f"   primed: read the inputs once, untimed ({input_bytes / 1e9 / secs:.2f} GB/s)")
+
     dropped = drop_caches(args.drop_caches)
     cache_state = "cold" if dropped else "warm"
     if args.drop_caches and not dropped:

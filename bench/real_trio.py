@@ -53,9 +53,17 @@ from trio_data import TaskData, base_model_dir, load_tasks
 TRAIN_CODE_VERSION = 1
 #: Files copied from the base into each fine-tune (config + tokenizer; sentence-transformers
 #: module files too, so each fine-tune also loads as a SentenceTransformer).
-SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-              "special_tokens_map.json", "modules.json", "sentence_bert_config.json",
-              "config_sentence_transformers.json", "1_Pooling/config.json")
+SIDE_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+)
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 110)
 
@@ -73,6 +81,7 @@ def log(msg: str) -> None:
 
 
 # --------------------------------------------------------------------------- base
+
 
 def prepare_base(cache: Path) -> tuple[Path, str]:
     """Copy the packaged base to <cache>/base unchanged (unless already there); return it and
@@ -92,6 +101,7 @@ def prepare_base(cache: Path) -> tuple[Path, str]:
 
 # --------------------------------------------------------------------------- model
 
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
@@ -102,7 +112,9 @@ def load_encoder(path: Path):
     from transformers import AutoModel
 
     model, info = AutoModel.from_pretrained(str(path), output_loading_info=True)
-    bad = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad = {
+        k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
     bad = {k: v for k, v in bad.items() if v}
     if bad or info.get("error_msgs"):
         console.print(f"[red]loading {path}: {bad} {info.get('error_msgs') or ''}[/red]")
@@ -116,9 +128,14 @@ def encode(model, tok, texts: list[str], max_len: int, batch: int = 64) -> torch
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # length-sorted: less padding
     out = torch.empty(len(texts), model.config.hidden_size)
     for s in range(0, len(order), batch):
-        ix = order[s: s + batch]
-        enc = tok([texts[i] for i in ix], truncation=True, max_length=max_len, padding=True,
-                  return_tensors="pt")
+        ix = order[s : s + batch]
+        enc = tok(
+            [texts[i] for i in ix],
+            truncation=True,
+            max_length=max_len,
+            padding=True,
+            return_tensors="pt",
+        )
         hidden = model(**enc).last_hidden_state
         out[ix] = mean_pool(hidden, enc["attention_mask"])
     return out
@@ -130,6 +147,7 @@ def accuracy(emb: torch.Tensor, head: dict, labels: list[int]) -> float:
 
 
 # --------------------------------------------------------------------------- fine-tune
+
 
 def train_settings(args, task: TaskData, base_sha: str) -> dict:
     return {
@@ -168,8 +186,10 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
     settings = train_settings(args, task, base_sha)
     stamp = cached(dst, settings)
     if stamp is not None:
-        log(f"{task.name}: cached fine-tune in {dst} (trained in {stamp['train_seconds']:.0f}s, "
-            f"{stamp['steps']} steps) — skipping training")
+        log(
+            f"{task.name}: cached fine-tune in {dst} (trained in {stamp['train_seconds']:.0f}s, "
+            f"{stamp['steps']} steps) — skipping training"
+        )
         return stamp
     if dst.exists():
         shutil.rmtree(dst)
@@ -182,14 +202,18 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
     head = torch.nn.Linear(hidden, len(task.labels))
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([
-        {"params": decay, "lr": args.lr, "weight_decay": 0.01},
-        {"params": no_decay, "lr": args.lr, "weight_decay": 0.0},
-        {"params": head.parameters(), "lr": args.head_lr, "weight_decay": 0.0},
-    ])
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "lr": args.lr, "weight_decay": 0.01},
+            {"params": no_decay, "lr": args.lr, "weight_decay": 0.0},
+            {"params": head.parameters(), "lr": args.head_lr, "weight_decay": 0.0},
+        ]
+    )
     warm = max(1, int(0.1 * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / (args.steps - warm)))
+        opt,
+        lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / (args.steps - warm)),
+    )
 
     n = len(task.train_texts)
     perm, pos = rng.permutation(n), 0
@@ -198,10 +222,15 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
     for step in range(args.steps):
         if pos + args.batch > n:
             perm, pos = rng.permutation(n), 0
-        ix = perm[pos: pos + args.batch]
+        ix = perm[pos : pos + args.batch]
         pos += args.batch
-        enc = tok([task.train_texts[i] for i in ix], truncation=True, max_length=args.max_len,
-                  padding=True, return_tensors="pt")
+        enc = tok(
+            [task.train_texts[i] for i in ix],
+            truncation=True,
+            max_length=args.max_len,
+            padding=True,
+            return_tensors="pt",
+        )
         y = torch.tensor([task.train_labels[i] for i in ix])
         logits = head(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]))
         loss = torch.nn.functional.cross_entropy(logits, y)
@@ -213,8 +242,10 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
         losses.append(loss.item())
         if (step + 1) % max(1, args.steps // 10) == 0 or step + 1 == args.steps:
             el = time.perf_counter() - t0
-            log(f"  {task.name} step {step + 1}/{args.steps}  loss {np.mean(losses[-20:]):.3f}  "
-                f"{el:.0f}s (eta {el / (step + 1) * (args.steps - step - 1):.0f}s)")
+            log(
+                f"  {task.name} step {step + 1}/{args.steps}  loss {np.mean(losses[-20:]):.3f}  "
+                f"{el:.0f}s (eta {el / (step + 1) * (args.steps - step - 1):.0f}s)"
+            )
     train_seconds = time.perf_counter() - t0
 
     # Save under exactly the base's names, shapes and dtypes; anything the model does not
@@ -236,15 +267,31 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
         if (base / f).is_file():
             (dst / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(base / f, dst / f)
-    save_file({"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
-              str(dst / "head.safetensors"), metadata={"format": "pt"})
-    (dst / "head.json").write_text(json.dumps({
-        "task": task.name, "title": task.title, "labels": task.labels, "pooling": "mean",
-        "max_len": args.max_len, "source": str(task.source)}, indent=2) + "\n")
+    save_file(
+        {"weight": head.weight.detach().contiguous(), "bias": head.bias.detach().contiguous()},
+        str(dst / "head.safetensors"),
+        metadata={"format": "pt"},
+    )
+    (dst / "head.json").write_text(
+        json.dumps(
+            {
+                "task": task.name,
+                "title": task.title,
+                "labels": task.labels,
+                "pooling": "mean",
+                "max_len": args.max_len,
+                "source": str(task.source),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     changed = sum(1 for k in base_t if not torch.equal(base_t[k], tensors[k]))
     stamp = {
         "settings": settings,
-        "files": {f: sha256_file(dst / f) for f in ("model.safetensors", "head.safetensors", "head.json")},
+        "files": {
+            f: sha256_file(dst / f) for f in ("model.safetensors", "head.safetensors", "head.json")
+        },
         "train_seconds": round(train_seconds, 1),
         "steps": args.steps,
         "final_loss": round(float(np.mean(losses[-20:])), 4),
@@ -252,16 +299,20 @@ def fine_tune(args, task: TaskData, base: Path, base_sha: str, tok) -> dict:
         "tensors_total": len(base_t),
     }
     (dst / "stamp.json").write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-    log(f"{task.name}: trained {args.steps} steps in {train_seconds:.0f}s, saved {dst} "
-        f"({changed}/{len(base_t)} tensors differ from the base)")
+    log(
+        f"{task.name}: trained {args.steps} steps in {train_seconds:.0f}s, saved {dst} "
+        f"({changed}/{len(base_t)} tensors differ from the base)"
+    )
     return stamp
 
 
 def check_layout(base: Path, ft: Path) -> None:
     """Assert a fine-tune's checkpoint has exactly the base's tensor names, shapes, dtypes."""
+
     def header(p):
         with safe_open(str(p / "model.safetensors"), "pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}  # noqa: SIM118
+            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f}
+
     hb, hf = header(base), header(ft)
     if hb != hf:
         diff = sorted(set(hb.items()) ^ set(hf.items()))[:10]
@@ -269,6 +320,7 @@ def check_layout(base: Path, ft: Path) -> None:
 
 
 # --------------------------------------------------------------------------- merge
+
 
 def streammerge_cmd() -> list[str]:
     exe = shutil.which("streammerge") or str(Path(sys.executable).with_name("streammerge"))
@@ -281,7 +333,12 @@ def run_merge(args, a: Path, b: Path, base: Path, out: Path) -> float:
     extra = shlex.split(args.streammerge_args or "")
     cmd = streammerge_cmd() + [str(a), str(b), "--base", str(base), "-o", str(out)]
     given = {x.split("=", 1)[0] for x in extra if x.startswith("--")}
-    for opt, val in (("--seed", args.seed), ("--alpha", "1.0"), ("--drop", "0.5"), ("--threads", args.threads)):
+    for opt, val in (
+        ("--seed", args.seed),
+        ("--alpha", "1.0"),
+        ("--drop", "0.5"),
+        ("--threads", args.threads),
+    ):
         if opt not in given:  # defaults, unless --streammerge-args sets them
             cmd += [opt, str(val)]
     if (out / "streammerge.json").is_file() and "--overwrite" not in extra:
@@ -297,7 +354,9 @@ def run_merge(args, a: Path, b: Path, base: Path, out: Path) -> float:
     rc = proc.wait()
     seconds = time.perf_counter() - t0
     if rc != 0:
-        console.print(f"[red]streammerge failed (exit {rc}) after {seconds:.1f}s; its stderr:[/red]")
+        console.print(
+            f"[red]streammerge failed (exit {rc}) after {seconds:.1f}s; its stderr:[/red]"
+        )
         sys.stderr.write("".join(err_lines[-60:]) or "(empty)\n")
         sys.exit(rc if 0 < rc < 256 else 1)
     return seconds
@@ -316,27 +375,42 @@ def read_recipe(out: Path) -> tuple[list[float] | None, int | None]:
 
 # --------------------------------------------------------------------------- main
 
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="bench/cache/minilm-trio", help="cache dir for base + fine-tunes")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--cache", default="bench/cache/minilm-trio", help="cache dir for base + fine-tunes"
+    )
     p.add_argument("--out", default=None, help="merge output dir (default <cache>/merged-s<seed>)")
-    p.add_argument("--steps", type=int, default=150, help="fine-tuning steps per task (default 150)")
+    p.add_argument(
+        "--steps", type=int, default=150, help="fine-tuning steps per task (default 150)"
+    )
     p.add_argument("--batch", type=int, default=16, help="fine-tuning batch size (default 16)")
     p.add_argument("--max-len", type=int, default=128, help="max tokens per text (default 128)")
     p.add_argument("--lr", type=float, default=4e-5, help="encoder learning rate (default 4e-5)")
     p.add_argument("--head-lr", type=float, default=2e-3, help="head learning rate (default 2e-3)")
-    p.add_argument("--train-seed", type=int, default=0, help="seed of the data split and fine-tunes")
-    p.add_argument("--seed", type=int, default=0, help="merge seed passed to streammerge (default 0)")
+    p.add_argument(
+        "--train-seed", type=int, default=0, help="seed of the data split and fine-tunes"
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="merge seed passed to streammerge (default 0)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch / streammerge threads (default 2)")
-    p.add_argument("--streammerge-args", default="", help='extra streammerge arguments, e.g. "--drop 0.3"')
-    p.add_argument("--no-merge", action="store_true", help="stop after the fine-tunes (score A and B only)")
+    p.add_argument(
+        "--streammerge-args", default="", help='extra streammerge arguments, e.g. "--drop 0.3"'
+    )
+    p.add_argument(
+        "--no-merge", action="store_true", help="stop after the fine-tunes (score A and B only)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
 
@@ -346,8 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(str(base))
     tasks = load_tasks(args.train_seed)
     for t in tasks:
-        log(f"data {t.name}: {len(t.train_texts)} train / {len(t.test_texts)} test, "
-            f"labels {t.labels} ({t.source})")
+        log(
+            f"data {t.name}: {len(t.train_texts)} train / {len(t.test_texts)} test, "
+            f"labels {t.labels} ({t.source})"
+        )
     stamps = {t.name: fine_tune(args, t, base, base_sha, tok) for t in tasks}
     dirs = {t.name: cache / t.name for t in tasks}
     for d in dirs.values():
@@ -355,23 +431,32 @@ def main(argv: list[str] | None = None) -> int:
     heads = {t.name: load_file(str(dirs[t.name] / "head.safetensors")) for t in tasks}
 
     # Score the base, A and B encoders with every task's head (cached by content hashes).
-    eval_key = hashlib.sha256(json.dumps(
-        [base_sha, args.max_len] + [[stamps[t.name]["files"], t.fingerprint()] for t in tasks]
-    , sort_keys=True).encode()).hexdigest()
+    eval_key = hashlib.sha256(
+        json.dumps(
+            [base_sha, args.max_len] + [[stamps[t.name]["files"], t.fingerprint()] for t in tasks],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()
     eval_path = cache / "eval.json"
     try:
         ev = json.loads(eval_path.read_text())
         scores = ev["scores"] if ev.get("key") == eval_key else None
     except (OSError, ValueError, KeyError):
         scores = None
-    columns = [("base", base)] + [(f"{'AB'[i]} ({t.name})", dirs[t.name]) for i, t in enumerate(tasks)]
+    columns = [("base", base)] + [
+        (f"{'AB'[i]} ({t.name})", dirs[t.name]) for i, t in enumerate(tasks)
+    ]
     if scores is None:
         scores = {}
         for col, path in columns:
             t0 = time.perf_counter()
             enc = load_encoder(path)
-            scores[col] = {t.name: accuracy(encode(enc, tok, t.test_texts, args.max_len), heads[t.name],
-                                            t.test_labels) for t in tasks}
+            scores[col] = {
+                t.name: accuracy(
+                    encode(enc, tok, t.test_texts, args.max_len), heads[t.name], t.test_labels
+                )
+                for t in tasks
+            }
             log(f"scored {col} in {time.perf_counter() - t0:.0f}s: {scores[col]}")
         eval_path.write_text(json.dumps({"key": eval_key, "scores": scores}, indent=2) + "\n")
     else:
@@ -388,15 +473,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         merged = load_encoder(out)
         col = "merged"
-        scores[col] = {t.name: accuracy(encode(merged, tok, t.test_texts, args.max_len), heads[t.name],
-                                        t.test_labels) for t in tasks}
-        log(f"loaded {out} with transformers (no missing / unexpected keys); "
-            f"scored in {time.perf_counter() - t0:.0f}s")
+        scores[col] = {
+            t.name: accuracy(
+                encode(merged, tok, t.test_texts, args.max_len), heads[t.name], t.test_labels
+            )
+            for t in tasks
+        }
+        log(
+            f"loaded {out} with transformers (no missing / unexpected keys); "
+            f"scored in {time.perf_counter() - t0:.0f}s"
+        )
         weights, seed = read_recipe(out)
 
     title = "all-MiniLM-L6-v2 trio: test accuracy of each task's head on each encoder"
     if weights is not None:
-        title += f"\nλ = {weights[0]:.4f} (w = {', '.join(f'{w:.4f}' for w in weights)}), seed {seed}"
+        title += (
+            f"\nλ = {weights[0]:.4f} (w = {', '.join(f'{w:.4f}' for w in weights)}), seed {seed}"
+        )
     elif seed is not None:
         title += f"\nseed {seed}"
     table = Table(title=title)
@@ -406,13 +499,18 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(col, justify="right")
     for t in tasks:
         chance = max(np.bincount(t.test_labels)) / len(t.test_labels)
-        table.add_row(f"{t.title} ({len(t.labels)} classes, majority {chance:.1%})",
-                      str(len(t.test_labels)),
-                      *[f"{scores[c][t.name]:.1%}" for c in scores])
+        table.add_row(
+            f"{t.title} ({len(t.labels)} classes, majority {chance:.1%})",
+            str(len(t.test_labels)),
+            *[f"{scores[c][t.name]:.1%}" for c in scores],
+        )
     console.print(table)
     times = ", ".join(f"{n} {s['train_seconds']:.0f}s" for n, s in stamps.items())
-    log(f"fine-tune times: {times}" + (f"; merge {merge_seconds:.1f}s" if merge_seconds else "")
-        + f"; total run {time.perf_counter() - t_start:.0f}s")
+    log(
+        f"fine-tune times: {times}"
+        + (f"; merge {merge_seconds:.1f}s" if merge_seconds else "")
+        + f"; total run {time.perf_counter() - t_start:.0f}s"
+    )
     return 0
 
 

@@ -53,7 +53,10 @@ class TaskData:
         """sha256 of the split (texts and labels, train then test): part of the cache stamp."""
         h = hashlib.sha256()
         h.update(json.dumps(self.labels).encode())
-        for texts, labels in ((self.train_texts, self.train_labels), (self.test_texts, self.test_labels)):
+        for texts, labels in (
+            (self.train_texts, self.train_labels),
+            (self.test_texts, self.test_labels),
+        ):
             for t, y in zip(texts, labels):
                 h.update(f"{y}\t{len(t)}\t".encode())
                 h.update(t.encode("utf-8", "replace"))
@@ -76,8 +79,9 @@ def base_model_dir() -> Path:
     return d
 
 
-def _split(texts: list[str], labels: list[int], n_labels: int, seed: int, test_frac: float,
-           test_cap: int) -> tuple[list[int], list[int]]:
+def _split(
+    texts: list[str], labels: list[int], n_labels: int, seed: int, test_frac: float, test_cap: int
+) -> tuple[list[int], list[int]]:
     """Stratified split: per class, a seeded shuffle; the first test_frac of each goes to test.
 
     If the test set would exceed test_cap, each class's test share is cut in proportion
@@ -99,12 +103,28 @@ def _split(texts: list[str], labels: list[int], n_labels: int, seed: int, test_f
     return train, test
 
 
-def _make(name: str, title: str, label_names: list[str], texts: list[str], labels: list[int],
-          source: Path, seed: int, test_frac: float, test_cap: int) -> TaskData:
+def _make(
+    name: str,
+    title: str,
+    label_names: list[str],
+    texts: list[str],
+    labels: list[int],
+    source: Path,
+    seed: int,
+    test_frac: float,
+    test_cap: int,
+) -> TaskData:
     tr, te = _split(texts, labels, len(label_names), seed, test_frac, test_cap)
-    return TaskData(name, title, label_names,
-                    [texts[i] for i in tr], [labels[i] for i in tr],
-                    [texts[i] for i in te], [labels[i] for i in te], source)
+    return TaskData(
+        name,
+        title,
+        label_names,
+        [texts[i] for i in tr],
+        [labels[i] for i in tr],
+        [texts[i] for i in te],
+        [labels[i] for i in te],
+        source,
+    )
 
 
 def _dedupe(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -134,7 +154,9 @@ def load_bbc(seed: int = 0, test_frac: float = 0.2, test_cap: int = 500) -> Task
     pairs = _dedupe(pairs)
     texts = [t for t, _ in pairs]
     labels = [label_names.index(y) for _, y in pairs]
-    return _make("bbc", "BBC News topics", label_names, texts, labels, root, seed, test_frac, test_cap)
+    return _make(
+        "bbc", "BBC News topics", label_names, texts, labels, root, seed, test_frac, test_cap
+    )
 
 
 def load_sentiment(seed: int = 0, test_frac: float = 0.2, test_cap: int = 1000) -> TaskData:
@@ -153,7 +175,9 @@ def load_sentiment(seed: int = 0, test_frac: float = 0.2, test_cap: int = 1000) 
     label_names = sorted({y for _, y in pairs})
     texts = [t for t, _ in pairs]
     labels = [label_names.index(y) for _, y in pairs]
-    return _make("sentiment", "Tweet sentiment", label_names, texts, labels, path, seed, test_frac, test_cap)
+    return _make(
+        "sentiment", "Tweet sentiment", label_names, texts, labels, path, seed, test_frac, test_cap
+    )
 
 
 def load_tasks(seed: int = 0) -> list[TaskData]:
@@ -166,5 +190,7 @@ if __name__ == "__main__":
     for t in load_tasks():
         counts = np.bincount(t.train_labels, minlength=len(t.labels)).tolist()
         tcounts = np.bincount(t.test_labels, minlength=len(t.labels)).tolist()
-        print(f"{t.name}: {t.source}\n  labels {t.labels}\n  train {len(t.train_texts)} {counts}"
-              f"  test {len(t.test_texts)} {tcounts}\n  fingerprint {t.fingerprint()[:16]}")
+        print(
+            f"{t.name}: {t.source}\n  labels {t.labels}\n  train {len(t.train_texts)} {counts}"
+            f"  test {len(t.test_texts)} {tcounts}\n  fingerprint {t.fingerprint()[:16]}"
+        )

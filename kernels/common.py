@@ -59,7 +59,7 @@ def drop_threshold(p: float) -> int:
     """
     if not (0.0 <= p < 1.0) or math.isnan(p):
         raise ValueError(f"drop rate p must satisfy 0 <= p < 1, got {p}")
-    return int(math.floor(float(p) * 2**32))
+    return math.floor(float(p) * 2**32)
 
 
 def drop_rescale(p: float) -> np.float32:

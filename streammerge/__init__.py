@@ -6,6 +6,6 @@
 
 __version__ = "0.1.0"
 
-from streammerge.api import MergeSummary, merge  # noqa: E402
+from streammerge.api import MergeSummary, merge
 
 __all__ = ["MergeSummary", "__version__", "merge"]

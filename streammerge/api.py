@@ -22,9 +22,28 @@ from streammerge.sizes import parse_size
 DEFAULT_MEMORY = "256MiB"
 DEFAULT_SHARD_SIZE = "5GB"
 #: Files never copied from the base: weights in any format, and our own record.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".pkl")
+WEIGHT_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".onnx",
+    ".pkl",
+)
 SKIP_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "streammerge.json"}
-TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab.", "merges.txt", "spiece", "sentencepiece")
+TOKENIZER_PREFIXES = (
+    "tokenizer",
+    "special_tokens_map",
+    "added_tokens",
+    "vocab.",
+    "merges.txt",
+    "spiece",
+    "sentencepiece",
+)
 #: Largest non-weight file copied (bytes).
 MAX_COPY_BYTES = 256 * 2**20
 
@@ -88,7 +107,9 @@ def peak_rss_bytes() -> int:
         return int(getattr(info, "peak_wset", info.rss))
 
 
-def fingerprint(recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int) -> str:
+def fingerprint(
+    recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int
+) -> str:
     """Hash of everything that decides the output bytes (journal check for --resume).
 
     Besides the headers it covers each input file's size and modification time, so an input
@@ -132,7 +153,9 @@ def record(plan: Plan, base: ModelDir, models: Sequence[ModelDir], shards: list[
     }
 
 
-def _copy_side_files(output: OutputDir, plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> None:
+def _copy_side_files(
+    output: OutputDir, plan: Plan, base: ModelDir, models: Sequence[ModelDir]
+) -> None:
     """Copy config, tokenizer and module configs (sentence-transformers) from the base.
 
     With the vocabulary rule in force, tokenizer files come from the fine-tune with the most
@@ -146,12 +169,17 @@ def _copy_side_files(output: OutputDir, plan: Plan, base: ModelDir, models: Sequ
             for f in sorted(filenames):
                 p = Path(dirpath) / f
                 rel = p.relative_to(root)
-                if f.startswith(".") or f in SKIP_NAMES or f.endswith(WEIGHT_SUFFIXES) or f.endswith(".tmp"):
+                if (
+                    f.startswith(".")
+                    or f in SKIP_NAMES
+                    or f.endswith(WEIGHT_SUFFIXES)
+                    or f.endswith(".tmp")
+                ):
                     continue
                 if p.is_file() and p.stat().st_size <= MAX_COPY_BYTES:
                     yield rel, p
 
-    is_tok = lambda rel: len(rel.parts) == 1 and rel.name.startswith(TOKENIZER_PREFIXES)  # noqa: E731
+    is_tok = lambda rel: len(rel.parts) == 1 and rel.name.startswith(TOKENIZER_PREFIXES)
     for rel, p in files(base.path):
         if tok_dir is not None and is_tok(rel):
             continue
@@ -159,10 +187,14 @@ def _copy_side_files(output: OutputDir, plan: Plan, base: ModelDir, models: Sequ
             try:
                 cfg = json.loads(p.read_text("utf-8"))
             except (OSError, ValueError) as e:
-                raise MergeError(f"cannot read config ({e})", p, None, "fix the base's config.json") from e
+                raise MergeError(
+                    f"cannot read config ({e})", p, None, "fix the base's config.json"
+                ) from e
             if "vocab_size" in cfg:
                 cfg["vocab_size"] = plan.vocab_rows
-            output.write_file("config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+            output.write_file(
+                "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+            )
             continue
         output.copy_file(p, rel.as_posix())
     if tok_dir is not None:
@@ -187,7 +219,9 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
         if gpu.cuda_available():
             return gpu.CudaBackend(None if vram is None else parse_size(vram))
         if device == "cuda":
-            raise MergeError("--device cuda but no CUDA device is available", None, None, "use --device cpu")
+            raise MergeError(
+                "--device cuda but no CUDA device is available", None, None, "use --device cpu"
+            )
     if backend == "triton":
         from streammerge.backends import TritonCpuBackend
 
@@ -260,20 +294,33 @@ def merge(
     from streammerge import pipeline
 
     if len(models) < 2:
-        raise MergeError(f"need at least 2 fine-tunes, got {len(models)}", None, None, "pass two or more model directories")
+        raise MergeError(
+            f"need at least 2 fine-tunes, got {len(models)}",
+            None,
+            None,
+            "pass two or more model directories",
+        )
     base_dir = open_model(base)
     model_dirs = [open_model(m) for m in models]
     shard_size_bytes = parse_size(shard_size)
     memory_bytes = parse_size(memory)
-    output = OutputDir(out, [base_dir.path] + [m.path for m in model_dirs], overwrite=overwrite, resume=resume)
+    output = OutputDir(
+        out, [base_dir.path] + [m.path for m in model_dirs], overwrite=overwrite, resume=resume
+    )
     if seed is None:
         seed = output.journal_seed()
     weights_v = _parse_list(weights)
     if isinstance(weights_v, float):
         weights_v = [weights_v]
     recipe = make_recipe(
-        len(model_dirs), seed=seed, alpha=alpha, lam=lam, weights=weights_v,
-        drop=_parse_list(drop), scale=scale, dtype=dtype,
+        len(model_dirs),
+        seed=seed,
+        alpha=alpha,
+        lam=lam,
+        weights=weights_v,
+        drop=_parse_list(drop),
+        scale=scale,
+        dtype=dtype,
     )
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
     output.preflight(plan.output_bytes)  # before starting a backend (a GPU takes seconds)
@@ -288,11 +335,17 @@ def merge(
             skipped = [s for s in plan.shards if s.filename in done]
             total_read = plan.read_bytes - sum(s.read_bytes for s in skipped)
             on_start(plan, total_read)
-        run = pipeline.run(plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io)
+        run = pipeline.run(
+            plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io
+        )
         results = run.shards
         shards = []
         for s in plan.shards:
-            size, sha = results[s.filename] if s.filename in results else (done[s.filename]["size"], done[s.filename]["sha256"])
+            size, sha = (
+                results[s.filename]
+                if s.filename in results
+                else (done[s.filename]["size"], done[s.filename]["sha256"])
+            )
             shards.append({"file": s.filename, "size_bytes": size, "sha256": sha})
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
@@ -300,17 +353,30 @@ def merge(
         if copy_files:
             _copy_side_files(output, plan, base_dir, model_dirs)
         rec = record(plan, base_dir, model_dirs, shards)
-        output.write_file("streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode())
+        output.write_file(
+            "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
+        )
         output.finish()
     finally:
         output.close()
     seconds = time.perf_counter() - t0
     peak = peak_rss_bytes()
     return MergeSummary(
-        out=output.out, seed=recipe.seed, method=recipe.method, alpha=recipe.alpha, weights=recipe.weights,
-        drop=recipe.drop, scale=recipe.scale, bytes_read=run.bytes_read, bytes_written=run.bytes_written,
-        seconds=seconds, gb_per_s=run.bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
-        peak_rss_bytes=peak, shards=shards, resumed_shards=len(done), base_only=plan.base_only,
-        vocab_rules=plan.vocab_rules, stage_seconds=run.busy_s,
+        out=output.out,
+        seed=recipe.seed,
+        method=recipe.method,
+        alpha=recipe.alpha,
+        weights=recipe.weights,
+        drop=recipe.drop,
+        scale=recipe.scale,
+        bytes_read=run.bytes_read,
+        bytes_written=run.bytes_written,
+        seconds=seconds,
+        gb_per_s=run.bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
+        peak_rss_bytes=peak,
+        shards=shards,
+        resumed_shards=len(done),
+        base_only=plan.base_only,
+        vocab_rules=plan.vocab_rules,
+        stage_seconds=run.busy_s,
     )
-

@@ -32,8 +32,6 @@ class NumbaBackend:
 
     def _load(self) -> None:
         try:
-            import numba
-
             from streammerge.kernels import cpu_merge
 
             cpu_merge.warmup()
@@ -67,8 +65,19 @@ class NumbaBackend:
         seg = c.segment
         dtypes = [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
         k.merge_chunk(
-            slot.inputs, dtypes, 0 if seg.has_base else -1, [1 + j for j in seg.models], list(seg.models),
-            list(seg.drop), list(seg.weights), seg.scale, slot.out, t.dtype, c.count, key, c.start,
+            slot.inputs,
+            dtypes,
+            0 if seg.has_base else -1,
+            [1 + j for j in seg.models],
+            list(seg.models),
+            list(seg.drop),
+            list(seg.weights),
+            seg.scale,
+            slot.out,
+            t.dtype,
+            c.count,
+            key,
+            c.start,
         )
 
     def wait(self, handle: object) -> None:
@@ -95,7 +104,9 @@ class TritonCpuBackend:
 
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise MergeError(
-                "--backend triton without a GPU needs Triton's interpreter", None, None,
+                "--backend triton without a GPU needs Triton's interpreter",
+                None,
+                None,
                 "set TRITON_INTERPRET=1 (the test path) or use --backend numba",
             )
         try:
@@ -103,7 +114,12 @@ class TritonCpuBackend:
 
             from streammerge.kernels.triton_merge import merge_chunk_triton
         except ImportError as e:
-            raise MergeError(f"--backend triton needs torch and triton ({e})", None, None, "pip install 'streammerge[gpu]'") from e
+            raise MergeError(
+                f"--backend triton needs torch and triton ({e})",
+                None,
+                None,
+                "pip install 'streammerge[gpu]'",
+            ) from e
         self.torch = torch
         self._launch = merge_chunk_triton
         self._cpu = NumbaBackend()
@@ -125,8 +141,14 @@ class TritonCpuBackend:
         view = _typed_rows(torch, torch.from_numpy(slot.inputs), t, c.count)
         out = _typed(torch, torch.from_numpy(slot.out), t.dtype, c.count)
         self._launch(
-            view[0] if seg.has_base else None, [view[1 + j] for j in seg.models], out,
-            key=key, start=c.start, drop=list(seg.drop), weights=list(seg.weights), scale=seg.scale,
+            view[0] if seg.has_base else None,
+            [view[1 + j] for j in seg.models],
+            out,
+            key=key,
+            start=c.start,
+            drop=list(seg.drop),
+            weights=list(seg.weights),
+            scale=seg.scale,
             model_ids=list(seg.models),
         )
 

@@ -21,34 +21,108 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tunes of a common base with Mixup Model Merge (M3) + DARE, "
         "streaming tensors chunk by chunk in flat memory (shared/SPEC.md).",
     )
-    p.add_argument("models", nargs="+", metavar="MODEL", help="fine-tune directories (HF layout), model 0, 1, ...")
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="fine-tune directories (HF layout), model 0, 1, ...",
+    )
     p.add_argument("--base", required=True, metavar="DIR", help="the common base model directory")
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory (created)")
-    p.add_argument("--alpha", type=float, default=1.0, help="Beta(α,α) concentration of the mixup ratio λ (default 1.0)")
-    p.add_argument("--lambda", dest="lam", type=float, default=None, help="fixed mixup ratio λ: w = (λ, 1-λ) (2 models)")
-    p.add_argument("--weights", default=None, help="fixed weights w, comma-separated, one per model (task arithmetic)")
-    p.add_argument("--drop", default="0.5", help="DARE drop rate p: one value or one per model, e.g. 0.3,0.6 (default 0.5)")
-    p.add_argument("--scale", type=float, default=1.0, help="scaling coefficient s of the mixed task vector (default 1.0)")
-    p.add_argument("--seed", type=int, default=None, help="seed in [0, 2**64) (default: drawn from the OS, printed)")
-    p.add_argument("--dtype", default=None, help="output dtype of float tensors: bf16, fp16, fp32 (default: the base's)")
-    p.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB (default 5GB)")
-    p.add_argument("--memory", default="256MiB", help="budget for all I/O buffers, e.g. 256MiB, 1GB (default 256MiB)")
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="output directory (created)"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=1.0,
+        help="Beta(α,α) concentration of the mixup ratio λ (default 1.0)",
+    )
+    p.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=None,
+        help="fixed mixup ratio λ: w = (λ, 1-λ) (2 models)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="fixed weights w, comma-separated, one per model (task arithmetic)",
+    )
+    p.add_argument(
+        "--drop",
+        default="0.5",
+        help="DARE drop rate p: one value or one per model, e.g. 0.3,0.6 (default 0.5)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="scaling coefficient s of the mixed task vector (default 1.0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed in [0, 2**64) (default: drawn from the OS, printed)",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="output dtype of float tensors: bf16, fp16, fp32 (default: the base's)",
+    )
+    p.add_argument(
+        "--shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB (default 5GB)"
+    )
+    p.add_argument(
+        "--memory",
+        default="256MiB",
+        help="budget for all I/O buffers, e.g. 256MiB, 1GB (default 256MiB)",
+    )
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: all cores)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="where to merge: cuda when available (auto, the default), cpu, or cuda")
-    p.add_argument("--vram", default=None,
-                   help="GPU buffer budget, e.g. 2GB (default: a quarter of free GPU memory, at most 4GiB)")
-    p.add_argument("--backend", choices=("auto", "numba", "triton"), default="auto",
-                   help="kernel: numba (CPU) or triton (GPU; with TRITON_INTERPRET=1 it runs on the CPU: "
-                   "the test path); auto picks triton on a GPU, else numba")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted merge into the same output")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output / discard an interrupted merge")
-    p.add_argument("--no-copy-files", dest="copy_files", action="store_false",
-                   help="do not copy config/tokenizer files from the base")
-    p.add_argument("--buffered-io", dest="direct_io", action="store_false", help="write with the page cache, not O_DIRECT")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where to merge: cuda when available (auto, the default), cpu, or cuda",
+    )
+    p.add_argument(
+        "--vram",
+        default=None,
+        help="GPU buffer budget, e.g. 2GB (default: a quarter of free GPU memory, at most 4GiB)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "numba", "triton"),
+        default="auto",
+        help="kernel: numba (CPU) or triton (GPU; with TRITON_INTERPRET=1 it runs on the CPU: "
+        "the test path); auto picks triton on a GPU, else numba",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue an interrupted merge into the same output"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output / discard an interrupted merge",
+    )
+    p.add_argument(
+        "--no-copy-files",
+        dest="copy_files",
+        action="store_false",
+        help="do not copy config/tokenizer files from the base",
+    )
+    p.add_argument(
+        "--buffered-io",
+        dest="direct_io",
+        action="store_false",
+        help="write with the page cache, not O_DIRECT",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the closing line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.add_argument("--profile", action="store_true", help="also print the seconds each pipeline stage was busy")
+    p.add_argument(
+        "--profile", action="store_true", help="also print the seconds each pipeline stage was busy"
+    )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     return p
 
@@ -58,15 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
     from rich.progress import (
-        BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn,
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
     )
 
     from streammerge.api import merge
 
     err = Console(stderr=True, highlight=False)
-    progress = None if args.quiet else Progress(
-        TextColumn("merging"), BarColumn(), DownloadColumn(binary_units=False),
-        TransferSpeedColumn(), TimeRemainingColumn(), console=err, transient=True,
+    progress = (
+        None
+        if args.quiet
+        else Progress(
+            TextColumn("merging"),
+            BarColumn(),
+            DownloadColumn(binary_units=False),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        )
     )
     task = None
     lock = threading.Lock()
@@ -81,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in plan.vocab_rules:
             err.print(f"streammerge: vocabulary rule: {line}")
         if plan.base_only:
-            err.print(f"streammerge: copied from the base (no fine-tune has them): {', '.join(plan.base_only)}")
+            err.print(
+                f"streammerge: copied from the base (no fine-tune has them): {', '.join(plan.base_only)}"
+            )
         if progress is not None:
             progress.start()
             task = progress.add_task("merge", total=total_bytes)
@@ -93,11 +183,28 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         s = merge(
-            args.models, args.base, args.output, alpha=args.alpha, lam=args.lam, weights=args.weights,
-            drop=args.drop, scale=args.scale, seed=args.seed, dtype=args.dtype, shard_size=args.shard_size,
-            memory=args.memory, threads=args.threads, backend=args.backend, device=args.device, vram=args.vram, overwrite=args.overwrite,
-            resume=args.resume, copy_files=args.copy_files, direct_io=args.direct_io,
-            on_start=on_start, on_bytes=on_bytes,
+            args.models,
+            args.base,
+            args.output,
+            alpha=args.alpha,
+            lam=args.lam,
+            weights=args.weights,
+            drop=args.drop,
+            scale=args.scale,
+            seed=args.seed,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            memory=args.memory,
+            threads=args.threads,
+            backend=args.backend,
+            device=args.device,
+            vram=args.vram,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            copy_files=args.copy_files,
+            direct_io=args.direct_io,
+            on_start=on_start,
+            on_bytes=on_bytes,
         )
     except KeyboardInterrupt:
         if progress is not None:
@@ -115,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             msg = str(e)
         elif isinstance(e, OSError):  # during the merge: finished shards are kept
             full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            todo = "free disk space, then re-run the same command with --resume" if full else "check the paths and permissions"
+            todo = (
+                "free disk space, then re-run the same command with --resume"
+                if full
+                else "check the paths and permissions"
+            )
             msg = f"{e.strerror or e} ({e.filename or os.path.abspath(args.output)}): {todo}"
         else:
             msg = f"{e}: check the command-line options"
@@ -134,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.profile:
         busy = ", ".join(f"{k} {v:.2f}" for k, v in s.stage_seconds.items())
-        print(f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True)
+        print(
+            f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True
+        )
     return 0
 
 

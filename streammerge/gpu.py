@@ -41,7 +41,9 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def vram_chunk_elems(rows: int, in_itemsize: int, out_itemsize: int, vram_bytes: int, depth: int = GPU_DEPTH) -> int:
+def vram_chunk_elems(
+    rows: int, in_itemsize: int, out_itemsize: int, vram_bytes: int, depth: int = GPU_DEPTH
+) -> int:
     """Largest chunk (elements) whose ``depth`` device buffer sets fit ``vram_bytes``.
 
     Each set holds ``rows`` input rows (base + fine-tunes) of ``in_itemsize`` bytes per
@@ -55,13 +57,17 @@ def vram_chunk_elems(rows: int, in_itemsize: int, out_itemsize: int, vram_bytes:
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
         raise MergeError(
-            f"--vram {vram_bytes / 2**20:.0f} MiB is too small", None, None,
+            f"--vram {vram_bytes / 2**20:.0f} MiB is too small",
+            None,
+            None,
             f"give at least {MIN_CHUNK_ELEMS * per_elem / 2**20:.0f}MiB",
         )
     return chunk
 
 
-def device_bytes_in_flight(rows: int, in_itemsize: int, out_itemsize: int, chunk_elems: int, depth: int = GPU_DEPTH) -> int:
+def device_bytes_in_flight(
+    rows: int, in_itemsize: int, out_itemsize: int, chunk_elems: int, depth: int = GPU_DEPTH
+) -> int:
     """Device bytes the backend allocates for chunks of ``chunk_elems`` elements."""
     return depth * chunk_elems * (rows * in_itemsize + out_itemsize)
 
@@ -110,8 +116,10 @@ class CudaBackend:
         torch = self.torch
         rows, cap_in = slot.inputs.shape
         self._dev = [
-            (torch.empty((rows, cap_in), dtype=torch.uint8, device="cuda"),
-             torch.empty(slot.out.shape[0], dtype=torch.uint8, device="cuda"))
+            (
+                torch.empty((rows, cap_in), dtype=torch.uint8, device="cuda"),
+                torch.empty(slot.out.shape[0], dtype=torch.uint8, device="cuda"),
+            )
             for _ in range(self.depth)
         ]
         self._free = [None] * self.depth
@@ -149,8 +157,14 @@ class CudaBackend:
             view = _typed_rows(torch, dev_in, t, c.count)
             out_view = _typed(torch, dev_out, t.dtype, c.count)
             merge_chunk_triton(
-                view[0] if seg.has_base else None, [view[1 + j] for j in seg.models], out_view,
-                key=key, start=c.start, drop=list(seg.drop), weights=list(seg.weights), scale=seg.scale,
+                view[0] if seg.has_base else None,
+                [view[1 + j] for j in seg.models],
+                out_view,
+                key=key,
+                start=c.start,
+                drop=list(seg.drop),
+                weights=list(seg.weights),
+                scale=seg.scale,
                 model_ids=list(seg.models),
             )
             done = torch.cuda.Event()
@@ -182,4 +196,7 @@ def _typed(torch, buf, dtype: str, n: int):
 def _typed_rows(torch, dev_in, t, n: int) -> list:
     """Row r of the device input buffer as its input's dtype (row 0 base, 1 + j model j)."""
     infos = [t.base, *t.sources]
-    return [None if info is None else _typed(torch, dev_in[r], info.dtype, n) for r, info in enumerate(infos)]
+    return [
+        None if info is None else _typed(torch, dev_in[r], info.dtype, n)
+        for r, info in enumerate(infos)
+    ]

@@ -36,7 +36,9 @@ class Method:
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("m3_dare", "dare", "mixup_beta", False, "M3 arXiv 2502.15434 + DARE arXiv 2311.03099"),
+        Method(
+            "m3_dare", "dare", "mixup_beta", False, "M3 arXiv 2502.15434 + DARE arXiv 2311.03099"
+        ),
         Method("dare_linear", "dare", "fixed_lambda", False, "DARE arXiv 2311.03099"),
         Method("task_arithmetic", "dare", "given", False, "Task Arithmetic arXiv 2212.04089"),
     )
@@ -118,7 +120,16 @@ def make_recipe(
             raise ValueError(f"--lambda needs exactly 2 models, got {n_models}; use --weights")
         if not math.isfinite(lam):
             raise ValueError(f"lambda must be finite, got {lam}")
-        return Recipe("dare_linear", seed, float(alpha), (float(lam), 1.0 - float(lam)), drops, scale, float(lam), dtype)
+        return Recipe(
+            "dare_linear",
+            seed,
+            float(alpha),
+            (float(lam), 1.0 - float(lam)),
+            drops,
+            scale,
+            float(lam),
+            dtype,
+        )
     if weights is not None:
         w = tuple(map(float, weights))
         if len(w) != n_models or not all(math.isfinite(x) for x in w):

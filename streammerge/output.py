@@ -65,7 +65,9 @@ class OutputDir:
             --overwrite), another merge holding the lock, too little free disk space.
     """
 
-    def __init__(self, out: str | Path, inputs: list[Path], overwrite: bool = False, resume: bool = False):
+    def __init__(
+        self, out: str | Path, inputs: list[Path], overwrite: bool = False, resume: bool = False
+    ):
         self.out = Path(os.path.abspath(out))
         self.inputs = [Path(os.path.realpath(p)) for p in inputs]
         self.overwrite = overwrite
@@ -79,27 +81,52 @@ class OutputDir:
         real_out = Path(os.path.realpath(self.out))
         for inp in self.inputs:
             if _related(real_out, inp):
-                where = "is" if real_out == inp else ("is inside" if inp in real_out.parents else "contains")
+                where = (
+                    "is"
+                    if real_out == inp
+                    else ("is inside" if inp in real_out.parents else "contains")
+                )
                 raise MergeError(
-                    f"the output directory {where} the input {inp}", self.out, None,
+                    f"the output directory {where} the input {inp}",
+                    self.out,
+                    None,
                     "choose an output directory outside every input",
                 )
         if not self.out.parent.is_dir():
-            raise MergeError("the output's parent directory does not exist", self.out.parent, None, "create it first")
+            raise MergeError(
+                "the output's parent directory does not exist",
+                self.out.parent,
+                None,
+                "create it first",
+            )
         if not os.access(self.out.parent, os.W_OK):
-            raise MergeError("the output's parent directory is not writable", self.out.parent, None, "choose a writable location")
+            raise MergeError(
+                "the output's parent directory is not writable",
+                self.out.parent,
+                None,
+                "choose a writable location",
+            )
         if self.out.exists() and not self.out.is_dir():
-            raise MergeError("the output exists and is not a directory", self.out, None, "choose another output path")
+            raise MergeError(
+                "the output exists and is not a directory",
+                self.out,
+                None,
+                "choose another output path",
+            )
         if self.out.is_dir() and any(self.out.iterdir()) and not self.overwrite:
             raise MergeError(
-                "the output directory exists and is not empty", self.out, None,
+                "the output directory exists and is not empty",
+                self.out,
+                None,
                 "choose a new directory, or pass --overwrite to replace it",
             )
         if self.staging.is_dir():
             self._lock(check_only=True)  # a running merge is not an interrupted one
         if self.staging.exists() and not (self.resume or self.overwrite):
             raise MergeError(
-                "an interrupted merge left its staging directory", self.staging, None,
+                "an interrupted merge left its staging directory",
+                self.staging,
+                None,
                 "re-run the same command with --resume to continue it, or --overwrite to start over",
             )
         done = self._journal_bytes() if self.resume else 0
@@ -108,7 +135,9 @@ class OutputDir:
         if free < need:
             raise MergeError(
                 f"not enough free disk space: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB",
-                self.out.parent, None, "free space or choose another output location",
+                self.out.parent,
+                None,
+                "free space or choose another output location",
             )
 
     def _read_journal(self) -> tuple[dict, dict[str, dict]]:
@@ -168,13 +197,19 @@ class OutputDir:
         done: dict[str, dict] = {}
         if head and head.get("recipe") != fingerprint:
             raise MergeError(
-                "the recipe or the inputs changed since the interrupted merge", self.staging, None,
+                "the recipe or the inputs changed since the interrupted merge",
+                self.staging,
+                None,
                 "re-run with the same inputs and options (and --seed), or --overwrite to start over",
             )
         if head:
             for name, rec in shards.items():
                 path = self.staging / name
-                if path.is_file() and path.stat().st_size == rec["size"] and sha256_file(path) == rec["sha256"]:
+                if (
+                    path.is_file()
+                    and path.stat().st_size == rec["size"]
+                    and sha256_file(path) == rec["sha256"]
+                ):
                     done[name] = rec
             self._rewrite_journal(head, done)
         else:
@@ -197,7 +232,10 @@ class OutputDir:
         except BlockingIOError:
             os.close(fd)
             raise MergeError(
-                "another merge is writing this output", self.out, None, "wait for it to finish or choose another output"
+                "another merge is writing this output",
+                self.out,
+                None,
+                "wait for it to finish or choose another output",
             ) from None
         if check_only:
             os.close(fd)
@@ -207,13 +245,12 @@ class OutputDir:
     def _rewrite_journal(self, head: dict, shards: dict[str, dict]) -> None:
         tmp = self.staging / (JOURNAL + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            for rec in (head, *shards.values()):
-                f.write(json.dumps(rec, sort_keys=True) + "\n")
+            f.writelines(json.dumps(rec, sort_keys=True) + "\n" for rec in (head, *shards.values()))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.staging / JOURNAL)
         _fsync_dir(self.staging)
-        self._journal = open(self.staging / JOURNAL, "a", encoding="utf-8")
+        self._journal = open(self.staging / JOURNAL, "a", encoding="utf-8")  # noqa: SIM115 - kept open, closed in close()
 
     def shard_tmp_path(self, name: str) -> Path:
         """Where a shard is written before it is whole."""
@@ -224,7 +261,9 @@ class OutputDir:
         os.replace(self.shard_tmp_path(name), self.staging / name)
         _fsync_dir(self.staging)
         assert self._journal is not None
-        self._journal.write(json.dumps({"shard": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n")
+        self._journal.write(
+            json.dumps({"shard": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n"
+        )
         self._journal.flush()
         os.fsync(self._journal.fileno())
 

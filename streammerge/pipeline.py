@@ -20,9 +20,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import Protocol
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -145,15 +145,21 @@ def make_layout(
     if chunk < MIN_CHUNK_ELEMS:
         need = (MIN_CHUNK_ELEMS * per_elem + block) / 2**20
         raise MergeError(
-            f"--memory {memory_bytes / 2**10:.0f}KiB is too small", None, None,
+            f"--memory {memory_bytes / 2**10:.0f}KiB is too small",
+            None,
+            None,
             f"give at least {need:.0f}MiB",
         )
     layout = Layout(rows, chunk, chunk * in_size, chunk * out_size, block)
-    layout.buffer_bytes = (N_SLOTS + depth) * (rows * layout.row_bytes + layout.out_row_bytes) + block
+    layout.buffer_bytes = (N_SLOTS + depth) * (
+        rows * layout.row_bytes + layout.out_row_bytes
+    ) + block
     return layout
 
 
-def work_items(plan: Plan, shards: list[ShardPlan], layout: Layout) -> Iterator[tuple[TensorPlan, Chunk] | Marker]:
+def work_items(
+    plan: Plan, shards: list[ShardPlan], layout: Layout
+) -> Iterator[tuple[TensorPlan, Chunk] | Marker]:
     """Shard markers and (tensor, chunk) items in output file order."""
     for shard in shards:
         yield Marker("open", shard)
@@ -298,7 +304,11 @@ def run(
                     t0 = time.perf_counter()
                     if item.kind == "open":
                         writer = ShardWriter(
-                            output.shard_tmp_path(name), item.shard.header, item.shard.size_bytes, staging, direct_io
+                            output.shard_tmp_path(name),
+                            item.shard.header,
+                            item.shard.size_bytes,
+                            staging,
+                            direct_io,
                         )
                     else:
                         assert writer is not None
@@ -372,5 +382,3 @@ def run(
     if errors:
         raise errors[0]
     return RunStats(stats["read"], stats["written"], results, busy)
-
-

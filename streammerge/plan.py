@@ -243,14 +243,21 @@ def _row_segments(
             if w_act == 0:
                 raise MergeError(
                     f"rows {r0}..{r1 - 1} are in fine-tunes {list(active)} whose weights sum to 0",
-                    None, name, "give weights that do not cancel, or align the vocabularies",
+                    None,
+                    name,
+                    "give weights that do not cancel, or align the vocabularies",
                 )
             weights = tuple(recipe.weights[j] * total_w / w_act for j in active)
         if has_base:
             drop, scale = tuple(recipe.drop[j] for j in active), recipe.scale
         else:
             if w_act == 0:
-                raise MergeError(f"rows {r0}..{r1 - 1}: fine-tune weights sum to 0", None, name, "give other weights")
+                raise MergeError(
+                    f"rows {r0}..{r1 - 1}: fine-tune weights sum to 0",
+                    None,
+                    name,
+                    "give other weights",
+                )
             weights = tuple(recipe.weights[j] / w_act for j in active)
             drop, scale = (0.0,) * len(active), 1.0
         segs.append(Segment(r0 * row, r1 * row, has_base, active, weights, drop, scale))
@@ -286,7 +293,9 @@ def make_plan(
     if out_dtype is not None:
         out_dtype = DTYPE_ALIASES.get(out_dtype.lower(), out_dtype.upper())
         if out_dtype not in FLOAT_ITEMSIZE:
-            raise MergeError(f"unknown output dtype {recipe.dtype!r}", None, None, "use bf16, fp16 or fp32")
+            raise MergeError(
+                f"unknown output dtype {recipe.dtype!r}", None, None, "use bf16, fp16 or fp32"
+            )
     missing: dict[int, list[str]] = {}
     extra: list[tuple[str, int]] = []
     for j, m in enumerate(models):
@@ -296,8 +305,10 @@ def make_plan(
     if extra:
         names = sorted({n for n, _ in extra}, key=natural_key)
         raise MergeError(
-            f"{len(names)} tensor(s) in a fine-tune are not in the base", models[extra[0][1]].path,
-            _names(names), "merge fine-tunes of the same base (the base must have every tensor)",
+            f"{len(names)} tensor(s) in a fine-tune are not in the base",
+            models[extra[0][1]].path,
+            _names(names),
+            "merge fine-tunes of the same base (the base must have every tensor)",
         )
     plans: list[tuple] = []  # (name, action, dtype, shape, base, sources, segments, rule)
     base_only: list[str] = []
@@ -314,7 +325,9 @@ def make_plan(
             action = "copy"
             if b.is_float and out_dtype is not None and out_dtype != b.dtype:
                 if b.dtype not in FLOAT_ITEMSIZE:
-                    raise MergeError(f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype")
+                    raise MergeError(
+                        f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype"
+                    )
                 dtype, action = out_dtype, "convert"
             plans.append((name, action, dtype, b.shape, b, (None,) * len(models), (), None))
             continue
@@ -327,7 +340,9 @@ def make_plan(
             who = next(s for s in srcs if s.is_float != b.is_float)
             raise MergeError(
                 f"float in one model, integer in another (base {b.dtype}, {who.file.parent}: {who.dtype})",
-                who.file, name, "merge checkpoints of the same architecture",
+                who.file,
+                name,
+                "merge checkpoints of the same architecture",
             )
         shapes = {s.shape for s in srcs} | {b.shape}
         if not b.is_float:
@@ -336,23 +351,40 @@ def make_plan(
                 raise MergeError(
                     f"non-float tensor differs (base {b.dtype}{list(b.shape)}, "
                     f"{who.file.parent}: {who.dtype}{list(who.shape)})",
-                    who.file, name, "merge checkpoints of the same architecture",
+                    who.file,
+                    name,
+                    "merge checkpoints of the same architecture",
                 )
             plans.append((name, "copy", b.dtype, b.shape, b, (None,) * len(models), (), None))
             continue
         for t in (b, *srcs):
             if t.dtype not in FLOAT_ITEMSIZE:
-                raise MergeError(f"cannot merge dtype {t.dtype}", t.file, name, "convert the checkpoint to bf16, fp16 or fp32")
+                raise MergeError(
+                    f"cannot merge dtype {t.dtype}",
+                    t.file,
+                    name,
+                    "convert the checkpoint to bf16, fp16 or fp32",
+                )
         dtype = out_dtype or b.dtype
         if len(shapes) == 1:
-            seg = Segment(0, b.numel, True, tuple(range(len(models))), recipe.weights, recipe.drop, recipe.scale)
+            seg = Segment(
+                0,
+                b.numel,
+                True,
+                tuple(range(len(models))),
+                recipe.weights,
+                recipe.drop,
+                recipe.scale,
+            )
             plans.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None))
             continue
         if len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
             who = next(s for s in srcs if s.shape != b.shape)
             raise MergeError(
                 f"shape mismatch: base {list(b.shape)}, {who.file.parent} {list(who.shape)}",
-                who.file, name, "merge fine-tunes of the same base architecture",
+                who.file,
+                name,
+                "merge fine-tunes of the same base architecture",
             )
         shape, segs, rule = _row_segments(name, b, srcs, recipe)
         vocab_rules.append(rule)
@@ -364,7 +396,9 @@ def make_plan(
         j, names = next(iter(sorted(missing.items())))
         raise MergeError(
             f"{sum(map(len, missing.values()))} tensor(s) missing from fine-tune {models[j].path}"
-            f" (the base and other fine-tunes have them)", models[j].path, _names(names),
+            f" (the base and other fine-tunes have them)",
+            models[j].path,
+            _names(names),
             "merge fine-tunes saved with the same tensors",
         )
     specs = plans
@@ -373,17 +407,25 @@ def make_plan(
     names = shard_names(len(groups))
     shards = []
     for fname, group in zip(names, groups):
-        members = sorted((specs[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0])))
+        members = sorted(
+            (specs[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
+        )
         tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
         for name, action, dtype, shape, b, srcs, segs, rule in members:
             t = TensorPlan(name, action, dtype, tuple(shape), offset, b, srcs, segs, rule)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + t.nbytes],
+            }
             offset += t.nbytes
             tensors.append(t)
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-len(text) % 8)
         shards.append(ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text))
-    return Plan(tuple(shards), recipe, tuple(base_only), tuple(vocab_rules), vocab_rows, tokenizer_model)
+    return Plan(
+        tuple(shards), recipe, tuple(base_only), tuple(vocab_rules), vocab_rows, tokenizer_model
+    )
 
 
 @dataclass(frozen=True)

@@ -130,30 +130,45 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
             head = f.read(8)
             if len(head) < 8:
                 raise MergeError(
-                    f"file is {size} bytes, too short for a safetensors header", path,
+                    f"file is {size} bytes, too short for a safetensors header",
+                    path,
                     todo="the shard is truncated: re-download or re-save it",
                 )
             n = int.from_bytes(head, "little")
             if n > MAX_HEADER_BYTES or 8 + n > size:
                 raise MergeError(
-                    f"header length {n} runs past the end of the {size}-byte file", path,
+                    f"header length {n} runs past the end of the {size}-byte file",
+                    path,
                     todo="the shard is truncated or not safetensors: re-download or re-save it",
                 )
             raw = f.read(n)
     except OSError as e:
-        raise MergeError(f"cannot read file: {e.strerror}", path, todo="check the path and its permissions") from e
+        raise MergeError(
+            f"cannot read file: {e.strerror}", path, todo="check the path and its permissions"
+        ) from e
     digest.update(f"{path.name}\0{size}\0".encode())
     digest.update(raw)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except _DuplicateKey as e:
         raise MergeError(
-            "the header lists this key twice", path, e.key, "the shard is corrupt: re-download or re-save it"
+            "the header lists this key twice",
+            path,
+            e.key,
+            "the shard is corrupt: re-download or re-save it",
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"header is not valid JSON ({e})", path, todo="the shard is corrupt: re-download or re-save it") from e
+        raise MergeError(
+            f"header is not valid JSON ({e})",
+            path,
+            todo="the shard is corrupt: re-download or re-save it",
+        ) from e
     if not isinstance(header, dict):
-        raise MergeError("header is not a JSON object", path, todo="the shard is corrupt: re-download or re-save it")
+        raise MergeError(
+            "header is not a JSON object",
+            path,
+            todo="the shard is corrupt: re-download or re-save it",
+        )
     data_start = 8 + n
     data_size = size - data_start
     out: dict[str, TensorInfo] = {}
@@ -161,7 +176,9 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict):
-                raise MergeError("__metadata__ is not a JSON object", path, todo="re-save the shard")
+                raise MergeError(
+                    "__metadata__ is not a JSON object", path, todo="re-save the shard"
+                )
             continue
         fix = "the shard is corrupt: re-download or re-save it"
         if not isinstance(entry, dict):
@@ -183,11 +200,15 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
         if end - begin != want:
             raise MergeError(
                 f"byte span {end - begin} != shape {shape} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
-                path, name, fix,
+                path,
+                name,
+                fix,
             )
         if end > data_size:
             raise MergeError(
-                f"data_offsets {offsets} run past the {data_size}-byte data area", path, name,
+                f"data_offsets {offsets} run past the {data_size}-byte data area",
+                path,
+                name,
                 "the shard is truncated: re-download or re-save it",
             )
         spans.append((begin, end, name))
@@ -219,11 +240,15 @@ def open_model(path: str | Path) -> ModelDir:
     """
     root = Path(path)
     if not root.is_dir():
-        raise MergeError("not a directory", root, todo="pass a model directory in Hugging Face layout")
+        raise MergeError(
+            "not a directory", root, todo="pass a model directory in Hugging Face layout"
+        )
     try:
         os.listdir(root)
     except OSError as e:
-        raise MergeError(f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions") from e
+        raise MergeError(
+            f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions"
+        ) from e
     digest = hashlib.sha256()
     index_path = root / INDEX_FILE
     tensors: dict[str, TensorInfo] = {}
@@ -236,24 +261,33 @@ def open_model(path: str | Path) -> ModelDir:
             ):
                 raise TypeError("weight_map is not a map of tensor name to file name")
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
-            raise MergeError(f"bad index ({type(e).__name__}: {e})", index_path, todo="fix or re-save the index") from e
+            raise MergeError(
+                f"bad index ({type(e).__name__}: {e})", index_path, todo="fix or re-save the index"
+            ) from e
         files = list(dict.fromkeys(weight_map.values()))
         headers = {}
         for fname in files:
             fpath = root / fname
             if Path(fname).name != fname:
                 raise MergeError(
-                    f"the index names shard {fname!r}, outside the model directory", index_path,
+                    f"the index names shard {fname!r}, outside the model directory",
+                    index_path,
                     todo="fix the index: shards lie beside it",
                 )
             if not fpath.is_file():
-                raise MergeError(f"the index names shard {fname!r}, which is missing", index_path, todo="restore the shard or fix the index")
+                raise MergeError(
+                    f"the index names shard {fname!r}, which is missing",
+                    index_path,
+                    todo="restore the shard or fix the index",
+                )
             headers[fname] = _parse_header(fpath, digest)
         for fname, infos in headers.items():  # every header first: a duplicate is named as one
             for name, info in infos.items():
                 if name in tensors:
                     raise MergeError(
-                        f"tensor stored in two shards ({tensors[name].file.name} and {fname})", root, name,
+                        f"tensor stored in two shards ({tensors[name].file.name} and {fname})",
+                        root,
+                        name,
                         "remove the duplicate or re-save the model",
                     )
                 tensors[name] = info
@@ -261,22 +295,32 @@ def open_model(path: str | Path) -> ModelDir:
             if weight_map.get(name) != info.file.name:
                 raise MergeError(
                     f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
-                    index_path, name, "fix or re-save the index",
+                    index_path,
+                    name,
+                    "fix or re-save the index",
                 )
         for name, fname in weight_map.items():
             if name not in tensors:
-                raise MergeError(f"the index puts this tensor in {fname}, whose header lacks it", index_path, name, "fix or re-save the index")
+                raise MergeError(
+                    f"the index puts this tensor in {fname}, whose header lacks it",
+                    index_path,
+                    name,
+                    "fix or re-save the index",
+                )
         file_paths = [root / f for f in files]
     elif (root / SINGLE_FILE).is_file():
         file_paths = [root / SINGLE_FILE]
         tensors = _parse_header(file_paths[0], digest)
     else:
         raise MergeError(
-            f"no {SINGLE_FILE} or {INDEX_FILE}", root,
+            f"no {SINGLE_FILE} or {INDEX_FILE}",
+            root,
             todo="pass a model directory in Hugging Face safetensors layout",
         )
     if not tensors:
-        raise MergeError("the model has no tensors", root, todo="pass a model directory with weights")
+        raise MergeError(
+            "the model has no tensors", root, todo="pass a model directory with weights"
+        )
     total = sum(t.nbytes for t in tensors.values())
     stamp = hashlib.sha256()
     for p in file_paths:
@@ -341,7 +385,12 @@ class RangeReader:
     @staticmethod
     def _check(info: TensorInfo, byte_offset: int, n: int) -> None:
         if byte_offset < 0 or byte_offset + n > info.nbytes:
-            raise MergeError(f"read of {n} bytes at {byte_offset} outside the tensor", info.file, info.name, "report this bug")
+            raise MergeError(
+                f"read of {n} bytes at {byte_offset} outside the tensor",
+                info.file,
+                info.name,
+                "report this bug",
+            )
 
     @staticmethod
     def _pread_full(fd: int, buf: memoryview, pos: int, need: int, info: TensorInfo) -> None:
@@ -350,7 +399,9 @@ class RangeReader:
             got = os.preadv(fd, [buf[done:]], pos + done)
             if got <= 0:
                 raise MergeError(
-                    "file ended early (changed or truncated while merging)", info.file, info.name,
+                    "file ended early (changed or truncated while merging)",
+                    info.file,
+                    info.name,
                     "do not modify inputs during a merge; re-run",
                 )
             done += got

@@ -13,15 +13,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")):
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: Triton's CPU interpreter, set before import
+    os.environ.setdefault(
+        "TRITON_INTERPRET", "1"
+    )  # no GPU: Triton's CPU interpreter, set before import
 
 torch = pytest.importorskip("torch")
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file, save_file
 
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+TORCH_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "I64": torch.int64,
+    "I32": torch.int32,
+}
 
 
-def write_model(root: Path, tensors: dict[str, torch.Tensor], shards: int = 1, config: dict | None = None) -> Path:
+def write_model(
+    root: Path, tensors: dict[str, torch.Tensor], shards: int = 1, config: dict | None = None
+) -> Path:
     """Save ``tensors`` as an HF directory: one file, or ``shards`` files plus an index.
 
     Tensors are dealt to shards round-robin in insertion order, so different ``shards``
@@ -76,7 +86,10 @@ def make_trio(
     out = []
     for k, name in enumerate(("base", "a", "b")):
         dt = dtype if k == 0 else mdt[k - 1]
-        ts = {n: (v if k == 0 else v + torch.randn(v.shape, generator=g) * 0.002).to(TORCH_DTYPES[dt]) for n, v in base.items()}
+        ts = {
+            n: (v if k == 0 else v + torch.randn(v.shape, generator=g) * 0.002).to(TORCH_DTYPES[dt])
+            for n, v in base.items()
+        }
         ts["position_ids"] = torch.arange(13, dtype=torch.int64).reshape(1, 13)
         if k == 0:
             ts["pooler.weight"] = torch.randn(5, 3, generator=g).to(TORCH_DTYPES[dt])
@@ -116,9 +129,18 @@ def expected_merge(out_dir: Path, base: Path, models: list[Path]) -> dict[str, n
         dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
         key = ref.spec_key(rec["seed"], name)
         res = ref.spec_merge(
-            as_numpy(bt), dtype[bt.dtype], [as_numpy(m[name]) for m in ms], [dtype[m[name].dtype] for m in ms],
-            dtype[bt.dtype] if rec["dtype"] is None else {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[rec["dtype"]],
-            key=key, start=0, model_ids=list(range(len(ms))), drop=rec["drop"], weights=rec["weights"],
+            as_numpy(bt),
+            dtype[bt.dtype],
+            [as_numpy(m[name]) for m in ms],
+            [dtype[m[name].dtype] for m in ms],
+            dtype[bt.dtype]
+            if rec["dtype"] is None
+            else {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[rec["dtype"]],
+            key=key,
+            start=0,
+            model_ids=list(range(len(ms))),
+            drop=rec["drop"],
+            weights=rec["weights"],
             scale=rec["scale"],
         )
         out[name] = np.ascontiguousarray(res).view(np.uint8)

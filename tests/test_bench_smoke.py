@@ -163,7 +163,12 @@ def test_bench_merge_smoke(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     with open(results / "bench_merge.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["contender"] for r in rows] == ["floor-buffered", "floor-direct", "naive", "streammerge"]
+    assert [r["contender"] for r in rows] == [
+        "floor-buffered",
+        "floor-direct",
+        "naive",
+        "streammerge",
+    ]
     assert rows[0]["status"] == "ok", rows
     # O_DIRECT may be refused where the temporary directory is a tmpfs
     assert rows[1]["status"] == "ok" or rows[1]["status"].startswith("O_DIRECT refused"), rows

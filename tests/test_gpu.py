@@ -17,16 +17,26 @@ from streammerge.reader import ModelDir, TensorInfo
 def _llama70b(root: str) -> ModelDir:
     """Llama-3-70B tensor names and shapes, bf16, as headers only (no file is touched)."""
     h, inter, vocab, kv = 8192, 28672, 128256, 1024
-    shapes = {"model.embed_tokens.weight": (vocab, h), "lm_head.weight": (vocab, h), "model.norm.weight": (h,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, h),
+        "lm_head.weight": (vocab, h),
+        "model.norm.weight": (h,),
+    }
     for i in range(80):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
-            p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (inter, h),
+                p + "mlp.up_proj.weight": (inter, h),
+                p + "mlp.down_proj.weight": (h, inter),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     tensors, off = {}, 0
     for name, shape in shapes.items():
         n = 2
@@ -42,7 +52,7 @@ def test_vram_budget_bounds_every_chunk_of_a_70b_merge():
     base, a, b = (_llama70b(r) for r in ("/c", "/a", "/b"))
     assert base.total_bytes > 140e9
     plan = make_plan(base, [a, b], make_recipe(2, seed=0), 5 * 10**9)
-    limit = lambda rows, i, o: vram_chunk_elems(rows, i, o, vram)  # noqa: E731
+    limit = lambda rows, i, o: vram_chunk_elems(rows, i, o, vram)
     layout = make_layout(plan, 2, 2**30, GPU_DEPTH, limit)
     assert device_bytes_in_flight(3, 2, 2, layout.chunk_elems) <= vram
     embed_chunks = 0
@@ -64,11 +74,14 @@ def test_tiny_vram_is_refused():
 
 @pytest.mark.skipif(not cuda_available(), reason="needs a CUDA GPU (none on this machine)")
 def test_cuda_backend_equals_numba(tmp_path):
-    import streammerge
     from conftest import make_trio, output_bytes
 
+    import streammerge
+
     base, a, b = make_trio(tmp_path, big=3_000_001)
-    streammerge.merge([a, b], base, tmp_path / "gpu", seed=5, device="cuda", vram="64MB", memory="64MiB")
+    streammerge.merge(
+        [a, b], base, tmp_path / "gpu", seed=5, device="cuda", vram="64MB", memory="64MiB"
+    )
     streammerge.merge([a, b], base, tmp_path / "cpu", seed=5, device="cpu", backend="numba")
     assert sorted((tmp_path / "gpu").iterdir()) and all(
         (tmp_path / "gpu" / p.name).read_bytes() == p.read_bytes()

@@ -17,8 +17,8 @@ from streammerge.reader import open_model
 
 def _assert_same(got: dict, want: dict):
     assert set(got) == set(want)
-    for name in want:
-        g, w = got[name], want[name]
+    for name, w in want.items():
+        g = got[name]
         if g.shape != w.shape or not np.array_equal(g, w):
             diff = np.flatnonzero(g != w) if g.shape == w.shape else []
             raise AssertionError(f"{name}: {len(diff)} bytes differ, first at {list(diff[:5])}")
@@ -26,13 +26,27 @@ def _assert_same(got: dict, want: dict):
 
 @pytest.mark.parametrize(
     "dtype,model_dtypes",
-    [("BF16", None), ("F16", None), ("F32", None), ("F16", ("BF16", "BF16")), ("BF16", ("F32", "F16"))],
+    [
+        ("BF16", None),
+        ("F16", None),
+        ("F32", None),
+        ("F16", ("BF16", "BF16")),
+        ("BF16", ("F32", "F16")),
+    ],
 )
 def test_merge_equals_spec(tmp_path, dtype, model_dtypes):
     base, a, b = make_trio(tmp_path, dtype=dtype, model_dtypes=model_dtypes, big=70_001)
     before = {p: dir_digest(p) for p in (base, a, b)}
-    s = streammerge.merge([a, b], base, tmp_path / "out", seed=7, alpha=1.0, drop=[0.3, 0.6], memory="2MiB",
-                          shard_size="40KB")
+    s = streammerge.merge(
+        [a, b],
+        base,
+        tmp_path / "out",
+        seed=7,
+        alpha=1.0,
+        drop=[0.3, 0.6],
+        memory="2MiB",
+        shard_size="40KB",
+    )
     out = tmp_path / "out"
     assert len(s.shards) > 1 and (out / "model.safetensors.index.json").is_file()
     _assert_same(output_bytes(out), expected_merge(out, base, [a, b]))
@@ -46,10 +60,10 @@ def test_merge_equals_spec(tmp_path, dtype, model_dtypes):
 def test_bytes_do_not_depend_on_memory_threads_shard_size_or_io_mode(tmp_path):
     base, a, b = make_trio(tmp_path, big=300_007)
     runs = [
-        dict(memory="2MiB", threads=1, shard_size="5GB"),
-        dict(memory="64MiB", threads=2, shard_size="100KB"),
-        dict(memory="9MiB", threads=2, shard_size="300KB"),
-        dict(memory="3MiB", threads=1, shard_size="200KB", direct_io=False),
+        {"memory": "2MiB", "threads": 1, "shard_size": "5GB"},
+        {"memory": "64MiB", "threads": 2, "shard_size": "100KB"},
+        {"memory": "9MiB", "threads": 2, "shard_size": "300KB"},
+        {"memory": "3MiB", "threads": 1, "shard_size": "200KB", "direct_io": False},
     ]
     results = []
     for k, kw in enumerate(runs):
@@ -63,8 +77,15 @@ def test_bytes_do_not_depend_on_memory_threads_shard_size_or_io_mode(tmp_path):
 def test_three_models_and_fixed_weights(tmp_path):
     base, a, b = make_trio(tmp_path)
     c = make_trio(tmp_path / "more", seed=5)[1]
-    s = streammerge.merge([a, b, c], base, tmp_path / "out", seed=3, weights="1,0.5,-0.25", drop="0,0.5,0.9",
-                          scale=0.7)
+    s = streammerge.merge(
+        [a, b, c],
+        base,
+        tmp_path / "out",
+        seed=3,
+        weights="1,0.5,-0.25",
+        drop="0,0.5,0.9",
+        scale=0.7,
+    )
     assert s.method == "task_arithmetic"
     _assert_same(output_bytes(tmp_path / "out"), expected_merge(tmp_path / "out", base, [a, b, c]))
 
@@ -95,14 +116,25 @@ def test_copies_side_files_and_layout(tmp_path):
 
 def test_cli_closing_line_and_exit_codes(tmp_path):
     base, a, b = make_trio(tmp_path)
-    cmd = [sys.executable, "-m", "streammerge.cli", str(a), str(b), "--base", str(base), "-o", str(tmp_path / "o"),
-           "--alpha", "1.0"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "streammerge.cli",
+        str(a),
+        str(b),
+        "--base",
+        str(base),
+        "-o",
+        str(tmp_path / "o"),
+        "--alpha",
+        "1.0",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     for word in ("read", "wrote", "GB/s", "peak RSS", "seed", "λ", "p ("):
         assert word in line
     assert "pass --seed" in r.stderr  # the drawn seed is printed
-    r2 = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=300)
+    r2 = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=300, check=False)
     assert r2.returncode == 2 and r2.stderr.startswith("streammerge: error: ")
     assert len(r2.stderr.strip().splitlines()) == 1 and "Traceback" not in r2.stderr

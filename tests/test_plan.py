@@ -31,7 +31,9 @@ def test_natural_order():
 
 
 def _plan(base, a, b, shard_size=10**9, **kw):
-    return make_plan(open_model(base), [open_model(a), open_model(b)], make_recipe(2, seed=1, **kw), shard_size)
+    return make_plan(
+        open_model(base), [open_model(a), open_model(b)], make_recipe(2, seed=1, **kw), shard_size
+    )
 
 
 def test_plan_decides_copy_and_merge(tmp_path):
@@ -58,7 +60,10 @@ def test_plan_headers_are_valid_and_aligned(tmp_path):
         ends = 0
         for t in shard.tensors:
             assert header[t.name]["data_offsets"] == [t.offset, t.offset + t.nbytes]
-            assert t.offset == ends and t.offset % (2 if t.dtype == "BF16" else 4 if t.dtype == "F32" else 8) == 0
+            assert (
+                t.offset == ends
+                and t.offset % (2 if t.dtype == "BF16" else 4 if t.dtype == "F32" else 8) == 0
+            )
             ends += t.nbytes
             seen.add(t.name)
     assert seen == set(open_model(base).tensors)
@@ -66,7 +71,9 @@ def test_plan_headers_are_valid_and_aligned(tmp_path):
 
 def test_missing_tensor_is_named(tmp_path):
     base, a, b = make_trio(tmp_path)
-    ts = {n: t for n, t in __import__("conftest").load_dir(b).items() if n != "layers.0.norm.weight"}
+    ts = {
+        n: t for n, t in __import__("conftest").load_dir(b).items() if n != "layers.0.norm.weight"
+    }
     (b / "model-00001-of-00002.safetensors").unlink()
     (b / "model-00002-of-00002.safetensors").unlink()
     (b / "model.safetensors.index.json").unlink()
@@ -103,7 +110,13 @@ def test_vocab_rule_segments(tmp_path):
     (t,) = plan.tensors
     assert t.shape == (12, 3) and plan.vocab_rows == 12 and plan.tokenizer_model == 1
     s0, s1, s2 = t.segments
-    assert (s0.start, s0.stop, s0.has_base, s0.models, s0.weights) == (0, 30, True, (0, 1), (0.25, 0.75))
+    assert (s0.start, s0.stop, s0.has_base, s0.models, s0.weights) == (
+        0,
+        30,
+        True,
+        (0, 1),
+        (0.25, 0.75),
+    )
     assert (s1.start, s1.stop, s1.has_base, s1.models) == (30, 33, False, (0, 1))
     assert s1.weights == (0.25, 0.75) and s1.drop == (0.0, 0.0) and s1.scale == 1.0
     assert (s2.start, s2.stop, s2.models, s2.weights) == (33, 36, (1,), (1.0,))

@@ -52,8 +52,8 @@ OPTS = [
 ZYGOTE = """
 import json, os, sys
 import streammerge.cli
-from streammerge.api import make_backend
-make_backend("numba", "cpu", None)
+import numba  # noqa: F401 - imported, nothing run: no OpenMP threads exist before fork
+import streammerge.kernels.cpu_merge  # noqa: F401
 print("ready", flush=True)
 while line := sys.stdin.readline():
     job = json.loads(line)

@@ -20,8 +20,13 @@ def _llama(tmp, name, vocab, g, base=None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
@@ -32,7 +37,9 @@ def _llama(tmp, name, vocab, g, base=None):
             rows = min(b.shape[0], v.shape[0]) if v.dim() else None
             fresh = (v.float() + torch.randn(v.shape, generator=g) * 0.01).to(torch.bfloat16)
             if v.dim() and rows is not None:
-                fresh[:rows] = (b[:rows].float() + torch.randn(b[:rows].shape, generator=g) * 0.002).to(torch.bfloat16)
+                fresh[:rows] = (
+                    b[:rows].float() + torch.randn(b[:rows].shape, generator=g) * 0.002
+                ).to(torch.bfloat16)
             sd[k] = fresh
     d = write_model(tmp / name, sd, config=cfg.to_dict())
     (d / "tokenizer.json").write_text(json.dumps({"rows": vocab}))
@@ -48,7 +55,9 @@ def test_vocab_rule_and_transformers_load(tmp_path, rows):
     b, bbsd = _llama(tmp_path, "b", vbb, g, bsd)
     out = tmp_path / "out"
     s = streammerge.merge([a, b], base, out, seed=11, drop=[0.4, 0.7], memory="2MiB")
-    assert any("embed_tokens" in r for r in s.vocab_rules) and any("lm_head" in r for r in s.vocab_rules)
+    assert any("embed_tokens" in r for r in s.vocab_rules) and any(
+        "lm_head" in r for r in s.vocab_rules
+    )
     cfg = json.loads((out / "config.json").read_text())
     want_rows = max(va, vbb)
     assert cfg["vocab_size"] == want_rows
@@ -76,11 +85,33 @@ def test_vocab_rule_and_transformers_load(tmp_path, rows):
             wa = sum(w[j] for j in act)
             if r < vb:
                 ww = list(w) if len(act) == 2 else [w[j] * sum(w) / wa for j in act]
-                exp = ref.spec_merge(bv[lo : lo + HIDDEN], "BF16", ms, ["BF16"] * len(ms), "BF16", key=key, start=lo,
-                                     model_ids=act, drop=[p[j] for j in act], weights=ww, scale=1.0)
+                exp = ref.spec_merge(
+                    bv[lo : lo + HIDDEN],
+                    "BF16",
+                    ms,
+                    ["BF16"] * len(ms),
+                    "BF16",
+                    key=key,
+                    start=lo,
+                    model_ids=act,
+                    drop=[p[j] for j in act],
+                    weights=ww,
+                    scale=1.0,
+                )
             else:
-                exp = ref.spec_merge(None, "BF16", ms, ["BF16"] * len(ms), "BF16", key=key, start=lo,
-                                     model_ids=act, drop=[0.0] * len(act), weights=[w[j] / wa for j in act], scale=1.0)
+                exp = ref.spec_merge(
+                    None,
+                    "BF16",
+                    ms,
+                    ["BF16"] * len(ms),
+                    "BF16",
+                    key=key,
+                    start=lo,
+                    model_ids=act,
+                    drop=[0.0] * len(act),
+                    weights=[w[j] / wa for j in act],
+                    scale=1.0,
+                )
             assert np.array_equal(outv[lo : lo + HIDDEN], exp), (name, r)
 
 
