@@ -420,6 +420,13 @@ def build_command(
             last = (h.stderr or h.stdout).strip().splitlines()
             why = last[-1] if last else f"exit {h.returncode}"
             return None, f"CLI not available: `streammerge --help` failed ({why})"
+        # numba compiles the kernels once per installation (~15 s, then cached on disk): do
+        # that untimed, as a user's second merge would find it done.
+        py = Path(exe).with_name("python")
+        warm = "from streammerge.kernels import cpu_merge; cpu_merge.warmup()"
+        subprocess.run(
+            [str(py) if py.exists() else sys.executable, "-c", warm], check=False, timeout=600
+        )
         return [exe, a, b, "--base", c, "-o", str(out), "--lambda", lam, "--drop", drop,
                 "--seed", seed], ""  # fmt: skip
     raise ValueError(name)

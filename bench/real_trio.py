@@ -311,7 +311,9 @@ def check_layout(base: Path, ft: Path) -> None:
 
     def header(p):
         with safe_open(str(p / "model.safetensors"), "pt") as f:
-            return {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f}
+            return {
+                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()
+            }  # noqa: SIM118 - safe_open is not iterable
 
     hb, hf = header(base), header(ft)
     if hb != hf:
