@@ -311,9 +311,10 @@ def check_layout(base: Path, ft: Path) -> None:
 
     def header(p):
         with safe_open(str(p / "model.safetensors"), "pt") as f:
+            names = f.keys()  # safe_open is not iterable: keys() is its list of names
             return {
-                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()
-            }  # noqa: SIM118 - safe_open is not iterable
+                k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in names
+            }
 
     hb, hf = header(base), header(ft)
     if hb != hf:

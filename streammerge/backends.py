@@ -112,7 +112,7 @@ class TritonCpuBackend:
         try:
             import torch
 
-            from streammerge.kernels.triton_merge import merge_chunk_triton
+            from streammerge.kernels.triton_merge import merge_chunk_triton  # noqa: F401 - fail early
         except ImportError as e:
             raise MergeError(
                 f"--backend triton needs torch and triton ({e})",
@@ -121,7 +121,6 @@ class TritonCpuBackend:
                 "pip install 'streammerge[gpu]'",
             ) from e
         self.torch = torch
-        self._launch = merge_chunk_triton
         self._cpu = NumbaBackend()
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -130,26 +129,19 @@ class TritonCpuBackend:
 
     def submit(self, slot: Slot, key: int) -> None:
         """Merge the slot's chunk with the Triton kernel into ``slot.out``."""
-        from streammerge.gpu import _typed, _typed_rows
+        from streammerge.gpu import launch_triton
 
         t, c = slot.tensor, slot.chunk
         if t.action == "convert":
             self._cpu.submit(slot, key)
             return
-        seg = c.segment
-        torch = self.torch
-        view = _typed_rows(torch, torch.from_numpy(slot.inputs), t, c.count)
-        out = _typed(torch, torch.from_numpy(slot.out), t.dtype, c.count)
-        self._launch(
-            view[0] if seg.has_base else None,
-            [view[1 + j] for j in seg.models],
-            out,
-            key=key,
-            start=c.start,
-            drop=list(seg.drop),
-            weights=list(seg.weights),
-            scale=seg.scale,
-            model_ids=list(seg.models),
+        launch_triton(
+            self.torch,
+            self.torch.from_numpy(slot.inputs),
+            self.torch.from_numpy(slot.out),
+            t,
+            c,
+            key,
         )
 
     def wait(self, handle: object) -> None:

@@ -126,8 +126,6 @@ class CudaBackend:
 
     def submit(self, slot: Slot, key: int):
         """Queue H2D, kernel and D2H for the slot; returns the CUDA event of its D2H."""
-        from streammerge.kernels.triton_merge import merge_chunk_triton
-
         torch = self.torch
         t, c = slot.tensor, slot.chunk
         if t.action == "convert":  # rare (base-only float tensor with --dtype): on the CPU
@@ -154,19 +152,7 @@ class CudaBackend:
             h2d.record(self.copy_stream)
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(h2d)
-            view = _typed_rows(torch, dev_in, t, c.count)
-            out_view = _typed(torch, dev_out, t.dtype, c.count)
-            merge_chunk_triton(
-                view[0] if seg.has_base else None,
-                [view[1 + j] for j in seg.models],
-                out_view,
-                key=key,
-                start=c.start,
-                drop=list(seg.drop),
-                weights=list(seg.weights),
-                scale=seg.scale,
-                model_ids=list(seg.models),
-            )
+            launch_triton(torch, dev_in, dev_out, t, c, key)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
         with torch.cuda.stream(self.copy_stream):
@@ -200,3 +186,24 @@ def _typed_rows(torch, dev_in, t, n: int) -> list:
         None if info is None else _typed(torch, dev_in[r], info.dtype, n)
         for r, info in enumerate(infos)
     ]
+
+
+def launch_triton(torch, inputs, out, t, c, key: int) -> None:
+    """Merge chunk ``c`` of tensor ``t`` with the Triton kernel: ``inputs`` is the uint8
+    [R, >= bytes] buffer (row 0 the base, 1 + j fine-tune j), ``out`` the uint8 output
+    buffer; both torch tensors on the kernel's device (CPU under the interpreter)."""
+    from streammerge.kernels.triton_merge import merge_chunk_triton
+
+    seg = c.segment
+    view = _typed_rows(torch, inputs, t, c.count)
+    merge_chunk_triton(
+        view[0] if seg.has_base else None,
+        [view[1 + j] for j in seg.models],
+        _typed(torch, out, t.dtype, c.count),
+        key=key,
+        start=c.start,
+        drop=list(seg.drop),
+        weights=list(seg.weights),
+        scale=seg.scale,
+        model_ids=list(seg.models),
+    )
