@@ -3,6 +3,7 @@ CUDA streaming backend (skips without a GPU)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,34 +16,18 @@ from streammerge.reader import ModelDir, TensorInfo
 
 
 def _llama70b(root: str) -> ModelDir:
-    """Llama-3-70B tensor names and shapes, bf16, as headers only (no file is touched)."""
-    h, inter, vocab, kv = 8192, 28672, 128256, 1024
-    shapes = {
-        "model.embed_tokens.weight": (vocab, h),
-        "lm_head.weight": (vocab, h),
-        "model.norm.weight": (h,),
-    }
-    for i in range(80):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "self_attn.q_proj.weight": (h, h),
-                p + "self_attn.k_proj.weight": (kv, h),
-                p + "self_attn.v_proj.weight": (kv, h),
-                p + "self_attn.o_proj.weight": (h, h),
-                p + "mlp.gate_proj.weight": (inter, h),
-                p + "mlp.up_proj.weight": (inter, h),
-                p + "mlp.down_proj.weight": (h, inter),
-                p + "input_layernorm.weight": (h,),
-                p + "post_attention_layernorm.weight": (h,),
-            }
-        )
+    """Llama-3-70B tensor names and shapes (bench/make_synthetic.py's Llama layout), bf16, as
+    headers only: no file is touched."""
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from make_synthetic import model_tensors
+
+    dims = {"hidden": 8192, "intermediate": 28672, "heads": 64, "kv_heads": 8, "vocab": 128256}
     tensors, off = {}, 0
-    for name, shape in shapes.items():
-        n = 2
-        for d in shape:
-            n *= d
-        tensors[name] = TensorInfo(name, "BF16", shape, Path(root) / "model.safetensors", off, n)
+    for spec in model_tensors(80, dims):
+        n = 2 * spec.numel
+        tensors[spec.name] = TensorInfo(
+            spec.name, "BF16", spec.shape, Path(root) / "model.safetensors", off, n
+        )
         off += n
     return ModelDir(Path(root), [Path(root) / "model.safetensors"], tensors, root, off)
 
