@@ -14,7 +14,7 @@ from streammerge import __version__
 from streammerge.errors import MergeError
 from streammerge.methods import Recipe, make_recipe
 from streammerge.output import OutputDir
-from streammerge.plan import Plan, make_plan
+from streammerge.plan import Plan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.sizes import parse_size
 
@@ -312,6 +312,7 @@ def merge(
     weights_v = _parse_list(weights)
     if isinstance(weights_v, float):
         weights_v = [weights_v]
+    dtype = None if dtype is None else normalize_dtype(dtype)
     recipe = make_recipe(
         len(model_dirs),
         seed=seed,

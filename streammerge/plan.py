@@ -38,6 +38,18 @@ DTYPE_ALIASES = {
 }  # fmt: skip
 
 
+def normalize_dtype(name: str) -> str:
+    """``--dtype`` as a safetensors dtype string: ``bf16``/``bfloat16`` -> ``"BF16"``, etc.
+
+    Raises:
+        MergeError: not bf16, fp16 or fp32.
+    """
+    out = DTYPE_ALIASES.get(name.lower(), name.upper())
+    if out not in FLOAT_ITEMSIZE:
+        raise MergeError(f"unknown output dtype {name!r}", None, None, "use bf16, fp16 or fp32")
+    return out
+
+
 @dataclass(frozen=True)
 class Segment:
     """Element range ``[start, stop)`` of an output tensor merged with one set of models.
@@ -289,13 +301,7 @@ def make_plan(
             mismatch other than the vocabulary rule's, a float tensor that is an integer
             elsewhere, a float dtype the kernels cannot merge, or an unknown ``--dtype``.
     """
-    out_dtype = recipe.dtype
-    if out_dtype is not None:
-        out_dtype = DTYPE_ALIASES.get(out_dtype.lower(), out_dtype.upper())
-        if out_dtype not in FLOAT_ITEMSIZE:
-            raise MergeError(
-                f"unknown output dtype {recipe.dtype!r}", None, None, "use bf16, fp16 or fp32"
-            )
+    out_dtype = None if recipe.dtype is None else normalize_dtype(recipe.dtype)
     missing: dict[int, list[str]] = {}
     extra: list[tuple[str, int]] = []
     for j, m in enumerate(models):

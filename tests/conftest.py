@@ -121,21 +121,26 @@ def expected_merge(out_dir: Path, base: Path, models: list[Path]) -> dict[str, n
     rec = json.loads((out_dir / "streammerge.json").read_text())
     b = load_dir(base)
     ms = [load_dir(m) for m in models]
+    dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
     out = {}
     for name, bt in b.items():
-        if not bt.is_floating_point() or not all(name in m for m in ms):
+        want = rec["dtype"]  # None, or the output dtype as a safetensors string
+        if not bt.is_floating_point():
             out[name] = as_numpy(bt).view(np.uint8)
             continue
-        dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+        if not all(name in m for m in ms):  # only the base has it: copied, cast to --dtype
+            x = as_numpy(bt)
+            if want is not None and want != dtype[bt.dtype]:
+                x = ref.from_float32(ref.to_float32(x, dtype[bt.dtype]), want)
+            out[name] = np.ascontiguousarray(x).view(np.uint8)
+            continue
         key = ref.spec_key(rec["seed"], name)
         res = ref.spec_merge(
             as_numpy(bt),
             dtype[bt.dtype],
             [as_numpy(m[name]) for m in ms],
             [dtype[m[name].dtype] for m in ms],
-            dtype[bt.dtype]
-            if rec["dtype"] is None
-            else {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[rec["dtype"]],
+            want or dtype[bt.dtype],
             key=key,
             start=0,
             model_ids=list(range(len(ms))),

@@ -74,6 +74,17 @@ def test_bytes_do_not_depend_on_memory_threads_shard_size_or_io_mode(tmp_path):
     _assert_same(results[0], expected_merge(tmp_path / "out0", base, [a, b]))
 
 
+@pytest.mark.parametrize("in_dtype,out_dtype", [("BF16", "fp32"), ("F32", "bf16"), ("F32", "fp16")])
+def test_output_dtype_override(tmp_path, in_dtype, out_dtype):
+    base, a, b = make_trio(tmp_path, dtype=in_dtype, big=5_001)
+    streammerge.merge([a, b], base, tmp_path / "out", seed=4, dtype=out_dtype, memory="2MiB")
+    m = open_model(tmp_path / "out")
+    want = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[out_dtype]
+    assert {t.dtype for n, t in m.tensors.items() if n != "position_ids"} == {want}
+    assert m.tensors["position_ids"].dtype == "I64"
+    _assert_same(output_bytes(tmp_path / "out"), expected_merge(tmp_path / "out", base, [a, b]))
+
+
 def test_three_models_and_fixed_weights(tmp_path):
     base, a, b = make_trio(tmp_path)
     c = make_trio(tmp_path / "more", seed=5)[1]
