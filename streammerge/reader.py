@@ -173,6 +173,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
     data_size = size - data_start
     out: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
+    fix = "the shard is corrupt: re-download or re-save it"
     for name, entry in header.items():
         if name == "__metadata__":
             if not isinstance(entry, dict):
@@ -180,7 +181,6 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
                     "__metadata__ is not a JSON object", path, todo="re-save the shard"
                 )
             continue
-        fix = "the shard is corrupt: re-download or re-save it"
         if not isinstance(entry, dict):
             raise MergeError("header entry is not a JSON object", path, name, fix)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
