@@ -29,7 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, metavar="DIR", help="the common base model directory")
     p.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="output directory (created)"
+        "-o",
+        "--output",
+        default="merged",
+        metavar="OUT",
+        help="output directory, created (default: ./merged; never replaced without --overwrite)",
     )
     p.add_argument(
         "--alpha",
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         if args.seed is None:
             err.print(f"streammerge: seed {r.seed} (pass --seed {r.seed} to repeat this merge)")
+        err.print(f"streammerge: writing {os.path.abspath(args.output)}")
         for line in plan.vocab_rules:
             err.print(f"streammerge: vocabulary rule: {line}")
         if plan.base_only:
