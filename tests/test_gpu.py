@@ -85,3 +85,13 @@ def test_cuda_backend_uses_pinned_memory():
 
     buf = be.alloc((4, 1024))
     assert torch.from_numpy(buf).is_pinned()
+
+
+@pytest.mark.parametrize("memory", [2**21, 256 * 2**20, 2**30])
+def test_host_buffers_fit_the_memory_budget_whatever_the_model(memory):
+    base, a, b = (_llama70b(r) for r in ("/c", "/a", "/b"))
+    plan = make_plan(base, [a, b], make_recipe(2, seed=0), 5 * 10**9)
+    for depth in (0, GPU_DEPTH):
+        layout = make_layout(plan, 2, memory, depth)
+        assert layout.buffer_bytes <= memory
+        assert layout.cap_in_bytes >= layout.chunk_elems * 2  # one bf16 chunk per input row
