@@ -217,7 +217,12 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
         from streammerge import gpu
 
         if gpu.cuda_available():
-            return gpu.CudaBackend(None if vram is None else parse_size(vram))
+            try:
+                return gpu.CudaBackend(None if vram is None else parse_size(vram))
+            except MergeError:
+                if device == "cuda" or backend == "triton":
+                    raise  # asked for explicitly: say why it cannot run
+                # auto: a GPU without a usable Triton falls back to the CPU kernel
         if device == "cuda":
             raise MergeError(
                 "--device cuda but no CUDA device is available", None, None, "use --device cpu"

@@ -3,8 +3,13 @@ VRAM budget that sizes the chunks.
 
 Per chunk k (``depth`` device buffer sets, used round robin, ordered by CUDA events):
 
-    copy stream:    H2D inputs(k) ........................ D2H out(k)
-    compute stream:              kernel(k) (Triton) -----^
+    H2D stream:     H2D inputs(k) --.
+    compute stream:                 '-> kernel(k) (Triton) --.
+    D2H stream:                                              '-> D2H out(k)
+
+H2D and D2H have a stream each: on one shared copy stream, D2H(k)'s wait for kernel(k)
+would hold back H2D(k+1) and serialize the whole chain. H2D(k) into buffer set k % depth
+waits for D2H(k - depth) from that set (which itself followed kernel(k - depth)).
 
 The reader thread fills pinned host slots from disk while earlier chunks are on the device;
 the writer thread drains pinned output slots. ``--vram`` bounds the device buffers:
@@ -21,6 +26,7 @@ import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.pipeline import MIN_CHUNK_ELEMS, Slot
+from streammerge.reader import DIRECT_ALIGN
 
 #: Device buffer sets in flight (H2D of k+1 overlaps the kernel of k and D2H of k-1).
 GPU_DEPTH = 3
@@ -96,10 +102,20 @@ class CudaBackend:
     def __init__(self, vram_bytes: int | None = None) -> None:
         import torch
 
+        try:
+            from streammerge.kernels.triton_merge import merge_chunk_triton  # noqa: F401 - fail early
+        except ImportError as e:
+            raise MergeError(
+                f"the CUDA backend needs triton ({e})",
+                None,
+                None,
+                "pip install 'streammerge[gpu]', or use --backend numba",
+            ) from e
         self.torch = torch
         self.vram_bytes = vram_bytes or default_vram_bytes()
-        self.copy_stream = torch.cuda.Stream()
+        self.h2d_stream = torch.cuda.Stream()
         self.compute_stream = torch.cuda.Stream()
+        self.d2h_stream = torch.cuda.Stream()
         self._dev: list | None = None
         self._free: list = []
         self._k = 0
@@ -109,8 +125,16 @@ class CudaBackend:
         return vram_chunk_elems(rows, in_itemsize, out_itemsize, self.vram_bytes, self.depth)
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Pinned host memory, viewed as numpy."""
-        return self.torch.empty(shape, dtype=self.torch.uint8, pin_memory=True).numpy()
+        """Pinned host memory, viewed as numpy, starting DIRECT_ALIGN-aligned (O_DIRECT reads
+        land in it; ``RangeReader.read_row`` needs aligned rows)."""
+        torch = self.torch
+        size = max(1, int(np.prod(shape)))
+        buf = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
+        if buf.ctypes.data % DIRECT_ALIGN:  # cudaHostAlloc gives pages; make sure of it
+            buf = torch.empty(size + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
+            off = -buf.ctypes.data % DIRECT_ALIGN
+            buf = buf[off : off + size]
+        return buf[: int(np.prod(shape))].reshape(shape)
 
     def _device_buffers(self, slot: Slot) -> None:
         torch = self.torch
@@ -141,26 +165,26 @@ class CudaBackend:
         seg = c.segment
         rows = ([0] if seg.has_base else []) + [1 + j for j in seg.models]
         host_in = torch.from_numpy(slot.inputs)
-        with torch.cuda.stream(self.copy_stream):
-            if self._free[i] is not None:
-                self.copy_stream.wait_event(self._free[i])
+        with torch.cuda.stream(self.h2d_stream):
+            if self._free[i] is not None:  # D2H of the set's last chunk (after its kernel)
+                self.h2d_stream.wait_event(self._free[i])
             for r in rows:
                 info = t.base if r == 0 else t.sources[r - 1]
                 nb = c.count * info.itemsize
                 dev_in[r, :nb].copy_(host_in[r, :nb], non_blocking=True)
             h2d = torch.cuda.Event()
-            h2d.record(self.copy_stream)
+            h2d.record(self.h2d_stream)
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(h2d)
             launch_triton(torch, dev_in, dev_out, t, c, key)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
-        with torch.cuda.stream(self.copy_stream):
-            self.copy_stream.wait_event(done)
+        with torch.cuda.stream(self.d2h_stream):
+            self.d2h_stream.wait_event(done)
             nb = slot.out_nbytes
             torch.from_numpy(slot.out)[:nb].copy_(dev_out[:nb], non_blocking=True)
             d2h = torch.cuda.Event()
-            d2h.record(self.copy_stream)
+            d2h.record(self.d2h_stream)
         self._free[i] = d2h
         return d2h
 

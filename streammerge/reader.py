@@ -448,6 +448,8 @@ class RangeReader:
                 if delta:
                     ctypes.memmove(addr, addr + delta, nbytes)
                 return
+        elif direct:  # a buffer O_DIRECT cannot take (unaligned, no slack): read buffered
+            fd = self._fallback(info.file)
         self._pread_full(fd, memoryview(row)[:nbytes], pos, nbytes, info)
 
     def close(self) -> None:
