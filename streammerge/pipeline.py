@@ -269,15 +269,13 @@ def run(
                 isz = info.itemsize
                 jobs.append((info, c.start * isz, c.count * isz, slot.inputs[row]))
         slot.in_nbytes = sum(j[2] for j in jobs)
-        if len(jobs) == 1:
-            reader.read_row(*jobs[0])
-        else:
-            for f in [pool.submit(reader.read_row, *j) for j in jobs]:
-                f.result()
+        reader.read_rows(jobs, pool)
 
     def read_stage() -> None:
         try:
-            with ThreadPoolExecutor(max_workers=layout.rows, thread_name_prefix="sm-read") as pool:
+            with ThreadPoolExecutor(
+                max_workers=4 * layout.rows, thread_name_prefix="sm-read"
+            ) as pool:
                 for item in work_items(plan, shards, layout):
                     if isinstance(item, Marker):
                         ready_q.put(item)

@@ -333,6 +333,8 @@ def open_model(path: str | Path) -> ModelDir:
 DIRECT_ALIGN = 4096
 #: Extra bytes a destination needs beyond the data for an aligned (O_DIRECT) read.
 DIRECT_SLACK = 2 * DIRECT_ALIGN
+#: O_DIRECT reads are cut into pieces of this many bytes, read in parallel.
+DIRECT_PIECE = 4 * 2**20
 
 
 class RangeReader:
@@ -451,6 +453,58 @@ class RangeReader:
         elif direct:  # a buffer O_DIRECT cannot take (unaligned, no slack): read buffered
             fd = self._fallback(info.file)
         self._pread_full(fd, memoryview(row)[:nbytes], pos, nbytes, info)
+
+    def read_rows(self, jobs, pool, piece_bytes: int = DIRECT_PIECE) -> None:
+        """``read_row`` for several ranges at once, O_DIRECT ranges cut into ``piece_bytes``
+        pieces that ``pool`` (a thread pool) reads in parallel.
+
+        More requests in flight read faster from the reference VM's disk: three 10 MiB
+        O_DIRECT reads at a time ran at 1.24 / 1.50 / 1.62 GB/s, the same cut in four pieces
+        each at 1.46 / 1.58 / 1.68 GB/s (pairs measured back to back). End to end on the
+        2 GB trio the difference was lost in the VM's +-20% run-to-run noise (4.8-6.7 s
+        either way over three alternating pairs).
+
+        Args:
+            jobs: (info, byte_offset, nbytes, row) tuples as ``read_row`` takes.
+            pool: a ``concurrent.futures`` executor.
+
+        Raises:
+            MergeError: as ``read_into``.
+        """
+        pieces, moves, whole = [], [], []
+        for job in jobs:
+            info, byte_offset, nbytes, row = job
+            self._check(info, byte_offset, nbytes)
+            fd, direct = self._fd(info.file)
+            pos = info.start + byte_offset
+            addr = row.ctypes.data
+            if not (direct and addr % DIRECT_ALIGN == 0 and len(row) >= nbytes + DIRECT_SLACK):
+                whole.append(job)
+                continue
+            lo = pos - pos % DIRECT_ALIGN
+            need = pos - lo + nbytes  # bytes from lo that must arrive
+            length = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
+            view = memoryview(row)
+            for s in range(0, length, piece_bytes):
+                e = min(length, s + piece_bytes)
+                pieces.append((job, fd, view[s:e], lo + s, min(e, need) - s, info))
+            moves.append((job, addr, pos - lo, nbytes))
+        failed = set()
+        futures = [(p[0], True, pool.submit(self._pread_full, *p[1:])) for p in pieces]
+        futures += [(job, False, pool.submit(self.read_row, *job)) for job in whole]
+        for job, is_direct, fut in futures:
+            try:
+                fut.result()
+            except OSError as e:
+                if e.errno != errno.EINVAL or not is_direct:
+                    raise
+                failed.add(id(job))  # O_DIRECT refused after all: read that range buffered
+        for job, addr, delta, nbytes in moves:
+            if id(job) in failed:
+                self._fallback(job[0].file)
+                self.read_row(*job)
+            elif delta:
+                ctypes.memmove(addr, addr + delta, nbytes)
 
     def close(self) -> None:
         """Close every descriptor."""
