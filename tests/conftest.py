@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -27,6 +28,19 @@ TORCH_DTYPES = {
     "I64": torch.int64,
     "I32": torch.int32,
 }
+
+
+def run_cli(argv: list[str], timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``python -m streammerge.cli *argv`` in a child process; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "streammerge.cli", *argv],
+        check=False, capture_output=True, text=True, timeout=timeout, **kw,
+    )  # fmt: skip
+
+
+def merge_argv(models: list[Path], base: Path, out: Path, *extra: str) -> list[str]:
+    """CLI arguments merging ``models`` of ``base`` into ``out``, then ``extra``."""
+    return [*map(str, models), "--base", str(base), "-o", str(out), *extra]
 
 
 def write_model(

@@ -18,12 +18,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections import namedtuple
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 from conftest import dir_digest, make_trio, write_model
@@ -513,11 +513,8 @@ def _can_drop_caps() -> bool:
 
 
 def run_cli(argv: list[str], drop_caps: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streammerge.cli", *argv],
-        check=False, capture_output=True, text=True, timeout=120,
-        preexec_fn=_drop_dac_caps if drop_caps and os.geteuid() == 0 else None,
-    )  # fmt: skip
+    preexec = _drop_dac_caps if drop_caps and os.geteuid() == 0 else None
+    return conftest.run_cli(argv, timeout=120, preexec_fn=preexec)
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, expect: list[str]) -> str:

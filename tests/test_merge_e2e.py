@@ -4,12 +4,10 @@ tensors byte for byte, and the bytes do not depend on memory, threads or shardin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import dir_digest, expected_merge, make_trio, output_bytes
+from conftest import dir_digest, expected_merge, make_trio, merge_argv, output_bytes, run_cli
 
 import streammerge
 from streammerge.reader import open_model
@@ -127,25 +125,13 @@ def test_copies_side_files_and_layout(tmp_path):
 
 def test_cli_closing_line_and_exit_codes(tmp_path):
     base, a, b = make_trio(tmp_path)
-    cmd = [
-        sys.executable,
-        "-m",
-        "streammerge.cli",
-        str(a),
-        str(b),
-        "--base",
-        str(base),
-        "-o",
-        str(tmp_path / "o"),
-        "--alpha",
-        "1.0",
-    ]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    argv = merge_argv([a, b], base, tmp_path / "o", "--alpha", "1.0")
+    r = run_cli(argv)
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip().splitlines()[-1]
     for word in ("read", "wrote", "GB/s", "peak RSS", "seed", "λ", "p ("):
         assert word in line
     assert "pass --seed" in r.stderr  # the drawn seed is printed
-    r2 = subprocess.run(cmd + ["--quiet"], capture_output=True, text=True, timeout=300, check=False)
+    r2 = run_cli([*argv, "--quiet"])
     assert r2.returncode == 2 and r2.stderr.startswith("streammerge: error: ")
     assert len(r2.stderr.strip().splitlines()) == 1 and "Traceback" not in r2.stderr

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_model
+from conftest import merge_argv, run_cli, write_model
 from safetensors.torch import load_file, save_file
 
 import streammerge.cli
@@ -148,17 +148,7 @@ def assert_same_files(out: Path, ref: dict[str, bytes]) -> None:
 
 def argv_for(trio, out: Path, *extra: str) -> list[str]:
     base, a, b = trio
-    return [str(a), str(b), "--base", str(base), "-o", str(out), *OPTS, *extra]
-
-
-def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "streammerge.cli", *argv],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return merge_argv([a, b], base, out, *OPTS, *extra)
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,9 @@ files byte-identical to the numba backend's (issue 3, "Proof without a GPU")."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
-from conftest import make_trio
+from conftest import make_trio, merge_argv, run_cli
 
 pytest.importorskip("triton")
 
@@ -19,32 +17,10 @@ def test_triton_backend_files_equal_numba(tmp_path, dtype, model_dtypes):
     outs = {}
     for backend in ("numba", "triton"):
         out = tmp_path / backend
-        cmd = [
-            sys.executable,
-            "-m",
-            "streammerge.cli",
-            str(a),
-            str(b),
-            "--base",
-            str(base),
-            "-o",
-            str(out),
-            "--seed",
-            "99",
-            "--drop",
-            "0.3,0.8",
-            "--backend",
-            backend,
-            "--device",
-            "cpu",
-            "--memory",
-            "2MiB",
-            "--shard-size",
-            "30KB",
-            "--quiet",
-        ]
+        extra = ["--seed", "99", "--drop", "0.3,0.8", "--backend", backend, "--device", "cpu"]
+        extra += ["--memory", "2MiB", "--shard-size", "30KB", "--quiet"]
         env = dict(os.environ, TRITON_INTERPRET="1")
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+        r = run_cli(merge_argv([a, b], base, out, *extra), timeout=600, env=env)
         assert r.returncode == 0, r.stderr
         outs[backend] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
     assert len([n for n in outs["numba"] if n.endswith(".safetensors")]) > 1
@@ -54,27 +30,7 @@ def test_triton_backend_files_equal_numba(tmp_path, dtype, model_dtypes):
 def test_triton_backend_without_interpreter_or_gpu_is_a_clear_error(tmp_path):
     base, a, b = make_trio(tmp_path)
     env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "streammerge.cli",
-            str(a),
-            str(b),
-            "--base",
-            str(base),
-            "-o",
-            str(tmp_path / "o"),
-            "--backend",
-            "triton",
-            "--device",
-            "cpu",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    extra = ["--backend", "triton", "--device", "cpu"]
+    r = run_cli(merge_argv([a, b], base, tmp_path / "o", *extra), env=env)
     assert r.returncode == 2 and "TRITON_INTERPRET=1" in r.stderr
     assert not (tmp_path / "o").exists()
