@@ -84,7 +84,7 @@ class MergeSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _parse_list(value, n: int | None = None) -> list[float] | float | None:
+def _parse_list(value) -> list[float] | float | None:
     if value is None or isinstance(value, (int, float)):
         return value
     if isinstance(value, str):

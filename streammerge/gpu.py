@@ -126,7 +126,7 @@ class CudaBackend:
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Pinned host memory, viewed as numpy, starting DIRECT_ALIGN-aligned (O_DIRECT reads
-        land in it; ``RangeReader.read_row`` needs aligned rows)."""
+        land in it; ``RangeReader.read_rows`` reads O_DIRECT into aligned rows)."""
         torch = self.torch
         size = max(1, int(np.prod(shape)))
         buf = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()

@@ -407,14 +407,13 @@ def make_plan(
             _names(names),
             "merge fine-tunes saved with the same tensors",
         )
-    specs = plans
-    sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in specs]
+    sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
     groups = greedy_shards(sizes, shard_size_bytes)
     names = shard_names(len(groups))
     shards = []
     for fname, group in zip(names, groups):
         members = sorted(
-            (specs[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
+            (plans[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
         )
         tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
         for name, action, dtype, shape, b, srcs, segs, rule in members:

@@ -408,6 +408,11 @@ class RangeReader:
                 )
             done += got
 
+    def _read_buffered(
+        self, info: TensorInfo, byte_offset: int, nbytes: int, row: np.ndarray
+    ) -> None:
+        self.read_into(info, byte_offset, memoryview(row)[:nbytes])
+
     def read_into(self, info: TensorInfo, byte_offset: int, buf: memoryview) -> None:
         """Fill ``buf`` (writable, ``len(buf)`` bytes) from ``info``'s bytes at ``byte_offset``
         (buffered read; any buffer).
@@ -422,41 +427,14 @@ class RangeReader:
             fd = self._fallback(info.file)
         self._pread_full(fd, buf, info.start + byte_offset, len(buf), info)
 
-    def read_row(self, info: TensorInfo, byte_offset: int, nbytes: int, row: np.ndarray) -> None:
-        """Put ``nbytes`` of ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``.
-
-        ``row`` is a uint8 array whose address is DIRECT_ALIGN-aligned and whose length is
-        at least ``nbytes + DIRECT_SLACK``: with O_DIRECT the aligned pages around the range
-        are read into it and the range is moved to the front (``memmove``, GIL released).
-
-        Raises:
-            MergeError: as ``read_into``.
-        """
-        self._check(info, byte_offset, nbytes)
-        fd, direct = self._fd(info.file)
-        pos = info.start + byte_offset
-        addr = row.ctypes.data
-        if direct and addr % DIRECT_ALIGN == 0 and len(row) >= nbytes + DIRECT_SLACK:
-            lo = pos - pos % DIRECT_ALIGN
-            delta = pos - lo
-            length = -(-(delta + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
-            try:
-                self._pread_full(fd, memoryview(row)[:length], lo, delta + nbytes, info)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-                fd = self._fallback(info.file)  # e.g. a filesystem that accepts O_DIRECT opens only
-            else:
-                if delta:
-                    ctypes.memmove(addr, addr + delta, nbytes)
-                return
-        elif direct:  # a buffer O_DIRECT cannot take (unaligned, no slack): read buffered
-            fd = self._fallback(info.file)
-        self._pread_full(fd, memoryview(row)[:nbytes], pos, nbytes, info)
-
     def read_rows(self, jobs, pool, piece_bytes: int = DIRECT_PIECE) -> None:
-        """``read_row`` for several ranges at once, O_DIRECT ranges cut into ``piece_bytes``
-        pieces that ``pool`` (a thread pool) reads in parallel.
+        """Put ``nbytes`` of each ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``,
+        O_DIRECT ranges cut into ``piece_bytes`` pieces that ``pool`` reads in parallel.
+
+        A ``row`` whose address is DIRECT_ALIGN-aligned and whose length is at least
+        ``nbytes + DIRECT_SLACK`` takes an O_DIRECT read: the aligned pages around the range
+        are read into it and the range is moved to the front (``memmove``, GIL released).
+        Other rows, and ranges O_DIRECT refuses (EINVAL), are read buffered.
 
         More requests in flight read faster from the reference VM's disk: three 10 MiB
         O_DIRECT reads at a time ran at 1.24 / 1.50 / 1.62 GB/s, the same cut in four pieces
@@ -465,7 +443,7 @@ class RangeReader:
         either way over three alternating pairs).
 
         Args:
-            jobs: (info, byte_offset, nbytes, row) tuples as ``read_row`` takes.
+            jobs: (info, byte_offset, nbytes, row) tuples; row a uint8 array.
             pool: a ``concurrent.futures`` executor.
 
         Raises:
@@ -491,7 +469,7 @@ class RangeReader:
             moves.append((job, addr, pos - lo, nbytes))
         failed = set()
         futures = [(p[0], True, pool.submit(self._pread_full, *p[1:])) for p in pieces]
-        futures += [(job, False, pool.submit(self.read_row, *job)) for job in whole]
+        futures += [(job, False, pool.submit(self._read_buffered, *job)) for job in whole]
         for job, is_direct, fut in futures:
             try:
                 fut.result()
@@ -501,8 +479,7 @@ class RangeReader:
                 failed.add(id(job))  # O_DIRECT refused after all: read that range buffered
         for job, addr, delta, nbytes in moves:
             if id(job) in failed:
-                self._fallback(job[0].file)
-                self.read_row(*job)
+                self._read_buffered(*job)
             elif delta:
                 ctypes.memmove(addr, addr + delta, nbytes)
 
