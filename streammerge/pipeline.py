@@ -30,7 +30,7 @@ from streammerge.errors import MergeError
 from streammerge.kernels.common import tensor_key
 from streammerge.output import OutputDir
 from streammerge.plan import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
-from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader
+from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -64,15 +64,11 @@ class Marker:
     shard: ShardPlan
 
 
-def _aligned(n: int) -> int:
-    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
-
-
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
     """A uint8 array of ``shape`` on fresh page-aligned memory (anonymous mmap), as O_DIRECT
     needs."""
     size = max(1, int(np.prod(shape)))
-    return np.frombuffer(mmap.mmap(-1, _aligned(size)), dtype=np.uint8)[:size].reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, align_up(size)), dtype=np.uint8)[:size].reshape(shape)
 
 
 @dataclass
@@ -99,12 +95,12 @@ class Layout:
     def row_bytes(self) -> int:
         """Stride of an input row: capacity + O_DIRECT slack, a multiple of DIRECT_ALIGN, so
         every row of a page-aligned slot starts page-aligned."""
-        return _aligned(self.cap_in_bytes + DIRECT_SLACK)
+        return align_up(self.cap_in_bytes + DIRECT_SLACK)
 
     @property
     def out_row_bytes(self) -> int:
         """Length of the output buffer: capacity + O_DIRECT slack (copies read into it)."""
-        return _aligned(self.cap_out_bytes + DIRECT_SLACK)
+        return align_up(self.cap_out_bytes + DIRECT_SLACK)
 
     def max_elems(self, t: TensorPlan) -> int:
         """Largest chunk (elements) of ``t`` that fits the buffers."""
@@ -137,7 +133,7 @@ def make_layout(
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
     per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
     memory_bytes -= (N_SLOTS + depth) * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row slack
-    block = _aligned(min(BLOCK_BYTES, max(2**18, memory_bytes // 16)))  # writer staging block
+    block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // 16)))  # writer staging block
     chunk = (memory_bytes - block) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))

@@ -333,6 +333,13 @@ def open_model(path: str | Path) -> ModelDir:
 DIRECT_ALIGN = 4096
 #: Extra bytes a destination needs beyond the data for an aligned (O_DIRECT) read.
 DIRECT_SLACK = 2 * DIRECT_ALIGN
+
+
+def align_up(n: int) -> int:
+    """``n`` rounded up to a multiple of DIRECT_ALIGN."""
+    return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
+
+
 #: O_DIRECT reads are cut into pieces of this many bytes, read in parallel.
 DIRECT_PIECE = 4 * 2**20
 
@@ -461,7 +468,7 @@ class RangeReader:
                 continue
             lo = pos - pos % DIRECT_ALIGN
             need = pos - lo + nbytes  # bytes from lo that must arrive
-            length = -(-need // DIRECT_ALIGN) * DIRECT_ALIGN
+            length = align_up(need)
             view = memoryview(row)
             for s in range(0, length, piece_bytes):
                 e = min(length, s + piece_bytes)

@@ -18,8 +18,8 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-#: Alignment O_DIRECT needs for buffer address, file offset and length (bytes).
-DIRECT_ALIGN = 4096
+from streammerge.reader import align_up
+
 #: Staging block size (bytes): one O_DIRECT write each.
 BLOCK_BYTES = 8 * 2**20
 
@@ -156,7 +156,7 @@ class ShardWriter:
         """
         try:
             if self.direct and self._fill:
-                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
+                padded = align_up(self._fill)
                 self._staging.view[self._fill : padded] = bytes(padded - self._fill)
                 self._flush(padded)
             self._staging.wait()
