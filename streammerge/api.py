@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,36 +15,13 @@ from streammerge.methods import Recipe, make_recipe
 from streammerge.output import OutputDir
 from streammerge.plan import Plan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
+from streammerge.side_files import copy_side_files
 from streammerge.sizes import parse_size
+from streammerge.sysinfo import peak_rss_bytes
 
 #: Default memory budget for buffers (bytes): fits a 1 GiB machine with room to spare.
 DEFAULT_MEMORY = "256MiB"
 DEFAULT_SHARD_SIZE = "5GB"
-#: Files never copied from the base: weights in any format, and our own record.
-WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pt",
-    ".pth",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".onnx",
-    ".pkl",
-)
-SKIP_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "streammerge.json"}
-TOKENIZER_PREFIXES = (
-    "tokenizer",
-    "special_tokens_map",
-    "added_tokens",
-    "vocab.",
-    "merges.txt",
-    "spiece",
-    "sentencepiece",
-)
-#: Largest non-weight file copied (bytes).
-MAX_COPY_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -93,20 +69,6 @@ def _parse_list(value) -> list[float] | float | None:
     return [float(x) for x in value]
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory in bytes: the kernel's high-water mark
-    (``getrusage`` ru_maxrss, KiB on Linux) where there is one, else psutil's current RSS."""
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:  # no resource module (Windows): psutil's peak working set / RSS
-        import psutil
-
-        info = psutil.Process().memory_info()
-        return int(getattr(info, "peak_wset", info.rss))
-
-
 def fingerprint(
     recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int
 ) -> str:
@@ -151,56 +113,6 @@ def record(plan: Plan, base: ModelDir, models: Sequence[ModelDir], shards: list[
         "total_size": plan.total_bytes,
         "shards": shards,
     }
-
-
-def _copy_side_files(
-    output: OutputDir, plan: Plan, base: ModelDir, models: Sequence[ModelDir]
-) -> None:
-    """Copy config, tokenizer and module configs (sentence-transformers) from the base.
-
-    With the vocabulary rule in force, tokenizer files come from the fine-tune with the most
-    rows and ``config.json``'s ``vocab_size`` follows the output rows.
-    """
-    tok_dir = models[plan.tokenizer_model].path if plan.tokenizer_model is not None else None
-
-    def files(root: Path):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                p = Path(dirpath) / f
-                rel = p.relative_to(root)
-                if (
-                    f.startswith(".")
-                    or f in SKIP_NAMES
-                    or f.endswith(WEIGHT_SUFFIXES)
-                    or f.endswith(".tmp")
-                ):
-                    continue
-                if p.is_file() and p.stat().st_size <= MAX_COPY_BYTES:
-                    yield rel, p
-
-    is_tok = lambda rel: len(rel.parts) == 1 and rel.name.startswith(TOKENIZER_PREFIXES)
-    for rel, p in files(base.path):
-        if tok_dir is not None and is_tok(rel):
-            continue
-        if rel.as_posix() == "config.json" and plan.vocab_rows is not None:
-            try:
-                cfg = json.loads(p.read_text("utf-8"))
-            except (OSError, ValueError) as e:
-                raise MergeError(
-                    f"cannot read config ({e})", p, None, "fix the base's config.json"
-                ) from e
-            if "vocab_size" in cfg:
-                cfg["vocab_size"] = plan.vocab_rows
-            output.write_file(
-                "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-            )
-            continue
-        output.copy_file(p, rel.as_posix())
-    if tok_dir is not None:
-        for rel, p in files(tok_dir):
-            if is_tok(rel):
-                output.copy_file(p, rel.as_posix())
 
 
 def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
@@ -357,7 +269,7 @@ def merge(
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         output.write_file(INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         if copy_files:
-            _copy_side_files(output, plan, base_dir, model_dirs)
+            copy_side_files(output, plan, base_dir, model_dirs)
         rec = record(plan, base_dir, model_dirs, shards)
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
