@@ -165,3 +165,266 @@ def spec_merge(
         out = x_b + np.float32(scale) * acc
     assert out.dtype == np.float32
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# v2: SPEC "Methods" (sparsifier x consensus x normalize), whole tensor or one chunk.
+# ---------------------------------------------------------------------------------------
+
+#: SPEC v2 method table: method -> (needs base, sparsifier, consensus, normalize default).
+METHODS = {
+    "linear": (False, "none", "none", True),
+    "task_arithmetic": (True, "none", "none", False),
+    "dare_linear": (True, "dare", "none", False),
+    "ties": (True, "magnitude", "sign", True),
+    "dare_ties": (True, "dare", "sign", False),
+    "breadcrumbs": (True, "breadcrumbs", "none", False),
+    "breadcrumbs_ties": (True, "breadcrumbs", "sign", False),
+}
+
+_ALL_MAGS = 0xFFFFFFFF
+
+
+def spec_mag(d: np.ndarray) -> np.ndarray:
+    """SPEC "Magnitudes and thresholds": mag(i) = bits(d(i)) & 0x7FFFFFFF, as uint32.
+
+    ``d`` is a float32 task vector. The float32 bit pattern without its sign orders |d|
+    exactly as integers (+0 and -0 both give 0; infinities 0x7F800000; NaNs above that).
+    """
+    d = np.ascontiguousarray(d, dtype=np.float32)
+    return d.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def spec_thresholds(sparsifier: str, mags: np.ndarray, density: float, gamma=None):
+    """The exact integer thresholds of SPEC v2 "Magnitudes and thresholds", by sorting.
+
+    Args:
+        sparsifier: "magnitude", "breadcrumbs", "dare" or "none".
+        mags: the population, 1-D uint32 magnitudes (``spec_mag`` of one task vector, or of
+            every merged tensor of one fine-tune for trim_scope model).
+        density: rho_j (0 < rho_j <= 1). gamma: gamma_j (breadcrumbs only).
+
+    Returns:
+        magnitude: ``[]`` (keep all) when density >= 1, else ``[T]`` with
+        k = max(1, int(density * n)) and T = a[n - k], a = mags sorted ascending (the k-th
+        largest, duplicates counted; keep iff mag >= T).
+        breadcrumbs: ``[]`` (keep none) when target = int(density * n) is 0, else ``[L, H]``
+        with n_top = int(gamma * n), n_bot = max(0, n - target - n_top), L = a[n_bot],
+        H = a[min(n - 1, n_bot + target - 1)] (keep iff L <= mag <= H).
+        dare / none: ``None`` (no threshold).
+        An empty population (n = 0) gives ``[]`` for magnitude and breadcrumbs.
+        Every float -> int is Python ``int()`` of a float64 product (truncation).
+    """
+    if sparsifier in ("dare", "none"):
+        return None
+    if sparsifier not in ("magnitude", "breadcrumbs"):
+        raise ValueError(f"unknown sparsifier {sparsifier!r}")
+    a = np.sort(np.asarray(mags, dtype=np.uint32).ravel())
+    n = int(a.size)
+    if n == 0:
+        return []
+    density = float(density)
+    if sparsifier == "magnitude":
+        if density >= 1.0:
+            return []
+        k = max(1, int(density * n))
+        return [int(a[n - k])]
+    if gamma is None:
+        raise ValueError("breadcrumbs needs gamma")
+    target = int(density * n)
+    if target == 0:
+        return []
+    n_top = int(float(gamma) * n)
+    n_bot = max(0, n - target - n_top)
+    return [int(a[n_bot]), int(a[min(n - 1, n_bot + target - 1)])]
+
+
+def spec_keep_window(thresholds_entry, sparsifier: str) -> tuple[int, int]:
+    """A thresholds entry as the kernels' uint32 keep window (lo, hi): kept iff lo <= mag <= hi.
+
+    magnitude ``[T]`` -> (T, 0xFFFFFFFF); magnitude ``[]`` -> (0, 0xFFFFFFFF) (keep all);
+    breadcrumbs ``[L, H]`` -> (L, H); breadcrumbs ``[]`` -> (1, 0) (keep none);
+    dare / none (entry None) -> (0, 0xFFFFFFFF) (no window).
+    """
+    if sparsifier in ("dare", "none"):
+        assert thresholds_entry is None
+        return (0, _ALL_MAGS)
+    entry = list(thresholds_entry)
+    if sparsifier == "magnitude":
+        if not entry:
+            return (0, _ALL_MAGS)
+        (t,) = entry
+        return (int(t), _ALL_MAGS)
+    if sparsifier == "breadcrumbs":
+        if not entry:
+            return (1, 0)
+        lo, hi = entry
+        return (int(lo), int(hi))
+    raise ValueError(f"unknown sparsifier {sparsifier!r}")
+
+
+def _dtype_name(x: np.ndarray) -> str:
+    """Stored dtype string of a carrier array: float32 F32, float16 F16, uint16 (bits) BF16."""
+    dt = np.asarray(x).dtype
+    if dt == np.float32:
+        return "F32"
+    if dt == np.float16:
+        return "F16"
+    if dt == np.uint16:
+        return "BF16"
+    raise ValueError(f"cannot tell the stored dtype of a {dt} array; pass it explicitly")
+
+
+def _per_model(values, n_models: int, what: str) -> list:
+    values = list(values)
+    if len(values) != n_models:
+        raise ValueError(f"{what}: {len(values)} values for {n_models} models")
+    return values
+
+
+def spec_merge_v2(
+    base,
+    models,
+    out_dtype,
+    *,
+    method,
+    key,
+    start=0,
+    weights,
+    density=None,
+    drop=None,
+    gamma=None,
+    scale=1.0,
+    normalize=None,
+    thresholds=None,
+    model_ids=None,
+    base_dtype=None,
+    model_dtypes=None,
+) -> tuple[np.ndarray, list]:
+    """SPEC v2 "The merged value" for one tensor, or elements ``start ..`` of it.
+
+    Args:
+        base: [n] stored base chunk (F32 float32 / F16 float16 / BF16 uint16 bits); must be
+            None for ``linear`` (x_b = +0.0, d_j = the model value) and given otherwise.
+        models: list of [n] stored fine-tune chunks, in model order.
+        out_dtype: dtype string of the result ("F32", "F16", "BF16").
+        method: a row of the SPEC v2 table (see ``METHODS``).
+        key: key_t (only the dare sparsifier reads it); start: tensor index of element 0.
+        weights: w_j per model (rounded to float32 where used).
+        density: rho_j per model (magnitude and breadcrumbs; dare when ``drop`` is None).
+        drop: p_j per model (dare); when None, p_j = 1 - rho_j in float64.
+        gamma: gamma_j per model (breadcrumbs).
+        scale: s. normalize: None = the method's default.
+        thresholds: None = trim_scope tensor, computed from these chunks with
+            ``spec_thresholds`` (only right when the chunks are the whole tensor); or the
+            per-model entries to use as they are (trim_scope model, or a chunk of a tensor).
+        model_ids: SPEC index j per model (Philox word), default 0..N-1.
+        base_dtype, model_dtypes: dtype strings; default from the arrays' numpy dtypes.
+
+    Returns:
+        (stored output, thresholds): the output in ``out_dtype``'s carrier (bf16 as uint16
+        bits), and one entry per model as streammerge.json records it: ``[T]``, ``[L, H]``,
+        ``[]``, or None for the dare and none sparsifiers.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}")
+    needs_base, sparsifier, consensus, norm_default = METHODS[method]
+    linear = method == "linear"
+    normalize = norm_default if normalize is None else bool(normalize)
+    N = len(models)
+    n = len(models[0])
+    assert all(len(m) == n for m in models)
+    if needs_base != (base is not None):
+        raise ValueError(f"{method}: base must be {'given' if needs_base else 'None'}")
+    if model_dtypes is None:
+        model_dtypes = [_dtype_name(m) for m in models]
+    model_dtypes = _per_model(model_dtypes, N, "model_dtypes")
+    model_ids = list(range(N)) if model_ids is None else _per_model(model_ids, N, "model_ids")
+    weights = _per_model(weights, N, "weights")
+
+    if sparsifier == "dare":
+        if drop is not None:
+            p = [float(x) for x in _per_model(drop, N, "drop")]
+        else:
+            p = [1.0 - float(r) for r in _per_model(density, N, "density")]  # float64
+        assert all(0.0 <= x < 1.0 for x in p)
+    if sparsifier in ("magnitude", "breadcrumbs") and thresholds is None:
+        density = [float(r) for r in _per_model(density, N, "density")]
+        assert all(0.0 < r <= 1.0 for r in density)
+    if sparsifier == "breadcrumbs" and thresholds is None:
+        gamma = [float(g) for g in _per_model(gamma, N, "gamma")]
+        assert all(0.0 <= g < 1.0 for g in gamma)
+
+    idx = np.arange(n, dtype=np.uint64) + np.uint64(start)
+    if base is None:
+        x_b = np.zeros(n, dtype=np.float32)  # +0.0
+    else:
+        assert len(base) == n
+        x_b = to_float32(base, _dtype_name(base) if base_dtype is None else base_dtype)
+
+    recorded = []
+    wd = []  # wd_j = float32(w_j) * e_j, in model order
+    with np.errstate(all="ignore"):
+        for k, (m, dt) in enumerate(zip(models, model_dtypes)):
+            d = to_float32(m, dt) - x_b  # linear: m - (+0.0), the value itself
+            assert d.dtype == np.float32
+            if sparsifier == "dare":
+                kept = spec_kept(key, model_ids[k], p[k], idx)
+                e = np.where(kept, d * spec_rescale(p[k]), np.float32(0.0))
+                entry = None
+            elif sparsifier == "none":
+                e = d
+                entry = None
+            else:
+                mag = spec_mag(d)
+                if thresholds is None:
+                    g = gamma[k] if sparsifier == "breadcrumbs" else None
+                    entry = spec_thresholds(sparsifier, mag, density[k], g)
+                else:
+                    entry = list(thresholds[k])
+                if sparsifier == "magnitude":
+                    # [] keeps all; [T] keeps mag >= T (ties with T kept).
+                    kept = np.ones(n, bool) if not entry else mag >= np.uint32(entry[0])
+                else:
+                    # [] keeps none; [L, H] keeps L <= mag <= H.
+                    if not entry:
+                        kept = np.zeros(n, bool)
+                    else:
+                        lo, hi = entry
+                        kept = (mag >= np.uint32(lo)) & (mag <= np.uint32(hi))
+                e = np.where(kept, d, np.float32(0.0))  # no multiplication
+            assert e.dtype == np.float32
+            recorded.append(entry)
+            wd.append(np.float32(weights[k]) * e)
+
+        w32 = [np.float32(w) for w in weights]
+        if consensus == "none":
+            acc = np.zeros(n, dtype=np.float32)
+            for x in wd:
+                acc = acc + x
+            den = np.float32(0.0)
+            for w in w32:
+                den = np.float32(den + w)
+            # |den| < 1e-8 as real numbers: compare in float64, not against float32(1e-8).
+            if abs(float(den)) < 1e-8:
+                den = np.float32(1.0)
+            den = np.full(n, den, dtype=np.float32)
+        elif consensus == "sign":
+            S = np.zeros(n, dtype=np.float32)
+            for x in wd:
+                S = S + x
+            pos = S >= np.float32(0.0)  # -0.0 >= 0 is True; NaN >= 0 is False
+            acc = np.zeros(n, dtype=np.float32)
+            den = np.zeros(n, dtype=np.float32)
+            for x, w in zip(wd, w32):
+                agree = ((x > 0) & pos) | ((x < 0) & ~pos)
+                acc = np.where(agree, acc + x, acc)
+                den = np.where(agree, den + w, den)
+            den = np.where(den == np.float32(0.0), np.float32(1.0), den)
+        else:
+            raise AssertionError(consensus)
+        assert acc.dtype == np.float32 and den.dtype == np.float32
+        mval = acc / den if normalize else acc
+        out = mval if linear else x_b + np.float32(scale) * mval
+    assert out.dtype == np.float32
+    return from_float32(out, out_dtype), recorded
