@@ -45,6 +45,29 @@ from .common import drop_rescale, drop_threshold
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+@triton.jit
+def _load_f32(ptr, offsets, mask):
+    """float32(ptr[offsets]) for a float32 / float16 / bfloat16 pointer; bf16 by a 16-bit
+    shift (exact, subnormals kept: the interpreter's own conversion flushes them)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        h = tl.load(ptr + offsets, mask=mask).to(tl.uint16, bitcast=True)
+        return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr + offsets, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _in_window(d, lo, hi):
+    """keep_lo <= mag(d) <= keep_hi, unsigned 32-bit; lo and hi arrive as 2**33 + 2 * v + 1."""
+    mag = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF  # bits(d) without the sign
+    return (mag >= (lo >> 1).to(tl.uint32)) & (mag <= (hi >> 1).to(tl.uint32))
+
+
+#: bits(float32(1e-8)): |den| < 1e-8 (real numbers) <=> |den| <= float32(1e-8), which rounds
+#: below 1e-8, <=> bits(den) & 0x7FFFFFFF <= this (den is never NaN: the weights are finite).
+_DEN_TINY_BITS = tl.constexpr(int(np.float32(1e-8).view(np.uint32)))
+
+
 @triton.jit(do_not_specialize=["key", "start"])
 def _m3_dare_kernel(
     base_ptr,  # [n] f32 / f16 / bf16, or None when HAS_BASE is False (x_b = +0.0)
@@ -57,10 +80,16 @@ def _m3_dare_kernel(
     n,  # elements in the chunk
     key: tl.int64,  # key_t in [0, 2**63), runtime (one compile for every tensor)
     start: tl.int64,  # tensor index of the chunk's element 0, runtime
+    keep_lo,  # tuple of N ints 2**33 + 2 * keep_lo_j + 1, or None when WINDOW is False
+    keep_hi,  # tuple of N ints 2**33 + 2 * keep_hi_j + 1, or None when WINDOW is False
     MODEL_IDS: tl.constexpr,  # tuple of N SPEC model indices j
     MASKED: tl.constexpr,  # tuple of N bools, p_j > 0 (False: every element kept, no Philox)
     DRAW: tl.constexpr,  # tuple of N bools: draw Philox words here (else reuse the last ones)
     HAS_BASE: tl.constexpr,
+    WINDOW: tl.constexpr,  # magnitude keep window (magnitude / breadcrumbs sparsifiers)
+    SIGN: tl.constexpr,  # consensus "sign" (TIES); False: consensus "none"
+    NORMALIZE: tl.constexpr,  # m = acc / den; False: m = acc
+    LINEAR: tl.constexpr,  # out = m; False: out = x_b + s * m
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -71,23 +100,14 @@ def _m3_dare_kernel(
 
     # x_b = float32(base[i]), or +0.0 when the base is absent.
     if HAS_BASE:
-        if base_ptr.dtype.element_ty == tl.bfloat16:
-            b16 = tl.load(base_ptr + local, mask=in_bounds).to(tl.uint16, bitcast=True)
-            x_b = (b16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x_b = tl.load(base_ptr + local, mask=in_bounds).to(tl.float32)
+        x_b = _load_f32(base_ptr, local, in_bounds)
     else:
         x_b = tl.zeros([BLOCK], dtype=tl.float32)
 
-    acc = tl.zeros([BLOCK], dtype=tl.float32)  # +0.0
+    acc = tl.zeros([BLOCK], dtype=tl.float32)  # +0.0; with SIGN, S (the sign election sum)
+    wds = ()  # with SIGN, wd_j of every model, for the second pass
     for k in tl.static_range(len(MODEL_IDS)):
-        ptr = model_ptrs[k]
-        if ptr.dtype.element_ty == tl.bfloat16:
-            m16 = tl.load(ptr + local, mask=in_bounds).to(tl.uint16, bitcast=True)
-            x_m = (m16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-        else:
-            x_m = tl.load(ptr + local, mask=in_bounds).to(tl.float32)
-        d = x_m - x_b  # the task vector
+        d = _load_f32(model_ptrs[k], local, in_bounds) - x_b  # the task vector
         if MASKED[k]:
             # Philox4x32-10, key (key_t lo, key_t hi), counter (i lo, i hi, j // 4, 0). Its
             # four uint32 words serve up to four models (equal j // 4): drawn once for them.
@@ -109,11 +129,45 @@ def _m3_dare_kernel(
                 r = r3
             threshold = (thresholds[k] >> 1).to(tl.uint32)  # floor(p_j * 2**32)
             kept = r >= threshold  # unsigned 32-bit comparison
+            if WINDOW:
+                kept = kept & _in_window(d, keep_lo[k], keep_hi[k])
             e = tl.where(kept, d * rescales[k], 0.0)
+        elif WINDOW:
+            e = tl.where(_in_window(d, keep_lo[k], keep_hi[k]), d * rescales[k], 0.0)
         else:
             e = d * rescales[k]  # p_j = 0: threshold 0 keeps every element
-        acc = acc + weights[k] * e
-    out = x_b + scale * acc  # float32; no FMA: launched with enable_fp_fusion=False
+        wd = weights[k] * e
+        acc = acc + wd
+        if SIGN:
+            wds = wds + (wd,)
+
+    if SIGN:
+        # Elect the sign of S = sum wd_j (S = -0.0 counts as positive, NaN as negative),
+        # then sum the agreeing wd_j (and their weights) in model order.
+        pos = acc >= 0.0
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        den = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(len(MODEL_IDS)):
+            agree = ((wds[k] > 0.0) & pos) | ((wds[k] < 0.0) & ~pos)
+            acc = tl.where(agree, acc + wds[k], acc)
+            if NORMALIZE:
+                den = tl.where(agree, den + weights[k], den)
+        if NORMALIZE:
+            den = tl.where(den == 0.0, 1.0, den)
+    elif NORMALIZE:
+        den = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in tl.static_range(len(MODEL_IDS)):
+            den = den + weights[k]
+        tiny = (den.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) <= _DEN_TINY_BITS
+        den = tl.where(tiny, 1.0, den)
+    if NORMALIZE:
+        m = tl.math.div_rn(acc, den)  # IEEE division, round to nearest even
+    else:
+        m = acc
+    if LINEAR:
+        out = m
+    else:
+        out = x_b + scale * m  # float32; no FMA: launched with enable_fp_fusion=False
 
     if out_ptr.dtype.element_ty == tl.bfloat16:
         # Round to nearest even on the float32 bits; a NaN keeps its top bits, made quiet.
@@ -175,9 +229,15 @@ def merge_chunk_triton(
     weights: Sequence[float],
     scale: float = 1.0,
     model_ids: Sequence[int] | None = None,
+    keep_lo: Sequence[int] | None = None,
+    keep_hi: Sequence[int] | None = None,
+    consensus: str = "none",
+    normalize: bool = False,
+    linear: bool = False,
 ) -> torch.Tensor:
     """Merge one chunk of one tensor into ``out`` with the Triton kernel (SPEC "Random drop
-    (DARE) masks", "The merged value"; bit for bit equal to the numba kernel).
+    (DARE) masks", "The merged value", "Methods"; kernel contract section 1; bit for bit
+    equal to the numba kernel).
 
     Element t of the chunk (row-major order) is element ``start + t`` of the tensor; masks
     depend only on (key, j, start + t), so any chunking gives the same bytes. Asynchronous on
@@ -185,9 +245,15 @@ def merge_chunk_triton(
     interpreter (``TRITON_INTERPRET=1``), which takes CPU tensors (CUDA ones work too there:
     Triton copies their whole storage to the host and back on every launch, slowly).
 
+    The defaults (no window, consensus "none", no normalize, not linear) are v1's formula and
+    compile to v1's code: each feature is a compile-time flag of the kernel (one
+    specialization per method), while key, start, p, w, s and the window bounds are runtime
+    values.
+
     Args:
         base: the base's chunk, out's shape, float32 / float16 / bfloat16, or None when the
-            base lacks these elements (x_b = +0.0, e.g. vocabulary rows only fine-tunes have).
+            base lacks these elements (x_b = +0.0, e.g. vocabulary rows only fine-tunes have,
+            or the ``linear`` method).
         models: the N >= 1 participating fine-tunes' chunks, in model order: a sequence of
             tensors of out's shape, or one 2-D tensor [N, n] whose rows are the models (each
             row contiguous; rows may be strided, e.g. ``buf[:, :n]``). dtypes may differ from
@@ -202,16 +268,27 @@ def merge_chunk_triton(
         scale: scaling coefficient s (rounded to float32 on the host, finite).
         model_ids: N SPEC model indices j in [0, 2**32) (Philox word j % 4, counter word
             2 = j // 4); default 0 .. N-1. Compile-time constants of the kernel.
+        keep_lo, keep_hi: N ints in [0, 2**32) each, or None (all 0 / all 0xFFFFFFFF): model
+            j's element is kept only if keep_lo[j] <= mag <= keep_hi[j], mag = bits(d) &
+            0x7FFFFFFF (unsigned; keep_lo 1, keep_hi 0 keeps none). ANDed with the DARE mask.
+            Runtime values; a window that keeps everything for every model compiles away.
+        consensus: "none" (sum in model order) or "sign" (TIES: sum the wd_j that agree with
+            the sign of their sum).
+        normalize: divide by the sum of the (agreeing) weights, IEEE round to nearest even
+            (a sum with |den| < 1e-8, or no agreeing model, divides by 1).
+        linear: out = m (no base added back); otherwise out = x_b + s * m.
 
     Returns:
         ``out``.
 
     Raises:
         TypeError: an input or out is not a torch.Tensor of float32 / float16 / bfloat16;
-            key, start or a model id is not an integer.
+            key, start, a model id or a window bound is not an integer; normalize or linear
+            is not a bool.
         ValueError: shapes, devices or lengths that disagree, a non-contiguous tensor, a
             CPU tensor without ``TRITON_INTERPRET=1`` (set before triton is imported), p
-            outside [0, 1), non-finite weights or scale, key / start / j out of range.
+            outside [0, 1), non-finite weights or scale, key / start / j / window bounds out
+            of range, an unknown consensus.
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -232,13 +309,21 @@ def merge_chunk_triton(
     n_models = len(models)
     ids = list(range(n_models)) if model_ids is None else [operator.index(j) for j in model_ids]
     key, start = operator.index(key), operator.index(start)
+    lo = [0] * n_models if keep_lo is None else [operator.index(v) for v in keep_lo]
+    hi = [0xFFFFFFFF] * n_models if keep_hi is None else [operator.index(v) for v in keep_hi]
     if n_models < 1:
         raise ValueError("merge_chunk_triton needs at least one fine-tune")
-    if not (len(drop) == len(weights) == len(ids) == n_models):
+    if not (len(drop) == len(weights) == len(ids) == len(lo) == len(hi) == n_models):
         raise ValueError(
-            f"models, drop, weights and model_ids must have one entry per model; got "
-            f"{n_models}, {len(drop)}, {len(weights)}, {len(ids)}"
+            f"models, drop, weights, model_ids, keep_lo and keep_hi must have one entry per "
+            f"model; got {n_models}, {len(drop)}, {len(weights)}, {len(ids)}, {len(lo)}, "
+            f"{len(hi)}"
         )
+    if consensus not in ("none", "sign"):
+        raise ValueError(f'consensus must be "none" or "sign", got {consensus!r}')
+    for what, flag in (("normalize", normalize), ("linear", linear)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"{what} must be a bool, got {type(flag).__name__}")
     _check_tensor(out, "out", out.shape, device)
     if base is not None:
         _check_tensor(base, "base", out.shape, device)
@@ -250,6 +335,10 @@ def merge_chunk_triton(
     for j in ids:
         if not 0 <= j < 2**32:
             raise ValueError(f"model id j must be in [0, 2**32), got {j}")
+    for what, bounds in (("keep_lo", lo), ("keep_hi", hi)):
+        for k, v in enumerate(bounds):
+            if not 0 <= v < 2**32:
+                raise ValueError(f"{what}[{k}] = {v}: window bounds must be in [0, 2**32)")
     if not all(math.isfinite(w) for w in weights):
         raise ValueError(f"weights must be finite, got {list(weights)}")
     if not math.isfinite(scale):
@@ -269,6 +358,8 @@ def merge_chunk_triton(
     for j, m in zip(ids, masked):
         draw.append(m and j // 4 != group)
         group = j // 4 if m else group
+    # The window compiles in only where some model's window excludes something.
+    window = any(v != 0 for v in lo) or any(v != 0xFFFFFFFF for v in hi)
     block, num_warps = _launch_config(n)
     _m3_dare_kernel[(triton.cdiv(n, block),)](
         base,
@@ -276,20 +367,33 @@ def merge_chunk_triton(
         out,
         # Ints in a tuple are specialized whatever do_not_specialize says: 1 becomes a
         # constexpr, values below 2**31 i32, multiples of 16 get an alignment attribute.
-        # Sent as 2**33 + 2 * threshold + 1 (always an odd int64), p never recompiles.
-        tuple(2**33 + 2 * drop_threshold(p) + 1 for p in drop),
+        # Sent as 2**33 + 2 * v + 1 (always an odd int64), p and the window bounds never
+        # recompile.
+        tuple(_odd_int64(drop_threshold(p)) for p in drop),
         tuple(float(drop_rescale(p)) for p in drop),
         tuple(float(np.float32(w)) for w in weights),
         float(np.float32(scale)),
         n,
         key,
         start,
+        tuple(map(_odd_int64, lo)) if window else None,
+        tuple(map(_odd_int64, hi)) if window else None,
         MODEL_IDS=tuple(ids),
         MASKED=masked,
         DRAW=tuple(draw),
         HAS_BASE=base is not None,
+        WINDOW=window,
+        SIGN=consensus == "sign",
+        NORMALIZE=bool(normalize),
+        LINEAR=bool(linear),
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,
     )
     return out
+
+
+def _odd_int64(v: int) -> int:
+    """A uint32 ``v`` as the int64 2**33 + 2 * v + 1, which Triton never specializes (the
+    kernel recovers v as ``(x >> 1).to(tl.uint32)``)."""
+    return 2**33 + 2 * v + 1

@@ -630,9 +630,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
         N = len(dtypes)
         k = tm._m3_dare_kernel.warmup(
             ms[0], ms, ms[0], tuple([2**33 + 2**32 + 1] * N), tuple([2.0] * N), tuple([0.5] * N),
-            1.0, n, 2**40, 2**33, MODEL_IDS=tuple(range(N)), MASKED=(True,) * N,
-            DRAW=tuple(j % 4 == 0 for j in range(N)), HAS_BASE=True, BLOCK=1024, num_warps=4,
-            enable_fp_fusion=fusion, grid=(1,))
+            1.0, n, 2**40, 2**33, None, None, MODEL_IDS=tuple(range(N)), MASKED=(True,) * N,
+            DRAW=tuple(j % 4 == 0 for j in range(N)), HAS_BASE=True, WINDOW=False, SIGN=False,
+            NORMALIZE=False, LINEAR=False, BLOCK=1024, num_warps=4, enable_fp_fusion=fusion,
+            grid=(1,))
         return k.asm["ptx"]
 
     for name, dtypes in (("n2", ["bfloat16"] * 2), ("n5", ["bfloat16", "float16", "float32"] * 2)):
