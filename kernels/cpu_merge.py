@@ -38,6 +38,9 @@ from .common import FLOAT_CODES, FLOAT_ITEMSIZE, NUMPY_CARRIER, drop_rescale, dr
 #: Elements per parallel work item. N=2 bf16, p=0.5, 16M elements, 2 threads (2-core AMD
 #: EPYC VM): 14.3 / 14.1 / 12.7 / 13.2 ms at 2048 / 4096 / 8192 / 16384.
 BLOCK = 8192
+#: Elements per work item of the v2 kernel (window / consensus / normalize / linear): its
+#: per-block scratch ([K + 4] float32 rows) stays in L1/L2 at this size.
+BLOCK_V2 = 2048
 #: Elements per Philox sub-loop, between prefetches of the next block's lines.
 SUB = 128
 
@@ -353,6 +356,170 @@ def _merge_kernel(
         _encode_block(acc, out_code, lo, m, out)
 
 
+@numba.njit(inline="always")
+def _thin_one(d, keep, rescale, w, keep_lo, keep_hi):
+    """wd = float32(w) * e for one element: e = kept ? d * rescale : +0.0, where kept =
+    ``keep`` (the DARE test) and keep_lo <= bits(d) & 0x7FFFFFFF <= keep_hi."""
+    mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
+    kept = keep & (mag >= keep_lo) & (mag <= keep_hi)
+    return w * (d * rescale if kept else np.float32(0.0))
+
+
+@numba.njit(inline="always")
+def _thin_loop(src, dec, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
+    """wd[t] = wd_k(t) and s_[t] = s_[t] + wd[t], for m elements of one source (``dec``
+    decodes one stored element to float32)."""
+    if masked:
+        for t in range(m):
+            v = _thin_one(dec(src[t]) - xb[t], r[t] >= thr, rescale, w, keep_lo, keep_hi)
+            wd[t] = v
+            s_[t] = s_[t] + v
+    else:
+        for t in range(m):
+            v = _thin_one(dec(src[t]) - xb[t], True, rescale, w, keep_lo, keep_hi)
+            wd[t] = v
+            s_[t] = s_[t] + v
+
+
+@numba.njit(inline="always")
+def _f32_to_f32(x):
+    return x
+
+
+@numba.njit(inline="always")
+def _thin_block(row, code, lo, m, xb, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
+    """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1)."""
+    if code == _F32:
+        src = row[lo * 4 : (lo + m) * 4].view(np.float32)
+        _thin_loop(src, _f32_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+    elif code == _F16:
+        src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
+        _thin_loop(src16, _f16_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+    else:
+        src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
+        _thin_loop(src16, _bf16_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _merge_kernel_v2(
+    inputs,  # [R, cap_bytes] uint8
+    codes,  # [R] int64 dtype codes
+    base_row,  # int64, -1: absent
+    rows,  # [K] int64 input row of each participating model
+    pf_rows,  # [K or K + 1] int64 rows to prefetch: the models' and the base's
+    groups,  # [K] uint64 Philox counter word 2 (j // 4)
+    words,  # [K] int64 Philox output word (j % 4)
+    thresholds,  # [K] uint32 floor(p_k * 2**32)
+    rescales,  # [K] float32 float32(1 / (1 - p_k))
+    weights,  # [K] float32 float32(w_k)
+    keep_lo,  # [K] uint32 magnitude window, inclusive
+    keep_hi,  # [K] uint32
+    sign,  # bool: consensus "sign" (else "none")
+    normalize,  # bool: m = acc / den
+    den_none,  # float32 den of consensus "none" (host: sum of w in order, |den| < 1e-8 -> 1)
+    linear,  # bool: out = m (else x_b + s * m)
+    scale,  # float32 s
+    out,  # [>= n * itemsize] uint8
+    out_code,  # int64
+    n,  # int64 elements
+    key_lo,  # uint64 key_t & 0xFFFFFFFF
+    key_hi,  # uint64 key_t >> 32
+    start,  # int64 tensor index of element 0
+    block,  # int64 elements per work item
+):
+    """Kernel contract 1 in full (window, DARE, consensus none/sign, normalize, linear).
+
+    Per block: x_b, then each model's wd_k into a [K, block] float32 scratch (decode, then
+    one thinning loop), then the consensus over the scratch, then the store. Every flag is
+    tested outside the element loops.
+    """
+    n_models = rows.shape[0]
+    n_blocks = (n + block - 1) // block
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for b in numba.prange(n_blocks):
+        lo = b * block
+        m = min(block, n - lo)
+        xb = np.empty(block, np.float32)  # [m] float32 x_b
+        wd = np.empty((n_models, block), np.float32)  # [K, m] float32 wd_k
+        s_ = np.empty(block, np.float32)  # [m] float32 running sum of wd: S (sign) or acc
+        acc = np.empty(block, np.float32)  # [m] float32 acc over agreeing k (sign), result
+        den = np.empty(block, np.float32)  # [m] float32 den over agreeing k (sign)
+        rw = np.empty((4, block), np.uint32)  # [4, m] Philox words of the current group
+        pf_lo = lo + block
+        pf_m = max(0, min(block, n - pf_lo))
+        cached = np.uint64(0xFFFFFFFFFFFFFFFF)  # no group yet
+        for k in range(n_models):
+            if thresholds[k] != np.uint32(0):
+                _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
+                              inputs, pf_rows, codes, out, out_code, pf_lo, pf_m)  # fmt: skip
+                cached = groups[k]
+                break
+        if base_row >= 0:
+            _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+        else:
+            xb[:m] = zero
+        s_[:m] = zero
+        for k in range(n_models):
+            masked = thresholds[k] != np.uint32(0)
+            if masked and groups[k] != cached:
+                _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
+                              inputs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
+                cached = groups[k]
+            row = rows[k]
+            _thin_block(inputs[row], codes[row], lo, m, xb, rw[words[k]], thresholds[k], masked,
+                        rescales[k], weights[k], keep_lo[k], keep_hi[k], wd[k], s_)  # fmt: skip
+        if sign:
+            # acc, den = sums over the k whose wd_k has S's sign (S >= 0: +; S NaN: -).
+            for k in range(n_models):
+                wk = wd[k]
+                wt = weights[k]
+                if k == 0:
+                    for t in range(m):
+                        v = wk[t]
+                        pos = s_[t] >= zero
+                        agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                        acc[t] = zero + v if agree else zero
+                        den[t] = zero + wt if agree else zero
+                else:
+                    for t in range(m):
+                        v = wk[t]
+                        pos = s_[t] >= zero
+                        agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                        acc[t] = acc[t] + v if agree else acc[t]
+                        den[t] = den[t] + wt if agree else den[t]
+            # m = normalize ? acc / den (den = 1 where 0) : acc; out = linear ? m : x_b + s * m
+            if normalize:
+                if linear:
+                    for t in range(m):
+                        dn = den[t]
+                        acc[t] = acc[t] / (one if dn == zero else dn)
+                else:
+                    for t in range(m):
+                        dn = den[t]
+                        acc[t] = xb[t] + scale * (acc[t] / (one if dn == zero else dn))
+            elif not linear:
+                for t in range(m):
+                    acc[t] = xb[t] + scale * acc[t]
+            res = acc
+        else:
+            # acc = s_; m = normalize ? acc / den_none : acc; out = linear ? m : x_b + s * m
+            res = acc
+            if normalize:
+                if linear:
+                    for t in range(m):
+                        acc[t] = s_[t] / den_none
+                else:
+                    for t in range(m):
+                        acc[t] = xb[t] + scale * (s_[t] / den_none)
+            elif linear:
+                res = s_
+            else:
+                for t in range(m):
+                    acc[t] = xb[t] + scale * s_[t]
+        _encode_block(res, out_code, lo, m, out)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _convert_kernel(src, src_code, out, out_code, n, block):
     n_blocks = (n + block - 1) // block
@@ -386,6 +553,25 @@ def _check_bytes(a: np.ndarray, ndim: int, what: str) -> None:
         raise ValueError(f"{what} must be C-contiguous")
 
 
+def _window_bounds(bounds, n_models: int, default: int, what: str) -> np.ndarray:
+    """keep_lo / keep_hi as a [K] uint32 array (None: every entry ``default``)."""
+    if bounds is None:
+        return np.full(n_models, default, np.uint32)
+    try:
+        vals = list(bounds)
+    except TypeError:
+        raise ValueError(f"{what} must be {n_models} integers or None, got {bounds!r}") from None
+    if any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in vals):
+        raise ValueError(f"{what} must be {n_models} integers or None, got {bounds!r}")
+    vals = [int(v) for v in vals]
+    if len(vals) != n_models:
+        raise ValueError(f"{what} has {len(vals)} entries for {n_models} models")
+    for v in vals:
+        if not 0 <= v < 2**32:
+            raise ValueError(f"{what} entries must be in [0, 2**32), got {v}")
+    return np.array(vals, np.uint32)
+
+
 def _describe(a) -> str:
     if isinstance(a, np.ndarray):
         return f"{a.ndim}-D {a.dtype} array of shape {a.shape}"
@@ -406,11 +592,33 @@ def merge_chunk(
     n: int,
     key: int,
     start: int,
+    *,
+    keep_lo: Sequence[int] | None = None,
+    keep_hi: Sequence[int] | None = None,
+    consensus: str = "none",
+    normalize: bool = False,
+    linear: bool = False,
 ) -> None:
-    """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged value").
+    """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged
+    value", v2 "Methods"; /work/kernel_contract.md section 1).
 
     Element t of the chunk is element ``start + t`` of the tensor (row-major order);
-    masks depend only on (key, j, start + t), so any chunking gives the same bytes.
+    masks depend only on (key, j, start + t) and the keep window only on the element's own
+    values, so any chunking gives the same bytes.
+
+    With the defaults (no window, consensus "none", normalize and linear False) this is
+    v1's formula and v1's kernel (``_merge_kernel``, unchanged); anything else runs
+    ``_merge_kernel_v2``, which keeps each model's wd_k for the block in a [K, BLOCK]
+    float32 scratch:
+        d_k  = float32(model_k) - x_b;  mag_k = bits(d_k) & 0x7FFFFFFF (uint32)
+        kept = DARE word >= floor(p_k * 2**32) (when p_k > 0) and keep_lo[k] <= mag_k <= keep_hi[k]
+        wd_k = float32(w_k) * (kept ? d_k * float32(1 / (1 - p_k)) : +0.0)
+        "none": acc = sum of wd_k in order; den = sum of float32(w_k), 1 when |den| < 1e-8
+        "sign": S = sum of wd_k; acc, den = sums of wd_k, float32(w_k) over k whose wd_k has
+                S's sign (S >= 0 counts as +, NaN as -; wd_k = 0 or NaN never agrees);
+                den = 1 where it is 0
+        m = normalize ? acc / den (IEEE float32 division, RNE) : acc
+        out = linear ? m : x_b + float32(s) * m, stored RNE.
 
     Args:
         inputs: [R, cap_bytes] np.uint8, C-contiguous. Row r holds input r's chunk as raw
@@ -430,11 +638,20 @@ def merge_chunk(
         n: number of elements, >= 0.
         key: key_t in [0, 2**63) (``kernels.common.tensor_key``).
         start: tensor index of the chunk's first element, >= 0, start + n <= 2**63.
+        keep_lo, keep_hi: K ints in [0, 2**32) (uint32 magnitudes), or None (all 0 / all
+            0xFFFFFFFF): model k's element is kept only if keep_lo[k] <= mag_k <= keep_hi[k]
+            (magnitude trim [T] -> (T, 0xFFFFFFFF); breadcrumbs [L, H] -> (L, H); keep none
+            -> (1, 0)).
+        consensus: "none" (plain sum) or "sign" (TIES sign election).
+        normalize: divide by the summed weights (den above).
+        linear: out = m (SPEC ``linear``: no base, so base_row must be -1 and d_k is the
+            model value itself; ``scale`` is not used).
 
     Raises:
         ValueError: wrong array type/shape/contiguity, a row too short for n elements, an
             unknown dtype, lengths that disagree, a row index out of range, p outside
-            [0, 1), or key/start/j out of range.
+            [0, 1), key/start/j out of range, a keep window bound outside [0, 2**32),
+            an unknown consensus, normalize/linear not a bool, or linear with a base row.
 
     Speed (N=2 bf16 in and out, 16M-element chunk, 2-core AMD EPYC VM, 2 threads, best of
     9): p=0.5: 12.7-14.7 ms, 1.1-1.3 G elements/s, 6.8-7.9 GB/s of input; p=0: 7-9.4 ms,
@@ -482,7 +699,53 @@ def merge_chunk(
         if not math.isfinite(w):
             raise ValueError(f"weights must be finite, got {list(weights)}")
     thresholds = np.array([drop_threshold(p) for p in drop], np.uint32)  # validates p
+    lo_arr = _window_bounds(keep_lo, n_models, 0, "keep_lo")
+    hi_arr = _window_bounds(keep_hi, n_models, 0xFFFFFFFF, "keep_hi")
+    if consensus not in ("none", "sign"):
+        raise ValueError(f"consensus must be 'none' or 'sign', got {consensus!r}")
+    for flag, what in ((normalize, "normalize"), (linear, "linear")):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{what} must be a bool, got {type(flag).__name__}")
+    if linear and base_row != -1:
+        raise ValueError(
+            f"linear merges have no base (SPEC v2 'linear'): base_row must be -1, got {base_row}"
+        )
     if n == 0:
+        return
+    windowed = bool((lo_arr != 0).any() or (hi_arr != 0xFFFFFFFF).any())
+    if windowed or consensus != "none" or normalize or linear:
+        w32 = np.array([np.float32(w) for w in weights], np.float32)
+        den = np.float32(0.0)
+        for w in w32:
+            den = np.float32(den + w)  # float32 sum in model order
+        if abs(den) <= np.float32(1e-8):  # |den| < 1e-8 as real numbers (contract 1)
+            den = np.float32(1.0)
+        _merge_kernel_v2(
+            inputs,
+            codes,
+            np.int64(base_row),
+            np.array(model_rows, np.int64),
+            np.array(used, np.int64),
+            np.array([j // 4 for j in model_ids], np.uint64),
+            np.array([j % 4 for j in model_ids], np.int64),
+            thresholds,
+            np.array([drop_rescale(p) for p in drop], np.float32),
+            w32,
+            lo_arr,
+            hi_arr,
+            consensus == "sign",
+            bool(normalize),
+            den,
+            bool(linear),
+            np.float32(scale),
+            out,
+            np.int64(out_code),
+            np.int64(n),
+            np.uint64(key & 0xFFFFFFFF),
+            np.uint64(key >> 32),
+            np.int64(start),
+            np.int64(BLOCK_V2),
+        )
         return
     _merge_kernel(
         inputs,
@@ -569,14 +832,21 @@ def merge_arrays(
     model_ids: Sequence[int] | None = None,
     base_dtype: str | None = None,
     model_dtypes: Sequence[str] | None = None,
+    keep_lo: Sequence[int] | None = None,
+    keep_hi: Sequence[int] | None = None,
+    consensus: str = "none",
+    normalize: bool = False,
+    linear: bool = False,
 ) -> np.ndarray:
     """``merge_chunk`` on typed 1-D arrays (tests and benches; copies into a byte buffer).
 
     Args:
-        base: [n] float32 / float16 / uint16 (= bfloat16 bits), or None (x_b = +0.0).
+        base: [n] float32 / float16 / uint16 (= bfloat16 bits), or None (x_b = +0.0; must
+            be None when ``linear``).
         models: K arrays [n], same conventions; dtypes may differ.
         out_dtype: "F32", "F16" or "BF16".
         key, start, drop, weights, scale: as in ``merge_chunk``.
+        keep_lo, keep_hi, consensus, normalize, linear: as in ``merge_chunk`` (v2).
         model_ids: SPEC index j per model (default 0 .. K-1).
         base_dtype, model_dtypes: override the dtype inferred from the numpy dtype.
 
@@ -607,14 +877,17 @@ def merge_arrays(
     merge_chunk(
         buf, dts, -1 if base is None else 0, list(range(off, len(arrays))), ids,
         list(drop), list(weights), scale, out, out_dtype, n, key, start,
+        keep_lo=keep_lo, keep_hi=keep_hi, consensus=consensus, normalize=normalize, linear=linear,
     )  # fmt: skip
     return out[: n * FLOAT_ITEMSIZE[out_dtype]].view(NUMPY_CARRIER[out_dtype]).copy()
 
 
 def warmup() -> None:
-    """Compile (or load from numba's on-disk cache) both kernels on tiny inputs."""
+    """Compile (or load from numba's on-disk cache) the three kernels on tiny inputs."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(8).astype(np.float32)
     merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.5, 0.0], weights=[0.5, 0.5])
+    merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.0, 0.0], weights=[0.5, 0.5],
+                 keep_lo=[1, 0], consensus="sign", normalize=True)  # fmt: skip
     out = np.empty(16, np.uint8)
     convert_chunk(x.view(np.uint8), "F32", out, "BF16", 8)
