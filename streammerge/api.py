@@ -1,4 +1,13 @@
-"""``streammerge.merge``: the whole job as one Python call (the CLI is a thin layer on it)."""
+"""``streammerge.merge``: the whole job as one Python call, in three small stages that a
+sweep or a distributed runner reuse:
+
+- ``prepare``: recipe + plan from headers alone, output location checked (no weight I/O);
+- ``execute``: stream any subset of the output shards (and, for trim_scope model, the
+  whole model's thresholds first);
+- ``finalize``: index, ``streammerge.json``, side files, then the atomic rename.
+
+The CLI only builds a ``Recipe`` and ``Options`` and calls these.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +15,16 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from streammerge import __version__
 from streammerge.errors import MergeError
-from streammerge.methods import Recipe, make_recipe
 from streammerge.output import OutputDir
-from streammerge.plan import Plan, make_plan, normalize_dtype
+from streammerge.pipeline import Layout, RunStats, analyze, make_layout, read_bytes, run, work_items
+from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
+from streammerge.recipe import Recipe, RecipeError, build_recipe
 from streammerge.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
@@ -22,6 +32,34 @@ from streammerge.sysinfo import peak_rss_bytes
 #: Default memory budget for buffers (bytes): fits a 1 GiB machine with room to spare.
 DEFAULT_MEMORY = "256MiB"
 DEFAULT_SHARD_SIZE = "5GB"
+#: Format of streammerge.json (v2: adds method, trim_scope and the per-tensor record).
+RECORD_FORMAT = "streammerge/2"
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a merge runs (never what it computes: the bytes do not depend on these).
+
+    Attributes:
+        shard_size: output shard limit (bytes or ``"5GB"``); memory: buffer budget (bytes or
+            ``"256MiB"``); threads: compute threads (default all cores).
+        backend: ``auto`` (Triton on a CUDA device when there is one, else numba), ``numba``
+            or ``triton`` (without a GPU: under ``TRITON_INTERPRET=1``, the test path).
+        device: ``auto``, ``cpu`` or ``cuda``; vram: device buffer budget on a GPU.
+        overwrite: replace a non-empty output; resume: continue an interrupted merge.
+        copy_files: copy config / tokenizer / module files; direct_io: O_DIRECT reads/writes.
+    """
+
+    shard_size: int | str = DEFAULT_SHARD_SIZE
+    memory: int | str = DEFAULT_MEMORY
+    threads: int | None = None
+    backend: str = "auto"
+    device: str = "auto"
+    vram: int | str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    copy_files: bool = True
+    direct_io: bool = True
 
 
 @dataclass
@@ -30,10 +68,15 @@ class MergeSummary:
 
     Attributes:
         out: the output directory.
-        seed, method, weights, drop, scale, alpha: the recipe (weights as drawn: w_j).
-        bytes_read: input bytes read; bytes_written: output shard bytes written (this run).
+        seed, method, alpha, weights, drop, scale: the recipe (weights w_j and DARE drop
+            rates p_j as resolved for a tensor without per-tensor overrides).
+        mixup: the mixup ratios m (M3 draw or λ), or None.
+        bytes_read: input bytes read (statistics passes included); bytes_written: output
+            shard bytes written (this run).
         seconds: wall time of the whole call; gb_per_s: bytes_read / seconds / 1e9.
         peak_rss_bytes: the process's peak resident memory (bytes).
+        buffer_bytes: bytes of the buffers the run really allocated (<= memory_bytes).
+        memory_bytes: the ``--memory`` budget (bytes).
         shards: [{"file", "size_bytes", "sha256"}] of every output shard.
         resumed_shards: shards found finished in a journal and not rewritten.
         base_only: tensors copied from the base because no fine-tune has them.
@@ -44,7 +87,7 @@ class MergeSummary:
     out: Path
     seed: int
     method: str
-    alpha: float
+    alpha: float | None
     weights: tuple[float, ...]
     drop: tuple[float, ...]
     scale: float
@@ -53,6 +96,9 @@ class MergeSummary:
     seconds: float
     gb_per_s: float
     peak_rss_bytes: int
+    mixup: tuple[float, ...] | None = None
+    buffer_bytes: int = 0
+    memory_bytes: int = 0
     shards: list[dict] = field(default_factory=list)
     resumed_shards: int = 0
     base_only: tuple[str, ...] = ()
@@ -60,58 +106,101 @@ class MergeSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _parse_list(value) -> list[float] | float | None:
-    if value is None or isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        parts = [float(x) for x in value.split(",") if x.strip()]
-        return parts[0] if len(parts) == 1 else parts
-    return [float(x) for x in value]
+@dataclass
+class Prepared:
+    """A merge planned and its output location checked; no weight has been read.
+
+    Attributes:
+        recipe, plan: what is computed; base (None for linear without ``--base``), models:
+            the validated inputs; output: the output transaction (preflighted, not opened).
+        options: how it runs; shard_size_bytes, memory_bytes: parsed options.
+        done: shard name -> journal record of shards an interrupted run finished
+            (filled by ``open_output``).
+    """
+
+    recipe: Recipe
+    plan: Plan
+    base: ModelDir | None
+    models: list[ModelDir]
+    output: OutputDir
+    options: Options
+    shard_size_bytes: int
+    memory_bytes: int
+    done: dict[str, dict] = field(default_factory=dict)
+    opened: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+
+    def todo(self) -> list[ShardPlan]:
+        """Shards not finished yet, in order."""
+        return [s for s in self.plan.shards if s.filename not in self.done]
 
 
-def fingerprint(
-    recipe: Recipe, base: ModelDir, models: Sequence[ModelDir], shard_size_bytes: int
-) -> str:
+def fingerprint(prep: Prepared) -> str:
     """Hash of everything that decides the output bytes (journal check for --resume).
 
     Besides the headers it covers each input file's size and modification time, so an input
     rewritten with other values under the same names and shapes is caught too.
     """
+    inputs = ([prep.base] if prep.base is not None else []) + prep.models
     blob = json.dumps(
         {
             "version": __version__,
-            "recipe": asdict(recipe),
-            "base": base.fingerprint,
-            "models": [m.fingerprint for m in models],
-            "stamps": [base.stamp] + [m.stamp for m in models],
-            "shard_size_bytes": shard_size_bytes,
+            "recipe": asdict(prep.recipe),
+            "inputs": [m.fingerprint for m in inputs],
+            "stamps": [m.stamp for m in inputs],
+            "shard_size_bytes": prep.shard_size_bytes,
         },
         sort_keys=True,
+        default=str,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def record(plan: Plan, base: ModelDir, models: Sequence[ModelDir], shards: list[dict]) -> dict:
-    """The ``streammerge.json`` content (SPEC "Output")."""
-    r = plan.recipe
+def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> dict:
+    """The ``streammerge.json`` content (docs/SPEC.md "What streammerge.json records").
+
+    v1's keys keep their meaning (``weights`` and ``drop`` as resolved for a tensor without
+    per-tensor values); ``tensors`` holds every merged tensor's resolved parameters and
+    thresholds, so any tensor can be recomputed from the inputs and this file alone.
+    """
+    r, plan = prep.recipe, prep.plan
+    tp0 = r.tensor_params("")
+    tensors = {}
+    stats = r.row.sparse.stats
+    for t in plan.tensors:
+        if t.action != "merge":
+            continue
+        rec = t.params.record()
+        rec["thresholds"] = thresholds.get(t.name) if stats else [None] * r.n_models
+        tensors[t.name] = rec
+    base = prep.base
     return {
-        "format": "streammerge/1",
-        "spec": "streammerge merge contract v1",
+        "format": RECORD_FORMAT,
+        "spec": "streammerge merge contract v2 (docs/SPEC.md)",
         "version": __version__,
         "method": r.method,
+        "trim_scope": r.trim_scope,
         "seed": r.seed,
         "alpha": r.alpha,
         "lambda": r.lam,
-        "weights": list(r.weights),
-        "drop": list(r.drop),
-        "scale": r.scale,
+        "mixup": list(r.mixup) if r.mixup is not None else None,
+        "weights": list(tp0.w),
+        "drop": list(tp0.drop) if tp0.drop is not None else [0.0] * r.n_models,
+        "scale": tp0.scale,
+        "normalize": tp0.normalize,
         "dtype": r.dtype,
-        "base": {"path": str(base.path.resolve()), "fingerprint": base.fingerprint},
-        "models": [{"path": str(m.path.resolve()), "fingerprint": m.fingerprint} for m in models],
+        "recipe": r.record(),
+        "base": None
+        if base is None
+        else {"path": str(base.path.resolve()), "fingerprint": base.fingerprint},
+        "models": [
+            {"path": str(m.path.resolve()), "fingerprint": m.fingerprint} for m in prep.models
+        ],
         "base_only": list(plan.base_only),
         "vocab_rules": list(plan.vocab_rules),
         "total_size": plan.total_bytes,
         "shards": shards,
+        "tensors": tensors,
     }
 
 
@@ -148,68 +237,38 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
     return NumbaBackend(threads)
 
 
-def merge(
+RECIPE_KEYS = (
+    "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
+    "normalize", "trim_scope", "dtype",
+)  # fmt: skip
+OPTION_KEYS = tuple(f.name for f in fields(Options))
+
+
+def prepare(
     models: Sequence[str | Path],
-    base: str | Path,
+    base: str | Path | None,
     out: str | Path,
-    *,
-    alpha: float = 1.0,
-    lam: float | None = None,
-    weights: Sequence[float] | str | None = None,
-    drop: float | Sequence[float] | str = 0.5,
-    scale: float = 1.0,
-    seed: int | None = None,
-    dtype: str | None = None,
-    shard_size: int | str = DEFAULT_SHARD_SIZE,
-    memory: int | str = DEFAULT_MEMORY,
-    threads: int | None = None,
-    backend: str = "auto",
-    device: str = "auto",
-    vram: int | str | None = None,
-    overwrite: bool = False,
-    resume: bool = False,
-    copy_files: bool = True,
-    direct_io: bool = True,
-    on_start: Callable[[Plan, int], None] | None = None,
-    on_bytes: Callable[[int], None] | None = None,
-) -> MergeSummary:
-    """Merge fine-tunes ``models`` of ``base`` into ``out`` with M3 + DARE (shared/SPEC.md).
+    recipe: Recipe | dict | None = None,
+    options: Options | None = None,
+) -> Prepared:
+    """Plan a merge from headers alone and check its output location (no weight is read,
+    nothing is written).
 
     Args:
         models: N >= 2 fine-tune directories (model j in this order).
-        base: the base model directory.
-        out: output directory (created; must not be, contain or lie inside an input).
-        alpha: Beta(α, α) / Dirichlet(α) concentration of the mixup ratio λ (M3).
-        lam: fixed λ (N = 2): w = (λ, 1 - λ). weights: fixed w (task arithmetic).
-        drop: DARE drop rate p, one for all or one per model (``"0.3,0.6"`` accepted).
-        scale: scaling coefficient s of the mixed task vector.
-        seed: 0 <= seed < 2**64; drawn from the OS when None (or taken from the journal
-            when resuming).
-        dtype: output dtype of float tensors (``bf16``, ``fp16``, ``fp32``); default the base's.
-        shard_size: output shard limit (bytes or ``"5GB"``); memory: buffer budget
-            (bytes or ``"256MiB"``); threads: numba threads (default all cores).
-        backend: ``"auto"`` (Triton on a CUDA device when there is one, else numba),
-            ``"numba"`` (CPU) or ``"triton"`` (the Triton kernel; without a GPU it runs on CPU
-            tensors under ``TRITON_INTERPRET=1``: the test path).
-        device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"``.
-        vram: device buffer budget on a GPU (bytes or ``"2GB"``; default a modest share
-            of free device memory, see ``streammerge.gpu``).
-        overwrite: replace a non-empty output; resume: continue an interrupted merge.
-        copy_files: copy config / tokenizer / module files from the base.
-        direct_io: write shards with O_DIRECT where the filesystem allows.
-        on_start: called with (plan, bytes to read) before streaming starts.
-        on_bytes: called with input bytes done, as the writer progresses.
-
-    Returns:
-        MergeSummary.
+        base: the base model directory (None allowed for ``linear``).
+        out: output directory.
+        recipe: a Recipe, or ``build_recipe`` keyword arguments (then a resumed merge
+            reuses the interrupted run's seed when none is given).
+        options: Options (defaults when None).
 
     Raises:
-        MergeError: bad input or output location (before any byte is written where it can
-            be known then); ValueError: a bad option value.
+        MergeError: bad inputs, output location or recipe values (one line each);
+        RecipeError (a ValueError): bad recipe arguments.
     """
-    t0 = time.perf_counter()
-    from streammerge import pipeline
-
+    options = options or Options()
+    if isinstance(models, (str, Path)) or not isinstance(models, Sequence):
+        raise RecipeError(f"models must be a list of directories, got {models!r}")
     if len(models) < 2:
         raise MergeError(
             f"need at least 2 fine-tunes, got {len(models)}",
@@ -217,84 +276,197 @@ def merge(
             None,
             "pass two or more model directories",
         )
-    base_dir = open_model(base)
+    kwargs = dict(recipe or {}) if not isinstance(recipe, Recipe) else None
+    method = recipe.method if isinstance(recipe, Recipe) else kwargs.get("method")
+    base_dir = open_model(base) if base is not None else None
     model_dirs = [open_model(m) for m in models]
-    shard_size_bytes = parse_size(shard_size)
-    memory_bytes = parse_size(memory)
-    output = OutputDir(
-        out, [base_dir.path] + [m.path for m in model_dirs], overwrite=overwrite, resume=resume
-    )
-    if seed is None:
-        seed = output.journal_seed()
-    weights_v = _parse_list(weights)
-    if isinstance(weights_v, float):
-        weights_v = [weights_v]
-    dtype = None if dtype is None else normalize_dtype(dtype)
-    recipe = make_recipe(
-        len(model_dirs),
-        seed=seed,
-        alpha=alpha,
-        lam=lam,
-        weights=weights_v,
-        drop=_parse_list(drop),
-        scale=scale,
-        dtype=dtype,
-    )
+    shard_size_bytes = parse_size(options.shard_size)
+    memory_bytes = parse_size(options.memory)
+    inputs = ([base_dir.path] if base_dir is not None else []) + [m.path for m in model_dirs]
+    output = OutputDir(out, inputs, overwrite=options.overwrite, resume=options.resume)
+    if kwargs is not None:
+        if kwargs.get("seed") is None:
+            kwargs["seed"] = output.journal_seed()
+        if kwargs.get("dtype") is not None:
+            kwargs["dtype"] = normalize_dtype(kwargs["dtype"])
+        recipe = build_recipe(len(model_dirs), **kwargs)
+    elif recipe.n_models != len(model_dirs):
+        raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")
+    if base_dir is None and recipe.row.uses_base:
+        raise MergeError(f"method {method or recipe.method} needs a base model", None, None,
+                         "pass --base DIR")  # fmt: skip
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
-    output.preflight(plan.output_bytes)  # before starting a backend (a GPU takes seconds)
-    engine = make_backend(backend, device, threads, vram)
-    layout = pipeline.make_layout(
-        plan, len(model_dirs), memory_bytes, engine.depth, getattr(engine, "max_chunk_elems", None)
+    output.preflight(plan.output_bytes)
+    return Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
+                    memory_bytes)  # fmt: skip
+
+
+def open_output(prep: Prepared) -> dict[str, dict]:
+    """Create or reopen the staging directory and its journal; returns the finished shards
+    (``--resume``)."""
+    if not prep.opened:
+        prep.done = prep.output.open(fingerprint(prep), prep.recipe.seed)
+        prep.opened = True
+    return prep.done
+
+
+def layout_for(prep: Prepared, engine) -> Layout:
+    """The buffer layout of ``prep`` on ``engine`` within ``--memory``."""
+    return make_layout(
+        prep.plan,
+        len(prep.models),
+        prep.memory_bytes,
+        engine.depth,
+        getattr(engine, "max_chunk_elems", None),
+        prep.options.threads,
     )
-    done = output.open(fingerprint(recipe, base_dir, model_dirs, shard_size_bytes), recipe.seed)
+
+
+def execute(
+    prep: Prepared,
+    engine,
+    shards: Sequence[ShardPlan] | None = None,
+    on_start: Callable[[Plan, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> RunStats:
+    """Stream ``shards`` (default: every shard not finished yet) into the staging directory.
+
+    With trim_scope model the whole model's thresholds are computed first (two extra
+    reads of the merged tensors, same buffers).
+
+    Returns:
+        RunStats of the run (thresholds of the tensors it merged included).
+    """
+    layout = layout_for(prep, engine)  # a budget too small fails before staging exists
+    open_output(prep)
+    todo = list(shards) if shards is not None else prep.todo()
+    model_th = None
+    total = read_bytes(work_items(prep.plan, todo, layout))
+    row = prep.recipe.row
+    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
+        from streammerge.pipeline import analysis_items
+
+        total += read_bytes(analysis_items(prep.plan, layout))
+    if on_start is not None:
+        on_start(prep.plan, total)
+    pre = None
+    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
+        model_th, pre = analyze(prep.plan, layout, engine, on_bytes, prep.options.direct_io)
+    stats = run(prep.plan, todo, prep.output, layout, engine, on_bytes=on_bytes,
+                direct_io=prep.options.direct_io, model_thresholds=model_th)  # fmt: skip
+    if model_th is not None:
+        stats.thresholds = {t.name: model_th for t in prep.plan.tensors if t.action == "merge"}
+        stats.bytes_read += pre.bytes_read
+        stats.buffer_bytes = max(stats.buffer_bytes, pre.buffer_bytes)
+        for k, v in pre.busy_s.items():
+            stats.busy_s[k] = stats.busy_s.get(k, 0.0) + v
+    return stats
+
+
+def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
+    """Write the index, ``streammerge.json`` and side files, then rename the staging
+    directory into place (the output appears whole or not at all)."""
+    plan, output = prep.plan, prep.output
+    done = prep.done
+    shards = []
+    thresholds = dict(stats.thresholds)
+    for s in plan.shards:
+        if s.filename in stats.shards:
+            size, sha = stats.shards[s.filename]
+        else:
+            size, sha = done[s.filename]["size"], done[s.filename]["sha256"]
+            thresholds.update(done[s.filename].get("thresholds", {}))
+        shards.append({"file": s.filename, "size_bytes": size, "sha256": sha})
+    if prep.recipe.trim_scope == "model" and prep.recipe.row.sparse.stats and not stats.thresholds:
+        raise MergeError("the model's thresholds were not computed", None, None, "re-run")
     try:
-        todo = [s for s in plan.shards if s.filename not in done]
-        if on_start is not None:
-            skipped = [s for s in plan.shards if s.filename in done]
-            total_read = plan.read_bytes - sum(s.read_bytes for s in skipped)
-            on_start(plan, total_read)
-        run = pipeline.run(
-            plan, todo, output, layout, engine, on_bytes=on_bytes, direct_io=direct_io
-        )
-        results = run.shards
-        shards = []
-        for s in plan.shards:
-            size, sha = (
-                results[s.filename]
-                if s.filename in results
-                else (done[s.filename]["size"], done[s.filename]["sha256"])
-            )
-            shards.append({"file": s.filename, "size_bytes": size, "sha256": sha})
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         output.write_file(INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
-        if copy_files:
-            copy_side_files(output, plan, base_dir, model_dirs)
-        rec = record(plan, base_dir, model_dirs, shards)
+        if prep.options.copy_files:
+            source = prep.base if prep.base is not None else prep.models[0]
+            copy_side_files(output, plan, source, prep.models)
+        rec = record(prep, shards, thresholds)
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         )
         output.finish()
     finally:
         output.close()
-    seconds = time.perf_counter() - t0
-    peak = peak_rss_bytes()
+    seconds = time.perf_counter() - prep.t0
+    r = prep.recipe
+    tp0 = r.tensor_params("")
     return MergeSummary(
         out=output.out,
-        seed=recipe.seed,
-        method=recipe.method,
-        alpha=recipe.alpha,
-        weights=recipe.weights,
-        drop=recipe.drop,
-        scale=recipe.scale,
-        bytes_read=run.bytes_read,
-        bytes_written=run.bytes_written,
+        seed=r.seed,
+        method=r.method,
+        alpha=r.alpha,
+        weights=tp0.w,
+        drop=tp0.drop or (),
+        scale=tp0.scale,
+        bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written,
         seconds=seconds,
-        gb_per_s=run.bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
-        peak_rss_bytes=peak,
+        gb_per_s=stats.bytes_read / seconds / 1e9 if seconds > 0 else 0.0,
+        peak_rss_bytes=peak_rss_bytes(),
+        mixup=r.mixup,
+        buffer_bytes=stats.buffer_bytes,
+        memory_bytes=prep.memory_bytes,
         shards=shards,
         resumed_shards=len(done),
         base_only=plan.base_only,
         vocab_rules=plan.vocab_rules,
-        stage_seconds=run.busy_s,
+        stage_seconds=stats.busy_s,
     )
+
+
+def merge(
+    models: Sequence[str | Path],
+    base: str | Path | None,
+    out: str | Path,
+    *,
+    recipe: Recipe | None = None,
+    options: Options | None = None,
+    on_start: Callable[[Plan, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    **kwargs,
+) -> MergeSummary:
+    """Merge fine-tunes ``models`` of ``base`` into ``out`` (docs/SPEC.md): prepare ->
+    execute -> finalize.
+
+    The recipe is ``recipe``, or built from keyword arguments (``streammerge.recipe.
+    build_recipe``): method (``dare_linear`` by default, as v1), seed, alpha (M3's Beta /
+    Dirichlet concentration), lam (fixed λ), weights, density, drop, gamma (one value or
+    one per model, or a ``"0.3,0.6"`` string), scale, normalize, trim_scope, dtype. The
+    options are ``options``, or keyword arguments of ``Options`` (shard_size, memory,
+    threads, backend, device, vram, overwrite, resume, copy_files, direct_io).
+
+    Example: ``merge(["a/", "b/"], "c/", "out/", method="ties", density=0.2, alpha=1.0)``.
+
+    Args:
+        on_start: called with (plan, bytes to read) before streaming starts.
+        on_bytes: called with input bytes done, as the work progresses.
+
+    Returns:
+        MergeSummary.
+
+    Raises:
+        MergeError: bad input or output location (before any byte is written where it can
+            be known then); RecipeError (a ValueError): bad recipe or option arguments.
+    """
+    unknown = set(kwargs) - set(RECIPE_KEYS) - set(OPTION_KEYS)
+    if unknown:
+        raise RecipeError(f"merge() got unknown arguments {sorted(unknown)}")
+    if recipe is not None and set(kwargs) & set(RECIPE_KEYS):
+        raise RecipeError("give a recipe or recipe arguments, not both")
+    if options is None:
+        options = Options(**{k: v for k, v in kwargs.items() if k in OPTION_KEYS})
+    spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
+    prep = prepare(models, base, out, spec, options)
+    engine = make_backend(options.backend, options.device, options.threads, options.vram)
+    try:
+        stats = execute(prep, engine, on_start=on_start, on_bytes=on_bytes)
+    except BaseException:
+        prep.output.close()  # the lock goes; finished shards stay journaled for --resume
+        raise
+    return finalize(prep, stats)

@@ -1,6 +1,11 @@
-"""Compute backends for the streaming pipeline: numba on the CPU, and the Triton kernel on
-CPU tensors under ``TRITON_INTERPRET=1`` (the test path for the GPU kernel). The CUDA
-streaming backend lives in ``streammerge.gpu``."""
+"""Compute backends for the streaming pipeline: numba on the CPU, and the Triton kernels on
+CPU tensors under ``TRITON_INTERPRET=1`` (the test path for the GPU kernels). The CUDA
+streaming backend lives in ``streammerge.gpu``.
+
+A backend is a kernel table: pass name (``merge``, ``convert``, ``hist_high``,
+``hist_low``; see ``streammerge.ops``) -> a function of (slot, args) that calls the kernel
+with the arguments the plan built. Nothing here knows about methods or rows.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ import threading
 
 import numpy as np
 
+from streammerge.ops import ConvertArgs, HistArgs, MergeArgs
 from streammerge.pipeline import Slot, page_aligned
 
 
 class NumbaBackend:
-    """Merges each slot in place with ``streammerge.kernels.cpu_merge`` (synchronous).
+    """Runs each pass on the slot in place with ``streammerge.kernels`` (synchronous).
 
     Args:
         threads: numba threads (None: numba's default, all cores).
@@ -22,13 +28,19 @@ class NumbaBackend:
 
     def __init__(self, threads: int | None = None) -> None:
         # Importing numba and loading the cached kernels takes ~0.8 s: do it in the
-        # background while the pipeline starts reading; the first submit waits for it.
+        # background while the pipeline starts reading; the first pass waits for it.
         self._threads = threads
         self._threads_set = False
         self._k = None
         self._error: BaseException | None = None
         self._loader = threading.Thread(target=self._load, name="sm-numba-load", daemon=True)
         self._loader.start()
+        self.kernels = {
+            "merge": self._merge,
+            "convert": self._convert,
+            "hist_high": self._hist_high,
+            "hist_low": self._hist_low,
+        }
 
     def _load(self) -> None:
         try:
@@ -36,10 +48,10 @@ class NumbaBackend:
 
             cpu_merge.warmup()
             self._k = cpu_merge
-        except BaseException as e:  # noqa: BLE001 - re-raised by the first submit
+        except BaseException as e:  # noqa: BLE001 - re-raised by the first pass
             self._error = e
 
-    def _kernels(self):
+    def _modules(self):
         if self._k is None:
             self._loader.join()
             if self._error is not None:
@@ -51,33 +63,40 @@ class NumbaBackend:
             self._threads_set = True
         return self._k
 
+    def _stats(self):
+        """The histogram kernels, loaded at the first statistics pass (DARE runs skip it)."""
+        self._modules()
+        from streammerge.kernels import cpu_stats
+
+        return cpu_stats
+
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Page-aligned host memory (O_DIRECT reads land in it)."""
         return page_aligned(shape)
 
-    def submit(self, slot: Slot, key: int) -> None:
-        """Merge (or convert) the slot's chunk into ``slot.out``."""
-        k = self._kernels()
-        t, c = slot.tensor, slot.chunk
-        if t.action == "convert":
-            k.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
-            return
-        seg = c.segment
-        dtypes = [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
-        k.merge_chunk(
-            slot.inputs,
-            dtypes,
-            0 if seg.has_base else -1,
-            [1 + j for j in seg.models],
-            list(seg.models),
-            list(seg.drop),
-            list(seg.weights),
-            seg.scale,
-            slot.out,
-            t.dtype,
-            c.count,
-            key,
-            c.start,
+    def run(self, op: str, slot: Slot, args, **kw) -> None:
+        """Run pass ``op`` (a key of ``self.kernels``) on the slot."""
+        return self.kernels[op](slot, args, **kw)
+
+    def _merge(self, slot: Slot, a: MergeArgs) -> None:
+        self._modules().merge_chunk(
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), list(a.model_ids),
+            list(a.drop), list(a.weights), a.scale, slot.out, a.out_dtype, a.n, a.key, a.start,
+            keep_lo=a.keep_lo, keep_hi=a.keep_hi, consensus=a.consensus,
+            normalize=a.normalize, linear=a.linear,
+        )  # fmt: skip
+
+    def _convert(self, slot: Slot, a: ConvertArgs) -> None:
+        self._modules().convert_chunk(slot.inputs[0], a.src_dtype, slot.out, a.out_dtype, a.n)
+
+    def _hist_high(self, slot: Slot, a: HistArgs, hist: np.ndarray) -> None:
+        self._stats().hist_high(
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist
+        )
+
+    def _hist_low(self, slot: Slot, a: HistArgs, hist: np.ndarray, buckets: np.ndarray) -> None:
+        self._stats().hist_low(
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist
         )
 
     def wait(self, handle: object) -> None:
@@ -85,11 +104,12 @@ class NumbaBackend:
 
 
 class TritonCpuBackend:
-    """Runs the Triton kernel on CPU tensors that view the slot buffers (no copies).
+    """Runs the Triton kernels on CPU tensors that view the slot buffers (no copies).
 
     Only meaningful under Triton's interpreter (``TRITON_INTERPRET=1`` set before triton
-    is imported): the test path that proves the GPU kernel equals the numba one bit for
-    bit. Slow (the interpreter runs numpy per block); for small models.
+    is imported): the test path that proves the GPU kernels equal the numba ones bit for
+    bit. Slow (the interpreter runs numpy per block); for small models. Conversions (rare:
+    base-only float tensors with ``--dtype``) run on numba.
 
     Raises:
         MergeError: (at construction) TRITON_INTERPRET is not set or triton/torch is missing.
@@ -112,7 +132,7 @@ class TritonCpuBackend:
         try:
             import torch
 
-            from streammerge.kernels.triton_merge import merge_chunk_triton  # noqa: F401 - fail early
+            from streammerge.gpu import TritonLauncher
         except ImportError as e:
             raise MergeError(
                 f"--backend triton needs torch and triton ({e})",
@@ -121,27 +141,37 @@ class TritonCpuBackend:
                 "pip install 'streammerge[gpu]'",
             ) from e
         self.torch = torch
+        self._launch = TritonLauncher(torch)
         self._cpu = NumbaBackend()
+        self.kernels = {
+            "merge": self._merge,
+            "convert": self._cpu.kernels["convert"],
+            "hist_high": self._hist,
+            "hist_low": self._hist,
+        }
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Page-aligned host memory (O_DIRECT reads land in it)."""
         return page_aligned(shape)
 
-    def submit(self, slot: Slot, key: int) -> None:
-        """Merge the slot's chunk with the Triton kernel into ``slot.out``."""
-        from streammerge.gpu import launch_triton
+    def run(self, op: str, slot: Slot, args, **kw) -> None:
+        """Run pass ``op`` (a key of ``self.kernels``) on the slot."""
+        if op.startswith("hist_"):
+            kw["op"] = op
+        return self.kernels[op](slot, args, **kw)
 
-        t, c = slot.tensor, slot.chunk
-        if t.action == "convert":
-            self._cpu.submit(slot, key)
-            return
-        launch_triton(
-            self.torch,
-            self.torch.from_numpy(slot.inputs),
-            self.torch.from_numpy(slot.out),
-            t,
-            c,
-            key,
+    def _merge(self, slot: Slot, a: MergeArgs) -> None:
+        torch = self.torch
+        self._launch.merge(torch.from_numpy(slot.inputs), torch.from_numpy(slot.out), a)
+
+    def _hist(self, slot: Slot, a: HistArgs, op: str, hist: np.ndarray, buckets=None) -> None:
+        torch = self.torch
+        self._launch.hist(
+            op,
+            torch.from_numpy(slot.inputs),
+            a,
+            torch.from_numpy(hist),
+            None if buckets is None else torch.from_numpy(buckets),
         )
 
     def wait(self, handle: object) -> None:

@@ -11,6 +11,7 @@ import traceback
 
 from streammerge import __version__
 from streammerge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, MergeError
+from streammerge.methods import METHODS
 from streammerge.sizes import format_bytes
 
 
@@ -18,8 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag has help)."""
     p = argparse.ArgumentParser(
         prog="streammerge",
-        description="Merge fine-tunes of a common base with Mixup Model Merge (M3) + DARE, "
-        "streaming tensors chunk by chunk in flat memory (shared/SPEC.md).",
+        description="Merge fine-tunes of a common base (task arithmetic, DARE, TIES, "
+        "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
+        "streaming tensors chunk by chunk in flat memory. The exact contract: docs/SPEC.md "
+        "in the streammerge repository.",
+        epilog="methods: " + "; ".join(
+            f"{m.name} ({m.sparsifier} + {m.consensus} consensus, normalize "
+            f"{'on' if m.normalize else 'off'})"
+            for m in METHODS.values()
+        ),
     )
     p.add_argument(
         "models",
@@ -27,7 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MODEL",
         help="fine-tune directories (HF layout), model 0, 1, ...",
     )
-    p.add_argument("--base", required=True, metavar="DIR", help="the common base model directory")
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="DIR",
+        help="the common base model directory (every method but linear needs it)",
+    )
+    p.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default=None,
+        help="merge method (default dare_linear, with drop rate 0.5 unless --drop/--density)",
+    )
     p.add_argument(
         "-o",
         "--output",
@@ -51,12 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights",
         default=None,
-        help="fixed weights w, comma-separated, one per model (task arithmetic)",
+        help="fixed weights w, comma-separated, one per model (default: drawn by M3)",
     )
     p.add_argument(
         "--drop",
-        default="0.5",
-        help="DARE drop rate p: one value or one per model, e.g. 0.3,0.6 (default 0.5)",
+        default=None,
+        help="DARE drop rate p: one value or one per model, e.g. 0.3,0.6 (default 0.5; "
+        "dare_linear and dare_ties)",
+    )
+    p.add_argument(
+        "--density",
+        default=None,
+        help="density rho (fraction kept): one or per model; ties/breadcrumbs keep by "
+        "magnitude, DARE methods drop at rate 1-rho (default 1.0; DARE: 0.5)",
+    )
+    p.add_argument(
+        "--gamma",
+        default=None,
+        help="breadcrumbs: fraction of largest magnitudes removed, one or per model (default 0.01)",
+    )
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="divide by the sum of the weights that took part (default per method: on for "
+        "linear and ties, off otherwise, as mergekit)",
+    )
+    p.add_argument(
+        "--trim-scope",
+        choices=("tensor", "model"),
+        default="tensor",
+        help="population of the magnitude thresholds: each tensor (mergekit, default) or the "
+        "whole model (the TIES and M3 papers)",
     )
     p.add_argument(
         "--scale",
@@ -144,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         TransferSpeedColumn,
     )
 
-    from streammerge.api import merge
+    from streammerge.api import OPTION_KEYS, RECIPE_KEYS, Options, merge
 
     err = Console(stderr=True, highlight=False)
     progress = (
@@ -191,25 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             args.models,
             args.base,
             args.output,
-            alpha=args.alpha,
-            lam=args.lam,
-            weights=args.weights,
-            drop=args.drop,
-            scale=args.scale,
-            seed=args.seed,
-            dtype=args.dtype,
-            shard_size=args.shard_size,
-            memory=args.memory,
-            threads=args.threads,
-            backend=args.backend,
-            device=args.device,
-            vram=args.vram,
-            overwrite=args.overwrite,
-            resume=args.resume,
-            copy_files=args.copy_files,
-            direct_io=args.direct_io,
+            options=Options(**{k: getattr(args, k) for k in OPTION_KEYS}),
             on_start=on_start,
             on_bytes=on_bytes,
+            **{k: getattr(args, k) for k in RECIPE_KEYS},
         )
     except KeyboardInterrupt:
         if progress is not None:
@@ -239,21 +269,33 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     if progress is not None:
         progress.stop()
-    lam = f"λ {s.weights[0]:.6g}, " if len(s.weights) == 2 and s.method != "task_arithmetic" else ""
-    print(
-        f"streammerge: read {format_bytes(s.bytes_read)}, wrote {format_bytes(s.bytes_written)} "
-        f"in {s.seconds:.2f} s ({s.gb_per_s:.2f} GB/s), peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB, "
-        f"seed {s.seed}, {lam}w ({', '.join(f'{w:.6g}' for w in s.weights)}), "
-        f"p ({', '.join(f'{p:g}' for p in s.drop)}), {s.method} -> {s.out}"
-        + (f" ({s.resumed_shards} shard(s) resumed)" if s.resumed_shards else ""),
-        flush=True,
-    )
+    print(closing_line(s), flush=True)
     if args.profile:
         busy = ", ".join(f"{k} {v:.2f}" for k, v in s.stage_seconds.items())
         print(
             f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True
         )
     return 0
+
+
+def closing_line(s) -> str:
+    """The run's one honest line: bytes, seconds, GB/s, peak RSS and the recipe that
+    repeats it (seed, λ or the mixup ratios, w, p, method)."""
+    mix = ""
+    if s.mixup is not None:
+        mix = (
+            f"λ {s.mixup[0]:.6g}, "
+            if len(s.mixup) == 2
+            else f"m ({', '.join(f'{m:.6g}' for m in s.mixup)}), "
+        )
+    drop = f"p ({', '.join(f'{p:g}' for p in s.drop)}), " if s.drop else ""
+    return (
+        f"streammerge: read {format_bytes(s.bytes_read)}, wrote {format_bytes(s.bytes_written)} "
+        f"in {s.seconds:.2f} s ({s.gb_per_s:.2f} GB/s), peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB, "
+        f"seed {s.seed}, {mix}w ({', '.join(f'{w:.6g}' for w in s.weights)}), {drop}"
+        f"{s.method} -> {s.out}"
+        + (f" ({s.resumed_shards} shard(s) resumed)" if s.resumed_shards else "")
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

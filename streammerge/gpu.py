@@ -103,7 +103,7 @@ class CudaBackend:
         import torch
 
         try:
-            from streammerge.kernels.triton_merge import merge_chunk_triton  # noqa: F401 - fail early
+            self._launch = TritonLauncher(torch)  # fails early without triton
         except ImportError as e:
             raise MergeError(
                 f"the CUDA backend needs triton ({e})",
@@ -148,35 +148,51 @@ class CudaBackend:
         ]
         self._free = [None] * self.depth
 
-    def submit(self, slot: Slot, key: int):
-        """Queue H2D, kernel and D2H for the slot; returns the CUDA event of its D2H."""
-        torch = self.torch
-        t, c = slot.tensor, slot.chunk
-        if t.action == "convert":  # rare (base-only float tensor with --dtype): on the CPU
+    def run(self, op: str, slot: Slot, args, **kw):
+        """Run pass ``op`` for the slot: ``merge`` queues H2D, kernel and D2H and returns the
+        CUDA event of its D2H; ``convert`` runs on the CPU (rare: base-only float tensors
+        with ``--dtype``); the histogram passes run synchronously (their counts are small
+        and the host needs them before the next pass)."""
+        if op == "convert":
             from streammerge.kernels import cpu_merge
 
-            cpu_merge.convert_chunk(slot.inputs[0], t.base.dtype, slot.out, t.dtype, c.count)
+            cpu_merge.convert_chunk(
+                slot.inputs[0], args.src_dtype, slot.out, args.out_dtype, args.n
+            )
             return None
         if self._dev is None:
             self._device_buffers(slot)
+        torch = self.torch
         i = self._k % self.depth
         self._k += 1
         dev_in, dev_out = self._dev[i]
-        seg = c.segment
-        rows = ([0] if seg.has_base else []) + [1 + j for j in seg.models]
+        rows = ([args.base_row] if args.base_row >= 0 else []) + list(args.model_rows)
         host_in = torch.from_numpy(slot.inputs)
         with torch.cuda.stream(self.h2d_stream):
             if self._free[i] is not None:  # D2H of the set's last chunk (after its kernel)
                 self.h2d_stream.wait_event(self._free[i])
             for r in rows:
-                info = t.base if r == 0 else t.sources[r - 1]
-                nb = c.count * info.itemsize
+                nb = args.n * _ITEMSIZE[args.dtypes[r]]
                 dev_in[r, :nb].copy_(host_in[r, :nb], non_blocking=True)
             h2d = torch.cuda.Event()
             h2d.record(self.h2d_stream)
+        if op in ("hist_high", "hist_low"):
+            with torch.cuda.stream(self.compute_stream):
+                self.compute_stream.wait_event(h2d)
+                hist = torch.zeros(kw["hist"].shape, dtype=torch.int64, device="cuda")
+                buckets = kw.get("buckets")
+                if buckets is not None:
+                    buckets = torch.from_numpy(buckets).to("cuda")
+                self._launch.hist(op, dev_in, args, hist, buckets)
+                done = torch.cuda.Event()
+                done.record(self.compute_stream)
+            self._free[i] = done
+            done.synchronize()
+            kw["hist"] += hist.cpu().numpy()
+            return None
         with torch.cuda.stream(self.compute_stream):
             self.compute_stream.wait_event(h2d)
-            launch_triton(torch, dev_in, dev_out, t, c, key)
+            self._launch.merge(dev_in, dev_out, args)
             done = torch.cuda.Event()
             done.record(self.compute_stream)
         with torch.cuda.stream(self.d2h_stream):
@@ -195,39 +211,56 @@ class CudaBackend:
 
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
-def _typed(torch, buf, dtype: str, n: int):
-    """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
-    itemsize = {"F32": 4, "F16": 2, "BF16": 2}[dtype]
-    return buf[: n * itemsize].view(getattr(torch, _TORCH_DTYPES[dtype]))
+class TritonLauncher:
+    """Calls the Triton kernels on a slot's uint8 rows (torch tensors on the kernel's
+    device: CUDA, or CPU under the interpreter), viewing each row as its dtype. Row r of
+    ``inputs`` is the slot's input row r (``streammerge.ops``: 0 the base, 1 + j model j)."""
 
+    def __init__(self, torch) -> None:
+        from streammerge.kernels import triton_merge, triton_stats
 
-def _typed_rows(torch, dev_in, t, n: int) -> list:
-    """Row r of the device input buffer as its input's dtype (row 0 base, 1 + j model j)."""
-    infos = [t.base, *t.sources]
-    return [
-        None if info is None else _typed(torch, dev_in[r], info.dtype, n)
-        for r, info in enumerate(infos)
-    ]
+        self.torch = torch
+        self.merge_kernel = triton_merge.merge_chunk_triton
+        self.stats = triton_stats
 
+    def _typed(self, buf, dtype: str, n: int):
+        """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
+        return buf[: n * _ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
 
-def launch_triton(torch, inputs, out, t, c, key: int) -> None:
-    """Merge chunk ``c`` of tensor ``t`` with the Triton kernel: ``inputs`` is the uint8
-    [R, >= bytes] buffer (row 0 the base, 1 + j fine-tune j), ``out`` the uint8 output
-    buffer; both torch tensors on the kernel's device (CPU under the interpreter)."""
-    from streammerge.kernels.triton_merge import merge_chunk_triton
+    def _rows(self, inputs, a):
+        base = (
+            self._typed(inputs[a.base_row], a.dtypes[a.base_row], a.n) if a.base_row >= 0 else None
+        )
+        models = [self._typed(inputs[r], a.dtypes[r], a.n) for r in a.model_rows]
+        return base, models
 
-    seg = c.segment
-    view = _typed_rows(torch, inputs, t, c.count)
-    merge_chunk_triton(
-        view[0] if seg.has_base else None,
-        [view[1 + j] for j in seg.models],
-        _typed(torch, out, t.dtype, c.count),
-        key=key,
-        start=c.start,
-        drop=list(seg.drop),
-        weights=list(seg.weights),
-        scale=seg.scale,
-        model_ids=list(seg.models),
-    )
+    def merge(self, inputs, out, a) -> None:
+        """The elementwise pass (``streammerge.ops.MergeArgs``) into ``out`` (uint8)."""
+        base, models = self._rows(inputs, a)
+        self.merge_kernel(
+            base,
+            models,
+            self._typed(out, a.out_dtype, a.n),
+            key=a.key,
+            start=a.start,
+            drop=list(a.drop),
+            weights=list(a.weights),
+            scale=a.scale,
+            model_ids=list(a.model_ids),
+            keep_lo=None if a.keep_lo is None else list(a.keep_lo),
+            keep_hi=None if a.keep_hi is None else list(a.keep_hi),
+            consensus=a.consensus,
+            normalize=a.normalize,
+            linear=a.linear,
+        )
+
+    def hist(self, op: str, inputs, a, hist, buckets=None) -> None:
+        """A histogram pass (``streammerge.ops.HistArgs``), accumulating into ``hist``."""
+        base, models = self._rows(inputs, a)
+        if op == "hist_high":
+            self.stats.hist_high_triton(base, models, hist)
+        else:
+            self.stats.hist_low_triton(base, models, buckets, hist)

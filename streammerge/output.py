@@ -256,13 +256,17 @@ class OutputDir:
         """Where a shard is written before it is whole."""
         return self.staging / f"{name}.tmp"
 
-    def commit_shard(self, name: str, size: int, sha256: str) -> None:
-        """Rename a finished (fsync'd) shard into place and journal it (fsync'd)."""
+    def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
+        """Rename a finished (fsync'd) shard into place and journal it (fsync'd), with
+        ``meta`` (e.g. the thresholds its tensors used) kept in its journal record."""
         os.replace(self.shard_tmp_path(name), self.staging / name)
         _fsync_dir(self.staging)
         assert self._journal is not None
         self._journal.write(
-            json.dumps({"shard": name, "size": size, "sha256": sha256}, sort_keys=True) + "\n"
+            json.dumps(
+                {**(meta or {}), "shard": name, "size": size, "sha256": sha256}, sort_keys=True
+            )
+            + "\n"
         )
         self._journal.flush()
         os.fsync(self._journal.fileno())

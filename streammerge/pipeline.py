@@ -1,25 +1,35 @@
-"""Execute a plan: read, merge and write chunk by chunk with the three overlapped.
+"""Execute a plan: read, run each chunk's passes and write, with the three stages overlapped.
 
 Three stages share a fixed ring of buffer slots, allocated once and reused (first writes to
 fresh pages ran at ~0.7 GiB/s on the reference machine, to reused pages ~5 GiB/s):
 
     reader thread  --ready-->  compute (caller's thread)  --done-->  writer thread
-         ^                                                                |
-         +----------------------------- free slots -----------------------+
+         ^                          |                                     |
+         +---- free slots ----------+ (statistics passes) <---------------+
 
-File reads (``os.preadv``), the numba kernel (``nogil``) and file writes all release the
-GIL, so reading chunk k+1, merging chunk k and writing chunk k-1 run at once. The memory
-budget bounds every buffer: slots x (inputs + output) + the writer's staging block.
+File reads (``os.preadv``), the kernels (numba ``nogil``) and file writes all release the
+GIL, so reading chunk k+1, computing chunk k and writing chunk k-1 run at once.
+
+Each tensor's passes come from the plan (``TensorPlan.ops``, from the method table). A
+method with a statistics pass (TIES, breadcrumbs) needs its thresholds before the
+elementwise pass: a tensor whose inputs fit one slot is read once and every pass runs on
+the held slot ("held"); a larger one (a 128256 x 8192 embedding) is read once per pass.
+Such methods get fewer, larger slots (``make_layout``), so most tensors are held. With
+``trim_scope: model`` the thresholds of the whole model come first (``analyze``).
+
+Memory: every buffer is counted against the budget (slots, the writer's staging blocks,
+the histograms); ``RunStats.buffer_bytes`` reports what was really allocated.
 """
 
 from __future__ import annotations
 
 import mmap
+import os
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -27,16 +37,23 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.kernels.common import tensor_key
+from streammerge.ops import convert_args, hist_args, merge_args, read_rows
 from streammerge.output import OutputDir
-from streammerge.plan import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
+from streammerge.plan import Chunk, Plan, Segment, ShardPlan, TensorPlan, iter_chunks
 from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
+from streammerge.stats import HIGH_BINS, LOW_BINS, ThresholdStats, windows
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
 N_SLOTS = 6
+#: Slots for methods with a statistics pass: one being read, one being computed and
+#: written (the writer copies a slot into its staging blocks and frees it at once), so each
+#: slot can hold a whole tensor: at 256 MiB a 5632 x 2048 bf16 MLP matrix of three inputs.
+N_SLOTS_STATS = 2
 #: Smallest useful chunk (elements); below it per-call overhead dominates.
 MIN_CHUNK_ELEMS = 4096
+#: Writer staging blocks (``StagingBlock``: one filled while the other is written).
+STAGING_BLOCKS = 2
 
 
 @dataclass
@@ -44,14 +61,17 @@ class Slot:
     """One set of reusable buffers and the work item it currently carries.
 
     Attributes:
-        inputs: uint8 [R, cap_in_bytes]; row 0 the base, row 1 + j fine-tune j.
-        out: uint8 [cap_out_bytes]; the merged (or copied) bytes to write.
+        inputs: uint8 [R, row_bytes]; row 0 the base, row 1 + j fine-tune j (``ops``).
+        out: uint8 [out_row_bytes]; the merged (or copied) bytes to write.
+        op: the pass this slot carries: ``copy``, ``convert``, ``merge``, ``hist_high``,
+            ``hist_low`` or ``held`` (every pass of a held tensor).
     """
 
     inputs: np.ndarray
     out: np.ndarray
     tensor: TensorPlan | None = None
     chunk: Chunk | None = None
+    op: str = ""
     out_nbytes: int = 0
     in_nbytes: int = 0
 
@@ -64,11 +84,27 @@ class Marker:
     shard: ShardPlan
 
 
+@dataclass(frozen=True)
+class Item:
+    """One pass over one chunk of one tensor."""
+
+    tensor: TensorPlan
+    chunk: Chunk
+    op: str
+
+
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
     """A uint8 array of ``shape`` on fresh page-aligned memory (anonymous mmap), as O_DIRECT
     needs."""
     size = max(1, int(np.prod(shape)))
     return np.frombuffer(mmap.mmap(-1, align_up(size)), dtype=np.uint8)[:size].reshape(shape)
+
+
+def stats_bytes(n_models: int, threads: int) -> int:
+    """Histogram bytes of a statistics pass: the population's counts (``ThresholdStats``)
+    plus one partial histogram set per kernel thread."""
+    per_model = (HIGH_BINS + 2 * LOW_BINS) * 8
+    return (1 + threads) * n_models * per_model
 
 
 @dataclass
@@ -77,18 +113,21 @@ class Layout:
 
     Attributes:
         rows: R = 1 + number of fine-tunes.
-        chunk_elems: elements per merge chunk.
-        cap_in_bytes: bytes per input row.
-        cap_out_bytes: bytes of the output buffer.
-        block_bytes: the writer's staging block (O_DIRECT writes of this size).
-        buffer_bytes: total bytes of all slots plus the writer's staging block.
+        slots: host slots (besides none: this includes the backend's in-flight depth).
+        chunk_elems: elements per chunk (a held tensor has at most this many).
+        cap_in_bytes: bytes per input row; cap_out_bytes: bytes of the output buffer.
+        block_bytes: one writer staging block (STAGING_BLOCKS of them).
+        stats_bytes: histogram bytes (0 for methods without a statistics pass).
+        buffer_bytes: slots + staging blocks + histograms: what the run allocates.
     """
 
     rows: int
+    slots: int
     chunk_elems: int
     cap_in_bytes: int
     cap_out_bytes: int
     block_bytes: int
+    stats_bytes: int = 0
     buffer_bytes: int = field(default=0)
 
     @property
@@ -102,21 +141,45 @@ class Layout:
         """Length of the output buffer: capacity + O_DIRECT slack (copies read into it)."""
         return align_up(self.cap_out_bytes + DIRECT_SLACK)
 
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes of one slot."""
+        return self.rows * self.row_bytes + self.out_row_bytes
+
     def max_elems(self, t: TensorPlan) -> int:
         """Largest chunk (elements) of ``t`` that fits the buffers."""
         if t.action == "copy":
             return max(1, self.cap_out_bytes // DTYPE_ITEMSIZE[t.dtype])
         return self.chunk_elems
 
+    def holds(self, t: TensorPlan) -> bool:
+        """True when ``t`` has statistics passes and fits one slot: read once, all passes
+        run on the held slot."""
+        return "hist_high" in t.ops and len(t.segments) == 1 and t.numel <= self.chunk_elems
+
+
+def default_threads() -> int:
+    """Compute threads when none are given: the cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
 
 def make_layout(
-    plan: Plan, n_models: int, memory_bytes: int, depth: int = 0, device_limit=None
+    plan: Plan,
+    n_models: int,
+    memory_bytes: int,
+    depth: int = 0,
+    device_limit=None,
+    threads: int | None = None,
 ) -> Layout:
-    """Size the slot buffers so that all of them fit ``memory_bytes``.
+    """Size the buffers so that all of them fit ``memory_bytes``.
 
-    Each merge element needs one input element per row (at the widest float itemsize in the
-    plan) and one output element, in each of N_SLOTS + depth slots (``depth``: the slots a
-    backend keeps in flight).
+    Each chunk element needs one input element per row (at the widest float itemsize in the
+    plan) and one output element, in each slot: N_SLOTS + depth slots, or N_SLOTS_STATS +
+    depth for a method with a statistics pass (fewer, larger slots hold whole tensors).
+    The writer's STAGING_BLOCKS blocks and the histograms come off the budget first.
 
     ``device_limit(rows, in_itemsize, out_itemsize) -> elems``, when given, caps the chunk
     too (the GPU backend's VRAM budget).
@@ -126,107 +189,199 @@ def make_layout(
     """
     rows = 1 + n_models
     in_size, out_size = 2, 2
+    has_stats = False
     for t in plan.tensors:
         if t.action != "copy":
             srcs = [s for s in (t.base, *t.sources) if s is not None]
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
-    per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
-    memory_bytes -= (N_SLOTS + depth) * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row slack
-    block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // 16)))  # writer staging block
-    chunk = (memory_bytes - block) // per_elem
+        has_stats = has_stats or "hist_high" in t.ops
+    has_stats = has_stats or (plan.recipe.row.sparse.stats and plan.recipe.trim_scope == "model")
+    n_slots = (N_SLOTS_STATS if has_stats else N_SLOTS) + depth
+    hist = stats_bytes(n_models, threads or default_threads()) if has_stats else 0
+    per_elem = n_slots * (rows * in_size + out_size)
+    slack = n_slots * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row rounding and slack
+    block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // 32)))  # one staging block
+    room = memory_bytes - slack - STAGING_BLOCKS * block - hist
+    chunk = max(0, room) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
-        need = (MIN_CHUNK_ELEMS * per_elem + block) / 2**20
+        need = MIN_CHUNK_ELEMS * per_elem + slack + STAGING_BLOCKS * block + hist
         raise MergeError(
-            f"--memory {memory_bytes / 2**10:.0f}KiB is too small",
+            f"--memory {memory_bytes / 2**20:.1f}MiB is too small for these buffers",
             None,
             None,
-            f"give at least {need:.0f}MiB",
+            f"give at least {need / 2**20:.0f}MiB",
         )
-    layout = Layout(rows, chunk, chunk * in_size, chunk * out_size, block)
-    layout.buffer_bytes = (N_SLOTS + depth) * (
-        rows * layout.row_bytes + layout.out_row_bytes
-    ) + block
+    layout = Layout(rows, n_slots, chunk, chunk * in_size, chunk * out_size, block, hist)
+    layout.buffer_bytes = n_slots * layout.slot_bytes + STAGING_BLOCKS * block + hist
     return layout
 
 
-def work_items(
-    plan: Plan, shards: list[ShardPlan], layout: Layout
-) -> Iterator[tuple[TensorPlan, Chunk] | Marker]:
-    """Shard markers and (tensor, chunk) items in output file order."""
+def _stats_chunks(t: TensorPlan, layout: Layout) -> Iterator[Chunk]:
+    """Chunks of ``t`` a statistics pass reads: the segments the base has (the population)."""
+    for c in iter_chunks(t, layout.max_elems(t)):
+        if c.segment.has_base:
+            yield c
+
+
+def tensor_items(t: TensorPlan, layout: Layout) -> Iterator[Item]:
+    """The passes over ``t`` in order (held: one item for all passes)."""
+    if layout.holds(t):
+        seg = t.segments[0]
+        yield Item(t, Chunk(seg.start, seg.stop - seg.start, seg), "held")
+        return
+    for op in t.ops:
+        chunks = (
+            _stats_chunks(t, layout)
+            if op.startswith("hist_")
+            else iter_chunks(t, layout.max_elems(t))
+        )
+        for c in chunks:
+            yield Item(t, c, op)
+
+
+def work_items(plan: Plan, shards: list[ShardPlan], layout: Layout) -> Iterator[Item | Marker]:
+    """Shard markers and items in output file order."""
     for shard in shards:
         yield Marker("open", shard)
         for t in shard.tensors:
-            for chunk in iter_chunks(t, layout.max_elems(t)):
-                yield t, chunk
+            yield from tensor_items(t, layout)
         yield Marker("close", shard)
 
 
+def analysis_items(plan: Plan, layout: Layout) -> Iterator[Item]:
+    """trim_scope model: both histogram passes over every merged tensor of the model."""
+    merged = [t for t in plan.tensors if t.action == "merge"]
+    for op in ("hist_high", "hist_low"):
+        for t in merged:
+            for c in _stats_chunks(t, layout):
+                yield Item(t, c, op)
+
+
+def _item_read_bytes(item: Item) -> int:
+    t, c = item.tensor, item.chunk
+    if item.op == "copy" or item.op == "convert":
+        return c.count * t.base.itemsize
+    return sum(c.count * info.itemsize for _, info in read_rows(t, c.segment))
+
+
+def read_bytes(items: Iterable[Item | Marker]) -> int:
+    """Input bytes the items read (statistics passes of tensors not held count each time)."""
+    return sum(_item_read_bytes(i) for i in items if isinstance(i, Item))
+
+
 class Backend(Protocol):
-    """Where chunks are merged. ``submit`` starts merging a filled slot and returns a handle;
-    ``wait`` blocks until that merge's bytes are in ``slot.out``. Up to ``depth`` submitted
-    slots may be in flight before the oldest is waited on (0: ``submit`` finishes the work).
-    ``alloc`` makes the slot buffers (pinned host memory for a GPU)."""
+    """Where chunks are computed.
+
+    ``run(op, slot, args, **kw)`` looks the pass up in the backend's kernel table and
+    starts it (``merge``, ``convert``: into ``slot.out``; ``hist_high`` / ``hist_low``:
+    accumulating into ``kw["hist"]``, synchronously) and returns a handle; ``wait`` blocks
+    until that pass's bytes are in ``slot.out``. Up to ``depth`` slots may be in flight
+    before the oldest is waited on (0: ``run`` finishes the work). ``alloc`` makes the slot
+    buffers (pinned host memory for a GPU)."""
 
     depth: int
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray: ...
 
-    def submit(self, slot: Slot, key: int) -> object: ...
+    def run(self, op: str, slot: Slot, args, **kw) -> object: ...
 
     def wait(self, handle: object) -> None: ...
 
 
 @dataclass
 class RunStats:
-    """What ``run`` did: bytes, shard digests, and busy seconds per stage
-    (``read_s``: preadv into slots, ``compute_s``: kernel, ``write_s``: staging copy,
-    sha256, O_DIRECT writes, fsync)."""
+    """What ``run`` did: bytes, shard digests, thresholds, buffers, busy seconds per stage
+    (``read_s``: preadv into slots, ``compute_s``: kernels, ``write_s``: staging copy,
+    sha256, O_DIRECT writes, fsync).
+
+    Attributes:
+        thresholds: tensor name -> recorded thresholds of each fine-tune (statistics
+            methods), for the tensors this run computed.
+        buffer_bytes: bytes of the buffers really allocated (slots, staging, histograms).
+    """
 
     bytes_read: int
     bytes_written: int
     shards: dict[str, tuple[int, str]]
     busy_s: dict[str, float]
+    thresholds: dict[str, list] = field(default_factory=dict)
+    buffer_bytes: int = 0
 
 
 class _Failed(Exception):
     pass
 
 
-def run(
+class _Thresholds:
+    """The compute stage's statistics: per-tensor histograms as their passes stream by, or
+    the whole model's thresholds (trim_scope model), and the keep windows they give."""
+
+    def __init__(self, plan: Plan, model_thresholds: list | None) -> None:
+        self.sparsifier = plan.recipe.row.sparsifier
+        self.model = model_thresholds
+        self.model_windows = (
+            None if model_thresholds is None else windows(self.sparsifier, model_thresholds)
+        )
+        self.active: dict[str, ThresholdStats] = {}
+        self.windows: dict[str, list] = {}
+        self.recorded: dict[str, list] = {}
+        self.peak_bytes = 0
+
+    def stats(self, t: TensorPlan) -> ThresholdStats:
+        st = self.active.get(t.name)
+        if st is None:
+            st = self.active[t.name] = ThresholdStats(
+                self.sparsifier, t.params.density, t.params.gamma
+            )
+            self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.active.values()))
+        return st
+
+    def window(self, t: TensorPlan) -> list | None:
+        if "hist_high" not in t.ops:
+            return self.model_windows
+        if t.name not in self.windows:
+            st = self.active.pop(t.name)
+            th = st.thresholds()
+            self.recorded[t.name] = th
+            self.windows = {t.name: windows(self.sparsifier, th)}  # one tensor at a time
+        return self.windows[t.name]
+
+
+def accumulate(backend: Backend, slot: Slot, st: ThresholdStats, op: str, seg: Segment) -> None:
+    """Run one histogram pass over the slot into ``st`` (only the segment's fine-tunes)."""
+    args = hist_args(slot.tensor, slot.chunk)
+    idx = list(seg.models)
+    whole = idx == list(range(st.high.shape[0]))
+    if op == "hist_high":
+        hist = st.high if whole else st.high[idx]
+        backend.run(op, slot, args, hist=hist)
+        if not whole:
+            st.high[idx] += hist
+    else:
+        buckets = st.buckets()
+        hist = st.low if whole else st.low[idx]
+        backend.run(op, slot, args, hist=hist, buckets=np.ascontiguousarray(buckets[idx]))
+        if not whole:
+            st.low[idx] += hist
+
+
+def _stream(
     plan: Plan,
-    shards: list[ShardPlan],
-    output: OutputDir,
+    items: Iterable[Item | Marker],
+    output: OutputDir | None,
     layout: Layout,
     backend: Backend,
-    on_bytes: Callable[[int], None] | None = None,
-    direct_io: bool = True,
+    on_bytes: Callable[[int], None] | None,
+    direct_io: bool,
+    thresholds: _Thresholds,
 ) -> RunStats:
-    """Stream ``shards`` of ``plan`` into ``output``.
-
-    Args:
-        plan: the merge plan.
-        shards: the shards still to write (all of them unless resuming).
-        output: the open output transaction (staging dir, journal).
-        layout: buffer sizes (``make_layout``).
-        backend: merges filled slots (``streammerge.backends``, ``streammerge.gpu``).
-        on_bytes: called from the writer thread with input bytes done since the last call.
-        direct_io: read inputs and write shards with O_DIRECT where allowed.
-
-    Returns:
-        RunStats: bytes read and written, shard name -> (size, sha256), and the seconds
-        each stage was busy (the profile: the busiest stage is the bottleneck).
-
-    Raises:
-        MergeError / OSError: from any stage; the other stages stop, partial shards are
-            deleted, finished ones stay in the journal for --resume.
-    """
     slots = [
         Slot(backend.alloc((layout.rows, layout.row_bytes)), backend.alloc((layout.out_row_bytes,)))
-        for _ in range(N_SLOTS + backend.depth)
+        for _ in range(layout.slots)
     ]
     free_q: queue.Queue = queue.Queue()
     ready_q: queue.Queue = queue.Queue()
@@ -236,9 +391,10 @@ def run(
     stop = threading.Event()
     errors: list[BaseException] = []
     reader = RangeReader(direct=direct_io)
-    stats = {"read": 0, "written": 0}
+    stats = {"read": 0, "written": 0, "staging": 0}
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
     results: dict[str, tuple[int, str]] = {}
+    meta: dict[str, dict] = {}  # shard -> journal extras (thresholds of its tensors)
 
     def get(q: queue.Queue):
         while True:
@@ -249,21 +405,18 @@ def run(
             except queue.Empty:
                 continue
 
-    def fill(pool: ThreadPoolExecutor, slot: Slot, t: TensorPlan, c: Chunk) -> None:
-        slot.tensor, slot.chunk = t, c
+    def fill(pool: ThreadPoolExecutor, slot: Slot, item: Item) -> None:
+        t, c = item.tensor, item.chunk
+        slot.tensor, slot.chunk, slot.op = t, c, item.op
         slot.out_nbytes = c.count * DTYPE_ITEMSIZE[t.dtype]
-        jobs = []
-        if t.action == "copy":
+        if item.op == "copy":
             isz = t.base.itemsize
-            jobs.append((t.base, c.start * isz, c.count * isz, slot.out))
+            jobs = [(t.base, c.start * isz, c.count * isz, slot.out)]
         else:
-            seg = c.segment
-            srcs = [(0, t.base)] if (seg is None or seg.has_base) else []
-            if seg is not None:
-                srcs += [(1 + j, t.sources[j]) for j in seg.models]
-            for row, info in srcs:
-                isz = info.itemsize
-                jobs.append((info, c.start * isz, c.count * isz, slot.inputs[row]))
+            jobs = [
+                (info, c.start * info.itemsize, c.count * info.itemsize, slot.inputs[row])
+                for row, info in read_rows(t, c.segment)
+            ]
         slot.in_nbytes = sum(j[2] for j in jobs)
         reader.read_rows(jobs, pool)
 
@@ -272,13 +425,13 @@ def run(
             with ThreadPoolExecutor(
                 max_workers=4 * layout.rows, thread_name_prefix="sm-read"
             ) as pool:
-                for item in work_items(plan, shards, layout):
+                for item in items:
                     if isinstance(item, Marker):
                         ready_q.put(item)
                         continue
                     slot = get(free_q)
                     t0 = time.perf_counter()
-                    fill(pool, slot, *item)
+                    fill(pool, slot, item)
                     busy["read_s"] += time.perf_counter() - t0
                     ready_q.put(slot)
             ready_q.put(None)
@@ -289,7 +442,8 @@ def run(
             stop.set()
 
     def write_stage() -> None:
-        staging = StagingBlock(layout.block_bytes)
+        staging = StagingBlock(layout.block_bytes, STAGING_BLOCKS)
+        stats["staging"] = staging.nbytes * STAGING_BLOCKS
         writer: ShardWriter | None = None
         try:
             while (item := get(done_q)) is not None:
@@ -308,7 +462,7 @@ def run(
                         assert writer is not None
                         size, sha = writer.finish()
                         writer = None
-                        output.commit_shard(name, size, sha)
+                        output.commit_shard(name, size, sha, meta.get(name))
                         results[name] = (size, sha)
                         stats["written"] += size
                     busy["write_s"] += time.perf_counter() - t0
@@ -317,9 +471,6 @@ def run(
                 t0 = time.perf_counter()
                 writer.write(memoryview(item.out)[: item.out_nbytes])
                 busy["write_s"] += time.perf_counter() - t0
-                stats["read"] += item.in_nbytes
-                if on_bytes is not None:
-                    on_bytes(item.in_nbytes)
                 free_q.put(item)
         except _Failed:
             pass
@@ -331,35 +482,62 @@ def run(
                 writer.abort()
             staging.close()
 
-    threads = [
-        threading.Thread(target=read_stage, name="sm-reader", daemon=True),
-        threading.Thread(target=write_stage, name="sm-writer", daemon=True),
-    ]
+    def compute(slot: Slot):
+        """Run the slot's passes; returns (handle, goes_to_writer)."""
+        t, op = slot.tensor, slot.op
+        if op == "copy":
+            return None, True
+        if op == "convert":
+            return backend.run(op, slot, convert_args(t, slot.chunk)), True
+        if op in ("hist_high", "hist_low"):
+            accumulate(backend, slot, thresholds.stats(t), op, slot.chunk.segment)
+            return None, False
+        if op == "held":
+            st = thresholds.stats(t)
+            accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
+            accumulate(backend, slot, st, "hist_low", slot.chunk.segment)
+        win = thresholds.window(t) if plan.recipe.row.sparse.stats else None
+        return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
+
+    threads = [threading.Thread(target=read_stage, name="sm-reader", daemon=True)]
+    if output is not None:
+        threads.append(threading.Thread(target=write_stage, name="sm-writer", daemon=True))
     for th in threads:
         th.start()
-    keys: dict[str, int] = {}
     inflight: deque = deque()  # (item, handle) in submission order
+
+    def retire(done, handle) -> None:
+        if handle is not None:
+            backend.wait(handle)
+        done_q.put(done)
+
     try:
         while (item := get(ready_q)) is not None:
-            handle = None
-            if isinstance(item, Slot) and item.tensor.action != "copy":
-                name = item.tensor.name
-                if name not in keys:
-                    keys[name] = tensor_key(plan.recipe.seed, name)
+            handle, to_writer = None, True
+            if isinstance(item, Marker):
+                if item.kind == "close":
+                    th = {
+                        t.name: thresholds.recorded[t.name]
+                        for t in item.shard.tensors
+                        if t.name in thresholds.recorded
+                    }
+                    if th:
+                        meta[item.shard.filename] = {"thresholds": th}
+            else:
                 t0 = time.perf_counter()
-                handle = backend.submit(item, keys[name])
+                handle, to_writer = compute(item)
                 busy["compute_s"] += time.perf_counter() - t0
+                stats["read"] += item.in_nbytes
+                if on_bytes is not None:
+                    on_bytes(item.in_nbytes)
+                if not to_writer:
+                    free_q.put(item)
+                    continue
             inflight.append((item, handle))
             while len(inflight) > backend.depth:
-                done, handle = inflight.popleft()
-                if handle is not None:
-                    backend.wait(handle)
-                done_q.put(done)
+                retire(*inflight.popleft())
         while inflight:
-            done, handle = inflight.popleft()
-            if handle is not None:
-                backend.wait(handle)
-            done_q.put(done)
+            retire(*inflight.popleft())
         done_q.put(None)
     except _Failed:
         pass
@@ -375,4 +553,79 @@ def run(
         reader.close()
     if errors:
         raise errors[0]
-    return RunStats(stats["read"], stats["written"], results, busy)
+    allocated = sum(s.inputs.nbytes + s.out.nbytes for s in slots) + stats["staging"]
+    return RunStats(
+        stats["read"],
+        stats["written"],
+        results,
+        busy,
+        thresholds.recorded,
+        allocated + thresholds.peak_bytes,
+    )
+
+
+def run(
+    plan: Plan,
+    shards: list[ShardPlan],
+    output: OutputDir,
+    layout: Layout,
+    backend: Backend,
+    on_bytes: Callable[[int], None] | None = None,
+    direct_io: bool = True,
+    model_thresholds: list | None = None,
+) -> RunStats:
+    """Stream ``shards`` of ``plan`` into ``output``.
+
+    Args:
+        plan: the merge plan.
+        shards: the shards still to write (all of them unless resuming).
+        output: the open output transaction (staging dir, journal).
+        layout: buffer sizes (``make_layout``).
+        backend: runs the passes (``streammerge.backends``, ``streammerge.gpu``).
+        on_bytes: called with input bytes done since the last call.
+        direct_io: read inputs and write shards with O_DIRECT where allowed.
+        model_thresholds: trim_scope model: the whole model's thresholds (``analyze``).
+
+    Returns:
+        RunStats: bytes read and written, shard name -> (size, sha256), the thresholds of
+        the tensors it merged, the buffers it allocated, and the seconds each stage was busy.
+
+    Raises:
+        MergeError / OSError: from any stage; the other stages stop, partial shards are
+            deleted, finished ones stay in the journal (with their thresholds) for --resume.
+    """
+    return _stream(
+        plan,
+        work_items(plan, shards, layout),
+        output,
+        layout,
+        backend,
+        on_bytes,
+        direct_io,
+        _Thresholds(plan, model_thresholds),
+    )
+
+
+def analyze(
+    plan: Plan,
+    layout: Layout,
+    backend: Backend,
+    on_bytes: Callable[[int], None] | None = None,
+    direct_io: bool = True,
+) -> tuple[list, RunStats]:
+    """trim_scope model: the thresholds of every fine-tune over every merged tensor (the
+    TIES and M3 papers' global trim) in the same bounded buffers: both histogram passes
+    stream the whole model, nothing is written.
+
+    Returns:
+        (thresholds per fine-tune in the recorded form, RunStats of the two passes).
+    """
+    th = _Thresholds(plan, None)
+    first = next((t for t in plan.tensors if t.action == "merge"), None)
+    if first is None:
+        return [[] for _ in range(plan.recipe.n_models)], RunStats(0, 0, {}, {})
+    shared = th.stats(first)  # one population: every tensor feeds the same histograms
+    th.stats = lambda t: shared  # type: ignore[method-assign]
+    stats = _stream(plan, analysis_items(plan, layout), None, layout, backend, on_bytes,
+                    direct_io, th)  # fmt: skip
+    return shared.thresholds(), stats

@@ -27,9 +27,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from streammerge.errors import MergeError
-from streammerge.kernels.common import FLOAT_ITEMSIZE
-from streammerge.methods import Recipe
+from streammerge.kernels.common import FLOAT_ITEMSIZE, tensor_key
 from streammerge.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
+from streammerge.recipe import Recipe, RecipeError, TensorParams, layer_positions
 
 #: Output dtype names users may pass to ``--dtype``, mapped to safetensors dtype strings.
 DTYPE_ALIASES = {
@@ -58,7 +58,8 @@ class Segment:
         has_base: the base has these rows (else x_b = +0.0, p = 0, s = 1: weighted mean).
         models: SPEC index j of each participating fine-tune, ascending.
         weights: w_j of each (float64; renormalized when not all fine-tunes take part).
-        drop: p_j of each.
+        drop: DARE's p_j of each (0.0 for methods without DARE, and where the base lacks
+            the rows).
         scale: s.
     """
 
@@ -87,6 +88,11 @@ class TensorPlan:
         segments: for merges, element ranges with their models and weights, covering
             ``[0, numel)`` in order.
         rule: a one-line description when the vocabulary rule shaped this tensor.
+        key: the tensor's Philox key key_t (merges; docs/SPEC.md "Per-tensor key").
+        params: the resolved per-tensor parameters (merges), recorded in streammerge.json.
+        ops: the passes the executor runs, in order, from the method table: ``copy``,
+            ``convert``, ``merge``, or ``hist_high``, ``hist_low``, ``merge`` for a method
+            whose sparsifier needs thresholds of this tensor (trim_scope tensor).
     """
 
     name: str
@@ -98,6 +104,14 @@ class TensorPlan:
     sources: tuple[TensorInfo | None, ...]
     segments: tuple[Segment, ...]
     rule: str | None = None
+    key: int = 0
+    params: TensorParams | None = None
+    ops: tuple[str, ...] = ()
+
+    @property
+    def has_base_row(self) -> bool:
+        """True when any segment reads the base (row 0)."""
+        return any(s.has_base for s in self.segments)
 
     @property
     def numel(self) -> int:
@@ -229,7 +243,7 @@ def _names(names: Sequence[str], most: int = 4) -> str:
 
 
 def _row_segments(
-    name: str, base: TensorInfo, srcs: Sequence[TensorInfo], recipe: Recipe
+    name: str, base: TensorInfo, srcs: Sequence[TensorInfo], tp: TensorParams
 ) -> tuple[tuple[int, ...], tuple[Segment, ...], str]:
     """Vocabulary rule for a tensor whose shapes differ only in dim 0 (issue 5).
 
@@ -243,14 +257,16 @@ def _row_segments(
     rows = [s.shape[0] for s in srcs]
     out_rows = max(rows)
     cuts = sorted({0, out_rows, *(r for r in (*rows, base.shape[0]) if r < out_rows)})
-    total_w = sum(recipe.weights)
+    weights_all = tp.w
+    drop_all = tp.drop or (0.0,) * len(srcs)
+    total_w = sum(weights_all)
     segs = []
     for r0, r1 in itertools.pairwise(cuts):
         active = tuple(j for j, r in enumerate(rows) if r >= r1)
         has_base = base.shape[0] >= r1
-        w_act = sum(recipe.weights[j] for j in active)
+        w_act = sum(weights_all[j] for j in active)
         if len(active) == len(rows):
-            weights = tuple(recipe.weights)
+            weights = tuple(weights_all)
         else:
             if w_act == 0:
                 raise MergeError(
@@ -259,9 +275,9 @@ def _row_segments(
                     name,
                     "give weights that do not cancel, or align the vocabularies",
                 )
-            weights = tuple(recipe.weights[j] * total_w / w_act for j in active)
+            weights = tuple(weights_all[j] * total_w / w_act for j in active)
         if has_base:
-            drop, scale = tuple(recipe.drop[j] for j in active), recipe.scale
+            drop, scale = tuple(drop_all[j] for j in active), tp.scale
         else:
             if w_act == 0:
                 raise MergeError(
@@ -270,7 +286,7 @@ def _row_segments(
                     name,
                     "give other weights",
                 )
-            weights = tuple(recipe.weights[j] / w_act for j in active)
+            weights = tuple(weights_all[j] / w_act for j in active)
             drop, scale = (0.0,) * len(active), 1.0
         segs.append(Segment(r0 * row, r1 * row, has_base, active, weights, drop, scale))
     rule = (
@@ -281,51 +297,96 @@ def _row_segments(
     return (out_rows, *base.shape[1:]), tuple(segs), rule
 
 
+def _params(recipe: Recipe, name: str, t: float) -> TensorParams:
+    try:
+        return recipe.tensor_params(name, t)
+    except RecipeError as e:
+        raise MergeError(str(e), None, name, "fix the recipe value") from None
+
+
+def _check_model_scope(plans: list[tuple], recipe: Recipe) -> None:
+    """trim_scope model: one population per fine-tune, so one density (and gamma) per fine-tune
+    across every merged tensor (docs/SPEC.md "Magnitudes and thresholds")."""
+    seen: dict[tuple, tuple[str, tuple]] = {}
+    for p in plans:
+        tp: TensorParams | None = p[9]
+        if tp is None:
+            continue
+        for what in ("density", "gamma"):
+            val = getattr(tp, what)
+            if what not in seen:
+                seen[what] = (p[0], val)
+            elif seen[what][1] != val:
+                raise MergeError(
+                    f"trim_scope model needs one {what} per fine-tune for every tensor, but "
+                    f"{seen[what][0]} has {list(seen[what][1] or ())} and this one {list(val or ())}",
+                    None,
+                    p[0],
+                    "use trim_scope tensor, or give the fine-tune one value",
+                )
+
+
 def make_plan(
-    base: ModelDir, models: Sequence[ModelDir], recipe: Recipe, shard_size_bytes: int
+    base: ModelDir | None, models: Sequence[ModelDir], recipe: Recipe, shard_size_bytes: int
 ) -> Plan:
-    """Plan a merge from headers alone (SPEC "Tensors that are not merged", "Output").
+    """Plan a merge from headers alone (docs/SPEC.md "Tensors that are not merged", "Output",
+    "Per-tensor parameters").
 
     Args:
-        base: the validated base directory.
+        base: the validated base directory (None for ``linear``, which has no base; given
+            with ``linear`` it is not read: only its side files are used).
         models: the validated fine-tunes, in command-line order (model j).
-        recipe: the resolved recipe (weights drawn, drop rates per model).
+        recipe: the recipe; its parameters are resolved here for every merged tensor.
         shard_size_bytes: greedy output shard limit in bytes (HF ``max_shard_size``).
 
     Returns:
         The Plan; output tensors in natural name order, so the output does not depend on
-        how the inputs are sharded.
+        how the inputs are sharded. Every merged tensor carries its key, its resolved
+        parameters and its ops (the passes, from the method table).
 
     Raises:
         MergeError: a tensor some fine-tunes lack, a tensor the base lacks, a shape
-            mismatch other than the vocabulary rule's, a float tensor that is an integer
-            elsewhere, a float dtype the kernels cannot merge, or an unknown ``--dtype``.
+            mismatch other than the vocabulary rule's (any mismatch for ``linear``), a float
+            tensor that is an integer elsewhere, a float dtype the kernels cannot merge, an
+            unknown ``--dtype``, a recipe value out of range for some tensor (named), or
+            trim_scope model with per-tensor densities.
     """
+    row = recipe.row
+    uses_base = row.uses_base
+    if uses_base and base is None:
+        raise MergeError(f"method {row.name} needs a base model", None, None, "pass --base DIR")
+    ref = base if uses_base else models[0]
     out_dtype = None if recipe.dtype is None else normalize_dtype(recipe.dtype)
+    stats_ops = row.sparse.stats and recipe.trim_scope == "tensor"
+    merge_ops = ("hist_high", "hist_low", "merge") if stats_ops else ("merge",)
+    positions = layer_positions(ref.tensors)
     missing: dict[int, list[str]] = {}
     extra: list[tuple[str, int]] = []
     for j, m in enumerate(models):
         for name in m.tensors:
-            if name not in base.tensors:
+            if name not in ref.tensors:
                 extra.append((name, j))
     if extra:
         names = sorted({n for n, _ in extra}, key=natural_key)
         raise MergeError(
-            f"{len(names)} tensor(s) in a fine-tune are not in the base",
+            f"{len(names)} tensor(s) in a fine-tune are not in "
+            + ("the base" if uses_base else f"model 0 ({ref.path})"),
             models[extra[0][1]].path,
             _names(names),
             "merge fine-tunes of the same base (the base must have every tensor)",
         )
-    plans: list[tuple] = []  # (name, action, dtype, shape, base, sources, segments, rule)
+    # (name, action, dtype, shape, base, sources, segments, rule, key, params)
+    plans: list[tuple] = []
     base_only: list[str] = []
     vocab_rules: list[str] = []
     vocab_rows: int | None = None
     tokenizer_model: int | None = None
-    for name in sorted(base.tensors, key=natural_key):
-        b = base.tensors[name]
+    nones = (None,) * len(models)
+    for name in sorted(ref.tensors, key=natural_key):
+        b = ref.tensors[name]
         srcs = [m.tensors.get(name) for m in models]
         have = [j for j, s in enumerate(srcs) if s is not None]
-        if not have:
+        if not have and uses_base:
             base_only.append(name)
             dtype = b.dtype
             action = "copy"
@@ -335,7 +396,7 @@ def make_plan(
                         f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype"
                     )
                 dtype, action = out_dtype, "convert"
-            plans.append((name, action, dtype, b.shape, b, (None,) * len(models), (), None))
+            plans.append((name, action, dtype, b.shape, b, nones, (), None, 0, None))
             continue
         if len(have) != len(models):
             lacking = [j for j in range(len(models)) if srcs[j] is None]
@@ -361,7 +422,7 @@ def make_plan(
                     name,
                     "merge checkpoints of the same architecture",
                 )
-            plans.append((name, "copy", b.dtype, b.shape, b, (None,) * len(models), (), None))
+            plans.append((name, "copy", b.dtype, b.shape, b, nones, (), None, 0, None))
             continue
         for t in (b, *srcs):
             if t.dtype not in FLOAT_ITEMSIZE:
@@ -372,32 +433,35 @@ def make_plan(
                     "convert the checkpoint to bf16, fp16 or fp32",
                 )
         dtype = out_dtype or b.dtype
+        tp = _params(recipe, name, positions[name])
+        key = tensor_key(recipe.seed, name)
         if len(shapes) == 1:
             seg = Segment(
                 0,
                 b.numel,
-                True,
+                uses_base,
                 tuple(range(len(models))),
-                recipe.weights,
-                recipe.drop,
-                recipe.scale,
+                tp.w,
+                tp.drop or (0.0,) * len(models),
+                tp.scale,
             )
-            plans.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None))
+            plans.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None, key, tp))
             continue
-        if len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
+        if not uses_base or len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
             who = next(s for s in srcs if s.shape != b.shape)
             raise MergeError(
-                f"shape mismatch: base {list(b.shape)}, {who.file.parent} {list(who.shape)}",
+                f"shape mismatch: {'base' if uses_base else 'model 0'} {list(b.shape)}, "
+                f"{who.file.parent} {list(who.shape)}",
                 who.file,
                 name,
                 "merge fine-tunes of the same base architecture",
             )
-        shape, segs, rule = _row_segments(name, b, srcs, recipe)
+        shape, segs, rule = _row_segments(name, b, srcs, tp)
         vocab_rules.append(rule)
         vocab_rows = max(vocab_rows or 0, shape[0])
         rows = [s.shape[0] for s in srcs]
         tokenizer_model = rows.index(max(rows))
-        plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule))
+        plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
     if missing:
         j, names = next(iter(sorted(missing.items())))
         raise MergeError(
@@ -407,6 +471,8 @@ def make_plan(
             _names(names),
             "merge fine-tunes saved with the same tensors",
         )
+    if row.sparse.stats and recipe.trim_scope == "model":
+        _check_model_scope(plans, recipe)
     sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
     groups = greedy_shards(sizes, shard_size_bytes)
     names = shard_names(len(groups))
@@ -416,8 +482,11 @@ def make_plan(
             (plans[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
         )
         tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
-        for name, action, dtype, shape, b, srcs, segs, rule in members:
-            t = TensorPlan(name, action, dtype, tuple(shape), offset, b, srcs, segs, rule)
+        for name, action, dtype, shape, b, srcs, segs, rule, key, tp in members:
+            ops = merge_ops if action == "merge" else (action,)
+            t = TensorPlan(
+                name, action, dtype, tuple(shape), offset, b, srcs, segs, rule, key, tp, ops
+            )
             header[name] = {
                 "dtype": dtype,
                 "shape": list(shape),

@@ -180,3 +180,69 @@ def dir_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def expected_merge_v2(
+    out_dir: Path, base: Path | None, models: list[Path]
+) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+    """Recompute every output tensor of any method from the inputs and streammerge.json's
+    per-tensor record alone, with the numpy SPEC v2 reference (thresholds recomputed by
+    sorting, never read from the record). Returns (name -> uint8 bytes, name -> thresholds)."""
+    import spec_reference as ref
+
+    rec = json.loads((out_dir / "streammerge.json").read_text())
+    method = rec["method"]
+    b = load_dir(base) if base is not None else None
+    ms = [load_dir(m) for m in models]
+    ref_model = b if b is not None else ms[0]
+    dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    sparsifier = ref.METHODS[method][1]
+    merged = [n for n, t in ref_model.items() if t.is_floating_point() and all(n in m for m in ms)]
+    model_th = None
+    if rec["trim_scope"] == "model" and sparsifier in ("magnitude", "breadcrumbs"):
+        model_th = []
+        for j, m in enumerate(ms):
+            mags = np.concatenate(
+                [
+                    ref.spec_mag(
+                        ref.to_float32(as_numpy(m[n]), dtype[m[n].dtype])
+                        - ref.to_float32(as_numpy(b[n]), dtype[b[n].dtype])
+                    )
+                    for n in merged
+                ]
+            )
+            t0 = rec["tensors"][merged[0]]
+            model_th.append(
+                ref.spec_thresholds(
+                    sparsifier, mags, t0["density"][j], (t0.get("gamma") or [None] * len(ms))[j]
+                )
+            )
+    out, ths = {}, {}
+    for name, bt in ref_model.items():
+        want = rec["dtype"]
+        if name not in merged:
+            x = as_numpy(bt)
+            if bt.is_floating_point() and want is not None and want != dtype[bt.dtype]:
+                x = ref.from_float32(ref.to_float32(x, dtype[bt.dtype]), want)
+            out[name] = np.ascontiguousarray(x).view(np.uint8)
+            continue
+        tr = rec["tensors"][name]
+        res, th = ref.spec_merge_v2(
+            as_numpy(bt) if b is not None else None,
+            [as_numpy(m[name]) for m in ms],
+            want or dtype[bt.dtype],
+            method=method,
+            key=ref.spec_key(rec["seed"], name),
+            weights=tr["w"],
+            density=tr.get("density"),
+            drop=tr.get("drop"),
+            gamma=tr.get("gamma"),
+            scale=tr["scale"],
+            normalize=tr["normalize"],
+            thresholds=model_th,
+            base_dtype=dtype[bt.dtype] if b is not None else None,
+            model_dtypes=[dtype[m[name].dtype] for m in ms],
+        )
+        out[name] = np.ascontiguousarray(res).view(np.uint8)
+        ths[name] = th
+    return out, ths

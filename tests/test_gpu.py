@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from streammerge.gpu import GPU_DEPTH, cuda_available, device_bytes_in_flight, vram_chunk_elems
-from streammerge.methods import make_recipe
-from streammerge.pipeline import make_layout, work_items
+from streammerge.recipe import build_recipe
+from streammerge.pipeline import Item, make_layout, work_items
 from streammerge.plan import make_plan
 from streammerge.reader import ModelDir, TensorInfo
 
@@ -36,14 +36,14 @@ def test_vram_budget_bounds_every_chunk_of_a_70b_merge():
     vram = 8 * 10**9
     base, a, b = (_llama70b(r) for r in ("/c", "/a", "/b"))
     assert base.total_bytes > 140e9
-    plan = make_plan(base, [a, b], make_recipe(2, seed=0), 5 * 10**9)
+    plan = make_plan(base, [a, b], build_recipe(2, seed=0), 5 * 10**9)
     limit = lambda rows, i, o: vram_chunk_elems(rows, i, o, vram)
     layout = make_layout(plan, 2, 2**30, GPU_DEPTH, limit)
     assert device_bytes_in_flight(3, 2, 2, layout.chunk_elems) <= vram
     embed_chunks = 0
     for item in work_items(plan, list(plan.shards), layout):
-        if isinstance(item, tuple):
-            t, c = item
+        if isinstance(item, Item):
+            t, c = item.tensor, item.chunk
             in_flight = GPU_DEPTH * c.count * (sum(s.itemsize for s in (t.base, *t.sources)) + 2)
             assert in_flight <= vram, (t.name, c)
             embed_chunks += t.name == "model.embed_tokens.weight"
@@ -90,7 +90,7 @@ def test_cuda_backend_uses_pinned_memory():
 @pytest.mark.parametrize("memory", [2**21, 256 * 2**20, 2**30])
 def test_host_buffers_fit_the_memory_budget_whatever_the_model(memory):
     base, a, b = (_llama70b(r) for r in ("/c", "/a", "/b"))
-    plan = make_plan(base, [a, b], make_recipe(2, seed=0), 5 * 10**9)
+    plan = make_plan(base, [a, b], build_recipe(2, seed=0), 5 * 10**9)
     for depth in (0, GPU_DEPTH):
         layout = make_layout(plan, 2, memory, depth)
         assert layout.buffer_bytes <= memory

@@ -9,7 +9,7 @@ import torch
 from conftest import make_trio, write_model
 
 from streammerge.errors import MergeError
-from streammerge.methods import make_recipe
+from streammerge.recipe import build_recipe
 from streammerge.plan import greedy_shards, iter_chunks, make_plan, natural_key, shard_names
 from streammerge.reader import open_model
 
@@ -32,7 +32,7 @@ def test_natural_order():
 
 def _plan(base, a, b, shard_size=10**9, **kw):
     return make_plan(
-        open_model(base), [open_model(a), open_model(b)], make_recipe(2, seed=1, **kw), shard_size
+        open_model(base), [open_model(a), open_model(b)], build_recipe(2, seed=1, **kw), shard_size
     )
 
 

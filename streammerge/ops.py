@@ -1,0 +1,148 @@
+"""Kernel arguments: what one pass over one chunk asks of a backend, from the plan alone.
+
+The plan says, per tensor, which passes run (``TensorPlan.ops``, from the method table);
+this module turns (tensor, chunk, pass) into backend-neutral arguments, so every backend
+(numba, Triton under the interpreter, CUDA) only looks the pass up in its kernel table and
+calls it. The slot layout lives here too: input row 0 holds the base, row 1 + j fine-tune j.
+
+Passes (docs/SPEC.md):
+- ``copy``: base bytes unchanged (no kernel); ``convert``: a base-only float tensor cast to
+  ``--dtype``.
+- ``hist_high`` / ``hist_low``: the statistics passes of a magnitude sparsifier (TIES,
+  breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.stats``).
+- ``merge``: the elementwise pass (DARE masks, keep windows, sign election, normalization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streammerge.methods import Method
+from streammerge.plan import Chunk, Segment, TensorPlan
+from streammerge.stats import KEEP_ALL
+
+#: Input row of the base in a slot; fine-tune j is row MODEL_ROW0 + j.
+BASE_ROW = 0
+MODEL_ROW0 = 1
+
+
+def model_row(j: int) -> int:
+    """Slot input row of fine-tune j."""
+    return MODEL_ROW0 + j
+
+
+def row_dtypes(t: TensorPlan) -> list[str]:
+    """The stored dtype of every input row of ``t`` (rows a segment does not read get the
+    base's, so a kernel that checks every row's dtype accepts them)."""
+    return [t.base.dtype] + [s.dtype if s is not None else t.base.dtype for s in t.sources]
+
+
+def read_rows(t: TensorPlan, seg: Segment | None) -> list[tuple[int, object]]:
+    """(row, TensorInfo) pairs a chunk of ``t`` in ``seg`` reads (copy/convert: the base)."""
+    if seg is None:
+        return [(BASE_ROW, t.base)]
+    rows = [(BASE_ROW, t.base)] if seg.has_base else []
+    return rows + [(model_row(j), t.sources[j]) for j in seg.models]
+
+
+@dataclass(frozen=True)
+class HistArgs:
+    """One histogram pass over a chunk (``kernels.cpu_stats.hist_high`` / ``hist_low``).
+
+    Attributes:
+        dtypes: safetensors dtype of each slot row; base_row: BASE_ROW (stats only run where
+            the base has the rows); model_rows: rows of the participating fine-tunes.
+        models: their SPEC indices j (which rows of the [N, ...] histograms they feed).
+        n: elements in the chunk.
+    """
+
+    dtypes: tuple[str, ...]
+    base_row: int
+    model_rows: tuple[int, ...]
+    models: tuple[int, ...]
+    n: int
+
+
+@dataclass(frozen=True)
+class MergeArgs:
+    """The elementwise pass over a chunk: exactly ``kernels.cpu_merge.merge_chunk``'s
+    arguments (and ``merge_chunk_triton``'s), see that docstring for shapes and dtypes."""
+
+    dtypes: tuple[str, ...]
+    base_row: int
+    model_rows: tuple[int, ...]
+    model_ids: tuple[int, ...]
+    drop: tuple[float, ...]
+    weights: tuple[float, ...]
+    scale: float
+    out_dtype: str
+    n: int
+    key: int
+    start: int
+    keep_lo: tuple[int, ...] | None
+    keep_hi: tuple[int, ...] | None
+    consensus: str
+    normalize: bool
+    linear: bool
+
+
+@dataclass(frozen=True)
+class ConvertArgs:
+    """A base-only float chunk cast to the output dtype (``cpu_merge.convert_chunk``)."""
+
+    src_dtype: str
+    out_dtype: str
+    n: int
+
+
+def hist_args(t: TensorPlan, c: Chunk) -> HistArgs:
+    """Arguments of a histogram pass over chunk ``c`` (a segment the base has)."""
+    seg = c.segment
+    return HistArgs(
+        tuple(row_dtypes(t)),
+        BASE_ROW,
+        tuple(model_row(j) for j in seg.models),
+        seg.models,
+        c.count,
+    )
+
+
+def merge_args(
+    method: Method, t: TensorPlan, c: Chunk, windows: list[tuple[int, int]] | None
+) -> MergeArgs:
+    """Arguments of the elementwise pass over chunk ``c`` (docs/SPEC.md "The merged value").
+
+    ``windows``: the keep window (lo, hi) of each fine-tune j from the statistics pass, or
+    None for sparsifiers without thresholds. Rows the base lacks (vocabulary rule) are the
+    weighted mean of the fine-tunes that have them: no sparsifier, no consensus, weights
+    already normalized.
+    """
+    seg = c.segment
+    if seg.has_base or not method.uses_base:
+        consensus, normalize = method.consensus, t.params.normalize
+        win = [windows[j] for j in seg.models] if windows is not None else None
+    else:
+        consensus, normalize, win = "none", False, None
+    return MergeArgs(
+        tuple(row_dtypes(t)),
+        BASE_ROW if seg.has_base else -1,
+        tuple(model_row(j) for j in seg.models),
+        seg.models,
+        seg.drop,
+        seg.weights,
+        seg.scale,
+        t.dtype,
+        c.count,
+        t.key,
+        c.start,
+        None if win is None or all(w == KEEP_ALL for w in win) else tuple(w[0] for w in win),
+        None if win is None or all(w == KEEP_ALL for w in win) else tuple(w[1] for w in win),
+        consensus,
+        normalize,
+        not method.uses_base,
+    )
+
+
+def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:
+    """Arguments of a conversion chunk."""
+    return ConvertArgs(t.base.dtype, t.dtype, c.count)

@@ -1,0 +1,399 @@
+"""The recipe: the one input of the engine that decides the merged values.
+
+The CLI flags, the Python API and a mergekit-style YAML recipe all build a ``Recipe``;
+the planner resolves it per tensor (``Recipe.tensor_params``) into the numbers the kernels
+use, and ``streammerge.json`` records both (docs/SPEC.md "Per-tensor parameters").
+
+Parameter values follow mergekit's conventions (so YAML recipes carry over unchanged):
+a value is a number or bool, a *gradient* (a list of numbers interpolated along the depth
+of the network), or a list of ``{"filter": substring, "value": v}`` entries where the first
+entry whose filter is a substring of the tensor name wins (an entry without a filter
+matches every tensor). Per-model parameters take precedence over top-level ones.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streammerge.methods import DEFAULT_METHOD, TRIM_SCOPES, Method, get_method
+
+#: Per-model parameter names (mergekit's, plus ``drop``: DARE's p given directly).
+MODEL_PARAMS = ("weight", "density", "drop", "gamma")
+#: Top-level-only parameter names (``scale`` is mergekit's ``lambda``).
+TENSOR_PARAMS = ("scale", "normalize")
+#: Defaults when a recipe gives none (mergekit 0.1.5's defaults; DARE's drop rate 0.5 is
+#: streammerge v1's default, kept so v1 command lines give the same bytes).
+DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "scale": 1.0}
+DEFAULT_DROP = 0.5
+#: Layer index in the tensor names of common layouts (Llama/Mistral/Qwen ``model.layers.N.``,
+#: BERT ``encoder.layer.N.``, GPT-2 ``h.N.``, GPT-NeoX ``layers.N.``, T5 ``block.N.``).
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+class RecipeError(ValueError):
+    """A recipe value out of range or of the wrong type; ``key`` names the recipe key."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """The resolved parameters of one merged tensor (docs/SPEC.md "Per-tensor parameters").
+
+    Attributes:
+        w: contribution weight w_j of each fine-tune (float64; M3: m_j * weight_j).
+        density: rho_j of each fine-tune, or None when the sparsifier has no density.
+        drop: DARE drop rate p_j actually used, or None for non-DARE methods.
+        gamma: breadcrumbs' gamma_j, or None.
+        scale: scaling coefficient s; normalize: divide by the weights that took part.
+    """
+
+    w: tuple[float, ...]
+    density: tuple[float, ...] | None
+    drop: tuple[float, ...] | None
+    gamma: tuple[float, ...] | None
+    scale: float
+    normalize: bool
+
+    def record(self) -> dict:
+        """The JSON record (``streammerge.json`` ``tensors`` entry, without thresholds)."""
+        out = {"w": list(self.w), "scale": self.scale, "normalize": self.normalize}
+        for k in ("density", "drop", "gamma"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = list(v)
+        return out
+
+
+def evaluate(value, name: str, t: float, key: str):
+    """A parameter value for the tensor ``name`` at depth ``t`` (mergekit's rules).
+
+    Args:
+        value: number / bool, gradient list of numbers, or list of ``{filter, value}``.
+        name: the tensor's name; t: its position in [0, 1] along the layers (0 outside).
+        key: the recipe key, for messages.
+
+    Returns:
+        float or bool, or None when a filter list matches nothing.
+
+    Raises:
+        RecipeError: a value of the wrong type.
+    """
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if all(isinstance(v, Mapping) for v in value):
+            for entry in value:
+                filt = entry.get("filter")
+                if filt is None or str(filt) in name:
+                    return evaluate(entry.get("value"), name, t, key)
+            return None
+        if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return gradient(value, t)
+    raise RecipeError(
+        f"{key}: expected a number, a list of numbers (gradient) or a list of "
+        f"{{filter, value}} entries, got {value!r}",
+        key,
+    )
+
+
+def gradient(values: Sequence[float], t: float) -> float:
+    """Linear interpolation of ``values`` (evenly spaced over [0, 1]) at ``t``, as mergekit's
+    gradients: position ``t * (L - 1)``, between the two neighbouring values; the last value
+    at ``t = 1``. Float64 throughout."""
+    if len(values) == 1:
+        return float(values[0])
+    pos = t * (len(values) - 1)
+    i = min(math.floor(pos), len(values) - 2)
+    frac = pos - i
+    return float(values[i]) * (1 - frac) + float(values[i + 1]) * frac
+
+
+def layer_positions(names: Iterable[str]) -> dict[str, float]:
+    """Depth position t of every tensor (mergekit's gradient coordinate).
+
+    A tensor of layer i of n gets ``t = i / (n - 1)`` (``t = 1`` when n = 1); tensors outside
+    the layers (embeddings, final norm, head) get ``t = 0``. n = largest layer index + 1.
+    """
+    idx = {}
+    for name in names:
+        m = LAYER_PATTERN.search(name)
+        idx[name] = int(m.group(1)) if m else None
+    present = [i for i in idx.values() if i is not None]
+    n = max(present) + 1 if present else 0
+    return {
+        name: (0.0 if i is None else (1.0 if n == 1 else i / (n - 1))) for name, i in idx.items()
+    }
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the merged values.
+
+    Attributes:
+        method: a key of ``streammerge.methods.METHODS``.
+        n_models: number of fine-tunes N.
+        seed: 0 <= seed < 2**64; keys every DARE mask and the M3 draw.
+        mixup: the mixup ratios m (M3 draw or ``--lambda``), or None when the weights are
+            used as given; w_j(t) = m_j * weight_j(t).
+        alpha: Beta / Dirichlet concentration when m was drawn, else None.
+        lam: the fixed λ when ``--lambda`` gave m.
+        models: per-model parameters (``weight``, ``density``, ``drop``, ``gamma``), each a
+            value as ``evaluate`` accepts.
+        params: top-level parameters (the same keys, plus ``scale`` and ``normalize``).
+        trim_scope: ``tensor`` (mergekit) or ``model`` (the TIES / M3 papers' global trim).
+        dtype: output dtype (safetensors string) of float tensors, or None (the base's).
+        source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
+    """
+
+    method: str
+    n_models: int
+    seed: int
+    mixup: tuple[float, ...] | None
+    alpha: float | None
+    lam: float | None
+    models: tuple[dict, ...]
+    params: dict = field(default_factory=dict)
+    trim_scope: str = "tensor"
+    dtype: str | None = None
+    source: str = "api"
+
+    @property
+    def row(self) -> Method:
+        """The method's row of the table."""
+        return get_method(self.method)
+
+    def _value(self, j: int | None, key: str, name: str, t: float):
+        for scope, where in (
+            (self.models[j] if j is not None else {}, f"models[{j}].parameters.{key}"),
+            (self.params, f"parameters.{key}"),
+        ):
+            if key in scope:
+                v = evaluate(scope[key], name, t, where)
+                if v is not None:
+                    return v, where
+        return None, key
+
+    def tensor_params(self, name: str, t: float = 0.0) -> TensorParams:
+        """Resolve the parameters of tensor ``name`` at depth ``t`` (docs/SPEC.md).
+
+        Raises:
+            RecipeError: a resolved value out of range (names the recipe key).
+        """
+        row = self.row
+        sp = row.sparse
+        w, dens, drop, gam = [], [], [], []
+        for j in range(self.n_models):
+            weight, where = self._value(j, "weight", name, t)
+            weight = DEFAULTS["weight"] if weight is None else weight
+            _finite(weight, where)
+            w.append(weight * self.mixup[j] if self.mixup is not None else weight)
+            if not math.isfinite(w[-1]):
+                raise RecipeError(f"{where}: weight x mixup ratio overflows ({w[-1]})", where)
+            if sp.uses_density:
+                d, where = self._value(j, "density", name, t)
+                if sp.uses_drop:
+                    p, pwhere = self._value(j, "drop", name, t)
+                    if p is None:
+                        p = DEFAULT_DROP if d is None else 1.0 - float(d)
+                        pwhere = where if d is not None else "drop"
+                    if not 0.0 <= p < 1.0:
+                        raise RecipeError(
+                            f"{pwhere}: DARE drop rate p = {p} (density {1 - p}) must satisfy "
+                            "0 <= p < 1",
+                            pwhere,
+                        )
+                    drop.append(float(p))
+                    d = 1.0 - float(p) if d is None else d
+                d = DEFAULTS["density"] if d is None else d
+                if not 0.0 < d <= 1.0:
+                    raise RecipeError(f"{where}: density {d} must satisfy 0 < density <= 1", where)
+                dens.append(float(d))
+            if sp.uses_gamma:
+                g, where = self._value(j, "gamma", name, t)
+                g = DEFAULTS["gamma"] if g is None else g
+                if not 0.0 <= g < 1.0:
+                    raise RecipeError(f"{where}: gamma {g} must satisfy 0 <= gamma < 1", where)
+                gam.append(float(g))
+        scale, where = self._value(None, "scale", name, t)
+        scale = DEFAULTS["scale"] if scale is None else scale
+        _finite(scale, where)
+        norm, where = self._value(None, "normalize", name, t)
+        norm = row.normalize if norm is None else norm
+        if not isinstance(norm, bool) and norm not in (0.0, 1.0):
+            raise RecipeError(f"{where}: normalize must be true or false, got {norm}", where)
+        return TensorParams(
+            tuple(w),
+            tuple(dens) if sp.uses_density else None,
+            tuple(drop) if sp.uses_drop else None,
+            tuple(gam) if sp.uses_gamma else None,
+            float(scale),
+            bool(norm),
+        )
+
+    def record(self) -> dict:
+        """The recipe part of ``streammerge.json``."""
+        return {
+            "method": self.method,
+            "seed": self.seed,
+            "mixup": list(self.mixup) if self.mixup is not None else None,
+            "alpha": self.alpha,
+            "lambda": self.lam,
+            "models": [dict(m) for m in self.models],
+            "parameters": dict(self.params),
+            "trim_scope": self.trim_scope,
+            "dtype": self.dtype,
+        }
+
+
+def _finite(v, where: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise RecipeError(f"{where}: must be a finite number, got {v!r}", where)
+
+
+def draw_seed() -> int:
+    """A fresh seed from the OS, in [0, 2**64)."""
+    return secrets.randbits(64)
+
+
+def draw_mixup(n_models: int, alpha: float, seed: int) -> tuple[float, ...]:
+    """M3's mixup ratios (arXiv 2502.15434; docs/SPEC.md "Contribution weights").
+
+    ``rng = numpy.random.default_rng(seed)``; N = 2: λ = ``rng.beta(α, α)``, m = (λ, 1 - λ);
+    N > 2: m = ``rng.dirichlet([α] * N)``. One draw per merge.
+    """
+    rng = np.random.default_rng(seed)
+    if n_models == 2:
+        lam = float(rng.beta(alpha, alpha))
+        return (lam, 1.0 - lam)
+    return tuple(float(x) for x in rng.dirichlet([alpha] * n_models))
+
+
+def _per_model(value, n: int, key: str) -> list:
+    """One value for all models, or one per model (a list / ``"0.3,0.6"`` string)."""
+    if value is None:
+        return [None] * n
+    if isinstance(value, str):
+        try:
+            parts = [float(x) for x in value.split(",")]
+        except ValueError:
+            raise RecipeError(f"--{key}: expected numbers separated by commas, got {value!r}", key)
+        value = parts[0] if len(parts) == 1 else parts
+    if isinstance(value, bool):
+        raise RecipeError(f"--{key}: expected a number, got {value!r}", key)
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    if isinstance(value, Sequence):
+        vals = list(value)
+        if len(vals) != n:
+            raise RecipeError(f"--{key} has {len(vals)} values for {n} models", key)
+        for v in vals:
+            _finite(v, f"--{key}")
+        return [float(v) for v in vals]
+    raise RecipeError(f"--{key}: expected a number or one per model, got {value!r}", key)
+
+
+def build_recipe(
+    n_models: int,
+    *,
+    method: str | None = None,
+    seed: int | None = None,
+    alpha: float = 1.0,
+    lam: float | None = None,
+    weights=None,
+    density=None,
+    drop=None,
+    gamma=None,
+    scale: float = 1.0,
+    normalize: bool | None = None,
+    trim_scope: str = "tensor",
+    dtype: str | None = None,
+    source: str = "api",
+) -> Recipe:
+    """A recipe from flag-style arguments (the CLI and ``streammerge.merge``).
+
+    Weights: ``lam`` (N = 2) fixes m = (λ, 1 - λ); ``weights`` gives w directly; otherwise
+    M3 draws m with ``alpha`` from ``seed``. ``density`` / ``drop`` / ``gamma`` / ``weights``
+    take one value for all models or one per model (list or ``"0.3,0.6"``). Without
+    ``method`` the method is ``dare_linear`` (v1: drop 0.5 unless given).
+
+    Raises:
+        RecipeError (a ValueError): N < 2, an unknown method or trim scope, alpha <= 0,
+            both lam and weights, lam with N != 2, lengths that disagree, a value out of
+            range, a parameter the method does not use (e.g. ``--gamma`` with ties), a
+            seed outside [0, 2**64).
+    """
+    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 2:
+        raise RecipeError(f"need at least 2 fine-tunes, got {n_models}")
+    method = method or DEFAULT_METHOD
+    row = get_method(method)
+    if trim_scope not in TRIM_SCOPES:
+        raise RecipeError(f"--trim-scope must be tensor or model, got {trim_scope!r}", "trim_scope")
+    if seed is None:
+        seed = draw_seed()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise RecipeError(f"--seed must be an integer, got {seed!r}", "seed")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise RecipeError(f"--seed must be in [0, 2**64), got {seed}", "seed")
+    sp = row.sparse
+    for key, val, used in (
+        ("density", density, sp.uses_density),
+        ("drop", drop, sp.uses_drop),
+        ("gamma", gamma, sp.uses_gamma),
+    ):
+        if val is not None and not used:
+            raise RecipeError(f"--{key} does not apply to method {method}", key)
+    _finite(scale, "--scale")
+    if not row.uses_base and scale != 1.0:
+        raise RecipeError("--scale does not apply to method linear (out = the weighted mean)")
+    if lam is not None and weights is not None:
+        raise RecipeError("give --lambda or --weights, not both", "lambda")
+    mixup = alpha_used = None
+    if lam is not None:
+        if n_models != 2:
+            raise RecipeError(f"--lambda needs exactly 2 models, got {n_models}; use --weights")
+        _finite(lam, "--lambda")
+        mixup = (float(lam), 1.0 - float(lam))
+    elif weights is None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise RecipeError(f"--alpha must be a number, got {alpha!r}", "alpha")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise RecipeError(f"--alpha must be > 0, got {alpha}", "alpha")
+        alpha_used = float(alpha)
+        mixup = draw_mixup(n_models, alpha_used, seed)
+    models = [{} for _ in range(n_models)]
+    for key, val in (("weight", weights), ("density", density), ("drop", drop), ("gamma", gamma)):
+        for j, v in enumerate(_per_model(val, n_models, key if key != "weight" else "weights")):
+            if v is not None:
+                models[j][key] = v
+    params: dict = {}
+    if scale != 1.0:
+        params["scale"] = float(scale)
+    if normalize is not None:
+        params["normalize"] = bool(normalize)
+    recipe = Recipe(
+        method,
+        n_models,
+        seed,
+        mixup,
+        alpha_used,
+        None if lam is None else float(lam),
+        tuple(models),
+        params,
+        trim_scope,
+        dtype,
+        source,
+    )
+    recipe.tensor_params("")  # constant values: every range check before any I/O
+    return recipe
