@@ -1,6 +1,7 @@
-"""The Triton merge kernel: SPEC "Random drop (DARE) masks" and "The merged value" over one
-chunk of one tensor, for N fine-tunes at once (contract: shared/SPEC.md, tested bit for bit
-against ``tests/spec_reference.py`` in ``tests/test_triton_kernel.py``).
+"""The Triton merge kernel: SPEC "Random drop (DARE) masks", "The merged value" and v2
+"Methods" over one chunk of one tensor, for N fine-tunes at once (contract: shared/SPEC.md and
+the kernel contract's section 1; tested bit for bit against ``tests/spec_reference.py`` and
+the numba kernel in ``tests/test_triton_kernel.py``).
 
 One private ``@triton.jit`` kernel, ``_m3_dare_kernel``, and its public launcher,
 ``merge_chunk_triton``. The kernel reads top to bottom: program id (int64) -> local offsets
@@ -18,6 +19,13 @@ model with the same counter ``j // 4`` (``DRAW``), so N = 2 (ids 0, 1) costs one
 per element, N = 5 two. N = 2 is thus the fast path without a second kernel: each N (and each
 tuple of input dtypes and model ids) compiles its own fully unrolled specialization; key,
 start, p, w and s are runtime values and never cause a recompile.
+
+The v2 methods are four more ``constexpr`` flags, so each method compiles its own kernel and
+v1 (all four off) compiles to v1's code (the sm_90 PTX is identical but for line numbers):
+``WINDOW`` (magnitude keep window, bounds at run time), ``SIGN`` (TIES sign consensus: a first
+pass keeps each model's wd_j in registers, a tuple built over the unrolled loop, so each input
+is still loaded once), ``NORMALIZE`` (``tl.math.div_rn``, never an approximate division) and
+``LINEAR`` (no base added back).
 
 Rounding on the way out: float32 -> bfloat16 is done in integer arithmetic on the float32
 bits (round to nearest even, NaN kept a quiet NaN) because Triton's interpreter truncates in
@@ -276,7 +284,8 @@ def merge_chunk_triton(
             the sign of their sum).
         normalize: divide by the sum of the (agreeing) weights, IEEE round to nearest even
             (a sum with |den| < 1e-8, or no agreeing model, divides by 1).
-        linear: out = m (no base added back); otherwise out = x_b + s * m.
+        linear: out = m (SPEC ``linear``: base must be None, so d_j is the model value and
+            s is not used); otherwise out = x_b + s * m.
 
     Returns:
         ``out``.
@@ -288,7 +297,7 @@ def merge_chunk_triton(
         ValueError: shapes, devices or lengths that disagree, a non-contiguous tensor, a
             CPU tensor without ``TRITON_INTERPRET=1`` (set before triton is imported), p
             outside [0, 1), non-finite weights or scale, key / start / j / window bounds out
-            of range, an unknown consensus.
+            of range, an unknown consensus, a base with ``linear``.
     """
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -324,6 +333,8 @@ def merge_chunk_triton(
     for what, flag in (("normalize", normalize), ("linear", linear)):
         if not isinstance(flag, (bool, np.bool_)):
             raise TypeError(f"{what} must be a bool, got {type(flag).__name__}")
+    if linear and base is not None:
+        raise ValueError("linear has no base (out = m, d_j the model value): pass base=None")
     _check_tensor(out, "out", out.shape, device)
     if base is not None:
         _check_tensor(base, "base", out.shape, device)

@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import functools
+import inspect
 import subprocess
 import sys
 import textwrap
@@ -524,6 +525,417 @@ def test_keys_across_the_int64_range():
 
 
 # ----------------------------------------------------------------------------------------
+# v2 methods (SPEC "Methods"): keep window, sign consensus, normalize, linear
+# ----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def tie_inputs(base_dtype: str | None, model_dtypes: tuple[str, ...], n: int, seed: int = 0):
+    """A base and N fine-tunes for the v2 methods, as stored arrays (base None: absent).
+
+    Task vectors tie often (60% of the elements move by k * 2**-8, k in -6..6, the others by
+    a random 1%), so thresholds fall on tied magnitudes; elements 0..39 equal the base in
+    every model (S = 0: no model agrees, den = 0 -> 1) and model 1 also equals it up to
+    n // 3 (a stretch of zero task vector). The base takes multiples of 2**-6 there, exact
+    in every dtype, so d = 0 exactly whatever the dtypes."""
+    rng = np.random.default_rng([seed, n, len(model_dtypes), 2])
+    x = (rng.standard_normal(n) * np.exp2(rng.integers(-4, 3, n))).astype(np.float32)
+    x[: n // 3] = rng.integers(-100, 101, n // 3).astype(np.float32) * np.float32(2**-6)
+    base = None if base_dtype is None else ref.from_float32(x, base_dtype)
+    xb = x if base is None else ref.to_float32(base, base_dtype)
+    models = []
+    for k, dt in enumerate(model_dtypes):
+        step = rng.integers(-6, 7, n).astype(np.float32) * np.float32(2**-8)
+        noise = rng.standard_normal(n).astype(np.float32) * np.float32(0.01) * xb
+        m = xb + np.where(rng.random(n) < 0.6, step, noise).astype(np.float32)
+        m[: n // 3 if k == 1 else 40] = x[: n // 3 if k == 1 else 40]
+        models.append(ref.from_float32(m, dt))
+    for a in (base, *models):
+        if a is not None:
+            a.setflags(write=False)
+    return base, tuple(models)
+
+
+def v2_kernel_args(method: str, entries: list, recipe: dict) -> dict:
+    """The kernel arguments (merge_chunk_triton and numba merge_arrays alike) for one SPEC v2
+    method: its thresholds entries as keep windows, its consensus, normalize and linear."""
+    _, sparsifier, consensus, normalize = ref.METHODS[method]
+    n_models = len(entries)
+    if recipe.get("normalize") is not None:
+        normalize = recipe["normalize"]
+    if sparsifier != "dare":
+        drop = [0.0] * n_models
+    elif recipe.get("drop") is not None:
+        drop = list(recipe["drop"])
+    else:
+        drop = [1.0 - float(r) for r in recipe["density"]]  # float64, as SPEC says
+    kw = {
+        "key": recipe["key"],
+        "start": recipe.get("start", 0),
+        "drop": drop,
+        "weights": list(recipe["weights"]),
+        "scale": recipe.get("scale", 1.0),
+        "model_ids": recipe.get("model_ids"),
+        "consensus": consensus,
+        "normalize": bool(normalize),
+        "linear": method == "linear",
+    }
+    if sparsifier in ("magnitude", "breadcrumbs"):
+        windows = [ref.spec_keep_window(e, sparsifier) for e in entries]
+        kw["keep_lo"] = [lo for lo, _ in windows]
+        kw["keep_hi"] = [hi for _, hi in windows]
+    return kw
+
+
+def run_v2(method, base, base_dtype, models, model_dtypes, out_dtype, **recipe):
+    """(kernel output, reference output, thresholds entries, kernel arguments): the
+    reference ``spec_merge_v2`` computes the thresholds (trim_scope tensor over these
+    elements, unless ``thresholds`` is given) and the kernel gets them as keep windows."""
+    want, entries = ref.spec_merge_v2(
+        base,
+        list(models),
+        out_dtype,
+        method=method,
+        base_dtype=base_dtype,
+        model_dtypes=list(model_dtypes),
+        **recipe,
+    )
+    kw = v2_kernel_args(method, entries, recipe)
+    out = torch.empty(len(models[0]), dtype=TORCH[out_dtype], device=DEVICE)
+    merge_chunk_triton(
+        None if base is None else to_torch(base, base_dtype),
+        [to_torch(m, dt) for m, dt in zip(models, model_dtypes)],
+        out,
+        **kw,
+    )
+    return to_numpy(out), want, entries, kw
+
+
+def per_model(values: list, n_models: int) -> list:
+    return [values[k % len(values)] for k in range(n_models)]
+
+
+#: SPEC v2 rows with per-model parameters cycled over the N models: densities include 1.0
+#: (magnitude keeps all, breadcrumbs L = a[0]) and 0.2; gammas include 0.
+V2_RECIPES = {
+    "ties": {"method": "ties", "density": [0.5, 0.3, 1.0, 0.7, 0.2]},
+    "ties-unnormalized": {"method": "ties", "density": [0.4, 0.6], "normalize": False},
+    "dare_ties": {"method": "dare_ties", "density": [0.5, 0.1, 1.0, 0.7, 0.3]},
+    "dare_ties-normalized": {"method": "dare_ties", "density": [0.6, 0.2], "normalize": True},
+    "breadcrumbs": {
+        "method": "breadcrumbs",
+        "density": [0.5, 0.8, 0.3],
+        "gamma": [0.1, 0.0, 0.25],
+    },
+    "breadcrumbs_ties": {
+        "method": "breadcrumbs_ties",
+        "density": [0.6, 0.3, 1.0, 0.4, 0.9],
+        "gamma": [0.05, 0.2, 0.0, 0.5, 0.01],
+    },
+    "linear": {"method": "linear"},
+    "linear-unnormalized": {"method": "linear", "normalize": False},
+    "task_arithmetic-normalized": {"method": "task_arithmetic", "normalize": True},
+    "dare_linear-normalized": {"method": "dare_linear", "density": [0.5, 0.7], "normalize": True},
+}
+V2_DTYPES = ["bf16", "f16", "f32", "bf16-base-mixed-models-f32-out"]
+
+
+def v2_recipe(name: str, n_models: int, start: int, **over) -> dict:
+    recipe = {"key": KEY, "start": start, "weights": weights_for(n_models), "scale": 0.9}
+    for k, v in V2_RECIPES[name].items():
+        recipe[k] = per_model(v, n_models) if isinstance(v, list) else v
+    recipe.update(over)
+    return recipe
+
+
+@pytest.mark.parametrize("n_models", [2, 3, 5])
+@pytest.mark.parametrize("case", V2_DTYPES)
+@pytest.mark.parametrize("name", list(V2_RECIPES))
+def test_v2_methods_match_reference(name, case, n_models):
+    """Every v2 row x dtypes x N on 2051 elements (three programs, the last partial), with
+    negative weights, ties at the thresholds and zero task vectors; the start rotates
+    through 0 / straddling 2**32 / past 2**32 / the top of the index range."""
+    base_dtype, pattern, out_dtype = DTYPE_CASES[case]
+    model_dtypes = tuple(pattern[k % len(pattern)] for k in range(n_models))
+    n = 2051
+    recipe = v2_recipe(name, n_models, 0)
+    if recipe["method"] == "linear":
+        base_dtype = None
+    base, models = tie_inputs(base_dtype, model_dtypes, n)
+    i = list(V2_RECIPES).index(name) + V2_DTYPES.index(case) + n_models
+    recipe["start"] = _start(STARTS[i % len(STARTS)], n)
+    got, want, entries, _ = run_v2(
+        recipe.pop("method"), base, base_dtype, models, model_dtypes, out_dtype, **recipe
+    )
+    assert_same_bytes(got, want, out_dtype, f"{name} {case} N={n_models} {entries}")
+
+
+def test_v2_inputs_tie_at_the_thresholds():
+    """The grid's inputs do what it claims: magnitude and breadcrumbs thresholds fall on
+    magnitudes a hundred elements or more share (models 0 and 2; model 1 is zero on a
+    third), model 1's task vector is zero there, and the sign election rejects models."""
+    model_dtypes = ("BF16", "F16", "F32")
+    n = 2051
+    base, models = tie_inputs("BF16", model_dtypes, n)
+    xb = ref.to_float32(base, "BF16")
+    ds = [ref.to_float32(m, dt) - xb for m, dt in zip(models, model_dtypes)]
+    mags = [ref.spec_mag(d) for d in ds]
+    for sparsifier, density, gamma in (("magnitude", 0.5, None), ("breadcrumbs", 0.6, 0.05)):
+        for mag in (mags[0], mags[2]):
+            for t in ref.spec_thresholds(sparsifier, mag, density, gamma):
+                assert (mag == t).sum() >= 100, (sparsifier, t)
+    assert (mags[1][: n // 3] == 0).all() and (mags[1][n // 3 :] != 0).mean() > 0.9
+    wd = [np.float32(w) * d for w, d in zip(weights_for(3), ds)]
+    s = wd[0] + wd[1] + wd[2]
+    disagree = [((x > 0) & (s < 0)) | ((x < 0) & (s >= 0)) for x in wd]
+    assert all(a.sum() > 100 for a in disagree)
+
+
+@pytest.mark.parametrize(
+    "method,weights,tiny",
+    [
+        ("task_arithmetic", [float(np.float32(1e-8)), 0.0], True),  # float32(1e-8) < 1e-8
+        ("task_arithmetic", [-float(np.float32(1e-8)), 0.0], True),
+        ("task_arithmetic", [float(np.nextafter(np.float32(1e-8), np.float32(1))), 0.0], False),
+        ("task_arithmetic", [0.5, -0.5], True),  # den = +0.0
+        ("task_arithmetic", [0.7, -0.3, -0.4], False),  # den = float32 rounding residue
+        ("dare_linear", [3e-9, 7e-9, -1e-10], True),
+        ("linear", [0.25, -0.25, 1e-9], True),
+    ],
+)
+def test_v2_normalize_tiny_denominator(method, weights, tiny):
+    """consensus none: den = sum of float32(w) in order, replaced by 1 when |den| < 1e-8 as
+    real numbers (the boundary is float32(1e-8), which is below 1e-8)."""
+    n_models = len(weights)
+    model_dtypes = ("F32",) * n_models
+    base_dtype = None if method == "linear" else "F32"
+    base, models = tie_inputs(base_dtype, model_dtypes, 1100, seed=3)
+    recipe = {"key": KEY, "start": 2**32 + 3, "weights": weights, "normalize": True}
+    if method == "dare_linear":
+        recipe["drop"] = [0.5] * n_models
+    got, want, _, _ = run_v2(method, base, base_dtype, models, model_dtypes, "F32", **recipe)
+    assert_same_bytes(got, want, "F32", f"{method} w={weights}")
+    den = np.float32(0.0)
+    for w in weights:
+        den = np.float32(den + np.float32(w))
+    assert (abs(float(den)) < 1e-8) == tiny, den
+    unnormalized, _, _, _ = run_v2(
+        method, base, base_dtype, models, model_dtypes, "F32", **{**recipe, "normalize": False}
+    )
+    assert np.array_equal(got, unnormalized) == (tiny or den == 1), den
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "breadcrumbs"])
+@pytest.mark.parametrize("which", ["one", "all"])
+def test_v2_all_zero_task_vectors(method, which):
+    """A fine-tune equal to the base (its mags all 0: T = 0 keeps all, breadcrumbs L = H = 0),
+    or every fine-tune equal to it (S = 0, no model agrees, den = 1, out = base)."""
+    model_dtypes = ("BF16", "BF16", "BF16")
+    base, models = tie_inputs("BF16", model_dtypes, 1500, seed=4)
+    models = list(models)
+    for k in range(3 if which == "all" else 1):
+        models[k] = base
+    recipe = v2_recipe(method, 3, 2**40 + 17, normalize=True)
+    recipe.pop("method")
+    got, want, entries, _ = run_v2(method, base, "BF16", models, model_dtypes, "BF16", **recipe)
+    assert_same_bytes(got, want, "BF16", f"{method} {which} zero {entries}")
+    if which == "all":
+        assert np.array_equal(got, base)
+
+
+@pytest.mark.parametrize(
+    "windows",
+    [
+        [(0x80000000, 0xFFFFFFFF), (0, 0xFFFFFFFF)],  # unsigned: a bound >= 2**31 keeps none
+        [(0x7F800000, 0x7F800000), (0, 0x7F7FFFFF)],  # infinities only / every finite value
+        [(1, 0), (0, 0)],  # keep none (an empty window) / zeros only
+        [(0x7F800001, 0xFFFFFFFF), (0x3F800000, 0x3F800000)],  # NaNs only / |d| = 1 only
+    ],
+)
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_v2_window_bounds_are_unsigned_and_inclusive(method, windows):
+    """Keep windows at the uint32 extremes (special values as inputs): the comparison is
+    unsigned 32-bit and inclusive at both ends."""
+    base, models = _special_grid("F32", ("F32", "F32"))
+    got, want, _, kw = run_v2(
+        method,
+        base,
+        "F32",
+        models,
+        ("F32", "F32"),
+        "F32",
+        key=KEY,
+        start=5,
+        weights=[0.7, -0.2],
+        scale=1.5,
+        thresholds=[list(w) for w in windows],
+    )
+    assert kw["keep_lo"] == [w[0] for w in windows]
+    assert_same_bytes(got, want, "F32", f"{method} {windows}")
+
+
+def _special_grid(base_dtype: str, model_dtypes: tuple[str, ...]):
+    """Every (base, model 0) pair of special values; other models take shifted copies."""
+    sb = special_values(base_dtype)
+    sm = [special_values(dt) for dt in model_dtypes]
+    size = max(len(sb), *(len(s) for s in sm))
+    ib, i0 = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    ib, i0 = ib.ravel(), i0.ravel()
+    models = [sm[0][i0 % len(sm[0])]] + [
+        s[(i0 * (k + 2) + ib) % len(s)] for k, s in enumerate(sm[1:])
+    ]
+    return sb[ib % len(sb)], models
+
+
+@pytest.mark.parametrize(
+    "name", ["ties", "dare_ties-normalized", "breadcrumbs_ties", "linear", "dare_linear-normalized"]
+)
+@pytest.mark.parametrize("case", ["f32", "bf16", "f16-base-bf16-models", "bf16-to-f16"])
+def test_v2_special_values(name, case):
+    """NaN, infinities, signed zeros, subnormals through every v2 path: the window on NaN and
+    inf magnitudes, a NaN sum S (elects negative), inf - inf, division by den."""
+    base_dtype, pattern, out_dtype = DTYPE_CASES[case]
+    model_dtypes = tuple(pattern[k % len(pattern)] for k in range(3))
+    base, models = _special_grid(base_dtype, model_dtypes)
+    recipe = v2_recipe(name, 3, 2**32 - 300, weights=[0.7, 0.5, -0.2], scale=1.5)
+    method = recipe.pop("method")
+    if method == "linear":
+        base, base_dtype = None, None
+    # Up to 34% of these task vectors are NaN: thresholds stay below the NaN magnitudes
+    # (see the end) with a magnitude density >= 0.5 and breadcrumbs' gamma >= 0.4.
+    if method == "ties":
+        recipe["density"] = [0.5, 0.6, 1.0]
+    if method == "breadcrumbs_ties":
+        recipe["density"], recipe["gamma"] = [0.5, 0.3, 0.4], [0.4, 0.45, 0.5]
+    got, want, entries, _ = run_v2(
+        method, base, base_dtype, models, model_dtypes, out_dtype, **recipe
+    )
+    assert_same_bytes(got, want, out_dtype, f"{name} {case} special values {entries}")
+    # Thresholds on NaN magnitudes would depend on NaN payloads, which differ across
+    # devices (a GPU's arithmetic returns 0x7FFFFFFF): keep them finite so this test holds
+    # bit for bit on a GPU too.
+    assert all(t <= 0x7F800000 for e in entries if e for t in e), entries
+
+
+def test_v2_chunking_does_not_change_the_bytes():
+    """Thresholds of the whole tensor applied to chunks (any start): the same bytes as one
+    launch, for a window + sign + DARE + normalize path."""
+    n, t0 = 3001, 2**32 - 1500
+    model_dtypes = ("BF16", "F16", "BF16")
+    base, models = tie_inputs("BF16", model_dtypes, n, seed=5)
+    for name in ("breadcrumbs_ties", "dare_ties-normalized", "ties"):
+        recipe = v2_recipe(name, 3, t0)
+        method = recipe.pop("method")
+        whole, want, entries, _ = run_v2(
+            method, base, "BF16", models, model_dtypes, "BF16", **recipe
+        )
+        assert_same_bytes(whole, want, "BF16", name)
+        for k in ("density", "gamma"):
+            recipe.pop(k, None) if method != "dare_ties" else None
+        pieces = []
+        for lo, hi in [(0, 1000), (1000, 1001), (1001, 2500), (2500, n)]:
+            chunk_recipe = {**recipe, "start": t0 + lo}
+            if entries[0] is not None:
+                chunk_recipe["thresholds"] = entries
+            got, _, _, _ = run_v2(
+                method,
+                base[lo:hi],
+                "BF16",
+                [m[lo:hi] for m in models],
+                model_dtypes,
+                "BF16",
+                **chunk_recipe,
+            )
+            pieces.append(got)
+        assert_same_bytes(np.concatenate(pieces), whole, "BF16", f"{name} chunked")
+
+
+@pytest.mark.parametrize(
+    "method,ids",
+    [("dare_ties", [7, 0, 4]), ("dare_ties", [2**32 - 1, 3, 5]), ("ties", [9, 1, 2])],
+)
+def test_v2_model_ids(method, ids):
+    """SPEC model indices other than 0..N-1 (Philox groups and words) with the v2 flags."""
+    model_dtypes = ("BF16", "F16", "F32")
+    base, models = tie_inputs("BF16", model_dtypes, 1500, seed=6)
+    recipe = {"key": KEY, "start": 2**32 - 700, "weights": [0.5, 0.3, -0.4], "model_ids": ids}
+    recipe["density"] = [0.5, 0.3, 0.8]
+    got, want, _, _ = run_v2(
+        method, base, "BF16", models, model_dtypes, "BF16", normalize=True, **recipe
+    )
+    assert_same_bytes(got, want, "BF16", f"{method} ids={ids}")
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "linear"])
+def test_v2_single_model(name):
+    """One participating model (a segment only it covers): the sign election of one."""
+    base, models = tie_inputs(None if name == "linear" else "F16", ("BF16",), 1030, seed=7)
+    recipe = v2_recipe(name, 1, 2**33, weights=[-0.6], normalize=True)
+    method = recipe.pop("method")
+    got, want, _, _ = run_v2(
+        method, base, None if name == "linear" else "F16", models, ("BF16",), "F16", **recipe
+    )
+    assert_same_bytes(got, want, "F16", name)
+
+
+def test_v2_defaults_and_trivial_windows_are_v1():
+    """Explicit defaults (a window keeping everything, consensus none, no normalize, not
+    linear) give v1's bytes."""
+    model_dtypes = ("BF16", "F16", "F32")
+    base, models = inputs("BF16", model_dtypes, 1500, seed=8)
+    recipe = {"key": KEY, "start": 2**32 - 9, "drop": [0.5, 0.0, 0.3], "weights": [0.5, 0.3, -0.2]}
+    got, want = run_both(base, "BF16", models, model_dtypes, "BF16", scale=0.75, **recipe)
+    assert_same_bytes(got, want, "BF16", "v1")
+    out = torch.empty(1500, dtype=torch.bfloat16, device=DEVICE)
+    merge_chunk_triton(
+        to_torch(base, "BF16"),
+        [to_torch(m, dt) for m, dt in zip(models, model_dtypes)],
+        out,
+        scale=0.75,
+        keep_lo=[0, 0, 0],
+        keep_hi=[2**32 - 1] * 3,
+        consensus="none",
+        normalize=False,
+        linear=False,
+        **recipe,
+    )
+    assert_same_bytes(to_numpy(out), want, "BF16", "v1 with explicit defaults")
+
+
+def _numba_merge_arrays():
+    """kernels.cpu_merge.merge_arrays when it takes the v2 arguments, else skip."""
+    try:
+        from streammerge.kernels import cpu_merge
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+        pytest.skip(f"the numba kernel does not import: {exc}")
+    if "keep_lo" not in inspect.signature(cpu_merge.merge_arrays).parameters:
+        pytest.skip("the numba kernel has no v2 arguments yet")
+    return cpu_merge.merge_arrays
+
+
+@pytest.mark.parametrize("n_models", [2, 5])
+@pytest.mark.parametrize(
+    "name", ["ties", "dare_ties-normalized", "breadcrumbs_ties", "linear", "dare_linear-normalized"]
+)
+def test_v2_matches_numba_kernel(name, n_models):
+    """The Triton and numba kernels agree bit for bit on the same v2 arguments (bf16 base,
+    mixed fine-tunes, bf16 out; 4099 elements: several blocks of each kernel)."""
+    merge_arrays = _numba_merge_arrays()
+    pattern = ("BF16", "F16", "F32")
+    model_dtypes = tuple(pattern[k % 3] for k in range(n_models))
+    recipe = v2_recipe(name, n_models, 5 * 2**32 + 11)
+    method = recipe.pop("method")
+    base_dtype = None if method == "linear" else "BF16"
+    base, models = tie_inputs(base_dtype, model_dtypes, 4099, seed=9)
+    got, want, _, kw = run_v2(method, base, base_dtype, models, model_dtypes, "BF16", **recipe)
+    assert_same_bytes(got, want, "BF16", f"{name} vs reference")
+    theirs = merge_arrays(
+        base, list(models), "BF16", base_dtype=base_dtype, model_dtypes=list(model_dtypes), **kw
+    )
+    assert_same_bytes(got, theirs, "BF16", f"{name} vs numba")
+
+
+# ----------------------------------------------------------------------------------------
 # Launcher checks
 # ----------------------------------------------------------------------------------------
 
@@ -590,6 +1002,15 @@ def test_launcher_returns_out_and_handles_empty_chunks():
             "at least one",
         ),
         (lambda b, m, o, kw: (b, torch.stack(m), o.reshape(2, 4), kw), ValueError, "2-D"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "consensus": "mean"}), ValueError, "consensus"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "consensus": None}), ValueError, "consensus"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "keep_lo": [0, 2**32]}), ValueError, "keep_lo"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "keep_hi": [-1, 5]}), ValueError, "keep_hi"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "keep_hi": [5]}), ValueError, "one entry per"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "keep_lo": [0.5, 1]}), TypeError, "integer"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "normalize": "yes"}), TypeError, "normalize"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "linear": 1}), TypeError, "linear must be a bool"),
+        (lambda b, m, o, kw: (b, m, o, {**kw, "linear": True}), ValueError, "base=None"),
     ],
 )
 def test_launcher_rejects_bad_arguments(mutate, exc, match):
@@ -624,22 +1045,39 @@ _COMPILE_SCRIPT = textwrap.dedent(
     driver.set_active(StubDriver())
     from streammerge.kernels import triton_merge as tm
 
-    def ptx(dtypes, fusion):
+    def ptx(dtypes, fusion, masked=True, window=False, sign=False, normalize=False,
+            linear=False, lo=2**33 + 3):
         n = 1 << 20
         ms = tuple(torch.empty(n, dtype=getattr(torch, d)) for d in dtypes)
         N = len(dtypes)
+        keep = (tuple([lo] * N), tuple([2**33 + 2**32 + 1] * N)) if window else (None, None)
         k = tm._m3_dare_kernel.warmup(
-            ms[0], ms, ms[0], tuple([2**33 + 2**32 + 1] * N), tuple([2.0] * N), tuple([0.5] * N),
-            1.0, n, 2**40, 2**33, None, None, MODEL_IDS=tuple(range(N)), MASKED=(True,) * N,
-            DRAW=tuple(j % 4 == 0 for j in range(N)), HAS_BASE=True, WINDOW=False, SIGN=False,
-            NORMALIZE=False, LINEAR=False, BLOCK=1024, num_warps=4, enable_fp_fusion=fusion,
-            grid=(1,))
+            None if linear else ms[0], ms, ms[0], tuple([2**33 + 2**32 + 1] * N),
+            tuple([2.0] * N), tuple([0.5] * N), 1.0, n, 2**40, 2**33, *keep,
+            MODEL_IDS=tuple(range(N)), MASKED=(masked,) * N,
+            DRAW=tuple(masked and j % 4 == 0 for j in range(N)), HAS_BASE=not linear,
+            WINDOW=window, SIGN=sign, NORMALIZE=normalize, LINEAR=linear, BLOCK=1024,
+            num_warps=4, enable_fp_fusion=fusion, grid=(1,))
         return k.asm["ptx"]
 
+    def compiled():
+        return sum(len(c[0]) for c in tm._m3_dare_kernel.device_caches.values())
+
+    v2 = {  # N = 2 bf16 as the v2 methods launch it
+        "ties": dict(masked=False, window=True, sign=True, normalize=True),
+        "dare_ties": dict(sign=True),
+        "linear": dict(masked=False, normalize=True, linear=True),
+    }
     for name, dtypes in (("n2", ["bfloat16"] * 2), ("n5", ["bfloat16", "float16", "float32"] * 2)):
         for fusion in (False, True):
             open(os.path.join(sys.argv[1], f"{name}_{fusion}.ptx"), "w").write(
                 ptx(dtypes[:5], fusion))
+            for method, flags in v2.items():
+                open(os.path.join(sys.argv[1], f"{name}_{method}_{fusion}.ptx"), "w").write(
+                    ptx(dtypes[:5], fusion, **flags))
+    before = compiled()
+    ptx(["bfloat16"] * 2, False, lo=2**33 + 2 * 12345 + 1, **v2["ties"])  # other window
+    print("recompiled", compiled() - before)
     """
 )
 
@@ -648,7 +1086,9 @@ def test_compiled_ptx_has_no_fma_and_vector_loads(tmp_path):
     """The kernel compiles for sm_90 (no GPU needed): with enable_fp_fusion=False every
     float32 add/sub/mul is a separate .rn instruction (no fma, no ftz); with it on, fma
     appears (so the flag is what prevents it); N = 2 bf16 loads each input with one 16-byte
-    vector load per thread and draws Philox once for both models; N = 5 draws it twice."""
+    vector load per thread and draws Philox once for both models; N = 5 draws it twice. The
+    v2 flags (ties, dare_ties, linear) keep all that, normalize with div.rn.f32, v1 has no
+    division, and new keep-window bounds reuse the compiled kernel."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
@@ -673,6 +1113,19 @@ def test_compiled_ptx_has_no_fma_and_vector_loads(tmp_path):
         assert ".ftz" not in strict, name
         assert not re.search(r"\b(add|sub|mul)\.f32", strict), name  # all .rn: no contraction
         assert re.search(r"\bfma\.", fused), name  # fusion on would fuse: the flag matters
+    for name in ("n2", "n5"):  # v2 methods: same strictness, IEEE division where normalized
+        for method in ("ties", "dare_ties", "linear"):
+            strict = read(f"{name}_{method}_False.ptx")
+            assert not re.search(r"\bfma\.", strict), (name, method)
+            assert ".ftz" not in strict and ".approx" not in strict, (name, method)
+            assert not re.search(r"\b(add|sub|mul|div)\.f32", strict), (name, method)
+            assert ("div.rn.f32" in strict) == (method != "dare_ties"), (name, method)
+        assert re.search(r"\bfma\.", read(f"{name}_ties_True.ptx")), name
+        assert not re.search(r"\bdiv\.", read(f"{name}_False.ptx")), name  # v1: no division
+    # One 16-byte load per input and thread in the sign consensus too (wd_j kept, not reloaded).
+    for method, loads in (("ties", 3), ("dare_ties", 3), ("linear", 2)):
+        assert len(re.findall(r"ld\.global\.v4\.b32", read(f"n2_{method}_False.ptx"))) == loads
+    assert r.stdout.split()[-2:] == ["recompiled", "0"], r.stdout  # window bounds: runtime
     n2, n5 = read("n2_False.ptx"), read("n5_False.ptx")
     assert len(re.findall(r"ld\.global\.v4\.b32", n2)) == 3  # base + 2 models, 16 B each
     assert len(re.findall(r"st\.global\.v4\.b32", n2)) == 1
