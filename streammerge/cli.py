@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
         "streaming tensors chunk by chunk in flat memory. The exact contract: docs/SPEC.md "
         "in the streammerge repository.",
-        epilog="methods: " + "; ".join(
+        epilog="methods: "
+        + "; ".join(
             f"{m.name} ({m.sparsifier} + {m.consensus} consensus, normalize "
             f"{'on' if m.normalize else 'off'})"
             for m in METHODS.values()

@@ -100,11 +100,28 @@ def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, align_up(size)), dtype=np.uint8)[:size].reshape(shape)
 
 
+def mapped_bytes(a: np.ndarray) -> int:
+    """Bytes really allocated under ``a``: the length of the mmap (or buffer) it views, for
+    the budget check (``page_aligned`` rounds up to pages; pinned buffers may be larger)."""
+    obj = a
+    while isinstance(obj, np.ndarray) and obj.base is not None:
+        obj = obj.base
+    if isinstance(obj, memoryview):
+        obj = obj.obj
+    if isinstance(obj, mmap.mmap):
+        return len(obj)
+    return obj.nbytes if isinstance(obj, np.ndarray) else a.nbytes
+
+
+#: Scratch of the numba histogram kernels per thread and fine-tune (``kernels/cpu_stats``):
+#: LANES = 4 uint32 copies of the high histogram and of two low histograms.
+KERNEL_SCRATCH_PER_MODEL = 4 * (HIGH_BINS + 2 * LOW_BINS) * 4
+
+
 def stats_bytes(n_models: int, threads: int) -> int:
-    """Histogram bytes of a statistics pass: the population's counts (``ThresholdStats``)
-    plus one partial histogram set per kernel thread."""
-    per_model = (HIGH_BINS + 2 * LOW_BINS) * 8
-    return (1 + threads) * n_models * per_model
+    """Histogram bytes of a statistics pass: the population's int64 counts
+    (``ThresholdStats``) plus the kernels' partial histograms, one set per thread."""
+    return n_models * ((HIGH_BINS + 2 * LOW_BINS) * 8 + threads * KERNEL_SCRATCH_PER_MODEL)
 
 
 @dataclass
@@ -443,7 +460,7 @@ def _stream(
 
     def write_stage() -> None:
         staging = StagingBlock(layout.block_bytes, STAGING_BLOCKS)
-        stats["staging"] = staging.nbytes * STAGING_BLOCKS
+        stats["staging"] = sum(len(m) for m in staging.mems)
         writer: ShardWriter | None = None
         try:
             while (item := get(done_q)) is not None:
@@ -553,14 +570,14 @@ def _stream(
         reader.close()
     if errors:
         raise errors[0]
-    allocated = sum(s.inputs.nbytes + s.out.nbytes for s in slots) + stats["staging"]
+    allocated = sum(mapped_bytes(s.inputs) + mapped_bytes(s.out) for s in slots) + stats["staging"]
     return RunStats(
         stats["read"],
         stats["written"],
         results,
         busy,
         thresholds.recorded,
-        allocated + thresholds.peak_bytes,
+        allocated + (layout.stats_bytes if thresholds.peak_bytes else 0),
     )
 
 

@@ -90,7 +90,7 @@ def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
     kw = dict(method=method, seed=5, weights=[1.0, 0.6, 0.8], density=0.3)
     if METHODS[method].sparse.uses_gamma:
         kw["gamma"] = 0.05
-    small = streammerge.merge([a, b, c], base, tmp_path / "small", memory="12MiB", **kw)
+    small = streammerge.merge([a, b, c], base, tmp_path / "small", memory="24MiB", **kw)
     large = streammerge.merge([a, b, c], base, tmp_path / "large", memory="256MiB", **kw)
     assert small.bytes_read > large.bytes_read or not METHODS[method].sparse.stats
     assert output_bytes(tmp_path / "small").keys() == output_bytes(tmp_path / "large").keys()
@@ -98,7 +98,7 @@ def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
         assert np.array_equal(v, output_bytes(tmp_path / "large")[name]), name
     _check(tmp_path / "small", base, [a, b, c])
     if METHODS[method].sparse.stats:
-        streammerge.merge([a, b, c], base, tmp_path / "model", memory="12MiB",
+        streammerge.merge([a, b, c], base, tmp_path / "model", memory="24MiB",
                           trim_scope="model", **kw)  # fmt: skip
         rec = _check(tmp_path / "model", base, [a, b, c])
         th = {json.dumps(v["thresholds"]) for v in rec["tensors"].values()}
