@@ -553,6 +553,40 @@ def _check_bytes(a: np.ndarray, ndim: int, what: str) -> None:
         raise ValueError(f"{what} must be C-contiguous")
 
 
+def _check_rows(
+    inputs: np.ndarray, dtypes: Sequence[str], base_row: int, model_rows: Sequence[int], n: int,
+    what: str,
+) -> tuple[np.ndarray, list[int], int]:  # fmt: skip
+    """Validate the raw input rows of a chunk of ``n`` elements (merge_chunk, cpu_stats).
+
+    Returns:
+        (codes [R] int64 dtype codes, the rows used: models then the base if any, int(n)).
+
+    Raises:
+        ValueError: ``inputs`` not a C-contiguous 2-D uint8 array, dtypes of the wrong
+            length or unknown, no model, n < 0, a row out of range or too short for n.
+    """
+    _check_bytes(inputs, 2, "inputs")
+    n_rows, cap_bytes = inputs.shape
+    if len(dtypes) != n_rows:
+        raise ValueError(f"dtypes has {len(dtypes)} entries for {n_rows} input rows")
+    codes = np.array([_code(d, f"dtypes[{r}]") for r, d in enumerate(dtypes)], np.int64)
+    if len(model_rows) < 1:
+        raise ValueError(f"{what} needs at least one participating model")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    used = [int(r) for r in model_rows] + ([int(base_row)] if base_row != -1 else [])
+    for r in used:
+        if not 0 <= r < n_rows:
+            raise ValueError(f"row {r} out of range for {n_rows} input rows (base_row may be -1)")
+        if n * _CODE_ITEMSIZE[codes[r]] > cap_bytes:
+            raise ValueError(
+                f"row {r} holds {cap_bytes} bytes, too few for {n} {dtypes[r]} elements"
+            )
+    return codes, used, n
+
+
 def _window_bounds(bounds, n_models: int, default: int, what: str) -> np.ndarray:
     """keep_lo / keep_hi as a [K] uint32 array (None: every entry ``default``)."""
     if bounds is None:
@@ -658,12 +692,8 @@ def merge_chunk(
     1.8-2.4 G elements/s, 11-14 GB/s. One thread, p=0.5: 25 ms. First call compiles in
     ~12 s of CPU (0.3 s from numba's cache); call ``warmup`` early.
     """
-    _check_bytes(inputs, 2, "inputs")
+    codes, used, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "merge_chunk")
     _check_bytes(out, 1, "out")
-    n_rows, cap_bytes = inputs.shape
-    if len(dtypes) != n_rows:
-        raise ValueError(f"dtypes has {len(dtypes)} entries for {n_rows} input rows")
-    codes = np.array([_code(d, f"dtypes[{r}]") for r, d in enumerate(dtypes)], np.int64)
     out_code = _code(out_dtype, "out_dtype")
     n_models = len(model_rows)
     if not (len(model_ids) == len(drop) == len(weights) == n_models):
@@ -671,23 +701,10 @@ def merge_chunk(
             f"model_rows, model_ids, drop and weights must have one entry per model; got "
             f"{n_models}, {len(model_ids)}, {len(drop)}, {len(weights)}"
         )
-    if n_models < 1:
-        raise ValueError("merge_chunk needs at least one participating model")
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     if not 0 <= key < 2**63:
         raise ValueError(f"key must be in [0, 2**63), got {key}")
     if start < 0 or start + n > 2**63:
         raise ValueError(f"start must satisfy 0 <= start and start + n <= 2**63, got {start}")
-    used = list(model_rows) + ([base_row] if base_row != -1 else [])
-    for r in used:
-        if not 0 <= r < n_rows:
-            raise ValueError(f"row {r} out of range for {n_rows} input rows (base_row may be -1)")
-        if n * _CODE_ITEMSIZE[codes[r]] > cap_bytes:
-            raise ValueError(
-                f"row {r} holds {cap_bytes} bytes, too few for {n} {dtypes[r]} elements"
-            )
     if n * FLOAT_ITEMSIZE[out_dtype] > out.shape[0]:
         raise ValueError(f"out holds {out.shape[0]} bytes, too few for {n} {out_dtype} elements")
     for j in model_ids:

@@ -87,7 +87,7 @@ def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
     same bytes as when held; trim_scope model computes one population per fine-tune."""
     base, a, b = make_trio(tmp_path, dtype="BF16", shards=(2, 1, 3), big=600_000)
     c = _third_model(tmp_path, base, "BF16")
-    kw = dict(method=method, seed=5, weights=[1.0, 0.6, 0.8], density=0.3)
+    kw = {"method": method, "seed": 5, "weights": [1.0, 0.6, 0.8], "density": 0.3}
     if METHODS[method].sparse.uses_gamma:
         kw["gamma"] = 0.05
     small = streammerge.merge([a, b, c], base, tmp_path / "small", memory="24MiB", **kw)
@@ -158,7 +158,7 @@ def test_v1_command_lines_keep_their_bytes(tmp_path):
 
 
 def test_linear_needs_no_base_and_refuses_scale(tmp_path):
-    base, a, b = make_trio(tmp_path)
+    _base, a, b = make_trio(tmp_path)
     r = run_cli([str(a), str(b), "-o", str(tmp_path / "o"), "--method", "linear", "--quiet"])
     assert r.returncode == 0, r.stderr
     _check(tmp_path / "o", None, [a, b])
