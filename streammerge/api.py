@@ -106,6 +106,24 @@ class MergeSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where a merge came from, for the record and the model card (never the values).
+
+    Attributes:
+        recipe_yaml: the YAML recipe's text when one was given.
+        labels: how the inputs were named (repo ids stay names), base first if any.
+        command: the one command that repeats the merge.
+        tokenizer_model: fine-tune whose tokenizer files are copied (recipe
+            ``tokenizer_source``), or None (the base, or the vocabulary rule's choice).
+    """
+
+    recipe_yaml: str | None = None
+    labels: tuple[str, ...] = ()
+    command: str | None = None
+    tokenizer_model: int | None = None
+
+
 @dataclass
 class Prepared:
     """A merge planned and its output location checked; no weight has been read.
@@ -126,6 +144,7 @@ class Prepared:
     options: Options
     shard_size_bytes: int
     memory_bytes: int
+    provenance: Provenance = field(default_factory=Provenance)
     done: dict[str, dict] = field(default_factory=dict)
     opened: bool = False
     t0: float = field(default_factory=time.perf_counter)
@@ -239,7 +258,7 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
 
 RECIPE_KEYS = (
     "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
-    "normalize", "trim_scope", "dtype",
+    "normalize", "trim_scope", "dtype", "model_params", "params", "lines", "source",
 )  # fmt: skip
 OPTION_KEYS = tuple(f.name for f in fields(Options))
 
@@ -250,6 +269,7 @@ def prepare(
     out: str | Path,
     recipe: Recipe | dict | None = None,
     options: Options | None = None,
+    provenance: Provenance | None = None,
 ) -> Prepared:
     """Plan a merge from headers alone and check its output location (no weight is read,
     nothing is written).
@@ -298,7 +318,7 @@ def prepare(
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
     output.preflight(plan.output_bytes)
     return Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
-                    memory_bytes)  # fmt: skip
+                    memory_bytes, provenance or Provenance())  # fmt: skip
 
 
 def open_output(prep: Prepared) -> dict[str, dict]:
@@ -385,7 +405,7 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
         output.write_file(INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         if prep.options.copy_files:
             source = prep.base if prep.base is not None else prep.models[0]
-            copy_side_files(output, plan, source, prep.models)
+            copy_side_files(output, plan, source, prep.models, prep.provenance.tokenizer_model)
         rec = record(prep, shards, thresholds)
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
@@ -429,6 +449,7 @@ def merge(
     options: Options | None = None,
     on_start: Callable[[Plan, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    provenance: Provenance | None = None,
     **kwargs,
 ) -> MergeSummary:
     """Merge fine-tunes ``models`` of ``base`` into ``out`` (docs/SPEC.md): prepare ->
@@ -462,7 +483,7 @@ def merge(
     if options is None:
         options = Options(**{k: v for k, v in kwargs.items() if k in OPTION_KEYS})
     spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
-    prep = prepare(models, base, out, spec, options)
+    prep = prepare(models, base, out, spec, options, provenance)
     engine = make_backend(options.backend, options.device, options.threads, options.vram)
     try:
         stats = execute(prep, engine, on_start=on_start, on_bytes=on_bytes)

@@ -17,6 +17,16 @@ from streammerge.ops import ConvertArgs, HistArgs, MergeArgs
 from streammerge.pipeline import Slot, page_aligned
 
 
+class _Geometry:
+    """What a layout needs of a backend, without starting one (``--plan``)."""
+
+    depth = 0
+
+
+#: The CPU backends' buffer geometry (no slots in flight beyond the pipeline's own).
+CPU_GEOMETRY = _Geometry()
+
+
 class NumbaBackend:
     """Runs each pass on the slot in place with ``streammerge.kernels`` (synchronous).
 

@@ -32,10 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "models",
-        nargs="+",
+        nargs="*",
         metavar="MODEL",
-        help="fine-tune directories (HF layout), model 0, 1, ...",
+        help="fine-tune directories (HF layout), model 0, 1, ... (or --config)",
     )
+    p.add_argument(
+        "--config",
+        metavar="RECIPE.yml",
+        default=None,
+        help="a mergekit YAML recipe (merge_method, base_model, models, parameters, dtype, "
+        "out_dtype, tokenizer_source; streammerge's own keys under streammerge:)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="dry run: read headers only, print the per-tensor plan, bytes, memory and "
+        "expected time, write nothing",
+    )
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
     p.add_argument(
         "--base",
         default=None,
@@ -177,9 +191,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Flags that set the recipe (the rest set how the merge runs: api.Options).
+FLAG_RECIPE_KEYS = (
+    "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
+    "normalize", "trim_scope", "dtype",
+)  # fmt: skip
+
+
+def recipe_inputs(args, parser, notice, argv: list[str]):
+    """(models, base, recipe kwargs, Provenance) from the flags or a ``--config`` recipe.
+
+    Raises:
+        MergeError: a recipe error (one line, key and line), or flags that conflict.
+    """
+    import shlex
+
+    from streammerge.api import Provenance
+
+    command = shlex.join(["streammerge", *argv])
+    if args.config is None:
+        if len(args.models) < 2:
+            parser.error("give two or more MODEL directories (or --config RECIPE.yml)")
+        kwargs = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS}
+        kwargs["source"] = "cli"
+        return args.models, args.base, kwargs, Provenance(command=command)
+    from streammerge.mergekit_yaml import load_recipe
+
+    if args.models or args.base:
+        raise MergeError("--config names the models and the base", args.config, None,
+                         "drop the MODEL arguments and --base")  # fmt: skip
+    clash = [
+        k for k in FLAG_RECIPE_KEYS if k != "seed" and getattr(args, k) != parser.get_default(k)
+    ]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-").replace("lam", "lambda")
+        raise MergeError(f"{flag} conflicts with --config", args.config, None,
+                         "put it in the recipe (streammerge: block for seed, mixup, trim_scope)")  # fmt: skip
+    yr = load_recipe(args.config, notice)
+    kwargs = dict(yr.recipe)
+    if args.seed is not None:
+        kwargs["seed"] = args.seed
+    prov = Provenance(yr.text, tuple(yr.labels), command, yr.tokenizer_model)
+    return [str(m) for m in yr.models], yr.base, kwargs, prov
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -190,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         TransferSpeedColumn,
     )
 
-    from streammerge.api import OPTION_KEYS, RECIPE_KEYS, Options, merge
+    from streammerge.api import OPTION_KEYS, Options, merge
 
     err = Console(stderr=True, highlight=False)
     progress = (
@@ -232,15 +292,24 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 progress.advance(task, n)
 
+    def notice(line: str) -> None:
+        if not args.quiet:
+            err.print(f"streammerge: {line}")
+
     try:
+        models, base, kwargs, prov = recipe_inputs(args, parser, notice, argv)
+        options = Options(**{k: getattr(args, k) for k in OPTION_KEYS})
+        if args.plan:
+            return show_plan(models, base, args.output, kwargs, options, prov, args.json)
         s = merge(
-            args.models,
-            args.base,
+            models,
+            base,
             args.output,
-            options=Options(**{k: getattr(args, k) for k in OPTION_KEYS}),
+            options=options,
             on_start=on_start,
             on_bytes=on_bytes,
-            **{k: getattr(args, k) for k in RECIPE_KEYS},
+            provenance=prov,
+            **kwargs,
         )
     except KeyboardInterrupt:
         if progress is not None:
@@ -276,6 +345,20 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True
         )
+    return 0
+
+
+def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
+    """``--plan``: prepare from headers (every check of a real run), print, write nothing."""
+    import json
+
+    from streammerge import dryrun
+    from streammerge.api import layout_for, prepare
+    from streammerge.backends import CPU_GEOMETRY
+
+    prep = prepare(models, base, out, kwargs, options, prov)
+    d = dryrun.describe(prep, layout_for(prep, CPU_GEOMETRY))
+    print(json.dumps(d, indent=2, sort_keys=True) if as_json else dryrun.format_plan(d))
     return 0
 
 

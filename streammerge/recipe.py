@@ -95,11 +95,15 @@ def evaluate(value, name: str, t: float, key: str):
         if all(isinstance(v, Mapping) for v in value):
             for entry in value:
                 filt = entry.get("filter")
-                if filt is None or str(filt) in name:
+                if filt is None or filt == "*" or str(filt) in name:
                     return evaluate(entry.get("value"), name, t, key)
             return None
         if value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return gradient(value, t)
+        if value and all(isinstance(v, bool) for v in value):
+            return value[int(t * (len(value) - 1))]  # mergekit: no interpolation of bools
+        if not value:
+            return None
     raise RecipeError(
         f"{key}: expected a number, a list of numbers (gradient) or a list of "
         f"{{filter, value}} entries, got {value!r}",
@@ -154,6 +158,7 @@ class Recipe:
         trim_scope: ``tensor`` (mergekit) or ``model`` (the TIES / M3 papers' global trim).
         dtype: output dtype (safetensors string) of float tensors, or None (the base's).
         source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
+        lines: recipe key -> line of the YAML file it came from (for messages).
     """
 
     method: str
@@ -167,6 +172,7 @@ class Recipe:
     trim_scope: str = "tensor"
     dtype: str | None = None
     source: str = "api"
+    lines: dict = field(default_factory=dict)
 
     @property
     def row(self) -> Method:
@@ -178,6 +184,8 @@ class Recipe:
             (self.models[j] if j is not None else {}, f"models[{j}].parameters.{key}"),
             (self.params, f"parameters.{key}"),
         ):
+            if where in self.lines:
+                where = f"{where} (line {self.lines[where]})"
             if key in scope:
                 v = evaluate(scope[key], name, t, where)
                 if v is not None:
@@ -319,13 +327,20 @@ def build_recipe(
     trim_scope: str = "tensor",
     dtype: str | None = None,
     source: str = "api",
+    model_params: Sequence[Mapping] | None = None,
+    params: Mapping | None = None,
+    lines: Mapping | None = None,
 ) -> Recipe:
     """A recipe from flag-style arguments (the CLI and ``streammerge.merge``).
 
     Weights: ``lam`` (N = 2) fixes m = (λ, 1 - λ); ``weights`` gives w directly; otherwise
-    M3 draws m with ``alpha`` from ``seed``. ``density`` / ``drop`` / ``gamma`` / ``weights``
+    M3 draws m with ``alpha`` from ``seed`` (``alpha=None``: no draw, the configured weights
+    are w, as in a mergekit recipe). ``density`` / ``drop`` / ``gamma`` / ``weights``
     take one value for all models or one per model (list or ``"0.3,0.6"``). Without
     ``method`` the method is ``dare_linear`` (v1: drop 0.5 unless given).
+    ``model_params`` / ``params``: per-model and top-level parameter values in mergekit's
+    forms (gradients, filter lists; ``scale`` for mergekit's ``lambda``), as a YAML recipe
+    gives them; flags given as well override them.
 
     Raises:
         RecipeError (a ValueError): N < 2, an unknown method or trim scope, alpha <= 0,
@@ -347,6 +362,8 @@ def build_recipe(
     if not 0 <= seed < 2**64:
         raise RecipeError(f"--seed must be in [0, 2**64), got {seed}", "seed")
     sp = row.sparse
+    if model_params is not None and len(model_params) != n_models:
+        raise RecipeError(f"model_params has {len(model_params)} entries for {n_models} models")
     for key, val, used in (
         ("density", density, sp.uses_density),
         ("drop", drop, sp.uses_drop),
@@ -365,19 +382,19 @@ def build_recipe(
             raise RecipeError(f"--lambda needs exactly 2 models, got {n_models}; use --weights")
         _finite(lam, "--lambda")
         mixup = (float(lam), 1.0 - float(lam))
-    elif weights is None:
+    elif weights is None and alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
             raise RecipeError(f"--alpha must be a number, got {alpha!r}", "alpha")
         if not (alpha > 0 and math.isfinite(alpha)):
             raise RecipeError(f"--alpha must be > 0, got {alpha}", "alpha")
         alpha_used = float(alpha)
         mixup = draw_mixup(n_models, alpha_used, seed)
-    models = [{} for _ in range(n_models)]
+    models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
     for key, val in (("weight", weights), ("density", density), ("drop", drop), ("gamma", gamma)):
         for j, v in enumerate(_per_model(val, n_models, key if key != "weight" else "weights")):
             if v is not None:
                 models[j][key] = v
-    params: dict = {}
+    params: dict = dict(params or {})
     if scale != 1.0:
         params["scale"] = float(scale)
     if normalize is not None:
@@ -394,6 +411,7 @@ def build_recipe(
         trim_scope,
         dtype,
         source,
+        dict(lines or {}),
     )
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe

@@ -26,7 +26,7 @@ WEIGHT_SUFFIXES = (
     ".onnx",
     ".pkl",
 )
-SKIP_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "streammerge.json"}
+SKIP_NAMES = {INDEX_FILE, "pytorch_model.bin.index.json", "streammerge.json", "README.md"}
 TOKENIZER_PREFIXES = (
     "tokenizer",
     "special_tokens_map",
@@ -41,14 +41,21 @@ MAX_COPY_BYTES = 256 * 2**20
 
 
 def copy_side_files(
-    output: OutputDir, plan: Plan, base: ModelDir, models: Sequence[ModelDir]
+    output: OutputDir,
+    plan: Plan,
+    base: ModelDir,
+    models: Sequence[ModelDir],
+    tokenizer_model: int | None = None,
 ) -> None:
     """Copy config, tokenizer and module configs (sentence-transformers) from the base.
 
-    With the vocabulary rule in force, tokenizer files come from the fine-tune with the most
-    rows and ``config.json``'s ``vocab_size`` follows the output rows.
+    Tokenizer files come from fine-tune ``tokenizer_model`` when given (a recipe's
+    ``tokenizer_source``), else, with the vocabulary rule in force, from the fine-tune with
+    the most rows; ``config.json``'s ``vocab_size`` follows the output rows. The base's own
+    README.md is not copied (the output gets its model card).
     """
-    tok_dir = models[plan.tokenizer_model].path if plan.tokenizer_model is not None else None
+    tok = tokenizer_model if tokenizer_model is not None else plan.tokenizer_model
+    tok_dir = models[tok].path if tok is not None else None
 
     def files(root: Path):
         for dirpath, dirnames, filenames in os.walk(root):

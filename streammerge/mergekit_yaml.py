@@ -1,0 +1,390 @@
+"""mergekit YAML recipes, read unchanged: ``streammerge --config recipe.yml -o OUT``.
+
+The schema is mergekit 0.1.5's (``MergeConfiguration``) for the methods streammerge has::
+
+    merge_method: ties                # a row of streammerge.methods.METHODS
+    base_model: path/or/org/name      # not for linear
+    models:
+      - model: path/or/org/name       # a directory, or a repo id in the local HF cache
+        parameters:
+          weight: [0, 0.3, 0.7, 1]    # gradient along the layers
+          density:
+            - filter: mlp             # substring of the tensor name; first match wins
+              value: 0.5
+            - value: 0.2
+    parameters: {normalize: true, lambda: 1.0}   # top level: every model, lower precedence
+    dtype: float32                    # mergekit's compute dtype (streammerge: always float32)
+    out_dtype: bfloat16
+    tokenizer_source: base            # or a model of the list
+    streammerge:                      # streammerge's own keys, unknown to mergekit
+      mixup: {alpha: 1.0}             # M3: w_j = m_j * weight_j, m ~ Beta / Dirichlet
+      seed: 7
+      trim_scope: model
+
+Resolution per tensor is mergekit's (``streammerge.recipe.evaluate``): model parameters over
+top-level ones; ``normalize``, ``lambda``, ``rescale`` and ``int8_mask`` only at the top
+level (mergekit ignores them under a model, and so does streammerge, with a notice);
+mergekit's ``lambda`` is the scale s; a base model listed among ``models`` is not a
+fine-tune (mergekit skips it too). Anything streammerge does not support stops with one
+line naming the key and its line: ``slices``, ``modules``, ``tokenizer_source: union``,
+``rescale: false``, a method streammerge lacks, an unknown key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from streammerge.errors import MergeError
+from streammerge.methods import METHODS
+from streammerge.plan import normalize_dtype
+
+TOP_KEYS = {
+    "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "streammerge", "name",
+}  # fmt: skip
+#: mergekit keys streammerge does not do, with what to do instead.
+UNSUPPORTED = {
+    "slices": "list whole models under models: (streammerge merges every layer of every model)",
+    "modules": "list whole models under models:",
+    "tokenizer": "use tokenizer_source: base or a model of the list",
+    "chat_template": "copy the chat template into the output's tokenizer_config.json yourself",
+}
+MODEL_PARAMS = {"weight", "density", "gamma"}
+SHARED_PARAMS = {"normalize", "lambda", "rescale", "int8_mask"}
+STREAMMERGE_KEYS = {"mixup", "seed", "trim_scope"}
+MIXUP_KEYS = {"alpha", "lambda"}
+COMPUTE_DTYPES = {"float32", "bfloat16", "float16"}
+
+
+@dataclass
+class YamlRecipe:
+    """A mergekit YAML recipe, resolved to inputs and ``build_recipe`` arguments.
+
+    Attributes:
+        path: the YAML file; text: its content (recorded in the model card).
+        base: the base directory (None for linear); models: fine-tune directories in order.
+        labels: the ``model`` strings as written (repo ids stay names), base first if any.
+        recipe: ``build_recipe`` keyword arguments (``streammerge.api.prepare`` takes them).
+        tokenizer_model: index of the fine-tune whose tokenizer is copied (None: the base).
+        notices: lines to print (settings mergekit ignores and so does streammerge).
+    """
+
+    path: Path
+    text: str
+    base: Path | None
+    models: list[Path]
+    labels: list[str]
+    recipe: dict
+    tokenizer_model: int | None = None
+    notices: list[str] = field(default_factory=list)
+
+
+class _Doc:
+    """The parsed YAML with the line of every key (PyYAML node marks)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f"line {mark.line + 1}: " if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise MergeError(f"{line}not valid YAML ({problem})", path, None, "fix the YAML")
+        self.lines: dict[str, int] = {}
+        self.value = self._walk(node, "") if node is not None else None
+
+    def _walk(self, node, where: str):
+        if isinstance(node, yaml.MappingNode):
+            out = {}
+            for k, v in node.value:
+                key = (
+                    yaml.safe_load(yaml.serialize(k))
+                    if k.tag != "tag:yaml.org,2002:str"
+                    else k.value
+                )
+                sub = f"{where}.{key}" if where else str(key)
+                if key in out:
+                    self.fail(sub, "duplicate key", line=k.start_mark.line + 1)
+                self.lines[sub] = k.start_mark.line + 1
+                out[key] = self._walk(v, sub)
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            items = []
+            for i, v in enumerate(node.value):
+                sub = f"{where}[{i}]"
+                self.lines[sub] = v.start_mark.line + 1
+                items.append(self._walk(v, sub))
+            return items
+        return (
+            yaml.safe_load(yaml.serialize(node))
+            if node.tag != "tag:yaml.org,2002:str"
+            else node.value
+        )
+
+    def fail(self, key: str, what: str, todo: str = "fix the recipe", line: int | None = None):
+        line = line or self.lines.get(key)
+        at = f"line {line}: " if line else ""
+        raise MergeError(f"{at}{key}: {what}", self.path, None, todo)
+
+
+def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path:
+    """A ``model:`` reference: a directory (as given, or relative to the recipe), else a
+    Hugging Face repo id (``org/name`` or ``org/name@revision``) in the local cache."""
+    if not isinstance(ref, str) or not ref.strip():
+        doc.fail(key, f"expected a directory or a Hugging Face repo id, got {ref!r}")
+    if "+" in ref:
+        doc.fail(
+            key, f"LoRA references ({ref}) are not supported", "merge the LoRA into its model first"
+        )
+    for cand in (Path(ref).expanduser(), base_dir / ref):
+        if cand.is_dir():
+            return cand
+    repo, _, revision = ref.partition("@")
+    looks_like_repo = repo.count("/") == 1 and not repo.startswith((".", "/", "~"))
+    if not looks_like_repo:
+        doc.fail(key, f"{ref} is not a directory", "give the model's directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo, revision=revision or None, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any lookup failure means: not in the cache
+        doc.fail(
+            key,
+            f"{ref} is neither a directory nor in the local Hugging Face cache",
+            f"fetch it first: hf download {repo}" + (f" --revision {revision}" if revision else ""),
+        )
+    return Path(local)
+
+
+def _check_value(value, key: str, doc: _Doc, allow_gradient: bool, kind: str) -> None:
+    """Numbers / bools, gradient lists and {filter, value} lists, recursively."""
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, entry in enumerate(value):
+            sub = f"{key}[{i}]"
+            extra = set(entry) - {"filter", "value"}
+            if extra:
+                doc.fail(f"{sub}.{min(extra)}", "unknown key (a filter entry has filter and value)")
+            if "value" not in entry:
+                doc.fail(sub, "a filter entry needs a value")
+            if "filter" in entry and not isinstance(entry["filter"], str):
+                doc.fail(f"{sub}.filter", f"expected a string, got {entry['filter']!r}")
+            _check_value(entry["value"], f"{sub}.value", doc, allow_gradient, kind)
+        return
+    if isinstance(value, list):
+        if not allow_gradient:
+            doc.fail(key, "a gradient (list) is not allowed here: this setting is not per layer")
+        if not value:
+            doc.fail(key, "an empty list")
+        for i, v in enumerate(value):
+            _check_value(v, f"{key}[{i}]", doc, False, kind)
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            doc.fail(key, f"expected true or false, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        doc.fail(key, f"expected a number, got {value!r}")
+
+
+def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -> YamlRecipe:
+    """Read a mergekit YAML recipe (see the module docstring).
+
+    Raises:
+        MergeError: one line naming the key and its line: bad YAML, wrong types, an
+            unknown key, an unsupported feature (slices, tokenizer_source union, rescale
+            false, LoRA), a method streammerge lacks, a missing base, a model that is
+            neither a directory nor in the local Hugging Face cache.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MergeError(f"cannot read the recipe ({e})", path, None, "check the path")
+    doc = _Doc(path, text)
+    cfg = doc.value
+    if not isinstance(cfg, dict):
+        doc.fail("(top)", "expected a mapping of recipe keys", line=1)
+    for key in cfg:
+        if key in UNSUPPORTED:
+            doc.fail(str(key), "not supported by streammerge", UNSUPPORTED[key])
+        if key not in TOP_KEYS:
+            doc.fail(str(key), "unknown key", f"use {', '.join(sorted(TOP_KEYS))}")
+    method = cfg.get("merge_method")
+    if method is None:
+        doc.fail("merge_method", "missing", "name a method", line=1)
+    if method not in METHODS:
+        doc.fail("merge_method", f"streammerge has no method {method!r}",
+                 f"use one of {', '.join(METHODS)}")  # fmt: skip
+    row = METHODS[method]
+    notices: list[str] = []
+    here = path.parent
+
+    # streammerge's own block
+    sm = cfg.get("streammerge") or {}
+    if not isinstance(sm, dict):
+        doc.fail("streammerge", "expected a mapping (mixup, seed, trim_scope)")
+    for k in sm:
+        if k not in STREAMMERGE_KEYS:
+            doc.fail(
+                f"streammerge.{k}", "unknown key", f"use {', '.join(sorted(STREAMMERGE_KEYS))}"
+            )
+    kwargs: dict = {"method": method, "source": str(path), "alpha": None}
+    mix = sm.get("mixup")
+    if mix is not None:
+        if not isinstance(mix, dict) or not mix or set(mix) - MIXUP_KEYS or len(mix) != 1:
+            doc.fail("streammerge.mixup", f"expected {{alpha: A}} or {{lambda: L}}, got {mix!r}")
+        ((mk, mv),) = mix.items()
+        if isinstance(mv, bool) or not isinstance(mv, (int, float)):
+            doc.fail(f"streammerge.mixup.{mk}", f"expected a number, got {mv!r}")
+        kwargs["alpha" if mk == "alpha" else "lam"] = float(mv)
+    if "seed" in sm:
+        if (
+            isinstance(sm["seed"], bool)
+            or not isinstance(sm["seed"], int)
+            or not 0 <= sm["seed"] < 2**64
+        ):
+            doc.fail("streammerge.seed", f"expected an integer in [0, 2**64), got {sm['seed']!r}")
+        kwargs["seed"] = sm["seed"]
+    if "trim_scope" in sm:
+        if sm["trim_scope"] not in ("tensor", "model"):
+            doc.fail(
+                "streammerge.trim_scope", f"expected tensor or model, got {sm['trim_scope']!r}"
+            )
+        if not row.sparse.stats:
+            doc.fail("streammerge.trim_scope", f"method {method} has no magnitude thresholds")
+        kwargs["trim_scope"] = sm["trim_scope"]
+
+    # dtypes
+    for key in ("dtype", "out_dtype"):
+        v = cfg.get(key)
+        if v is not None:
+            name = str(v).removeprefix("torch.")
+            if name not in COMPUTE_DTYPES:
+                doc.fail(key, f"unsupported dtype {v!r}", "use float32, bfloat16 or float16")
+    compute = cfg.get("dtype")
+    if compute is not None and str(compute).removeprefix("torch.") != "float32":
+        notices.append(
+            f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes in float32 "
+            "(mergekit would compute in the given dtype); the output dtype follows out_dtype"
+        )
+    out_dtype = cfg.get("out_dtype") or compute
+    if out_dtype is not None:
+        kwargs["dtype"] = normalize_dtype(str(out_dtype).removeprefix("torch."))
+
+    # models
+    base_ref = cfg.get("base_model")
+    if row.uses_base and base_ref is None:
+        doc.fail("base_model", f"method {method} needs a base_model", "add base_model:", line=1)
+    base = _resolve_model(base_ref, "base_model", doc, here) if base_ref is not None else None
+    entries = cfg.get("models")
+    if not isinstance(entries, list) or not entries:
+        doc.fail(
+            "models",
+            "expected a list of {model, parameters} entries",
+            line=doc.lines.get("models", 1),
+        )
+    models: list[Path] = []
+    labels: list[str] = []
+    model_params: list[dict] = []
+    lines: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        key = f"models[{i}]"
+        if isinstance(e, str):
+            e = {"model": e}
+        if not isinstance(e, dict):
+            doc.fail(key, f"expected a mapping with model and parameters, got {e!r}")
+        for k in e:
+            if k not in ("model", "parameters"):
+                doc.fail(f"{key}.{k}", "unknown key", "use model and parameters")
+        if "model" not in e:
+            doc.fail(key, "missing model:")
+        p = _resolve_model(e["model"], f"{key}.model", doc, here)
+        if row.uses_base and base is not None and os.path.realpath(p) == os.path.realpath(base):
+            continue  # the base among the models: not a fine-tune (mergekit skips it too)
+        params = e.get("parameters") or {}
+        if not isinstance(params, dict):
+            doc.fail(f"{key}.parameters", "expected a mapping")
+        j = len(models)
+        own = {}
+        for k, v in params.items():
+            pk = f"{key}.parameters.{k}"
+            if k in SHARED_PARAMS:
+                notices.append(f"{pk} (line {doc.lines[pk]}) is ignored: it applies to the whole "
+                               "merge only at the top level (as in mergekit)")  # fmt: skip
+                continue
+            if k not in MODEL_PARAMS:
+                doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(MODEL_PARAMS))}")
+            _check_value(v, pk, doc, True, "number")
+            if (
+                k == "gamma"
+                and not row.sparse.uses_gamma
+                or k == "density"
+                and not row.sparse.uses_density
+            ):
+                notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
+                continue
+            own[k] = v
+            lines[f"models[{j}].parameters.{k}"] = doc.lines[pk]
+        models.append(p)
+        labels.append(str(e["model"]))
+        model_params.append(own)
+    if len(models) < 2:
+        doc.fail("models", f"need at least 2 fine-tunes besides the base, got {len(models)}",
+                 line=doc.lines.get("models"))  # fmt: skip
+    top = cfg.get("parameters") or {}
+    if not isinstance(top, dict):
+        doc.fail("parameters", "expected a mapping")
+    params: dict = {}
+    for k, v in top.items():
+        pk = f"parameters.{k}"
+        if k not in MODEL_PARAMS | SHARED_PARAMS:
+            doc.fail(pk, "unknown parameter",
+                     f"use {', '.join(sorted(MODEL_PARAMS | SHARED_PARAMS))}")  # fmt: skip
+        if k == "rescale":
+            _check_value(v, pk, doc, False, "bool")
+            if v is False:
+                doc.fail(pk, "rescale: false is not supported",
+                         "drop it: DARE's kept values are rescaled by 1/(1-p) (docs/SPEC.md)")  # fmt: skip
+            continue
+        if k == "int8_mask":
+            _check_value(v, pk, doc, False, "bool")
+            continue  # a mergekit memory option; no effect on the values
+        if k == "normalize":
+            _check_value(v, pk, doc, True, "bool")
+        else:
+            _check_value(v, pk, doc, True, "number")
+        if (
+            k == "gamma"
+            and not row.sparse.uses_gamma
+            or k == "density"
+            and not row.sparse.uses_density
+        ):
+            notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
+            continue
+        name = "scale" if k == "lambda" else k
+        if not row.uses_base and name == "scale":
+            doc.fail(pk, "lambda does not apply to linear")
+        params[name] = v
+        lines[f"parameters.{name}"] = doc.lines[pk]
+    kwargs.update(model_params=model_params, params=params, lines=lines)
+
+    tok = cfg.get("tokenizer_source")
+    tokenizer_model = None
+    if tok is not None:
+        if tok == "union":
+            doc.fail("tokenizer_source", "union is not supported",
+                     "use tokenizer_source: base or a model of the list")  # fmt: skip
+        if tok != "base":
+            if tok not in labels:
+                doc.fail("tokenizer_source", f"{tok!r} is not base or a model of the list")
+            tokenizer_model = labels.index(tok)
+    for n in notices:
+        if notice is not None:
+            notice(n)
+    return YamlRecipe(path, text, base, models, ([str(base_ref)] if base_ref else []) + labels,
+                      kwargs, tokenizer_model, notices)  # fmt: skip
