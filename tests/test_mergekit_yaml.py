@@ -182,13 +182,17 @@ BAD = [
     ),
     ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\n", "need at least 2 fine-tunes"),
     (
-        "merge_method: ties\nbase_model: B\nmodels:\n  - model: A\n    parameters:\n      weight:\n"
-        "        - filter: 3\n          value: 1\n  - model: C\n",
+        (
+            "merge_method: ties\nbase_model: B\nmodels:\n  - model: A\n    parameters:\n      weight:\n"
+            "        - filter: 3\n          value: 1\n  - model: C\n"
+        ),
         "filter: expected a string",
     ),
     (
-        "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\nparameters:\n"
-        "  density: [{filter: mlp}]\n",
+        (
+            "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\nparameters:\n"
+            "  density: [{filter: mlp}]\n"
+        ),
         "a filter entry needs a value",
     ),
     (
