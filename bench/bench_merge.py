@@ -2,6 +2,8 @@
 
     python bench/bench_merge.py --size-gb 2 [--data DIR] [--only floor,naive,mergekit,streammerge]
     python bench/bench_merge.py --smoke            # three ~50 MB models: checks the harness
+    python bench/bench_merge.py --size-gb 2 --method ties,dare_ties,task_arithmetic --density 0.5
+    python bench/bench_merge.py --size-gb 0.1 --agree --only floor,mergekit,streammerge
 
 Contenders, each run as a child process, page cache dropped before each (``sync; echo 3 >
 /proc/sys/vm/drop_caches``; where that is refused the numbers are labelled warm). On a VM
@@ -19,10 +21,31 @@ for running first or after a long one.
   ``$STREAMMERGE_MERGEKIT_BIN`` or given by ``--mergekit-bin``);
 - ``streammerge``: ``streammerge A B --base C -o OUT --lambda lam --drop p --seed S``.
 
+**Methods** (``--method M[,M...]``, any of ``METHODS``): instead of the single v1 recipe
+above, the ``mergekit`` and ``streammerge`` rows run once per method, each tool with the
+same method, weights and density: streammerge ``--method M`` (M3 weights drawn from
+``--seed``/``--alpha`` unless ``--weights``/``--lambda``), mergekit ``merge_method: M``
+with ``dtype: float32``, ``out_dtype: bfloat16`` and the drawn ``(lam, 1 - lam)`` (or
+``--weights``) as its per-model ``weight``; ``density`` (``--density``, default 1 - p)
+for the sparsifying methods (DARE: streammerge drops at rate 1 - density), ``gamma`` for
+breadcrumbs; ``linear`` gets no base. mergekit's ``dare_*`` rescale by the L1 norm with
+torch's RNG, so for those only the timings compare. Each streammerge row then gets "x
+faster than mergekit" (mergekit_s / streammerge_s, same method, same run) and "x of the
+O_DIRECT floor" (floor-direct_s / streammerge_s), and is checked against ``TARGETS`` and
+against a peak RSS of at most ``--memory`` + 160 MiB.
+
+``--agree`` adds ``AGREE_METHODS`` (task_arithmetic, ties, linear, breadcrumbs_ties) to
+the methods, keeps both outputs of those until compared, and compares them bit by bit
+with ``bench/mergekit_agree.py`` ``--explain`` (fraction of bit-equal elements, largest
+difference in bf16 ulps, every difference sorted into threshold tie / linear fma / 1 ulp
+/ other); the table goes to ``bench/results/mergekit_agree.csv`` and the README.
+
 Each row: wall seconds, input GB/s (bytes of the three inputs / wall), peak resident memory
-of that child (``os.wait4`` ``ru_maxrss``: the child and its own descendants, not the
-bench), and streammerge's ratio to it (peer_s / streammerge_s: the speedup over a peer,
-or for a floor row the fraction of the I/O floor's speed streammerge reaches). Rows are
+of that child, and streammerge's ratio to it (peer_s / streammerge_s: the speedup over a
+peer, or for a floor row the fraction of the I/O floor's speed streammerge reaches). The
+peak RSS is the child's own high-water mark, from GNU ``/usr/bin/time -f %M`` wrapped
+around it (``ru_maxrss`` seen from the bench would carry the bench's own peak over the
+fork); without ``/usr/bin/time`` it is the child's ``VmHWM`` polled every 50 ms. Rows are
 appended to ``bench/results/bench_merge.csv`` with the machine's facts, and
 ``bench/results/README.md`` is regenerated from the whole CSV. Merge outputs are deleted
 after each contender (``--keep`` keeps them).
@@ -54,12 +77,27 @@ sys.path.insert(0, str(HERE))
 import make_synthetic
 
 CONTENDERS = ("floor-buffered", "floor-direct", "naive", "mergekit", "streammerge")
+METHODS = ("linear", "task_arithmetic", "dare_linear", "ties", "dare_ties", "breadcrumbs",
+           "breadcrumbs_ties")  # fmt: skip
+AGREE_METHODS = ("task_arithmetic", "ties", "linear", "breadcrumbs_ties")
+DENSITY_METHODS = ("dare_linear", "ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties")
+GAMMA_METHODS = ("breadcrumbs", "breadcrumbs_ties")
+#: method -> {"mergekit": least x faster than mergekit, "floor": least x of the O_DIRECT floor}
+TARGETS = {
+    "ties": {"mergekit": 10.0, "floor": 0.6},
+    "dare_ties": {"floor": 0.8},
+    "task_arithmetic": {"floor": 0.8},
+}
+RSS_SLACK_MIB = 160  # streammerge's peak RSS target: --memory + this
+DEFAULT_MEMORY = "256MiB"  # streammerge's default --memory
+TIME_BIN = "/usr/bin/time"
 BLOCK = 16 * 2**20
 DIRECT_ALIGN = 4096
 SMOKE_SIZE_GB = 0.05
 CSV_FIELDS = [
     "date",
     "contender",
+    "method",
     "status",
     "wall_s",
     "io_read_s",
@@ -70,6 +108,14 @@ CSV_FIELDS = [
     "peak_rss_mib",
     "tree_peak_rss_mib",
     "streammerge_ratio",
+    "x_faster_than_mergekit",
+    "x_of_floor_direct",
+    "targets",
+    "rss_source",
+    "memory",
+    "weights",
+    "density",
+    "gamma",
     "output_check",
     "model_gb",
     "layers",
@@ -86,6 +132,7 @@ CSV_FIELDS = [
     "python",
     "host",
     "env",
+    "note",
     "data",
     "bench_cmd",
     "command",
@@ -254,9 +301,15 @@ def machine_facts() -> dict[str, str]:
 
 
 class Result:
-    def __init__(self, contender: str, command: list[str] | None = None) -> None:
+    def __init__(self, contender: str, command: list[str] | None = None, method: str = "") -> None:
         self.contender = contender
+        self.method = method  # "" for the v1 rows (no --method)
         self.command = command or []
+        self.out_dir: Path | None = None  # kept for --agree
+        self.rss_source = ""
+        self.x_mergekit: float | None = None  # streammerge rows: mergekit_s / streammerge_s
+        self.x_floor: float | None = None  # streammerge rows: floor-direct_s / streammerge_s
+        self.targets = ""
         self.status = ""
         self.wall_s: float | None = None
         self.io_read_s: float | None = None
@@ -280,23 +333,62 @@ class Result:
         return self.wall_s
 
 
-def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float, float, str]:
-    """Run ``cmd``; returns (exit code, wall s, ru_maxrss MiB, sampled tree peak MiB, stdout).
+_TIME_OK: bool | None = None
 
-    ``os.wait4`` gives this child's own rusage (its maximum RSS over it and the
-    descendants it waited for), never the bench's or an earlier child's. A sampler thread
-    also sums the RSS of the live process tree every 50 ms (catches children that are
-    never waited for).
+
+def gnu_time() -> str | None:
+    """``/usr/bin/time`` when it is GNU time (``-f %M`` = the child's own peak RSS, KiB)."""
+    global _TIME_OK
+    if _TIME_OK is None:
+        try:
+            r = subprocess.run([TIME_BIN, "-f", "%M", "true"], capture_output=True, text=True,
+                               timeout=30, check=False)  # fmt: skip
+            _TIME_OK = r.returncode == 0 and r.stderr.strip().splitlines()[-1].isdigit()
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            _TIME_OK = False
+    return TIME_BIN if _TIME_OK else None
+
+
+def _vmhwm_kib(pid: int) -> int:
+    """``VmHWM`` (peak resident set) of a live process, KiB; 0 when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def run_child(
+    cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+) -> tuple[int, float, float, float, str, str]:
+    """Run ``cmd``; returns (exit code, wall s, peak RSS MiB, sampled tree peak MiB, stdout,
+    where the peak RSS came from).
+
+    The peak RSS is the child's own: GNU ``time -f %M`` wrapped around the command (its
+    ``wait4`` ``ru_maxrss`` of a child forked from the small ``time`` process, so the
+    bench's own peak is not carried over the fork as it would be in the bench's
+    ``ru_maxrss``). Without GNU time: the child's ``VmHWM`` (read from /proc every 50 ms,
+    the last value before it exits). A sampler thread also sums the RSS of the live
+    process tree every 50 ms (children that are never waited for).
     """
     import psutil
 
+    timer_bin = gnu_time()
+    rss_file = log.with_suffix(".rss")
+    rss_file.unlink(missing_ok=True)
+    full = [timer_bin, "-o", str(rss_file), "-f", "%M", *cmd] if timer_bin else list(cmd)
     with open(log, "wb") as logf:
         t0 = time.perf_counter()
         p = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=logf, start_new_session=True, cwd=REPO
-        )
+            full, stdout=subprocess.PIPE, stderr=logf, start_new_session=True, cwd=REPO,
+            env=env,
+        )  # fmt: skip
         stop = threading.Event()
         tree_peak = [0]
+        hwm: dict[int, int] = {}  # pid -> largest VmHWM seen, KiB
         out_chunks: list[bytes] = []
 
         def sample() -> None:
@@ -315,6 +407,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, fl
                         total += q.memory_info().rss
                     except psutil.Error:
                         pass
+                    hwm[q.pid] = max(hwm.get(q.pid, 0), _vmhwm_kib(q.pid))
                 tree_peak[0] = max(tree_peak[0], total)
                 stop.wait(0.05)
 
@@ -336,15 +429,29 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, fl
         sampler.start()
         pumper.start()
         timer.start()
-        _, status, ru = os.wait4(p.pid, 0)
+        _, status, _ = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         timer.cancel()
         stop.set()
         p.returncode = os.waitstatus_to_exitcode(status)
         pumper.join()
         sampler.join()
-    rss_mib = ru.ru_maxrss / 1024  # KiB on Linux
-    return p.returncode, wall, rss_mib, tree_peak[0] / 2**20, b"".join(out_chunks).decode()
+    rss_kib, source = 0, ""
+    if timer_bin:
+        try:  # GNU time may write "Command exited with non-zero status N" first
+            lines = rss_file.read_text().split()
+            rss_kib, source = int(lines[-1]), "time %M"
+        except (OSError, ValueError, IndexError):
+            pass
+        rss_file.unlink(missing_ok=True)
+    if not source:  # the command itself (the root when not wrapped, else time's child)
+        pids = sorted(hwm)
+        own = [hwm[q] for q in pids if q != p.pid] if timer_bin else [hwm.get(p.pid, 0)]
+        rss_kib, source = max(own, default=0), "VmHWM poll"
+    rc = p.returncode
+    if timer_bin and rc > 128 and rc - 128 < 65:  # GNU time: 128 + the child's signal
+        rc = -(rc - 128)
+    return rc, wall, rss_kib / 1024, tree_peak[0] / 2**20, b"".join(out_chunks).decode(), source
 
 
 def log_tail(log: Path, n: int = 6) -> str:
@@ -390,10 +497,55 @@ def mergekit_config(data: Path, lam: float, drop: float, path: Path) -> None:
     path.write_text(text)
 
 
+def per_model(values: list[float] | None, n: int, default: float) -> list[float]:
+    """One value per model from a command-line list of 1 or n values."""
+    if not values:
+        return [default] * n
+    return list(values) * n if len(values) == 1 else list(values)
+
+
+def method_recipe(method: str, args: argparse.Namespace) -> dict:
+    """The recipe both tools get for ``method``: weights, density, gamma (2 models)."""
+    weights = list(args.weights) if args.weights else [args.lam, 1.0 - args.lam]
+    rec: dict = {"weights": weights}
+    if method in DENSITY_METHODS:
+        rec["density"] = per_model(args.density, 2, 1.0 - args.drop)
+    if method in GAMMA_METHODS:
+        rec["gamma"] = per_model(args.gamma, 2, 0.01)
+    return rec
+
+
+def mergekit_method_config(data: Path, method: str, args: argparse.Namespace, path: Path) -> None:
+    """mergekit recipe for ``method``: float32 math, bfloat16 output, the same weights,
+    density and gamma as streammerge gets (``linear``: no base)."""
+    rec = method_recipe(method, args)
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines.append(f"base_model: {json.dumps(str(data / 'base'))}")
+    lines.append("models:")
+    for j, role in enumerate(("a", "b")):
+        params = [f"weight: {rec['weights'][j]!r}"]
+        if "density" in rec:
+            params.append(f"density: {rec['density'][j]!r}")
+        if "gamma" in rec:
+            params.append(f"gamma: {rec['gamma'][j]!r}")
+        lines.append(f"  - model: {json.dumps(str(data / role))}")
+        lines.append(f"    parameters: {{{', '.join(params)}}}")
+    lines += ["dtype: float32", "out_dtype: bfloat16"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _csv_list(xs: list[float]) -> str:
+    return ",".join(repr(float(x)) for x in xs)
+
+
 def build_command(
-    name: str, args: argparse.Namespace, data: Path, out: Path, work: Path
+    name: str, args: argparse.Namespace, data: Path, out: Path, work: Path, method: str = ""
 ) -> tuple[list[str] | None, str]:
-    """(command, '') or (None, why the contender cannot run)."""
+    """(command, '') or (None, why the contender cannot run).
+
+    ``method`` "" is the v1 recipe (dare_linear); else a row of ``METHODS``.
+    """
     a, b, c = str(data / "a"), str(data / "b"), str(data / "base")
     lam, drop, seed = repr(args.lam), repr(args.drop), str(args.seed)
     if name == "naive":
@@ -403,8 +555,12 @@ def build_command(
         exe = find_mergekit(args.mergekit_bin)
         if exe is None:
             return None, "not installed"
-        cfg = work / "mergekit.yml"
-        mergekit_config(data, args.lam, args.drop, cfg)
+        if method:
+            cfg = work / f"mergekit-{method}.yml"
+            mergekit_method_config(data, method, args, cfg)
+        else:
+            cfg = work / "mergekit.yml"
+            mergekit_config(data, args.lam, args.drop, cfg)
         return [exe, str(cfg), str(out), "--random-seed", seed, "--no-copy-tokenizer"], ""
     if name == "streammerge":
         exe = find_streammerge(args.streammerge_bin)
@@ -427,8 +583,23 @@ def build_command(
         subprocess.run(
             [str(py) if py.exists() else sys.executable, "-c", warm], check=False, timeout=600
         )
-        return [exe, a, b, "--base", c, "-o", str(out), "--lambda", lam, "--drop", drop,
-                "--seed", seed], ""  # fmt: skip
+        mem = ["--memory", args.memory] if args.memory else []
+        if not method:
+            return [exe, a, b, "--base", c, "-o", str(out), "--lambda", lam, "--drop", drop,
+                    "--seed", seed, *mem], ""  # fmt: skip
+        rec = method_recipe(method, args)
+        cmd = [exe, a, b] + ([] if method == "linear" else ["--base", c])
+        cmd += ["-o", str(out), "--method", method, "--seed", seed, "--alpha", repr(args.alpha)]
+        if args.weights:
+            cmd += ["--weights", _csv_list(args.weights)]
+        elif args.lam_given:
+            cmd += ["--lambda", lam]
+        # else: streammerge draws the M3 weights from --seed/--alpha, as the bench did
+        if "density" in rec:
+            cmd += ["--density", _csv_list(rec["density"])]
+        if "gamma" in rec:
+            cmd += ["--gamma", _csv_list(rec["gamma"])]
+        return cmd + mem, ""
     raise ValueError(name)
 
 
@@ -448,7 +619,7 @@ def run_floor(mode: str, inputs: list[Path], out_bytes: int, work: Path, args) -
     r.loadavg = f"{os.getloadavg()[0]:.2f}"
     log = work / f"floor-{mode}.log"
     try:
-        rc, wall, rss, tree, out = run_child(cmd, log, args.timeout)
+        rc, wall, rss, tree, out, r.rss_source = run_child(cmd, log, args.timeout)
     finally:
         out_file.unlink(missing_ok=True)
     r.wall_s, r.peak_rss_mib, r.tree_peak_rss_mib = wall, rss, tree
@@ -466,11 +637,21 @@ def run_floor(mode: str, inputs: list[Path], out_bytes: int, work: Path, args) -
     return r
 
 
-def run_merge(name: str, args, data: Path, work: Path, expect, need_bytes: int) -> Result:
-    out = work / f"out-{name}"
+def run_merge(
+    name: str,
+    args,
+    data: Path,
+    work: Path,
+    expect,
+    need_bytes: int,
+    method: str = "",
+    keep: bool = False,
+) -> Result:
+    """One merge row; ``keep`` keeps the output (``r.out_dir``) for the caller to delete."""
+    out = work / (f"out-{name}-{method}" if method else f"out-{name}")
     shutil.rmtree(out, ignore_errors=True)
-    cmd, why = build_command(name, args, data, out, work)
-    r = Result(name, cmd)
+    cmd, why = build_command(name, args, data, out, work, method)
+    r = Result(name, cmd, method)
     if cmd is None:
         r.status = why
         return r
@@ -486,9 +667,12 @@ def run_merge(name: str, args, data: Path, work: Path, expect, need_bytes: int) 
             return r
     r.cache = _cache_label(drop_caches(args.drop_caches), args)
     r.loadavg = f"{os.getloadavg()[0]:.2f}"
-    log = work / f"{name}.log"
+    log = work / (f"{name}-{method}.log" if method else f"{name}.log")
+    env = None
+    if name == "mergekit":  # deterministic model order, never the network (local paths)
+        env = {**os.environ, "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
     try:
-        rc, wall, rss, tree, _ = run_child(cmd, log, args.timeout)
+        rc, wall, rss, tree, _, r.rss_source = run_child(cmd, log, args.timeout, env)
         r.wall_s, r.peak_rss_mib, r.tree_peak_rss_mib = wall, rss, tree
         r.output_bytes = dir_bytes(out)
         if rc == 0:
@@ -499,7 +683,9 @@ def run_merge(name: str, args, data: Path, work: Path, expect, need_bytes: int) 
         else:
             r.status = f"failed (exit {rc}): {log_tail(log)}"
     finally:
-        if not args.keep:
+        if keep and r.ok:
+            r.out_dir = out
+        elif not args.keep:
             shutil.rmtree(out, ignore_errors=True)
     return r
 
@@ -509,50 +695,156 @@ def fmt(x: float | None, spec: str) -> str:
     return "" if x is None else format(x, spec)
 
 
+def _find(results: list[Result], contender: str, method: str) -> Result | None:
+    return next((r for r in results if r.contender == contender and r.method == method and r.ok),
+                None)  # fmt: skip
+
+
+def ratio_base(results: list[Result], r: Result) -> Result | None:
+    """The streammerge row a peer row's ``streammerge_ratio`` compares with: the same
+    method's; for the floors and naive the v1 row, else the only streammerge row."""
+    if r.contender == "streammerge":
+        return None
+    if r.method:
+        return _find(results, "streammerge", r.method)
+    sm = _find(results, "streammerge", "")
+    if sm is not None:
+        return sm
+    sms = [q for q in results if q.contender == "streammerge" and q.ok]
+    if r.contender == "naive":  # naive merges the v1 recipe: dare_linear
+        return _find(results, "streammerge", "dare_linear") or (sms[0] if len(sms) == 1 else None)
+    return sms[0] if len(sms) == 1 else None
+
+
+def memory_mib(args) -> float:
+    """streammerge's --memory in MiB (HF-style units: MB decimal, MiB binary)."""
+    text = args.memory or DEFAULT_MEMORY
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+    num = text.rstrip("BbIiKkMmGgTt ")
+    return float(num) * units[text[len(num) :].strip().upper()] / 2**20
+
+
+def finish_ratios(results: list[Result], args) -> None:
+    """x faster than mergekit, x of the O_DIRECT floor, and the targets, per streammerge row."""
+    floor = _find(results, "floor-direct", "")
+    budget = memory_mib(args) + RSS_SLACK_MIB
+    for r in results:
+        if r.contender != "streammerge" or not r.ok:
+            continue
+        mk = _find(results, "mergekit", r.method)
+        r.x_mergekit = mk.time_s / r.time_s if mk else None
+        r.x_floor = floor.time_s / r.time_s if floor else None
+        checks = []
+        want = TARGETS.get(r.method, {})
+        if "mergekit" in want:
+            if r.x_mergekit is None:
+                checks.append(f"x mergekit >= {want['mergekit']:g}: not measured")
+            else:
+                ok = r.x_mergekit >= want["mergekit"]
+                checks.append(f"x mergekit {r.x_mergekit:.2f} {'>=' if ok else '<'} "
+                              f"{want['mergekit']:g} {'ok' if ok else 'MISSED'}")  # fmt: skip
+        if "floor" in want:
+            if r.x_floor is None:
+                checks.append(f"x floor >= {want['floor']:g}: not measured")
+            else:
+                ok = r.x_floor >= want["floor"]
+                checks.append(f"x floor {r.x_floor:.2f} {'>=' if ok else '<'} "
+                              f"{want['floor']:g} {'ok' if ok else 'MISSED'}")  # fmt: skip
+        ok = r.peak_rss_mib is not None and r.peak_rss_mib <= budget
+        checks.append(f"RSS {fmt(r.peak_rss_mib, '.0f')} {'<=' if ok else '>'} {budget:.0f} MiB "
+                      f"{'ok' if ok else 'MISSED'}")  # fmt: skip
+        r.targets = "; ".join(checks)
+
+
 def print_table(results: list[Result], input_bytes: int, title: str, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    sm = next((r for r in results if r.contender == "streammerge" and r.ok), None)
     t = Table(title=title, caption=caption, caption_justify="left")
     t.add_column("contender")
+    t.add_column("method")
     t.add_column("wall s", justify="right")
     t.add_column("input GB/s", justify="right")
     t.add_column("peak RSS MiB", justify="right")
     t.add_column("streammerge ratio", justify="right")
+    t.add_column("x faster than mergekit", justify="right")
+    t.add_column("x of O_DIRECT floor", justify="right")
     t.add_column("notes")
     for r in results:
         if r.ok:
             gbps = input_bytes / 1e9 / r.time_s
             ratio = ""
-            if sm is not None and r is not sm:
+            sm = ratio_base(results, r)
+            if sm is not None:
                 x = r.time_s / sm.time_s
                 ratio = f"{x:.2f} of floor" if r.contender.startswith("floor") else f"{x:.2f}x"
-            notes = r.cache
+            notes = r.targets or r.cache
             if r.io_read_s is not None:
                 notes += (
                     f"; read {input_bytes / 1e9 / r.io_read_s:.2f} GB/s in {r.io_read_s:.1f} s, "
                     f"write {r.output_bytes / 1e9 / r.io_write_s:.2f} GB/s in {r.io_write_s:.1f} s"
                 )
-            t.add_row(r.contender, f"{r.time_s:.1f}", f"{gbps:.2f}", f"{r.peak_rss_mib:.0f}",
-                      ratio, notes)  # fmt: skip
+            t.add_row(r.contender, r.method or "(v1)" if r.contender in ("mergekit", "streammerge")
+                      else r.method, f"{r.time_s:.1f}", f"{gbps:.2f}", f"{r.peak_rss_mib:.0f}",
+                      ratio, fmt(r.x_mergekit, ".2f"), fmt(r.x_floor, ".2f"), notes)  # fmt: skip
         else:
-            t.add_row(r.contender, fmt(r.wall_s, ".1f"), "", fmt(r.peak_rss_mib, ".0f"), "",
-                      r.status)  # fmt: skip
-    Console(width=160).print(t)
+            t.add_row(r.contender, r.method, fmt(r.wall_s, ".1f"), "", fmt(r.peak_rss_mib, ".0f"),
+                      "", "", "", r.status)  # fmt: skip
+    Console(width=200).print(t)
 
 
-def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int) -> list[dict]:
-    sm = next((r for r in results if r.contender == "streammerge" and r.ok), None)
+def print_methods(results: list[Result], input_bytes: int) -> None:
+    """One line per method: both tools' wall s, streammerge's GB/s and RSS, the ratios."""
+    from rich.console import Console
+    from rich.table import Table
+
+    methods = list(dict.fromkeys(r.method for r in results if r.method))
+    if not methods:
+        return
+    t = Table(title="per method (same run)")
+    for col in ("method", "mergekit s", "mergekit RSS MiB", "streammerge s", "input GB/s",
+                "streammerge RSS MiB", "x faster than mergekit", "x of O_DIRECT floor",
+                "targets"):  # fmt: skip
+        t.add_column(col, justify="left" if col in ("method", "targets") else "right")
+    for m in methods:
+        mk = next((r for r in results if r.contender == "mergekit" and r.method == m), None)
+        sm = next((r for r in results if r.contender == "streammerge" and r.method == m), None)
+        t.add_row(
+            m,
+            (f"{mk.time_s:.1f}" if mk.ok else mk.status) if mk else "",
+            fmt(mk.peak_rss_mib, ".0f") if mk else "",
+            (f"{sm.time_s:.1f}" if sm.ok else sm.status) if sm else "",
+            f"{input_bytes / 1e9 / sm.time_s:.2f}" if sm and sm.ok else "",
+            fmt(sm.peak_rss_mib, ".0f") if sm else "",
+            fmt(sm.x_mergekit, ".2f") if sm else "",
+            fmt(sm.x_floor, ".2f") if sm else "",
+            sm.targets if sm else "",
+        )
+    Console(width=200).print(t)
+
+
+def _recipe_cols(r: Result, args) -> dict[str, str]:
+    if r.contender not in ("mergekit", "streammerge", "naive"):
+        return {}
+    if not r.method:  # the v1 recipe: (lam, 1 - lam), drop p
+        return {"weights": _csv_list([args.lam, 1 - args.lam]), "density": repr(1 - args.drop)}
+    rec = method_recipe(r.method, args)
+    return {k: _csv_list(rec[k]) for k in ("weights", "density", "gamma") if k in rec}
+
+
+def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int, args) -> list[dict]:
     rows = []
     for r in results:
         ratio = ""
-        if r.ok and sm is not None and r is not sm:
+        sm = ratio_base(results, r) if r.ok else None
+        if sm is not None:
             ratio = f"{r.time_s / sm.time_s:.3f}"
         rows.append(
             {
                 **common,
                 "contender": r.contender,
+                "method": r.method,
                 "status": r.status,
                 "wall_s": fmt(r.time_s if r.ok else r.wall_s, ".2f"),
                 "io_read_s": fmt(r.io_read_s, ".2f"),
@@ -563,6 +855,12 @@ def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int) ->
                 "peak_rss_mib": fmt(r.peak_rss_mib, ".0f"),
                 "tree_peak_rss_mib": fmt(r.tree_peak_rss_mib, ".0f"),
                 "streammerge_ratio": ratio,
+                "x_faster_than_mergekit": fmt(r.x_mergekit, ".3f"),
+                "x_of_floor_direct": fmt(r.x_floor, ".3f"),
+                "targets": r.targets,
+                "rss_source": r.rss_source,
+                "memory": (args.memory or DEFAULT_MEMORY) if r.contender == "streammerge" else "",
+                **_recipe_cols(r, args),
                 "output_check": r.output_check,
                 "cache": r.cache or common.get("cache", ""),
                 "loadavg_before": r.loadavg,
@@ -572,10 +870,10 @@ def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int) ->
     return rows
 
 
-def append_csv(path: Path, rows: list[dict]) -> list[dict]:
+def append_csv(path: Path, rows: list[dict], fields0: list[str] = CSV_FIELDS) -> list[dict]:
     """Append ``rows`` to the CSV (rewriting it if its columns changed); returns all rows."""
     old: list[dict] = []
-    fields = list(CSV_FIELDS)
+    fields = list(fields0)
     if path.exists() and path.stat().st_size:
         with open(path, newline="") as f:
             rd = csv.DictReader(f)
@@ -593,11 +891,19 @@ def append_csv(path: Path, rows: list[dict]) -> list[dict]:
     return every
 
 
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists() or not path.stat().st_size:
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 README_COLUMNS = [
     ("date", "date (UTC)"),
     ("model_gb", "model GB"),
     ("dtype", "dtype"),
     ("contender", "contender"),
+    ("method", "method"),
     ("status", "status"),
     ("wall_s", "wall s"),
     ("input_gbps", "input GB/s"),
@@ -610,24 +916,120 @@ README_COLUMNS = [
     ("ram_gib", "RAM GiB"),
     ("kernel", "kernel"),
 ]
+AGREE_FIELDS = [
+    "date", "model_gb", "method", "status", "tensors_identical", "tensors", "elements",
+    "bit_equal", "bit_equal_frac", "max_ulp", "threshold_tie", "linear_fma", "ulp1_other",
+    "other", "only_mergekit", "only_streammerge", "weights_match", "weights", "density",
+    "gamma", "compare_s", "note", "data", "bench_cmd",
+]  # fmt: skip
 
 
-def write_readme(path: Path, rows: list[dict]) -> None:
-    def cell(v: str) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
+def _cell(v) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
 
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def methods_section(rows: list[dict], agree: list[dict]) -> list[str]:
+    lines = [
+        "",
+        "## Methods",
+        "",
+        "Runs with `--method`: per method, mergekit 0.1.5 (`merge_method: M`, `dtype: float32`,",
+        "`out_dtype: bfloat16`, the same weights: the M3 draw `(lam, 1 - lam)` of the run's seed",
+        "unless `--weights`, the same density and gamma) and streammerge `--method M`, each",
+        "timed from a dropped page cache with the inputs read once untimed before it.",
+        "mergekit's `dare_*` rescale by the L1 norm and draw their masks from torch's RNG, so",
+        "there only the time compares. *x faster than mergekit* = mergekit s / streammerge s;",
+        "*x of O_DIRECT floor* = floor-direct s / streammerge s (1 = at the floor), both from",
+        "the same run. *peak RSS* is each child's own (`/usr/bin/time -f %M`). Targets: ties",
+        ">= 10x mergekit and >= 0.6 of the floor; dare_ties and task_arithmetic >= 0.8 of the",
+        "floor; streammerge's peak RSS <= `--memory` + 160 MiB.",
+        "",
+    ]
+    by_run: dict[str, list[dict]] = {}
+    for r in rows:
+        by_run.setdefault(r.get("date", ""), []).append(r)
+    table = []
+    for date, run in by_run.items():
+        floor = next((r for r in run if r["contender"] == "floor-direct" and r["status"] == "ok"),
+                     None)  # fmt: skip
+        for sm in run:
+            if sm["contender"] != "streammerge" or not sm.get("method"):
+                continue
+            mk = next((r for r in run if r["contender"] == "mergekit"
+                       and r.get("method") == sm["method"]), None)  # fmt: skip
+            table.append([
+                date, sm.get("model_gb", ""), sm["method"], sm.get("density", ""),
+                (mk["wall_s"] if mk["status"] == "ok" else mk["status"]) if mk else "",
+                mk.get("peak_rss_mib", "") if mk else "",
+                sm["wall_s"] if sm["status"] == "ok" else sm["status"],
+                sm.get("input_gbps", ""), sm.get("peak_rss_mib", ""),
+                sm.get("x_faster_than_mergekit", ""), floor["wall_s"] if floor else "",
+                sm.get("x_of_floor_direct", ""), sm.get("targets", ""),
+                sm.get("loadavg_before", ""), sm.get("note", ""),
+            ])  # fmt: skip
+    if table:
+        lines += _table(
+            ["date (UTC)", "model GB", "method", "density", "mergekit s", "mergekit RSS MiB",
+             "streammerge s", "input GB/s", "streammerge RSS MiB", "x faster than mergekit",
+             "O_DIRECT floor s", "x of O_DIRECT floor", "targets", "load", "note"], table,
+        )  # fmt: skip
+    else:
+        lines.append("(no runs with --method yet)")
+    lines += [
+        "",
+        "## Agreement with mergekit",
+        "",
+        "`--agree`: both tools merge the same trio with the same recipe; the outputs are",
+        "compared bit by bit (`bench/mergekit_agree.py --explain`). *bit-equal*: fraction of",
+        "elements whose stored bf16 bits are equal; *max ulp*: largest difference in bf16 ulps.",
+        "Every differing element is classified: *threshold tie* (its magnitude equals the",
+        "recorded threshold of a fine-tune: mergekit's argsort keeps an arbitrary subset of the",
+        "elements tied with the k-th largest, streammerge keeps them all), *linear fma* (the",
+        "element recomputed from the inputs gives mergekit's bits with its fused `addcmul_` and",
+        "streammerge's with SPEC's unfused sum), *1 ulp* (any other difference of one ulp),",
+        "*other*. *weights*: the weights streammerge.json recorded equal mergekit's `weight`s.",
+        "",
+    ]
+    if agree:
+        lines += _table(
+            ["date (UTC)", "model GB", "method", "status", "tensors bit-identical", "elements",
+             "bit-equal", "max ulp", "threshold tie", "linear fma", "1 ulp", "other",
+             "weights", "note"],
+            [[a.get("date", ""), a.get("model_gb", ""), a.get("method", ""), a.get("status", ""),
+              f"{a.get('tensors_identical', '')}/{a.get('tensors', '')}", a.get("elements", ""),
+              a.get("bit_equal_frac", ""), a.get("max_ulp", ""), a.get("threshold_tie", ""),
+              a.get("linear_fma", ""), a.get("ulp1_other", ""), a.get("other", ""),
+              a.get("weights_match", ""), a.get("note", "")] for a in agree],
+        )  # fmt: skip
+    else:
+        lines.append("(no --agree runs yet)")
+    return lines
+
+
+def write_readme(path: Path, rows: list[dict], agree: list[dict] | None = None) -> None:
     lines = [
         "# bench_merge results",
         "",
-        "Generated by `bench/bench_merge.py` from `bench_merge.csv` (do not edit by hand; the",
-        "CSV has every column: commands, CPU model, lambda/drop/seed, read/write split).",
+        "Generated by `bench/bench_merge.py` from `bench_merge.csv` and `mergekit_agree.csv`",
+        "(do not edit by hand; the CSV has every column: commands, CPU model, lambda/drop/seed,",
+        "weights/density/gamma, read/write split, targets).",
         "",
+        "- *method*: blank = the v1 recipe (mergekit `dare_linear` in bf16 math, streammerge",
+        "  `--lambda --drop`); else `--method`, see [Methods](#methods).",
         "- *wall s*: the child's wall time; for the floor rows the read + write I/O time.",
         "- *input GB/s*: bytes of the three input models / wall s.",
-        "- *peak RSS MiB*: `ru_maxrss` of that child (via `os.wait4`).",
-        "- *streammerge ratio*: peer_s / streammerge_s from the same run: the speedup over",
-        "  naive/mergekit; for floor rows the fraction of the I/O floor's speed reached (1 =",
-        "  at the floor).",
+        "- *peak RSS MiB*: the child's own peak (`/usr/bin/time -f %M`; rows whose CSV",
+        "  `rss_source` is blank: `ru_maxrss` via `os.wait4`, which can carry the bench's own",
+        "  peak over the fork).",
+        "- *streammerge ratio*: peer_s / streammerge_s from the same run (the same method's",
+        "  streammerge row): the speedup over naive/mergekit; for floor rows the fraction of the",
+        "  I/O floor's speed reached (1 = at the floor; blank when a run has several methods).",
         "- *cache*: `cold` when the page cache was dropped before the row, else `warm`. On a",
         "  VM the host caches the disk too, out of reach of drop_caches (the first read of",
         "  files untouched for a while ran at 0.55 GB/s, the next at 1.77 GB/s on the",
@@ -636,12 +1038,73 @@ def write_readme(path: Path, rows: list[dict]) -> None:
         "- *load*: 1-minute load average just before the row (the machine may be shared).",
         "- *env*: OMP_/MKL_/NUMBA_/TORCH_ variables set for the run (e.g. OMP_WAIT_POLICY).",
         "",
-        "| " + " | ".join(h for _, h in README_COLUMNS) + " |",
-        "| " + " | ".join("---" for _ in README_COLUMNS) + " |",
     ]
-    for row in rows:
-        lines.append("| " + " | ".join(cell(row.get(k, "")) for k, _ in README_COLUMNS) + " |")
+    lines += _table([h for _, h in README_COLUMNS],
+                    [[row.get(k, "") for k, _ in README_COLUMNS] for row in rows])  # fmt: skip
+    lines += methods_section(rows, agree or [])
     path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------- agreement
+def agree_method(method: str, mk: Result, sm: Result, data: Path, args,
+                 common: dict[str, str]) -> dict:  # fmt: skip
+    """Bit-level agreement of one method's two outputs (``--agree``), as a CSV row."""
+    import mergekit_agree
+
+    rec = method_recipe(method, args)
+    row = {k: common.get(k, "") for k in ("date", "model_gb", "note", "data", "bench_cmd")}
+    row |= {"method": method, **{k: _csv_list(rec[k]) for k in ("weights", "density", "gamma")
+                                 if k in rec}}  # fmt: skip
+    if mk.out_dir is None or sm.out_dir is None:
+        row["status"] = f"not compared: mergekit {mk.status or '-'}, streammerge {sm.status or '-'}"
+        return row
+    t0 = time.perf_counter()
+    res = mergekit_agree.compare_dirs(
+        mk.out_dir, sm.out_dir, explain_inputs=[data / "base", data / "a", data / "b"]
+    )
+    s = res["summary"]
+    reasons = s.get("reasons", {})
+    # the weights streammerge used (M3 draw or given) are the ones mergekit was given
+    try:
+        got = json.loads((sm.out_dir / "streammerge.json").read_text())
+        ws = [t["w"] for t in got["tensors"].values()]
+        import numpy as np
+
+        want = np.float32(rec["weights"])
+        match = all(np.array_equal(np.float32(w), want) for w in ws)
+        row["weights_match"] = "yes" if match else "NO"
+    except (OSError, ValueError, KeyError, TypeError):
+        row["weights_match"] = "unknown"
+    row |= {
+        "status": "ok" if not s["problems"] else "; ".join(s["problems"][:3]),
+        "tensors_identical": s["tensors_equal"], "tensors": s["tensors"],
+        "elements": s["numel"], "bit_equal": s["equal"],
+        "bit_equal_frac": "1" if s["equal"] == s["numel"] else f"{s['equal_frac']:.6f}",
+        "max_ulp": s["max_ulp"], "threshold_tie": reasons.get("threshold tie", ""),
+        "linear_fma": reasons.get("linear fma", ""),
+        "ulp1_other": reasons.get("fma/rounding (1 ulp)", ""), "other": reasons.get("other", ""),
+        "only_mergekit": s["only_a"], "only_streammerge": s["only_b"],
+        "compare_s": f"{time.perf_counter() - t0:.1f}",
+    }  # fmt: skip
+    return row
+
+
+def print_agree(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="agreement with mergekit (bf16 output bits)")
+    cols = [("method", "method"), ("tensors bit-identical", None), ("elements", "elements"),
+            ("bit-equal", "bit_equal_frac"), ("max ulp", "max_ulp"),
+            ("threshold tie", "threshold_tie"), ("linear fma", "linear_fma"),
+            ("1 ulp", "ulp1_other"), ("other", "other"), ("weights", "weights_match"),
+            ("status", "status")]  # fmt: skip
+    for h, _ in cols:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*[f"{r.get('tensors_identical', '')}/{r.get('tensors', '')}" if k is None
+                    else str(r.get(k, "")) for _, k in cols])  # fmt: skip
+    Console(width=200).print(t)
 
 
 # --------------------------------------------------------------------------- main
@@ -659,6 +1122,21 @@ def parse_only(text: str) -> list[str]:
                 f"unknown contender {item!r} (use floor, {', '.join(CONTENDERS)})"
             )
     return [c for c in CONTENDERS if c in out]
+
+
+def parse_methods(text: str) -> list[str]:
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    for m in out:
+        if m not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {m!r} (use {', '.join(METHODS)})")
+    return list(dict.fromkeys(out))
+
+
+def parse_floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,6 +1164,49 @@ def main(argv: list[str] | None = None) -> int:
                     help="mixup weight (default: drawn from Beta(alpha, alpha) with --seed, "
                     "as streammerge does)")  # fmt: skip
     ap.add_argument("--drop", type=float, default=0.5, help="DARE drop rate p")
+    ap.add_argument(
+        "--method",
+        type=parse_methods,
+        default=[],
+        help="comma list of merge methods (" + ", ".join(METHODS) + "): the mergekit "
+        "and streammerge rows run once per method (default: the v1 recipe)",
+    )
+    ap.add_argument(
+        "--density",
+        type=parse_floats,
+        default=None,
+        help="density, one or one per model (default 1 - --drop); DARE methods "
+        "drop at rate 1 - density",
+    )
+    ap.add_argument(
+        "--gamma",
+        type=parse_floats,
+        default=None,
+        help="breadcrumbs gamma, one or one per model (default 0.01)",
+    )
+    ap.add_argument(
+        "--weights",
+        type=parse_floats,
+        default=None,
+        help="w0,w1 for both tools (default: the M3 draw (lam, 1 - lam))",
+    )
+    ap.add_argument(
+        "--memory",
+        default=None,
+        help=f"streammerge --memory (default its own, {DEFAULT_MEMORY}); the RSS "
+        f"target is this + {RSS_SLACK_MIB} MiB",
+    )
+    ap.add_argument(
+        "--agree",
+        action="store_true",
+        help="also run " + ", ".join(AGREE_METHODS) + " and compare both tools' "
+        "outputs bit by bit (bench/mergekit_agree.py --explain)",
+    )
+    ap.add_argument(
+        "--note",
+        default="",
+        help="free text recorded with the rows (e.g. 'CPU shared with other jobs')",
+    )
     ap.add_argument("--mergekit-bin", default=None, help="path to mergekit-yaml")
     ap.add_argument("--streammerge-bin", default=None, help="path to the streammerge CLI")
     ap.add_argument("--results", type=Path, default=HERE / "results",
@@ -708,6 +1229,20 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--alpha must be > 0")
     if not 0 <= args.drop < 1:
         ap.error("--drop must be in [0, 1)")
+    for what, vals in (("--density", args.density), ("--gamma", args.gamma)):
+        if vals is not None and len(vals) not in (1, 2):
+            ap.error(f"{what}: one value or one per model (2)")
+    if args.density is not None and not all(0 < d <= 1 for d in args.density):
+        ap.error("--density must be in (0, 1]")
+    if args.weights is not None and len(args.weights) != 2:
+        ap.error("--weights: one per model (2)")
+    if args.weights is not None and args.lam is not None:
+        ap.error("give --weights or --lambda, not both")
+    if args.agree:
+        args.method = list(dict.fromkeys([*args.method, *AGREE_METHODS]))
+        if not {"mergekit", "streammerge"} <= set(args.only):
+            ap.error("--agree needs both mergekit and streammerge in --only")
+    args.lam_given = args.lam is not None
     if args.lam is None:
         import numpy as np
 
@@ -774,10 +1309,23 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
         f"{input_bytes / 1e9:.3f} GB in {len(inputs)} files; lambda {args.lam:.6f}, drop "
         f"{args.drop:g}, seed {args.seed}; load average {os.getloadavg()[0]:.2f}"
     )
+    if args.method:
+        print("methods: " + "; ".join(
+            f"{m} {method_recipe(m, args)}" for m in args.method))  # fmt: skip
 
-    results: list[Result] = []
+    # rows: the floors and naive, then mergekit and streammerge once per method (or v1)
+    plan: list[tuple[str, str]] = []
     for name in args.only:
-        print(f"-- {name} ...", flush=True)
+        if not (args.method and name in ("mergekit", "streammerge")):
+            plan.append((name, ""))
+    for m in args.method:
+        plan += [(name, m) for name in ("mergekit", "streammerge") if name in args.only]
+    to_agree = set(AGREE_METHODS) if args.agree else set()
+    run_date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    results: list[Result] = []
+    agree_rows: list[dict] = []
+    for name, method in plan:
+        print(f"-- {name}{' ' + method if method else ''} ...", flush=True)
         if results and args.settle > 0:
             # let the previous row's writes drain (the host may still be flushing them)
             subprocess.run(["sync"], check=False)
@@ -787,13 +1335,32 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
         if name.startswith("floor-"):
             r = run_floor(name.split("-", 1)[1], inputs, base_bytes, work, args)
         else:
-            r = run_merge(name, args, data, work, expect, need)
+            r = run_merge(name, args, data, work, expect, need, method, method in to_agree)
         results.append(r)
         extra = f", {r.time_s:.1f} s, peak RSS {r.peak_rss_mib:.0f} MiB" if r.ok else ""
         print(f"   {r.status}{extra}", flush=True)
+        if method in to_agree and name == "streammerge":
+            mk = next(q for q in results if q.contender == "mergekit" and q.method == method)
+            print(f"   comparing {method} outputs bit by bit ...", flush=True)
+            meta = {"date": run_date, "model_gb": f"{base_bytes / 1e9:.3f}", "note": args.note,
+                    "data": str(data), "bench_cmd": shlex.join(["python", "bench/bench_merge.py",
+                                                                *argv])}  # fmt: skip
+            try:
+                agree_rows.append(agree_method(method, mk, r, data, args, meta))
+            finally:
+                for q in (mk, r):
+                    if q.out_dir is not None and not args.keep:
+                        shutil.rmtree(q.out_dir, ignore_errors=True)
+            a = agree_rows[-1]
+            print(f"   bit-equal {a.get('bit_equal_frac', '-')}, max {a.get('max_ulp', '-')} ulp, "
+                  f"tie {a.get('threshold_tie', '-')}, linear fma {a.get('linear_fma', '-')}, "
+                  f"1 ulp {a.get('ulp1_other', '-')}, other {a.get('other', '-')} "
+                  f"({a.get('compare_s', '-')} s)", flush=True)  # fmt: skip
+    finish_ratios(results, args)
 
     common = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": run_date,
+        "note": args.note,
         "model_gb": f"{base_bytes / 1e9:.3f}",
         "layers": str(cfg.get("num_hidden_layers", "")),
         "dtype": ",".join(dtypes),
@@ -819,9 +1386,17 @@ def _run(args, data: Path, size_gb: float, argv: list[str]) -> int:
         "row, the fraction of the I/O floor's speed streammerge reaches."
     )
     print_table(results, input_bytes, title, caption)
-    rows = append_csv(args.results / "bench_merge.csv", csv_rows(results, common, input_bytes))
-    write_readme(args.results / "README.md", rows)
-    print(f"appended {len(results)} rows to {args.results / 'bench_merge.csv'}")
+    print_methods(results, input_bytes)
+    if agree_rows:
+        print_agree(agree_rows)
+    rows = append_csv(args.results / "bench_merge.csv", csv_rows(results, common, input_bytes,
+                                                                  args))  # fmt: skip
+    agree_csv = args.results / "mergekit_agree.csv"
+    agree_all = append_csv(agree_csv, agree_rows, AGREE_FIELDS) if agree_rows else read_csv(
+        agree_csv)  # fmt: skip
+    write_readme(args.results / "README.md", rows, agree_all)
+    print(f"appended {len(results)} rows to {args.results / 'bench_merge.csv'}"
+          + (f" and {len(agree_rows)} to {agree_csv}" if agree_rows else ""))  # fmt: skip
     bad = [r for r in results if r.status.startswith(("failed", "bad output", "timeout"))]
     return 1 if bad else 0
 

@@ -16,8 +16,12 @@ every differing element into one reason: "threshold tie" when for some fine-tune
 magnitude ``bits(float32(model_j) - float32(base)) & 0x7FFFFFFF`` equals one of that
 tensor's recorded thresholds (``streammerge.json`` ``"tensors"[name]["thresholds"][j]``:
 mergekit's argsort keeps an arbitrary subset of the elements tied with the k-th largest
-magnitude, streammerge keeps them all); else "fma/rounding (1 ulp)" when the two values
-are at most 1 ulp apart; else "other". ``--record`` defaults to ``B/streammerge.json``.
+magnitude, streammerge keeps them all); else, for a ``linear`` record, "linear fma" when
+recomputing the element from the inputs and the recorded weights gives A's bits with
+mergekit's fused ``addcmul_`` (``acc = fma(x_j, float32(w_j), acc)``, exactly rounded) and
+B's bits with SPEC's unfused sum (verified per element, not assumed); else "fma/rounding
+(1 ulp)" when the two values are at most 1 ulp apart; else "other". ``--record``
+defaults to ``B/streammerge.json``.
 
 Memory stays bounded: tensors are processed one at a time, in chunks of ``--chunk``
 elements. ``safe_open`` (numpy framework) lists names, dtypes and shapes; the bytes are
@@ -55,7 +59,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-REASONS = ("threshold tie", "fma/rounding (1 ulp)", "other")
+REASONS = ("threshold tie", "linear fma", "fma/rounding (1 ulp)", "other")
 FLOAT_BITS = {"BF16": 16, "F16": 16, "F32": 32, "F64": 64}
 RAW = {  # safetensors dtype -> numpy dtype of the stored bits (floats) or values (ints)
     "BF16": np.uint16, "F16": np.uint16, "F32": np.uint32, "F64": np.uint64,
@@ -155,15 +159,97 @@ def load_record(path: str | os.PathLike | None) -> dict:
     }  # fmt: skip
 
 
+def load_linear(path: str | os.PathLike | None) -> dict:
+    """``{tensor: (weights, normalize)}`` when the streammerge.json is a ``linear`` merge."""
+    if path is None or not Path(path).is_file():
+        return {}
+    rec = json.loads(Path(path).read_text())
+    if rec.get("method") != "linear":
+        return {}
+    return {
+        name: (t["w"], bool(t.get("normalize", True)))
+        for name, t in (rec.get("tensors") or {}).items() if t.get("w") is not None
+    }  # fmt: skip
+
+
+def _f32_exact(s: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """float32 round-to-nearest-even of the exact real ``s + e`` (float64 s, e from TwoSum).
+
+    ``float32(s)`` is already right unless ``s`` sits exactly on a float32 midpoint and
+    ``e`` is not zero (rounding to float64 cannot cross a midpoint, only land on one).
+    """
+    r = s.astype(np.float32)
+    rd = r.astype(np.float64)
+    toward = np.where(s > rd, np.float32(np.inf), np.float32(-np.inf)).astype(np.float32)
+    other = np.nextafter(r, toward)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mid = (rd != s) & ((rd + other.astype(np.float64)) / 2 == s)
+    fix = mid & (e != 0)
+    if fix.any():
+        hi, lo = np.maximum(r, other), np.minimum(r, other)
+        r[fix] = np.where(e[fix] > 0, hi[fix], lo[fix])
+    return r
+
+
+def _round_stored(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values -> stored bits of ``dtype`` (round to nearest even)."""
+    if dtype == "BF16":
+        u = x.view(np.uint32).astype(np.uint64)
+        return (
+            (u + ((u >> np.uint64(16)) & np.uint64(1)) + np.uint64(0x7FFF)) >> np.uint64(16)
+        ).astype(np.uint16)
+    if dtype == "F16":
+        return x.astype(np.float16).view(np.uint16)
+    if dtype == "F32":
+        return x.view(np.uint32)
+    return x.astype(np.float64).view(np.uint64)
+
+
+def linear_values(xs: list[np.ndarray], w: list[float], normalize: bool, fused: bool) -> np.ndarray:
+    """float32 linear merge of the float32 inputs ``xs``.
+
+    ``fused``: mergekit 0.1.5 (``result.addcmul_(x_j, w_j)`` on a zero float32 tensor, one
+    rounding per step, then ``div_`` by the float32 sum of the weights, no zero guard).
+    Else SPEC v2: ``acc = acc + float32(w_j) * x_j`` rounded twice per step, and a
+    denominator of magnitude < 1e-8 replaced by 1.
+    """
+    wf = [np.float32(v) for v in w]
+    acc = np.zeros(xs[0].shape, np.float32)
+    with np.errstate(all="ignore"):
+        for x, wj in zip(xs, wf):
+            if fused:  # exact product in float64 (24 + 24 bits), TwoSum, one rounding
+                p = x.astype(np.float64) * np.float64(wj)
+                a = acc.astype(np.float64)
+                s = p + a
+                bp = s - a
+                e = (a - (s - bp)) + (p - bp)
+                acc = _f32_exact(s, e)
+            else:
+                acc = (acc + (wj * x).astype(np.float32)).astype(np.float32)
+        den = np.float32(0)
+        for wj in wf:
+            den = np.float32(den + wj)
+        if not fused and abs(float(den)) < 1e-8:
+            den = np.float32(1)
+        if normalize:
+            acc = (acc / den).astype(np.float32)
+    return acc
+
+
 def compare_tensor(
     ra: TensorRef,
     rb: TensorRef,
     *,
     explain: tuple[TensorRef | None, list[TensorRef | None]] | None = None,
     thresholds: list | None = None,
+    linear: tuple[list[float], bool] | None = None,
     chunk: int = 1 << 20,
 ) -> dict:
-    """Stats of one tensor pair; with ``explain`` = (base, models), the reasons too."""
+    """Stats of one tensor pair; with ``explain`` = (base, models), the reasons too.
+
+    ``linear`` = (weights, normalize) of a linear merge: a difference is "linear fma" when
+    A's bits are the fused recomputation and B's the unfused one.
+    """
     st = {"dtype": ra.dtype, "numel": ra.numel, "equal": 0, "max_ulp": 0, "nan_diff": 0}
     if ra.dtype != rb.dtype:
         st["dtype"] = f"{ra.dtype}/{rb.dtype}"
@@ -213,11 +299,22 @@ def compare_tensor(
                     d = (xm - xb).astype(np.float32)
                 mag = d.view(np.uint32) & np.uint32(0x7FFFFFFF)
                 tie |= np.isin(mag, tie_sets[j])
-        one = ~tie & (ulp <= 1)
+        fma = np.zeros(idx.size, bool)
+        if (
+            linear is not None and isfloat and ra.dtype == rb.dtype
+            and len(models) == len(linear[0])
+            and all(m is not None and m.shape == ra.shape for m in models)
+        ):  # fmt: skip
+            xs = [_to_f32(m, np.asarray(m.bits()[lo : lo + chunk])[idx]) for m in models]
+            want_a = _round_stored(linear_values(xs, linear[0], linear[1], True), ra.dtype)
+            want_b = _round_stored(linear_values(xs, linear[0], linear[1], False), ra.dtype)
+            fma = ~tie & (want_a == a[idx]) & (want_b == b[idx])
+        one = ~tie & ~fma & (ulp <= 1)
         r = st["reasons"]
         r["threshold tie"] += int(np.count_nonzero(tie))
+        r["linear fma"] += int(np.count_nonzero(fma))
         r["fma/rounding (1 ulp)"] += int(np.count_nonzero(one))
-        r["other"] += int(idx.size - np.count_nonzero(tie) - np.count_nonzero(one))
+        r["other"] += int(idx.size - np.count_nonzero(tie | fma | one))
     st["equal_frac"] = st["equal"] / st["numel"] if st["numel"] else 1.0
     return st
 
@@ -239,17 +336,20 @@ def compare_dirs(
     ia, ib = index_dir(a), index_dir(b)
     explain = None
     thr: dict = {}
+    lin: dict = {}
     if explain_inputs:
         ins = [index_dir(p) for p in explain_inputs]
         explain = (ins[0], ins[1:])
-        thr = load_record(record if record is not None else Path(b) / "streammerge.json")
+        rec = record if record is not None else Path(b) / "streammerge.json"
+        thr = load_record(rec)
+        lin = load_linear(rec)
     tensors = {}
     for name in sorted(set(ia) & set(ib)):
         ex = None
         if explain is not None:
             ex = (explain[0].get(name), [m.get(name) for m in explain[1]])
         tensors[name] = compare_tensor(ia[name], ib[name], explain=ex, thresholds=thr.get(name),
-                                       chunk=chunk)  # fmt: skip
+                                       linear=lin.get(name), chunk=chunk)  # fmt: skip
     res = {
         "a": str(a), "b": str(b), "tensors": tensors,
         "only_a": sorted(set(ia) - set(ib)), "only_b": sorted(set(ib) - set(ia)),
@@ -365,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--strict",
         action="store_true",
-        help="exit 1 on any difference (with --explain: any not a threshold tie)",
+        help="exit 1 on any difference (with --explain: any not a threshold tie or linear fma)",
     )
     args = ap.parse_args(argv)  # fmt: skip
     pairs = [(p[0], p[1], p[2]) for p in args.pair]
@@ -397,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = False
     for _, r in results:
         s = r["summary"]
-        unexplained = s["numel"] - s["equal"] - s.get("reasons", {}).get("threshold tie", 0)
+        rs = s.get("reasons", {})
+        unexplained = s["numel"] - s["equal"] - rs.get("threshold tie", 0) - rs.get("linear fma", 0)
         bad |= unexplained > 0 or bool(s["problems"]) or s["only_a"] > 0 or s["only_b"] > 0
     return 1 if (args.strict and bad) else 0
 
