@@ -336,3 +336,295 @@ def test_merge_chunk_accepts_minimal_call():
     cpu_merge.merge_chunk(**_args())
     cpu_merge.merge_chunk(**_args(n=0))
     cpu_merge.merge_chunk(**_args(base_row=-1))
+
+
+# ----------------------------------------------------------------------------------------
+# v2: keep window, sign consensus, normalize, linear (SPEC v2 "Methods", kernel contract 1)
+# against spec_reference.spec_merge_v2, bit for bit.
+# ----------------------------------------------------------------------------------------
+
+V2_DTYPES = {  # base (or the linear models' first) dtype, then the fine-tunes' cycle
+    "bf16": ("BF16", ("BF16",)),
+    "fp16": ("F16", ("F16",)),
+    "f32": ("F32", ("F32",)),
+    "mixed": ("F16", ("BF16", "F32", "F16")),
+}
+GAMMA = 0.01  # breadcrumbs' top fraction
+
+
+def v2_inputs(rng, n, base_dtype, model_dtypes, kind):
+    """(base, models) stored arrays for one v2 case.
+
+    kind "noise": base ~ N(0, 0.02), fine-tunes = base + N(0, 0.002), with special values.
+    kind "ties": small integers (exact in every dtype): magnitudes repeat a lot, so the
+        thresholds fall on runs of equal values.
+    kind "zero": model 0's task vector is all zeros (it equals the base), the others noise.
+    """
+    if kind == "ties":
+        base = rng.integers(-8, 9, n).astype(np.float32)
+        models = [base + rng.integers(-3, 4, n).astype(np.float32) for _ in model_dtypes]
+    else:
+        base = (rng.standard_normal(n) * 0.02).astype(np.float32)
+        models = [base + (rng.standard_normal(n) * 0.002).astype(np.float32) for _ in model_dtypes]
+        if kind == "zero":
+            models[0] = base.copy()
+        else:
+            for x in [base, *models]:
+                pos = rng.integers(0, n, 8)
+                x[pos] = rng.choice(SPECIALS, pos.size)
+    return stored(base, base_dtype), [stored(m, dt) for m, dt in zip(models, model_dtypes)]
+
+
+def run_v2(method, base, models, out_dtype, *, weights, density, base_dtype, model_dtypes,
+           start=0, scale=1.0, normalize=None, model_ids=None, thresholds=None):  # fmt: skip
+    """(kernel, reference, thresholds) for one tensor (or chunk) of a v2 method.
+
+    The kernel gets the reference's thresholds as a keep window (``spec_keep_window``),
+    DARE's p_j = 1 - rho_j (float64), and the method row's consensus / normalize / linear.
+    """
+    _, sparsifier, consensus, norm_default = ref.METHODS[method]
+    k_models = len(models)
+    gamma = [GAMMA] * k_models if sparsifier == "breadcrumbs" else None
+    want, thr = ref.spec_merge_v2(
+        base, models, out_dtype, method=method, key=KEY, start=start, weights=weights,
+        density=density, gamma=gamma, scale=scale, normalize=normalize, thresholds=thresholds,
+        model_ids=model_ids, base_dtype=base_dtype, model_dtypes=model_dtypes,
+    )  # fmt: skip
+    window = [ref.spec_keep_window(e, sparsifier) for e in thr]
+    drop = [1.0 - float(r) for r in density] if sparsifier == "dare" else [0.0] * k_models
+    got = cpu_merge.merge_arrays(
+        base, models, out_dtype, key=KEY, start=start, drop=drop, weights=weights, scale=scale,
+        model_ids=model_ids, base_dtype=base_dtype, model_dtypes=model_dtypes,
+        keep_lo=[lo for lo, _ in window], keep_hi=[hi for _, hi in window],
+        consensus=consensus, normalize=norm_default if normalize is None else normalize,
+        linear=method == "linear",
+    )  # fmt: skip
+    return got, want, thr
+
+
+@pytest.mark.parametrize("method", list(ref.METHODS))
+@pytest.mark.parametrize("dtype_set", list(V2_DTYPES))
+@pytest.mark.parametrize("k_models", [2, 3, 5])
+def test_v2_methods_against_reference(method, dtype_set, k_models):
+    """Every method x dtypes x K x density (1, 0.5, 1e-3) x data (noise with specials,
+    ties at the thresholds, an all-zero task vector), negative weights, odd sizes, starts
+    past 2**32 (and one straddling it)."""
+    rng = np.random.default_rng(hash((method, dtype_set, k_models)) % 2**32)
+    base_dt, cycle = V2_DTYPES[dtype_set]
+    mdts = [cycle[k % len(cycle)] for k in range(k_models)]
+    linear = method == "linear"
+    for case, (density, kind, n, start) in enumerate(
+        [
+            (1.0, "noise", 10_007, 2**32 + 12_345),
+            (0.5, "noise", 3 * cpu_merge.BLOCK_V2 + 5, 2**32 - 3_000),
+            (1e-3, "noise", 4_099, 3 * 2**33 + 1),
+            (0.5, "ties", 9_001, 2**32 + 7),
+            (1e-3, "ties", 2_049, 5),
+            (0.5, "zero", 5_003, 2**34),
+        ]
+    ):
+        out_dt = DTYPES[(case + k_models) % 3]
+        base, models = v2_inputs(rng, n, base_dt, mdts, kind)
+        weights = list(rng.uniform(-0.6, 1.2, k_models))  # negative weights too
+        got, want, thr = run_v2(
+            method, None if linear else base, models, out_dt, weights=weights,
+            density=[density] * k_models, base_dtype=None if linear else base_dt,
+            model_dtypes=mdts, start=start, scale=1.0 if case % 2 else 0.75,
+        )  # fmt: skip
+        assert_same_bits(got, want, out_dt, f"{method} {dtype_set} K={k_models} case {case} thr={thr}")
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"])
+def test_v2_ties_at_threshold_keep_every_tied_element(method):
+    """Magnitudes in a handful of values: the window keeps every element equal to a bound
+    (no tie-break), so outputs change exactly where the bounds say."""
+    rng = np.random.default_rng(21)
+    n = 6_151
+    base = np.zeros(n, np.float32)
+    models = [rng.choice(np.float32([-2, -1, 0, 1, 2, 3]), n).astype(np.float32) for _ in range(3)]
+    for density in (0.3, 0.5, 0.9):
+        got, want, thr = run_v2(
+            method, base, models, "F32", weights=[1.0, 0.5, -0.25], density=[density] * 3,
+            base_dtype="F32", model_dtypes=["F32"] * 3, normalize=False,
+        )  # fmt: skip
+        assert_same_bits(got, want, "F32", f"{method} density {density} thr={thr}")
+        if method == "ties":  # the threshold sits inside a run of ties: more than k kept
+            mags = models[0].view(np.uint32) & np.uint32(0x7FFFFFFF)
+            k = max(1, int(density * n))
+            assert (mags >= thr[0][0]).sum() > k > (mags > thr[0][0]).sum()
+
+
+def test_v2_consensus_and_den_rules_by_hand():
+    """Hand-computed values (independent of the reference) for the sign election and den."""
+    base = np.zeros(6, np.float32)
+    d = [
+        np.float32([1, 1, 0, -0.0, np.nan, 1]),
+        np.float32([-2, 1, 0, -0.0, -1, -1]),
+        np.float32([3, -3, 0, 0, 2, 0]),
+    ]
+    kw = {"key": KEY, "start": 0, "consensus": "sign"}
+    got = cpu_merge.merge_arrays(base, d, "F32", drop=[0.0] * 3, weights=[1.0, 1.0, 1.0],
+                                 normalize=True, **kw)  # fmt: skip
+    # [0]: S=2>0, agree k0,k2: acc 4, den 2 -> 2. [1]: S=-1, agree k2: -3/1.
+    # [2], [3]: all wd 0 (S=+0 or -0... >= 0): nobody agrees, den 0 -> 1, m = 0.
+    # [4]: S = NaN -> negative side: agree k1: -1/1. [5]: S = 0 -> positive: k0: 1/1.
+    want = np.float32([2.0, -3.0, 0.0, 0.0, -1.0, 1.0])
+    assert np.array_equal(got, want) and not np.signbit(got[2:4]).any(), got
+    got = cpu_merge.merge_arrays(base, d[:2], "F32", drop=[0.0] * 2, weights=[0.5, -0.5],
+                                 normalize=True, **kw)  # fmt: skip
+    # [0]: wd (0.5, 1), S 1.5: both agree, acc 1.5, den 0.5 - 0.5 = 0 -> 1. [1]: wd
+    # (0.5, -0.5), S +0: k0 agrees, 0.5 / 0.5. [4]: wd (NaN, 0.5), S NaN: negative side,
+    # nobody agrees: 0. [5]: wd (0.5, 0.5): acc 1, den 0 -> 1.
+    assert np.array_equal(got, np.float32([1.5, 1.0, 0.0, 0.0, 0.0, 1.0])), got
+    # consensus none: den = sum w (float32, in order); |den| < 1e-8 -> 1 (1e-8 rounds down
+    # in float32, so w = float32(1e-8) is replaced, the next float32 up is not).
+    ones = [np.ones(2, np.float32)] * 2
+    tiny = float(np.float32(1e-8))
+    above = float(np.nextafter(np.float32(1e-8), np.float32(1)))
+    for w0, den in ((tiny, 1.0), (above, np.float32(above)), (0.0, 1.0), (-tiny, 1.0)):
+        got = cpu_merge.merge_arrays(np.zeros(2, np.float32), ones, "F32", key=KEY, start=0,
+                                     drop=[0.0, 0.0], weights=[w0, 0.0], normalize=True)  # fmt: skip
+        assert got[0] == np.float32(np.float32(w0) / np.float32(den)), (w0, got)
+
+
+def test_v2_window_bounds_are_inclusive():
+    rng = np.random.default_rng(22)
+    n = 2_500
+    base = np.zeros(n, np.float32)
+    x = (rng.standard_normal(n)).astype(np.float32)
+    mags = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    lo, hi = int(np.sort(mags)[500]), int(np.sort(mags)[2000])
+    got = cpu_merge.merge_arrays(base, [x, x], "F32", key=KEY, start=0, drop=[0.0, 0.0],
+                                 weights=[1.0, 0.0], keep_lo=[lo, 0], keep_hi=[hi, 0])  # fmt: skip
+    keep = (mags >= lo) & (mags <= hi)
+    assert np.array_equal(got, np.where(keep, x, np.float32(0)))
+    got = cpu_merge.merge_arrays(x, [x + 1, x - 1], "F32", key=KEY, start=0, drop=[0.0, 0.0],
+                                 weights=[1.0, 1.0], keep_lo=[1, 1], keep_hi=[0, 0])  # fmt: skip
+    assert np.array_equal(got.view(np.uint32), x.view(np.uint32)), "keep none: out = x_b"
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_v2_kernel_equals_v1_on_v1_formula(out_dtype):
+    """A window that keeps every non-NaN magnitude sends a dare_linear merge through the v2
+    kernel; its bytes equal v1's kernel (and the v1 reference) wherever no NaN is dropped."""
+    rng = np.random.default_rng(23)
+    dts = ("BF16", "F16", "BF16", "F32")
+    arrays = make_inputs(rng, 20_011, dts)  # no specials: mag < 0x7F800001 everywhere
+    kw = {"key": KEY, "start": 2**32 - 77, "drop": [0.5, 0.1, 0.9], "weights": [0.7, -0.2, 0.5],
+          "scale": 1.3, "base_dtype": dts[0], "model_dtypes": list(dts[1:])}  # fmt: skip
+    v1 = cpu_merge.merge_arrays(arrays[0], arrays[1:], out_dtype, **kw)
+    v2 = cpu_merge.merge_arrays(arrays[0], arrays[1:], out_dtype, keep_hi=[0x7F800000] * 3, **kw)
+    assert np.array_equal(v1, v2)
+    want = ref.spec_merge(arrays[0], dts[0], arrays[1:], list(dts[1:]), out_dtype,
+                          model_ids=[0, 1, 2], **{k: kw[k] for k in ("key", "start", "drop",
+                                                                     "weights", "scale")})  # fmt: skip
+    assert_same_bits(v2, want, out_dtype, "v2 kernel, v1 formula")
+
+
+def test_v2_dare_ties_model_ids_subset():
+    rng = np.random.default_rng(24)
+    dts = ("BF16",) * 4
+    arrays = make_inputs(rng, 9_001, dts, specials=True)
+    for ids in ([1, 4, 6], [7, 8, 3]):
+        got, want, _ = run_v2(
+            "dare_ties", arrays[0], arrays[1:], "BF16", weights=[0.5, -0.25, 0.75],
+            density=[0.8, 0.5, 0.2], base_dtype="BF16", model_dtypes=list(dts[1:]),
+            start=2**32 + 3, model_ids=ids,
+        )  # fmt: skip
+        assert_same_bits(got, want, "BF16", f"ids={ids}")
+
+
+def _merge_rows_v2(raw, dtypes, out_dtype, n, start, split, base, kwargs):
+    """merge_chunk over [lo, hi) pieces, each in a fresh buffer, as the pipeline does."""
+    isz = {"F32": 4, "F16": 2, "BF16": 2}
+    out = np.zeros(n * isz[out_dtype], np.uint8)
+    k_models = len(dtypes) - (1 if base else 0)
+    for lo, hi in itertools.pairwise([0, *split, n]):
+        rows = np.zeros((len(dtypes), max(1, (hi - lo) * 4)), np.uint8)
+        for r, dt in enumerate(dtypes):
+            piece = raw[r][lo * isz[dt] : hi * isz[dt]]
+            rows[r, : piece.size] = piece
+        o = np.full(max(1, (hi - lo) * isz[out_dtype]), 0xAB, np.uint8)
+        model_rows = list(range(1, len(dtypes))) if base else list(range(len(dtypes)))
+        cpu_merge.merge_chunk(
+            rows, list(dtypes), 0 if base else -1, model_rows, list(range(k_models)),
+            kwargs["drop"], kwargs["weights"], 0.9, o, out_dtype, hi - lo, KEY, start + lo,
+            keep_lo=kwargs["keep_lo"], keep_hi=kwargs["keep_hi"], consensus=kwargs["consensus"],
+            normalize=kwargs["normalize"], linear=not base,
+        )  # fmt: skip
+        out[lo * isz[out_dtype] : hi * isz[out_dtype]] = o[: (hi - lo) * isz[out_dtype]]
+    return out
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "linear"])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_v2_chunking_invariance(method, out_dtype):
+    """Uneven chunks with the whole tensor's thresholds give one call's bytes, and SPEC's."""
+    rng = np.random.default_rng(25)
+    n, start = 30_000, 2**32 - 10_000
+    base_dt, mdts = "BF16", ["F16", "BF16", "F32"]
+    base, models = v2_inputs(rng, n, base_dt, mdts, "noise")
+    linear = method == "linear"
+    _, sparsifier, consensus, normalize = ref.METHODS[method]
+    weights, density = [0.6, -0.3, 0.5], [0.4, 0.6, 0.2]
+    got, want, thr = run_v2(
+        method, None if linear else base, models, out_dtype, weights=weights, density=density,
+        base_dtype=None if linear else base_dt, model_dtypes=mdts, start=start, scale=0.9,
+    )  # fmt: skip
+    assert_same_bits(got, want, out_dtype, "one call vs SPEC")
+    window = [ref.spec_keep_window(e, sparsifier) for e in thr]
+    kwargs = {
+        "drop": [1.0 - r for r in density] if sparsifier == "dare" else [0.0] * 3,
+        "weights": weights, "keep_lo": [w[0] for w in window], "keep_hi": [w[1] for w in window],
+        "consensus": consensus, "normalize": normalize,
+    }  # fmt: skip
+    arrays = models if linear else [base, *models]
+    dts = mdts if linear else [base_dt, *mdts]
+    raw = [np.ascontiguousarray(a).view(np.uint8) for a in arrays]
+    whole = _merge_rows_v2(raw, dts, out_dtype, n, start, [], not linear, kwargs)
+    assert_same_bits(whole.view(BITS[out_dtype]), got, out_dtype, "merge_chunk vs merge_arrays")
+    for split in ([1], [2047, 2048, 2049, 8193], sorted(rng.choice(n, 6, replace=False))):
+        pieces = _merge_rows_v2(raw, dts, out_dtype, n, start, list(split), not linear, kwargs)
+        assert np.array_equal(pieces, whole), f"split {split} changes the bytes"
+
+
+def test_v2_thread_count_invariance():
+    rng = np.random.default_rng(26)
+    base, models = v2_inputs(rng, 100_003, "BF16", ["BF16"] * 3, "noise")
+    kw = {"key": KEY, "start": 5, "drop": [0.3, 0.0, 0.5], "weights": [0.5, 0.3, -0.2],
+          "keep_lo": [0, 0x3A000000, 0], "consensus": "sign", "normalize": True}  # fmt: skip
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for t in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(t)
+            results.append(cpu_merge.merge_arrays(base, models, "BF16", **kw))
+    finally:
+        numba.set_num_threads(before)
+    assert all(np.array_equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize(
+    "over,match",
+    [
+        ({"keep_lo": [0]}, "keep_lo"),
+        ({"keep_hi": [0, 2**32]}, "keep_hi"),
+        ({"keep_lo": [-1, 0]}, "keep_lo"),
+        ({"keep_lo": [0.5, 0]}, "keep_lo"),
+        ({"keep_hi": 5}, "keep_hi"),
+        ({"consensus": "majority"}, "consensus"),
+        ({"consensus": None}, "consensus"),
+        ({"normalize": 1}, "normalize"),
+        ({"linear": "yes"}, "linear"),
+        ({"linear": True}, "base_row"),
+    ],
+)
+def test_merge_chunk_rejects_bad_v2_arguments(over, match):
+    with pytest.raises(ValueError, match=match):
+        cpu_merge.merge_chunk(**_args(**over))
+
+
+def test_merge_chunk_accepts_v2_calls():
+    cpu_merge.merge_chunk(**_args(keep_lo=[0, 5], keep_hi=[2**32 - 1, 7], consensus="sign"))
+    cpu_merge.merge_chunk(**_args(base_row=-1, linear=True, normalize=np.bool_(True)))
+    cpu_merge.merge_chunk(**_args(n=0, consensus="sign", normalize=True))
