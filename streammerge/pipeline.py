@@ -63,6 +63,8 @@ class Slot:
     Attributes:
         inputs: uint8 [R, row_bytes]; row 0 the base, row 1 + j fine-tune j (``ops``).
         out: uint8 [out_row_bytes]; the merged (or copied) bytes to write.
+        outs: the K output buffers of a sweep (``outs[0] is out``); copies and conversions
+            fill ``out`` only, the same bytes for every output.
         op: the pass this slot carries: ``copy``, ``convert``, ``merge``, ``hist_high``,
             ``hist_low`` or ``held`` (every pass of a held tensor).
     """
@@ -74,6 +76,7 @@ class Slot:
     op: str = ""
     out_nbytes: int = 0
     in_nbytes: int = 0
+    outs: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,8 @@ class Layout:
         block_bytes: one writer staging block (STAGING_BLOCKS of them).
         stats_bytes: histogram bytes (0 for methods without a statistics pass).
         buffer_bytes: slots + staging blocks + histograms: what the run allocates.
+        outputs: K output buffers per slot (and K writers): a sweep writes K merges of
+            the same inputs at once.
     """
 
     rows: int
@@ -146,6 +151,7 @@ class Layout:
     block_bytes: int
     stats_bytes: int = 0
     buffer_bytes: int = field(default=0)
+    outputs: int = 1
 
     @property
     def row_bytes(self) -> int:
@@ -161,7 +167,7 @@ class Layout:
     @property
     def slot_bytes(self) -> int:
         """Bytes of one slot."""
-        return self.rows * self.row_bytes + self.out_row_bytes
+        return self.rows * self.row_bytes + self.outputs * self.out_row_bytes
 
     def max_elems(self, t: TensorPlan) -> int:
         """Largest chunk (elements) of ``t`` that fits the buffers."""
@@ -190,8 +196,12 @@ def make_layout(
     depth: int = 0,
     device_limit=None,
     threads: int | None = None,
+    outputs: int = 1,
 ) -> Layout:
     """Size the buffers so that all of them fit ``memory_bytes``.
+
+    ``outputs``: K outputs written at once (a sweep): K output buffers per slot and K
+    writers' staging blocks share the same budget.
 
     Each chunk element needs one input element per row (at the widest float itemsize in the
     plan) and one output element, in each slot: N_SLOTS + depth slots, or N_SLOTS_STATS +
@@ -216,24 +226,26 @@ def make_layout(
     has_stats = has_stats or (plan.recipe.row.sparse.stats and plan.recipe.trim_scope == "model")
     n_slots = (N_SLOTS_STATS if has_stats else N_SLOTS) + depth
     hist = stats_bytes(n_models, threads or default_threads()) if has_stats else 0
-    per_elem = n_slots * (rows * in_size + out_size)
-    slack = n_slots * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row rounding and slack
-    block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // 32)))  # one staging block
-    room = memory_bytes - slack - STAGING_BLOCKS * block - hist
+    per_elem = n_slots * (rows * in_size + outputs * out_size)
+    slack = n_slots * (rows + outputs) * (DIRECT_SLACK + DIRECT_ALIGN)  # row rounding, slack
+    block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // (32 * outputs))))
+    staging = outputs * STAGING_BLOCKS * block  # each writer's staging blocks
+    room = memory_bytes - slack - staging - hist
     chunk = max(0, room) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
-        need = MIN_CHUNK_ELEMS * per_elem + slack + STAGING_BLOCKS * block + hist
+        need = MIN_CHUNK_ELEMS * per_elem + slack + staging + hist
         raise MergeError(
             f"--memory {memory_bytes / 2**20:.1f}MiB is too small for these buffers",
             None,
             None,
             f"give at least {need / 2**20:.0f}MiB",
         )
-    layout = Layout(rows, n_slots, chunk, chunk * in_size, chunk * out_size, block, hist)
-    layout.buffer_bytes = n_slots * layout.slot_bytes + STAGING_BLOCKS * block + hist
+    layout = Layout(rows, n_slots, chunk, chunk * in_size, chunk * out_size, block, hist,
+                    outputs=outputs)  # fmt: skip
+    layout.buffer_bytes = n_slots * layout.slot_bytes + staging + hist
     return layout
 
 
@@ -389,17 +401,23 @@ def accumulate(backend: Backend, slot: Slot, st: ThresholdStats, op: str, seg: S
 def _stream(
     plan: Plan,
     items: Iterable[Item | Marker],
-    output: OutputDir | None,
+    outputs: list[OutputDir],
     layout: Layout,
     backend: Backend,
     on_bytes: Callable[[int], None] | None,
     direct_io: bool,
     thresholds: _Thresholds,
-) -> RunStats:
-    slots = [
-        Slot(backend.alloc((layout.rows, layout.row_bytes)), backend.alloc((layout.out_row_bytes,)))
-        for _ in range(layout.slots)
-    ]
+    variants: list[Plan] | None = None,
+) -> list[RunStats]:
+    """The streaming core: ``items`` read once into the slots, each output k's elementwise
+    pass with ``variants[k]``'s parameters (a sweep; default: ``plan`` alone), written to
+    ``outputs[k]``. No outputs: statistics only (``analyze``)."""
+    variants = variants or [plan]
+    by_name = [{t.name: t for t in v.tensors} for v in variants]
+    slots = []
+    for _ in range(layout.slots):
+        outs = [backend.alloc((layout.out_row_bytes,)) for _ in range(max(1, len(outputs)))]
+        slots.append(Slot(backend.alloc((layout.rows, layout.row_bytes)), outs[0], outs=outs))
     free_q: queue.Queue = queue.Queue()
     ready_q: queue.Queue = queue.Queue()
     done_q: queue.Queue = queue.Queue()
@@ -408,9 +426,10 @@ def _stream(
     stop = threading.Event()
     errors: list[BaseException] = []
     reader = RangeReader(direct=direct_io)
-    stats = {"read": 0, "written": 0, "staging": 0}
+    stats = {"read": 0, "staging": 0}
+    written = [0] * len(outputs)
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
-    results: dict[str, tuple[int, str]] = {}
+    results: list[dict[str, tuple[int, str]]] = [{} for _ in outputs]
     meta: dict[str, dict] = {}  # shard -> journal extras (thresholds of its tensors)
 
     def get(q: queue.Queue):
@@ -459,34 +478,35 @@ def _stream(
             stop.set()
 
     def write_stage() -> None:
-        staging = StagingBlock(layout.block_bytes, STAGING_BLOCKS)
-        stats["staging"] = sum(len(m) for m in staging.mems)
-        writer: ShardWriter | None = None
+        stagings = [StagingBlock(layout.block_bytes, STAGING_BLOCKS) for _ in outputs]
+        stats["staging"] = sum(len(m) for st in stagings for m in st.mems)
+        writers: list[ShardWriter | None] = [None] * len(outputs)
         try:
             while (item := get(done_q)) is not None:
+                t0 = time.perf_counter()
                 if isinstance(item, Marker):
                     name = item.shard.filename
-                    t0 = time.perf_counter()
-                    if item.kind == "open":
-                        writer = ShardWriter(
-                            output.shard_tmp_path(name),
-                            item.shard.header,
-                            item.shard.size_bytes,
-                            staging,
-                            direct_io,
-                        )
-                    else:
-                        assert writer is not None
-                        size, sha = writer.finish()
-                        writer = None
-                        output.commit_shard(name, size, sha, meta.get(name))
-                        results[name] = (size, sha)
-                        stats["written"] += size
+                    for k, output in enumerate(outputs):
+                        if item.kind == "open":
+                            writers[k] = ShardWriter(
+                                output.shard_tmp_path(name),
+                                item.shard.header,
+                                item.shard.size_bytes,
+                                stagings[k],
+                                direct_io,
+                            )
+                        else:
+                            size, sha = writers[k].finish()
+                            writers[k] = None
+                            output.commit_shard(name, size, sha, meta.get(name))
+                            results[k][name] = (size, sha)
+                            written[k] += size
                     busy["write_s"] += time.perf_counter() - t0
                     continue
-                assert writer is not None
-                t0 = time.perf_counter()
-                writer.write(memoryview(item.out)[: item.out_nbytes])
+                merged = item.op in ("merge", "held")
+                for k, writer in enumerate(writers):
+                    buf = item.outs[k] if merged else item.out
+                    writer.write(memoryview(buf)[: item.out_nbytes])
                 busy["write_s"] += time.perf_counter() - t0
                 free_q.put(item)
         except _Failed:
@@ -495,9 +515,11 @@ def _stream(
             errors.append(e)
             stop.set()
         finally:
-            if writer is not None:
-                writer.abort()
-            staging.close()
+            for writer in writers:
+                if writer is not None:
+                    writer.abort()
+            for st in stagings:
+                st.close()
 
     def compute(slot: Slot):
         """Run the slot's passes; returns (handle, goes_to_writer)."""
@@ -514,18 +536,26 @@ def _stream(
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
             accumulate(backend, slot, st, "hist_low", slot.chunk.segment)
         win = thresholds.window(t) if plan.recipe.row.sparse.stats else None
-        return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
+        if len(variants) == 1:
+            return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
+        handles = []
+        for k, names in enumerate(by_name):  # a sweep: one pass per output, same inputs
+            view = Slot(slot.inputs, slot.outs[k], t, slot.chunk, slot.op, slot.out_nbytes)
+            args = merge_args(plan.recipe.row, names[t.name], slot.chunk, win)
+            handles.append(backend.run("merge", view, args))
+        return _Handles(handles), True
 
     threads = [threading.Thread(target=read_stage, name="sm-reader", daemon=True)]
-    if output is not None:
+    if outputs:
         threads.append(threading.Thread(target=write_stage, name="sm-writer", daemon=True))
     for th in threads:
         th.start()
     inflight: deque = deque()  # (item, handle) in submission order
 
     def retire(done, handle) -> None:
-        if handle is not None:
-            backend.wait(handle)
+        for h in handle.handles if isinstance(handle, _Handles) else (handle,):
+            if h is not None:
+                backend.wait(h)
         done_q.put(done)
 
     try:
@@ -570,15 +600,21 @@ def _stream(
         reader.close()
     if errors:
         raise errors[0]
-    allocated = sum(mapped_bytes(s.inputs) + mapped_bytes(s.out) for s in slots) + stats["staging"]
-    return RunStats(
-        stats["read"],
-        stats["written"],
-        results,
-        busy,
-        thresholds.recorded,
-        allocated + (layout.stats_bytes if thresholds.peak_bytes else 0),
-    )
+    allocated = sum(mapped_bytes(s.inputs) + sum(map(mapped_bytes, s.outs)) for s in slots)
+    allocated += stats["staging"] + (layout.stats_bytes if thresholds.peak_bytes else 0)
+    if not outputs:  # statistics only
+        return [RunStats(stats["read"], 0, {}, busy, thresholds.recorded, allocated)]
+    return [
+        RunStats(stats["read"], written[k], results[k], busy, thresholds.recorded, allocated)
+        for k in range(len(outputs))
+    ]
+
+
+@dataclass(frozen=True)
+class _Handles:
+    """The handles of one slot's passes for every output of a sweep."""
+
+    handles: list
 
 
 def run(
@@ -614,12 +650,45 @@ def run(
     return _stream(
         plan,
         work_items(plan, shards, layout),
-        output,
+        [output],
         layout,
         backend,
         on_bytes,
         direct_io,
         _Thresholds(plan, model_thresholds),
+    )[0]
+
+
+def run_many(
+    plans: list[Plan],
+    outputs: list[OutputDir],
+    layout: Layout,
+    backend: Backend,
+    on_bytes: Callable[[int], None] | None = None,
+    direct_io: bool = True,
+    model_thresholds: list | None = None,
+) -> list[RunStats]:
+    """A sweep: K plans that differ only in their weights, written to K outputs from one
+    read of the inputs. Statistics (thresholds) and masks do not depend on the weights, so
+    they are shared; each output gets its own elementwise pass. ``layout`` must have
+    ``outputs == K``.
+
+    Returns:
+        one RunStats per output (bytes_read is the one shared read).
+    """
+    if layout.outputs != len(plans) or len(outputs) != len(plans):
+        raise ValueError("run_many needs one plan and one output per layout output")
+    plan = plans[0]
+    return _stream(
+        plan,
+        work_items(plan, list(plan.shards), layout),
+        outputs,
+        layout,
+        backend,
+        on_bytes,
+        direct_io,
+        _Thresholds(plan, model_thresholds),
+        plans,
     )
 
 
@@ -643,6 +712,6 @@ def analyze(
         return [[] for _ in range(plan.recipe.n_models)], RunStats(0, 0, {}, {})
     shared = th.stats(first)  # one population: every tensor feeds the same histograms
     th.stats = lambda t: shared  # type: ignore[method-assign]
-    stats = _stream(plan, analysis_items(plan, layout), None, layout, backend, on_bytes,
-                    direct_io, th)  # fmt: skip
+    stats = _stream(plan, analysis_items(plan, layout), [], layout, backend, on_bytes,
+                    direct_io, th)[0]  # fmt: skip
     return shared.thresholds(), stats
