@@ -1,0 +1,480 @@
+"""``streammerge --plan``: the dry run. Headers only, nothing written (issue 9 part 3).
+
+``describe(prep, layout)`` turns a ``Prepared`` merge (``api.prepare``: every header, name,
+shape, dtype, recipe and output-location check a real run does) and the buffer layout the
+run would use (``api.layout_for``; a budget too small fails there too) into a
+JSON-serializable dict; ``format_plan`` renders it as text. Contents:
+
+- the recipe: method, trim scope, seed, the mixup ratios m (λ for two models) and α;
+- per tensor group (``embedding/other``, ``layer N``, ``head/final``): tensor count, output
+  bytes, input bytes read, the passes (``held``: read once, every pass on the held slot;
+  ``multi-pass``: read once per pass), and the resolved w / density / drop / gamma /
+  scale / normalize, once per distinct set with the tensors that share it;
+- the output shards (file, size in bytes, tensor count);
+- ``bytes_read``: exactly what the real run reads (``pipeline.read_bytes`` over the same
+  ``work_items``, plus the two model-wide histogram passes of trim_scope model, as
+  ``api.execute`` counts them), and ``bytes_written``: the shard files' bytes;
+- peak buffer memory (``Layout.buffer_bytes``) against the ``--memory`` budget;
+- the disk's read speed from a short read (at most ``MEASURE_BYTES``, ``MEASURE_SECONDS``)
+  of the largest input file, and ``expected_seconds = bytes_read / speed``: a lower bound
+  from reads alone (compute and writes overlap the reads in the real run);
+- ``base_only`` tensors and the vocabulary rules from the plan.
+
+Units: bytes are integers (bytes), speeds bytes per second, times seconds.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from streammerge.errors import MergeError
+from streammerge.pipeline import (
+    STAGING_BLOCKS,
+    Layout,
+    analysis_items,
+    read_bytes,
+    tensor_items,
+    work_items,
+)
+from streammerge.plan import ShardPlan, TensorPlan, natural_key
+from streammerge.recipe import LAYER_PATTERN
+from streammerge.sizes import format_bytes
+
+#: Format tag of the ``--plan --json`` document.
+PLAN_FORMAT = "streammerge-plan/1"
+#: The disk speed read: at most this many bytes (bytes) ...
+MEASURE_BYTES = 64 * 2**20
+#: ... and no new piece started after this many seconds.
+MEASURE_SECONDS = 0.4
+#: One read request of the measurement (bytes), ``MEASURE_DEPTH`` in flight (the real
+#: reader also cuts O_DIRECT ranges into 4 MiB pieces read in parallel).
+MEASURE_PIECE = 4 * 2**20
+MEASURE_DEPTH = 4
+#: Group names of tensors outside the numbered layers.
+EMBED_GROUP = "embedding/other"
+HEAD_GROUP = "head/final"
+#: Name parts that put a tensor outside the layers into the head / embedding group
+#: whatever its place in name order (``lm_head.weight`` sorts before ``model.layers``).
+HEAD_PARTS = ("lm_head", "head", "embed_out", "classifier", "score", "output", "cls")
+EMBED_PARTS = ("embed", "embeddings", "embed_tokens", "wte", "wpe", "word_embeddings")
+
+
+def _layer(name: str) -> int | None:
+    m = LAYER_PATTERN.search(name)
+    return int(m.group(1)) if m else None
+
+
+def group_of(name: str, first_layer_key: tuple | None) -> str:
+    """The group of tensor ``name``: ``layer N`` (``recipe.LAYER_PATTERN``), else
+    ``embedding/other`` for names before the first layer tensor in natural order and
+    ``head/final`` for names after it (names with a head part such as ``lm_head`` are
+    always head, names with an embedding part always embedding)."""
+    layer = _layer(name)
+    if layer is not None:
+        return f"layer {layer}"
+    parts = name.split(".")
+    if any(p in HEAD_PARTS for p in parts):
+        return HEAD_GROUP
+    if any(p in EMBED_PARTS or p.startswith("embed") for p in parts):
+        return EMBED_GROUP
+    if first_layer_key is None or natural_key(name) < first_layer_key:
+        return EMBED_GROUP
+    return HEAD_GROUP
+
+
+def _group_order(label: str) -> tuple:
+    if label == EMBED_GROUP:
+        return (0, 0)
+    if label == HEAD_GROUP:
+        return (2, 0)
+    return (1, int(label.split()[1]))
+
+
+def passes_of(t: TensorPlan, layout: Layout) -> str:
+    """How ``t`` is executed, as a short label: ``copy``, ``convert``, ``merge`` (one read),
+    ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
+    ``multi-pass: hist_high+hist_low+merge`` (read once per pass; histogram passes read
+    only the rows the base has)."""
+    if t.action != "merge":
+        return t.action
+    if len(t.ops) == 1:
+        return "merge"
+    ops = "+".join(t.ops)
+    return f"held: {ops}" if layout.holds(t) else f"multi-pass: {ops}"
+
+
+def _params(t: TensorPlan) -> dict:
+    if t.action != "merge" or t.params is None:
+        return {"action": t.action}
+    return {"action": "merge", **t.params.record()}
+
+
+def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
+    """Shards the real run would write, and those a ``--resume`` journal already holds.
+
+    With ``--resume`` the journal is read (read only; the recipe fingerprint checked as
+    ``OutputDir.open`` does), a journaled shard counts as done when its file has the
+    recorded size (the real run also checks its sha256 and redoes it on a mismatch).
+    """
+    if prep.opened:
+        return prep.todo(), sorted(prep.done)
+    out = prep.output
+    if not prep.options.resume or not out.staging.is_dir():
+        return list(prep.plan.shards), []
+    from streammerge.api import fingerprint
+
+    head, shards = out._read_journal()
+    if head and head.get("recipe") != fingerprint(prep):
+        raise MergeError(
+            "the recipe or the inputs changed since the interrupted merge",
+            out.staging,
+            None,
+            "re-run with the same inputs and options (and --seed), or --overwrite to start over",
+        )
+    done = []
+    if head:
+        for name, rec in shards.items():
+            p = out.staging / name
+            if p.is_file() and p.stat().st_size == rec.get("size"):
+                done.append(name)
+    return [s for s in prep.plan.shards if s.filename not in done], sorted(done)
+
+
+def measure_read_speed(
+    files: Iterable[Path], max_bytes: int = MEASURE_BYTES, max_seconds: float = MEASURE_SECONDS
+) -> dict | None:
+    """Read speed of the largest of ``files`` from a short read at its start.
+
+    O_DIRECT (page cache bypassed) into a page-aligned buffer, ``MEASURE_DEPTH`` requests
+    of ``MEASURE_PIECE`` bytes in flight, where the file system allows it; else buffered
+    reads after ``posix_fadvise(DONTNEED)`` drops the range's cached pages (tmpfs, and a
+    page cache holding dirty pages, still serve it from memory: the speed is then too high).
+    At most ``max_bytes``; no new request after ``max_seconds``.
+
+    Returns:
+        {"file", "bytes", "seconds", "bytes_per_s", "how"} (``bytes_per_s`` None when
+        nothing was read), or None when there is no file.
+    """
+    files = [Path(f) for f in files]
+    if not files:
+        return None
+    path = max(files, key=lambda p: (p.stat().st_size, str(p)))
+    total = min(path.stat().st_size, max_bytes)
+    got, seconds, how = 0, 0.0, "empty"
+    if total > 0:
+        try:
+            got, seconds = _read_direct(path, total, max_seconds)
+            how = "O_DIRECT"
+        except OSError:  # no O_DIRECT here (tmpfs, some network file systems)
+            got, seconds = _read_buffered(path, total, max_seconds)
+            how = "buffered after fadvise DONTNEED"
+    return {
+        "file": str(path),
+        "bytes": got,
+        "seconds": seconds,
+        "bytes_per_s": got / seconds if got and seconds > 0 else None,
+        "how": how,
+    }
+
+
+def _read_direct(path: Path, total: int, max_seconds: float) -> tuple[int, float]:
+    """(bytes read, seconds) of O_DIRECT reads of ``path``'s first ``total`` bytes
+    (rounded up to whole pieces). Raises OSError where O_DIRECT is refused."""
+    if not hasattr(os, "O_DIRECT"):
+        raise OSError("no O_DIRECT")
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, MEASURE_DEPTH * MEASURE_PIECE)  # page aligned, as O_DIRECT needs
+    n_pieces = -(-total // MEASURE_PIECE)
+
+    def piece(k: int) -> int:
+        i = k % MEASURE_DEPTH
+        with memoryview(buf) as v:
+            return os.preadv(
+                fd, [v[i * MEASURE_PIECE : (i + 1) * MEASURE_PIECE]], k * MEASURE_PIECE
+            )
+
+    got = 0
+    try:
+        with ThreadPoolExecutor(MEASURE_DEPTH, thread_name_prefix="sm-plan-read") as pool:
+            t0 = time.perf_counter()
+            futs, k = [], 0
+            while futs or k < n_pieces:
+                while k < n_pieces and len(futs) < MEASURE_DEPTH:
+                    futs.append(pool.submit(piece, k))
+                    k += 1
+                got += futs.pop(0).result()
+                if time.perf_counter() - t0 > max_seconds:
+                    k = n_pieces  # drain what is in flight, start nothing new
+            seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+        buf.close()
+    return got, seconds
+
+
+def _read_buffered(path: Path, total: int, max_seconds: float) -> tuple[int, float]:
+    """(bytes read, seconds) of buffered reads of ``path``'s first ``total`` bytes after
+    dropping their cached pages."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)
+        buf = bytearray(MEASURE_PIECE)
+        got, t0 = 0, time.perf_counter()
+        while got < total and time.perf_counter() - t0 <= max_seconds:
+            n = os.preadv(fd, [memoryview(buf)[: min(MEASURE_PIECE, total - got)]], got)
+            if n <= 0:
+                break
+            got += n
+        return got, time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def describe(prep, layout: Layout, measure_read: bool = True) -> dict:
+    """The dry run of ``prep`` (an ``api.Prepared``) with the buffers of ``layout``.
+
+    Reads no weight except the short speed read (``measure_read``), writes nothing.
+
+    Args:
+        prep: from ``api.prepare`` (which already made every check of a real run that
+            needs no weight bytes, the output location's included).
+        layout: the run's buffer layout (``api.layout_for(prep, engine)``); whether a
+            statistics tensor is held or multi-pass, hence the bytes read, depends on it.
+        measure_read: time a short read of the largest input file (else no speed and no
+            expected time).
+
+    Returns:
+        A JSON-serializable dict (module docstring; key ``format`` = PLAN_FORMAT).
+
+    Raises:
+        MergeError: with ``--resume``, a journal written for another recipe or other inputs.
+    """
+    r, plan = prep.recipe, prep.plan
+    row = r.row
+    todo, resumed = _todo(prep)
+    model_scope = row.sparse.stats and r.trim_scope == "model"
+    work_read = read_bytes(work_items(plan, todo, layout))
+    analysis_read = read_bytes(analysis_items(plan, layout)) if model_scope and todo else 0
+    bytes_read = work_read + analysis_read
+    bytes_written = sum(s.size_bytes for s in todo)
+
+    tensors = sorted(plan.tensors, key=lambda t: natural_key(t.name))
+    layer_keys = [natural_key(t.name) for t in tensors if _layer(t.name) is not None]
+    first_layer = min(layer_keys) if layer_keys else None
+    todo_names = {t.name for s in todo for t in s.tensors}
+    groups: dict[str, dict] = {}
+    for t in tensors:
+        label = group_of(t.name, first_layer)
+        g = groups.setdefault(
+            label,
+            {"group": label, "tensors": 0, "merged": 0, "bytes": 0, "read_bytes": 0,
+             "passes": {}, "params": [], "rules": []},
+        )  # fmt: skip
+        g["tensors"] += 1
+        g["merged"] += t.action == "merge"
+        g["bytes"] += t.nbytes
+        if t.name in todo_names:
+            g["read_bytes"] += read_bytes(tensor_items(t, layout))
+        how = passes_of(t, layout)
+        g["passes"][how] = g["passes"].get(how, 0) + 1
+        p = _params(t)
+        for entry in g["params"]:
+            if {k: v for k, v in entry.items() if k not in ("tensors", "count")} == p:
+                entry["tensors"].append(t.name)
+                entry["count"] += 1
+                break
+        else:
+            g["params"].append({**p, "tensors": [t.name], "count": 1})
+        if t.rule:
+            g["rules"].append(t.rule)
+    ordered = [groups[k] for k in sorted(groups, key=_group_order)]
+
+    disk = None
+    if measure_read:
+        inputs = ([prep.base] if prep.base is not None else []) + list(prep.models)
+        disk = measure_read_speed(f for m in inputs for f in m.files)
+    speed = disk["bytes_per_s"] if disk else None
+    tp0 = r.tensor_params("")
+    return {
+        "format": PLAN_FORMAT,
+        "method": r.method,
+        "method_row": {
+            "sparsifier": row.sparsifier,
+            "consensus": row.consensus,
+            "normalize": row.normalize,
+            "uses_base": row.uses_base,
+            "source": row.source,
+        },
+        "trim_scope": r.trim_scope,
+        "seed": r.seed,
+        "alpha": r.alpha,
+        "lambda": r.lam
+        if r.lam is not None
+        else (r.mixup[0] if r.mixup and len(r.mixup) == 2 else None),
+        "mixup": list(r.mixup) if r.mixup is not None else None,
+        "dtype": r.dtype,
+        "resolved": tp0.record(),
+        "recipe": r.record(),
+        "base": None if prep.base is None else str(prep.base.path.resolve()),
+        "models": [str(m.path.resolve()) for m in prep.models],
+        "output": str(prep.output.out),
+        "staging": str(prep.output.staging),
+        "groups": ordered,
+        "analysis": (
+            {"passes": ["hist_high", "hist_low"], "bytes_read": analysis_read}
+            if model_scope
+            else None
+        ),
+        "shards": [
+            {"file": s.filename, "size_bytes": s.size_bytes, "tensors": len(s.tensors)}
+            for s in plan.shards
+        ],
+        "resumed_shards": resumed,
+        "bytes_read": bytes_read,
+        "bytes_read_analysis": analysis_read,
+        "bytes_written": bytes_written,
+        "total_size": plan.total_bytes,
+        "memory": {
+            "budget_bytes": prep.memory_bytes,
+            "buffer_bytes": layout.buffer_bytes,
+            "slots": layout.slots,
+            "slot_bytes": layout.slot_bytes,
+            "chunk_elems": layout.chunk_elems,
+            "staging_bytes": STAGING_BLOCKS * layout.block_bytes,
+            "stats_bytes": layout.stats_bytes,
+        },
+        "disk": disk,
+        "expected_seconds": bytes_read / speed if speed else None,
+        "expected_note": "lower bound: bytes_read / the measured read speed (compute and "
+        "writes overlap the reads; a slower stage makes the run longer)",
+        "base_only": list(plan.base_only),
+        "vocab_rules": list(plan.vocab_rules),
+    }
+
+
+def _fmt_values(v) -> str:
+    if isinstance(v, list):
+        return "(" + ", ".join(f"{x:.6g}" for x in v) + ")"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _fmt_params(p: dict) -> str:
+    if p["action"] != "merge":
+        return "copied from the base" if p["action"] == "copy" else "converted from the base"
+    keys = ("w", "density", "drop", "gamma", "scale", "normalize")
+    return ", ".join(f"{k} {_fmt_values(p[k])}" for k in keys if k in p)
+
+
+def _names(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
+
+
+def _group_body(g: dict) -> list[str]:
+    passes = ", ".join(f"{k} x{v}" for k, v in g["passes"].items())
+    lines = [f"    passes: {passes}"]
+    if len(g["params"]) == 1:
+        lines.append(f"    {_fmt_params(g['params'][0])}")
+    else:
+        for p in g["params"]:
+            lines.append(f"    {_fmt_params(p)}: {p['count']} tensor(s): {_names(p['tensors'])}")
+    lines += [f"    vocabulary rule: {rule}" for rule in g["rules"]]
+    return lines
+
+
+def format_plan(d: dict) -> str:
+    """``describe``'s dict as readable plain text (what ``--plan`` prints).
+
+    Consecutive layers that read alike (same tensor count, bytes, passes and parameters)
+    are printed once, as ``layers A-B``.
+    """
+    out = []
+    mix = ""
+    if d["mixup"] is not None:
+        mix = f", λ {d['mixup'][0]!r}" if len(d["mixup"]) == 2 else f", m {_fmt_values(d['mixup'])}"
+        mix += f" (α {d['alpha']:g})" if d["alpha"] is not None else " (fixed)"
+    out.append(
+        f"streammerge plan: method {d['method']} ({d['method_row']['sparsifier']} sparsifier, "
+        f"{d['method_row']['consensus']} consensus), trim_scope {d['trim_scope']}, "
+        f"seed {d['seed']}{mix}"
+    )
+    out.append(
+        f"  resolved (tensors without overrides): {_fmt_params({'action': 'merge', **d['resolved']})}"
+    )
+    out.append(f"  base: {d['base']}")
+    for j, m in enumerate(d["models"]):
+        out.append(f"  model {j}: {m}")
+    out.append(f"  output: {d['output']} (nothing written by --plan)")
+    out.append("tensor groups:")
+    groups = d["groups"]
+    i = 0
+    while i < len(groups):
+        g = groups[i]
+        body = _group_body(g)
+        key = (g["tensors"], g["bytes"], g["read_bytes"], tuple(body))
+        k = i + 1
+        if g["group"].startswith("layer "):
+            while (
+                k < len(groups)
+                and groups[k]["group"].startswith("layer ")
+                and (groups[k]["tensors"], groups[k]["bytes"], groups[k]["read_bytes"],
+                     tuple(_group_body(groups[k]))) == key
+            ):  # fmt: skip
+                k += 1
+        if k - i > 1:
+            last = groups[k - 1]["group"].split()[1]
+            label = f"layers {g['group'].split()[1]}-{last} (each)"
+        else:
+            label = g["group"]
+        out.append(
+            f"  {label}: {g['tensors']} tensor(s), {g['merged']} merged, "
+            f"{format_bytes(g['bytes'])} out, {format_bytes(g['read_bytes'])} read"
+        )
+        out += body
+        i = k
+    if d["analysis"] is not None:
+        out.append(
+            f"  model-wide thresholds first (trim_scope model): "
+            f"{'+'.join(d['analysis']['passes'])}, {format_bytes(d['analysis']['bytes_read'])} read"
+        )
+    if d["base_only"]:
+        out.append(f"copied from the base (no fine-tune has them): {_names(d['base_only'], 8)}")
+    for rule in d["vocab_rules"]:
+        out.append(f"vocabulary rule: {rule}")
+    out.append(f"output shards ({len(d['shards'])}):")
+    for s in d["shards"]:
+        out.append(f"  {s['file']}: {s['size_bytes']} bytes, {s['tensors']} tensor(s)")
+    if d["resumed_shards"]:
+        out.append(f"  already finished (--resume): {_names(d['resumed_shards'], 8)}")
+    mem = d["memory"]
+    out.append(
+        f"bytes to read: {d['bytes_read']} ({format_bytes(d['bytes_read'])}); "
+        f"to write: {d['bytes_written']} ({format_bytes(d['bytes_written'])})"
+    )
+    out.append(
+        f"peak buffer memory: {mem['buffer_bytes'] / 2**20:.1f} MiB of the "
+        f"{mem['budget_bytes'] / 2**20:.1f} MiB budget ({mem['slots']} slots of "
+        f"{mem['slot_bytes'] / 2**20:.1f} MiB, chunk {mem['chunk_elems']} elements)"
+    )
+    disk = d["disk"]
+    if disk is None:
+        out.append("disk speed: not measured")
+    elif disk["bytes_per_s"] is None:
+        out.append(f"disk speed: nothing read from {disk['file']}")
+    else:
+        out.append(
+            f"disk read speed: {disk['bytes_per_s'] / 1e9:.2f} GB/s ({format_bytes(disk['bytes'])} "
+            f"in {disk['seconds']:.3f} s, {disk['how']}, {disk['file']})"
+        )
+        out.append(f"expected time: >= {d['expected_seconds']:.1f} s; {d['expected_note']}")
+    return "\n".join(out) + "\n"

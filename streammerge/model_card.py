@@ -1,0 +1,439 @@
+"""The output's ``README.md``: a Hugging Face model card for a merge (issue 9 part 4).
+
+``render(record, command)`` writes, from the ``streammerge.json`` record alone
+(``api.record``):
+
+1. YAML front matter in the Hugging Face style: ``base_model`` (the inputs, base first:
+   Hub repo ids where known), ``base_model_relation: merge``, ``library_name:
+   transformers``, ``tags: [merge, streammerge, <method>]``;
+2. what was merged and how: the inputs, the method's row (sparsifier, consensus,
+   normalize, paper), the weighting (the drawn λ or mixup ratios m, α, the seed), the
+   resolved w / density / drop / gamma / scale / normalize, trim scope, dtype, the shards;
+3. the recipe as YAML: the one given (``--config``), or the record's recipe in mergekit's
+   form (``merge_method``, ``base_model``, ``models`` with ``parameters``, ``parameters``,
+   ``dtype`` / ``out_dtype``, and a ``streammerge:`` block with ``seed``, ``mixup`` and
+   (methods with magnitude thresholds) ``trim_scope``: the form ``streammerge.mergekit_yaml`` reads back; ``recipe_to_yaml``);
+4. the one command that repeats the merge (``--seed`` appended when the command lacks it).
+
+``repeat_command(record, out)`` builds such a command from the record alone (absolute
+paths, every recipe value as a flag) for callers without a command line (the Python API).
+
+Model names: a path inside a Hugging Face cache (``.../models--org--name/snapshots/<rev>``)
+is ``org/name``; else a label the recipe gave (a repo id as written); else the directory
+name.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from pathlib import Path, PurePath
+
+import yaml
+
+from streammerge.methods import METHODS
+
+#: Output dtype (safetensors string, as streammerge.json records it) -> mergekit's name.
+MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+#: The same -> the ``--dtype`` flag value.
+FLAG_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
+#: Where streammerge's contract lives (the card links it).
+SPEC = "docs/SPEC.md"
+M3_PAPER = "Mixup Model Merge (M3), arXiv 2502.15434"
+_HF_CACHE_DIR = re.compile(r"^models--(.+)$")
+
+
+def hf_repo_id(path: str | PurePath) -> tuple[str, str | None] | None:
+    """(``org/name``, revision) when ``path`` lies in a Hugging Face cache
+    (``.../models--org--name/snapshots/<revision>/...``), else None."""
+    parts = PurePath(path).parts
+    for i, part in enumerate(parts):
+        m = _HF_CACHE_DIR.match(part)
+        if m and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            rev = parts[i + 2] if i + 2 < len(parts) else None
+            return m.group(1).replace("--", "/"), rev
+    return None
+
+
+def _looks_like_repo(label: str) -> bool:
+    repo = label.partition("@")[0]
+    return (
+        repo.count("/") == 1
+        and not repo.startswith((".", "/", "~"))
+        and all(repo.split("/"))
+        and not Path(label).expanduser().is_dir()
+    )
+
+
+def model_name(path: str | None, label: str | None = None) -> str:
+    """A short name of an input for the front matter: a Hub repo id where known (from the
+    Hugging Face cache path, else a repo-id label), else the directory's name."""
+    if path:
+        hf = hf_repo_id(path)
+        if hf is not None:
+            return hf[0]
+    if label and _looks_like_repo(label):
+        return label.partition("@")[0]
+    if path:
+        return PurePath(path).name or str(path)
+    return PurePath(label).name if label else "unknown"
+
+
+def model_ref(path: str | None, label: str | None = None) -> str:
+    """How the recipe YAML names an input: ``org/name@revision`` for a Hugging Face cache
+    snapshot, a repo-id label as written, else the (absolute) path."""
+    if path:
+        hf = hf_repo_id(path)
+        if hf is not None:
+            return f"{hf[0]}@{hf[1]}" if hf[1] else hf[0]
+    if label and _looks_like_repo(label):
+        return label
+    return str(path or label)
+
+
+def _inputs(record: dict, labels) -> list[tuple[str, str | None, str | None]]:
+    """[(role, path, label)] with the base first when there is one."""
+    entries = []
+    if record.get("base"):
+        entries.append(("base", record["base"].get("path"), record["base"].get("label")))
+    for j, m in enumerate(record.get("models") or []):
+        entries.append((f"model {j}", m.get("path"), m.get("label")))
+    labels = list(labels if labels is not None else record.get("labels") or [])
+    if len(labels) == len(entries):
+        entries = [(r, p, lab or lab0) for (r, p, lab0), lab in zip(entries, labels)]
+    return entries
+
+
+def _num(v):
+    """A YAML-friendly number: ints stay ints, floats keep their exact repr."""
+    if isinstance(v, bool) or not isinstance(v, float):
+        return v
+    return int(v) if v.is_integer() and abs(v) < 2**53 else v
+
+
+def _clean(v):
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return _num(v)
+
+
+def _density_for(p: float) -> float | None:
+    """The density whose DARE drop rate ``1 - density`` is exactly ``p`` (float64), if any."""
+    d = 1.0 - p
+    return d if 1.0 - d == p else None
+
+
+def recipe_to_yaml(record: dict, labels=None) -> str:
+    """The record's recipe in mergekit's YAML form, with streammerge's own keys under
+    ``streammerge:`` (``seed``, ``mixup`` as ``{alpha: A}`` or ``{lambda: L}``,
+    ``trim_scope`` for methods with magnitude thresholds), followed by comments giving the drawn mixup ratios and the resolved
+    weights.
+
+    mergekit's names: the scale s is ``lambda`` under ``parameters``; the output dtype is
+    ``out_dtype`` (computation is float32). DARE drop rates p are written as ``density: 1 -
+    p`` when that gives every p back exactly (float64), else as streammerge's ``drop``
+    (which mergekit does not know); a DARE recipe without either gets streammerge's default
+    ``density: 0.5`` written out (mergekit's default would be 1.0), and a model without a
+    weight gets the default ``weight: 1`` written out.
+    """
+    rec = record.get("recipe") or {}
+    method = rec.get("method", record.get("method"))
+    row = METHODS.get(method)
+    entries = _inputs(record, labels)
+    base = next(((p, lab) for r, p, lab in entries if r == "base"), None)
+    fine = [(p, lab) for r, p, lab in entries if r != "base"]
+    top = dict(rec.get("parameters") or {})
+    uses_drop = row is not None and row.sparse.uses_drop
+    given = rec.get("models") or []
+    owns = [dict(given[j]) if j < len(given) else {} for j in range(len(fine))]
+    drops = [o["drop"] for o in owns if "drop" in o]
+    as_density = all(
+        isinstance(p, (int, float))
+        and not isinstance(p, bool)
+        and _density_for(float(p)) is not None
+        for p in drops
+    ) and not any("density" in o for o in owns if "drop" in o)
+    models = []
+    for (path, label), own in zip(fine, owns):
+        if "drop" in own and as_density:  # mergekit's form, when every p comes back exactly
+            own["density"] = _density_for(float(own.pop("drop")))
+        if uses_drop and not ({"density", "drop"} & (set(own) | set(top))):
+            own["density"] = 0.5  # streammerge's DARE default (p = 0.5), explicit for mergekit
+        if "weight" not in own and "weight" not in top:
+            own["weight"] = 1.0  # the default weight, explicit (mergekit needs it for some methods)
+        entry = {"model": model_ref(path, label)}
+        params = {k: own[k] for k in ("weight", "density", "drop", "gamma") if k in own}
+        params.update({k: v for k, v in own.items() if k not in params})
+        if params:
+            entry["parameters"] = params
+        models.append(entry)
+    doc: dict = {"merge_method": method}
+    if base is not None:
+        doc["base_model"] = model_ref(*base)
+    doc["models"] = models
+    params = {("lambda" if k == "scale" else k): v for k, v in top.items()}
+    if params:
+        doc["parameters"] = params
+    dtype = rec.get("dtype", record.get("dtype"))
+    if dtype is not None:
+        doc["dtype"] = "float32"
+        doc["out_dtype"] = MERGEKIT_DTYPES.get(dtype, str(dtype).lower())
+    sm: dict = {"seed": rec.get("seed", record.get("seed"))}
+    if rec.get("lambda") is not None:
+        sm["mixup"] = {"lambda": rec["lambda"]}
+    elif rec.get("alpha") is not None:
+        sm["mixup"] = {"alpha": rec["alpha"]}
+    scope = rec.get("trim_scope", record.get("trim_scope", "tensor"))
+    if scope != "tensor" or (row is not None and row.sparse.stats):
+        sm["trim_scope"] = scope  # only methods with magnitude thresholds have one
+    doc["streammerge"] = sm
+    text = yaml.safe_dump(_clean(doc), sort_keys=False, allow_unicode=True, width=100)
+    notes = []
+    mix = rec.get("mixup", record.get("mixup"))
+    if mix:
+        what = (
+            f"λ = {mix[0]!r}" if len(mix) == 2 else "m = [" + ", ".join(repr(x) for x in mix) + "]"
+        )
+        src = "fixed" if rec.get("lambda") is not None else "drawn from the seed"
+        notes.append(f"# M3 mixup ({src}): {what}; each weight is multiplied by its m_j")
+    if record.get("weights"):
+        notes.append(
+            "# resolved weights w = [" + ", ".join(repr(w) for w in record["weights"]) + "]"
+        )
+    return text + "".join(n + "\n" for n in notes)
+
+
+def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None = None) -> str:
+    """The ``streammerge`` command line that repeats the merge of ``record`` into ``out``:
+    absolute input paths and every recipe value as a flag (``--flag=value``, exact float
+    reprs), ``--shard-size`` in bytes when given (the shard boundaries depend on it).
+
+    Raises:
+        ValueError: a recipe value flags cannot express (a gradient, a filter list, a
+            top-level weight, mixup ratios with given weights): use the recipe YAML.
+    """
+    rec = record.get("recipe") or {}
+    method = rec.get("method", record.get("method"))
+    n = len(record.get("models") or [])
+    argv = ["streammerge", *(m["path"] for m in record["models"])]
+    if record.get("base"):
+        argv += ["--base", record["base"]["path"]]
+    argv += [
+        "-o",
+        str(Path(out).absolute()),
+        f"--method={method}",
+        f"--seed={rec.get('seed', record.get('seed'))}",
+    ]
+    models = list(rec.get("models") or [{}] * n)
+    top = dict(rec.get("parameters") or {})
+
+    def flag_values(key: str) -> list | None:
+        vals = [m.get(key) for m in models]
+        if all(v is None for v in vals):
+            return None
+        if any(v is None for v in vals) or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+            for v in vals
+        ):
+            raise ValueError(f"models' {key} values {vals} cannot be given as a flag")
+        return vals
+
+    def csv(vals: list) -> str:
+        vals = [float(v) for v in vals]
+        return repr(vals[0]) if len(set(vals)) == 1 else ",".join(repr(v) for v in vals)
+
+    weights = flag_values("weight")
+    if rec.get("lambda") is not None:
+        if weights is not None:
+            raise ValueError("a fixed λ with given weights cannot be given as flags")
+        argv.append(f"--lambda={rec['lambda']!r}")
+    elif weights is not None:
+        if rec.get("mixup") is not None:
+            raise ValueError("M3 mixup with given weights cannot be given as flags")
+        argv.append(f"--weights={','.join(repr(float(w)) for w in weights)}")
+    elif rec.get("alpha") is not None:
+        argv.append(f"--alpha={rec['alpha']!r}")
+    for key in ("density", "drop", "gamma"):
+        vals = flag_values(key)
+        if key in top:
+            v = top[key]
+            if vals is not None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+            vals = [v] * n
+        if vals is not None:
+            argv.append(f"--{key}={csv(vals)}")
+    for key, v in top.items():
+        if key in ("density", "drop", "gamma"):
+            continue
+        if key == "scale" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            argv.append(f"--scale={float(v)!r}")
+        elif key == "normalize" and isinstance(v, (bool, int, float)):
+            argv.append("--normalize" if v else "--no-normalize")
+        else:
+            raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+    if rec.get("trim_scope", "tensor") != "tensor":
+        argv.append(f"--trim-scope={rec['trim_scope']}")
+    dtype = rec.get("dtype", record.get("dtype"))
+    if dtype is not None:
+        argv.append(f"--dtype={FLAG_DTYPES.get(dtype, str(dtype).lower())}")
+    if shard_size_bytes is not None:
+        argv.append(f"--shard-size={int(shard_size_bytes)}")
+    return shlex.join(argv)
+
+
+def _with_seed(command: str, seed) -> str:
+    """``command`` with ``--seed`` appended when it gives none (a drawn seed)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    if seed is None or any(w == "--seed" or w.startswith("--seed=") for w in words):
+        return command
+    return f"{command} --seed {seed}"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def front_matter(record: dict, labels=None) -> dict:
+    """The card's YAML metadata (Hugging Face model card keys)."""
+    names = []
+    for _, path, label in _inputs(record, labels):
+        name = model_name(path, label)
+        if name not in names:
+            names.append(name)
+    return {
+        "base_model": names,
+        "base_model_relation": "merge",
+        "library_name": "transformers",
+        "tags": ["merge", "streammerge", record.get("method") or "merge"],
+    }
+
+
+def render(record: dict, command: str, recipe_yaml: str | None = None, labels=None) -> str:
+    """The output's README.md for the merge ``record`` (``streammerge.json``).
+
+    Args:
+        record: the ``streammerge.json`` dict (``api.record``); may carry ``labels`` (the
+            inputs as a recipe named them, base first) or a ``label`` per input entry.
+        command: the shell command that repeats the merge (``--seed`` is appended when it
+            has none; ``repeat_command`` builds one from the record).
+        recipe_yaml: the YAML recipe the merge was given (``--config``), shown as is;
+            None: the record's recipe in mergekit's form (``recipe_to_yaml``).
+        labels: like ``record["labels"]``, taking precedence.
+
+    Returns:
+        Markdown text with YAML front matter.
+    """
+    method = record.get("method")
+    row = METHODS.get(method)
+    seed = record.get("seed")
+    fm = yaml.safe_dump(front_matter(record, labels), sort_keys=False, allow_unicode=True)
+    entries = _inputs(record, labels)
+    n = len(record.get("models") or [])
+    lines = ["---", fm.rstrip("\n"), "---", ""]
+    base_entry = next(((p, lab) for r, p, lab in entries if r == "base"), None)
+    title = f"# {method} merge of " + ", ".join(
+        model_name(p, lab) for r, p, lab in entries if r != "base"
+    )
+    lines += [title, ""]
+    of = f" of `{model_name(*base_entry)}`" if base_entry else ""
+    lines.append(
+        f"This model merges {n} fine-tunes{of} with "
+        f"streammerge {record.get('version', '')} using the "
+        f"**{method}** method, computed per the {record.get('spec', SPEC)}: the same "
+        "recipe and seed give the same bytes on any device."
+    )
+    lines.append("")
+    lines += ["## Inputs", "", "| role | model | path |", "|---|---|---|"]
+    for role, path, label in entries:
+        lines.append(f"| {role} | `{model_name(path, label)}` | `{path}` |")
+    lines.append("")
+    lines += ["## How", ""]
+    if row is not None:
+        lines.append(
+            f"- Method: `{method}`: {row.sparsifier} sparsifier, {row.consensus} consensus, "
+            f"normalize {'on' if row.normalize else 'off'} by default ({row.source})."
+        )
+    mix, alpha, lam = record.get("mixup"), record.get("alpha"), record.get("lambda")
+    if mix:
+        if lam is not None:
+            lines.append(f"- Weighting: M3 with a fixed λ = {lam!r}: m = ({mix[0]!r}, {mix[1]!r}).")
+        elif len(mix) == 2:
+            lines.append(
+                f"- Weighting: M3 ({M3_PAPER}): λ = {mix[0]!r} drawn from Beta(α, α), α = "
+                f"{alpha!r}, with the seed: m = ({mix[0]!r}, {mix[1]!r})."
+            )
+        else:
+            lines.append(
+                f"- Weighting: M3 ({M3_PAPER}): m = ({', '.join(repr(x) for x in mix)}) drawn "
+                f"from Dirichlet(α), α = {alpha!r}, with the seed."
+            )
+    else:
+        lines.append("- Weighting: the weights as given (no M3 draw).")
+    lines.append(f"- Seed: {seed}")
+    res = [f"w {_fmt(record.get('weights'))}"]
+    if row is not None and row.sparse.uses_drop:
+        res.append(f"drop p {_fmt(record.get('drop'))}")
+    res += [f"scale {_fmt(record.get('scale'))}", f"normalize {_fmt(record.get('normalize'))}"]
+    tensors = record.get("tensors") or {}
+    first = next(iter(tensors.values()), None)
+    if first is not None:
+        for k in ("density", "gamma"):
+            if first.get(k) is not None:
+                res.insert(1, f"{k} {_fmt(first[k])}")
+    lines.append(
+        "- Resolved: " + ", ".join(res) + " (a tensor without per-tensor values; every "
+        "merged tensor's own values and thresholds are in `streammerge.json`)."
+    )
+    if row is not None and row.sparse.stats:
+        scope = record.get("trim_scope", "tensor")
+        lines.append(
+            f"- Trim scope: {scope} ("
+            + ("thresholds per tensor, as mergekit" if scope == "tensor"
+               else "one threshold per fine-tune over the whole model, as the TIES and M3 papers")
+            + ")."
+        )  # fmt: skip
+    dtype = record.get("dtype")
+    lines.append(
+        f"- Output dtype: {MERGEKIT_DTYPES.get(dtype, dtype) if dtype else 'the base model’s'}."
+    )
+    shards = record.get("shards") or []
+    if shards:
+        total = sum(s.get("size_bytes", 0) for s in shards)
+        lines.append(
+            f"- Output: {len(shards)} safetensors shard(s), {total} bytes; sha256 in `streammerge.json`."
+        )
+    if record.get("base_only"):
+        lines.append(
+            f"- Copied from the base (no fine-tune has them): {', '.join(record['base_only'])}."
+        )
+    for rule in record.get("vocab_rules") or []:
+        lines.append(f"- Vocabulary rule: {rule}")
+    lines.append("")
+    text = recipe_yaml if recipe_yaml is not None else recipe_to_yaml(record, labels)
+    lines += ["## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
+    lines += [
+        "## Reproduce",
+        "",
+        "```bash",
+        _with_seed(command, seed),
+        "```",
+        "",
+        (
+            f"The seed ({seed}) fixes the M3 draw and every DARE mask; `streammerge.json` holds "
+            "the full record (inputs' header fingerprints, per-tensor parameters, shard sha256)."
+        ),
+        "",
+    ]
+    return "\n".join(lines)
