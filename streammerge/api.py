@@ -263,6 +263,22 @@ RECIPE_KEYS = (
 OPTION_KEYS = tuple(f.name for f in fields(Options))
 
 
+def model_card_text(prep: Prepared, rec: dict) -> str:
+    """The output's README.md (``streammerge.model_card``): front matter, what was merged
+    and how, the recipe, the drawn λ and seed, and the one command that repeats it."""
+    from streammerge import model_card
+
+    prov = prep.provenance
+    command = prov.command
+    if command is None:
+        try:
+            command = model_card.repeat_command(rec, prep.output.out, prep.shard_size_bytes)
+        except ValueError:  # values only a recipe can express
+            command = f"streammerge --config RECIPE.yml -o {prep.output.out}"
+    return model_card.render(rec, command, recipe_yaml=prov.recipe_yaml,
+                             labels=list(prov.labels) or None)  # fmt: skip
+
+
 def prepare(
     models: Sequence[str | Path],
     base: str | Path | None,
@@ -410,6 +426,7 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         )
+        output.write_file("README.md", model_card_text(prep, rec).encode())
         output.finish()
     finally:
         output.close()

@@ -214,7 +214,7 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
             parser.error("give two or more MODEL directories (or --config RECIPE.yml)")
         kwargs = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS}
         kwargs["source"] = "cli"
-        return args.models, args.base, kwargs, Provenance(command=command)
+        return args.models, args.base, kwargs, Provenance()  # the card builds the command
     from streammerge.mergekit_yaml import load_recipe
 
     if args.models or args.base:

@@ -1,0 +1,387 @@
+"""``streammerge sweep``: M3 without the lottery. K mixup draws merged from one read of the
+inputs, scored by the user's evaluator, the best kept.
+
+M3 (arXiv 2502.15434) draws one mixup ratio λ ~ Beta(α, α) per merge, and single draws
+spread widely. A sweep draws K weight vectors from one *sweep seed* (Beta for N = 2,
+Dirichlet for N > 2; ``grid`` for evenly spaced λ), all sharing one *mask seed* S, so draw
+k is exactly the single merge ``--seed S --lambda λ_k`` (``--weights w_k`` for N > 2) and
+can be repeated alone. The inputs are read once for all K outputs (plus the fixed λ = 0.5
+/ equal-weights merge, for reference): each chunk is read, its masks and thresholds are the
+same for every draw (they do not depend on the weights), and K weighted combinations are
+written to K outputs within the same ``--memory`` budget (``pipeline.run_many``).
+
+Output: ``OUT/draw-01`` ... ``OUT/draw-K`` and ``OUT/fixed`` (complete models),
+``sweep.csv``, ``sweep.json`` and ``sweep.png`` (score against λ for N = 2, ranked scores
+for N > 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shlex
+import shutil
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from streammerge.api import (
+    Options,
+    Prepared,
+    Provenance,
+    finalize,
+    make_backend,
+    open_output,
+    prepare,
+)
+from streammerge.errors import MergeError
+from streammerge.pipeline import analyze, make_layout, run_many
+from streammerge.recipe import RecipeError, draw_seed
+
+#: Name of the reference output (λ = 0.5, or equal weights for N > 2).
+FIXED = "fixed"
+
+
+@dataclass
+class Draw:
+    """One output of a sweep.
+
+    Attributes:
+        dir: its directory; name: ``draw-01`` ... or ``fixed``.
+        weights: w_j used; lam: λ when N = 2 (w = (λ, 1 - λ)).
+        command: the single merge that repeats it, byte for byte.
+        scores: named scores from the evaluator ({"score": x} for a plain number).
+        score: the one maximized (None when not evaluated or failed); error: why it failed.
+    """
+
+    name: str
+    dir: Path
+    weights: tuple[float, ...]
+    lam: float | None
+    command: str
+    scores: dict = field(default_factory=dict)
+    score: float | None = None
+    error: str | None = None
+
+    def record(self) -> dict:
+        """The ``sweep.json`` row."""
+        return {
+            "name": self.name,
+            "dir": str(self.dir),
+            "weights": list(self.weights),
+            "lambda": self.lam,
+            "scores": self.scores,
+            "score": self.score,
+            "error": self.error,
+            "command": self.command,
+        }
+
+
+@dataclass
+class SweepResult:
+    """What a sweep did: the draws (the fixed reference last), the best draw's index, the
+    seeds, and bytes/seconds of the one shared read."""
+
+    out: Path
+    draws: list[Draw]
+    best: int | None
+    seed: int
+    sweep_seed: int
+    bytes_read: int
+    seconds: float
+    peak_rss_bytes: int
+
+
+def draw_weights(
+    n_models: int, draws: int, alpha: float, sweep_seed: int, grid: bool = False
+) -> list[tuple[float, ...]]:
+    """K mixup weight vectors: ``numpy.random.default_rng(sweep_seed)``, then for each draw
+    ``rng.beta(α, α)`` (N = 2: (λ, 1 - λ)) or ``rng.dirichlet([α] * N)``; with ``grid``
+    (N = 2), λ evenly spaced over [0, 1] (``numpy.linspace(0, 1, K)``).
+
+    Raises:
+        RecipeError: K < 1, grid with N != 2, alpha <= 0.
+    """
+    if draws < 1:
+        raise RecipeError(f"--draws must be >= 1, got {draws}", "draws")
+    if grid:
+        if n_models != 2:
+            raise RecipeError("--grid needs exactly 2 models (λ); use draws for N > 2", "grid")
+        return [(float(x), 1.0 - float(x)) for x in np.linspace(0.0, 1.0, draws)]
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise RecipeError(f"--alpha must be > 0, got {alpha}", "alpha")
+    rng = np.random.default_rng(sweep_seed)
+    if n_models == 2:
+        out = []
+        for _ in range(draws):
+            lam = float(rng.beta(alpha, alpha))
+            out.append((lam, 1.0 - lam))
+        return out
+    return [tuple(float(x) for x in rng.dirichlet([alpha] * n_models)) for _ in range(draws)]
+
+
+def parse_score(stdout: str, select: str | None) -> tuple[dict, float]:
+    """The evaluator's last non-empty stdout line: a number, or a JSON object of named
+    numbers (``select`` names the one to maximize; default its first key).
+
+    Raises:
+        ValueError: no line, not a number or JSON object, or ``select`` missing.
+    """
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError("the evaluator printed nothing")
+    last = lines[-1].strip()
+    try:
+        value = json.loads(last)
+    except json.JSONDecodeError:
+        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}")
+    scores = {"score": float(value)} if not isinstance(value, dict) else value
+    key = select or next(iter(scores), None)
+    if (
+        key not in scores
+        or isinstance(scores[key], bool)
+        or not isinstance(scores[key], (int, float))
+    ):
+        raise ValueError(f"no numeric score {key!r} in {last[:80]!r}")
+    return scores, float(scores[key])
+
+
+def command_evaluator(template: str, select: str | None, timeout_s: float | None = None):
+    """An evaluator running ``template`` with ``{out}`` replaced by the output directory
+    (shell-quoted) in a shell; its last stdout line is the score (``parse_score``)."""
+
+    def evaluate(path: Path) -> tuple[dict, float]:
+        cmd = template.replace("{out}", shlex.quote(str(path)))
+        r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout_s)
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or ["no stderr"])[-1]
+            raise RuntimeError(f"exit {r.returncode}: {tail[:200]}")
+        return parse_score(r.stdout, select)
+
+    return evaluate
+
+
+def _repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, w, lam) -> str:
+    argv = ["streammerge", *map(str, models)]
+    if base is not None:
+        argv += ["--base", str(base)]
+    argv += ["-o", str(draw_out), "--seed", str(seed)]
+    for flag, key in (("--method", "method"), ("--density", "density"), ("--drop", "drop"),
+                      ("--gamma", "gamma"), ("--scale", "scale"), ("--trim-scope", "trim_scope"),
+                      ("--dtype", "dtype")):  # fmt: skip
+        v = recipe_args.get(key)
+        if v is None or (key == "trim_scope" and v == "tensor") or (key == "scale" and v == 1.0):
+            continue
+        argv += [flag, ",".join(map(repr, v)) if isinstance(v, (list, tuple)) else str(v)]
+    if recipe_args.get("normalize") is not None:
+        argv.append("--normalize" if recipe_args["normalize"] else "--no-normalize")
+    argv += ["--lambda", repr(lam)] if lam is not None else ["--weights", ",".join(map(repr, w))]
+    return shlex.join(argv)
+
+
+def sweep(
+    models: Sequence[str | Path],
+    base: str | Path | None,
+    out: str | Path,
+    *,
+    draws: int = 8,
+    grid: bool = False,
+    alpha: float = 1.0,
+    seed: int | None = None,
+    sweep_seed: int | None = None,
+    evaluate: Callable[[Path], float | dict | tuple] | None = None,
+    eval_select: str | None = None,
+    keep: str = "best",
+    options: Options | None = None,
+    on_draw: Callable[[Draw], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
+    **recipe_args,
+) -> SweepResult:
+    """Merge K mixup draws (and the fixed λ = 0.5 reference) from one read, score, keep the
+    best (see the module docstring).
+
+    Args:
+        models, base, out: as ``streammerge.merge``; ``out`` gets one directory per draw.
+        draws: K; grid: evenly spaced λ instead of draws (N = 2); alpha: Beta/Dirichlet α.
+        seed: the mask seed S shared by every draw (drawn from the OS when None).
+        sweep_seed: seeds the K draws (drawn from the OS when None).
+        evaluate: callable(output dir) -> a number, a dict of named numbers, or
+            (scores dict, score); its exceptions are recorded in the draw's row.
+        eval_select: the named score to maximize; keep: ``best`` (remove the others after
+            the best is complete; all kept without scores) or ``all``.
+        options: ``Options`` (memory, threads, backend...); recipe_args: method, density,
+            drop, gamma, scale, normalize, trim_scope, dtype (weights come from the draws).
+
+    Raises:
+        MergeError / RecipeError: as ``merge``, before anything is written.
+    """
+    import time
+
+    from streammerge.sysinfo import peak_rss_bytes
+
+    t0 = time.perf_counter()
+    if keep not in ("best", "all"):
+        raise RecipeError(f"--keep must be best or all, got {keep!r}", "keep")
+    for k in ("weights", "lam", "alpha"):
+        if k in recipe_args:
+            raise RecipeError(f"a sweep draws the weights: drop {k}", k)
+    options = options or Options()
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not options.overwrite:
+        raise MergeError("exists and is not empty", out, None, "choose another -o or --overwrite")
+    n = len(models)
+    seed = draw_seed() if seed is None else seed
+    sweep_seed = draw_seed() if sweep_seed is None else sweep_seed
+    vectors = draw_weights(n, draws, alpha, sweep_seed, grid)
+    vectors.append((0.5, 0.5) if n == 2 else tuple([1.0 / n] * n))
+    names = [f"draw-{k + 1:02d}" for k in range(draws)] + [FIXED]
+    preps: list[Prepared] = []
+    rows: list[Draw] = []
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # the draws' parent; removed again if a check fails
+    try:
+        _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    engine = make_backend(options.backend, options.device, options.threads, options.vram)
+    p0 = preps[0]
+    layout = make_layout(p0.plan, n, p0.memory_bytes, engine.depth,
+                         getattr(engine, "max_chunk_elems", None), options.threads,
+                         outputs=len(preps))  # fmt: skip
+    try:
+        for p in preps:
+            open_output(p)
+            if p.done:
+                raise MergeError("a sweep cannot resume an output", p.output.out, None,
+                                 "remove it or pass --overwrite")  # fmt: skip
+        row = p0.recipe.row
+        model_th = None
+        if on_start is not None:
+            from streammerge.pipeline import read_bytes, work_items
+
+            on_start(read_bytes(work_items(p0.plan, list(p0.plan.shards), layout)))
+        if row.sparse.stats and p0.recipe.trim_scope == "model":
+            model_th, _ = analyze(p0.plan, layout, engine, on_bytes, options.direct_io)
+        stats = run_many([p.plan for p in preps], [p.output for p in preps], layout, engine,
+                         on_bytes, options.direct_io, model_th)  # fmt: skip
+    except BaseException:
+        for p in preps:
+            p.output.close()
+        raise
+    summaries = []
+    for p, st in zip(preps, stats):
+        if model_th is not None:
+            st.thresholds = {t.name: model_th for t in p.plan.tensors if t.action == "merge"}
+        summaries.append(finalize(p, st))
+    for d in rows:
+        if evaluate is not None:
+            try:
+                res = evaluate(d.dir)
+                if isinstance(res, tuple):
+                    d.scores, d.score = res
+                elif isinstance(res, dict):
+                    d.scores = res
+                    d.score = float(res[eval_select or next(iter(res))])
+                else:
+                    d.scores, d.score = {"score": float(res)}, float(res)
+            except Exception as e:  # noqa: BLE001 - one failing draw is reported, not fatal
+                d.error = f"{type(e).__name__}: {e}"[:300]
+        if on_draw is not None:
+            on_draw(d)
+    scored = [i for i, d in enumerate(rows[:-1]) if d.score is not None]
+    best = max(scored, key=lambda i: rows[i].score) if scored else None
+    if keep == "best" and best is not None:
+        for i, d in enumerate(rows[:-1]):
+            if i != best:
+                shutil.rmtree(d.dir)
+    result = SweepResult(out, rows, best, seed, sweep_seed, stats[0].bytes_read,
+                         time.perf_counter() - t0, peak_rss_bytes())  # fmt: skip
+    write_results(result, n, p0.recipe.method, keep)
+    return result
+
+
+def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows):
+    """One prepared merge per draw (every check of a single merge, before any byte)."""
+    for name, w in zip(names, vectors):
+        lam = w[0] if len(models) == 2 else None
+        spec = {**recipe_args, "seed": seed, "source": "cli"}  # as the command that repeats it
+        spec["lam" if lam is not None else "weights"] = lam if lam is not None else list(w)
+        cmd = _repeat_command(models, base, out / name, recipe_args, seed, w, lam)
+        preps.append(prepare(models, base, out / name, spec, options, Provenance(command=cmd)))
+        rows.append(Draw(name, out / name, tuple(preps[-1].recipe.tensor_params("").w), lam, cmd))
+
+
+def write_results(result: SweepResult, n_models: int, method: str, keep: str) -> None:
+    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` in the sweep's output directory."""
+    out = result.out
+    rows = result.draws
+    names = sorted({k for d in rows for k in d.scores})
+    with open(out / "sweep.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "lambda", "weights", "score", *names, "error", "kept", "command"])
+        for i, d in enumerate(rows):
+            kept = d.dir.exists()
+            w.writerow([d.name, d.lam, " ".join(f"{x:.6g}" for x in d.weights), d.score,
+                        *[d.scores.get(k) for k in names], d.error or "", kept, d.command])  # fmt: skip
+    doc = {
+        "method": method,
+        "seed": result.seed,
+        "sweep_seed": result.sweep_seed,
+        "keep": keep,
+        "best": rows[result.best].name if result.best is not None else None,
+        "best_command": rows[result.best].command if result.best is not None else None,
+        "draws": [d.record() for d in rows[:-1]],
+        "fixed": rows[-1].record(),
+        "bytes_read": result.bytes_read,
+        "seconds": result.seconds,
+    }
+    (out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plot(result, n_models, out / "sweep.png")
+
+
+def plot(result: SweepResult, n_models: int, path: Path) -> None:
+    """Score against λ (N = 2, the fixed λ = 0.5 merge marked), or ranked scores (N > 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.draws
+    draws, fixed = rows[:-1], rows[-1]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if n_models == 2:
+        pts = [(d.lam, d.score) for d in draws if d.score is not None]
+        if pts:
+            ax.scatter(*zip(*pts), label="draws", color="tab:blue")
+        if fixed.score is not None:
+            ax.scatter([0.5], [fixed.score], marker="*", s=200, color="tab:orange", label="λ = 0.5")
+        if result.best is not None:
+            b = rows[result.best]
+            ax.scatter([b.lam], [b.score], facecolors="none", edgecolors="red", s=200, label="best")
+        ax.set_xlabel("mixup ratio λ (weight of model 0)")
+        ax.set_xlim(-0.02, 1.02)
+    else:
+        ranked = sorted((d for d in draws if d.score is not None), key=lambda d: -d.score)
+        ax.bar([d.name for d in ranked], [d.score for d in ranked], color="tab:blue")
+        if fixed.score is not None:
+            ax.axhline(fixed.score, color="tab:orange", linestyle="--", label="equal weights")
+        ax.set_xlabel("draw (ranked)")
+        ax.tick_params(axis="x", rotation=60)
+    if not any(d.score is not None for d in rows):
+        ax.text(0.5, 0.5, "no scores (no evaluator)", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("score")
+    ax.set_title(f"streammerge sweep: {len(draws)} draws")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
