@@ -235,10 +235,107 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
     return [str(m) for m in yr.models], yr.base, kwargs, prov
 
 
+def build_sweep_parser() -> argparse.ArgumentParser:
+    """``streammerge sweep``: the merge flags, plus the draws, the evaluator and what to keep."""
+    p = build_parser()
+    p.prog = "streammerge sweep"
+    p.description = (
+        "M3 without the lottery: merge K mixup draws (Beta for 2 models, Dirichlet for more) "
+        "from one read of the inputs, score each with your evaluator, keep the best. Every "
+        "draw shares one mask seed, so each is exactly the single merge its row names."
+    )
+    p.set_defaults(output="sweep")
+    p.add_argument("--draws", type=int, default=8, help="number of draws K (default 8)")
+    p.add_argument("--grid", action="store_true", help="evenly spaced λ in [0, 1] (2 models)")
+    p.add_argument(
+        "--sweep-seed", type=int, default=None, help="seed of the K draws (default: from the OS)"
+    )
+    p.add_argument(
+        "--eval",
+        dest="eval_cmd",
+        default=None,
+        metavar="CMD",
+        help="command scoring one output, {out} replaced by its directory; its last stdout "
+        'line is a number or a JSON object of named numbers (e.g. "python score.py {out}")',
+    )
+    p.add_argument("--eval-select", default=None, help="the named score to maximize")
+    p.add_argument(
+        "--keep",
+        choices=("best", "all"),
+        default="best",
+        help="keep only the best draw's output (after it is complete) or all (default best)",
+    )
+    return p
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``streammerge sweep A B ... --base C --draws K [--eval CMD]``."""
+    parser = build_sweep_parser()
+    args = parser.parse_args(argv)
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from streammerge.api import OPTION_KEYS, Options
+    from streammerge.sweep import command_evaluator, sweep
+
+    err = Console(stderr=True, highlight=False)
+    table = Table("draw", "λ / w", "score", "note", title="streammerge sweep")
+    live = None if args.quiet else Live(table, console=err, transient=False)
+
+    def on_draw(d) -> None:
+        w = f"{d.lam:.4f}" if d.lam is not None else " ".join(f"{x:.3f}" for x in d.weights)
+        score = "" if d.score is None else f"{d.score:.6g}"
+        table.add_row(d.name, w, score, d.error or "")
+
+    if args.config is not None:
+        print("streammerge: error: sweep takes models and flags, not --config", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.weights is not None or args.lam is not None:
+        print("streammerge: error: a sweep draws the weights: drop --weights/--lambda",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_BAD_INPUT
+    recipe = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS if k not in ("weights", "lam",
+                                                                       "alpha", "seed")}  # fmt: skip
+    evaluate = command_evaluator(args.eval_cmd, args.eval_select) if args.eval_cmd else None
+    try:
+        if live is not None:
+            live.start()
+        r = sweep(
+            args.models, args.base, args.output, draws=args.draws, grid=args.grid,
+            alpha=args.alpha, seed=args.seed, sweep_seed=args.sweep_seed, evaluate=evaluate,
+            eval_select=args.eval_select, keep=args.keep,
+            options=Options(**{k: getattr(args, k) for k in OPTION_KEYS}), on_draw=on_draw,
+            **{k: v for k, v in recipe.items() if v is not None},
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        print("streammerge: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (MergeError, ValueError, OSError) as e:
+        print(f"streammerge: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if live is not None:
+            live.stop()
+    best = r.draws[r.best] if r.best is not None else None
+    print(
+        f"streammerge: sweep of {len(r.draws) - 1} draws read {format_bytes(r.bytes_read)} once "
+        f"in {r.seconds:.2f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB, seed {r.seed}, "
+        f"sweep seed {r.sweep_seed} -> {r.out}",
+        flush=True,
+    )
+    if best is not None:
+        print(f"streammerge: best {best.name} (score {best.score:.6g}); repeat it with: "
+              f"{best.command}", flush=True)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
     from rich.console import Console
     from rich.progress import (

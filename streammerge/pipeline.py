@@ -540,8 +540,11 @@ def _stream(
             return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
         handles = []
         for k, names in enumerate(by_name):  # a sweep: one pass per output, same inputs
-            view = Slot(slot.inputs, slot.outs[k], t, slot.chunk, slot.op, slot.out_nbytes)
-            args = merge_args(plan.recipe.row, names[t.name], slot.chunk, win)
+            tk = names[t.name]  # the same tensor with this output's weights
+            c = slot.chunk
+            ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
+            view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes)
+            args = merge_args(plan.recipe.row, tk, ck, win)
             handles.append(backend.run("merge", view, args))
         return _Handles(handles), True
 

@@ -140,7 +140,7 @@ def parse_score(stdout: str, select: str | None) -> tuple[dict, float]:
     except json.JSONDecodeError:
         raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}")
+        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}")  # noqa: TRY004
     scores = {"score": float(value)} if not isinstance(value, dict) else value
     key = select or next(iter(scores), None)
     if (
@@ -158,7 +158,9 @@ def command_evaluator(template: str, select: str | None, timeout_s: float | None
 
     def evaluate(path: Path) -> tuple[dict, float]:
         cmd = template.replace("{out}", shlex.quote(str(path)))
-        r = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout_s)
+        r = subprocess.run(
+            cmd, shell=True, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
         if r.returncode != 0:
             tail = (r.stderr.strip().splitlines() or ["no stderr"])[-1]
             raise RuntimeError(f"exit {r.returncode}: {tail[:200]}")
@@ -248,15 +250,15 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)  # the draws' parent; removed again if a check fails
     try:
         _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows)
+        engine = make_backend(options.backend, options.device, options.threads, options.vram)
+        p0 = preps[0]
+        layout = make_layout(p0.plan, n, p0.memory_bytes, engine.depth,
+                             getattr(engine, "max_chunk_elems", None), options.threads,
+                             outputs=len(preps))  # fmt: skip
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    engine = make_backend(options.backend, options.device, options.threads, options.vram)
-    p0 = preps[0]
-    layout = make_layout(p0.plan, n, p0.memory_bytes, engine.depth,
-                         getattr(engine, "max_chunk_elems", None), options.threads,
-                         outputs=len(preps))  # fmt: skip
     try:
         for p in preps:
             open_output(p)
