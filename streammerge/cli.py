@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import os
 import sys
 import threading
@@ -50,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
         "expected time, write nothing",
     )
     p.add_argument("--json", action="store_true", help="with --plan: print the plan as JSON")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="merge the output shards as tasks on a Ray cluster: auto joins a running one, an "
+        "address names one, no value starts a local Ray instance (pip install 'streammerge[ray]')",
+    )
     p.add_argument(
         "--base",
         default=None,
@@ -398,7 +408,13 @@ def main(argv: list[str] | None = None) -> int:
         options = Options(**{k: getattr(args, k) for k in OPTION_KEYS})
         if args.plan:
             return show_plan(models, base, args.output, kwargs, options, prov, args.json)
-        s = merge(
+        if args.ray is not None:
+            from streammerge.distributed import merge_ray
+
+            run_merge = functools.partial(merge_ray, address=args.ray)
+        else:
+            run_merge = merge
+        s = run_merge(
             models,
             base,
             args.output,

@@ -261,6 +261,11 @@ class OutputDir:
         ``meta`` (e.g. the thresholds its tensors used) kept in its journal record."""
         os.replace(self.shard_tmp_path(name), self.staging / name)
         _fsync_dir(self.staging)
+        self.journal_shard(name, size, sha256, meta)
+
+    def journal_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
+        """Journal a shard already renamed into the staging directory (fsync'd): by
+        ``commit_shard``, or by a distributed worker (the driver alone journals)."""
         assert self._journal is not None
         self._journal.write(
             json.dumps(

@@ -1,0 +1,278 @@
+"""Merges partitioned over a Ray cluster (``--ray [ADDRESS]``).
+
+streammerge's output bytes do not depend on how the work is cut (masks are keyed by seed,
+tensor name and element index; thresholds are per tensor, or computed once per model), so
+output shards can be merged anywhere, in any order, and still give the one-machine bytes:
+
+1. The driver prepares the plan and recipe once (seed and M3 draw fixed there), opens the
+   output's staging directory (the journal, ``--resume``), and checks that every node of
+   the cluster sees it (a node that cannot is reported by host name).
+2. The shards still to write are partitioned into tasks balanced by bytes to read
+   (longest first onto the lightest task). Each task runs the same execute step as a local
+   merge (``pipeline.run``) on its worker, with its own ``--memory`` buffers, and renames
+   each finished shard into the staging directory.
+3. As tasks return, the driver journals their shards (size, sha256, thresholds); a task
+   lost with its worker is retried by Ray (``max_retries``). One progress bar sums all
+   tasks' bytes (workers report to a small actor). The driver alone finalizes (index,
+   ``streammerge.json``, model card, atomic rename).
+
+Ray is an optional extra: ``pip install "streammerge[ray]"``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from streammerge.api import (
+    MergeSummary,
+    Options,
+    Prepared,
+    Provenance,
+    finalize,
+    layout_for,
+    make_backend,
+    open_output,
+    prepare,
+)
+from streammerge.errors import MergeError
+from streammerge.pipeline import RunStats, analyze, run
+from streammerge.plan import Plan, ShardPlan
+
+#: Retries of a task whose worker died (Ray ``max_retries``).
+MAX_RETRIES = 3
+#: Workers report progress every this many input bytes.
+PROGRESS_STEP_BYTES = 32 * 2**20
+
+
+def partition(shards: Sequence[ShardPlan], n_tasks: int) -> list[list[ShardPlan]]:
+    """Shards grouped into at most ``n_tasks`` tasks balanced by bytes to read: longest
+    first, each onto the task with the fewest bytes so far (LPT). Each task keeps file order.
+
+    Example: read bytes (9, 5, 4, 3), 2 tasks -> [[9, 3], [5, 4]] (12 and 9 bytes).
+    """
+    n_tasks = max(1, min(n_tasks, len(shards)))
+    bins: list[list[ShardPlan]] = [[] for _ in range(n_tasks)]
+    load = [0] * n_tasks
+    order = {s.filename: i for i, s in enumerate(shards)}
+    for s in sorted(shards, key=lambda s: -s.read_bytes):
+        k = load.index(min(load))
+        bins[k].append(s)
+        load[k] += s.read_bytes
+    return [sorted(b, key=lambda s: order[s.filename]) for b in bins if b]
+
+
+class StagingOutput:
+    """What a worker writes into: the driver's staging directory (seen by every node).
+    Shards are written as ``*.tmp``, fsync'd and renamed; the driver journals them."""
+
+    def __init__(self, staging: Path) -> None:
+        self.staging = Path(staging)
+
+    def shard_tmp_path(self, name: str) -> Path:
+        """Where a shard is written before it is whole."""
+        return self.staging / f"{name}.tmp"
+
+    def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
+        """Rename a finished shard into place (the driver journals it when the task returns)."""
+        os.replace(self.shard_tmp_path(name), self.staging / name)
+        fd = os.open(self.staging, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class TaskResult:
+    """What one task returns to the driver."""
+
+    host: str
+    stats: RunStats
+
+
+def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
+              memory_bytes: int, model_thresholds, progress) -> TaskResult:  # fmt: skip
+    """A task's body, on its worker: the local execute step over some shards."""
+    from streammerge.pipeline import make_layout
+
+    engine = make_backend(prep_options.backend, prep_options.device, prep_options.threads,
+                          prep_options.vram)  # fmt: skip
+    layout = make_layout(plan, plan.recipe.n_models, memory_bytes, engine.depth,
+                         getattr(engine, "max_chunk_elems", None), prep_options.threads)  # fmt: skip
+    shards = [s for s in plan.shards if s.filename in set(names)]
+    pending = [0]
+
+    def on_bytes(n: int) -> None:
+        pending[0] += n
+        if pending[0] >= PROGRESS_STEP_BYTES and progress is not None:
+            progress.add.remote(pending[0])
+            pending[0] = 0
+
+    stats = run(plan, shards, StagingOutput(Path(staging)), layout, engine, on_bytes=on_bytes,
+                direct_io=prep_options.direct_io, model_thresholds=model_thresholds)  # fmt: skip
+    if progress is not None and pending[0]:
+        progress.add.remote(pending[0])
+    return TaskResult(socket.gethostname(), stats)
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    return socket.gethostname(), os.path.exists(path)
+
+
+def check_visible(ray, staging: Path) -> None:
+    """Every alive node sees the staging directory (a probe file written by the driver).
+
+    Raises:
+        MergeError: naming the hosts that cannot see it.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = staging / f".probe-{uuid.uuid4().hex}"
+    probe.write_bytes(b"")
+    try:
+        sees = ray.remote(num_cpus=0)(_sees)
+        refs = [
+            sees.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(probe))
+            for n in ray.nodes()
+            if n.get("Alive")
+        ]
+        blind = sorted({h for h, ok in ray.get(refs) if not ok})
+    finally:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise MergeError(
+            f"the output's staging directory is not visible from {', '.join(blind)}",
+            staging,
+            None,
+            "put the output on storage every node mounts at the same path (NFS, a shared disk)",
+        )
+
+
+def _connect(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        if address in (None, "", "local"):
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    return ray
+
+
+def merge_ray(
+    models: Sequence[str | Path],
+    base: str | Path | None,
+    out: str | Path,
+    *,
+    address: str | None = None,
+    tasks: int | None = None,
+    options: Options | None = None,
+    provenance: Provenance | None = None,
+    on_start: Callable[[Plan, int], None] | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    **recipe,
+) -> MergeSummary:
+    """``streammerge.merge`` over a Ray cluster (see the module docstring).
+
+    Args:
+        address: ``None`` / ``"local"`` starts a local Ray instance, ``"auto"`` joins a
+            running cluster, else a Ray address.
+        tasks: number of tasks (default: the cluster's CPUs; at most the shards).
+        options: as ``merge``; ``--memory`` applies to each task's buffers, ``--device
+            cuda`` asks Ray for one GPU per task.
+        recipe: the recipe keyword arguments of ``merge``.
+
+    Returns:
+        MergeSummary (bytes summed over the tasks; peak RSS of the driver).
+
+    Raises:
+        MergeError: as ``merge``, or a node that cannot see the staging directory.
+    """
+    options = options or Options()
+    prep = prepare(models, base, out, recipe, options, provenance)
+    ray = _connect(address)
+    open_output(prep)
+    try:
+        return _drive(ray, prep, tasks, on_start, on_bytes)
+    except BaseException:
+        prep.output.close()
+        raise
+
+
+def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
+    from streammerge.backends import CPU_GEOMETRY
+    from streammerge.pipeline import read_bytes, work_items
+
+    check_visible(ray, prep.output.staging)
+    options = prep.options
+    todo = prep.todo()
+    layout = layout_for(prep, CPU_GEOMETRY)  # before any task: a bad budget fails here
+    row = prep.recipe.row
+    model_th = None
+    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
+        engine = make_backend(options.backend, options.device, options.threads, options.vram)
+        model_th, _ = analyze(prep.plan, layout, engine, on_bytes, options.direct_io)
+    if on_start is not None:
+        on_start(prep.plan, read_bytes(work_items(prep.plan, todo, layout)))
+
+    @ray.remote
+    class Progress:
+        def __init__(self) -> None:
+            self.n = 0
+
+        def add(self, n: int) -> None:
+            self.n += n
+
+        def total(self) -> int:
+            return self.n
+
+    progress = Progress.remote()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    groups = partition(todo, tasks or max(1, cpus))
+    remote = ray.remote(max_retries=MAX_RETRIES, num_cpus=1,
+                        num_gpus=1 if options.device == "cuda" else 0)(_run_task)  # fmt: skip
+    plan_ref = ray.put(prep.plan)
+    staging = str(prep.output.staging)
+    refs = {}
+    for g in groups:
+        names = [s.filename for s in g]
+        ref = remote.remote(
+            plan_ref, names, staging, options, prep.memory_bytes, model_th, progress
+        )
+        refs[ref] = g
+    merged = RunStats(0, 0, {}, {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0})
+    reported = 0
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        if on_bytes is not None:
+            total = ray.get(progress.total.remote())
+            if total > reported:
+                on_bytes(total - reported)
+                reported = total
+        for ref in done:
+            res: TaskResult = ray.get(ref)
+            st = res.stats
+            for name, (size, sha) in st.shards.items():
+                th = {t.name: st.thresholds[t.name] for s in refs[ref] if s.filename == name
+                      for t in s.tensors if t.name in st.thresholds}  # fmt: skip
+                prep.output.journal_shard(name, size, sha, {"thresholds": th} if th else None)
+                merged.shards[name] = (size, sha)
+            merged.bytes_read += st.bytes_read
+            merged.bytes_written += st.bytes_written
+            merged.thresholds.update(st.thresholds)
+            merged.buffer_bytes = max(merged.buffer_bytes, st.buffer_bytes)
+            for k, v in st.busy_s.items():
+                merged.busy_s[k] = merged.busy_s.get(k, 0.0) + v
+    if model_th is not None:
+        merged.thresholds = {t.name: model_th for t in prep.plan.tensors if t.action == "merge"}
+    time.sleep(0)  # let the progress actor's last report land before the summary
+    return finalize(prep, merged)
