@@ -316,6 +316,7 @@ def sweep_main(argv: list[str]) -> int:
             alpha=args.alpha, seed=args.seed, sweep_seed=args.sweep_seed, evaluate=evaluate,
             eval_select=args.eval_select, keep=args.keep,
             options=Options(**{k: getattr(args, k) for k in OPTION_KEYS}), on_draw=on_draw,
+            ray_address=args.ray,
             **{k: v for k, v in recipe.items() if v is not None},
         )  # fmt: skip
     except KeyboardInterrupt:

@@ -204,6 +204,8 @@ def sweep(
     on_draw: Callable[[Draw], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
+    ray_address: str | None = None,
+    groups: int | None = None,
     **recipe_args,
 ) -> SweepResult:
     """Merge K mixup draws (and the fixed λ = 0.5 reference) from one read, score, keep the
@@ -220,6 +222,10 @@ def sweep(
             the best is complete; all kept without scores) or ``all``.
         options: ``Options`` (memory, threads, backend...); recipe_args: method, density,
             drop, gamma, scale, normalize, trim_scope, dtype (weights come from the draws).
+        ray_address: run groups of draws as Ray tasks (``"local"``, ``"auto"`` or an
+            address; see ``streammerge.distributed``): each group shares one read of the
+            inputs on its worker, and its evaluations run there, where its outputs are.
+        groups: number of such groups (default: the cluster's CPUs, at most K + 1).
 
     Raises:
         MergeError / RecipeError: as ``merge``, before anything is written.
@@ -250,28 +256,75 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)  # the draws' parent; removed again if a check fails
     try:
         _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows)
-        engine = make_backend(options.backend, options.device, options.threads, options.vram)
-        p0 = preps[0]
-        layout = make_layout(p0.plan, n, p0.memory_bytes, engine.depth,
-                             getattr(engine, "max_chunk_elems", None), options.threads,
-                             outputs=len(preps))  # fmt: skip
+        if ray_address is None:
+            engine = make_backend(options.backend, options.device, options.threads, options.vram)
+            layout = _layout(preps, engine, options)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if ray_address is None:
+        bytes_read = _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes,
+                                  on_start)  # fmt: skip
+        for d in rows:
+            if on_draw is not None:
+                on_draw(d)
+    else:
+        rows, bytes_read = _run_on_ray(ray_address, groups, models, base, out, names, vectors,
+                                       recipe_args, seed, options, evaluate, eval_select,
+                                       on_draw)  # fmt: skip
+    p0 = preps[0]
+    scored = [i for i, d in enumerate(rows[:-1]) if d.score is not None]
+    best = max(scored, key=lambda i: rows[i].score) if scored else None
+    if keep == "best" and best is not None:
+        for i, d in enumerate(rows[:-1]):
+            if i != best:
+                shutil.rmtree(d.dir)
+    result = SweepResult(out, rows, best, seed, sweep_seed, bytes_read,
+                         time.perf_counter() - t0, peak_rss_bytes())  # fmt: skip
+    write_results(result, n, p0.recipe.method, keep)
+    return result
+
+
+def _layout(preps: list[Prepared], engine, options: Options):
+    p0 = preps[0]
+    return make_layout(p0.plan, len(p0.models), p0.memory_bytes, engine.depth,
+                       getattr(engine, "max_chunk_elems", None), options.threads,
+                       outputs=len(preps))  # fmt: skip
+
+
+def _evaluate(d: Draw, evaluate, eval_select) -> None:
+    if evaluate is None:
+        return
+    try:
+        res = evaluate(d.dir)
+        if isinstance(res, tuple):
+            d.scores, d.score = res
+        elif isinstance(res, dict):
+            d.scores = res
+            d.score = float(res[eval_select or next(iter(res))])
+        else:
+            d.scores, d.score = {"score": float(res)}, float(res)
+    except Exception as e:  # noqa: BLE001 - one failing draw is reported, not fatal
+        d.error = f"{type(e).__name__}: {e}"[:300]
+
+
+def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, on_start) -> int:
+    """Merge prepared draws from one read, finalize each, evaluate each; bytes read."""
+    options = preps[0].options
     try:
         for p in preps:
             open_output(p)
             if p.done:
                 raise MergeError("a sweep cannot resume an output", p.output.out, None,
                                  "remove it or pass --overwrite")  # fmt: skip
-        row = p0.recipe.row
+        p0 = preps[0]
         model_th = None
         if on_start is not None:
             from streammerge.pipeline import read_bytes, work_items
 
             on_start(read_bytes(work_items(p0.plan, list(p0.plan.shards), layout)))
-        if row.sparse.stats and p0.recipe.trim_scope == "model":
+        if p0.recipe.row.sparse.stats and p0.recipe.trim_scope == "model":
             model_th, _ = analyze(p0.plan, layout, engine, on_bytes, options.direct_io)
         stats = run_many([p.plan for p in preps], [p.output for p in preps], layout, engine,
                          on_bytes, options.direct_io, model_th)  # fmt: skip
@@ -279,36 +332,65 @@ def sweep(
         for p in preps:
             p.output.close()
         raise
-    summaries = []
     for p, st in zip(preps, stats):
         if model_th is not None:
             st.thresholds = {t.name: model_th for t in p.plan.tensors if t.action == "merge"}
-        summaries.append(finalize(p, st))
+        finalize(p, st)
     for d in rows:
-        if evaluate is not None:
-            try:
-                res = evaluate(d.dir)
-                if isinstance(res, tuple):
-                    d.scores, d.score = res
-                elif isinstance(res, dict):
-                    d.scores = res
-                    d.score = float(res[eval_select or next(iter(res))])
-                else:
-                    d.scores, d.score = {"score": float(res)}, float(res)
-            except Exception as e:  # noqa: BLE001 - one failing draw is reported, not fatal
-                d.error = f"{type(e).__name__}: {e}"[:300]
-        if on_draw is not None:
-            on_draw(d)
-    scored = [i for i, d in enumerate(rows[:-1]) if d.score is not None]
-    best = max(scored, key=lambda i: rows[i].score) if scored else None
-    if keep == "best" and best is not None:
-        for i, d in enumerate(rows[:-1]):
-            if i != best:
-                shutil.rmtree(d.dir)
-    result = SweepResult(out, rows, best, seed, sweep_seed, stats[0].bytes_read,
-                         time.perf_counter() - t0, peak_rss_bytes())  # fmt: skip
-    write_results(result, n, p0.recipe.method, keep)
-    return result
+        _evaluate(d, evaluate, eval_select)
+    return stats[0].bytes_read
+
+
+def _group_task(models, base, out, names, vectors, recipe_args, seed, options, evaluate,
+                eval_select):  # fmt: skip
+    """A Ray task: one group of draws, prepared, merged from one read and evaluated here."""
+    preps: list[Prepared] = []
+    rows: list[Draw] = []
+    _prepare_all(models, base, Path(out), names, vectors, recipe_args, seed, options, preps, rows)
+    engine = make_backend(options.backend, options.device, options.threads, options.vram)
+    n = _merge_group(preps, rows, engine, _layout(preps, engine, options), evaluate,
+                     eval_select, None, None)  # fmt: skip
+    return rows, n
+
+
+def _run_on_ray(address, groups, models, base, out, names, vectors, recipe_args, seed,
+                options, evaluate, eval_select, on_draw):  # fmt: skip
+    from streammerge.distributed import MAX_RETRIES, _connect
+
+    ray = _connect(address)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    g = max(1, min(groups or cpus, len(names)))
+    task = ray.remote(max_retries=MAX_RETRIES, num_cpus=1,
+                      num_gpus=1 if options.device == "cuda" else 0)(_group_task)  # fmt: skip
+    parts = [list(range(len(names)))[k::g] for k in range(g)]
+    refs = [
+        task.remote(
+            [str(m) for m in models],
+            None if base is None else str(base),
+            str(out),
+            [names[i] for i in part],
+            [vectors[i] for i in part],
+            recipe_args,
+            seed,
+            options,
+            evaluate,
+            eval_select,
+        )
+        for part in parts
+    ]
+    rows: dict[str, Draw] = {}
+    total = 0
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        for ref in done:
+            got, n = ray.get(ref)
+            total += n
+            for d in got:
+                rows[d.name] = d
+                if on_draw is not None:
+                    on_draw(d)
+    return [rows[n] for n in names], total
 
 
 def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows):
