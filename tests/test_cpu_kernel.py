@@ -454,6 +454,100 @@ def test_v2_ties_at_threshold_keep_every_tied_element(method):
             assert (mags >= thr[0][0]).sum() > k > (mags > thr[0][0]).sum()
 
 
+@pytest.mark.parametrize("method", list(ref.METHODS))
+@pytest.mark.parametrize("out_dtype", ["F32", "BF16"])
+def test_v2_normalize_both_ways(method, out_dtype):
+    """Each method with normalize on and off (the recipe may override the row's default),
+    on a zero base too, where out = s * m keeps every bit of the division (acc / den must
+    be a true division, not a multiplication by 1 / den)."""
+    rng = np.random.default_rng(list(ref.METHODS).index(method))
+    linear = method == "linear"
+    mdts = ["BF16", "F32", "F16"]
+    for normalize in (True, False):
+        for zero_base in (False, True):
+            base, models = v2_inputs(rng, 7_001, "F32", mdts, "noise")
+            if zero_base:
+                base = np.zeros_like(base)
+            got, want, thr = run_v2(
+                method, None if linear else base, models, out_dtype, weights=[0.3, 0.45, 0.7],
+                density=[0.6, 0.9, 0.5], base_dtype=None if linear else "F32", model_dtypes=mdts,
+                start=2**32 + 9, scale=0.6, normalize=normalize,
+            )  # fmt: skip
+            assert_same_bits(got, want, out_dtype, f"{method} normalize={normalize} zero={zero_base}")
+
+
+def contract_merge(base, models, out_dtype, *, key, start, drop, weights, scale, keep_lo,
+                   keep_hi, consensus, normalize, linear, base_dtype, model_dtypes):  # fmt: skip
+    """kernel_contract.md section 1 in numpy, for any combination of the flags (the method
+    table uses some; the kernel takes all: DARE and a window together, linear with sign...)."""
+    n = len(models[0])
+    idx = np.arange(n, dtype=np.uint64) + np.uint64(start)
+    xb = np.zeros(n, np.float32) if base is None else ref.to_float32(base, base_dtype)
+    wd = []
+    with np.errstate(all="ignore"):
+        for k, (m, dt) in enumerate(zip(models, model_dtypes)):
+            d = ref.to_float32(m, dt) - xb
+            mag = d.view(np.uint32) & np.uint32(0x7FFFFFFF)
+            kept = ref.spec_kept(key, k, drop[k], idx) & (mag >= keep_lo[k]) & (mag <= keep_hi[k])
+            wd.append(np.float32(weights[k]) * np.where(kept, d * ref.spec_rescale(drop[k]), 0))
+        w32 = [np.float32(w) for w in weights]
+        acc = np.zeros(n, np.float32)
+        if consensus == "none":
+            for v in wd:
+                acc = acc + v
+            den = np.float32(0.0)
+            for w in w32:
+                den = np.float32(den + w)
+            den = np.float32(1.0) if abs(float(den)) < 1e-8 else den
+        else:
+            s_ = np.zeros(n, np.float32)
+            for v in wd:
+                s_ = s_ + v
+            pos = s_ >= 0
+            den = np.zeros(n, np.float32)
+            for v, w in zip(wd, w32):
+                agree = ((v > 0) & pos) | ((v < 0) & ~pos)
+                acc = np.where(agree, acc + v, acc)
+                den = np.where(agree, den + w, den)
+            den = np.where(den == 0, np.float32(1.0), den)
+        m = acc / den if normalize else acc
+        out = m if linear else xb + np.float32(scale) * m
+    assert out.dtype == np.float32
+    return ref.from_float32(out, out_dtype)
+
+
+@pytest.mark.parametrize("consensus", ["none", "sign"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("linear", [False, True])
+def test_v2_every_flag_combination(consensus, normalize, linear):
+    """All flag combinations, with DARE and windows alone and together, against the
+    contract in numpy (``contract_merge``); zero bases make out = s * m keep every bit."""
+    rng = np.random.default_rng(31 + 4 * (consensus == "sign") + 2 * normalize + linear)
+    mdts = ["BF16", "F16", "F32"]
+    for case, (drop, window) in enumerate(
+        [
+            ([0.0, 0.0, 0.0], None),
+            ([0.5, 0.2, 0.0], None),
+            ([0.0, 0.0, 0.0], ([0x3B000000, 0, 0x3A800000], [0xFFFFFFFF, 0x3C000000, 0x3B800000])),
+            ([0.5, 0.0, 0.9], ([0x3B000000, 1, 0], [0xFFFFFFFF, 0, 0x7F800000])),  # and keep none
+        ]
+    ):
+        base, models = v2_inputs(rng, 9_003, "BF16", mdts, "noise")
+        if linear:
+            base = None
+        elif case % 2:
+            base = np.zeros_like(base)
+        lo, hi = window if window else ([0] * 3, [0xFFFFFFFF] * 3)
+        kw = {"key": KEY, "start": 2**32 - 4_000, "drop": drop, "weights": [0.3, -0.45, 0.7],
+              "scale": 0.6, "keep_lo": lo, "keep_hi": hi, "consensus": consensus,
+              "normalize": normalize, "linear": linear, "base_dtype": "BF16",
+              "model_dtypes": mdts}  # fmt: skip
+        for out_dtype in ("F32", "BF16"):
+            got = cpu_merge.merge_arrays(base, models, out_dtype, **kw)
+            want = contract_merge(base, models, out_dtype, **kw)
+            assert_same_bits(got, want, out_dtype, f"case {case} -> {out_dtype}")
+
+
 def test_v2_consensus_and_den_rules_by_hand():
     """Hand-computed values (independent of the reference) for the sign election and den."""
     base = np.zeros(6, np.float32)
