@@ -25,6 +25,7 @@ from streammerge.pipeline import Layout, RunStats, analyze, make_layout, read_by
 from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.recipe import Recipe, RecipeError, build_recipe
+from streammerge.remote import is_url, open_remote_model
 from streammerge.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
@@ -209,12 +210,8 @@ def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> d
         "normalize": tp0.normalize,
         "dtype": r.dtype,
         "recipe": r.record(),
-        "base": None
-        if base is None
-        else {"path": str(base.path.resolve()), "fingerprint": base.fingerprint},
-        "models": [
-            {"path": str(m.path.resolve()), "fingerprint": m.fingerprint} for m in prep.models
-        ],
+        "base": None if base is None else input_record(base),
+        "models": [input_record(m) for m in prep.models],
         "base_only": list(plan.base_only),
         "vocab_rules": list(plan.vocab_rules),
         "total_size": plan.total_bytes,
@@ -261,6 +258,25 @@ RECIPE_KEYS = (
     "normalize", "trim_scope", "dtype", "model_params", "params", "lines", "source",
 )  # fmt: skip
 OPTION_KEYS = tuple(f.name for f in fields(Options))
+
+
+def open_input(path: str | Path) -> ModelDir:
+    """A model directory, or a model by URL (``https://``, ``hf://``...; headers only)."""
+    if is_url(path):
+        return open_remote_model(path)
+    return open_model(path)
+
+
+def is_remote(m: ModelDir) -> bool:
+    """True for a model opened by URL."""
+    return getattr(m, "url", None) is not None
+
+
+def input_record(m: ModelDir) -> dict:
+    """How streammerge.json names an input: its path, or its URL and pinned revision."""
+    if is_remote(m):
+        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint}
+    return {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
 
 
 def model_card_text(prep: Prepared, rec: dict) -> str:
@@ -314,11 +330,11 @@ def prepare(
         )
     kwargs = dict(recipe or {}) if not isinstance(recipe, Recipe) else None
     method = recipe.method if isinstance(recipe, Recipe) else kwargs.get("method")
-    base_dir = open_model(base) if base is not None else None
-    model_dirs = [open_model(m) for m in models]
+    base_dir = open_input(base) if base is not None else None
+    model_dirs = [open_input(m) for m in models]
     shard_size_bytes = parse_size(options.shard_size)
     memory_bytes = parse_size(options.memory)
-    inputs = ([base_dir.path] if base_dir is not None else []) + [m.path for m in model_dirs]
+    inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
     output = OutputDir(out, inputs, overwrite=options.overwrite, resume=options.resume)
     if kwargs is not None:
         if kwargs.get("seed") is None:

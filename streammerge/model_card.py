@@ -96,9 +96,15 @@ def _inputs(record: dict, labels) -> list[tuple[str, str | None, str | None]]:
     """[(role, path, label)] with the base first when there is one."""
     entries = []
     if record.get("base"):
-        entries.append(("base", record["base"].get("path"), record["base"].get("label")))
+        entries.append(
+            (
+                "base",
+                record["base"].get("path") or record["base"].get("url"),
+                record["base"].get("label"),
+            )
+        )
     for j, m in enumerate(record.get("models") or []):
-        entries.append((f"model {j}", m.get("path"), m.get("label")))
+        entries.append((f"model {j}", m.get("path") or m.get("url"), m.get("label")))
     labels = list(labels if labels is not None else record.get("labels") or [])
     if len(labels) == len(entries):
         entries = [(r, p, lab or lab0) for (r, p, lab0), lab in zip(entries, labels)]
@@ -218,9 +224,9 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
     rec = record.get("recipe") or {}
     method = rec.get("method", record.get("method"))
     n = len(record.get("models") or [])
-    argv = ["streammerge", *(m["path"] for m in record["models"])]
+    argv = ["streammerge", *(m.get("path") or m["url"] for m in record["models"])]
     if record.get("base"):
-        argv += ["--base", record["base"]["path"]]
+        argv += ["--base", record["base"].get("path") or record["base"]["url"]]
     argv += [
         "-o",
         str(Path(out).absolute()),

@@ -41,6 +41,7 @@ from streammerge.ops import convert_args, hist_args, merge_args, read_rows
 from streammerge.output import OutputDir
 from streammerge.plan import Chunk, Plan, Segment, ShardPlan, TensorPlan, iter_chunks
 from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
+from streammerge.remote import RemoteFile, read_jobs
 from streammerge.stats import HIGH_BINS, LOW_BINS, ThresholdStats, windows
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
@@ -454,6 +455,10 @@ def _stream(
                 for row, info in read_rows(t, c.segment)
             ]
         slot.in_nbytes = sum(j[2] for j in jobs)
+        remote = [j for j in jobs if isinstance(j[0].file, RemoteFile)]
+        if remote:  # inputs by URL: ranged reads (streammerge.remote)
+            read_jobs(remote, pool)
+            jobs = [j for j in jobs if not isinstance(j[0].file, RemoteFile)]
         reader.read_rows(jobs, pool)
 
     def read_stage() -> None:

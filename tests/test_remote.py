@@ -1,0 +1,196 @@
+"""Inputs by URL: a local HTTP server with range requests (started here, 127.0.0.1 only).
+The merge equals the one from local paths; preflight and --plan fetch only headers;
+transient server failures are retried; a file changed mid-merge stops the run with one
+line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import make_trio, output_bytes, run_cli
+
+import streammerge
+from streammerge.api import Options
+
+pytest.importorskip("aiohttp")
+
+
+class RangeServer:
+    """Serves ``root`` with HEAD, GET and ``Range: bytes=a-b``, an ETag per content, and
+    ``If-Match``; logs every request; fails the first ``fail_first`` GETs of each weight
+    file with 503 when asked."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.log: list[tuple[str, str, str | None]] = []
+        self.fail_first = 0
+        self.fails: dict[str, int] = {}
+        self.on_get = None  # hook(path, range) called before serving a GET
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def _file(self) -> Path | None:
+                p = (server.root / self.path.lstrip("/")).resolve()
+                return p if p.is_file() and server.root in p.parents else None
+
+            def _etag(self, p: Path) -> str:
+                return '"' + hashlib.sha256(p.read_bytes()).hexdigest()[:16] + '"'
+
+            def do_HEAD(self):
+                server.log.append(("HEAD", self.path, None))
+                p = self._file()
+                if p is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(p.stat().st_size))
+                self.send_header("ETag", self._etag(p))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.log.append(("GET", self.path, rng))
+                if server.on_get is not None:
+                    server.on_get(self.path, rng)
+                p = self._file()
+                if p is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                if self.path.endswith(".safetensors") and server.fail_first:
+                    n = server.fails.get(self.path, 0)
+                    if n < server.fail_first:
+                        server.fails[self.path] = n + 1
+                        self.send_response(503)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                data = p.read_bytes()
+                etag = self._etag(p)
+                want = self.headers.get("If-Match")
+                if want is not None and want != etag:
+                    self.send_response(412)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if rng:
+                    a, b = re.match(r"bytes=(\d+)-(\d*)", rng).groups()
+                    a, b = int(a), (int(b) if b else len(data) - 1)
+                    body = data[a : b + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {a}-{a + len(body) - 1}/{len(data)}")
+                else:
+                    body = data
+                    self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def weight_ranges(self) -> list:
+        """GET ranges of weight files beyond their headers."""
+        out = []
+        for method, path, rng in self.log:
+            if method == "GET" and path.endswith(".safetensors") and rng:
+                a = int(re.match(r"bytes=(\d+)", rng).group(1))
+                header = int.from_bytes((self.root / path.lstrip("/")).read_bytes()[:8], "little")
+                if a >= 8 + header:
+                    out.append((path, rng))
+        return out
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def served(tmp_path):
+    base, a, b = make_trio(tmp_path / "data", big=200_000)
+    srv = RangeServer(tmp_path / "data")
+    yield srv, base, a, b
+    srv.close()
+
+
+def test_merge_from_urls_equals_local(tmp_path, served):
+    srv, base, a, b = served
+    urls = [f"{srv.url}/{p.name}" for p in (a, b)]
+    kw = {"seed": 4, "method": "ties", "density": 0.5, "options": Options(memory="24MiB")}
+    s = streammerge.merge(urls, f"{srv.url}/base", tmp_path / "r", **kw)
+    streammerge.merge([a, b], base, tmp_path / "l", **kw)
+    got, want = output_bytes(tmp_path / "r"), output_bytes(tmp_path / "l")
+    assert got.keys() == want.keys() and all((got[n] == want[n]).all() for n in want)
+    rec = json.loads((tmp_path / "r" / "streammerge.json").read_text())
+    assert rec["models"][0]["url"] == urls[0] and rec["base"]["url"] == f"{srv.url}/base"
+    assert (tmp_path / "r" / "config.json").is_file()  # side files come along
+    assert srv.weight_ranges() and s.bytes_read > 0
+
+
+def test_plan_fetches_headers_only(tmp_path, served):
+    srv, base, a, b = served
+    r = run_cli([f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base",
+                 "-o", str(tmp_path / "o"), "--plan", "--json"])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["bytes_read"] > 0
+    assert srv.weight_ranges() == [] and not (tmp_path / "o").exists()
+    assert any(m == "GET" and p.endswith(".safetensors") for m, p, _ in srv.log)  # headers
+
+
+def test_transient_failures_are_retried(tmp_path, served):
+    srv, base, a, b = served
+    srv.fail_first = 2
+    streammerge.merge([f"{srv.url}/a", f"{srv.url}/b"], f"{srv.url}/base", tmp_path / "r",
+                      seed=1)  # fmt: skip
+    streammerge.merge([a, b], base, tmp_path / "l", seed=1)
+    got, want = output_bytes(tmp_path / "r"), output_bytes(tmp_path / "l")
+    assert all((got[n] == want[n]).all() for n in want)
+    assert sum(srv.fails.values()) >= 2
+
+
+def test_file_changed_mid_merge_stops_with_one_line(tmp_path, served):
+    srv, base, a, b = served
+    shard = sorted(b.glob("*.safetensors"))[-1]
+    changed = []
+
+    lock = threading.Lock()
+
+    def change(path, rng):  # once weights are streaming, rewrite one of b's shards
+        with lock:
+            if not changed and path.endswith(".safetensors") and srv.weight_ranges():
+                data = bytearray(shard.read_bytes())
+                data[-1] ^= 0xFF
+                tmp = shard.with_suffix(".tmp")
+                tmp.write_bytes(bytes(data))
+                tmp.replace(shard)  # atomic: a request sees the old or the new file
+                changed.append(path)
+
+    srv.on_get = change
+    out = tmp_path / "r"
+    r = run_cli([f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base", "-o", str(out),
+                 "--shard-size", "20KB", "--quiet"])  # fmt: skip
+    assert changed
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "changed on the server" in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_unreachable_url_is_one_line(tmp_path):
+    r = run_cli(["http://127.0.0.1:9/a", "http://127.0.0.1:9/b", "--base",
+                 "http://127.0.0.1:9/c", "-o", str(tmp_path / "o")])  # fmt: skip
+    assert r.returncode == 2
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
