@@ -141,7 +141,7 @@ def test_merge_from_urls_equals_local(tmp_path, served):
 
 
 def test_plan_fetches_headers_only(tmp_path, served):
-    srv, base, a, b = served
+    srv, _base, _a, _b = served
     r = run_cli([f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base",
                  "-o", str(tmp_path / "o"), "--plan", "--json"])  # fmt: skip
     assert r.returncode == 0, r.stderr
@@ -162,8 +162,8 @@ def test_transient_failures_are_retried(tmp_path, served):
 
 
 def test_file_changed_mid_merge_stops_with_one_line(tmp_path, served):
-    srv, base, a, b = served
-    shard = sorted(b.glob("*.safetensors"))[-1]
+    srv, _base, _a, b = served
+    shard = max(b.glob("*.safetensors"))
     changed = []
 
     lock = threading.Lock()
