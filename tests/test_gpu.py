@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from streammerge.gpu import GPU_DEPTH, cuda_available, device_bytes_in_flight, vram_chunk_elems
-from streammerge.recipe import build_recipe
 from streammerge.pipeline import Item, make_layout, work_items
 from streammerge.plan import make_plan
 from streammerge.reader import ModelDir, TensorInfo
+from streammerge.recipe import build_recipe
 
 
 def _llama70b(root: str) -> ModelDir:
