@@ -1,11 +1,14 @@
-"""streammerge: memory-streaming M3 + DARE merge engine for huge language models.
+"""streammerge: memory-streaming merge engine for huge language models (task arithmetic,
+DARE, TIES, breadcrumbs, linear, each with Mixup Model Merge weights).
 
-``streammerge.merge(...)`` is the whole job (see ``streammerge.api.merge``); the command
-``streammerge`` wraps it (``streammerge.cli``).
+``streammerge.merge(...)`` is the whole job (see ``streammerge.api.merge``);
+``streammerge.sweep(...)`` merges K mixup draws from one read and keeps the best
+(``streammerge.sweep``); the command ``streammerge`` wraps both (``streammerge.cli``).
 """
 
 __version__ = "0.1.0"
 
+from streammerge import sweep
 from streammerge.api import MergeSummary, merge
 
-__all__ = ["MergeSummary", "__version__", "merge"]
+__all__ = ["MergeSummary", "__version__", "merge", "sweep"]

@@ -23,6 +23,7 @@ import math
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,3 +470,14 @@ def plot(result: SweepResult, n_models: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """``streammerge.sweep(...)`` calls ``streammerge.sweep.sweep(...)`` (the module stays a
+    module: ``from streammerge.sweep import sweep`` works too)."""
+
+    def __call__(self, *args, **kwargs) -> SweepResult:
+        return sweep(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -91,8 +91,10 @@ def test_scores_failures_keep_best_and_results(tmp_path):
 
 
 def test_without_evaluator_all_outputs_stay(tmp_path):
+    import streammerge
+
     base, a, b = make_trio(tmp_path)
-    r = sw.sweep([a, b], base, tmp_path / "s", draws=2, seed=3, sweep_seed=3)
+    r = streammerge.sweep([a, b], base, tmp_path / "s", draws=2, seed=3, sweep_seed=3)
     assert r.best is None and all(d.dir.is_dir() for d in r.draws)
 
 
