@@ -17,6 +17,16 @@ Philox is the cost (~1 ns per element per core); the other loops are memory boun
 Philox loop therefore prefetches the next block's input lines, which hides most of the
 memory traffic behind it.
 
+v2 methods (SPEC v2 "Methods": a magnitude keep window, TIES sign consensus, normalize,
+linear; kernel_contract.md section 1) run in a second kernel, ``_merge_kernel_v2``, so
+v1's kernel and its speed stay exactly as they were: ``merge_chunk`` picks it only when a
+v2 argument differs from its default. Per block of ``BLOCK_V2`` elements it decodes the
+base, then one fused decode-subtract-window-drop-weight loop per model writes wd_k into a
+[K, BLOCK_V2] float32 scratch while summing it (S for sign, acc for none), then the sign
+election (per model, over the scratch), the division and the store. Every flag is tested
+outside the element loops, which LLVM vectorizes as in v1; float32 division is the IEEE
+one (``error_model="numpy"``: no zero-divisor check, den is never 0 anyway).
+
 Everything compiles to a single specialization per kernel (dtype codes, thresholds and
 weights travel as small typed arrays), cached on disk (``cache=True``).
 """
@@ -721,8 +731,8 @@ def merge_chunk(
     if consensus not in ("none", "sign"):
         raise ValueError(f"consensus must be 'none' or 'sign', got {consensus!r}")
     for flag, what in ((normalize, "normalize"), (linear, "linear")):
-        if not isinstance(flag, (bool, np.bool_)):
-            raise ValueError(f"{what} must be a bool, got {type(flag).__name__}")
+        if not isinstance(flag, (bool, np.bool_)):  # ValueError, as every argument error here
+            raise ValueError(f"{what} must be a bool, got {type(flag).__name__}")  # noqa: TRY004
     if linear and base_row != -1:
         raise ValueError(
             f"linear merges have no base (SPEC v2 'linear'): base_row must be -1, got {base_row}"

@@ -33,7 +33,6 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .cpu_merge import (
-    _BF16,
     _F16,
     _F32,
     _bf16_to_f32,
@@ -56,7 +55,7 @@ assert BLOCK % 64 == 0
 #: Most elements per kernel launch: every uint32 partial count stays below 2**32.
 MAX_LAUNCH = 1 << 31
 
-__all__ = ["hist_high", "hist_low", "warmup", "HIGH_BINS", "LOW_BINS"]
+__all__ = ["HIGH_BINS", "LOW_BINS", "hist_high", "hist_low", "warmup"]
 
 
 # ----------------------------------------------------------------------------------------

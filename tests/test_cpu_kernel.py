@@ -431,7 +431,9 @@ def test_v2_methods_against_reference(method, dtype_set, k_models):
             density=[density] * k_models, base_dtype=None if linear else base_dt,
             model_dtypes=mdts, start=start, scale=1.0 if case % 2 else 0.75,
         )  # fmt: skip
-        assert_same_bits(got, want, out_dt, f"{method} {dtype_set} K={k_models} case {case} thr={thr}")
+        assert_same_bits(
+            got, want, out_dt, f"{method} {dtype_set} K={k_models} case {case} thr={thr}"
+        )
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"])
@@ -468,12 +470,14 @@ def test_v2_normalize_both_ways(method, out_dtype):
             base, models = v2_inputs(rng, 7_001, "F32", mdts, "noise")
             if zero_base:
                 base = np.zeros_like(base)
-            got, want, thr = run_v2(
+            got, want, _ = run_v2(
                 method, None if linear else base, models, out_dtype, weights=[0.3, 0.45, 0.7],
                 density=[0.6, 0.9, 0.5], base_dtype=None if linear else "F32", model_dtypes=mdts,
                 start=2**32 + 9, scale=0.6, normalize=normalize,
             )  # fmt: skip
-            assert_same_bits(got, want, out_dtype, f"{method} normalize={normalize} zero={zero_base}")
+            assert_same_bits(
+                got, want, out_dtype, f"{method} normalize={normalize} zero={zero_base}"
+            )
 
 
 def contract_merge(base, models, out_dtype, *, key, start, drop, weights, scale, keep_lo,

@@ -10,6 +10,8 @@ repeated: the exact zeros) and empty buckets.
 
 from __future__ import annotations
 
+import itertools
+
 import numba
 import numpy as np
 import pytest
@@ -73,8 +75,7 @@ def ref_mags(arrays, dtypes, base):
         models = list(zip(arrays, dtypes))
     with np.errstate(all="ignore"):
         return [
-            (ref.to_float32(a, dt) - xb).view(np.uint32) & np.uint32(0x7FFFFFFF)
-            for a, dt in models
+            (ref.to_float32(a, dt) - xb).view(np.uint32) & np.uint32(0x7FFFFFFF) for a, dt in models
         ]
 
 
@@ -225,7 +226,7 @@ def test_accumulates_and_chunking_invariance():
     h = np.zeros_like(whole_h)
     low = np.zeros_like(whole_l)
     bounds = [0, 1, 64, BLOCK + 3, 2 * BLOCK, n]
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for lo, hi in itertools.pairwise(bounds):
         piece = pack([a[lo:hi] for a in arrays])
         cpu_stats.hist_high(piece, list(dts), 0, [1, 2, 3], hi - lo, h)
         cpu_stats.hist_low(piece, list(dts), 0, [1, 2, 3], hi - lo, buckets, low)
