@@ -282,15 +282,24 @@ def input_record(m: ModelDir) -> dict:
 def model_card_text(prep: Prepared, rec: dict) -> str:
     """The output's README.md (``streammerge.model_card``): front matter, what was merged
     and how, the recipe, the drawn λ and seed, and the one command that repeats it."""
+    import shlex
+
     from streammerge import model_card
 
     prov = prep.provenance
+    out = model_card.OUT_PLACEHOLDER  # the card must not depend on where the output lies
     command = prov.command
-    if command is None:
+    if command is not None:
+        argv = shlex.split(command)
+        for i, a in enumerate(argv[:-1]):
+            if a in ("-o", "--output"):
+                argv[i + 1] = out
+        command = shlex.join(argv)
+    else:
         try:
-            command = model_card.repeat_command(rec, prep.output.out, prep.shard_size_bytes)
+            command = model_card.repeat_command(rec, out, prep.shard_size_bytes)
         except ValueError:  # values only a recipe can express
-            command = f"streammerge --config RECIPE.yml -o {prep.output.out}"
+            command = f"streammerge --config RECIPE.yml -o {out}"
     return model_card.render(rec, command, recipe_yaml=prov.recipe_yaml,
                              labels=list(prov.labels) or None)  # fmt: skip
 

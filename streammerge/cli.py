@@ -221,7 +221,8 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
     command = shlex.join(["streammerge", *argv])
     if args.config is None:
         if len(args.models) < 2:
-            parser.error("give two or more MODEL directories (or --config RECIPE.yml)")
+            raise MergeError(f"need at least 2 fine-tunes, got {len(args.models)}", None, None,
+                             "pass two or more model directories (or --config RECIPE.yml)")  # fmt: skip
         kwargs = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS}
         kwargs["source"] = "cli"
         return args.models, args.base, kwargs, Provenance()  # the card builds the command

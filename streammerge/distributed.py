@@ -11,7 +11,7 @@ output shards can be merged anywhere, in any order, and still give the one-machi
    (longest first onto the lightest task). Each task runs the same execute step as a local
    merge (``pipeline.run``) on its worker, with its own ``--memory`` buffers, and renames
    each finished shard into the staging directory.
-3. As tasks return, the driver journals their shards (size, sha256, thresholds); a task
+3. As workers finish shards, the driver journals them (size, sha256, thresholds); a task
    lost with its worker is retried by Ray (``max_retries``). One progress bar sums all
    tasks' bytes (workers report to a small actor). The driver alone finalizes (index,
    ``streammerge.json``, model card, atomic rename).
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import socket
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,10 +68,12 @@ def partition(shards: Sequence[ShardPlan], n_tasks: int) -> list[list[ShardPlan]
 
 class StagingOutput:
     """What a worker writes into: the driver's staging directory (seen by every node).
-    Shards are written as ``*.tmp``, fsync'd and renamed; the driver journals them."""
+    Shards are written as ``*.tmp``, fsync'd and renamed, then reported to the driver
+    (through the progress actor), which journals them."""
 
-    def __init__(self, staging: Path) -> None:
+    def __init__(self, staging: Path, progress=None) -> None:
         self.staging = Path(staging)
+        self.progress = progress
 
     def shard_tmp_path(self, name: str) -> Path:
         """Where a shard is written before it is whole."""
@@ -86,6 +87,8 @@ class StagingOutput:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if self.progress is not None:
+            self.progress.shard.remote(name, size, sha256, meta)
 
 
 @dataclass
@@ -114,7 +117,7 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
             progress.add.remote(pending[0])
             pending[0] = 0
 
-    stats = run(plan, shards, StagingOutput(Path(staging)), layout, engine, on_bytes=on_bytes,
+    stats = run(plan, shards, StagingOutput(Path(staging), progress), layout, engine, on_bytes=on_bytes,
                 direct_io=prep_options.direct_io, model_thresholds=model_thresholds)  # fmt: skip
     if progress is not None and pending[0]:
         progress.add.remote(pending[0])
@@ -227,12 +230,20 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
     class Progress:
         def __init__(self) -> None:
             self.n = 0
+            self.shards: list = []
 
         def add(self, n: int) -> None:
             self.n += n
 
         def total(self) -> int:
             return self.n
+
+        def shard(self, name: str, size: int, sha: str, meta) -> None:
+            self.shards.append((name, size, sha, meta))
+
+        def take(self) -> tuple[int, list]:
+            out, self.shards = self.shards, []
+            return self.n, out
 
     progress = Progress.remote()
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -250,29 +261,39 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
         refs[ref] = g
     merged = RunStats(0, 0, {}, {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0})
     reported = 0
+
+    def journal(name: str, size: int, sha: str, meta) -> None:
+        if name not in merged.shards:  # a retried task may report a shard twice
+            prep.output.journal_shard(name, size, sha, meta)
+            merged.shards[name] = (size, sha)
+
+    def drain() -> None:
+        nonlocal reported
+        total, shards = ray.get(progress.take.remote())
+        for rec in shards:
+            journal(*rec)
+        if on_bytes is not None and total > reported:
+            on_bytes(total - reported)
+            reported = total
+
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        if on_bytes is not None:
-            total = ray.get(progress.total.remote())
-            if total > reported:
-                on_bytes(total - reported)
-                reported = total
+        drain()  # shards journaled as workers finish them, not only as tasks return
         for ref in done:
             res: TaskResult = ray.get(ref)
             st = res.stats
-            for name, (size, sha) in st.shards.items():
-                th = {t.name: st.thresholds[t.name] for s in refs[ref] if s.filename == name
-                      for t in s.tensors if t.name in st.thresholds}  # fmt: skip
-                prep.output.journal_shard(name, size, sha, {"thresholds": th} if th else None)
-                merged.shards[name] = (size, sha)
+            drain()
             merged.bytes_read += st.bytes_read
             merged.bytes_written += st.bytes_written
             merged.thresholds.update(st.thresholds)
             merged.buffer_bytes = max(merged.buffer_bytes, st.buffer_bytes)
             for k, v in st.busy_s.items():
                 merged.busy_s[k] = merged.busy_s.get(k, 0.0) + v
+            missing = set(st.shards) - set(merged.shards)
+            if missing:
+                raise MergeError(f"task on {res.host} finished shards it never reported: "
+                                 f"{sorted(missing)}", prep.output.staging, None, "re-run with --resume")  # fmt: skip
     if model_th is not None:
         merged.thresholds = {t.name: model_th for t in prep.plan.tensors if t.action == "merge"}
-    time.sleep(0)  # let the progress actor's last report land before the summary
     return finalize(prep, merged)

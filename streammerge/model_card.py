@@ -212,6 +212,11 @@ def recipe_to_yaml(record: dict, labels=None) -> str:
     return text + "".join(n + "\n" for n in notes)
 
 
+#: How the card names the output directory, so the card (and every output byte) does not
+#: depend on where the output was written.
+OUT_PLACEHOLDER = "OUT"
+
+
 def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None = None) -> str:
     """The ``streammerge`` command line that repeats the merge of ``record`` into ``out``:
     absolute input paths and every recipe value as a flag (``--flag=value``, exact float
@@ -229,7 +234,7 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
         argv += ["--base", record["base"].get("path") or record["base"]["url"]]
     argv += [
         "-o",
-        str(Path(out).absolute()),
+        str(out) if str(out) == OUT_PLACEHOLDER else str(Path(out).absolute()),
         f"--method={method}",
         f"--seed={rec.get('seed', record.get('seed'))}",
     ]

@@ -108,6 +108,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
         if journal.is_file() and journal.read_text().count('"shard"') >= 2:
             break
         time.sleep(0.02)
+    assert proc.poll() is None, "the merge finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     assert not out.exists() and journal.is_file()
