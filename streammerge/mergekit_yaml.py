@@ -191,6 +191,17 @@ def _check_value(value, key: str, doc: _Doc, allow_gradient: bool, kind: str) ->
         doc.fail(key, f"expected a number, got {value!r}")
 
 
+def _applies(key: str, row) -> bool:
+    """Whether a (valid mergekit) parameter means something for the method: mergekit
+    accepts density and gamma for every method and ignores them where unused."""
+    return not (
+        key == "gamma"
+        and not row.sparse.uses_gamma
+        or key == "density"
+        and not row.sparse.uses_density
+    )
+
+
 def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -> YamlRecipe:
     """Read a mergekit YAML recipe (see the module docstring).
 
@@ -320,12 +331,7 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
             if k not in MODEL_PARAMS:
                 doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(MODEL_PARAMS))}")
             _check_value(v, pk, doc, True, "number")
-            if (
-                k == "gamma"
-                and not row.sparse.uses_gamma
-                or k == "density"
-                and not row.sparse.uses_density
-            ):
+            if not _applies(k, row):
                 notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
                 continue
             own[k] = v
@@ -358,12 +364,7 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
             _check_value(v, pk, doc, True, "bool")
         else:
             _check_value(v, pk, doc, True, "number")
-        if (
-            k == "gamma"
-            and not row.sparse.uses_gamma
-            or k == "density"
-            and not row.sparse.uses_density
-        ):
+        if not _applies(k, row):
             notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
             continue
         name = "scale" if k == "lambda" else k
