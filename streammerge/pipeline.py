@@ -386,17 +386,14 @@ def accumulate(backend: Backend, slot: Slot, st: ThresholdStats, op: str, seg: S
     args = hist_args(slot.tensor, slot.chunk)
     idx = list(seg.models)
     whole = idx == list(range(st.high.shape[0]))
+    counts = st.high if op == "hist_high" else st.low
+    hist = counts if whole else np.zeros_like(counts[idx])  # kernels add into ``hist``
     if op == "hist_high":
-        hist = st.high if whole else st.high[idx]
         backend.run(op, slot, args, hist=hist)
-        if not whole:
-            st.high[idx] += hist
     else:
-        buckets = st.buckets()
-        hist = st.low if whole else st.low[idx]
-        backend.run(op, slot, args, hist=hist, buckets=np.ascontiguousarray(buckets[idx]))
-        if not whole:
-            st.low[idx] += hist
+        backend.run(op, slot, args, hist=hist, buckets=np.ascontiguousarray(st.buckets()[idx]))
+    if not whole:
+        counts[idx] += hist
 
 
 def _stream(

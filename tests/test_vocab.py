@@ -123,3 +123,27 @@ def test_other_shape_mismatch_stops_before_writing(tmp_path):
     with pytest.raises(streammerge.api.MergeError, match="shape mismatch"):
         streammerge.merge([a, b], base, tmp_path / "out", seed=1)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_vocab_rule_with_thresholds_counts_each_fine_tunes_rows(tmp_path, method):
+    """TIES-family thresholds over a vocabulary-shaped tensor: the population of fine-tune j
+    is the rows the base and j both have (docs/SPEC.md), whatever the chunking."""
+    g = torch.Generator().manual_seed(2)
+    base, bsd = _llama(tmp_path, "base", 102, g)
+    a, asd = _llama(tmp_path, "a", 40, g, bsd)  # rows 40-100: only b (and the base) have them
+    b, bbsd = _llama(tmp_path, "b", 101, g, bsd)
+    kw = {"method": method, "seed": 3, "density": 0.3, "weights": [1.0, 0.5]}
+    for mem in ("24MiB", "256MiB"):
+        out = tmp_path / mem
+        streammerge.merge([a, b], base, out, memory=mem, **kw)
+        rec = json.loads((out / "streammerge.json").read_text())
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            x_b = ref.to_float32(as_numpy(bsd[name]), "BF16").reshape(102, HIDDEN)
+            for j, sd in enumerate((asd, bbsd)):
+                m = ref.to_float32(as_numpy(sd[name]), "BF16").reshape(-1, HIDDEN)
+                rows = min(m.shape[0], x_b.shape[0], 101)
+                mags = ref.spec_mag(m[:rows] - x_b[:rows]).reshape(-1)
+                sparsifier = "magnitude" if method == "ties" else "breadcrumbs"
+                want = ref.spec_thresholds(sparsifier, mags, 0.3, 0.01)
+                assert rec["tensors"][name]["thresholds"][j] == want, (mem, name, j)
