@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from streammerge import __version__
+from streammerge.checks import check_merge_args
 from streammerge.errors import MergeError
 from streammerge.methods import Recipe, make_recipe
 from streammerge.output import OutputDir
@@ -83,7 +84,6 @@ def fingerprint(
             "recipe": asdict(recipe),
             "base": base.fingerprint,
             "models": [m.fingerprint for m in models],
-            "stamps": [base.stamp] + [m.stamp for m in models],
             "shard_size_bytes": shard_size_bytes,
         },
         sort_keys=True,
@@ -170,6 +170,7 @@ def merge(
     resume: bool = False,
     copy_files: bool = True,
     direct_io: bool = True,
+    allow_nonfinite: bool = False,
     on_start: Callable[[Plan, int], None] | None = None,
     on_bytes: Callable[[int], None] | None = None,
 ) -> MergeSummary:
@@ -207,6 +208,7 @@ def merge(
         MergeError: bad input or output location (before any byte is written where it can
             be known then); ValueError: a bad option value.
     """
+    check_merge_args(**locals())
     t0 = time.perf_counter()
     from streammerge import pipeline
 
@@ -222,7 +224,11 @@ def merge(
     shard_size_bytes = parse_size(shard_size)
     memory_bytes = parse_size(memory)
     output = OutputDir(
-        out, [base_dir.path] + [m.path for m in model_dirs], overwrite=overwrite, resume=resume
+        out,
+        [base_dir.path] + [m.path for m in model_dirs],
+        overwrite=overwrite,
+        resume=resume,
+        allow_nonfinite=allow_nonfinite,
     )
     if seed is None:
         seed = output.journal_seed()
@@ -241,7 +247,7 @@ def merge(
         dtype=dtype,
     )
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
-    output.preflight(plan.output_bytes)  # before starting a backend (a GPU takes seconds)
+    output.preflight(plan, base_dir, model_dirs, copy_files)  # before a backend starts
     engine = make_backend(backend, device, threads, vram)
     layout = pipeline.make_layout(
         plan, len(model_dirs), memory_bytes, engine.depth, getattr(engine, "max_chunk_elems", None)
@@ -271,6 +277,7 @@ def merge(
         if copy_files:
             copy_side_files(output, plan, base_dir, model_dirs)
         rec = record(plan, base_dir, model_dirs, shards)
+        rec.update(output.record_extra())
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         )

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 import threading
-import traceback
 
 from streammerge import __version__
-from streammerge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, MergeError
+from streammerge.errors import OneLineArgumentParser, guarded_main, report
 from streammerge.sizes import format_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag has help)."""
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="streammerge",
         description="Merge fine-tunes of a common base with Mixup Model Merge (M3) + DARE, "
         "streaming tensors chunk by chunk in flat memory (shared/SPEC.md).",
@@ -122,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="write with the page cache, not O_DIRECT",
     )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="keep NaN/Inf values the merge produces (by default they stop it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the closing line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
@@ -132,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 a bug)."""
+    return guarded_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from rich.console import Console
     from rich.progress import (
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     err = Console(stderr=True, highlight=False)
     progress = (
         None
-        if args.quiet
+        if args.quiet or not err.is_terminal  # a bar on a pipe only leaves a blank line
         else Progress(
             TextColumn("merging"),
             BarColumn(),
@@ -208,36 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             copy_files=args.copy_files,
             direct_io=args.direct_io,
+            allow_nonfinite=args.allow_nonfinite,
             on_start=on_start,
             on_bytes=on_bytes,
         )
-    except KeyboardInterrupt:
-        if progress is not None:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
+        if progress is not None and task is not None:
             progress.stop()
-        err.print(
-            "streammerge: interrupted; finished shards are kept: re-run the same command with --resume to continue"
-        )
-        return EXIT_INTERRUPTED
-    except (MergeError, ValueError, OSError) as e:
-        if progress is not None:
-            progress.stop()
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(e, MergeError):
-            msg = str(e)
-        elif isinstance(e, OSError):  # during the merge: finished shards are kept
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            todo = (
-                "free disk space, then re-run the same command with --resume"
-                if full
-                else "check the paths and permissions"
-            )
-            msg = f"{e.strerror or e} ({e.filename or os.path.abspath(args.output)}): {todo}"
-        else:
-            msg = f"{e}: check the command-line options"
-        print(f"streammerge: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if progress is not None:
+        return report(e, args.output, args.debug)
+    if progress is not None and task is not None:
         progress.stop()
     lam = f"λ {s.weights[0]:.6g}, " if len(s.weights) == 2 and s.method != "task_arithmetic" else ""
     print(

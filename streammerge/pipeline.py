@@ -132,16 +132,17 @@ def make_layout(
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
     per_elem = (N_SLOTS + depth) * (rows * in_size + out_size)
-    memory_bytes -= (N_SLOTS + depth) * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row slack
+    slack = (N_SLOTS + depth) * (rows + 1) * (DIRECT_SLACK + DIRECT_ALIGN)  # row slack
+    memory_bytes -= slack
     block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // 16)))  # writer staging block
     chunk = (memory_bytes - block) // per_elem
     if device_limit is not None:
         chunk = min(chunk, device_limit(rows, in_size, out_size))
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
-        need = (MIN_CHUNK_ELEMS * per_elem + block) / 2**20
+        need = (MIN_CHUNK_ELEMS * per_elem + block + slack) / 2**20
         raise MergeError(
-            f"--memory {memory_bytes / 2**10:.0f}KiB is too small",
+            f"--memory {(memory_bytes + slack) / 2**10:.0f}KiB is too small",
             None,
             None,
             f"give at least {need:.0f}MiB",
@@ -235,7 +236,7 @@ def run(
         free_q.put(s)
     stop = threading.Event()
     errors: list[BaseException] = []
-    reader = RangeReader(direct=direct_io)
+    reader = RangeReader(direct=direct_io, hasher=output.input_hasher)
     stats = {"read": 0, "written": 0}
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
     results: dict[str, tuple[int, str]] = {}

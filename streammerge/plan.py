@@ -22,13 +22,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from streammerge.errors import MergeError
 from streammerge.kernels.common import FLOAT_ITEMSIZE
 from streammerge.methods import Recipe
+from streammerge.names import natural_key
 from streammerge.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
 
 #: Output dtype names users may pass to ``--dtype``, mapped to safetensors dtype strings.
@@ -188,11 +188,6 @@ class Plan:
     def read_bytes(self) -> int:
         """Input bytes one pass reads (base + every participating fine-tune)."""
         return sum(s.read_bytes for s in self.shards)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def shard_names(k: int) -> list[str]:

@@ -82,6 +82,20 @@ def snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def fake_interrupted_merge(out: Path) -> Path:
+    """What a merge killed after its first shard leaves beside ``out``: the staging directory
+    and the journal recording it. Returns the staging directory."""
+    staging = out.parent / f".{out.name}.streammerge-partial"
+    staging.mkdir()
+    (staging / "model-00001-of-00002.safetensors").write_bytes(b"finished work")
+    st = staging.stat()
+    head = {"journal": "streammerge-journal/2", "recipe": "x", "seed": 1, "shards": []}
+    lines = [head, {"mkdir": True}, {"staging": [st.st_dev, st.st_ino]}]
+    journal = out.parent / f".{out.name}.streammerge-journal"
+    journal.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return staging
+
+
 # --- the corpus ----------------------------------------------------------------------------
 
 
@@ -260,7 +274,7 @@ def index_escapes_directory(c: Ctx):
 
 def index_bad_json(c: Ctx):
     (c.b / INDEX).write_text('{"weight_map": {"embed.weight": ')
-    return [str(c.b / INDEX), "bad index"]
+    return [str(c.b / INDEX), "index is not valid JSON"]
 
 
 def index_without_weight_map(c: Ctx):
@@ -419,10 +433,7 @@ def output_parent_missing(c: Ctx):
 
 def interrupted_staging_left(c: Ctx):
     """A previous merge was killed: without --resume / --overwrite its work is kept."""
-    staging = c.out.parent / f".{c.out.name}.streammerge-partial"
-    staging.mkdir()
-    (staging / "journal.jsonl").write_text('{"recipe": "x", "seed": 1}\n')
-    (staging / "model-00001-of-00002.safetensors").write_bytes(b"finished work")
+    staging = fake_interrupted_merge(c.out)
     return [str(staging), "--resume"]
 
 
@@ -558,9 +569,9 @@ def test_hostile_input_refused_before_writing(tmp_path, case):
     assert snapshot(tmp_path) == before, "something was written"
     if not out_existed:
         assert not c.out.exists()
-    staging = [p for p in tmp_path.rglob("*streammerge-partial*")]
+    left = [p for p in tmp_path.rglob("*.streammerge-*")]
     if case is not interrupted_staging_left:
-        assert staging == []
+        assert left == [], left
 
 
 def test_corpus_is_large_enough():
@@ -642,13 +653,11 @@ def test_real_full_disk_refused_before_writing(tmp_path, small_tmpfs):
 
 
 def test_second_merge_into_the_same_output_is_refused_by_the_lock(tmp_path):
-    """A merge holds the staging directory's lock; a second merge into the same output is
+    """A merge holds the journal's lock; a second merge into the same output is
     refused whatever its flags, and the first one's staging is left alone."""
     c = _world(tmp_path)
-    staging = tmp_path / ".out.streammerge-partial"
-    staging.mkdir()
-    (staging / "journal.jsonl").write_text('{"recipe": "x", "seed": 1}\n')
-    fd = os.open(staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fake_interrupted_merge(c.out)
+    fd = os.open(tmp_path / ".out.streammerge-journal", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = snapshot(tmp_path)
@@ -697,7 +706,10 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
         ["No space left on device", str(out), "--resume"],
     )
     assert "(-, -)" not in line
-    assert [p.name for p in small_tmpfs.iterdir()] == [".out.streammerge-partial"]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [
+        ".out.streammerge-journal",
+        ".out.streammerge-partial",
+    ]
     staging = small_tmpfs / ".out.streammerge-partial"
     assert not [p for p in staging.iterdir() if p.name.endswith(".tmp")]  # partial shard gone
     assert _mount_tmpfs(small_tmpfs, "80m", remount=True).returncode == 0  # > output + margin

@@ -32,6 +32,7 @@ from streammerge.output import OutputDir
 TRIALS = 20
 SEED = 1234
 PARTIAL = ".out.streammerge-partial"
+JOURNAL = ".out.streammerge-journal"
 #: Small and slow enough to stream in ~100 chunks into ~9 shards (one 120 KB tensor each).
 OPTS = [
     "--seed",
@@ -165,19 +166,18 @@ def trio(tmp_path_factory):
 
 def inspect_parent(work: Path, ref: dict[str, bytes]) -> str:
     """After a kill: the output is absent or whole; nothing else in its parent looks like a
-    model (only the hidden staging directory). Returns the phase the kill hit."""
+    model (only the hidden staging directory and journal). Returns the phase the kill hit."""
     names = sorted(p.name for p in work.iterdir())
-    assert set(names) <= {"out", PARTIAL}, names
+    assert set(names) <= {"out", PARTIAL, JOURNAL}, names
     if (work / "out").exists():
         assert_same_files(work / "out", ref)  # renamed into place only when whole
-        assert PARTIAL not in names
-        return "finished"
+        return "finished" if names == ["out"] else "renamed, not cleaned up"
     staging = work / PARTIAL
-    if not staging.exists():
-        return "before staging"
-    journal = staging / "journal.jsonl"
+    journal = work / JOURNAL
     if not journal.exists():
-        return "staging, no journal"
+        return "before the journal"
+    if not staging.exists():
+        return "journal, no staging"
     return f"{shards_journaled(journal)} shard(s) journaled"
 
 
@@ -200,7 +200,7 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(trio):
         # Two uninterrupted runs: the same bytes, and when the first shard is journaled and
         # the merge ends (the kills spread over both: the first shard pays for loading the
         # compiled kernels, the others stream by quickly).
-        journal = work / PARTIAL / "journal.jsonl"
+        journal = work / JOURNAL
         first, total = [], []
         for _ in range(2):
             t0 = zygote.start(argv)
@@ -271,7 +271,8 @@ def interrupt_after(monkeypatch, argv: list[str], shards: int) -> None:
 
 
 def journaled(staging: Path) -> list[dict]:
-    lines = (staging / "journal.jsonl").read_text().splitlines()
+    """The shard records of the journal beside ``staging``."""
+    lines = (staging.parent / JOURNAL).read_text().splitlines()
     return [json.loads(x) for x in lines if '"shard"' in x]
 
 
@@ -329,7 +330,8 @@ def test_resume_refuses_a_changed_input(trio, monkeypatch, capsys, tmp_path):
     capsys.readouterr()
     assert streammerge.cli.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().split("\n")
-    assert len(err) == 1 and "the recipe or the inputs changed" in err[0], err
+    assert len(err) == 1 and "an input changed since the interrupted merge" in err[0], err
+    assert str(b) in err[0], err  # names the file that changed
     assert files_of(staging) == kept and not out.exists()
     # Starting over is what the message offers.
     assert streammerge.cli.main(argv + ["--overwrite"]) == 0
@@ -361,10 +363,11 @@ def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
     out = tmp_path / "out"
     argv = argv_for(trio_dirs, out)
     staging = tmp_path / PARTIAL
-    journal = staging / "journal.jsonl"
+    journal = tmp_path / JOURNAL
     for _attempt in range(5):  # the merge may win the race on a fast machine: try again
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+        journal.unlink(missing_ok=True)
         p = subprocess.Popen(
             [sys.executable, "-m", "streammerge.cli", *argv], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,

@@ -1,0 +1,110 @@
+"""JSON from input files, parsed with limits: size, nesting depth, integer length.
+
+Python's ``json`` recurses once per nesting level, so 1000 nested brackets (2 KB) end in a
+RecursionError, and a 5000-digit number in a ValueError about int conversion; neither
+names the file. ``loads`` measures the nesting depth first (strings removed by one regex,
+the brackets left counted with numpy: no Python loop over the text), then parses with
+integers of at most 20 digits and no NaN / Infinity, and turns every failure into a
+one-line MergeError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from streammerge.errors import MergeError
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+#: Most digits an integer may have (2**64 has 20).
+MAX_INT_DIGITS = 20
+
+
+class _Refused(ValueError):
+    pass
+
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"a number of {len(text)} digits")
+    return int(text)
+
+
+def _constant(text: str):
+    raise _Refused(f"{text} is not a JSON number")
+
+
+def nesting_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of JSON text (brackets inside strings do not count)."""
+    brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKET), np.uint8)
+    if brackets.size == 0:
+        return 0
+    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
+    return int(np.cumsum(steps, dtype=np.int64).max())
+
+
+def loads(
+    raw: bytes,
+    path: str | Path,
+    *,
+    max_depth: int,
+    max_bytes: int,
+    todo: str,
+    what: str = "JSON",
+    object_pairs_hook: Callable | None = None,
+):
+    """Parse ``raw`` (UTF-8 JSON read from ``path``) within the limits.
+
+    Args:
+        max_depth: most nested arrays / objects allowed (the root object is depth 1).
+        max_bytes: longest text accepted.
+        todo: what to do when it is refused (the end of the error line).
+        what: what the text is, for the error line (``"header"``, ``"index"``).
+        object_pairs_hook: passed to ``json.loads``; a ValueError it raises is reported.
+
+    Raises:
+        MergeError: too long, too deep, not UTF-8, not JSON, an integer of more than
+            MAX_INT_DIGITS digits, NaN / Infinity, or refused by the hook.
+    """
+    if len(raw) > max_bytes:
+        raise MergeError(f"{what} is {len(raw)} bytes, more than {max_bytes}", path, None, todo)
+    depth = nesting_depth(raw)
+    if depth > max_depth:
+        raise MergeError(
+            f"{what} nests {depth} levels deep, more than {max_depth}", path, None, todo
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeError(
+            f"{what} is not valid JSON (not UTF-8: {e.reason} at byte {e.start})", path, None, todo
+        ) from None
+    try:
+        return json.loads(
+            text, parse_int=_int, parse_constant=_constant, object_pairs_hook=object_pairs_hook
+        )
+    except _Refused as e:
+        raise MergeError(f"{what} is not valid: {e}", path, None, todo) from None
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{what} is not valid JSON ({e})", path, None, todo) from None
+    except RecursionError:  # not reached within max_depth; kept as a last guard
+        raise MergeError(f"{what} nests too deep", path, None, todo) from None
+
+
+def load_file(path: Path, *, max_depth: int, max_bytes: int, todo: str, what: str = "JSON"):
+    """``loads`` of a file's bytes; a file larger than ``max_bytes`` is not read.
+
+    Raises:
+        MergeError: as ``loads``, or the file cannot be read.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except OSError as e:
+        raise MergeError(f"cannot read {what}: {e.strerror}", path, None, todo) from None
+    return loads(raw, path, max_depth=max_depth, max_bytes=max_bytes, todo=todo, what=what)
