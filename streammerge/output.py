@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -164,11 +165,17 @@ class _Journal:
 
     @classmethod
     def read(cls, path: Path) -> _Journal | None:
+        """The journal at ``path``; None when there is no regular file there (a symlink or
+        a directory is not ours: the preflight refuses it)."""
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_RECORD_BYTES)
-        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
             return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        with open(fd, "rb") as f:
+            data = f.read(MAX_RECORD_BYTES)
         return cls(data.decode("utf-8", "replace").splitlines())
 
 
@@ -352,6 +359,15 @@ class OutputDir:
             ("the old-output path", self.old_path),
         ]
         check_apart(touched, self._input_paths())
+        for path, kind in ((self.staging, "directory"), (self.journal_path, "file")):
+            if path.is_symlink() or (path.exists() and (path.is_dir() != (kind == "directory"))):
+                raise MergeError(
+                    f"something other than a streammerge {kind} is in the way (a symlink, or "
+                    f"not a {kind})",
+                    path,
+                    None,
+                    "it was not left by streammerge: move it away (it is never deleted)",
+                )
         if self._plan is not None and copy_files and self.side_files is None:
             from streammerge.side_files import plan_side_files
 
@@ -424,13 +440,20 @@ class OutputDir:
         """
         for _ in range(20):
             try:
-                flags = os.O_RDWR | os.O_CLOEXEC | (0 if check_only else os.O_CREAT)
+                flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (0 if check_only else os.O_CREAT)
                 existed = self.journal_path.exists()
                 fd = os.open(self.journal_path, flags, 0o644)
             except FileNotFoundError:
                 if check_only:
                     return
                 raise
+            except OSError as e:  # a directory, a symlink: not a journal streammerge wrote
+                raise MergeError(
+                    f"something other than a journal is in the way ({e.strerror})",
+                    self.journal_path,
+                    None,
+                    "it was not left by streammerge: move it away",
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -488,8 +511,6 @@ class OutputDir:
     def _recover(self) -> None:
         """Complete and clean up after a merge killed during its final rename (or after it):
         what its journal records, nothing else. Runs under the lock, before any check."""
-        if not self.journal_path.exists():
-            return
         j = _Journal.read(self.journal_path)
         if self._swap_state(j) is None:
             return

@@ -21,8 +21,9 @@ from streammerge.errors import MergeError
 
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-#: Most digits an integer may have (2**64 has 20).
-MAX_INT_DIGITS = 20
+#: Most digits an integer may have (2**64 has 20; a little more lets the shape check name
+#: the tensor of a 2**70 dimension).
+MAX_INT_DIGITS = 40
 
 
 class _Refused(ValueError):
