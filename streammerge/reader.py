@@ -17,6 +17,7 @@ import hashlib
 import math
 import os
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +41,7 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
 #: Largest header the reader accepts (bytes); the Rust safetensors loader uses 100 MB.
 MAX_HEADER_BYTES = 100_000_000
-#: Deepest JSON nesting of a header (root, entry, shape: 3) and of an index.
-MAX_HEADER_DEPTH = 4
+#: Deepest JSON nesting of an index (root, weight_map or metadata, a value).
 MAX_INDEX_DEPTH = 8
 #: Largest index file accepted (bytes).
 MAX_INDEX_BYTES = 100_000_000
@@ -122,29 +122,29 @@ class _DuplicateKey(ValueError):
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
-class _Entry(tuple):
-    """A well-formed header entry kept compact: (dtype, shape tuple, begin, end)."""
-
-    __slots__ = ()
-
-
 def _header_object(pairs: list[tuple[str, object]]):
     """``json.loads`` hook: a key given twice is an error (plain ``json.loads`` keeps the
-    last one silently, so a header could hide a second span for a tensor); a tensor entry
-    becomes a compact ``_Entry`` at once instead of a dict of lists (a 60 MB header of 1M
-    tensors took 0.97 GB to parse as dicts)."""
+    last one silently, so a header could hide a second span for a tensor); a well-formed
+    tensor entry becomes a tuple ``(dtype, shape tuple, begin, end)`` at once instead of a
+    dict of lists (JSON itself never makes tuples, so a tuple is always such an entry)."""
     if len(pairs) == 3:
-        (k0, v0), (k1, v1), (k2, v2) = pairs
-        if {k0, k1, k2} == _ENTRY_KEYS:
-            d = {k0: v0, k1: v1, k2: v2}
-            dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
-            if (
-                type(dtype) is str
-                and type(shape) is list
-                and type(offsets) is list
-                and len(offsets) == 2
-            ):
-                return _Entry((dtype, tuple(shape), offsets[0], offsets[1]))
+        (k0, dtype), (k1, shape), (k2, offsets) = pairs
+        if not (k0 == "dtype" and k1 == "shape" and k2 == "data_offsets"):
+            d = dict(pairs)
+            if d.keys() != _ENTRY_KEYS:
+                d = None
+            else:
+                dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+        else:
+            d = True
+        if (
+            d is not None
+            and type(dtype) is str
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            return (dtype, tuple(shape), offsets[0], offsets[1])
     out: dict = {}
     for key, value in pairs:
         if key in out:
@@ -210,7 +210,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
         header = safejson.loads(
             raw,
             path,
-            max_depth=MAX_HEADER_DEPTH,
+            max_depth=None,  # the entries' structure is checked below
             max_bytes=MAX_HEADER_BYTES,
             todo=fix,
             what="header",
@@ -224,11 +224,11 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
     data_start = 8 + n
     data_size = size - data_start
     out: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
+    begins, ends = array("q"), array("q")  # 16 bytes a tensor, not a tuple each
     for name in list(header):
         entry = header.pop(name)
         if name == "__metadata__":
-            if not isinstance(entry, dict) or isinstance(entry, _Entry):
+            if not isinstance(entry, dict):
                 raise MergeError(
                     "__metadata__ is not a JSON object", path, todo="re-save the shard"
                 )
@@ -236,7 +236,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
         problem = name_problem(name)
         if problem is not None:
             raise MergeError(problem, path, ascii(name), "rename the tensor and re-save the shard")
-        if isinstance(entry, _Entry):
+        if type(entry) is tuple:
             dtype, shape, begin, end = entry
             offsets = [begin, end]
         elif isinstance(entry, dict):
@@ -276,17 +276,37 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
                 name,
                 "the shard is truncated: re-download or re-save it",
             )
-        spans.append((begin, end, name))
+        begins.append(begin)
+        ends.append(end)
         out[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
-    spans.sort()
-    reach, reach_name = 0, ""  # furthest end of the non-empty spans so far
-    for begin, end, name in spans:
-        if begin == end:
-            continue
-        if begin < reach:
-            raise MergeError(f"byte span overlaps tensor {reach_name!r}", path, name, fix)
-        reach, reach_name = end, name
+    del header
+    _check_overlaps(np.frombuffer(begins, np.int64), np.frombuffer(ends, np.int64), out, path)
     return out, file_digest.hexdigest()
+
+
+def _check_overlaps(begins: np.ndarray, ends: np.ndarray, infos: dict, path: Path) -> None:
+    """Refuse two non-empty byte spans that overlap (vectorized: 1M tensors in ~0.1 s).
+
+    Raises:
+        MergeError: naming both tensors.
+    """
+    idx = np.flatnonzero(ends > begins)
+    order = idx[np.lexsort((ends[idx], begins[idx]))]
+    b, e = begins[order], ends[order]
+    if b.size < 2:
+        return
+    reach = np.maximum.accumulate(e)  # furthest end of the spans so far
+    bad = np.flatnonzero(b[1:] < reach[:-1])
+    if bad.size:
+        i = int(bad[0]) + 1
+        names = list(infos)
+        prev = int(order[int(np.argmax(e[:i]))])
+        raise MergeError(
+            f"byte span overlaps tensor {names[prev]!r}",
+            path,
+            names[int(order[i])],
+            "the shard is corrupt: re-download or re-save it",
+        )
 
 
 def open_model(path: str | Path) -> ModelDir:

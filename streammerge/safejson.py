@@ -2,25 +2,20 @@
 
 Python's ``json`` recurses once per nesting level, so 1000 nested brackets (2 KB) end in a
 RecursionError, and a 5000-digit number in a ValueError about int conversion; neither
-names the file. ``loads`` measures the nesting depth first (strings removed by one regex,
-the brackets left counted with numpy: no Python loop over the text), then parses with
-integers of at most 20 digits and no NaN / Infinity, and turns every failure into a
-one-line MergeError naming the file.
+names the file. ``loads`` parses with integers of at most MAX_INT_DIGITS digits and no
+NaN / Infinity, turns a RecursionError (the C parser's own guard, so no stack is at risk)
+and every other failure into a one-line MergeError naming the file, then measures the
+depth of what it parsed (a loop, not a recursion) against the caller's limit.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from streammerge.errors import MergeError
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
 #: Most digits an integer may have (2**64 has 20; a little more lets the shape check name
 #: the tensor of a 2**70 dimension).
 MAX_INT_DIGITS = 40
@@ -40,20 +35,29 @@ def _constant(text: str):
     raise _Refused(f"{text} is not a JSON number")
 
 
-def nesting_depth(raw: bytes) -> int:
-    """Deepest bracket nesting of JSON text (brackets inside strings do not count)."""
-    brackets = np.frombuffer(_STRING.sub(b"", raw).translate(None, _NOT_BRACKET), np.uint8)
-    if brackets.size == 0:
-        return 0
-    steps = np.where((brackets == ord("[")) | (brackets == ord("{")), 1, -1)
-    return int(np.cumsum(steps, dtype=np.int64).max())
+def nesting_depth(obj, stop: int | None = None) -> int:
+    """Deepest nesting of parsed JSON (a scalar is 0, ``{}`` is 1); a loop, so any depth
+    is safe. Stops looking once ``stop`` is exceeded."""
+    deepest = 0
+    todo = [(obj, 1)]
+    while todo:
+        x, d = todo.pop()
+        if isinstance(x, dict):
+            x = x.values()
+        elif not isinstance(x, (list, tuple)):
+            continue
+        deepest = max(deepest, d)
+        if stop is not None and deepest > stop:
+            return deepest
+        todo.extend((v, d + 1) for v in x if isinstance(v, (dict, list, tuple)))
+    return deepest
 
 
 def loads(
     raw: bytes,
     path: str | Path,
     *,
-    max_depth: int,
+    max_depth: int | None,
     max_bytes: int,
     todo: str,
     what: str = "JSON",
@@ -62,7 +66,8 @@ def loads(
     """Parse ``raw`` (UTF-8 JSON read from ``path``) within the limits.
 
     Args:
-        max_depth: most nested arrays / objects allowed (the root object is depth 1).
+        max_depth: most nested arrays / objects allowed (the root object is depth 1); None:
+            the caller checks the structure itself (a RecursionError is still caught).
         max_bytes: longest text accepted.
         todo: what to do when it is refused (the end of the error line).
         what: what the text is, for the error line (``"header"``, ``"index"``).
@@ -74,11 +79,6 @@ def loads(
     """
     if len(raw) > max_bytes:
         raise MergeError(f"{what} is {len(raw)} bytes, more than {max_bytes}", path, None, todo)
-    depth = nesting_depth(raw)
-    if depth > max_depth:
-        raise MergeError(
-            f"{what} nests {depth} levels deep, more than {max_depth}", path, None, todo
-        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -86,15 +86,23 @@ def loads(
             f"{what} is not valid JSON (not UTF-8: {e.reason} at byte {e.start})", path, None, todo
         ) from None
     try:
-        return json.loads(
+        obj = json.loads(
             text, parse_int=_int, parse_constant=_constant, object_pairs_hook=object_pairs_hook
         )
     except _Refused as e:
         raise MergeError(f"{what} is not valid: {e}", path, None, todo) from None
     except json.JSONDecodeError as e:
         raise MergeError(f"{what} is not valid JSON ({e})", path, None, todo) from None
-    except RecursionError:  # not reached within max_depth; kept as a last guard
+    except RecursionError:
         raise MergeError(f"{what} nests too deep", path, None, todo) from None
+    del text
+    if max_depth is not None:
+        depth = nesting_depth(obj, max_depth)
+        if depth > max_depth:
+            raise MergeError(
+                f"{what} nests {depth}+ levels deep, more than {max_depth}", path, None, todo
+            )
+    return obj
 
 
 def load_file(path: Path, *, max_depth: int, max_bytes: int, todo: str, what: str = "JSON"):
