@@ -153,7 +153,7 @@ def _main(argv: list[str] | None = None) -> int:
 
     from streammerge.api import merge
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message
     progress = (
         None
         if args.quiet or not err.is_terminal  # a bar on a pipe only leaves a blank line
