@@ -900,3 +900,18 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
     assert [p.name for p in small_tmpfs.iterdir()] == ["out"]
     assert (out / "streammerge.json").is_file()
     assert {p: dir_digest(p) for p in (base, a, b)} == digests
+
+
+def test_output_that_is_a_mount_point_is_refused_before_writing(tmp_path, small_tmpfs):
+    """Issue 12: a mount point cannot be renamed onto; it used to run the whole merge, stage
+    and count free space on the parent filesystem, then fail with EBUSY (and again with
+    --resume / --overwrite)."""
+    c = _world(tmp_path)
+    c.out = small_tmpfs
+    inputs = {p: dir_digest(p) for p in (c.base, c.a, c.b)}
+    before = snapshot(tmp_path)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        r = run_cli(c.default_argv() + flags)
+        assert_one_line_error(r, [str(small_tmpfs), "mount point", "inside it"])
+        assert snapshot(tmp_path) == before, flags
+    assert {p: dir_digest(p) for p in (c.base, c.a, c.b)} == inputs
