@@ -281,12 +281,14 @@ class Result:
 
 
 def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float, float, str]:
-    """Run ``cmd``; returns (exit code, wall s, ru_maxrss MiB, sampled tree peak MiB, stdout).
+    """Run ``cmd``; returns (exit code, wall s, peak RSS MiB, sampled tree peak MiB, stdout).
 
-    ``os.wait4`` gives this child's own rusage (its maximum RSS over it and the
-    descendants it waited for), never the bench's or an earlier child's. A sampler thread
-    also sums the RSS of the live process tree every 50 ms (catches children that are
-    never waited for).
+    The peak RSS is the child's own: its ``VmHWM`` (the high-water mark of its address
+    space), read every 50 ms while it runs. Not ``os.wait4``'s ``ru_maxrss``: Linux carries
+    that over from the parent across fork and exec, so it is never below the bench's own
+    RSS at the fork (the 54 MiB of the floor rows). ``ru_maxrss`` is the fallback for a
+    child too short to be sampled. A sampler thread also sums the RSS of the live process
+    tree every 50 ms (catches children that are never waited for).
     """
     import psutil
 
@@ -297,6 +299,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, fl
         )
         stop = threading.Event()
         tree_peak = [0]
+        hwm_peak = [0]  # the child's own VmHWM, sampled
         out_chunks: list[bytes] = []
 
         def sample() -> None:
@@ -305,6 +308,7 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, fl
             except psutil.Error:
                 return
             while not stop.is_set():
+                hwm_peak[0] = max(hwm_peak[0], _vmhwm_bytes(p.pid))
                 total = 0
                 try:
                     procs = [root, *root.children(recursive=True)]
@@ -343,8 +347,20 @@ def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, fl
         p.returncode = os.waitstatus_to_exitcode(status)
         pumper.join()
         sampler.join()
-    rss_mib = ru.ru_maxrss / 1024  # KiB on Linux
+    rss_mib = hwm_peak[0] / 2**20 if hwm_peak[0] else ru.ru_maxrss / 1024  # KiB on Linux
     return p.returncode, wall, rss_mib, tree_peak[0] / 2**20, b"".join(out_chunks).decode()
+
+
+def _vmhwm_bytes(pid: int) -> int:
+    """``VmHWM`` of process ``pid`` in bytes (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def log_tail(log: Path, n: int = 6) -> str:
@@ -624,7 +640,8 @@ def write_readme(path: Path, rows: list[dict]) -> None:
         "",
         "- *wall s*: the child's wall time; for the floor rows the read + write I/O time.",
         "- *input GB/s*: bytes of the three input models / wall s.",
-        "- *peak RSS MiB*: `ru_maxrss` of that child (via `os.wait4`).",
+        "- *peak RSS MiB*: that child's own `VmHWM`, sampled every 50 ms (`ru_maxrss` would",
+        "  include the bench's own RSS, which Linux carries over across fork and exec).",
         "- *streammerge ratio*: peer_s / streammerge_s from the same run: the speedup over",
         "  naive/mergekit; for floor rows the fraction of the I/O floor's speed reached (1 =",
         "  at the floor).",
