@@ -20,8 +20,8 @@ for running first or after a long one.
 - ``streammerge``: ``streammerge A B --base C -o OUT --lambda lam --drop p --seed S``.
 
 Each row: wall seconds, input GB/s (bytes of the three inputs / wall), peak resident memory
-of that child (``os.wait4`` ``ru_maxrss``: the child and its own descendants, not the
-bench), and streammerge's ratio to it (peer_s / streammerge_s: the speedup over a peer,
+of that child (its own ``VmHWM``, sampled: not the bench's, see ``run_child``), and
+streammerge's ratio to it (peer_s / streammerge_s: the speedup over a peer,
 or for a floor row the fraction of the I/O floor's speed streammerge reaches). Rows are
 appended to ``bench/results/bench_merge.csv`` with the machine's facts, and
 ``bench/results/README.md`` is regenerated from the whole CSV. Merge outputs are deleted
