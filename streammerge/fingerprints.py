@@ -46,32 +46,50 @@ def file_identity(path: Path) -> dict[str, int]:
 class InputHasher:
     """Streaming xxh3-64 of every input tensor's bytes, fed by the reader.
 
-    A tensor whose ranges do not arrive in order from its first byte (not the case in a
-    merge) has no hash (``digest`` returns None) rather than a wrong one.
+    A tensor read whole is reduced to its (length, hash) at once, so streaming states (about
+    0.8 KB each) live only for tensors being read. A tensor whose ranges do not arrive in
+    order from its first byte (not the case in a merge) has no hash (``digest`` returns
+    None) rather than a wrong one.
     """
 
     def __init__(self) -> None:
         self._states: dict[tuple[Path, str], list] = {}  # -> [xxh3 state, next offset, ok]
+        self._done: dict[tuple[Path, str], tuple[int, str]] = {}
         self._lock = threading.Lock()
 
     def update(self, info, byte_offset: int, data: memoryview) -> None:
         """Add ``data``, the bytes of tensor ``info`` from ``byte_offset``."""
         key = (info.file, info.name)
+        if byte_offset == 0 and len(data) == info.nbytes:  # the whole tensor in one range
+            digest = (len(data), xxhash.xxh3_64_hexdigest(data))
+            with self._lock:
+                self._done[key] = digest
+                self._states.pop(key, None)
+            return
         with self._lock:
             state = self._states.get(key)
             if state is None:
                 state = self._states[key] = [xxhash.xxh3_64(), 0, True]
+                self._done.pop(key, None)
         if byte_offset != state[1]:
             state[2] = False
             return
         state[0].update(data)
         state[1] += len(data)
+        if state[1] == info.nbytes and state[2]:
+            with self._lock:
+                self._done[key] = (state[1], state[0].hexdigest())
+                del self._states[key]
 
     def digest(self, info) -> tuple[int, str] | None:
         """(bytes hashed from the tensor's first byte, xxh3-64 hex) of tensor ``info``; a
         tensor never read has hashed 0 bytes. None when its reads came out of order."""
+        key = (info.file, info.name)
         with self._lock:
-            state = self._states.get((info.file, info.name))
+            done = self._done.get(key)
+            state = self._states.get(key)
+        if done is not None:
+            return done
         if state is None:
             return 0, EMPTY_XXH3
         if not state[2]:

@@ -701,6 +701,7 @@ class OutputDir:
         """
         seen = j.seen or j.head.get("identity") or {}
         now = self._identities()
+        changed: list[Path] = []
         buf = bytearray(8 * 2**20)
         by_file: dict[tuple[str, str], list] = {}
         for rec in done.values():
@@ -712,6 +713,7 @@ class OutputDir:
         for (role, fname), items in by_file.items():
             if (seen.get(role) or {}).get(fname) == now[role][fname]:
                 continue
+            changed.append(items[0][0].file)
             for info, covered, digest in items:
                 if _rehash(info, covered, buf) != digest:
                     raise MergeError(
@@ -721,6 +723,11 @@ class OutputDir:
                         info.name,
                         "restore the input, or re-run with --overwrite to merge it as it is now",
                     )
+        for f in changed:
+            notice(
+                f"{f} changed since the interrupted merge; the bytes its finished shards used "
+                "are the same (re-read), the rest is merged as it is now"
+            )
         if now != seen:
             self._append({"seen": now})
 
