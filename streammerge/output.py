@@ -29,25 +29,22 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import hashlib
-import json
 import os
 import shutil
-import stat
 from dataclasses import asdict
 from pathlib import Path
 
 from streammerge import safejson
 from streammerge.errors import MergeError
 from streammerge.fingerprints import InputHasher, file_identity, hash_range
+from streammerge.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
 from streammerge.notices import notice
 from streammerge.paths import check_apart, identity, is_mount_point, real
 
 PARTIAL_SUFFIX = ".streammerge-partial"
 JOURNAL_SUFFIX = ".streammerge-journal"
 OLD_SUFFIX = ".streammerge-old"
-JOURNAL_FORMAT = "streammerge-journal/2"
 RECORD_FILE = "streammerge.json"
 #: Bytes of free space kept beyond the planned output (metadata, config files).
 DISK_MARGIN_BYTES = 64 * 2**20
@@ -73,14 +70,6 @@ def sha256_file(path: Path, block_bytes: int = 8 * 2**20) -> str:
         while n := f.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 _libc = None
@@ -130,55 +119,6 @@ def _nonempty_dir(path: Path) -> bool:
         return False
 
 
-class _Journal:
-    """What a journal file says, read back (a torn last line from a kill is ignored)."""
-
-    def __init__(self, lines: list[str]) -> None:
-        self.head: dict = {}
-        self.mkdir = False
-        self.staging_id: list[int] | None = None
-        self.shards: dict[str, dict] = {}
-        self.files: list[str] = []
-        self.swap: dict | None = None
-        self.seen: dict = {}
-        for line in lines:
-            try:
-                rec = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                break
-            if not isinstance(rec, dict):
-                break
-            if rec.get("journal") == JOURNAL_FORMAT:
-                self.head = rec
-            elif "mkdir" in rec:
-                self.mkdir = True
-            elif "staging" in rec:
-                self.staging_id = rec["staging"]
-            elif "shard" in rec:
-                self.shards[rec["shard"]] = rec
-            elif "file" in rec:
-                self.files.append(rec["file"])
-            elif "swap" in rec:
-                self.swap = rec
-            elif "seen" in rec:
-                self.seen = rec["seen"]
-
-    @classmethod
-    def read(cls, path: Path) -> _Journal | None:
-        """The journal at ``path``; None when there is no regular file there (a symlink or
-        a directory is not ours: the preflight refuses it)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            return None
-        with open(fd, "rb") as f:
-            data = f.read(MAX_RECORD_BYTES)
-        return cls(data.decode("utf-8", "replace").splitlines())
-
-
 class OutputDir:
     """One merge's output location.
 
@@ -226,13 +166,12 @@ class OutputDir:
         self._base = None
         self._models: list = []
         self._fingerprint = ""
-        self._lock_fd = -1
-        self._created_journal = False
-        self._journal: _Journal | None = None
+        self._jfile: JournalFile | None = None
+        self._journal: Journal | None = None
         self._new_shards: dict[str, dict] = {}
         self._files_recorded: set[str] = set()
         self._finished_record: dict | None = None
-        self._journal_now: _Journal | None = None
+        self._journal_now: Journal | None = None
 
     # --- looking (no lock, nothing written) -----------------------------------------------
 
@@ -256,7 +195,7 @@ class OutputDir:
             return None
         return rec if isinstance(rec, dict) and rec.get("format") == "streammerge/1" else None
 
-    def _swap_state(self, j: _Journal | None) -> str | None:
+    def _swap_state(self, j: Journal | None) -> str | None:
         """``"done"``: the journal's final rename happened (the output is the new model);
         ``"half"``: a two-step rename was cut between its renames; else None."""
         if j is None or j.swap is None:
@@ -273,7 +212,7 @@ class OutputDir:
             return "half"
         return None
 
-    def _staging_ours(self, j: _Journal | None) -> bool:
+    def _staging_ours(self, j: Journal | None) -> bool:
         """True when the directory at the staging path is the one the journal recorded."""
         sid = identity(self.staging)
         if sid is None:
@@ -292,7 +231,7 @@ class OutputDir:
         output) the finished merge's."""
         if not self.resume:
             return None
-        j = _Journal.read(self.journal_path)
+        j = Journal.read(self.journal_path)
         if j is not None and j.head and self._swap_state(j) is None:
             seed = j.head.get("seed")
             return seed if isinstance(seed, int) else None
@@ -373,7 +312,7 @@ class OutputDir:
 
             self.side_files = plan_side_files(self._plan, self._base, self._models)
             check_apart(touched, self._input_paths())
-        self._check_state(_Journal.read(self.journal_path), locked=False)
+        self._check_state(Journal.read(self.journal_path), locked=False)
         if self.finished:
             return
         j = self._journal_now
@@ -391,7 +330,7 @@ class OutputDir:
                 "free space or choose another output location",
             )
 
-    def _check_state(self, j: _Journal | None, locked: bool) -> None:
+    def _check_state(self, j: Journal | None, locked: bool) -> None:
         """The output, staging and journal as found: refuse what this run may not do.
 
         Sets ``self.finished`` for --resume on a finished output with no merge pending.
@@ -429,100 +368,46 @@ class OutputDir:
                 "re-run the same command with --resume to continue it, or --overwrite to start over",
             )
 
-    # --- the lock -----------------------------------------------------------------------
+    # --- the lock and the journal (streammerge.journal) --------------------------------
 
     def _lock(self, check_only: bool = False) -> None:
-        """Take (or, ``check_only``, test) the journal's lock.
-
-        The journal is deleted by the merge that finishes; a process that opened it just
-        before then locks a deleted file, so the lock counts only while the path still
-        names the locked file.
-        """
-        for _ in range(20):
-            try:
-                flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | (0 if check_only else os.O_CREAT)
-                existed = self.journal_path.exists()
-                fd = os.open(self.journal_path, flags, 0o644)
-            except FileNotFoundError:
-                if check_only:
-                    return
-                raise
-            except OSError as e:  # a directory, a symlink: not a journal streammerge wrote
-                raise MergeError(
-                    f"something other than a journal is in the way ({e.strerror})",
-                    self.journal_path,
-                    None,
-                    "it was not left by streammerge: move it away",
-                ) from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise MergeError(
-                    "another merge is writing this output",
-                    self.out,
-                    None,
-                    "wait for it to finish or choose another output",
-                ) from None
-            st = os.fstat(fd)
-            if identity(self.journal_path) != [st.st_dev, st.st_ino]:
-                os.close(fd)  # deleted (or replaced) meanwhile: not the lock any more
-                continue
-            if check_only:
-                os.close(fd)
-            else:
-                self._lock_fd = fd
-                self._created_journal = not existed
+        """Take (or, ``check_only``, test) the journal's lock."""
+        jf = JournalFile.lock(self.journal_path, self.out, create=not check_only)
+        if jf is None or check_only:
+            if jf is not None:
+                jf.release(remove=False)
             return
-        raise MergeError(
-            "the journal keeps changing under this merge",
-            self.journal_path,
-            None,
-            "another process is using this output: wait for it",
-        )
+        self._jfile = jf
 
     def _unlock(self, remove: bool) -> None:
-        if self._lock_fd < 0:
-            return
-        if remove:
-            try:
-                os.unlink(self.journal_path)
-                _fsync_dir(self.target.parent)
-            except FileNotFoundError:
-                pass
-        os.close(self._lock_fd)
-        self._lock_fd = -1
+        if self._jfile is not None:
+            self._jfile.release(remove)
+            self._jfile = None
 
     def _append(self, rec: dict) -> None:
         """Append one record to the journal and make it durable."""
-        data = (json.dumps(rec, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        os.lseek(self._lock_fd, 0, os.SEEK_END)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._lock_fd, view) :]
-        os.fsync(self._lock_fd)
+        self._jfile.append(rec)
 
     def _truncate(self) -> None:
-        os.ftruncate(self._lock_fd, 0)
-        os.fsync(self._lock_fd)
+        self._jfile.truncate()
 
     # --- recovery of a finished merge's leftovers ----------------------------------------
 
     def _recover(self) -> None:
         """Complete and clean up after a merge killed during its final rename (or after it):
         what its journal records, nothing else. Runs under the lock, before any check."""
-        j = _Journal.read(self.journal_path)
+        j = Journal.read(self.journal_path)
         if self._swap_state(j) is None:
             return
         self._lock()
         try:
-            j = _Journal.read(self.journal_path)
+            j = Journal.read(self.journal_path)
             state = self._swap_state(j)
             if state is None:
                 return
             if state == "half":
                 os.rename(self.staging, self.target)  # the new output, whole: put it in place
-                _fsync_dir(self.target.parent)
+                fsync_dir(self.target.parent)
             self._remove_old(j.swap)
             self._unlock(remove=True)
         finally:
@@ -538,7 +423,7 @@ class OutputDir:
             if identity(path) == old:
                 check_apart([("the replaced output", path)], self._input_paths())
                 shutil.rmtree(path)
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
 
     # --- opening: the journal and the staging directory -----------------------------------
 
@@ -563,7 +448,7 @@ class OutputDir:
             if self.finished and not self.journal_path.exists():
                 return self._open_finished()  # read-only: no lock file is created
             self._lock()
-            j = _Journal.read(self.journal_path)
+            j = Journal.read(self.journal_path)
             self._check_state(j, locked=True)
             if self.finished:
                 return self._open_finished()
@@ -574,7 +459,9 @@ class OutputDir:
             self._start(fingerprint, seed)
             return {}
         except BaseException:
-            self._unlock(remove=self._created_journal and self._journal is None)
+            self._unlock(
+                remove=self._jfile is not None and self._jfile.created and self._journal is None
+            )
             raise
 
     def _head(self, fingerprint: str, seed: int) -> dict:
@@ -602,17 +489,17 @@ class OutputDir:
         self._append(self._head(fingerprint, seed))
         self._append({"mkdir": True})
         os.mkdir(self.staging, 0o755)
-        self._journal = _Journal([])  # from here on the journal is kept whatever happens
-        _fsync_dir(self.staging.parent)
+        self._journal = Journal([])  # from here on the journal is kept whatever happens
+        fsync_dir(self.staging.parent)
         self._append({"staging": identity(self.staging)})
-        self._journal = _Journal.read(self.journal_path)
+        self._journal = Journal.read(self.journal_path)
 
-    def _recorded_names(self, j: _Journal) -> set[str]:
+    def _recorded_names(self, j: Journal) -> set[str]:
         names = set(j.head.get("shards", [])) | set(j.shards) | set(j.files)
         names |= {n + ".tmp" for n in list(names)}
         return names
 
-    def _discard(self, j: _Journal) -> None:
+    def _discard(self, j: Journal) -> None:
         """--overwrite over an interrupted merge: delete what its journal records (refusing,
         before deleting anything, when the staging directory holds anything else)."""
         if identity(self.staging) is not None:
@@ -640,10 +527,10 @@ class OutputDir:
                 for f in filenames:
                     os.unlink(os.path.join(dirpath, f))
                 os.rmdir(dirpath)
-            _fsync_dir(self.staging.parent)
+            fsync_dir(self.staging.parent)
         self._truncate()
 
-    def _open_resume(self, j: _Journal, fingerprint: str) -> dict[str, dict]:
+    def _open_resume(self, j: Journal, fingerprint: str) -> dict[str, dict]:
         """--resume of an interrupted merge: same recipe and headers, then the finished
         shards (size + sha256) and the input bytes they used."""
         if j.head.get("recipe") != fingerprint:
@@ -656,7 +543,7 @@ class OutputDir:
         if identity(self.staging) is None:
             self._append({"mkdir": True})
             os.mkdir(self.staging, 0o755)
-            _fsync_dir(self.staging.parent)
+            fsync_dir(self.staging.parent)
             self._append({"staging": identity(self.staging)})
         done: dict[str, dict] = {}
         for name, rec in j.shards.items():
@@ -668,7 +555,7 @@ class OutputDir:
             ):
                 done[name] = rec
         self._verify_inputs(j, done)
-        self._journal = _Journal.read(self.journal_path)
+        self._journal = Journal.read(self.journal_path)
         self._journal.shards = done  # only verified shards count
         return {n: {"size": r["size"], "sha256": r["sha256"]} for n, r in done.items()}
 
@@ -693,7 +580,7 @@ class OutputDir:
         m = self._base if role == "base" else self._models[int(role)]
         return m.tensors.get(name)
 
-    def _verify_inputs(self, j: _Journal, done: dict[str, dict]) -> None:
+    def _verify_inputs(self, j: Journal, done: dict[str, dict]) -> None:
         """Refuse when an input tensor a finished shard used has other bytes now.
 
         A file with the identity the journal recorded (device, inode, size, mtime, ctime)
@@ -818,7 +705,7 @@ class OutputDir:
 
         nonfinite = take_nonfinite(self.shard_tmp_path(name))
         os.replace(self.shard_tmp_path(name), self.staging / name)
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         rec = {
             "shard": name,
             "size": size,
@@ -930,7 +817,7 @@ class OutputDir:
             self.close()
             return
         self._check_nonfinite()
-        _fsync_dir(self.staging)
+        fsync_dir(self.staging)
         new = identity(self.staging)
         t = self.target
         occupied = _nonempty_dir(t)
@@ -981,7 +868,7 @@ class OutputDir:
                     None,
                     "re-run with --resume --overwrite to replace it, or move it away and --resume",
                 ) from None
-        _fsync_dir(t.parent)
+        fsync_dir(t.parent)
         if occupied:
             self._remove_old(swap)
         self._unlock(remove=True)
@@ -989,4 +876,6 @@ class OutputDir:
     def close(self) -> None:
         """Release the lock (the staging directory and journal stay for --resume; a journal
         this run created and never used is removed)."""
-        self._unlock(remove=self._created_journal and self._journal is None)
+        self._unlock(
+            remove=self._jfile is not None and self._jfile.created and self._journal is None
+        )
