@@ -6,6 +6,13 @@ byte for byte as it was.
 
 Every case corrupts a fresh trio from ``make_trio`` (base: one file; a: three shards + index;
 b: two shards + index) and runs the real CLI in a subprocess.
+
+Issue 12 added the cases after ``unknown_output_dtype``: inputs inside a path the run would
+create, rename or delete (the staging directory, the journal, the old-output path), a
+directory at the staging path no journal records, JSON nested 1000 deep, a bad or deep
+``config.json`` under the vocabulary rule, names UTF-8 cannot hold, a dimension past 64 bits
+or of 5000 digits, weights symlinked out of the model, and options out of range (all refused
+before the staging directory exists, never after the work).
 """
 
 from __future__ import annotations
