@@ -555,7 +555,7 @@ print(len(m.tensors), before, peak_rss_bytes())
 
 def test_a_header_of_300k_tensors_parses_in_bounded_memory(tmp_path):
     """Entries become tuples as they are parsed and overlaps are checked with numpy: 1M
-    tensors (an 89 MB header) peaked at 682 MiB instead of 1137 MiB; here 300k must stay
+    tensors (an 89 MB header) peak at 682 MiB, 6.8 s (before: 1046 MiB, 9.1 s); here 300k must stay
     under 700 bytes a tensor above the start-up figure."""
     n = 300_000
     entries = ",".join(
