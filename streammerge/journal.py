@@ -138,6 +138,14 @@ class JournalFile:
             if identity(path) != [st.st_dev, st.st_ino]:
                 os.close(fd)  # deleted (or replaced) meanwhile: not the lock any more
                 continue
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
+                os.close(fd)  # a journal is never hard-linked: truncating it would write there
+                raise MergeError(
+                    "the journal is not a file of its own (it has other names: hard links)",
+                    path,
+                    None,
+                    "it was not left by streammerge: move it away",
+                )
             return cls(path, fd, not existed)
         raise MergeError(
             "the journal keeps changing under this merge",

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 from dataclasses import asdict
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from streammerge.fingerprints import InputHasher, file_identity, hash_range
 from streammerge.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
 from streammerge.notices import notice
 from streammerge.paths import check_apart, identity, is_mount_point, real
+from streammerge.writer import create_new
 
 PARTIAL_SUFFIX = ".streammerge-partial"
 JOURNAL_SUFFIX = ".streammerge-journal"
@@ -550,6 +552,7 @@ class OutputDir:
             path = self.staging / name
             if (
                 path.is_file()
+                and not path.is_symlink()
                 and path.stat().st_size == rec.get("size")
                 and sha256_file(path) == rec.get("sha256")
             ):
@@ -739,11 +742,32 @@ class OutputDir:
             self._append({"file": name})
             self._files_recorded.add(name)
         path = self.staging / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
+        self._staging_dirs(Path(name).parent)
+        fd = create_new(path, os.O_WRONLY | os.O_CLOEXEC)
+        with open(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    def _staging_dirs(self, rel: Path) -> None:
+        """Make the directories ``rel`` below the staging directory, refusing any component
+        that is not a real directory (a symlink planted there could lead writes into an
+        input)."""
+        d = self.staging
+        for part in rel.parts:
+            d = d / part
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                os.mkdir(d, 0o755)
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise MergeError(
+                    "something other than a directory streammerge made is in the staging directory",
+                    d,
+                    None,
+                    "move it away, then re-run with --resume",
+                )
 
     def copy_file(self, src: Path, name: str) -> None:
         """Copy an input's small file (config, tokenizer) into the staging dir."""

@@ -39,6 +39,18 @@ def take_nonfinite(path: Path) -> dict[str, int]:
         return NONFINITE.pop(str(path), {})
 
 
+def create_new(path: Path, flags: int, mode: int = 0o644) -> int:
+    """Open a new file at ``path``: whatever had that name is unlinked first and the file is
+    created exclusively, never followed through a symlink nor truncated in place, so a
+    symlink or hard link planted at the name cannot lead the write into another file (an
+    input)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+
+
 def _float_spans(header: bytes) -> list[tuple[int, int, str, str]]:
     """(begin, end, dtype, name) in the data area of every tensor with non-finite values
     possible, in file order, from a shard's header bytes."""
@@ -101,7 +113,7 @@ class ShardWriter:
     """Writes one shard file sequentially.
 
     Args:
-        path: file to create (truncated if it exists).
+        path: file to create (whatever had the name is unlinked first, see ``create_new``).
         header: the shard's header bytes (``ShardPlan.header``), written first.
         size_bytes: the final file size; ``finish`` checks it.
         staging: a StagingBlock to use (shared across shards by one writer thread).
@@ -126,17 +138,17 @@ class ShardWriter:
         self._carry = b""
         self._data_pos = -len(header)  # data-area offset of the next byte written
         self.nonfinite: dict[str, int] = {}
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        flags = os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
         self.direct = False
         if direct and hasattr(os, "O_DIRECT"):
             try:
-                self._fd = os.open(self.path, flags | os.O_DIRECT, 0o644)
+                self._fd = create_new(self.path, flags | os.O_DIRECT)
                 self.direct = True
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                     raise
         if not self.direct:
-            self._fd = os.open(self.path, flags, 0o644)
+            self._fd = create_new(self.path, flags)
         try:
             if hasattr(os, "posix_fallocate") and size_bytes > 0:
                 try:

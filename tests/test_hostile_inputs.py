@@ -541,6 +541,12 @@ def input_is_the_journal_path(c: Ctx):
     return ["the journal is the input"]
 
 
+def journal_hard_link_to_an_input(c: Ctx):
+    """A hard link to an input at the journal path: truncating the journal would empty it."""
+    os.link(c.base / "config.json", c.out.parent / f".{c.out.name}.streammerge-journal")
+    return ["hard links"]
+
+
 def foreign_directory_at_staging_path(c: Ctx):
     """A directory streammerge did not create sits at the staging path: never deleted."""
     d = _partial(c)
@@ -677,7 +683,8 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 CASES += [
     input_inside_staging_path_overwrite, input_inside_staging_path_resume,
-    input_inside_old_output_path, input_is_the_journal_path, foreign_directory_at_staging_path,
+    input_inside_old_output_path, input_is_the_journal_path, journal_hard_link_to_an_input,
+    foreign_directory_at_staging_path,
     output_symlink_to_nonempty_dir, header_nested_1000_deep, index_nested_1000_deep,
     config_bad_json_under_vocab_rule, config_nested_deep_under_vocab_rule,
     tensor_name_lone_surrogate, zero_elements_dimension_2_70, dimension_of_5000_digits,

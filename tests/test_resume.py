@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import merge_argv, run_cli, write_model
+from conftest import dir_digest, merge_argv, run_cli, write_model
 from safetensors.torch import load_file, save_file
 
 import streammerge.cli
@@ -510,6 +510,28 @@ def test_resume_merges_an_input_edited_where_no_finished_shard_read(trio, monkey
     f, offset = _tensor_byte(a, unused)
     _flip_byte_keeping_size_and_mtime(f, offset)
     assert streammerge.cli.main(argv + ["--resume"]) == 0
+    fresh = tmp_path / "fresh"
+    assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
+    assert_same_files(out, files_of(fresh))
+
+
+def test_links_planted_in_the_staging_directory_lead_nowhere(trio, monkeypatch, tmp_path):
+    """Symlinks and hard links to inputs planted at names the resumed merge will write (the
+    next shard's .tmp, a finished shard, config.json): written files are created anew, never
+    through the link, so no input changes; the output is the reference."""
+    (base, a, b), out, argv = _interrupted_copy(trio, tmp_path, monkeypatch, 2)
+    staging = tmp_path / PARTIAL
+    before = {p: dir_digest(p) for p in (base, a, b)}
+    done = [r["shard"] for r in journaled(staging)]
+    names = json.loads((tmp_path / JOURNAL).read_text().splitlines()[0])["shards"]
+    todo = [n for n in names if n not in done]
+    (staging / f"{todo[0]}.tmp").symlink_to(next(a.glob("*.safetensors")))
+    os.link(next(b.glob("*.safetensors")), staging / f"{todo[1]}.tmp")
+    (staging / done[0]).unlink()
+    (staging / done[0]).symlink_to(next(b.glob("*.safetensors")))
+    (staging / "config.json").symlink_to(base / "config.json")
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    assert {p: dir_digest(p) for p in (base, a, b)} == before
     fresh = tmp_path / "fresh"
     assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
     assert_same_files(out, files_of(fresh))
