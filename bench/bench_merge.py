@@ -454,6 +454,18 @@ def run_child(
     return rc, wall, rss_kib / 1024, tree_peak[0] / 2**20, b"".join(out_chunks).decode(), source
 
 
+def _vmhwm_bytes(pid: int) -> int:
+    """``VmHWM`` of process ``pid`` in bytes (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def log_tail(log: Path, n: int = 6) -> str:
     try:
         lines = log.read_text(errors="replace").strip().splitlines()

@@ -15,11 +15,12 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from streammerge import __version__
-from streammerge.errors import MergeError
+from streammerge.checks import check_merge_args
+from streammerge.errors import MergeError, OptionError
 from streammerge.output import OutputDir
 from streammerge.pipeline import Layout, RunStats, analyze, make_layout, read_bytes, run, work_items
 from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
@@ -49,6 +50,7 @@ class Options:
         device: ``auto``, ``cpu`` or ``cuda``; vram: device buffer budget on a GPU.
         overwrite: replace a non-empty output; resume: continue an interrupted merge.
         copy_files: copy config / tokenizer / module files; direct_io: O_DIRECT reads/writes.
+        allow_nonfinite: keep NaN/Inf values the merge produced (else they stop it).
     """
 
     shard_size: int | str = DEFAULT_SHARD_SIZE
@@ -61,6 +63,7 @@ class Options:
     resume: bool = False
     copy_files: bool = True
     direct_io: bool = True
+    allow_nonfinite: bool = False
 
 
 @dataclass
@@ -167,7 +170,7 @@ def fingerprint(prep: Prepared) -> str:
             "version": __version__,
             "recipe": asdict(prep.recipe),
             "inputs": [m.fingerprint for m in inputs],
-            "stamps": [m.stamp for m in inputs],
+            "stamps": [m.stamp for m in inputs if getattr(m, "url", None)],  # remote: ETags
             "shard_size_bytes": prep.shard_size_bytes,
         },
         sort_keys=True,
@@ -328,8 +331,13 @@ def prepare(
         RecipeError (a ValueError): bad recipe arguments.
     """
     options = options or Options()
-    if isinstance(models, (str, Path)) or not isinstance(models, Sequence):
-        raise RecipeError(f"models must be a list of directories, got {models!r}")
+    if isinstance(recipe, dict):
+        known = ("alpha", "lam", "weights", "drop", "scale", "seed", "dtype")
+        checked = {k: recipe[k] for k in known if recipe.get(k) is not None}
+    else:
+        checked = {}
+    check_merge_args(models, base if base is not None else out, out, **checked,
+                     **asdict(options))  # fmt: skip
     if len(models) < 2:
         raise MergeError(
             f"need at least 2 fine-tunes, got {len(models)}",
@@ -344,7 +352,13 @@ def prepare(
     shard_size_bytes = parse_size(options.shard_size)
     memory_bytes = parse_size(options.memory)
     inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
-    output = OutputDir(out, inputs, overwrite=options.overwrite, resume=options.resume)
+    output = OutputDir(
+        out,
+        inputs,
+        overwrite=options.overwrite,
+        resume=options.resume,
+        allow_nonfinite=options.allow_nonfinite,
+    )
     if kwargs is not None:
         if kwargs.get("seed") is None:
             kwargs["seed"] = output.journal_seed()
@@ -354,10 +368,12 @@ def prepare(
     elif recipe.n_models != len(model_dirs):
         raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")
     if base_dir is None and recipe.row.uses_base:
-        raise MergeError(f"method {method or recipe.method} needs a base model", None, None,
-                         "pass --base DIR")  # fmt: skip
+        raise RecipeError(f"method {method or recipe.method} needs a base model: pass --base DIR")
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
-    output.preflight(plan.output_bytes)
+    if provenance is not None and provenance.tokenizer_model is not None:
+        plan = replace(plan, tokenizer_model=provenance.tokenizer_model)  # tokenizer_source
+    side_source = base_dir if base_dir is not None else model_dirs[0]
+    output.preflight(plan, side_source, model_dirs, options.copy_files)
     return Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
                     memory_bytes, provenance or Provenance())  # fmt: skip
 
@@ -446,8 +462,9 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
         output.write_file(INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         if prep.options.copy_files:
             source = prep.base if prep.base is not None else prep.models[0]
-            copy_side_files(output, plan, source, prep.models, prep.provenance.tokenizer_model)
+            copy_side_files(output, plan, source, prep.models)
         rec = record(prep, shards, thresholds)
+        rec.update(output.record_extra())
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         )
@@ -517,6 +534,9 @@ def merge(
         MergeError: bad input or output location (before any byte is written where it can
             be known then); RecipeError (a ValueError): bad recipe or option arguments.
     """
+    for name, fn in (("on_start", on_start), ("on_bytes", on_bytes)):
+        if fn is not None and not callable(fn):
+            raise OptionError(f"{name} must be callable or None, got {type(fn).__name__}")
     unknown = set(kwargs) - set(RECIPE_KEYS) - set(OPTION_KEYS)
     if unknown:
         raise RecipeError(f"merge() got unknown arguments {sorted(unknown)}")

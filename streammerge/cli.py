@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import os
 import sys
 import threading
-import traceback
 
 from streammerge import __version__
-from streammerge.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, MergeError
+from streammerge.errors import (
+    MergeError,
+    OneLineArgumentParser,
+    guarded_main,
+    report,
+)
 from streammerge.methods import METHODS
 from streammerge.sizes import format_bytes
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag has help)."""
-    p = argparse.ArgumentParser(
+    p = OneLineArgumentParser(
         prog="streammerge",
         description="Merge fine-tunes of a common base (task arithmetic, DARE, TIES, "
         "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
@@ -192,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="write with the page cache, not O_DIRECT",
     )
+    p.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="keep NaN/Inf values the merge produces (by default they stop it)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the closing line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
@@ -300,12 +308,11 @@ def sweep_main(argv: list[str]) -> int:
         table.add_row(d.name, w, score, d.error or "")
 
     if args.config is not None:
-        print("streammerge: error: sweep takes models and flags, not --config", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(MergeError("sweep takes models and flags, not --config", None, None,
+                                 "give the models and flags"), args.output)  # fmt: skip
     if args.weights is not None or args.lam is not None:
-        print("streammerge: error: a sweep draws the weights: drop --weights/--lambda",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_BAD_INPUT
+        return report(MergeError("a sweep draws the weights: drop --weights/--lambda", None,
+                                 None, "use --alpha, --draws or --grid"), args.output)  # fmt: skip
     recipe = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS if k not in ("weights", "lam",
                                                                        "alpha", "seed")}  # fmt: skip
     evaluate = command_evaluator(args.eval_cmd, args.eval_select) if args.eval_cmd else None
@@ -320,12 +327,8 @@ def sweep_main(argv: list[str]) -> int:
             ray_address=args.ray,
             **{k: v for k, v in recipe.items() if v is not None},
         )  # fmt: skip
-    except KeyboardInterrupt:
-        print("streammerge: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (MergeError, ValueError, OSError) as e:
-        print(f"streammerge: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
+        return report(e, args.output, args.debug)
     finally:
         if live is not None:
             live.stop()
@@ -343,7 +346,11 @@ def sweep_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+    """Entry point; returns the exit code (0 ok, 2 bad input, 130 interrupted, 1 a bug)."""
+    return guarded_main(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
@@ -361,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from streammerge.api import OPTION_KEYS, Options, merge
 
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message
     progress = (
         None
-        if args.quiet
+        if args.quiet or not err.is_terminal  # a bar on a pipe only leaves a blank line
         else Progress(
             TextColumn("merging"),
             BarColumn(),
@@ -426,33 +433,11 @@ def main(argv: list[str] | None = None) -> int:
             provenance=prov,
             **kwargs,
         )
-    except KeyboardInterrupt:
-        if progress is not None:
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
+        if progress is not None and task is not None:
             progress.stop()
-        err.print(
-            "streammerge: interrupted; finished shards are kept: re-run the same command with --resume to continue"
-        )
-        return EXIT_INTERRUPTED
-    except (MergeError, ValueError, OSError) as e:
-        if progress is not None:
-            progress.stop()
-        if args.debug:
-            traceback.print_exc()
-        if isinstance(e, MergeError):
-            msg = str(e)
-        elif isinstance(e, OSError):  # during the merge: finished shards are kept
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            todo = (
-                "free disk space, then re-run the same command with --resume"
-                if full
-                else "check the paths and permissions"
-            )
-            msg = f"{e.strerror or e} ({e.filename or os.path.abspath(args.output)}): {todo}"
-        else:
-            msg = f"{e}: check the command-line options"
-        print(f"streammerge: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if progress is not None:
+        return report(e, args.output, args.debug)
+    if progress is not None and task is not None:
         progress.stop()
     print(closing_line(s), flush=True)
     if args.profile:

@@ -71,24 +71,35 @@ class StagingOutput:
     Shards are written as ``*.tmp``, fsync'd and renamed, then reported to the driver
     (through the progress actor), which journals them."""
 
-    def __init__(self, staging: Path, progress=None) -> None:
+    def __init__(self, staging: Path, plan: Plan | None = None, progress=None) -> None:
+        from streammerge.fingerprints import InputHasher
+
         self.staging = Path(staging)
+        self.plan = plan
         self.progress = progress
+        self.input_hasher = InputHasher()  # the reader hashes every input range it reads
 
     def shard_tmp_path(self, name: str) -> Path:
         """Where a shard is written before it is whole."""
         return self.staging / f"{name}.tmp"
 
     def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
-        """Rename a finished shard into place (the driver journals it when the task returns)."""
+        """Rename a finished shard into place and report it, with its input hashes,
+        non-finite counts and thresholds, to the driver, which journals it."""
+        from streammerge.output import input_digests
+        from streammerge.writer import take_nonfinite
+
+        nonfinite = take_nonfinite(self.shard_tmp_path(name))
         os.replace(self.shard_tmp_path(name), self.staging / name)
         fd = os.open(self.staging, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+        extra = {"inputs": input_digests(self.plan, self.input_hasher, name),
+                 "nonfinite": nonfinite, **(meta or {})}  # fmt: skip
         if self.progress is not None:
-            self.progress.shard.remote(name, size, sha256, meta)
+            self.progress.shard.remote(name, size, sha256, extra)
 
 
 @dataclass
@@ -117,7 +128,7 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
             progress.add.remote(pending[0])
             pending[0] = 0
 
-    stats = run(plan, shards, StagingOutput(Path(staging), progress), layout, engine, on_bytes=on_bytes,
+    stats = run(plan, shards, StagingOutput(Path(staging), plan, progress), layout, engine, on_bytes=on_bytes,
                 direct_io=prep_options.direct_io, model_thresholds=model_thresholds)  # fmt: skip
     if progress is not None and pending[0]:
         progress.add.remote(pending[0])

@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.names import natural_key
 from streammerge.pipeline import (
     STAGING_BLOCKS,
     Layout,
@@ -41,7 +42,7 @@ from streammerge.pipeline import (
     tensor_items,
     work_items,
 )
-from streammerge.plan import ShardPlan, TensorPlan, natural_key
+from streammerge.plan import ShardPlan, TensorPlan
 from streammerge.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
 
@@ -127,8 +128,10 @@ def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
     if not prep.options.resume or not out.staging.is_dir():
         return list(prep.plan.shards), []
     from streammerge.api import fingerprint
+    from streammerge.journal import Journal
 
-    head, shards = out._read_journal()
+    journal = Journal.read(out.journal_path)
+    head, shards = (journal.head, journal.shards) if journal is not None else ({}, {})
     if head and head.get("recipe") != fingerprint(prep):
         raise MergeError(
             "the recipe or the inputs changed since the interrupted merge",

@@ -423,7 +423,10 @@ def _stream(
         free_q.put(s)
     stop = threading.Event()
     errors: list[BaseException] = []
-    reader = RangeReader(direct=direct_io)
+    hasher = getattr(outputs[0], "input_hasher", None) if outputs else None
+    for o in outputs[1:]:  # a sweep: every output records the same inputs' hashes
+        o.input_hasher = hasher
+    reader = RangeReader(direct=direct_io, hasher=hasher)
     stats = {"read": 0, "staging": 0}
     written = [0] * len(outputs)
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked

@@ -22,12 +22,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from streammerge.errors import MergeError
 from streammerge.kernels.common import FLOAT_ITEMSIZE, tensor_key
+from streammerge.names import natural_key
 from streammerge.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
 from streammerge.recipe import Recipe, RecipeError, TensorParams, layer_positions
 
@@ -202,11 +202,6 @@ class Plan:
     def read_bytes(self) -> int:
         """Input bytes one pass reads (base + every participating fine-tune)."""
         return sum(s.read_bytes for s in self.shards)
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
 def shard_names(k: int) -> list[str]:

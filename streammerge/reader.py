@@ -14,16 +14,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
-import json
 import math
 import os
 import threading
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from streammerge import safejson
 from streammerge.errors import MergeError
+from streammerge.names import name_problem
+from streammerge.paths import check_within_model
+from streammerge.sysinfo import open_file_limit
 
 #: Bytes per element of every safetensors dtype (huggingface/safetensors, ``Dtype``).
 DTYPE_ITEMSIZE: dict[str, int] = {
@@ -36,11 +41,17 @@ DTYPE_ITEMSIZE: dict[str, int] = {
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
 #: Largest header the reader accepts (bytes); the Rust safetensors loader uses 100 MB.
 MAX_HEADER_BYTES = 100_000_000
+#: Deepest JSON nesting of an index (root, weight_map or metadata, a value).
+MAX_INDEX_DEPTH = 8
+#: Largest index file accepted (bytes).
+MAX_INDEX_BYTES = 100_000_000
+#: Largest dimension and element count (torch and safetensors count in 64-bit integers).
+MAX_ELEMS = 2**63 - 1
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """Where one tensor's bytes lie.
 
@@ -86,9 +97,11 @@ class ModelDir:
         tensors: name -> TensorInfo, for every tensor of every file.
         fingerprint: sha256 (hex) of every file's name, size and header bytes; changes when
             any header or size changes.
-        stamp: sha256 (hex) of every file's name, size and modification time (ns): changes
-            too when a file is rewritten with other values under the same header (what
-            ``--resume`` checks; not recorded in the output, which must not depend on it).
+        stamp: sha256 (hex) of every file's name, size and modification time (ns) (not
+            recorded in the output, which must not depend on it; ``--resume`` checks
+            content, see ``streammerge.fingerprints``).
+        file_fingerprints: file name -> sha256 (hex) of its name, size and header bytes
+            (so a refused resume can name the file whose header changed).
     """
 
     path: Path
@@ -97,6 +110,7 @@ class ModelDir:
     fingerprint: str
     total_bytes: int = field(default=0)
     stamp: str = field(default="")
+    file_fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 class _DuplicateKey(ValueError):
@@ -105,9 +119,32 @@ class _DuplicateKey(ValueError):
         self.key = key
 
 
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
+
+
+def _header_object(pairs: list[tuple[str, object]]):
     """``json.loads`` hook: a key given twice is an error (plain ``json.loads`` keeps the
-    last one silently, so a header could hide a second span for a tensor)."""
+    last one silently, so a header could hide a second span for a tensor); a well-formed
+    tensor entry becomes a tuple ``(dtype, shape tuple, begin, end)`` at once instead of a
+    dict of lists (JSON itself never makes tuples, so a tuple is always such an entry)."""
+    if len(pairs) == 3:
+        (k0, dtype), (k1, shape), (k2, offsets) = pairs
+        if not (k0 == "dtype" and k1 == "shape" and k2 == "data_offsets"):
+            d = dict(pairs)
+            if d.keys() != _ENTRY_KEYS:
+                d = None
+            else:
+                dtype, shape, offsets = d["dtype"], d["shape"], d["data_offsets"]
+        else:
+            d = True
+        if (
+            d is not None
+            and type(dtype) is str
+            and type(shape) is list
+            and type(offsets) is list
+            and len(offsets) == 2
+        ):
+            return (dtype, tuple(shape), offsets[0], offsets[1])
     out: dict = {}
     for key, value in pairs:
         if key in out:
@@ -116,13 +153,31 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
+def _shape_ok(shape) -> bool:
+    """Dimensions are non-negative ints, and their product (zeros aside) fits int64: a
+    zero-element tensor with a dimension of 2**70 is no tensor safetensors can load."""
+    if not all(type(d) is int and d >= 0 for d in shape):
+        return False
+    n = 1
+    for d in shape:
+        if d:
+            n *= d
+            if n > MAX_ELEMS:
+                return False
+    return True
+
+
+def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorInfo], str]:
     """Parse and validate one safetensors file's header.
 
+    Returns:
+        (name -> TensorInfo, sha256 hex of the file's name, size and header bytes).
+
     Raises:
-        MergeError: unreadable file, header length past the end, bad JSON, unknown dtype,
-            span != shape x itemsize, span outside the data area, overlapping spans, or a
-            key listed twice.
+        MergeError: unreadable file, header length past the end, bad JSON (or nested too
+            deep, or a number too long), unknown dtype, a shape past int64, span != shape x
+            itemsize, span outside the data area, overlapping spans, a key listed twice, or a
+            tensor name no UTF-8 file can hold.
     """
     try:
         size = path.stat().st_size
@@ -146,48 +201,58 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
         raise MergeError(
             f"cannot read file: {e.strerror}", path, todo="check the path and its permissions"
         ) from e
+    file_digest = hashlib.sha256(f"{path.name}\0{size}\0".encode())
+    file_digest.update(raw)
     digest.update(f"{path.name}\0{size}\0".encode())
     digest.update(raw)
+    fix = "the shard is corrupt: re-download or re-save it"
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
-        raise MergeError(
-            "the header lists this key twice",
+        header = safejson.loads(
+            raw,
             path,
-            e.key,
-            "the shard is corrupt: re-download or re-save it",
-        ) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(
-            f"header is not valid JSON ({e})",
-            path,
-            todo="the shard is corrupt: re-download or re-save it",
-        ) from e
-    if not isinstance(header, dict):
-        raise MergeError(
-            "header is not a JSON object",
-            path,
-            todo="the shard is corrupt: re-download or re-save it",
+            max_depth=None,  # the entries' structure is checked below
+            max_bytes=MAX_HEADER_BYTES,
+            todo=fix,
+            what="header",
+            object_pairs_hook=_header_object,
         )
+    except _DuplicateKey as e:
+        raise MergeError("the header lists this key twice", path, e.key, fix) from None
+    del raw
+    if not isinstance(header, dict):
+        raise MergeError("header is not a JSON object", path, todo=fix)
     data_start = 8 + n
     data_size = size - data_start
     out: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    fix = "the shard is corrupt: re-download or re-save it"
-    for name, entry in header.items():
+    begins, ends = array("q"), array("q")  # 16 bytes a tensor, not a tuple each
+    for name in list(header):
+        entry = header.pop(name)
         if name == "__metadata__":
             if not isinstance(entry, dict):
                 raise MergeError(
                     "__metadata__ is not a JSON object", path, todo="re-save the shard"
                 )
             continue
-        if not isinstance(entry, dict):
+        problem = name_problem(name)
+        if problem is not None:
+            raise MergeError(problem, path, ascii(name), "rename the tensor and re-save the shard")
+        if type(entry) is tuple:
+            dtype, shape, begin, end = entry
+            offsets = [begin, end]
+        elif isinstance(entry, dict):
+            dtype, shape, offsets = (
+                entry.get("dtype"),
+                entry.get("shape"),
+                entry.get("data_offsets"),
+            )
+        else:
             raise MergeError("header entry is not a JSON object", path, name, fix)
-        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPE_ITEMSIZE:
             raise MergeError(f"unknown dtype {dtype!r}", path, name, fix)
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise MergeError(f"bad shape {shape!r}", path, name, fix)
+        if not (isinstance(shape, (list, tuple)) and _shape_ok(shape)):
+            raise MergeError(
+                f"bad shape {list(shape) if isinstance(shape, tuple) else shape!r}", path, name, fix
+            )
         if not (
             isinstance(offsets, list)
             and len(offsets) == 2
@@ -199,7 +264,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
         want = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
         if end - begin != want:
             raise MergeError(
-                f"byte span {end - begin} != shape {shape} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
+                f"byte span {end - begin} != shape {list(shape)} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
                 path,
                 name,
                 fix,
@@ -211,17 +276,37 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> dict[str, TensorInfo]:
                 name,
                 "the shard is truncated: re-download or re-save it",
             )
-        spans.append((begin, end, name))
+        begins.append(begin)
+        ends.append(end)
         out[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
-    spans.sort()
-    reach, reach_name = 0, ""  # furthest end of the non-empty spans so far
-    for begin, end, name in spans:
-        if begin == end:
-            continue
-        if begin < reach:
-            raise MergeError(f"byte span overlaps tensor {reach_name!r}", path, name, fix)
-        reach, reach_name = end, name
-    return out
+    del header
+    _check_overlaps(np.frombuffer(begins, np.int64), np.frombuffer(ends, np.int64), out, path)
+    return out, file_digest.hexdigest()
+
+
+def _check_overlaps(begins: np.ndarray, ends: np.ndarray, infos: dict, path: Path) -> None:
+    """Refuse two non-empty byte spans that overlap (vectorized: 1M tensors in ~0.1 s).
+
+    Raises:
+        MergeError: naming both tensors.
+    """
+    idx = np.flatnonzero(ends > begins)
+    order = idx[np.lexsort((ends[idx], begins[idx]))]
+    b, e = begins[order], ends[order]
+    if b.size < 2:
+        return
+    reach = np.maximum.accumulate(e)  # furthest end of the spans so far
+    bad = np.flatnonzero(b[1:] < reach[:-1])
+    if bad.size:
+        i = int(bad[0]) + 1
+        names = list(infos)
+        prev = int(order[int(np.argmax(e[:i]))])
+        raise MergeError(
+            f"byte span overlaps tensor {names[prev]!r}",
+            path,
+            names[int(order[i])],
+            "the shard is corrupt: re-download or re-save it",
+        )
 
 
 def open_model(path: str | Path) -> ModelDir:
@@ -252,23 +337,31 @@ def open_model(path: str | Path) -> ModelDir:
     digest = hashlib.sha256()
     index_path = root / INDEX_FILE
     tensors: dict[str, TensorInfo] = {}
+    file_fps: dict[str, str] = {}
+    outside = "copy the file into the model directory (symlinks may not lead out of it)"
     if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text("utf-8"))
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-            ):
-                raise TypeError("weight_map is not a map of tensor name to file name")
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        check_within_model(index_path, root, "the index", outside)
+        index = safejson.load_file(
+            index_path,
+            max_depth=MAX_INDEX_DEPTH,
+            max_bytes=MAX_INDEX_BYTES,
+            todo="fix or re-save the index",
+            what="index",
+        )
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
             raise MergeError(
-                f"bad index ({type(e).__name__}: {e})", index_path, todo="fix or re-save the index"
-            ) from e
+                "bad index: no weight_map mapping tensor names to file names",
+                index_path,
+                todo="fix or re-save the index",
+            )
         files = list(dict.fromkeys(weight_map.values()))
         headers = {}
         for fname in files:
             fpath = root / fname
-            if Path(fname).name != fname:
+            if Path(fname).name != fname or fname in ("", ".", ".."):
                 raise MergeError(
                     f"the index names shard {fname!r}, outside the model directory",
                     index_path,
@@ -280,7 +373,8 @@ def open_model(path: str | Path) -> ModelDir:
                     index_path,
                     todo="restore the shard or fix the index",
                 )
-            headers[fname] = _parse_header(fpath, digest)
+            check_within_model(fpath, root, "the shard", outside)
+            headers[fname], file_fps[fname] = _parse_header(fpath, digest)
         for fname, infos in headers.items():  # every header first: a duplicate is named as one
             for name, info in infos.items():
                 if name in tensors:
@@ -291,6 +385,7 @@ def open_model(path: str | Path) -> ModelDir:
                         "remove the duplicate or re-save the model",
                     )
                 tensors[name] = info
+        del headers
         for name, info in tensors.items():
             if weight_map.get(name) != info.file.name:
                 raise MergeError(
@@ -304,13 +399,14 @@ def open_model(path: str | Path) -> ModelDir:
                 raise MergeError(
                     f"the index puts this tensor in {fname}, whose header lacks it",
                     index_path,
-                    name,
+                    ascii(name) if name_problem(name) else name,
                     "fix or re-save the index",
                 )
         file_paths = [root / f for f in files]
     elif (root / SINGLE_FILE).is_file():
         file_paths = [root / SINGLE_FILE]
-        tensors = _parse_header(file_paths[0], digest)
+        check_within_model(file_paths[0], root, "the weights file", outside)
+        tensors, file_fps[SINGLE_FILE] = _parse_header(file_paths[0], digest)
     else:
         raise MergeError(
             f"no {SINGLE_FILE} or {INDEX_FILE}",
@@ -326,7 +422,9 @@ def open_model(path: str | Path) -> ModelDir:
     for p in file_paths:
         st = p.stat()
         stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    return ModelDir(root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest())
+    return ModelDir(
+        root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest(), file_fps
+    )
 
 
 #: Alignment of O_DIRECT reads: buffer address, file offset and length (bytes).
@@ -354,20 +452,41 @@ class RangeReader:
     the kernel and sha256 need. Files or filesystems that refuse ``O_DIRECT`` fall back to
     buffered reads with sequential read-ahead advice.
 
-    One descriptor per file, opened on first use; safe to share between threads
-    (``preadv`` takes an explicit offset).
+    Descriptors are opened on first use and kept in a least-recently-used set of at most
+    ``max_open`` (default: a quarter of ``ulimit -n``, at most 256), so a model of any number
+    of shards reads within the limit; one still needed by a read in flight is never closed.
+    Safe to share between threads (``preadv`` takes an explicit offset).
+
+    Args:
+        direct: read with O_DIRECT where allowed.
+        hasher: given every range read (``InputHasher.update``), for content fingerprints.
+        max_open: most descriptors kept open.
     """
 
-    def __init__(self, direct: bool = False) -> None:
+    def __init__(self, direct: bool = False, hasher=None, max_open: int | None = None) -> None:
         self.direct = direct and hasattr(os, "O_DIRECT")
-        self._fds: dict[Path, tuple[int, bool]] = {}
+        self.hasher = hasher
+        self.max_open = max_open or max(8, min(256, open_file_limit() // 4))
+        self._fds: OrderedDict[Path, tuple[int, bool]] = OrderedDict()
+        self._used: dict[Path, int] = {}  # path -> the read_rows call that last used it
+        self._call = 0
         self._lock = threading.Lock()
+
+    def _evict(self) -> None:
+        """Close least recently used descriptors no read in flight uses (lock held)."""
+        for path in list(self._fds):
+            if len(self._fds) < self.max_open:
+                return
+            if self._used.get(path, -1) < self._call:
+                fd, _ = self._fds.pop(path)
+                self._used.pop(path, None)
+                os.close(fd)
 
     def _fd(self, path: Path) -> tuple[int, bool]:
         with self._lock:
             entry = self._fds.get(path)
             if entry is None:
-                entry = None
+                self._evict()
                 if self.direct:
                     try:
                         entry = (os.open(path, os.O_RDONLY | os.O_DIRECT), True)
@@ -379,6 +498,9 @@ class RangeReader:
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                     entry = (fd, False)
                 self._fds[path] = entry
+            else:
+                self._fds.move_to_end(path)
+            self._used[path] = self._call
             return entry
 
     def _fallback(self, path: Path) -> int:
@@ -389,6 +511,7 @@ class RangeReader:
                 os.close(fd)
                 fd = os.open(path, os.O_RDONLY)
                 self._fds[path] = (fd, False)
+            self._used[path] = self._call
             return fd
 
     @staticmethod
@@ -430,9 +553,15 @@ class RangeReader:
         """
         self._check(info, byte_offset, len(buf))
         fd, direct = self._fd(info.file)
-        if direct:
-            fd = self._fallback(info.file)
-        self._pread_full(fd, buf, info.start + byte_offset, len(buf), info)
+        if not direct:
+            self._pread_full(fd, buf, info.start + byte_offset, len(buf), info)
+            return
+        # the shared descriptor is O_DIRECT and other reads may be using it: a private one
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            self._pread_full(fd, buf, info.start + byte_offset, len(buf), info)
+        finally:
+            os.close(fd)
 
     def read_rows(self, jobs, pool, piece_bytes: int = DIRECT_PIECE) -> None:
         """Put ``nbytes`` of each ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``,
@@ -456,6 +585,8 @@ class RangeReader:
         Raises:
             MergeError: as ``read_into``.
         """
+        with self._lock:
+            self._call += 1
         pieces, moves, whole = [], [], []
         for job in jobs:
             info, byte_offset, nbytes, row = job
@@ -486,12 +617,28 @@ class RangeReader:
                 failed.add(id(job))  # O_DIRECT refused after all: read that range buffered
         for job, addr, delta, nbytes in moves:
             if id(job) in failed:
+                self._fallback(job[0].file)  # no read in flight now: replace it for good
                 self._read_buffered(*job)
             elif delta:
                 ctypes.memmove(addr, addr + delta, nbytes)
+        if self.hasher is not None:
+            self._hash(jobs, pool)
+
+    def _hash(self, jobs, pool) -> None:
+        """Hand every range read to the hasher: rows in parallel (xxh3 releases the GIL),
+        ranges of one tensor in order."""
+        ranges = [(info, off, memoryview(row)[:n]) for info, off, n, row in jobs]
+        if len({(r[0].file, r[0].name) for r in ranges}) < len(ranges) or len(ranges) == 1:
+            for r in ranges:
+                self.hasher.update(*r)
+            return
+        for fut in [pool.submit(self.hasher.update, *r) for r in ranges]:
+            fut.result()
 
     def close(self) -> None:
         """Close every descriptor."""
-        for fd, _ in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            self._used.clear()

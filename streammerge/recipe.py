@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from streammerge.errors import OptionError
 from streammerge.methods import DEFAULT_METHOD, TRIM_SCOPES, Method, get_method
 
 #: Per-model parameter names (mergekit's, plus ``drop``: DARE's p given directly).
@@ -36,11 +37,12 @@ DEFAULT_DROP = 0.5
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
-class RecipeError(ValueError):
-    """A recipe value out of range or of the wrong type; ``key`` names the recipe key."""
+class RecipeError(OptionError):
+    """A recipe value out of range or of the wrong type (a ValueError and a one-line
+    MergeError); ``key`` names the recipe key."""
 
     def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(message, "check the recipe and the command-line options")
         self.key = key
 
 

@@ -1,15 +1,27 @@
 """Files beside the weights (config, tokenizer, sentence-transformers modules) copied into
-the output: which ones, from which model, and how ``config.json`` follows the vocabulary rule."""
+the output: which ones, from which model, and how ``config.json`` follows the vocabulary rule.
+
+``plan_side_files`` decides everything before the merge starts (so a bad ``config.json``
+stops the run before a byte is written): a file is copied only when its resolved path lies
+inside its model directory, or inside that model's Hugging Face cache repo folder (cache
+snapshots are symlinks into ``../../blobs/``); any other symlink is skipped with a notice
+naming it. Each planned file is remembered by device and inode, and opened without
+following symlinks when it is copied, so a file swapped for a symlink meanwhile is refused.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from streammerge import safejson
 from streammerge.errors import MergeError
-from streammerge.output import OutputDir
+from streammerge.notices import notice
+from streammerge.paths import inside_roots, model_roots, real
 from streammerge.plan import Plan
 from streammerge.reader import INDEX_FILE, ModelDir
 
@@ -38,60 +50,167 @@ TOKENIZER_PREFIXES = (
 )
 #: Largest non-weight file copied (bytes).
 MAX_COPY_BYTES = 256 * 2**20
+#: Limits on config.json when the vocabulary rule rewrites it.
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_CONFIG_DEPTH = 64
 
 
-def copy_side_files(
-    output: OutputDir,
-    plan: Plan,
-    base: ModelDir,
-    models: Sequence[ModelDir],
-    tokenizer_model: int | None = None,
-) -> None:
-    """Copy config, tokenizer and module configs (sentence-transformers) from the base.
+@dataclass(frozen=True)
+class SideFile:
+    """One file to put in the output.
 
-    Tokenizer files come from fine-tune ``tokenizer_model`` when given (a recipe's
-    ``tokenizer_source``), else, with the vocabulary rule in force, from the fine-tune with
-    the most rows; ``config.json``'s ``vocab_size`` follows the output rows. The base's own
-    README.md is not copied (the output gets its model card).
+    Attributes:
+        name: its path in the output (``"1_Pooling/config.json"``).
+        src: the resolved source file (None when ``data`` is given).
+        dev, ino, size: the source as planned (checked again when it is copied).
+        data: the bytes to write instead of a copy (``config.json`` rewritten).
     """
-    tok = tokenizer_model if tokenizer_model is not None else plan.tokenizer_model
-    tok_dir = models[tok].path if tok is not None else None
 
-    def files(root: Path):
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in sorted(filenames):
-                p = Path(dirpath) / f
-                rel = p.relative_to(root)
-                if (
-                    f.startswith(".")
-                    or f in SKIP_NAMES
-                    or f.endswith(WEIGHT_SUFFIXES)
-                    or f.endswith(".tmp")
-                ):
-                    continue
-                if p.is_file() and p.stat().st_size <= MAX_COPY_BYTES:
-                    yield rel, p
+    name: str
+    src: Path | None
+    dev: int = 0
+    ino: int = 0
+    size: int = 0
+    data: bytes | None = None
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes this file adds to the output."""
+        return len(self.data) if self.data is not None else self.size
+
+
+def _candidates(model: ModelDir):
+    """(relative path, path) of the files of a model directory that may be copied."""
+    root = model.path
+    roots = model_roots(root)
+    for dirpath, dirnames, filenames in os.walk(root):  # does not follow directory symlinks
+        for d in dirnames:
+            link = Path(dirpath) / d
+            if link.is_symlink() and not inside_roots(real(link), roots):
+                notice(f"skipped {link}: a symlink to {real(link)}, outside the model directory")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if (
+                f.startswith(".")
+                or f in SKIP_NAMES
+                or f.endswith(WEIGHT_SUFFIXES)
+                or f.endswith(".tmp")
+            ):
+                continue
+            p = Path(dirpath) / f
+            yield p.relative_to(root), p
+
+
+def _resolve(model: ModelDir, p: Path) -> tuple[Path, os.stat_result] | None:
+    """The file behind ``p`` if it may be copied (a regular file inside the model or its
+    cache repo, at most MAX_COPY_BYTES); None, with a notice when it is a symlink out."""
+    target = real(p)
+    if not inside_roots(target, model_roots(model.path)):
+        notice(f"skipped {p}: a symlink to {target}, outside the model directory")
+        return None
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None  # a dangling symlink: nothing to copy
+    if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_COPY_BYTES:
+        return None
+    return target, st
+
+
+def plan_side_files(plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> list[SideFile]:
+    """The files to copy from the base (and from the tokenizer's fine-tune under the
+    vocabulary rule), decided and checked before the merge.
+
+    With the vocabulary rule in force, tokenizer files come from the fine-tune with the most
+    rows and ``config.json``'s ``vocab_size`` follows the output rows.
+
+    Raises:
+        MergeError: ``config.json`` is needed (vocabulary rule) and is not a readable JSON
+            object within the limits.
+    """
+    tok = models[plan.tokenizer_model] if plan.tokenizer_model is not None else None
     is_tok = lambda rel: len(rel.parts) == 1 and rel.name.startswith(TOKENIZER_PREFIXES)
-    for rel, p in files(base.path):
-        if tok_dir is not None and is_tok(rel):
+    out: list[SideFile] = []
+    for rel, p in _candidates(base):
+        if tok is not None and is_tok(rel):
             continue
+        found = _resolve(base, p)
+        if found is None:
+            continue
+        target, st = found
         if rel.as_posix() == "config.json" and plan.vocab_rows is not None:
-            try:
-                cfg = json.loads(p.read_text("utf-8"))
-            except (OSError, ValueError) as e:
+            cfg = safejson.load_file(
+                target,
+                max_depth=MAX_CONFIG_DEPTH,
+                max_bytes=MAX_CONFIG_BYTES,
+                todo="fix the base's config.json",
+                what="config",
+            )
+            if not isinstance(cfg, dict):
                 raise MergeError(
-                    f"cannot read config ({e})", p, None, "fix the base's config.json"
-                ) from e
+                    "config is not a JSON object", p, None, "fix the base's config.json"
+                )
             if "vocab_size" in cfg:
                 cfg["vocab_size"] = plan.vocab_rows
-            output.write_file(
-                "config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
-            )
+            data = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+            out.append(SideFile("config.json", None, data=data))
             continue
-        output.copy_file(p, rel.as_posix())
-    if tok_dir is not None:
-        for rel, p in files(tok_dir):
-            if is_tok(rel):
-                output.copy_file(p, rel.as_posix())
+        out.append(SideFile(rel.as_posix(), target, st.st_dev, st.st_ino, st.st_size))
+    if tok is not None:
+        for rel, p in _candidates(tok):
+            if is_tok(rel) and (found := _resolve(tok, p)) is not None:
+                target, st = found
+                out.append(SideFile(rel.as_posix(), target, st.st_dev, st.st_ino, st.st_size))
+    return out
+
+
+def read_side_file(f: SideFile) -> bytes:
+    """The bytes of a planned side file, refusing one replaced since it was planned.
+
+    Raises:
+        MergeError: the file changed (another inode, size) or cannot be read.
+    """
+    if f.data is not None:
+        return f.data
+    try:
+        fd = os.open(f.src, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as e:
+        raise MergeError(
+            f"cannot read a side file: {e.strerror}",
+            f.src,
+            None,
+            "do not change inputs during a merge; re-run with --resume",
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino, st.st_size) != (f.dev, f.ino, f.size):
+            raise MergeError(
+                "a side file changed during the merge",
+                f.src,
+                None,
+                "do not change inputs during a merge; re-run with --resume",
+            )
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    finally:
+        os.close(fd)
+    if len(data) != f.size:
+        raise MergeError(
+            "a side file changed during the merge",
+            f.src,
+            None,
+            "do not change inputs during a merge; re-run with --resume",
+        )
+    return data
+
+
+def copy_side_files(output, plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> None:
+    """Write the side files into the output: those ``output`` planned in its preflight,
+    else planned now."""
+    files = getattr(output, "side_files", None)
+    if files is None:
+        files = plan_side_files(plan, base, models)
+    for f in files:
+        output.write_file(f.name, read_side_file(f))

@@ -6,6 +6,13 @@ byte for byte as it was.
 
 Every case corrupts a fresh trio from ``make_trio`` (base: one file; a: three shards + index;
 b: two shards + index) and runs the real CLI in a subprocess.
+
+Issue 12 added the cases after ``unknown_output_dtype``: inputs inside a path the run would
+create, rename or delete (the staging directory, the journal, the old-output path), a
+directory at the staging path no journal records, JSON nested 1000 deep, a bad or deep
+``config.json`` under the vocabulary rule, names UTF-8 cannot hold, a dimension past 64 bits
+or of 5000 digits, weights symlinked out of the model, and options out of range (all refused
+before the staging directory exists, never after the work).
 """
 
 from __future__ import annotations
@@ -80,6 +87,20 @@ def snapshot(root: Path) -> dict[str, str]:
         else:
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def fake_interrupted_merge(out: Path) -> Path:
+    """What a merge killed after its first shard leaves beside ``out``: the staging directory
+    and the journal recording it. Returns the staging directory."""
+    staging = out.parent / f".{out.name}.streammerge-partial"
+    staging.mkdir()
+    (staging / "model-00001-of-00002.safetensors").write_bytes(b"finished work")
+    st = staging.stat()
+    head = {"journal": "streammerge-journal/2", "recipe": "x", "seed": 1, "shards": []}
+    lines = [head, {"mkdir": True}, {"staging": [st.st_dev, st.st_ino]}]
+    journal = out.parent / f".{out.name}.streammerge-journal"
+    journal.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return staging
 
 
 # --- the corpus ----------------------------------------------------------------------------
@@ -260,7 +281,7 @@ def index_escapes_directory(c: Ctx):
 
 def index_bad_json(c: Ctx):
     (c.b / INDEX).write_text('{"weight_map": {"embed.weight": ')
-    return [str(c.b / INDEX), "bad index"]
+    return [str(c.b / INDEX), "index is not valid JSON"]
 
 
 def index_without_weight_map(c: Ctx):
@@ -419,10 +440,7 @@ def output_parent_missing(c: Ctx):
 
 def interrupted_staging_left(c: Ctx):
     """A previous merge was killed: without --resume / --overwrite its work is kept."""
-    staging = c.out.parent / f".{c.out.name}.streammerge-partial"
-    staging.mkdir()
-    (staging / "journal.jsonl").write_text('{"recipe": "x", "seed": 1}\n')
-    (staging / "model-00001-of-00002.safetensors").write_bytes(b"finished work")
+    staging = fake_interrupted_merge(c.out)
     return [str(staging), "--resume"]
 
 
@@ -489,6 +507,193 @@ CASES = [
 ]  # fmt: skip
 
 
+# --- issue 12: paths the run touches, nesting, names, sizes, options ----------------------
+
+
+def _partial(c: Ctx) -> Path:
+    return c.out.parent / f".{c.out.name}.streammerge-partial"
+
+
+def input_inside_staging_path_overwrite(c: Ctx):
+    """An input model lies inside the staging path: --overwrite must not delete it."""
+    c.a = _copy_model(c.a, _partial(c) / "a")
+    c.extra = ["--overwrite"]
+    return [str(_partial(c)), "staging directory contains the input", str(c.a)]
+
+
+def input_inside_staging_path_resume(c: Ctx):
+    c.a = _copy_model(c.a, _partial(c) / "a")
+    c.extra = ["--resume"]
+    return [str(_partial(c)), "staging directory contains the input"]
+
+
+def input_inside_old_output_path(c: Ctx):
+    """An input under .out.streammerge-old/, and --overwrite of an existing output."""
+    c.a = _copy_model(c.a, c.out.parent / f".{c.out.name}.streammerge-old" / "a")
+    c.out.mkdir()
+    (c.out / "notes.txt").write_text("an older output")
+    c.extra = ["--overwrite"]
+    return ["old-output path contains the input", str(c.a)]
+
+
+def input_is_the_journal_path(c: Ctx):
+    c.a = _copy_model(c.a, c.out.parent / f".{c.out.name}.streammerge-journal")
+    return ["the journal is the input"]
+
+
+def journal_hard_link_to_an_input(c: Ctx):
+    """A hard link to an input at the journal path: truncating the journal would empty it."""
+    os.link(c.base / "config.json", c.out.parent / f".{c.out.name}.streammerge-journal")
+    return ["hard links"]
+
+
+def foreign_directory_at_staging_path(c: Ctx):
+    """A directory streammerge did not create sits at the staging path: never deleted."""
+    d = _partial(c)
+    d.mkdir()
+    (d / "precious.txt").write_text("not ours")
+    c.extra = ["--overwrite"]
+    return [str(d), "no streammerge journal records it"]
+
+
+def output_symlink_to_nonempty_dir(c: Ctx):
+    target = c.tmp / "elsewhere"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    c.out = c.tmp / "link"
+    c.out.symlink_to(target)
+    return [str(c.out), "not empty", "--overwrite"]
+
+
+def header_nested_1000_deep(c: Ctx):
+    """2 KB of brackets: Python's json would end in a RecursionError traceback."""
+    f = shard_of(c.a, "embed.weight")
+    _, data = read_st(f)
+    write_raw(f, b'{"x": ' + b"[" * 1000 + b"]" * 1000 + b"}", data)
+    return [str(f), "header nests too deep"]
+
+
+def index_nested_1000_deep(c: Ctx):
+    (c.b / INDEX).write_text('{"weight_map": {}, "metadata": ' + "[" * 1000 + "]" * 1000 + "}")
+    return [str(c.b / INDEX), "nests"]
+
+
+def _vocab_rule(c: Ctx) -> None:
+    """a gets one more embedding row than the base: the vocabulary rule applies."""
+
+    def fn(t):
+        t["embed.weight"] = torch.cat([t["embed.weight"], t["embed.weight"][:1]])
+
+    _rewrite(c.a, fn, shards=3)
+
+
+def config_bad_json_under_vocab_rule(c: Ctx):
+    _vocab_rule(c)
+    (c.base / "config.json").write_text('{"vocab_size": 37, ')
+    return [str(c.base / "config.json"), "not valid JSON"]
+
+
+def config_nested_deep_under_vocab_rule(c: Ctx):
+    _vocab_rule(c)
+    (c.base / "config.json").write_text('{"vocab_size": 37, "x": ' + "[" * 500 + "]" * 500 + "}")
+    return [str(c.base / "config.json"), "nests"]
+
+
+def tensor_name_lone_surrogate(c: Ctx):
+    f = c.base / "model.safetensors"
+    header, data = read_st(f)
+    text = json.dumps(header).replace('"scalar.weight"', '"scalar.\\ud800"')
+    write_raw(f, text.encode(), data)
+    return [str(f), "lone surrogate"]
+
+
+def zero_elements_dimension_2_70(c: Ctx):
+    """safetensors refuses a dimension past 64 bits even when another dimension is 0."""
+
+    def fn(h):
+        lo = h["scalar.weight"]["data_offsets"][0]
+        h["empty.weight"] = {"dtype": "F32", "shape": [0, 2**70], "data_offsets": [lo, lo]}
+
+    edit_header(c.base / "model.safetensors", fn)
+    return [str(c.base / "model.safetensors"), "empty.weight", "bad shape"]
+
+
+def dimension_of_5000_digits(c: Ctx):
+    f = shard_of(c.b, "embed.weight")
+    header, data = read_st(f)
+    text = json.dumps(header).replace("[37, 24]", "[37, 2" + "0" * 4999 + "]")
+    write_raw(f, text.encode(), data)
+    return [str(f), "5000 digits", "re-download or re-save"]
+
+
+def weights_symlinked_out_of_the_model(c: Ctx):
+    """model.safetensors is a symlink to a file outside the model directory."""
+    elsewhere = c.tmp / "elsewhere"
+    elsewhere.mkdir()
+    f = c.base / "model.safetensors"
+    f.rename(elsewhere / "model.safetensors")
+    f.symlink_to(elsewhere / "model.safetensors")
+    return [str(f), "outside the model directory"]
+
+
+def memory_100tb(c: Ctx):
+    c.extra = ["--memory", "100TB"]
+    return ["--memory 100TB", "memory"]
+
+
+def memory_1kb(c: Ctx):
+    c.extra = ["--memory", "1KB"]
+    return ["--memory 1KB is too small", "1MiB"]
+
+
+def threads_zero(c: Ctx):
+    c.extra = ["--threads", "0"]
+    return ["--threads must be at least 1"]
+
+
+def threads_negative(c: Ctx):
+    c.extra = ["--threads", "-3"]
+    return ["--threads must be at least 1"]
+
+
+def weights_overflow_float32(c: Ctx):
+    c.extra = ["--weights", "1e308,1e308"]
+    return ["--weights", "overflows float32"]
+
+
+def seed_not_an_integer(c: Ctx):
+    c.extra = ["--seed", "1.7"]
+    return ["--seed", "1.7"]
+
+
+def argparse_missing_base(c: Ctx):
+    c.argv = [str(c.a), str(c.b), "-o", str(c.out)]
+    return ["needs a base model", "--base"]  # --base is optional only for linear
+
+
+def argparse_unknown_option(c: Ctx):
+    c.extra = ["--lamda", "0.3"]
+    return ["--lamda", "--help"]
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+CASES += [
+    input_inside_staging_path_overwrite, input_inside_staging_path_resume,
+    input_inside_old_output_path, input_is_the_journal_path, journal_hard_link_to_an_input,
+    foreign_directory_at_staging_path,
+    output_symlink_to_nonempty_dir, header_nested_1000_deep, index_nested_1000_deep,
+    config_bad_json_under_vocab_rule, config_nested_deep_under_vocab_rule,
+    tensor_name_lone_surrogate, zero_elements_dimension_2_70, dimension_of_5000_digits,
+    weights_symlinked_out_of_the_model, memory_100tb, memory_1kb, threads_zero,
+    threads_negative, weights_overflow_float32, seed_not_an_integer, argparse_missing_base,
+    argparse_unknown_option,
+]  # fmt: skip
+
+
 # --- running the CLI -----------------------------------------------------------------------
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -545,6 +750,7 @@ def test_hostile_input_refused_before_writing(tmp_path, case):
     inputs = [p for p in (c.base, c.a, c.b) if p.is_dir()]
     digests = {p: dir_digest(p) for p in inputs}
     before = snapshot(tmp_path)
+    left_before = sorted(tmp_path.rglob("*.streammerge-*"))
     out_existed = c.out.exists() or c.out.is_symlink()
     try:
         r = run_cli((c.argv or c.default_argv()) + c.extra, drop_caps=c.drop_caps)
@@ -558,9 +764,10 @@ def test_hostile_input_refused_before_writing(tmp_path, case):
     assert snapshot(tmp_path) == before, "something was written"
     if not out_existed:
         assert not c.out.exists()
-    staging = [p for p in tmp_path.rglob("*streammerge-partial*")]
-    if case is not interrupted_staging_left:
-        assert staging == []
+    assert sorted(tmp_path.rglob("*.streammerge-*")) == left_before, "staging left behind"
+    assert "command-line options" not in r.stderr or not case.__name__.startswith(
+        ("header", "index", "tensor", "dimension", "zero", "config")
+    ), "an input problem blamed on the options"
 
 
 def test_corpus_is_large_enough():
@@ -642,13 +849,11 @@ def test_real_full_disk_refused_before_writing(tmp_path, small_tmpfs):
 
 
 def test_second_merge_into_the_same_output_is_refused_by_the_lock(tmp_path):
-    """A merge holds the staging directory's lock; a second merge into the same output is
+    """A merge holds the journal's lock; a second merge into the same output is
     refused whatever its flags, and the first one's staging is left alone."""
     c = _world(tmp_path)
-    staging = tmp_path / ".out.streammerge-partial"
-    staging.mkdir()
-    (staging / "journal.jsonl").write_text('{"recipe": "x", "seed": 1}\n')
-    fd = os.open(staging / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fake_interrupted_merge(c.out)
+    fd = os.open(tmp_path / ".out.streammerge-journal", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = snapshot(tmp_path)
@@ -697,7 +902,10 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
         ["No space left on device", str(out), "--resume"],
     )
     assert "(-, -)" not in line
-    assert [p.name for p in small_tmpfs.iterdir()] == [".out.streammerge-partial"]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == [
+        ".out.streammerge-journal",
+        ".out.streammerge-partial",
+    ]
     staging = small_tmpfs / ".out.streammerge-partial"
     assert not [p for p in staging.iterdir() if p.name.endswith(".tmp")]  # partial shard gone
     assert _mount_tmpfs(small_tmpfs, "80m", remount=True).returncode == 0  # > output + margin
@@ -706,3 +914,18 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
     assert [p.name for p in small_tmpfs.iterdir()] == ["out"]
     assert (out / "streammerge.json").is_file()
     assert {p: dir_digest(p) for p in (base, a, b)} == digests
+
+
+def test_output_that_is_a_mount_point_is_refused_before_writing(tmp_path, small_tmpfs):
+    """Issue 12: a mount point cannot be renamed onto; it used to run the whole merge, stage
+    and count free space on the parent filesystem, then fail with EBUSY (and again with
+    --resume / --overwrite)."""
+    c = _world(tmp_path)
+    c.out = small_tmpfs
+    inputs = {p: dir_digest(p) for p in (c.base, c.a, c.b)}
+    before = snapshot(tmp_path)
+    for flags in ([], ["--resume"], ["--overwrite"]):
+        r = run_cli(c.default_argv() + flags)
+        assert_one_line_error(r, [str(small_tmpfs), "mount point", "inside it"])
+        assert snapshot(tmp_path) == before, flags
+    assert {p: dir_digest(p) for p in (c.base, c.a, c.b)} == inputs

@@ -95,7 +95,9 @@ def test_three_models_and_fixed_weights(tmp_path):
         drop="0,0.5,0.9",
         scale=0.7,
     )
-    assert s.method == "dare_linear"  # SPEC v2: given weights without --method (v1: task_arithmetic)
+    assert (
+        s.method == "dare_linear"
+    )  # SPEC v2: given weights without --method (v1: task_arithmetic)
     _assert_same(output_bytes(tmp_path / "out"), expected_merge(tmp_path / "out", base, [a, b, c]))
 
 

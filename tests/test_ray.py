@@ -95,14 +95,13 @@ def test_worker_killed_mid_task_still_identical(tmp_path, cluster):
 
 
 def test_resume_after_the_driver_is_killed(tmp_path):
-    base, a, b = make_trio(tmp_path, big=3_000_000)
+    base, a, b = make_trio(tmp_path, big=20_000_000)  # its shard outlasts the small ones
     out = tmp_path / "out"
     argv = merge_argv([a, b], base, out, "--ray", "--seed", "5", "--shard-size", "500KB",
                       "--memory", "24MiB", "--quiet")  # fmt: skip
-    staging = tmp_path / ".out.streammerge-partial"
     proc = subprocess.Popen([sys.executable, "-m", "streammerge.cli", *argv],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
-    journal = staging / "journal.jsonl"
+    journal = tmp_path / ".out.streammerge-journal"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if journal.is_file() and journal.read_text().count('"shard"') >= 2:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import merge_argv, run_cli, write_model
+from conftest import dir_digest, merge_argv, run_cli, write_model
 from safetensors.torch import load_file, save_file
 
 import streammerge.cli
@@ -32,6 +32,7 @@ from streammerge.output import OutputDir
 TRIALS = 20
 SEED = 1234
 PARTIAL = ".out.streammerge-partial"
+JOURNAL = ".out.streammerge-journal"
 #: Small and slow enough to stream in ~100 chunks into ~9 shards (one 120 KB tensor each).
 OPTS = [
     "--seed",
@@ -165,19 +166,18 @@ def trio(tmp_path_factory):
 
 def inspect_parent(work: Path, ref: dict[str, bytes]) -> str:
     """After a kill: the output is absent or whole; nothing else in its parent looks like a
-    model (only the hidden staging directory). Returns the phase the kill hit."""
+    model (only the hidden staging directory and journal). Returns the phase the kill hit."""
     names = sorted(p.name for p in work.iterdir())
-    assert set(names) <= {"out", PARTIAL}, names
+    assert set(names) <= {"out", PARTIAL, JOURNAL}, names
     if (work / "out").exists():
         assert_same_files(work / "out", ref)  # renamed into place only when whole
-        assert PARTIAL not in names
-        return "finished"
+        return "finished" if names == ["out"] else "renamed, not cleaned up"
     staging = work / PARTIAL
-    if not staging.exists():
-        return "before staging"
-    journal = staging / "journal.jsonl"
+    journal = work / JOURNAL
     if not journal.exists():
-        return "staging, no journal"
+        return "before the journal"
+    if not staging.exists():
+        return "journal, no staging"
     return f"{shards_journaled(journal)} shard(s) journaled"
 
 
@@ -200,7 +200,7 @@ def test_kill_9_at_random_points_then_resume_is_byte_identical(trio):
         # Two uninterrupted runs: the same bytes, and when the first shard is journaled and
         # the merge ends (the kills spread over both: the first shard pays for loading the
         # compiled kernels, the others stream by quickly).
-        journal = work / PARTIAL / "journal.jsonl"
+        journal = work / JOURNAL
         first, total = [], []
         for _ in range(2):
             t0 = zygote.start(argv)
@@ -271,7 +271,8 @@ def interrupt_after(monkeypatch, argv: list[str], shards: int) -> None:
 
 
 def journaled(staging: Path) -> list[dict]:
-    lines = (staging / "journal.jsonl").read_text().splitlines()
+    """The shard records of the journal beside ``staging``."""
+    lines = (staging.parent / JOURNAL).read_text().splitlines()
     return [json.loads(x) for x in lines if '"shard"' in x]
 
 
@@ -329,7 +330,8 @@ def test_resume_refuses_a_changed_input(trio, monkeypatch, capsys, tmp_path):
     capsys.readouterr()
     assert streammerge.cli.main(argv + ["--resume"]) == 2
     err = capsys.readouterr().err.strip().split("\n")
-    assert len(err) == 1 and "the recipe or the inputs changed" in err[0], err
+    assert len(err) == 1 and "an input changed since the interrupted merge" in err[0], err
+    assert str(b) in err[0], err  # names the file that changed
     assert files_of(staging) == kept and not out.exists()
     # Starting over is what the message offers.
     assert streammerge.cli.main(argv + ["--overwrite"]) == 0
@@ -361,10 +363,11 @@ def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
     out = tmp_path / "out"
     argv = argv_for(trio_dirs, out)
     staging = tmp_path / PARTIAL
-    journal = staging / "journal.jsonl"
+    journal = tmp_path / JOURNAL
     for _attempt in range(5):  # the merge may win the race on a fast machine: try again
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
+        journal.unlink(missing_ok=True)
         p = subprocess.Popen(
             [sys.executable, "-m", "streammerge.cli", *argv], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
@@ -383,3 +386,152 @@ def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
     r = run_cli(argv_no_seed + ["--resume"])
     assert r.returncode == 0, r.stderr
     assert_same_files(out, ref)
+
+
+def test_kill_9_during_overwrite_keeps_a_whole_model_then_resume_is_byte_identical(trio):
+    """Issue 12: ``--overwrite`` of a finished model, killed at random points (the final
+    exchange included): the output is always a whole model, the old one until the new one
+    replaces it in one step; ``--resume --overwrite`` then gives the reference bytes and
+    leaves nothing else behind."""
+    trio_dirs, ref, root = trio
+    work = root / "work-overwrite"
+    work.mkdir()
+    out = work / "out"
+    old_copy = root / "old-model"
+    assert streammerge.cli.main(argv_for(trio_dirs, old_copy, "--seed", str(SEED + 1))) == 0
+    old = files_of(old_copy)
+    argv = argv_for(trio_dirs, out, "--overwrite")
+    zygote = Zygote(root / "child-overwrite.log")
+    try:
+        total = []
+        for _ in range(2):
+            shutil.copytree(old_copy, out)
+            t0 = zygote.start(argv)
+            while zygote.running():
+                time.sleep(0.002)
+            total.append(time.perf_counter() - t0)
+            rc, log = zygote.reap()
+            assert rc == 0, log
+            assert_same_files(out, ref)
+            shutil.rmtree(out)
+        duration = sum(total) / 2
+        rng = random.Random(20261123)
+        delays = [duration * 1.1 * (i + rng.random()) / TRIALS for i in range(TRIALS)]
+        rng.shuffle(delays)
+        phases = []
+        for delay in delays:
+            shutil.copytree(old_copy, out)
+            t0 = zygote.start(argv)
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
+            os.kill(zygote.pid, signal.SIGKILL)
+            rc, log = zygote.reap()
+            assert rc in (0, -signal.SIGKILL), (rc, log)
+            names = sorted(p.name for p in work.iterdir())
+            assert "out" in names, (delay, names)  # never without a model
+            now = files_of(out)
+            phase = "new" if now == ref else "old"
+            assert now == (ref if phase == "new" else old), (delay, "a mixed model", names)
+            phases.append(f"{delay:.2f}s: {phase}, {len(names) - 1} hidden")
+            assert streammerge.cli.main(argv + ["--resume"]) == 0, phases
+            assert sorted(p.name for p in work.iterdir()) == ["out"], phases
+            assert_same_files(out, ref)
+            shutil.rmtree(out)
+    finally:
+        zygote.close()
+    print(f"\n--overwrite, uninterrupted {duration:.2f}s; kills:", *phases, sep="\n  ")
+    assert any(": old" in p and " 0 hidden" not in p for p in phases), phases  # mid-merge
+
+
+def _interrupted_copy(trio, tmp_path, monkeypatch, shards: int):
+    """Copies of the trio and a merge of them interrupted after ``shards`` shards."""
+    src, _, _ = trio
+    dirs = tuple(tmp_path / "m" / p.name for p in src)
+    for p, q in zip(src, dirs):
+        shutil.copytree(p, q)
+    out = tmp_path / "out"
+    argv = argv_for(dirs, out)
+    interrupt_after(monkeypatch, argv, shards)
+    return dirs, out, argv
+
+
+def _flip_byte_keeping_size_and_mtime(f: Path, offset: int) -> None:
+    st = f.stat()
+    with open(f, "r+b") as fh:
+        fh.seek(offset)
+        b = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([b[0] ^ 0x01]))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # touch -r
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+
+def _tensor_byte(model: Path, tensor: str) -> tuple[Path, int]:
+    """The file of ``model`` holding ``tensor`` and the offset of its middle byte."""
+    from streammerge.reader import open_model
+
+    info = open_model(model).tensors[tensor]
+    return info.file, info.start + info.nbytes // 2
+
+
+def test_resume_refuses_an_input_edited_in_place_with_size_and_mtime_restored(
+    trio, monkeypatch, capsys, tmp_path
+):
+    """Issue 12 finding 3: one byte of a tensor a finished shard used, edited in place,
+    size and mtime restored: --resume refuses, naming the file and the tensor, and changes
+    nothing; with the byte put back it resumes to the reference bytes."""
+    (base, a, b), out, argv = _interrupted_copy(trio, tmp_path, monkeypatch, 2)
+    staging = tmp_path / PARTIAL
+    used = [t for rec in journaled(staging) for role, t, *_ in rec["inputs"] if role == "1"]
+    f, offset = _tensor_byte(b, used[0])
+    _flip_byte_keeping_size_and_mtime(f, offset)
+    kept = files_of(tmp_path)
+    capsys.readouterr()
+    assert streammerge.cli.main(argv + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 1 and str(f) in err[0] and used[0] in err[0], err
+    assert "an input changed" in err[0] and "--overwrite" in err[0], err
+    assert files_of(tmp_path) == kept
+    _flip_byte_keeping_size_and_mtime(f, offset)  # put back: the bytes are what they were
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    fresh = tmp_path / "fresh"
+    assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
+    assert_same_files(out, files_of(fresh))
+
+
+def test_resume_merges_an_input_edited_where_no_finished_shard_read(trio, monkeypatch, tmp_path):
+    """An edit in a tensor no finished shard used is not relied on: --resume continues
+    and the output is that of a fresh merge of the inputs as they are now."""
+    (base, a, b), out, argv = _interrupted_copy(trio, tmp_path, monkeypatch, 2)
+    staging = tmp_path / PARTIAL
+    used = {t for rec in journaled(staging) for _, t, *_ in rec["inputs"]}
+    from streammerge.reader import open_model
+
+    unused = min(set(open_model(a).tensors) - used)
+    f, offset = _tensor_byte(a, unused)
+    _flip_byte_keeping_size_and_mtime(f, offset)
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    fresh = tmp_path / "fresh"
+    assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
+    assert_same_files(out, files_of(fresh))
+
+
+def test_links_planted_in_the_staging_directory_lead_nowhere(trio, monkeypatch, tmp_path):
+    """Symlinks and hard links to inputs planted at names the resumed merge will write (the
+    next shard's .tmp, a finished shard, config.json): written files are created anew, never
+    through the link, so no input changes; the output is the reference."""
+    (base, a, b), out, argv = _interrupted_copy(trio, tmp_path, monkeypatch, 2)
+    staging = tmp_path / PARTIAL
+    before = {p: dir_digest(p) for p in (base, a, b)}
+    done = [r["shard"] for r in journaled(staging)]
+    names = json.loads((tmp_path / JOURNAL).read_text().splitlines()[0])["shards"]
+    todo = [n for n in names if n not in done]
+    (staging / f"{todo[0]}.tmp").symlink_to(next(a.glob("*.safetensors")))
+    os.link(next(b.glob("*.safetensors")), staging / f"{todo[1]}.tmp")
+    (staging / done[0]).unlink()
+    (staging / done[0]).symlink_to(next(b.glob("*.safetensors")))
+    (staging / "config.json").symlink_to(base / "config.json")
+    assert streammerge.cli.main(argv + ["--resume"]) == 0
+    assert {p: dir_digest(p) for p in (base, a, b)} == before
+    fresh = tmp_path / "fresh"
+    assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
+    assert_same_files(out, files_of(fresh))
