@@ -115,7 +115,7 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
     """A task's body, on its worker: the local execute step over some shards."""
     from streammerge.pipeline import make_layout
 
-    engine = make_backend(prep_options.backend, prep_options.device, prep_options.threads,
+    engine = make_backend(prep_options.backend, prep_options.device, task_cpus(prep_options),
                           prep_options.vram)  # fmt: skip
     layout = make_layout(plan, plan.recipe.n_models, memory_bytes, engine.depth,
                          getattr(engine, "max_chunk_elems", None), prep_options.threads)  # fmt: skip
@@ -133,6 +133,23 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
     if progress is not None and pending[0]:
         progress.add.remote(pending[0])
     return TaskResult(socket.gethostname(), stats)
+
+
+def task_cpus(options: Options) -> int:
+    """CPUs (and kernel threads) of one task: ``--threads``, else 1, so that the cluster
+    runs one task per CPU without oversubscribing its cores."""
+    return max(1, options.threads or 1)
+
+
+def task_options(options: Options) -> dict:
+    """Ray options of a merge task: its CPUs, a GPU with ``--device cuda``, retries when its
+    worker dies, and SPREAD scheduling (tasks go to every node, not first to the driver's)."""
+    return {
+        "num_cpus": task_cpus(options),
+        "num_gpus": 1 if options.device == "cuda" else 0,
+        "max_retries": MAX_RETRIES,
+        "scheduling_strategy": "SPREAD",
+    }
 
 
 def _sees(path: str) -> tuple[str, bool]:
@@ -199,9 +216,10 @@ def merge_ray(
     Args:
         address: ``None`` / ``"local"`` starts a local Ray instance, ``"auto"`` joins a
             running cluster, else a Ray address.
-        tasks: number of tasks (default: the cluster's CPUs; at most the shards).
-        options: as ``merge``; ``--memory`` applies to each task's buffers, ``--device
-            cuda`` asks Ray for one GPU per task.
+        tasks: number of tasks (default: the cluster's CPUs / CPUs per task; at most the
+            shards).
+        options: as ``merge``; ``--memory`` applies to each task's buffers, ``--threads`` is
+            each task's CPUs (default 1), ``--device cuda`` asks Ray for one GPU per task.
         recipe: the recipe keyword arguments of ``merge``.
 
     Returns:
@@ -257,10 +275,10 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
             return self.n, out
 
     progress = Progress.remote()
+    per_task = task_cpus(options)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    groups = partition(todo, tasks or max(1, cpus))
-    remote = ray.remote(max_retries=MAX_RETRIES, num_cpus=1,
-                        num_gpus=1 if options.device == "cuda" else 0)(_run_task)  # fmt: skip
+    groups = partition(todo, tasks or max(1, cpus // per_task))
+    remote = ray.remote(_run_task).options(**task_options(options))
     plan_ref = ray.put(prep.plan)
     staging = str(prep.output.staging)
     refs = {}
@@ -289,7 +307,7 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
 
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
         drain()  # shards journaled as workers finish them, not only as tasks return
         for ref in done:
             res: TaskResult = ray.get(ref)

@@ -356,13 +356,12 @@ def _group_task(models, base, out, names, vectors, recipe_args, seed, options, e
 
 def _run_on_ray(address, groups, models, base, out, names, vectors, recipe_args, seed,
                 options, evaluate, eval_select, on_draw):  # fmt: skip
-    from streammerge.distributed import MAX_RETRIES, _connect
+    from streammerge.distributed import _connect, task_cpus, task_options
 
     ray = _connect(address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
-    g = max(1, min(groups or cpus, len(names)))
-    task = ray.remote(max_retries=MAX_RETRIES, num_cpus=1,
-                      num_gpus=1 if options.device == "cuda" else 0)(_group_task)  # fmt: skip
+    g = max(1, min(groups or cpus // task_cpus(options), len(names)))
+    task = ray.remote(_group_task).options(**task_options(options))
     parts = [list(range(len(names)))[k::g] for k in range(g)]
     refs = [
         task.remote(
