@@ -1,4 +1,4 @@
-"""Host-side constants of the merge contract shared by every kernel (shared/SPEC.md).
+"""Host-side constants of the merge contract shared by every kernel (docs/SPEC.md).
 
 Both the numba CPU kernel and the Triton GPU kernel take their per-model constants from
 here, so the two can only differ in the elementwise pass itself.

@@ -1,6 +1,6 @@
 """The CPU merge kernel (numba): SPEC "The merged value" over one chunk of one tensor.
 
-Contract: shared/SPEC.md, tested bit for bit against ``tests/spec_reference.py``.
+Contract: docs/SPEC.md, tested bit for bit against ``tests/spec_reference.py``.
 
 Layout: the streaming pipeline reads each input's chunk as raw little-endian bytes into
 one row of a 2-D ``uint8`` buffer (``inputs[r]``), and the kernel writes raw bytes of the
@@ -18,7 +18,7 @@ Philox loop therefore prefetches the next block's input lines, which hides most 
 memory traffic behind it.
 
 v2 methods (SPEC v2 "Methods": a magnitude keep window, TIES sign consensus, normalize,
-linear; kernel_contract.md section 1) run in a second kernel, ``_merge_kernel_v2``, so
+linear; docs/kernels.md section 1) run in a second kernel, ``_merge_kernel_v2``, so
 v1's kernel and its speed stay exactly as they were: ``merge_chunk`` picks it only when a
 v2 argument differs from its default. Per block of ``BLOCK_V2`` elements it decodes the
 base, then one fused decode-subtract-window-drop-weight loop per model writes wd_k into a
@@ -644,7 +644,7 @@ def merge_chunk(
     linear: bool = False,
 ) -> None:
     """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged
-    value", v2 "Methods"; /work/kernel_contract.md section 1).
+    value", v2 "Methods"; /work/docs/kernels.md section 1).
 
     Element t of the chunk is element ``start + t`` of the tensor (row-major order);
     masks depend only on (key, j, start + t) and the keep window only on the element's own

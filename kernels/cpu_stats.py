@@ -1,6 +1,6 @@
 """The CPU stats kernels (numba): magnitude histograms for the exact thresholds of SPEC v2.
 
-Contract: shared/SPEC.md v2 "Magnitudes and thresholds", kernel_contract.md section 2. The
+Contract: docs/SPEC.md v2 "Magnitudes and thresholds". The
 engine finds the k-th largest magnitude of a task vector (TIES trim, breadcrumbs' two
 order statistics) by radix select in bounded memory: ``hist_high`` counts the high 16 bits
 of every magnitude, the host picks the bucket holding the wanted rank, ``hist_low``

@@ -1,5 +1,5 @@
 """The Triton merge kernel: SPEC "Random drop (DARE) masks", "The merged value" and v2
-"Methods" over one chunk of one tensor, for N fine-tunes at once (contract: shared/SPEC.md and
+"Methods" over one chunk of one tensor, for N fine-tunes at once (contract: docs/SPEC.md and
 the kernel contract's section 1; tested bit for bit against ``tests/spec_reference.py`` and
 the numba kernel in ``tests/test_triton_kernel.py``).
 
