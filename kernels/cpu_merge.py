@@ -644,7 +644,7 @@ def merge_chunk(
     linear: bool = False,
 ) -> None:
     """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged
-    value", v2 "Methods"; /work/docs/kernels.md section 1).
+    value", v2 "Methods"; docs/kernels.md section 1).
 
     Element t of the chunk is element ``start + t`` of the tensor (row-major order);
     masks depend only on (key, j, start + t) and the keep window only on the element's own
