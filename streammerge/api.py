@@ -336,15 +336,9 @@ def prepare(
         checked = {k: recipe[k] for k in known if recipe.get(k) is not None}
     else:
         checked = {}
+    # types and ranges of every argument (at least 2 models); base may be None (linear)
     check_merge_args(models, base if base is not None else out, out, **checked,
                      **asdict(options))  # fmt: skip
-    if len(models) < 2:
-        raise MergeError(
-            f"need at least 2 fine-tunes, got {len(models)}",
-            None,
-            None,
-            "pass two or more model directories",
-        )
     kwargs = dict(recipe or {}) if not isinstance(recipe, Recipe) else None
     method = recipe.method if isinstance(recipe, Recipe) else kwargs.get("method")
     base_dir = open_input(base) if base is not None else None
