@@ -99,14 +99,17 @@ def _group_order(label: str) -> tuple:
 def passes_of(t: TensorPlan, layout: Layout) -> str:
     """How ``t`` is executed, as a short label: ``copy``, ``convert``, ``merge`` (one read),
     ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
-    ``multi-pass: hist_high+hist_low+merge`` (read once per pass; histogram passes read
-    only the rows the base has)."""
+    ``multi-pass: ...`` (a histogram read that also counts the low histograms of a window
+    guessed from the first chunk, then the merge read; a third read when the guess missed;
+    histogram reads read only the rows the base has)."""
     if t.action != "merge":
         return t.action
     if len(t.ops) == 1:
         return "merge"
     ops = "+".join(t.ops)
-    return f"held: {ops}" if layout.holds(t) else f"multi-pass: {ops}"
+    if layout.holds(t):
+        return f"held: {ops}"
+    return "multi-pass: hist_high+hist_low(guessed window), then merge (2 reads; 3 if missed)"
 
 
 def _params(t: TensorPlan) -> dict:

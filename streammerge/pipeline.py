@@ -42,7 +42,7 @@ from streammerge.output import OutputDir
 from streammerge.plan import Chunk, Plan, Segment, ShardPlan, TensorPlan, iter_chunks
 from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
 from streammerge.remote import RemoteFile, read_jobs
-from streammerge.stats import HIGH_BINS, LOW_BINS, ThresholdStats, windows
+from streammerge.stats import HIGH_BINS, LOW_BINS, ThresholdStats, guess_slots, windows
 from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -78,6 +78,8 @@ class Slot:
     out_nbytes: int = 0
     in_nbytes: int = 0
     outs: list = field(default_factory=list)
+    first: bool = False
+    last: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,11 +92,13 @@ class Marker:
 
 @dataclass(frozen=True)
 class Item:
-    """One pass over one chunk of one tensor."""
+    """One pass over one chunk of one tensor (``first`` / ``last`` chunk of the pass)."""
 
     tensor: TensorPlan
     chunk: Chunk
     op: str
+    first: bool = False
+    last: bool = False
 
 
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
@@ -117,15 +121,19 @@ def mapped_bytes(a: np.ndarray) -> int:
     return obj.nbytes if isinstance(obj, np.ndarray) else a.nbytes
 
 
-#: Scratch of the numba histogram kernels per thread and fine-tune (``kernels/cpu_stats``):
-#: LANES = 4 uint32 copies of the high histogram and of two low histograms.
-KERNEL_SCRATCH_PER_MODEL = 4 * (HIGH_BINS + 2 * LOW_BINS) * 4
+def kernel_scratch_per_model(sparsifier: str) -> int:
+    """Scratch of the numba histogram kernels per thread and fine-tune (``kernels/cpu_stats``):
+    the larger of hist_high's 4 uint32 lanes of the high histogram and hist_low's 2 uint32
+    lanes of each low histogram it counts (``guess_slots`` of them in a guessing read)."""
+    return max(4 * HIGH_BINS * 4, max(2, guess_slots(sparsifier)) * 2 * LOW_BINS * 4)
 
 
-def stats_bytes(n_models: int, threads: int) -> int:
+def stats_bytes(n_models: int, threads: int, sparsifier: str = "breadcrumbs") -> int:
     """Histogram bytes of a statistics pass: the population's int64 counts
-    (``ThresholdStats``) plus the kernels' partial histograms, one set per thread."""
-    return n_models * ((HIGH_BINS + 2 * LOW_BINS) * 8 + threads * KERNEL_SCRATCH_PER_MODEL)
+    (``ThresholdStats``: high, two low, the guessed window's lows) plus the kernels'
+    partial histograms, one set per thread."""
+    counts = (HIGH_BINS + (2 + guess_slots(sparsifier)) * LOW_BINS) * 8
+    return n_models * (counts + threads * kernel_scratch_per_model(sparsifier))
 
 
 @dataclass
@@ -226,7 +234,8 @@ def make_layout(
         has_stats = has_stats or "hist_high" in t.ops
     has_stats = has_stats or (plan.recipe.row.sparse.stats and plan.recipe.trim_scope == "model")
     n_slots = (N_SLOTS_STATS if has_stats else N_SLOTS) + depth
-    hist = stats_bytes(n_models, threads or default_threads()) if has_stats else 0
+    sparsifier = plan.recipe.row.sparsifier
+    hist = stats_bytes(n_models, threads or default_threads(), sparsifier) if has_stats else 0
     per_elem = n_slots * (rows * in_size + outputs * out_size)
     slack = n_slots * (rows + outputs) * (DIRECT_SLACK + DIRECT_ALIGN)  # row rounding, slack
     block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // (32 * outputs))))
@@ -257,28 +266,51 @@ def _stats_chunks(t: TensorPlan, layout: Layout) -> Iterator[Chunk]:
             yield c
 
 
-def tensor_items(t: TensorPlan, layout: Layout) -> Iterator[Item]:
-    """The passes over ``t`` in order (held: one item for all passes)."""
+def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
+    """The passes over ``t`` in order (held: one item for all passes).
+
+    A tensor with statistics that does not fit a slot is read for ``hist_guess`` (high
+    histograms, plus the low histograms of a window of buckets guessed from its first
+    chunk), then, when ``decide(t)`` (the compute stage's verdict, waited for) says the
+    window missed, once more for ``hist_low``, then for ``merge``. Without ``decide`` (byte
+    counts, ``--plan``) the window is taken to hit.
+    """
     if layout.holds(t):
         seg = t.segments[0]
         yield Item(t, Chunk(seg.start, seg.stop - seg.start, seg), "held")
         return
+    if "hist_high" in t.ops:
+        chunks = list(_stats_chunks(t, layout))
+        for i, c in enumerate(chunks):
+            yield Item(t, c, "hist_guess", first=i == 0, last=i == len(chunks) - 1)
+        if chunks and decide is not None and not decide(t):
+            for c in chunks:
+                yield Item(t, c, "hist_low")
+        for c in iter_chunks(t, layout.max_elems(t)):
+            yield Item(t, c, "merge")
+        return
     for op in t.ops:
-        chunks = (
-            _stats_chunks(t, layout)
-            if op.startswith("hist_")
-            else iter_chunks(t, layout.max_elems(t))
-        )
-        for c in chunks:
+        for c in iter_chunks(t, layout.max_elems(t)):
             yield Item(t, c, op)
 
 
-def work_items(plan: Plan, shards: list[ShardPlan], layout: Layout) -> Iterator[Item | Marker]:
-    """Shard markers and items in output file order."""
+def population(t: TensorPlan, n_models: int) -> list[int]:
+    """Elements of each fine-tune's task vector in ``t``'s statistics: the rows the base
+    has and the fine-tune has (docs/SPEC.md "Magnitudes and thresholds")."""
+    return [
+        sum(s.stop - s.start for s in t.segments if s.has_base and j in s.models)
+        for j in range(n_models)
+    ]
+
+
+def work_items(
+    plan: Plan, shards: list[ShardPlan], layout: Layout, decide=None
+) -> Iterator[Item | Marker]:
+    """Shard markers and items in output file order (``decide``: see ``tensor_items``)."""
     for shard in shards:
         yield Marker("open", shard)
         for t in shard.tensors:
-            yield from tensor_items(t, layout)
+            yield from tensor_items(t, layout, decide)
         yield Marker("close", shard)
 
 
@@ -381,24 +413,33 @@ class _Thresholds:
         return self.windows[t.name]
 
 
-def accumulate(backend: Backend, slot: Slot, st: ThresholdStats, op: str, seg: Segment) -> None:
-    """Run one histogram pass over the slot into ``st`` (only the segment's fine-tunes)."""
+def accumulate(
+    backend: Backend, slot: Slot, st: ThresholdStats, op: str, seg: Segment, guess: bool = False
+) -> None:
+    """Run one histogram pass over the slot into ``st`` (only the segment's fine-tunes):
+    ``hist_high``, or ``hist_low`` of the exact buckets, or with ``guess`` of the guessed
+    window's buckets into ``st.low_window``."""
     args = hist_args(slot.tensor, slot.chunk)
     idx = list(seg.models)
     whole = idx == list(range(st.high.shape[0]))
-    counts = st.high if op == "hist_high" else st.low
-    hist = counts if whole else np.zeros_like(counts[idx])  # kernels add into ``hist``
     if op == "hist_high":
+        counts, buckets = st.high, None
+    elif guess:
+        counts, buckets = st.low_window, st.window_buckets
+    else:
+        counts, buckets = st.low, st.buckets()
+    hist = counts if whole else np.zeros_like(counts[idx])  # kernels add into ``hist``
+    if buckets is None:
         backend.run(op, slot, args, hist=hist)
     else:
-        backend.run(op, slot, args, hist=hist, buckets=np.ascontiguousarray(st.buckets()[idx]))
+        backend.run(op, slot, args, hist=hist, buckets=np.ascontiguousarray(buckets[idx]))
     if not whole:
         counts[idx] += hist
 
 
 def _stream(
     plan: Plan,
-    items: Iterable[Item | Marker],
+    items: Callable[[Callable | None], Iterable[Item | Marker]],
     outputs: list[OutputDir],
     layout: Layout,
     backend: Backend,
@@ -407,9 +448,10 @@ def _stream(
     thresholds: _Thresholds,
     variants: list[Plan] | None = None,
 ) -> list[RunStats]:
-    """The streaming core: ``items`` read once into the slots, each output k's elementwise
-    pass with ``variants[k]``'s parameters (a sweep; default: ``plan`` alone), written to
-    ``outputs[k]``. No outputs: statistics only (``analyze``)."""
+    """The streaming core: ``items(decide)`` read once into the slots, each output k's
+    elementwise pass with ``variants[k]``'s parameters (a sweep; default: ``plan`` alone),
+    written to ``outputs[k]``. No outputs: statistics only (``analyze``). ``decide`` lets
+    the reader wait for the compute stage's verdict on a guessed threshold window."""
     variants = variants or [plan]
     by_name = [{t.name: t for t in v.tensors} for v in variants]
     slots = []
@@ -442,9 +484,24 @@ def _stream(
             except queue.Empty:
                 continue
 
+    verdicts: dict[str, list] = {}  # tensor -> [Event, window hit]
+    verdict_lock = threading.Lock()
+
+    def verdict(name: str) -> list:
+        with verdict_lock:
+            return verdicts.setdefault(name, [threading.Event(), None])
+
+    def decide(t: TensorPlan) -> bool:
+        v = verdict(t.name)
+        while not v[0].wait(0.1):
+            if stop.is_set():
+                raise _Failed
+        return v[1]
+
     def fill(pool: ThreadPoolExecutor, slot: Slot, item: Item) -> None:
         t, c = item.tensor, item.chunk
         slot.tensor, slot.chunk, slot.op = t, c, item.op
+        slot.first, slot.last = item.first, item.last
         slot.out_nbytes = c.count * DTYPE_ITEMSIZE[t.dtype]
         if item.op == "copy":
             isz = t.base.itemsize
@@ -466,7 +523,7 @@ def _stream(
             with ThreadPoolExecutor(
                 max_workers=4 * layout.rows, thread_name_prefix="sm-read"
             ) as pool:
-                for item in items:
+                for item in items(decide):
                     if isinstance(item, Marker):
                         ready_q.put(item)
                         continue
@@ -535,6 +592,17 @@ def _stream(
             return backend.run(op, slot, convert_args(t, slot.chunk)), True
         if op in ("hist_high", "hist_low"):
             accumulate(backend, slot, thresholds.stats(t), op, slot.chunk.segment)
+            return None, False
+        if op == "hist_guess":
+            st = thresholds.stats(t)
+            accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
+            if slot.first:
+                st.guess_window(population(t, plan.recipe.n_models))
+            accumulate(backend, slot, st, "hist_low", slot.chunk.segment, guess=True)
+            if slot.last:
+                v = verdict(t.name)
+                v[1] = st.resolve_window()
+                v[0].set()
             return None, False
         if op == "held":
             st = thresholds.stats(t)
@@ -657,7 +725,7 @@ def run(
     """
     return _stream(
         plan,
-        work_items(plan, shards, layout),
+        lambda decide: work_items(plan, shards, layout, decide),
         [output],
         layout,
         backend,
@@ -689,7 +757,7 @@ def run_many(
     plan = plans[0]
     return _stream(
         plan,
-        work_items(plan, list(plan.shards), layout),
+        lambda decide: work_items(plan, list(plan.shards), layout, decide),
         outputs,
         layout,
         backend,
@@ -720,6 +788,6 @@ def analyze(
         return [[] for _ in range(plan.recipe.n_models)], RunStats(0, 0, {}, {})
     shared = th.stats(first)  # one population: every tensor feeds the same histograms
     th.stats = lambda t: shared  # type: ignore[method-assign]
-    stats = _stream(plan, analysis_items(plan, layout), [], layout, backend, on_bytes,
-                    direct_io, th)[0]  # fmt: skip
+    stats = _stream(plan, lambda decide: analysis_items(plan, layout), [], layout, backend,
+                    on_bytes, direct_io, th)[0]  # fmt: skip
     return shared.thresholds(), stats

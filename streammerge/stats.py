@@ -29,6 +29,18 @@ LOW_BINS = 1 << 16
 #: Keep windows: everything / nothing (lo > hi).
 KEEP_ALL = (0, 0xFFFFFFFF)
 KEEP_NONE = (1, 0)
+#: A tensor too large for a slot is read once for its histograms and once to merge when
+#: the wanted ranks' high buckets fall within this many buckets of their estimate from the
+#: tensor's first chunk (the low histograms of those buckets are counted during the first
+#: read); else once more for the low histograms.
+GUESS_SPREAD = 1
+#: Order statistics per fine-tune: one threshold for magnitude, two for breadcrumbs.
+RANKS = {"magnitude": 1, "breadcrumbs": 2}
+
+
+def guess_slots(sparsifier: str) -> int:
+    """Buckets whose low histograms a guessing read counts, per fine-tune."""
+    return RANKS[sparsifier] * (2 * GUESS_SPREAD + 1)
 
 
 def ranks_for(sparsifier: str, n: int, density: float, gamma: float | None) -> list[int] | None:
@@ -91,7 +103,8 @@ class ThresholdStats:
     @property
     def nbytes(self) -> int:
         """Bytes of the histograms."""
-        return self.high.nbytes + self.low.nbytes
+        window = getattr(self, "low_window", None)
+        return self.high.nbytes + self.low.nbytes + (0 if window is None else window.nbytes)
 
     def buckets(self) -> np.ndarray:
         """[N, 2] int64 high buckets the hist_low pass must resolve (-1: none). Call after
@@ -110,6 +123,46 @@ class ThresholdStats:
                     within.append(w)
                 self._within.append(within)
         return self._buckets
+
+    def guess_window(self, population: Sequence[int]) -> np.ndarray:
+        """[N, guess_slots] int64 high buckets (-1 unused) around each wanted rank, estimated
+        from the high histogram counted so far (a tensor's first chunk) scaled to the whole
+        ``population`` (elements per fine-tune); their low histograms are then counted in
+        ``low_window`` as the rest of the tensor streams by."""
+        n_models = len(self.density)
+        per = 2 * GUESS_SPREAD + 1
+        slots = guess_slots(self.sparsifier)
+        self.window_buckets = np.full((n_models, slots), -1, np.int64)
+        self.low_window = np.zeros((n_models, slots, LOW_BINS), np.int64)
+        for j in range(n_models):
+            seen = int(self.high[j].sum())
+            ranks = ranks_for(self.sparsifier, population[j], self.density[j], self.gamma[j])
+            if not ranks or seen == 0:
+                continue
+            for i, r in enumerate(ranks):
+                b, _ = _locate(self.high[j], min(seen - 1, r * seen // population[j]))
+                for w in range(-GUESS_SPREAD, GUESS_SPREAD + 1):
+                    if 0 <= b + w < HIGH_BINS:
+                        self.window_buckets[j, i * per + w + GUESS_SPREAD] = b + w
+        return self.window_buckets
+
+    def resolve_window(self) -> bool:
+        """Once every element was counted (high histogram and ``low_window``): True when each
+        wanted rank's exact bucket was in the window, its low histogram taken from there
+        (``thresholds()`` is then exact); False when another pass must count it."""
+        buckets = self.buckets()
+        found = []
+        for j in range(len(self.density)):
+            for i in range(buckets.shape[1]):
+                if buckets[j, i] < 0:
+                    continue
+                hits = np.flatnonzero(self.window_buckets[j] == buckets[j, i])
+                if hits.size == 0:
+                    return False  # nothing copied: the extra hist_low pass counts from zero
+                found.append((j, i, hits[0]))
+        for j, i, k in found:
+            self.low[j, i] = self.low_window[j, k]
+        return True
 
     def thresholds(self) -> list[list[int]]:
         """Per fine-tune ``[T]`` (magnitude), ``[L, H]`` (breadcrumbs), or ``[]`` when no

@@ -36,7 +36,7 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "scope", "extra"), CASES)
 def test_plan_bytes_equal_the_real_run_and_nothing_is_written(tmp_path, method, scope, extra):
-    base, a, b = make_trio(tmp_path, big=700_001)
+    base, a, b = make_trio(tmp_path, big=1_500_001)  # more than a 24 MiB slot holds
     out = tmp_path / "out"
     recipe = {"method": method, "seed": 11, "trim_scope": scope, **extra}
     options = Options(memory="24MiB", threads=2, backend="numba", device="cpu")

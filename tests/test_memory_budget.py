@@ -27,11 +27,13 @@ def test_real_allocation_fits_the_budget(tmp_path, method, memory):
 
 
 def test_scratch_estimate_matches_the_kernels():
+    """The budget counts the numba kernels' partial histograms as they allocate them."""
     from streammerge.kernels import cpu_stats
 
-    from streammerge.pipeline import KERNEL_SCRATCH_PER_MODEL
+    from streammerge.pipeline import kernel_scratch_per_model
+    from streammerge.stats import guess_slots
 
-    assert (
-        KERNEL_SCRATCH_PER_MODEL
-        == cpu_stats.LANES * (cpu_stats.HIGH_BINS + 2 * cpu_stats.LOW_BINS) * 4
-    )
+    for sparsifier in ("magnitude", "breadcrumbs"):
+        high = cpu_stats.LANES * cpu_stats.HIGH_BINS * 4  # [P, K, LANES, HIGH_BINS] uint32
+        low = max(2, guess_slots(sparsifier)) * 2 * cpu_stats.LOW_BINS * 4  # [P, K, B, 2, LOW]
+        assert kernel_scratch_per_model(sparsifier) == max(high, low)

@@ -85,12 +85,12 @@ def test_every_method_is_bit_exact(tmp_path, method, weighting, n_models, dtype)
 def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
     """A tensor larger than a slot takes the multi-pass route (read per pass) and gives the
     same bytes as when held; trim_scope model computes one population per fine-tune."""
-    base, a, b = make_trio(tmp_path, dtype="BF16", shards=(2, 1, 3), big=600_000)
+    base, a, b = make_trio(tmp_path, dtype="BF16", shards=(2, 1, 3), big=2_000_000)
     c = _third_model(tmp_path, base, "BF16")
     kw = {"method": method, "seed": 5, "weights": [1.0, 0.6, 0.8], "density": 0.3}
     if METHODS[method].sparse.uses_gamma:
         kw["gamma"] = 0.05
-    small = streammerge.merge([a, b, c], base, tmp_path / "small", memory="24MiB", **kw)
+    small = streammerge.merge([a, b, c], base, tmp_path / "small", memory="48MiB", **kw)
     large = streammerge.merge([a, b, c], base, tmp_path / "large", memory="256MiB", **kw)
     assert small.bytes_read > large.bytes_read or not METHODS[method].sparse.stats
     assert output_bytes(tmp_path / "small").keys() == output_bytes(tmp_path / "large").keys()
@@ -98,7 +98,7 @@ def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
         assert np.array_equal(v, output_bytes(tmp_path / "large")[name]), name
     _check(tmp_path / "small", base, [a, b, c])
     if METHODS[method].sparse.stats:
-        streammerge.merge([a, b, c], base, tmp_path / "model", memory="24MiB",
+        streammerge.merge([a, b, c], base, tmp_path / "model", memory="48MiB",
                           trim_scope="model", **kw)  # fmt: skip
         rec = _check(tmp_path / "model", base, [a, b, c])
         th = {json.dumps(v["thresholds"]) for v in rec["tensors"].values()}
@@ -166,3 +166,30 @@ def test_linear_needs_no_base_and_refuses_scale(tmp_path):
     assert r.returncode == 2 and "needs a base" in r.stderr
     r = run_cli([str(a), str(b), "-o", str(tmp_path / "q"), "--method", "linear", "--scale", "2"])
     assert r.returncode == 2 and "--scale does not apply" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_guessed_window_hit_and_miss_are_both_exact(tmp_path, method):
+    """A tensor larger than a slot: its thresholds' buckets are guessed from its first chunk.
+    Alike chunks: the guess hits (2 reads); a first chunk unlike the rest: it misses and a
+    third read counts the low histograms. Both are bit-exact."""
+    g = torch.Generator().manual_seed(7)
+    n = 1_500_000
+    base = torch.randn(n, generator=g) * 0.02
+    alike = [base + torch.randn(n, generator=g) * 0.002 for _ in range(2)]
+    unlike = []
+    for _ in range(2):
+        d = torch.randn(n, generator=g) * 0.002
+        d[: n // 3] *= 1e-3  # the first chunks' task vectors are 1000x smaller
+        unlike.append(base + d)
+    reads = {}
+    for label, models in (("alike", alike), ("unlike", unlike)):
+        root = tmp_path / label
+        dirs = [write_model(root / name, {"w.weight": t.to(torch.bfloat16)})
+                for name, t in (("base", base), ("a", models[0]), ("b", models[1]))]  # fmt: skip
+        kw = {"method": method, "seed": 3, "weights": [1.0, 0.7], "density": 0.3}
+        s = streammerge.merge(dirs[1:], dirs[0], root / "out", memory="32MiB", **kw)
+        _check(root / "out", dirs[0], dirs[1:])
+        reads[label] = s.bytes_read
+    one = 3 * n * 2  # base + 2 models, bf16
+    assert reads["alike"] == 2 * one and reads["unlike"] == 3 * one, reads

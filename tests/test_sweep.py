@@ -37,7 +37,7 @@ def test_each_draw_is_the_single_merge_its_row_names(tmp_path, n_models, recipe)
         models.append(write_model(tmp_path / "c", ts, shards=2))
     out = tmp_path / "sweep"
     r = sw.sweep(models, base, out, draws=3, seed=11, sweep_seed=4, keep="all",
-                 options=Options(memory="24MiB", shard_size="40KB"), **recipe)  # fmt: skip
+                 options=Options(memory="48MiB", shard_size="40KB"), **recipe)  # fmt: skip
     assert len(r.draws) == 4 and r.draws[-1].name == sw.FIXED
     assert len({d.weights for d in r.draws}) == 4
     for d in r.draws:
