@@ -8,7 +8,7 @@ JSON-serializable dict; ``format_plan`` renders it as text. Contents:
 - the recipe: method, trim scope, seed, the mixup ratios m (λ for two models) and α;
 - per tensor group (``embedding/other``, ``layer N``, ``head/final``): tensor count, output
   bytes, input bytes read, the passes (``held``: read once, every pass on the held slot;
-  ``multi-pass``: read once per pass), and the resolved w / density / drop / gamma /
+  ``multi-pass``: two reads, three when the guessed window misses), and the resolved w / density / drop / gamma /
   scale / normalize, once per distinct set with the tensors that share it;
 - the output shards (file, size in bytes, tensor count);
 - ``bytes_read``: exactly what the real run reads (``pipeline.read_bytes`` over the same

@@ -13,7 +13,9 @@ GIL, so reading chunk k+1, computing chunk k and writing chunk k-1 run at once.
 Each tensor's passes come from the plan (``TensorPlan.ops``, from the method table). A
 method with a statistics pass (TIES, breadcrumbs) needs its thresholds before the
 elementwise pass: a tensor whose inputs fit one slot is read once and every pass runs on
-the held slot ("held"); a larger one (a 128256 x 8192 embedding) is read once per pass.
+the held slot ("held"); a larger one (a 128256 x 8192 embedding) is read twice: for its
+high histograms and the low histograms of a bucket window guessed from its first chunk,
+then to merge (a third read, for the low histograms, only when the guess missed).
 Such methods get fewer, larger slots (``make_layout``), so most tensors are held. With
 ``trim_scope: model`` the thresholds of the whole model come first (``analyze``).
 
