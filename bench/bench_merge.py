@@ -744,20 +744,15 @@ def finish_ratios(results: list[Result], args) -> None:
         r.x_floor = floor.time_s / r.time_s if floor else None
         checks = []
         want = TARGETS.get(r.method, {})
-        if "mergekit" in want:
-            if r.x_mergekit is None:
-                checks.append(f"x mergekit >= {want['mergekit']:g}: not measured")
+        for key, got in (("mergekit", r.x_mergekit), ("floor", r.x_floor)):
+            if key not in want:
+                continue
+            if got is None:
+                checks.append(f"x {key} >= {want[key]:g}: not measured")
             else:
-                ok = r.x_mergekit >= want["mergekit"]
-                checks.append(f"x mergekit {r.x_mergekit:.2f} {'>=' if ok else '<'} "
-                              f"{want['mergekit']:g} {'ok' if ok else 'MISSED'}")  # fmt: skip
-        if "floor" in want:
-            if r.x_floor is None:
-                checks.append(f"x floor >= {want['floor']:g}: not measured")
-            else:
-                ok = r.x_floor >= want["floor"]
-                checks.append(f"x floor {r.x_floor:.2f} {'>=' if ok else '<'} "
-                              f"{want['floor']:g} {'ok' if ok else 'MISSED'}")  # fmt: skip
+                ok = got >= want[key]
+                checks.append(f"x {key} {got:.2f} {'>=' if ok else '<'} "
+                              f"{want[key]:g} {'ok' if ok else 'MISSED'}")  # fmt: skip
         ok = r.peak_rss_mib is not None and r.peak_rss_mib <= budget
         checks.append(f"RSS {fmt(r.peak_rss_mib, '.0f')} {'<=' if ok else '>'} {budget:.0f} MiB "
                       f"{'ok' if ok else 'MISSED'}")  # fmt: skip

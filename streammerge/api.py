@@ -22,7 +22,16 @@ from streammerge import __version__
 from streammerge.checks import check_merge_args
 from streammerge.errors import MergeError, OptionError
 from streammerge.output import OutputDir
-from streammerge.pipeline import Layout, RunStats, analyze, make_layout, read_bytes, run, work_items
+from streammerge.pipeline import (
+    Layout,
+    RunStats,
+    analysis_items,
+    analyze,
+    make_layout,
+    read_bytes,
+    run,
+    work_items,
+)
 from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.recipe import Recipe, RecipeError, build_recipe
@@ -411,22 +420,19 @@ def execute(
     layout = layout_for(prep, engine)  # a budget too small fails before staging exists
     open_output(prep)
     todo = list(shards) if shards is not None else prep.todo()
-    model_th = None
+    model_th = pre = None
+    analysis = prep.plan.model_scope and bool(todo)
     total = read_bytes(work_items(prep.plan, todo, layout))
-    row = prep.recipe.row
-    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
-        from streammerge.pipeline import analysis_items
-
+    if analysis:
         total += read_bytes(analysis_items(prep.plan, layout))
     if on_start is not None:
         on_start(prep.plan, total)
-    pre = None
-    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
+    if analysis:
         model_th, pre = analyze(prep.plan, layout, engine, on_bytes, prep.options.direct_io)
     stats = run(prep.plan, todo, prep.output, layout, engine, on_bytes=on_bytes,
                 direct_io=prep.options.direct_io, model_thresholds=model_th)  # fmt: skip
     if model_th is not None:
-        stats.thresholds = {t.name: model_th for t in prep.plan.tensors if t.action == "merge"}
+        stats.thresholds = prep.plan.per_tensor(model_th)
         stats.bytes_read += pre.bytes_read
         stats.buffer_bytes = max(stats.buffer_bytes, pre.buffer_bytes)
         for k, v in pre.busy_s.items():
@@ -448,7 +454,7 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
             size, sha = done[s.filename]["size"], done[s.filename]["sha256"]
             thresholds.update(done[s.filename].get("thresholds", {}))
         shards.append({"file": s.filename, "size_bytes": size, "sha256": sha})
-    if prep.recipe.trim_scope == "model" and prep.recipe.row.sparse.stats and not stats.thresholds:
+    if plan.model_scope and not stats.thresholds:
         raise MergeError("the model's thresholds were not computed", None, None, "re-run")
     try:
         weight_map = {t.name: s.filename for s in plan.shards for t in s.tensors}

@@ -247,9 +247,8 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
     options = prep.options
     todo = prep.todo()
     layout = layout_for(prep, CPU_GEOMETRY)  # before any task: a bad budget fails here
-    row = prep.recipe.row
     model_th = None
-    if row.sparse.stats and prep.recipe.trim_scope == "model" and todo:
+    if prep.plan.model_scope and todo:
         engine = make_backend(options.backend, options.device, options.threads, options.vram)
         model_th, _ = analyze(prep.plan, layout, engine, on_bytes, options.direct_io)
     if on_start is not None:
@@ -324,5 +323,5 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
                 raise MergeError(f"task on {res.host} finished shards it never reported: "
                                  f"{sorted(missing)}", prep.output.staging, None, "re-run with --resume")  # fmt: skip
     if model_th is not None:
-        merged.thresholds = {t.name: model_th for t in prep.plan.tensors if t.action == "merge"}
+        merged.thresholds = prep.plan.per_tensor(model_th)
     return finalize(prep, merged)

@@ -264,7 +264,7 @@ def describe(prep, layout: Layout, measure_read: bool = True) -> dict:
     r, plan = prep.recipe, prep.plan
     row = r.row
     todo, resumed = _todo(prep)
-    model_scope = row.sparse.stats and r.trim_scope == "model"
+    model_scope = plan.model_scope
     work_read = read_bytes(work_items(plan, todo, layout))
     analysis_read = read_bytes(analysis_items(plan, layout)) if model_scope and todo else 0
     bytes_read = work_read + analysis_read

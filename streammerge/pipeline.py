@@ -234,7 +234,7 @@ def make_layout(
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
         has_stats = has_stats or "hist_high" in t.ops
-    has_stats = has_stats or (plan.recipe.row.sparse.stats and plan.recipe.trim_scope == "model")
+    has_stats = has_stats or plan.model_scope
     n_slots = (N_SLOTS_STATS if has_stats else N_SLOTS) + depth
     sparsifier = plan.recipe.row.sparsifier
     hist = stats_bytes(n_models, threads or default_threads(), sparsifier) if has_stats else 0

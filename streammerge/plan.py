@@ -183,6 +183,16 @@ class Plan:
     tokenizer_model: int | None
 
     @property
+    def model_scope(self) -> bool:
+        """True when thresholds are taken over the whole model (a magnitude sparsifier with
+        trim_scope model): computed before any shard (``pipeline.analyze``)."""
+        return self.recipe.row.sparse.stats and self.recipe.trim_scope == "model"
+
+    def per_tensor(self, thresholds: list) -> dict[str, list]:
+        """The whole model's thresholds recorded for every merged tensor."""
+        return {t.name: thresholds for t in self.tensors if t.action == "merge"}
+
+    @property
     def tensors(self) -> Iterator[TensorPlan]:
         """Every output tensor, shard by shard."""
         for shard in self.shards:
@@ -466,7 +476,7 @@ def make_plan(
             _names(names),
             "merge fine-tunes saved with the same tensors",
         )
-    if row.sparse.stats and recipe.trim_scope == "model":
+    if row.sparse.stats and recipe.trim_scope == "model":  # Plan.model_scope, before a Plan exists
         _check_model_scope(plans, recipe)
     sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
     groups = greedy_shards(sizes, shard_size_bytes)

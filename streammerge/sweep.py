@@ -325,7 +325,7 @@ def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, o
             from streammerge.pipeline import read_bytes, work_items
 
             on_start(read_bytes(work_items(p0.plan, list(p0.plan.shards), layout)))
-        if p0.recipe.row.sparse.stats and p0.recipe.trim_scope == "model":
+        if p0.plan.model_scope:
             model_th, _ = analyze(p0.plan, layout, engine, on_bytes, options.direct_io)
         stats = run_many([p.plan for p in preps], [p.output for p in preps], layout, engine,
                          on_bytes, options.direct_io, model_th)  # fmt: skip
@@ -335,7 +335,7 @@ def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, o
         raise
     for p, st in zip(preps, stats):
         if model_th is not None:
-            st.thresholds = {t.name: model_th for t in p.plan.tensors if t.action == "merge"}
+            st.thresholds = p.plan.per_tensor(model_th)
         finalize(p, st)
     for d in rows:
         _evaluate(d, evaluate, eval_select)
