@@ -841,7 +841,7 @@ def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int, ar
         ratio = ""
         sm = ratio_base(results, r) if r.ok else None
         if sm is not None:
-            ratio = f"{r.time_s / sm.time_s:.3f}"
+            ratio = f"{r.time_s / sm.time_s:.4g}"
         rows.append(
             {
                 **common,
@@ -857,8 +857,8 @@ def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int, ar
                 "peak_rss_mib": fmt(r.peak_rss_mib, ".0f"),
                 "tree_peak_rss_mib": fmt(r.tree_peak_rss_mib, ".0f"),
                 "streammerge_ratio": ratio,
-                "x_faster_than_mergekit": fmt(r.x_mergekit, ".3f"),
-                "x_of_floor_direct": fmt(r.x_floor, ".3f"),
+                "x_faster_than_mergekit": fmt(r.x_mergekit, ".4g"),
+                "x_of_floor_direct": fmt(r.x_floor, ".4g"),  # significant digits: a tiny smoke trio gives ~1e-4
                 "targets": r.targets,
                 "rss_source": r.rss_source,
                 "memory": (args.memory or DEFAULT_MEMORY) if r.contender == "streammerge" else "",
