@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -235,8 +236,14 @@ def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> d
 def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
     """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
 
+    On a CUDA device (``streammerge.gpu.cuda_backend``: checks ``--vram`` against the free
+    memory and compiles the kernel with a warm-up launch). Under ``auto``, a GPU that cannot
+    run (no triton, no C compiler, a driver error, ``TRITON_INTERPRET=1``) falls back to
+    numba with one line on stderr saying why; asked for with ``--device cuda`` or
+    ``--backend triton``, it is the error.
+
     Raises:
-        MergeError: cuda asked for but not available; ValueError: unknown names.
+        MergeError: cuda asked for but not usable; ValueError: unknown names.
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
@@ -247,12 +254,13 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
 
         if gpu.cuda_available():
             try:
-                return gpu.CudaBackend(None if vram is None else parse_size(vram))
-            except MergeError:
-                if device == "cuda" or backend == "triton":
+                return gpu.cuda_backend(None if vram is None else parse_size(vram, "--vram"))
+            except MergeError as e:
+                if device == "cuda" or backend == "triton" or vram is not None:
                     raise  # asked for explicitly: say why it cannot run
-                # auto: a GPU without a usable Triton falls back to the CPU kernel
-        if device == "cuda":
+                print(f"streammerge: not using the GPU: {e.what}; merging on the CPU (numba)",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        elif device == "cuda":
             raise MergeError(
                 "--device cuda but no CUDA device is available", None, None, "use --device cpu"
             )
@@ -545,8 +553,10 @@ def merge(
     if options is None:
         options = Options(**{k: v for k, v in kwargs.items() if k in OPTION_KEYS})
     spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
-    prep = prepare(models, base, out, spec, options, provenance)
+    # The backend first: a GPU that cannot run (--vram above the free memory, no compiler)
+    # is an error before the output is created.
     engine = make_backend(options.backend, options.device, options.threads, options.vram)
+    prep = prepare(models, base, out, spec, options, provenance)
     try:
         stats = execute(prep, engine, on_start=on_start, on_bytes=on_bytes)
     except BaseException:

@@ -21,12 +21,14 @@ is just more chunks.
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.pipeline import MIN_CHUNK_ELEMS, Slot
-from streammerge.reader import DIRECT_ALIGN
+from streammerge.sizes import format_bytes
 
 #: Device buffer sets in flight (H2D of k+1 overlaps the kernel of k and D2H of k-1).
 GPU_DEPTH = 3
@@ -35,10 +37,15 @@ DEFAULT_VRAM_SHARE = 0.25
 DEFAULT_VRAM_CAP = 4 * 2**30
 
 
+#: Device nodes of an NVIDIA driver: Linux (/dev/nvidiactl, /proc/driver/nvidia) and WSL2,
+#: whose GPUs appear only as /dev/dxg.
+DRIVER_NODES = ("/dev/nvidiactl", "/proc/driver/nvidia", "/dev/dxg")
+
+
 def cuda_available() -> bool:
     """True when a CUDA device can be used. Does not import torch on machines without an
-    NVIDIA driver, so the CPU path never pays for it."""
-    if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")):
+    NVIDIA driver (none of DRIVER_NODES: Linux or WSL2), so the CPU path never pays for it."""
+    if not any(os.path.exists(p) for p in DRIVER_NODES):
         return False
     try:
         import torch
@@ -78,136 +85,225 @@ def device_bytes_in_flight(
     return depth * chunk_elems * (rows * in_itemsize + out_itemsize)
 
 
-def default_vram_bytes() -> int:
-    """A modest share of the free device memory (DEFAULT_VRAM_SHARE, capped)."""
-    import torch
-
-    free, _total = torch.cuda.mem_get_info()
+def default_vram_bytes(free: int) -> int:
+    """A modest share of the free device memory (DEFAULT_VRAM_SHARE, at most
+    DEFAULT_VRAM_CAP), in bytes."""
     return int(min(free * DEFAULT_VRAM_SHARE, DEFAULT_VRAM_CAP))
 
 
-class CudaBackend:
-    """Merges slots on a CUDA device with the Triton kernel, ``depth`` chunks in flight.
+#: Warm-up launch size (elements): compiles the kernel and Triton's driver stub up front.
+WARMUP_ELEMS = 16
 
-    Host slots are pinned (``alloc``), so the copies are asynchronous DMA. The chunk size
-    the pipeline uses must not exceed ``max_chunk_elems`` (``make_layout`` is given it).
+
+class DeviceBackend:
+    """Merges slots on a device, ``depth`` chunks in flight over three streams (the module
+    docstring), through a ``streammerge.devqueue.DeviceQueue``: torch CUDA for real, or
+    ``streammerge.threadqueue.ThreadQueue`` in the tests.
+
+    Per chunk k in device buffer set i = k % depth, in queue order:
+
+    1. ``h2d`` waits for the set's previous D2H (``free[i]``: after its kernel, so neither
+       the inputs nor the output of the set are still in use), copies the rows in;
+    2. ``compute`` waits for that H2D, launches the kernel;
+    3. ``d2h`` waits for the kernel, copies the output to the slot;
+    4. the host waits (sleeping) for the D2H before the writer reads the slot
+       (``wait``), and before the reader refills it.
+
+    Host slots are pinned (``alloc``: ``pinned_size`` bytes each, within ``--memory``);
+    device buffers are allocated by ``start`` before the first byte is read, and
+    ``close`` drains every stream before anything is freed, on success and on error.
 
     Args:
-        vram_bytes: device memory budget for buffers (default ``default_vram_bytes()``).
-        rows, in_itemsize, out_itemsize: buffer geometry (set by ``configure``).
+        queue: the device queue.
+        launcher: kernels: ``merge(inputs, out, args)``, ``hist(op, inputs, args, hist,
+            buckets)``, ``convert(src, args, out)`` (``TritonLauncher``, ``NumbaLauncher``).
+        vram_bytes: device buffer budget (None: ``default_vram_bytes`` of the free memory).
+        warmup: run a WARMUP_ELEMS-element merge now (compiles the kernel).
+
+    Raises:
+        MergeError: ``vram_bytes`` is not positive or more than the free device memory; the
+            warm-up launch failed (no C compiler for Triton's driver stub, a driver error).
     """
 
     depth = GPU_DEPTH
+    #: The reader may leave each row where its O_DIRECT read landed (``Slot.offsets``):
+    #: the H2D copy starts there, no memmove.
+    takes_offsets = True
 
-    def __init__(self, vram_bytes: int | None = None) -> None:
-        import torch
-
-        try:
-            self._launch = TritonLauncher(torch)  # fails early without triton
-        except ImportError as e:
+    def __init__(self, queue, launcher, vram_bytes: int | None = None, warmup: bool = True) -> None:
+        self.q = queue
+        self.launcher = launcher
+        free, _total = queue.mem_get_info()
+        if vram_bytes is not None and vram_bytes <= 0:
+            raise MergeError(f"--vram must be more than 0 bytes, got {vram_bytes}")
+        if vram_bytes is not None and vram_bytes > free:
             raise MergeError(
-                f"the CUDA backend needs triton ({e})",
+                f"--vram {format_bytes(vram_bytes)} is more than the {format_bytes(free)} free "
+                f"on {queue.name}",
                 None,
                 None,
-                "pip install 'streammerge[gpu]', or use --backend numba",
-            ) from e
-        self.torch = torch
-        self.vram_bytes = vram_bytes or default_vram_bytes()
-        self.h2d_stream = torch.cuda.Stream()
-        self.compute_stream = torch.cuda.Stream()
-        self.d2h_stream = torch.cuda.Stream()
-        self._dev: list | None = None
+                f"give --vram {format_bytes(default_vram_bytes(free))} or less, or leave it out",
+            )
+        self.vram_bytes = default_vram_bytes(free) if vram_bytes is None else vram_bytes
+        self.streams = {name: queue.stream(name) for name in ("h2d", "compute", "d2h")}
+        self._sets: list | None = None
         self._free: list = []
         self._k = 0
+        #: Seconds for --profile: each stream's busy time, and the host's waits on the device.
+        self.busy = {"h2d_s": 0.0, "kernel_s": 0.0, "d2h_s": 0.0, "device_wait_s": 0.0}
+        if warmup:
+            self._warmup()
+
+    def _warmup(self) -> None:
+        """A WARMUP_ELEMS-element bf16 merge on the compute stream, synchronized: a missing
+        compiler, driver or kernel problem is a MergeError here, before anything is
+        written."""
+        from streammerge.ops import MergeArgs
+
+        q, s = self.q, self.streams["compute"]
+        n = WARMUP_ELEMS
+        args = MergeArgs(("BF16", "BF16"), 0, (1,), (0,), (0.5,), (1.0,), 1.0, "BF16", n, 1, 0,
+                         None, None, "none", False, False)  # fmt: skip
+        try:
+            inputs, out = q.device_alloc((2, 2 * n)), q.device_alloc((2 * n,))
+            q.copy(s, inputs, np.zeros((2, 2 * n), dtype=np.uint8))
+            q.launch(s, self.launcher.merge, inputs, out, args)
+            q.synchronize(q.record(s))
+        except MergeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - compiler, driver, kernel: one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise MergeError(
+                f"the GPU kernel could not be compiled or launched on {q.name}: {first[:200]}",
+                None,
+                None,
+                "Triton needs a C compiler (gcc) and the CUDA driver; or use --device cpu",
+            ) from e
+        finally:
+            q.close()
 
     def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
         """Chunk limit from the VRAM budget."""
         return vram_chunk_elems(rows, in_itemsize, out_itemsize, self.vram_bytes, self.depth)
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        """Pinned host memory, viewed as numpy, starting DIRECT_ALIGN-aligned (O_DIRECT reads
-        land in it; ``RangeReader.read_rows`` reads O_DIRECT into aligned rows)."""
-        torch = self.torch
-        size = max(1, int(np.prod(shape)))
-        buf = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
-        if buf.ctypes.data % DIRECT_ALIGN:  # cudaHostAlloc gives pages; make sure of it
-            buf = torch.empty(size + DIRECT_ALIGN, dtype=torch.uint8, pin_memory=True).numpy()
-            off = -buf.ctypes.data % DIRECT_ALIGN
-            buf = buf[off : off + size]
-        return buf[: int(np.prod(shape))].reshape(shape)
+        """Pinned, page-aligned host memory (O_DIRECT reads land in it), viewed as numpy."""
+        n = max(1, int(np.prod(shape)))
+        return self.q.host_alloc(n)[: int(np.prod(shape))].reshape(shape)
 
-    def _device_buffers(self, slot: Slot) -> None:
-        torch = self.torch
-        rows, cap_in = slot.inputs.shape
-        self._dev = [
-            (
-                torch.empty((rows, cap_in), dtype=torch.uint8, device="cuda"),
-                torch.empty(slot.out.shape[0], dtype=torch.uint8, device="cuda"),
-            )
+    def start(self, layout) -> None:
+        """Allocate the ``depth`` device buffer sets for ``layout`` (before the first read:
+        out of device memory is a MergeError before anything is written)."""
+        in_bytes, out_bytes = layout.cap_in_bytes, layout.cap_out_bytes
+        self._sets = [
+            (self.q.device_alloc((layout.rows, in_bytes)), self.q.device_alloc((out_bytes,)))
             for _ in range(self.depth)
         ]
         self._free = [None] * self.depth
+        self._k = 0
+        self.busy = dict.fromkeys(self.busy, 0.0)
 
     def run(self, op: str, slot: Slot, args, **kw):
-        """Run pass ``op`` for the slot: ``merge`` queues H2D, kernel and D2H and returns the
-        CUDA event of its D2H; ``convert`` runs on the CPU (rare: base-only float tensors
-        with ``--dtype``); the histogram passes run synchronously (their counts are small
-        and the host needs them before the next pass)."""
+        """Queue pass ``op`` for the slot: ``merge`` returns a handle for ``wait``;
+        ``hist_high`` / ``hist_low`` run synchronously (the host needs their counts before
+        the next pass) and add into ``kw["hist"]``; ``convert`` runs on the host (rare:
+        base-only float tensors with ``--dtype``)."""
         if op == "convert":
-            from streammerge.kernels import cpu_merge
-
-            cpu_merge.convert_chunk(
-                slot.inputs[0], args.src_dtype, slot.out, args.out_dtype, args.n
-            )
+            self.launcher.convert(slot.inputs[0], args, slot.out)
             return None
-        if self._dev is None:
-            self._device_buffers(slot)
-        torch = self.torch
+        q, s = self.q, self.streams
         i = self._k % self.depth
         self._k += 1
-        dev_in, dev_out = self._dev[i]
+        dev_in, dev_out = self._sets[i]
         rows = ([args.base_row] if args.base_row >= 0 else []) + list(args.model_rows)
-        host_in = torch.from_numpy(slot.inputs)
-        with torch.cuda.stream(self.h2d_stream):
-            if self._free[i] is not None:  # D2H of the set's last chunk (after its kernel)
-                self.h2d_stream.wait_event(self._free[i])
-            for r in rows:
-                nb = args.n * _ITEMSIZE[args.dtypes[r]]
-                dev_in[r, :nb].copy_(host_in[r, :nb], non_blocking=True)
-            h2d = torch.cuda.Event()
-            h2d.record(self.h2d_stream)
+        if self._free[i] is not None:  # the set's last D2H (after its kernel): set free
+            q.wait(s["h2d"], self._free[i])
+        t_in = q.record(s["h2d"])
+        for r in rows:
+            nb = args.n * _ITEMSIZE[args.dtypes[r]]
+            off = slot.offsets[r] if slot.offsets else 0
+            q.copy(s["h2d"], dev_in[r, :nb], slot.inputs[r, off : off + nb])
+        h2d = q.record(s["h2d"])
+        q.wait(s["compute"], h2d)
+        t_k = q.record(s["compute"])
         if op in ("hist_high", "hist_low"):
-            with torch.cuda.stream(self.compute_stream):
-                self.compute_stream.wait_event(h2d)
-                hist = torch.zeros(kw["hist"].shape, dtype=torch.int64, device="cuda")
-                buckets = kw.get("buckets")
-                if buckets is not None:
-                    buckets = torch.from_numpy(buckets).to("cuda")
-                self._launch.hist(op, dev_in, args, hist, buckets)
-                done = torch.cuda.Event()
-                done.record(self.compute_stream)
+            hist = q.zeros(s["compute"], kw["hist"].shape)
+            buckets = kw.get("buckets")
+            if buckets is not None:
+                buckets = q.upload(s["compute"], buckets)
+            q.launch(s["compute"], self.launcher.hist, op, dev_in, args, hist, buckets)
+            done = q.record(s["compute"])
             self._free[i] = done
-            done.synchronize()
-            kw["hist"] += hist.cpu().numpy()
+            self._wait(_Pending(done, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done))))
+            kw["hist"] += q.download(hist)
             return None
-        with torch.cuda.stream(self.compute_stream):
-            self.compute_stream.wait_event(h2d)
-            self._launch.merge(dev_in, dev_out, args)
-            done = torch.cuda.Event()
-            done.record(self.compute_stream)
-        with torch.cuda.stream(self.d2h_stream):
-            self.d2h_stream.wait_event(done)
-            nb = slot.out_nbytes
-            torch.from_numpy(slot.out)[:nb].copy_(dev_out[:nb], non_blocking=True)
-            d2h = torch.cuda.Event()
-            d2h.record(self.d2h_stream)
+        q.launch(s["compute"], self.launcher.merge, dev_in, dev_out, args)
+        done = q.record(s["compute"])
+        q.wait(s["d2h"], done)
+        t_out = q.record(s["d2h"])
+        nb = slot.out_nbytes
+        q.copy(s["d2h"], slot.out[:nb], dev_out[:nb])
+        d2h = q.record(s["d2h"])
         self._free[i] = d2h
-        return d2h
+        return _Pending(d2h, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done), ("d2h_s", t_out, d2h)))
+
+    def _wait(self, p: _Pending) -> None:
+        t0 = time.perf_counter()
+        self.q.synchronize(p.event)
+        self.busy["device_wait_s"] += time.perf_counter() - t0
+        for kind, a, b in p.timings:
+            self.busy[kind] += self.q.elapsed(a, b)
 
     def wait(self, handle) -> None:
-        """Block until the slot's output bytes are on the host."""
+        """Block (sleeping) until the slot's output bytes are on the host."""
         if handle is not None:
-            handle.synchronize()
+            self._wait(handle)
+
+    def close(self) -> None:
+        """Drain every stream, free the device buffers, unpin the host slots (also after an
+        error: nothing is freed under a queued copy or kernel). ``start`` again to reuse."""
+        self._sets, self._free, self._k = None, [], 0
+        self.q.close()
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A queued chunk: the event the host waits for, and (kind, start, end) timing events."""
+
+    event: object
+    timings: tuple
+
+
+def cuda_backend(vram_bytes: int | None = None, index: int = 0) -> DeviceBackend:
+    """The CUDA backend: ``DeviceBackend`` on ``TorchCudaQueue`` with the Triton kernels.
+
+    Raises:
+        MergeError: triton missing, Triton in interpreter mode (``TRITON_INTERPRET=1``
+            would run the kernel on the host, copying every buffer there and back), --vram
+            more than the free memory, or the warm-up launch failed.
+    """
+    from streammerge.devqueue import TorchCudaQueue
+
+    try:
+        import torch
+
+        launcher = TritonLauncher(torch)
+    except ImportError as e:
+        raise MergeError(
+            f"the CUDA backend needs triton ({e})",
+            None,
+            None,
+            "pip install 'streammerge[gpu]', or use --device cpu",
+        ) from e
+    if launcher.interpreted:
+        raise MergeError(
+            "TRITON_INTERPRET=1 is set: Triton would interpret the kernel on the host, not "
+            "run it on the GPU",
+            None,
+            None,
+            "unset TRITON_INTERPRET (it is the tests' CPU path), or use --device cpu",
+        )
+    return DeviceBackend(TorchCudaQueue(index), launcher, vram_bytes)
 
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -225,6 +321,8 @@ class TritonLauncher:
         self.torch = torch
         self.merge_kernel = triton_merge.merge_chunk_triton
         self.stats = triton_stats
+        #: Triton's interpreter (TRITON_INTERPRET=1 when triton was imported): host numpy.
+        self.interpreted = triton_merge._INTERPRETED
 
     def _typed(self, buf, dtype: str, n: int):
         """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
@@ -256,6 +354,13 @@ class TritonLauncher:
             normalize=a.normalize,
             linear=a.linear,
         )
+
+    def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
+        """A base-only chunk cast on the host with numba (``streammerge.ops.ConvertArgs``;
+        rare: base-only float tensors with ``--dtype``)."""
+        from streammerge.kernels import cpu_merge
+
+        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n)
 
     def hist(self, op: str, inputs, a, hist, buckets=None) -> None:
         """A histogram pass (``streammerge.ops.HistArgs``), accumulating into ``hist``."""

@@ -82,6 +82,7 @@ class Slot:
     outs: list = field(default_factory=list)
     first: bool = False
     last: bool = False
+    offsets: list | None = None  # row -> byte offset of its data (a backend that takes_offsets)
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,12 @@ class Backend(Protocol):
     accumulating into ``kw["hist"]``, synchronously) and returns a handle; ``wait`` blocks
     until that pass's bytes are in ``slot.out``. Up to ``depth`` slots may be in flight
     before the oldest is waited on (0: ``run`` finishes the work). ``alloc`` makes the slot
-    buffers (pinned host memory for a GPU)."""
+    buffers (pinned host memory for a GPU).
+
+    Optional (a device backend, ``streammerge.gpu.DeviceBackend``): ``start(layout)``
+    before the first read, ``close()`` after the last wait or on error (drains the
+    device), ``takes_offsets`` (rows arrive at ``slot.offsets``, not memmoved to 0) and
+    ``busy`` (seconds for ``--profile``)."""
 
     depth: int
 
@@ -366,6 +372,8 @@ class RunStats:
         thresholds: tensor name -> recorded thresholds of each fine-tune (statistics
             methods), for the tensors this run computed.
         buffer_bytes: bytes of the buffers really allocated (slots, staging, histograms).
+        moved_bytes: bytes memmoved into place after O_DIRECT reads (0 on a GPU backend,
+            which copies each row to the device from where it landed).
     """
 
     bytes_read: int
@@ -374,6 +382,7 @@ class RunStats:
     busy_s: dict[str, float]
     thresholds: dict[str, list] = field(default_factory=dict)
     buffer_bytes: int = 0
+    moved_bytes: int = 0
 
 
 class _Failed(Exception):
@@ -439,7 +448,22 @@ def accumulate(
         counts[idx] += hist
 
 
-def _stream(
+def _stream(plan: Plan, items, outputs: list[OutputDir], layout: Layout, backend: Backend,
+            *args, **kwargs) -> list[RunStats]:  # fmt: skip
+    """``_stream_body`` between the backend's ``start(layout)`` (device buffers, before the
+    first read) and its ``close()`` (every queued copy and kernel drained before any buffer
+    is freed: on success, on error, on Ctrl-C)."""
+    start, close = getattr(backend, "start", None), getattr(backend, "close", None)
+    try:
+        if start is not None:
+            start(layout)
+        return _stream_body(plan, items, outputs, layout, backend, *args, **kwargs)
+    finally:
+        if close is not None:
+            close()
+
+
+def _stream_body(
     plan: Plan,
     items: Callable[[Callable | None], Iterable[Item | Marker]],
     outputs: list[OutputDir],
@@ -471,6 +495,7 @@ def _stream(
     for o in outputs[1:]:  # a sweep: every output records the same inputs' hashes
         o.input_hasher = hasher
     reader = RangeReader(direct=direct_io, hasher=hasher)
+    offsets_ok = getattr(backend, "takes_offsets", False)
     stats = {"read": 0, "staging": 0}
     written = [0] * len(outputs)
     busy = {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}  # seconds each stage worked
@@ -505,20 +530,30 @@ def _stream(
         slot.tensor, slot.chunk, slot.op = t, c, item.op
         slot.first, slot.last = item.first, item.last
         slot.out_nbytes = c.count * DTYPE_ITEMSIZE[t.dtype]
+        slot.offsets = None
         if item.op == "copy":
             isz = t.base.itemsize
             jobs = [(t.base, c.start * isz, c.count * isz, slot.out)]
+            rows = [-1]
         else:
+            pairs = read_rows(t, c.segment)
+            rows = [row for row, _ in pairs]
             jobs = [
                 (info, c.start * info.itemsize, c.count * info.itemsize, slot.inputs[row])
-                for row, info in read_rows(t, c.segment)
+                for row, info in pairs
             ]
         slot.in_nbytes = sum(j[2] for j in jobs)
         remote = [j for j in jobs if isinstance(j[0].file, RemoteFile)]
         if remote:  # inputs by URL: ranged reads (streammerge.remote)
             read_jobs(remote, pool)
-            jobs = [j for j in jobs if not isinstance(j[0].file, RemoteFile)]
-        reader.read_rows(jobs, pool)
+        local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
+        # A GPU backend copies each row from where its O_DIRECT read landed: no memmove.
+        in_place = not offsets_ok or item.op in ("copy", "convert")
+        deltas = reader.read_rows([j for _, j in local], pool, in_place=in_place)
+        if not in_place:
+            slot.offsets = [0] * layout.rows
+            for (r, _), d in zip(local, deltas):
+                slot.offsets[r] = d
 
     def read_stage() -> None:
         try:
@@ -618,7 +653,8 @@ def _stream(
             tk = names[t.name]  # the same tensor with this output's weights
             c = slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
-            view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes)
+            view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
+                        offsets=slot.offsets)  # fmt: skip
             args = merge_args(plan.recipe.row, tk, ck, win)
             handles.append(backend.run("merge", view, args))
         return _Handles(handles), True
@@ -678,12 +714,15 @@ def _stream(
         reader.close()
     if errors:
         raise errors[0]
+    busy.update(getattr(backend, "busy", {}))  # a device backend: streams and waits
     allocated = sum(mapped_bytes(s.inputs) + sum(map(mapped_bytes, s.outs)) for s in slots)
     allocated += stats["staging"] + (layout.stats_bytes if thresholds.peak_bytes else 0)
+    moved = reader.moved_bytes
     if not outputs:  # statistics only
-        return [RunStats(stats["read"], 0, {}, busy, thresholds.recorded, allocated)]
+        return [RunStats(stats["read"], 0, {}, busy, thresholds.recorded, allocated, moved)]
     return [
-        RunStats(stats["read"], written[k], results[k], busy, thresholds.recorded, allocated)
+        RunStats(stats["read"], written[k], results[k], busy, thresholds.recorded, allocated,
+                 moved)  # fmt: skip
         for k in range(len(outputs))
     ]
 

@@ -1,0 +1,413 @@
+"""The GPU backend's orchestration without a GPU: ``DeviceBackend`` driven through
+``ThreadQueue`` (a thread per stream, random delays, poisoned device memory), the same code
+that drives CUDA streams. Bytes equal numba's; each fault a test introduces (a removed
+event wait, a reused buffer set, a missing drain) is caught; an error mid-run drains every
+stream; pinned memory stays within --memory; --vram, warm-up failures, an interpreted
+kernel and WSL2 are handled before anything is written."""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_trio, output_bytes
+
+import streammerge
+from streammerge import api, gpu
+from streammerge.api import Options, execute, finalize, prepare
+from streammerge.devqueue import TorchCudaQueue, pinned_size, torch_pinned_size
+from streammerge.errors import MergeError
+from streammerge.gpu import DeviceBackend
+from streammerge.threadqueue import NumbaLauncher, ThreadQueue
+
+BIG = 700_001  # many chunks at --vram 1MB (about 43k elements a chunk for 3 bf16 rows)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    return make_trio(tmp_path_factory.mktemp("trio"), big=BIG)
+
+
+@pytest.fixture(scope="module")
+def want(trio, tmp_path_factory):
+    """numba's bytes for each recipe the tests run."""
+    base, a, b = trio
+    out = {}
+    for name, recipe in RECIPES.items():
+        d = tmp_path_factory.mktemp("cpu") / name
+        streammerge.merge([a, b], base, d, backend="numba", device="cpu", **recipe)
+        out[name] = _files(d)
+    return out
+
+
+RECIPES = {
+    "dare_linear": dict(seed=5),
+    "ties": dict(method="ties", density=0.4, seed=5, lam=0.3),
+    "breadcrumbs_ties": dict(method="breadcrumbs_ties", density=0.5, gamma=0.1, seed=2),
+}
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
+
+
+def _merge(trio, out: Path, backend, memory="32MiB", on_bytes=None, **recipe):
+    """prepare -> execute on ``backend`` -> finalize; returns the RunStats."""
+    base, a, b = trio
+    prep = prepare([a, b], base, out, recipe, Options(memory=memory))
+    try:
+        stats = execute(prep, backend, on_bytes=on_bytes)
+    except BaseException:
+        prep.output.close()
+        raise
+    finalize(prep, stats)
+    stats.copied_bytes = sum(t.base.nbytes for t in prep.plan.tensors if t.action == "copy")
+    return stats
+
+
+def _corrupted(trio, out: Path, backend, want: dict) -> bool:
+    """True when a merge on ``backend`` is caught wrong: its bytes differ from ``want``, or
+    the run stopped because it produced NaN from finite inputs (poisoned device memory)."""
+    try:
+        _merge(trio, out, backend, seed=5)
+    except MergeError as e:
+        assert "non-finite" in str(e), e
+        return True
+    return _files(out) != want
+
+
+def _backend(q: ThreadQueue, vram="1MB") -> DeviceBackend:
+    return DeviceBackend(q, NumbaLauncher(), streammerge.sizes.parse_size(vram))
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_fake_streams_give_numba_bytes(trio, want, tmp_path, name, seed):
+    """Random delays on three streams, many chunks in flight (and, for TIES, the
+    synchronous histogram passes): the output is numba's, byte for byte; nothing ran after
+    close, every stream is drained, nothing stays pinned, no merged row was memmoved."""
+    q = ThreadQueue(seed=seed, max_delay_s=0.0005)
+    stats = _merge(trio, tmp_path / "gpu", _backend(q), **RECIPES[name])
+    assert _files(tmp_path / "gpu") == want[name]
+    assert q.violations == [] and q.pending() == 0 and q.pinned_bytes == 0
+    assert stats.moved_bytes <= stats.copied_bytes  # only tensors copied as they are
+    assert all(stats.busy_s[k] > 0 for k in ("h2d_s", "kernel_s", "d2h_s", "device_wait_s"))
+    q.shutdown()
+
+
+def test_numba_memmoves_what_the_gpu_path_copies_from_place(trio, tmp_path):
+    """The same merge on numba memmoves rows after O_DIRECT reads (unaligned tensor
+    offsets); the device backend leaves them where they landed (moved_bytes 0 above)."""
+    from streammerge.backends import NumbaBackend
+
+    stats = _merge(trio, tmp_path / "cpu", NumbaBackend(), seed=5)
+    if stats.moved_bytes == 0:
+        pytest.skip("O_DIRECT was not used on this filesystem")
+    assert stats.moved_bytes > BIG
+
+
+def test_sweep_outputs_on_fake_streams(trio, tmp_path, monkeypatch):
+    """A sweep (K merges per slot, each its own device buffer set) through the device
+    backend gives the numba sweep's bytes for every draw."""
+    base, a, b = trio
+    q = ThreadQueue(seed=3, max_delay_s=0.0005)
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(gpu, "cuda_backend", lambda vram=None: _backend(q))
+    kw = dict(draws=3, method="ties", density=0.5, seed=4, sweep_seed=9)
+    streammerge.sweep([a, b], base, tmp_path / "g", options=Options(memory="32MiB"),
+                      keep="all", **kw)  # fmt: skip
+    streammerge.sweep([a, b], base, tmp_path / "c", keep="all",
+                      options=Options(backend="numba", device="cpu"), **kw)  # fmt: skip
+    dirs = sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir())
+    assert len(dirs) >= 3
+    for d in dirs:
+        assert _files(tmp_path / "g" / d) == _files(tmp_path / "c" / d), d
+    assert q.violations == [] and q.pending() == 0
+
+
+# ----------------------------------------------------------------------------------------
+# Faults introduced on purpose: each must change the bytes or be recorded
+# ----------------------------------------------------------------------------------------
+
+
+def _drop_wait(q: ThreadQueue, waiter: str, recorder: str) -> None:
+    """Remove the backend's wait of stream ``waiter`` on events of stream ``recorder``."""
+    orig = q.wait
+
+    def wait(stream, event):
+        if not (stream.name == waiter and event.stream.name == recorder):
+            orig(stream, event)
+
+    q.wait = wait
+
+
+@pytest.mark.parametrize(
+    "waiter, recorder, slow",
+    [
+        ("compute", "h2d", "h2d"),  # the kernel before its inputs are on the device
+        ("d2h", "compute", "compute"),  # the output copied back before the kernel wrote it
+        ("h2d", "d2h", "compute"),  # a reused buffer set: inputs overwritten under a kernel
+    ],
+)
+def test_removed_stream_wait_changes_the_bytes(trio, want, tmp_path, waiter, recorder, slow):
+    """With the ``slow`` stream delayed, the merge is right with every wait (control) and
+    caught wrong without the one wait."""
+    control = ThreadQueue(seed=7, max_delay_s=0.0003, bias={slow: 20})
+    assert not _corrupted(trio, tmp_path / "ok", _backend(control), want["dare_linear"])
+    q = ThreadQueue(seed=7, max_delay_s=0.0003, bias={slow: 20})
+    _drop_wait(q, waiter, recorder)
+    assert _corrupted(trio, tmp_path / "gpu", _backend(q), want["dare_linear"]), waiter
+    control.shutdown()
+    q.shutdown()
+
+
+def test_removed_host_wait_changes_the_bytes(trio, want, tmp_path):
+    """The writer must not read a slot (nor the reader refill it) before its D2H."""
+    q = ThreadQueue(seed=7, max_delay_s=0.0003, bias={"d2h": 20})
+    be = _backend(q)
+    be.wait = lambda handle: None
+    assert _corrupted(trio, tmp_path / "gpu", be, want["dare_linear"])
+    q.shutdown()
+
+
+def test_reused_device_buffer_set_changes_the_bytes(trio, want, tmp_path):
+    """Every chunk in device buffer set 0 but waiting only on the set its index names:
+    a set reused while a kernel still reads it is caught."""
+    q = ThreadQueue(seed=7, max_delay_s=0.0003, bias={"compute": 20})
+    be = _backend(q)
+    start = be.start
+
+    def start_one_set(layout):
+        start(layout)
+        be._sets = [be._sets[0]] * be.depth  # three "sets", one buffer
+
+    be.start = start_one_set
+    assert _corrupted(trio, tmp_path / "gpu", be, want["dare_linear"])
+    q.shutdown()
+
+
+class Boom(Exception):
+    pass
+
+
+def _fail_after(nbytes: int):
+    seen = [0]
+
+    def on_bytes(n: int) -> None:
+        seen[0] += n
+        if seen[0] > nbytes:
+            raise Boom("injected")
+
+    return on_bytes
+
+
+def test_error_mid_run_drains_every_stream(trio, tmp_path):
+    """An error while chunks are queued on every stream: close() drains them before any
+    buffer is freed (no work runs after it), unpins the slots, and the same backend merges
+    correctly afterwards (a library caller that catches the error and merges again)."""
+    q = ThreadQueue(seed=1, max_delay_s=0.002, bias={"d2h": 5})
+    be = _backend(q)
+    with pytest.raises(Boom):
+        _merge(trio, tmp_path / "bad", be, on_bytes=_fail_after(BIG), seed=5)
+    assert q.pending() == 0 and q.pinned_bytes == 0 and q.closed >= 2  # warm-up + run
+    q.max_delay_s = 0.0005
+    _merge(trio, tmp_path / "good", be, seed=5)
+    assert q.violations == []
+    q.shutdown()
+
+
+def test_missing_drain_is_caught(trio, tmp_path):
+    """The same error with close() not draining: queued copies and kernels run on freed
+    buffers, which the queue records."""
+    q = ThreadQueue(seed=1, max_delay_s=0.002, bias={"d2h": 5})
+    be = _backend(q)
+    q.drain = lambda: None
+    with pytest.raises(Boom):
+        _merge(trio, tmp_path / "bad", be, on_bytes=_fail_after(BIG), seed=5)
+    while q.pending():
+        pass
+    assert any("after close()" in v for v in q.violations), q.violations
+    q.shutdown()
+
+
+# ----------------------------------------------------------------------------------------
+# Pinned memory, --vram, warm-up, interpreter, WSL2
+# ----------------------------------------------------------------------------------------
+
+
+def test_pinned_bytes_stay_within_memory(trio, tmp_path):
+    """With --memory 256MiB the host slots the backend pins (page-rounded registration)
+    are at most 256 MiB; torch's pinned allocator (next power of two) would have pinned
+    more than that for the same buffers."""
+    q = ThreadQueue(seed=0, max_delay_s=0.0)
+    sizes = []
+    alloc = q.host_alloc
+    q.host_alloc = lambda n: sizes.append(n) or alloc(n)
+    be = DeviceBackend(q, NumbaLauncher(), 2**30)
+    stats = _merge(trio, tmp_path / "gpu", be, memory="256MiB", method="ties", density=0.5)
+    assert 0.5 * 2**28 < q.peak_pinned_bytes <= 2**28, q.peak_pinned_bytes
+    assert stats.buffer_bytes <= 2**28
+    assert sum(map(torch_pinned_size, sizes)) > 2**28  # what pin_memory=True would cost
+    assert all(pinned_size(n) == -(-n // 4096) * 4096 for n in sizes)
+    q.shutdown()
+
+
+def test_vram_above_free_memory_is_a_one_line_error_before_anything(trio, tmp_path, capsys,
+                                                                    monkeypatch):  # fmt: skip
+    from streammerge import cli
+
+    base, a, b = trio
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(
+        gpu, "cuda_backend",
+        lambda vram=None: DeviceBackend(ThreadQueue(free_bytes=8 * 10**9), NumbaLauncher(), vram),
+    )  # fmt: skip
+    out = tmp_path / "out"
+    rc = cli.main([str(a), str(b), "--base", str(base), "-o", str(out), "--vram", "9GB"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--vram 9" in err and "free on fake:0" in err
+    assert not out.exists()
+    rc = cli.main([str(a), str(b), "--base", str(base), "-o", str(out), "--vram", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "--vram" in err and not out.exists()
+
+
+def test_device_out_of_memory_is_a_one_line_error(trio, tmp_path):
+    """Device buffers are allocated by start(), before the first read; an OOM there is a
+    MergeError and nothing is written."""
+
+    class Full(ThreadQueue):
+        def device_alloc(self, shape):
+            if int(np.prod(shape)) > 4096:
+                raise MergeError("out of GPU memory allocating 1 MiB of buffers on fake:0")
+            return super().device_alloc(shape)
+
+    q = Full()
+    with pytest.raises(MergeError, match="out of GPU memory"):
+        _merge(trio, tmp_path / "gpu", _backend(q), seed=5)
+    assert not list((tmp_path / "gpu").glob("*.safetensors"))
+    q.shutdown()
+
+
+class _BrokenLauncher(NumbaLauncher):
+    def merge(self, inputs, out, a):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment")
+
+
+def test_warmup_failure_is_an_error_or_a_printed_fallback(trio, tmp_path, capsys, monkeypatch):
+    """A GPU whose kernel cannot compile (no C compiler for Triton's driver stub): with
+    --device cuda a one-line error before the output exists; under auto one line saying so
+    and the merge runs on numba (same bytes)."""
+    base, a, b = trio
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(
+        gpu, "cuda_backend", lambda vram=None: DeviceBackend(ThreadQueue(), _BrokenLauncher())
+    )
+    with pytest.raises(MergeError, match="C compiler"):
+        streammerge.merge([a, b], base, tmp_path / "cuda", device="cuda", seed=5)
+    assert not (tmp_path / "cuda").exists()
+    streammerge.merge([a, b], base, tmp_path / "auto", seed=5)
+    err = capsys.readouterr().err
+    assert "not using the GPU" in err and "numba" in err and err.count("\n") == 1
+    streammerge.merge([a, b], base, tmp_path / "cpu", device="cpu", seed=5)
+    assert _files(tmp_path / "auto") == _files(tmp_path / "cpu")
+
+
+def test_cuda_backend_refuses_an_interpreted_kernel(monkeypatch):
+    """Under TRITON_INTERPRET=1 (this test process) the CUDA backend would run the kernel
+    interpreted on the host: refused, before any device call."""
+    pytest.importorskip("triton")
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    with pytest.raises(MergeError, match="TRITON_INTERPRET"):
+        gpu.cuda_backend()
+
+
+def test_wsl2_gpu_is_seen(monkeypatch):
+    """WSL2 exposes the GPU as /dev/dxg only: cuda_available asks torch there too."""
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda: True))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    for nodes, want in ((("/dev/dxg",), True), (("/dev/nvidiactl",), True), ((), False)):
+        monkeypatch.setattr(gpu.os.path, "exists", lambda p, n=nodes: p in n)
+        assert gpu.cuda_available() is want, nodes
+
+
+# ----------------------------------------------------------------------------------------
+# TorchCudaQueue against a stand-in torch: the calls it makes
+# ----------------------------------------------------------------------------------------
+
+
+class _FakeCuda:
+    """Records what TorchCudaQueue asks of torch.cuda."""
+
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    def __init__(self) -> None:
+        self.log: list = []
+        log = self.log
+
+        class Event:
+            def __init__(self, **kw):
+                log.append(("event", kw))
+
+            def record(self, stream):
+                pass
+
+        class Stream:
+            def __init__(self, device):
+                pass
+
+            def synchronize(self):
+                log.append(("stream sync",))
+
+        class Cudart:
+            def cudaHostRegister(self, ptr, size, flags):
+                log.append(("register", ptr, size))
+                return 0
+
+            def cudaHostUnregister(self, ptr):
+                log.append(("unregister", ptr))
+                return 0
+
+        self.Event, self.Stream, self._cudart = Event, Stream, Cudart()
+
+    def get_device_name(self, i):
+        return "Fake GPU"
+
+    def cudart(self):
+        return self._cudart
+
+    def check_error(self, code):
+        assert code == 0
+
+
+def test_torch_queue_uses_blocking_events_and_registered_pages():
+    """Events are blocking (the host sleeps in synchronize instead of spinning a core);
+    host buffers are page-aligned and registered for exactly pinned_size bytes; close()
+    synchronizes every stream before unregistering anything."""
+    cuda = _FakeCuda()
+    fake = types.SimpleNamespace(cuda=cuda, device=lambda kind, i: (kind, i))
+    q = TorchCudaQueue(0, torch=fake)
+    streams = [q.stream(n) for n in ("h2d", "compute", "d2h")]
+    q.record(streams[0])
+    assert cuda.log[-1] == ("event", {"enable_timing": True, "blocking": True})
+    buf = q.host_alloc(10_000)
+    kind, ptr, size = cuda.log[-1]
+    assert kind == "register" and ptr == buf.ctypes.data and ptr % 4096 == 0
+    assert size == pinned_size(10_000) == 12288 and q.pinned_bytes == 12288
+    q.close()
+    tail = [e[0] for e in cuda.log[-4:]]
+    assert tail == ["stream sync"] * 3 + ["unregister"] and q.pinned_bytes == 0
+
+
+def test_make_backend_auto_without_driver_is_numba(monkeypatch):
+    monkeypatch.setattr(gpu, "cuda_available", lambda: False)
+    from streammerge.backends import NumbaBackend
+
+    assert isinstance(api.make_backend("auto", "auto", 1), NumbaBackend)
+    with pytest.raises(MergeError, match="no CUDA device"):
+        api.make_backend("auto", "cuda", 1)
