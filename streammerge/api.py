@@ -553,10 +553,12 @@ def merge(
     if options is None:
         options = Options(**{k: v for k, v in kwargs.items() if k in OPTION_KEYS})
     spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
-    # The backend first: a GPU that cannot run (--vram above the free memory, no compiler)
-    # is an error before the output is created.
-    engine = make_backend(options.backend, options.device, options.threads, options.vram)
-    prep = prepare(models, base, out, spec, options, provenance)
+    prep = prepare(models, base, out, spec, options, provenance)  # writes nothing
+    try:  # a GPU that cannot run (--vram above the free memory, no compiler): nothing written
+        engine = make_backend(options.backend, options.device, options.threads, options.vram)
+    except BaseException:
+        prep.output.close()
+        raise
     try:
         stats = execute(prep, engine, on_start=on_start, on_bytes=on_bytes)
     except BaseException:
