@@ -858,7 +858,8 @@ def csv_rows(results: list[Result], common: dict[str, str], input_bytes: int, ar
                 "tree_peak_rss_mib": fmt(r.tree_peak_rss_mib, ".0f"),
                 "streammerge_ratio": ratio,
                 "x_faster_than_mergekit": fmt(r.x_mergekit, ".4g"),
-                "x_of_floor_direct": fmt(r.x_floor, ".4g"),  # significant digits: a tiny smoke trio gives ~1e-4
+                # significant digits: a tiny smoke trio's ratio is ~1e-4
+                "x_of_floor_direct": fmt(r.x_floor, ".4g"),
                 "targets": r.targets,
                 "rss_source": r.rss_source,
                 "memory": (args.memory or DEFAULT_MEMORY) if r.contender == "streammerge" else "",

@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, only the closing line")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
-        "--profile", action="store_true", help="also print the seconds each pipeline stage was busy"
+        "--profile",
+        action="store_true",
+        help="also print the seconds each pipeline stage was busy (on a GPU also each stream: "
+        "h2d_s, kernel_s, d2h_s, and device_wait_s, the host waiting on the device)",
     )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
     return p

@@ -1,5 +1,7 @@
-"""The CUDA streaming backend: pinned host slots, a copy stream and a compute stream, and a
-VRAM budget that sizes the chunks.
+"""The device backend (``DeviceBackend``): pinned host slots, an H2D, a compute and a D2H
+stream ordered by events, and a VRAM budget that sizes the chunks. It reaches the device
+only through a ``streammerge.devqueue.DeviceQueue``: CUDA via torch (``cuda_backend``), or
+``streammerge.threadqueue.ThreadQueue`` in the tests. See docs/gpu.md.
 
 Per chunk k (``depth`` device buffer sets, used round robin, ordered by CUDA events):
 
@@ -171,7 +173,7 @@ class DeviceBackend:
             q.synchronize(q.record(s))
         except MergeError:
             raise
-        except Exception as e:  # noqa: BLE001 - compiler, driver, kernel: one line
+        except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise MergeError(
                 f"the GPU kernel could not be compiled or launched on {q.name}: {first[:200]}",

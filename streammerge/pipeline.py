@@ -721,8 +721,7 @@ def _stream_body(
     if not outputs:  # statistics only
         return [RunStats(stats["read"], 0, {}, busy, thresholds.recorded, allocated, moved)]
     return [
-        RunStats(stats["read"], written[k], results[k], busy, thresholds.recorded, allocated,
-                 moved)  # fmt: skip
+        RunStats(stats["read"], written[k], results[k], busy, thresholds.recorded, allocated, moved)
         for k in range(len(outputs))
     ]
 

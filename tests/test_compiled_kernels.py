@@ -107,7 +107,7 @@ CASES = [(a, k, s) for a in ARCHS for k in KERNELS for s in SIZES]
 @pytest.mark.parametrize("arch, kernel, size", CASES)
 def test_ptx_is_strict_ieee_with_64bit_offsets(ptx, arch, kernel, size):
     text = ptx[(arch, f"{kernel}_{size}")]
-    assert re.search(rf"^\.target sm_{arch}a?$", text, re.M), "target"
+    assert re.search(rf"^\.target sm_{arch}a?$", text, re.MULTILINE), "target"
     assert not re.search(r"\bfma\.", text), "fma: a contracted multiply-add rounds once"
     assert ".ftz" not in text, "ftz: subnormals flushed"
     assert ".approx" not in text, "approximate division or math"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_trio, output_bytes
+from conftest import make_trio
 
 import streammerge
 from streammerge import api, gpu
@@ -45,9 +45,9 @@ def want(trio, tmp_path_factory):
 
 
 RECIPES = {
-    "dare_linear": dict(seed=5),
-    "ties": dict(method="ties", density=0.4, seed=5, lam=0.3),
-    "breadcrumbs_ties": dict(method="breadcrumbs_ties", density=0.5, gamma=0.1, seed=2),
+    "dare_linear": {"seed": 5},
+    "ties": {"method": "ties", "density": 0.4, "seed": 5, "lam": 0.3},
+    "breadcrumbs_ties": {"method": "breadcrumbs_ties", "density": 0.5, "gamma": 0.1, "seed": 2},
 }
 
 
@@ -117,7 +117,7 @@ def test_sweep_outputs_on_fake_streams(trio, tmp_path, monkeypatch):
     q = ThreadQueue(seed=3, max_delay_s=0.0005)
     monkeypatch.setattr(gpu, "cuda_available", lambda: True)
     monkeypatch.setattr(gpu, "cuda_backend", lambda vram=None: _backend(q))
-    kw = dict(draws=3, method="ties", density=0.5, seed=4, sweep_seed=9)
+    kw = {"draws": 3, "method": "ties", "density": 0.5, "seed": 4, "sweep_seed": 9}
     streammerge.sweep([a, b], base, tmp_path / "g", options=Options(memory="32MiB"),
                       keep="all", **kw)  # fmt: skip
     streammerge.sweep([a, b], base, tmp_path / "c", keep="all",

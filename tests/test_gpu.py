@@ -95,7 +95,7 @@ def test_cuda_backend_equals_numba(tmp_path, method):
          method], env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert r.returncode == 0 and r.stdout.split()[-1] == "ok", r.stderr[-4000:]
-    kw = dict(method=method, density=0.5) if method != "dare_linear" else {}
+    kw = {"method": method, "density": 0.5} if method != "dare_linear" else {}
     streammerge.merge([a, b], base, tmp_path / "cpu", seed=5, device="cpu", backend="numba", **kw)
     for p in (tmp_path / "cpu").glob("*.safetensors"):
         assert (tmp_path / "gpu" / p.name).read_bytes() == p.read_bytes(), p.name
