@@ -113,11 +113,11 @@ class TorchCudaQueue:
         buffer stays pageable: copies are then synchronous, the bytes the same."""
         buf = page_aligned((nbytes,))
         size = pinned_size(nbytes)
-        try:
-            self.torch.cuda.check_error(
-                self.torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, size, 0)
-            )
-        except Exception:  # noqa: BLE001 - pageable memory works, only slower
+        try:  # as torch.cuda._pin_memory_utils.pin_memory does
+            code = int(self.torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, size, 0))
+        except Exception:  # pageable memory works, only slower
+            code = -1
+        if code != 0:
             return buf
         self._host.append((buf, size))
         self.pinned_bytes += size

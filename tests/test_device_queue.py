@@ -365,9 +365,11 @@ class _FakeCuda:
                 log.append(("stream sync",))
 
         class Cudart:
+            refuse = False
+
             def cudaHostRegister(self, ptr, size, flags):
                 log.append(("register", ptr, size))
-                return 0
+                return 712 if self.refuse else 0  # cudaErrorHostMemoryAlreadyRegistered
 
             def cudaHostUnregister(self, ptr):
                 log.append(("unregister", ptr))
@@ -380,9 +382,6 @@ class _FakeCuda:
 
     def cudart(self):
         return self._cudart
-
-    def check_error(self, code):
-        assert code == 0
 
 
 def test_torch_queue_uses_blocking_events_and_registered_pages():
@@ -402,6 +401,11 @@ def test_torch_queue_uses_blocking_events_and_registered_pages():
     q.close()
     tail = [e[0] for e in cuda.log[-4:]]
     assert tail == ["stream sync"] * 3 + ["unregister"] and q.pinned_bytes == 0
+    cuda._cudart.refuse = True  # registration refused: pageable memory, not counted pinned
+    buf = q.host_alloc(5000)
+    assert len(buf) == 5000 and buf.ctypes.data % 4096 == 0 and q.pinned_bytes == 0
+    q.close()
+    assert cuda.log[-1] == ("stream sync",)  # nothing to unregister
 
 
 def test_make_backend_auto_without_driver_is_numba(monkeypatch):
