@@ -162,18 +162,51 @@ class DeviceBackend:
         written."""
         from streammerge.ops import MergeArgs
 
-        q, s = self.q, self.streams["compute"]
         n = WARMUP_ELEMS
         args = MergeArgs(("BF16", "BF16"), 0, (1,), (0,), (0.5,), (1.0,), 1.0, "BF16", n, 1, 0,
                          None, None, "none", False, False)  # fmt: skip
         try:
-            inputs, out = q.device_alloc((2, 2 * n)), q.device_alloc((2 * n,))
-            q.copy(s, inputs, np.zeros((2, 2 * n), dtype=np.uint8))
-            q.launch(s, self.launcher.merge, inputs, out, args)
+            self._launch_all([("merge", args)], rows=2)
+        finally:
+            self.q.close()
+
+    def prewarm(self, plan) -> None:
+        """Compile every kernel variant ``plan`` launches (``ops.kernel_variants``) before
+        the first read, so that no first chunk stalls the pipeline on a compile and a
+        variant that cannot compile fails before anything is written. Call after
+        ``start``; the buffers go with ``close``.
+
+        Raises:
+            MergeError: a variant could not be compiled or launched."""
+        from streammerge.ops import kernel_variants
+
+        variants = kernel_variants(plan, plan.recipe.row)
+        if variants:
+            rows = 1 + max(max(a.model_rows) for _, a in variants)
+            self._launch_all(variants, rows)
+
+    def _launch_all(self, launches, rows: int) -> None:
+        """Run ``(op, args)`` launches on zeroed scratch buffers of ``rows`` rows, then wait.
+
+        Raises:
+            MergeError: one line naming the device and the first line of the failure."""
+        from streammerge.stats import HIGH_BINS
+
+        q, s = self.q, self.streams["compute"]
+        width = 4 * max(a.n for _, a in launches)  # bytes per row at the widest dtype
+        try:
+            inputs, out = q.device_alloc((rows, width)), q.device_alloc((width,))
+            q.copy(s, inputs, np.zeros((rows, width), dtype=np.uint8))
+            for op, a in launches:
+                if op == "merge":
+                    q.launch(s, self.launcher.merge, inputs, out, a)
+                else:
+                    hist = q.zeros(s, (len(a.model_rows), HIGH_BINS))
+                    q.launch(s, self.launcher.hist, op, inputs, a, hist, None)
             q.synchronize(q.record(s))
         except MergeError:
             raise
-        except Exception as e:
+        except Exception as e:  # compiler, driver, kernel: one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise MergeError(
                 f"the GPU kernel could not be compiled or launched on {q.name}: {first[:200]}",
@@ -181,8 +214,6 @@ class DeviceBackend:
                 None,
                 "Triton needs a C compiler (gcc) and the CUDA driver; or use --device cpu",
             ) from e
-        finally:
-            q.close()
 
     def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
         """Chunk limit from the VRAM budget."""

@@ -146,3 +146,36 @@ def merge_args(
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:
     """Arguments of a conversion chunk."""
     return ConvertArgs(t.base.dtype, t.dtype, c.count)
+
+
+#: Chunk lengths a device kernel is compiled for: Triton specializes an integer argument
+#: equal to 1 (a one-element tensor), and one divisible by 16 (full chunks), apart from
+#: the others (tails).
+VARIANT_LENGTHS = (1, 16, 17)
+
+
+def kernel_variants(plan, method: Method) -> list[tuple[str, MergeArgs | HistArgs]]:
+    """One ("merge" | "hist_high", args) per distinct compiled kernel the plan launches
+    (row dtypes, rows, model ids, which models are masked, window / consensus / normalize
+    / linear flags), for chunks of VARIANT_LENGTHS elements from element 0; a keep window
+    that excludes something stands for the thresholds still unknown. A device backend
+    compiles them before the first read (``DeviceBackend.prewarm``); ``hist_low``
+    (compiled per bucket count) is left to its first chunk."""
+    out: dict[tuple, tuple[str, MergeArgs | HistArgs]] = {}
+    window = (1, 0xFFFFFFFE)
+    for t in plan.tensors:
+        if "merge" not in t.ops:
+            continue
+        for seg in t.segments:
+            for n in VARIANT_LENGTHS:
+                c = Chunk(0, n, seg)
+                wins = [window] * plan.recipe.n_models if method.sparse.stats else None
+                a = merge_args(method, t, c, wins)
+                sig = (a.dtypes, a.base_row, a.model_rows, a.model_ids,
+                       tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus,
+                       a.normalize, a.linear, a.out_dtype, n)  # fmt: skip
+                out.setdefault(("merge", *sig), ("merge", a))
+                if "hist_high" in t.ops and seg.has_base:
+                    h = hist_args(t, c)
+                    out.setdefault(("hist", h.dtypes, h.model_rows, n), ("hist_high", h))
+    return list(out.values())

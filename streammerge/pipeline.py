@@ -450,13 +450,17 @@ def accumulate(
 
 def _stream(plan: Plan, items, outputs: list[OutputDir], layout: Layout, backend: Backend,
             *args, **kwargs) -> list[RunStats]:  # fmt: skip
-    """``_stream_body`` between the backend's ``start(layout)`` (device buffers, before the
-    first read) and its ``close()`` (every queued copy and kernel drained before any buffer
-    is freed: on success, on error, on Ctrl-C)."""
+    """``_stream_body`` between the backend's ``start(layout)`` and ``prewarm(plan)``
+    (device buffers, kernel variants compiled: before the first read) and its ``close()``
+    (every queued copy and kernel drained before any buffer is freed: on success, on error,
+    on Ctrl-C)."""
     start, close = getattr(backend, "start", None), getattr(backend, "close", None)
+    prewarm = getattr(backend, "prewarm", None)
     try:
         if start is not None:
             start(layout)
+        if prewarm is not None:  # compile the plan's kernel variants before the first read
+            prewarm(plan)
         return _stream_body(plan, items, outputs, layout, backend, *args, **kwargs)
     finally:
         if close is not None:

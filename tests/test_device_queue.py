@@ -129,6 +129,54 @@ def test_sweep_outputs_on_fake_streams(trio, tmp_path, monkeypatch):
     assert q.violations == [] and q.pending() == 0
 
 
+class _Recording(NumbaLauncher):
+    """Records the compiled-kernel signature of every launch, and whether a chunk of the
+    run had been queued yet."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[bool, tuple]] = []
+        self.running = False
+
+    @staticmethod
+    def sig(op, a) -> tuple:
+        n = "one" if a.n == 1 else a.n % 16 == 0  # Triton's integer specializations
+        if op != "merge":
+            return (op, a.dtypes, a.model_rows, n)
+        return (op, a.dtypes, a.base_row, a.model_rows, a.model_ids,
+                tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus, a.normalize,
+                a.linear, a.out_dtype, n)  # fmt: skip
+
+    def merge(self, inputs, out, a):
+        self.calls.append((self.running, self.sig("merge", a)))
+        super().merge(inputs, out, a)
+
+    def hist(self, op, inputs, a, hist, buckets=None):
+        if op == "hist_high":
+            self.calls.append((self.running, self.sig(op, a)))
+        super().hist(op, inputs, a, hist, buckets)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "ties"])
+def test_every_kernel_variant_is_compiled_before_the_first_read(trio, want, tmp_path, name):
+    """prewarm launches each distinct kernel variant of the plan (dtypes, rows, flags,
+    n == 1 / n % 16) before any chunk: the run launches no variant it had not warmed."""
+    launcher = _Recording()
+    be = DeviceBackend(ThreadQueue(max_delay_s=0.0), launcher, 2**20)
+    run = be.run
+
+    def run_marked(*a, **kw):
+        launcher.running = True
+        return run(*a, **kw)
+
+    be.run = run_marked
+    _merge(trio, tmp_path / "gpu", be, **RECIPES[name])
+    assert _files(tmp_path / "gpu") == want[name]
+    warmed = {sig for running, sig in launcher.calls if not running}
+    used = {sig for running, sig in launcher.calls if running}
+    assert used and used <= warmed, used - warmed
+    be.q.shutdown()
+
+
 # ----------------------------------------------------------------------------------------
 # Faults introduced on purpose: each must change the bytes or be recorded
 # ----------------------------------------------------------------------------------------
