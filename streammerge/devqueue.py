@@ -115,7 +115,7 @@ class TorchCudaQueue:
         size = pinned_size(nbytes)
         try:  # as torch.cuda._pin_memory_utils.pin_memory does
             code = int(self.torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, size, 0))
-        except Exception:  # pageable memory works, only slower
+        except Exception:  # noqa: BLE001 - pageable memory works, only slower
             code = -1
         if code != 0:
             return buf
