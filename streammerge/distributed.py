@@ -78,6 +78,7 @@ class StagingOutput:
         self.plan = plan
         self.progress = progress
         self.input_hasher = InputHasher()  # the reader hashes every input range it reads
+        self.reports: list = []  # refs of the shard reports sent to the driver's actor
 
     def shard_tmp_path(self, name: str) -> Path:
         """Where a shard is written before it is whole."""
@@ -99,7 +100,7 @@ class StagingOutput:
         extra = {"inputs": input_digests(self.plan, self.input_hasher, name),
                  "nonfinite": nonfinite, **(meta or {})}  # fmt: skip
         if self.progress is not None:
-            self.progress.shard.remote(name, size, sha256, extra)
+            self.reports.append(self.progress.shard.remote(name, size, sha256, extra))
 
 
 @dataclass
@@ -128,10 +129,17 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
             progress.add.remote(pending[0])
             pending[0] = 0
 
-    stats = run(plan, shards, StagingOutput(Path(staging), plan, progress), layout, engine, on_bytes=on_bytes,
+    output = StagingOutput(Path(staging), plan, progress)
+    stats = run(plan, shards, output, layout, engine, on_bytes=on_bytes,
                 direct_io=prep_options.direct_io, model_thresholds=model_thresholds)  # fmt: skip
     if progress is not None and pending[0]:
         progress.add.remote(pending[0])
+    if output.reports:
+        # Actor calls from different callers are not ordered: the driver's take() after
+        # this task returns could run before these reports. Wait until they are in.
+        import ray
+
+        ray.get(output.reports)
     return TaskResult(socket.gethostname(), stats)
 
 
