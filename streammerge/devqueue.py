@@ -113,8 +113,10 @@ class TorchCudaQueue:
         buffer stays pageable: copies are then synchronous, the bytes the same."""
         buf = page_aligned((nbytes,))
         size = pinned_size(nbytes)
-        try:  # as torch.cuda._pin_memory_utils.pin_memory does
-            code = int(self.torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, size, 0))
+        torch = self.torch
+        try:  # as torch.cuda._pin_memory_utils.pin_memory does (1: cudaHostRegisterPortable)
+            with torch.cuda.device(self.device):
+                code = int(torch.cuda.cudart().cudaHostRegister(buf.ctypes.data, size, 1))
         except Exception:  # noqa: BLE001 - pageable memory works, only slower
             code = -1
         if code != 0:
@@ -197,11 +199,12 @@ class TorchCudaQueue:
     def close(self) -> None:
         """Drain every stream, then free the device buffers and unpin the host memory (no
         copy can still be reading or writing them). The queue can be used again."""
-        for s in self._streams:
-            s.synchronize()
-        self._dev.clear()
-        cudart = self.torch.cuda.cudart()
-        for buf, _size in self._host:
-            cudart.cudaHostUnregister(buf.ctypes.data)
-        self._host.clear()
-        self.pinned_bytes = 0
+        try:
+            for s in self._streams:
+                s.synchronize()
+        finally:  # after a sticky CUDA error too: release what can be released
+            self._dev.clear()
+            host, self._host, self.pinned_bytes = self._host, [], 0
+            cudart = self.torch.cuda.cudart()
+            for buf, _size in host:
+                cudart.cudaHostUnregister(buf.ctypes.data)

@@ -193,7 +193,10 @@ class DeviceBackend:
         from streammerge.stats import HIGH_BINS
 
         q, s = self.q, self.streams["compute"]
-        width = 4 * max(a.n for _, a in launches)  # bytes per row at the widest dtype
+        # Bytes per row at the widest dtype, rounded to 256 so every row starts 16-byte
+        # aligned as in a run (rows at r x cap_in_bytes): Triton specializes pointers on
+        # 16-byte alignment, and a misaligned scratch row would compile another variant.
+        width = -(-4 * max(a.n for _, a in launches) // 256) * 256
         try:
             inputs, out = q.device_alloc((rows, width)), q.device_alloc((width,))
             q.copy(s, inputs, np.zeros((rows, width), dtype=np.uint8))
@@ -336,7 +339,19 @@ def cuda_backend(vram_bytes: int | None = None, index: int = 0) -> DeviceBackend
             None,
             "unset TRITON_INTERPRET (it is the tests' CPU path), or use --device cpu",
         )
-    return DeviceBackend(TorchCudaQueue(index), launcher, vram_bytes)
+    try:
+        queue = TorchCudaQueue(index)
+        return DeviceBackend(queue, launcher, vram_bytes)
+    except MergeError:
+        raise
+    except Exception as e:  # a busy exclusive-process GPU, no memory for a context: one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise MergeError(
+            f"the CUDA device {index} cannot be used: {first[:200]}",
+            None,
+            None,
+            "check nvidia-smi, or use --device cpu",
+        ) from e
 
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

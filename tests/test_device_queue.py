@@ -139,21 +139,23 @@ class _Recording(NumbaLauncher):
         self.running = False
 
     @staticmethod
-    def sig(op, a) -> tuple:
+    def sig(op, a, inputs) -> tuple:
         n = "one" if a.n == 1 else a.n % 16 == 0  # Triton's integer specializations
+        rows = ([a.base_row] if a.base_row >= 0 else []) + list(a.model_rows)
+        aligned = tuple(inputs[r].ctypes.data % 16 == 0 for r in rows)  # and pointers'
         if op != "merge":
-            return (op, a.dtypes, a.model_rows, n)
+            return (op, a.dtypes, a.model_rows, n, aligned)
         return (op, a.dtypes, a.base_row, a.model_rows, a.model_ids,
                 tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus, a.normalize,
-                a.linear, a.out_dtype, n)  # fmt: skip
+                a.linear, a.out_dtype, n, aligned)  # fmt: skip
 
     def merge(self, inputs, out, a):
-        self.calls.append((self.running, self.sig("merge", a)))
+        self.calls.append((self.running, self.sig("merge", a, inputs)))
         super().merge(inputs, out, a)
 
     def hist(self, op, inputs, a, hist, buckets=None):
         if op == "hist_high":
-            self.calls.append((self.running, self.sig(op, a)))
+            self.calls.append((self.running, self.sig(op, a, inputs)))
         super().hist(op, inputs, a, hist, buckets)
 
 
@@ -426,6 +428,7 @@ class _FakeCuda:
             refuse = False
 
             def cudaHostRegister(self, ptr, size, flags):
+                assert flags == 1  # cudaHostRegisterPortable: pinned for every device
                 log.append(("register", ptr, size))
                 return 712 if self.refuse else 0  # cudaErrorHostMemoryAlreadyRegistered
 
@@ -434,6 +437,11 @@ class _FakeCuda:
                 return 0
 
         self.Event, self.Stream, self._cudart = Event, Stream, Cudart()
+
+    def device(self, d):
+        import contextlib
+
+        return contextlib.nullcontext()
 
     def get_device_name(self, i):
         return "Fake GPU"
@@ -473,3 +481,42 @@ def test_make_backend_auto_without_driver_is_numba(monkeypatch):
     assert isinstance(api.make_backend("auto", "auto", 1), NumbaBackend)
     with pytest.raises(MergeError, match="no CUDA device"):
         api.make_backend("auto", "cuda", 1)
+
+
+def test_cuda_device_that_cannot_start_is_a_merge_error(monkeypatch, capsys, trio, tmp_path):
+    """A RuntimeError while the queue starts (an exclusive-process GPU in use, no memory
+    for a context) is a MergeError: an error with --device cuda, a fallback under auto."""
+    from streammerge import devqueue
+
+    class Busy:
+        def __init__(self, index):
+            raise RuntimeError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+    monkeypatch.setattr(devqueue, "TorchCudaQueue", Busy)
+    monkeypatch.setattr(
+        gpu, "TritonLauncher", lambda torch: types.SimpleNamespace(interpreted=False)
+    )
+    with pytest.raises(MergeError, match="busy or unavailable"):
+        gpu.cuda_backend()
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    base, a, b = trio
+    streammerge.merge([a, b], base, tmp_path / "auto", seed=5)
+    assert "not using the GPU" in capsys.readouterr().err
+
+
+def test_torch_queue_close_releases_after_a_sticky_error():
+    """A stream whose synchronize raises (a sticky CUDA error): close() still unregisters
+    the host memory, then the error propagates."""
+    cuda = _FakeCuda()
+    fake = types.SimpleNamespace(cuda=cuda, device=lambda kind, i: (kind, i))
+    q = TorchCudaQueue(0, torch=fake)
+    s = q.stream("h2d")
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    s.synchronize = broken
+    q.host_alloc(4096)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        q.close()
+    assert cuda.log[-1][0] == "unregister" and q.pinned_bytes == 0
