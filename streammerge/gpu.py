@@ -93,6 +93,17 @@ def default_vram_bytes(free: int) -> int:
     return int(min(free * DEFAULT_VRAM_SHARE, DEFAULT_VRAM_CAP))
 
 
+def device_stats_bytes(n_models: int) -> int:
+    """Device bytes a statistics pass may hold besides the chunk buffers: the int64 high
+    histograms (HIGH_BINS per fine-tune) and the low histograms of the widest guessed
+    window (``stats.guess_slots`` of breadcrumbs x LOW_BINS per fine-tune), both alive
+    at once in the worst case. Reserved from ``--vram`` for every method (about 3.4 MB per
+    fine-tune)."""
+    from streammerge.stats import HIGH_BINS, LOW_BINS, guess_slots
+
+    return n_models * (HIGH_BINS + guess_slots("breadcrumbs") * LOW_BINS) * 8
+
+
 #: Warm-up launch size (elements): compiles the kernel and Triton's driver stub up front.
 WARMUP_ELEMS = 16
 
@@ -219,8 +230,13 @@ class DeviceBackend:
             ) from e
 
     def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
-        """Chunk limit from the VRAM budget."""
-        return vram_chunk_elems(rows, in_itemsize, out_itemsize, self.vram_bytes, self.depth)
+        """Chunk limit from the VRAM budget, less the histograms' share
+        (``device_stats_bytes``).
+
+        Raises:
+            MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements."""
+        room = self.vram_bytes - device_stats_bytes(rows - 1)
+        return vram_chunk_elems(rows, in_itemsize, out_itemsize, room, self.depth)
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Pinned, page-aligned host memory (O_DIRECT reads land in it), viewed as numpy."""

@@ -86,6 +86,8 @@ class ThreadQueue:
         violations: what CUDA would have done silently (see the module docstring).
         pinned_bytes / peak_pinned_bytes: host bytes "pinned" now / at most
             (``pinned_size`` per buffer, as ``TorchCudaQueue``).
+        device_bytes / peak_device_bytes: device bytes held now / at most (held buffers
+            plus the largest short-lived histogram array).
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class ThreadQueue:
         self.pinned_bytes = 0
         self.peak_pinned_bytes = 0
         self.device_bytes = 0
+        self.peak_device_bytes = 0
         self.closed = 0
 
     def delay(self, stream_name: str) -> float:
@@ -126,9 +129,16 @@ class ThreadQueue:
         return page_aligned((nbytes,))
 
     def device_alloc(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A poisoned uint8 array standing for device memory."""
+        """A poisoned uint8 array standing for device memory (held until ``close``)."""
         self.device_bytes += int(np.prod(shape))
+        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
         return np.full(shape, POISON, dtype=np.uint8)
+
+    def _transient(self, a: np.ndarray) -> np.ndarray:
+        """A short-lived device array (histograms, buckets): its bytes count towards
+        ``peak_device_bytes`` on top of the held buffers while it lives."""
+        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes + a.nbytes)
+        return a
 
     def stream(self, name: str) -> _Stream:
         """A stream with its own worker thread."""
@@ -150,7 +160,7 @@ class ThreadQueue:
 
     def zeros(self, stream: _Stream, shape: tuple[int, ...]) -> np.ndarray:
         """int64 device array, cleared on ``stream`` (poisoned until then)."""
-        a = np.full(shape, -1, dtype=np.int64)
+        a = self._transient(np.full(shape, -1, dtype=np.int64))
 
         def clear() -> None:
             a[...] = 0
@@ -160,7 +170,7 @@ class ThreadQueue:
 
     def upload(self, stream: _Stream, host: np.ndarray) -> np.ndarray:
         """A device copy of ``host``, made on ``stream``."""
-        a = np.empty_like(host)
+        a = self._transient(np.empty_like(host))
         self.copy(stream, a, host.copy())
         return a
 

@@ -25,7 +25,9 @@ from streammerge.errors import MergeError
 from streammerge.gpu import DeviceBackend
 from streammerge.threadqueue import NumbaLauncher, ThreadQueue
 
-BIG = 700_001  # many chunks at --vram 1MB (about 43k elements a chunk for 3 bf16 rows)
+BIG = 700_001  # many chunks at VRAM (about 43k elements a chunk for 3 bf16 rows)
+#: A device budget of 1 MiB of chunk buffers besides the histograms' reserve.
+VRAM = gpu.device_stats_bytes(2) + 2**20
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +83,8 @@ def _corrupted(trio, out: Path, backend, want: dict) -> bool:
     return _files(out) != want
 
 
-def _backend(q: ThreadQueue, vram="1MB") -> DeviceBackend:
-    return DeviceBackend(q, NumbaLauncher(), streammerge.sizes.parse_size(vram))
+def _backend(q: ThreadQueue, vram: int = VRAM) -> DeviceBackend:
+    return DeviceBackend(q, NumbaLauncher(), vram)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))
@@ -96,6 +98,7 @@ def test_fake_streams_give_numba_bytes(trio, want, tmp_path, name, seed):
     assert _files(tmp_path / "gpu") == want[name]
     assert q.violations == [] and q.pending() == 0 and q.pinned_bytes == 0
     assert stats.moved_bytes <= stats.copied_bytes  # only tensors copied as they are
+    assert 2**19 < q.peak_device_bytes <= VRAM  # chunk sets (+ histograms) within --vram
     assert all(stats.busy_s[k] > 0 for k in ("h2d_s", "kernel_s", "d2h_s", "device_wait_s"))
     q.shutdown()
 
@@ -164,7 +167,7 @@ def test_every_kernel_variant_is_compiled_before_the_first_read(trio, want, tmp_
     """prewarm launches each distinct kernel variant of the plan (dtypes, rows, flags,
     n == 1 / n % 16) before any chunk: the run launches no variant it had not warmed."""
     launcher = _Recording()
-    be = DeviceBackend(ThreadQueue(max_delay_s=0.0), launcher, 2**20)
+    be = DeviceBackend(ThreadQueue(max_delay_s=0.0), launcher, VRAM)
     run = be.run
 
     def run_marked(*a, **kw):
