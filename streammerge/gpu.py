@@ -299,6 +299,41 @@ class DeviceBackend:
         self._free[i] = d2h
         return _Pending(d2h, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done), ("d2h_s", t_out, d2h)))
 
+    def run_sweep(self, slot: Slot, passes: list) -> _Pending:
+        """A sweep's K merges of one slot's inputs: ``passes`` is [(Slot view whose ``out``
+        is output k's buffer, MergeArgs)], all of the same chunk and rows. The rows go to
+        the device once; then per output the kernel and its D2H, each kernel after the
+        previous output's D2H (one device output buffer per set). Returns the handle of
+        the last D2H (``wait``)."""
+        q, s = self.q, self.streams
+        i = self._k % self.depth
+        self._k += 1
+        dev_in, dev_out = self._sets[i]
+        first = passes[0][1]
+        if self._free[i] is not None:
+            q.wait(s["h2d"], self._free[i])
+        t_in = q.record(s["h2d"])
+        rows = ([first.base_row] if first.base_row >= 0 else []) + list(first.model_rows)
+        for r in rows:
+            nb = first.n * _ITEMSIZE[first.dtypes[r]]
+            off = slot.offsets[r] if slot.offsets else 0
+            q.copy(s["h2d"], dev_in[r, :nb], slot.inputs[r, off : off + nb])
+        ready = q.record(s["h2d"])
+        timings = [("h2d_s", t_in, ready)]
+        for view, a in passes:
+            q.wait(s["compute"], ready)  # the inputs, then the previous output's D2H
+            t_k = q.record(s["compute"])
+            q.launch(s["compute"], self.launcher.merge, dev_in, dev_out, a)
+            done = q.record(s["compute"])
+            q.wait(s["d2h"], done)
+            t_out = q.record(s["d2h"])
+            nb = view.out_nbytes
+            q.copy(s["d2h"], view.out[:nb], dev_out[:nb])
+            ready = q.record(s["d2h"])
+            timings += [("kernel_s", t_k, done), ("d2h_s", t_out, ready)]
+        self._free[i] = ready
+        return _Pending(ready, tuple(timings))
+
     def _wait(self, p: _Pending) -> None:
         t0 = time.perf_counter()
         self.q.synchronize(p.event)

@@ -652,16 +652,17 @@ def _stream_body(
         win = thresholds.window(t) if plan.recipe.row.sparse.stats else None
         if len(variants) == 1:
             return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
-        handles = []
+        passes = []
         for k, names in enumerate(by_name):  # a sweep: one pass per output, same inputs
             tk = names[t.name]  # the same tensor with this output's weights
             c = slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            args = merge_args(plan.recipe.row, tk, ck, win)
-            handles.append(backend.run("merge", view, args))
-        return _Handles(handles), True
+            passes.append((view, merge_args(plan.recipe.row, tk, ck, win)))
+        if hasattr(backend, "run_sweep"):  # a device backend: the inputs go over once
+            return _Handles([backend.run_sweep(slot, passes)]), True
+        return _Handles([backend.run("merge", v, a) for v, a in passes]), True
 
     threads = [threading.Thread(target=read_stage, name="sm-reader", daemon=True)]
     if outputs:

@@ -114,23 +114,37 @@ def test_numba_memmoves_what_the_gpu_path_copies_from_place(trio, tmp_path):
     assert stats.moved_bytes > BIG
 
 
-def test_sweep_outputs_on_fake_streams(trio, tmp_path, monkeypatch):
-    """A sweep (K merges per slot, each its own device buffer set) through the device
-    backend gives the numba sweep's bytes for every draw."""
+@pytest.mark.parametrize("method", ["dare_linear", "ties"])
+def test_sweep_outputs_on_fake_streams(trio, tmp_path, monkeypatch, method):
+    """A sweep (K merges per slot: the inputs go to the device once, then a kernel and a
+    D2H per output) through the device backend gives the numba sweep's bytes for every
+    draw."""
     base, a, b = trio
     q = ThreadQueue(seed=3, max_delay_s=0.0005)
+    copies = {"h2d": 0, "d2h": 0, "compute": 0}
+    copy = q.copy
+
+    def counted(stream, dst, src):
+        copies[stream.name] += 1
+        copy(stream, dst, src)
+
+    q.copy = counted
     monkeypatch.setattr(gpu, "cuda_available", lambda: True)
     monkeypatch.setattr(gpu, "cuda_backend", lambda vram=None: _backend(q))
-    kw = {"draws": 3, "method": "ties", "density": 0.5, "seed": 4, "sweep_seed": 9}
+    kw = {"draws": 3, "method": method, "seed": 4, "sweep_seed": 9}
+    if method != "dare_linear":
+        kw["density"] = 0.5
     streammerge.sweep([a, b], base, tmp_path / "g", options=Options(memory="32MiB"),
                       keep="all", **kw)  # fmt: skip
     streammerge.sweep([a, b], base, tmp_path / "c", keep="all",
                       options=Options(backend="numba", device="cpu"), **kw)  # fmt: skip
     dirs = sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir())
-    assert len(dirs) >= 3
+    assert len(dirs) >= 4  # 3 draws and the fixed reference
     for d in dirs:
         assert _files(tmp_path / "g" / d) == _files(tmp_path / "c" / d), d
     assert q.violations == [] and q.pending() == 0
+    if method == "dare_linear":  # no histogram passes: 3 rows in once, each output back
+        assert copies["h2d"] * len(dirs) == copies["d2h"] * 3 > 0, copies
 
 
 class _Recording(NumbaLauncher):
