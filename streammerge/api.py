@@ -249,6 +249,11 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
         raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
     if backend not in ("auto", "numba", "triton"):
         raise ValueError(f"unknown backend {backend!r} (use numba or triton)")
+    if device == "cuda" and backend == "numba":
+        raise OptionError(
+            "--device cuda with --backend numba: numba runs on the CPU",
+            "use --backend auto (or triton) for the GPU, or --device cpu",
+        )
     if device in ("auto", "cuda") and backend in ("auto", "triton"):
         from streammerge import gpu
 
