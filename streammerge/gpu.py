@@ -221,13 +221,10 @@ class DeviceBackend:
         except MergeError:
             raise
         except Exception as e:  # compiler, driver, kernel: one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise MergeError(
-                f"the GPU kernel could not be compiled or launched on {q.name}: {first[:200]}",
-                None,
-                None,
+            raise device_error(
+                f"the GPU kernel could not be compiled or launched on {q.name}", e,
                 "Triton needs a C compiler (gcc) and the CUDA driver; or use --device cpu",
-            ) from e
+            ) from e  # fmt: skip
 
     def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
         """Chunk limit from the VRAM budget, less the histograms' share
@@ -263,62 +260,49 @@ class DeviceBackend:
         if op == "convert":
             self.launcher.convert(slot.inputs[0], args, slot.out)
             return None
+        if op == "merge":
+            return self.run_sweep(slot, [(slot, args)])
+        q, s = self.q, self.streams
+        i, h2d, t_in = self._to_device(slot, args)
+        q.wait(s["compute"], h2d)
+        t_k = q.record(s["compute"])
+        hist = q.zeros(s["compute"], kw["hist"].shape)
+        buckets = kw.get("buckets")
+        if buckets is not None:
+            buckets = q.upload(s["compute"], buckets)
+        q.launch(s["compute"], self.launcher.hist, op, self._sets[i][0], args, hist, buckets)
+        done = q.record(s["compute"])
+        self._free[i] = done
+        self._wait(_Pending(done, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done))))
+        kw["hist"] += q.download(hist)
+        return None
+
+    def _to_device(self, slot: Slot, args) -> tuple[int, object, object]:
+        """Queue the slot's rows (from ``slot.offsets``) into the next device buffer set,
+        after that set's last use (``free[i]``). Returns (set index, the event of the
+        copies, a timing event before them)."""
         q, s = self.q, self.streams
         i = self._k % self.depth
         self._k += 1
-        dev_in, dev_out = self._sets[i]
-        rows = ([args.base_row] if args.base_row >= 0 else []) + list(args.model_rows)
         if self._free[i] is not None:  # the set's last D2H (after its kernel): set free
             q.wait(s["h2d"], self._free[i])
         t_in = q.record(s["h2d"])
-        for r in rows:
+        dev_in = self._sets[i][0]
+        for r in ([args.base_row] if args.base_row >= 0 else []) + list(args.model_rows):
             nb = args.n * _ITEMSIZE[args.dtypes[r]]
             off = slot.offsets[r] if slot.offsets else 0
             q.copy(s["h2d"], dev_in[r, :nb], slot.inputs[r, off : off + nb])
-        h2d = q.record(s["h2d"])
-        q.wait(s["compute"], h2d)
-        t_k = q.record(s["compute"])
-        if op in ("hist_high", "hist_low"):
-            hist = q.zeros(s["compute"], kw["hist"].shape)
-            buckets = kw.get("buckets")
-            if buckets is not None:
-                buckets = q.upload(s["compute"], buckets)
-            q.launch(s["compute"], self.launcher.hist, op, dev_in, args, hist, buckets)
-            done = q.record(s["compute"])
-            self._free[i] = done
-            self._wait(_Pending(done, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done))))
-            kw["hist"] += q.download(hist)
-            return None
-        q.launch(s["compute"], self.launcher.merge, dev_in, dev_out, args)
-        done = q.record(s["compute"])
-        q.wait(s["d2h"], done)
-        t_out = q.record(s["d2h"])
-        nb = slot.out_nbytes
-        q.copy(s["d2h"], slot.out[:nb], dev_out[:nb])
-        d2h = q.record(s["d2h"])
-        self._free[i] = d2h
-        return _Pending(d2h, (("h2d_s", t_in, h2d), ("kernel_s", t_k, done), ("d2h_s", t_out, d2h)))
+        return i, q.record(s["h2d"]), t_in
 
     def run_sweep(self, slot: Slot, passes: list) -> _Pending:
-        """A sweep's K merges of one slot's inputs: ``passes`` is [(Slot view whose ``out``
-        is output k's buffer, MergeArgs)], all of the same chunk and rows. The rows go to
-        the device once; then per output the kernel and its D2H, each kernel after the
-        previous output's D2H (one device output buffer per set). Returns the handle of
-        the last D2H (``wait``)."""
+        """K merges of one slot's inputs (a sweep's outputs; K = 1 is ``run("merge")``):
+        ``passes`` is [(Slot view whose ``out`` is output k's buffer, MergeArgs)], all of
+        the same chunk and rows. The rows go to the device once; then per output the
+        kernel and its D2H, each kernel after the previous output's D2H (one device output
+        buffer per set). Returns the handle of the last D2H (``wait``)."""
         q, s = self.q, self.streams
-        i = self._k % self.depth
-        self._k += 1
+        i, ready, t_in = self._to_device(slot, passes[0][1])
         dev_in, dev_out = self._sets[i]
-        first = passes[0][1]
-        if self._free[i] is not None:
-            q.wait(s["h2d"], self._free[i])
-        t_in = q.record(s["h2d"])
-        rows = ([first.base_row] if first.base_row >= 0 else []) + list(first.model_rows)
-        for r in rows:
-            nb = first.n * _ITEMSIZE[first.dtypes[r]]
-            off = slot.offsets[r] if slot.offsets else 0
-            q.copy(s["h2d"], dev_in[r, :nb], slot.inputs[r, off : off + nb])
-        ready = q.record(s["h2d"])
         timings = [("h2d_s", t_in, ready)]
         for view, a in passes:
             q.wait(s["compute"], ready)  # the inputs, then the previous output's D2H
@@ -396,13 +380,16 @@ def cuda_backend(vram_bytes: int | None = None, index: int = 0) -> DeviceBackend
     except MergeError:
         raise
     except Exception as e:  # a busy exclusive-process GPU, no memory for a context: one line
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise MergeError(
-            f"the CUDA device {index} cannot be used: {first[:200]}",
-            None,
-            None,
-            "check nvidia-smi, or use --device cpu",
+        raise device_error(
+            f"the CUDA device {index} cannot be used", e, "check nvidia-smi, or use --device cpu"
         ) from e
+
+
+def device_error(what: str, e: BaseException, todo: str) -> MergeError:
+    """A one-line MergeError: ``what``, then the first line of ``e`` (a CUDA, driver or
+    compiler message, often many lines), cut at 200 characters."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return MergeError(f"{what}: {first[:200]}", None, None, todo)
 
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
