@@ -30,7 +30,9 @@ The formula (P parameters, bf16 = 2 bytes, 3 inputs: base + 2 fine-tunes, 1 outp
 nodes; rates per node):
 
     R = 3 * 2P * f      bytes read (f = 1; ties: tensors too large for a --memory slot
-                        are read once per pass, 3 times, held ones once)
+                        are read twice (the statistics read counts the high histograms
+                        and a guessed window's low ones, then the merge read; a third
+                        read only when the window misses), held ones once)
     W = 2P              bytes written;  E = P elements
     s(n) = ceil(K / n) / K   share of the busiest node, K = ceil(W / shard_size) output
                         shards (shards are the unit of work; about 1/n)
@@ -318,9 +320,10 @@ def chunk_elems(memory_bytes: int, threads: int) -> int:
 
 def ties_read_factor(inv, chunk: int) -> float:
     """Bytes read by ties / bytes read once: held tensors (numel <= chunk) once, others
-    once per pass (hist_high, hist_low, merge)."""
+    twice (the statistics read with a guessed threshold window, then the merge read;
+    ``pipeline`` adds a third only when the window misses, not counted here)."""
     total = params(inv)
-    return sum(c * m * (1 if m <= chunk else 3) for c, m in inv) / total
+    return sum(c * m * (1 if m <= chunk else 2) for c, m in inv) / total
 
 
 def predict(p: int, read_factor: float, kernel: float, rates: dict, nodes: int,
@@ -445,7 +448,8 @@ def report(rates: dict, how: dict, args) -> str:
     ]
     formula = f"""\
 R = 3 * 2P * f    bytes read; f = 1, ties: tensors larger than one --memory slot are
-                  read once per pass (3x); --memory {args.memory} -> slot {chunk / 1e6:.1f}M elements
+                  read twice (3x when a guessed window misses); --memory {args.memory}
+                  -> slot {chunk / 1e6:.1f}M elements
 W = 2P            bytes written;  E = P elements merged
 s = ceil(K/n)/K   share of the busiest node, K = ceil(W / shard size) output shards
                   (--shard-size-gb {args.shard_size_gb:g}; tasks are whole shards)
