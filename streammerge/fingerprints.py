@@ -30,9 +30,15 @@ VERIFY_BLOCK_BYTES = 8 * 2**20
 EMPTY_XXH3 = xxhash.xxh3_64(b"").hexdigest()
 
 
-def file_identity(path: Path) -> dict[str, int]:
+def file_identity(path) -> dict:
     """What changes when a file's bytes can have changed: device, inode, size, mtime, ctime
-    (the file behind symlinks)."""
+    (the file behind symlinks). For an input by URL (``remote.RemoteFile``): its URL, size
+    and ETag; without an ETag nothing proves the bytes the same, so the identity is new
+    each time (its used tensors are re-read and hashed)."""
+    if hasattr(path, "url"):
+        if path.etag is None:
+            return {"url": path.url, "unpinned": os.urandom(8).hex()}
+        return {"url": path.url, "size": path.size, "etag": path.etag}
     st = os.stat(path)
     return {
         "dev": st.st_dev,
@@ -97,14 +103,21 @@ class InputHasher:
         return state[1], state[0].hexdigest()
 
 
-def hash_range(path: Path, start: int, nbytes: int, buf: bytearray | None = None) -> str:
-    """xxh3-64 hex of ``nbytes`` of ``path`` from byte ``start`` (buffered reads).
+def hash_range(path, start: int, nbytes: int, buf: bytearray | None = None) -> str:
+    """xxh3-64 hex of ``nbytes`` of ``path`` from byte ``start`` (buffered reads; ranged
+    reads for a ``remote.RemoteFile``, which raises MergeError when its server fails or
+    its copy changed).
 
     Raises:
         OSError: the file cannot be read; EOFError: it is shorter than the range.
     """
     h = xxhash.xxh3_64()
     buf = buf if buf is not None else bytearray(VERIFY_BLOCK_BYTES)
+    if hasattr(path, "read"):  # an input by URL (remote.RemoteFile): ranged reads
+        for pos in range(start, start + nbytes, len(buf)):
+            data = path.read(pos, min(len(buf), start + nbytes - pos))
+            h.update(data)
+        return h.hexdigest()
     view = memoryview(buf)
     fd = os.open(path, os.O_RDONLY)
     try:

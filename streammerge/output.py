@@ -113,6 +113,23 @@ def _rehash(info, covered: int, buf: bytearray) -> str:
         ) from None
 
 
+def input_files(m) -> dict:
+    """File name -> what holds an input model's bytes: its local files, or for a model
+    opened by URL the ``remote.RemoteFile`` of each (its ``files`` are a local skeleton of
+    headers, made anew each run)."""
+    remote = {i.file.name: i.file for i in m.tensors.values() if hasattr(i.file, "url")}
+    return remote or {f.name: f for f in m.files}
+
+
+def _changed_since(f, since_ns: int) -> bool:
+    """Whether input file ``f`` may have changed since ``since_ns``: its ctime, or for a
+    file by URL, whether it has no ETag (one pins its bytes; the output's fingerprint,
+    checked first, includes it)."""
+    if hasattr(f, "url"):
+        return f.etag is None
+    return os.stat(f).st_ctime_ns >= since_ns
+
+
 def _nonempty_dir(path: Path) -> bool:
     try:
         with os.scandir(path) as it:
@@ -507,7 +524,7 @@ class OutputDir:
         out: dict = {}
         for role, m in [("base", self._base)] + [(str(j), m) for j, m in enumerate(self._models)]:
             if m is not None:
-                out[role] = {f.name: file_identity(f) for f in m.files}
+                out[role] = {name: file_identity(f) for name, f in input_files(m).items()}
         return out
 
     def _start(self, fingerprint: str, seed: int) -> None:
@@ -638,6 +655,10 @@ class OutputDir:
                         "restore the input, or re-run with --overwrite to merge it as it is now",
                     )
         for f in changed:
+            if getattr(f, "url", None) is not None and f.etag is None:
+                notice(f"{f} has no ETag to show it unchanged: the bytes its finished shards "
+                       "used were fetched again and are the same")  # fmt: skip
+                continue
             notice(
                 f"{f} changed since the interrupted merge; the bytes its finished shards used "
                 "are the same (re-read), the rest is merged as it is now"
@@ -680,7 +701,7 @@ class OutputDir:
         per_model += [{}] * (len(self._models) - len(per_model))
         buf = bytearray(8 * 2**20)
         for m, recorded in zip([self._base, *self._models], [hashes.get("base") or {}, *per_model]):
-            stale = {f for f in m.files if os.stat(f).st_ctime_ns >= since}
+            stale = {f for f in input_files(m).values() if _changed_since(f, since)}
             if not stale:
                 continue  # no file changed since before the merge wrote its first shard
             for info in m.tensors.values():

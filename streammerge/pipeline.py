@@ -548,8 +548,9 @@ def _stream_body(
             ]
         slot.in_nbytes = sum(j[2] for j in jobs)
         remote = [j for j in jobs if isinstance(j[0].file, RemoteFile)]
-        if remote:  # inputs by URL: ranged reads (streammerge.remote)
+        if remote:  # inputs by URL: ranged reads (streammerge.remote), fingerprinted too
             read_jobs(remote, pool)
+            reader.hash_ranges(remote, pool)
         local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
         # A GPU backend copies each row from where its O_DIRECT read landed: no memmove.
         in_place = not offsets_ok or item.op in ("copy", "convert")

@@ -640,6 +640,13 @@ class RangeReader:
             self._hash(jobs, pool, deltas)
         return deltas
 
+    def hash_ranges(self, jobs, pool) -> None:
+        """Hand ranges read elsewhere (inputs by URL: ``remote.read_jobs``) to the hasher,
+        as ``read_rows`` does for its own: (info, byte_offset, nbytes, row) with the bytes
+        at ``row[:nbytes]``. Nothing without a hasher."""
+        if self.hasher is not None and jobs:
+            self._hash(jobs, pool, [0] * len(jobs))
+
     def _hash(self, jobs, pool, deltas) -> None:
         """Hand every range read to the hasher: rows in parallel (xxh3 releases the GIL),
         ranges of one tensor in order."""

@@ -17,6 +17,7 @@ from conftest import make_trio, output_bytes, run_cli
 
 import streammerge
 from streammerge.api import Options
+from streammerge.errors import MergeError
 
 pytest.importorskip("aiohttp")
 
@@ -31,6 +32,7 @@ class RangeServer:
         self.log: list[tuple[str, str, str | None]] = []
         self.fail_first = 0
         self.fails: dict[str, int] = {}
+        self.etags = True  # False: a server that sends no ETag (nothing pins the bytes)
         self.on_get = None  # hook(path, range) called before serving a GET
         server = self
 
@@ -54,7 +56,8 @@ class RangeServer:
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(p.stat().st_size))
-                self.send_header("ETag", self._etag(p))
+                if server.etags:
+                    self.send_header("ETag", self._etag(p))
                 self.send_header("Accept-Ranges", "bytes")
                 self.end_headers()
 
@@ -94,7 +97,8 @@ class RangeServer:
                     body = data
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", etag)
+                if server.etags:
+                    self.send_header("ETag", etag)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -194,3 +198,72 @@ def test_unreachable_url_is_one_line(tmp_path):
                  "http://127.0.0.1:9/c", "-o", str(tmp_path / "o")])  # fmt: skip
     assert r.returncode == 2
     assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1
+
+
+@pytest.mark.parametrize("etags", [True, False])
+def test_interrupted_remote_merge_resumes(tmp_path, served, etags):
+    """A merge from URLs stopped after some shards (an error in the caller's progress
+    callback) resumes with --resume: the finished shards are kept (not merged again) and the
+    result equals the local merge byte for byte. With ETags the inputs of the finished
+    shards are trusted as pinned; without, their bytes are fetched again and re-hashed."""
+    srv, base, a, b = served
+    srv.etags = etags
+    urls = [f"{srv.url}/a", f"{srv.url}/b"]
+    kw = {"seed": 3, "method": "ties", "density": 0.5}
+    seen = [0]
+
+    def stop_midway(n: int) -> None:
+        seen[0] += n
+        if seen[0] > 1_000_000:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge(urls, f"{srv.url}/base", out, on_bytes=stop_midway,
+                          shard_size="200KB", **kw)  # fmt: skip
+    first = len(srv.weight_ranges())
+    assert first and not out.exists()
+    srv.log.clear()
+    s = streammerge.merge(urls, f"{srv.url}/base", out, shard_size="200KB", resume=True, **kw)
+    fetched = sum(int(b) - int(a) + 1 for m, p, r in srv.log if m == "GET" and r
+                  and p.endswith(".safetensors")
+                  for a, b in [re.match(r"bytes=(\d+)-(\d+)", r).groups()])  # fmt: skip
+    full = streammerge.merge([a, b], base, tmp_path / "l", shard_size="200KB", **kw)
+    got, want = output_bytes(out), output_bytes(tmp_path / "l")
+    assert got.keys() == want.keys() and all((got[n] == want[n]).all() for n in want)
+    assert 0 < s.bytes_read < full.bytes_read  # the finished shards were not merged again
+    # Ranges fetched by the resumed run: the weights it merges and a few header ranges;
+    # without ETags also the finished shards' inputs again (re-hashed): all of them.
+    assert (fetched >= full.bytes_read) == (not etags), (fetched, s.bytes_read, full.bytes_read)
+
+
+def test_resume_refuses_a_changed_input_without_etag(tmp_path, served):
+    """No ETag pins the bytes: on --resume the finished shards' input tensors are fetched
+    again and hashed, and a tensor whose bytes changed (same size, same header) stops the
+    run with one line naming it; the output is not finished."""
+    from safetensors.torch import load_file, save_file
+
+    srv, _base, _a, b = served
+    srv.etags = False
+    urls = [f"{srv.url}/a", f"{srv.url}/b"]
+    seen = [0]
+
+    def stop_midway(n: int) -> None:
+        seen[0] += n
+        if seen[0] > 1_000_000:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "r"
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, on_bytes=stop_midway,
+                          shard_size="200KB")  # fmt: skip
+    name = "layers.0.attn.q.weight"  # merged into the first (finished) output shard
+    shard = next(p for p in b.glob("*.safetensors") if name in load_file(p))
+    tensors = load_file(shard)
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MergeError, match="an input changed") as e:
+        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, shard_size="200KB",
+                          resume=True)  # fmt: skip
+    assert e.value.tensor == name and "\n" not in str(e.value)
+    assert not out.exists()
