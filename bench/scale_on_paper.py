@@ -312,9 +312,9 @@ def chunk_elems(memory_bytes: int, threads: int) -> int:
     t = SimpleNamespace(action="merge", base=SimpleNamespace(itemsize=2),
                         sources=[SimpleNamespace(itemsize=2)] * 2, dtype="BF16",
                         ops=("hist_high", "hist_low", "merge"))  # fmt: skip
-    recipe = SimpleNamespace(row=SimpleNamespace(sparse=SimpleNamespace(stats=True)),
-                             trim_scope="tensor")  # fmt: skip
-    plan = SimpleNamespace(tensors=[t], recipe=recipe)
+    row = SimpleNamespace(sparse=SimpleNamespace(stats=True), sparsifier="magnitude")
+    recipe = SimpleNamespace(row=row, trim_scope="tensor")
+    plan = SimpleNamespace(tensors=[t], recipe=recipe, model_scope=False)
     return make_layout(plan, 2, memory_bytes, 0, None, threads).chunk_elems
 
 
