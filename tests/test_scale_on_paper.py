@@ -13,7 +13,7 @@ from streammerge.api import Options, prepare
 from streammerge.pipeline import make_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import scale_on_paper  # noqa: E402
+import scale_on_paper
 
 
 def test_slot_size_is_the_engines(tmp_path):
