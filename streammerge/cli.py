@@ -460,7 +460,16 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
     from streammerge.backends import CPU_GEOMETRY
 
     prep = prepare(models, base, out, kwargs, options, prov)
-    d = dryrun.describe(prep, layout_for(prep, CPU_GEOMETRY))
+    geometry, device = CPU_GEOMETRY, "cpu"
+    if options.device != "cpu" and options.backend != "numba":
+        from streammerge import gpu
+
+        if gpu.cuda_available():  # the buffers a CUDA run would have (no kernel started)
+            from streammerge.sizes import parse_size
+
+            vram = None if options.vram is None else parse_size(options.vram, "--vram")
+            geometry, device = gpu.plan_geometry(vram), "cuda"
+    d = dryrun.describe(prep, layout_for(prep, geometry), device=device)
     print(json.dumps(d, indent=2, sort_keys=True) if as_json else dryrun.format_plan(d))
     return 0
 

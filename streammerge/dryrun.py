@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.gpu import pinned_host_bytes
 from streammerge.names import natural_key
 from streammerge.pipeline import (
     STAGING_BLOCKS,
@@ -242,7 +243,7 @@ def _read_buffered(path: Path, total: int, max_seconds: float) -> tuple[int, flo
         os.close(fd)
 
 
-def describe(prep, layout: Layout, measure_read: bool = True) -> dict:
+def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu") -> dict:
     """The dry run of ``prep`` (an ``api.Prepared``) with the buffers of ``layout``.
 
     Reads no weight except the short speed read (``measure_read``), writes nothing.
@@ -254,6 +255,8 @@ def describe(prep, layout: Layout, measure_read: bool = True) -> dict:
             statistics tensor is held or multi-pass, hence the bytes read, depends on it.
         measure_read: time a short read of the largest input file (else no speed and no
             expected time).
+        device: ``cpu`` or ``cuda`` (the layout is then a GPU run's: its pinned host
+            bytes and VRAM budget are reported too).
 
     Returns:
         A JSON-serializable dict (module docstring; key ``format`` = PLAN_FORMAT).
@@ -354,6 +357,8 @@ def describe(prep, layout: Layout, measure_read: bool = True) -> dict:
             "chunk_elems": layout.chunk_elems,
             "staging_bytes": STAGING_BLOCKS * layout.block_bytes,
             "stats_bytes": layout.stats_bytes,
+            "device": device,
+            "pinned_bytes": pinned_host_bytes(layout) if device == "cuda" else 0,
         },
         "disk": disk,
         "expected_seconds": bytes_read / speed if speed else None,
@@ -472,6 +477,8 @@ def format_plan(d: dict) -> str:
         f"{mem['budget_bytes'] / 2**20:.1f} MiB budget ({mem['slots']} slots of "
         f"{mem['slot_bytes'] / 2**20:.1f} MiB, chunk {mem['chunk_elems']} elements)"
     )
+    if mem.get("device") == "cuda":
+        out.append(f"on the GPU: {mem['pinned_bytes'] / 2**20:.1f} MiB of the buffers pinned")
     disk = d["disk"]
     if disk is None:
         out.append("disk speed: not measured")

@@ -93,6 +93,72 @@ def default_vram_bytes(free: int) -> int:
     return int(min(free * DEFAULT_VRAM_SHARE, DEFAULT_VRAM_CAP))
 
 
+def device_chunk_elems(vram_bytes: int, rows: int, in_itemsize: int, out_itemsize: int) -> int:
+    """Largest chunk (elements) of a DeviceBackend with ``vram_bytes``: GPU_DEPTH buffer
+    sets in what the histograms' reserve (``device_stats_bytes``) leaves.
+
+    Raises:
+        MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements."""
+    room = vram_bytes - device_stats_bytes(rows - 1)
+    return vram_chunk_elems(rows, in_itemsize, out_itemsize, room, GPU_DEPTH)
+
+
+@dataclass(frozen=True)
+class DeviceGeometry:
+    """What ``--plan`` needs of a DeviceBackend without starting one (no stream, no
+    compile): its depth and chunk limit for ``vram_bytes`` (as ``pipeline.make_layout``
+    takes them)."""
+
+    vram_bytes: int
+    depth: int = GPU_DEPTH
+
+    def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
+        return device_chunk_elems(self.vram_bytes, rows, in_itemsize, out_itemsize)
+
+
+def plan_geometry(vram_bytes: int | None) -> DeviceGeometry:
+    """The geometry a CUDA run would have: ``vram_bytes``, or the default share of the free
+    memory of device 0 (one ``mem_get_info`` call).
+
+    Raises:
+        MergeError: ``vram_bytes`` is more than the free memory."""
+    import torch
+
+    return DeviceGeometry(resolve_vram(vram_bytes, int(torch.cuda.mem_get_info(0)[0]), "cuda:0"))
+
+
+def resolve_vram(vram_bytes: int | None, free: int, where: str) -> int:
+    """The device buffer budget: ``vram_bytes`` checked against ``free`` bytes on device
+    ``where``, or ``default_vram_bytes(free)``.
+
+    Raises:
+        MergeError: ``vram_bytes`` is not positive or more than ``free`` (one line)."""
+    if vram_bytes is None:
+        return default_vram_bytes(free)
+    if vram_bytes <= 0:
+        raise MergeError(f"--vram must be more than 0 bytes, got {vram_bytes}")
+    if vram_bytes > free:
+        raise MergeError(
+            f"--vram {format_bytes(vram_bytes)} is more than the {format_bytes(free)} free "
+            f"on {where}", None, None,
+            f"give --vram {format_bytes(default_vram_bytes(free))} or less, or leave it out",
+        )  # fmt: skip
+    return vram_bytes
+
+
+def pinned_host_bytes(layout) -> int:
+    """Host bytes a DeviceBackend pins for ``layout`` (``pipeline.Layout`` made with
+    depth GPU_DEPTH): every slot's input rows and output buffers, each buffer registered
+    at page granularity (``devqueue.pinned_size``). At most ``--memory``: the layout
+    counts the same buffers (and the writer's staging blocks and histograms, which are not
+    pinned)."""
+    from streammerge.devqueue import pinned_size
+
+    per_slot = pinned_size(layout.rows * layout.row_bytes)
+    per_slot += layout.outputs * pinned_size(layout.out_row_bytes)
+    return layout.slots * per_slot
+
+
 def device_stats_bytes(n_models: int) -> int:
     """Device bytes a statistics pass may hold besides the chunk buffers: the int64 high
     histograms (HIGH_BINS per fine-tune) and the low histograms of the widest guessed
@@ -146,18 +212,7 @@ class DeviceBackend:
     def __init__(self, queue, launcher, vram_bytes: int | None = None, warmup: bool = True) -> None:
         self.q = queue
         self.launcher = launcher
-        free, _total = queue.mem_get_info()
-        if vram_bytes is not None and vram_bytes <= 0:
-            raise MergeError(f"--vram must be more than 0 bytes, got {vram_bytes}")
-        if vram_bytes is not None and vram_bytes > free:
-            raise MergeError(
-                f"--vram {format_bytes(vram_bytes)} is more than the {format_bytes(free)} free "
-                f"on {queue.name}",
-                None,
-                None,
-                f"give --vram {format_bytes(default_vram_bytes(free))} or less, or leave it out",
-            )
-        self.vram_bytes = default_vram_bytes(free) if vram_bytes is None else vram_bytes
+        self.vram_bytes = resolve_vram(vram_bytes, queue.mem_get_info()[0], queue.name)
         self.streams = {name: queue.stream(name) for name in ("h2d", "compute", "d2h")}
         self._sets: list | None = None
         self._free: list = []
@@ -227,13 +282,8 @@ class DeviceBackend:
             ) from e  # fmt: skip
 
     def max_chunk_elems(self, rows: int, in_itemsize: int, out_itemsize: int) -> int:
-        """Chunk limit from the VRAM budget, less the histograms' share
-        (``device_stats_bytes``).
-
-        Raises:
-            MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements."""
-        room = self.vram_bytes - device_stats_bytes(rows - 1)
-        return vram_chunk_elems(rows, in_itemsize, out_itemsize, room, self.depth)
+        """Chunk limit from the VRAM budget (``device_chunk_elems``)."""
+        return device_chunk_elems(self.vram_bytes, rows, in_itemsize, out_itemsize)
 
     def alloc(self, shape: tuple[int, ...]) -> np.ndarray:
         """Pinned, page-aligned host memory (O_DIRECT reads land in it), viewed as numpy."""

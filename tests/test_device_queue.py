@@ -318,6 +318,10 @@ def test_pinned_bytes_stay_within_memory(trio, tmp_path):
     be = DeviceBackend(q, NumbaLauncher(), 2**30)
     stats = _merge(trio, tmp_path / "gpu", be, memory="256MiB", method="ties", density=0.5)
     assert 0.5 * 2**28 < q.peak_pinned_bytes <= 2**28, q.peak_pinned_bytes
+    layout = api.layout_for(prepare([trio[1], trio[2]], trio[0], tmp_path / "x",
+                                    {"method": "ties", "density": 0.5},
+                                    Options(memory="256MiB")), be)  # fmt: skip
+    assert gpu.pinned_host_bytes(layout) == q.peak_pinned_bytes  # the formula is the run's
     assert stats.buffer_bytes <= 2**28
     assert sum(map(torch_pinned_size, sizes)) > 2**28  # what pin_memory=True would cost
     assert all(pinned_size(n) == -(-n // 4096) * 4096 for n in sizes)
@@ -539,3 +543,29 @@ def test_torch_queue_close_releases_after_a_sticky_error():
     with pytest.raises(RuntimeError, match="illegal memory access"):
         q.close()
     assert cuda.log[-1][0] == "unregister" and q.pinned_bytes == 0
+
+
+def test_plan_on_a_gpu_machine_shows_the_gpu_layout(trio, tmp_path, capsys, monkeypatch):
+    """--plan where a CUDA run would happen: the chunk is the --vram budget's, the pinned
+    host bytes are reported (within --memory), no backend is started; --vram above the
+    free memory is the same one-line error as a run's."""
+    import json
+
+    import torch
+
+    from streammerge import cli
+
+    base, a, b = trio
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (8 * 10**9, 16 * 10**9))
+    monkeypatch.setattr(gpu, "cuda_backend", None)  # starting one would fail the test
+    argv = [str(a), str(b), "--base", str(base), "-o", str(tmp_path / "o"), "--plan", "--json",
+            "--memory", "256MiB", "--vram", str(VRAM)]  # fmt: skip
+    assert cli.main(argv) == 0
+    mem = json.loads(capsys.readouterr().out)["memory"]
+    assert mem["device"] == "cuda" and 0 < mem["pinned_bytes"] <= 2**28
+    want = gpu.device_chunk_elems(VRAM, 3, 2, 2)
+    assert mem["chunk_elems"] == want < mem["budget_bytes"] // 64
+    assert cli.main([*argv[:-2], "--vram", "9GB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "free on cuda:0" in err and not (tmp_path / "o").exists()

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.gpu import GPU_DEPTH, cuda_available, device_bytes_in_flight, vram_chunk_elems
+from streammerge.gpu import (
+    GPU_DEPTH,
+    cuda_available,
+    device_bytes_in_flight,
+    pinned_host_bytes,
+    vram_chunk_elems,
+)
 from streammerge.pipeline import Item, make_layout, work_items
 from streammerge.plan import make_plan
 from streammerge.reader import ModelDir, TensorInfo
@@ -109,3 +115,4 @@ def test_host_buffers_fit_the_memory_budget_whatever_the_model(memory):
         layout = make_layout(plan, 2, memory, depth)
         assert layout.buffer_bytes <= memory
         assert layout.cap_in_bytes >= layout.chunk_elems * 2  # one bf16 chunk per input row
+    assert pinned_host_bytes(layout) <= memory  # what a GPU run pins (page-rounded)
