@@ -171,8 +171,10 @@ class Prepared:
 def fingerprint(prep: Prepared) -> str:
     """Hash of everything that decides the output bytes (journal check for --resume).
 
-    Besides the headers it covers each input file's size and modification time, so an input
-    rewritten with other values under the same names and shapes is caught too.
+    It covers the headers (names, dtypes, shapes, offsets), not the weights' bytes: those
+    are checked per finished shard by ``OutputDir`` (file identity, and the xxh3 of the
+    tensors the shard used, re-read when the identity changed; for an input by URL the
+    identity is its size and ETag), so a changed input loses only the shards it fed.
     """
     inputs = ([prep.base] if prep.base is not None else []) + prep.models
     blob = json.dumps(
@@ -180,7 +182,6 @@ def fingerprint(prep: Prepared) -> str:
             "version": __version__,
             "recipe": asdict(prep.recipe),
             "inputs": [m.fingerprint for m in inputs],
-            "stamps": [m.stamp for m in inputs if getattr(m, "url", None)],  # remote: ETags
             "shard_size_bytes": prep.shard_size_bytes,
         },
         sort_keys=True,
@@ -299,8 +300,9 @@ def is_remote(m: ModelDir) -> bool:
 
 def input_record(m: ModelDir) -> dict:
     """How streammerge.json names an input: its path, or its URL and pinned revision."""
-    if is_remote(m):
-        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint}
+    if is_remote(m):  # stamp: the files' sizes and ETags (a finished --resume compares it)
+        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
+                "stamp": m.stamp}  # fmt: skip
     return {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
 
 

@@ -700,8 +700,16 @@ class OutputDir:
         per_model = list(hashes.get("models") or [])
         per_model += [{}] * (len(self._models) - len(per_model))
         buf = bytearray(8 * 2**20)
-        for m, recorded in zip([self._base, *self._models], [hashes.get("base") or {}, *per_model]):
-            stale = {f for f in input_files(m).values() if _changed_since(f, since)}
+        records = [rec.get("base") or {}, *(rec.get("models") or [])]
+        records += [{}] * (1 + len(self._models) - len(records))
+        inputs = zip([self._base, *self._models], [hashes.get("base") or {}, *per_model], records)
+        for m, recorded, inrec in inputs:
+            if m is None:
+                continue
+            if getattr(m, "url", None) is not None and inrec.get("stamp") != m.stamp:
+                stale = set(input_files(m).values())  # a size or ETag changed: re-read all
+            else:
+                stale = {f for f in input_files(m).values() if _changed_since(f, since)}
             if not stale:
                 continue  # no file changed since before the merge wrote its first shard
             for info in m.tensors.values():

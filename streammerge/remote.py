@@ -95,7 +95,8 @@ class RemoteFile:
                 if status == 412:
                     raise RemoteChanged(
                         "changed on the server since the merge started (ETag no longer matches)",
-                        self.url, None, "re-run when the file is stable (--resume starts over)",
+                        self.url, None, "re-run with --resume when the file is stable (finished "
+                        "shards whose inputs are unchanged are kept)",
                     ) from None  # fmt: skip
                 if isinstance(e, FileNotFoundError) or status in (401, 403, 404):
                     raise MergeError(f"cannot read ({type(e).__name__}: {e})", self.url, None,

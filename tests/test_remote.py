@@ -184,13 +184,27 @@ def test_file_changed_mid_merge_stops_with_one_line(tmp_path, served):
 
     srv.on_get = change
     out = tmp_path / "r"
-    r = run_cli([f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base", "-o", str(out),
-                 "--shard-size", "20KB", "--quiet"])  # fmt: skip
+    argv = [f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base", "-o", str(out),
+            "--shard-size", "20KB", "--quiet"]  # fmt: skip
+    r = run_cli(argv)
     assert changed
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "changed on the server" in lines[0], r.stderr
     assert not out.exists()
+    # Nothing finished is lost: --resume keeps the shards whose inputs are unchanged and
+    # merges the rest from the files as they are now.
+    srv.on_get = None
+    r = run_cli([*argv, "--resume"])
+    assert r.returncode == 0, r.stderr
+    local = tmp_path / "local"
+    assert run_cli([str(tmp_path / "data" / n) for n in ("a", "b")]
+                   + ["--base", str(tmp_path / "data" / "base"), "-o", str(local),
+                      "--shard-size", "20KB", "--quiet", "--seed",
+                      str(json.loads((out / "streammerge.json").read_text())["seed"])]
+                   ).returncode == 0  # fmt: skip
+    got, want = output_bytes(out), output_bytes(local)
+    assert got.keys() == want.keys() and all((got[n] == want[n]).all() for n in want)
 
 
 def test_unreachable_url_is_one_line(tmp_path):
@@ -267,3 +281,30 @@ def test_resume_refuses_a_changed_input_without_etag(tmp_path, served):
                           resume=True)  # fmt: skip
     assert e.value.tensor == name and "\n" not in str(e.value)
     assert not out.exists()
+
+
+def test_resume_of_a_finished_remote_merge(tmp_path, served):
+    """--resume on a finished merge from URLs: with the same ETags a no-op that fetches no
+    weight; after a server file changed, its tensors are fetched and hashed again and the
+    changed bytes are refused with one line (the output is left as it was)."""
+    from safetensors.torch import load_file, save_file
+
+    srv, _base, _a, b = served
+    out = tmp_path / "r"
+    argv = [f"{srv.url}/a", f"{srv.url}/b", "--base", f"{srv.url}/base", "-o", str(out),
+            "--seed", "2", "--quiet"]  # fmt: skip
+    assert run_cli(argv).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    srv.log.clear()
+    r = run_cli([*argv, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert srv.weight_ranges() == []
+    shard = max(b.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(n for n in sorted(tensors) if n != "position_ids")  # a merged tensor
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    r = run_cli([*argv, "--resume"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "an input changed" in lines[0], r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
