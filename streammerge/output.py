@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -608,7 +609,9 @@ class OutputDir:
         in, where the journal tells."""
         if self._plan is None:
             return ""
-        old, new = head.get("recipe_fields") or {}, asdict(self._plan.recipe)
+        old = head.get("recipe_fields") or {}
+        # as the journal stores it (JSON: tuples are lists), so only real changes show
+        new = json.loads(json.dumps(asdict(self._plan.recipe), default=str))
         diffs = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k]]
         if diffs:
             return f" ({', '.join(diffs)})"

@@ -297,6 +297,8 @@ def test_resume_refuses_a_changed_recipe(trio, monkeypatch, capsys, tmp_path):
         assert "the recipe or the inputs changed" in err[0] and str(staging) in err[0], err
         assert "--overwrite" in err[0]
         assert files_of(staging) == kept and not out.exists(), change
+        if change[0] == "--drop":  # names what changed, nothing that did not
+            assert "drop" in err[0] and "mixup" not in err[0], err
     assert streammerge.cli.main(argv + ["--resume"]) == 0
     assert_same_files(out, ref)
 
