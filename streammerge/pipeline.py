@@ -83,6 +83,7 @@ class Slot:
     first: bool = False
     last: bool = False
     offsets: list | None = None  # row -> byte offset of its data (a backend that takes_offsets)
+    fill: int = 0  # how many times the reader has filled this slot (a device backend's key)
 
 
 @dataclass(frozen=True)
@@ -535,6 +536,7 @@ def _stream_body(
         slot.first, slot.last = item.first, item.last
         slot.out_nbytes = c.count * DTYPE_ITEMSIZE[t.dtype]
         slot.offsets = None
+        slot.fill += 1
         if item.op == "copy":
             isz = t.base.itemsize
             jobs = [(t.base, c.start * isz, c.count * isz, slot.out)]

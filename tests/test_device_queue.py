@@ -197,6 +197,30 @@ def test_every_kernel_variant_is_compiled_before_the_first_read(trio, want, tmp_
     be.q.shutdown()
 
 
+def test_held_tensor_goes_to_the_device_once(trio, want, tmp_path):
+    """TIES on tensors that fit a slot runs hist_high, hist_low and merge on one fill: the
+    rows are copied to the device once for the three (bytes still numba's)."""
+    q = ThreadQueue(seed=2, max_delay_s=0.0002)
+    copies, launches = [0], [0]
+    copy, launch = q.copy, q.launch
+
+    def count_copy(stream, dst, src):
+        copies[0] += stream.name == "h2d"
+        copy(stream, dst, src)
+
+    def count_launch(stream, fn, *args):
+        launches[0] += 1
+        launch(stream, fn, *args)
+
+    be = _backend(q, vram=gpu.device_stats_bytes(2) + 64 * 2**20)  # every tensor held
+    q.copy, q.launch = count_copy, count_launch
+    _merge(trio, tmp_path / "gpu", be, **RECIPES["ties"])
+    assert _files(tmp_path / "gpu") == want["ties"]
+    # 3 row copies a fill for its 3 launches; without reuse 3 copies for every launch
+    assert 0 < copies[0] <= launches[0], (copies, launches)
+    q.shutdown()
+
+
 # ----------------------------------------------------------------------------------------
 # Faults introduced on purpose: each must change the bytes or be recorded
 # ----------------------------------------------------------------------------------------
