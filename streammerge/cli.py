@@ -461,7 +461,8 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
 
     prep = prepare(models, base, out, kwargs, options, prov)
     geometry, device = CPU_GEOMETRY, "cpu"
-    if options.device != "cpu" and options.backend != "numba":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CUDA run would not start
+    if options.device != "cpu" and options.backend != "numba" and not interpreted:
         from streammerge import gpu
 
         if gpu.cuda_available():  # the buffers a CUDA run would have (no kernel started)

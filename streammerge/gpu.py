@@ -99,8 +99,16 @@ def device_chunk_elems(vram_bytes: int, rows: int, in_itemsize: int, out_itemsiz
 
     Raises:
         MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements."""
-    room = vram_bytes - device_stats_bytes(rows - 1)
-    return vram_chunk_elems(rows, in_itemsize, out_itemsize, room, GPU_DEPTH)
+    reserve = device_stats_bytes(rows - 1)
+    per_elem = GPU_DEPTH * (rows * in_itemsize + out_itemsize)
+    if vram_bytes - reserve < MIN_CHUNK_ELEMS * per_elem:
+        need_mib = -(-(reserve + MIN_CHUNK_ELEMS * per_elem) // 2**20)
+        raise MergeError(
+            f"--vram {format_bytes(vram_bytes)} is too small (the histograms take "
+            f"{format_bytes(reserve)}, then {GPU_DEPTH} buffer sets of {rows} rows)",
+            None, None, f"give at least {need_mib}MiB",
+        )  # fmt: skip
+    return vram_chunk_elems(rows, in_itemsize, out_itemsize, vram_bytes - reserve, GPU_DEPTH)
 
 
 @dataclass(frozen=True)
@@ -318,10 +326,16 @@ class DeviceBackend:
         i, h2d, t_in = self._to_device(slot, args)
         q.wait(s["compute"], h2d)
         t_k = q.record(s["compute"])
-        hist = q.zeros(s["compute"], kw["hist"].shape)
-        buckets = kw.get("buckets")
-        if buckets is not None:
-            buckets = q.upload(s["compute"], buckets)
+        try:
+            hist = q.zeros(s["compute"], kw["hist"].shape)
+            buckets = kw.get("buckets")
+            if buckets is not None:
+                buckets = q.upload(s["compute"], buckets)
+        except Exception as e:  # out of device memory for the histograms: one line
+            raise device_error(
+                f"no GPU memory for the histograms on {q.name}", e,
+                "give a smaller --vram (the histograms are reserved from it), or free the GPU",
+            ) from e  # fmt: skip
         q.launch(s["compute"], self.launcher.hist, op, self._sets[i][0], args, hist, buckets)
         done = q.record(s["compute"])
         self._free[i] = done
@@ -342,7 +356,8 @@ class DeviceBackend:
         key = (id(slot.inputs), slot.fill, tuple(rows), args.n)
         if self._resident is not None and self._resident[0] == key:
             _, i, h2d = self._resident
-            return i, h2d, h2d
+            ready = self._free[i] or h2d  # after the set's last kernel / D2H (and the copy)
+            return i, ready, ready
         q, s = self.q, self.streams
         i = self._k % self.depth
         self._k += 1
@@ -384,7 +399,16 @@ class DeviceBackend:
 
     def _wait(self, p: _Pending) -> None:
         t0 = time.perf_counter()
-        self.q.synchronize(p.event)
+        try:
+            self.q.synchronize(p.event)
+        except MergeError:
+            raise
+        except Exception as e:  # a sticky CUDA error (illegal access, ECC, Xid): one line
+            raise device_error(
+                f"the GPU failed during the merge on {self.q.name}", e,
+                "finished shards are kept: check nvidia-smi / dmesg, then --resume "
+                "(or --device cpu)",
+            ) from e  # fmt: skip
         self.busy["device_wait_s"] += time.perf_counter() - t0
         for kind, a, b in p.timings:
             self.busy[kind] += self.q.elapsed(a, b)

@@ -169,12 +169,15 @@ def kernel_variants(plan, method: Method) -> list[tuple[str, MergeArgs | HistArg
         for seg in t.segments:
             for n in VARIANT_LENGTHS:
                 c = Chunk(0, n, seg)
-                wins = [window] * plan.recipe.n_models if method.sparse.stats else None
-                a = merge_args(method, t, c, wins)
-                sig = (a.dtypes, a.base_row, a.model_rows, a.model_ids,
-                       tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus,
-                       a.normalize, a.linear, a.out_dtype, n)  # fmt: skip
-                out.setdefault(("merge", *sig), ("merge", a))
+                # with thresholds: a window that excludes something, and keep-all (a
+                # density of 1 or a tensor whose window keeps everything: no window flag)
+                stats = method.sparse.stats
+                for wins in ([window] * plan.recipe.n_models, None) if stats else (None,):
+                    a = merge_args(method, t, c, wins)
+                    sig = (a.dtypes, a.base_row, a.model_rows, a.model_ids,
+                           tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus,
+                           a.normalize, a.linear, a.out_dtype, n)  # fmt: skip
+                    out.setdefault(("merge", *sig), ("merge", a))
                 if "hist_high" in t.ops and seg.has_base:
                     h = hist_args(t, c)
                     out.setdefault(("hist", h.dtypes, h.model_rows, n), ("hist_high", h))

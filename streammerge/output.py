@@ -821,10 +821,15 @@ class OutputDir:
 
     def record_extra(self) -> dict:
         """What ``streammerge.json`` records besides the recipe: the fingerprint ``--resume``
-        compares, and the xxh3 of every input tensor (``[bytes hashed, hex]``)."""
+        compares, and the xxh3 of every input tensor (``[bytes hashed, hex]``); on a
+        finished output, also its recorded ``base`` and ``models``."""
         if self.finished and self._finished_record is not None:
+            # A finished output is not rewritten: its inputs as recorded (a URL input's
+            # stamp may have changed while its bytes, re-hashed, did not).
             rec = self._finished_record
-            return {"fingerprint": rec.get("fingerprint"), "inputs_xxh3": rec.get("inputs_xxh3")}
+            keep = {"fingerprint": rec.get("fingerprint"), "inputs_xxh3": rec.get("inputs_xxh3")}
+            keep.update({k: rec[k] for k in ("base", "models") if k in rec})
+            return keep
         roles: dict[str, dict] = {}
         shards = dict(self._journal.shards) if self._journal is not None else {}
         shards.update(self._new_shards)

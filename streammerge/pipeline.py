@@ -25,6 +25,7 @@ the histograms); ``RunStats.buffer_bytes`` reports what was really allocated.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import queue
@@ -462,10 +463,15 @@ def _stream(plan: Plan, items, outputs: list[OutputDir], layout: Layout, backend
             start(layout)
         if prewarm is not None:  # compile the plan's kernel variants before the first read
             prewarm(plan)
-        return _stream_body(plan, items, outputs, layout, backend, *args, **kwargs)
-    finally:
+        result = _stream_body(plan, items, outputs, layout, backend, *args, **kwargs)
+    except BaseException:
         if close is not None:
-            close()
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                close()
+        raise
+    if close is not None:
+        close()
+    return result
 
 
 def _stream_body(

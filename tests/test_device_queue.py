@@ -51,6 +51,7 @@ RECIPES = {
     "dare_linear": {"seed": 5},
     "ties": {"method": "ties", "density": 0.4, "seed": 5, "lam": 0.3},
     "breadcrumbs_ties": {"method": "breadcrumbs_ties", "density": 0.5, "gamma": 0.1, "seed": 2},
+    "ties_keep_all": {"method": "ties", "density": 1.0, "seed": 5},  # windows keep all
 }
 
 
@@ -176,7 +177,7 @@ class _Recording(NumbaLauncher):
         super().hist(op, inputs, a, hist, buckets)
 
 
-@pytest.mark.parametrize("name", ["dare_linear", "ties"])
+@pytest.mark.parametrize("name", ["dare_linear", "ties", "ties_keep_all"])
 def test_every_kernel_variant_is_compiled_before_the_first_read(trio, want, tmp_path, name):
     """prewarm launches each distinct kernel variant of the plan (dtypes, rows, flags,
     n == 1 / n % 16) before any chunk: the run launches no variant it had not warmed."""
@@ -214,10 +215,18 @@ def test_held_tensor_goes_to_the_device_once(trio, want, tmp_path):
 
     be = _backend(q, vram=gpu.device_stats_bytes(2) + 64 * 2**20)  # every tensor held
     q.copy, q.launch = count_copy, count_launch
+    fills = set()
+    to_device = be._to_device
+
+    def seen(slot, args):
+        fills.add((id(slot.inputs), slot.fill))
+        return to_device(slot, args)
+
+    be._to_device = seen
     _merge(trio, tmp_path / "gpu", be, **RECIPES["ties"])
     assert _files(tmp_path / "gpu") == want["ties"]
-    # 3 row copies a fill for its 3 launches; without reuse 3 copies for every launch
-    assert 0 < copies[0] <= launches[0], (copies, launches)
+    # one copy of the 3 rows per fill, for all its passes (without reuse: 3 per pass)
+    assert copies[0] == 3 * len(fills) and launches[0] > 2 * len(fills), (copies, launches)
     q.shutdown()
 
 
@@ -255,6 +264,67 @@ def test_removed_stream_wait_changes_the_bytes(trio, want, tmp_path, waiter, rec
     assert _corrupted(trio, tmp_path / "gpu", _backend(q), want["dare_linear"]), waiter
     control.shutdown()
     q.shutdown()
+
+
+def test_removed_sweep_wait_changes_the_bytes(trio, tmp_path, monkeypatch):
+    """In a sweep, each output's kernel waits for the previous output's D2H (one device
+    output buffer per set): without that wait, outputs are caught wrong."""
+    base, a, b = trio
+    kw = {"draws": 3, "seed": 4, "sweep_seed": 9}
+    streammerge.sweep([a, b], base, tmp_path / "c", keep="all",
+                      options=Options(backend="numba", device="cpu"), **kw)  # fmt: skip
+    dirs = sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir())
+    monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    for fault in (False, True):
+        q = ThreadQueue(seed=5, max_delay_s=0.0003, bias={"d2h": 20})
+        if fault:
+            _drop_wait(q, "compute", "d2h")
+        monkeypatch.setattr(gpu, "cuda_backend", lambda vram=None, q=q: _backend(q))
+        out = tmp_path / f"g{fault}"
+        try:
+            streammerge.sweep([a, b], base, out, options=Options(memory="32MiB"), keep="all",
+                              **kw)  # fmt: skip
+            same = all(_files(out / d) == _files(tmp_path / "c" / d) for d in dirs)
+        except MergeError as e:  # NaN from finite inputs: caught too
+            assert "non-finite" in str(e), e
+            same = False
+        assert same is not fault, fault
+        q.shutdown()
+
+
+def test_device_failure_mid_run_is_one_line(trio, tmp_path):
+    """A kernel failing on the device mid-run (a sticky error, raised at the next wait) is a
+    one-line MergeError; every stream is drained."""
+
+    class FailsLater(NumbaLauncher):
+        calls = 0
+
+        def merge(self, inputs, out, a):
+            FailsLater.calls += 1
+            if FailsLater.calls > 8:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered\n...")
+            super().merge(inputs, out, a)
+
+    q = ThreadQueue(seed=1, max_delay_s=0.0002)
+    be = DeviceBackend(q, FailsLater(), VRAM)
+    with pytest.raises(MergeError, match="the GPU failed during the merge") as e:
+        _merge(trio, tmp_path / "gpu", be, seed=5)
+    assert "illegal memory access" in str(e.value) and "\n" not in str(e.value)
+    assert q.pending() == 0 and q.pinned_bytes == 0
+    q.shutdown()
+
+
+def test_vram_too_small_names_the_users_value():
+    """Below the histograms' reserve plus MIN_CHUNK_ELEMS elements of buffers: one line with
+    the --vram given and a minimum that works."""
+    be = DeviceBackend(ThreadQueue(), NumbaLauncher(), 2**20)
+    with pytest.raises(MergeError, match="is too small") as e:
+        be.max_chunk_elems(3, 2, 2)
+    msg = str(e.value)
+    assert msg.startswith("--vram 1") and "give at least" in msg and "-" not in msg.split()[1]
+    need = streammerge.sizes.parse_size(msg.rsplit("give at least ", 1)[1])
+    assert gpu.device_chunk_elems(need, 3, 2, 2) >= 4096
+    be.q.shutdown()
 
 
 def test_removed_host_wait_changes_the_bytes(trio, want, tmp_path):
@@ -581,6 +651,7 @@ def test_plan_on_a_gpu_machine_shows_the_gpu_layout(trio, tmp_path, capsys, monk
 
     base, a, b = trio
     monkeypatch.setattr(gpu, "cuda_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET")  # with it, a CUDA run would not start: CPU plan
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (8 * 10**9, 16 * 10**9))
     monkeypatch.setattr(gpu, "cuda_backend", None)  # starting one would fail the test
     argv = [str(a), str(b), "--base", str(base), "-o", str(tmp_path / "o"), "--plan", "--json",

@@ -33,6 +33,7 @@ class RangeServer:
         self.fail_first = 0
         self.fails: dict[str, int] = {}
         self.etags = True  # False: a server that sends no ETag (nothing pins the bytes)
+        self.etag_salt = ""  # a new salt: new ETags for the same bytes (a re-upload)
         self.on_get = None  # hook(path, range) called before serving a GET
         server = self
 
@@ -45,7 +46,8 @@ class RangeServer:
                 return p if p.is_file() and server.root in p.parents else None
 
             def _etag(self, p: Path) -> str:
-                return '"' + hashlib.sha256(p.read_bytes()).hexdigest()[:16] + '"'
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                return f'"{digest}{server.etag_salt}"'
 
             def do_HEAD(self):
                 server.log.append(("HEAD", self.path, None))
@@ -285,8 +287,9 @@ def test_resume_refuses_a_changed_input_without_etag(tmp_path, served):
 
 def test_resume_of_a_finished_remote_merge(tmp_path, served):
     """--resume on a finished merge from URLs: with the same ETags a no-op that fetches no
-    weight; after a server file changed, its tensors are fetched and hashed again and the
-    changed bytes are refused with one line (the output is left as it was)."""
+    weight; with new ETags on the same bytes the tensors are fetched and hashed again and
+    the output is left as it was (exit 0); after a file's bytes changed, refused with one
+    line, the output left as it was."""
     from safetensors.torch import load_file, save_file
 
     srv, _base, _a, b = served
@@ -299,6 +302,10 @@ def test_resume_of_a_finished_remote_merge(tmp_path, served):
     r = run_cli([*argv, "--resume"])
     assert r.returncode == 0, r.stderr
     assert srv.weight_ranges() == []
+    srv.etag_salt = "-reuploaded"  # new ETags, same bytes: re-hashed, accepted, unchanged
+    r = run_cli([*argv, "--resume"])
+    assert r.returncode == 0, r.stderr
+    assert srv.weight_ranges() and {p.name: p.read_bytes() for p in out.iterdir()} == before
     shard = max(b.glob("*.safetensors"))
     tensors = load_file(shard)
     name = next(n for n in sorted(tensors) if n != "position_ids")  # a merged tensor
