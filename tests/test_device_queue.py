@@ -651,7 +651,8 @@ def test_plan_on_a_gpu_machine_shows_the_gpu_layout(trio, tmp_path, capsys, monk
 
     base, a, b = trio
     monkeypatch.setattr(gpu, "cuda_available", lambda: True)
-    monkeypatch.delenv("TRITON_INTERPRET")  # with it, a CUDA run would not start: CPU plan
+    # with TRITON_INTERPRET=1 a CUDA run would not start: --plan would show the CPU layout
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (8 * 10**9, 16 * 10**9))
     monkeypatch.setattr(gpu, "cuda_backend", None)  # starting one would fail the test
     argv = [str(a), str(b), "--base", str(base), "-o", str(tmp_path / "o"), "--plan", "--json",
