@@ -234,6 +234,12 @@ def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> d
     }
 
 
+def wants_gpu(backend: str, device: str) -> bool:
+    """Whether ``--backend`` / ``--device`` let a run use a CUDA device (when there is one:
+    ``gpu.cuda_available``): device auto or cuda, backend auto or triton."""
+    return device in ("auto", "cuda") and backend in ("auto", "triton")
+
+
 def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
     """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
 
@@ -255,7 +261,7 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
             "--device cuda with --backend numba: numba runs on the CPU",
             "use --backend auto (or triton) for the GPU, or --device cpu",
         )
-    if device in ("auto", "cuda") and backend in ("auto", "triton"):
+    if wants_gpu(backend, device):
         from streammerge import gpu
 
         if gpu.cuda_available():

@@ -456,13 +456,13 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
     import json
 
     from streammerge import dryrun
-    from streammerge.api import layout_for, prepare
+    from streammerge.api import layout_for, prepare, wants_gpu
     from streammerge.backends import CPU_GEOMETRY
 
     prep = prepare(models, base, out, kwargs, options, prov)
     geometry, device = CPU_GEOMETRY, "cpu"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CUDA run would not start
-    if options.device != "cpu" and options.backend != "numba" and not interpreted:
+    if wants_gpu(options.backend, options.device) and not interpreted:
         from streammerge import gpu
 
         if gpu.cuda_available():  # the buffers a CUDA run would have (no kernel started)

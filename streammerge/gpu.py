@@ -57,26 +57,33 @@ def cuda_available() -> bool:
 
 
 def vram_chunk_elems(
-    rows: int, in_itemsize: int, out_itemsize: int, vram_bytes: int, depth: int = GPU_DEPTH
+    rows: int,
+    in_itemsize: int,
+    out_itemsize: int,
+    vram_bytes: int,
+    depth: int = GPU_DEPTH,
+    reserve: int = 0,
 ) -> int:
-    """Largest chunk (elements) whose ``depth`` device buffer sets fit ``vram_bytes``.
+    """Largest chunk (elements) whose ``depth`` device buffer sets fit ``vram_bytes`` less
+    ``reserve`` bytes held for other device arrays (the histograms).
 
     Each set holds ``rows`` input rows (base + fine-tunes) of ``in_itemsize`` bytes per
     element and one output row of ``out_itemsize`` bytes per element.
 
     Raises:
-        MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements.
+        MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements (the message names
+            ``vram_bytes`` as given and a whole number of MiB that is enough).
     """
     per_elem = depth * (rows * in_itemsize + out_itemsize)
-    chunk = vram_bytes // per_elem
+    chunk = max(0, vram_bytes - reserve) // per_elem
     chunk -= chunk % 1024
     if chunk < MIN_CHUNK_ELEMS:
+        held = f" (the histograms take {format_bytes(reserve)})" if reserve else ""
+        need_mib = -(-(reserve + MIN_CHUNK_ELEMS * per_elem) // 2**20)
         raise MergeError(
-            f"--vram {vram_bytes / 2**20:.0f} MiB is too small",
-            None,
-            None,
-            f"give at least {MIN_CHUNK_ELEMS * per_elem / 2**20:.0f}MiB",
-        )
+            f"--vram {format_bytes(vram_bytes)} is too small for {depth} buffer sets of "
+            f"{rows} rows{held}", None, None, f"give at least {need_mib}MiB",
+        )  # fmt: skip
     return chunk
 
 
@@ -100,15 +107,7 @@ def device_chunk_elems(vram_bytes: int, rows: int, in_itemsize: int, out_itemsiz
     Raises:
         MergeError: the budget cannot hold MIN_CHUNK_ELEMS elements."""
     reserve = device_stats_bytes(rows - 1)
-    per_elem = GPU_DEPTH * (rows * in_itemsize + out_itemsize)
-    if vram_bytes - reserve < MIN_CHUNK_ELEMS * per_elem:
-        need_mib = -(-(reserve + MIN_CHUNK_ELEMS * per_elem) // 2**20)
-        raise MergeError(
-            f"--vram {format_bytes(vram_bytes)} is too small (the histograms take "
-            f"{format_bytes(reserve)}, then {GPU_DEPTH} buffer sets of {rows} rows)",
-            None, None, f"give at least {need_mib}MiB",
-        )  # fmt: skip
-    return vram_chunk_elems(rows, in_itemsize, out_itemsize, vram_bytes - reserve, GPU_DEPTH)
+    return vram_chunk_elems(rows, in_itemsize, out_itemsize, vram_bytes, GPU_DEPTH, reserve)
 
 
 @dataclass(frozen=True)

@@ -162,17 +162,17 @@ def kernel_variants(plan, method: Method) -> list[tuple[str, MergeArgs | HistArg
     compiles them before the first read (``DeviceBackend.prewarm``); ``hist_low``
     (compiled per bucket count) is left to its first chunk."""
     out: dict[tuple, tuple[str, MergeArgs | HistArgs]] = {}
-    window = (1, 0xFFFFFFFE)
+    # With thresholds: a window that excludes something, and keep-all (a density of 1, or
+    # a tensor whose window keeps everything: no window flag).
+    excludes = [(1, 0xFFFFFFFE)] * plan.recipe.n_models
+    windows = (excludes, None) if method.sparse.stats else (None,)
     for t in plan.tensors:
         if "merge" not in t.ops:
             continue
         for seg in t.segments:
             for n in VARIANT_LENGTHS:
                 c = Chunk(0, n, seg)
-                # with thresholds: a window that excludes something, and keep-all (a
-                # density of 1 or a tensor whose window keeps everything: no window flag)
-                stats = method.sparse.stats
-                for wins in ([window] * plan.recipe.n_models, None) if stats else (None,):
+                for wins in windows:
                     a = merge_args(method, t, c, wins)
                     sig = (a.dtypes, a.base_row, a.model_rows, a.model_ids,
                            tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus,

@@ -350,10 +350,11 @@ class Backend(Protocol):
     before the oldest is waited on (0: ``run`` finishes the work). ``alloc`` makes the slot
     buffers (pinned host memory for a GPU).
 
-    Optional (a device backend, ``streammerge.gpu.DeviceBackend``): ``start(layout)``
-    before the first read, ``close()`` after the last wait or on error (drains the
-    device), ``takes_offsets`` (rows arrive at ``slot.offsets``, not memmoved to 0) and
-    ``busy`` (seconds for ``--profile``)."""
+    Optional (a device backend, ``streammerge.gpu.DeviceBackend``): ``start(layout)`` and
+    ``prewarm(plan)`` before the first read, ``close()`` after the last wait or on error
+    (drains the device), ``run_sweep(slot, passes)`` (a sweep's K merges of one slot, its
+    inputs sent once), ``takes_offsets`` (rows arrive at ``slot.offsets``, not memmoved to
+    0) and ``busy`` (seconds for ``--profile``)."""
 
     depth: int
 
