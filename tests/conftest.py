@@ -38,6 +38,19 @@ def run_cli(argv: list[str], timeout: float = 300, **kw) -> subprocess.Completed
     )  # fmt: skip
 
 
+def fail_after(nbytes: int, exc: BaseException):
+    """An ``on_bytes`` progress callback that raises ``exc`` once more than ``nbytes``
+    input bytes are done: an error injected mid-merge, from the caller's side."""
+    seen = [0]
+
+    def on_bytes(n: int) -> None:
+        seen[0] += n
+        if seen[0] > nbytes:
+            raise exc
+
+    return on_bytes
+
+
 def merge_argv(models: list[Path], base: Path, out: Path, *extra: str) -> list[str]:
     """CLI arguments merging ``models`` of ``base`` into ``out``, then ``extra``."""
     return [*map(str, models), "--base", str(base), "-o", str(out), *extra]

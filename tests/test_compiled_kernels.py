@@ -10,35 +10,19 @@ block index widened before it is scaled, bounds compared in 64 bits).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from ptx_stub import compile_in_child, stub_driver_preamble
 
 SIZES = {"odd": 1_000_003, "one": 1, "big": 2**31 + 5}
 ARCHS = (80, 90)
 
-_SCRIPT = textwrap.dedent(
+_SCRIPT = stub_driver_preamble("int(sys.argv[1])", "meta") + textwrap.dedent(
     """
-    import os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    arch, outdir = int(sys.argv[1]), sys.argv[2]
-
-    class StubDriver:  # names the target; nothing is launched (warmup compiles only)
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", arch, 32)
-        def get_active_torch_device(self): return torch.device("meta")
-
-    driver.set_active(StubDriver())
+    outdir = sys.argv[2]
     from streammerge.kernels import triton_merge as tm, triton_stats as ts
 
     compiled = []
@@ -82,18 +66,10 @@ _SCRIPT = textwrap.dedent(
 def ptx(tmp_path_factory) -> dict[tuple[int, str], str]:
     """(arch, "<kernel>_<size>") -> PTX text, compiled in child processes without
     TRITON_INTERPRET."""
-    pytest.importorskip("triton.backends.nvidia")
     out = {}
     for arch in ARCHS:
         d = tmp_path_factory.mktemp(f"sm{arch}")
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(d / "cache")
-        r = subprocess.run(
-            [sys.executable, "-c", _SCRIPT, str(arch), str(d)],
-            env=env, capture_output=True, text=True, timeout=600, check=False,
-        )  # fmt: skip
-        if r.returncode != 0:
-            pytest.fail(f"compiling for sm_{arch} failed:\n{r.stderr[-4000:]}")
+        r = compile_in_child(_SCRIPT, str(arch), str(d), cache=d / "cache")
         assert r.stdout.split() == ["compiled", str(5 * len(SIZES))], r.stdout
         for p in Path(d).glob("*.ptx"):
             out[(arch, p.stem)] = p.read_text()

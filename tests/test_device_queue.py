@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_trio
+from conftest import fail_after, make_trio
 
 import streammerge
 from streammerge import api, gpu
@@ -356,17 +356,6 @@ class Boom(Exception):
     pass
 
 
-def _fail_after(nbytes: int):
-    seen = [0]
-
-    def on_bytes(n: int) -> None:
-        seen[0] += n
-        if seen[0] > nbytes:
-            raise Boom("injected")
-
-    return on_bytes
-
-
 def test_error_mid_run_drains_every_stream(trio, tmp_path):
     """An error while chunks are queued on every stream: close() drains them before any
     buffer is freed (no work runs after it), unpins the slots, and the same backend merges
@@ -374,7 +363,7 @@ def test_error_mid_run_drains_every_stream(trio, tmp_path):
     q = ThreadQueue(seed=1, max_delay_s=0.002, bias={"d2h": 5})
     be = _backend(q)
     with pytest.raises(Boom):
-        _merge(trio, tmp_path / "bad", be, on_bytes=_fail_after(BIG), seed=5)
+        _merge(trio, tmp_path / "bad", be, on_bytes=fail_after(BIG, Boom("injected")), seed=5)
     assert q.pending() == 0 and q.pinned_bytes == 0 and q.closed >= 2  # warm-up + run
     q.max_delay_s = 0.0005
     _merge(trio, tmp_path / "good", be, seed=5)
@@ -389,7 +378,7 @@ def test_missing_drain_is_caught(trio, tmp_path):
     be = _backend(q)
     q.drain = lambda: None
     with pytest.raises(Boom):
-        _merge(trio, tmp_path / "bad", be, on_bytes=_fail_after(BIG), seed=5)
+        _merge(trio, tmp_path / "bad", be, on_bytes=fail_after(BIG, Boom("injected")), seed=5)
     while q.pending():
         pass
     assert any("after close()" in v for v in q.violations), q.violations

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import make_trio, output_bytes, run_cli
+from conftest import fail_after, make_trio, output_bytes, run_cli
 
 import streammerge
 from streammerge.api import Options
@@ -226,16 +226,9 @@ def test_interrupted_remote_merge_resumes(tmp_path, served, etags):
     srv.etags = etags
     urls = [f"{srv.url}/a", f"{srv.url}/b"]
     kw = {"seed": 3, "method": "ties", "density": 0.5}
-    seen = [0]
-
-    def stop_midway(n: int) -> None:
-        seen[0] += n
-        if seen[0] > 1_000_000:
-            raise KeyboardInterrupt
-
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(urls, f"{srv.url}/base", out, on_bytes=stop_midway,
+        streammerge.merge(urls, f"{srv.url}/base", out, on_bytes=fail_after(1_000_000, KeyboardInterrupt()),
                           shard_size="200KB", **kw)  # fmt: skip
     first = len(srv.weight_ranges())
     assert first and not out.exists()
@@ -262,16 +255,9 @@ def test_resume_refuses_a_changed_input_without_etag(tmp_path, served):
     srv, _base, _a, b = served
     srv.etags = False
     urls = [f"{srv.url}/a", f"{srv.url}/b"]
-    seen = [0]
-
-    def stop_midway(n: int) -> None:
-        seen[0] += n
-        if seen[0] > 1_000_000:
-            raise KeyboardInterrupt
-
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, on_bytes=stop_midway,
+        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, on_bytes=fail_after(1_000_000, KeyboardInterrupt()),
                           shard_size="200KB")  # fmt: skip
     name = "layers.0.attn.q.weight"  # merged into the first (finished) output shard
     shard = next(p for p in b.glob("*.safetensors") if name in load_file(p))

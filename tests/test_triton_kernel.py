@@ -30,6 +30,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import spec_reference as ref
+from ptx_stub import compile_in_child, stub_driver_preamble
 from streammerge.kernels import triton_merge
 from streammerge.kernels.triton_merge import merge_chunk_triton
 
@@ -1026,23 +1027,10 @@ def test_launcher_rejects_bad_arguments(mutate, exc, match):
 # The compiled kernel (GPU code)
 # ----------------------------------------------------------------------------------------
 
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
     """
     # Compile for sm_90 with ptxas shipped in triton: no GPU needed (a stub driver names
     # the target). Prints the PTX of N = 2 bf16 and N = 5 mixed dtypes, fusion off and on.
-    import os, re, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class StubDriver:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(StubDriver())
     from streammerge.kernels import triton_merge as tm
 
     def ptx(dtypes, fusion, masked=True, window=False, sign=False, normalize=False,
@@ -1089,19 +1077,7 @@ def test_compiled_ptx_has_no_fma_and_vector_loads(tmp_path):
     vector load per thread and draws Philox once for both models; N = 5 draws it twice. The
     v2 flags (ties, dare_ties, linear) keep all that, normalize with div.rn.f32, v1 has no
     division, and new keep-window bounds reuse the compiled kernel."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, str(tmp_path)],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if r.returncode != 0:
-        pytest.fail(f"compiling for sm_90 failed:\n{r.stderr[-4000:]}")
+    r = compile_in_child(_COMPILE_SCRIPT, str(tmp_path), cache=tmp_path / "cache")
     import re
 
     def read(name):

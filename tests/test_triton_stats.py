@@ -17,8 +17,6 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import functools
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -28,6 +26,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import spec_reference as ref
+from ptx_stub import compile_in_child, stub_driver_preamble
 from streammerge.kernels import triton_stats
 from streammerge.kernels.triton_stats import hist_high_triton, hist_low_triton
 
@@ -464,22 +463,9 @@ def test_hist_low_rejects_bad_arguments(mutate, exc, match):
 # The compiled kernels (GPU code)
 # ----------------------------------------------------------------------------------------
 
-_COMPILE_SCRIPT = textwrap.dedent(
+_COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
     """
     # Compile both histogram kernels for sm_90 with a stub driver (no GPU needed).
-    import os, sys
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime import driver
-
-    class StubDriver:
-        def get_current_device(self): return 0
-        def get_current_stream(self, device=None): return 0
-        def get_current_target(self): return GPUTarget("cuda", 90, 32)
-        def get_active_torch_device(self): return torch.device("cpu")
-
-    driver.set_active(StubDriver())
     from streammerge.kernels import triton_stats as ts
 
     n = 1 << 20
@@ -500,19 +486,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 def test_compiled_ptx(tmp_path):
     """Both kernels compile for sm_90: relaxed 64-bit atomic adds into global memory, one
     per element and model (and slot), float32 subtraction without ftz."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, str(tmp_path)],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if r.returncode != 0:
-        pytest.fail(f"compiling for sm_90 failed:\n{r.stderr[-4000:]}")
+    compile_in_child(_COMPILE_SCRIPT, str(tmp_path), cache=tmp_path / "cache")
     import re
 
     for name in ("high", "low"):
