@@ -71,9 +71,11 @@ class StagingOutput:
     Shards are written as ``*.tmp``, fsync'd and renamed, then reported to the driver
     (through the progress actor), which journals them."""
 
-    def __init__(self, staging: Path, plan: Plan | None = None, progress=None) -> None:
+    def __init__(self, staging: Path, plan: Plan | None = None, progress=None,
+                 allow_nonfinite: bool = False) -> None:  # fmt: skip
         from streammerge.fingerprints import InputHasher
 
+        self.allow_nonfinite = allow_nonfinite
         self.staging = Path(staging)
         self.plan = plan
         self.progress = progress
@@ -90,7 +92,10 @@ class StagingOutput:
         from streammerge.output import input_digests
         from streammerge.writer import take_nonfinite
 
+        from streammerge.nonfinite import check_shard
+
         nonfinite = take_nonfinite(self.shard_tmp_path(name))
+        check_shard(self.plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
         os.replace(self.shard_tmp_path(name), self.staging / name)
         fd = os.open(self.staging, os.O_RDONLY)
         try:
@@ -129,7 +134,7 @@ def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
             progress.add.remote(pending[0])
             pending[0] = 0
 
-    output = StagingOutput(Path(staging), plan, progress)
+    output = StagingOutput(Path(staging), plan, progress, prep_options.allow_nonfinite)
     stats = run(plan, shards, output, layout, engine, on_bytes=on_bytes,
                 direct_io=prep_options.direct_io, model_thresholds=model_thresholds)  # fmt: skip
     if progress is not None and pending[0]:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from streammerge.errors import MergeError
+
 #: dtype -> (unsigned view, exponent mask): a value is non-finite iff (bits & mask) == mask
 #: (F8_E4M3 has no infinities: its only NaN has every bit but the sign set).
 EXPONENT_MASK: dict[str, tuple[type, int]] = {
@@ -93,4 +95,40 @@ def produced_nonfinite(t, shard_path: Path, data_start: int) -> int:
             raw = _read(info.file, info.start + i0 * isz, (hi - i0) * isz)
             bad[: hi - i0] &= ~nonfinite_mask(raw, info.dtype)
         produced += int(np.count_nonzero(bad))
+    return produced
+
+
+def check_shard(plan, name: str, path: Path, counts: dict[str, int], allow: bool) -> int:
+    """Non-finite values the merge produced in shard ``name`` (written at ``path``, not yet
+    committed), from the writer's per-tensor ``counts``; checked before the shard is
+    committed.
+
+    Returns:
+        The number produced (0 when the counts are all from inputs that have them).
+
+    Raises:
+        MergeError: some were produced and ``allow`` (``--allow-nonfinite``) is False;
+            names the first tensor and the shard.
+    """
+    if not counts or plan is None:
+        return 0
+    shard = next((s for s in plan.shards if s.filename == name), None)
+    if shard is None:
+        return 0
+    produced, first = 0, None
+    for t in shard.tensors:
+        if counts.get(t.name):
+            n = produced_nonfinite(t, path, len(shard.header))
+            if n and first is None:
+                first, first_n = t.name, n
+            produced += n
+    if produced and not allow:
+        raise MergeError(
+            f"the merge produced {first_n} non-finite values (NaN or Inf) in shard {name} "
+            f"where every input is finite (weights or scale too large?)",
+            path.parent,
+            first,
+            "check --weights / --lambda / --scale, or re-run with --resume "
+            "--allow-nonfinite to keep them",
+        )
     return produced

@@ -746,10 +746,19 @@ class OutputDir:
     def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
         """Rename a finished (fsync'd) shard into place and journal it (fsync'd), with the
         input hashes and non-finite counts of its tensors, and ``meta`` (e.g. the
-        thresholds its tensors used)."""
+        thresholds its tensors used).
+
+        Raises:
+            MergeError: the shard holds non-finite values the merge produced and
+                ``--allow-nonfinite`` is off (``nonfinite.check_shard``); it is not
+                committed.
+        """
         from streammerge.writer import take_nonfinite
 
+        from streammerge.nonfinite import check_shard
+
         nonfinite = take_nonfinite(self.shard_tmp_path(name))
+        check_shard(self._plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
         os.replace(self.shard_tmp_path(name), self.staging / name)
         fsync_dir(self.staging)
         extra = {"inputs": self._input_digests(name), "nonfinite": nonfinite}

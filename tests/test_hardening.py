@@ -443,6 +443,41 @@ def test_nonfinite_values_stop_the_merge_unless_allowed(tmp_path):
     assert not torch.isfinite(merged.float()).all()
 
 
+def test_nonfinite_values_stop_at_the_first_shard_that_has_them(tmp_path):
+    """Issue 20.12: one tensor overflows fp16 (both fine-tunes near 6e4, weights 1, 1). The
+    merge (task vectors near 6e4 each) stops before that shard is committed, naming it; the shards after it
+    are never written; inputs unchanged, nothing published; --resume --allow-nonfinite
+    completes."""
+    base, a, b = trio(tmp_path, dtype="F16")
+    name = "layers.1.mlp.down.weight"
+    for d in (a, b):
+        ts = load_dir(d)
+        ts[name] = torch.full_like(ts[name], 60000.0)
+        write_model(d, ts, shards=2)
+    before = digests(base, a, b)
+    out = tmp_path / "out"
+    argv = merge_argv([a, b], base, out, *SEED, "--method", "task_arithmetic", "--weights", "1,1",
+                      "--shard-size", "1KB")  # fmt: skip
+    r = run_cli(argv)
+    lines = r.stderr.rstrip("\n").split("\n")
+    assert [x for x in lines if "error" in x] == lines[-1:]  # notices, then the one error
+    last = subprocess.CompletedProcess([], r.returncode, r.stdout, lines[-1])
+    assert_one_line_error(last, ["non-finite", name, "--allow-nonfinite"])
+    assert not out.exists() and digests(base, a, b) == before
+    staging = [p for p in tmp_path.iterdir() if ".streammerge-" in p.name and p.is_dir()]
+    assert len(staging) == 1
+    written = sorted(p.name for p in staging[0].glob("model-*.safetensors*"))
+    assert written, "the shards before the overflowing tensor are kept for --resume"
+    failing = [w for w in written if w.endswith(".tmp")]
+    assert len(failing) == 1, written  # the overflowing shard, not committed
+    index = {int(w.split("-")[1]) for w in written}
+    assert max(index) == int(failing[0].split("-")[1]), "a shard after it was written"
+    r = run_cli(argv + ["--resume", "--allow-nonfinite"])
+    assert r.returncode == 0, r.stderr
+    assert not torch.isfinite(load_dir(out)[name].float()).all()
+    assert torch.isfinite(load_dir(out)["embed.weight"].float()).all()
+
+
 def test_nonfinite_values_copied_from_inputs_are_not_the_merges(tmp_path):
     base, a, b = trio(tmp_path)
     ts = load_dir(base)
