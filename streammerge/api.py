@@ -36,7 +36,8 @@ from streammerge.pipeline import (
 from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.recipe import Recipe, RecipeError, build_recipe
-from streammerge.remote import is_url, open_remote_model
+from streammerge.inputs import resolve_input, resolve_output
+from streammerge.remote import open_remote_model
 from streammerge.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
@@ -292,11 +293,18 @@ RECIPE_KEYS = (
 OPTION_KEYS = tuple(f.name for f in fields(Options))
 
 
-def open_input(path: str | Path) -> ModelDir:
-    """A model directory, or a model by URL (``https://``, ``hf://``...; headers only)."""
-    if is_url(path):
-        return open_remote_model(path)
-    return open_model(path)
+def open_input(ref: str | Path) -> ModelDir:
+    """A model by any reference ``streammerge.inputs.resolve_input`` takes: a directory
+    (also as ``file://`` or a Hugging Face cache id), or a model by URL (``https://``,
+    ``hf://``...; headers only).
+
+    Raises:
+        MergeError: the reference cannot be resolved or the model fails its checks.
+    """
+    resolved = resolve_input(ref)
+    if resolved.is_remote:
+        return open_remote_model(resolved.url)
+    return open_model(resolved.path)
 
 
 def is_remote(m: ModelDir) -> bool:
@@ -377,7 +385,7 @@ def prepare(
     memory_bytes = parse_size(options.memory)
     inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
     output = OutputDir(
-        out,
+        resolve_output(out),
         inputs,
         overwrite=options.overwrite,
         resume=options.resume,

@@ -76,8 +76,8 @@ class YamlRecipe:
 
     path: Path
     text: str
-    base: Path | None
-    models: list[Path]
+    base: Path | str | None
+    models: list[Path | str]
     labels: list[str]
     recipe: dict
     tokenizer_model: int | None = None
@@ -133,33 +133,38 @@ class _Doc:
         raise MergeError(f"{at}{key}: {what}", self.path, None, todo)
 
 
-def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path:
-    """A ``model:`` reference: a directory (as given, or relative to the recipe), else a
-    Hugging Face repo id (``org/name`` or ``org/name@revision``) in the local cache."""
+def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path | str:
+    """A ``model:`` reference (``streammerge.inputs.resolve_input``): a directory (as
+    given, or relative to the recipe; also as ``file://``), a URL, or a Hugging Face repo
+    id (``org/name`` or ``org/name@revision``) in the local cache."""
+    from streammerge.inputs import resolve_input
+
     if not isinstance(ref, str) or not ref.strip():
         doc.fail(key, f"expected a directory or a Hugging Face repo id, got {ref!r}")
     if "+" in ref:
         doc.fail(
             key, f"LoRA references ({ref}) are not supported", "merge the LoRA into its model first"
         )
-    for cand in (Path(ref).expanduser(), base_dir / ref):
+    try:
+        resolved = resolve_input(ref)
+    except MergeError as e:
+        doc.fail(key, e.what, e.todo)
+    if resolved.is_remote:
+        return resolved.url
+    # as given, then relative to the recipe, then the cache snapshot resolve_input found
+    plain = (Path(ref).expanduser(), base_dir / ref) if not ref.startswith("file://") else ()
+    for cand in (*plain, resolved.path):
         if cand.is_dir():
             return cand
     repo, _, revision = ref.partition("@")
     looks_like_repo = repo.count("/") == 1 and not repo.startswith((".", "/", "~"))
     if not looks_like_repo:
         doc.fail(key, f"{ref} is not a directory", "give the model's directory")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo, revision=revision or None, local_files_only=True)
-    except Exception:  # noqa: BLE001 - any lookup failure means: not in the cache
-        doc.fail(
-            key,
-            f"{ref} is neither a directory nor in the local Hugging Face cache",
-            f"fetch it first: hf download {repo}" + (f" --revision {revision}" if revision else ""),
-        )
-    return Path(local)
+    doc.fail(
+        key,
+        f"{ref} is neither a directory nor in the local Hugging Face cache",
+        f"fetch it first: hf download {repo}" + (f" --revision {revision}" if revision else ""),
+    )
 
 
 def _check_value(value, key: str, doc: _Doc, allow_gradient: bool, kind: str) -> None:

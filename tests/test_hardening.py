@@ -488,6 +488,25 @@ def test_nonfinite_values_copied_from_inputs_are_not_the_merges(tmp_path):
     assert "1 non-finite values come from inputs that have them" in r.stderr
 
 
+def test_file_url_inputs_merge_as_their_paths(tmp_path):
+    """Issue 20.1: a file:// input is the local directory it names (one resolver): the same
+    bytes as plain paths, recorded by path."""
+    base, a, b = trio(tmp_path)
+    plain, url = tmp_path / "plain", tmp_path / "url"
+    r = run_cli(merge_argv([a, b], base, plain, *SEED))
+    assert r.returncode == 0, r.stderr
+    r = run_cli([f"file://{a}", f"file://{b}", "--base", f"file://{base}", "-o",
+                 f"file://{url}", *SEED])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert load_dir(url).keys() == load_dir(plain).keys()
+    for f in plain.glob("*.safetensors"):
+        assert (url / f.name).read_bytes() == f.read_bytes()
+    import json
+
+    rec = json.loads((url / "streammerge.json").read_text())
+    assert rec["models"][0]["path"] == str(a.resolve())
+
+
 def test_name_order_does_not_depend_on_the_header_order(tmp_path):
     """``w.1`` and ``w.01`` sort equal as numbers: the name breaks the tie."""
     g = torch.Generator().manual_seed(0)

@@ -416,6 +416,42 @@ def output_contains_inputs(c: Ctx):
     return [str(c.out), "contains the input"]
 
 
+def file_url_inputs_output_is_one(c: Ctx):
+    """Issue 20.1: inputs as file:// URLs, the output one of them, with --overwrite."""
+    c.argv = [f"file://{c.a}", f"file://{c.b}", "--base", f"file://{c.base}", "-o", str(c.a),
+              "--seed", "1", "--overwrite"]  # fmt: skip
+    return [str(c.a), "is the input"]
+
+
+def mixed_url_and_path_inputs_under_the_output(c: Ctx):
+    """Issue 20.1: plain and file:// inputs under D, ``-o D --overwrite``."""
+    c.out = c.a.parent
+    c.argv = [str(c.a), f"file://{c.b}", "--base", f"file://{c.base}", "-o", str(c.out),
+              "--seed", "1", "--overwrite"]  # fmt: skip
+    return [str(c.out), "contains the input"]
+
+
+def file_url_inputs_under_the_output(c: Ctx):
+    """Issue 20.1: every input a file:// URL under D, ``-o D --overwrite``."""
+    c.out = c.a.parent
+    c.argv = [f"file://{c.a}", f"file://{c.b}", "--base", f"file://{c.base}", "-o",
+              str(c.out), "--seed", "1", "--overwrite"]  # fmt: skip
+    return [str(c.out), "contains the input"]
+
+
+def output_file_url_is_an_input_path(c: Ctx):
+    """The output as a file:// URL naming a plain-path input."""
+    c.argv = [str(c.a), str(c.b), "--base", str(c.base), "-o", f"file://{c.b}", "--seed", "1",
+              "--overwrite"]  # fmt: skip
+    return [str(c.b), "is the input"]
+
+
+def unsupported_url_scheme(c: Ctx):
+    c.argv = [str(c.a), f"ftp://example.invalid{c.b}", "--base", str(c.base), "-o",
+              str(c.out), "--seed", "1"]  # fmt: skip
+    return ["ftp://", "unsupported URL scheme"]
+
+
 def output_is_link_to_input(c: Ctx):
     c.out = c.tmp / "link"
     c.out.symlink_to(c.base)
@@ -690,7 +726,10 @@ CASES += [
     tensor_name_lone_surrogate, zero_elements_dimension_2_70, dimension_of_5000_digits,
     weights_symlinked_out_of_the_model, memory_100tb, memory_1kb, threads_zero,
     threads_negative, weights_overflow_float32, seed_not_an_integer, argparse_missing_base,
-    argparse_unknown_option,
+    argparse_unknown_option, file_url_inputs_output_is_one,
+    mixed_url_and_path_inputs_under_the_output, file_url_inputs_under_the_output,
+    output_file_url_is_an_input_path,
+    unsupported_url_scheme,
 ]  # fmt: skip
 
 

@@ -1,0 +1,117 @@
+"""One resolver for every way a model is named: a path, a ``file://`` URL, a remote URL, or
+a Hugging Face repo id in the local cache.
+
+Every input goes through ``resolve_input`` before anything looks at it: opening it,
+checking the output against it (a path the run creates, renames or deletes must lie apart
+from every input, whatever form the input was given in), fingerprinting and recording it.
+A ``file://`` URL is a local directory like any other (read with O_DIRECT, checked for
+overlap, recorded by its path), so ``streammerge file:///d/a file:///d/b --base ... -o /d/a
+--overwrite`` is refused like the same command with plain paths.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from streammerge.errors import MergeError
+
+#: URL schemes read by ranged requests (``streammerge.remote``); ``file://`` is local.
+REMOTE_PREFIXES = ("http://", "https://", "hf://", "s3://", "s3a://", "gs://", "gcs://")
+FILE_PREFIX = "file://"
+
+
+@dataclass(frozen=True)
+class InputRef:
+    """A model reference, resolved.
+
+    Attributes:
+        given: the reference as the user wrote it (messages, model cards).
+        url: the URL of a remote model (None for a local one).
+        path: the local directory (None for a remote model); not resolved through
+            symlinks (``streammerge.paths.real`` does that for overlap checks).
+    """
+
+    given: str
+    url: str | None = None
+    path: Path | None = None
+
+    @property
+    def is_remote(self) -> bool:
+        """True for a model read by ranged requests."""
+        return self.url is not None
+
+
+def is_url(ref) -> bool:
+    """True for ``scheme://...`` strings (a local path never has ``://``)."""
+    return isinstance(ref, str) and "://" in ref
+
+
+def file_url_path(url: str) -> Path:
+    """The local path of a ``file://`` URL, as fsspec reads it (the rule earlier versions
+    followed when they opened such inputs through fsspec): ``file:///abs`` is ``/abs``, a
+    path after ``file://`` without the third slash is relative to the working directory,
+    ``~`` is expanded, percent-escapes are kept."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return Path(LocalFileSystem._strip_protocol(url))
+
+
+def _hf_cache(ref: str) -> Path | None:
+    """The local snapshot of a Hugging Face repo id (``org/name[@revision]``), or None."""
+    repo, _, revision = ref.partition("@")
+    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any lookup failure means: not in the cache
+        return None
+
+
+def resolve_input(ref: str | os.PathLike) -> InputRef:
+    """Resolve a model reference: ``file://`` to its local path, a remote URL kept as a URL,
+    a path that does not exist but names a repo in the local Hugging Face cache to that
+    snapshot, any other path as given (``~`` expanded).
+
+    Raises:
+        MergeError: a URL scheme streammerge cannot read (one line naming it).
+    """
+    given = os.fspath(ref)
+    if isinstance(given, bytes):
+        given = os.fsdecode(given)
+    if given.startswith(FILE_PREFIX):
+        return InputRef(given, None, file_url_path(given))
+    if is_url(given):
+        if not given.startswith(REMOTE_PREFIXES):
+            raise MergeError(
+                f"unsupported URL scheme {given.split('://', 1)[0]}://",
+                given,
+                None,
+                "use a path, file://, https://, hf://, s3:// or gs://",
+            )
+        return InputRef(given, given, None)
+    path = Path(given).expanduser()
+    if not path.exists():
+        cached = _hf_cache(given)
+        if cached is not None:
+            return InputRef(given, None, cached)
+    return InputRef(given, None, path)
+
+
+def resolve_output(ref: str | os.PathLike) -> Path:
+    """The local directory of an output given as a path or a ``file://`` URL.
+
+    Raises:
+        MergeError: any other URL (outputs are written locally).
+    """
+    given = os.fspath(ref)
+    if isinstance(given, str) and given.startswith(FILE_PREFIX):
+        return file_url_path(given)
+    if is_url(given):
+        raise MergeError(
+            "the output must be a local directory", given, None, "give a path or a file:// URL"
+        )
+    return Path(given).expanduser()
