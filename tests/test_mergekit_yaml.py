@@ -219,7 +219,29 @@ BAD = [
         "merge_method: ties\nbase_model: B\nbase_model: C\nmodels: [{model: A}, {model: C}]\n",
         "duplicate key",
     ),
-]
+    # issue 20.11: constructs PyYAML's safe loader rejects or mergekit never reads
+    ("merge_method: !!set {ties: null}\nbase_model: B\nmodels: [{model: A}, {model: C}]\n",
+     "line 1: merge_method: unsupported YAML tag !!set"),
+    ("merge_method: [ties]\nbase_model: B\nmodels: [{model: A}, {model: C}]\n",
+     "line 1: merge_method: streammerge has no method ['ties']"),
+    ("? [a, b]\n: 1\nmerge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\n",
+     "line 1: (top): a list or mapping used as a key"),
+    ("merge_method: ties\nbase_model: B\nmodels:\n  - {model: A, parameters: {? [w]: 1}}\n"
+     "  - model: C\n", "line 4: models[0].parameters: a list or mapping used as a key"),
+    ("merge_method: !!python/object/apply:os.system [touch PWNED]\nbase_model: B\n"
+     "models: [{model: A}, {model: C}]\n", "unsupported YAML tag !!python/object/apply:os.system"),
+    ("merge_method: ties\nbase_model: !!python/name:os.system ''\nmodels: [{model: A}, {model: C}]\n",
+     "line 2: base_model: unsupported YAML tag !!python/name:os.system"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\nparameters:\n  <<: 5\n",
+     "line 5: parameters.<<: a merge key takes a mapping or a list of mappings"),
+    ("merge_method: ties\nbase_model: B\nmodels: 5\n", "models"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\nparameters: [1, 2]\n",
+     "parameters"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\nstreammerge: [1]\n",
+     "line 4: streammerge: expected a mapping"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: [1]}, {model: C}]\n",
+     "models[0].model: expected a directory or a Hugging Face repo id"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("text, message", BAD)
@@ -245,3 +267,69 @@ def test_config_refuses_models_and_recipe_flags(tmp_path):
     assert r.returncode == 2 and "--config names the models" in r.stderr
     r = run_cli(["--config", str(cfg), "--density", "0.3", "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "--density conflicts with --config" in r.stderr
+
+
+def _bomb(levels: int = 10) -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\nmerge_method: ties\n"
+
+
+@pytest.mark.parametrize("plan", [True, False])
+def test_alias_bomb_is_refused_in_bounded_time(tmp_path, plan):
+    """Issue 20.2: a 1 KB file expanding to 10**10 nodes: one line naming the limit, within
+    the test's timeout (it used to exhaust memory)."""
+    cfg = _write(tmp_path, _bomb())
+    assert cfg.stat().st_size < 1500
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out"), *(["--plan"] * plan)],
+                timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "more than 100000 YAML nodes" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_larger_than_the_limit_is_refused(tmp_path):
+    cfg = _write(tmp_path, "merge_method: ties\n" + "#" * (1 << 20) + "\n")
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out")])
+    assert r.returncode == 2 and "larger than 1 MiB" in r.stderr, r.stderr
+
+
+def test_merge_keys_and_anchors_read_as_pyyaml_reads_them(tmp_path):
+    """Issue 20.11: ``<<: *common`` (mergekit reads it through PyYAML): explicit keys win,
+    an anchor-only top-level key is not an unknown key, and the merge is byte-identical to
+    the same recipe written out."""
+    base, a, b = make_trio(tmp_path)
+    anchored = f"""common: &common
+  density: 0.5
+  weight: 0.3
+merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters:
+      <<: *common
+      weight: 0.7
+  - model: {b}
+    parameters: *common
+streammerge: {{seed: 3}}
+"""
+    plain = f"""merge_method: ties
+base_model: {base}
+models:
+  - model: {a}
+    parameters: {{density: 0.5, weight: 0.7}}
+  - model: {b}
+    parameters: {{density: 0.5, weight: 0.3}}
+streammerge: {{seed: 3}}
+"""
+    outs = []
+    for name, text in (("anchored", anchored), ("plain", plain)):
+        cfg = tmp_path / f"{name}.yml"
+        cfg.write_text(text)
+        r = run_cli(["--config", str(cfg), "-o", str(tmp_path / name)])
+        assert r.returncode == 0, r.stderr
+        outs.append(output_bytes(tmp_path / name))
+    assert outs[0].keys() == outs[1].keys()
+    for k in outs[0]:
+        assert np.array_equal(outs[0][k], outs[1][k]), k
