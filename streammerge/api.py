@@ -97,6 +97,8 @@ class MergeSummary:
         base_only: tensors copied from the base because no fine-tune has them.
         vocab_rules: one line per tensor the vocabulary rule shaped.
         stage_seconds: seconds each pipeline stage was busy (read_s, compute_s, write_s).
+        already_complete: the output was already this merge (``--resume`` on a finished
+            output): nothing was read or written.
     """
 
     out: Path
@@ -119,6 +121,7 @@ class MergeSummary:
     base_only: tuple[str, ...] = ()
     vocab_rules: tuple[str, ...] = ()
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    already_complete: bool = False
 
 
 @dataclass(frozen=True)
@@ -454,7 +457,7 @@ def execute(
     total = read_bytes(work_items(prep.plan, todo, layout))
     if analysis:
         total += read_bytes(analysis_items(prep.plan, layout))
-    if on_start is not None:
+    if on_start is not None and not prep.output.finished:  # a finished output: nothing starts
         on_start(prep.plan, total)
     if analysis:
         model_th, pre = analyze(prep.plan, layout, engine, on_bytes, prep.options.direct_io)
@@ -525,6 +528,7 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
         base_only=plan.base_only,
         vocab_rules=plan.vocab_rules,
         stage_seconds=stats.busy_s,
+        already_complete=output.finished,
     )
 
 

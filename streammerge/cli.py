@@ -442,6 +442,8 @@ def _main(argv: list[str] | None = None) -> int:
         return report(e, args.output, args.debug)
     if progress is not None and task is not None:
         progress.stop()
+    if s.already_complete:
+        return 0  # finalize said so in one line; there is no run to report
     print(closing_line(s), flush=True)
     if args.profile:
         busy = ", ".join(f"{k} {v:.2f}" for k, v in s.stage_seconds.items())

@@ -144,12 +144,15 @@ def input_digests(plan, hasher, shard_name: str) -> list:
     (role ``base`` or the fine-tune's index), from ``hasher`` (``fingerprints.InputHasher``)."""
     if plan is None:
         return []
+    # Without a base (linear), a tensor's reference slot holds model 0's tensor: record it
+    # under model 0, or a --resume would compare the base's bytes with model 0's hash.
+    ref_role = "base" if plan.recipe.row.uses_base else "0"
     out = []
     for s in plan.shards:
         if s.filename != shard_name:
             continue
         for t in s.tensors:
-            srcs = [("base", t.base)] + [(str(j), x) for j, x in enumerate(t.sources)]
+            srcs = [(ref_role, t.base)] + [(str(j), x) for j, x in enumerate(t.sources)]
             for role, info in srcs:
                 if info is None:
                     continue
@@ -602,7 +605,8 @@ class OutputDir:
         self._verify_inputs(j, done)
         self._journal = Journal.read(self.journal_path)
         self._journal.shards = done  # only verified shards count
-        return {n: {"size": r["size"], "sha256": r["sha256"]} for n, r in done.items()}
+        return {n: {"size": r["size"], "sha256": r["sha256"], "thresholds": r.get("thresholds")
+                    or {}} for n, r in done.items()}  # fmt: skip
 
     def _what_changed(self, head: dict) -> str:
         """`` (seed 1 -> 2)`` or `` (the header of X changed)``: what a refused resume differs
@@ -731,7 +735,21 @@ class OutputDir:
                         )
         self.finished = True
         self._finished_record = rec
-        return {str(s["file"]): {"size": s["size_bytes"], "sha256": s["sha256"]} for s in shards}
+        return {str(s["file"]): {"size": s["size_bytes"], "sha256": s["sha256"],
+                                 "thresholds": self._recorded_thresholds(rec, str(s["file"]))}
+                for s in shards}  # fmt: skip
+
+    def _recorded_thresholds(self, rec: dict, shard: str) -> dict:
+        """The thresholds a finished output's record gives the tensors of ``shard`` (the
+        record is rebuilt from them, so a finished TIES output compares equal)."""
+        tensors = rec.get("tensors") if isinstance(rec.get("tensors"), dict) else {}
+        plan_shard = next((s for s in self._plan.shards if s.filename == shard), None)
+        names = [t.name for t in plan_shard.tensors] if plan_shard is not None else []
+        return {
+            n: tensors[n]["thresholds"]
+            for n in names
+            if isinstance(tensors.get(n), dict) and tensors[n].get("thresholds") is not None
+        }
 
     # --- writing -------------------------------------------------------------------------
 

@@ -537,3 +537,64 @@ def test_links_planted_in_the_staging_directory_lead_nowhere(trio, monkeypatch, 
     fresh = tmp_path / "fresh"
     assert streammerge.cli.main(argv_for((base, a, b), fresh)) == 0
     assert_same_files(out, files_of(fresh))
+
+
+# --- issue 21.1-2: records of TIES-like methods across --resume ------------------------------
+
+METHODS_ALL = ("linear", "task_arithmetic", "dare_linear", "ties", "dare_ties", "breadcrumbs",
+               "breadcrumbs_ties")  # fmt: skip
+
+
+def _kw(method: str) -> dict:
+    kw: dict = {"seed": 5, "method": method, "shard_size": "200KB"}
+    if method in ("ties", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "dare_linear"):
+        kw["density"] = 0.5
+    return kw
+
+
+@pytest.mark.parametrize("method", METHODS_ALL)
+def test_resume_on_a_finished_output_is_one_line_and_exit_0(tmp_path, method):
+    """Every method, TIES and breadcrumbs included (their records carry thresholds): the
+    rebuilt record equals the finished one, nothing is read or written, and the CLI says so
+    in one line."""
+    from conftest import make_trio
+
+    base, a, b = make_trio(tmp_path / "m", big=200_000)
+    out = tmp_path / "out"
+    kw = _kw(method)
+    argv = merge_argv([a, b], base, out, "--seed", "5", "--method", method, "--shard-size",
+                      "200KB", *(["--density", "0.5"] if "density" in kw else []))  # fmt: skip
+    r = run_cli(argv)
+    assert r.returncode == 0, r.stderr
+    before = dir_digest(out)
+    r = run_cli(argv + ["--resume"])
+    assert r.returncode == 0, r.stderr
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and "already this merge" in lines[0], lines
+    assert dir_digest(out) == before
+
+
+@pytest.mark.parametrize("method", ("ties", "breadcrumbs_ties"))
+def test_resumed_record_equals_an_uninterrupted_runs(tmp_path, method):
+    """A TIES merge interrupted after some shards, then resumed: every file, the record's
+    per-tensor thresholds included, equals an uninterrupted run's; a further --resume is a
+    no-op."""
+    from conftest import fail_after, make_trio
+
+    import streammerge
+
+    base, a, b = make_trio(tmp_path / "m", big=200_000)
+    kw = _kw(method)
+    ref = streammerge.merge([a, b], base, tmp_path / "ref", **kw)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge([a, b], base, out, on_bytes=fail_after(ref.bytes_read // 2,
+                          KeyboardInterrupt()), **kw)  # fmt: skip
+    s = streammerge.merge([a, b], base, out, resume=True, **kw)
+    assert s.resumed_shards > 0
+    rec, want = (json.loads((d / "streammerge.json").read_text()) for d in (out, tmp_path / "ref"))
+    assert any(t.get("thresholds") for t in want["tensors"].values())
+    assert rec["tensors"] == want["tensors"]
+    assert dir_digest(out) == dir_digest(tmp_path / "ref")
+    again = streammerge.merge([a, b], base, out, resume=True, **kw)
+    assert again.already_complete and again.bytes_read == 0
