@@ -9,6 +9,7 @@ with the arguments the plan built. Nothing here knows about methods or rows.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -25,6 +26,29 @@ class _Geometry:
 
 #: The CPU backends' buffer geometry (no slots in flight beyond the pipeline's own).
 CPU_GEOMETRY = _Geometry()
+
+
+#: Seconds numba takes to compile the CPU kernels on a cold cache (merge and statistics
+#: kernels; bench/results/README.md: 2-core VM). Stated by the first run's notice and
+#: added to --plan's time estimate while the cache is cold.
+COMPILE_S = 40
+
+
+def kernels_compiled() -> bool:
+    """True when numba's on-disk cache holds the CPU kernels (a run loads them in about a
+    second instead of compiling them for ``COMPILE_S``). Imports numba (~0.8 s).
+
+    Reads numba's cache index location (``dispatcher._cache._cache_file._index_path``);
+    where a numba version has no such attribute, answers True (no notice, no estimate).
+    """
+    from streammerge.kernels import cpu_merge, cpu_stats
+
+    kernels = (cpu_merge._merge_kernel_v2, cpu_merge._convert_kernel,
+               cpu_stats._hist_high_kernel, cpu_stats._hist_low_kernel)  # fmt: skip
+    try:
+        return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
+    except AttributeError:
+        return True
 
 
 class NumbaBackend:
@@ -56,6 +80,11 @@ class NumbaBackend:
         try:
             from streammerge.kernels import cpu_merge
 
+            if not kernels_compiled():
+                from streammerge.notices import notice
+
+                notice(f"compiling the CPU kernels: about {COMPILE_S} s, first run only "
+                       "(cached on disk for later runs)")  # fmt: skip
             cpu_merge.warmup()
             self._k = cpu_merge
         except BaseException as e:  # noqa: BLE001 - re-raised by the first pass

@@ -11,13 +11,18 @@ JSON-serializable dict; ``format_plan`` renders it as text. Contents:
   ``multi-pass``: two reads, three when the guessed window misses), and the resolved w / density / drop / gamma /
   scale / normalize, once per distinct set with the tensors that share it;
 - the output shards (file, size in bytes, tensor count);
-- ``bytes_read``: exactly what the real run reads (``pipeline.read_bytes`` over the same
-  ``work_items``, plus the two model-wide histogram passes of trim_scope model, as
-  ``api.execute`` counts them), and ``bytes_written``: the shard files' bytes;
+- ``bytes_read``: what the real run reads when every guessed threshold window hits
+  (``pipeline.read_bytes`` over the same ``work_items``, plus the two model-wide histogram
+  passes of trim_scope model, as ``api.execute`` counts them); ``bytes_read_max``: the
+  most it can read, every guess missing (a third read of each such tensor; the run never
+  reads more), equal to ``bytes_read`` for methods without statistics or when every such
+  tensor fits a slot; ``bytes_written``: the shard files' bytes;
 - peak buffer memory (``Layout.buffer_bytes``) against the ``--memory`` budget;
 - the disk's read speed from a short read (at most ``MEASURE_BYTES``, ``MEASURE_SECONDS``)
   of the largest input file, and ``expected_seconds = bytes_read / speed``: a lower bound
-  from reads alone (compute and writes overlap the reads in the real run);
+  from reads alone (compute and writes overlap the reads in the real run), plus
+  ``compile_seconds`` (``backends.COMPILE_S``) while numba's cache of the CPU kernels is
+  cold (the first run compiles them);
 - ``base_only`` tensors and the vocabulary rules from the plan.
 
 Units: bytes are integers (bytes), speeds bytes per second, times seconds.
@@ -271,6 +276,9 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     work_read = read_bytes(work_items(plan, todo, layout))
     analysis_read = read_bytes(analysis_items(plan, layout)) if model_scope and todo else 0
     bytes_read = work_read + analysis_read
+    every_guess_misses = read_bytes(work_items(plan, todo, layout, decide=lambda t: False))
+    bytes_read_max = every_guess_misses + analysis_read
+    compile_s = _compile_seconds(device)
     bytes_written = sum(s.size_bytes for s in todo)
 
     tensors = sorted(plan.tensors, key=lambda t: natural_key(t.name))
@@ -346,6 +354,7 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
         ],
         "resumed_shards": resumed,
         "bytes_read": bytes_read,
+        "bytes_read_max": bytes_read_max,
         "bytes_read_analysis": analysis_read,
         "bytes_written": bytes_written,
         "total_size": plan.total_bytes,
@@ -361,9 +370,12 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
             "pinned_bytes": pinned_host_bytes(layout) if device == "cuda" else 0,
         },
         "disk": disk,
-        "expected_seconds": bytes_read / speed if speed else None,
+        "expected_seconds": bytes_read / speed + compile_s if speed else None,
+        "compile_seconds": compile_s,
         "expected_note": "lower bound: bytes_read / the measured read speed (compute and "
-        "writes overlap the reads; a slower stage makes the run longer)",
+        "writes overlap the reads; a slower stage makes the run longer)"
+        + (f", plus about {compile_s} s to compile the CPU kernels (first run only)"
+           if compile_s else ""),
         "base_only": list(plan.base_only),
         "vocab_rules": list(plan.vocab_rules),
     }
@@ -468,9 +480,12 @@ def format_plan(d: dict) -> str:
     if d["resumed_shards"]:
         out.append(f"  already finished (--resume): {_names(d['resumed_shards'], 8)}")
     mem = d["memory"]
+    most = d["bytes_read_max"]
     out.append(
-        f"bytes to read: {d['bytes_read']} ({format_bytes(d['bytes_read'])}); "
-        f"to write: {d['bytes_written']} ({format_bytes(d['bytes_written'])})"
+        f"bytes to read: {d['bytes_read']} ({format_bytes(d['bytes_read'])})"
+        + (f", at most {most} ({format_bytes(most)}) if guessed threshold windows miss"
+           if most != d["bytes_read"] else "")
+        + f"; to write: {d['bytes_written']} ({format_bytes(d['bytes_written'])})"
     )
     out.append(
         f"peak buffer memory: {mem['buffer_bytes'] / 2**20:.1f} MiB of the "
@@ -491,3 +506,13 @@ def format_plan(d: dict) -> str:
         )
         out.append(f"expected time: >= {d['expected_seconds']:.1f} s; {d['expected_note']}")
     return "\n".join(out) + "\n"
+
+
+def _compile_seconds(device: str) -> int:
+    """Seconds the run will spend compiling CPU kernels first (0 when numba's cache holds
+    them, or on a GPU)."""
+    if device != "cpu":
+        return 0
+    from streammerge.backends import COMPILE_S, kernels_compiled
+
+    return 0 if kernels_compiled() else COMPILE_S

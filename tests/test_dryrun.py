@@ -185,3 +185,65 @@ def test_plan_of_a_resume_counts_only_unfinished_shards(tmp_path):
     s = streammerge.merge([a, b], base, out, options=resume, **recipe)
     assert s.resumed_shards == 1
     assert s.bytes_read == d["bytes_read"] and s.bytes_written == d["bytes_written"]
+
+
+def test_plan_states_a_maximum_the_run_never_exceeds_when_the_window_guess_misses(tmp_path):
+    """Issue 21.10: a TIES tensor larger than a slot whose first chunk is not like the
+    rest (tiny deltas there, large ones after): the threshold window guessed from the
+    first chunk misses and the run reads it a third time. --plan's ``bytes_read`` is the
+    hit case and ``bytes_read_max`` bounds the run; the text states the maximum."""
+    g = torch.Generator().manual_seed(0)
+    n = 6_000_000  # 12 MB in bf16 per model: more than a 16 MiB budget's slot
+    base = torch.randn(n, generator=g) * 0.02
+    dirs = [write_model(tmp_path / "base", {"w": base.to(torch.bfloat16)})]
+    for name in ("a", "b"):
+        delta = torch.randn(n, generator=g)
+        delta[: n // 20] *= 1e-4  # the first chunk: tiny task-vector magnitudes
+        dirs.append(write_model(tmp_path / name, {"w": (base + delta).to(torch.bfloat16)}))
+    out = tmp_path / "out"
+    recipe = {"method": "ties", "seed": 3, "density": 0.3}
+    options = Options(memory="16MiB", threads=2, backend="numba", device="cpu")
+    prep = prepare(dirs[1:], dirs[0], out, recipe, options)
+    d = dryrun.describe(prep, layout_for(prep, CPU))
+    assert d["bytes_read_max"] > d["bytes_read"]
+    assert f"at most {d['bytes_read_max']}" in dryrun.format_plan(d)
+    s = streammerge.merge(dirs[1:], dirs[0], out, options=options, **recipe)
+    assert d["bytes_read"] < s.bytes_read <= d["bytes_read_max"]  # the guess missed here
+
+
+def test_kernels_compiled_reads_numbas_cache(tmp_path):
+    """An empty NUMBA_CACHE_DIR: the kernels are not compiled (importing them compiles
+    nothing); the project's own cache after a warm-up: they are."""
+    import subprocess
+    import sys
+
+    code = "from streammerge.backends import kernels_compiled; print(kernels_compiled())"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cold")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120, check=True)  # fmt: skip
+    assert r.stdout.strip() == "False"
+    from streammerge.backends import kernels_compiled
+    from streammerge.kernels import cpu_merge, cpu_stats
+
+    cpu_merge.warmup()
+    cpu_stats.warmup()
+    if os.environ.get("NUMBA_CACHE_DIR") is None:
+        assert kernels_compiled()
+
+
+def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch):
+    """Issue 21.9: with numba's cache cold, the backend says it is compiling (one notice
+    before the first pass) and --plan adds the compile time to its estimate."""
+    from streammerge import backends, notices
+
+    monkeypatch.setattr(backends, "kernels_compiled", lambda: False)
+    lines: list[str] = []
+    monkeypatch.setattr(notices, "sink", lines.append)
+    backends.NumbaBackend(1)._modules()
+    assert any("compiling the CPU kernels" in x and str(backends.COMPILE_S) in x for x in lines)
+    base, a, b = make_trio(tmp_path)
+    prep = prepare([a, b], base, tmp_path / "out", {"method": "ties", "seed": 1}, Options())
+    d = dryrun.describe(prep, layout_for(prep, CPU))
+    assert d["compile_seconds"] == backends.COMPILE_S
+    assert d["expected_seconds"] is None or d["expected_seconds"] >= backends.COMPILE_S
+    assert "to compile the CPU kernels" in d["expected_note"]
