@@ -403,7 +403,8 @@ def prepare(
     elif recipe.n_models != len(model_dirs):
         raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")
     if base_dir is None and recipe.row.uses_base:
-        raise RecipeError(f"method {method or recipe.method} needs a base model: pass --base DIR")
+        raise OptionError(f"method {method or recipe.method} needs a base model",
+                          "pass --base DIR (the model the fine-tunes were tuned from)")  # fmt: skip
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
     if provenance is not None and provenance.tokenizer_model is not None:
         plan = replace(plan, tokenizer_model=provenance.tokenizer_model)  # tokenizer_source

@@ -77,8 +77,31 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line like every other error (no usage block)."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"{PREFIX}{one_line(message)}: see {self.prog} --help", file=sys.stderr, flush=True)
+        hint = self._suggestion(message)
+        todo = f"did you mean {hint!r}? (see {self.prog} --help)" if hint else f"see {self.prog} --help"
+        print(f"{PREFIX}{one_line(message)}: {todo}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_INPUT)
+
+    def _suggestion(self, message: str) -> str | None:
+        """The closest choice or option to a mistyped one, or None."""
+        import re
+
+        m = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if m:
+            return closest(m.group(1), re.findall(r"'([^']*)'", m.group(2)))
+        m = re.search(r"unrecognized arguments: (\S+)", message)
+        if m and m.group(1).startswith("--"):
+            options = [o for a in self._actions for o in a.option_strings]
+            return closest(m.group(1).split("=")[0], options)
+        return None
+
+
+def closest(word: str, choices) -> str | None:
+    """The closest of ``choices`` to a mistyped ``word`` (difflib, ratio >= 0.6), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _os_error_line(e: OSError, output: str | Path | None) -> str:

@@ -314,7 +314,11 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
     if method is None:
         doc.fail("merge_method", "missing", "name a method", line=1)
     if not isinstance(method, str) or method not in METHODS:
-        doc.fail("merge_method", f"streammerge has no method {method!r}",
+        from streammerge.errors import closest
+
+        near = closest(method, METHODS) if isinstance(method, str) else None
+        hint = f" (did you mean {near!r}?)" if near else ""
+        doc.fail("merge_method", f"streammerge has no method {method!r}{hint}",
                  f"use one of {', '.join(METHODS)}")  # fmt: skip
     row = METHODS[method]
     notices: list[str] = []

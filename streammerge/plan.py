@@ -24,6 +24,7 @@ import json
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from streammerge.errors import MergeError
 from streammerge.kernels.common import FLOAT_ITEMSIZE, tensor_key
@@ -469,9 +470,12 @@ def make_plan(
         plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
     if missing:
         j, names = next(iter(sorted(missing.items())))
+        archs = (architecture(ref), architecture(models[j]))
+        differ = f"the architectures differ ({archs[1]} vs {archs[0]}): " if (
+            None not in archs and archs[0] != archs[1]) else ""  # fmt: skip
         raise MergeError(
-            f"{sum(map(len, missing.values()))} tensor(s) missing from fine-tune {models[j].path}"
-            f" (the base and other fine-tunes have them)",
+            f"{differ}{sum(map(len, missing.values()))} tensor(s) missing from fine-tune "
+            f"{models[j].path} (the base and other fine-tunes have them)",
             models[j].path,
             _names(names),
             "merge fine-tunes saved with the same tensors",
@@ -528,3 +532,18 @@ def iter_chunks(t: TensorPlan, max_elems: int) -> Iterator[Chunk]:
     for lo, hi, seg in ranges:
         for start in range(lo, hi, max_elems):
             yield Chunk(start, min(max_elems, hi - start), seg)
+
+
+def architecture(m) -> str | None:
+    """The ``architectures`` a model's ``config.json`` names (``"LlamaForCausalLM"``), or
+    None when it has no readable config (messages only: merging never depends on it)."""
+    path = Path(m.path) / "config.json"
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        archs = json.loads(path.read_text("utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs):
+        return ",".join(archs)
+    return None

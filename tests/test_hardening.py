@@ -507,6 +507,21 @@ def test_file_url_inputs_merge_as_their_paths(tmp_path):
     assert rec["models"][0]["path"] == str(a.resolve())
 
 
+def test_models_of_different_architectures_are_named_as_such(tmp_path):
+    """Issue 21.12: a GPT-2 fine-tune beside Llama ones: the error says the architectures
+    differ (from config.json), not only which tensors are missing."""
+    import json
+
+    base, a, b = trio(tmp_path)
+    for d in (base, a):
+        (d / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    gpt2 = write_model(tmp_path / "gpt2", {"wte.weight": torch.zeros(4, 3)},
+                       config={"architectures": ["GPT2LMHeadModel"]})  # fmt: skip
+    r = run_cli(merge_argv([a, gpt2], base, tmp_path / "out", *SEED))
+    line = assert_one_line_error(r, ["missing from fine-tune"])
+    assert "the architectures differ (GPT2LMHeadModel vs LlamaForCausalLM)" in line
+
+
 def test_name_order_does_not_depend_on_the_header_order(tmp_path):
     """``w.1`` and ``w.01`` sort equal as numbers: the name breaks the tie."""
     g = torch.Generator().manual_seed(0)

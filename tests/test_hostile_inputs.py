@@ -704,12 +704,18 @@ def seed_not_an_integer(c: Ctx):
 
 def argparse_missing_base(c: Ctx):
     c.argv = [str(c.a), str(c.b), "-o", str(c.out)]
-    return ["needs a base model", "--base"]  # --base is optional only for linear
+    # one piece of advice (issue 21.12: two were glued together)
+    return ["needs a base model (", "): pass --base DIR (the model the fine-tunes were tuned from)"]
 
 
 def argparse_unknown_option(c: Ctx):
     c.extra = ["--lamda", "0.3"]
-    return ["--lamda", "--help"]
+    return ["--lamda", "did you mean '--lambda'?", "--help"]
+
+
+def argparse_method_mistyped(c: Ctx):
+    c.extra = ["--method", "tie"]
+    return ["invalid choice: 'tie'", "did you mean 'ties'?"]
 
 
 def _copy_model(src: Path, dst: Path) -> Path:
@@ -729,7 +735,7 @@ CASES += [
     argparse_unknown_option, file_url_inputs_output_is_one,
     mixed_url_and_path_inputs_under_the_output, file_url_inputs_under_the_output,
     output_file_url_is_an_input_path,
-    unsupported_url_scheme,
+    unsupported_url_scheme, argparse_method_mistyped,
 ]  # fmt: skip
 
 
