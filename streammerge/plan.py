@@ -375,7 +375,8 @@ def make_plan(
     if extra:
         names = sorted({n for n, _ in extra}, key=natural_key)
         raise MergeError(
-            f"{len(names)} tensor(s) in a fine-tune are not in "
+            _differ(ref, models[extra[0][1]])
+            + f"{len(names)} tensor(s) in a fine-tune are not in "
             + ("the base" if uses_base else f"model 0 ({ref.path})"),
             models[extra[0][1]].path,
             _names(names),
@@ -470,11 +471,8 @@ def make_plan(
         plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
     if missing:
         j, names = next(iter(sorted(missing.items())))
-        archs = (architecture(ref), architecture(models[j]))
-        differ = f"the architectures differ ({archs[1]} vs {archs[0]}): " if (
-            None not in archs and archs[0] != archs[1]) else ""  # fmt: skip
         raise MergeError(
-            f"{differ}{sum(map(len, missing.values()))} tensor(s) missing from fine-tune "
+            f"{_differ(ref, models[j])}{sum(map(len, missing.values()))} tensor(s) missing from fine-tune "
             f"{models[j].path} (the base and other fine-tunes have them)",
             models[j].path,
             _names(names),
@@ -547,3 +545,11 @@ def architecture(m) -> str | None:
     if isinstance(archs, list) and archs and all(isinstance(a, str) for a in archs):
         return ",".join(archs)
     return None
+
+
+def _differ(ref, model) -> str:
+    """``"the architectures differ (A vs B): "`` when the configs say so, else ``""``."""
+    archs = (architecture(model), architecture(ref))
+    if None in archs or archs[0] == archs[1]:
+        return ""
+    return f"the architectures differ ({archs[0]} vs {archs[1]}): "

@@ -518,7 +518,7 @@ def test_models_of_different_architectures_are_named_as_such(tmp_path):
     gpt2 = write_model(tmp_path / "gpt2", {"wte.weight": torch.zeros(4, 3)},
                        config={"architectures": ["GPT2LMHeadModel"]})  # fmt: skip
     r = run_cli(merge_argv([a, gpt2], base, tmp_path / "out", *SEED))
-    line = assert_one_line_error(r, ["missing from fine-tune"])
+    line = assert_one_line_error(r, ["tensor(s) in a fine-tune are not in the base"])
     assert "the architectures differ (GPT2LMHeadModel vs LlamaForCausalLM)" in line
 
 

@@ -705,7 +705,7 @@ def seed_not_an_integer(c: Ctx):
 def argparse_missing_base(c: Ctx):
     c.argv = [str(c.a), str(c.b), "-o", str(c.out)]
     # one piece of advice (issue 21.12: two were glued together)
-    return ["needs a base model (", "): pass --base DIR (the model the fine-tunes were tuned from)"]
+    return ["needs a base model: pass --base DIR (the model the fine-tunes were tuned from)"]
 
 
 def argparse_unknown_option(c: Ctx):
