@@ -1,1 +1,0 @@
-"""Fused merge kernels: numba (CPU), Triton (GPU); installed as ``streammerge.kernels``."""
