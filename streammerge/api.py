@@ -315,12 +315,34 @@ def is_remote(m: ModelDir) -> bool:
     return getattr(m, "url", None) is not None
 
 
+def config_name_or_path(m: ModelDir) -> str | None:
+    """``_name_or_path`` from a local model's ``config.json`` when it is a Hugging Face repo
+    id (``org/name``, not a path), else None."""
+    import json
+
+    path = Path(m.path) / "config.json"
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        name = json.loads(path.read_text("utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and name.count("/") == 1 and all(name.split("/")) and \
+            not name.startswith((".", "/", "~")) and not Path(name).exists():  # fmt: skip
+        return name
+    return None
+
+
 def input_record(m: ModelDir) -> dict:
     """How streammerge.json names an input: its path, or its URL and pinned revision."""
     if is_remote(m):  # stamp: the files' sizes and ETags (a finished --resume compares it)
         return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
                 "stamp": m.stamp}  # fmt: skip
-    return {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
+    rec = {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
+    name = config_name_or_path(m)
+    if name is not None:
+        rec["name_or_path"] = name  # a Hub id for the model card, where config.json has one
+    return rec
 
 
 def model_card_text(prep: Prepared, rec: dict) -> str:
@@ -332,20 +354,25 @@ def model_card_text(prep: Prepared, rec: dict) -> str:
 
     prov = prep.provenance
     out = model_card.OUT_PLACEHOLDER  # the card must not depend on where the output lies
+    labels = list(prov.labels) or None
     command = prov.command
     if command is not None:
         argv = shlex.split(command)
-        for i, a in enumerate(argv[:-1]):
-            if a in ("-o", "--output"):
+        for i, a in enumerate(argv):
+            if a in ("-o", "--output") and i + 1 < len(argv):
                 argv[i + 1] = out
-        command = shlex.join(argv)
+            elif a.startswith(("-o=", "--output=")):
+                argv[i] = a.split("=", 1)[0] + "=" + out
+        command = model_card.publishable(shlex.join(argv), rec, labels)
     else:
         try:
             command = model_card.repeat_command(rec, out, prep.shard_size_bytes)
         except ValueError:  # values only a recipe can express
             command = f"streammerge --config RECIPE.yml -o {out}"
-    return model_card.render(rec, command, recipe_yaml=prov.recipe_yaml,
-                             labels=list(prov.labels) or None)  # fmt: skip
+    recipe_yaml = prov.recipe_yaml
+    if recipe_yaml is not None:
+        recipe_yaml = model_card.publishable(recipe_yaml, rec, labels)
+    return model_card.render(rec, command, recipe_yaml=recipe_yaml, labels=labels)
 
 
 def prepare(
@@ -418,8 +445,16 @@ def open_output(prep: Prepared) -> dict[str, dict]:
     """Create or reopen the staging directory and its journal; returns the finished shards
     (``--resume``)."""
     if not prep.opened:
+        prov = prep.provenance
+        prep.output.card_provenance = {"command": prov.command, "labels": list(prov.labels),
+                                       "recipe_yaml": prov.recipe_yaml}  # fmt: skip
         prep.done = prep.output.open(fingerprint(prep), prep.recipe.seed)
         prep.opened = True
+        card = prep.output.card_provenance  # a resumed merge: the interrupted run's words
+        if card is not None and isinstance(card.get("labels"), list):
+            prep.provenance = replace(prov, command=card.get("command"),
+                                      labels=tuple(card["labels"]),
+                                      recipe_yaml=card.get("recipe_yaml"))  # fmt: skip
     return prep.done
 
 

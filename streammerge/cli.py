@@ -219,6 +219,36 @@ FLAG_RECIPE_KEYS = (
 )  # fmt: skip
 
 
+#: Options that change how a run goes, not what it writes: left out of the command the
+#: model card gives (the card of a resumed or re-run merge must not change with them).
+RUN_CONTROL = {
+    "--resume", "--overwrite", "--quiet", "--debug", "--profile", "--memory", "--threads",
+    "--backend", "--device", "--vram", "--buffered-io", "--ray", "--http-timeout",
+}  # fmt: skip
+
+
+def repeatable_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` as typed, without the ``RUN_CONTROL`` options (and their values)."""
+    takes_value = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
+    out, skip = [], False
+    for i, word in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        flag = word.split("=", 1)[0]
+        if flag in RUN_CONTROL:
+            action = next((a for a in parser._actions if flag in a.option_strings), None)
+            # a value follows unless given with "=", or the option takes none (or optional)
+            skip = "=" not in word and takes_value.get(flag, False) and action is not None \
+                and action.nargs != "?" and i + 1 < len(argv)  # fmt: skip
+            if action is not None and action.nargs == "?" and i + 1 < len(argv) \
+                    and not argv[i + 1].startswith("-"):  # fmt: skip
+                skip = True
+            continue
+        out.append(word)
+    return out
+
+
 def recipe_inputs(args, parser, notice, argv: list[str]):
     """(models, base, recipe kwargs, Provenance) from the flags or a ``--config`` recipe.
 
@@ -229,14 +259,15 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
 
     from streammerge.api import Provenance
 
-    command = shlex.join(["streammerge", *argv])
+    command = shlex.join(["streammerge", *repeatable_argv(parser, argv)])
     if args.config is None:
         if len(args.models) < 2:
             raise MergeError(f"need at least 2 fine-tunes, got {len(args.models)}", None, None,
                              "pass two or more model directories (or --config RECIPE.yml)")  # fmt: skip
         kwargs = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS}
         kwargs["source"] = "cli"
-        return args.models, args.base, kwargs, Provenance()  # the card builds the command
+        labels = ([args.base] if args.base is not None else []) + list(args.models)
+        return args.models, args.base, kwargs, Provenance(None, tuple(labels), command)
     from streammerge.mergekit_yaml import load_recipe
 
     if args.models or args.base:

@@ -56,6 +56,29 @@ def hf_repo_id(path: str | PurePath) -> tuple[str, str | None] | None:
     return None
 
 
+_HF_URL = re.compile(r"^(?:hf://(?:models/)?|https?://huggingface\.co/)([^/@\s]+/[^/@\s]+)")
+
+
+def hub_id(path: str | None, label: str | None = None, name_or_path: str | None = None):
+    """The Hugging Face repo id of an input, or None: from a cache snapshot path, an
+    ``hf://`` or ``huggingface.co`` URL, a repo-id label as written, or the ``_name_or_path``
+    its ``config.json`` gives (when that is a repo id, not a local path)."""
+    for p in (path, label):
+        if p:
+            m = _HF_URL.match(str(p))
+            if m:
+                return m.group(1)
+    if path and "://" not in str(path):
+        hf = hf_repo_id(path)
+        if hf is not None:
+            return hf[0]
+    if label and _looks_like_repo(label):
+        return label.partition("@")[0]
+    if name_or_path and _looks_like_repo(name_or_path):
+        return name_or_path
+    return None
+
+
 def _looks_like_repo(label: str) -> bool:
     repo = label.partition("@")[0]
     return (
@@ -66,48 +89,47 @@ def _looks_like_repo(label: str) -> bool:
     )
 
 
-def model_name(path: str | None, label: str | None = None) -> str:
-    """A short name of an input for the front matter: a Hub repo id where known (from the
-    Hugging Face cache path, else a repo-id label), else the directory's name."""
+def model_name(path: str | None, label: str | None = None, name_or_path: str | None = None) -> str:
+    """A short name of an input: its Hub repo id where known (``hub_id``), else the
+    directory's (or URL's last part's) name."""
+    known = hub_id(path, label, name_or_path)
+    if known is not None:
+        return known
     if path:
-        hf = hf_repo_id(path)
-        if hf is not None:
-            return hf[0]
-    if label and _looks_like_repo(label):
-        return label.partition("@")[0]
-    if path:
-        return PurePath(path).name or str(path)
+        return PurePath(str(path).rstrip("/")).name or str(path)
     return PurePath(label).name if label else "unknown"
 
 
-def model_ref(path: str | None, label: str | None = None) -> str:
-    """How the recipe YAML names an input: ``org/name@revision`` for a Hugging Face cache
-    snapshot, a repo-id label as written, else the (absolute) path."""
-    if path:
+def model_ref(path: str | None, label: str | None = None, name_or_path: str | None = None) -> str:
+    """How the card's recipe and command name an input: ``org/name@revision`` for a
+    Hugging Face cache snapshot, a repo-id label as written, a URL, a relative path as the
+    user wrote it; never a local absolute path (a card is made to be published): the Hub
+    id from ``config.json``'s ``_name_or_path``, else the directory's name."""
+    if path and "://" not in str(path):
         hf = hf_repo_id(path)
         if hf is not None:
             return f"{hf[0]}@{hf[1]}" if hf[1] else hf[0]
     if label and _looks_like_repo(label):
         return label
-    return str(path or label)
+    if label and "://" in label and not label.startswith("file://"):
+        return label
+    if path and "://" in str(path) and not str(path).startswith("file://"):
+        return str(path)
+    if label and not label.startswith(("/", "~", "file://")):
+        return label
+    return model_name(path, None, name_or_path)
 
 
-def _inputs(record: dict, labels) -> list[tuple[str, str | None, str | None]]:
-    """[(role, path, label)] with the base first when there is one."""
-    entries = []
-    if record.get("base"):
-        entries.append(
-            (
-                "base",
-                record["base"].get("path") or record["base"].get("url"),
-                record["base"].get("label"),
-            )
-        )
-    for j, m in enumerate(record.get("models") or []):
-        entries.append((f"model {j}", m.get("path") or m.get("url"), m.get("label")))
+def _inputs(record: dict, labels) -> list[tuple[str, str | None, str | None, str | None]]:
+    """[(role, path or URL, label, _name_or_path)] with the base first when there is one."""
+    ins = ([("base", record["base"])] if record.get("base") else []) + [
+        (f"model {j}", m) for j, m in enumerate(record.get("models") or [])
+    ]
+    entries = [(role, m.get("path") or m.get("url"), m.get("label"), m.get("name_or_path"))
+               for role, m in ins]  # fmt: skip
     labels = list(labels if labels is not None else record.get("labels") or [])
     if len(labels) == len(entries):
-        entries = [(r, p, lab or lab0) for (r, p, lab0), lab in zip(entries, labels)]
+        entries = [(r, p, lab or lab0, n) for (r, p, lab0, n), lab in zip(entries, labels)]
     return entries
 
 
@@ -149,8 +171,8 @@ def recipe_to_yaml(record: dict, labels=None) -> str:
     method = rec.get("method", record.get("method"))
     row = METHODS.get(method)
     entries = _inputs(record, labels)
-    base = next(((p, lab) for r, p, lab in entries if r == "base"), None)
-    fine = [(p, lab) for r, p, lab in entries if r != "base"]
+    base = next(((p, lab, n) for r, p, lab, n in entries if r == "base"), None)
+    fine = [(p, lab, n) for r, p, lab, n in entries if r != "base"]
     top = dict(rec.get("parameters") or {})
     uses_drop = row is not None and row.sparse.uses_drop
     given = rec.get("models") or []
@@ -163,14 +185,14 @@ def recipe_to_yaml(record: dict, labels=None) -> str:
         for p in drops
     ) and not any("density" in o for o in owns if "drop" in o)
     models = []
-    for (path, label), own in zip(fine, owns):
+    for (path, label, name_or_path), own in zip(fine, owns):
         if "drop" in own and as_density:  # mergekit's form, when every p comes back exactly
             own["density"] = _density_for(float(own.pop("drop")))
         if uses_drop and not ({"density", "drop"} & (set(own) | set(top))):
             own["density"] = 0.5  # streammerge's DARE default (p = 0.5), explicit for mergekit
         if "weight" not in own and "weight" not in top:
             own["weight"] = 1.0  # the default weight, explicit (mergekit needs it for some methods)
-        entry = {"model": model_ref(path, label)}
+        entry = {"model": model_ref(path, label, name_or_path)}
         params = {k: own[k] for k in ("weight", "density", "drop", "gamma") if k in own}
         params.update({k: v for k, v in own.items() if k not in params})
         if params:
@@ -219,8 +241,9 @@ OUT_PLACEHOLDER = "OUT"
 
 def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None = None) -> str:
     """The ``streammerge`` command line that repeats the merge of ``record`` into ``out``:
-    absolute input paths and every recipe value as a flag (``--flag=value``, exact float
-    reprs), ``--shard-size`` in bytes when given (the shard boundaries depend on it).
+    inputs as ``model_ref`` names them (no local absolute path) and every recipe value as
+    a flag (``--flag=value``, exact float reprs), ``--shard-size`` in bytes when given (the
+    shard boundaries depend on it).
 
     Raises:
         ValueError: a recipe value flags cannot express (a gradient, a filter list, a
@@ -229,9 +252,10 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
     rec = record.get("recipe") or {}
     method = rec.get("method", record.get("method"))
     n = len(record.get("models") or [])
-    argv = ["streammerge", *(m.get("path") or m["url"] for m in record["models"])]
+    entries = _inputs(record, None)
+    argv = ["streammerge", *(model_ref(p, lab, nm) for r, p, lab, nm in entries if r != "base")]
     if record.get("base"):
-        argv += ["--base", record["base"].get("path") or record["base"]["url"]]
+        argv += ["--base", model_ref(*entries[0][1:])]
     argv += [
         "-o",
         str(out) if str(out) == OUT_PLACEHOLDER else str(Path(out).absolute()),
@@ -317,14 +341,16 @@ def _fmt(v) -> str:
 
 
 def front_matter(record: dict, labels=None) -> dict:
-    """The card's YAML metadata (Hugging Face model card keys)."""
+    """The card's YAML metadata (Hugging Face model card keys): ``base_model`` lists the
+    inputs' Hub repo ids where known (``hub_id``; a local folder without one is left out,
+    the key too when none is known), ``base_model_relation: merge``."""
     names = []
-    for _, path, label in _inputs(record, labels):
-        name = model_name(path, label)
-        if name not in names:
+    for _, path, label, name_or_path in _inputs(record, labels):
+        name = hub_id(path, label, name_or_path)
+        if name is not None and name not in names:
             names.append(name)
     return {
-        "base_model": names,
+        **({"base_model": names} if names else {}),
         "base_model_relation": "merge",
         "library_name": "transformers",
         "tags": ["merge", "streammerge", record.get("method") or "merge"],
@@ -353,9 +379,9 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
     entries = _inputs(record, labels)
     n = len(record.get("models") or [])
     lines = ["---", fm.rstrip("\n"), "---", ""]
-    base_entry = next(((p, lab) for r, p, lab in entries if r == "base"), None)
+    base_entry = next(((p, lab, nm) for r, p, lab, nm in entries if r == "base"), None)
     title = f"# {method} merge of " + ", ".join(
-        model_name(p, lab) for r, p, lab in entries if r != "base"
+        model_name(p, lab, nm) for r, p, lab, nm in entries if r != "base"
     )
     lines += [title, ""]
     of = f" of `{model_name(*base_entry)}`" if base_entry else ""
@@ -366,9 +392,12 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
         "recipe and seed give the same bytes on any device."
     )
     lines.append("")
-    lines += ["## Inputs", "", "| role | model | path |", "|---|---|---|"]
-    for role, path, label in entries:
-        lines.append(f"| {role} | `{model_name(path, label)}` | `{path}` |")
+    lines += ["## Inputs", "", "| role | model | source |", "|---|---|---|"]
+    for role, path, label, nm in entries:
+        known = hub_id(path, label, nm)
+        source = (f"[{known}](https://huggingface.co/{known})" if known
+                  else f"`{model_ref(path, label, nm)}` (local)")  # fmt: skip
+        lines.append(f"| {role} | `{model_name(path, label, nm)}` | {source} |")
     lines.append("")
     lines += ["## How", ""]
     if row is not None:
@@ -448,3 +477,15 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
         "",
     ]
     return "\n".join(lines)
+
+
+def publishable(text: str, record: dict, labels=None) -> str:
+    """``text`` (a command line or a recipe as the user wrote it) with every input written
+    as a local absolute path (or ``file://`` URL) replaced by its ``model_ref``, so the
+    card names no local path."""
+    for _, path, label, nm in _inputs(record, labels):
+        for written in {label, path} - {None}:
+            if str(written).startswith(("/", "~", "file://")):
+                pattern = r"(?<![\w/.~-])" + re.escape(str(written)) + r"(?![\w/.-])"
+                text = re.sub(pattern, lambda _m: model_ref(path, label, nm), text)
+    return text

@@ -162,6 +162,11 @@ def input_digests(plan, hasher, shard_name: str) -> list:
     return out
 
 
+#: The model card: written by every run, but on a finished output never compared (its
+#: command names the inputs as the user typed them, which a --resume may spell otherwise).
+CARD_FILE = "README.md"
+
+
 class OutputDir:
     """One merge's output location.
 
@@ -203,6 +208,9 @@ class OutputDir:
         self.resume = resume
         self.allow_nonfinite = allow_nonfinite
         self.finished = False  # --resume on a finished output: nothing to write
+        #: how the merge was asked for (command, labels, recipe YAML) for the model card:
+        #: journaled by the first run, so a resumed merge's card keeps the first run's words
+        self.card_provenance: dict | None = None
         self.side_files = None  # planned in preflight
         self.input_hasher = InputHasher()
         self._plan = None
@@ -522,6 +530,7 @@ class OutputDir:
             "shards": [s.filename for s in plan.shards] if plan is not None else [],
             "headers": {role: m.file_fingerprints for role, m in models if m is not None},
             "identity": self._identities(),
+            "card": self.card_provenance,
         }
 
     def _identities(self) -> dict:
@@ -605,6 +614,8 @@ class OutputDir:
         self._verify_inputs(j, done)
         self._journal = Journal.read(self.journal_path)
         self._journal.shards = done  # only verified shards count
+        if isinstance(j.head.get("card"), dict):
+            self.card_provenance = j.head["card"]  # the first run's words
         return {n: {"size": r["size"], "sha256": r["sha256"], "thresholds": r.get("thresholds")
                     or {}} for n, r in done.items()}  # fmt: skip
 
@@ -798,6 +809,8 @@ class OutputDir:
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise MergeError(f"refusing to write {name!r} outside the output", self.staging)
         if self.finished:
+            if name == CARD_FILE:
+                return  # the card keeps the words of the run that wrote it (paths as typed)
             path = self.target / name
             try:
                 same = path.read_bytes() == data

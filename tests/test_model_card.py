@@ -37,7 +37,7 @@ def test_card_front_matter_recipe_seed_lambda_command(tmp_path):
     command = f"streammerge {a} {b} --base {base} -o {tmp_path / 'out'} --method ties --density 0.3 --alpha 0.8"
     card = model_card.render(rec, command)
     fm, recipe = _parts(card)
-    assert fm["base_model"] == ["base", "a", "b"]
+    assert "base_model" not in fm  # local folders with no Hub id: no made-up repo ids
     assert fm["library_name"] == "transformers"
     assert fm["tags"] == ["merge", "streammerge", "ties"]
     assert fm["base_model_relation"] == "merge"
@@ -46,8 +46,9 @@ def test_card_front_matter_recipe_seed_lambda_command(tmp_path):
     assert "42" in card
     assert command + " --seed 42" in card  # a drawn seed would be lost otherwise
     assert recipe["merge_method"] == "ties"
-    assert recipe["base_model"] == str(base.resolve())
-    assert [m["model"] for m in recipe["models"]] == [str(a.resolve()), str(b.resolve())]
+    assert recipe["base_model"] == "base"  # never a local absolute path
+    assert [m["model"] for m in recipe["models"]] == ["a", "b"]
+    assert str(tmp_path) not in card.replace(command, "")
     assert all(m["parameters"] == {"weight": 1, "density": 0.3} for m in recipe["models"])
     assert recipe["streammerge"] == {"seed": 42, "mixup": {"alpha": 0.8}, "trim_scope": "tensor"}
     assert "trim_scope" not in model_card.recipe_to_yaml({**rec, "method": "dare_linear",
@@ -71,10 +72,11 @@ def test_given_yaml_is_shown_as_is_and_three_models(tmp_path):
     }  # fmt: skip
     card = model_card.render(rec, "streammerge --config r.yml")
     fm, recipe = _parts(card)
-    assert fm["base_model"] == ["org/base", "org/ft-a", "ft-b", "someone/ft-c"]
+    assert fm["base_model"] == ["org/base", "org/ft-a", "someone/ft-c"]  # ft-b: no Hub id
     assert fm["tags"][-1] == "dare_linear"
     assert recipe["base_model"] == "org/base@abc123"
-    assert [m["model"] for m in recipe["models"]] == ["org/ft-a@def", "/data/ft-b", "someone/ft-c"]
+    assert [m["model"] for m in recipe["models"]] == ["org/ft-a@def", "ft-b", "someone/ft-c"]
+    assert "/data/" not in card and "/hub/" not in card
     assert all(m["parameters"] == {"weight": 1, "density": 0.5} for m in recipe["models"])
     assert recipe["dtype"] == "float32" and recipe["out_dtype"] == "bfloat16"
     assert "Dirichlet" in card and "m = (0.2, 0.3, 0.5)" in card
@@ -91,7 +93,7 @@ def test_linear_without_base(tmp_path):
     rec = _record(tmp_path / "out")
     card = model_card.render(rec, model_card.repeat_command(rec, tmp_path / "again"))
     fm, recipe = _parts(card)
-    assert fm["base_model"] == ["a", "b"]
+    assert "base_model" not in fm and fm["base_model_relation"] == "merge"
     assert "base_model" not in recipe and recipe["streammerge"]["mixup"] == {"lambda": 0.25}
     assert "λ = 0.25" in card and "--lambda=0.25" in card
 
@@ -138,7 +140,8 @@ def test_repeat_command_repeats_the_merge(tmp_path, method, kw, shard):
     cmd = model_card.repeat_command(rec, tmp_path / "again", shard)
     words = shlex.split(cmd)
     assert words[0] == "streammerge"
-    r = run_cli([*words[1:], "--quiet", "--threads", "2"])
+    assert str(base) not in cmd  # inputs by folder name: run where the models lie
+    r = run_cli([*words[1:], "--quiet", "--threads", "2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     again = _record(tmp_path / "again")
     assert again["shards"] == rec["shards"]  # same files, sizes and sha256
@@ -155,7 +158,7 @@ def test_repeat_command_refuses_what_flags_cannot_say():
         model_card.repeat_command(rec, "/out")
 
 
-def test_recipe_yaml_reads_back_to_the_same_merge(tmp_path):
+def test_recipe_yaml_reads_back_to_the_same_merge(tmp_path, monkeypatch):
     """The rendered recipe, read by streammerge's mergekit YAML reader, merges the same bytes."""
     mky = pytest.importorskip("streammerge.mergekit_yaml")
     base, a, b = make_trio(tmp_path)
@@ -164,7 +167,46 @@ def test_recipe_yaml_reads_back_to_the_same_merge(tmp_path):
     rec = _record(tmp_path / "out")
     path = tmp_path / "recipe.yml"
     path.write_text(model_card.recipe_to_yaml(rec))
+    monkeypatch.chdir(tmp_path)  # the card names inputs by folder: read it where they lie
     yr = mky.load_recipe(path)
     streammerge.merge([str(m) for m in yr.models], yr.base, tmp_path / "again", threads=2,
                       **yr.recipe)  # fmt: skip
     assert _record(tmp_path / "again")["shards"] == rec["shards"]
+
+
+def test_cli_card_names_no_local_path_and_repeats_the_command_as_typed(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    out = tmp_path / "out"
+    typed = [str(a), str(b), "--base", str(base), "-o", str(out), "--method", "ties",
+             "--density", "0.3"]  # fmt: skip
+    r = run_cli([*typed, "--quiet", "--threads", "2", "--memory", "2GB"])
+    assert r.returncode == 0, r.stderr
+    card = (out / "README.md").read_text()
+    assert str(tmp_path) not in card  # no local absolute path anywhere
+    seed = _record(out)["seed"]
+    # as typed (inputs by folder name), -o as OUT, no run-control options, plus the seed
+    assert f"streammerge a b --base base -o OUT --method ties --density 0.3 --seed {seed}" in card
+    assert "--threads" not in card and "--memory" not in card and "--quiet" not in card
+    # a --resume spelled otherwise leaves the finished output and its card alone
+    r = run_cli([*typed, "--resume", "--threads", "1"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "README.md").read_text() == card
+
+
+def test_card_names_hub_ids_from_the_cache_path_and_name_or_path(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    snapshot = tmp_path / "hub" / "models--org--base" / "snapshots" / "abc123"
+    snapshot.parent.mkdir(parents=True)
+    base.rename(snapshot)
+    (a / "config.json").write_text(json.dumps({"_name_or_path": "someone/ft-a"}))
+    (b / "config.json").write_text(json.dumps({"_name_or_path": str(b)}))  # a path: not an id
+    streammerge.merge([a, b], snapshot, tmp_path / "out", method="dare_ties", seed=3,
+                      threads=2)  # fmt: skip
+    card = (tmp_path / "out" / "README.md").read_text()
+    fm, recipe = _parts(card)
+    assert fm["base_model"] == ["org/base", "someone/ft-a"]
+    assert fm["base_model_relation"] == "merge"
+    assert recipe["base_model"] == "org/base@abc123"
+    assert [m["model"] for m in recipe["models"]] == ["someone/ft-a", "b"]
+    assert "https://huggingface.co/org/base" in card
+    assert str(tmp_path) not in card
