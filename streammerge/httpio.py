@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import re
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
-import aiohttp
-from fsspec.asyn import sync
+if TYPE_CHECKING:  # imported where used: aiohttp takes a while, and local merges need none
+    import aiohttp
 
 #: Bytes per piece read from a response body.
 CHUNK_BYTES = 1 << 20
@@ -59,7 +60,15 @@ class Unsupported(Exception):
     """The server cannot serve what a merge needs (str: what it did instead)."""
 
 
+def _sync(fs, coro, *args):
+    from fsspec.asyn import sync
+
+    return sync(fs.loop, coro, fs, *args)
+
+
 def _timeout(seconds: float) -> aiohttp.ClientTimeout:
+    import aiohttp
+
     return aiohttp.ClientTimeout(
         total=None, connect=seconds, sock_connect=seconds, sock_read=seconds
     )
@@ -121,7 +130,7 @@ def head(fs, url: str, seconds: float) -> tuple[int | None, str | None]:
     Raises:
         Status, TimeoutError, aiohttp.ClientError, OSError.
     """
-    return sync(fs.loop, _head, fs, url, seconds)
+    return _sync(fs, _head, url, seconds)
 
 
 def _check_range(r, start: int, n: int, size: int, etag: str | None) -> None:
@@ -177,7 +186,7 @@ def get_range(
         Status (412: the ETag no longer matches), Mismatch, Unsupported, TimeoutError,
         aiohttp.ClientError, OSError.
     """
-    return sync(fs.loop, _get_range, fs, url, start, n, size, etag, seconds)
+    return _sync(fs, _get_range, url, start, n, size, etag, seconds)
 
 
 async def _get_capped(fs, url: str, max_bytes: int, seconds: float) -> bytearray:
@@ -197,4 +206,4 @@ def get_capped(fs, url: str, max_bytes: int, seconds: float) -> bytearray:
     Raises:
         TooLarge, Status, Unsupported, TimeoutError, aiohttp.ClientError, OSError.
     """
-    return sync(fs.loop, _get_capped, fs, url, max_bytes, seconds)
+    return _sync(fs, _get_capped, url, max_bytes, seconds)

@@ -114,6 +114,8 @@ def _retry(call, url: str, seconds: float):
             one line naming ``url`` (and the timeout, or the last status).
         httpio.TooLarge: passed through.
     """
+    from aiohttp import ClientError
+
     delay, timeouts, last = BACKOFF_S, 0, ""
     for attempt in range(1, ATTEMPTS + 1):
         try:
@@ -137,9 +139,7 @@ def _retry(call, url: str, seconds: float):
                     "with --resume",
                 ) from None  # fmt: skip
             last = f"timed out after {seconds:g} s"
-        except httpio.TooLarge:
-            raise
-        except Exception as e:  # noqa: BLE001 - aiohttp.ClientError, OSError: transient
+        except (ClientError, OSError) as e:  # transient: connection refused, reset...
             last = f"cannot reach the server ({type(e).__name__}: {e})"
         if attempt < ATTEMPTS:
             time.sleep(delay)
