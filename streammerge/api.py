@@ -37,7 +37,7 @@ from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
 from streammerge.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.recipe import Recipe, RecipeError, build_recipe
 from streammerge.inputs import resolve_input, resolve_output
-from streammerge.remote import open_remote_model
+from streammerge.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
 from streammerge.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
@@ -62,6 +62,8 @@ class Options:
         overwrite: replace a non-empty output; resume: continue an interrupted merge.
         copy_files: copy config / tokenizer / module files; direct_io: O_DIRECT reads/writes.
         allow_nonfinite: keep NaN/Inf values the merge produced (else they stop it).
+        http_timeout: seconds an HTTP(S) request of an input by URL may wait to connect or
+            for the next bytes before it is retried (a few times, then the run stops).
     """
 
     shard_size: int | str = DEFAULT_SHARD_SIZE
@@ -75,6 +77,7 @@ class Options:
     copy_files: bool = True
     direct_io: bool = True
     allow_nonfinite: bool = False
+    http_timeout: float = DEFAULT_HTTP_TIMEOUT_S
 
 
 @dataclass
@@ -296,17 +299,18 @@ RECIPE_KEYS = (
 OPTION_KEYS = tuple(f.name for f in fields(Options))
 
 
-def open_input(ref: str | Path) -> ModelDir:
+def open_input(ref: str | Path, http_timeout: float = DEFAULT_HTTP_TIMEOUT_S) -> ModelDir:
     """A model by any reference ``streammerge.inputs.resolve_input`` takes: a directory
     (also as ``file://`` or a Hugging Face cache id), or a model by URL (``https://``,
-    ``hf://``...; headers only).
+    ``hf://``...; headers only; HTTP requests time out after ``http_timeout`` seconds
+    without data).
 
     Raises:
         MergeError: the reference cannot be resolved or the model fails its checks.
     """
     resolved = resolve_input(ref)
     if resolved.is_remote:
-        return open_remote_model(resolved.url)
+        return open_remote_model(resolved.url, http_timeout)
     return open_model(resolved.path)
 
 
@@ -409,8 +413,9 @@ def prepare(
                      **asdict(options))  # fmt: skip
     kwargs = dict(recipe or {}) if not isinstance(recipe, Recipe) else None
     method = recipe.method if isinstance(recipe, Recipe) else kwargs.get("method")
-    base_dir = open_input(base) if base is not None else None
-    model_dirs = [open_input(m) for m in models]
+    timeout = float(options.http_timeout)
+    base_dir = open_input(base, timeout) if base is not None else None
+    model_dirs = [open_input(m, timeout) for m in models]
     shard_size_bytes = parse_size(options.shard_size)
     memory_bytes = parse_size(options.memory)
     inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]

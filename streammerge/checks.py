@@ -112,6 +112,7 @@ def check_merge_args(
     backend="auto",
     device="auto",
     vram=None,
+    http_timeout=30.0,
     on_start=None,
     on_bytes=None,
     **flags,
@@ -161,6 +162,7 @@ def check_merge_args(
     check_memory(memory)
     if vram is not None:
         parse_size(vram, "--vram")
+    _number(http_timeout, "--http-timeout", lo=0.0, lo_open=True)
     if threads is not None:
         if not isinstance(threads, numbers.Integral) or isinstance(threads, bool):
             raise OptionError(f"--threads must be an integer, got {threads!r}")

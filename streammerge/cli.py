@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the test path); auto picks triton on a GPU, else numba",
     )
     p.add_argument(
+        "--http-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="inputs by http(s):// URL: seconds to wait to connect or for the next bytes "
+        "before a request is retried (a few times, then the run stops) (default 30)",
+    )
+    p.add_argument(
         "--resume", action="store_true", help="continue an interrupted merge into the same output"
     )
     p.add_argument(

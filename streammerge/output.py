@@ -635,7 +635,8 @@ class OutputDir:
             before = (head.get("headers") or {}).get(role, {})
             for f in m.files:
                 if before.get(f.name) != m.file_fingerprints.get(f.name):
-                    return f" (the header of {f} changed)"
+                    url = getattr(m, "url", None)  # by URL: ``f`` is in a local skeleton
+                    return f" (the header of {f'{url}/{f.name}' if url else f} changed)"
         return ""
 
     def _tensor_info(self, role: str, name: str):

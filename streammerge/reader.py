@@ -167,6 +167,30 @@ def _shape_ok(shape) -> bool:
     return True
 
 
+def header_length(head: bytes, size: int, path) -> int:
+    """The header length a safetensors file of ``size`` bytes states in its first 8 bytes
+    ``head`` (little-endian), checked before the header is read.
+
+    Raises:
+        MergeError: fewer than 8 bytes, or a length past the end of the file or above
+            MAX_HEADER_BYTES (naming ``path``, a path or a URL).
+    """
+    if len(head) < 8:
+        raise MergeError(
+            f"file is {size} bytes, too short for a safetensors header",
+            path,
+            todo="the shard is truncated: re-download or re-save it",
+        )
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise MergeError(
+            f"header length {n} runs past the end of the {size}-byte file",
+            path,
+            todo="the shard is truncated or not safetensors: re-download or re-save it",
+        )
+    return n
+
+
 def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorInfo], str]:
     """Parse and validate one safetensors file's header.
 
@@ -182,20 +206,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise MergeError(
-                    f"file is {size} bytes, too short for a safetensors header",
-                    path,
-                    todo="the shard is truncated: re-download or re-save it",
-                )
-            n = int.from_bytes(head, "little")
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise MergeError(
-                    f"header length {n} runs past the end of the {size}-byte file",
-                    path,
-                    todo="the shard is truncated or not safetensors: re-download or re-save it",
-                )
+            n = header_length(f.read(8), size, path)
             raw = f.read(n)
     except OSError as e:
         raise MergeError(
