@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tunes of a common base (task arithmetic, DARE, TIES, "
         "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
         "streaming tensors chunk by chunk in flat memory. The exact contract: docs/SPEC.md "
-        "in the streammerge repository.",
+        "in the streammerge repository. Subcommand: streammerge sweep merges K mixup draws "
+        "from one read, scores each with your evaluator and keeps the best (see "
+        "streammerge sweep --help).",
         epilog="methods: "
         + "; ".join(
             f"{m.name} ({m.sparsifier} + {m.consensus} consensus, normalize "
