@@ -69,17 +69,45 @@ class Draw:
     error: str | None = None
 
     def record(self) -> dict:
-        """The ``sweep.json`` row."""
-        return {
+        """The ``sweep.json`` row (strict JSON: a named score that is not a finite number
+        is null, and ``nonfinite_scores`` gives its value, e.g. ``{"ppl": "inf"}``)."""
+        scores, nonfinite = finite_json(self.scores)
+        row = {
             "name": self.name,
             "dir": str(self.dir),
             "weights": list(self.weights),
             "lambda": self.lam,
-            "scores": self.scores,
+            "scores": scores,
             "score": self.score,
             "error": self.error,
             "command": self.command,
         }
+        if nonfinite:
+            row["nonfinite_scores"] = nonfinite
+        return row
+
+
+class EvalError(Exception):
+    """An evaluation that gave no usable score: its message is the draw's ``error``."""
+
+
+def finite_json(value, path: str = "") -> tuple[object, dict[str, str]]:
+    """``value`` (JSON-like: dicts, lists, numbers, strings) with every float that is not
+    finite replaced by None, and {dotted path: repr of the value} of those replaced (the
+    path of a top-level dict entry is its key)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, {path: repr(value)}
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        return value, {}
+    clean, bad = {}, {}
+    for k, v in items:
+        clean[k], sub = finite_json(v, f"{path}.{k}" if path else str(k))
+        bad.update(sub)
+    return (clean if isinstance(value, dict) else list(clean.values())), bad
 
 
 @dataclass
@@ -127,21 +155,27 @@ def draw_weights(
 
 def parse_score(stdout: str, select: str | None) -> tuple[dict, float]:
     """The evaluator's last non-empty stdout line: a number, or a JSON object of named
-    numbers (``select`` names the one to maximize; default its first key).
+    numbers (``select`` names the one to maximize; default its first key). The score must
+    be a finite number (``NaN``, which Python's json.dumps writes, ``Infinity`` are refused);
+    the other named scores may be anything.
+
+    Returns:
+        (named scores, ``{"score": x}`` for a plain number; the score maximized).
 
     Raises:
-        ValueError: no line, not a number or JSON object, or ``select`` missing.
+        EvalError: no line, not a number or JSON object, ``select`` missing, or a score that
+            is not a finite number (the message quotes the last line).
     """
     lines = [ln for ln in stdout.splitlines() if ln.strip()]
     if not lines:
-        raise ValueError("the evaluator printed nothing")
+        raise EvalError("the evaluator printed nothing on stdout")
     last = lines[-1].strip()
     try:
         value = json.loads(last)
     except json.JSONDecodeError:
-        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}") from None
+        raise EvalError(f"last line is not a number or a JSON object: {last[:200]!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
-        raise ValueError(f"last line is not a number or a JSON object: {last[:80]!r}")  # noqa: TRY004
+        raise EvalError(f"last line is not a number or a JSON object: {last[:200]!r}")
     scores = {"score": float(value)} if not isinstance(value, dict) else value
     key = select or next(iter(scores), None)
     if (
@@ -149,7 +183,9 @@ def parse_score(stdout: str, select: str | None) -> tuple[dict, float]:
         or isinstance(scores[key], bool)
         or not isinstance(scores[key], (int, float))
     ):
-        raise ValueError(f"no numeric score {key!r} in {last[:80]!r}")
+        raise EvalError(f"no numeric score {key!r} in the last line {last[:200]!r}")
+    if not math.isfinite(scores[key]):
+        raise EvalError(f"score {key!r} is not a finite number in the last line {last[:200]!r}")
     return scores, float(scores[key])
 
 
@@ -295,17 +331,23 @@ def _layout(preps: list[Prepared], engine, options: Options):
 
 
 def _evaluate(d: Draw, evaluate, eval_select) -> None:
+    """Score draw ``d`` (sets scores and score, or error: the score must be finite)."""
     if evaluate is None:
         return
     try:
         res = evaluate(d.dir)
         if isinstance(res, tuple):
-            d.scores, d.score = res
+            scores, score = res
         elif isinstance(res, dict):
-            d.scores = res
-            d.score = float(res[eval_select or next(iter(res))])
+            scores, score = res, res[eval_select or next(iter(res))]
         else:
-            d.scores, d.score = {"score": float(res)}, float(res)
+            scores, score = {"score": res}, res
+        score = float(score)
+        if not math.isfinite(score):
+            raise EvalError(f"the score is not a finite number: {score!r}")
+        d.scores, d.score = scores, score
+    except EvalError as e:
+        d.error = str(e)[:300]
     except Exception as e:  # noqa: BLE001 - one failing draw is reported, not fatal
         d.error = f"{type(e).__name__}: {e}"[:300]
 
@@ -405,17 +447,26 @@ def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, 
 
 
 def write_results(result: SweepResult, n_models: int, method: str, keep: str) -> None:
-    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` in the sweep's output directory."""
+    """``sweep.csv``, ``sweep.json`` and ``sweep.png`` in the sweep's output directory.
+
+    ``sweep.csv``: one row per output; its columns name, lambda, weights, score, then one
+    ``score:<key>`` column per named score (none for an evaluator printing a plain number),
+    error, kept, command; a value that is not a finite number is an empty cell.
+    ``sweep.json`` is strict JSON (``json.dumps(allow_nan=False)``; see ``Draw.record``).
+    """
     out = result.out
     rows = result.draws
-    names = sorted({k for d in rows for k in d.scores})
+    named = [d.scores for d in rows if d.scores and d.scores != {"score": d.score}]
+    names = sorted({k for s in named for k in s})
     with open(out / "sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["name", "lambda", "weights", "score", *names, "error", "kept", "command"])
-        for i, d in enumerate(rows):
-            kept = d.dir.exists()
+        w.writerow(["name", "lambda", "weights", "score", *(f"score:{k}" for k in names),
+                    "error", "kept", "command"])  # fmt: skip
+        for d in rows:
+            scores = finite_json(d.scores)[0]
             w.writerow([d.name, d.lam, " ".join(f"{x:.6g}" for x in d.weights), d.score,
-                        *[d.scores.get(k) for k in names], d.error or "", kept, d.command])  # fmt: skip
+                        *[scores.get(k) for k in names], d.error or "", d.dir.exists(),
+                        d.command])  # fmt: skip
     doc = {
         "method": method,
         "seed": result.seed,
@@ -428,7 +479,7 @@ def write_results(result: SweepResult, n_models: int, method: str, keep: str) ->
         "bytes_read": result.bytes_read,
         "seconds": result.seconds,
     }
-    (out / "sweep.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out / "sweep.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
     plot(result, n_models, out / "sweep.png")
 
 

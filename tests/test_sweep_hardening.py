@@ -5,6 +5,7 @@ and the command is reachable as ``python -m streammerge``."""
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 
@@ -23,3 +24,58 @@ def test_python_dash_m_and_help_name_the_sweep():
     sub = _run_module("sweep", "--help")
     assert sub.returncode == 0, sub.stderr
     assert sub.stdout.startswith("usage: streammerge sweep") and "--eval" in sub.stdout
+
+
+def _strict_json(text: str):
+    """``json.loads`` that refuses NaN / Infinity / -Infinity (strict JSON)."""
+    import json
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _sweep_argv(tmp_path, base, a, b, out, *extra: str) -> list[str]:
+    return ["sweep", str(a), str(b), "--base", str(base), "-o", str(out), "--quiet", *extra]
+
+
+def test_a_nan_score_fails_its_draw_and_sweep_json_is_strict(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    script = tmp_path / "score.py"
+    # acc = λ, but NaN for λ = 1 (what json.dumps writes for float("nan")); ppl infinite
+    script.write_text(
+        "import json, sys\n"
+        "lam = json.load(open(sys.argv[1] + '/streammerge.json'))['lambda']\n"
+        "if lam == 1.0: print(json.dumps({'acc': float('nan'), 'ppl': 1.0}))\n"
+        "else: print(json.dumps({'acc': lam, 'ppl': float('inf')}))\n"
+    )
+    out = tmp_path / "s"
+    res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--grid", "--draws", "3", "--eval",
+                              f"{sys.executable} {script} {{out}}", "--eval-select", "acc"))  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    doc = _strict_json((out / "sweep.json").read_text())
+    d1, d2, d3 = doc["draws"]
+    assert [d1["lambda"], d2["lambda"], d3["lambda"]] == [0.0, 0.5, 1.0]
+    assert d3["score"] is None and "not a finite number" in d3["error"]
+    assert '{"acc": NaN, "ppl": 1.0}' in d3["error"]  # the evaluator's last line
+    assert doc["best"] == "draw-02" and d2["score"] == 0.5
+    assert d1["scores"] == {"acc": 0.0, "ppl": None} and d1["nonfinite_scores"] == {"ppl": "inf"}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["draw-02", "fixed"]
+
+
+def test_sweep_csv_names_each_column_once(tmp_path):
+    import csv
+
+    base, a, b = make_trio(tmp_path)
+    for k, (shown, named) in enumerate((("print(0.25)", []),
+                                        ("print('{\"score\": 1, \"acc\": 2}')",
+                                         ["score:acc", "score:score"]))):  # fmt: skip
+        out = tmp_path / f"s{k}"
+        res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--draws", "1", "--seed", "1",
+                                  "--eval", f"{sys.executable} -c {shlex.quote(shown)}",
+                                  "--eval-select", "acc" if named else "score"))  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        with open(out / "sweep.csv", newline="") as f:
+            header = next(csv.reader(f))
+        assert header == ["name", "lambda", "weights", "score", *named, "error", "kept", "command"]
