@@ -279,8 +279,19 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         dest="eval_cmd",
         default=None,
         metavar="CMD",
-        help="command scoring one output, {out} replaced by its directory; its last stdout "
-        'line is a number or a JSON object of named numbers (e.g. "python score.py {out}")',
+        help="command scoring one output, run without a shell: split into words like a shell "
+        "would, then {out} replaced by the output directory inside each word (it stays one "
+        "argument whatever it contains, so quoting it is unnecessary and harmless; shell syntax "
+        "such as pipes needs sh -c '...'); its last stdout line is a finite number or a JSON "
+        'object of named numbers (e.g. "python score.py {out}")',
+    )
+    p.add_argument(
+        "--eval-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds one evaluation may take (default 3600); then the evaluator's whole "
+        "process group is killed and the draw recorded as failed",
     )
     p.add_argument("--eval-select", default=None, help="the named score to maximize")
     p.add_argument(
@@ -301,7 +312,7 @@ def sweep_main(argv: list[str]) -> int:
     from rich.table import Table
 
     from streammerge.api import OPTION_KEYS, Options
-    from streammerge.sweep import command_evaluator, sweep
+    from streammerge.sweep import CommandEvaluator, sweep
 
     err = Console(stderr=True, highlight=False)
     table = Table("draw", "λ / w", "score", "note", title="streammerge sweep")
@@ -320,8 +331,12 @@ def sweep_main(argv: list[str]) -> int:
                                  None, "use --alpha, --draws or --grid"), args.output)  # fmt: skip
     recipe = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS if k not in ("weights", "lam",
                                                                        "alpha", "seed")}  # fmt: skip
-    evaluate = command_evaluator(args.eval_cmd, args.eval_select) if args.eval_cmd else None
     try:
+        evaluate = (
+            CommandEvaluator(args.eval_cmd, args.eval_select, args.eval_timeout)
+            if args.eval_cmd is not None
+            else None
+        )
         if live is not None:
             live.start()
         r = sweep(

@@ -79,3 +79,71 @@ def test_sweep_csv_names_each_column_once(tmp_path):
         with open(out / "sweep.csv", newline="") as f:
             header = next(csv.reader(f))
         assert header == ["name", "lambda", "weights", "score", *named, "error", "kept", "command"]
+
+
+def test_eval_runs_without_a_shell_and_gets_the_exact_path(tmp_path):
+    import json
+
+    base, a, b = make_trio(tmp_path)
+    log = tmp_path / "argv.log"
+    script = tmp_path / "rec.py"
+    script.write_text(
+        "import json, sys\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+        "print(1)\n"
+    )
+    out = tmp_path / 'o $(touch PWNED) `touch PWNED2` "q" \'s\''
+    # {out} quoted (the old advice), and inside a word: each is exactly one argument
+    res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--draws", "1", "--keep", "all",
+                              "--eval", f'{sys.executable} {script} "{{out}}" --model={{out}}'),
+                  cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    got = [json.loads(line) for line in log.read_text().splitlines()]
+    assert got == [[str(out / n), f"--model={out / n}"] for n in ("draw-01", "fixed")]
+    assert not list(tmp_path.rglob("PWNED*"))
+
+
+def _dead(pid: int) -> bool:
+    """True when ``pid`` is gone or a zombie (killed, not yet reaped by its new parent)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("evaluator_hangs", [True, False])
+def test_eval_timeout_kills_the_evaluators_process_group(tmp_path, evaluator_hangs):
+    import json
+    import time
+
+    base, a, b = make_trio(tmp_path)
+    pids = tmp_path / "pids"
+    script = tmp_path / "slow.py"
+    # a child sleeping with the evaluator's stdout; then the evaluator hangs, or prints and exits
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pids)!r}, 'a').write(f'{{child.pid}}\\n')\n"
+        + ("time.sleep(300)\n" if evaluator_hangs else "print(0.5, flush=True)\n")
+    )
+    out = tmp_path / "s"
+    t0 = time.monotonic()
+    res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--draws", "1", "--keep", "all",
+                              "--eval", f"{sys.executable} {script} {{out}}",
+                              "--eval-timeout", "2"), timeout=120)  # fmt: skip
+    assert time.monotonic() - t0 < 60
+    children = [int(x) for x in pids.read_text().split()]
+    assert len(children) == 2 and all(_dead(p) for p in children)
+    doc = _strict_json((out / "sweep.json").read_text())
+    rows = [*doc["draws"], doc["fixed"]]
+    if evaluator_hangs:
+        assert res.returncode != 0
+        assert all(r["score"] is None and r["error"] == "timed out after 2 s" for r in rows)
+    else:
+        assert res.returncode == 0, res.stderr
+        assert all(r["score"] == 0.5 for r in rows), json.dumps(rows)
