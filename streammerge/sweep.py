@@ -3,16 +3,21 @@ inputs, scored by the user's evaluator, the best kept.
 
 M3 (arXiv 2502.15434) draws one mixup ratio λ ~ Beta(α, α) per merge, and single draws
 spread widely. A sweep draws K weight vectors from one *sweep seed* (Beta for N = 2,
-Dirichlet for N > 2; ``grid`` for evenly spaced λ), all sharing one *mask seed* S, so draw
-k is exactly the single merge ``--seed S --lambda λ_k`` (``--weights w_k`` for N > 2) and
-can be repeated alone. The inputs are read once for all K outputs (plus the fixed λ = 0.5
+Dirichlet for N > 2; ``grid`` for evenly spaced λ), all sharing one *mask seed* S (by
+default derived from the sweep seed: ``mask_seed_for``, so the sweep seed alone repeats the
+whole sweep byte for byte), so draw k is exactly the single merge ``--seed S --lambda λ_k``
+(``--weights w_k`` for N > 2) and can be repeated alone. The inputs are read once for all K outputs (plus the fixed λ = 0.5
 / equal-weights merge, for reference): each chunk is read, its masks and thresholds are the
 same for every draw (they do not depend on the weights), and K weighted combinations are
 written to K outputs within the same ``--memory`` budget (``pipeline.run_many``).
 
 Output: ``OUT/draw-01`` ... ``OUT/draw-K`` and ``OUT/fixed`` (complete models),
-``sweep.csv``, ``sweep.json`` and ``sweep.png`` (score against λ for N = 2, ranked scores
-for N > 2).
+``sweep.csv``, ``sweep.json`` (strict JSON; ``repeat``: the command that repeats the sweep)
+and ``sweep.png`` (score against λ for N = 2, ranked scores for N > 2). All K + 1 outputs
+exist at once before ``keep="best"`` removes the other draws, so the free-space check
+counts them all (``peak_disk_bytes``). The evaluator (``CommandEvaluator`` for ``--eval``)
+runs without a shell, within a timeout; a score must be a finite number. When no draw is
+scored every output is kept (none could be chosen) and the CLI exits EXIT_NOTHING_SCORED.
 """
 
 from __future__ import annotations
@@ -34,17 +39,23 @@ from pathlib import Path
 import numpy as np
 
 from streammerge.api import (
+    DEFAULT_SHARD_SIZE,
     Options,
     Prepared,
     Provenance,
     finalize,
     make_backend,
     open_output,
+    preflight_output,
     prepare,
+    side_source,
 )
 from streammerge.errors import MergeError, OptionError
+from streammerge.output import DISK_MARGIN_BYTES, require_free_space
+from streammerge.paths import check_apart, real
 from streammerge.pipeline import analyze, make_layout, run_many
 from streammerge.recipe import RecipeError, draw_seed
+from streammerge.side_files import plan_side_files
 
 #: Name of the reference output (λ = 0.5, or equal weights for N > 2).
 FIXED = "fixed"
@@ -52,6 +63,11 @@ FIXED = "fixed"
 EVAL_TIMEOUT_S = 3600.0
 #: Seconds between looks at a running evaluator (has it exited, is its time up).
 EVAL_POLL_S = 0.1
+#: Exit code of ``streammerge sweep`` when an evaluator ran and no draw was scored (every
+#: evaluation failed); every output is then kept, since none could be chosen.
+EXIT_NOTHING_SCORED = 3
+#: numpy SeedSequence stream deriving the mask seed from the sweep seed ("mask").
+MASK_SEED_STREAM = 0x6D61736B
 
 
 @dataclass
@@ -130,6 +146,17 @@ class SweepResult:
     bytes_read: int
     seconds: float
     peak_rss_bytes: int
+    command: str = ""
+    evaluated: bool = False
+
+    @property
+    def unscored(self) -> str | None:
+        """Why no draw was scored although an evaluator ran (the first failing draw's name
+        and error), else None. The CLI then exits with EXIT_NOTHING_SCORED."""
+        if not self.evaluated or self.best is not None:
+            return None
+        failed = [d for d in self.draws[:-1] if d.error]
+        return f"{failed[0].name}: {failed[0].error}" if failed else "no draw returned a score"
 
 
 def draw_weights(
@@ -304,11 +331,17 @@ def run_evaluator(argv: list[str], timeout_s: float) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(argv, p.returncode, out, err)
 
 
-def _repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, w, lam) -> str:
-    argv = ["streammerge", *map(str, models)]
-    if base is not None:
-        argv += ["--base", str(base)]
-    argv += ["-o", str(draw_out), "--seed", str(seed)]
+def mask_seed_for(sweep_seed: int) -> int:
+    """The mask seed S of a sweep given its sweep seed alone, so that one seed repeats the
+    whole sweep: the first 64-bit word of ``numpy.random.SeedSequence([sweep_seed,
+    MASK_SEED_STREAM])`` (a stream apart from the draws' ``default_rng(sweep_seed)``)."""
+    state = np.random.SeedSequence([sweep_seed, MASK_SEED_STREAM]).generate_state(1, np.uint64)
+    return int(state[0])
+
+
+def _recipe_flags(recipe_args: dict, shard_size) -> list[str]:
+    """The single-merge flags of ``recipe_args`` (and a non-default ``--shard-size``)."""
+    argv = []
     for flag, key in (("--method", "method"), ("--density", "density"), ("--drop", "drop"),
                       ("--gamma", "gamma"), ("--scale", "scale"), ("--trim-scope", "trim_scope"),
                       ("--dtype", "dtype")):  # fmt: skip
@@ -318,8 +351,130 @@ def _repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, 
         argv += [flag, ",".join(map(repr, v)) if isinstance(v, (list, tuple)) else str(v)]
     if recipe_args.get("normalize") is not None:
         argv.append("--normalize" if recipe_args["normalize"] else "--no-normalize")
+    if shard_size != DEFAULT_SHARD_SIZE:
+        argv += ["--shard-size", str(shard_size)]
+    return argv
+
+
+def _repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, w, lam,
+                    shard_size=DEFAULT_SHARD_SIZE) -> str:  # fmt: skip
+    argv = ["streammerge", *map(str, models)]
+    if base is not None:
+        argv += ["--base", str(base)]
+    argv += ["-o", str(draw_out), "--seed", str(seed), *_recipe_flags(recipe_args, shard_size)]
     argv += ["--lambda", repr(lam)] if lam is not None else ["--weights", ",".join(map(repr, w))]
     return shlex.join(argv)
+
+
+def sweep_command(models, base, out, *, draws: int, grid: bool, alpha: float, seed: int,
+                  sweep_seed: int, keep: str, recipe_args: dict, options: Options,
+                  evaluate=None) -> str:  # fmt: skip
+    """The ``streammerge sweep`` command that repeats a sweep: the same draws and masks,
+    so the same output bytes (both seeds given; ``--eval`` when ``evaluate`` is a
+    ``CommandEvaluator``, whose scores are the evaluator's business)."""
+    argv = ["streammerge", "sweep", *map(str, models)]
+    if base is not None:
+        argv += ["--base", str(base)]
+    argv += ["-o", str(out), "--draws", str(draws)]
+    argv += ["--grid"] if grid else ["--alpha", repr(alpha)]
+    argv += ["--sweep-seed", str(sweep_seed), "--seed", str(seed)]
+    argv += [*_recipe_flags(recipe_args, options.shard_size), "--keep", keep]
+    if isinstance(evaluate, CommandEvaluator):
+        argv += ["--eval", evaluate.template]
+        if evaluate.select is not None:
+            argv += ["--eval-select", evaluate.select]
+        if evaluate.timeout_s != EVAL_TIMEOUT_S:
+            argv += ["--eval-timeout", f"{evaluate.timeout_s:g}"]
+    return shlex.join(argv)
+
+
+@dataclass
+class _Planned:
+    """A sweep planned and checked, nothing written: the K + 1 prepared merges, their rows,
+    the seeds, the repeat command and the peak disk bytes (``peak_disk_bytes``)."""
+
+    out: Path
+    names: list[str]
+    vectors: list[tuple[float, ...]]
+    seed: int
+    sweep_seed: int
+    preps: list[Prepared]
+    rows: list[Draw]
+    command: str
+    disk_bytes: int
+
+
+def peak_disk_bytes(preps: list[Prepared]) -> int:
+    """Bytes a sweep adds to its disk at its peak: every output at once (each one's shards
+    and copied files; a draw is written in a staging directory beside it, renamed in place,
+    and ``--keep best`` removes the others only once every output is scored), plus
+    ``DISK_MARGIN_BYTES``.
+
+    Raises:
+        MergeError: a ``config.json`` the vocabulary rule must rewrite is unreadable.
+    """
+    p0 = preps[0]
+    side = 0
+    if p0.options.copy_files:
+        side = sum(f.size_bytes for f in plan_side_files(p0.plan, side_source(p0), p0.models))
+    return sum(p.plan.output_bytes + side for p in preps) + DISK_MARGIN_BYTES
+
+
+def _check_location(out: Path, preps: list[Prepared], disk_bytes: int) -> None:
+    """The sweep's directory (its outputs' parent) before it exists: its parent a writable
+    directory, apart from every input, and room on the disk for ``disk_bytes``."""
+    target = real(out)
+    if not target.exists():
+        if not target.parent.is_dir():
+            raise MergeError("the output's parent directory does not exist", target.parent, None,
+                             "create it first")  # fmt: skip
+        if not os.access(target.parent, os.W_OK | os.X_OK):
+            raise MergeError("the output's parent directory is not writable", target.parent,
+                             None, "choose a writable location")  # fmt: skip
+    check_apart([("the sweep's output directory", target, out)], preps[0].output.inputs)
+    require_free_space(target if target.is_dir() else target.parent, disk_bytes)
+
+
+def _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+          recipe_args) -> _Planned:  # fmt: skip
+    """Every check of a sweep (each draw's as a single merge's, the sweep's directory, the
+    disk for all outputs at once) and its draws; nothing written. Raises MergeError."""
+    if keep not in ("best", "all"):
+        raise RecipeError(f"--keep must be best or all, got {keep!r}", "keep")
+    for k in ("weights", "lam", "alpha"):
+        if k in recipe_args:
+            raise RecipeError(f"a sweep draws the weights: drop {k}", k)
+    if isinstance(models, (str, bytes)) or not isinstance(models, Sequence) or len(models) < 2:
+        n = len(models) if isinstance(models, Sequence) else type(models).__name__
+        raise OptionError(f"a sweep needs at least 2 fine-tunes, got {n}",
+                          "pass two or more model directories")  # fmt: skip
+    if options.resume:
+        raise OptionError("a sweep cannot --resume", "re-run it, with --overwrite")
+    if sweep_seed is not None and (isinstance(sweep_seed, bool) or not isinstance(sweep_seed, int)
+                                   or not 0 <= sweep_seed < 2**64):  # fmt: skip
+        raise OptionError(f"--sweep-seed must be an integer in [0, 2**64), got {sweep_seed!r}")
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise MergeError("the output exists and is not a directory", out, None,
+                         "choose another -o")  # fmt: skip
+    if out.is_dir() and any(out.iterdir()) and not options.overwrite:
+        raise MergeError("exists and is not empty", out, None, "choose another -o or --overwrite")
+    sweep_seed = draw_seed() if sweep_seed is None else sweep_seed
+    seed = mask_seed_for(sweep_seed) if seed is None else seed
+    n = len(models)
+    vectors = draw_weights(n, draws, alpha, sweep_seed, grid)
+    vectors.append((0.5, 0.5) if n == 2 else tuple([1.0 / n] * n))
+    names = [f"draw-{k + 1:02d}" for k in range(draws)] + [FIXED]
+    preps: list[Prepared] = []
+    rows: list[Draw] = []
+    _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows,
+                 preflight=out.is_dir())  # fmt: skip
+    disk_bytes = peak_disk_bytes(preps)
+    _check_location(out, preps, disk_bytes)
+    command = sweep_command(models, base, out, draws=draws, grid=grid, alpha=alpha, seed=seed,
+                            sweep_seed=sweep_seed, keep=keep, recipe_args=recipe_args,
+                            options=options, evaluate=evaluate)  # fmt: skip
+    return _Planned(out, names, vectors, seed, sweep_seed, preps, rows, command, disk_bytes)
 
 
 def sweep(
@@ -347,48 +502,46 @@ def sweep(
     best (see the module docstring).
 
     Args:
-        models, base, out: as ``streammerge.merge``; ``out`` gets one directory per draw.
+        models, base, out: as ``streammerge.merge``; ``out`` gets one directory per draw
+            (its parent must exist).
         draws: K; grid: evenly spaced λ instead of draws (N = 2); alpha: Beta/Dirichlet α.
-        seed: the mask seed S shared by every draw (drawn from the OS when None).
-        sweep_seed: seeds the K draws (drawn from the OS when None).
+        seed: the mask seed S shared by every draw (default: ``mask_seed_for(sweep_seed)``,
+            so the sweep seed alone repeats the sweep byte for byte).
+        sweep_seed: seeds the K draws, in [0, 2**64) (drawn from the OS when None).
         evaluate: callable(output dir) -> a number, a dict of named numbers, or
-            (scores dict, score); its exceptions are recorded in the draw's row.
-        eval_select: the named score to maximize; keep: ``best`` (remove the others after
-            the best is complete; all kept without scores) or ``all``.
+            (scores dict, score), or a ``CommandEvaluator``; the score must be a finite
+            number; its exceptions are recorded in the draw's row.
+        eval_select: the named score to maximize; keep: ``best`` (remove the other draws
+            once every output is scored; all are kept when no draw was scored) or ``all``.
         options: ``Options`` (memory, threads, backend...); recipe_args: method, density,
             drop, gamma, scale, normalize, trim_scope, dtype (weights come from the draws).
+        on_draw: called with each Draw once it is scored (or merged, without evaluator).
+        on_start: called with the bytes the shared read will read, before it starts.
         ray_address: run groups of draws as Ray tasks (``"local"``, ``"auto"`` or an
             address; see ``streammerge.distributed``): each group shares one read of the
             inputs on its worker, and its evaluations run there, where its outputs are.
         groups: number of such groups (default: the cluster's CPUs, at most K + 1).
 
+    Returns:
+        SweepResult (its ``command`` repeats the sweep).
+
     Raises:
-        MergeError / RecipeError: as ``merge``, before anything is written.
+        MergeError / RecipeError / OptionError: as ``merge``, before anything is written;
+        among them too little free disk for every output at once (``peak_disk_bytes``).
     """
     from streammerge.sysinfo import peak_rss_bytes
 
     t0 = time.perf_counter()
-    if keep not in ("best", "all"):
-        raise RecipeError(f"--keep must be best or all, got {keep!r}", "keep")
-    for k in ("weights", "lam", "alpha"):
-        if k in recipe_args:
-            raise RecipeError(f"a sweep draws the weights: drop {k}", k)
     options = options or Options()
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not options.overwrite:
-        raise MergeError("exists and is not empty", out, None, "choose another -o or --overwrite")
-    n = len(models)
-    seed = draw_seed() if seed is None else seed
-    sweep_seed = draw_seed() if sweep_seed is None else sweep_seed
-    vectors = draw_weights(n, draws, alpha, sweep_seed, grid)
-    vectors.append((0.5, 0.5) if n == 2 else tuple([1.0 / n] * n))
-    names = [f"draw-{k + 1:02d}" for k in range(draws)] + [FIXED]
-    preps: list[Prepared] = []
-    rows: list[Draw] = []
+    pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+               recipe_args)  # fmt: skip
+    out, preps, rows = pl.out, pl.preps, pl.rows
     created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)  # the draws' parent; removed again if a check fails
     try:
-        _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows)
+        if created:
+            out.mkdir()
+            for p in preps:
+                preflight_output(p)  # now that their parent exists: a single merge's checks
         if ray_address is None:
             engine = make_backend(options.backend, options.device, options.threads, options.vram)
             layout = _layout(preps, engine, options)
@@ -398,25 +551,127 @@ def sweep(
         raise
     if ray_address is None:
         bytes_read = _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes,
-                                  on_start)  # fmt: skip
-        for d in rows:
-            if on_draw is not None:
-                on_draw(d)
+                                  on_start, on_draw)  # fmt: skip
     else:
-        rows, bytes_read = _run_on_ray(ray_address, groups, models, base, out, names, vectors,
-                                       recipe_args, seed, options, evaluate, eval_select,
-                                       on_draw)  # fmt: skip
-    p0 = preps[0]
+        rows, bytes_read = _run_on_ray(ray_address, groups, models, base, out, pl.names,
+                                       pl.vectors, recipe_args, pl.seed, options, evaluate,
+                                       eval_select, on_draw)  # fmt: skip
     scored = [i for i, d in enumerate(rows[:-1]) if d.score is not None]
     best = max(scored, key=lambda i: rows[i].score) if scored else None
     if keep == "best" and best is not None:
         for i, d in enumerate(rows[:-1]):
             if i != best:
                 shutil.rmtree(d.dir)
-    result = SweepResult(out, rows, best, seed, sweep_seed, bytes_read,
-                         time.perf_counter() - t0, peak_rss_bytes())  # fmt: skip
-    write_results(result, n, p0.recipe.method, keep)
+    result = SweepResult(out, rows, best, pl.seed, pl.sweep_seed, bytes_read,
+                         time.perf_counter() - t0, peak_rss_bytes(), pl.command,
+                         evaluate is not None)  # fmt: skip
+    write_results(result, len(models), preps[0].recipe.method, keep)
     return result
+
+
+#: Format tag of ``streammerge sweep --plan --json``.
+SWEEP_PLAN_FORMAT = "streammerge-sweep-plan/1"
+
+
+def describe_sweep(
+    models: Sequence[str | Path],
+    base: str | Path | None,
+    out: str | Path,
+    *,
+    draws: int = 8,
+    grid: bool = False,
+    alpha: float = 1.0,
+    seed: int | None = None,
+    sweep_seed: int | None = None,
+    evaluate=None,
+    keep: str = "best",
+    options: Options | None = None,
+    geometry=None,
+    device: str = "cpu",
+    measure_read: bool = True,
+    **recipe_args,
+) -> dict:
+    """The dry run of a sweep (``streammerge sweep --plan``): every check of a real sweep,
+    nothing written (the output directory is not created).
+
+    Args:
+        as ``sweep``; geometry: the engine's buffer geometry (``depth``,
+        ``max_chunk_elems``; default the CPU's), device: ``cpu`` or ``cuda``;
+        measure_read: time a short read of the largest input (``dryrun.describe``).
+
+    Returns:
+        A JSON-serializable dict: ``format`` (SWEEP_PLAN_FORMAT), the sweep's ``output``,
+        ``draws``, ``grid``, ``alpha``, ``seed``, ``sweep_seed``, ``keep``, ``repeat`` (the
+        command that makes this very sweep), ``outputs`` (name, dir, weights, λ, command of
+        each of the K + 1), ``bytes_read`` (once, for all), ``bytes_written`` (all outputs),
+        ``disk_bytes`` (``peak_disk_bytes``) and ``merge``: ``dryrun.describe`` of the shared
+        merge with the sweep's buffer layout (its w is per output, so left out there).
+
+    Raises:
+        MergeError / RecipeError / OptionError: as ``sweep``.
+    """
+    from streammerge import dryrun
+    from streammerge.backends import CPU_GEOMETRY
+    from streammerge.pipeline import STAGING_BLOCKS
+
+    options = options or Options()
+    pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+               recipe_args)  # fmt: skip
+    layout = _layout(pl.preps, geometry or CPU_GEOMETRY, options)
+    merge = dryrun.describe(pl.preps[0], layout, measure_read, device)
+    merge.update(output=str(real(pl.out)), mixup=None, bytes_written=merge["bytes_written"]
+                 * len(pl.preps))  # fmt: skip
+    merge["lambda"] = None
+    merge["resolved"].pop("w", None)
+    for g in merge["groups"]:
+        for entry in g["params"]:
+            entry.pop("w", None)
+    merge["memory"].update(outputs=layout.outputs,
+                           staging_bytes=layout.outputs * STAGING_BLOCKS * layout.block_bytes)  # fmt: skip
+    return {
+        "format": SWEEP_PLAN_FORMAT,
+        "output": str(real(pl.out)),
+        "draws": draws,
+        "grid": grid,
+        "alpha": None if grid else alpha,
+        "seed": pl.seed,
+        "sweep_seed": pl.sweep_seed,
+        "keep": keep,
+        "repeat": pl.command,
+        "outputs": [{"name": d.name, "dir": str(d.dir), "weights": list(d.weights),
+                     "lambda": d.lam, "command": d.command} for d in pl.rows],  # fmt: skip
+        "bytes_read": merge["bytes_read"],
+        "bytes_written": merge["bytes_written"],
+        "disk_bytes": pl.disk_bytes,
+        "merge": merge,
+    }
+
+
+def format_sweep_plan(d: dict) -> str:
+    """``describe_sweep``'s dict as plain text: the draws, then the shared merge's plan
+    (``dryrun.format_plan``)."""
+    from streammerge.dryrun import format_plan
+    from streammerge.sizes import format_bytes
+
+    how = "evenly spaced λ" if d["grid"] else f"drawn with α {d['alpha']:g}"
+    lines = [
+        f"streammerge sweep plan: {d['draws']} draws ({how}) and the fixed reference, sweep "
+        f"seed {d['sweep_seed']}, mask seed {d['seed']}, --keep {d['keep']} -> {d['output']} "
+        "(nothing written by --plan)"
+    ]
+    for o in d["outputs"]:
+        w = f"λ {o['lambda']!r}" if o["lambda"] is not None else \
+            "w (" + ", ".join(f"{x:.6g}" for x in o["weights"]) + ")"  # fmt: skip
+        lines.append(f"  {o['name']}: {w}")
+    n = len(d["outputs"])
+    lines.append(
+        f"  one read of {format_bytes(d['bytes_read'])} for all {n} outputs; "
+        f"{format_bytes(d['bytes_written'])} written; disk needed at the peak (all {n} "
+        f"outputs at once, before --keep best removes any): {format_bytes(d['disk_bytes'])}"
+    )
+    lines.append(f"  this sweep again: {d['repeat']}")
+    lines.append("the shared merge (each output as this, with its own w):")
+    return "\n".join(lines) + "\n" + format_plan(d["merge"])
 
 
 def _layout(preps: list[Prepared], engine, options: Options):
@@ -448,8 +703,10 @@ def _evaluate(d: Draw, evaluate, eval_select) -> None:
         d.error = f"{type(e).__name__}: {e}"[:300]
 
 
-def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, on_start) -> int:
-    """Merge prepared draws from one read, finalize each, evaluate each; bytes read."""
+def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, on_start,
+                 on_draw=None) -> int:  # fmt: skip
+    """Merge prepared draws from one read, finalize each, evaluate each (``on_draw`` after
+    each); bytes read."""
     options = preps[0].options
     try:
         for p in preps:
@@ -477,6 +734,8 @@ def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, o
         finalize(p, st)
     for d in rows:
         _evaluate(d, evaluate, eval_select)
+        if on_draw is not None:
+            on_draw(d)
     return stats[0].bytes_read
 
 
@@ -531,14 +790,18 @@ def _run_on_ray(address, groups, models, base, out, names, vectors, recipe_args,
     return [rows[n] for n in names], total
 
 
-def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows):
-    """One prepared merge per draw (every check of a single merge, before any byte)."""
+def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, preps, rows,
+                 preflight: bool = True):  # fmt: skip
+    """One prepared merge per draw (every check of a single merge, before any byte; the
+    output location's only with ``preflight``)."""
     for name, w in zip(names, vectors):
         lam = w[0] if len(models) == 2 else None
         spec = {**recipe_args, "seed": seed, "source": "cli"}  # as the command that repeats it
         spec["lam" if lam is not None else "weights"] = lam if lam is not None else list(w)
-        cmd = _repeat_command(models, base, out / name, recipe_args, seed, w, lam)
-        preps.append(prepare(models, base, out / name, spec, options, Provenance(command=cmd)))
+        cmd = _repeat_command(models, base, out / name, recipe_args, seed, w, lam,
+                              options.shard_size)  # fmt: skip
+        preps.append(prepare(models, base, out / name, spec, options, Provenance(command=cmd),
+                             preflight=preflight))  # fmt: skip
         rows.append(Draw(name, out / name, tuple(preps[-1].recipe.tensor_params("").w), lam, cmd))
 
 
@@ -570,6 +833,8 @@ def write_results(result: SweepResult, n_models: int, method: str, keep: str) ->
         "keep": keep,
         "best": rows[result.best].name if result.best is not None else None,
         "best_command": rows[result.best].command if result.best is not None else None,
+        "repeat": result.command,
+        "no_draw_scored": result.unscored,
         "draws": [d.record() for d in rows[:-1]],
         "fixed": rows[-1].record(),
         "bytes_read": result.bytes_read,

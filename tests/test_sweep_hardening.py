@@ -9,7 +9,8 @@ import shlex
 import subprocess
 import sys
 
-from conftest import make_trio, run_cli  # noqa: F401
+import pytest
+from conftest import make_trio, run_cli
 
 
 def _run_module(*argv: str) -> subprocess.CompletedProcess:
@@ -23,7 +24,8 @@ def test_python_dash_m_and_help_name_the_sweep():
     assert "streammerge sweep --help" in " ".join(top.stdout.split())  # however it wraps
     sub = _run_module("sweep", "--help")
     assert sub.returncode == 0, sub.stderr
-    assert sub.stdout.startswith("usage: streammerge sweep") and "--eval" in sub.stdout
+    assert sub.stdout.startswith("usage: streammerge sweep") and "--eval-timeout" in sub.stdout
+    assert "3 an evaluator ran and no draw was scored" in " ".join(sub.stdout.split())
 
 
 def _strict_json(text: str):
@@ -113,8 +115,6 @@ def _dead(pid: int) -> bool:
         return True
 
 
-import pytest  # noqa: E402
-
 
 @pytest.mark.parametrize("evaluator_hangs", [True, False])
 def test_eval_timeout_kills_the_evaluators_process_group(tmp_path, evaluator_hangs):
@@ -147,3 +147,121 @@ def test_eval_timeout_kills_the_evaluators_process_group(tmp_path, evaluator_han
     else:
         assert res.returncode == 0, res.stderr
         assert all(r["score"] == 0.5 for r in rows), json.dumps(rows)
+
+
+def test_disk_must_hold_every_output_at_once(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from streammerge.api import Options, prepare
+    from streammerge.cli import main
+    from streammerge.output import DISK_MARGIN_BYTES
+
+    base, a, b = make_trio(tmp_path)  # each output: one 9768-byte shard and config.json
+    usage = namedtuple("usage", "total used free")
+    free = DISK_MARGIN_BYTES + 30_000  # room for one output, not for 4
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 10**12 - free, free))
+    prepare([a, b], base, tmp_path / "one", {"lam": 0.5, "seed": 1}, Options())  # one fits
+    out = tmp_path / "s"
+    code = main(["sweep", str(a), str(b), "--base", str(base), "-o", str(out), "--draws", "3"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("streammerge: error: not enough free disk space: need 0.07 GB")
+    assert not out.exists() and not (tmp_path / "one").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, names",
+    [
+        ([], "MODEL MODEL"),  # bare `streammerge sweep` (the models are dropped below)
+        (["--sweep-seed", "-1"], "--sweep-seed"),
+        (["--eval", "no-such-evaluator-xyz {out}"], "no-such-evaluator-xyz"),
+        (["--eval", 'python "{out}'], "--eval cannot be split"),
+        (["--eval", "true", "--eval-timeout", "0"], "--eval-timeout must be a positive number"),
+        (["--resume"], "--resume"),
+        (["-o", "missing-parent/s"], "parent directory does not exist"),
+    ],
+)
+def test_sweep_errors_are_one_line_exit_2_nothing_written(tmp_path, extra, names):
+    base, a, b = make_trio(tmp_path)
+    models = [str(a), str(b), "--base", str(base)] if extra else []
+    res = run_cli(["sweep", *models, "-o", str(tmp_path / "s"), *extra], cwd=tmp_path)
+    err = res.stderr.splitlines()
+    assert res.returncode == 2 and len(err) == 1, res.stderr
+    assert err[0].startswith("streammerge: error: ") and names in err[0], err[0]
+    assert res.stdout == "" and not (tmp_path / "s").exists()
+    assert not (tmp_path / "missing-parent").exists()
+
+
+def test_plan_prints_the_draws_and_writes_nothing(tmp_path):
+    import json
+
+    base, a, b = make_trio(tmp_path)
+    out = tmp_path / "s"
+    argv = _sweep_argv(tmp_path, base, a, b, out, "--draws", "2", "--sweep-seed", "5",
+                       "--method", "ties", "--density", "0.5")  # fmt: skip
+    text = run_cli([*argv, "--plan"])
+    js = run_cli([*argv, "--plan", "--json"])
+    assert text.returncode == 0 and js.returncode == 0, text.stderr + js.stderr
+    assert not out.exists()
+    d = _strict_json(js.stdout)
+    assert [o["name"] for o in d["outputs"]] == ["draw-01", "draw-02", "fixed"]
+    assert d["merge"]["memory"]["outputs"] == 3 and d["bytes_written"] == 3 * 9768
+    for o in d["outputs"]:
+        assert f"{o['name']}: λ {o['lambda']!r}" in text.stdout
+    assert "nothing written by --plan" in text.stdout and d["repeat"] in text.stdout
+    real = run_cli([*argv, "--keep", "all"])  # the plan's draws are the sweep's
+    assert real.returncode == 0, real.stderr
+    doc = json.loads((out / "sweep.json").read_text())
+    assert [r["lambda"] for r in [*doc["draws"], doc["fixed"]]] == \
+        [o["lambda"] for o in d["outputs"]]  # fmt: skip
+    assert doc["bytes_read"] == d["bytes_read"] and doc["seed"] == d["seed"]
+
+
+def test_no_draw_scored_exits_3_keeps_every_output_and_says_why(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    out = tmp_path / "s"
+    script = tmp_path / "bad.py"
+    script.write_text("import sys\nsys.exit('no GPU for the evaluator')\n")
+    res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--draws", "2",
+                              "--eval", f"{sys.executable} {script} {{out}}"))  # fmt: skip
+    assert res.returncode == 3, res.stderr
+    assert res.stderr.splitlines() == [
+        f"streammerge: error: no draw was scored (draw-01: exit 1: no GPU for the evaluator): "
+        f"all 3 outputs are kept in {out}, none could be chosen: fix the evaluator, then score "
+        "them or re-run"
+    ]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["draw-01", "draw-02", "fixed"]
+    doc = _strict_json((out / "sweep.json").read_text())
+    assert doc["best"] is None and doc["no_draw_scored"].startswith("draw-01: exit 1")
+
+
+def test_the_sweep_seed_alone_repeats_the_sweep_byte_for_byte(tmp_path):
+    import json
+
+    base, a, b = make_trio(tmp_path, big=20_000)
+    runs = []
+    for k in range(2):
+        out = tmp_path / f"s{k}"
+        res = run_cli(_sweep_argv(tmp_path, base, a, b, out, "--draws", "2", "--keep", "all",
+                                  "--sweep-seed", "7"))  # dare_linear: random masks  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        doc = json.loads((out / "sweep.json").read_text())
+        assert f"--sweep-seed 7 --seed {doc['seed']}" in doc["repeat"]
+        assert f"streammerge: repeat this sweep with: {doc['repeat']}\n" in res.stdout
+        runs.append({(d, f.name): f.read_bytes() for d in ("draw-01", "draw-02", "fixed")
+                     for f in sorted((out / d).glob("*.safetensors"))})  # fmt: skip
+    assert runs[0] == runs[1] and len(runs[0]) == 3
+
+
+def test_streams_as_the_single_merge_table_on_stderr_closing_on_stdout(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    out = tmp_path / "s"
+    res = run_cli(["sweep", str(a), str(b), "--base", str(base), "-o", str(out), "--draws", "1",
+                   "--eval", f"{sys.executable} -c print(0.5)"])  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.endswith("\n") and "streammerge sweep" in res.stderr
+    assert "draw-01" in res.stderr and "│" not in res.stdout
+    assert res.stdout.endswith("\n")
+    assert all(line.startswith("streammerge: ") for line in res.stdout.splitlines())
+    assert "streammerge: best draw-01 (score 0.5)" in res.stdout
