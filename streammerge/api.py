@@ -386,6 +386,8 @@ def prepare(
     recipe: Recipe | dict | None = None,
     options: Options | None = None,
     provenance: Provenance | None = None,
+    *,
+    preflight: bool = True,
 ) -> Prepared:
     """Plan a merge from headers alone and check its output location (no weight is read,
     nothing is written).
@@ -397,6 +399,8 @@ def prepare(
         recipe: a Recipe, or ``build_recipe`` keyword arguments (then a resumed merge
             reuses the interrupted run's seed when none is given).
         options: Options (defaults when None).
+        preflight: check the output location now (``preflight_output``); False leaves it
+            to the caller (a sweep, whose directory holding the outputs is made later).
 
     Raises:
         MergeError: bad inputs, output location or recipe values (one line each);
@@ -440,10 +444,26 @@ def prepare(
     plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
     if provenance is not None and provenance.tokenizer_model is not None:
         plan = replace(plan, tokenizer_model=provenance.tokenizer_model)  # tokenizer_source
-    side_source = base_dir if base_dir is not None else model_dirs[0]
-    output.preflight(plan, side_source, model_dirs, options.copy_files)
-    return Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
+    prep = Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
                     memory_bytes, provenance or Provenance())  # fmt: skip
+    if preflight:
+        preflight_output(prep)
+    return prep
+
+
+def side_source(prep: Prepared) -> ModelDir:
+    """The model whose config / tokenizer files the output gets: the base, else model 0."""
+    return prep.base if prep.base is not None else prep.models[0]
+
+
+def preflight_output(prep: Prepared) -> None:
+    """Check ``prep``'s output location (``OutputDir.preflight``: paths, state, free disk
+    space; plans the side files). Writes nothing.
+
+    Raises:
+        MergeError: see ``OutputDir``.
+    """
+    prep.output.preflight(prep.plan, side_source(prep), prep.models, prep.options.copy_files)
 
 
 def open_output(prep: Prepared) -> dict[str, dict]:
@@ -534,8 +554,7 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": weight_map}
         output.write_file(INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
         if prep.options.copy_files:
-            source = prep.base if prep.base is not None else prep.models[0]
-            copy_side_files(output, plan, source, prep.models)
+            copy_side_files(output, plan, side_source(prep), prep.models)
         rec = record(prep, shards, thresholds)
         rec.update(output.record_extra())
         output.write_file(

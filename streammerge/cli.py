@@ -10,6 +10,7 @@ import threading
 
 from streammerge import __version__
 from streammerge.errors import (
+    PREFIX,
     MergeError,
     OneLineArgumentParser,
     guarded_main,
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Merge fine-tunes of a common base (task arithmetic, DARE, TIES, "
         "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
         "streaming tensors chunk by chunk in flat memory. The exact contract: docs/SPEC.md "
-        "in the streammerge repository.",
+        "in the streammerge repository. Subcommand: streammerge sweep merges K mixup draws "
+        "from one read, scores each with your evaluator and keeps the best (see "
+        "streammerge sweep --help).",
         epilog="methods: "
         + "; ".join(
             f"{m.name} ({m.sparsifier} + {m.consensus} consensus, normalize "
@@ -305,49 +308,74 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "from one read of the inputs, score each with your evaluator, keep the best. Every "
         "draw shares one mask seed, so each is exactly the single merge its row names."
     )
+    p.epilog = (
+        "Disk: all K + 1 outputs exist at once (--keep best removes the others only once every "
+        "output is scored); the free-space check counts them all. Streams: notices and the "
+        "table of draws on stderr, the closing lines (the command repeating the sweep, the "
+        "best draw's) on stdout. Exit codes: 0 done; 2 bad input (one line, nothing written); "
+        "3 an evaluator ran and no draw was scored: every output is kept, since none could be "
+        "chosen, and one line gives the first failure; 130 interrupted; 1 a bug."
+    )
+    for action in p._actions:  # the single merge's help, as a sweep uses the flag
+        if action.dest == "seed":
+            action.help = ("mask seed shared by every draw, in [0, 2**64) (default: derived "
+                           "from --sweep-seed, so that one seed repeats the sweep)")  # fmt: skip
     p.set_defaults(output="sweep")
     p.add_argument("--draws", type=int, default=8, help="number of draws K (default 8)")
     p.add_argument("--grid", action="store_true", help="evenly spaced λ in [0, 1] (2 models)")
     p.add_argument(
-        "--sweep-seed", type=int, default=None, help="seed of the K draws (default: from the OS)"
+        "--sweep-seed",
+        type=int,
+        default=None,
+        help="seed of the K draws, and of the masks without --seed: the same --sweep-seed "
+        "repeats the sweep byte for byte (default: from the OS, printed)",
     )
     p.add_argument(
         "--eval",
         dest="eval_cmd",
         default=None,
         metavar="CMD",
-        help="command scoring one output, {out} replaced by its directory; its last stdout "
-        'line is a number or a JSON object of named numbers (e.g. "python score.py {out}")',
+        help="command scoring one output, run without a shell: split into words like a shell "
+        "would, then {out} replaced by the output directory inside each word (it stays one "
+        "argument whatever it contains, so quoting it is unnecessary and harmless; shell syntax "
+        "such as pipes needs sh -c '...'); its last stdout line is a finite number or a JSON "
+        'object of named numbers (e.g. "python score.py {out}")',
+    )
+    p.add_argument(
+        "--eval-timeout",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds one evaluation may take (default 3600); then the evaluator's whole "
+        "process group is killed and the draw recorded as failed",
     )
     p.add_argument("--eval-select", default=None, help="the named score to maximize")
     p.add_argument(
         "--keep",
         choices=("best", "all"),
         default="best",
-        help="keep only the best draw's output (after it is complete) or all (default best)",
+        help="keep only the best draw's output (and the fixed reference) once every output "
+        "is scored, or all (default best; all are kept when no draw was scored)",
     )
     return p
 
 
 def sweep_main(argv: list[str]) -> int:
-    """``streammerge sweep A B ... --base C --draws K [--eval CMD]``."""
+    """``streammerge sweep A B ... --base C --draws K [--eval CMD]``.
+
+    Streams as the single merge: notices and the table of draws on stderr (the table live on
+    a terminal, else printed once at the end; none with --quiet), the closing lines on
+    stdout, each error one line on stderr. Exit codes: 0 done, 2 bad input (nothing
+    written), 3 (``sweep.EXIT_NOTHING_SCORED``) an evaluator ran and no draw was scored
+    (every output kept), 130 interrupted, 1 a bug.
+    """
     parser = build_sweep_parser()
     args = parser.parse_args(argv)
-    from rich.console import Console
-    from rich.live import Live
-    from rich.table import Table
-
+    if args.config is None and len(args.models) < 2:
+        parser.error(f"the following arguments are required: MODEL MODEL (at least 2 fine-tune "
+                     f"directories, got {len(args.models)})")  # fmt: skip
     from streammerge.api import OPTION_KEYS, Options
-    from streammerge.sweep import command_evaluator, sweep
-
-    err = Console(stderr=True, highlight=False)
-    table = Table("draw", "λ / w", "score", "note", title="streammerge sweep")
-    live = None if args.quiet else Live(table, console=err, transient=False)
-
-    def on_draw(d) -> None:
-        w = f"{d.lam:.4f}" if d.lam is not None else " ".join(f"{x:.3f}" for x in d.weights)
-        score = "" if d.score is None else f"{d.score:.6g}"
-        table.add_row(d.name, w, score, d.error or "")
+    from streammerge.sweep import EXIT_NOTHING_SCORED, CommandEvaluator, describe_sweep, sweep
 
     if args.config is not None:
         return report(MergeError("sweep takes models and flags, not --config", None, None,
@@ -355,35 +383,109 @@ def sweep_main(argv: list[str]) -> int:
     if args.weights is not None or args.lam is not None:
         return report(MergeError("a sweep draws the weights: drop --weights/--lambda", None,
                                  None, "use --alpha, --draws or --grid"), args.output)  # fmt: skip
-    recipe = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS if k not in ("weights", "lam",
-                                                                       "alpha", "seed")}  # fmt: skip
-    evaluate = command_evaluator(args.eval_cmd, args.eval_select) if args.eval_cmd else None
+    recipe = {k: getattr(args, k) for k in FLAG_RECIPE_KEYS
+              if k not in ("weights", "lam", "alpha", "seed") and getattr(args, k) is not None}  # fmt: skip
+    view = _SweepView(args)
     try:
-        if live is not None:
-            live.start()
-        r = sweep(
-            args.models, args.base, args.output, draws=args.draws, grid=args.grid,
-            alpha=args.alpha, seed=args.seed, sweep_seed=args.sweep_seed, evaluate=evaluate,
-            eval_select=args.eval_select, keep=args.keep,
-            options=Options(**{k: getattr(args, k) for k in OPTION_KEYS}), on_draw=on_draw,
-            ray_address=args.ray,
-            **{k: v for k, v in recipe.items() if v is not None},
-        )  # fmt: skip
+        evaluate = (
+            CommandEvaluator(args.eval_cmd, args.eval_select, args.eval_timeout)
+            if args.eval_cmd is not None
+            else None
+        )
+        options = Options(**{k: getattr(args, k) for k in OPTION_KEYS})
+        common = dict(draws=args.draws, grid=args.grid, alpha=args.alpha, seed=args.seed,
+                      evaluate=evaluate, keep=args.keep, options=options, **recipe)  # fmt: skip
+        if args.plan:
+            geometry, device = plan_geometry(options)
+            d = describe_sweep(args.models, args.base, args.output, sweep_seed=args.sweep_seed,
+                               geometry=geometry, device=device, **common)  # fmt: skip
+            return _print_plan(d, args.json)
+        from streammerge.recipe import draw_seed
+
+        sweep_seed = draw_seed() if args.sweep_seed is None else args.sweep_seed
+        r = sweep(args.models, args.base, args.output, sweep_seed=sweep_seed,
+                  eval_select=args.eval_select, on_draw=view.row,
+                  on_start=lambda _: view.start(sweep_seed), ray_address=args.ray, **common)  # fmt: skip
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
+        view.stop()
         return report(e, args.output, args.debug)
-    finally:
-        if live is not None:
-            live.stop()
+    view.stop()
+    return _sweep_closing(r, EXIT_NOTHING_SCORED)
+
+
+class _SweepView:
+    """The sweep's stderr: the seed notice and the table of draws (live on a terminal,
+    else printed once at the end; nothing with --quiet)."""
+
+    def __init__(self, args) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        self.args = args
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
+        self.table = Table("draw", "λ / w", "score", "note", title="streammerge sweep")
+        self.live = None
+        self.started = False
+
+    def start(self, sweep_seed: int) -> None:
+        """After every check, before the merge: the seed notice, the live table."""
+        if self.args.quiet or self.started:
+            return
+        self.started = True
+        if self.args.sweep_seed is None:
+            self.err.print(f"streammerge: sweep seed {sweep_seed} (pass --sweep-seed "
+                           f"{sweep_seed} to repeat this sweep)")  # fmt: skip
+        self.err.print(f"streammerge: writing {os.path.abspath(self.args.output)}")
+        if self.err.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table, console=self.err, transient=False)
+            self.live.start()
+
+    def row(self, d) -> None:
+        """One scored (or merged) draw."""
+        w = f"{d.lam:.4f}" if d.lam is not None else " ".join(f"{x:.3f}" for x in d.weights)
+        score = "" if d.score is None else f"{d.score:.6g}"
+        self.table.add_row(d.name, w, score, d.error or "")
+
+    def stop(self) -> None:
+        """The table's final state, ending with a newline (nothing when no row came)."""
+        if self.live is not None:
+            self.live.stop()  # on a terminal: leaves the table and a newline
+            self.live = None
+        elif not self.args.quiet and self.table.row_count:
+            self.err.print(self.table)
+
+
+def _sweep_closing(r, exit_nothing_scored: int) -> int:
+    """The closing lines on stdout (and, when no draw was scored, the one error line)."""
     best = r.draws[r.best] if r.best is not None else None
     print(
         f"streammerge: sweep of {len(r.draws) - 1} draws read {format_bytes(r.bytes_read)} once "
         f"in {r.seconds:.2f} s, peak RSS {r.peak_rss_bytes / 2**20:.0f} MiB, seed {r.seed}, "
-        f"sweep seed {r.sweep_seed} -> {r.out}",
+        f"sweep seed {r.sweep_seed} -> {os.path.abspath(r.out)}",
         flush=True,
     )
+    print(f"streammerge: repeat this sweep with: {r.command}", flush=True)
     if best is not None:
         print(f"streammerge: best {best.name} (score {best.score:.6g}); repeat it with: "
               f"{best.command}", flush=True)  # fmt: skip
+    if r.unscored is None:
+        return 0
+    print(f"{PREFIX}no draw was scored ({r.unscored}): all {len(r.draws)} outputs are kept "
+          f"in {os.path.abspath(r.out)}, none could be chosen: fix the evaluator, then score "
+          "them or re-run", file=sys.stderr, flush=True)  # fmt: skip
+    return exit_nothing_scored
+
+
+def _print_plan(d: dict, as_json: bool) -> int:
+    """Print a sweep's plan (``sweep.describe_sweep``) on stdout."""
+    import json
+
+    from streammerge.sweep import format_sweep_plan
+
+    print(json.dumps(d, indent=2, sort_keys=True) if as_json else format_sweep_plan(d), end="\n"
+          if as_json else "")  # fmt: skip
     return 0
 
 
@@ -497,11 +599,21 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
     import json
 
     from streammerge import dryrun
-    from streammerge.api import layout_for, prepare, wants_gpu
-    from streammerge.backends import CPU_GEOMETRY
+    from streammerge.api import layout_for, prepare
 
     prep = prepare(models, base, out, kwargs, options, prov)
-    geometry, device = CPU_GEOMETRY, "cpu"
+    geometry, device = plan_geometry(options)
+    d = dryrun.describe(prep, layout_for(prep, geometry), device=device)
+    print(json.dumps(d, indent=2, sort_keys=True) if as_json else dryrun.format_plan(d))
+    return 0
+
+
+def plan_geometry(options) -> tuple[object, str]:
+    """(buffer geometry, ``cpu`` or ``cuda``) a run with ``options`` would have, for
+    ``--plan``: a CUDA run's when it would use a GPU (no kernel started), else the CPU's."""
+    from streammerge.api import wants_gpu
+    from streammerge.backends import CPU_GEOMETRY
+
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CUDA run would not start
     if wants_gpu(options.backend, options.device) and not interpreted:
         from streammerge import gpu
@@ -510,10 +622,8 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
             from streammerge.sizes import parse_size
 
             vram = None if options.vram is None else parse_size(options.vram, "--vram")
-            geometry, device = gpu.plan_geometry(vram), "cuda"
-    d = dryrun.describe(prep, layout_for(prep, geometry), device=device)
-    print(json.dumps(d, indent=2, sort_keys=True) if as_json else dryrun.format_plan(d))
-    return 0
+            return gpu.plan_geometry(vram), "cuda"
+    return CPU_GEOMETRY, "cpu"
 
 
 def closing_line(s) -> str:

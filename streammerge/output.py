@@ -167,6 +167,24 @@ def input_digests(plan, hasher, shard_name: str) -> list:
 CARD_FILE = "README.md"
 
 
+def require_free_space(where: Path, need: int) -> None:
+    """Refuse a run that will add ``need`` bytes (planned output, side files and
+    DISK_MARGIN_BYTES) to the file system holding ``where``, an existing directory, when
+    fewer are free (``shutil.disk_usage``).
+
+    Raises:
+        MergeError: naming ``where``, the GB needed and the GB free.
+    """
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise MergeError(
+            f"not enough free disk space: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB",
+            where,
+            None,
+            "free space or choose another output location",
+        )
+
+
 class OutputDir:
     """One merge's output location.
 
@@ -375,15 +393,7 @@ class OutputDir:
         if self.resume and j is not None and j.head and identity(self.staging) is not None:
             done = sum(r.get("size", 0) for r in j.shards.values())
         side = sum(f.size_bytes for f in self.side_files or ())
-        free = shutil.disk_usage(t.parent).free
-        need = output_bytes + side - done + DISK_MARGIN_BYTES
-        if free < need:
-            raise MergeError(
-                f"not enough free disk space: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB",
-                t.parent,
-                None,
-                "free space or choose another output location",
-            )
+        require_free_space(t.parent, output_bytes + side - done + DISK_MARGIN_BYTES)
 
     def _check_state(self, j: Journal | None, locked: bool) -> None:
         """The output, staging and journal as found: refuse what this run may not do.
