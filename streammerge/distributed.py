@@ -200,14 +200,46 @@ def check_visible(ray, staging: Path) -> None:
         )
 
 
+#: Seconds a Ray address (host:port) has to accept a TCP connection: ray.init itself
+#: retries an unreachable address for minutes.
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) Ray address that does not accept a
+    TCP connection within ``timeout`` seconds; ``auto`` and other forms are left to Ray.
+
+    Raises:
+        MergeError: one line naming the address and the socket error.
+    """
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise MergeError(f"cannot reach the Ray cluster at {address} ({e.strerror or e})",
+                         None, None, "start it (ray start --head), or pass --ray auto for "
+                         "the running one or --ray alone for a local one") from None  # fmt: skip
+
+
 def _connect(address: str | None):
     import ray
 
     if not ray.is_initialized():
         if address in (None, "", "local"):
             ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        else:
+            return ray
+        check_reachable(address)
+        try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, TimeoutError, ValueError, RuntimeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MergeError(f"cannot join the Ray cluster at {address}: {first}", None, None,
+                             "check the address (ray status), or pass --ray alone for a "
+                             "local Ray instance") from None  # fmt: skip
     return ray
 
 

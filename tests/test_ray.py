@@ -132,3 +132,16 @@ def test_sweep_on_ray_equals_local_sweep(tmp_path, cluster):
     for dl, dr in zip(local.draws, dist.draws):
         assert _shards(dr.dir) == _shards(dl.dir) and dr.score == dl.score
     assert dist.bytes_read >= local.bytes_read  # groups read the inputs once each
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:1", "ray://127.0.0.1:1"])
+def test_unreachable_ray_address_is_one_line_in_bounded_time(tmp_path, address):
+    # ray.init retries an unreachable address for minutes; the merge says so at once
+    base, a, b = make_trio(tmp_path)
+    start = time.monotonic()
+    r = run_cli([str(a), str(b), "--base", str(base), "-o", str(tmp_path / "out"),
+                 "--ray", address], timeout=60)  # fmt: skip
+    assert r.returncode == 2, r.stderr
+    assert "cannot reach the Ray cluster at " + address in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
