@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from streammerge import __version__
-from streammerge.checks import check_merge_args
+from streammerge.plan.checks import check_merge_args
 from streammerge.errors import MergeError, OptionError
-from streammerge.output import OutputDir
-from streammerge.pipeline import (
+from streammerge.output.outdir import OutputDir
+from streammerge.exec.pipeline import (
     Layout,
     RunStats,
     analysis_items,
@@ -33,12 +33,13 @@ from streammerge.pipeline import (
     run,
     work_items,
 )
-from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
-from streammerge.reader import INDEX_FILE, ModelDir, open_model
-from streammerge.recipe import Recipe, RecipeError, build_recipe
-from streammerge.inputs import resolve_input, resolve_output
-from streammerge.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
-from streammerge.side_files import copy_side_files
+from streammerge.plan.planner import Plan, ShardPlan, make_plan
+from streammerge.io.reader import INDEX_FILE, ModelDir, open_model
+from streammerge.recipe.dtypes import normalize_dtype
+from streammerge.recipe.recipe import Recipe, RecipeError, build_recipe
+from streammerge.io.inputs import resolve_input, resolve_output
+from streammerge.io.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
+from streammerge.output.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
 
@@ -250,7 +251,7 @@ def wants_gpu(backend: str, device: str) -> bool:
 def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
     """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
 
-    On a CUDA device (``streammerge.gpu.cuda_backend``: checks ``--vram`` against the free
+    On a CUDA device (``streammerge.exec.gpu.cuda_backend``: checks ``--vram`` against the free
     memory and compiles the kernel with a warm-up launch). Under ``auto``, a GPU that cannot
     run (no triton, no C compiler, a driver error, ``TRITON_INTERPRET=1``) falls back to
     numba with one line on stderr saying why; asked for with ``--device cuda`` or
@@ -269,7 +270,7 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
             "use --backend auto (or triton) for the GPU, or --device cpu",
         )
     if wants_gpu(backend, device):
-        from streammerge import gpu
+        from streammerge.exec import gpu
 
         if gpu.cuda_available():
             try:
@@ -284,10 +285,10 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
                 "--device cuda but no CUDA device is available", None, None, "use --device cpu"
             )
     if backend == "triton":
-        from streammerge.backends import TritonCpuBackend
+        from streammerge.exec.backends import TritonCpuBackend
 
         return TritonCpuBackend()
-    from streammerge.backends import NumbaBackend
+    from streammerge.exec.backends import NumbaBackend
 
     return NumbaBackend(threads)
 
@@ -300,7 +301,7 @@ OPTION_KEYS = tuple(f.name for f in fields(Options))
 
 
 def open_input(ref: str | Path, http_timeout: float = DEFAULT_HTTP_TIMEOUT_S) -> ModelDir:
-    """A model by any reference ``streammerge.inputs.resolve_input`` takes: a directory
+    """A model by any reference ``streammerge.io.inputs.resolve_input`` takes: a directory
     (also as ``file://`` or a Hugging Face cache id), or a model by URL (``https://``,
     ``hf://``...; headers only; HTTP requests time out after ``http_timeout`` seconds
     without data).
@@ -350,11 +351,11 @@ def input_record(m: ModelDir) -> dict:
 
 
 def model_card_text(prep: Prepared, rec: dict) -> str:
-    """The output's README.md (``streammerge.model_card``): front matter, what was merged
+    """The output's README.md (``streammerge.output.model_card``): front matter, what was merged
     and how, the recipe, the drawn λ and seed, and the one command that repeats it."""
     import shlex
 
-    from streammerge import model_card
+    from streammerge.output import model_card
 
     prov = prep.provenance
     out = model_card.OUT_PLACEHOLDER  # the card must not depend on where the output lies
@@ -607,7 +608,7 @@ def merge(
     """Merge fine-tunes ``models`` of ``base`` into ``out`` (docs/SPEC.md): prepare ->
     execute -> finalize.
 
-    The recipe is ``recipe``, or built from keyword arguments (``streammerge.recipe.
+    The recipe is ``recipe``, or built from keyword arguments (``streammerge.recipe.recipe.
     build_recipe``): method (``dare_linear`` by default, as v1), seed, alpha (M3's Beta /
     Dirichlet concentration), lam (fixed λ), weights, density, drop, gamma (one value or
     one per model, or a ``"0.3,0.6"`` string), scale, normalize, trim_scope, dtype. The

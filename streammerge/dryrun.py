@@ -38,9 +38,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.gpu import pinned_host_bytes
+from streammerge.exec.gpu import pinned_host_bytes
 from streammerge.names import natural_key
-from streammerge.pipeline import (
+from streammerge.exec.pipeline import (
     STAGING_BLOCKS,
     Layout,
     analysis_items,
@@ -48,8 +48,8 @@ from streammerge.pipeline import (
     tensor_items,
     work_items,
 )
-from streammerge.plan import ShardPlan, TensorPlan
-from streammerge.recipe import LAYER_PATTERN
+from streammerge.plan.planner import ShardPlan, TensorPlan
+from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
 
 #: Format tag of the ``--plan --json`` document.
@@ -137,7 +137,7 @@ def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
     if not prep.options.resume or not out.staging.is_dir():
         return list(prep.plan.shards), []
     from streammerge.api import fingerprint
-    from streammerge.journal import Journal
+    from streammerge.output.journal import Journal
 
     journal = Journal.read(out.journal_path)
     head, shards = (journal.head, journal.shards) if journal is not None else ({}, {})
@@ -513,6 +513,6 @@ def _compile_seconds(device: str) -> int:
     them, or on a GPU)."""
     if device != "cpu":
         return 0
-    from streammerge.backends import COMPILE_S, kernels_compiled
+    from streammerge.exec.backends import COMPILE_S, kernels_compiled
 
     return 0 if kernels_compiled() else COMPILE_S

@@ -16,7 +16,7 @@ import streammerge
 from streammerge import dryrun
 from streammerge.api import Options, layout_for, prepare
 from streammerge.names import natural_key
-from streammerge.recipe import Recipe
+from streammerge.recipe.recipe import Recipe
 
 #: The CPU backends' geometry (NumbaBackend.depth == 0, no device chunk limit), without
 #: starting numba.
@@ -217,12 +217,12 @@ def test_kernels_compiled_reads_numbas_cache(tmp_path):
     import subprocess
     import sys
 
-    code = "from streammerge.backends import kernels_compiled; print(kernels_compiled())"
+    code = "from streammerge.exec.backends import kernels_compiled; print(kernels_compiled())"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cold")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)  # fmt: skip
     assert r.stdout.strip() == "False"
-    from streammerge.backends import kernels_compiled
+    from streammerge.exec.backends import kernels_compiled
     from streammerge.kernels import cpu_merge, cpu_stats
 
     cpu_merge.warmup()
@@ -234,7 +234,8 @@ def test_kernels_compiled_reads_numbas_cache(tmp_path):
 def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch):
     """Issue 21.9: with numba's cache cold, the backend says it is compiling (one notice
     before the first pass) and --plan adds the compile time to its estimate."""
-    from streammerge import backends, notices
+    from streammerge import notices
+    from streammerge.exec import backends
 
     monkeypatch.setattr(backends, "kernels_compiled", lambda: False)
     lines: list[str] = []

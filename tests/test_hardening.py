@@ -35,7 +35,7 @@ from test_hostile_inputs import assert_one_line_error, read_st, snapshot
 import streammerge
 import streammerge.cli
 from streammerge.errors import MergeError, OptionError, error_line
-from streammerge.output import OutputDir
+from streammerge.output.outdir import OutputDir
 
 SEED = ["--seed", "7"]
 
@@ -254,7 +254,7 @@ def test_output_appearing_during_the_merge_is_not_replaced(tmp_path, monkeypatch
 
 KILL_AT = """
 import os, sys
-import streammerge.output as o
+import streammerge.output.outdir as o
 {patch}
 import streammerge.cli
 sys.exit(streammerge.cli.main({argv!r}))
@@ -616,7 +616,7 @@ BIG_HEADER = """
 import sys
 from streammerge.sysinfo import peak_rss_bytes
 before = peak_rss_bytes()
-from streammerge.reader import open_model
+from streammerge.io.reader import open_model
 m = open_model(sys.argv[1])
 print(len(m.tensors), before, peak_rss_bytes())
 """

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streammerge.pipeline import page_aligned
-from streammerge.reader import DIRECT_SLACK, RangeReader, TensorInfo
+from streammerge.exec.pipeline import page_aligned
+from streammerge.io.reader import DIRECT_SLACK, RangeReader, TensorInfo
 
 
 @pytest.mark.parametrize("direct", [True, False])

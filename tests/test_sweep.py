@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import load_dir, make_trio, run_cli, write_model
 
-import streammerge.sweep as sw
+import streammerge.jobs.sweep as sw
 from streammerge.api import Options
 
 

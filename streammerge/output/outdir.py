@@ -37,13 +37,13 @@ import stat
 from dataclasses import asdict
 from pathlib import Path
 
-from streammerge import safejson
+from streammerge.io import safejson
 from streammerge.errors import MergeError
-from streammerge.fingerprints import InputHasher, file_identity, hash_range
-from streammerge.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
+from streammerge.io.fingerprints import InputHasher, file_identity, hash_range
+from streammerge.output.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
 from streammerge.notices import notice
-from streammerge.paths import check_apart, identity, is_mount_point, real
-from streammerge.writer import create_new
+from streammerge.io.paths import check_apart, identity, is_mount_point, real
+from streammerge.io.writer import create_new
 
 PARTIAL_SUFFIX = ".streammerge-partial"
 JOURNAL_SUFFIX = ".streammerge-journal"
@@ -329,7 +329,7 @@ class OutputDir:
             plan: the merge plan (an int is taken as the planned output bytes, with no
                 side-file planning, for callers without a plan).
             base, models: the opened inputs (their files are inputs too).
-            copy_files: plan the side files (``streammerge.side_files``) now.
+            copy_files: plan the side files (``streammerge.output.side_files``) now.
 
         Raises:
             MergeError: see the class.
@@ -381,7 +381,7 @@ class OutputDir:
                     "it was not left by streammerge: move it away (it is never deleted)",
                 )
         if self._plan is not None and copy_files and self.side_files is None:
-            from streammerge.side_files import plan_side_files
+            from streammerge.output.side_files import plan_side_files
 
             self.side_files = plan_side_files(self._plan, self._base, self._models)
             check_apart(touched, self._input_paths())
@@ -433,7 +433,7 @@ class OutputDir:
                 "re-run the same command with --resume to continue it, or --overwrite to start over",
             )
 
-    # --- the lock and the journal (streammerge.journal) --------------------------------
+    # --- the lock and the journal (streammerge.output.journal) --------------------------------
 
     def _lock(self, check_only: bool = False) -> None:
         """Take (or, ``check_only``, test) the journal's lock."""
@@ -793,9 +793,9 @@ class OutputDir:
                 ``--allow-nonfinite`` is off (``nonfinite.check_shard``); it is not
                 committed.
         """
-        from streammerge.writer import take_nonfinite
+        from streammerge.io.writer import take_nonfinite
 
-        from streammerge.nonfinite import check_shard
+        from streammerge.io.nonfinite import check_shard
 
         nonfinite = take_nonfinite(self.shard_tmp_path(name))
         check_shard(self._plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
@@ -902,7 +902,7 @@ class OutputDir:
     def _check_nonfinite(self) -> None:
         """Stop on non-finite values the merge produced (not copied from an input that has
         them), unless --allow-nonfinite; a notice either way."""
-        from streammerge.nonfinite import produced_nonfinite
+        from streammerge.io.nonfinite import produced_nonfinite
 
         shards = dict(self._journal.shards) if self._journal is not None else {}
         shards.update(self._new_shards)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from streammerge.errors import MergeError
 
-#: URL schemes read by ranged requests (``streammerge.remote``); ``file://`` is local.
+#: URL schemes read by ranged requests (``streammerge.io.remote``); ``file://`` is local.
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "s3://", "s3a://", "gs://", "gcs://")
 FILE_PREFIX = "file://"
 
@@ -30,7 +30,7 @@ class InputRef:
         given: the reference as the user wrote it (messages, model cards).
         url: the URL of a remote model (None for a local one).
         path: the local directory (None for a remote model); not resolved through
-            symlinks (``streammerge.paths.real`` does that for overlap checks).
+            symlinks (``streammerge.io.paths.real`` does that for overlap checks).
     """
 
     given: str

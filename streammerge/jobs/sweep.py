@@ -51,11 +51,11 @@ from streammerge.api import (
     side_source,
 )
 from streammerge.errors import MergeError, OptionError
-from streammerge.output import DISK_MARGIN_BYTES, require_free_space
-from streammerge.paths import check_apart, real
-from streammerge.pipeline import analyze, make_layout, run_many
-from streammerge.recipe import RecipeError, draw_seed
-from streammerge.side_files import plan_side_files
+from streammerge.output.outdir import DISK_MARGIN_BYTES, require_free_space
+from streammerge.io.paths import check_apart, real
+from streammerge.exec.pipeline import analyze, make_layout, run_many
+from streammerge.recipe.recipe import RecipeError, draw_seed
+from streammerge.output.side_files import plan_side_files
 
 #: Name of the reference output (λ = 0.5, or equal weights for N > 2).
 FIXED = "fixed"
@@ -518,7 +518,7 @@ def sweep(
         on_draw: called with each Draw once it is scored (or merged, without evaluator).
         on_start: called with the bytes the shared read will read, before it starts.
         ray_address: run groups of draws as Ray tasks (``"local"``, ``"auto"`` or an
-            address; see ``streammerge.distributed``): each group shares one read of the
+            address; see ``streammerge.jobs.distributed``): each group shares one read of the
             inputs on its worker, and its evaluations run there, where its outputs are.
         groups: number of such groups (default: the cluster's CPUs, at most K + 1).
 
@@ -611,8 +611,8 @@ def describe_sweep(
         MergeError / RecipeError / OptionError: as ``sweep``.
     """
     from streammerge import dryrun
-    from streammerge.backends import CPU_GEOMETRY
-    from streammerge.pipeline import STAGING_BLOCKS
+    from streammerge.exec.backends import CPU_GEOMETRY
+    from streammerge.exec.pipeline import STAGING_BLOCKS
 
     options = options or Options()
     pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
@@ -717,7 +717,7 @@ def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, o
         p0 = preps[0]
         model_th = None
         if on_start is not None:
-            from streammerge.pipeline import read_bytes, work_items
+            from streammerge.exec.pipeline import read_bytes, work_items
 
             on_start(read_bytes(work_items(p0.plan, list(p0.plan.shards), layout)))
         if p0.plan.model_scope:
@@ -753,7 +753,7 @@ def _group_task(models, base, out, names, vectors, recipe_args, seed, options, e
 
 def _run_on_ray(address, groups, models, base, out, names, vectors, recipe_args, seed,
                 options, evaluate, eval_select, on_draw):  # fmt: skip
-    from streammerge.distributed import _connect, task_cpus, task_options
+    from streammerge.jobs.distributed import _connect, task_cpus, task_options
 
     ray = _connect(address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -884,8 +884,8 @@ def plot(result: SweepResult, n_models: int, path: Path) -> None:
 
 
 class _CallableModule(type(sys.modules[__name__])):
-    """``streammerge.sweep(...)`` calls ``streammerge.sweep.sweep(...)`` (the module stays a
-    module: ``from streammerge.sweep import sweep`` works too)."""
+    """``streammerge.sweep(...)`` calls ``streammerge.jobs.sweep.sweep(...)`` (the module stays a
+    module: ``from streammerge.jobs.sweep import sweep`` works too)."""
 
     def __call__(self, *args, **kwargs) -> SweepResult:
         return sweep(*args, **kwargs)

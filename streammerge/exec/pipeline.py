@@ -40,13 +40,13 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.ops import convert_args, hist_args, merge_args, read_rows
-from streammerge.output import OutputDir
-from streammerge.plan import Chunk, Plan, Segment, ShardPlan, TensorPlan, iter_chunks
-from streammerge.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
-from streammerge.remote import RemoteFile, read_jobs
-from streammerge.stats import HIGH_BINS, LOW_BINS, ThresholdStats, guess_slots, windows
-from streammerge.writer import BLOCK_BYTES, ShardWriter, StagingBlock
+from streammerge.exec.ops import convert_args, hist_args, merge_args, read_rows
+from streammerge.output.outdir import OutputDir
+from streammerge.plan.planner import Chunk, Plan, Segment, ShardPlan, TensorPlan, iter_chunks
+from streammerge.io.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, RangeReader, align_up
+from streammerge.io.remote import RemoteFile, read_jobs
+from streammerge.exec.stats import HIGH_BINS, LOW_BINS, ThresholdStats, guess_slots, windows
+from streammerge.io.writer import BLOCK_BYTES, ShardWriter, StagingBlock
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
 N_SLOTS = 6
@@ -350,7 +350,7 @@ class Backend(Protocol):
     before the oldest is waited on (0: ``run`` finishes the work). ``alloc`` makes the slot
     buffers (pinned host memory for a GPU).
 
-    Optional (a device backend, ``streammerge.gpu.DeviceBackend``): ``start(layout)`` and
+    Optional (a device backend, ``streammerge.exec.gpu.DeviceBackend``): ``start(layout)`` and
     ``prewarm(plan)`` before the first read, ``close()`` after the last wait or on error
     (drains the device), ``run_sweep(slot, passes)`` (a sweep's K merges of one slot, its
     inputs sent once), ``takes_offsets`` (rows arrive at ``slot.offsets``, not memmoved to
@@ -557,7 +557,7 @@ def _stream_body(
             ]
         slot.in_nbytes = sum(j[2] for j in jobs)
         remote = [j for j in jobs if isinstance(j[0].file, RemoteFile)]
-        if remote:  # inputs by URL: ranged reads (streammerge.remote), fingerprinted too
+        if remote:  # inputs by URL: ranged reads (streammerge.io.remote), fingerprinted too
             read_jobs(remote, pool)
             reader.hash_ranges(remote, pool)
         local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
@@ -765,7 +765,7 @@ def run(
         shards: the shards still to write (all of them unless resuming).
         output: the open output transaction (staging dir, journal).
         layout: buffer sizes (``make_layout``).
-        backend: runs the passes (``streammerge.backends``, ``streammerge.gpu``).
+        backend: runs the passes (``streammerge.exec.backends``, ``streammerge.exec.gpu``).
         on_bytes: called with input bytes done since the last call.
         direct_io: read inputs and write shards with O_DIRECT where allowed.
         model_thresholds: trim_scope model: the whole model's thresholds (``analyze``).

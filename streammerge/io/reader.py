@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streammerge import safejson
+from streammerge.io import safejson
 from streammerge.errors import MergeError
 from streammerge.names import name_problem
-from streammerge.paths import check_within_model
+from streammerge.io.paths import check_within_model
 from streammerge.sysinfo import open_file_limit
 
 #: Bytes per element of every safetensors dtype (huggingface/safetensors, ``Dtype``).
@@ -99,7 +99,7 @@ class ModelDir:
             any header or size changes.
         stamp: sha256 (hex) of every file's name, size and modification time (ns) (not
             recorded in the output, which must not depend on it; ``--resume`` checks
-            content, see ``streammerge.fingerprints``).
+            content, see ``streammerge.io.fingerprints``).
         file_fingerprints: file name -> sha256 (hex) of its name, size and header bytes
             (so a refused resume can name the file whose header changed).
     """
