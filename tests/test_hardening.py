@@ -254,6 +254,7 @@ def test_output_appearing_during_the_merge_is_not_replaced(tmp_path, monkeypatch
 
 KILL_AT = """
 import os, sys
+import streammerge.output.finish as fin
 import streammerge.output.outdir as o
 {patch}
 import streammerge.cli
@@ -298,7 +299,7 @@ def test_overwrite_killed_before_the_exchange_keeps_the_old_model(tmp_path):
     out = tmp_path / "out"
     old = _old_model(out, dirs, "1")
     argv = merge_argv([dirs[1], dirs[2]], dirs[0], out, *SEED, "--overwrite")
-    rc = _killed_run(argv, "o.renameat2 = lambda *a: os._exit(9)")
+    rc = _killed_run(argv, "fin.renameat2 = lambda *a: os._exit(9)")
     assert rc == 9 and dir_digest(out) == old
     assert run_cli(argv + ["--resume"]).returncode == 0
     ref = tmp_path / "ref"
@@ -316,7 +317,7 @@ def test_overwrite_without_exchange_killed_between_renames_is_completed(tmp_path
 import errno
 def no_exchange(*a):
     raise OSError(errno.EINVAL, "no RENAME_EXCHANGE here")
-o.renameat2 = no_exchange
+fin.renameat2 = no_exchange
 real_finish, real_rename = o.OutputDir.finish, os.rename
 def finish(self):
     def rename(src, dst):

@@ -66,7 +66,6 @@ KNOWN_OVER = {
     "streammerge/exec/pipeline.py",
     "streammerge/io/reader.py",
     "streammerge/jobs/sweep.py",
-    "streammerge/output/outdir.py",
     "streammerge/plan/planner.py",
 }
 

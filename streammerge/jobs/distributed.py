@@ -89,7 +89,7 @@ class StagingOutput:
     def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
         """Rename a finished shard into place and report it, with its input hashes,
         non-finite counts and thresholds, to the driver, which journals it."""
-        from streammerge.output.outdir import input_digests
+        from streammerge.output.files import input_digests
         from streammerge.io.writer import take_nonfinite
 
         from streammerge.io.nonfinite import check_shard

@@ -51,7 +51,7 @@ from streammerge.api import (
     side_source,
 )
 from streammerge.errors import MergeError, OptionError
-from streammerge.output.outdir import DISK_MARGIN_BYTES, require_free_space
+from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.io.paths import check_apart, real
 from streammerge.exec.pipeline import analyze, make_layout, run_many
 from streammerge.recipe.recipe import RecipeError, draw_seed
