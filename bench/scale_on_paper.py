@@ -306,8 +306,8 @@ def measure_sha256(nbytes: int = 64 * 2**20) -> float:
 
 
 def chunk_elems(memory_bytes: int, threads: int) -> int:
-    """Elements of one slot of a ties run (``pipeline.make_layout`` on a stub bf16 plan)."""
-    from streammerge.exec.pipeline import make_layout
+    """Elements of one slot of a ties run (``layout.make_layout`` on a stub bf16 plan)."""
+    from streammerge.exec.layout import make_layout
 
     t = SimpleNamespace(action="merge", base=SimpleNamespace(itemsize=2),
                         sources=[SimpleNamespace(itemsize=2)] * 2, dtype="BF16",

@@ -23,16 +23,8 @@ from streammerge import __version__
 from streammerge.plan.checks import check_merge_args
 from streammerge.errors import MergeError, OptionError
 from streammerge.output.outdir import OutputDir
-from streammerge.exec.pipeline import (
-    Layout,
-    RunStats,
-    analysis_items,
-    analyze,
-    make_layout,
-    read_bytes,
-    run,
-    work_items,
-)
+from streammerge.exec.layout import Layout, analysis_items, make_layout, read_bytes, work_items
+from streammerge.exec.pipeline import RunStats, analyze, run
 from streammerge.plan.planner import Plan, ShardPlan, make_plan
 from streammerge.io.reader import INDEX_FILE, ModelDir, open_model
 from streammerge.recipe.dtypes import normalize_dtype

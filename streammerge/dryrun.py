@@ -40,9 +40,9 @@ from pathlib import Path
 from streammerge.errors import MergeError
 from streammerge.exec.gpu import pinned_host_bytes
 from streammerge.names import natural_key
-from streammerge.exec.pipeline import (
-    STAGING_BLOCKS,
+from streammerge.exec.layout import (
     Layout,
+    STAGING_BLOCKS,
     analysis_items,
     read_bytes,
     tensor_items,

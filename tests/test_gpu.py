@@ -15,7 +15,7 @@ from streammerge.exec.gpu import (
     pinned_host_bytes,
     vram_chunk_elems,
 )
-from streammerge.exec.pipeline import Item, make_layout, work_items
+from streammerge.exec.layout import Item, make_layout, work_items
 from streammerge.plan.planner import make_plan
 from streammerge.io.reader import ModelDir, TensorInfo
 from streammerge.recipe.recipe import build_recipe

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_trio
 
 import streammerge
-from streammerge.exec.pipeline import mapped_bytes, page_aligned
+from streammerge.exec.layout import mapped_bytes, page_aligned
 
 
 def test_mapped_bytes_counts_whole_pages():
@@ -30,7 +30,7 @@ def test_scratch_estimate_matches_the_kernels():
     """The budget counts the numba kernels' partial histograms as they allocate them."""
     from streammerge.kernels import cpu_stats
 
-    from streammerge.exec.pipeline import kernel_scratch_per_model
+    from streammerge.exec.layout import kernel_scratch_per_model
     from streammerge.exec.stats import guess_slots
 
     for sparsifier in ("magnitude", "breadcrumbs"):

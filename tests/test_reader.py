@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streammerge.exec.pipeline import page_aligned
+from streammerge.exec.layout import page_aligned
 from streammerge.io.reader import DIRECT_SLACK, RangeReader, TensorInfo
 
 

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs
-from streammerge.exec.pipeline import Slot, page_aligned
+from streammerge.exec.layout import Slot, page_aligned
 
 
 class _Geometry:

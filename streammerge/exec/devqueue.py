@@ -35,7 +35,7 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.exec.pipeline import page_aligned
+from streammerge.exec.layout import page_aligned
 from streammerge.io.reader import align_up
 from streammerge.sizes import format_bytes
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.exec.pipeline import MIN_CHUNK_ELEMS, Slot
+from streammerge.exec.layout import MIN_CHUNK_ELEMS, Slot
 from streammerge.sizes import format_bytes
 
 #: Device buffer sets in flight (H2D of k+1 overlaps the kernel of k and D2H of k-1).
@@ -113,7 +113,7 @@ def device_chunk_elems(vram_bytes: int, rows: int, in_itemsize: int, out_itemsiz
 @dataclass(frozen=True)
 class DeviceGeometry:
     """What ``--plan`` needs of a DeviceBackend without starting one (no stream, no
-    compile): its depth and chunk limit for ``vram_bytes`` (as ``pipeline.make_layout``
+    compile): its depth and chunk limit for ``vram_bytes`` (as ``layout.make_layout``
     takes them)."""
 
     vram_bytes: int
@@ -154,7 +154,7 @@ def resolve_vram(vram_bytes: int | None, free: int, where: str) -> int:
 
 
 def pinned_host_bytes(layout) -> int:
-    """Host bytes a DeviceBackend pins for ``layout`` (``pipeline.Layout`` made with
+    """Host bytes a DeviceBackend pins for ``layout`` (``layout.Layout`` made with
     depth GPU_DEPTH): every slot's input rows and output buffers, each buffer registered
     at page granularity (``devqueue.pinned_size``). At most ``--memory``: the layout
     counts the same buffers (and the writer's staging blocks and histograms, which are not

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from streammerge.exec.devqueue import pinned_size
-from streammerge.exec.pipeline import page_aligned
+from streammerge.exec.layout import page_aligned
 
 #: Poison of fresh device buffers: 0xFF bytes are NaN in bf16, fp16 and fp32.
 POISON = 0xFF

@@ -119,7 +119,7 @@ class TaskResult:
 def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
               memory_bytes: int, model_thresholds, progress) -> TaskResult:  # fmt: skip
     """A task's body, on its worker: the local execute step over some shards."""
-    from streammerge.exec.pipeline import make_layout
+    from streammerge.exec.layout import make_layout
 
     engine = make_backend(prep_options.backend, prep_options.device, task_cpus(prep_options),
                           prep_options.vram)  # fmt: skip
@@ -286,7 +286,7 @@ def merge_ray(
 
 def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
     from streammerge.exec.backends import CPU_GEOMETRY
-    from streammerge.exec.pipeline import read_bytes, work_items
+    from streammerge.exec.layout import read_bytes, work_items
 
     check_visible(ray, prep.output.staging)
     options = prep.options

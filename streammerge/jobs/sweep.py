@@ -53,7 +53,8 @@ from streammerge.api import (
 from streammerge.errors import MergeError, OptionError
 from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.io.paths import check_apart, real
-from streammerge.exec.pipeline import analyze, make_layout, run_many
+from streammerge.exec.layout import make_layout
+from streammerge.exec.pipeline import analyze, run_many
 from streammerge.recipe.recipe import RecipeError, draw_seed
 from streammerge.output.side_files import plan_side_files
 
@@ -612,7 +613,7 @@ def describe_sweep(
     """
     from streammerge import dryrun
     from streammerge.exec.backends import CPU_GEOMETRY
-    from streammerge.exec.pipeline import STAGING_BLOCKS
+    from streammerge.exec.layout import STAGING_BLOCKS
 
     options = options or Options()
     pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
@@ -717,7 +718,7 @@ def _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes, o
         p0 = preps[0]
         model_th = None
         if on_start is not None:
-            from streammerge.exec.pipeline import read_bytes, work_items
+            from streammerge.exec.layout import read_bytes, work_items
 
             on_start(read_bytes(work_items(p0.plan, list(p0.plan.shards), layout)))
         if p0.plan.model_scope:

@@ -27,7 +27,6 @@ inputs changes nothing and says so.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import asdict
