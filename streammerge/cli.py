@@ -76,7 +76,9 @@ def sweep_main(argv: list[str]) -> int:
         parser.error(f"the following arguments are required: MODEL MODEL (at least 2 fine-tune "
                      f"directories, got {len(args.models)})")  # fmt: skip
     from streammerge.api import OPTION_KEYS, Options
-    from streammerge.jobs.sweep import EXIT_NOTHING_SCORED, CommandEvaluator, describe_sweep, sweep
+    from streammerge.jobs.evaluate import CommandEvaluator
+    from streammerge.jobs.sweep import EXIT_NOTHING_SCORED, sweep
+    from streammerge.jobs.sweep_plan import describe_sweep
 
     if args.config is not None:
         return report(MergeError("sweep takes models and flags, not --config", None, None,
@@ -180,10 +182,10 @@ def _sweep_closing(r, exit_nothing_scored: int) -> int:
 
 
 def _print_plan(d: dict, as_json: bool) -> int:
-    """Print a sweep's plan (``sweep.describe_sweep``) on stdout."""
+    """Print a sweep's plan (``sweep_plan.describe_sweep``) on stdout."""
     import json
 
-    from streammerge.jobs.sweep import format_sweep_plan
+    from streammerge.jobs.sweep_plan import format_sweep_plan
 
     print(json.dumps(d, indent=2, sort_keys=True) if as_json else format_sweep_plan(d), end="\n"
           if as_json else "")  # fmt: skip

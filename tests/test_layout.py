@@ -64,7 +64,6 @@ KNOWN_OVER = {
     "streammerge/dryrun.py",
     "streammerge/exec/gpu.py",
     "streammerge/io/reader.py",
-    "streammerge/jobs/sweep.py",
     "streammerge/plan/planner.py",
 }
 
