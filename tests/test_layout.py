@@ -63,7 +63,6 @@ KNOWN_OVER = {
     "streammerge/api.py",
     "streammerge/dryrun.py",
     "streammerge/exec/gpu.py",
-    "streammerge/io/reader.py",
     "streammerge/plan/planner.py",
 }
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from streammerge.exec.layout import page_aligned
-from streammerge.io.reader import DIRECT_SLACK, RangeReader, TensorInfo
+from streammerge.io.ranges import DIRECT_SLACK, RangeReader
+from streammerge.io.reader import TensorInfo
 
 
 @pytest.mark.parametrize("direct", [True, False])

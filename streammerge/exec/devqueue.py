@@ -36,7 +36,7 @@ import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.exec.layout import page_aligned
-from streammerge.io.reader import align_up
+from streammerge.io.ranges import align_up
 from streammerge.sizes import format_bytes
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from streammerge.errors import MergeError
 from streammerge.exec.ops import read_rows
 from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
-from streammerge.io.reader import DIRECT_ALIGN, DIRECT_SLACK, DTYPE_ITEMSIZE, align_up
+from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
+from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
 from streammerge.plan.planner import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 

@@ -48,7 +48,8 @@ from streammerge.exec.layout import (
 )
 from streammerge.exec.ops import convert_args, merge_args, read_rows
 from streammerge.exec.thresholds import _Thresholds, accumulate
-from streammerge.io.reader import DTYPE_ITEMSIZE, RangeReader
+from streammerge.io.ranges import RangeReader
+from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
 from streammerge.output.outdir import OutputDir

@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from streammerge.io.nonfinite import EXPONENT_MASK, count_nonfinite
-from streammerge.io.reader import align_up
+from streammerge.io.ranges import align_up
 
 #: Staging block size (bytes): one O_DIRECT write each.
 BLOCK_BYTES = 8 * 2**20
