@@ -30,7 +30,7 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
     """
     import shlex
 
-    from streammerge.api import Provenance
+    from streammerge.api_types import Provenance
 
     command = shlex.join(["streammerge", *repeatable_argv(parser, argv)])
     if args.config is None:
@@ -75,7 +75,7 @@ def sweep_main(argv: list[str]) -> int:
     if args.config is None and len(args.models) < 2:
         parser.error(f"the following arguments are required: MODEL MODEL (at least 2 fine-tune "
                      f"directories, got {len(args.models)})")  # fmt: skip
-    from streammerge.api import OPTION_KEYS, Options
+    from streammerge.api_types import OPTION_KEYS, Options
     from streammerge.jobs.evaluate import CommandEvaluator
     from streammerge.jobs.sweep import EXIT_NOTHING_SCORED, sweep
     from streammerge.jobs.sweep_plan import describe_sweep
@@ -213,7 +213,8 @@ def _main(argv: list[str] | None = None) -> int:
         TransferSpeedColumn,
     )
 
-    from streammerge.api import OPTION_KEYS, Options, merge
+    from streammerge.api import merge
+    from streammerge.api_types import OPTION_KEYS, Options
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message
     progress = (
@@ -314,7 +315,7 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
 def plan_geometry(options) -> tuple[object, str]:
     """(buffer geometry, ``cpu`` or ``cuda``) a run with ``options`` would have, for
     ``--plan``: a CUDA run's when it would use a GPU (no kernel started), else the CPU's."""
-    from streammerge.api import wants_gpu
+    from streammerge.exec.choose import wants_gpu
     from streammerge.exec.backends import CPU_GEOMETRY
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CUDA run would not start

@@ -156,7 +156,8 @@ def test_measure_read_speed(tmp_path):
 
 
 def test_plan_of_a_resume_counts_only_unfinished_shards(tmp_path):
-    from streammerge.api import execute, make_backend
+    from streammerge.api import execute
+    from streammerge.exec.choose import make_backend
     from streammerge.errors import MergeError
 
     base, a, b = make_trio(tmp_path)

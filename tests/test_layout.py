@@ -53,14 +53,13 @@ def test_transformers_llama_imports_from_the_repo_root():
 LAYERS = (
     "errors", "notices", "sizes", "names", "sysinfo", "kernel_source",  # shared, the bottom
     "io", "recipe", "plan", "output", "exec",  # the data path's subpackages
-    "api", "dryrun", "jobs", "cli",  # the front doors: merge(), --plan, sweep and Ray, the command
+    "api_types", "api", "dryrun", "jobs", "cli",  # front doors: merge(), --plan, sweep, Ray, CLI
     "__main__", "__init__",
 )  # fmt: skip
 
 #: Line limit of one module, and the modules still over it (the set must shrink, never grow).
 MAX_LINES = 500
 KNOWN_OVER = {
-    "streammerge/api.py",
     "streammerge/dryrun.py",
     "streammerge/exec/gpu.py",
     "streammerge/plan/planner.py",

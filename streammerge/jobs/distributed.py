@@ -28,17 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.api import (
-    MergeSummary,
-    Options,
-    Prepared,
-    Provenance,
-    finalize,
-    layout_for,
-    make_backend,
-    open_output,
-    prepare,
-)
+from streammerge.api import finalize, layout_for, open_output, prepare
+from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
+from streammerge.exec.choose import make_backend
 from streammerge.errors import MergeError
 from streammerge.exec.pipeline import RunStats, analyze, run
 from streammerge.plan.planner import Plan, ShardPlan

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streammerge.api import DEFAULT_SHARD_SIZE, Options
+from streammerge.api_types import DEFAULT_SHARD_SIZE, Options
 from streammerge.jobs.evaluate import EVAL_TIMEOUT_S, CommandEvaluator, finite_json
 from streammerge.recipe.recipe import RecipeError
 

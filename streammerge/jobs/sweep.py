@@ -31,17 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.api import (
-    Options,
-    Prepared,
-    Provenance,
-    finalize,
-    make_backend,
-    open_output,
-    preflight_output,
-    prepare,
-    side_source,
-)
+from streammerge.api import finalize, open_output, preflight_output, prepare, side_source
+from streammerge.api_types import Options, Prepared, Provenance
+from streammerge.exec.choose import make_backend
 from streammerge.errors import MergeError, OptionError
 from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.io.paths import check_apart, real

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from streammerge.api import Options
+from streammerge.api_types import Options
 from streammerge.io.paths import real
 from streammerge.jobs.sweep import _layout, _plan
 
