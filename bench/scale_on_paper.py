@@ -12,7 +12,7 @@ an option (then it is not measured), so the table can be redone for other nodes.
 
 Measured (per node):
 
-- disk read: ``streammerge.dryrun.measure_read_speed`` (O_DIRECT, 4 x 4 MiB requests in
+- disk read: ``streammerge.io.measure.measure_read_speed`` (O_DIRECT, 4 x 4 MiB requests in
   flight) of a file this script writes into a temp dir on the data's file system
   (``--dir``, default ``bench/data``); median of 3.
 - disk write: O_DIRECT sequential 4 MiB writes of the same file plus fsync; median of 3.
@@ -155,7 +155,7 @@ def measure_write(path: Path, total: int) -> tuple[float, str]:
 
 def measure_disk(directory: Path) -> dict:
     """Disk write and read rates (bytes/s) on a temp file in ``directory``; median of 3."""
-    from streammerge.dryrun import measure_read_speed
+    from streammerge.io.measure import measure_read_speed
 
     tmp = Path(tempfile.mkdtemp(prefix="scale-on-paper-", dir=directory))
     try:

@@ -141,18 +141,20 @@ def test_group_of(name, group):
 
 
 def test_measure_read_speed(tmp_path):
-    assert dryrun.measure_read_speed([]) is None
+    from streammerge.io import measure
+
+    assert measure.measure_read_speed([]) is None
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(9 * 2**20 + 123))
-    r = dryrun.measure_read_speed([small, big], max_bytes=8 * 2**20)
+    r = measure.measure_read_speed([small, big], max_bytes=8 * 2**20)
     assert r["file"] == str(big)
     assert 8 * 2**20 <= r["bytes"] <= big.stat().st_size
     assert r["bytes_per_s"] > 0 and r["how"] in ("O_DIRECT", "buffered after fadvise DONTNEED")
     empty = tmp_path / "e.bin"
     empty.write_bytes(b"")
-    assert dryrun.measure_read_speed([empty])["bytes_per_s"] is None
+    assert measure.measure_read_speed([empty])["bytes_per_s"] is None
 
 
 def test_plan_of_a_resume_counts_only_unfinished_shards(tmp_path):
