@@ -34,7 +34,8 @@ from streammerge.errors import MergeError, OptionError
 from streammerge.output.outdir import OutputDir
 from streammerge.exec.layout import Layout, analysis_items, make_layout, read_bytes, work_items
 from streammerge.exec.pipeline import RunStats, analyze, run
-from streammerge.plan.planner import Plan, ShardPlan, make_plan
+from streammerge.plan.plan_types import Plan, ShardPlan
+from streammerge.plan.planner import make_plan
 from streammerge.io.reader import INDEX_FILE, ModelDir
 from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.recipe import Recipe, RecipeError, build_recipe

@@ -11,7 +11,7 @@ from pathlib import Path
 from streammerge.io.reader import ModelDir
 from streammerge.io.remote import DEFAULT_HTTP_TIMEOUT_S
 from streammerge.output.outdir import OutputDir
-from streammerge.plan.planner import Plan, ShardPlan
+from streammerge.plan.plan_types import Plan, ShardPlan
 from streammerge.recipe.recipe import Recipe
 
 #: Default memory budget for buffers (bytes): fits a 1 GiB machine with room to spare.

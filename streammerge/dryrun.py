@@ -43,7 +43,7 @@ from streammerge.exec.layout import (
     tensor_items,
     work_items,
 )
-from streammerge.plan.planner import ShardPlan, TensorPlan
+from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
 

@@ -582,12 +582,13 @@ def test_torch_queue_uses_blocking_events_and_registered_pages():
 def test_make_backend_auto_without_driver_is_numba(monkeypatch):
     monkeypatch.setattr(gpu, "cuda_available", lambda: False)
     from streammerge.exec.backends import NumbaBackend
+    from streammerge.exec.choose import make_backend
 
-    assert isinstance(api.make_backend("auto", "auto", 1), NumbaBackend)
+    assert isinstance(make_backend("auto", "auto", 1), NumbaBackend)
     with pytest.raises(MergeError, match="no CUDA device"):
-        api.make_backend("auto", "cuda", 1)
+        make_backend("auto", "cuda", 1)
     with pytest.raises(MergeError, match="numba runs on the CPU"):  # not silently the CPU
-        api.make_backend("numba", "cuda", 1)
+        make_backend("numba", "cuda", 1)
 
 
 def test_cuda_device_that_cannot_start_is_a_merge_error(monkeypatch, capsys, trio, tmp_path):

@@ -61,7 +61,6 @@ LAYERS = (
 MAX_LINES = 500
 KNOWN_OVER = {
     "streammerge/exec/gpu.py",
-    "streammerge/plan/planner.py",
 }
 
 PACKAGE = REPO / "streammerge"

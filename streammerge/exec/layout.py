@@ -19,7 +19,7 @@ from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
-from streammerge.plan.planner import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
+from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
 N_SLOTS = 6

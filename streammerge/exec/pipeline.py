@@ -53,7 +53,7 @@ from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
 from streammerge.output.outdir import OutputDir
-from streammerge.plan.planner import Chunk, Plan, ShardPlan, TensorPlan
+from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan
 
 
 @dataclass

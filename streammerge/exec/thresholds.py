@@ -8,7 +8,7 @@ import numpy as np
 from streammerge.exec.layout import Backend, Slot
 from streammerge.exec.ops import hist_args
 from streammerge.exec.stats import ThresholdStats, windows
-from streammerge.plan.planner import Plan, Segment, TensorPlan
+from streammerge.plan.plan_types import Plan, Segment, TensorPlan
 
 
 class _Thresholds:

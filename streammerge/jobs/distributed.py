@@ -33,7 +33,7 @@ from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
 from streammerge.exec.choose import make_backend
 from streammerge.errors import MergeError
 from streammerge.exec.pipeline import RunStats, analyze, run
-from streammerge.plan.planner import Plan, ShardPlan
+from streammerge.plan.plan_types import Plan, ShardPlan
 
 #: Retries of a task whose worker died (Ray ``max_retries``).
 MAX_RETRIES = 3

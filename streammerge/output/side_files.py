@@ -22,7 +22,7 @@ from streammerge.io import safejson
 from streammerge.errors import MergeError
 from streammerge.notices import notice
 from streammerge.io.paths import inside_roots, model_roots, real
-from streammerge.plan.planner import Plan
+from streammerge.plan.plan_types import Plan
 from streammerge.io.reader import INDEX_FILE, ModelDir
 
 #: Files never copied from the base: weights in any format, and our own record.
