@@ -171,7 +171,7 @@ class TritonCpuBackend:
         try:
             import torch
 
-            from streammerge.exec.gpu import TritonLauncher
+            from streammerge.exec.triton_launcher import TritonLauncher
         except ImportError as e:
             raise MergeError(
                 f"--backend triton needs torch and triton ({e})",

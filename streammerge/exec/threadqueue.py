@@ -242,7 +242,7 @@ class ThreadQueue:
 
 
 class NumbaLauncher:
-    """The kernel launcher of a ``ThreadQueue``: ``streammerge.exec.gpu.TritonLauncher``'s
+    """The kernel launcher of a ``ThreadQueue``: ``streammerge.exec.triton_launcher.TritonLauncher``'s
     interface over the numba kernels, on numpy "device" buffers (uint8 [R, row bytes])."""
 
     def merge(self, inputs: np.ndarray, out: np.ndarray, a) -> None:
