@@ -9,7 +9,7 @@ DARE, TIES, breadcrumbs, linear, each with Mixup Model Merge weights).
 __version__ = "0.1.0"
 
 from streammerge import kernel_source  # noqa: F401  (first: its import mounts streammerge.kernels)
-from streammerge.jobs import sweep
 from streammerge.api import MergeSummary, merge
+from streammerge.jobs import sweep
 
 __all__ = ["MergeSummary", "__version__", "merge", "sweep"]

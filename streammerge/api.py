@@ -28,19 +28,19 @@ from streammerge.api_types import (
     Prepared,
     Provenance,
 )
-from streammerge.exec.choose import make_backend
-from streammerge.plan.checks import check_merge_args
 from streammerge.errors import MergeError, OptionError
-from streammerge.output.outdir import OutputDir
+from streammerge.exec.choose import make_backend
 from streammerge.exec.layout import Layout, analysis_items, make_layout, read_bytes, work_items
 from streammerge.exec.pipeline import RunStats, analyze, run
+from streammerge.io.inputs import input_record, is_remote, open_input, resolve_output
+from streammerge.io.reader import INDEX_FILE, ModelDir
+from streammerge.output.outdir import OutputDir
+from streammerge.output.side_files import copy_side_files
+from streammerge.plan.checks import check_merge_args
 from streammerge.plan.plan_types import Plan, ShardPlan
 from streammerge.plan.planner import make_plan
-from streammerge.io.reader import INDEX_FILE, ModelDir
 from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.recipe import Recipe, RecipeError, build_recipe
-from streammerge.io.inputs import input_record, is_remote, open_input, resolve_output
-from streammerge.output.side_files import copy_side_files
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
 

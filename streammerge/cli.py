@@ -315,8 +315,8 @@ def show_plan(models, base, out, kwargs, options, prov, as_json: bool) -> int:
 def plan_geometry(options) -> tuple[object, str]:
     """(buffer geometry, ``cpu`` or ``cuda``) a run with ``options`` would have, for
     ``--plan``: a CUDA run's when it would use a GPU (no kernel started), else the CPU's."""
-    from streammerge.exec.choose import wants_gpu
     from streammerge.exec.backends import CPU_GEOMETRY
+    from streammerge.exec.choose import wants_gpu
 
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # a CUDA run would not start
     if wants_gpu(options.backend, options.device) and not interpreted:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 from streammerge.errors import MergeError
 from streammerge.exec.gpu import pinned_host_bytes
-from streammerge.io.measure import measure_read_speed
-from streammerge.names import natural_key
 from streammerge.exec.layout import (
     Layout,
     STAGING_BLOCKS,
@@ -43,6 +41,8 @@ from streammerge.exec.layout import (
     tensor_items,
     work_items,
 )
+from streammerge.io.measure import measure_read_speed
+from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes

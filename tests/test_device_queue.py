@@ -19,10 +19,10 @@ from conftest import fail_after, make_trio
 
 import streammerge
 from streammerge import api
-from streammerge.exec import gpu
 from streammerge.api import Options, execute, finalize, prepare
-from streammerge.exec.devqueue import TorchCudaQueue, pinned_size, torch_pinned_size
 from streammerge.errors import MergeError
+from streammerge.exec import gpu
+from streammerge.exec.devqueue import TorchCudaQueue, pinned_size, torch_pinned_size
 from streammerge.exec.gpu import DeviceBackend
 from streammerge.exec.threadqueue import NumbaLauncher, ThreadQueue
 

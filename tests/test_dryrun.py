@@ -159,8 +159,8 @@ def test_measure_read_speed(tmp_path):
 
 def test_plan_of_a_resume_counts_only_unfinished_shards(tmp_path):
     from streammerge.api import execute
-    from streammerge.exec.choose import make_backend
     from streammerge.errors import MergeError
+    from streammerge.exec.choose import make_backend
 
     base, a, b = make_trio(tmp_path)
     out = tmp_path / "out"

@@ -16,8 +16,8 @@ from streammerge.exec.gpu import (
     vram_chunk_elems,
 )
 from streammerge.exec.layout import Item, make_layout, work_items
-from streammerge.plan.planner import make_plan
 from streammerge.io.reader import ModelDir, TensorInfo
+from streammerge.plan.planner import make_plan
 from streammerge.recipe.recipe import build_recipe
 
 

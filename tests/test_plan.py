@@ -9,9 +9,9 @@ import torch
 from conftest import make_trio, write_model
 
 from streammerge.errors import MergeError
+from streammerge.io.reader import open_model
 from streammerge.plan.plan_types import iter_chunks
 from streammerge.plan.planner import greedy_shards, make_plan, natural_key, shard_names
-from streammerge.io.reader import open_model
 from streammerge.recipe.recipe import build_recipe
 
 

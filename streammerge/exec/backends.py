@@ -14,8 +14,8 @@ import threading
 
 import numpy as np
 
-from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs
 from streammerge.exec.layout import Slot, page_aligned
+from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs
 
 
 class _Geometry:

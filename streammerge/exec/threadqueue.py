@@ -242,8 +242,9 @@ class ThreadQueue:
 
 
 class NumbaLauncher:
-    """The kernel launcher of a ``ThreadQueue``: ``streammerge.exec.triton_launcher.TritonLauncher``'s
-    interface over the numba kernels, on numpy "device" buffers (uint8 [R, row bytes])."""
+    """The kernel launcher of a ``ThreadQueue``:
+    ``streammerge.exec.triton_launcher.TritonLauncher``'s interface over the numba kernels,
+    on numpy "device" buffers (uint8 [R, row bytes])."""
 
     def merge(self, inputs: np.ndarray, out: np.ndarray, a) -> None:
         """The elementwise pass (``streammerge.exec.ops.MergeArgs``) into ``out``."""

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from streammerge.io import safejson
 from streammerge.errors import MergeError
-from streammerge.names import name_problem
+from streammerge.io import safejson
 from streammerge.io.paths import check_within_model
+from streammerge.names import name_problem
 
 #: Bytes per element of every safetensors dtype (huggingface/safetensors, ``Dtype``).
 DTYPE_ITEMSIZE: dict[str, int] = {

@@ -39,9 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streammerge.io import httpio, safejson
 from streammerge.errors import MergeError
-from streammerge.notices import notice
+from streammerge.io import httpio, safejson
 from streammerge.io.reader import (
     INDEX_FILE,
     MAX_INDEX_BYTES,
@@ -51,6 +50,7 @@ from streammerge.io.reader import (
     header_length,
     open_model,
 )
+from streammerge.notices import notice
 
 #: Bytes per ranged request (pieces of one chunk row are read concurrently by the pool).
 PIECE_BYTES = 8 * 2**20

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from streammerge.api import finalize, layout_for, open_output, prepare
 from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
-from streammerge.exec.choose import make_backend
 from streammerge.errors import MergeError
+from streammerge.exec.choose import make_backend
 from streammerge.exec.pipeline import RunStats, analyze, run
 from streammerge.plan.plan_types import Plan, ShardPlan
 
@@ -81,8 +81,8 @@ class StagingOutput:
     def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
         """Rename a finished shard into place and report it, with its input hashes,
         non-finite counts and thresholds, to the driver, which journals it."""
-        from streammerge.output.files import input_digests
         from streammerge.io.writer import take_nonfinite
+        from streammerge.output.files import input_digests
 
         from streammerge.io.nonfinite import check_shard
 

@@ -33,17 +33,17 @@ from pathlib import Path
 
 from streammerge.api import finalize, open_output, preflight_output, prepare, side_source
 from streammerge.api_types import Options, Prepared, Provenance
-from streammerge.exec.choose import make_backend
 from streammerge.errors import MergeError, OptionError
-from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
+from streammerge.exec.choose import make_backend
+from streammerge.exec.layout import make_layout
+from streammerge.exec.pipeline import analyze, run_many
 from streammerge.io.paths import check_apart, real
 from streammerge.jobs.draws import Draw, _repeat_command, draw_weights, mask_seed_for, sweep_command
 from streammerge.jobs.evaluate import EvalError
 from streammerge.jobs.sweep_results import SweepResult, write_results
-from streammerge.exec.layout import make_layout
-from streammerge.exec.pipeline import analyze, run_many
-from streammerge.recipe.recipe import RecipeError, draw_seed
+from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.output.side_files import plan_side_files
+from streammerge.recipe.recipe import RecipeError, draw_seed
 
 #: Name of the reference output (λ = 0.5, or equal weights for N > 2).
 FIXED = "fixed"

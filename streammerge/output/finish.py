@@ -11,9 +11,9 @@ import stat
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.notices import notice
 from streammerge.io.paths import identity, is_mount_point
 from streammerge.io.writer import create_new
+from streammerge.notices import notice
 from streammerge.output.files import CARD_FILE, RENAME_EXCHANGE, _nonempty_dir, renameat2
 from streammerge.output.journal import fsync_dir
 

@@ -32,10 +32,9 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from streammerge.io import safejson
 from streammerge.errors import MergeError
+from streammerge.io import safejson
 from streammerge.io.fingerprints import InputHasher, file_identity
-from streammerge.output.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
 from streammerge.io.paths import check_apart, identity, is_mount_point, real
 from streammerge.output.files import (
     DISK_MARGIN_BYTES,
@@ -51,6 +50,7 @@ from streammerge.output.files import (
     require_free_space,
 )
 from streammerge.output.finish import Finishing
+from streammerge.output.journal import JOURNAL_FORMAT, Journal, JournalFile, fsync_dir
 from streammerge.output.resume import Resuming
 
 

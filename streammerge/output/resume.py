@@ -11,8 +11,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.notices import notice
 from streammerge.io.paths import identity
+from streammerge.notices import notice
 from streammerge.output.files import (
     CTIME_SLACK_NS,
     _changed_since,

@@ -26,10 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.io.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
 from streammerge.kernels.common import FLOAT_ITEMSIZE, tensor_key
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import Plan, Segment, ShardPlan, TensorPlan
-from streammerge.io.reader import DTYPE_ITEMSIZE, ModelDir, TensorInfo
 from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.recipe import Recipe, RecipeError, TensorParams, layer_positions
 

@@ -40,8 +40,8 @@ from pathlib import Path
 import yaml
 
 from streammerge.errors import MergeError
-from streammerge.recipe.methods import METHODS
 from streammerge.recipe.dtypes import normalize_dtype
+from streammerge.recipe.methods import METHODS
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
