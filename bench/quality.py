@@ -348,7 +348,7 @@ def recipe_kwargs(method: str, density: float) -> dict:
 
 def run_sweep(args, cache: ScoreCache, scorer: Scorer, dirs, base, combo, method, work: Path):
     from streammerge.api import Options
-    from streammerge.sweep import sweep
+    from streammerge.jobs.sweep import sweep
 
     k = entry_key("sweep", combo, method)
     if k in cache.entries:

@@ -12,11 +12,11 @@ an option (then it is not measured), so the table can be redone for other nodes.
 
 Measured (per node):
 
-- disk read: ``streammerge.dryrun.measure_read_speed`` (O_DIRECT, 4 x 4 MiB requests in
+- disk read: ``streammerge.io.measure.measure_read_speed`` (O_DIRECT, 4 x 4 MiB requests in
   flight) of a file this script writes into a temp dir on the data's file system
   (``--dir``, default ``bench/data``); median of 3.
 - disk write: O_DIRECT sequential 4 MiB writes of the same file plus fsync; median of 3.
-- network: HTTP range reads (fsspec, as ``streammerge.remote``; 8 MiB pieces, 12 in
+- network: HTTP range reads (fsspec, as ``streammerge.io.remote``; 8 MiB pieces, 12 in
   flight) from a server this script starts on 127.0.0.1 serving from memory. LOOPBACK:
   no NIC, no wire: it measures the HTTP client's (and server's) CPU cost here, an upper
   bound of the network rate, not a network measurement. Pass ``--net-gbps`` (10 / 25 /
@@ -155,7 +155,7 @@ def measure_write(path: Path, total: int) -> tuple[float, str]:
 
 def measure_disk(directory: Path) -> dict:
     """Disk write and read rates (bytes/s) on a temp file in ``directory``; median of 3."""
-    from streammerge.dryrun import measure_read_speed
+    from streammerge.io.measure import measure_read_speed
 
     tmp = Path(tempfile.mkdtemp(prefix="scale-on-paper-", dir=directory))
     try:
@@ -306,8 +306,8 @@ def measure_sha256(nbytes: int = 64 * 2**20) -> float:
 
 
 def chunk_elems(memory_bytes: int, threads: int) -> int:
-    """Elements of one slot of a ties run (``pipeline.make_layout`` on a stub bf16 plan)."""
-    from streammerge.pipeline import make_layout
+    """Elements of one slot of a ties run (``layout.make_layout`` on a stub bf16 plan)."""
+    from streammerge.exec.layout import make_layout
 
     t = SimpleNamespace(action="merge", base=SimpleNamespace(itemsize=2),
                         sources=[SimpleNamespace(itemsize=2)] * 2, dtype="BF16",

@@ -13,166 +13,36 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from streammerge import __version__
-from streammerge.checks import check_merge_args
-from streammerge.errors import MergeError, OptionError
-from streammerge.output import OutputDir
-from streammerge.pipeline import (
-    Layout,
-    RunStats,
-    analysis_items,
-    analyze,
-    make_layout,
-    read_bytes,
-    run,
-    work_items,
+from streammerge.api_types import (
+    OPTION_KEYS,
+    RECIPE_KEYS,
+    RECORD_FORMAT,
+    MergeSummary,
+    Options,
+    Prepared,
+    Provenance,
 )
-from streammerge.plan import Plan, ShardPlan, make_plan, normalize_dtype
-from streammerge.reader import INDEX_FILE, ModelDir, open_model
-from streammerge.recipe import Recipe, RecipeError, build_recipe
-from streammerge.inputs import resolve_input, resolve_output
-from streammerge.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
-from streammerge.side_files import copy_side_files
+from streammerge.errors import MergeError, OptionError
+from streammerge.exec.choose import make_backend
+from streammerge.exec.layout import Layout, analysis_items, make_layout, read_bytes, work_items
+from streammerge.exec.pipeline import RunStats, analyze, run
+from streammerge.io.inputs import input_record, is_remote, open_input, resolve_output
+from streammerge.io.reader import INDEX_FILE, ModelDir
+from streammerge.output.outdir import OutputDir
+from streammerge.output.side_files import copy_side_files
+from streammerge.plan.checks import check_merge_args
+from streammerge.plan.plan_types import Plan, ShardPlan
+from streammerge.plan.planner import make_plan
+from streammerge.recipe.dtypes import normalize_dtype
+from streammerge.recipe.recipe import Recipe, RecipeError, build_recipe
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
-
-#: Default memory budget for buffers (bytes): fits a 1 GiB machine with room to spare.
-DEFAULT_MEMORY = "256MiB"
-DEFAULT_SHARD_SIZE = "5GB"
-#: Format of streammerge.json (v2: adds method, trim_scope and the per-tensor record).
-RECORD_FORMAT = "streammerge/2"
-
-
-@dataclass(frozen=True)
-class Options:
-    """How a merge runs (never what it computes: the bytes do not depend on these).
-
-    Attributes:
-        shard_size: output shard limit (bytes or ``"5GB"``); memory: buffer budget (bytes or
-            ``"256MiB"``); threads: compute threads (default all cores).
-        backend: ``auto`` (Triton on a CUDA device when there is one, else numba), ``numba``
-            or ``triton`` (without a GPU: under ``TRITON_INTERPRET=1``, the test path).
-        device: ``auto``, ``cpu`` or ``cuda``; vram: device buffer budget on a GPU.
-        overwrite: replace a non-empty output; resume: continue an interrupted merge.
-        copy_files: copy config / tokenizer / module files; direct_io: O_DIRECT reads/writes.
-        allow_nonfinite: keep NaN/Inf values the merge produced (else they stop it).
-        http_timeout: seconds an HTTP(S) request of an input by URL may wait to connect or
-            for the next bytes before it is retried (a few times, then the run stops).
-    """
-
-    shard_size: int | str = DEFAULT_SHARD_SIZE
-    memory: int | str = DEFAULT_MEMORY
-    threads: int | None = None
-    backend: str = "auto"
-    device: str = "auto"
-    vram: int | str | None = None
-    overwrite: bool = False
-    resume: bool = False
-    copy_files: bool = True
-    direct_io: bool = True
-    allow_nonfinite: bool = False
-    http_timeout: float = DEFAULT_HTTP_TIMEOUT_S
-
-
-@dataclass
-class MergeSummary:
-    """What a merge did.
-
-    Attributes:
-        out: the output directory.
-        seed, method, alpha, weights, drop, scale: the recipe (weights w_j and DARE drop
-            rates p_j as resolved for a tensor without per-tensor overrides).
-        mixup: the mixup ratios m (M3 draw or λ), or None.
-        bytes_read: input bytes read (statistics passes included); bytes_written: output
-            shard bytes written (this run).
-        seconds: wall time of the whole call; gb_per_s: bytes_read / seconds / 1e9.
-        peak_rss_bytes: the process's peak resident memory (bytes).
-        buffer_bytes: bytes of the buffers the run really allocated (<= memory_bytes).
-        memory_bytes: the ``--memory`` budget (bytes).
-        shards: [{"file", "size_bytes", "sha256"}] of every output shard.
-        resumed_shards: shards found finished in a journal and not rewritten.
-        base_only: tensors copied from the base because no fine-tune has them.
-        vocab_rules: one line per tensor the vocabulary rule shaped.
-        stage_seconds: seconds each pipeline stage was busy (read_s, compute_s, write_s).
-        already_complete: the output was already this merge (``--resume`` on a finished
-            output): nothing was read or written.
-    """
-
-    out: Path
-    seed: int
-    method: str
-    alpha: float | None
-    weights: tuple[float, ...]
-    drop: tuple[float, ...]
-    scale: float
-    bytes_read: int
-    bytes_written: int
-    seconds: float
-    gb_per_s: float
-    peak_rss_bytes: int
-    mixup: tuple[float, ...] | None = None
-    buffer_bytes: int = 0
-    memory_bytes: int = 0
-    shards: list[dict] = field(default_factory=list)
-    resumed_shards: int = 0
-    base_only: tuple[str, ...] = ()
-    vocab_rules: tuple[str, ...] = ()
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    already_complete: bool = False
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a merge came from, for the record and the model card (never the values).
-
-    Attributes:
-        recipe_yaml: the YAML recipe's text when one was given.
-        labels: how the inputs were named (repo ids stay names), base first if any.
-        command: the one command that repeats the merge.
-        tokenizer_model: fine-tune whose tokenizer files are copied (recipe
-            ``tokenizer_source``), or None (the base, or the vocabulary rule's choice).
-    """
-
-    recipe_yaml: str | None = None
-    labels: tuple[str, ...] = ()
-    command: str | None = None
-    tokenizer_model: int | None = None
-
-
-@dataclass
-class Prepared:
-    """A merge planned and its output location checked; no weight has been read.
-
-    Attributes:
-        recipe, plan: what is computed; base (None for linear without ``--base``), models:
-            the validated inputs; output: the output transaction (preflighted, not opened).
-        options: how it runs; shard_size_bytes, memory_bytes: parsed options.
-        done: shard name -> journal record of shards an interrupted run finished
-            (filled by ``open_output``).
-    """
-
-    recipe: Recipe
-    plan: Plan
-    base: ModelDir | None
-    models: list[ModelDir]
-    output: OutputDir
-    options: Options
-    shard_size_bytes: int
-    memory_bytes: int
-    provenance: Provenance = field(default_factory=Provenance)
-    done: dict[str, dict] = field(default_factory=dict)
-    opened: bool = False
-    t0: float = field(default_factory=time.perf_counter)
-
-    def todo(self) -> list[ShardPlan]:
-        """Shards not finished yet, in order."""
-        return [s for s in self.plan.shards if s.filename not in self.done]
 
 
 def fingerprint(prep: Prepared) -> str:
@@ -241,120 +111,12 @@ def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> d
     }
 
 
-def wants_gpu(backend: str, device: str) -> bool:
-    """Whether ``--backend`` / ``--device`` let a run use a CUDA device (when there is one:
-    ``gpu.cuda_available``): device auto or cuda, backend auto or triton."""
-    return device in ("auto", "cuda") and backend in ("auto", "triton")
-
-
-def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
-    """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
-
-    On a CUDA device (``streammerge.gpu.cuda_backend``: checks ``--vram`` against the free
-    memory and compiles the kernel with a warm-up launch). Under ``auto``, a GPU that cannot
-    run (no triton, no C compiler, a driver error, ``TRITON_INTERPRET=1``) falls back to
-    numba with one line on stderr saying why; asked for with ``--device cuda`` or
-    ``--backend triton``, it is the error.
-
-    Raises:
-        MergeError: cuda asked for but not usable; ValueError: unknown names.
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r} (use auto, cpu or cuda)")
-    if backend not in ("auto", "numba", "triton"):
-        raise ValueError(f"unknown backend {backend!r} (use numba or triton)")
-    if device == "cuda" and backend == "numba":
-        raise OptionError(
-            "--device cuda with --backend numba: numba runs on the CPU",
-            "use --backend auto (or triton) for the GPU, or --device cpu",
-        )
-    if wants_gpu(backend, device):
-        from streammerge import gpu
-
-        if gpu.cuda_available():
-            try:
-                return gpu.cuda_backend(None if vram is None else parse_size(vram, "--vram"))
-            except MergeError as e:
-                if device == "cuda" or backend == "triton" or vram is not None:
-                    raise  # asked for explicitly: say why it cannot run
-                print(f"streammerge: not using the GPU: {e.what}; merging on the CPU (numba)",
-                      file=sys.stderr, flush=True)  # fmt: skip
-        elif device == "cuda":
-            raise MergeError(
-                "--device cuda but no CUDA device is available", None, None, "use --device cpu"
-            )
-    if backend == "triton":
-        from streammerge.backends import TritonCpuBackend
-
-        return TritonCpuBackend()
-    from streammerge.backends import NumbaBackend
-
-    return NumbaBackend(threads)
-
-
-RECIPE_KEYS = (
-    "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
-    "normalize", "trim_scope", "dtype", "model_params", "params", "lines", "source",
-)  # fmt: skip
-OPTION_KEYS = tuple(f.name for f in fields(Options))
-
-
-def open_input(ref: str | Path, http_timeout: float = DEFAULT_HTTP_TIMEOUT_S) -> ModelDir:
-    """A model by any reference ``streammerge.inputs.resolve_input`` takes: a directory
-    (also as ``file://`` or a Hugging Face cache id), or a model by URL (``https://``,
-    ``hf://``...; headers only; HTTP requests time out after ``http_timeout`` seconds
-    without data).
-
-    Raises:
-        MergeError: the reference cannot be resolved or the model fails its checks.
-    """
-    resolved = resolve_input(ref)
-    if resolved.is_remote:
-        return open_remote_model(resolved.url, http_timeout)
-    return open_model(resolved.path)
-
-
-def is_remote(m: ModelDir) -> bool:
-    """True for a model opened by URL."""
-    return getattr(m, "url", None) is not None
-
-
-def config_name_or_path(m: ModelDir) -> str | None:
-    """``_name_or_path`` from a local model's ``config.json`` when it is a Hugging Face repo
-    id (``org/name``, not a path), else None."""
-    import json
-
-    path = Path(m.path) / "config.json"
-    try:
-        if path.stat().st_size > 1 << 20:
-            return None
-        name = json.loads(path.read_text("utf-8")).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(name, str) and name.count("/") == 1 and all(name.split("/")) and \
-            not name.startswith((".", "/", "~")) and not Path(name).exists():  # fmt: skip
-        return name
-    return None
-
-
-def input_record(m: ModelDir) -> dict:
-    """How streammerge.json names an input: its path, or its URL and pinned revision."""
-    if is_remote(m):  # stamp: the files' sizes and ETags (a finished --resume compares it)
-        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
-                "stamp": m.stamp}  # fmt: skip
-    rec = {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
-    name = config_name_or_path(m)
-    if name is not None:
-        rec["name_or_path"] = name  # a Hub id for the model card, where config.json has one
-    return rec
-
-
 def model_card_text(prep: Prepared, rec: dict) -> str:
-    """The output's README.md (``streammerge.model_card``): front matter, what was merged
+    """The output's README.md (``streammerge.output.model_card``): front matter, what was merged
     and how, the recipe, the drawn λ and seed, and the one command that repeats it."""
     import shlex
 
-    from streammerge import model_card
+    from streammerge.output import model_card
 
     prov = prep.provenance
     out = model_card.OUT_PLACEHOLDER  # the card must not depend on where the output lies
@@ -607,7 +369,7 @@ def merge(
     """Merge fine-tunes ``models`` of ``base`` into ``out`` (docs/SPEC.md): prepare ->
     execute -> finalize.
 
-    The recipe is ``recipe``, or built from keyword arguments (``streammerge.recipe.
+    The recipe is ``recipe``, or built from keyword arguments (``streammerge.recipe.recipe.
     build_recipe``): method (``dare_linear`` by default, as v1), seed, alpha (M3's Beta /
     Dirichlet concentration), lam (fixed λ), weights, density, drop, gamma (one value or
     one per model, or a ``"0.3,0.6"`` string), scale, normalize, trim_scope, dtype. The

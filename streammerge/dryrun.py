@@ -12,15 +12,16 @@ JSON-serializable dict; ``format_plan`` renders it as text. Contents:
   scale / normalize, once per distinct set with the tensors that share it;
 - the output shards (file, size in bytes, tensor count);
 - ``bytes_read``: what the real run reads when every guessed threshold window hits
-  (``pipeline.read_bytes`` over the same ``work_items``, plus the two model-wide histogram
+  (``layout.read_bytes`` over the same ``work_items``, plus the two model-wide histogram
   passes of trim_scope model, as ``api.execute`` counts them); ``bytes_read_max``: the
   most it can read, every guess missing (a third read of each such tensor; the run never
   reads more), equal to ``bytes_read`` for methods without statistics or when every such
   tensor fits a slot; ``bytes_written``: the shard files' bytes;
 - peak buffer memory (``Layout.buffer_bytes``) against the ``--memory`` budget;
-- the disk's read speed from a short read (at most ``MEASURE_BYTES``, ``MEASURE_SECONDS``)
-  of the largest input file, and ``expected_seconds = bytes_read / speed``: a lower bound
-  from reads alone (compute and writes overlap the reads in the real run), plus
+- the disk's read speed from a short read (``streammerge.io.measure``: at most
+  ``MEASURE_BYTES``, ``MEASURE_SECONDS``) of the largest input file, and
+  ``expected_seconds = bytes_read / speed``: a lower bound from reads alone (compute and
+  writes overlap the reads in the real run), plus
   ``compile_seconds`` (``backends.COMPILE_S``) while numba's cache of the CPU kernels is
   cold (the first run compiles them);
 - ``base_only`` tensors and the vocabulary rules from the plan.
@@ -30,38 +31,24 @@ Units: bytes are integers (bytes), speeds bytes per second, times seconds.
 
 from __future__ import annotations
 
-import mmap
-import os
-import time
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 from streammerge.errors import MergeError
-from streammerge.gpu import pinned_host_bytes
-from streammerge.names import natural_key
-from streammerge.pipeline import (
-    STAGING_BLOCKS,
+from streammerge.exec.gpu import pinned_host_bytes
+from streammerge.exec.layout import (
     Layout,
+    STAGING_BLOCKS,
     analysis_items,
     read_bytes,
     tensor_items,
     work_items,
 )
-from streammerge.plan import ShardPlan, TensorPlan
-from streammerge.recipe import LAYER_PATTERN
+from streammerge.io.measure import measure_read_speed
+from streammerge.names import natural_key
+from streammerge.plan.plan_types import ShardPlan, TensorPlan
+from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
 
 #: Format tag of the ``--plan --json`` document.
 PLAN_FORMAT = "streammerge-plan/1"
-#: The disk speed read: at most this many bytes (bytes) ...
-MEASURE_BYTES = 64 * 2**20
-#: ... and no new piece started after this many seconds.
-MEASURE_SECONDS = 0.4
-#: One read request of the measurement (bytes), ``MEASURE_DEPTH`` in flight (the real
-#: reader also cuts O_DIRECT ranges into 4 MiB pieces read in parallel).
-MEASURE_PIECE = 4 * 2**20
-MEASURE_DEPTH = 4
 #: Group names of tensors outside the numbered layers.
 EMBED_GROUP = "embedding/other"
 HEAD_GROUP = "head/final"
@@ -137,7 +124,7 @@ def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
     if not prep.options.resume or not out.staging.is_dir():
         return list(prep.plan.shards), []
     from streammerge.api import fingerprint
-    from streammerge.journal import Journal
+    from streammerge.output.journal import Journal
 
     journal = Journal.read(out.journal_path)
     head, shards = (journal.head, journal.shards) if journal is not None else ({}, {})
@@ -155,97 +142,6 @@ def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
             if p.is_file() and p.stat().st_size == rec.get("size"):
                 done.append(name)
     return [s for s in prep.plan.shards if s.filename not in done], sorted(done)
-
-
-def measure_read_speed(
-    files: Iterable[Path], max_bytes: int = MEASURE_BYTES, max_seconds: float = MEASURE_SECONDS
-) -> dict | None:
-    """Read speed of the largest of ``files`` from a short read at its start.
-
-    O_DIRECT (page cache bypassed) into a page-aligned buffer, ``MEASURE_DEPTH`` requests
-    of ``MEASURE_PIECE`` bytes in flight, where the file system allows it; else buffered
-    reads after ``posix_fadvise(DONTNEED)`` drops the range's cached pages (tmpfs, and a
-    page cache holding dirty pages, still serve it from memory: the speed is then too high).
-    At most ``max_bytes``; no new request after ``max_seconds``.
-
-    Returns:
-        {"file", "bytes", "seconds", "bytes_per_s", "how"} (``bytes_per_s`` None when
-        nothing was read), or None when there is no file.
-    """
-    files = [Path(f) for f in files]
-    if not files:
-        return None
-    path = max(files, key=lambda p: (p.stat().st_size, str(p)))
-    total = min(path.stat().st_size, max_bytes)
-    got, seconds, how = 0, 0.0, "empty"
-    if total > 0:
-        try:
-            got, seconds = _read_direct(path, total, max_seconds)
-            how = "O_DIRECT"
-        except OSError:  # no O_DIRECT here (tmpfs, some network file systems)
-            got, seconds = _read_buffered(path, total, max_seconds)
-            how = "buffered after fadvise DONTNEED"
-    return {
-        "file": str(path),
-        "bytes": got,
-        "seconds": seconds,
-        "bytes_per_s": got / seconds if got and seconds > 0 else None,
-        "how": how,
-    }
-
-
-def _read_direct(path: Path, total: int, max_seconds: float) -> tuple[int, float]:
-    """(bytes read, seconds) of O_DIRECT reads of ``path``'s first ``total`` bytes
-    (rounded up to whole pieces). Raises OSError where O_DIRECT is refused."""
-    if not hasattr(os, "O_DIRECT"):
-        raise OSError("no O_DIRECT")
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    buf = mmap.mmap(-1, MEASURE_DEPTH * MEASURE_PIECE)  # page aligned, as O_DIRECT needs
-    n_pieces = -(-total // MEASURE_PIECE)
-
-    def piece(k: int) -> int:
-        i = k % MEASURE_DEPTH
-        with memoryview(buf) as v:
-            return os.preadv(
-                fd, [v[i * MEASURE_PIECE : (i + 1) * MEASURE_PIECE]], k * MEASURE_PIECE
-            )
-
-    got = 0
-    try:
-        with ThreadPoolExecutor(MEASURE_DEPTH, thread_name_prefix="sm-plan-read") as pool:
-            t0 = time.perf_counter()
-            futs, k = [], 0
-            while futs or k < n_pieces:
-                while k < n_pieces and len(futs) < MEASURE_DEPTH:
-                    futs.append(pool.submit(piece, k))
-                    k += 1
-                got += futs.pop(0).result()
-                if time.perf_counter() - t0 > max_seconds:
-                    k = n_pieces  # drain what is in flight, start nothing new
-            seconds = time.perf_counter() - t0
-    finally:
-        os.close(fd)
-        buf.close()
-    return got, seconds
-
-
-def _read_buffered(path: Path, total: int, max_seconds: float) -> tuple[int, float]:
-    """(bytes read, seconds) of buffered reads of ``path``'s first ``total`` bytes after
-    dropping their cached pages."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, total, os.POSIX_FADV_DONTNEED)
-        buf = bytearray(MEASURE_PIECE)
-        got, t0 = 0, time.perf_counter()
-        while got < total and time.perf_counter() - t0 <= max_seconds:
-            n = os.preadv(fd, [memoryview(buf)[: min(MEASURE_PIECE, total - got)]], got)
-            if n <= 0:
-                break
-            got += n
-        return got, time.perf_counter() - t0
-    finally:
-        os.close(fd)
 
 
 def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu") -> dict:
@@ -513,6 +409,6 @@ def _compile_seconds(device: str) -> int:
     them, or on a GPU)."""
     if device != "cpu":
         return 0
-    from streammerge.backends import COMPILE_S, kernels_compiled
+    from streammerge.exec.backends import COMPILE_S, kernels_compiled
 
     return 0 if kernels_compiled() else COMPILE_S

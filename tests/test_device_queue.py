@@ -18,12 +18,13 @@ import pytest
 from conftest import fail_after, make_trio
 
 import streammerge
-from streammerge import api, gpu
+from streammerge import api
 from streammerge.api import Options, execute, finalize, prepare
-from streammerge.devqueue import TorchCudaQueue, pinned_size, torch_pinned_size
 from streammerge.errors import MergeError
-from streammerge.gpu import DeviceBackend
-from streammerge.threadqueue import NumbaLauncher, ThreadQueue
+from streammerge.exec import gpu
+from streammerge.exec.devqueue import TorchCudaQueue, pinned_size, torch_pinned_size
+from streammerge.exec.gpu import DeviceBackend
+from streammerge.exec.threadqueue import NumbaLauncher, ThreadQueue
 
 BIG = 700_001  # many chunks at VRAM (about 43k elements a chunk for 3 bf16 rows)
 #: A device budget of 1 MiB of chunk buffers besides the histograms' reserve.
@@ -107,7 +108,7 @@ def test_fake_streams_give_numba_bytes(trio, want, tmp_path, name, seed):
 def test_numba_memmoves_what_the_gpu_path_copies_from_place(trio, tmp_path):
     """The same merge on numba memmoves rows after O_DIRECT reads (unaligned tensor
     offsets); the device backend leaves them where they landed (moved_bytes 0 above)."""
-    from streammerge.backends import NumbaBackend
+    from streammerge.exec.backends import NumbaBackend
 
     stats = _merge(trio, tmp_path / "cpu", NumbaBackend(), seed=5)
     if stats.moved_bytes == 0:
@@ -479,7 +480,7 @@ def test_cuda_backend_refuses_an_interpreted_kernel():
     is read when triton is imported)."""
     pytest.importorskip("triton")
     script = (
-        "from streammerge import gpu\n"
+        "from streammerge.exec import gpu\n"
         "from streammerge.errors import MergeError\n"
         "try:\n    gpu.cuda_backend()\nexcept MergeError as e:\n    print(e)\n"
     )
@@ -580,19 +581,20 @@ def test_torch_queue_uses_blocking_events_and_registered_pages():
 
 def test_make_backend_auto_without_driver_is_numba(monkeypatch):
     monkeypatch.setattr(gpu, "cuda_available", lambda: False)
-    from streammerge.backends import NumbaBackend
+    from streammerge.exec.backends import NumbaBackend
+    from streammerge.exec.choose import make_backend
 
-    assert isinstance(api.make_backend("auto", "auto", 1), NumbaBackend)
+    assert isinstance(make_backend("auto", "auto", 1), NumbaBackend)
     with pytest.raises(MergeError, match="no CUDA device"):
-        api.make_backend("auto", "cuda", 1)
+        make_backend("auto", "cuda", 1)
     with pytest.raises(MergeError, match="numba runs on the CPU"):  # not silently the CPU
-        api.make_backend("numba", "cuda", 1)
+        make_backend("numba", "cuda", 1)
 
 
 def test_cuda_device_that_cannot_start_is_a_merge_error(monkeypatch, capsys, trio, tmp_path):
     """A RuntimeError while the queue starts (an exclusive-process GPU in use, no memory
     for a context) is a MergeError: an error with --device cuda, a fallback under auto."""
-    from streammerge import devqueue
+    from streammerge.exec import devqueue
 
     class Busy:
         def __init__(self, index):

@@ -16,7 +16,7 @@ import streammerge
 from streammerge import dryrun
 from streammerge.api import Options, layout_for, prepare
 from streammerge.names import natural_key
-from streammerge.recipe import Recipe
+from streammerge.recipe.recipe import Recipe
 
 #: The CPU backends' geometry (NumbaBackend.depth == 0, no device chunk limit), without
 #: starting numba.
@@ -141,23 +141,26 @@ def test_group_of(name, group):
 
 
 def test_measure_read_speed(tmp_path):
-    assert dryrun.measure_read_speed([]) is None
+    from streammerge.io import measure
+
+    assert measure.measure_read_speed([]) is None
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
     big = tmp_path / "big.bin"
     big.write_bytes(os.urandom(9 * 2**20 + 123))
-    r = dryrun.measure_read_speed([small, big], max_bytes=8 * 2**20)
+    r = measure.measure_read_speed([small, big], max_bytes=8 * 2**20)
     assert r["file"] == str(big)
     assert 8 * 2**20 <= r["bytes"] <= big.stat().st_size
     assert r["bytes_per_s"] > 0 and r["how"] in ("O_DIRECT", "buffered after fadvise DONTNEED")
     empty = tmp_path / "e.bin"
     empty.write_bytes(b"")
-    assert dryrun.measure_read_speed([empty])["bytes_per_s"] is None
+    assert measure.measure_read_speed([empty])["bytes_per_s"] is None
 
 
 def test_plan_of_a_resume_counts_only_unfinished_shards(tmp_path):
-    from streammerge.api import execute, make_backend
+    from streammerge.api import execute
     from streammerge.errors import MergeError
+    from streammerge.exec.choose import make_backend
 
     base, a, b = make_trio(tmp_path)
     out = tmp_path / "out"
@@ -217,12 +220,12 @@ def test_kernels_compiled_reads_numbas_cache(tmp_path):
     import subprocess
     import sys
 
-    code = "from streammerge.backends import kernels_compiled; print(kernels_compiled())"
+    code = "from streammerge.exec.backends import kernels_compiled; print(kernels_compiled())"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cold")}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)  # fmt: skip
     assert r.stdout.strip() == "False"
-    from streammerge.backends import kernels_compiled
+    from streammerge.exec.backends import kernels_compiled
     from streammerge.kernels import cpu_merge, cpu_stats
 
     cpu_merge.warmup()
@@ -234,7 +237,8 @@ def test_kernels_compiled_reads_numbas_cache(tmp_path):
 def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch):
     """Issue 21.9: with numba's cache cold, the backend says it is compiling (one notice
     before the first pass) and --plan adds the compile time to its estimate."""
-    from streammerge import backends, notices
+    from streammerge import notices
+    from streammerge.exec import backends
 
     monkeypatch.setattr(backends, "kernels_compiled", lambda: False)
     lines: list[str] = []

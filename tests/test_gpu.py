@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from streammerge.gpu import (
+from streammerge.exec.gpu import (
     GPU_DEPTH,
     cuda_available,
     device_bytes_in_flight,
     pinned_host_bytes,
     vram_chunk_elems,
 )
-from streammerge.pipeline import Item, make_layout, work_items
-from streammerge.plan import make_plan
-from streammerge.reader import ModelDir, TensorInfo
-from streammerge.recipe import build_recipe
+from streammerge.exec.layout import Item, make_layout, work_items
+from streammerge.io.reader import ModelDir, TensorInfo
+from streammerge.plan.planner import make_plan
+from streammerge.recipe.recipe import build_recipe
 
 
 def _llama70b(root: str) -> ModelDir:
@@ -69,7 +69,7 @@ _GPU_SCRIPT = """
 import os, sys
 assert "TRITON_INTERPRET" not in os.environ
 import torch, streammerge
-from streammerge.gpu import cuda_backend
+from streammerge.exec.gpu import cuda_backend
 base, a, b, out, method = sys.argv[1:6]
 be = cuda_backend(2**26)
 assert not be.launcher.interpreted

@@ -35,7 +35,7 @@ from test_hostile_inputs import assert_one_line_error, read_st, snapshot
 import streammerge
 import streammerge.cli
 from streammerge.errors import MergeError, OptionError, error_line
-from streammerge.output import OutputDir
+from streammerge.output.outdir import OutputDir
 
 SEED = ["--seed", "7"]
 
@@ -254,7 +254,8 @@ def test_output_appearing_during_the_merge_is_not_replaced(tmp_path, monkeypatch
 
 KILL_AT = """
 import os, sys
-import streammerge.output as o
+import streammerge.output.finish as fin
+import streammerge.output.outdir as o
 {patch}
 import streammerge.cli
 sys.exit(streammerge.cli.main({argv!r}))
@@ -298,7 +299,7 @@ def test_overwrite_killed_before_the_exchange_keeps_the_old_model(tmp_path):
     out = tmp_path / "out"
     old = _old_model(out, dirs, "1")
     argv = merge_argv([dirs[1], dirs[2]], dirs[0], out, *SEED, "--overwrite")
-    rc = _killed_run(argv, "o.renameat2 = lambda *a: os._exit(9)")
+    rc = _killed_run(argv, "fin.renameat2 = lambda *a: os._exit(9)")
     assert rc == 9 and dir_digest(out) == old
     assert run_cli(argv + ["--resume"]).returncode == 0
     ref = tmp_path / "ref"
@@ -316,7 +317,7 @@ def test_overwrite_without_exchange_killed_between_renames_is_completed(tmp_path
 import errno
 def no_exchange(*a):
     raise OSError(errno.EINVAL, "no RENAME_EXCHANGE here")
-o.renameat2 = no_exchange
+fin.renameat2 = no_exchange
 real_finish, real_rename = o.OutputDir.finish, os.rename
 def finish(self):
     def rename(src, dst):
@@ -616,7 +617,7 @@ BIG_HEADER = """
 import sys
 from streammerge.sysinfo import peak_rss_bytes
 before = peak_rss_bytes()
-from streammerge.reader import open_model
+from streammerge.io.reader import open_model
 m = open_model(sys.argv[1])
 print(len(m.tensors), before, peak_rss_bytes())
 """

@@ -833,7 +833,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_full_disk_refused_before_writing(tmp_path, monkeypatch, capsys):
     """Free space below the planned output: refused in preflight (statvfs patched)."""
     import streammerge.cli
-    import streammerge.output
+    import streammerge.output.files
 
     c = _world(tmp_path)
     before = snapshot(tmp_path)
@@ -844,7 +844,7 @@ def test_full_disk_refused_before_writing(tmp_path, monkeypatch, capsys):
         seen.append(Path(path))
         return usage(10**9, 10**9 - 4096, 4096)
 
-    monkeypatch.setattr(streammerge.output.shutil, "disk_usage", tiny)
+    monkeypatch.setattr(streammerge.output.files.shutil, "disk_usage", tiny)
     rc = streammerge.cli.main(c.default_argv() + ["--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
@@ -917,7 +917,7 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
     partial shard deleted, nothing that looks like a model; with space again, --resume
     finishes."""
     import streammerge.cli
-    import streammerge.output
+    import streammerge.output.files
 
     base, a, b = make_trio(tmp_path / "m", big=400_000)  # shards of ~9 KB, ~800 KB, <1 KB
     digests = {p: dir_digest(p) for p in (base, a, b)}
@@ -937,7 +937,7 @@ def test_disk_filling_up_during_the_merge(tmp_path, small_tmpfs, monkeypatch, ca
     ]
     usage = namedtuple("usage", "total used free")
     with monkeypatch.context() as m:
-        m.setattr(streammerge.output.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+        m.setattr(streammerge.output.files.shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
         rc = streammerge.cli.main(argv)
     lines = capsys.readouterr().err.strip("\n").split("\n")
     # the merge had started: its notices ("copied from the base: ...") precede the error

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_trio
 
 import streammerge
-from streammerge.pipeline import mapped_bytes, page_aligned
+from streammerge.exec.layout import mapped_bytes, page_aligned
 
 
 def test_mapped_bytes_counts_whole_pages():
@@ -30,8 +30,8 @@ def test_scratch_estimate_matches_the_kernels():
     """The budget counts the numba kernels' partial histograms as they allocate them."""
     from streammerge.kernels import cpu_stats
 
-    from streammerge.pipeline import kernel_scratch_per_model
-    from streammerge.stats import guess_slots
+    from streammerge.exec.layout import kernel_scratch_per_model
+    from streammerge.exec.stats import guess_slots
 
     for sparsifier in ("magnitude", "breadcrumbs"):
         high = cpu_stats.LANES * cpu_stats.HIGH_BINS * 4  # [P, K, LANES, HIGH_BINS] uint32

@@ -10,7 +10,7 @@ import pytest
 from conftest import dir_digest, expected_merge, make_trio, merge_argv, output_bytes, run_cli
 
 import streammerge
-from streammerge.reader import open_model
+from streammerge.io.reader import open_model
 
 
 def _assert_same(got: dict, want: dict):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import dir_digest, expected_merge_v2, make_trio, output_bytes, run_cli
 
-from streammerge.recipe import gradient, layer_positions
+from streammerge.recipe.recipe import gradient, layer_positions
 
 
 def _write(tmp: Path, text: str) -> Path:

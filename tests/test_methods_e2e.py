@@ -22,7 +22,7 @@ from conftest import (
 )
 
 import streammerge
-from streammerge.methods import METHODS
+from streammerge.recipe.methods import METHODS
 
 ALL = list(METHODS)
 

@@ -1,4 +1,4 @@
-"""The output's README.md (streammerge.model_card): Hugging Face front matter, the recipe as
+"""The output's README.md (streammerge.output.model_card): Hugging Face front matter, the recipe as
 YAML, the drawn λ, the seed, and a command that really repeats the merge."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import yaml
 from conftest import make_trio, run_cli
 
 import streammerge
-from streammerge import model_card
+from streammerge.output import model_card
 
 
 def _parts(card: str) -> tuple[dict, dict]:
@@ -160,7 +160,7 @@ def test_repeat_command_refuses_what_flags_cannot_say():
 
 def test_recipe_yaml_reads_back_to_the_same_merge(tmp_path, monkeypatch):
     """The rendered recipe, read by streammerge's mergekit YAML reader, merges the same bytes."""
-    mky = pytest.importorskip("streammerge.mergekit_yaml")
+    mky = pytest.importorskip("streammerge.recipe.mergekit_yaml")
     base, a, b = make_trio(tmp_path)
     streammerge.merge([a, b], base, tmp_path / "out", method="dare_ties", seed=4, alpha=0.6,
                       density="0.75,0.5", threads=2)  # fmt: skip

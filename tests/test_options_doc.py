@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streammerge import options_doc
+from streammerge.recipe import options_doc
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 OPTION = re.compile(r"(?<![\w-])(--?[a-z][a-z0-9-]*)")
@@ -22,7 +22,7 @@ def _help(*sub: str) -> str:
 
 def test_options_doc_is_up_to_date():
     assert DOC.read_text() == options_doc.render(), (
-        "docs/options.md drifted: run python -m streammerge.options_doc > docs/options.md"
+        "docs/options.md drifted: run python -m streammerge.recipe.options_doc > docs/options.md"
     )
 
 

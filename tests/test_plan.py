@@ -9,9 +9,10 @@ import torch
 from conftest import make_trio, write_model
 
 from streammerge.errors import MergeError
-from streammerge.plan import greedy_shards, iter_chunks, make_plan, natural_key, shard_names
-from streammerge.reader import open_model
-from streammerge.recipe import build_recipe
+from streammerge.io.reader import open_model
+from streammerge.plan.plan_types import iter_chunks
+from streammerge.plan.planner import greedy_shards, make_plan, natural_key, shard_names
+from streammerge.recipe.recipe import build_recipe
 
 
 def test_greedy_shards_matches_docstring_example():

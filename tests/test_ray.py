@@ -19,7 +19,7 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from streammerge.api import Options
-from streammerge.distributed import merge_ray, partition
+from streammerge.jobs.distributed import merge_ray, partition
 
 
 def _shards(d: Path) -> dict[str, bytes]:
@@ -120,7 +120,7 @@ def test_resume_after_the_driver_is_killed(tmp_path):
 
 
 def test_sweep_on_ray_equals_local_sweep(tmp_path, cluster):
-    import streammerge.sweep as sw
+    import streammerge.jobs.sweep as sw
 
     base, a, b = make_trio(tmp_path, big=100_000)
     opts = Options(shard_size="60KB", memory="24MiB")

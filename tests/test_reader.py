@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streammerge.pipeline import page_aligned
-from streammerge.reader import DIRECT_SLACK, RangeReader, TensorInfo
+from streammerge.exec.layout import page_aligned
+from streammerge.io.ranges import DIRECT_SLACK, RangeReader
+from streammerge.io.reader import TensorInfo
 
 
 @pytest.mark.parametrize("direct", [True, False])

@@ -423,7 +423,7 @@ def test_remote_index_size_limit_applies_while_streaming(tmp_path, served, repor
     """A 200 MB index: refused by its Content-Length before the body is read; without a
     length, refused once the stream passes the local limit (reader.MAX_INDEX_BYTES), not
     after the whole download. One line naming the index URL, exit 2, nothing written."""
-    from streammerge.reader import MAX_INDEX_BYTES
+    from streammerge.io.reader import MAX_INDEX_BYTES
 
     srv, *_ = served
     path, size = "/a/model.safetensors.index.json", 2 * MAX_INDEX_BYTES
@@ -444,7 +444,7 @@ def test_remote_side_file_download_is_capped(tmp_path, served):
     """A config.json whose HEAD says 100 bytes but whose GET streams 200 MB with no length:
     the download stops at remote.MAX_SIDE_BYTES and the file is skipped with a notice (as
     a local side file over the copy limit is), the merge goes on."""
-    from streammerge.remote import MAX_SIDE_BYTES
+    from streammerge.io.remote import MAX_SIDE_BYTES
 
     srv, *_ = served
     path = "/base/config.json"
@@ -496,7 +496,7 @@ def test_stalled_server_times_out(tmp_path, served, mode, phase):
     timeout, exit 2, in bounded time; nothing published."""
     import time
 
-    from streammerge.remote import TIMEOUT_ATTEMPTS
+    from streammerge.io.remote import TIMEOUT_ATTEMPTS
 
     srv, _base, _a, b = served
     shard = f"/b/{min(b.glob('*.safetensors')).name}"
@@ -520,7 +520,7 @@ def test_http_timeout_option(tmp_path, served):
     (Ray workers)."""
     import pickle
 
-    from streammerge.remote import open_remote_model
+    from streammerge.io.remote import open_remote_model
 
     srv, *_ = served
     r = run_cli(_argv(srv, tmp_path / "o", "--http-timeout", "0"))
@@ -555,7 +555,7 @@ def test_http_errors_name_the_status_and_the_url(tmp_path, served, code, phase, 
     """An HTTP error on a shard, when it is opened or while its weights stream (a 500 that
     lasts past the retries): one line with the status and the shard's URL, exit 2, nothing
     published; the 500 case then resumes once the server recovers."""
-    from streammerge.remote import ATTEMPTS
+    from streammerge.io.remote import ATTEMPTS
 
     srv, *_, b = served
     shard = f"/b/{min(b.glob('*.safetensors')).name}"

@@ -27,7 +27,7 @@ from conftest import dir_digest, merge_argv, run_cli, write_model
 from safetensors.torch import load_file, save_file
 
 import streammerge.cli
-from streammerge.output import OutputDir
+from streammerge.output.outdir import OutputDir
 
 TRIALS = 20
 SEED = 1234
@@ -469,7 +469,7 @@ def _flip_byte_keeping_size_and_mtime(f: Path, offset: int) -> None:
 
 def _tensor_byte(model: Path, tensor: str) -> tuple[Path, int]:
     """The file of ``model`` holding ``tensor`` and the offset of its middle byte."""
-    from streammerge.reader import open_model
+    from streammerge.io.reader import open_model
 
     info = open_model(model).tensors[tensor]
     return info.file, info.start + info.nbytes // 2
@@ -506,7 +506,7 @@ def test_resume_merges_an_input_edited_where_no_finished_shard_read(trio, monkey
     (base, a, b), out, argv = _interrupted_copy(trio, tmp_path, monkeypatch, 2)
     staging = tmp_path / PARTIAL
     used = {t for rec in journaled(staging) for _, t, *_ in rec["inputs"]}
-    from streammerge.reader import open_model
+    from streammerge.io.reader import open_model
 
     unused = min(set(open_model(a).tensors) - used)
     f, offset = _tensor_byte(a, unused)

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import make_trio
 
 from streammerge.api import Options, prepare
-from streammerge.pipeline import make_layout
+from streammerge.exec.layout import make_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import scale_on_paper

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import load_dir, make_trio, run_cli, write_model
 
-import streammerge.sweep as sw
 from streammerge.api import Options
+import streammerge.jobs.sweep as sw
 
 
 def _files(d: Path) -> dict[str, bytes]:

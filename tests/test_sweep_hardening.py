@@ -155,7 +155,7 @@ def test_disk_must_hold_every_output_at_once(tmp_path, monkeypatch, capsys):
 
     from streammerge.api import Options, prepare
     from streammerge.cli import main
-    from streammerge.output import DISK_MARGIN_BYTES
+    from streammerge.output.files import DISK_MARGIN_BYTES
 
     base, a, b = make_trio(tmp_path)  # each output: one 9768-byte shard and config.json
     usage = namedtuple("usage", "total used free")

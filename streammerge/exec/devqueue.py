@@ -1,6 +1,6 @@
 """The device queue: every call the GPU backend makes to a device, behind one small interface.
 
-``streammerge.gpu.DeviceBackend`` orders chunks over three streams (H2D, compute, D2H)
+``streammerge.exec.gpu.DeviceBackend`` orders chunks over three streams (H2D, compute, D2H)
 with events; it reaches the device only through a ``DeviceQueue``:
 
 ========================================  ============================================
@@ -19,7 +19,7 @@ with events; it reaches the device only through a ``DeviceQueue``:
 ========================================  ============================================
 
 Two implementations: ``TorchCudaQueue`` (torch's CUDA runtime) here, and
-``streammerge.threadqueue.ThreadQueue``, a CPU stand-in with one thread per stream and
+``streammerge.exec.threadqueue.ThreadQueue``, a CPU stand-in with one thread per stream and
 random delays, on which the tests run the real orchestration end to end.
 
 Pinned host memory is page-aligned anonymous memory registered with ``cudaHostRegister``
@@ -35,8 +35,8 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.pipeline import page_aligned
-from streammerge.reader import align_up
+from streammerge.exec.layout import page_aligned
+from streammerge.io.ranges import align_up
 from streammerge.sizes import format_bytes
 
 

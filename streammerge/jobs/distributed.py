@@ -28,20 +28,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge.api import (
-    MergeSummary,
-    Options,
-    Prepared,
-    Provenance,
-    finalize,
-    layout_for,
-    make_backend,
-    open_output,
-    prepare,
-)
+from streammerge.api import finalize, layout_for, open_output, prepare
+from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
 from streammerge.errors import MergeError
-from streammerge.pipeline import RunStats, analyze, run
-from streammerge.plan import Plan, ShardPlan
+from streammerge.exec.choose import make_backend
+from streammerge.exec.pipeline import RunStats, analyze, run
+from streammerge.plan.plan_types import Plan, ShardPlan
 
 #: Retries of a task whose worker died (Ray ``max_retries``).
 MAX_RETRIES = 3
@@ -73,7 +65,7 @@ class StagingOutput:
 
     def __init__(self, staging: Path, plan: Plan | None = None, progress=None,
                  allow_nonfinite: bool = False) -> None:  # fmt: skip
-        from streammerge.fingerprints import InputHasher
+        from streammerge.io.fingerprints import InputHasher
 
         self.allow_nonfinite = allow_nonfinite
         self.staging = Path(staging)
@@ -89,10 +81,10 @@ class StagingOutput:
     def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
         """Rename a finished shard into place and report it, with its input hashes,
         non-finite counts and thresholds, to the driver, which journals it."""
-        from streammerge.output import input_digests
-        from streammerge.writer import take_nonfinite
+        from streammerge.io.writer import take_nonfinite
+        from streammerge.output.files import input_digests
 
-        from streammerge.nonfinite import check_shard
+        from streammerge.io.nonfinite import check_shard
 
         nonfinite = take_nonfinite(self.shard_tmp_path(name))
         check_shard(self.plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
@@ -119,7 +111,7 @@ class TaskResult:
 def _run_task(plan: Plan, names: list[str], staging: str, prep_options: Options,
               memory_bytes: int, model_thresholds, progress) -> TaskResult:  # fmt: skip
     """A task's body, on its worker: the local execute step over some shards."""
-    from streammerge.pipeline import make_layout
+    from streammerge.exec.layout import make_layout
 
     engine = make_backend(prep_options.backend, prep_options.device, task_cpus(prep_options),
                           prep_options.vram)  # fmt: skip
@@ -285,8 +277,8 @@ def merge_ray(
 
 
 def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
-    from streammerge.backends import CPU_GEOMETRY
-    from streammerge.pipeline import read_bytes, work_items
+    from streammerge.exec.backends import CPU_GEOMETRY
+    from streammerge.exec.layout import read_bytes, work_items
 
     check_visible(ray, prep.output.staging)
     options = prep.options

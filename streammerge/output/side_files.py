@@ -18,12 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from streammerge import safejson
 from streammerge.errors import MergeError
+from streammerge.io import safejson
+from streammerge.io.paths import inside_roots, model_roots, real
+from streammerge.io.reader import INDEX_FILE, ModelDir
 from streammerge.notices import notice
-from streammerge.paths import inside_roots, model_roots, real
-from streammerge.plan import Plan
-from streammerge.reader import INDEX_FILE, ModelDir
+from streammerge.plan.plan_types import Plan
 
 #: Files never copied from the base: weights in any format, and our own record.
 WEIGHT_SUFFIXES = (

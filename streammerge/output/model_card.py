@@ -12,7 +12,7 @@
 3. the recipe as YAML: the one given (``--config``), or the record's recipe in mergekit's
    form (``merge_method``, ``base_model``, ``models`` with ``parameters``, ``parameters``,
    ``dtype`` / ``out_dtype``, and a ``streammerge:`` block with ``seed``, ``mixup`` and
-   (methods with magnitude thresholds) ``trim_scope``: the form ``streammerge.mergekit_yaml`` reads back; ``recipe_to_yaml``);
+   (methods with magnitude thresholds) ``trim_scope``: the form ``streammerge.recipe.mergekit_yaml`` reads back; ``recipe_to_yaml``);
 4. the one command that repeats the merge (``--seed`` appended when the command lacks it).
 
 ``repeat_command(record, out)`` builds such a command from the record alone (absolute
@@ -32,7 +32,7 @@ from pathlib import Path, PurePath
 
 import yaml
 
-from streammerge.methods import METHODS
+from streammerge.recipe.methods import METHODS
 
 #: Output dtype (safetensors string, as streammerge.json records it) -> mergekit's name.
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}

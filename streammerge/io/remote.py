@@ -16,7 +16,7 @@ streaming when a server states none or lies; a header length is checked against 
 size and ``reader.MAX_HEADER_BYTES`` before the header is fetched.
 
 Integrity: each file's size and ETag are pinned when it is opened (``hf://`` revisions are
-resolved to a commit). HTTP range reads (``streammerge.httpio``) carry ``If-Match:
+resolved to a commit). HTTP range reads (``streammerge.io.httpio``) carry ``If-Match:
 <ETag>``, and every response's ETag, Content-Range total and length are compared with the
 pinned ones, so a file changed on the server mid-merge stops the run with one line
 (RemoteChanged) even where the server ignores If-Match; finished shards stay journaled
@@ -39,10 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from streammerge import httpio, safejson
 from streammerge.errors import MergeError
-from streammerge.notices import notice
-from streammerge.reader import (
+from streammerge.io import httpio, safejson
+from streammerge.io.reader import (
     INDEX_FILE,
     MAX_INDEX_BYTES,
     MAX_INDEX_DEPTH,
@@ -51,6 +50,7 @@ from streammerge.reader import (
     header_length,
     open_model,
 )
+from streammerge.notices import notice
 
 #: Bytes per ranged request (pieces of one chunk row are read concurrently by the pool).
 PIECE_BYTES = 8 * 2**20

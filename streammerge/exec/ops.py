@@ -9,7 +9,7 @@ Passes (docs/SPEC.md):
 - ``copy``: base bytes unchanged (no kernel); ``convert``: a base-only float tensor cast to
   ``--dtype``.
 - ``hist_high`` / ``hist_low``: the statistics passes of a magnitude sparsifier (TIES,
-  breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.stats``).
+  breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.exec.stats``).
 - ``merge``: the elementwise pass (DARE masks, keep windows, sign election, normalization).
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streammerge.methods import Method
-from streammerge.plan import Chunk, Segment, TensorPlan
-from streammerge.stats import KEEP_ALL
+from streammerge.exec.stats import KEEP_ALL
+from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
+from streammerge.recipe.methods import Method
 
 #: Input row of the base in a slot; fine-tune j is row MODEL_ROW0 + j.
 BASE_ROW = 0

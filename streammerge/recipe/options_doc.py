@@ -1,6 +1,6 @@
 """The options reference (docs/options.md), generated from the command's own parsers.
 
-``python -m streammerge.options_doc > docs/options.md`` rewrites it; a test fails when the
+``python -m streammerge.recipe.options_doc > docs/options.md`` rewrites it; a test fails when the
 file drifts from ``--help`` (issue 21.13: the README's hand-kept table had drifted).
 """
 
@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 
-from streammerge.cli import build_parser, build_sweep_parser
+from streammerge.recipe.parser import build_parser, build_sweep_parser
 
 HEADER = (
     "# Options\n\n"
     "Every option of `streammerge` and `streammerge sweep`, generated from the parsers\n"
-    "(`python -m streammerge.options_doc > docs/options.md`; `tests/test_options_doc.py`\n"
+    "(`python -m streammerge.recipe.options_doc > docs/options.md`; `tests/test_options_doc.py`\n"
     "fails when this file drifts from `--help`).\n"
 )
 

@@ -1,6 +1,6 @@
 """A CPU stand-in for a GPU: ``ThreadQueue`` runs each stream's work on a thread of its own,
 in order, each operation after a random delay, so that the GPU backend's real
-orchestration (``streammerge.gpu.DeviceBackend``) can be run end to end without a GPU.
+orchestration (``streammerge.exec.gpu.DeviceBackend``) can be run end to end without a GPU.
 
 Where CUDA would give wrong bytes, so does this queue: a copy or a kernel that is not
 ordered after the work it depends on (a missing event wait) runs early and sees stale or
@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from streammerge.devqueue import pinned_size
-from streammerge.pipeline import page_aligned
+from streammerge.exec.devqueue import pinned_size
+from streammerge.exec.layout import page_aligned
 
 #: Poison of fresh device buffers: 0xFF bytes are NaN in bf16, fp16 and fp32.
 POISON = 0xFF
@@ -74,7 +74,7 @@ class _Stream:
 
 
 class ThreadQueue:
-    """``streammerge.devqueue.DeviceQueue`` on host threads (see the module docstring).
+    """``streammerge.exec.devqueue.DeviceQueue`` on host threads (see the module docstring).
 
     Args:
         seed: seed of the random delays.
@@ -242,11 +242,12 @@ class ThreadQueue:
 
 
 class NumbaLauncher:
-    """The kernel launcher of a ``ThreadQueue``: ``streammerge.gpu.TritonLauncher``'s
-    interface over the numba kernels, on numpy "device" buffers (uint8 [R, row bytes])."""
+    """The kernel launcher of a ``ThreadQueue``:
+    ``streammerge.exec.triton_launcher.TritonLauncher``'s interface over the numba kernels,
+    on numpy "device" buffers (uint8 [R, row bytes])."""
 
     def merge(self, inputs: np.ndarray, out: np.ndarray, a) -> None:
-        """The elementwise pass (``streammerge.ops.MergeArgs``) into ``out``."""
+        """The elementwise pass (``streammerge.exec.ops.MergeArgs``) into ``out``."""
         from streammerge.kernels import cpu_merge
 
         cpu_merge.merge_chunk(
@@ -257,7 +258,7 @@ class NumbaLauncher:
         )  # fmt: skip
 
     def hist(self, op: str, inputs: np.ndarray, a, hist: np.ndarray, buckets=None) -> None:
-        """A histogram pass (``streammerge.ops.HistArgs``), accumulating into ``hist``."""
+        """A histogram pass (``streammerge.exec.ops.HistArgs``), accumulating into ``hist``."""
         from streammerge.kernels import cpu_stats
 
         rows = (inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n)
@@ -267,7 +268,7 @@ class NumbaLauncher:
             cpu_stats.hist_low(*rows, buckets, hist)
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
-        """A base-only chunk cast on the host (``streammerge.ops.ConvertArgs``)."""
+        """A base-only chunk cast on the host (``streammerge.exec.ops.ConvertArgs``)."""
         from streammerge.kernels import cpu_merge
 
         cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n)

@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.io.reader import ModelDir, open_model
+from streammerge.io.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
 
-#: URL schemes read by ranged requests (``streammerge.remote``); ``file://`` is local.
+#: URL schemes read by ranged requests (``streammerge.io.remote``); ``file://`` is local.
 REMOTE_PREFIXES = ("http://", "https://", "hf://", "s3://", "s3a://", "gs://", "gcs://")
 FILE_PREFIX = "file://"
 
@@ -30,7 +32,7 @@ class InputRef:
         given: the reference as the user wrote it (messages, model cards).
         url: the URL of a remote model (None for a local one).
         path: the local directory (None for a remote model); not resolved through
-            symlinks (``streammerge.paths.real`` does that for overlap checks).
+            symlinks (``streammerge.io.paths.real`` does that for overlap checks).
     """
 
     given: str
@@ -115,3 +117,53 @@ def resolve_output(ref: str | os.PathLike) -> Path:
             "the output must be a local directory", given, None, "give a path or a file:// URL"
         )
     return Path(given).expanduser()
+
+
+def open_input(ref: str | Path, http_timeout: float = DEFAULT_HTTP_TIMEOUT_S) -> ModelDir:
+    """A model by any reference ``streammerge.io.inputs.resolve_input`` takes: a directory
+    (also as ``file://`` or a Hugging Face cache id), or a model by URL (``https://``,
+    ``hf://``...; headers only; HTTP requests time out after ``http_timeout`` seconds
+    without data).
+
+    Raises:
+        MergeError: the reference cannot be resolved or the model fails its checks.
+    """
+    resolved = resolve_input(ref)
+    if resolved.is_remote:
+        return open_remote_model(resolved.url, http_timeout)
+    return open_model(resolved.path)
+
+
+def is_remote(m: ModelDir) -> bool:
+    """True for a model opened by URL."""
+    return getattr(m, "url", None) is not None
+
+
+def config_name_or_path(m: ModelDir) -> str | None:
+    """``_name_or_path`` from a local model's ``config.json`` when it is a Hugging Face repo
+    id (``org/name``, not a path), else None."""
+    import json
+
+    path = Path(m.path) / "config.json"
+    try:
+        if path.stat().st_size > 1 << 20:
+            return None
+        name = json.loads(path.read_text("utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(name, str) and name.count("/") == 1 and all(name.split("/")) and \
+            not name.startswith((".", "/", "~")) and not Path(name).exists():  # fmt: skip
+        return name
+    return None
+
+
+def input_record(m: ModelDir) -> dict:
+    """How streammerge.json names an input: its path, or its URL and pinned revision."""
+    if is_remote(m):  # stamp: the files' sizes and ETags (a finished --resume compares it)
+        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
+                "stamp": m.stamp}  # fmt: skip
+    rec = {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
+    name = config_name_or_path(m)
+    if name is not None:
+        rec["name_or_path"] = name  # a Hub id for the model card, where config.json has one
+    return rec

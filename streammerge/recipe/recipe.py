@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from streammerge.errors import OptionError
-from streammerge.methods import DEFAULT_METHOD, TRIM_SCOPES, Method, get_method
+from streammerge.recipe.methods import DEFAULT_METHOD, TRIM_SCOPES, Method, get_method
 
 #: Per-model parameter names (mergekit's, plus ``drop``: DARE's p given directly).
 MODEL_PARAMS = ("weight", "density", "drop", "gamma")
@@ -147,7 +147,7 @@ class Recipe:
     """Everything that decides the merged values.
 
     Attributes:
-        method: a key of ``streammerge.methods.METHODS``.
+        method: a key of ``streammerge.recipe.methods.METHODS``.
         n_models: number of fine-tunes N.
         seed: 0 <= seed < 2**64; keys every DARE mask and the M3 draw.
         mixup: the mixup ratios m (M3 draw or ``--lambda``), or None when the weights are

@@ -7,7 +7,7 @@ GB/s for buffered writes + fdatasync (issue 4), and they leave no dirty page cac
 Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) it falls back to buffered
 writes. Either way the file is fsync'd before ``finish`` returns, and its sha256 is
 computed on the way out (no second read), as is the count of non-finite values of each
-float tensor (``streammerge.nonfinite``), which ``finish`` leaves in ``NONFINITE`` under
+float tensor (``streammerge.io.nonfinite``), which ``finish`` leaves in ``NONFINITE`` under
 the file's path for the output transaction to journal.
 """
 
@@ -22,8 +22,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from streammerge.nonfinite import EXPONENT_MASK, count_nonfinite
-from streammerge.reader import align_up
+from streammerge.io.nonfinite import EXPONENT_MASK, count_nonfinite
+from streammerge.io.ranges import align_up
 
 #: Staging block size (bytes): one O_DIRECT write each.
 BLOCK_BYTES = 8 * 2**20

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.paths import identity
+from streammerge.io.paths import identity
 
 JOURNAL_FORMAT = "streammerge-journal/2"
 #: Largest journal read back (bytes).

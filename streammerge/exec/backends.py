@@ -1,9 +1,9 @@
 """Compute backends for the streaming pipeline: numba on the CPU, and the Triton kernels on
 CPU tensors under ``TRITON_INTERPRET=1`` (the test path for the GPU kernels). The CUDA
-streaming backend lives in ``streammerge.gpu``.
+streaming backend lives in ``streammerge.exec.gpu``.
 
 A backend is a kernel table: pass name (``merge``, ``convert``, ``hist_high``,
-``hist_low``; see ``streammerge.ops``) -> a function of (slot, args) that calls the kernel
+``hist_low``; see ``streammerge.exec.ops``) -> a function of (slot, args) that calls the kernel
 with the arguments the plan built. Nothing here knows about methods or rows.
 """
 
@@ -14,8 +14,8 @@ import threading
 
 import numpy as np
 
-from streammerge.ops import ConvertArgs, HistArgs, MergeArgs
-from streammerge.pipeline import Slot, page_aligned
+from streammerge.exec.layout import Slot, page_aligned
+from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs
 
 
 class _Geometry:
@@ -171,7 +171,7 @@ class TritonCpuBackend:
         try:
             import torch
 
-            from streammerge.gpu import TritonLauncher
+            from streammerge.exec.triton_launcher import TritonLauncher
         except ImportError as e:
             raise MergeError(
                 f"--backend triton needs torch and triton ({e})",

@@ -2,7 +2,7 @@
 
 The schema is mergekit 0.1.5's (``MergeConfiguration``) for the methods streammerge has::
 
-    merge_method: ties                # a row of streammerge.methods.METHODS
+    merge_method: ties                # a row of streammerge.recipe.methods.METHODS
     base_model: path/or/org/name      # not for linear
     models:
       - model: path/or/org/name       # a directory, or a repo id in the local HF cache
@@ -21,7 +21,7 @@ The schema is mergekit 0.1.5's (``MergeConfiguration``) for the methods streamme
       seed: 7
       trim_scope: model
 
-Resolution per tensor is mergekit's (``streammerge.recipe.evaluate``): model parameters over
+Resolution per tensor is mergekit's (``streammerge.recipe.recipe.evaluate``): model parameters over
 top-level ones; ``normalize``, ``lambda``, ``rescale`` and ``int8_mask`` only at the top
 level (mergekit ignores them under a model, and so does streammerge, with a notice);
 mergekit's ``lambda`` is the scale s; a base model listed among ``models`` is not a
@@ -40,8 +40,8 @@ from pathlib import Path
 import yaml
 
 from streammerge.errors import MergeError
-from streammerge.methods import METHODS
-from streammerge.plan import normalize_dtype
+from streammerge.recipe.dtypes import normalize_dtype
+from streammerge.recipe.methods import METHODS
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -209,10 +209,10 @@ class _Doc:
 
 
 def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path | str:
-    """A ``model:`` reference (``streammerge.inputs.resolve_input``): a directory (as
+    """A ``model:`` reference (``streammerge.io.inputs.resolve_input``): a directory (as
     given, or relative to the recipe; also as ``file://``), a URL, or a Hugging Face repo
     id (``org/name`` or ``org/name@revision``) in the local cache."""
-    from streammerge.inputs import resolve_input
+    from streammerge.io.inputs import resolve_input
 
     if not isinstance(ref, str) or not ref.strip():
         doc.fail(key, f"expected a directory or a Hugging Face repo id, got {ref!r}")

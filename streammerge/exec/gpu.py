@@ -1,7 +1,7 @@
 """The device backend (``DeviceBackend``): pinned host slots, an H2D, a compute and a D2H
 stream ordered by events, and a VRAM budget that sizes the chunks. It reaches the device
-only through a ``streammerge.devqueue.DeviceQueue``: CUDA via torch (``cuda_backend``), or
-``streammerge.threadqueue.ThreadQueue`` in the tests. See docs/gpu.md.
+only through a ``streammerge.exec.devqueue.DeviceQueue``: CUDA via torch (``cuda_backend``), or
+``streammerge.exec.threadqueue.ThreadQueue`` in the tests. See docs/gpu.md.
 
 Per chunk k (``depth`` device buffer sets, used round robin, ordered by CUDA events):
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.pipeline import MIN_CHUNK_ELEMS, Slot
+from streammerge.exec.layout import MIN_CHUNK_ELEMS, Slot
+from streammerge.exec.triton_launcher import _ITEMSIZE, TritonLauncher
 from streammerge.sizes import format_bytes
 
 #: Device buffer sets in flight (H2D of k+1 overlaps the kernel of k and D2H of k-1).
@@ -113,7 +114,7 @@ def device_chunk_elems(vram_bytes: int, rows: int, in_itemsize: int, out_itemsiz
 @dataclass(frozen=True)
 class DeviceGeometry:
     """What ``--plan`` needs of a DeviceBackend without starting one (no stream, no
-    compile): its depth and chunk limit for ``vram_bytes`` (as ``pipeline.make_layout``
+    compile): its depth and chunk limit for ``vram_bytes`` (as ``layout.make_layout``
     takes them)."""
 
     vram_bytes: int
@@ -154,12 +155,12 @@ def resolve_vram(vram_bytes: int | None, free: int, where: str) -> int:
 
 
 def pinned_host_bytes(layout) -> int:
-    """Host bytes a DeviceBackend pins for ``layout`` (``pipeline.Layout`` made with
+    """Host bytes a DeviceBackend pins for ``layout`` (``layout.Layout`` made with
     depth GPU_DEPTH): every slot's input rows and output buffers, each buffer registered
     at page granularity (``devqueue.pinned_size``). At most ``--memory``: the layout
     counts the same buffers (and the writer's staging blocks and histograms, which are not
     pinned)."""
-    from streammerge.devqueue import pinned_size
+    from streammerge.exec.devqueue import pinned_size
 
     per_slot = pinned_size(layout.rows * layout.row_bytes)
     per_slot += layout.outputs * pinned_size(layout.out_row_bytes)
@@ -172,7 +173,7 @@ def device_stats_bytes(n_models: int) -> int:
     window (``stats.guess_slots`` of breadcrumbs x LOW_BINS per fine-tune), both alive
     at once in the worst case. Reserved from ``--vram`` for every method (about 3.4 MB per
     fine-tune)."""
-    from streammerge.stats import HIGH_BINS, LOW_BINS, guess_slots
+    from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 
     return n_models * (HIGH_BINS + guess_slots("breadcrumbs") * LOW_BINS) * 8
 
@@ -183,8 +184,8 @@ WARMUP_ELEMS = 16
 
 class DeviceBackend:
     """Merges slots on a device, ``depth`` chunks in flight over three streams (the module
-    docstring), through a ``streammerge.devqueue.DeviceQueue``: torch CUDA for real, or
-    ``streammerge.threadqueue.ThreadQueue`` in the tests.
+    docstring), through a ``streammerge.exec.devqueue.DeviceQueue``: torch CUDA for real, or
+    ``streammerge.exec.threadqueue.ThreadQueue`` in the tests.
 
     Per chunk k in device buffer set i = k % depth, in queue order:
 
@@ -234,7 +235,7 @@ class DeviceBackend:
         """A WARMUP_ELEMS-element bf16 merge on the compute stream, synchronized: a missing
         compiler, driver or kernel problem is a MergeError here, before anything is
         written."""
-        from streammerge.ops import MergeArgs
+        from streammerge.exec.ops import MergeArgs
 
         n = WARMUP_ELEMS
         args = MergeArgs(("BF16", "BF16"), 0, (1,), (0,), (0.5,), (1.0,), 1.0, "BF16", n, 1, 0,
@@ -252,7 +253,7 @@ class DeviceBackend:
 
         Raises:
             MergeError: a variant could not be compiled or launched."""
-        from streammerge.ops import kernel_variants
+        from streammerge.exec.ops import kernel_variants
 
         variants = kernel_variants(plan, plan.recipe.row)
         if variants:
@@ -264,7 +265,7 @@ class DeviceBackend:
 
         Raises:
             MergeError: one line naming the device and the first line of the failure."""
-        from streammerge.stats import HIGH_BINS
+        from streammerge.exec.stats import HIGH_BINS
 
         q, s = self.q, self.streams["compute"]
         # Bytes per row at the widest dtype, rounded to 256 so every row starts 16-byte
@@ -440,7 +441,7 @@ def cuda_backend(vram_bytes: int | None = None, index: int = 0) -> DeviceBackend
             would run the kernel on the host, copying every buffer there and back), --vram
             more than the free memory, or the warm-up launch failed.
     """
-    from streammerge.devqueue import TorchCudaQueue
+    from streammerge.exec.devqueue import TorchCudaQueue
 
     try:
         import torch
@@ -477,68 +478,3 @@ def device_error(what: str, e: BaseException, todo: str) -> MergeError:
     compiler message, often many lines), cut at 200 characters."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return MergeError(f"{what}: {first[:200]}", None, None, todo)
-
-
-_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
-
-
-class TritonLauncher:
-    """Calls the Triton kernels on a slot's uint8 rows (torch tensors on the kernel's
-    device: CUDA, or CPU under the interpreter), viewing each row as its dtype. Row r of
-    ``inputs`` is the slot's input row r (``streammerge.ops``: 0 the base, 1 + j model j)."""
-
-    def __init__(self, torch) -> None:
-        from streammerge.kernels import triton_merge, triton_stats
-
-        self.torch = torch
-        self.merge_kernel = triton_merge.merge_chunk_triton
-        self.stats = triton_stats
-        #: Triton's interpreter (TRITON_INTERPRET=1 when triton was imported): host numpy.
-        self.interpreted = triton_merge._INTERPRETED
-
-    def _typed(self, buf, dtype: str, n: int):
-        """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
-        return buf[: n * _ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
-
-    def _rows(self, inputs, a):
-        base = (
-            self._typed(inputs[a.base_row], a.dtypes[a.base_row], a.n) if a.base_row >= 0 else None
-        )
-        models = [self._typed(inputs[r], a.dtypes[r], a.n) for r in a.model_rows]
-        return base, models
-
-    def merge(self, inputs, out, a) -> None:
-        """The elementwise pass (``streammerge.ops.MergeArgs``) into ``out`` (uint8)."""
-        base, models = self._rows(inputs, a)
-        self.merge_kernel(
-            base,
-            models,
-            self._typed(out, a.out_dtype, a.n),
-            key=a.key,
-            start=a.start,
-            drop=list(a.drop),
-            weights=list(a.weights),
-            scale=a.scale,
-            model_ids=list(a.model_ids),
-            keep_lo=None if a.keep_lo is None else list(a.keep_lo),
-            keep_hi=None if a.keep_hi is None else list(a.keep_hi),
-            consensus=a.consensus,
-            normalize=a.normalize,
-            linear=a.linear,
-        )
-
-    def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
-        """A base-only chunk cast on the host with numba (``streammerge.ops.ConvertArgs``;
-        rare: base-only float tensors with ``--dtype``)."""
-        from streammerge.kernels import cpu_merge
-
-        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n)
-
-    def hist(self, op: str, inputs, a, hist, buckets=None) -> None:
-        """A histogram pass (``streammerge.ops.HistArgs``), accumulating into ``hist``."""
-        base, models = self._rows(inputs, a)
-        if op == "hist_high":
-            self.stats.hist_high_triton(base, models, hist)
-        else:
-            self.stats.hist_low_triton(base, models, buckets, hist)
