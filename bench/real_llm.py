@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine  # noqa: E402
 from trio_data import TaskData, load_bbc, load_sentiment, package_dir  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,6 +197,7 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.perf_counter()
     cache = CACHE if args.cache is None else Path(args.cache)
     base = prepare_base(cache)
     tasks = [load_bbc(seed=args.seed), load_sentiment(seed=args.seed)]
@@ -213,7 +215,10 @@ def main(argv: list[str] | None = None) -> int:
             f"LlamaForCausalLM with tied embeddings and says: {sample!r}\n")  # fmt: skip
     print(text, end="")
     if args.report:
-        Path(args.report).write_text(text)
+        run = (f"`python bench/real_llm.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+               f" on {machine()}: {time.perf_counter() - started:.0f} s wall, nothing cached "
+               "unless a stamp matched")  # fmt: skip
+        Path(args.report).write_text(f"# SmolLM2-135M end to end\n\n{run}\n\n{text}")
     return 0
 
 
