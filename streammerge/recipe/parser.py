@@ -12,7 +12,17 @@ from streammerge.recipe.methods import METHODS
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every flag has help)."""
-    p = OneLineArgumentParser(
+    p = _new_parser()
+    _add_input_args(p)
+    _add_recipe_args(p)
+    _add_run_args(p)
+    return p
+
+
+def _new_parser() -> argparse.ArgumentParser:
+    """The bare ``streammerge`` parser: its prog, description and epilog (the methods table),
+    no arguments yet."""
+    return OneLineArgumentParser(
         prog="streammerge",
         description="Merge fine-tunes of a common base (task arithmetic, DARE, TIES, "
         "breadcrumbs, linear), each with Mixup Model Merge (M3) weights or given ones, "
@@ -27,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
             for m in METHODS.values()
         ),
     )
+
+
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """Add what to merge and where to: the models (or --config), --plan/--json, --ray,
+    --base, --method and --output."""
     p.add_argument(
         "models",
         nargs="*",
@@ -75,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OUT",
         help="output directory, created (default: ./merged; never replaced without --overwrite)",
     )
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    """Add the recipe's values: --alpha, --lambda, --weights, --drop, --density, --gamma,
+    --normalize, --trim-scope, --scale, --seed and --dtype (``FLAG_RECIPE_KEYS``)."""
     p.add_argument(
         "--alpha",
         type=float,
@@ -141,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="output dtype of float tensors: bf16, fp16, fp32 (default: the base's)",
     )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """Add how the merge runs and writes: shard size, memory, threads, device, backend, HTTP
+    timeout, resume/overwrite, copies, I/O, non-finite values, output verbosity, --version."""
     p.add_argument(
         "--shard-size", default="5GB", help="largest output shard, e.g. 500MB, 5GB (default 5GB)"
     )
@@ -210,7 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
         "h2d_s, kernel_s, d2h_s, and device_wait_s, the host waiting on the device)",
     )
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
-    return p
 
 
 #: Flags that set the recipe (the rest set how the merge runs: api.Options).
