@@ -124,6 +124,19 @@ def check_merge_args(
     Raises:
         OptionError (a ValueError): a wrong type or a value out of range, naming the option.
     """
+    _check_inputs(models, base, out)
+    _check_recipe_values(alpha, lam, weights, drop, scale, seed, dtype)
+    _check_run_options(
+        shard_size, memory, vram, http_timeout, threads, backend, device, flags, on_start, on_bytes
+    )
+
+
+def _check_inputs(models, base, out) -> None:
+    """Check the models (a sequence of 2 or more paths), the base and the output path.
+
+    Raises:
+        OptionError: not a path, an empty path or one with a NUL, fewer than 2 models.
+    """
     if isinstance(models, (str, bytes, bytearray, os.PathLike)) or not isinstance(models, Sequence):
         raise OptionError(
             f"models must be a list of model directories, got {type(models).__name__}",
@@ -137,6 +150,15 @@ def check_merge_args(
         )
     _path(base, "base")
     _path(out, "out")
+
+
+def _check_recipe_values(alpha, lam, weights, drop, scale, seed, dtype) -> None:
+    """Check the recipe's values: alpha, λ (a notice outside [0, 1]), weights, drop rates,
+    scale, seed and dtype.
+
+    Raises:
+        OptionError: a wrong type or a value out of range, naming the option.
+    """
     _number(alpha, "--alpha", lo=0.0, lo_open=True)
     if lam is not None:
         x = _number(lam, "--lambda")
@@ -158,6 +180,17 @@ def check_merge_args(
             raise OptionError(f"--seed must be in [0, 2**64), got {seed}")
     if dtype is not None and not isinstance(dtype, str):
         raise OptionError(f"--dtype must be a string such as bf16, got {dtype!r}")
+
+
+def _check_run_options(
+    shard_size, memory, vram, http_timeout, threads, backend, device, flags, on_start, on_bytes
+) -> None:
+    """Check how the merge runs: sizes, the HTTP timeout, threads, backend, device, the
+    boolean ``flags`` (``FLAGS``) and the two callbacks.
+
+    Raises:
+        OptionError: a wrong type or a value out of range, naming the option.
+    """
     parse_size(shard_size, "--shard-size")
     check_memory(memory)
     if vram is not None:
