@@ -356,46 +356,12 @@ def build_recipe(
     row = get_method(method)
     if trim_scope not in TRIM_SCOPES:
         raise RecipeError(f"--trim-scope must be tensor or model, got {trim_scope!r}", "trim_scope")
-    if seed is None:
-        seed = draw_seed()
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise RecipeError(f"--seed must be an integer, got {seed!r}", "seed")
-    seed = int(seed)
-    if not 0 <= seed < 2**64:
-        raise RecipeError(f"--seed must be in [0, 2**64), got {seed}", "seed")
-    sp = row.sparse
+    seed = _checked_seed(seed)
     if model_params is not None and len(model_params) != n_models:
         raise RecipeError(f"model_params has {len(model_params)} entries for {n_models} models")
-    for key, val, used in (
-        ("density", density, sp.uses_density),
-        ("drop", drop, sp.uses_drop),
-        ("gamma", gamma, sp.uses_gamma),
-    ):
-        if val is not None and not used:
-            raise RecipeError(f"--{key} does not apply to method {method}", key)
-    _finite(scale, "--scale")
-    if not row.uses_base and scale != 1.0:
-        raise RecipeError("--scale does not apply to method linear (out = the weighted mean)")
-    if lam is not None and weights is not None:
-        raise RecipeError("give --lambda or --weights, not both", "lambda")
-    mixup = alpha_used = None
-    if lam is not None:
-        if n_models != 2:
-            raise RecipeError(f"--lambda needs exactly 2 models, got {n_models}; use --weights")
-        _finite(lam, "--lambda")
-        mixup = (float(lam), 1.0 - float(lam))
-    elif weights is None and alpha is not None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise RecipeError(f"--alpha must be a number, got {alpha!r}", "alpha")
-        if not (alpha > 0 and math.isfinite(alpha)):
-            raise RecipeError(f"--alpha must be > 0, got {alpha}", "alpha")
-        alpha_used = float(alpha)
-        mixup = draw_mixup(n_models, alpha_used, seed)
-    models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
-    for key, val in (("weight", weights), ("density", density), ("drop", drop), ("gamma", gamma)):
-        for j, v in enumerate(_per_model(val, n_models, key if key != "weight" else "weights")):
-            if v is not None:
-                models[j][key] = v
+    _check_flags_apply(row, method, density, drop, gamma, scale)
+    mixup, alpha_used = _mixup_weights(n_models, lam, weights, alpha, seed)
+    models = _model_values(n_models, model_params, weights, density, drop, gamma)
     params: dict = dict(params or {})
     if scale != 1.0:
         params["scale"] = float(scale)
@@ -417,3 +383,86 @@ def build_recipe(
     )
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe
+
+
+def _checked_seed(seed) -> int:
+    """The mask seed as an int in [0, 2**64): ``seed`` checked, or drawn from the OS when None.
+
+    Raises:
+        RecipeError: not an integer, or out of range.
+    """
+    if seed is None:
+        seed = draw_seed()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise RecipeError(f"--seed must be an integer, got {seed!r}", "seed")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise RecipeError(f"--seed must be in [0, 2**64), got {seed}", "seed")
+    return seed
+
+
+def _check_flags_apply(row, method: str, density, drop, gamma, scale) -> None:
+    """Check that each sparsifier flag given is one the method uses, and the scale.
+
+    Raises:
+        RecipeError: ``--density`` / ``--drop`` / ``--gamma`` the method does not use, a
+            scale that is not finite, or a scale other than 1 for linear.
+    """
+    sp = row.sparse
+    for key, val, used in (
+        ("density", density, sp.uses_density),
+        ("drop", drop, sp.uses_drop),
+        ("gamma", gamma, sp.uses_gamma),
+    ):
+        if val is not None and not used:
+            raise RecipeError(f"--{key} does not apply to method {method}", key)
+    _finite(scale, "--scale")
+    if not row.uses_base and scale != 1.0:
+        raise RecipeError("--scale does not apply to method linear (out = the weighted mean)")
+
+
+def _mixup_weights(
+    n_models: int, lam, weights, alpha, seed: int
+) -> tuple[tuple[float, ...] | None, float | None]:
+    """The mixup ratios m and the alpha they were drawn with: (λ, 1 - λ) and None for a
+    fixed ``lam``; a draw from Beta / Dirichlet(``alpha``) with ``seed`` and ``alpha``;
+    (None, None) with ``weights`` or ``alpha=None`` (the configured weights are w).
+
+    Raises:
+        RecipeError: both lam and weights, lam with N != 2, a lam not finite, an alpha
+            that is not a number > 0.
+    """
+    if lam is not None and weights is not None:
+        raise RecipeError("give --lambda or --weights, not both", "lambda")
+    mixup = alpha_used = None
+    if lam is not None:
+        if n_models != 2:
+            raise RecipeError(f"--lambda needs exactly 2 models, got {n_models}; use --weights")
+        _finite(lam, "--lambda")
+        mixup = (float(lam), 1.0 - float(lam))
+    elif weights is None and alpha is not None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise RecipeError(f"--alpha must be a number, got {alpha!r}", "alpha")
+        if not (alpha > 0 and math.isfinite(alpha)):
+            raise RecipeError(f"--alpha must be > 0, got {alpha}", "alpha")
+        alpha_used = float(alpha)
+        mixup = draw_mixup(n_models, alpha_used, seed)
+    return mixup, alpha_used
+
+
+def _model_values(
+    n_models: int, model_params: Sequence[Mapping] | None, weights, density, drop, gamma
+) -> list[dict]:
+    """One dict of parameter values per model: ``model_params`` (copied), with the flags
+    given (one value for all or one per model) overriding them.
+
+    Raises:
+        RecipeError: a value that is not a number, or a per-model list whose length is
+            not ``n_models``.
+    """
+    models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
+    for key, val in (("weight", weights), ("density", density), ("drop", drop), ("gamma", gamma)):
+        for j, v in enumerate(_per_model(val, n_models, key if key != "weight" else "weights")):
+            if v is not None:
+                models[j][key] = v
+    return models
