@@ -197,44 +197,45 @@ def main(argv: list[str] | None = None) -> int:
     return guarded_main(_main, argv)
 
 
-def _main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["sweep"]:
-        return sweep_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class _MergeConsole:
+    """What a merge prints on stderr while it runs (nothing but errors with ``--quiet``): the
+    seed, the output, the vocabulary rules, base-only tensors, notices, and a progress bar
+    (in bytes) on a terminal. Its ``on_start``, ``on_bytes`` and ``notice`` are the merge's
+    callbacks.
+    """
 
-    from streammerge.api import merge
-    from streammerge.api_types import OPTION_KEYS, Options
-
-    err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message
-    progress = (
-        None
-        if args.quiet or not err.is_terminal  # a bar on a pipe only leaves a blank line
-        else Progress(
-            TextColumn("merging"),
-            BarColumn(),
-            DownloadColumn(binary_units=False),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
+    def __init__(self, args) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
         )
-    )
-    task = None
-    lock = threading.Lock()
 
-    def on_start(plan, total_bytes: int) -> None:
-        nonlocal task
+        self.args = args
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message
+        self.progress = (
+            None
+            if args.quiet or not self.err.is_terminal  # a bar on a pipe only leaves a blank line
+            else Progress(
+                TextColumn("merging"),
+                BarColumn(),
+                DownloadColumn(binary_units=False),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=self.err,
+                transient=True,
+            )
+        )
+        self.task = None
+        self.lock = threading.Lock()
+
+    def on_start(self, plan, total_bytes: int) -> None:
+        """The merge starts: print what it will do, then start the bar (``total_bytes``)."""
+        args, err = self.args, self.err
         r = plan.recipe
         if args.quiet:
             return
@@ -247,21 +248,40 @@ def _main(argv: list[str] | None = None) -> int:
             err.print(
                 f"streammerge: copied from the base (no fine-tune has them): {', '.join(plan.base_only)}"
             )
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("merge", total=total_bytes)
+        if self.progress is not None:
+            self.progress.start()
+            self.task = self.progress.add_task("merge", total=total_bytes)
 
-    def on_bytes(n: int) -> None:
-        if progress is not None and task is not None:
-            with lock:
-                progress.advance(task, n)
+    def on_bytes(self, n: int) -> None:
+        """``n`` more bytes merged: advance the bar (called from the pipeline's threads)."""
+        if self.progress is not None and self.task is not None:
+            with self.lock:
+                self.progress.advance(self.task, n)
 
-    def notice(line: str) -> None:
-        if not args.quiet:
-            err.print(f"streammerge: {line}")
+    def notice(self, line: str) -> None:
+        """Print one notice line, unless ``--quiet``."""
+        if not self.args.quiet:
+            self.err.print(f"streammerge: {line}")
+
+    def stop(self) -> None:
+        """Remove the bar, if one was started."""
+        if self.progress is not None and self.task is not None:
+            self.progress.stop()
+
+
+def _main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    view = _MergeConsole(args)
+
+    from streammerge.api import merge
+    from streammerge.api_types import OPTION_KEYS, Options
 
     try:
-        models, base, kwargs, prov = recipe_inputs(args, parser, notice, argv)
+        models, base, kwargs, prov = recipe_inputs(args, parser, view.notice, argv)
         options = Options(**{k: getattr(args, k) for k in OPTION_KEYS})
         if args.plan:
             return show_plan(models, base, args.output, kwargs, options, prov, args.json)
@@ -276,17 +296,15 @@ def _main(argv: list[str] | None = None) -> int:
             base,
             args.output,
             options=options,
-            on_start=on_start,
-            on_bytes=on_bytes,
+            on_start=view.on_start,
+            on_bytes=view.on_bytes,
             provenance=prov,
             **kwargs,
         )
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
-        if progress is not None and task is not None:
-            progress.stop()
+        view.stop()
         return report(e, args.output, args.debug)
-    if progress is not None and task is not None:
-        progress.stop()
+    view.stop()
     if s.already_complete:
         return 0  # finalize said so in one line; there is no run to report
     print(closing_line(s), flush=True)
