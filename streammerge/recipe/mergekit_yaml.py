@@ -37,11 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from streammerge.errors import MergeError
 from streammerge.recipe.dtypes import normalize_dtype
-from streammerge.recipe.methods import METHODS
+from streammerge.recipe.methods import METHODS, Method
+from streammerge.recipe.yaml_doc import YamlDoc
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -86,129 +85,9 @@ class YamlRecipe:
 
 #: Largest recipe file read (bytes): recipes are a few KB; a bigger file is not one.
 MAX_RECIPE_BYTES = 1 << 20
-#: Most YAML nodes a recipe may expand to, aliases counted each time they are used: a
-#: 1 KB "billion laughs" file (10 anchors, each ten references to the previous one)
-#: expands to 10**10 nodes and stops here instead of exhausting memory.
-MAX_RECIPE_NODES = 100_000
-_MAP, _SEQ, _STR, _MERGE = (f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str", "merge"))
-#: Scalar tags a recipe may hold (the YAML core schema, as PyYAML's safe loader reads it).
-_SCALAR_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "timestamp")}
 
 
-class _Doc:
-    """The parsed YAML with the line of every key (PyYAML node marks).
-
-    Reads what mergekit reads through ``yaml.safe_load``: mappings, lists, scalars,
-    anchors and aliases, and merge keys (``<<: *common``; explicit keys win, then the
-    merged mappings in order). Refused with one line naming the key and its line: more
-    than ``MAX_RECIPE_NODES`` nodes once aliases are expanded, a list or mapping used as a
-    key, and any other tag (``!!set``, ``!!python/...``, ``!!binary``, custom tags).
-    """
-
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f"line {mark.line + 1}: " if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise MergeError(f"{line}not valid YAML ({problem})", path, None, "fix the YAML")
-        self.lines: dict[str, int] = {}
-        self.nodes = 0
-        self._seen: set[int] = set()
-        self.shared: set[int] = set()  # ids of nodes used more than once (through aliases)
-        self.top_nodes: dict = {}  # top-level key -> id of its value node
-        self._constructor = yaml.constructor.SafeConstructor()
-        self.value = self._walk(node, "") if node is not None else None
-
-    def _count(self, node, where: str) -> None:
-        if id(node) in self._seen:
-            self.shared.add(id(node))
-        self._seen.add(id(node))
-        self.nodes += 1
-        if self.nodes > MAX_RECIPE_NODES:
-            self.fail(where or "(top)", f"expands to more than {MAX_RECIPE_NODES} YAML nodes "
-                      "(aliases counted each time they are used)", "write the recipe out plainly",
-                      line=node.start_mark.line + 1)  # fmt: skip
-
-    def _walk(self, node, where: str):
-        self._count(node, where)
-        if isinstance(node, yaml.MappingNode):
-            return self._mapping(node, where)
-        if isinstance(node, yaml.SequenceNode):
-            self._check_tag(node, _SEQ, where)
-            items = []
-            for i, v in enumerate(node.value):
-                sub = f"{where}[{i}]"
-                self.lines[sub] = v.start_mark.line + 1
-                items.append(self._walk(v, sub))
-            return items
-        return self._scalar(node, where)
-
-    def _mapping(self, node, where: str) -> dict:
-        self._check_tag(node, _MAP, where)
-        out: dict = {}
-        for k, v, merged in self._pairs(node, where):
-            key = self._key(k, where)
-            sub = f"{where}.{key}" if where else str(key)
-            if key in out:
-                if merged:
-                    continue  # an explicit key, or an earlier merged mapping, wins
-                self.fail(sub, "duplicate key", line=k.start_mark.line + 1)
-            self.lines[sub] = k.start_mark.line + 1
-            if not where:
-                self.top_nodes[key] = id(v)
-            out[key] = self._walk(v, sub)
-        return out
-
-    def anchor_only(self, key) -> bool:
-        """True for a top-level key whose value is used elsewhere through an alias or a
-        merge key (a place to define anchors, as in ``common: &common {...}``)."""
-        return self.top_nodes.get(key) in self.shared
-
-    def _pairs(self, node, where: str) -> list[tuple]:
-        """The mapping's (key node, value node, merged) triples: its own keys first, then
-        those its merge keys (``<<``) bring, mapping by mapping in order."""
-        own, merged = [], []
-        for k, v in node.value:
-            if k.tag != _MERGE:
-                own.append((k, v, False))
-                continue
-            sources = v.value if isinstance(v, yaml.SequenceNode) else [v]
-            for src in sources:
-                self._count(src, where)
-                if not isinstance(src, yaml.MappingNode):
-                    self.fail(f"{where}.<<" if where else "<<", "a merge key takes a mapping "
-                              "or a list of mappings", line=src.start_mark.line + 1)  # fmt: skip
-                merged += [(kk, vv, True) for kk, vv, _ in self._pairs(src, where)]
-        return own + merged
-
-    def _key(self, k, where: str):
-        if not isinstance(k, yaml.ScalarNode):
-            self.fail(where or "(top)", "a list or mapping used as a key",
-                      line=k.start_mark.line + 1)  # fmt: skip
-        return self._scalar(k, where)
-
-    def _scalar(self, node, where: str):
-        self._check_tag(node, None, where)
-        if node.tag == _STR:
-            return node.value
-        return self._constructor.construct_object(node)
-
-    def _check_tag(self, node, tag: str | None, where: str) -> None:
-        ok = node.tag == tag if tag is not None else node.tag in _SCALAR_TAGS
-        if not ok:
-            self.fail(where or "(top)", f"unsupported YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')}",
-                      "use plain values, lists and mappings", line=node.start_mark.line + 1)  # fmt: skip
-
-    def fail(self, key: str, what: str, todo: str = "fix the recipe", line: int | None = None):
-        line = line or self.lines.get(key)
-        at = f"line {line}: " if line else ""
-        raise MergeError(f"{at}{key}: {what}", self.path, None, todo)
-
-
-def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path | str:
+def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
     """A ``model:`` reference (``streammerge.io.inputs.resolve_input``): a directory (as
     given, or relative to the recipe; also as ``file://``), a URL, or a Hugging Face repo
     id (``org/name`` or ``org/name@revision``) in the local cache."""
@@ -242,7 +121,7 @@ def _resolve_model(ref, key: str, doc: _Doc, base_dir: Path) -> Path | str:
     )
 
 
-def _check_value(value, key: str, doc: _Doc, allow_gradient: bool, kind: str) -> None:
+def _check_value(value, key: str, doc: YamlDoc, allow_gradient: bool, kind: str) -> None:
     """Numbers / bools, gradient lists and {filter, value} lists, recursively."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for i, entry in enumerate(value):
@@ -292,6 +171,34 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
             neither a directory nor in the local Hugging Face cache.
     """
     path = Path(path)
+    text = _read_recipe_text(path)
+    doc = YamlDoc(path, text)
+    cfg = doc.value
+    _check_top_keys(doc, cfg)
+    method = _merge_method(doc, cfg)
+    reader = _RecipeReader(doc, path.parent, method, METHODS[method])
+    kwargs: dict = {"method": method, "source": str(path), "alpha": None}
+    reader.read_streammerge_block(cfg.get("streammerge") or {}, kwargs)
+    reader.read_dtypes(cfg, kwargs)
+    base_ref = cfg.get("base_model")
+    base = reader.base_model(base_ref)
+    models, labels, model_params = reader.fine_tunes(cfg.get("models"), base)
+    params = reader.top_params(cfg.get("parameters") or {})
+    kwargs.update(model_params=model_params, params=params, lines=reader.lines)
+    tokenizer_model = reader.tokenizer_model(cfg.get("tokenizer_source"), labels)
+    for n in reader.notices:
+        if notice is not None:
+            notice(n)
+    return YamlRecipe(path, text, base, models, ([str(base_ref)] if base_ref else []) + labels,
+                      kwargs, tokenizer_model, reader.notices)  # fmt: skip
+
+
+def _read_recipe_text(path: Path) -> str:
+    """The recipe file's text (UTF-8, at most ``MAX_RECIPE_BYTES``).
+
+    Raises:
+        MergeError: unreadable, not UTF-8, or larger than ``MAX_RECIPE_BYTES``.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_RECIPE_BYTES + 1)
@@ -301,8 +208,12 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
     if len(data) > MAX_RECIPE_BYTES:
         raise MergeError(f"the recipe is larger than {MAX_RECIPE_BYTES // 2**20} MiB", path,
                          None, "give a mergekit YAML recipe (a few KB)")  # fmt: skip
-    doc = _Doc(path, text)
-    cfg = doc.value
+    return text
+
+
+def _check_top_keys(doc: YamlDoc, cfg) -> None:
+    """Check that the recipe is a mapping of known top-level keys (``TOP_KEYS``, or a key
+    that only holds anchors used elsewhere), none of them ``UNSUPPORTED``."""
     if not isinstance(cfg, dict):
         doc.fail("(top)", "expected a mapping of recipe keys", line=1)
     for key in cfg:
@@ -310,6 +221,10 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
             doc.fail(str(key), "not supported by streammerge", UNSUPPORTED[key])
         if key not in TOP_KEYS and not doc.anchor_only(key):
             doc.fail(str(key), "unknown key", f"use {', '.join(sorted(TOP_KEYS))}")
+
+
+def _merge_method(doc: YamlDoc, cfg: dict) -> str:
+    """The ``merge_method``, a key of ``METHODS`` (else one line, with the closest name)."""
     method = cfg.get("merge_method")
     if method is None:
         doc.fail("merge_method", "missing", "name a method", line=1)
@@ -320,161 +235,210 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
         hint = f" (did you mean {near!r}?)" if near else ""
         doc.fail("merge_method", f"streammerge has no method {method!r}{hint}",
                  f"use one of {', '.join(METHODS)}")  # fmt: skip
-    row = METHODS[method]
-    notices: list[str] = []
-    here = path.parent
+    return method
 
-    # streammerge's own block
-    sm = cfg.get("streammerge") or {}
-    if not isinstance(sm, dict):
-        doc.fail("streammerge", "expected a mapping (mixup, seed, trim_scope)")
-    for k in sm:
-        if k not in STREAMMERGE_KEYS:
-            doc.fail(
-                f"streammerge.{k}", "unknown key", f"use {', '.join(sorted(STREAMMERGE_KEYS))}"
+
+@dataclass
+class _RecipeReader:
+    """The sections of one recipe, read in order once its method is known (each check fails
+    with ``doc.fail``: one line naming the key and its line).
+
+    Attributes:
+        doc: the parsed YAML; here: the recipe's folder (models may be relative to it).
+        method: the ``merge_method``; row: its row of ``METHODS``.
+        notices: lines to print (settings mergekit ignores and so does streammerge).
+        lines: the YAML line of each parameter kept, by ``build_recipe`` key
+            (``models[j].parameters.density``, ``parameters.scale``).
+    """
+
+    doc: YamlDoc
+    here: Path
+    method: str
+    row: Method
+    notices: list[str] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def read_streammerge_block(self, sm, kwargs: dict) -> None:
+        """Read streammerge's own keys (mixup, seed, trim_scope) into ``kwargs``."""
+        doc, method = self.doc, self.method
+        if not isinstance(sm, dict):
+            doc.fail("streammerge", "expected a mapping (mixup, seed, trim_scope)")
+        for k in sm:
+            if k not in STREAMMERGE_KEYS:
+                doc.fail(
+                    f"streammerge.{k}", "unknown key", f"use {', '.join(sorted(STREAMMERGE_KEYS))}"
+                )
+        mix = sm.get("mixup")
+        if mix is not None:
+            if not isinstance(mix, dict) or not mix or set(mix) - MIXUP_KEYS or len(mix) != 1:
+                doc.fail(
+                    "streammerge.mixup", f"expected {{alpha: A}} or {{lambda: L}}, got {mix!r}"
+                )
+            ((mk, mv),) = mix.items()
+            if isinstance(mv, bool) or not isinstance(mv, (int, float)):
+                doc.fail(f"streammerge.mixup.{mk}", f"expected a number, got {mv!r}")
+            kwargs["alpha" if mk == "alpha" else "lam"] = float(mv)
+        if "seed" in sm:
+            if (
+                isinstance(sm["seed"], bool)
+                or not isinstance(sm["seed"], int)
+                or not 0 <= sm["seed"] < 2**64
+            ):
+                doc.fail(
+                    "streammerge.seed", f"expected an integer in [0, 2**64), got {sm['seed']!r}"
+                )
+            kwargs["seed"] = sm["seed"]
+        if "trim_scope" in sm:
+            if sm["trim_scope"] not in ("tensor", "model"):
+                doc.fail(
+                    "streammerge.trim_scope", f"expected tensor or model, got {sm['trim_scope']!r}"
+                )
+            if not self.row.sparse.stats:
+                doc.fail("streammerge.trim_scope", f"method {method} has no magnitude thresholds")
+            kwargs["trim_scope"] = sm["trim_scope"]
+
+    def read_dtypes(self, cfg: dict, kwargs: dict) -> None:
+        """Check ``dtype`` and ``out_dtype``; the output dtype goes into ``kwargs`` (a notice
+        when the compute dtype is not float32, which streammerge always computes in)."""
+        doc = self.doc
+        for key in ("dtype", "out_dtype"):
+            v = cfg.get(key)
+            if v is not None:
+                name = str(v).removeprefix("torch.")
+                if name not in COMPUTE_DTYPES:
+                    doc.fail(key, f"unsupported dtype {v!r}", "use float32, bfloat16 or float16")
+        compute = cfg.get("dtype")
+        if compute is not None and str(compute).removeprefix("torch.") != "float32":
+            self.notices.append(
+                f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes in float32 "
+                "(mergekit would compute in the given dtype); the output dtype follows out_dtype"
             )
-    kwargs: dict = {"method": method, "source": str(path), "alpha": None}
-    mix = sm.get("mixup")
-    if mix is not None:
-        if not isinstance(mix, dict) or not mix or set(mix) - MIXUP_KEYS or len(mix) != 1:
-            doc.fail("streammerge.mixup", f"expected {{alpha: A}} or {{lambda: L}}, got {mix!r}")
-        ((mk, mv),) = mix.items()
-        if isinstance(mv, bool) or not isinstance(mv, (int, float)):
-            doc.fail(f"streammerge.mixup.{mk}", f"expected a number, got {mv!r}")
-        kwargs["alpha" if mk == "alpha" else "lam"] = float(mv)
-    if "seed" in sm:
-        if (
-            isinstance(sm["seed"], bool)
-            or not isinstance(sm["seed"], int)
-            or not 0 <= sm["seed"] < 2**64
-        ):
-            doc.fail("streammerge.seed", f"expected an integer in [0, 2**64), got {sm['seed']!r}")
-        kwargs["seed"] = sm["seed"]
-    if "trim_scope" in sm:
-        if sm["trim_scope"] not in ("tensor", "model"):
+        out_dtype = cfg.get("out_dtype") or compute
+        if out_dtype is not None:
+            kwargs["dtype"] = normalize_dtype(str(out_dtype).removeprefix("torch."))
+
+    def base_model(self, base_ref) -> Path | str | None:
+        """The resolved ``base_model`` (None when not given; required by every method but
+        linear)."""
+        if self.row.uses_base and base_ref is None:
+            self.doc.fail("base_model", f"method {self.method} needs a base_model",
+                          "add base_model:", line=1)  # fmt: skip
+        if base_ref is None:
+            return None
+        return _resolve_model(base_ref, "base_model", self.doc, self.here)
+
+    def fine_tunes(self, entries, base) -> tuple[list[Path | str], list[str], list[dict]]:
+        """The ``models:`` list without the base: (resolved models, their ``model`` strings
+        as written, the parameters of each that apply to the method). At least 2."""
+        doc = self.doc
+        if not isinstance(entries, list) or not entries:
             doc.fail(
-                "streammerge.trim_scope", f"expected tensor or model, got {sm['trim_scope']!r}"
+                "models",
+                "expected a list of {model, parameters} entries",
+                line=doc.lines.get("models", 1),
             )
-        if not row.sparse.stats:
-            doc.fail("streammerge.trim_scope", f"method {method} has no magnitude thresholds")
-        kwargs["trim_scope"] = sm["trim_scope"]
+        models: list[Path | str] = []
+        labels: list[str] = []
+        model_params: list[dict] = []
+        for i, e in enumerate(entries):
+            key = f"models[{i}]"
+            if isinstance(e, str):
+                e = {"model": e}
+            if not isinstance(e, dict):
+                doc.fail(key, f"expected a mapping with model and parameters, got {e!r}")
+            for k in e:
+                if k not in ("model", "parameters"):
+                    doc.fail(f"{key}.{k}", "unknown key", "use model and parameters")
+            if "model" not in e:
+                doc.fail(key, "missing model:")
+            p = _resolve_model(e["model"], f"{key}.model", doc, self.here)
+            if self.row.uses_base and base is not None \
+                    and os.path.realpath(p) == os.path.realpath(base):  # fmt: skip
+                continue  # the base among the models: not a fine-tune (mergekit skips it too)
+            params = e.get("parameters") or {}
+            if not isinstance(params, dict):
+                doc.fail(f"{key}.parameters", "expected a mapping")
+            model_params.append(self.model_params(key, len(models), params))
+            models.append(p)
+            labels.append(str(e["model"]))
+        if len(models) < 2:
+            doc.fail("models", f"need at least 2 fine-tunes besides the base, got {len(models)}",
+                     line=doc.lines.get("models"))  # fmt: skip
+        return models, labels, model_params
 
-    # dtypes
-    for key in ("dtype", "out_dtype"):
-        v = cfg.get(key)
-        if v is not None:
-            name = str(v).removeprefix("torch.")
-            if name not in COMPUTE_DTYPES:
-                doc.fail(key, f"unsupported dtype {v!r}", "use float32, bfloat16 or float16")
-    compute = cfg.get("dtype")
-    if compute is not None and str(compute).removeprefix("torch.") != "float32":
-        notices.append(
-            f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes in float32 "
-            "(mergekit would compute in the given dtype); the output dtype follows out_dtype"
-        )
-    out_dtype = cfg.get("out_dtype") or compute
-    if out_dtype is not None:
-        kwargs["dtype"] = normalize_dtype(str(out_dtype).removeprefix("torch."))
-
-    # models
-    base_ref = cfg.get("base_model")
-    if row.uses_base and base_ref is None:
-        doc.fail("base_model", f"method {method} needs a base_model", "add base_model:", line=1)
-    base = _resolve_model(base_ref, "base_model", doc, here) if base_ref is not None else None
-    entries = cfg.get("models")
-    if not isinstance(entries, list) or not entries:
-        doc.fail(
-            "models",
-            "expected a list of {model, parameters} entries",
-            line=doc.lines.get("models", 1),
-        )
-    models: list[Path] = []
-    labels: list[str] = []
-    model_params: list[dict] = []
-    lines: dict[str, int] = {}
-    for i, e in enumerate(entries):
-        key = f"models[{i}]"
-        if isinstance(e, str):
-            e = {"model": e}
-        if not isinstance(e, dict):
-            doc.fail(key, f"expected a mapping with model and parameters, got {e!r}")
-        for k in e:
-            if k not in ("model", "parameters"):
-                doc.fail(f"{key}.{k}", "unknown key", "use model and parameters")
-        if "model" not in e:
-            doc.fail(key, "missing model:")
-        p = _resolve_model(e["model"], f"{key}.model", doc, here)
-        if row.uses_base and base is not None and os.path.realpath(p) == os.path.realpath(base):
-            continue  # the base among the models: not a fine-tune (mergekit skips it too)
-        params = e.get("parameters") or {}
-        if not isinstance(params, dict):
-            doc.fail(f"{key}.parameters", "expected a mapping")
-        j = len(models)
+    def model_params(self, key: str, j: int, params: dict) -> dict:
+        """The parameters of ``models[i]`` (``key``), fine-tune ``j``, that apply to the
+        method; a notice for each ignored one (top-level-only, or unused by the method)."""
+        doc = self.doc
         own = {}
         for k, v in params.items():
             pk = f"{key}.parameters.{k}"
             if k in SHARED_PARAMS:
-                notices.append(f"{pk} (line {doc.lines[pk]}) is ignored: it applies to the whole "
-                               "merge only at the top level (as in mergekit)")  # fmt: skip
+                self.notices.append(
+                    f"{pk} (line {doc.lines[pk]}) is ignored: it applies to the whole merge "
+                    "only at the top level (as in mergekit)"
+                )
                 continue
             if k not in MODEL_PARAMS:
                 doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(MODEL_PARAMS))}")
             _check_value(v, pk, doc, True, "number")
-            if not _applies(k, row):
-                notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
+            if not _applies(k, self.row):
+                self.notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to "
+                                    f"{self.method}: ignored")  # fmt: skip
                 continue
             own[k] = v
-            lines[f"models[{j}].parameters.{k}"] = doc.lines[pk]
-        models.append(p)
-        labels.append(str(e["model"]))
-        model_params.append(own)
-    if len(models) < 2:
-        doc.fail("models", f"need at least 2 fine-tunes besides the base, got {len(models)}",
-                 line=doc.lines.get("models"))  # fmt: skip
-    top = cfg.get("parameters") or {}
-    if not isinstance(top, dict):
-        doc.fail("parameters", "expected a mapping")
-    params: dict = {}
-    for k, v in top.items():
-        pk = f"parameters.{k}"
-        if k not in MODEL_PARAMS | SHARED_PARAMS:
-            doc.fail(pk, "unknown parameter",
-                     f"use {', '.join(sorted(MODEL_PARAMS | SHARED_PARAMS))}")  # fmt: skip
-        if k == "rescale":
-            _check_value(v, pk, doc, False, "bool")
-            if v is False:
-                doc.fail(pk, "rescale: false is not supported",
-                         "drop it: DARE's kept values are rescaled by 1/(1-p) (docs/SPEC.md)")  # fmt: skip
-            continue
-        if k == "int8_mask":
-            _check_value(v, pk, doc, False, "bool")
-            continue  # a mergekit memory option; no effect on the values
-        if k == "normalize":
-            _check_value(v, pk, doc, True, "bool")
-        else:
-            _check_value(v, pk, doc, True, "number")
-        if not _applies(k, row):
-            notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to {method}: ignored")
-            continue
-        name = "scale" if k == "lambda" else k
-        if not row.uses_base and name == "scale":
-            doc.fail(pk, "lambda does not apply to linear")
-        params[name] = v
-        lines[f"parameters.{name}"] = doc.lines[pk]
-    kwargs.update(model_params=model_params, params=params, lines=lines)
+            self.lines[f"models[{j}].parameters.{k}"] = doc.lines[pk]
+        return own
 
-    tok = cfg.get("tokenizer_source")
-    tokenizer_model = None
-    if tok is not None:
+    def top_params(self, top) -> dict:
+        """The top-level ``parameters:`` that apply to the method, mergekit's ``lambda`` as
+        ``scale`` (``rescale`` and ``int8_mask`` checked, then dropped)."""
+        doc = self.doc
+        if not isinstance(top, dict):
+            doc.fail("parameters", "expected a mapping")
+        params: dict = {}
+        for k, v in top.items():
+            pk = f"parameters.{k}"
+            if k not in MODEL_PARAMS | SHARED_PARAMS:
+                doc.fail(pk, "unknown parameter",
+                         f"use {', '.join(sorted(MODEL_PARAMS | SHARED_PARAMS))}")  # fmt: skip
+            if k == "rescale":
+                _check_value(v, pk, doc, False, "bool")
+                if v is False:
+                    doc.fail(
+                        pk,
+                        "rescale: false is not supported",
+                        "drop it: DARE's kept values are rescaled by 1/(1-p) (docs/SPEC.md)",
+                    )
+                continue
+            if k == "int8_mask":
+                _check_value(v, pk, doc, False, "bool")
+                continue  # a mergekit memory option; no effect on the values
+            if k == "normalize":
+                _check_value(v, pk, doc, True, "bool")
+            else:
+                _check_value(v, pk, doc, True, "number")
+            if not _applies(k, self.row):
+                self.notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to "
+                                    f"{self.method}: ignored")  # fmt: skip
+                continue
+            name = "scale" if k == "lambda" else k
+            if not self.row.uses_base and name == "scale":
+                doc.fail(pk, "lambda does not apply to linear")
+            params[name] = v
+            self.lines[f"parameters.{name}"] = doc.lines[pk]
+        return params
+
+    def tokenizer_model(self, tok, labels: list[str]) -> int | None:
+        """The index of the fine-tune whose tokenizer is copied (``tokenizer_source``), None
+        for the base (also when not given)."""
+        if tok is None:
+            return None
         if tok == "union":
-            doc.fail("tokenizer_source", "union is not supported",
-                     "use tokenizer_source: base or a model of the list")  # fmt: skip
+            self.doc.fail("tokenizer_source", "union is not supported",
+                          "use tokenizer_source: base or a model of the list")  # fmt: skip
         if tok != "base":
             if tok not in labels:
-                doc.fail("tokenizer_source", f"{tok!r} is not base or a model of the list")
-            tokenizer_model = labels.index(tok)
-    for n in notices:
-        if notice is not None:
-            notice(n)
-    return YamlRecipe(path, text, base, models, ([str(base_ref)] if base_ref else []) + labels,
-                      kwargs, tokenizer_model, notices)  # fmt: skip
+                self.doc.fail("tokenizer_source", f"{tok!r} is not base or a model of the list")
+            return labels.index(tok)
+        return None
