@@ -284,6 +284,146 @@ def _check_overlaps(begins: np.ndarray, ends: np.ndarray, infos: dict, path: Pat
         )
 
 
+#: What to do about a file (or a symlink) that leads out of the model directory.
+_OUTSIDE = "copy the file into the model directory (symlinks may not lead out of it)"
+
+
+def _check_directory(root: Path) -> None:
+    """Refuse a path that is not a readable directory."""
+    if not root.is_dir():
+        raise MergeError(
+            "not a directory", root, todo="pass a model directory in Hugging Face layout"
+        )
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise MergeError(
+            f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions"
+        ) from e
+
+
+def _load_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's ``weight_map``: tensor name -> shard file name.
+
+    Raises:
+        MergeError: bad JSON, or no such mapping of strings to strings.
+    """
+    index = safejson.load_file(
+        index_path,
+        max_depth=MAX_INDEX_DEPTH,
+        max_bytes=MAX_INDEX_BYTES,
+        todo="fix or re-save the index",
+        what="index",
+    )
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise MergeError(
+            "bad index: no weight_map mapping tensor names to file names",
+            index_path,
+            todo="fix or re-save the index",
+        )
+    return weight_map
+
+
+def _parse_shards(
+    root: Path, index_path: Path, files: list[str], digest, file_fps: dict[str, str]
+) -> dict[str, dict[str, TensorInfo]]:
+    """Every shard's header, in index order: file name -> (name -> TensorInfo); each
+    file's fingerprint goes into ``file_fps``, its name, size and header into ``digest``.
+
+    Raises:
+        MergeError: a shard named outside the directory, missing, or leading out of it,
+            or any header check of ``_parse_header``.
+    """
+    headers = {}
+    for fname in files:
+        fpath = root / fname
+        if Path(fname).name != fname or fname in ("", ".", ".."):
+            raise MergeError(
+                f"the index names shard {fname!r}, outside the model directory",
+                index_path,
+                todo="fix the index: shards lie beside it",
+            )
+        if not fpath.is_file():
+            raise MergeError(
+                f"the index names shard {fname!r}, which is missing",
+                index_path,
+                todo="restore the shard or fix the index",
+            )
+        check_within_model(fpath, root, "the shard", _OUTSIDE)
+        headers[fname], file_fps[fname] = _parse_header(fpath, digest)
+    return headers
+
+
+def _join_shards(root: Path, headers: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """The shards' tensors in one map: name -> TensorInfo, in index order of the shards.
+
+    Raises:
+        MergeError: a tensor stored in two shards.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    for fname, infos in headers.items():  # every header first: a duplicate is named as one
+        for name, info in infos.items():
+            if name in tensors:
+                raise MergeError(
+                    f"tensor stored in two shards ({tensors[name].file.name} and {fname})",
+                    root,
+                    name,
+                    "remove the duplicate or re-save the model",
+                )
+            tensors[name] = info
+    return tensors
+
+
+def _check_index_agrees(
+    index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
+) -> None:
+    """Refuse an index whose ``weight_map`` and the shards' headers disagree: a tensor in
+    another shard than the index says, or a tensor the index names and no header has."""
+    for name, info in tensors.items():
+        if weight_map.get(name) != info.file.name:
+            raise MergeError(
+                f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
+                index_path,
+                name,
+                "fix or re-save the index",
+            )
+    for name, fname in weight_map.items():
+        if name not in tensors:
+            raise MergeError(
+                f"the index puts this tensor in {fname}, whose header lacks it",
+                index_path,
+                ascii(name) if name_problem(name) else name,
+                "fix or re-save the index",
+            )
+
+
+def _open_index(
+    root: Path, index_path: Path, digest, file_fps: dict[str, str]
+) -> tuple[dict[str, TensorInfo], list[Path]]:
+    """(name -> TensorInfo, the shard paths in index order) of a sharded model, every
+    header checked and checked against the index."""
+    check_within_model(index_path, root, "the index", _OUTSIDE)
+    weight_map = _load_weight_map(index_path)
+    files = list(dict.fromkeys(weight_map.values()))
+    headers = _parse_shards(root, index_path, files, digest, file_fps)
+    tensors = _join_shards(root, headers)
+    del headers
+    _check_index_agrees(index_path, weight_map, tensors)
+    return tensors, [root / f for f in files]
+
+
+def _stamp(file_paths: list[Path]) -> str:
+    """sha256 (hex) of every file's name, size and modification time (ns)."""
+    stamp = hashlib.sha256()
+    for p in file_paths:
+        st = p.stat()
+        stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return stamp.hexdigest()
+
+
 def open_model(path: str | Path) -> ModelDir:
     """Open and validate a model directory: every header, and the index against them.
 
@@ -299,88 +439,15 @@ def open_model(path: str | Path) -> ModelDir:
             shards, index and headers disagreeing, or any header check of the reader failing.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise MergeError(
-            "not a directory", root, todo="pass a model directory in Hugging Face layout"
-        )
-    try:
-        os.listdir(root)
-    except OSError as e:
-        raise MergeError(
-            f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions"
-        ) from e
+    _check_directory(root)
     digest = hashlib.sha256()
     index_path = root / INDEX_FILE
-    tensors: dict[str, TensorInfo] = {}
     file_fps: dict[str, str] = {}
-    outside = "copy the file into the model directory (symlinks may not lead out of it)"
     if index_path.is_file():
-        check_within_model(index_path, root, "the index", outside)
-        index = safejson.load_file(
-            index_path,
-            max_depth=MAX_INDEX_DEPTH,
-            max_bytes=MAX_INDEX_BYTES,
-            todo="fix or re-save the index",
-            what="index",
-        )
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise MergeError(
-                "bad index: no weight_map mapping tensor names to file names",
-                index_path,
-                todo="fix or re-save the index",
-            )
-        files = list(dict.fromkeys(weight_map.values()))
-        headers = {}
-        for fname in files:
-            fpath = root / fname
-            if Path(fname).name != fname or fname in ("", ".", ".."):
-                raise MergeError(
-                    f"the index names shard {fname!r}, outside the model directory",
-                    index_path,
-                    todo="fix the index: shards lie beside it",
-                )
-            if not fpath.is_file():
-                raise MergeError(
-                    f"the index names shard {fname!r}, which is missing",
-                    index_path,
-                    todo="restore the shard or fix the index",
-                )
-            check_within_model(fpath, root, "the shard", outside)
-            headers[fname], file_fps[fname] = _parse_header(fpath, digest)
-        for fname, infos in headers.items():  # every header first: a duplicate is named as one
-            for name, info in infos.items():
-                if name in tensors:
-                    raise MergeError(
-                        f"tensor stored in two shards ({tensors[name].file.name} and {fname})",
-                        root,
-                        name,
-                        "remove the duplicate or re-save the model",
-                    )
-                tensors[name] = info
-        del headers
-        for name, info in tensors.items():
-            if weight_map.get(name) != info.file.name:
-                raise MergeError(
-                    f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
-                    index_path,
-                    name,
-                    "fix or re-save the index",
-                )
-        for name, fname in weight_map.items():
-            if name not in tensors:
-                raise MergeError(
-                    f"the index puts this tensor in {fname}, whose header lacks it",
-                    index_path,
-                    ascii(name) if name_problem(name) else name,
-                    "fix or re-save the index",
-                )
-        file_paths = [root / f for f in files]
+        tensors, file_paths = _open_index(root, index_path, digest, file_fps)
     elif (root / SINGLE_FILE).is_file():
         file_paths = [root / SINGLE_FILE]
-        check_within_model(file_paths[0], root, "the weights file", outside)
+        check_within_model(file_paths[0], root, "the weights file", _OUTSIDE)
         tensors, file_fps[SINGLE_FILE] = _parse_header(file_paths[0], digest)
     else:
         raise MergeError(
@@ -393,10 +460,6 @@ def open_model(path: str | Path) -> ModelDir:
             "the model has no tensors", root, todo="pass a model directory with weights"
         )
     total = sum(t.nbytes for t in tensors.values())
-    stamp = hashlib.sha256()
-    for p in file_paths:
-        st = p.stat()
-        stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return ModelDir(
-        root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest(), file_fps
+        root, file_paths, tensors, digest.hexdigest(), total, _stamp(file_paths), file_fps
     )
