@@ -144,6 +144,100 @@ def _todo(prep) -> tuple[list[ShardPlan], list[str]]:
     return [s for s in prep.plan.shards if s.filename not in done], sorted(done)
 
 
+def _read_totals(plan, todo: list[ShardPlan], layout: Layout) -> tuple[int, int, int]:
+    """(bytes_read, bytes_read_max, analysis_read) of writing the shards ``todo``, in bytes:
+    what the run reads when every guessed threshold window hits, when every guess misses,
+    and of those the two model-wide histogram passes of trim_scope model (0 otherwise)."""
+    work_read = read_bytes(work_items(plan, todo, layout))
+    analysis_read = read_bytes(analysis_items(plan, layout)) if plan.model_scope and todo else 0
+    every_guess_misses = read_bytes(work_items(plan, todo, layout, decide=lambda t: False))
+    return work_read + analysis_read, every_guess_misses + analysis_read, analysis_read
+
+
+def _add_params(g: dict, t: TensorPlan) -> None:
+    """Count ``t`` in group ``g``'s entry of its parameters (``_params``), or start one."""
+    p = _params(t)
+    for entry in g["params"]:
+        if {k: v for k, v in entry.items() if k not in ("tensors", "count")} == p:
+            entry["tensors"].append(t.name)
+            entry["count"] += 1
+            break
+    else:
+        g["params"].append({**p, "tensors": [t.name], "count": 1})
+
+
+def _tensor_groups(plan, todo: list[ShardPlan], layout: Layout) -> list[dict]:
+    """One dict per tensor group (``group_of``), in order embedding, layers, head: tensor
+    and merged counts, output bytes, bytes read (only for tensors of shards in ``todo``),
+    passes (label -> count), parameter sets with their tensors, vocabulary rules."""
+    tensors = sorted(plan.tensors, key=lambda t: natural_key(t.name))
+    layer_keys = [natural_key(t.name) for t in tensors if _layer(t.name) is not None]
+    first_layer = min(layer_keys) if layer_keys else None
+    todo_names = {t.name for s in todo for t in s.tensors}
+    groups: dict[str, dict] = {}
+    for t in tensors:
+        label = group_of(t.name, first_layer)
+        g = groups.setdefault(
+            label,
+            {"group": label, "tensors": 0, "merged": 0, "bytes": 0, "read_bytes": 0,
+             "passes": {}, "params": [], "rules": []},
+        )  # fmt: skip
+        g["tensors"] += 1
+        g["merged"] += t.action == "merge"
+        g["bytes"] += t.nbytes
+        if t.name in todo_names:
+            g["read_bytes"] += read_bytes(tensor_items(t, layout))
+        how = passes_of(t, layout)
+        g["passes"][how] = g["passes"].get(how, 0) + 1
+        _add_params(g, t)
+        if t.rule:
+            g["rules"].append(t.rule)
+    return [groups[k] for k in sorted(groups, key=_group_order)]
+
+
+def _recipe_fields(r) -> dict:
+    """The plan's first keys: its format, the method and its row, the weighting (seed, α,
+    λ or mixup ratios), dtype, the parameters of a tensor without overrides, the recipe."""
+    row = r.row
+    tp0 = r.tensor_params("")
+    return {
+        "format": PLAN_FORMAT,
+        "method": r.method,
+        "method_row": {
+            "sparsifier": row.sparsifier,
+            "consensus": row.consensus,
+            "normalize": row.normalize,
+            "uses_base": row.uses_base,
+            "source": row.source,
+        },
+        "trim_scope": r.trim_scope,
+        "seed": r.seed,
+        "alpha": r.alpha,
+        "lambda": r.lam
+        if r.lam is not None
+        else (r.mixup[0] if r.mixup and len(r.mixup) == 2 else None),
+        "mixup": list(r.mixup) if r.mixup is not None else None,
+        "dtype": r.dtype,
+        "resolved": tp0.record(),
+        "recipe": r.record(),
+    }
+
+
+def _memory(prep, layout: Layout, device: str) -> dict:
+    """The plan's ``memory`` entry: the budget and the buffers of ``layout``, in bytes."""
+    return {
+        "budget_bytes": prep.memory_bytes,
+        "buffer_bytes": layout.buffer_bytes,
+        "slots": layout.slots,
+        "slot_bytes": layout.slot_bytes,
+        "chunk_elems": layout.chunk_elems,
+        "staging_bytes": STAGING_BLOCKS * layout.block_bytes,
+        "stats_bytes": layout.stats_bytes,
+        "device": device,
+        "pinned_bytes": pinned_host_bytes(layout) if device == "cuda" else 0,
+    }
+
+
 def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu") -> dict:
     """The dry run of ``prep`` (an ``api.Prepared``) with the buffers of ``layout``.
 
@@ -166,74 +260,19 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
         MergeError: with ``--resume``, a journal written for another recipe or other inputs.
     """
     r, plan = prep.recipe, prep.plan
-    row = r.row
     todo, resumed = _todo(prep)
-    model_scope = plan.model_scope
-    work_read = read_bytes(work_items(plan, todo, layout))
-    analysis_read = read_bytes(analysis_items(plan, layout)) if model_scope and todo else 0
-    bytes_read = work_read + analysis_read
-    every_guess_misses = read_bytes(work_items(plan, todo, layout, decide=lambda t: False))
-    bytes_read_max = every_guess_misses + analysis_read
+    bytes_read, bytes_read_max, analysis_read = _read_totals(plan, todo, layout)
     compile_s = _compile_seconds(device)
     bytes_written = sum(s.size_bytes for s in todo)
-
-    tensors = sorted(plan.tensors, key=lambda t: natural_key(t.name))
-    layer_keys = [natural_key(t.name) for t in tensors if _layer(t.name) is not None]
-    first_layer = min(layer_keys) if layer_keys else None
-    todo_names = {t.name for s in todo for t in s.tensors}
-    groups: dict[str, dict] = {}
-    for t in tensors:
-        label = group_of(t.name, first_layer)
-        g = groups.setdefault(
-            label,
-            {"group": label, "tensors": 0, "merged": 0, "bytes": 0, "read_bytes": 0,
-             "passes": {}, "params": [], "rules": []},
-        )  # fmt: skip
-        g["tensors"] += 1
-        g["merged"] += t.action == "merge"
-        g["bytes"] += t.nbytes
-        if t.name in todo_names:
-            g["read_bytes"] += read_bytes(tensor_items(t, layout))
-        how = passes_of(t, layout)
-        g["passes"][how] = g["passes"].get(how, 0) + 1
-        p = _params(t)
-        for entry in g["params"]:
-            if {k: v for k, v in entry.items() if k not in ("tensors", "count")} == p:
-                entry["tensors"].append(t.name)
-                entry["count"] += 1
-                break
-        else:
-            g["params"].append({**p, "tensors": [t.name], "count": 1})
-        if t.rule:
-            g["rules"].append(t.rule)
-    ordered = [groups[k] for k in sorted(groups, key=_group_order)]
+    ordered = _tensor_groups(plan, todo, layout)
 
     disk = None
     if measure_read:
         inputs = ([prep.base] if prep.base is not None else []) + list(prep.models)
         disk = measure_read_speed(f for m in inputs for f in m.files)
     speed = disk["bytes_per_s"] if disk else None
-    tp0 = r.tensor_params("")
     return {
-        "format": PLAN_FORMAT,
-        "method": r.method,
-        "method_row": {
-            "sparsifier": row.sparsifier,
-            "consensus": row.consensus,
-            "normalize": row.normalize,
-            "uses_base": row.uses_base,
-            "source": row.source,
-        },
-        "trim_scope": r.trim_scope,
-        "seed": r.seed,
-        "alpha": r.alpha,
-        "lambda": r.lam
-        if r.lam is not None
-        else (r.mixup[0] if r.mixup and len(r.mixup) == 2 else None),
-        "mixup": list(r.mixup) if r.mixup is not None else None,
-        "dtype": r.dtype,
-        "resolved": tp0.record(),
-        "recipe": r.record(),
+        **_recipe_fields(r),
         "base": None if prep.base is None else str(prep.base.path.resolve()),
         "models": [str(m.path.resolve()) for m in prep.models],
         "output": str(prep.output.out),
@@ -241,7 +280,7 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
         "groups": ordered,
         "analysis": (
             {"passes": ["hist_high", "hist_low"], "bytes_read": analysis_read}
-            if model_scope
+            if plan.model_scope
             else None
         ),
         "shards": [
@@ -254,17 +293,7 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
         "bytes_read_analysis": analysis_read,
         "bytes_written": bytes_written,
         "total_size": plan.total_bytes,
-        "memory": {
-            "budget_bytes": prep.memory_bytes,
-            "buffer_bytes": layout.buffer_bytes,
-            "slots": layout.slots,
-            "slot_bytes": layout.slot_bytes,
-            "chunk_elems": layout.chunk_elems,
-            "staging_bytes": STAGING_BLOCKS * layout.block_bytes,
-            "stats_bytes": layout.stats_bytes,
-            "device": device,
-            "pinned_bytes": pinned_host_bytes(layout) if device == "cuda" else 0,
-        },
+        "memory": _memory(prep, layout, device),
         "disk": disk,
         "expected_seconds": bytes_read / speed + compile_s if speed else None,
         "compile_seconds": compile_s,
@@ -311,12 +340,9 @@ def _group_body(g: dict) -> list[str]:
     return lines
 
 
-def format_plan(d: dict) -> str:
-    """``describe``'s dict as readable plain text (what ``--plan`` prints).
-
-    Consecutive layers that read alike (same tensor count, bytes, passes and parameters)
-    are printed once, as ``layers A-B``.
-    """
+def _heading_lines(d: dict) -> list[str]:
+    """The plan's first lines: method, weighting and seed, the resolved parameters, the
+    inputs and the output."""
     out = []
     mix = ""
     if d["mixup"] is not None:
@@ -334,8 +360,13 @@ def format_plan(d: dict) -> str:
     for j, m in enumerate(d["models"]):
         out.append(f"  model {j}: {m}")
     out.append(f"  output: {d['output']} (nothing written by --plan)")
-    out.append("tensor groups:")
-    groups = d["groups"]
+    return out
+
+
+def _groups_lines(groups: list[dict]) -> list[str]:
+    """The tensor groups, each a heading line and its body (``_group_body``); a run of
+    consecutive layers that read alike is printed once, as ``layers A-B (each)``."""
+    out = []
     i = 0
     while i < len(groups):
         g = groups[i]
@@ -361,16 +392,13 @@ def format_plan(d: dict) -> str:
         )
         out += body
         i = k
-    if d["analysis"] is not None:
-        out.append(
-            f"  model-wide thresholds first (trim_scope model): "
-            f"{'+'.join(d['analysis']['passes'])}, {format_bytes(d['analysis']['bytes_read'])} read"
-        )
-    if d["base_only"]:
-        out.append(f"copied from the base (no fine-tune has them): {_names(d['base_only'], 8)}")
-    for rule in d["vocab_rules"]:
-        out.append(f"vocabulary rule: {rule}")
-    out.append(f"output shards ({len(d['shards'])}):")
+    return out
+
+
+def _totals_lines(d: dict) -> list[str]:
+    """The plan's last lines: the output shards, bytes to read and write, peak buffer
+    memory, the measured disk speed and the expected time."""
+    out = [f"output shards ({len(d['shards'])}):"]
     for s in d["shards"]:
         out.append(f"  {s['file']}: {s['size_bytes']} bytes, {s['tensors']} tensor(s)")
     if d["resumed_shards"]:
@@ -401,6 +429,28 @@ def format_plan(d: dict) -> str:
             f"in {disk['seconds']:.3f} s, {disk['how']}, {disk['file']})"
         )
         out.append(f"expected time: >= {d['expected_seconds']:.1f} s; {d['expected_note']}")
+    return out
+
+
+def format_plan(d: dict) -> str:
+    """``describe``'s dict as readable plain text (what ``--plan`` prints).
+
+    Consecutive layers that read alike (same tensor count, bytes, passes and parameters)
+    are printed once, as ``layers A-B``.
+    """
+    out = _heading_lines(d)
+    out.append("tensor groups:")
+    out += _groups_lines(d["groups"])
+    if d["analysis"] is not None:
+        out.append(
+            f"  model-wide thresholds first (trim_scope model): "
+            f"{'+'.join(d['analysis']['passes'])}, {format_bytes(d['analysis']['bytes_read'])} read"
+        )
+    if d["base_only"]:
+        out.append(f"copied from the base (no fine-tune has them): {_names(d['base_only'], 8)}")
+    for rule in d["vocab_rules"]:
+        out.append(f"vocabulary rule: {rule}")
+    out += _totals_lines(d)
     return "\n".join(out) + "\n"
 
 

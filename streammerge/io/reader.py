@@ -14,25 +14,21 @@ import hashlib
 import math
 import os
 from array import array
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.io import safejson
+from streammerge.io.model_types import (  # noqa: F401  (re-exported: reader's names as before)
+    DTYPE_ITEMSIZE,
+    FLOAT_DTYPES,
+    ModelDir,
+    TensorInfo,
+)
 from streammerge.io.paths import check_within_model
 from streammerge.names import name_problem
 
-#: Bytes per element of every safetensors dtype (huggingface/safetensors, ``Dtype``).
-DTYPE_ITEMSIZE: dict[str, int] = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
-    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4,
-    "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
-#: Floating dtypes; the merge kernels read and write F32, F16 and BF16.
-FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E5M2", "F8_E4M3"})
 #: Largest header the reader accepts (bytes); the Rust safetensors loader uses 100 MB.
 MAX_HEADER_BYTES = 100_000_000
 #: Deepest JSON nesting of an index (root, weight_map or metadata, a value).
@@ -43,68 +39,6 @@ MAX_INDEX_BYTES = 100_000_000
 MAX_ELEMS = 2**63 - 1
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@dataclass(frozen=True, slots=True)
-class TensorInfo:
-    """Where one tensor's bytes lie.
-
-    Attributes:
-        name: tensor name as stored.
-        dtype: safetensors dtype string (``"BF16"``, ``"F32"``, ``"I64"``...).
-        shape: dimensions, row-major.
-        file: the shard file holding it.
-        start: absolute byte offset of its first byte in ``file``.
-        nbytes: byte length (= numel * itemsize).
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        """Number of elements."""
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return DTYPE_ITEMSIZE[self.dtype]
-
-    @property
-    def is_float(self) -> bool:
-        """True for floating dtypes."""
-        return self.dtype in FLOAT_DTYPES
-
-
-@dataclass
-class ModelDir:
-    """A validated Hugging Face model directory (single file or index + shards).
-
-    Attributes:
-        path: the directory.
-        files: the safetensors files, in index order.
-        tensors: name -> TensorInfo, for every tensor of every file.
-        fingerprint: sha256 (hex) of every file's name, size and header bytes; changes when
-            any header or size changes.
-        stamp: sha256 (hex) of every file's name, size and modification time (ns) (not
-            recorded in the output, which must not depend on it; ``--resume`` checks
-            content, see ``streammerge.io.fingerprints``).
-        file_fingerprints: file name -> sha256 (hex) of its name, size and header bytes
-            (so a refused resume can name the file whose header changed).
-    """
-
-    path: Path
-    files: list[Path]
-    tensors: dict[str, TensorInfo]
-    fingerprint: str
-    total_bytes: int = field(default=0)
-    stamp: str = field(default="")
-    file_fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 class _DuplicateKey(ValueError):
@@ -185,6 +119,105 @@ def header_length(head: bytes, size: int, path) -> int:
     return n
 
 
+def _read_header_bytes(path: Path) -> tuple[int, int, bytes]:
+    """(file size, header length N, the N header bytes) of one safetensors file.
+
+    Raises:
+        MergeError: the file cannot be read, or its stated header length is bad.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = header_length(f.read(8), size, path)
+            raw = f.read(n)
+    except OSError as e:
+        raise MergeError(
+            f"cannot read file: {e.strerror}", path, todo="check the path and its permissions"
+        ) from e
+    return size, n, raw
+
+
+def _decode_header(raw: bytes, path: Path, fix: str) -> dict:
+    """The header's JSON object: name -> entry (a tuple ``(dtype, shape, begin, end)`` when
+    well formed, see ``_header_object``), and ``__metadata__``.
+
+    Raises:
+        MergeError: bad JSON (or a number too long), a key listed twice, not an object.
+    """
+    try:
+        header = safejson.loads(
+            raw,
+            path,
+            max_depth=None,  # the entries' structure is checked by _checked_entry
+            max_bytes=MAX_HEADER_BYTES,
+            todo=fix,
+            what="header",
+            object_pairs_hook=_header_object,
+        )
+    except _DuplicateKey as e:
+        raise MergeError("the header lists this key twice", path, e.key, fix) from None
+    if not isinstance(header, dict):
+        raise MergeError("header is not a JSON object", path, todo=fix)
+    return header
+
+
+def _checked_entry(
+    name: str, entry, path: Path, data_size: int, fix: str
+) -> tuple[str, tuple | list, int, int]:
+    """(dtype, shape, begin, end) of tensor ``name``'s header entry, checked: ``begin`` and
+    ``end`` are byte offsets in the data area of ``data_size`` bytes.
+
+    Raises:
+        MergeError: a name no UTF-8 file can hold, an entry that is not an object, an
+            unknown dtype, a bad shape or data_offsets, span != shape x itemsize, or a span
+            past the data area.
+    """
+    problem = name_problem(name)
+    if problem is not None:
+        raise MergeError(problem, path, ascii(name), "rename the tensor and re-save the shard")
+    if type(entry) is tuple:
+        dtype, shape, begin, end = entry
+        offsets = [begin, end]
+    elif isinstance(entry, dict):
+        dtype, shape, offsets = (
+            entry.get("dtype"),
+            entry.get("shape"),
+            entry.get("data_offsets"),
+        )
+    else:
+        raise MergeError("header entry is not a JSON object", path, name, fix)
+    if dtype not in DTYPE_ITEMSIZE:
+        raise MergeError(f"unknown dtype {dtype!r}", path, name, fix)
+    if not (isinstance(shape, (list, tuple)) and _shape_ok(shape)):
+        raise MergeError(
+            f"bad shape {list(shape) if isinstance(shape, tuple) else shape!r}", path, name, fix
+        )
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise MergeError(f"bad data_offsets {offsets!r}", path, name, fix)
+    begin, end = offsets
+    want = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+    if end - begin != want:
+        raise MergeError(
+            f"byte span {end - begin} != shape {list(shape)} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
+            path,
+            name,
+            fix,
+        )
+    if end > data_size:
+        raise MergeError(
+            f"data_offsets {offsets} run past the {data_size}-byte data area",
+            path,
+            name,
+            "the shard is truncated: re-download or re-save it",
+        )
+    return dtype, shape, begin, end
+
+
 def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorInfo], str]:
     """Parse and validate one safetensors file's header.
 
@@ -197,35 +230,14 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
             itemsize, span outside the data area, overlapping spans, a key listed twice, or a
             tensor name no UTF-8 file can hold.
     """
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            n = header_length(f.read(8), size, path)
-            raw = f.read(n)
-    except OSError as e:
-        raise MergeError(
-            f"cannot read file: {e.strerror}", path, todo="check the path and its permissions"
-        ) from e
+    size, n, raw = _read_header_bytes(path)
     file_digest = hashlib.sha256(f"{path.name}\0{size}\0".encode())
     file_digest.update(raw)
     digest.update(f"{path.name}\0{size}\0".encode())
     digest.update(raw)
     fix = "the shard is corrupt: re-download or re-save it"
-    try:
-        header = safejson.loads(
-            raw,
-            path,
-            max_depth=None,  # the entries' structure is checked below
-            max_bytes=MAX_HEADER_BYTES,
-            todo=fix,
-            what="header",
-            object_pairs_hook=_header_object,
-        )
-    except _DuplicateKey as e:
-        raise MergeError("the header lists this key twice", path, e.key, fix) from None
+    header = _decode_header(raw, path, fix)
     del raw
-    if not isinstance(header, dict):
-        raise MergeError("header is not a JSON object", path, todo=fix)
     data_start = 8 + n
     data_size = size - data_start
     out: dict[str, TensorInfo] = {}
@@ -238,49 +250,7 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
                     "__metadata__ is not a JSON object", path, todo="re-save the shard"
                 )
             continue
-        problem = name_problem(name)
-        if problem is not None:
-            raise MergeError(problem, path, ascii(name), "rename the tensor and re-save the shard")
-        if type(entry) is tuple:
-            dtype, shape, begin, end = entry
-            offsets = [begin, end]
-        elif isinstance(entry, dict):
-            dtype, shape, offsets = (
-                entry.get("dtype"),
-                entry.get("shape"),
-                entry.get("data_offsets"),
-            )
-        else:
-            raise MergeError("header entry is not a JSON object", path, name, fix)
-        if dtype not in DTYPE_ITEMSIZE:
-            raise MergeError(f"unknown dtype {dtype!r}", path, name, fix)
-        if not (isinstance(shape, (list, tuple)) and _shape_ok(shape)):
-            raise MergeError(
-                f"bad shape {list(shape) if isinstance(shape, tuple) else shape!r}", path, name, fix
-            )
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise MergeError(f"bad data_offsets {offsets!r}", path, name, fix)
-        begin, end = offsets
-        want = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
-        if end - begin != want:
-            raise MergeError(
-                f"byte span {end - begin} != shape {list(shape)} x {DTYPE_ITEMSIZE[dtype]} bytes ({want})",
-                path,
-                name,
-                fix,
-            )
-        if end > data_size:
-            raise MergeError(
-                f"data_offsets {offsets} run past the {data_size}-byte data area",
-                path,
-                name,
-                "the shard is truncated: re-download or re-save it",
-            )
+        dtype, shape, begin, end = _checked_entry(name, entry, path, data_size, fix)
         begins.append(begin)
         ends.append(end)
         out[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
@@ -314,6 +284,146 @@ def _check_overlaps(begins: np.ndarray, ends: np.ndarray, infos: dict, path: Pat
         )
 
 
+#: What to do about a file (or a symlink) that leads out of the model directory.
+_OUTSIDE = "copy the file into the model directory (symlinks may not lead out of it)"
+
+
+def _check_directory(root: Path) -> None:
+    """Refuse a path that is not a readable directory."""
+    if not root.is_dir():
+        raise MergeError(
+            "not a directory", root, todo="pass a model directory in Hugging Face layout"
+        )
+    try:
+        os.listdir(root)
+    except OSError as e:
+        raise MergeError(
+            f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions"
+        ) from e
+
+
+def _load_weight_map(index_path: Path) -> dict[str, str]:
+    """The index's ``weight_map``: tensor name -> shard file name.
+
+    Raises:
+        MergeError: bad JSON, or no such mapping of strings to strings.
+    """
+    index = safejson.load_file(
+        index_path,
+        max_depth=MAX_INDEX_DEPTH,
+        max_bytes=MAX_INDEX_BYTES,
+        todo="fix or re-save the index",
+        what="index",
+    )
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise MergeError(
+            "bad index: no weight_map mapping tensor names to file names",
+            index_path,
+            todo="fix or re-save the index",
+        )
+    return weight_map
+
+
+def _parse_shards(
+    root: Path, index_path: Path, files: list[str], digest, file_fps: dict[str, str]
+) -> dict[str, dict[str, TensorInfo]]:
+    """Every shard's header, in index order: file name -> (name -> TensorInfo); each
+    file's fingerprint goes into ``file_fps``, its name, size and header into ``digest``.
+
+    Raises:
+        MergeError: a shard named outside the directory, missing, or leading out of it,
+            or any header check of ``_parse_header``.
+    """
+    headers = {}
+    for fname in files:
+        fpath = root / fname
+        if Path(fname).name != fname or fname in ("", ".", ".."):
+            raise MergeError(
+                f"the index names shard {fname!r}, outside the model directory",
+                index_path,
+                todo="fix the index: shards lie beside it",
+            )
+        if not fpath.is_file():
+            raise MergeError(
+                f"the index names shard {fname!r}, which is missing",
+                index_path,
+                todo="restore the shard or fix the index",
+            )
+        check_within_model(fpath, root, "the shard", _OUTSIDE)
+        headers[fname], file_fps[fname] = _parse_header(fpath, digest)
+    return headers
+
+
+def _join_shards(root: Path, headers: dict[str, dict[str, TensorInfo]]) -> dict[str, TensorInfo]:
+    """The shards' tensors in one map: name -> TensorInfo, in index order of the shards.
+
+    Raises:
+        MergeError: a tensor stored in two shards.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    for fname, infos in headers.items():  # every header first: a duplicate is named as one
+        for name, info in infos.items():
+            if name in tensors:
+                raise MergeError(
+                    f"tensor stored in two shards ({tensors[name].file.name} and {fname})",
+                    root,
+                    name,
+                    "remove the duplicate or re-save the model",
+                )
+            tensors[name] = info
+    return tensors
+
+
+def _check_index_agrees(
+    index_path: Path, weight_map: dict[str, str], tensors: dict[str, TensorInfo]
+) -> None:
+    """Refuse an index whose ``weight_map`` and the shards' headers disagree: a tensor in
+    another shard than the index says, or a tensor the index names and no header has."""
+    for name, info in tensors.items():
+        if weight_map.get(name) != info.file.name:
+            raise MergeError(
+                f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
+                index_path,
+                name,
+                "fix or re-save the index",
+            )
+    for name, fname in weight_map.items():
+        if name not in tensors:
+            raise MergeError(
+                f"the index puts this tensor in {fname}, whose header lacks it",
+                index_path,
+                ascii(name) if name_problem(name) else name,
+                "fix or re-save the index",
+            )
+
+
+def _open_index(
+    root: Path, index_path: Path, digest, file_fps: dict[str, str]
+) -> tuple[dict[str, TensorInfo], list[Path]]:
+    """(name -> TensorInfo, the shard paths in index order) of a sharded model, every
+    header checked and checked against the index."""
+    check_within_model(index_path, root, "the index", _OUTSIDE)
+    weight_map = _load_weight_map(index_path)
+    files = list(dict.fromkeys(weight_map.values()))
+    headers = _parse_shards(root, index_path, files, digest, file_fps)
+    tensors = _join_shards(root, headers)
+    del headers
+    _check_index_agrees(index_path, weight_map, tensors)
+    return tensors, [root / f for f in files]
+
+
+def _stamp(file_paths: list[Path]) -> str:
+    """sha256 (hex) of every file's name, size and modification time (ns)."""
+    stamp = hashlib.sha256()
+    for p in file_paths:
+        st = p.stat()
+        stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return stamp.hexdigest()
+
+
 def open_model(path: str | Path) -> ModelDir:
     """Open and validate a model directory: every header, and the index against them.
 
@@ -329,88 +439,15 @@ def open_model(path: str | Path) -> ModelDir:
             shards, index and headers disagreeing, or any header check of the reader failing.
     """
     root = Path(path)
-    if not root.is_dir():
-        raise MergeError(
-            "not a directory", root, todo="pass a model directory in Hugging Face layout"
-        )
-    try:
-        os.listdir(root)
-    except OSError as e:
-        raise MergeError(
-            f"cannot read directory: {e.strerror}", root, todo="check the path and its permissions"
-        ) from e
+    _check_directory(root)
     digest = hashlib.sha256()
     index_path = root / INDEX_FILE
-    tensors: dict[str, TensorInfo] = {}
     file_fps: dict[str, str] = {}
-    outside = "copy the file into the model directory (symlinks may not lead out of it)"
     if index_path.is_file():
-        check_within_model(index_path, root, "the index", outside)
-        index = safejson.load_file(
-            index_path,
-            max_depth=MAX_INDEX_DEPTH,
-            max_bytes=MAX_INDEX_BYTES,
-            todo="fix or re-save the index",
-            what="index",
-        )
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-        ):
-            raise MergeError(
-                "bad index: no weight_map mapping tensor names to file names",
-                index_path,
-                todo="fix or re-save the index",
-            )
-        files = list(dict.fromkeys(weight_map.values()))
-        headers = {}
-        for fname in files:
-            fpath = root / fname
-            if Path(fname).name != fname or fname in ("", ".", ".."):
-                raise MergeError(
-                    f"the index names shard {fname!r}, outside the model directory",
-                    index_path,
-                    todo="fix the index: shards lie beside it",
-                )
-            if not fpath.is_file():
-                raise MergeError(
-                    f"the index names shard {fname!r}, which is missing",
-                    index_path,
-                    todo="restore the shard or fix the index",
-                )
-            check_within_model(fpath, root, "the shard", outside)
-            headers[fname], file_fps[fname] = _parse_header(fpath, digest)
-        for fname, infos in headers.items():  # every header first: a duplicate is named as one
-            for name, info in infos.items():
-                if name in tensors:
-                    raise MergeError(
-                        f"tensor stored in two shards ({tensors[name].file.name} and {fname})",
-                        root,
-                        name,
-                        "remove the duplicate or re-save the model",
-                    )
-                tensors[name] = info
-        del headers
-        for name, info in tensors.items():
-            if weight_map.get(name) != info.file.name:
-                raise MergeError(
-                    f"the header of {info.file.name} has this tensor, the index says {weight_map.get(name)!r}",
-                    index_path,
-                    name,
-                    "fix or re-save the index",
-                )
-        for name, fname in weight_map.items():
-            if name not in tensors:
-                raise MergeError(
-                    f"the index puts this tensor in {fname}, whose header lacks it",
-                    index_path,
-                    ascii(name) if name_problem(name) else name,
-                    "fix or re-save the index",
-                )
-        file_paths = [root / f for f in files]
+        tensors, file_paths = _open_index(root, index_path, digest, file_fps)
     elif (root / SINGLE_FILE).is_file():
         file_paths = [root / SINGLE_FILE]
-        check_within_model(file_paths[0], root, "the weights file", outside)
+        check_within_model(file_paths[0], root, "the weights file", _OUTSIDE)
         tensors, file_fps[SINGLE_FILE] = _parse_header(file_paths[0], digest)
     else:
         raise MergeError(
@@ -423,10 +460,6 @@ def open_model(path: str | Path) -> ModelDir:
             "the model has no tensors", root, todo="pass a model directory with weights"
         )
     total = sum(t.nbytes for t in tensors.values())
-    stamp = hashlib.sha256()
-    for p in file_paths:
-        st = p.stat()
-        stamp.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return ModelDir(
-        root, file_paths, tensors, digest.hexdigest(), total, stamp.hexdigest(), file_fps
+        root, file_paths, tensors, digest.hexdigest(), total, _stamp(file_paths), file_fps
     )

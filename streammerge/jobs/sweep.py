@@ -200,7 +200,31 @@ def sweep(
     pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
                recipe_args)  # fmt: skip
     out, preps, rows = pl.out, pl.preps, pl.rows
+    engine, layout = _start_outputs(out, preps, options, ray_address)
+    if ray_address is None:
+        bytes_read = _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes,
+                                  on_start, on_draw)  # fmt: skip
+    else:
+        rows, bytes_read = _run_on_ray(ray_address, groups, models, base, out, pl.names,
+                                       pl.vectors, recipe_args, pl.seed, options, evaluate,
+                                       eval_select, on_draw)  # fmt: skip
+    best = _keep_best(rows, keep)
+    result = SweepResult(out, rows, best, pl.seed, pl.sweep_seed, bytes_read,
+                         time.perf_counter() - t0, peak_rss_bytes(), pl.command,
+                         evaluate is not None)  # fmt: skip
+    write_results(result, len(models), preps[0].recipe.method, keep)
+    return result
+
+
+def _start_outputs(out: Path, preps: list[Prepared], options: Options, ray_address):
+    """Create the sweep's directory when it is absent and check each output in it (a single
+    merge's checks, now that their parent exists); without Ray, make the engine and the
+    buffer layout of the shared read. Returns (engine, layout), (None, None) on Ray.
+
+    A directory created here is removed again when any of this fails.
+    """
     created = not out.exists()
+    engine = layout = None
     try:
         if created:
             out.mkdir()
@@ -213,24 +237,20 @@ def sweep(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    if ray_address is None:
-        bytes_read = _merge_group(preps, rows, engine, layout, evaluate, eval_select, on_bytes,
-                                  on_start, on_draw)  # fmt: skip
-    else:
-        rows, bytes_read = _run_on_ray(ray_address, groups, models, base, out, pl.names,
-                                       pl.vectors, recipe_args, pl.seed, options, evaluate,
-                                       eval_select, on_draw)  # fmt: skip
+    return engine, layout
+
+
+def _keep_best(rows: list[Draw], keep: str) -> int | None:
+    """The index of the best-scored draw (the fixed reference, last, is not a candidate),
+    None when no draw was scored; with ``keep="best"`` the other draws' directories are
+    removed (the fixed reference's stays)."""
     scored = [i for i, d in enumerate(rows[:-1]) if d.score is not None]
     best = max(scored, key=lambda i: rows[i].score) if scored else None
     if keep == "best" and best is not None:
         for i, d in enumerate(rows[:-1]):
             if i != best:
                 shutil.rmtree(d.dir)
-    result = SweepResult(out, rows, best, pl.seed, pl.sweep_seed, bytes_read,
-                         time.perf_counter() - t0, peak_rss_bytes(), pl.command,
-                         evaluate is not None)  # fmt: skip
-    write_results(result, len(models), preps[0].recipe.method, keep)
-    return result
+    return best
 
 
 def _layout(preps: list[Prepared], engine, options: Options):

@@ -18,9 +18,9 @@
 ``repeat_command(record, out)`` builds such a command from the record alone (absolute
 paths, every recipe value as a flag) for callers without a command line (the Python API).
 
-Model names: a path inside a Hugging Face cache (``.../models--org--name/snapshots/<rev>``)
-is ``org/name``; else a label the recipe gave (a repo id as written); else the directory
-name.
+Model names (``streammerge.output.model_names``): a path inside a Hugging Face cache
+(``.../models--org--name/snapshots/<rev>``) is ``org/name``; else a label the recipe gave (a
+repo id as written); else the directory name.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import yaml
 
+from streammerge.output.model_names import hf_repo_id, hub_id, model_name, model_ref  # noqa: F401
 from streammerge.recipe.methods import METHODS
 
 #: Output dtype (safetensors string, as streammerge.json records it) -> mergekit's name.
@@ -41,83 +42,6 @@ FLAG_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 #: Where streammerge's contract lives (the card links it).
 SPEC = "docs/SPEC.md"
 M3_PAPER = "Mixup Model Merge (M3), arXiv 2502.15434"
-_HF_CACHE_DIR = re.compile(r"^models--(.+)$")
-
-
-def hf_repo_id(path: str | PurePath) -> tuple[str, str | None] | None:
-    """(``org/name``, revision) when ``path`` lies in a Hugging Face cache
-    (``.../models--org--name/snapshots/<revision>/...``), else None."""
-    parts = PurePath(path).parts
-    for i, part in enumerate(parts):
-        m = _HF_CACHE_DIR.match(part)
-        if m and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            rev = parts[i + 2] if i + 2 < len(parts) else None
-            return m.group(1).replace("--", "/"), rev
-    return None
-
-
-_HF_URL = re.compile(r"^(?:hf://(?:models/)?|https?://huggingface\.co/)([^/@\s]+/[^/@\s]+)")
-
-
-def hub_id(path: str | None, label: str | None = None, name_or_path: str | None = None):
-    """The Hugging Face repo id of an input, or None: from a cache snapshot path, an
-    ``hf://`` or ``huggingface.co`` URL, a repo-id label as written, or the ``_name_or_path``
-    its ``config.json`` gives (when that is a repo id, not a local path)."""
-    for p in (path, label):
-        if p:
-            m = _HF_URL.match(str(p))
-            if m:
-                return m.group(1)
-    if path and "://" not in str(path):
-        hf = hf_repo_id(path)
-        if hf is not None:
-            return hf[0]
-    if label and _looks_like_repo(label):
-        return label.partition("@")[0]
-    if name_or_path and _looks_like_repo(name_or_path):
-        return name_or_path
-    return None
-
-
-def _looks_like_repo(label: str) -> bool:
-    repo = label.partition("@")[0]
-    return (
-        repo.count("/") == 1
-        and not repo.startswith((".", "/", "~"))
-        and all(repo.split("/"))
-        and not Path(label).expanduser().is_dir()
-    )
-
-
-def model_name(path: str | None, label: str | None = None, name_or_path: str | None = None) -> str:
-    """A short name of an input: its Hub repo id where known (``hub_id``), else the
-    directory's (or URL's last part's) name."""
-    known = hub_id(path, label, name_or_path)
-    if known is not None:
-        return known
-    if path:
-        return PurePath(str(path).rstrip("/")).name or str(path)
-    return PurePath(label).name if label else "unknown"
-
-
-def model_ref(path: str | None, label: str | None = None, name_or_path: str | None = None) -> str:
-    """How the card's recipe and command name an input: ``org/name@revision`` for a
-    Hugging Face cache snapshot, a repo-id label as written, a URL, a relative path as the
-    user wrote it; never a local absolute path (a card is made to be published): the Hub
-    id from ``config.json``'s ``_name_or_path``, else the directory's name."""
-    if path and "://" not in str(path):
-        hf = hf_repo_id(path)
-        if hf is not None:
-            return f"{hf[0]}@{hf[1]}" if hf[1] else hf[0]
-    if label and _looks_like_repo(label):
-        return label
-    if label and "://" in label and not label.startswith("file://"):
-        return label
-    if path and "://" in str(path) and not str(path).startswith("file://"):
-        return str(path)
-    if label and not label.startswith(("/", "~", "file://")):
-        return label
-    return model_name(path, None, name_or_path)
 
 
 def _inputs(record: dict, labels) -> list[tuple[str, str | None, str | None, str | None]]:
@@ -357,33 +281,15 @@ def front_matter(record: dict, labels=None) -> dict:
     }
 
 
-def render(record: dict, command: str, recipe_yaml: str | None = None, labels=None) -> str:
-    """The output's README.md for the merge ``record`` (``streammerge.json``).
-
-    Args:
-        record: the ``streammerge.json`` dict (``api.record``); may carry ``labels`` (the
-            inputs as a recipe named them, base first) or a ``label`` per input entry.
-        command: the shell command that repeats the merge (``--seed`` is appended when it
-            has none; ``repeat_command`` builds one from the record).
-        recipe_yaml: the YAML recipe the merge was given (``--config``), shown as is;
-            None: the record's recipe in mergekit's form (``recipe_to_yaml``).
-        labels: like ``record["labels"]``, taking precedence.
-
-    Returns:
-        Markdown text with YAML front matter.
-    """
+def _intro_lines(record: dict, entries: list) -> list[str]:
+    """The card's title (the method and the fine-tunes' names) and its first paragraph."""
     method = record.get("method")
-    row = METHODS.get(method)
-    seed = record.get("seed")
-    fm = yaml.safe_dump(front_matter(record, labels), sort_keys=False, allow_unicode=True)
-    entries = _inputs(record, labels)
     n = len(record.get("models") or [])
-    lines = ["---", fm.rstrip("\n"), "---", ""]
     base_entry = next(((p, lab, nm) for r, p, lab, nm in entries if r == "base"), None)
     title = f"# {method} merge of " + ", ".join(
         model_name(p, lab, nm) for r, p, lab, nm in entries if r != "base"
     )
-    lines += [title, ""]
+    lines = [title, ""]
     of = f" of `{model_name(*base_entry)}`" if base_entry else ""
     lines.append(
         f"This model merges {n} fine-tunes{of} with "
@@ -392,36 +298,44 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
         "recipe and seed give the same bytes on any device."
     )
     lines.append("")
-    lines += ["## Inputs", "", "| role | model | source |", "|---|---|---|"]
+    return lines
+
+
+def _inputs_lines(entries: list) -> list[str]:
+    """The ``## Inputs`` table: each input's role, name and source (a Hub link, or its
+    reference marked local)."""
+    lines = ["## Inputs", "", "| role | model | source |", "|---|---|---|"]
     for role, path, label, nm in entries:
         known = hub_id(path, label, nm)
         source = (f"[{known}](https://huggingface.co/{known})" if known
                   else f"`{model_ref(path, label, nm)}` (local)")  # fmt: skip
         lines.append(f"| {role} | `{model_name(path, label, nm)}` | {source} |")
     lines.append("")
-    lines += ["## How", ""]
-    if row is not None:
-        lines.append(
-            f"- Method: `{method}`: {row.sparsifier} sparsifier, {row.consensus} consensus, "
-            f"normalize {'on' if row.normalize else 'off'} by default ({row.source})."
-        )
+    return lines
+
+
+def _weighting_line(record: dict) -> str:
+    """The ``- Weighting:`` line: M3 with a fixed λ, a λ drawn from Beta(α, α), ratios m
+    drawn from Dirichlet(α), or the weights as given."""
     mix, alpha, lam = record.get("mixup"), record.get("alpha"), record.get("lambda")
-    if mix:
-        if lam is not None:
-            lines.append(f"- Weighting: M3 with a fixed λ = {lam!r}: m = ({mix[0]!r}, {mix[1]!r}).")
-        elif len(mix) == 2:
-            lines.append(
-                f"- Weighting: M3 ({M3_PAPER}): λ = {mix[0]!r} drawn from Beta(α, α), α = "
-                f"{alpha!r}, with the seed: m = ({mix[0]!r}, {mix[1]!r})."
-            )
-        else:
-            lines.append(
-                f"- Weighting: M3 ({M3_PAPER}): m = ({', '.join(repr(x) for x in mix)}) drawn "
-                f"from Dirichlet(α), α = {alpha!r}, with the seed."
-            )
-    else:
-        lines.append("- Weighting: the weights as given (no M3 draw).")
-    lines.append(f"- Seed: {seed}")
+    if not mix:
+        return "- Weighting: the weights as given (no M3 draw)."
+    if lam is not None:
+        return f"- Weighting: M3 with a fixed λ = {lam!r}: m = ({mix[0]!r}, {mix[1]!r})."
+    if len(mix) == 2:
+        return (
+            f"- Weighting: M3 ({M3_PAPER}): λ = {mix[0]!r} drawn from Beta(α, α), α = "
+            f"{alpha!r}, with the seed: m = ({mix[0]!r}, {mix[1]!r})."
+        )
+    return (
+        f"- Weighting: M3 ({M3_PAPER}): m = ({', '.join(repr(x) for x in mix)}) drawn "
+        f"from Dirichlet(α), α = {alpha!r}, with the seed."
+    )
+
+
+def _resolved_line(record: dict, row) -> str:
+    """The ``- Resolved:`` line: w, density and gamma (as the first merged tensor has
+    them), DARE's drop p, scale and normalize."""
     res = [f"w {_fmt(record.get('weights'))}"]
     if row is not None and row.sparse.uses_drop:
         res.append(f"drop p {_fmt(record.get('drop'))}")
@@ -432,10 +346,26 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
         for k in ("density", "gamma"):
             if first.get(k) is not None:
                 res.insert(1, f"{k} {_fmt(first[k])}")
-    lines.append(
+    return (
         "- Resolved: " + ", ".join(res) + " (a tensor without per-tensor values; every "
         "merged tensor's own values and thresholds are in `streammerge.json`)."
     )
+
+
+def _how_lines(record: dict) -> list[str]:
+    """The ``## How`` section: the method's row, weighting, seed, resolved parameters,
+    trim scope, output dtype and shards, tensors copied from the base, vocabulary rules."""
+    method = record.get("method")
+    row = METHODS.get(method)
+    lines = ["## How", ""]
+    if row is not None:
+        lines.append(
+            f"- Method: `{method}`: {row.sparsifier} sparsifier, {row.consensus} consensus, "
+            f"normalize {'on' if row.normalize else 'off'} by default ({row.source})."
+        )
+    lines.append(_weighting_line(record))
+    lines.append(f"- Seed: {record.get('seed')}")
+    lines.append(_resolved_line(record, row))
     if row is not None and row.sparse.stats:
         scope = record.get("trim_scope", "tensor")
         lines.append(
@@ -461,9 +391,13 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
     for rule in record.get("vocab_rules") or []:
         lines.append(f"- Vocabulary rule: {rule}")
     lines.append("")
-    text = recipe_yaml if recipe_yaml is not None else recipe_to_yaml(record, labels)
-    lines += ["## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
-    lines += [
+    return lines
+
+
+def _reproduce_lines(command: str, seed) -> list[str]:
+    """The ``## Reproduce`` section: ``command`` (with ``--seed`` when it has none) and
+    what the seed fixes."""
+    return [
         "## Reproduce",
         "",
         "```bash",
@@ -476,6 +410,32 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
         ),
         "",
     ]
+
+
+def render(record: dict, command: str, recipe_yaml: str | None = None, labels=None) -> str:
+    """The output's README.md for the merge ``record`` (``streammerge.json``).
+
+    Args:
+        record: the ``streammerge.json`` dict (``api.record``); may carry ``labels`` (the
+            inputs as a recipe named them, base first) or a ``label`` per input entry.
+        command: the shell command that repeats the merge (``--seed`` is appended when it
+            has none; ``repeat_command`` builds one from the record).
+        recipe_yaml: the YAML recipe the merge was given (``--config``), shown as is;
+            None: the record's recipe in mergekit's form (``recipe_to_yaml``).
+        labels: like ``record["labels"]``, taking precedence.
+
+    Returns:
+        Markdown text with YAML front matter.
+    """
+    fm = yaml.safe_dump(front_matter(record, labels), sort_keys=False, allow_unicode=True)
+    entries = _inputs(record, labels)
+    lines = ["---", fm.rstrip("\n"), "---", ""]
+    lines += _intro_lines(record, entries)
+    lines += _inputs_lines(entries)
+    lines += _how_lines(record)
+    text = recipe_yaml if recipe_yaml is not None else recipe_to_yaml(record, labels)
+    lines += ["## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
+    lines += _reproduce_lines(command, record.get("seed"))
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from streammerge.errors import MergeError
@@ -151,6 +152,240 @@ def _check_model_scope(plans: list[tuple], recipe: Recipe) -> None:
                 )
 
 
+def _check_no_extra_tensors(ref: ModelDir, models: Sequence[ModelDir], uses_base: bool) -> None:
+    """Refuse a tensor some fine-tune has and the reference (the base, or model 0 for
+    ``linear``) lacks.
+
+    Raises:
+        MergeError: naming the first fine-tune with such a tensor and the tensors.
+    """
+    extra: list[tuple[str, int]] = []
+    for j, m in enumerate(models):
+        for name in m.tensors:
+            if name not in ref.tensors:
+                extra.append((name, j))
+    if extra:
+        names = sorted({n for n, _ in extra}, key=natural_key)
+        raise MergeError(
+            _differ(ref, models[extra[0][1]])
+            + f"{len(names)} tensor(s) in a fine-tune are not in "
+            + ("the base" if uses_base else f"model 0 ({ref.path})"),
+            models[extra[0][1]].path,
+            _names(names),
+            "merge fine-tunes of the same base (the base must have every tensor)",
+        )
+
+
+@dataclass
+class _Walk:
+    """What ``_walk_tensors`` collects over the reference's tensors, in natural name order.
+
+    Attributes:
+        rows: one tuple per output tensor: (name, action, dtype, shape, base, sources,
+            segments, rule, key, params), the fields of ``TensorPlan`` but its offset and ops.
+        base_only: tensors no fine-tune has, copied (or converted) from the base.
+        vocab_rules: one line per tensor the vocabulary rule shaped.
+        vocab_rows: the most output rows of such a tensor (None when there is none).
+        tokenizer_model: index j of the fine-tune with the most rows (None likewise).
+        missing: fine-tune index j -> the tensors it is the first to lack.
+    """
+
+    rows: list[tuple] = field(default_factory=list)
+    base_only: list[str] = field(default_factory=list)
+    vocab_rules: list[str] = field(default_factory=list)
+    vocab_rows: int | None = None
+    tokenizer_model: int | None = None
+    missing: dict[int, list[str]] = field(default_factory=dict)
+
+
+def _base_only_row(name: str, b: TensorInfo, out_dtype: str | None, nones: tuple) -> tuple:
+    """The row of a tensor only the base has: copied, or converted to ``--dtype``.
+
+    Raises:
+        MergeError: a float dtype the kernels cannot convert.
+    """
+    dtype = b.dtype
+    action = "copy"
+    if b.is_float and out_dtype is not None and out_dtype != b.dtype:
+        if b.dtype not in FLOAT_ITEMSIZE:
+            raise MergeError(
+                f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype"
+            )
+        dtype, action = out_dtype, "convert"
+    return (name, action, dtype, b.shape, b, nones, (), None, 0, None)
+
+
+def _check_same_kind(name: str, b: TensorInfo, srcs: Sequence[TensorInfo]) -> None:
+    """Refuse a tensor that is float in some models and integer in others."""
+    kinds = {s.is_float for s in srcs} | {b.is_float}
+    if len(kinds) > 1:
+        who = next(s for s in srcs if s.is_float != b.is_float)
+        raise MergeError(
+            f"float in one model, integer in another (base {b.dtype}, {who.file.parent}: {who.dtype})",
+            who.file,
+            name,
+            "merge checkpoints of the same architecture",
+        )
+
+
+def _check_non_float_equal(
+    name: str, b: TensorInfo, srcs: Sequence[TensorInfo], shapes: set[tuple[int, ...]]
+) -> None:
+    """Refuse a non-float tensor whose dtype or shape differs between the models (such a
+    tensor is copied from the base, so every model must have the same one)."""
+    if len({s.dtype for s in srcs} | {b.dtype}) > 1 or len(shapes) > 1:
+        who = next(s for s in srcs if s.dtype != b.dtype or s.shape != b.shape)
+        raise MergeError(
+            f"non-float tensor differs (base {b.dtype}{list(b.shape)}, "
+            f"{who.file.parent}: {who.dtype}{list(who.shape)})",
+            who.file,
+            name,
+            "merge checkpoints of the same architecture",
+        )
+
+
+def _check_mergeable_dtypes(name: str, b: TensorInfo, srcs: Sequence[TensorInfo]) -> None:
+    """Refuse a float dtype the kernels cannot merge (they read F32, F16 and BF16)."""
+    for t in (b, *srcs):
+        if t.dtype not in FLOAT_ITEMSIZE:
+            raise MergeError(
+                f"cannot merge dtype {t.dtype}",
+                t.file,
+                name,
+                "convert the checkpoint to bf16, fp16 or fp32",
+            )
+
+
+def _check_vocab_shapes(
+    name: str, b: TensorInfo, srcs: Sequence[TensorInfo], shapes: set, uses_base: bool
+) -> None:
+    """Refuse shapes the vocabulary rule does not cover: any mismatch without a base
+    (``linear``), a 0-d tensor, or shapes that differ beyond the first dimension."""
+    if not uses_base or len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
+        who = next(s for s in srcs if s.shape != b.shape)
+        raise MergeError(
+            f"shape mismatch: {'base' if uses_base else 'model 0'} {list(b.shape)}, "
+            f"{who.file.parent} {list(who.shape)}",
+            who.file,
+            name,
+            "merge fine-tunes of the same base architecture",
+        )
+
+
+def _walk_tensors(
+    ref: ModelDir, models: Sequence[ModelDir], recipe: Recipe, out_dtype: str | None
+) -> _Walk:
+    """Plan every tensor of ``ref`` in natural name order: copy, convert or merge, with
+    its dtype, shape, segments, key and resolved parameters (a tensor some fine-tune
+    lacks is only noted in ``missing``).
+
+    Raises:
+        MergeError: as ``make_plan``, for the first tensor in name order that fails a check.
+    """
+    uses_base = recipe.row.uses_base
+    positions = layer_positions(ref.tensors)
+    walk = _Walk()
+    nones = (None,) * len(models)
+    for name in sorted(ref.tensors, key=natural_key):
+        b = ref.tensors[name]
+        srcs = [m.tensors.get(name) for m in models]
+        have = [j for j, s in enumerate(srcs) if s is not None]
+        if not have and uses_base:
+            walk.base_only.append(name)
+            walk.rows.append(_base_only_row(name, b, out_dtype, nones))
+            continue
+        if len(have) != len(models):
+            lacking = [j for j in range(len(models)) if srcs[j] is None]
+            walk.missing.setdefault(lacking[0], []).append(name)
+            continue
+        _check_same_kind(name, b, srcs)
+        shapes = {s.shape for s in srcs} | {b.shape}
+        if not b.is_float:
+            _check_non_float_equal(name, b, srcs, shapes)
+            walk.rows.append((name, "copy", b.dtype, b.shape, b, nones, (), None, 0, None))
+            continue
+        _check_mergeable_dtypes(name, b, srcs)
+        dtype = out_dtype or b.dtype
+        tp = _params(recipe, name, positions[name])
+        key = tensor_key(recipe.seed, name)
+        if len(shapes) == 1:
+            seg = Segment(
+                0,
+                b.numel,
+                uses_base,
+                tuple(range(len(models))),
+                tp.w,
+                tp.drop or (0.0,) * len(models),
+                tp.scale,
+            )
+            walk.rows.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None, key, tp))
+            continue
+        _check_vocab_shapes(name, b, srcs, shapes, uses_base)
+        shape, segs, rule = _row_segments(name, b, srcs, tp)
+        walk.vocab_rules.append(rule)
+        walk.vocab_rows = max(walk.vocab_rows or 0, shape[0])
+        rows = [s.shape[0] for s in srcs]
+        walk.tokenizer_model = rows.index(max(rows))
+        walk.rows.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
+    return walk
+
+
+def _raise_missing(ref: ModelDir, models: Sequence[ModelDir], missing: dict[int, list[str]]):
+    """Refuse tensors some fine-tunes lack, naming the first such fine-tune (lowest j).
+
+    Raises:
+        MergeError: always.
+    """
+    j, names = next(iter(sorted(missing.items())))
+    raise MergeError(
+        f"{_differ(ref, models[j])}{sum(map(len, missing.values()))} tensor(s) missing from fine-tune "
+        f"{models[j].path} (the base and other fine-tunes have them)",
+        models[j].path,
+        _names(names),
+        "merge fine-tunes saved with the same tensors",
+    )
+
+
+def _shard_plan(fname: str, members: list[tuple], merge_ops: tuple[str, ...]) -> ShardPlan:
+    """One output shard: its tensors (``members``, rows as ``_Walk.rows``, in the shard's
+    order) laid out back to back from byte 0 of its data area, and its header (JSON
+    padded with spaces to a multiple of 8 bytes, after its 8-byte little-endian length)."""
+    tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
+    for name, action, dtype, shape, b, srcs, segs, rule, key, tp in members:
+        ops = merge_ops if action == "merge" else (action,)
+        t = TensorPlan(
+            name, action, dtype, tuple(shape), offset, b, srcs, segs, rule, key, tp, ops
+        )
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+        tensors.append(t)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text)
+
+
+def _shard_plans(
+    plans: list[tuple], merge_ops: tuple[str, ...], shard_size_bytes: int
+) -> list[ShardPlan]:
+    """The output shards: ``plans`` (rows as ``_Walk.rows``, in name order) grouped
+    greedily under ``shard_size_bytes``; within a shard, wider dtypes first, then name
+    order."""
+    sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
+    groups = greedy_shards(sizes, shard_size_bytes)
+    names = shard_names(len(groups))
+    shards = []
+    for fname, group in zip(names, groups):
+        members = sorted(
+            (plans[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
+        )
+        shards.append(_shard_plan(fname, members, merge_ops))
+    return shards
+
+
 def make_plan(
     base: ModelDir | None, models: Sequence[ModelDir], recipe: Recipe, shard_size_bytes: int
 ) -> Plan:
@@ -184,147 +419,16 @@ def make_plan(
     out_dtype = None if recipe.dtype is None else normalize_dtype(recipe.dtype)
     stats_ops = row.sparse.stats and recipe.trim_scope == "tensor"
     merge_ops = ("hist_high", "hist_low", "merge") if stats_ops else ("merge",)
-    positions = layer_positions(ref.tensors)
-    missing: dict[int, list[str]] = {}
-    extra: list[tuple[str, int]] = []
-    for j, m in enumerate(models):
-        for name in m.tensors:
-            if name not in ref.tensors:
-                extra.append((name, j))
-    if extra:
-        names = sorted({n for n, _ in extra}, key=natural_key)
-        raise MergeError(
-            _differ(ref, models[extra[0][1]])
-            + f"{len(names)} tensor(s) in a fine-tune are not in "
-            + ("the base" if uses_base else f"model 0 ({ref.path})"),
-            models[extra[0][1]].path,
-            _names(names),
-            "merge fine-tunes of the same base (the base must have every tensor)",
-        )
-    # (name, action, dtype, shape, base, sources, segments, rule, key, params)
-    plans: list[tuple] = []
-    base_only: list[str] = []
-    vocab_rules: list[str] = []
-    vocab_rows: int | None = None
-    tokenizer_model: int | None = None
-    nones = (None,) * len(models)
-    for name in sorted(ref.tensors, key=natural_key):
-        b = ref.tensors[name]
-        srcs = [m.tensors.get(name) for m in models]
-        have = [j for j, s in enumerate(srcs) if s is not None]
-        if not have and uses_base:
-            base_only.append(name)
-            dtype = b.dtype
-            action = "copy"
-            if b.is_float and out_dtype is not None and out_dtype != b.dtype:
-                if b.dtype not in FLOAT_ITEMSIZE:
-                    raise MergeError(
-                        f"cannot convert {b.dtype} to {out_dtype}", b.file, name, "drop --dtype"
-                    )
-                dtype, action = out_dtype, "convert"
-            plans.append((name, action, dtype, b.shape, b, nones, (), None, 0, None))
-            continue
-        if len(have) != len(models):
-            lacking = [j for j in range(len(models)) if srcs[j] is None]
-            missing.setdefault(lacking[0], []).append(name)
-            continue
-        kinds = {s.is_float for s in srcs} | {b.is_float}
-        if len(kinds) > 1:
-            who = next(s for s in srcs if s.is_float != b.is_float)
-            raise MergeError(
-                f"float in one model, integer in another (base {b.dtype}, {who.file.parent}: {who.dtype})",
-                who.file,
-                name,
-                "merge checkpoints of the same architecture",
-            )
-        shapes = {s.shape for s in srcs} | {b.shape}
-        if not b.is_float:
-            if len({s.dtype for s in srcs} | {b.dtype}) > 1 or len(shapes) > 1:
-                who = next(s for s in srcs if s.dtype != b.dtype or s.shape != b.shape)
-                raise MergeError(
-                    f"non-float tensor differs (base {b.dtype}{list(b.shape)}, "
-                    f"{who.file.parent}: {who.dtype}{list(who.shape)})",
-                    who.file,
-                    name,
-                    "merge checkpoints of the same architecture",
-                )
-            plans.append((name, "copy", b.dtype, b.shape, b, nones, (), None, 0, None))
-            continue
-        for t in (b, *srcs):
-            if t.dtype not in FLOAT_ITEMSIZE:
-                raise MergeError(
-                    f"cannot merge dtype {t.dtype}",
-                    t.file,
-                    name,
-                    "convert the checkpoint to bf16, fp16 or fp32",
-                )
-        dtype = out_dtype or b.dtype
-        tp = _params(recipe, name, positions[name])
-        key = tensor_key(recipe.seed, name)
-        if len(shapes) == 1:
-            seg = Segment(
-                0,
-                b.numel,
-                uses_base,
-                tuple(range(len(models))),
-                tp.w,
-                tp.drop or (0.0,) * len(models),
-                tp.scale,
-            )
-            plans.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None, key, tp))
-            continue
-        if not uses_base or len({s[1:] for s in shapes}) != 1 or len(b.shape) == 0:
-            who = next(s for s in srcs if s.shape != b.shape)
-            raise MergeError(
-                f"shape mismatch: {'base' if uses_base else 'model 0'} {list(b.shape)}, "
-                f"{who.file.parent} {list(who.shape)}",
-                who.file,
-                name,
-                "merge fine-tunes of the same base architecture",
-            )
-        shape, segs, rule = _row_segments(name, b, srcs, tp)
-        vocab_rules.append(rule)
-        vocab_rows = max(vocab_rows or 0, shape[0])
-        rows = [s.shape[0] for s in srcs]
-        tokenizer_model = rows.index(max(rows))
-        plans.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
-    if missing:
-        j, names = next(iter(sorted(missing.items())))
-        raise MergeError(
-            f"{_differ(ref, models[j])}{sum(map(len, missing.values()))} tensor(s) missing from fine-tune "
-            f"{models[j].path} (the base and other fine-tunes have them)",
-            models[j].path,
-            _names(names),
-            "merge fine-tunes saved with the same tensors",
-        )
+    _check_no_extra_tensors(ref, models, uses_base)
+    walk = _walk_tensors(ref, models, recipe, out_dtype)
+    if walk.missing:
+        _raise_missing(ref, models, walk.missing)
     if row.sparse.stats and recipe.trim_scope == "model":  # Plan.model_scope, before a Plan exists
-        _check_model_scope(plans, recipe)
-    sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
-    groups = greedy_shards(sizes, shard_size_bytes)
-    names = shard_names(len(groups))
-    shards = []
-    for fname, group in zip(names, groups):
-        members = sorted(
-            (plans[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
-        )
-        tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
-        for name, action, dtype, shape, b, srcs, segs, rule, key, tp in members:
-            ops = merge_ops if action == "merge" else (action,)
-            t = TensorPlan(
-                name, action, dtype, tuple(shape), offset, b, srcs, segs, rule, key, tp, ops
-            )
-            header[name] = {
-                "dtype": dtype,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + t.nbytes],
-            }
-            offset += t.nbytes
-            tensors.append(t)
-        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        text += b" " * (-len(text) % 8)
-        shards.append(ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text))
+        _check_model_scope(walk.rows, recipe)
+    shards = _shard_plans(walk.rows, merge_ops, shard_size_bytes)
     return Plan(
-        tuple(shards), recipe, tuple(base_only), tuple(vocab_rules), vocab_rows, tokenizer_model
+        tuple(shards), recipe, tuple(walk.base_only), tuple(walk.vocab_rules), walk.vocab_rows,
+        walk.tokenizer_model,
     )
 
 
