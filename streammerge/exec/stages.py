@@ -1,0 +1,361 @@
+"""The three stages of ``pipeline._stream_body``: a reader thread fills slots, the compute
+stage (the caller's thread) runs their passes, a writer thread writes them out.
+
+They share a ``Stream``: the three queues the slots go round (free -> ready -> done -> free),
+the stop flag and the stages' errors, the busy seconds of each stage, the verdicts on
+guessed threshold windows (the compute stage's answer the reader waits for) and the
+journal extras of each shard (compute -> writer).
+
+Errors: a thread records its error in ``Stream.errors`` (the first one is the one reported)
+and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``_Failed``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
+from streammerge.exec.ops import convert_args, merge_args, read_rows
+from streammerge.exec.thresholds import _Thresholds, accumulate
+from streammerge.io.ranges import RangeReader
+from streammerge.io.reader import DTYPE_ITEMSIZE
+from streammerge.io.remote import RemoteFile, read_jobs
+from streammerge.io.writer import ShardWriter, StagingBlock
+from streammerge.output.outdir import OutputDir
+from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
+
+
+class _Failed(Exception):
+    """Raised in a stage waiting on the stream once ``stop`` is set: another stage failed,
+    and its error is the one reported."""
+
+
+def _no_busy() -> dict[str, float]:
+    return {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
+
+
+@dataclass
+class Stream:
+    """What the three stages share.
+
+    Attributes:
+        free_q: slots free to be filled (the reader takes them; compute and writer return them).
+        ready_q: filled slots and shard markers in file order, then None (reader -> compute).
+        done_q: computed slots and shard markers, then None (compute -> writer).
+        stop: set once a stage failed: the others leave at their next wait.
+        errors: the reader's and writer's errors, the first one first (the one reported).
+        busy: seconds each stage worked (``read_s``, ``compute_s``, ``write_s``).
+        verdicts: tensor name -> [Event, window hit]: the compute stage's verdict on a guessed
+            threshold window, set after the tensor's last chunk; the reader waits for it.
+        meta: shard file name -> journal extras (the thresholds of its tensors).
+    """
+
+    free_q: queue.Queue = field(default_factory=queue.Queue)
+    ready_q: queue.Queue = field(default_factory=queue.Queue)
+    done_q: queue.Queue = field(default_factory=queue.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    errors: list[BaseException] = field(default_factory=list)
+    busy: dict[str, float] = field(default_factory=_no_busy)
+    verdicts: dict[str, list] = field(default_factory=dict)
+    verdict_lock: threading.Lock = field(default_factory=threading.Lock)
+    meta: dict[str, dict] = field(default_factory=dict)
+
+    def get(self, q: queue.Queue):
+        """The next entry of ``q``, waiting for it; raises ``_Failed`` once ``stop`` is set."""
+        while True:
+            if self.stop.is_set():
+                raise _Failed
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+
+    def verdict(self, name: str) -> list:
+        """The [Event, window hit] entry of tensor ``name`` (created on first use)."""
+        with self.verdict_lock:
+            return self.verdicts.setdefault(name, [threading.Event(), None])
+
+    def decide(self, t: TensorPlan) -> bool:
+        """Whether the guessed low-histogram window of ``t`` held its thresholds: waits for the
+        compute stage's verdict; raises ``_Failed`` once ``stop`` is set."""
+        v = self.verdict(t.name)
+        while not v[0].wait(0.1):
+            if self.stop.is_set():
+                raise _Failed
+        return v[1]
+
+    def fail(self, e: BaseException) -> None:
+        """Record a thread's error (handed to the caller's thread) and stop the others."""
+        self.errors.append(e)
+        self.stop.set()
+
+
+@dataclass
+class ReaderStage:
+    """The reader thread: reads each work item's byte ranges into a free slot, in order.
+
+    Attributes:
+        items: ``items(decide)``: the work items and shard markers, in file order.
+        reader: reads (and fingerprints) the input ranges.
+        offsets_ok: the backend takes each row from where its O_DIRECT read landed
+            (``Slot.offsets``) instead of a memmove into place.
+    """
+
+    stream: Stream
+    items: Callable[[Callable | None], Iterable[Item | Marker]]
+    layout: Layout
+    reader: RangeReader
+    offsets_ok: bool
+
+    def run(self) -> None:
+        """Fill a free slot per item and queue it (markers pass through), then None."""
+        s = self.stream
+        try:
+            with ThreadPoolExecutor(
+                max_workers=4 * self.layout.rows, thread_name_prefix="sm-read"
+            ) as pool:
+                for item in self.items(s.decide):
+                    if isinstance(item, Marker):
+                        s.ready_q.put(item)
+                        continue
+                    slot = s.get(s.free_q)
+                    t0 = time.perf_counter()
+                    self.fill(pool, slot, item)
+                    s.busy["read_s"] += time.perf_counter() - t0
+                    s.ready_q.put(slot)
+            s.ready_q.put(None)
+        except _Failed:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            s.fail(e)
+
+    def fill(self, pool: ThreadPoolExecutor, slot: Slot, item: Item) -> None:
+        """Read ``item``'s input ranges into ``slot`` (a copy: straight into its output) and
+        label the slot with the item's tensor, chunk and pass."""
+        t, c = item.tensor, item.chunk
+        slot.tensor, slot.chunk, slot.op = t, c, item.op
+        slot.first, slot.last = item.first, item.last
+        slot.out_nbytes = c.count * DTYPE_ITEMSIZE[t.dtype]
+        slot.offsets = None
+        slot.fill += 1
+        if item.op == "copy":
+            isz = t.base.itemsize
+            jobs = [(t.base, c.start * isz, c.count * isz, slot.out)]
+            rows = [-1]
+        else:
+            pairs = read_rows(t, c.segment)
+            rows = [row for row, _ in pairs]
+            jobs = [
+                (info, c.start * info.itemsize, c.count * info.itemsize, slot.inputs[row])
+                for row, info in pairs
+            ]
+        slot.in_nbytes = sum(j[2] for j in jobs)
+        remote = [j for j in jobs if isinstance(j[0].file, RemoteFile)]
+        if remote:  # inputs by URL: ranged reads (streammerge.io.remote), fingerprinted too
+            read_jobs(remote, pool)
+            self.reader.hash_ranges(remote, pool)
+        local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
+        # A GPU backend copies each row from where its O_DIRECT read landed: no memmove.
+        in_place = not self.offsets_ok or item.op in ("copy", "convert")
+        deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
+        if not in_place:
+            slot.offsets = [0] * self.layout.rows
+            for (r, _), d in zip(local, deltas):
+                slot.offsets[r] = d
+
+
+@dataclass
+class WriterStage:
+    """The writer thread: writes each computed slot into the open shard of every output.
+
+    Attributes:
+        results: per output, shard name -> (size, sha256) of the shards it committed.
+        written: per output, bytes of the shards it committed.
+        staging_bytes: bytes of the staging blocks it allocated.
+    """
+
+    stream: Stream
+    outputs: list[OutputDir]
+    layout: Layout
+    direct_io: bool
+    results: list[dict[str, tuple[int, str]]] = field(init=False)
+    written: list[int] = field(init=False)
+    staging_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [{} for _ in self.outputs]
+        self.written = [0] * len(self.outputs)
+
+    def run(self) -> None:
+        """Open, fill and commit each output's shards as the markers and slots come, returning
+        each slot to the free queue; a shard left open (an error) is aborted."""
+        s, outputs = self.stream, self.outputs
+        stagings = [StagingBlock(self.layout.block_bytes, STAGING_BLOCKS) for _ in outputs]
+        self.staging_bytes = sum(len(m) for st in stagings for m in st.mems)
+        writers: list[ShardWriter | None] = [None] * len(outputs)
+        try:
+            while (item := s.get(s.done_q)) is not None:
+                t0 = time.perf_counter()
+                if isinstance(item, Marker):
+                    self.shard_marker(item, stagings, writers)
+                    s.busy["write_s"] += time.perf_counter() - t0
+                    continue
+                merged = item.op in ("merge", "held")
+                for k, writer in enumerate(writers):
+                    buf = item.outs[k] if merged else item.out
+                    writer.write(memoryview(buf)[: item.out_nbytes])
+                s.busy["write_s"] += time.perf_counter() - t0
+                s.free_q.put(item)
+        except _Failed:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            s.fail(e)
+        finally:
+            for writer in writers:
+                if writer is not None:
+                    writer.abort()
+            for st in stagings:
+                st.close()
+
+    def shard_marker(self, item: Marker, stagings: list[StagingBlock],
+                     writers: list[ShardWriter | None]) -> None:  # fmt: skip
+        """Open the marker's shard in every output (``writers[k]``), or finish and commit it."""
+        name = item.shard.filename
+        for k, output in enumerate(self.outputs):
+            if item.kind == "open":
+                writers[k] = ShardWriter(
+                    output.shard_tmp_path(name),
+                    item.shard.header,
+                    item.shard.size_bytes,
+                    stagings[k],
+                    self.direct_io,
+                )
+            else:
+                size, sha = writers[k].finish()
+                writers[k] = None
+                output.commit_shard(name, size, sha, self.stream.meta.get(name))
+                self.results[k][name] = (size, sha)
+                self.written[k] += size
+
+
+@dataclass(frozen=True)
+class _Handles:
+    """The handles of one slot's passes for every output of a sweep."""
+
+    handles: list
+
+
+@dataclass
+class ComputeStage:
+    """The compute stage, on the caller's thread: runs each slot's passes on the backend and
+    hands the slot to the writer once its kernels are done (at most ``backend.depth`` in
+    flight), or back to the reader (statistics passes).
+
+    Attributes:
+        variants: one plan per output (a sweep), the same tensors with other weights.
+        on_bytes: called with each slot's input bytes.
+        bytes_read: input bytes of the slots computed so far.
+    """
+
+    stream: Stream
+    plan: Plan
+    variants: list[Plan]
+    backend: Backend
+    thresholds: _Thresholds
+    on_bytes: Callable[[int], None] | None
+    bytes_read: int = 0
+    by_name: list[dict[str, TensorPlan]] = field(init=False)
+    inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
+
+    def __post_init__(self) -> None:
+        self.by_name = [{t.name: t for t in v.tensors} for v in self.variants]
+
+    def run(self) -> None:
+        """Compute every ready slot until the reader's None, then drain the kernels in flight
+        and send the writer its None; raises ``_Failed`` once ``stop`` is set."""
+        s = self.stream
+        while (item := s.get(s.ready_q)) is not None:
+            handle, to_writer = None, True
+            if isinstance(item, Marker):
+                if item.kind == "close":
+                    self.record_thresholds(item)
+            else:
+                t0 = time.perf_counter()
+                handle, to_writer = self.compute(item)
+                s.busy["compute_s"] += time.perf_counter() - t0
+                self.bytes_read += item.in_nbytes
+                if self.on_bytes is not None:
+                    self.on_bytes(item.in_nbytes)
+                if not to_writer:
+                    s.free_q.put(item)
+                    continue
+            self.inflight.append((item, handle))
+            while len(self.inflight) > self.backend.depth:
+                self.retire(*self.inflight.popleft())
+        while self.inflight:
+            self.retire(*self.inflight.popleft())
+        s.done_q.put(None)
+
+    def record_thresholds(self, item: Marker) -> None:
+        """Note the thresholds of the closing shard's tensors for its journal entry."""
+        th = {
+            t.name: self.thresholds.recorded[t.name]
+            for t in item.shard.tensors
+            if t.name in self.thresholds.recorded
+        }
+        if th:
+            self.stream.meta[item.shard.filename] = {"thresholds": th}
+
+    def retire(self, done, handle) -> None:
+        """Wait for ``handle``'s kernels, then hand ``done`` (a slot or marker) to the writer."""
+        for h in handle.handles if isinstance(handle, _Handles) else (handle,):
+            if h is not None:
+                self.backend.wait(h)
+        self.stream.done_q.put(done)
+
+    def compute(self, slot: Slot):
+        """Run the slot's passes; returns (handle, goes_to_writer)."""
+        backend, thresholds, plan = self.backend, self.thresholds, self.plan
+        t, op = slot.tensor, slot.op
+        if op == "copy":
+            return None, True
+        if op == "convert":
+            return backend.run(op, slot, convert_args(t, slot.chunk)), True
+        if op in ("hist_high", "hist_low"):
+            accumulate(backend, slot, thresholds.stats(t), op, slot.chunk.segment)
+            return None, False
+        if op == "hist_guess":
+            st = thresholds.stats(t)
+            accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
+            if slot.first:
+                st.guess_window(population(t, plan.recipe.n_models))
+            accumulate(backend, slot, st, "hist_low", slot.chunk.segment, guess=True)
+            if slot.last:
+                v = self.stream.verdict(t.name)
+                v[1] = st.resolve_window()
+                v[0].set()
+            return None, False
+        if op == "held":
+            st = thresholds.stats(t)
+            accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
+            accumulate(backend, slot, st, "hist_low", slot.chunk.segment)
+        win = thresholds.window(t) if plan.recipe.row.sparse.stats else None
+        if len(self.variants) == 1:
+            return backend.run("merge", slot, merge_args(plan.recipe.row, t, slot.chunk, win)), True
+        passes = []
+        for k, names in enumerate(self.by_name):  # a sweep: one pass per output, same inputs
+            tk = names[t.name]  # the same tensor with this output's weights
+            c = slot.chunk
+            ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
+            view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
+                        offsets=slot.offsets)  # fmt: skip
+            passes.append((view, merge_args(plan.recipe.row, tk, ck, win)))
+        if hasattr(backend, "run_sweep"):  # a device backend: the inputs go over once
+            return _Handles([backend.run_sweep(slot, passes)]), True
+        return _Handles([backend.run("merge", v, a) for v, a in passes]), True
