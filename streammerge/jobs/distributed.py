@@ -25,8 +25,9 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from streammerge.api import finalize, layout_for, open_output, prepare
 from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
@@ -277,12 +278,32 @@ def merge_ray(
 
 
 def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
+    """The driver's side of ``merge_ray`` once the output is open: checks, the model's
+    thresholds (trim_scope model), the tasks submitted and awaited, their shards journaled;
+    returns ``finalize``'s summary."""
+    check_visible(ray, prep.output.staging)
+    todo = prep.todo()
+    model_th = _before_tasks(ray, prep, todo, on_start, on_bytes)
+    progress = ray.remote(Progress).remote()
+    refs = _submit_tasks(ray, prep, todo, tasks, model_th, progress)
+    merged = _Collector(ray, prep, progress, on_bytes).wait_all(refs)
+    if model_th is not None:
+        merged.thresholds = prep.plan.per_tensor(model_th)
+    return finalize(prep, merged)
+
+
+def _before_tasks(ray, prep: Prepared, todo: list[ShardPlan], on_start, on_bytes):
+    """What the driver does before any task: the budget must fit a layout, the whole model's
+    thresholds are computed (trim_scope model, when shards remain), ``on_start(plan, bytes to
+    read)`` is called.
+
+    Returns:
+        the model's thresholds per fine-tune (``analyze``), or None (per-tensor thresholds).
+    """
     from streammerge.exec.backends import CPU_GEOMETRY
     from streammerge.exec.layout import read_bytes, work_items
 
-    check_visible(ray, prep.output.staging)
     options = prep.options
-    todo = prep.todo()
     layout = layout_for(prep, CPU_GEOMETRY)  # before any task: a bad budget fails here
     model_th = None
     if prep.plan.model_scope and todo:
@@ -290,75 +311,112 @@ def _drive(ray, prep: Prepared, tasks, on_start, on_bytes) -> MergeSummary:
         model_th, _ = analyze(prep.plan, layout, engine, on_bytes, options.direct_io)
     if on_start is not None:
         on_start(prep.plan, read_bytes(work_items(prep.plan, todo, layout)))
+    return model_th
 
-    @ray.remote
-    class Progress:
-        def __init__(self) -> None:
-            self.n = 0
-            self.shards: list = []
 
-        def add(self, n: int) -> None:
-            self.n += n
-
-        def total(self) -> int:
-            return self.n
-
-        def shard(self, name: str, size: int, sha: str, meta) -> None:
-            self.shards.append((name, size, sha, meta))
-
-        def take(self) -> tuple[int, list]:
-            out, self.shards = self.shards, []
-            return self.n, out
-
-    progress = Progress.remote()
+def _submit_tasks(ray, prep: Prepared, todo: list[ShardPlan], tasks: int | None, model_th,
+                  progress) -> list:  # fmt: skip
+    """Partition ``todo`` into ``tasks`` tasks (default: the cluster's CPUs / CPUs per task)
+    and submit them; returns their object refs, in submission order."""
+    options = prep.options
     per_task = task_cpus(options)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     groups = partition(todo, tasks or max(1, cpus // per_task))
     remote = ray.remote(_run_task).options(**task_options(options))
     plan_ref = ray.put(prep.plan)
     staging = str(prep.output.staging)
-    refs = {}
+    refs = []
     for g in groups:
         names = [s.filename for s in g]
         ref = remote.remote(
             plan_ref, names, staging, options, prep.memory_bytes, model_th, progress
         )
-        refs[ref] = g
-    merged = RunStats(0, 0, {}, {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0})
-    reported = 0
+        refs.append(ref)
+    return refs
 
-    def journal(name: str, size: int, sha: str, meta) -> None:
-        if name not in merged.shards:  # a retried task may report a shard twice
-            prep.output.journal_shard(name, size, sha, meta)
-            merged.shards[name] = (size, sha)
 
-    def drain() -> None:
-        nonlocal reported
-        total, shards = ray.get(progress.take.remote())
+class Progress:
+    """The driver's actor (``ray.remote(Progress)``) the workers report to: input bytes done
+    (summed over the tasks) and the shards they committed, until the driver takes them."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.shards: list = []
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+    def shard(self, name: str, size: int, sha: str, meta) -> None:
+        self.shards.append((name, size, sha, meta))
+
+    def take(self) -> tuple[int, list]:
+        out, self.shards = self.shards, []
+        return self.n, out
+
+
+@dataclass
+class _Collector:
+    """The driver while the tasks run: journals the shards the workers report (through the
+    ``Progress`` actor), forwards their bytes to ``on_bytes``, and sums the tasks' RunStats.
+
+    Attributes:
+        merged: the tasks' RunStats summed (shards: those journaled so far).
+        reported: input bytes already passed to ``on_bytes``.
+    """
+
+    ray: Any
+    prep: Prepared
+    progress: Any
+    on_bytes: Callable[[int], None] | None
+    merged: RunStats = field(default_factory=lambda: RunStats(
+        0, 0, {}, {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}))  # fmt: skip
+    reported: int = 0
+
+    def wait_all(self, refs: list) -> RunStats:
+        """Wait for every task in ``refs``, journaling shards as workers finish them; returns
+        the summed RunStats.
+
+        Raises:
+            MergeError: a task finished shards it never reported.
+        """
+        pending = list(refs)
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1, timeout=0.2)
+            self.drain()  # shards journaled as workers finish them, not only as tasks return
+            for ref in done:
+                self.add(self.ray.get(ref))
+        return self.merged
+
+    def journal(self, name: str, size: int, sha: str, meta) -> None:
+        """Journal a finished shard unless it already was."""
+        if name not in self.merged.shards:  # a retried task may report a shard twice
+            self.prep.output.journal_shard(name, size, sha, meta)
+            self.merged.shards[name] = (size, sha)
+
+    def drain(self) -> None:
+        """Journal the shards reported since the last call and pass on the new bytes."""
+        total, shards = self.ray.get(self.progress.take.remote())
         for rec in shards:
-            journal(*rec)
-        if on_bytes is not None and total > reported:
-            on_bytes(total - reported)
-            reported = total
+            self.journal(*rec)
+        if self.on_bytes is not None and total > self.reported:
+            self.on_bytes(total - self.reported)
+            self.reported = total
 
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1, timeout=0.2)
-        drain()  # shards journaled as workers finish them, not only as tasks return
-        for ref in done:
-            res: TaskResult = ray.get(ref)
-            st = res.stats
-            drain()
-            merged.bytes_read += st.bytes_read
-            merged.bytes_written += st.bytes_written
-            merged.thresholds.update(st.thresholds)
-            merged.buffer_bytes = max(merged.buffer_bytes, st.buffer_bytes)
-            for k, v in st.busy_s.items():
-                merged.busy_s[k] = merged.busy_s.get(k, 0.0) + v
-            missing = set(st.shards) - set(merged.shards)
-            if missing:
-                raise MergeError(f"task on {res.host} finished shards it never reported: "
-                                 f"{sorted(missing)}", prep.output.staging, None, "re-run with --resume")  # fmt: skip
-    if model_th is not None:
-        merged.thresholds = prep.plan.per_tensor(model_th)
-    return finalize(prep, merged)
+    def add(self, res: TaskResult) -> None:
+        """Add a returned task's RunStats, after journaling what its worker reported."""
+        merged, st = self.merged, res.stats
+        self.drain()
+        merged.bytes_read += st.bytes_read
+        merged.bytes_written += st.bytes_written
+        merged.thresholds.update(st.thresholds)
+        merged.buffer_bytes = max(merged.buffer_bytes, st.buffer_bytes)
+        for k, v in st.busy_s.items():
+            merged.busy_s[k] = merged.busy_s.get(k, 0.0) + v
+        missing = set(st.shards) - set(merged.shards)
+        if missing:
+            raise MergeError(f"task on {res.host} finished shards it never reported: "
+                             f"{sorted(missing)}", self.prep.output.staging, None,
+                             "re-run with --resume")  # fmt: skip
