@@ -21,6 +21,18 @@ if not (os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia"
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file
 
+
+
+def pytest_sessionstart(session):
+    """Compile the CPU kernels into numba's on-disk cache before any test: a cold cache
+    makes a run print the one-time "compiling the CPU kernels" notice, which would add a
+    line to the tests that check an error is one line, depending on which test ran first."""
+    from streammerge.kernels import cpu_merge, cpu_stats
+
+    cpu_merge.warmup()
+    cpu_stats.warmup()
+
+
 TORCH_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
