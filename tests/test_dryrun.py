@@ -243,6 +243,9 @@ def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch
     monkeypatch.setattr(backends, "kernels_compiled", lambda: False)
     lines: list[str] = []
     monkeypatch.setattr(notices, "sink", lines.append)
+    unused = backends.NumbaBackend(1)  # a run refused before its first pass: no notice
+    unused._loader.join()
+    assert not lines
     backends.NumbaBackend(1)._modules()
     assert any("compiling the CPU kernels" in x and str(backends.COMPILE_S) in x for x in lines)
     base, a, b = make_trio(tmp_path)

@@ -67,6 +67,8 @@ class NumbaBackend:
         self._threads_set = False
         self._k = None
         self._error: BaseException | None = None
+        self._cold: bool | None = None  # numba's cache was cold (known once checked)
+        self._checked = threading.Event()
         self._loader = threading.Thread(target=self._load, name="sm-numba-load", daemon=True)
         self._loader.start()
         self.kernels = {
@@ -80,18 +82,26 @@ class NumbaBackend:
         try:
             from streammerge.kernels import cpu_merge
 
-            if not kernels_compiled():
-                from streammerge.notices import notice
-
-                notice(f"compiling the CPU kernels: about {COMPILE_S} s, first run only "
-                       "(cached on disk for later runs)")  # fmt: skip
+            self._cold = not kernels_compiled()
+            self._checked.set()
             cpu_merge.warmup()
             self._k = cpu_merge
         except BaseException as e:  # noqa: BLE001 - re-raised by the first pass
             self._error = e
+        finally:
+            self._checked.set()
 
     def _modules(self):
         if self._k is None:
+            # announced when the first pass has to wait for a cold compile, not when the
+            # backend is made: a run refused before its first pass prints its one line only
+            self._checked.wait()
+            if self._cold:
+                from streammerge.notices import notice
+
+                notice(f"compiling the CPU kernels: about {COMPILE_S} s, first run only "
+                       "(cached on disk for later runs)")  # fmt: skip
+                self._cold = False
             self._loader.join()
             if self._error is not None:
                 raise self._error
