@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.io import safejson
 from streammerge.io.reader import ModelDir, open_model
 from streammerge.io.remote import DEFAULT_HTTP_TIMEOUT_S, open_remote_model
 
@@ -60,10 +61,18 @@ def file_url_path(url: str) -> Path:
     return Path(LocalFileSystem._strip_protocol(url))
 
 
+def is_repo_id(ref: str) -> bool:
+    """True when ``ref`` is written as a Hugging Face repo id, ``org/name[@revision]`` (two
+    non-empty parts, not a relative or home path); whether a folder of that name exists is
+    the caller's question."""
+    repo = ref.partition("@")[0]
+    return repo.count("/") == 1 and all(repo.split("/")) and not repo.startswith((".", "/", "~"))
+
+
 def _hf_cache(ref: str) -> Path | None:
     """The local snapshot of a Hugging Face repo id (``org/name[@revision]``), or None."""
     repo, _, revision = ref.partition("@")
-    if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
+    if not is_repo_id(ref):
         return None
     try:
         from huggingface_hub import snapshot_download
@@ -141,18 +150,15 @@ def is_remote(m: ModelDir) -> bool:
 
 def config_name_or_path(m: ModelDir) -> str | None:
     """``_name_or_path`` from a local model's ``config.json`` when it is a Hugging Face repo
-    id (``org/name``, not a path), else None."""
-    import json
-
-    path = Path(m.path) / "config.json"
+    id (``is_repo_id``, and no such local path), else None: also for a config.json that is
+    missing, over 1 MiB or not JSON (the side-file copy reports those)."""
     try:
-        if path.stat().st_size > 1 << 20:
-            return None
-        name = json.loads(path.read_text("utf-8")).get("_name_or_path")
-    except (OSError, ValueError, AttributeError):
+        cfg = safejson.load_file(Path(m.path) / "config.json", max_depth=64, max_bytes=1 << 20,
+                                 todo="", what="config")  # fmt: skip
+    except MergeError:
         return None
-    if isinstance(name, str) and name.count("/") == 1 and all(name.split("/")) and \
-            not name.startswith((".", "/", "~")) and not Path(name).exists():  # fmt: skip
+    name = cfg.get("_name_or_path") if isinstance(cfg, dict) else None
+    if isinstance(name, str) and is_repo_id(name) and not Path(name).exists():
         return name
     return None
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePath
 
+from streammerge.io.inputs import is_repo_id
+
 _HF_CACHE_DIR = re.compile(r"^models--(.+)$")
 
 
@@ -50,13 +52,8 @@ def hub_id(path: str | None, label: str | None = None, name_or_path: str | None 
 
 
 def _looks_like_repo(label: str) -> bool:
-    repo = label.partition("@")[0]
-    return (
-        repo.count("/") == 1
-        and not repo.startswith((".", "/", "~"))
-        and all(repo.split("/"))
-        and not Path(label).expanduser().is_dir()
-    )
+    """A label written as a repo id (``is_repo_id``) that is not a local folder."""
+    return is_repo_id(label) and not Path(label).expanduser().is_dir()
 
 
 def model_name(path: str | None, label: str | None = None, name_or_path: str | None = None) -> str:

@@ -91,7 +91,7 @@ def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
     """A ``model:`` reference (``streammerge.io.inputs.resolve_input``): a directory (as
     given, or relative to the recipe; also as ``file://``), a URL, or a Hugging Face repo
     id (``org/name`` or ``org/name@revision``) in the local cache."""
-    from streammerge.io.inputs import resolve_input
+    from streammerge.io.inputs import is_repo_id, resolve_input
 
     if not isinstance(ref, str) or not ref.strip():
         doc.fail(key, f"expected a directory or a Hugging Face repo id, got {ref!r}")
@@ -111,8 +111,7 @@ def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
         if cand.is_dir():
             return cand
     repo, _, revision = ref.partition("@")
-    looks_like_repo = repo.count("/") == 1 and not repo.startswith((".", "/", "~"))
-    if not looks_like_repo:
+    if not is_repo_id(ref):
         doc.fail(key, f"{ref} is not a directory", "give the model's directory")
     doc.fail(
         key,
