@@ -210,3 +210,14 @@ def test_card_names_hub_ids_from_the_cache_path_and_name_or_path(tmp_path):
     assert [m["model"] for m in recipe["models"]] == ["someone/ft-a", "b"]
     assert "https://huggingface.co/org/base" in card
     assert str(tmp_path) not in card
+
+
+def test_repeatable_argv_drops_run_control_options_and_only_their_values():
+    from streammerge.recipe.parser import build_parser, repeatable_argv
+
+    argv = ["a", "b", "--threads", "2", "--memory=1GB", "--resume", "--seed", "3",
+            "--ray", "--density", "0.5", "--ray=auto", "c", "--ray", "host:1", "--quiet"]  # fmt: skip
+    # --ray takes an optional value: the next word only when it is not an option, and
+    # never after "--ray=ADDR" (the model c stays)
+    assert repeatable_argv(build_parser(), argv) == ["a", "b", "--seed", "3", "--density",
+                                                     "0.5", "c"]  # fmt: skip

@@ -254,23 +254,20 @@ RUN_CONTROL = {
 
 def repeatable_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``argv`` as typed, without the ``RUN_CONTROL`` options (and their values)."""
-    takes_value = {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
     out, skip = [], False
     for i, word in enumerate(argv):
         if skip:
             skip = False
             continue
-        flag = word.split("=", 1)[0]
-        if flag in RUN_CONTROL:
-            action = next((a for a in parser._actions if flag in a.option_strings), None)
-            # a value follows unless given with "=", or the option takes none (or optional)
-            skip = "=" not in word and takes_value.get(flag, False) and action is not None \
-                and action.nargs != "?" and i + 1 < len(argv)  # fmt: skip
-            if action is not None and action.nargs == "?" and i + 1 < len(argv) \
-                    and not argv[i + 1].startswith("-"):  # fmt: skip
-                skip = True
+        flag, eq, _ = word.partition("=")
+        if flag not in RUN_CONTROL:
+            out.append(word)
             continue
-        out.append(word)
+        # its value is the next word, unless given with "=" or the option takes none; an
+        # optional value (nargs "?", --ray) only when the next word is not an option
+        action = parser._option_string_actions.get(flag)
+        if action is not None and not eq and action.nargs != 0 and i + 1 < len(argv):
+            skip = action.nargs != "?" or not argv[i + 1].startswith("-")
     return out
 
 
