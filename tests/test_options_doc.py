@@ -39,9 +39,9 @@ def test_every_option_in_help_is_documented_with_its_help(sub):
     assert flags <= documented, sorted(flags - documented)
     # each option's help, as --help prints it, is in the table (whitespace aside)
     words = " ".join(section.split())
-    for action in options_doc.build_sweep_parser()._actions if sub else \
-            options_doc.build_parser()._actions:  # fmt: skip
+    parser = options_doc.build_sweep_parser() if sub else options_doc.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
         if action.help and action.option_strings:
-            expanded = " ".join(options_doc.build_parser()._get_formatter()._expand_help(action)
-                                .split()).replace("|", "\\|")  # fmt: skip
+            expanded = " ".join(formatter._expand_help(action).split()).replace("|", "\\|")
             assert expanded in words, action.option_strings
