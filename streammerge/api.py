@@ -99,6 +99,7 @@ def record(prep: Prepared, shards: list[dict], thresholds: dict[str, list]) -> d
         "drop": list(tp0.drop) if tp0.drop is not None else [0.0] * r.n_models,
         "scale": tp0.scale,
         "normalize": tp0.normalize,
+        "resolved": tp0.record(),
         "dtype": r.dtype,
         "recipe": r.record(),
         "base": None if base is None else input_record(base),

@@ -12,6 +12,7 @@ from streammerge.io.reader import ModelDir
 from streammerge.io.remote import DEFAULT_HTTP_TIMEOUT_S
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Plan, ShardPlan
+from streammerge.recipe.parser import FLAG_RECIPE_KEYS
 from streammerge.recipe.recipe import Recipe
 
 #: Default memory budget for buffers (bytes): fits a 1 GiB machine with room to spare.
@@ -147,8 +148,7 @@ class Prepared:
         return [s for s in self.plan.shards if s.filename not in self.done]
 
 
-RECIPE_KEYS = (
-    "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
-    "normalize", "trim_scope", "dtype", "model_params", "params", "lines", "source",
-)  # fmt: skip
+#: ``streammerge.merge`` keyword arguments that build the recipe: the flags' (one per
+#: declared method parameter, ``streammerge.methods``) and the YAML reader's.
+RECIPE_KEYS = (*FLAG_RECIPE_KEYS, "model_params", "params", "lines", "source")
 OPTION_KEYS = tuple(f.name for f in fields(Options))

@@ -319,8 +319,8 @@ def _fmt_values(v) -> str:
 def _fmt_params(p: dict) -> str:
     if p["action"] != "merge":
         return "copied from the base" if p["action"] == "copy" else "converted from the base"
-    keys = ("w", "density", "drop", "gamma", "scale", "normalize")
-    return ", ".join(f"{k} {_fmt_values(p[k])}" for k in keys if k in p)
+    return ", ".join(f"{k} {_fmt_values(v)}" for k, v in p.items()
+                     if k not in ("action", "tensors", "count"))  # fmt: skip
 
 
 def _names(names: list[str], most: int = 4) -> str:

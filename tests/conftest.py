@@ -262,7 +262,7 @@ def expected_merge_v2(
             density=tr.get("density"),
             drop=tr.get("drop"),
             gamma=tr.get("gamma"),
-            scale=tr["scale"],
+            scale=tr.get("scale", 1.0),
             normalize=tr["normalize"],
             thresholds=model_th,
             base_dtype=dtype[bt.dtype] if b is not None else None,

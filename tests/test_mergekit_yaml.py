@@ -208,8 +208,8 @@ BAD = [
         "drop rate p = 1.0",
     ),
     (
-        "merge_method: linear\nmodels: [{model: A}, {model: C}]\nparameters: {lambda: 2}\n",
-        "lambda does not apply to linear",
+        "merge_method: linear\nmodels: [{model: A}, {model: C}]\nparameters: {frobnicate: 2}\n",
+        "line 3: parameters.frobnicate: unknown parameter",
     ),
     (
         "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\ntokenizer_source: Z\n",
@@ -242,6 +242,20 @@ BAD = [
     ("merge_method: ties\nbase_model: B\nmodels: [{model: [1]}, {model: C}]\n",
      "models[0].model: expected a directory or a Hugging Face repo id"),
 ]  # fmt: skip
+
+
+def test_a_parameter_of_another_method_is_ignored_with_a_notice(tmp_path):
+    """mergekit reads only the parameters a method declares (``lambda`` is not linear's):
+    the recipe still merges, the value is not in the recipe, and a notice names its line."""
+    from streammerge.recipe.mergekit_yaml import load_recipe
+
+    base, a, b = make_trio(tmp_path)
+    cfg = _write(tmp_path, f"merge_method: linear\nmodels: [{{model: {a}}}, {{model: {b}}}]\n"
+                           "parameters: {lambda: 2, normalize: false}\n")  # fmt: skip
+    seen = []
+    yr = load_recipe(cfg, seen.append)
+    assert seen == ["parameters.lambda (line 3) does not apply to linear: ignored"]
+    assert yr.recipe["params"] == {"normalize": False}
 
 
 @pytest.mark.parametrize("text, message", BAD)

@@ -22,7 +22,7 @@ from conftest import (
 )
 
 import streammerge
-from streammerge.recipe.methods import METHODS
+from streammerge.methods.registry import METHODS
 
 ALL = list(METHODS)
 

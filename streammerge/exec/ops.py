@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from streammerge.exec.stats import KEEP_ALL
 from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
-from streammerge.recipe.methods import Method
+from streammerge.methods.method import Method
 
 #: Input row of the base in a slot; fine-tune j is row MODEL_ROW0 + j.
 BASE_ROW = 0

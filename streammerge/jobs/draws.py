@@ -13,6 +13,7 @@ import numpy as np
 
 from streammerge.api_types import DEFAULT_SHARD_SIZE, Options
 from streammerge.jobs.evaluate import EVAL_TIMEOUT_S, CommandEvaluator, finite_json
+from streammerge.methods.registry import all_params
 from streammerge.recipe.recipe import RecipeError
 
 
@@ -99,15 +100,22 @@ def mask_seed_for(sweep_seed: int) -> int:
 def _recipe_flags(recipe_args: dict, shard_size) -> list[str]:
     """The single-merge flags of ``recipe_args`` (and a non-default ``--shard-size``)."""
     argv = []
-    for flag, key in (("--method", "method"), ("--density", "density"), ("--drop", "drop"),
-                      ("--gamma", "gamma"), ("--scale", "scale"), ("--trim-scope", "trim_scope"),
-                      ("--dtype", "dtype")):  # fmt: skip
-        v = recipe_args.get(key)
-        if v is None or (key == "trim_scope" and v == "tensor") or (key == "scale" and v == 1.0):
+    params = all_params()
+    v = recipe_args.get("method")
+    if v is not None:
+        argv += ["--method", str(v)]
+    for key, v in recipe_args.items():
+        if key not in params or v is None:
             continue
-        argv += [flag, ",".join(map(repr, v)) if isinstance(v, (list, tuple)) else str(v)]
-    if recipe_args.get("normalize") is not None:
-        argv.append("--normalize" if recipe_args["normalize"] else "--no-normalize")
+        p = params[key]
+        if p.kind == "bool":
+            argv.append(p.flag if v else "--no-" + p.flag[2:])
+        else:
+            argv += [p.flag, ",".join(map(repr, v)) if isinstance(v, (list, tuple)) else str(v)]
+    for flag, key in (("--trim-scope", "trim_scope"), ("--dtype", "dtype")):
+        v = recipe_args.get(key)
+        if v is not None and not (key == "trim_scope" and v == "tensor"):
+            argv += [flag, str(v)]
     if shard_size != DEFAULT_SHARD_SIZE:
         argv += ["--shard-size", str(shard_size)]
     return argv

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from streammerge.output.model_names import hf_repo_id, hub_id, model_name, model_ref  # noqa: F401
-from streammerge.recipe.methods import METHODS
+from streammerge.methods.registry import METHODS
 
 #: Output dtype (safetensors string, as streammerge.json records it) -> mergekit's name.
 MERGEKIT_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -117,7 +117,8 @@ def recipe_to_yaml(record: dict, labels=None) -> str:
         if "weight" not in own and "weight" not in top:
             own["weight"] = 1.0  # the default weight, explicit (mergekit needs it for some methods)
         entry = {"model": model_ref(path, label, name_or_path)}
-        params = {k: own[k] for k in ("weight", "density", "drop", "gamma") if k in own}
+        order = [p.name for p in row.per_model] if row is not None else []
+        params = {k: own[k] for k in order if k in own}
         params.update({k: v for k, v in own.items() if k not in params})
         if params:
             entry["parameters"] = params
@@ -189,22 +190,7 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
     models = list(rec.get("models") or [{}] * n)
     top = dict(rec.get("parameters") or {})
 
-    def flag_values(key: str) -> list | None:
-        vals = [m.get(key) for m in models]
-        if all(v is None for v in vals):
-            return None
-        if any(v is None for v in vals) or any(
-            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-            for v in vals
-        ):
-            raise ValueError(f"models' {key} values {vals} cannot be given as a flag")
-        return vals
-
-    def csv(vals: list) -> str:
-        vals = [float(v) for v in vals]
-        return repr(vals[0]) if len(set(vals)) == 1 else ",".join(repr(v) for v in vals)
-
-    weights = flag_values("weight")
+    weights = _flag_values(models, "weight")
     if rec.get("lambda") is not None:
         if weights is not None:
             raise ValueError("a fixed λ with given weights cannot be given as flags")
@@ -215,24 +201,7 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
         argv.append(f"--weights={','.join(repr(float(w)) for w in weights)}")
     elif rec.get("alpha") is not None:
         argv.append(f"--alpha={rec['alpha']!r}")
-    for key in ("density", "drop", "gamma"):
-        vals = flag_values(key)
-        if key in top:
-            v = top[key]
-            if vals is not None or isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
-            vals = [v] * n
-        if vals is not None:
-            argv.append(f"--{key}={csv(vals)}")
-    for key, v in top.items():
-        if key in ("density", "drop", "gamma"):
-            continue
-        if key == "scale" and isinstance(v, (int, float)) and not isinstance(v, bool):
-            argv.append(f"--scale={float(v)!r}")
-        elif key == "normalize" and isinstance(v, (bool, int, float)):
-            argv.append("--normalize" if v else "--no-normalize")
-        else:
-            raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+    argv += _param_flags(METHODS.get(method), models, top, n)
     if rec.get("trim_scope", "tensor") != "tensor":
         argv.append(f"--trim-scope={rec['trim_scope']}")
     dtype = rec.get("dtype", record.get("dtype"))
@@ -241,6 +210,60 @@ def repeat_command(record: dict, out: str | Path, shard_size_bytes: int | None =
     if shard_size_bytes is not None:
         argv.append(f"--shard-size={int(shard_size_bytes)}")
     return shlex.join(argv)
+
+
+def _flag_values(models: list[dict], key: str) -> list | None:
+    """The per-model values of ``key`` as flag values, None when no model has one.
+
+    Raises:
+        ValueError: some models lack it, or a value is not a finite number.
+    """
+    vals = [m.get(key) for m in models]
+    if all(v is None for v in vals):
+        return None
+    if any(v is None for v in vals) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+        for v in vals
+    ):
+        raise ValueError(f"models' {key} values {vals} cannot be given as a flag")
+    return vals
+
+
+def _csv(vals: list) -> str:
+    vals = [float(v) for v in vals]
+    return repr(vals[0]) if len(set(vals)) == 1 else ",".join(repr(v) for v in vals)
+
+
+def _param_flags(row, models: list[dict], top: dict, n: int) -> list[str]:
+    """The flags of the method's declared parameters (``row.params``) but the weight.
+
+    Raises:
+        ValueError: a value flags cannot express (a gradient, a filter list).
+    """
+    argv = []
+    per_model = {p.name: p for p in (row.per_model if row else ()) if p.name != "weight"}
+    for key, param in per_model.items():
+        vals = _flag_values(models, key)
+        if key in top:
+            v = top[key]
+            if vals is not None or isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+            vals = [v] * n
+        if vals is not None:
+            argv.append(f"{param.flag}={_csv(vals)}")
+    for key, v in top.items():
+        param = row.param(key) if row else None
+        if key in per_model:
+            continue
+        if param is None or isinstance(v, (list, dict)):
+            raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+        if param.kind == "number" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            argv.append(f"{param.flag}={float(v)!r}")
+        elif param.kind == "bool" and isinstance(v, (bool, int, float)):
+            argv.append(param.flag if v else "--no-" + param.flag[2:])
+        else:
+            raise ValueError(f"parameters.{key} = {v!r} cannot be given as a flag")
+    return argv
 
 
 def _with_seed(command: str, seed) -> str:
@@ -334,18 +357,16 @@ def _weighting_line(record: dict) -> str:
 
 
 def _resolved_line(record: dict, row) -> str:
-    """The ``- Resolved:`` line: w, density and gamma (as the first merged tensor has
-    them), DARE's drop p, scale and normalize."""
-    res = [f"w {_fmt(record.get('weights'))}"]
-    if row is not None and row.sparse.uses_drop:
-        res.append(f"drop p {_fmt(record.get('drop'))}")
-    res += [f"scale {_fmt(record.get('scale'))}", f"normalize {_fmt(record.get('normalize'))}"]
-    tensors = record.get("tensors") or {}
-    first = next(iter(tensors.values()), None)
-    if first is not None:
-        for k in ("density", "gamma"):
-            if first.get(k) is not None:
-                res.insert(1, f"{k} {_fmt(first[k])}")
+    """The ``- Resolved:`` line: every value the method resolved (``streammerge.json``
+    ``resolved``: w, then each declared parameter, DARE's drop p included), per-model ones
+    as the first merged tensor has them."""
+    resolved = dict(record.get("resolved") or {"w": record.get("weights"),
+                    "scale": record.get("scale"), "normalize": record.get("normalize")})  # fmt: skip
+    first = next(iter((record.get("tensors") or {}).values()), None) or {}
+    res = []
+    for k, v in resolved.items():
+        v = first.get(k, v) if isinstance(v, list) else v
+        res.append(f"{'drop p' if k == 'drop' else k} {_fmt(v)}")
     return (
         "- Resolved: " + ", ".join(res) + " (a tensor without per-tensor values; every "
         "merged tensor's own values and thresholds are in `streammerge.json`)."

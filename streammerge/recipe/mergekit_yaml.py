@@ -2,7 +2,7 @@
 
 The schema is mergekit 0.1.5's (``MergeConfiguration``) for the methods streammerge has::
 
-    merge_method: ties                # a row of streammerge.recipe.methods.METHODS
+    merge_method: ties                # a row of streammerge.methods.registry.METHODS
     base_model: path/or/org/name      # not for linear
     models:
       - model: path/or/org/name       # a directory, or a repo id in the local HF cache
@@ -39,7 +39,9 @@ from pathlib import Path
 
 from streammerge.errors import MergeError
 from streammerge.recipe.dtypes import normalize_dtype
-from streammerge.recipe.methods import METHODS, Method
+from streammerge.methods.method import Method
+from streammerge.methods.params import Param
+from streammerge.methods.registry import METHODS, all_params
 from streammerge.recipe.yaml_doc import YamlDoc
 
 TOP_KEYS = {
@@ -53,8 +55,14 @@ UNSUPPORTED = {
     "tokenizer": "use tokenizer_source: base or a model of the list",
     "chat_template": "copy the chat template into the output's tokenizer_config.json yourself",
 }
-MODEL_PARAMS = {"weight", "density", "gamma"}
-SHARED_PARAMS = {"normalize", "lambda", "rescale", "int8_mask"}
+
+
+def yaml_params() -> dict[str, Param]:
+    """Every parameter some method declares, by its mergekit YAML key (``lambda`` is
+    ``scale``); streammerge's own flags (``drop``) are not YAML keys."""
+    return {p.key: p for p in all_params().values() if p.in_yaml}
+
+
 STREAMMERGE_KEYS = {"mixup", "seed", "trim_scope"}
 MIXUP_KEYS = {"alpha", "lambda"}
 COMPUTE_DTYPES = {"float32", "bfloat16", "float16"}
@@ -147,17 +155,6 @@ def _check_value(value, key: str, doc: YamlDoc, allow_gradient: bool, kind: str)
             doc.fail(key, f"expected true or false, got {value!r}")
     elif isinstance(value, bool) or not isinstance(value, (int, float)):
         doc.fail(key, f"expected a number, got {value!r}")
-
-
-def _applies(key: str, row) -> bool:
-    """Whether a (valid mergekit) parameter means something for the method: mergekit
-    accepts density and gamma for every method and ignores them where unused."""
-    return not (
-        key == "gamma"
-        and not row.sparse.uses_gamma
-        or key == "density"
-        and not row.sparse.uses_density
-    )
 
 
 def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -> YamlRecipe:
@@ -368,65 +365,56 @@ class _RecipeReader:
     def model_params(self, key: str, j: int, params: dict) -> dict:
         """The parameters of ``models[i]`` (``key``), fine-tune ``j``, that apply to the
         method; a notice for each ignored one (top-level-only, or unused by the method)."""
-        doc = self.doc
+        doc, known = self.doc, yaml_params()
         own = {}
         for k, v in params.items():
             pk = f"{key}.parameters.{k}"
-            if k in SHARED_PARAMS:
+            param = known.get(k)
+            if param is None:
+                per_model = sorted(n for n, p in known.items() if p.per_model)
+                doc.fail(pk, "unknown parameter", f"use {', '.join(per_model)}")
+            if not param.per_model:
                 self.notices.append(
                     f"{pk} (line {doc.lines[pk]}) is ignored: it applies to the whole merge "
                     "only at the top level (as in mergekit)"
                 )
                 continue
-            if k not in MODEL_PARAMS:
-                doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(MODEL_PARAMS))}")
-            _check_value(v, pk, doc, True, "number")
-            if not _applies(k, self.row):
-                self.notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to "
-                                    f"{self.method}: ignored")  # fmt: skip
-                continue
-            own[k] = v
-            self.lines[f"models[{j}].parameters.{k}"] = doc.lines[pk]
+            if self._kept(param, v, pk):
+                own[param.name] = v
+                self.lines[f"models[{j}].parameters.{param.name}"] = doc.lines[pk]
         return own
 
     def top_params(self, top) -> dict:
-        """The top-level ``parameters:`` that apply to the method, mergekit's ``lambda`` as
-        ``scale`` (``rescale`` and ``int8_mask`` checked, then dropped)."""
-        doc = self.doc
+        """The top-level ``parameters:`` that apply to the method, by recipe name
+        (mergekit's ``lambda`` as ``scale``)."""
+        doc, known = self.doc, yaml_params()
         if not isinstance(top, dict):
             doc.fail("parameters", "expected a mapping")
         params: dict = {}
         for k, v in top.items():
             pk = f"parameters.{k}"
-            if k not in MODEL_PARAMS | SHARED_PARAMS:
-                doc.fail(pk, "unknown parameter",
-                         f"use {', '.join(sorted(MODEL_PARAMS | SHARED_PARAMS))}")  # fmt: skip
-            if k == "rescale":
-                _check_value(v, pk, doc, False, "bool")
-                if v is False:
-                    doc.fail(
-                        pk,
-                        "rescale: false is not supported",
-                        "drop it: DARE's kept values are rescaled by 1/(1-p) (docs/SPEC.md)",
-                    )
-                continue
-            if k == "int8_mask":
-                _check_value(v, pk, doc, False, "bool")
-                continue  # a mergekit memory option; no effect on the values
-            if k == "normalize":
-                _check_value(v, pk, doc, True, "bool")
-            else:
-                _check_value(v, pk, doc, True, "number")
-            if not _applies(k, self.row):
-                self.notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to "
-                                    f"{self.method}: ignored")  # fmt: skip
-                continue
-            name = "scale" if k == "lambda" else k
-            if not self.row.uses_base and name == "scale":
-                doc.fail(pk, "lambda does not apply to linear")
-            params[name] = v
-            self.lines[f"parameters.{name}"] = doc.lines[pk]
+            param = known.get(k)
+            if param is None:
+                doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(known))}")
+            if self._kept(param, v, pk):
+                params[param.name] = v
+                self.lines[f"parameters.{param.name}"] = doc.lines[pk]
         return params
+
+    def _kept(self, param: Param, v, pk: str) -> bool:
+        """Check the value of ``param`` at ``pk``; whether it is kept for the recipe (False:
+        a notice when the method does not read it; a setting with no effect on the values,
+        or the one value streammerge supports)."""
+        doc = self.doc
+        _check_value(v, pk, doc, param.layered, param.kind)
+        if param.only is not None and v != param.only:
+            doc.fail(pk, f"{param.key}: {str(v).lower()} is not supported",
+                     f"drop it ({param.help})")  # fmt: skip
+        if not self.row.takes(param.name):
+            self.notices.append(f"{pk} (line {doc.lines[pk]}) does not apply to "
+                                f"{self.method}: ignored")  # fmt: skip
+            return False
+        return param.affects_values and param.only is None
 
     def tokenizer_model(self, tok, labels: list[str]) -> int | None:
         """The index of the fine-tune whose tokenizer is copied (``tokenizer_source``), None

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from streammerge.recipe.parser import build_parser, build_sweep_parser
+from streammerge.methods.registry import METHODS
+from streammerge.recipe.parser import build_parser, build_sweep_parser, flag_params
 
 HEADER = (
     "# Options\n\n"
@@ -69,10 +70,38 @@ def parser_section(parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines)
 
 
+def _param_cell(p, method) -> str:
+    """One parameter of one method: its YAML key and flag, default and range."""
+    d = method.param(p.name).default
+    shown = "derived" if d is None else (str(d).lower() if isinstance(d, bool) else f"{d:g}")
+    where = "per model" if p.per_model else "global"
+    if p.layered:
+        where += ", per layer"
+    rng = f", {p.range_text()}" if p.range_text() else ""
+    flag = f" / `{p.flag}`" if p in flag_params() or p.name == "weight" else ""
+    key = f"`{p.key}`" if p.in_yaml else "(flag only)"
+    return f"{key}{flag} = {shown} ({where}{rng})"
+
+
+def methods_section() -> str:
+    """The methods and the parameters each declares (``streammerge.methods``), as a table."""
+    lines = ["## Methods and their parameters", "",
+             "Generated from each method's declaration (`streammerge/methods/<name>.py`): the",
+             "YAML key / flag, default, whether it is per model and may vary by layer, range.",
+             "", "| method | base | M3 draws | parameters | source |", "|---|---|---|---|---|"]  # fmt: skip
+    for m in METHODS.values():
+        params = "<br>".join(_param_cell(p, m) for p in m.params)
+        m3 = "the weights" if m.m3 == "weights" else "nothing"
+        base = "yes" if m.uses_base else "no"
+        lines.append(f"| `{m.name}` | {base} | {m3} | {params} | {_cell(m.source)} |")
+    return "\n".join(lines) + "\n"
+
+
 def render() -> str:
-    """docs/options.md's text: the merge command's options, then the sweep's."""
+    """docs/options.md's text: the merge command's options, the sweep's, then the methods'
+    parameters."""
     return "\n".join([HEADER, parser_section(build_parser()),
-                      parser_section(build_sweep_parser())])  # fmt: skip
+                      parser_section(build_sweep_parser()), methods_section()])  # fmt: skip
 
 
 if __name__ == "__main__":

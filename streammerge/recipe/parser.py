@@ -7,7 +7,8 @@ import argparse
 
 from streammerge import __version__
 from streammerge.errors import OneLineArgumentParser
-from streammerge.recipe.methods import METHODS
+from streammerge.methods.params import Param
+from streammerge.methods.registry import METHODS, all_params, methods_taking
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,9 +33,7 @@ def _new_parser() -> argparse.ArgumentParser:
         "streammerge sweep --help).",
         epilog="methods: "
         + "; ".join(
-            f"{m.name} ({m.sparsifier} + {m.consensus} consensus, normalize "
-            f"{'on' if m.normalize else 'off'})"
-            for m in METHODS.values()
+            f"{m.name} ({m.summary}; {', '.join(_method_flags(m))})" for m in METHODS.values()
         ),
     )
 
@@ -93,8 +92,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
-    """Add the recipe's values: --alpha, --lambda, --weights, --drop, --density, --gamma,
-    --normalize, --trim-scope, --scale, --seed and --dtype (``FLAG_RECIPE_KEYS``)."""
+    """Add the recipe's values: --alpha, --lambda, --weights, one flag per method parameter
+    (``_add_method_params``), --trim-scope, --seed and --dtype (``FLAG_RECIPE_KEYS``)."""
     p.add_argument(
         "--alpha",
         type=float,
@@ -113,42 +112,13 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="fixed weights w, comma-separated, one per model (default: drawn by M3)",
     )
-    p.add_argument(
-        "--drop",
-        default=None,
-        help="DARE drop rate p: one value or one per model, e.g. 0.3,0.6 (default 0.5; "
-        "dare_linear and dare_ties)",
-    )
-    p.add_argument(
-        "--density",
-        default=None,
-        help="density rho (fraction kept): one or per model; ties/breadcrumbs keep by "
-        "magnitude, DARE methods drop at rate 1-rho (default 1.0; DARE: 0.5)",
-    )
-    p.add_argument(
-        "--gamma",
-        default=None,
-        help="breadcrumbs: fraction of largest magnitudes removed, one or per model (default 0.01)",
-    )
-    p.add_argument(
-        "--normalize",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="divide by the sum of the weights that took part (default per method: on for "
-        "linear and ties, off otherwise, as mergekit)",
-    )
+    _add_method_params(p)
     p.add_argument(
         "--trim-scope",
         choices=("tensor", "model"),
         default="tensor",
         help="population of the magnitude thresholds: each tensor (mergekit, default) or the "
         "whole model (the TIES and M3 papers)",
-    )
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=1.0,
-        help="scaling coefficient s of the mixed task vector (default 1.0)",
     )
     p.add_argument(
         "--seed",
@@ -237,11 +207,60 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", action="version", version=f"streammerge {__version__}")
 
 
+def flag_params() -> list[Param]:
+    """The method parameters that get a flag: every declared one that changes values and
+    has a choice (not ``rescale``: only true; not ``int8_mask``), but the weight
+    (``--weights``, beside M3's ``--alpha`` / ``--lambda``)."""
+    return [p for p in all_params().values()
+            if p.name != "weight" and p.affects_values and p.only is None]  # fmt: skip
+
+
+def _param_help(p: Param) -> str:
+    """``--help`` of a method parameter: its declared help, range, methods and default."""
+    takes = methods_taking(p.name)
+    defaults = {m: METHODS[m].param(p.name).default for m in takes}
+    shown = {True: "on", False: "off"} if p.kind == "bool" else {}
+    if len(set(defaults.values())) == 1:
+        d = next(iter(defaults.values()))
+        default = f"default {shown.get(d, d)}" if d is not None else ""
+    else:
+        by = {}
+        for m, d in defaults.items():
+            by.setdefault(shown.get(d, d), []).append(m)
+        default = "default " + "; ".join(f"{d} for {', '.join(ms)}" for d, ms in by.items())
+    per = "one value or one per model, e.g. 0.3,0.6; " if p.per_model and p.kind != "bool" else ""
+    rng = f"{p.range_text()}; " if p.range_text() else ""
+    return f"{p.help} ({per}{rng}{', '.join(takes)}; {default})".replace("; )", ")")
+
+
+def _method_flags(m) -> list[str]:
+    """The flags of method ``m``'s parameters (``--weights``, ``--density``, ...)."""
+    flags = {p.name for p in flag_params()} | {"weight"}
+    return [p.flag for p in m.params if p.name in flags]
+
+
+def _add_method_params(p: argparse.ArgumentParser) -> None:
+    """One flag per declared method parameter (``streammerge.methods``): a bool is
+    ``--name / --no-name``, a per-model number a string of one or N numbers, a shared number
+    a float; None when not given (the method's default applies)."""
+    for param in flag_params():
+        if param.kind == "bool":
+            p.add_argument(param.flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=_param_help(param))  # fmt: skip
+        elif param.per_model:
+            p.add_argument(param.flag, default=None, help=_param_help(param))
+        else:
+            p.add_argument(param.flag, type=float, default=None, help=_param_help(param))
+
+
+def flag_recipe_keys() -> tuple[str, ...]:
+    """The parsed flags that set the recipe (the rest set how the merge runs: api.Options)."""
+    return ("method", "seed", "alpha", "lam", "weights",
+            *(p.name for p in flag_params()), "trim_scope", "dtype")  # fmt: skip
+
+
 #: Flags that set the recipe (the rest set how the merge runs: api.Options).
-FLAG_RECIPE_KEYS = (
-    "method", "seed", "alpha", "lam", "weights", "density", "drop", "gamma", "scale",
-    "normalize", "trim_scope", "dtype",
-)  # fmt: skip
+FLAG_RECIPE_KEYS = flag_recipe_keys()
 
 
 #: Options that change how a run goes, not what it writes: left out of the command the

@@ -21,29 +21,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from streammerge.errors import OptionError
-from streammerge.recipe.methods import DEFAULT_METHOD, TRIM_SCOPES, Method, get_method
+from streammerge.methods.method import Method
+from streammerge.methods.params import RecipeError
+from streammerge.methods.registry import DEFAULT_METHOD, TRIM_SCOPES, all_params, get_method
 
-#: Per-model parameter names (mergekit's, plus ``drop``: DARE's p given directly).
-MODEL_PARAMS = ("weight", "density", "drop", "gamma")
-#: Top-level-only parameter names (``scale`` is mergekit's ``lambda``).
-TENSOR_PARAMS = ("scale", "normalize")
-#: Defaults when a recipe gives none (mergekit 0.1.5's defaults; DARE's drop rate 0.5 is
-#: streammerge v1's default, kept so v1 command lines give the same bytes).
-DEFAULTS = {"weight": 1.0, "density": 1.0, "gamma": 0.01, "scale": 1.0}
+#: DARE's drop rate when neither drop nor density is given: streammerge v1's default, kept
+#: so v1 command lines give the same bytes (mergekit's density default is 1: no drop).
 DEFAULT_DROP = 0.5
 #: Layer index in the tensor names of common layouts (Llama/Mistral/Qwen ``model.layers.N.``,
 #: BERT ``encoder.layer.N.``, GPT-2 ``h.N.``, GPT-NeoX ``layers.N.``, T5 ``block.N.``).
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
-class RecipeError(OptionError):
-    """A recipe value out of range or of the wrong type (a ValueError and a one-line
-    MergeError); ``key`` names the recipe key."""
-
-    def __init__(self, message: str, key: str | None = None) -> None:
-        super().__init__(message, "check the recipe and the command-line options")
-        self.key = key
+__all__ = ["RecipeError", "Recipe", "TensorParams", "build_recipe", "draw_mixup", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -52,26 +42,50 @@ class TensorParams:
 
     Attributes:
         w: contribution weight w_j of each fine-tune (float64; M3: m_j * weight_j).
-        density: rho_j of each fine-tune, or None when the sparsifier has no density.
-        drop: DARE drop rate p_j actually used, or None for non-DARE methods.
-        gamma: breadcrumbs' gamma_j, or None.
-        scale: scaling coefficient s; normalize: divide by the weights that took part.
+        values: every other parameter the method declares that changes values, by recipe
+            name: a tuple of N floats for a per-model one, a float or bool for a shared one
+            (``density``, DARE's ``drop``, ``gamma``, ``scale``, ``normalize``, ...).
     """
 
     w: tuple[float, ...]
-    density: tuple[float, ...] | None
-    drop: tuple[float, ...] | None
-    gamma: tuple[float, ...] | None
-    scale: float
-    normalize: bool
+    values: tuple[tuple[str, object], ...] = ()
+
+    def get(self, name: str, default=None):
+        """The resolved value of parameter ``name``, or ``default`` when the method has none."""
+        return next((v for k, v in self.values if k == name), default)
+
+    @property
+    def density(self) -> tuple[float, ...] | None:
+        """rho_j of each fine-tune, or None when the sparsifier has no density."""
+        return self.get("density")
+
+    @property
+    def drop(self) -> tuple[float, ...] | None:
+        """DARE drop rate p_j actually used, or None for non-DARE methods."""
+        return self.get("drop")
+
+    @property
+    def gamma(self) -> tuple[float, ...] | None:
+        """breadcrumbs' gamma_j, or None."""
+        return self.get("gamma")
+
+    @property
+    def scale(self) -> float:
+        """Scaling coefficient s (1 for methods without one)."""
+        return self.get("scale", 1.0)
+
+    @property
+    def normalize(self) -> bool:
+        """Divide by the weights that took part."""
+        return self.get("normalize", False)
 
     def record(self) -> dict:
-        """The JSON record (``streammerge.json`` ``tensors`` entry, without thresholds)."""
-        out = {"w": list(self.w), "scale": self.scale, "normalize": self.normalize}
-        for k in ("density", "drop", "gamma"):
-            v = getattr(self, k)
-            if v is not None:
-                out[k] = list(v)
+        """The JSON record (``streammerge.json`` ``tensors`` entry, without thresholds): w,
+        the shared values, then the per-model ones."""
+        out: dict = {"w": list(self.w)}
+        shared = [(k, v) for k, v in self.values if not isinstance(v, tuple)]
+        out.update(shared)
+        out.update((k, list(v)) for k, v in self.values if isinstance(v, tuple))
         return out
 
 
@@ -147,7 +161,7 @@ class Recipe:
     """Everything that decides the merged values.
 
     Attributes:
-        method: a key of ``streammerge.recipe.methods.METHODS``.
+        method: a key of ``streammerge.methods.registry.METHODS``.
         n_models: number of fine-tunes N.
         seed: 0 <= seed < 2**64; keys every DARE mask and the M3 draw.
         mixup: the mixup ratios m (M3 draw or ``--lambda``), or None when the weights are
@@ -195,61 +209,61 @@ class Recipe:
         return None, key
 
     def tensor_params(self, name: str, t: float = 0.0) -> TensorParams:
-        """Resolve the parameters of tensor ``name`` at depth ``t`` (docs/SPEC.md).
+        """Resolve the parameters of tensor ``name`` at depth ``t`` (docs/SPEC.md): each
+        parameter the method declares (``Method.params``), the recipe's value or the
+        declared default, checked against the declared range. DARE's drop rate and density
+        are one setting (``_dare_rates``).
 
         Raises:
             RecipeError: a resolved value out of range (names the recipe key).
         """
         row = self.row
-        sp = row.sparse
-        w, dens, drop, gam = [], [], [], []
+        w: list[float] = []
+        per_model: dict[str, list] = {p.name: [] for p in row.per_model if p.name != "weight"}
         for j in range(self.n_models):
             weight, where = self._value(j, "weight", name, t)
-            weight = DEFAULTS["weight"] if weight is None else weight
-            _finite(weight, where)
+            weight = row.param("weight").check(1.0 if weight is None else weight, where)
             w.append(weight * self.mixup[j] if self.mixup is not None else weight)
             if not math.isfinite(w[-1]):
                 raise RecipeError(f"{where}: weight x mixup ratio overflows ({w[-1]})", where)
-            if sp.uses_density:
-                d, where = self._value(j, "density", name, t)
-                if sp.uses_drop:
-                    p, pwhere = self._value(j, "drop", name, t)
-                    if p is None:
-                        p = DEFAULT_DROP if d is None else 1.0 - float(d)
-                        pwhere = where if d is not None else "drop"
-                    if not 0.0 <= p < 1.0:
-                        raise RecipeError(
-                            f"{pwhere}: DARE drop rate p = {p} (density {1 - p}) must satisfy "
-                            "0 <= p < 1",
-                            pwhere,
-                        )
-                    drop.append(float(p))
-                    d = 1.0 - float(p) if d is None else d
-                d = DEFAULTS["density"] if d is None else d
-                if not 0.0 < d <= 1.0:
-                    raise RecipeError(f"{where}: density {d} must satisfy 0 < density <= 1", where)
-                dens.append(float(d))
-            if sp.uses_gamma:
-                g, where = self._value(j, "gamma", name, t)
-                g = DEFAULTS["gamma"] if g is None else g
-                if not 0.0 <= g < 1.0:
-                    raise RecipeError(f"{where}: gamma {g} must satisfy 0 <= gamma < 1", where)
-                gam.append(float(g))
-        scale, where = self._value(None, "scale", name, t)
-        scale = DEFAULTS["scale"] if scale is None else scale
-        _finite(scale, where)
-        norm, where = self._value(None, "normalize", name, t)
-        norm = row.normalize if norm is None else norm
-        if not isinstance(norm, bool) and norm not in (0.0, 1.0):
-            raise RecipeError(f"{where}: normalize must be true or false, got {norm}", where)
-        return TensorParams(
-            tuple(w),
-            tuple(dens) if sp.uses_density else None,
-            tuple(drop) if sp.uses_drop else None,
-            tuple(gam) if sp.uses_gamma else None,
-            float(scale),
-            bool(norm),
-        )
+            dare = self._dare_rates(j, name, t) if row.sparse.uses_drop else {}
+            for key, values in per_model.items():
+                if key in dare:
+                    values.append(dare[key])
+                    continue
+                v, where = self._value(j, key, name, t)
+                values.append(row.param(key).check(row.param(key).default if v is None else v,
+                                                   where))  # fmt: skip
+        shared = []
+        for p in row.shared:
+            if not p.affects_values:
+                continue
+            v, where = self._value(None, p.name, name, t)
+            v = p.check(p.default if v is None else v, where)
+            if p.only is None:
+                shared.append((p.name, v))
+        kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
+        return TensorParams(tuple(w), tuple(kept + shared))
+
+    def _dare_rates(self, j: int, name: str, t: float) -> dict[str, float]:
+        """DARE's drop rate p_j and density rho_j = 1 - p_j of fine-tune ``j`` (SPEC v1):
+        p as given, else 1 - density, else ``DEFAULT_DROP``.
+
+        Raises:
+            RecipeError: p outside [0, 1) (density 0 is p = 1), density outside (0, 1].
+        """
+        d, where = self._value(j, "density", name, t)
+        p, pwhere = self._value(j, "drop", name, t)
+        if p is None:
+            p = DEFAULT_DROP if d is None else 1.0 - float(d)
+            pwhere = where if d is not None else "drop"
+        if not 0.0 <= p < 1.0:
+            raise RecipeError(
+                f"{pwhere}: DARE drop rate p = {p} (density {1 - p}) must satisfy 0 <= p < 1",
+                pwhere,
+            )
+        d = 1.0 - float(p) if d is None else d
+        return {"drop": float(p), "density": self.row.param("density").check(d, where)}
 
     def record(self) -> dict:
         """The recipe part of ``streammerge.json``."""
@@ -318,55 +332,60 @@ def build_recipe(
     *,
     method: str | None = None,
     seed: int | None = None,
-    alpha: float = 1.0,
+    alpha: float | None = 1.0,
     lam: float | None = None,
     weights=None,
-    density=None,
-    drop=None,
-    gamma=None,
-    scale: float = 1.0,
-    normalize: bool | None = None,
     trim_scope: str = "tensor",
     dtype: str | None = None,
     source: str = "api",
     model_params: Sequence[Mapping] | None = None,
     params: Mapping | None = None,
     lines: Mapping | None = None,
+    **values,
 ) -> Recipe:
     """A recipe from flag-style arguments (the CLI and ``streammerge.merge``).
 
     Weights: ``lam`` (N = 2) fixes m = (λ, 1 - λ); ``weights`` gives w directly; otherwise
     M3 draws m with ``alpha`` from ``seed`` (``alpha=None``: no draw, the configured weights
-    are w, as in a mergekit recipe). ``density`` / ``drop`` / ``gamma`` / ``weights``
-    take one value for all models or one per model (list or ``"0.3,0.6"``). Without
-    ``method`` the method is ``dare_linear`` (v1: drop 0.5 unless given).
-    ``model_params`` / ``params``: per-model and top-level parameter values in mergekit's
-    forms (gradients, filter lists; ``scale`` for mergekit's ``lambda``), as a YAML recipe
-    gives them; flags given as well override them.
+    are w, as in a mergekit recipe). ``values``: any parameter a method declares
+    (``streammerge.methods``: ``density``, ``drop``, ``gamma``, ``scale``, ``normalize``,
+    ...), None meaning not given; a per-model one takes one value for all models or one
+    per model (list or ``"0.3,0.6"``). Without ``method`` the method is ``dare_linear``
+    (v1: drop 0.5 unless given). ``model_params`` / ``params``: per-model and top-level
+    parameter values in mergekit's forms (gradients, filter lists; ``scale`` for
+    mergekit's ``lambda``), as a YAML recipe gives them; flags given as well override them.
 
     Raises:
-        RecipeError (a ValueError): N < 2, an unknown method or trim scope, alpha <= 0,
-            both lam and weights, lam with N != 2, lengths that disagree, a value out of
-            range, a parameter the method does not use (e.g. ``--gamma`` with ties), a
-            seed outside [0, 2**64).
+        RecipeError (a ValueError): N < 2 (or fewer than the method needs), an unknown
+            method, parameter or trim scope, alpha <= 0, both lam and weights, lam with
+            N != 2, lengths that disagree, a value out of range, a parameter the method does
+            not use (e.g. ``--gamma`` with ties), a seed outside [0, 2**64).
     """
     if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 2:
         raise RecipeError(f"need at least 2 fine-tunes, got {n_models}")
     method = method or DEFAULT_METHOD
     row = get_method(method)
+    if n_models < row.min_models:
+        raise RecipeError(f"method {method} needs at least {row.min_models} fine-tunes, "
+                          f"got {n_models}")  # fmt: skip
     if trim_scope not in TRIM_SCOPES:
         raise RecipeError(f"--trim-scope must be tensor or model, got {trim_scope!r}", "trim_scope")
     seed = _checked_seed(seed)
     if model_params is not None and len(model_params) != n_models:
         raise RecipeError(f"model_params has {len(model_params)} entries for {n_models} models")
-    _check_flags_apply(row, method, density, drop, gamma, scale)
+    given = {k: v for k, v in values.items() if v is not None}
+    if weights is not None:
+        given["weight"] = weights
+    _check_flags_apply(row, given)
     mixup, alpha_used = _mixup_weights(n_models, lam, weights, alpha, seed)
-    models = _model_values(n_models, model_params, weights, density, drop, gamma)
+    models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
     params: dict = dict(params or {})
-    if scale != 1.0:
-        params["scale"] = float(scale)
-    if normalize is not None:
-        params["normalize"] = bool(normalize)
+    for key, val in given.items():
+        if row.param(key).per_model:
+            for j, v in enumerate(_per_model(val, n_models, row.param(key).flag[2:])):
+                models[j][key] = v
+        else:
+            params[key] = row.param(key).check(val, row.param(key).flag)
     recipe = Recipe(
         method,
         n_models,
@@ -401,24 +420,23 @@ def _checked_seed(seed) -> int:
     return seed
 
 
-def _check_flags_apply(row, method: str, density, drop, gamma, scale) -> None:
-    """Check that each sparsifier flag given is one the method uses, and the scale.
+def _check_flags_apply(row: Method, given: Mapping) -> None:
+    """Check that each parameter given as a flag is one the method declares.
 
     Raises:
-        RecipeError: ``--density`` / ``--drop`` / ``--gamma`` the method does not use, a
-            scale that is not finite, or a scale other than 1 for linear.
+        RecipeError: an unknown parameter, or one the method does not read (``--gamma``
+            with ties; ``--scale`` with linear), naming the flag and the methods that take it.
     """
-    sp = row.sparse
-    for key, val, used in (
-        ("density", density, sp.uses_density),
-        ("drop", drop, sp.uses_drop),
-        ("gamma", gamma, sp.uses_gamma),
-    ):
-        if val is not None and not used:
-            raise RecipeError(f"--{key} does not apply to method {method}", key)
-    _finite(scale, "--scale")
-    if not row.uses_base and scale != 1.0:
-        raise RecipeError("--scale does not apply to method linear (out = the weighted mean)")
+    known = all_params()
+    for key in given:
+        if key not in known:
+            raise RecipeError(f"unknown parameter {key!r}; methods take "
+                              f"{', '.join(sorted(known))}", key)  # fmt: skip
+        if not row.takes(key):
+            from streammerge.methods.registry import methods_taking
+
+            raise RecipeError(f"{known[key].flag} does not apply to method {row.name} (it is "
+                              f"for {', '.join(methods_taking(key))})", key)  # fmt: skip
 
 
 def _mixup_weights(
@@ -448,21 +466,3 @@ def _mixup_weights(
         alpha_used = float(alpha)
         mixup = draw_mixup(n_models, alpha_used, seed)
     return mixup, alpha_used
-
-
-def _model_values(
-    n_models: int, model_params: Sequence[Mapping] | None, weights, density, drop, gamma
-) -> list[dict]:
-    """One dict of parameter values per model: ``model_params`` (copied), with the flags
-    given (one value for all or one per model) overriding them.
-
-    Raises:
-        RecipeError: a value that is not a number, or a per-model list whose length is
-            not ``n_models``.
-    """
-    models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
-    for key, val in (("weight", weights), ("density", density), ("drop", drop), ("gamma", gamma)):
-        for j, v in enumerate(_per_model(val, n_models, key if key != "weight" else "weights")):
-            if v is not None:
-                models[j][key] = v
-    return models

@@ -1,0 +1,122 @@
+"""What a merge method is: one ``Method`` object that declares itself (docs/SPEC.md "Methods").
+
+A method module (``streammerge/methods/<name>.py``) holds one ``METHOD = Method(...)``: its
+parameters (``streammerge.methods.params.Param``), whether it needs the base, how M3 plugs
+in, and the shape of its execution: a **sparsifier** (how each task vector is thinned; one
+with ``stats`` gets the histogram passes before the elementwise pass) and a **consensus**
+(how the thinned task vectors are combined). The planner turns that shape into the passes
+of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streammerge.methods.params import Param
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """How a task vector is thinned (SPEC v2 "Magnitudes and thresholds").
+
+    Attributes:
+        name: ``none``, ``dare``, ``magnitude`` or ``breadcrumbs``.
+        stats: True when thresholds come from a statistics pass (histograms of magnitudes).
+        uses_density: the rule reads ``density`` (rho_j); uses_gamma: it reads ``gamma_j``.
+        uses_drop: DARE's random drop with rate p_j (= 1 - rho_j unless given directly).
+    """
+
+    name: str
+    stats: bool
+    uses_density: bool
+    uses_gamma: bool
+    uses_drop: bool
+
+
+SPARSIFIERS: dict[str, Sparsifier] = {
+    s.name: s
+    for s in (
+        Sparsifier("none", False, False, False, False),
+        Sparsifier("dare", False, True, False, True),
+        Sparsifier("magnitude", True, True, False, False),
+        Sparsifier("breadcrumbs", True, True, True, False),
+    )
+}
+
+#: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), or the
+#: method has nothing for M3 to draw (``none``).
+M3_MODES = ("weights", "none")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method.
+
+    Attributes:
+        name: the method's name (mergekit's name for the same method).
+        order: its place in tables and listings (smaller first).
+        uses_base: False for methods that mix the models themselves (``linear``).
+        sparsifier: a key of ``SPARSIFIERS``; consensus: ``none`` (sum) or ``sign`` (TIES
+            sign election).
+        params: the parameters it reads, each declared once (``Param``); the recipe
+            accepts exactly these (and mergekit's other keys with a notice).
+        m3: a key of ``M3_MODES``.
+        summary: one line for ``--help`` and the docs table; source: the paper.
+        min_models: fewest fine-tunes it merges.
+    """
+
+    name: str
+    order: int
+    uses_base: bool
+    sparsifier: str
+    consensus: str
+    params: tuple[Param, ...]
+    summary: str
+    source: str
+    m3: str = "weights"
+    min_models: int = 2
+
+    def __post_init__(self) -> None:
+        if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):
+            raise ValueError(f"method {self.name}: unknown sparsifier or consensus")
+        if self.m3 not in M3_MODES:
+            raise ValueError(f"method {self.name}: m3 must be one of {M3_MODES}")
+        names = [p.name for p in self.params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"method {self.name}: a parameter declared twice")
+
+    @property
+    def sparse(self) -> Sparsifier:
+        """The sparsifier row."""
+        return SPARSIFIERS[self.sparsifier]
+
+    @property
+    def normalize(self) -> bool:
+        """The default of ``normalize`` (False when the method has no such parameter)."""
+        p = self.param("normalize")
+        return bool(p.default) if p is not None else False
+
+    def param(self, name: str) -> Param | None:
+        """The declared parameter ``name`` (recipe name), or None."""
+        return next((p for p in self.params if p.name == name), None)
+
+    def takes(self, name: str) -> bool:
+        """Whether the method reads the parameter ``name``."""
+        return self.param(name) is not None
+
+    @property
+    def per_model(self) -> tuple[Param, ...]:
+        """Its per-fine-tune parameters, in declaration order."""
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def shared(self) -> tuple[Param, ...]:
+        """Its whole-merge parameters, in declaration order."""
+        return tuple(p for p in self.params if not p.per_model)
+
+    def passes(self, trim_scope: str) -> tuple[str, ...]:
+        """The passes over each merged tensor (``streammerge.exec.ops``): the statistics
+        passes when thresholds are per tensor, then the elementwise ``merge``."""
+        if self.sparse.stats and trim_scope == "tensor":
+            return ("hist_high", "hist_low", "merge")
+        return ("merge",)
