@@ -657,27 +657,3 @@ def test_plan_on_a_gpu_machine_shows_the_gpu_layout(trio, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "free on cuda:0" in err and not (tmp_path / "o").exists()
 
-
-def test_row_wise_methods_run_on_the_host_of_a_device_backend(trio, tmp_path):
-    """slerp on a device backend: its rows are read into place and merged on the host (the
-    Triton row kernels are not wired to the device queue yet), byte for byte numba's."""
-    base, a, b = trio
-    streammerge.merge([a, b], None, tmp_path / "cpu", backend="numba", device="cpu",
-                      method="slerp", t=0.3)  # fmt: skip
-    q = ThreadQueue(seed=0, max_delay_s=0.0005)
-    prep = prepare([a, b], None, tmp_path / "gpu", {"method": "slerp", "t": 0.3},
-                   Options(memory="32MiB"))  # fmt: skip
-    finalize(prep, execute(prep, _backend(q)))
-    assert _files(tmp_path / "gpu") == _files(tmp_path / "cpu")
-    assert q.violations == [] and q.pending() == 0 and q.pinned_bytes == 0
-    q.shutdown()
-
-
-def test_triton_cpu_backend_slerp_equals_numba(trio, tmp_path):
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1)")
-    base, a, b = trio
-    for backend in ("numba", "triton"):
-        streammerge.merge([a, b], None, tmp_path / backend, backend=backend, device="cpu",
-                          method="slerp", t=0.7, memory="8MiB")  # fmt: skip
-    assert _files(tmp_path / "triton") == _files(tmp_path / "numba")
