@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_merge import _load_f32
+from .triton_merge import _load_f32, _store_rounded
 
 #: Elements per block of a row sum (SPEC), as in ``cpu_rows.DOT_BLOCK``.
 DOT_BLOCK = 1024
@@ -71,15 +71,7 @@ def _rows_combine_kernel(v0_ptr, v1_ptr, ca_ptr, cb_ptr, out_ptr, n, row_len,
     x = _load_f32(v0_ptr, idx, inside)
     y = _load_f32(v1_ptr, idx, inside)
     out = a * x + b * y  # three float32 roundings: no FMA (enable_fp_fusion=False)
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        bits = out.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        b16 = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
-        tl.store(out_ptr + idx, b16.to(tl.bfloat16, bitcast=True), mask=inside)
-    else:
-        tl.store(out_ptr + idx, out.to(out_ptr.dtype.element_ty), mask=inside)
-
+    _store_rounded(out_ptr, idx, out, inside)
 
 def row_dots_triton(v0: torch.Tensor, v1: torch.Tensor, n_rows: int, row_len: int) -> torch.Tensor:
     """Per-row S00, S11, S01 (float64 [n_rows, 3]) of two tensors of whole rows (1-D, at
