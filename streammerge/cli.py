@@ -22,6 +22,16 @@ from streammerge.recipe.parser import (
 from streammerge.sizes import format_bytes
 
 
+def _base_as_model_0(args) -> None:
+    """``--base A`` with a method whose base is one of its two models (``nearswap``,
+    ``slerp``: mergekit's ``base_model`` is model 0) makes A model 0 and no base."""
+    from streammerge.methods.registry import METHODS
+
+    row = METHODS.get(args.method) if isinstance(args.method, str) else None
+    if row is not None and row.base_is_input and args.base is not None:
+        args.models, args.base = [args.base, *args.models], None
+
+
 def recipe_inputs(args, parser, notice, argv: list[str]):
     """(models, base, recipe kwargs, Provenance) from the flags or a ``--config`` recipe.
 
@@ -34,6 +44,7 @@ def recipe_inputs(args, parser, notice, argv: list[str]):
 
     command = shlex.join(["streammerge", *repeatable_argv(parser, argv)])
     if args.config is None:
+        _base_as_model_0(args)
         if len(args.models) < 2:
             raise MergeError(f"need at least 2 fine-tunes, got {len(args.models)}", None, None,
                              "pass two or more model directories (or --config RECIPE.yml)")  # fmt: skip

@@ -486,3 +486,40 @@ def spec_slerp(v0: np.ndarray, v1: np.ndarray, t: float, out_dtype: str, shape, 
         with np.errstate(all="ignore"):
             out[r * n : (r + 1) * n] = (ca * xs).astype(np.float32) + (cb * ys).astype(np.float32)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# NearSwap (docs/SPEC.md "NearSwap")
+# ---------------------------------------------------------------------------------------
+
+
+def spec_round_work(v: np.ndarray, w_dtype: str) -> np.ndarray:
+    """rW(v): float32 values rounded to the working dtype W and widened back (exact)."""
+    return to_float32(from_float32(np.asarray(v, np.float32), w_dtype), w_dtype)
+
+
+def spec_work_dtype(dtype_a: str, dtype_b: str) -> str:
+    """W: the inputs' common stored dtype, F32 when they differ."""
+    return dtype_a if dtype_a == dtype_b else "F32"
+
+
+def spec_nearswap(a: np.ndarray, b: np.ndarray, t: float, dtype_a: str, dtype_b: str,
+                  out_dtype: str) -> np.ndarray:  # fmt: skip
+    """NearSwap of two stored tensors (flat), in stored form of ``out_dtype``."""
+    W = spec_work_dtype(dtype_a, dtype_b)
+    f = np.float32
+    x = to_float32(a, dtype_a).reshape(-1)
+    y = to_float32(b, dtype_b).reshape(-1)
+    with np.errstate(all="ignore"):
+        d = spec_round_work(x - y, W)
+        ad = np.abs(d)
+        lo = spec_round_work(np.array([1e-6], f), W)[0]
+        c = np.where(ad < lo, lo, ad).astype(f)
+        r = spec_round_work(f(1.0) / c, W)
+        w = spec_round_work(r * f(t), W)
+        w = np.where(w < 0, f(0), np.where(w > 1, f(1), w)).astype(f)
+        p = spec_round_work(w * y, W)
+        q = spec_round_work(f(1.0) - w, W)
+        s = spec_round_work(q * x, W)
+        out = spec_round_work(p + s, W)
+    return from_float32(out, out_dtype)

@@ -131,8 +131,11 @@ class NumbaBackend:
         return self.kernels[op](slot, args, **kw)
 
     def _rows(self, slot: Slot, a: RowArgs) -> None:
-        """A row-wise pass: the rows' statistics, the method's coefficients, the combine."""
+        """A row-wise pass: the rows' statistics, the method's coefficients, the combine
+        (slerp); or a method's own elementwise kernel (``nearswap``)."""
         self._modules()
+        if a.op == "nearswap":
+            return self._nearswap(slot, a)
         from streammerge.kernels import cpu_rows
 
         v0, v1 = (slot.inputs[r] for r in a.model_rows)
@@ -140,6 +143,14 @@ class NumbaBackend:
         stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
         ca, cb = a.coefficients(stats, a.t)
         cpu_rows.rows_combine(v0, d0, v1, d1, a.n_rows, a.row_len, ca, cb, slot.out, a.out_dtype)
+
+    def _nearswap(self, slot: Slot, a: RowArgs) -> None:
+        """NearSwap (SPEC "NearSwap"): model 0 is the base ``a``, model 1 ``b``."""
+        from streammerge.kernels import cpu_nearswap
+
+        (ra, rb), n = a.model_rows, a.n_rows * a.row_len
+        cpu_nearswap.nearswap_chunk(slot.inputs[ra], a.dtypes[ra], slot.inputs[rb], a.dtypes[rb],
+                                    n, a.t, slot.out, a.out_dtype)  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

@@ -63,6 +63,11 @@ class TritonLauncher:
 
         torch, n = self.torch, a.n_rows * a.row_len
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+        if a.op == "nearswap":  # elementwise, no host step (SPEC "NearSwap")
+            from streammerge.kernels import triton_nearswap
+
+            triton_nearswap.nearswap_triton(v0, v1, n, a.t, self._typed(out, a.out_dtype, n))
+            return
         stats = triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len)
         ca, cb = a.coefficients(stats.cpu().numpy(), a.t)
         dev = v0.device

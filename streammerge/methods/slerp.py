@@ -21,7 +21,7 @@ EPS = 1e-8
 
 T = Param("t", default=None, per_model=False, m3=True,
           help="slerp: interpolation factor, 0 gives model 0 (mergekit's base_model), 1 "
-          "model 1; M3 draws it as 1 - lam")  # fmt: skip
+          "model 1; nearswap: the distance t of w = t / |a - b|; M3 draws it as 1 - lam")  # fmt: skip
 
 def coefficients(stats: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
     """Each row's coefficients (ca, cb) from its S00, S11, S01 (SPEC "SLERP (v3)").

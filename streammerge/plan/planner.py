@@ -290,7 +290,9 @@ def _walk_tensors(
         b = ref.tensors[name]
         srcs = [m.tensors.get(name) for m in models]
         have = [j for j, s in enumerate(srcs) if s is not None]
-        if not have and uses_base:
+        # mergekit's base_model as model 0 (nearswap, slerp): a tensor only it has is copied
+        # (mergekit's PASSTHROUGH_*SINGLETON policies; SPEC "NearSwap" "Edges")
+        if (not have and uses_base) or (recipe.row.base_is_input and have == [0]):
             walk.base_only.append(name)
             walk.rows.append(_base_only_row(name, b, out_dtype, nones))
             continue

@@ -78,7 +78,8 @@ def _param_cell(p, method) -> str:
     if p.layered:
         where += ", per layer"
     rng = f", {p.range_text()}" if p.range_text() else ""
-    flag = f" / `{p.flag}`" if p in flag_params() or p.name == "weight" else ""
+    flag = f" / `{p.flag}`" if p.name in {q.name for q in flag_params()} or p.name == "weight" \
+        else ""  # fmt: skip
     key = f"`{p.key}`" if p.in_yaml else "(flag only)"
     return f"{key}{flag} = {shown} ({where}{rng})"
 
@@ -91,8 +92,8 @@ def methods_section() -> str:
              "", "| method | base | M3 draws | parameters | source |", "|---|---|---|---|---|"]  # fmt: skip
     for m in METHODS.values():
         params = "<br>".join(_param_cell(p, m) for p in m.params)
-        m3 = "the weights" if m.m3 == "weights" else "nothing"
-        base = "yes" if m.uses_base else "no"
+        m3 = {"weights": "the weights", "t": "`t`"}.get(m.m3, "nothing")
+        base = "yes" if m.uses_base else ("model 0" if m.base_is_input else "no")
         lines.append(f"| `{m.name}` | {base} | {m3} | {params} | {_cell(m.source)} |")
     return "\n".join(lines) + "\n"
 
