@@ -523,3 +523,67 @@ def spec_nearswap(a: np.ndarray, b: np.ndarray, t: float, dtype_a: str, dtype_b:
         s = spec_round_work(q * x, W)
         out = spec_round_work(p + s, W)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# RAM (docs/SPEC.md "RAM (ram, ramplus_tl)")
+# ---------------------------------------------------------------------------------------
+
+
+def _spec_ram_vectors(base, models, dtypes, epsilon):
+    """(W, x_b, [tv_j], [nz_j], cnt) of stored tensors (dtypes: base's, then each model's)."""
+    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
+    xb = to_float32(base, dtypes[0]).reshape(-1)
+    e = spec_round_work(np.array([epsilon], np.float32), W)[0]
+    with np.errstate(all="ignore"):
+        tv = [spec_round_work(to_float32(m, d).reshape(-1) - xb, W) for m, d in zip(models, dtypes[1:])]
+        nz = [np.abs(v) > e for v in tv]
+    cnt = np.sum(nz, axis=0, dtype=np.int64) if nz else np.zeros(xb.size, np.int64)
+    return W, xb, tv, nz, cnt
+
+
+def spec_ram_counts(base, models, dtypes, epsilon):
+    """ramplus_tl's (shared_j, unique_j) int64 arrays over the whole tensor."""
+    _, _, _, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon)
+    shared = np.array([np.count_nonzero(n & (cnt > 1)) for n in nz], np.int64)
+    unique = np.array([np.count_nonzero(n & (cnt == 1)) for n in nz], np.int64)
+    return shared, unique
+
+
+def spec_ram_lambdas(shared, unique, epsilon, r, alpha):
+    """ramplus_tl's lambda_j (float32), SPEC's host formula."""
+    f = np.float32
+    out = []
+    with np.errstate(all="ignore"):
+        for sh, un in zip(shared, unique):
+            den = f(un) if f(un) >= f(epsilon) else f(epsilon)
+            rho = f(f(sh) / den)
+            c = rho if np.isnan(rho) else min(max(rho, f(0)), f(alpha))
+            out.append(f(f(1) + f(f(r) * c)))
+    return np.array(out, np.float32)
+
+
+def spec_ram(base, models, dtypes, epsilon, out_dtype, lam=None):
+    """ram (lam None) or ramplus_tl (lam: float32 lambda_j) of stored tensors, flat, in
+    stored form of ``out_dtype``."""
+    W, xb, tv, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon)
+    f = np.float32
+    uniq = (cnt == 1).astype(f)
+    ovl = (cnt > 1).astype(f)
+    div = np.maximum(cnt, 1).astype(f)
+    acc = np.zeros(xb.size, f)
+    with np.errstate(all="ignore"):
+        for j in range(len(models)):
+            z = spec_round_work(tv[j] * nz[j].astype(f), W)
+            u = spec_round_work(z * uniq, W)
+            o = spec_round_work(spec_round_work(z * ovl, W) / div, W)
+            if lam is None:
+                s = spec_round_work(u + o, W)
+            else:
+                s = ((u * lam[j]).astype(f) + o).astype(f)
+            acc = (acc + s).astype(f)
+        if lam is None:
+            out = spec_round_work(xb + spec_round_work(acc, W), W)
+        else:
+            out = (xb + acc).astype(f)
+    return from_float32(out, out_dtype)

@@ -136,6 +136,8 @@ class NumbaBackend:
         self._modules()
         if a.op == "nearswap":
             return self._nearswap(slot, a)
+        if a.op == "ram":
+            return self._ram(slot, a)
         from streammerge.kernels import cpu_rows
 
         v0, v1 = (slot.inputs[r] for r in a.model_rows)
@@ -151,6 +153,14 @@ class NumbaBackend:
         (ra, rb), n = a.model_rows, a.n_rows * a.row_len
         cpu_nearswap.nearswap_chunk(slot.inputs[ra], a.dtypes[ra], slot.inputs[rb], a.dtypes[rb],
                                     n, a.t, slot.out, a.out_dtype)  # fmt: skip
+
+    def _ram(self, slot: Slot, a: RowArgs) -> None:
+        """ram (SPEC "RAM"): the base and the fine-tunes of the chunk."""
+        from streammerge.kernels import cpu_ram
+
+        p = dict(a.params)
+        cpu_ram.ram_chunk(slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows),
+                          a.n_rows * a.row_len, p["epsilon"], slot.out, a.out_dtype)  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

@@ -166,6 +166,8 @@ class RowArgs:
         t: the tensor's interpolation factor; out_dtype: the stored output dtype.
         coefficients: the method's host step between the two kernels,
             ``(stats [n_rows, 3] float64, t) -> (ca, cb)`` float32 [n_rows] each.
+        base_row: BASE_ROW for a method with task vectors (``ram``), else -1.
+        params: the tensor's resolved shared parameters, (name, value) pairs.
     """
 
     op: str
@@ -176,6 +178,8 @@ class RowArgs:
     t: float
     out_dtype: str
     coefficients: object
+    base_row: int = -1
+    params: tuple = ()
 
 
 def row_len(t: TensorPlan) -> int:
@@ -186,10 +190,11 @@ def row_len(t: TensorPlan) -> int:
 
 def row_args(method: Method, t: TensorPlan, c: Chunk) -> RowArgs:
     """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``)."""
-    n = row_len(t)
+    n, tt = row_len(t), t.params.get("t")
     return RowArgs(method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
-                   c.count // n, n, float(t.params.get("t")), t.dtype,
-                   method.row_coefficients)  # fmt: skip
+                   c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
+                   method.row_coefficients, BASE_ROW if c.segment.has_base else -1,
+                   t.params.values)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

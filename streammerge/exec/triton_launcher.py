@@ -62,6 +62,14 @@ class TritonLauncher:
         from streammerge.kernels import triton_rows
 
         torch, n = self.torch, a.n_rows * a.row_len
+        if a.op == "ram":  # elementwise over the base and N fine-tunes (SPEC "RAM")
+            from streammerge.kernels import triton_ram
+
+            base = self._typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+            models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+            triton_ram.ram_triton(base, models, n, dict(a.params)["epsilon"],
+                                  self._typed(out, a.out_dtype, n))  # fmt: skip
+            return
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
         if a.op == "nearswap":  # elementwise, no host step (SPEC "NearSwap")
             from streammerge.kernels import triton_nearswap

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from streammerge.methods.params import Param
+from streammerge.methods.params import Param, RecipeError
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,22 @@ class Method:
     def shared(self) -> tuple[Param, ...]:
         """Its whole-merge parameters, in declaration order."""
         return tuple(p for p in self.params if not p.per_model)
+
+    def m3_alpha(self, lam, alpha):
+        """M3's ``alpha`` for this method: as given, or None for a method with nothing for
+        M3 to draw (``m3="none"``: ram, ramplus_tl; no mixup).
+
+        Raises:
+            RecipeError: such a method with ``--lambda`` or an ``--alpha`` other than its
+                default (1.0).
+        """
+        if self.m3 != "none":
+            return alpha
+        if lam is not None or alpha not in (None, 1.0):
+            raise RecipeError(f"method {self.name} has nothing for M3 to draw (no weights, "
+                              f"no t): drop --{'lambda' if lam is not None else 'alpha'}",
+                              "alpha")  # fmt: skip
+        return None
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
         """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise

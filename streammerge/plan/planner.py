@@ -322,7 +322,9 @@ def _walk_tensors(
             )
             walk.rows.append((name, "merge", dtype, b.shape, b, tuple(srcs), (seg,), None, key, tp))
             continue
-        _check_vocab_shapes(name, b, srcs, shapes, uses_base)
+        # a row-wise method (slerp, nearswap, ram: mergekit refuses any mismatch) has no
+        # vocabulary rule
+        _check_vocab_shapes(name, b, srcs, shapes, uses_base and recipe.row.row_op is None)
         shape, segs, rule = _row_segments(name, b, srcs, tp)
         walk.vocab_rules.append(rule)
         walk.vocab_rows = max(walk.vocab_rows or 0, shape[0])

@@ -399,7 +399,7 @@ def build_recipe(
         if lam is not None:
             raise RecipeError("give t or --lambda, not both (M3's t is 1 - lambda)", "lambda")
         alpha = None  # t given: nothing to draw (as --weights for the weighted methods)
-    mixup, alpha_used = _mixup_weights(n_models, lam, weights, alpha, seed)
+    mixup, alpha_used = _mixup_weights(n_models, lam, weights, row.m3_alpha(lam, alpha), seed)
     models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
     params: dict = dict(params or {})
     for key, val in given.items():
