@@ -100,6 +100,8 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
     if len(t.ops) == 1:
         return "merge"
     ops = "+".join(t.ops)
+    if "hist_high" not in t.ops:  # a row-wise method's statistics pass, then its pass
+        return f"{' then '.join(t.ops)} ({len(t.ops)} reads)"
     if layout.holds(t):
         return f"held: {ops}"
     return "multi-pass: hist_high+hist_low(guessed window), then merge (2 reads; 3 if missed)"

@@ -171,3 +171,18 @@ def test_nearswap_merges_exactly_two_models(tmp_path):
                    f"  - model: {b}\nparameters:\n  t: 0.1\n")  # fmt: skip
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o2")])
     assert r.returncode == 2 and "exactly 2" in r.stderr, r.stderr
+
+
+def test_triton_backend_merge_equals_numba(tmp_path):
+    """The whole merge through the Triton backend (interpreter): the same bytes."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    base, a, _ = make_trio(tmp_path)
+    outs = []
+    for backend in ("numba", "triton"):
+        out = tmp_path / backend
+        r = run_cli([str(a), "--base", str(base), "--method", "nearswap", "--t", "0.002",
+                     "--backend", backend, "-o", str(out)])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(_bytes(out))
+    assert outs[0] == outs[1]

@@ -156,8 +156,12 @@ def _expected(base, models, rec: dict, method: str) -> dict[str, bytes]:
     tb, tms = load_dir(base), [load_dir(m) for m in models]
     out = {}
     for name, x in tb.items():
-        if not x.is_floating_point() or name not in tms[0]:
+        dt = DTYPES.get(str(x.dtype)) if rec.get("dtype") in (None, "") else rec["dtype"]
+        if not x.is_floating_point():
             out[name] = as_numpy(x).view(np.uint8).tobytes()
+            continue
+        if name not in tms[0]:  # only the base has it: copied, in the output dtype
+            out[name] = _as_bytes(ref.from_float32(ref.to_float32(as_numpy(x), DTYPES[str(x.dtype)]), dt))
             continue
         p = rec["tensors"][name]
         dts = [DTYPES[str(x.dtype)]] + [DTYPES[str(m[name].dtype)] for m in tms]
@@ -166,7 +170,6 @@ def _expected(base, models, rec: dict, method: str) -> dict[str, bytes]:
         if method == "ramplus_tl":
             sh, un = ref.spec_ram_counts(rows[0], rows[1:], dts, p["epsilon"])
             lam = ref.spec_ram_lambdas(sh, un, p["epsilon"], p["r"], p["ram_alpha"])
-        dt = DTYPES[str(x.dtype)] if rec.get("dtype") in (None, "") else rec["dtype"]
         out[name] = _as_bytes(ref.spec_ram(rows[0], rows[1:], dts, p["epsilon"], dt, lam))
     return out
 
@@ -175,7 +178,11 @@ def _bytes(out) -> dict[str, bytes]:
     return {k: _as_bytes(v) for k, v in output_bytes(out).items()}
 
 
-@pytest.mark.parametrize("method, extra", [("ram", ["--epsilon", "0.002"])])
+@pytest.mark.parametrize("method, extra", [
+    ("ram", ["--epsilon", "0.002"]),
+    ("ramplus_tl", ["--epsilon", "0.002", "--r", "0.5", "--ram-alpha", "0.3"]),
+    ("ramplus_tl", ["--epsilon", "0.0025", "--dtype", "fp32"]),
+])  # fmt: skip
 def test_cli_is_exact_and_independent_of_the_chunking(tmp_path, method, extra):
     base, a, b = make_trio(tmp_path, big=300_000)
     outs = []
@@ -216,3 +223,19 @@ def test_bad_recipes_are_one_line(tmp_path, argv, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_triton_backend_merge_equals_numba(tmp_path, method):
+    """The whole merge through the Triton backend (interpreter): the same bytes."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    base, a, b = make_trio(tmp_path)
+    outs = []
+    for backend in ("numba", "triton"):
+        out = tmp_path / backend
+        r = run_cli([str(a), str(b), "--base", str(base), "--method", method, "--epsilon", "0.002",
+                     "--backend", backend, "-o", str(out)])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(_bytes(out))
+    assert outs[0] == outs[1]

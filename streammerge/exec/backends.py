@@ -51,6 +51,14 @@ def kernels_compiled() -> bool:
         return True
 
 
+def ramplus_lambdas(a: RowArgs) -> np.ndarray:
+    """ramplus_tl's lambda_j (float32 [N]) from its statistics pass's counts (SPEC "RAM")."""
+    from streammerge.kernels import cpu_ram
+
+    p = dict(a.params)
+    return cpu_ram.ram_lambdas(*a.counts, p["epsilon"], p["r"], p["ram_alpha"])
+
+
 class NumbaBackend:
     """Runs each pass on the slot in place with ``streammerge.kernels`` (synchronous).
 
@@ -136,7 +144,7 @@ class NumbaBackend:
         self._modules()
         if a.op == "nearswap":
             return self._nearswap(slot, a)
-        if a.op == "ram":
+        if a.op in ("ram", "ramplus_tl", "ram_counts"):
             return self._ram(slot, a)
         from streammerge.kernels import cpu_rows
 
@@ -155,12 +163,17 @@ class NumbaBackend:
                                     n, a.t, slot.out, a.out_dtype)  # fmt: skip
 
     def _ram(self, slot: Slot, a: RowArgs) -> None:
-        """ram (SPEC "RAM"): the base and the fine-tunes of the chunk."""
+        """ram, ramplus_tl, or ramplus_tl's statistics pass (``ram_counts``: adds into
+        ``a.counts``) over the base and the fine-tunes of the chunk (SPEC "RAM")."""
         from streammerge.kernels import cpu_ram
 
-        p = dict(a.params)
-        cpu_ram.ram_chunk(slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows),
-                          a.n_rows * a.row_len, p["epsilon"], slot.out, a.out_dtype)  # fmt: skip
+        p, n, rows, dtypes = dict(a.params), a.n_rows * a.row_len, list(a.model_rows), list(a.dtypes)
+        if a.op == "ram_counts":
+            cpu_ram.ram_counts(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], *a.counts)
+            return
+        lam = None if a.op == "ram" else ramplus_lambdas(a)
+        cpu_ram.ram_chunk(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], slot.out,
+                          a.out_dtype, lam)  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

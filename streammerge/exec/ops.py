@@ -168,6 +168,9 @@ class RowArgs:
             ``(stats [n_rows, 3] float64, t) -> (ca, cb)`` float32 [n_rows] each.
         base_row: BASE_ROW for a method with task vectors (``ram``), else -1.
         params: the tensor's resolved shared parameters, (name, value) pairs.
+        counts: a whole-tensor statistics pass's accumulators (ramplus_tl: the int64 [N]
+            arrays ``shared``, ``unique``), which that pass adds into and the method's pass
+            reads; None for methods without one.
     """
 
     op: str
@@ -180,6 +183,7 @@ class RowArgs:
     coefficients: object
     base_row: int = -1
     params: tuple = ()
+    counts: tuple | None = None
 
 
 def row_len(t: TensorPlan) -> int:
@@ -188,13 +192,16 @@ def row_len(t: TensorPlan) -> int:
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
 
 
-def row_args(method: Method, t: TensorPlan, c: Chunk) -> RowArgs:
-    """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``)."""
+def row_args(method: Method, t: TensorPlan, c: Chunk, counts: tuple | None = None,
+             op: str | None = None) -> RowArgs:  # fmt: skip
+    """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``): the method's
+    ``row_op``, or ``op`` (its statistics pass); ``counts``: the tensor's statistics
+    accumulators (``RowArgs.counts``)."""
     n, tt = row_len(t), t.params.get("t")
-    return RowArgs(method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
+    return RowArgs(op or method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
                    c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
                    method.row_coefficients, BASE_ROW if c.segment.has_base else -1,
-                   t.params.values)  # fmt: skip
+                   t.params.values, counts)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
 from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
 from streammerge.exec.thresholds import _Thresholds, accumulate
@@ -272,6 +274,8 @@ class ComputeStage:
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
+    #: the current tensor's statistics accumulators of a row-wise method (ramplus_tl)
+    row_counts: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_name = [{t.name: t for t in v.tensors} for v in self.variants]
@@ -319,19 +323,30 @@ class ComputeStage:
                 self.backend.wait(h)
         self.stream.done_q.put(done)
 
+    def row_stats_pass(self, slot: Slot) -> None:
+        """A row-wise method's statistics pass on the slot: adds into the tensor's
+        accumulators (``RowArgs.counts``), reset at its first chunk; nothing is written."""
+        t, method = slot.tensor, self.plan.recipe.row
+        n = len(t.sources)
+        if slot.chunk.start == 0 or t.name not in self.row_counts:
+            self.row_counts = {t.name: (np.zeros(n, np.int64), np.zeros(n, np.int64))}
+        self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, self.row_counts[t.name],
+                                                 slot.op))  # fmt: skip
+
     def row_pass(self, slot: Slot):
         """A row-wise method's pass on the slot, for every output (a sweep: each output's
         own tensor parameters over the same rows)."""
         t, method = slot.tensor, self.plan.recipe.row
+        counts = self.row_counts.get(t.name)
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk))
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, counts))
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck)))
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, counts)))
         return _Handles(handles)
 
     def compute(self, slot: Slot):
@@ -357,6 +372,8 @@ class ComputeStage:
                 v[0].set()
             return None, False
         if is_row_op(op):
+            if op == plan.recipe.row.row_stats:  # a whole-tensor statistics pass (ramplus_tl)
+                return self.row_stats_pass(slot), False
             return self.row_pass(slot), True
         if op == "held":
             st = thresholds.stats(t)

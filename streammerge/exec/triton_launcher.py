@@ -62,14 +62,8 @@ class TritonLauncher:
         from streammerge.kernels import triton_rows
 
         torch, n = self.torch, a.n_rows * a.row_len
-        if a.op == "ram":  # elementwise over the base and N fine-tunes (SPEC "RAM")
-            from streammerge.kernels import triton_ram
-
-            base = self._typed(inputs[a.base_row], a.dtypes[a.base_row], n)
-            models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-            triton_ram.ram_triton(base, models, n, dict(a.params)["epsilon"],
-                                  self._typed(out, a.out_dtype, n))  # fmt: skip
-            return
+        if a.op in ("ram", "ramplus_tl", "ram_counts"):
+            return self._ram(inputs, out, a, n)
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
         if a.op == "nearswap":  # elementwise, no host step (SPEC "NearSwap")
             from streammerge.kernels import triton_nearswap
@@ -82,6 +76,24 @@ class TritonLauncher:
         triton_rows.rows_combine_triton(v0, v1, a.n_rows, a.row_len,
                                         torch.from_numpy(ca).to(dev), torch.from_numpy(cb).to(dev),
                                         self._typed(out, a.out_dtype, n))  # fmt: skip
+
+    def _ram(self, inputs, out, a, n: int) -> None:
+        """ram, ramplus_tl or its statistics pass over the base and N fine-tunes (SPEC
+        "RAM"); the counts come back to the host arrays ``a.counts``."""
+        from streammerge.exec.backends import ramplus_lambdas
+        from streammerge.kernels import triton_ram
+
+        torch, eps = self.torch, dict(a.params)["epsilon"]
+        base = self._typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+        models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+        if a.op == "ram_counts":
+            got = [torch.zeros(len(models), dtype=torch.int64, device=base.device) for _ in range(2)]
+            triton_ram.ram_counts_triton(base, models, n, eps, *got)
+            for acc, g in zip(a.counts, got):
+                acc += g.cpu().numpy()
+            return
+        lam = None if a.op == "ram" else ramplus_lambdas(a)
+        triton_ram.ram_triton(base, models, n, eps, self._typed(out, a.out_dtype, n), lam)
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host with numba (``streammerge.exec.ops.ConvertArgs``;

@@ -71,6 +71,8 @@ class Method:
             slerp's ``v0``), not the origin of task vectors.
         row_coefficients: a row-wise method's host step between its statistics kernel
             and its combining kernel: ``(stats [rows, 3] float64, t) -> (ca, cb)``.
+        row_stats: a row-wise method's statistics pass over the whole tensor before its
+            ``row_op`` (``ram_counts`` for ramplus_tl), or None.
     """
 
     name: str
@@ -87,6 +89,7 @@ class Method:
     row_op: str | None = None
     base_is_input: bool = False
     row_coefficients: Callable | None = None
+    row_stats: str | None = None
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):
@@ -144,10 +147,10 @@ class Method:
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
         """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise
-        method's one pass; else the statistics passes when thresholds are per tensor, then
+        method's pass (after its statistics pass, if any); else the statistics passes when thresholds are per tensor, then
         the elementwise ``merge``."""
         if self.row_op is not None:
-            return (self.row_op,)
+            return (self.row_op,) if self.row_stats is None else (self.row_stats, self.row_op)
         if self.sparse.stats and trim_scope == "tensor":
             return ("hist_high", "hist_low", "merge")
         return ("merge",)
