@@ -587,3 +587,66 @@ def spec_ram(base, models, dtypes, epsilon, out_dtype, lam=None):
         else:
             out = (xb + acc).astype(f)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Model Stock (docs/SPEC.md "Model Stock")
+# ---------------------------------------------------------------------------------------
+
+
+def spec_stock_sums(base, models, dtypes) -> np.ndarray:
+    """float64 [K]: S_jj of each fine-tune, then S_jk (j < k), SPEC's block order."""
+    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
+    xb = to_float32(base, dtypes[0]).reshape(-1)
+    with np.errstate(all="ignore"):
+        d = [spec_round_work(to_float32(m, t).reshape(-1) - xb, W) for m, t in zip(models, dtypes[1:])]
+        terms = [x.astype(np.float64) * x.astype(np.float64) for x in d]
+        terms += [spec_round_work(d[j] * d[k], W).astype(np.float64)
+                  for j in range(len(d)) for k in range(j + 1, len(d))]  # fmt: skip
+    out = np.zeros(len(terms), np.float64)
+    for s, p in enumerate(terms):
+        total = 0.0
+        for lo in range(0, p.size, 1024):
+            block = np.zeros(1024, np.float64)
+            block[: min(1024, p.size - lo)] = p[lo : lo + 1024]
+            total = total + _spec_pairwise_sum(block)
+        out[s] = total
+    return out
+
+
+def spec_stock_t(sums, n_models: int, W: str) -> np.float32:
+    """t from the sums, SPEC's chain of W ops (float32 scalars)."""
+    f = np.float32
+
+    def r(v):
+        return spec_round_work(np.array([v], f), W)[0]
+
+    with np.errstate(all="ignore"):
+        norms = [r(f(np.sqrt(sums[j]))) for j in range(n_models)]
+        floor = r(f(1e-6))
+        pairs = [(j, k) for j in range(n_models) for k in range(j + 1, n_models)]
+        total = f(0.0)
+        for s, (j, k) in enumerate(pairs):
+            npr = r(norms[j] * norms[k])
+            c = r(r(f(sums[n_models + s])) / max(npr, floor))
+            total = f(total + (c if np.isnan(c) else min(max(c, f(-1)), f(1))))
+        cos = r(total / f(len(pairs)))
+        den = r(f(1) + r(f(n_models - 1) * cos))
+        return f(0.0) if abs(den) < floor else r(r(f(n_models) * cos) / den)
+
+
+def spec_model_stock(base, models, dtypes, out_dtype) -> np.ndarray:
+    """Model Stock of stored tensors (flat), in stored form of ``out_dtype``."""
+    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
+    t = spec_stock_t(spec_stock_sums(base, models, dtypes), len(models), W)
+    f = np.float32
+    xb = to_float32(base, dtypes[0]).reshape(-1)
+    a = np.zeros(xb.size, f)
+    with np.errstate(all="ignore"):
+        for m, d in zip(models, dtypes[1:]):
+            a = spec_round_work(a + to_float32(m, d).reshape(-1), W)
+        avg = spec_round_work(a / f(len(models)), W)
+        p = spec_round_work(t * avg, W)
+        q = spec_round_work(np.array([f(1) - t], f), W)[0]
+        out = spec_round_work(p + spec_round_work(q * xb, W), W)
+    return from_float32(out, out_dtype)

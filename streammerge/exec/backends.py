@@ -59,6 +59,14 @@ def ramplus_lambdas(a: RowArgs) -> np.ndarray:
     return cpu_ram.ram_lambdas(*a.counts, p["epsilon"], p["r"], p["ram_alpha"])
 
 
+def stock_t_of(a: RowArgs):
+    """model_stock's t (a float32 value of W) from its statistics pass's sums."""
+    from streammerge.methods.model_stock import stock_t
+
+    dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows)]
+    return stock_t(a.counts[0], len(a.model_rows), dts[0] if len(set(dts)) == 1 else "F32")
+
+
 class NumbaBackend:
     """Runs each pass on the slot in place with ``streammerge.kernels`` (synchronous).
 
@@ -146,6 +154,8 @@ class NumbaBackend:
             return self._nearswap(slot, a)
         if a.op in ("ram", "ramplus_tl", "ram_counts"):
             return self._ram(slot, a)
+        if a.op in ("model_stock", "stock_dots"):
+            return self._stock(slot, a)
         from streammerge.kernels import cpu_rows
 
         v0, v1 = (slot.inputs[r] for r in a.model_rows)
@@ -174,6 +184,19 @@ class NumbaBackend:
         lam = None if a.op == "ram" else ramplus_lambdas(a)
         cpu_ram.ram_chunk(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], slot.out,
                           a.out_dtype, lam)  # fmt: skip
+
+    def _stock(self, slot: Slot, a: RowArgs) -> None:
+        """model_stock, or its statistics pass (``stock_dots``: adds each block's sums into
+        ``a.counts``, left to right) (SPEC "Model Stock")."""
+        from streammerge.kernels import cpu_stock
+
+        rows, dtypes = list(a.model_rows), list(a.dtypes)
+        if a.op == "stock_dots":
+            blocks = cpu_stock.stock_dots(slot.inputs, dtypes, a.base_row, rows, a.count)
+            cpu_stock.add_blocks(a.counts[0], blocks)
+            return
+        cpu_stock.stock_chunk(slot.inputs, dtypes, a.base_row, rows, a.count, stock_t_of(a),
+                              slot.out, a.out_dtype)  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

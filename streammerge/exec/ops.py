@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from streammerge.exec.stats import KEEP_ALL
 from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
 from streammerge.methods.method import Method
@@ -171,6 +173,8 @@ class RowArgs:
         counts: a whole-tensor statistics pass's accumulators (ramplus_tl: the int64 [N]
             arrays ``shared``, ``unique``), which that pass adds into and the method's pass
             reads; None for methods without one.
+        count: elements in the chunk (a method whose unit is a block, not a row:
+            model_stock's last chunk is not whole blocks).
     """
 
     op: str
@@ -184,12 +188,28 @@ class RowArgs:
     base_row: int = -1
     params: tuple = ()
     counts: tuple | None = None
+    count: int = 0
+
+
+#: model_stock's statistics block (docs/SPEC.md "Model Stock"): its chunks are whole blocks.
+STOCK_BLOCK = 1024
 
 
 def row_len(t: TensorPlan) -> int:
     """Elements per row of ``t``: numel / shape[0] (a 1-D tensor: rows of one element, a
-    0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows"."""
+    0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows". model_stock's unit is
+    its statistics block (its chunks start at multiples of ``STOCK_BLOCK`` elements)."""
+    if t.ops and t.ops[0] == "stock_dots":
+        return min(STOCK_BLOCK, max(1, t.numel))
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
+
+
+def stats_accumulators(op: str, n_models: int) -> tuple:
+    """The zeroed accumulators of a row-wise method's statistics pass (``RowArgs.counts``):
+    ``ram_counts``: int64 [N] shared and unique counts; ``stock_dots``: float64 [K] sums."""
+    if op == "ram_counts":
+        return (np.zeros(n_models, np.int64), np.zeros(n_models, np.int64))
+    return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64),)
 
 
 def row_args(method: Method, t: TensorPlan, c: Chunk, counts: tuple | None = None,
@@ -201,7 +221,7 @@ def row_args(method: Method, t: TensorPlan, c: Chunk, counts: tuple | None = Non
     return RowArgs(op or method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
                    c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
                    method.row_coefficients, BASE_ROW if c.segment.has_base else -1,
-                   t.params.values, counts)  # fmt: skip
+                   t.params.values, counts, c.count)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -20,10 +20,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
-from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
+from streammerge.exec.ops import (
+    convert_args,
+    is_row_op,
+    merge_args,
+    read_rows,
+    row_args,
+    stats_accumulators,
+)
 from streammerge.exec.thresholds import _Thresholds, accumulate
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
@@ -327,9 +332,8 @@ class ComputeStage:
         """A row-wise method's statistics pass on the slot: adds into the tensor's
         accumulators (``RowArgs.counts``), reset at its first chunk; nothing is written."""
         t, method = slot.tensor, self.plan.recipe.row
-        n = len(t.sources)
         if slot.chunk.start == 0 or t.name not in self.row_counts:
-            self.row_counts = {t.name: (np.zeros(n, np.int64), np.zeros(n, np.int64))}
+            self.row_counts = {t.name: stats_accumulators(slot.op, len(t.sources))}
         self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, self.row_counts[t.name],
                                                  slot.op))  # fmt: skip
 

@@ -64,6 +64,8 @@ class TritonLauncher:
         torch, n = self.torch, a.n_rows * a.row_len
         if a.op in ("ram", "ramplus_tl", "ram_counts"):
             return self._ram(inputs, out, a, n)
+        if a.op in ("model_stock", "stock_dots"):
+            return self._stock(inputs, out, a)
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
         if a.op == "nearswap":  # elementwise, no host step (SPEC "NearSwap")
             from streammerge.kernels import triton_nearswap
@@ -94,6 +96,24 @@ class TritonLauncher:
             return
         lam = None if a.op == "ram" else ramplus_lambdas(a)
         triton_ram.ram_triton(base, models, n, eps, self._typed(out, a.out_dtype, n), lam)
+
+    def _stock(self, inputs, out, a) -> None:
+        """model_stock or its statistics pass (SPEC "Model Stock"): the blocks' sums come
+        back to the host and are added left to right into ``a.counts``."""
+        from streammerge.exec.backends import stock_t_of
+        from streammerge.kernels import cpu_stock, triton_stock
+        from streammerge.methods.model_stock import round_work
+
+        n = a.count
+        base = self._typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+        models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+        if a.op == "stock_dots":
+            cpu_stock.add_blocks(a.counts[0], triton_stock.stock_dots_triton(base, models, n).cpu().numpy())
+            return
+        t = stock_t_of(a)
+        dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows)]
+        q = round_work(np.float32(1.0) - t, dts[0] if len(set(dts)) == 1 else "F32")
+        triton_stock.stock_triton(base, models, n, t, q, self._typed(out, a.out_dtype, n))
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host with numba (``streammerge.exec.ops.ConvertArgs``;

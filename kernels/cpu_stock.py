@@ -1,0 +1,133 @@
+"""Model Stock CPU kernels (numba): the statistics pass and the merged value.
+
+Contract: docs/SPEC.md "Model Stock", tested bit for bit against ``tests/spec_reference.py``
+and against the Triton kernels of ``kernels/triton_stock.py``.
+
+A chunk is ``n`` elements of the base (slot row ``base_row``) and of N fine-tunes (slot rows
+``model_rows``), raw little-endian byte rows as in ``cpu_merge``, starting at a multiple of
+``STOCK_BLOCK`` elements of the tensor.
+
+- ``stock_dots``: per block of ``STOCK_BLOCK`` elements, the K = N + N(N-1)/2 float64 sums
+  (S_jj of each fine-tune, then S_jk for j < k in order), each a pairwise tree over the
+  block padded with +0.0; the caller adds the blocks left to right.
+- ``stock_chunk``: ``rW(rW(t * avg) + rW(rW(1 - t) * x_b))`` with ``avg`` the fine-tunes'
+  mean in W.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .cpu_merge import _decode_block, _encode_block
+from .cpu_nearswap import round_work
+from .cpu_ram import _slot
+from .cpu_rows import _checked, _tree
+
+#: Elements per block of a statistic (SPEC), a power of two; chunks start at its multiples.
+STOCK_BLOCK = 1024
+
+
+def n_stats(n_models: int) -> int:
+    """K: N squared norms, then N(N-1)/2 dot products."""
+    return n_models + n_models * (n_models - 1) // 2
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
+    n_models = model_rows.shape[0]
+    for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
+        first = k * STOCK_BLOCK
+        m = min(STOCK_BLOCK, n - first)
+        xb = np.empty(STOCK_BLOCK, np.float32)
+        d = np.zeros((n_models, STOCK_BLOCK), np.float32)
+        p = np.empty(STOCK_BLOCK, np.float64)
+        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+        for j in range(n_models):
+            r = model_rows[j]
+            _decode_block(inputs[r], codes[r], first, m, d[j])
+            for i in range(m):
+                d[j, i] = round_work(d[j, i] - xb[i], w_code)
+        s = 0
+        for j in range(n_models):
+            for i in range(STOCK_BLOCK):
+                p[i] = np.float64(d[j, i]) * np.float64(d[j, i]) if i < m else 0.0
+            out[k, s] = _tree(p)
+            s += 1
+        for j in range(n_models):
+            for q in range(j + 1, n_models):
+                for i in range(STOCK_BLOCK):
+                    p[i] = np.float64(round_work(d[j, i] * d[q, i], w_code)) if i < m else 0.0
+                out[k, s] = _tree(p)
+                s += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_code):
+    n_models = model_rows.shape[0]
+    count = np.float32(n_models)
+    q = round_work(np.float32(1.0) - t32, w_code)
+    for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
+        first = k * STOCK_BLOCK
+        m = min(STOCK_BLOCK, n - first)
+        xb = np.empty(STOCK_BLOCK, np.float32)
+        x = np.empty(STOCK_BLOCK, np.float32)
+        a = np.zeros(STOCK_BLOCK, np.float32)
+        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+        for j in range(n_models):
+            r = model_rows[j]
+            _decode_block(inputs[r], codes[r], first, m, x)
+            for i in range(m):
+                a[i] = round_work(a[i] + x[i], w_code)
+        for i in range(m):
+            avg = round_work(a[i] / count, w_code)
+            p = round_work(t32 * avg, w_code)
+            xb[i] = round_work(p + round_work(q * xb[i], w_code), w_code)
+        _encode_block(xb, out_code, first, m, out)
+
+
+def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+               n: int) -> np.ndarray:  # fmt: skip
+    """The per-block statistics of ``n`` elements (SPEC "Model Stock").
+
+    Returns:
+        float64 array [ceil(n / STOCK_BLOCK), K] (``n_stats``): each block's sums.
+
+    Raises:
+        ValueError: bad rows or dtypes.
+    """
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n)
+    out = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, n_stats(len(model_rows))), np.float64)
+    if n:
+        _dots_kernel(inputs, codes, base_row, mr, n, w_code, out)
+    return out
+
+
+def stock_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+                n: int, t: np.float32, out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
+    """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "Model Stock").
+
+    Args:
+        t: the tensor's t, a float32 value of the working dtype (``stock_t``).
+
+    Raises:
+        ValueError: bad rows, dtypes or output.
+    """
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n)
+    co = _checked(out, out_dtype, n, "out")
+    if n:
+        _stock_kernel(inputs, codes, base_row, mr, n, np.float32(t), w_code, out, co)
+
+
+def add_blocks(total: np.ndarray, blocks: np.ndarray) -> None:
+    """``total`` (float64 [K]) += each block's sums, left to right (SPEC's block order)."""
+    for row in blocks:
+        total += row
+
+
+def warmup() -> None:
+    """Compile (or load from numba's cache) the kernels for each dtype."""
+    for dt in ("F32", "F16", "BF16"):
+        s = np.zeros((3, 16), np.uint8)
+        stock_dots(s, [dt] * 3, 0, [1, 2], 2)
+        stock_chunk(s, [dt] * 3, 0, [1, 2], 2, np.float32(0.5), np.zeros(16, np.uint8), dt)

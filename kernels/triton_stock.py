@@ -1,0 +1,90 @@
+"""Model Stock Triton kernels: the GPU twins of ``kernels/cpu_stock.py`` (docs/SPEC.md
+"Model Stock"), byte-identical to them (``tests/test_model_stock.py``).
+
+- ``_dots_kernel``: one program per block of ``STOCK_BLOCK`` elements; each of the K sums
+  a pairwise tree (``triton_rows._tree``: ten reshape-and-add levels, a fixed order on any
+  device); the host adds the blocks left to right.
+- ``_stock_kernel``: elementwise, each op rounded to the working dtype
+  (``triton_nearswap.round_work``), the division by ``div_rn``, no FMA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .common import FLOAT_CODES
+from .cpu_ram import work_dtype
+from .cpu_stock import STOCK_BLOCK, n_stats
+from .triton_merge import _load_f32, _store_rounded
+from .triton_nearswap import _TORCH_TO_SAFETENSORS, round_work
+from .triton_rows import _tree
+
+
+@triton.jit
+def _delta(base_ptr, model_ptr, idx, inside, xb, W: tl.constexpr):
+    return tl.where(inside, round_work(_load_f32(model_ptr, idx, inside) - xb, W), 0.0)
+
+
+@triton.jit
+def _dots_kernel(base_ptr, model_ptrs, out_ptr, n, K: tl.constexpr, W: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    xb = _load_f32(base_ptr, idx, inside)
+    one = tl.arange(0, 1)
+    for j in tl.static_range(len(model_ptrs)):
+        d = _delta(base_ptr, model_ptrs[j], idx, inside, xb, W).to(tl.float64)
+        tl.store(out_ptr + pid * K + j + one, _tree(d * d))
+    N: tl.constexpr = len(model_ptrs)
+    for j in tl.static_range(N):
+        for k in tl.static_range(j + 1, N):
+            dj = _delta(base_ptr, model_ptrs[j], idx, inside, xb, W)
+            dk = _delta(base_ptr, model_ptrs[k], idx, inside, xb, W)
+            p = tl.where(inside, round_work(dj * dk, W), 0.0).to(tl.float64)
+            s = N + j * (2 * N - j - 1) // 2 + (k - j - 1)  # pair (j, k) in order
+            tl.store(out_ptr + pid * K + s + one, _tree(p))
+
+
+@triton.jit
+def _stock_kernel(base_ptr, model_ptrs, out_ptr, n, t32, q, W: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    a = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(len(model_ptrs)):
+        a = round_work(a + _load_f32(model_ptrs[j], idx, inside), W)
+    count = tl.full([BLOCK], len(model_ptrs), tl.float32)
+    avg = round_work(tl.math.div_rn(a, count), W)
+    p = round_work(t32 * avg, W)
+    xb = _load_f32(base_ptr, idx, inside)
+    _store_rounded(out_ptr, idx, round_work(p + round_work(q * xb, W), W), inside)
+
+
+def _work(base: torch.Tensor, models: list[torch.Tensor]) -> int:
+    return FLOAT_CODES[work_dtype([_TORCH_TO_SAFETENSORS[x.dtype] for x in (base, *models)])]
+
+
+def stock_dots_triton(base: torch.Tensor, models: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Per-block statistics (float64 [ceil(n / STOCK_BLOCK), K]) of the first ``n`` elements
+    (SPEC "Model Stock"; the host adds the blocks left to right)."""
+    k = n_stats(len(models))
+    blocks = triton.cdiv(n, STOCK_BLOCK) if n > 0 else 0
+    out = torch.zeros((blocks, k), dtype=torch.float64, device=base.device)
+    if blocks:
+        _dots_kernel[(blocks,)](base, tuple(models), out, n, K=k, W=_work(base, models),
+                                BLOCK=STOCK_BLOCK, enable_fp_fusion=False)  # fmt: skip
+    return out
+
+
+def stock_triton(base: torch.Tensor, models: list[torch.Tensor], n: int, t: np.float32,
+                 q: np.float32, out: torch.Tensor) -> None:  # fmt: skip
+    """The merged value of the first ``n`` elements into ``out`` (t: the tensor's t, q:
+    rW(1 - t), float32 values of the working dtype; SPEC "Model Stock")."""
+    if n > 0:
+        _stock_kernel[(triton.cdiv(n, STOCK_BLOCK),)](base, tuple(models), out, n, float(t),
+                                                      float(q), W=_work(base, models),
+                                                      BLOCK=STOCK_BLOCK,
+                                                      enable_fp_fusion=False)  # fmt: skip

@@ -1,0 +1,200 @@
+"""model_stock (docs/SPEC.md "Model Stock"): the statistics and merge kernels against the
+SPEC oracle over dtypes, model counts and odd sizes, whatever the chunking; t against
+mergekit's torch chain; Triton against numba byte for byte; whole merges (CLI, mergekit
+YAML) against the oracle; the one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import spec_reference as ref
+from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
+from test_ram import ITEM, _as_bytes, _shift, _slot
+
+from streammerge.kernels import cpu_stock
+from streammerge.methods.model_stock import stock_t
+
+DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
+CASES = [(["BF16"] * 3, "BF16"), (["F16"] * 4, "F16"), (["F32"] * 3, "F32"),
+         (["BF16", "BF16", "F16"], "BF16"), (["BF16"] * 5, "F32")]  # fmt: skip
+
+
+def _same(a: bytes, b: bytes, dtype: str) -> bool:
+    """Equal bits, or both NaN (a NaN t, from a NaN input, makes every element NaN; the
+    sign of a NaN is the CPU's, not the contract's)."""
+    car = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[dtype]
+    x = ref.to_float32(np.frombuffer(a, car), dtype)
+    y = ref.to_float32(np.frombuffer(b, car), dtype)
+    return bool(np.all((x.view(np.uint32) == y.view(np.uint32)) | (np.isnan(x) & np.isnan(y))))
+
+
+def _work(dtypes):
+    return dtypes[0] if len(set(dtypes)) == 1 else "F32"
+
+
+def _sums(slot, dtypes, n, chunk):
+    """The statistics in chunks of ``chunk`` elements (a multiple of the block)."""
+    total = np.zeros(cpu_stock.n_stats(len(dtypes) - 1), np.float64)
+    for lo in range(0, n, chunk):
+        m = min(chunk, n - lo)
+        part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d]) for r, d in enumerate(dtypes)]))
+        cpu_stock.add_blocks(total, cpu_stock.stock_dots(part, dtypes, 0, list(range(1, len(dtypes))), m))
+    return total
+
+
+@pytest.mark.parametrize("n", [1, 1000, 1024, 5000])
+@pytest.mark.parametrize("dtypes, do", CASES)
+def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do):
+    slot, rows = _slot(n, len(dtypes) - 1, dtypes, n)
+    want = ref.spec_stock_sums(rows[0], rows[1:], dtypes)
+    for chunk in (1024, 2048, 8192):
+        got = _sums(slot, dtypes, n, chunk)
+        assert np.array_equal(np.abs(got), np.abs(want), equal_nan=True), chunk
+    t = stock_t(want, len(dtypes) - 1, _work(dtypes))
+    t_ref = ref.spec_stock_t(want, len(dtypes) - 1, _work(dtypes))
+    assert np.array([t]).tobytes() == np.array([t_ref]).tobytes()
+    out = np.zeros(n * ITEM[do], np.uint8)
+    cpu_stock.stock_chunk(slot, dtypes, 0, list(range(1, len(dtypes))), n, t, out, do)
+    assert _same(out.tobytes(), _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dtypes, do)), do)
+    if n > 12:  # finite inputs: every bit
+        for r in rows[1:]:
+            r[5], r[9] = rows[0][5], rows[0][9]
+        slot, _ = _slot(n, len(dtypes) - 1, dtypes, n)
+        for k, r in enumerate(rows):
+            b = np.ascontiguousarray(r).view(np.uint8)
+            slot[k, : b.size] = b
+        sums = _sums(slot, dtypes, n, 2048)
+        t = stock_t(sums, len(dtypes) - 1, _work(dtypes))
+        assert not np.isnan(t)
+        cpu_stock.stock_chunk(slot, dtypes, 0, list(range(1, len(dtypes))), n, t, out, do)
+        assert out.tobytes() == _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dtypes, do))
+
+
+def test_t_and_merge_follow_mergekits_torch_chain():
+    """In bf16 / f16 (few elements: torch's float32 sums round to the same W values as
+    SPEC's float64 sums) t and the merged value are mergekit's model_stock_merge_method
+    bit for bit. (In float32 the sums themselves differ in the last bits: SPEC.)"""
+    torch = pytest.importorskip("torch")
+    tdt = {"BF16": torch.bfloat16, "F16": torch.float16}
+    for dt in tdt:
+        for n_models in (2, 3, 4):
+            dtypes = [dt] * (n_models + 1)
+            slot, rows = _slot(700, n_models, dtypes, 10 + n_models)
+            rows = [r.copy() for r in rows]
+            for r in rows:  # finite values only (torch's NaN handling is not the point here)
+                r[5:10] = rows[0][5:10]
+            slot, _ = slot, None
+            ts = [torch.from_numpy(np.ascontiguousarray(x)).view(tdt[dt]) for x in rows]
+            w0, ws = ts[0], ts[1:]
+            offs = [w - w0 for w in ws]
+            cs = []
+            for i, a in enumerate(offs):
+                for b in offs[i + 1 :]:
+                    npr = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+                    cs.append(((a * b).sum(dim=-1) / npr.clamp(min=1e-6)).clamp(-1, 1))
+            cos = torch.stack(cs).mean(dim=0).unsqueeze(-1)
+            den = 1 + (n_models - 1) * cos
+            sing = den.abs() < 1e-6
+            t = torch.where(sing, torch.zeros_like(cos), (n_models * cos) / torch.where(sing, torch.ones_like(den), den))
+            want = (t * (sum(ws) / n_models) + (1 - t) * w0).float().numpy()
+            sums = ref.spec_stock_sums(rows[0], rows[1:], dtypes)
+            assert np.float32(stock_t(sums, n_models, dt)) == t.float().item(), (dt, n_models)
+            got = ref.to_float32(ref.spec_model_stock(rows[0], rows[1:], dtypes, dt), dt)
+            assert got.tobytes() == want.tobytes(), (dt, n_models)
+
+
+def test_triton_kernels_equal_numba():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import triton_stock
+    from streammerge.methods.model_stock import round_work
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for n, dtypes, do in [(2100, ["BF16"] * 4, "BF16"), (37, ["F16"] * 3, "F16"),
+                          (1030, ["F32", "BF16", "BF16"], "BF16")]:  # fmt: skip
+        slot, rows = _slot(n, len(dtypes) - 1, dtypes, 4)
+        ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt[d]) for x, d in zip(rows, dtypes)]
+        blocks = triton_stock.stock_dots_triton(ts[0], ts[1:], n).numpy()
+        want = cpu_stock.stock_dots(slot, dtypes, 0, list(range(1, len(dtypes))), n)
+        assert np.array_equal(np.abs(blocks), np.abs(want), equal_nan=True)
+        total = np.zeros(blocks.shape[1], np.float64)
+        cpu_stock.add_blocks(total, want)
+        t = stock_t(total, len(dtypes) - 1, _work(dtypes))
+        q = round_work(np.float32(1) - t, _work(dtypes))
+        out = torch.zeros(n, dtype=tdt[do])
+        triton_stock.stock_triton(ts[0], ts[1:], n, t, q, out)
+        cpu = np.zeros(n * ITEM[do], np.uint8)
+        cpu_stock.stock_chunk(slot, dtypes, 0, list(range(1, len(dtypes))), n, t, cpu, do)
+        assert _same(out.view(torch.uint8).numpy().tobytes(), cpu.tobytes(), do)
+
+
+def _expected(base, models, rec: dict) -> dict[str, bytes]:
+    tb, tms = load_dir(base), [load_dir(m) for m in models]
+    out = {}
+    for name, x in tb.items():
+        dt = DTYPES.get(str(x.dtype)) if rec.get("dtype") in (None, "") else rec["dtype"]
+        if not x.is_floating_point():
+            out[name] = as_numpy(x).view(np.uint8).tobytes()
+        elif name not in tms[0]:
+            out[name] = _as_bytes(ref.from_float32(ref.to_float32(as_numpy(x), DTYPES[str(x.dtype)]), dt))
+        else:
+            dts = [DTYPES[str(x.dtype)]] + [DTYPES[str(m[name].dtype)] for m in tms]
+            rows = [as_numpy(x)] + [as_numpy(m[name]) for m in tms]
+            out[name] = _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dts, dt))
+    return out
+
+
+def _bytes(out) -> dict[str, bytes]:
+    return {k: _as_bytes(v) for k, v in output_bytes(out).items()}
+
+
+def test_cli_is_exact_and_independent_of_the_chunking(tmp_path):
+    base, a, b = make_trio(tmp_path, big=300_000)
+    outs = []
+    for k, more in enumerate(([], ["--memory", "8MB", "--threads", "1", "--shard-size", "300KB"])):
+        out = tmp_path / f"out{k}"
+        r = run_cli([str(a), str(b), "--base", str(base), "--method", "model_stock", "-o", str(out), *more])
+        assert r.returncode == 0, r.stderr
+        outs.append(_bytes(out))
+    assert outs[0] == outs[1]
+    rec = json.loads((tmp_path / "out0" / "streammerge.json").read_text())
+    assert outs[0] == _expected(base, [a, b], rec)
+
+
+def test_mergekit_recipe_and_triton_backend(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    cfg = tmp_path / "ms.yml"
+    cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\ndtype: bfloat16\n")  # fmt: skip
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "o" / "streammerge.json").read_text())
+    assert _bytes(tmp_path / "o") == _expected(base, [a, b], rec)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        r = run_cli([str(a), str(b), "--base", str(base), "--method", "model_stock",
+                     "--backend", "triton", "-o", str(tmp_path / "tri")])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert _bytes(tmp_path / "tri") == _bytes(tmp_path / "o")
+
+
+def test_bad_recipes_are_one_line(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    for argv, message in ((["--alpha", "0.5"], "nothing for M3 to draw"),
+                          (["--weights", "1,1"], "--weights does not apply")):  # fmt: skip
+        r = run_cli([str(a), str(b), "--base", str(base), "--method", "model_stock", *argv,
+                     "-o", str(tmp_path / "o")])  # fmt: skip
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    cfg = tmp_path / "ms.yml"
+    cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\nparameters:\n  filter_wise: true\n")  # fmt: skip
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.returncode == 2 and "filter_wise: true is not supported" in r.stderr, r.stderr
+    cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n")
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.returncode == 2 and "models" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
