@@ -12,6 +12,7 @@ import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 
+from streammerge.exec.ops import tensor_totals
 from streammerge.kernels import cpu_rows
 from streammerge.methods import slerp
 
@@ -37,10 +38,16 @@ def _rows(seed: int, n_rows: int, row_len: int) -> tuple[np.ndarray, np.ndarray]
     return x, y
 
 
+def _tensor_coefficients(stats, t, n_rows):
+    """The tensor's coefficients from its rows' sums, one per row (as the backends pass them)."""
+    ca, cb = slerp.coefficients(np.asarray([tensor_totals([stats])]), t)
+    return np.full(n_rows, ca[0], np.float32), np.full(n_rows, cb[0], np.float32)
+
+
 def _numba_slerp(v0, d0, v1, d1, n_rows, row_len, t, out_dtype):
     b0, b1 = v0.reshape(-1).view(np.uint8), v1.reshape(-1).view(np.uint8)
     stats = cpu_rows.row_dots(b0, d0, b1, d1, n_rows, row_len)
-    ca, cb = slerp.coefficients(stats, t)
+    ca, cb = _tensor_coefficients(stats, t, n_rows)
     out = np.zeros(n_rows * row_len * np.dtype(CARRIER[out_dtype]).itemsize, np.uint8)
     cpu_rows.rows_combine(b0, d0, b1, d1, n_rows, row_len, ca, cb, out, out_dtype)
     return stats, out
@@ -64,7 +71,7 @@ def test_row_kernels_equal_the_spec_oracle(n_rows, row_len, dtypes, t):
 
 
 def test_coefficients_at_the_edges():
-    """Zero row: theta = pi/2; parallel and antiparallel: lerp (1 - t, t); NaN row: NaN."""
+    """Zero tensor: theta = pi/2; parallel and antiparallel: lerp (1 - t, t); NaN: NaN."""
     stats = np.array([[0.0, 4.0, 0.0], [1.0, 4.0, 2.0], [1.0, 1.0, -1.0], [np.nan, 1.0, np.nan]])  # a NaN in x: S00 and S01 NaN
     ca, cb = slerp.coefficients(stats, 0.25)
     assert ca[0] == np.float32(np.sin(0.75 * np.pi / 2)) and cb[0] == np.float32(np.sin(0.25 * np.pi / 2))
@@ -89,7 +96,7 @@ def test_triton_row_kernels_equal_numba():
         t1 = torch.from_numpy(v1.reshape(-1).copy()).view(tdt[d1])
         tstats = triton_rows.row_dots_triton(t0, t1, n_rows, row_len).numpy()
         assert [[abs(v) for v in r] for r in tstats] == [[abs(v) for v in r] for r in stats]
-        ca, cb = slerp.coefficients(tstats, 0.4)
+        ca, cb = _tensor_coefficients(tstats, 0.4, n_rows)
         tout = torch.zeros(n_rows * row_len, dtype=tdt[do])
         triton_rows.rows_combine_triton(t0, t1, n_rows, row_len, torch.from_numpy(ca),
                                         torch.from_numpy(cb), tout)  # fmt: skip
