@@ -218,3 +218,55 @@ def test_rows_cut_across_many_chunks_give_the_same_bytes(tmp_path):
         outs.append({n: v.tobytes() for n, v in output_bytes(out).items()})
     rec = json.loads((tmp_path / "2MiB" / "streammerge.json").read_text())
     assert outs[0] == outs[1] == _expected(a, b, rec)
+
+
+def _wide_pair(tmp_path):
+    """Two models whose 2-D tensor spans several chunks at 2MiB, plus a 1-D and a 0-d one."""
+    import torch
+    from conftest import write_model
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(600, 1500, generator=g)
+    ts = [{"m.w": w, "m.n": torch.randn(40, generator=g), "m.s": torch.tensor(0.5)}]
+    ts.append({k: v + 0.4 * torch.randn(v.shape, generator=g) for k, v in ts[0].items()})
+    return [write_model(tmp_path / name, {k: v.to(torch.bfloat16) for k, v in t.items()})
+            for name, t in zip("ab", ts)]  # fmt: skip
+
+
+def test_triton_backend_slerp_equals_numba(tmp_path):
+    """The Triton row kernels through the whole pipeline (interpreter), a tensor read twice
+    (its sums, then the combine): numba's files byte for byte."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    pytest.importorskip("triton")
+    a, b = _wide_pair(tmp_path)
+    outs = {}
+    for backend in ("numba", "triton"):
+        out = tmp_path / backend
+        r = run_cli([str(a), str(b), "--method", "slerp", "--t", "0.35", "--memory", "2MiB",
+                     "--backend", backend, "--device", "cpu", "-o", str(out)],
+                    timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[backend] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert outs["triton"] == outs["numba"]
+
+
+def test_device_backend_slerp_on_fake_streams_gives_numba_bytes(tmp_path):
+    """The device backend hands slerp's passes (row_dots, then the combine) to the host:
+    numba's bytes, on fake streams with random delays."""
+    import streammerge
+    from streammerge.api import Options, execute, finalize, prepare
+    from streammerge.exec.gpu import DeviceBackend, device_stats_bytes
+    from streammerge.exec.threadqueue import NumbaLauncher, ThreadQueue
+
+    a, b = _wide_pair(tmp_path)
+    streammerge.merge([a, b], None, tmp_path / "cpu", method="slerp", t=0.7, memory="2MiB",
+                      backend="numba", device="cpu")  # fmt: skip
+    q = ThreadQueue(seed=1, max_delay_s=0.0005)
+    prep = prepare([a, b], None, tmp_path / "gpu", {"method": "slerp", "t": 0.7},
+                   Options(memory="2MiB"))  # fmt: skip
+    finalize(prep, execute(prep, DeviceBackend(q, NumbaLauncher(), device_stats_bytes(2) + 2**20)))
+    q.shutdown()
+    files = [sorted((p.name, p.read_bytes()) for p in (tmp_path / d).glob("*.safetensors"))
+             for d in ("cpu", "gpu")]  # fmt: skip
+    assert files[0] == files[1] and files[0]
