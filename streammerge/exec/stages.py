@@ -7,7 +7,7 @@ guessed threshold windows (the compute stage's answer the reader waits for) and 
 journal extras of each shard (compute -> writer).
 
 Errors: a thread records its error in ``Stream.errors`` (the first one is the one reported)
-and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``_Failed``.
+and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``StageFailed``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from streammerge.exec.ops import (
     row_args,
     tensor_totals,
 )
-from streammerge.exec.thresholds import _Thresholds, accumulate
+from streammerge.exec.thresholds import TensorThresholds, accumulate
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
@@ -39,7 +39,7 @@ from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
 
 
-class _Failed(Exception):
+class StageFailed(Exception):
     """Raised in a stage waiting on the stream once ``stop`` is set: another stage failed,
     and its error is the one reported."""
 
@@ -75,10 +75,10 @@ class Stream:
     meta: dict[str, dict] = field(default_factory=dict)
 
     def get(self, q: queue.Queue):
-        """The next entry of ``q``, waiting for it; raises ``_Failed`` once ``stop`` is set."""
+        """The next entry of ``q``, waiting for it; raises ``StageFailed`` once ``stop`` is set."""
         while True:
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
@@ -91,11 +91,11 @@ class Stream:
 
     def decide(self, t: TensorPlan) -> bool:
         """Whether the guessed low-histogram window of ``t`` held its thresholds: waits for the
-        compute stage's verdict; raises ``_Failed`` once ``stop`` is set."""
+        compute stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
         v = self.verdict(t.name)
         while not v[0].wait(0.1):
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
         return v[1]
 
     def fail(self, e: BaseException) -> None:
@@ -138,7 +138,7 @@ class ReaderStage:
                     s.busy["read_s"] += time.perf_counter() - t0
                     s.ready_q.put(slot)
             s.ready_q.put(None)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             s.fail(e)
@@ -220,7 +220,7 @@ class WriterStage:
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
                 s.free_q.put(item)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001
             s.fail(e)
@@ -245,11 +245,11 @@ class WriterStage:
                     self.direct_io,
                 )
             else:
-                size, sha = writers[k].finish()
+                shard = writers[k].finish()
                 writers[k] = None
-                output.commit_shard(name, size, sha, self.stream.meta.get(name))
-                self.results[k][name] = (size, sha)
-                self.written[k] += size
+                output.commit_shard(name, shard, self.stream.meta.get(name))
+                self.results[k][name] = (shard.size, shard.sha256)
+                self.written[k] += shard.size
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,7 @@ class ComputeStage:
     plan: Plan
     variants: list[Plan]
     backend: Backend
-    thresholds: _Thresholds
+    thresholds: TensorThresholds
     on_bytes: Callable[[int], None] | None
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
@@ -288,7 +288,7 @@ class ComputeStage:
 
     def run(self) -> None:
         """Compute every ready slot until the reader's None, then drain the kernels in flight
-        and send the writer its None; raises ``_Failed`` once ``stop`` is set."""
+        and send the writer its None; raises ``StageFailed`` once ``stop`` is set."""
         s = self.stream
         while (item := s.get(s.ready_q)) is not None:
             handle, to_writer = None, True

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from streammerge.io.reader import DTYPE_ITEMSIZE
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 class TritonLauncher:
@@ -27,7 +27,7 @@ class TritonLauncher:
 
     def _typed(self, buf, dtype: str, n: int):
         """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
-        return buf[: n * _ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
+        return buf[: n * DTYPE_ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
 
     def _rows(self, inputs, a):
         base = (
