@@ -1,0 +1,355 @@
+"""The plan of a passthrough slices recipe (``streammerge.recipe.slices``): every output
+tensor is a copy (or a cast) of one input tensor, planned from headers and config.json
+alone, checked before a byte is written.
+
+Output layer i is layer j of model m, renumbered consecutively over the slices, read by
+name: ``model.layers.<j>.<rest>`` of m becomes ``model.layers.<i>.<rest>``. A layer used
+twice is read twice (two copies; nothing is held). As mergekit 0.1.5's planner
+(``MergePlanner.plan_module``): the tensors before the layers (``model.embed_tokens``) come
+from the first slice's model, those after them (``model.norm``, ``lm_head``) from the last
+slice's; ``lm_head`` is optional (tied embeddings: none is written when that model has
+none).
+
+Dtypes as mergekit: a tensor is cast to ``dtype`` when loaded, then to ``out_dtype`` when
+saved. streammerge casts once (``convert``), so a recipe whose two casts differ from one
+(a lossy ``dtype`` followed by another ``out_dtype``) is refused, as is a ``scale`` other
+than 1 (mergekit multiplies the tensor by it; no scaled copy exists yet).
+
+The output's ``config.json`` (``SlicePlan.config_updates``) is the donor's (``base_model``,
+else the first slice's model) with ``num_hidden_layers`` and every per-layer list
+(``layer_types``, ``no_rope_layers``...; ``layer_types`` derived as transformers does for
+Gemma 2/3 and Qwen 2/3 configs without one) rebuilt for the output layers.
+
+Worked example (SOLAR-style): an 8-layer model m, slices [0, 6) then [2, 8) -> 12 output
+layers, 0..5 <- m:0..5 and 6..11 <- m:2..7; embed_tokens, norm and lm_head from m.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from streammerge.errors import MergeError
+from streammerge.io import safejson
+from streammerge.io.reader import ModelDir, TensorInfo
+from streammerge.kernels.common import FLOAT_ITEMSIZE
+from streammerge.names import natural_key
+from streammerge.plan.plan_types import Plan, TensorPlan
+from streammerge.plan.planner import _shard_plans
+from streammerge.recipe.slices import OutLayer, SliceRecipe
+
+#: Architectures (config.json ``architectures[0]``) whose layout slices read: layers under
+#: ``model.layers.N.``, ``PRE_WEIGHTS`` before them and ``POST_WEIGHTS`` after them, as
+#: mergekit 0.1.5's definitions of the same names (``_data/architectures/*.json``).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                 "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                 "Phi3ForCausalLM")  # fmt: skip
+LAYER_PREFIX = "model.layers."
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+PRE_WEIGHTS = ("model.embed_tokens.weight",)
+POST_WEIGHTS = ("model.norm.weight", "lm_head.weight")
+#: Written only when the last slice's model has it (tied embeddings: it has none).
+OPTIONAL = ("lm_head.weight",)
+#: config.json key of the layer count (mergekit's ``num_layers_config_key``).
+LAYERS_KEY = "num_hidden_layers"
+#: Per-layer config lists not named ``*layer*``.
+PER_LAYER_KEYS = ("activation_sparsity_pattern",)
+MAX_CONFIG_BYTES = 16 * 2**20
+#: Output dtype (safetensors) -> config.json's dtype name.
+CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class SlicePlan(Plan):
+    """A ``Plan`` whose tensors are copies of the slices' layers.
+
+    Attributes:
+        layers: every output layer and its source (``OutLayer``).
+        roles: output tensor name -> index of the model its bytes come from (as the
+            journal names inputs: ``"0"``, ``"1"``...).
+        config_set: (key, value) pairs the output's config.json gets.
+    """
+
+    layers: tuple[OutLayer, ...] = ()
+    roles: dict = field(default_factory=dict)
+    config_set: tuple = ()
+
+    def input_role(self, t: TensorPlan) -> str:
+        """The model whose tensor ``t`` copies."""
+        return self.roles[t.name]
+
+    def config_updates(self) -> dict:
+        """``num_hidden_layers`` and the per-layer lists of the output."""
+        return dict(self.config_set)
+
+
+@dataclass
+class _Stack:
+    """One input model read for slicing: its config, its layers (layer j -> the rest of
+    each tensor name after ``model.layers.j.`` -> TensorInfo), the tensors outside the
+    layers, and its config's per-layer lists."""
+
+    label: str
+    model: ModelDir
+    config: dict
+    layers: list[dict[str, TensorInfo]]
+    outside: dict[str, TensorInfo]
+    per_layer: dict[str, list]
+
+
+def read_config(m: ModelDir, label: str) -> dict:
+    """``config.json`` of ``m`` as a dict.
+
+    Raises:
+        MergeError: missing, unreadable, not a JSON object.
+    """
+    path = m.path / "config.json"
+    todo = f"slices need {label}'s config.json (its architecture and layer count)"
+    if not path.is_file():
+        raise MergeError("no config.json", m.path, None, todo)
+    cfg = safejson.load_file(path, max_depth=64, max_bytes=MAX_CONFIG_BYTES, todo=todo,
+                             what="config")  # fmt: skip
+    if not isinstance(cfg, dict):
+        raise MergeError("config is not a JSON object", path, None, todo)
+    return cfg
+
+
+def architecture_of(cfg: dict) -> str | None:
+    """``architectures[0]`` of a config, or None."""
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    return None
+
+
+def derived_layer_types(cfg: dict, n: int) -> list[str] | None:
+    """``layer_types`` as transformers derives it for a config without one (Gemma 2,
+    Gemma 3 text, Qwen 2/3), or None for other model types."""
+    kind = cfg.get("model_type")
+    if kind == "gemma2":
+        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
+    if kind == "gemma3_text":
+        p = cfg.get("sliding_window_pattern", 6)
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+            return None
+        return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
+    if kind in ("qwen2", "qwen3"):
+        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
+        first = cfg.get("max_window_layers", 28)
+        return ["sliding_attention" if window is not None and i >= first else "full_attention"
+                for i in range(n)]  # fmt: skip
+    return None
+
+
+def per_layer_lists(cfg: dict, n: int) -> dict[str, list]:
+    """The config's lists with one entry per layer: keys named ``*layer*`` (or in
+    ``PER_LAYER_KEYS``) holding a list of ``n`` entries, plus ``layer_types`` derived when
+    absent (``derived_layer_types``)."""
+    out = {k: v for k, v in cfg.items()
+           if isinstance(v, list) and len(v) == n and ("layer" in k or k in PER_LAYER_KEYS)}  # fmt: skip
+    if "layer_types" not in out and (derived := derived_layer_types(cfg, n)) is not None:
+        out["layer_types"] = derived
+    return out
+
+
+def read_stack(m: ModelDir, label: str) -> _Stack:
+    """``m`` read for slicing: its architecture checked, its tensors sorted into layers and
+    the tensors before / after them.
+
+    Raises:
+        MergeError: an architecture not in ``ARCHITECTURES``, a tensor outside the layers
+            that is neither before nor after them in that layout, layers missing between 0
+            and the last, a layer count other than config.json's.
+    """
+    cfg = read_config(m, label)
+    arch = architecture_of(cfg)
+    if arch not in ARCHITECTURES:
+        raise MergeError(f"architecture {arch} of {label} has no known layer layout for slices",
+                         m.path, None, f"slices read {', '.join(ARCHITECTURES)} (layers under "
+                         f"{LAYER_PREFIX}N.)")  # fmt: skip
+    layers: dict[int, dict[str, TensorInfo]] = {}
+    outside: dict[str, TensorInfo] = {}
+    for name, info in m.tensors.items():
+        hit = _LAYER.match(name)
+        if hit:
+            layers.setdefault(int(hit.group(1)), {})[hit.group(2)] = info
+        elif name in PRE_WEIGHTS + POST_WEIGHTS:
+            outside[name] = info
+        else:
+            raise MergeError(f"a tensor outside the layers that the {arch} layout does not "
+                             "have (mergekit would not write it)", m.path, name,
+                             "remove it from the checkpoint, or merge whole models")  # fmt: skip
+    n = max(layers) + 1 if layers else 0
+    missing = [j for j in range(n) if j not in layers]
+    if missing or cfg.get(LAYERS_KEY) != n:
+        raise MergeError(f"{label} has tensors of {len(layers)} layers numbered up to {n - 1} "
+                         f"and config.json says {LAYERS_KEY} {cfg.get(LAYERS_KEY)!r}", m.path,
+                         None, "fix the checkpoint: its layers must be 0..N-1 as configured")  # fmt: skip
+    return _Stack(label, m, cfg, [layers[j] for j in range(n)], outside, per_layer_lists(cfg, n))
+
+
+def _fail(recipe: SliceRecipe, key: str, what: str, todo: str, tensor: str | None = None):
+    """Raise the one line of a recipe error at ``key`` (with its YAML line when known)."""
+    line = recipe.lines.get(key)
+    at = f"line {line}: " if line else ""
+    raise MergeError(f"{at}{key}: {what}", recipe.source, tensor, todo)
+
+
+def _check_ranges(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> None:
+    """Every source's layer_range within its model (one line naming the slice)."""
+    for sl in recipe.slices:
+        for s in sl.sources:
+            n = len(stacks[s.model].layers)
+            if not 0 <= s.start < s.stop <= n:
+                _fail(recipe, f"{s.key}.layer_range", f"[{s.start}, {s.stop}] is outside "
+                      f"{s.label}'s {n} layers", f"give a range within [0, {n}]")  # fmt: skip
+
+
+def _check_same_layout(recipe: SliceRecipe, stacks: Sequence[_Stack], base: _Stack | None) -> None:
+    """One architecture for every slice model (and the base); every output layer with the
+    tensors and shapes of the first."""
+    used = sorted({s.model for sl in recipe.slices for s in sl.sources})
+    ref = stacks[used[0]]
+    for who in [stacks[j] for j in used[1:]] + ([base] if base is not None else []):
+        if architecture_of(who.config) != architecture_of(ref.config):
+            raise MergeError(f"{who.label} is {architecture_of(who.config)}, {ref.label} "
+                             f"{architecture_of(ref.config)}", who.model.path, None,
+                             "stack layers of models of one architecture")  # fmt: skip
+    layers = recipe.out_layers()
+    first = layers[0]
+    want = {k: v.shape for k, v in stacks[first.model].layers[first.layer].items()}
+    for o in layers[1:]:
+        got = {k: v.shape for k, v in stacks[o.model].layers[o.layer].items()}
+        if got != want:
+            src = recipe.slices[o.slice].sources[0]
+            diff = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
+            _fail(recipe, f"{src.key}.layer_range", f"layer {o.layer} of {src.label} has other "
+                  f"tensors or shapes than output layer 0 ({LAYER_PREFIX}{o.layer}.{diff[0]})",
+                  "stack layers of models of one configuration")  # fmt: skip
+
+
+def _row(recipe: SliceRecipe, out_name: str, info: TensorInfo, slice_index: int, t: float) -> tuple:
+    """The plan row (``planner._Walk.rows``' form) of output tensor ``out_name``, a copy of
+    ``info``: copied, or converted to the output dtype.
+
+    Raises:
+        MergeError: a scale other than 1, two casts that differ from one, a dtype the
+            kernels cannot convert, an integer tensor with a dtype given.
+    """
+    scale, where = recipe.scale(slice_index, info.name, t)
+    if scale is not None and scale != 1.0:
+        _fail(recipe, where, f"scale {scale:g} for {info.name} (output {out_name}): a scale "
+              "other than 1 is not supported yet", "drop scale (streammerge copies layers "
+              "unchanged; mergekit would multiply the tensor by it)", out_name)  # fmt: skip
+    src, compute, out = info.dtype, recipe.compute_dtype, recipe.dtype
+    if not info.is_float:
+        if compute is not None or out is not None:
+            _fail(recipe, "dtype", f"{info.name} is {src}: mergekit would cast it to the given "
+                  "dtype", "drop dtype and out_dtype for this model", out_name)  # fmt: skip
+        return (out_name, "copy", src, info.shape, info, (), (), None, 0, None)
+    dtype = out or src
+    if dtype != src and src not in FLOAT_ITEMSIZE:
+        _fail(recipe, "out_dtype" if recipe.lines.get("out_dtype") else "dtype",
+              f"cannot convert {info.name} from {src}", "drop dtype and out_dtype", out_name)  # fmt: skip
+    if compute is not None and compute not in (src, "F32") and dtype != compute:
+        _fail(recipe, "out_dtype", f"{info.name} ({src}) would be rounded to dtype {compute} "
+              f"and then cast to {dtype}: streammerge casts once", "give out_dtype equal to "
+              "dtype, or dtype: float32", out_name)  # fmt: skip
+    action = "copy" if dtype == src else "convert"
+    return (out_name, action, dtype, info.shape, info, (), (), None, 0, None)
+
+
+def _outside_rows(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> list[tuple]:
+    """Rows of the tensors before the layers (from the first slice's model) and after them
+    (from the last slice's), as mergekit's ``plan_module`` takes them (depth t = 0)."""
+    rows = []
+    ends = ((0, PRE_WEIGHTS), (len(recipe.slices) - 1, POST_WEIGHTS))
+    for i, names in ends:
+        src = recipe.slices[i].sources[0]
+        stack = stacks[src.model]
+        for name in names:
+            info = stack.outside.get(name)
+            if info is None and name in OPTIONAL:
+                continue
+            if info is None:
+                raise MergeError(f"{src.label} has no {name}, which the output takes from it "
+                                 f"(the {'first' if i == 0 else 'last'} slice's model)",
+                                 stack.model.path, name, "use a complete checkpoint")  # fmt: skip
+            rows.append(_row(recipe, name, info, i, 0.0))
+    return rows
+
+
+def _config_set(recipe: SliceRecipe, stacks: Sequence[_Stack], donor: _Stack, rows: list) -> tuple:
+    """The (key, value) pairs the output's config.json gets: the layer count, each
+    per-layer list rebuilt from the output layers' sources, the output dtype.
+
+    Raises:
+        MergeError: a per-layer list some source model's config lacks; a donor config
+            whose tie_word_embeddings contradicts the lm_head written or not.
+    """
+    layers = recipe.out_layers()
+    used = sorted({o.model for o in layers})
+    out: dict = {LAYERS_KEY: len(layers)}
+    for key in sorted({k for j in used for k in stacks[j].per_layer} | set(donor.per_layer)):
+        lacking = [stacks[j] for j in used if key not in stacks[j].per_layer]
+        if lacking:
+            raise MergeError(f"config.json of {lacking[0].label} has no per-layer {key} "
+                             f"(another input has one)", lacking[0].model.path, None,
+                             "stack layers of models of one configuration")  # fmt: skip
+        out[key] = [stacks[o.model].per_layer[key][o.layer] for o in layers]
+    tied = donor.config.get("tie_word_embeddings")
+    head = any(r[0] == "lm_head.weight" for r in rows)
+    if isinstance(tied, bool) and tied == head:
+        raise MergeError(f"the output's config.json (from {donor.label}) says "
+                         f"tie_word_embeddings {str(tied).lower()}, but lm_head.weight is "
+                         f"{'' if head else 'not '}written (the last slice's model decides)",
+                         donor.model.path, "lm_head.weight",
+                         "take the last slice from a model tied as the config says")  # fmt: skip
+    if recipe.dtype is not None:
+        for key in ("dtype", "torch_dtype"):
+            if key in donor.config:
+                out[key] = CONFIG_DTYPES[recipe.dtype]
+    return tuple(out.items())
+
+
+def plan_slices(
+    recipe: SliceRecipe, models: Sequence[ModelDir], base: ModelDir | None, shard_size_bytes: int
+) -> SlicePlan:
+    """Plan a passthrough slices merge from headers and config.json alone.
+
+    Args:
+        recipe: the slices (``SliceRecipe``; model j of its sources is ``models[j]``).
+        models: the distinct slice models, opened, in the recipe's order.
+        base: the ``base_model`` (config and tokenizer donor only), or None: the first
+            slice's model is the donor.
+        shard_size_bytes: greedy output shard limit (as ``make_plan``).
+
+    Returns:
+        A ``SlicePlan``: output tensors in natural name order, each a copy or a convert.
+
+    Raises:
+        MergeError: one line naming the slice (and its YAML line) or the model: a range
+            outside its model, an architecture without a known layer layout, models of
+            different layouts, a scale other than 1, dtypes cast twice; nothing is written.
+    """
+    stacks = [read_stack(m, recipe.labels[j]) for j, m in enumerate(models)]
+    base_stack = read_stack(base, "base_model") if base is not None else None
+    _check_ranges(recipe, stacks)
+    _check_same_layout(recipe, stacks, base_stack)
+    rows, roles = [], {}
+    for o in recipe.out_layers():
+        for rest, info in stacks[o.model].layers[o.layer].items():
+            name = f"{LAYER_PREFIX}{o.index}.{rest}"
+            rows.append(_row(recipe, name, info, o.slice, o.t))
+            roles[name] = str(o.model)
+    for row in _outside_rows(recipe, stacks):
+        rows.append(row)
+        end = 0 if row[0] in PRE_WEIGHTS else len(recipe.slices) - 1
+        roles[row[0]] = str(recipe.slices[end].sources[0].model)
+    rows.sort(key=lambda r: natural_key(r[0]))
+    donor = base_stack if base_stack is not None else stacks[recipe.slices[0].sources[0].model]
+    config = _config_set(recipe, stacks, donor, rows)
+    shards = _shard_plans(rows, ("merge",), shard_size_bytes)
+    return SlicePlan(tuple(shards), recipe, (), (), None, None, tuple(recipe.out_layers()),
+                     roles, config)  # fmt: skip
