@@ -65,6 +65,20 @@ def _load_f32(ptr, offsets, mask):
 
 
 @triton.jit
+def _store_rounded(out_ptr, offsets, out, mask):
+    """Store float32 ``out`` rounded to ``out_ptr``'s dtype: bf16 to nearest even on the
+    float32 bits (a NaN keeps its top bits, made quiet); f16 / f32 by ``.to``."""
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = out.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        b16 = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+        tl.store(out_ptr + offsets, b16.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _in_window(d, lo, hi):
     """keep_lo <= mag(d) <= keep_hi, unsigned 32-bit; lo and hi arrive as 2**33 + 2 * v + 1."""
     mag = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF  # bits(d) without the sign
@@ -177,15 +191,7 @@ def _m3_dare_kernel(
     else:
         out = x_b + scale * m  # float32; no FMA: launched with enable_fp_fusion=False
 
-    if out_ptr.dtype.element_ty == tl.bfloat16:
-        # Round to nearest even on the float32 bits; a NaN keeps its top bits, made quiet.
-        bits = out.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        b16 = tl.where(is_nan, (bits >> 16) | 0x40, rounded).to(tl.uint16)
-        tl.store(out_ptr + local, b16.to(tl.bfloat16, bitcast=True), mask=in_bounds)
-    else:
-        tl.store(out_ptr + local, out.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    _store_rounded(out_ptr, local, out, in_bounds)
 
 
 #: True under TRITON_INTERPRET=1 (set before triton was imported): the kernel runs on CPU

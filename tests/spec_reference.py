@@ -428,3 +428,61 @@ def spec_merge_v2(
         out = mval if linear else x_b + np.float32(scale) * mval
     assert out.dtype == np.float32
     return from_float32(out, out_dtype), recorded
+
+
+# ---------------------------------------------------------------------------------------
+# SLERP (docs/SPEC.md "SLERP (v3)"), written from the SPEC alone
+# ---------------------------------------------------------------------------------------
+
+
+def _spec_pairwise_sum(p: np.ndarray) -> float:
+    """SPEC's block sum: 1024 float64 values (padded with +0.0) as a pairwise tree."""
+    q = np.zeros(1024, np.float64)
+    q[: len(p)] = p
+    while len(q) > 1:
+        q = q[0::2] + q[1::2]
+    return float(q[0])
+
+
+def spec_row_sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """S00, S11, S01 of one row (float32 arrays), in SPEC's order."""
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    sums = [0.0, 0.0, 0.0]
+    for lo in range(0, len(x), 1024):
+        a, b = x64[lo : lo + 1024], y64[lo : lo + 1024]
+        for k, p in enumerate((a * a, b * b, a * b)):
+            sums[k] = sums[k] + _spec_pairwise_sum(p)
+    return sums[0], sums[1], sums[2]
+
+
+def spec_slerp_coefficients(s00: float, s11: float, s01: float, t: float):
+    """(ca32, cb32) of one row, as SPEC writes them (math on float64 scalars)."""
+    with np.errstate(all="ignore"):
+        n0, n1 = np.sqrt(np.float64(s00)), np.sqrt(np.float64(s11))
+        d0 = n0 if n0 > 1e-8 else 1.0
+        d1 = n1 if n1 > 1e-8 else 1.0
+        dot = min(max(np.float64(s01) / (d0 * d1), -1.0), 1.0) if not np.isnan(s01 / (d0 * d1)) \
+            else np.float64("nan")  # fmt: skip
+        if abs(dot) > 0.9995:
+            ca, cb = 1.0 - t, t
+        else:
+            theta = np.arccos(dot)
+            ca = np.sin((1.0 - t) * theta) / np.sin(theta)
+            cb = np.sin(t * theta) / np.sin(theta)
+    return np.float32(ca), np.float32(cb)
+
+
+def spec_slerp(v0: np.ndarray, v1: np.ndarray, t: float, out_dtype: str, shape, dtype0: str,
+               dtype1: str) -> np.ndarray:  # fmt: skip
+    """The merged tensor (stored form, flat) of SLERP of two stored tensors of ``shape``."""
+    x = to_float32(v0, dtype0).reshape(-1)
+    y = to_float32(v1, dtype1).reshape(-1)
+    rows = shape[0] if len(shape) else 1
+    n = x.size // rows if rows else 0
+    out = np.empty(x.size, np.float32)
+    for r in range(rows):
+        xs, ys = x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]
+        ca, cb = spec_slerp_coefficients(*spec_row_sums(xs, ys), t)
+        with np.errstate(all="ignore"):
+            out[r * n : (r + 1) * n] = (ca * xs).astype(np.float32) + (cb * ys).astype(np.float32)
+    return from_float32(out, out_dtype)

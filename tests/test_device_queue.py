@@ -656,3 +656,4 @@ def test_plan_on_a_gpu_machine_shows_the_gpu_layout(trio, tmp_path, capsys, monk
     assert cli.main([*argv[:-2], "--vram", "9GB"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "free on cuda:0" in err and not (tmp_path / "o").exists()
+

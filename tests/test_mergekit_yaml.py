@@ -129,7 +129,7 @@ BAD = [
     ("merge_method: [ties\n", "not valid YAML"),
     ("- just\n- a list\n", "expected a mapping"),
     ("base_model: B\nmodels: [{model: A}, {model: C}]\n", "merge_method: missing"),
-    ("merge_method: slerp\nbase_model: B\nmodels: [{model: A}, {model: C}]\n", "no method 'slerp'"),
+    ("merge_method: model_stock\nbase_model: B\nmodels: [{model: A}, {model: C}]\n", "no method 'model_stock'"),
     ("merge_method: ties\nmodels: [{model: A}, {model: C}]\n", "needs a base_model"),
     (
         "merge_method: ties\nbase_model: B\nslices: []\n",
@@ -183,7 +183,7 @@ BAD = [
         "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: /nowhere/x}]\n",
         "/nowhere/x is not a directory",
     ),
-    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\n", "need at least 2 fine-tunes"),
+    ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\n", "need at least 2 models besides the base"),
     (
         (
             "merge_method: ties\nbase_model: B\nmodels:\n  - model: A\n    parameters:\n      weight:\n"

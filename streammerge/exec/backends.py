@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 from streammerge.exec.layout import Slot, page_aligned
-from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs
+from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs, RowArgs, is_row_op
 
 
 class _Geometry:
@@ -124,8 +124,22 @@ class NumbaBackend:
         return page_aligned(shape)
 
     def run(self, op: str, slot: Slot, args, **kw) -> None:
-        """Run pass ``op`` (a key of ``self.kernels``) on the slot."""
+        """Run pass ``op`` (a key of ``self.kernels``, or a row-wise method's pass) on the
+        slot."""
+        if is_row_op(op):
+            return self._rows(slot, args)
         return self.kernels[op](slot, args, **kw)
+
+    def _rows(self, slot: Slot, a: RowArgs) -> None:
+        """A row-wise pass: the rows' statistics, the method's coefficients, the combine."""
+        self._modules()
+        from streammerge.kernels import cpu_rows
+
+        v0, v1 = (slot.inputs[r] for r in a.model_rows)
+        d0, d1 = (a.dtypes[r] for r in a.model_rows)
+        stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
+        ca, cb = a.coefficients(stats, a.t)
+        cpu_rows.rows_combine(v0, d0, v1, d1, a.n_rows, a.row_len, ca, cb, slot.out, a.out_dtype)
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(
@@ -204,7 +218,11 @@ class TritonCpuBackend:
         return page_aligned(shape)
 
     def run(self, op: str, slot: Slot, args, **kw) -> None:
-        """Run pass ``op`` (a key of ``self.kernels``) on the slot."""
+        """Run pass ``op`` (a key of ``self.kernels``, or a row-wise method's pass) on the
+        slot."""
+        if is_row_op(op):
+            torch = self.torch
+            return self._launch.rows(torch.from_numpy(slot.inputs), torch.from_numpy(slot.out), args)
         if op.startswith("hist_"):
             kw["op"] = op
         return self.kernels[op](slot, args, **kw)

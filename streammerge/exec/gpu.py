@@ -30,6 +30,7 @@ import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.exec.layout import MIN_CHUNK_ELEMS, Slot
+from streammerge.exec.ops import is_row_op
 from streammerge.exec.triton_launcher import _ITEMSIZE, TritonLauncher
 from streammerge.sizes import format_bytes
 
@@ -220,6 +221,7 @@ class DeviceBackend:
     def __init__(self, queue, launcher, vram_bytes: int | None = None, warmup: bool = True) -> None:
         self.q = queue
         self.launcher = launcher
+        self._host = None  # numba, for the passes that run on the host (row-wise methods)
         self.vram_bytes = resolve_vram(vram_bytes, queue.mem_get_info()[0], queue.name)
         self.streams = {name: queue.stream(name) for name in ("h2d", "compute", "d2h")}
         self._sets: list | None = None
@@ -320,6 +322,12 @@ class DeviceBackend:
         if op == "convert":
             self.launcher.convert(slot.inputs[0], args, slot.out)
             return None
+        if is_row_op(op):  # row-wise methods (slerp) run on the host for now (docs/gpu.md)
+            if self._host is None:
+                from streammerge.exec.backends import NumbaBackend
+
+                self._host = NumbaBackend()
+            return self._host.run(op, slot, args)
         if op == "merge":
             return self.run_sweep(slot, [(slot, args)])
         q, s = self.q, self.streams

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.exec.ops import read_rows
+from streammerge.exec.ops import is_row_op, read_rows, row_len
 from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
 from streammerge.io.reader import DTYPE_ITEMSIZE
@@ -157,9 +157,13 @@ class Layout:
         return self.rows * self.row_bytes + self.outputs * self.out_row_bytes
 
     def max_elems(self, t: TensorPlan) -> int:
-        """Largest chunk (elements) of ``t`` that fits the buffers."""
+        """Largest chunk (elements) of ``t`` that fits the buffers: whole rows for a
+        row-wise pass (``make_layout`` checks that one row fits)."""
         if t.action == "copy":
             return max(1, self.cap_out_bytes // DTYPE_ITEMSIZE[t.dtype])
+        if t.action == "merge" and is_row_op(t.ops[0]):
+            n = row_len(t)
+            return max(n, self.chunk_elems // n * n)
         return self.chunk_elems
 
     def holds(self, t: TensorPlan) -> bool:
@@ -231,10 +235,26 @@ def make_layout(
             None,
             f"give at least {need / 2**20:.0f}MiB",
         )
+    _check_rows_fit(plan, chunk, per_elem, slack + staging + hist)
     layout = Layout(rows, n_slots, chunk, chunk * in_size, chunk * out_size, block, hist,
                     outputs=outputs)  # fmt: skip
     layout.buffer_bytes = n_slots * layout.slot_bytes + staging + hist
     return layout
+
+
+def _check_rows_fit(plan: Plan, chunk: int, per_elem: int, fixed: int) -> None:
+    """Refuse a row-wise merge whose longest row does not fit a chunk.
+
+    Raises:
+        MergeError: names the tensor, its row length and the --memory that fits it.
+    """
+    rows = [(row_len(t), t.name) for t in plan.tensors
+            if t.action == "merge" and is_row_op(t.ops[0])]  # fmt: skip
+    if rows and max(rows)[0] > chunk:
+        n, name = max(rows)
+        raise MergeError(f"--memory holds chunks of {chunk} elements, but {name} has rows of "
+                         f"{n} and a row-wise method reads whole rows", None, name,
+                         f"give at least {(n * per_elem + fixed) / 2**20:.0f}MiB")  # fmt: skip
 
 
 def _stats_chunks(t: TensorPlan, layout: Layout) -> Iterator[Chunk]:

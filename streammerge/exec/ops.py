@@ -21,6 +21,17 @@ from streammerge.exec.stats import KEEP_ALL
 from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
 from streammerge.methods.method import Method
 
+#: The passes every method shares; any other pass of a merged tensor is a row-wise
+#: method's (``Method.row_op``): chunks of whole rows.
+SHARED_OPS = frozenset(("copy", "convert", "merge", "hist_high", "hist_low", "hist_guess",
+                        "held"))  # fmt: skip
+
+
+def is_row_op(op: str) -> bool:
+    """True for a row-wise method's pass (``slerp``)."""
+    return op not in SHARED_OPS
+
+
 #: Input row of the base in a slot; fine-tune j is row MODEL_ROW0 + j.
 BASE_ROW = 0
 MODEL_ROW0 = 1
@@ -141,6 +152,44 @@ def merge_args(
         normalize,
         not method.uses_base,
     )
+
+
+@dataclass(frozen=True)
+class RowArgs:
+    """A row-wise pass over a chunk of whole rows (``Method.row_op``, e.g. ``slerp``):
+    ``kernels.cpu_rows`` on input rows ``model_rows`` (model 0, model 1).
+
+    Attributes:
+        op: the method's pass (its name picks the host step between the two kernels).
+        dtypes: safetensors dtype of each slot row; model_rows: the rows of the models.
+        n_rows, row_len: whole rows in the chunk, and their length (elements).
+        t: the tensor's interpolation factor; out_dtype: the stored output dtype.
+        coefficients: the method's host step between the two kernels,
+            ``(stats [n_rows, 3] float64, t) -> (ca, cb)`` float32 [n_rows] each.
+    """
+
+    op: str
+    dtypes: tuple[str, ...]
+    model_rows: tuple[int, ...]
+    n_rows: int
+    row_len: int
+    t: float
+    out_dtype: str
+    coefficients: object
+
+
+def row_len(t: TensorPlan) -> int:
+    """Elements per row of ``t``: numel / shape[0] (a 1-D tensor: rows of one element, a
+    0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows"."""
+    return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
+
+
+def row_args(method: Method, t: TensorPlan, c: Chunk) -> RowArgs:
+    """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``)."""
+    n = row_len(t)
+    return RowArgs(method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
+                   c.count // n, n, float(t.params.get("t")), t.dtype,
+                   method.row_coefficients)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
-from streammerge.exec.ops import convert_args, merge_args, read_rows
+from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
 from streammerge.exec.thresholds import _Thresholds, accumulate
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
@@ -162,7 +162,7 @@ class ReaderStage:
             self.reader.hash_ranges(remote, pool)
         local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
         # A GPU backend copies each row from where its O_DIRECT read landed: no memmove.
-        in_place = not self.offsets_ok or item.op in ("copy", "convert")
+        in_place = not self.offsets_ok or item.op in ("copy", "convert") or is_row_op(item.op)
         deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
         if not in_place:
             slot.offsets = [0] * self.layout.rows
@@ -206,7 +206,7 @@ class WriterStage:
                     self.shard_marker(item, stagings, writers)
                     s.busy["write_s"] += time.perf_counter() - t0
                     continue
-                merged = item.op in ("merge", "held")
+                merged = item.op in ("merge", "held") or is_row_op(item.op)
                 for k, writer in enumerate(writers):
                     buf = item.outs[k] if merged else item.out
                     writer.write(memoryview(buf)[: item.out_nbytes])
@@ -319,6 +319,21 @@ class ComputeStage:
                 self.backend.wait(h)
         self.stream.done_q.put(done)
 
+    def row_pass(self, slot: Slot):
+        """A row-wise method's pass on the slot, for every output (a sweep: each output's
+        own tensor parameters over the same rows)."""
+        t, method = slot.tensor, self.plan.recipe.row
+        if len(self.variants) == 1:
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk))
+        handles = []
+        for k, names in enumerate(self.by_name):
+            tk, c = names[t.name], slot.chunk
+            ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
+            view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
+                        offsets=slot.offsets)  # fmt: skip
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck)))
+        return _Handles(handles)
+
     def compute(self, slot: Slot):
         """Run the slot's passes; returns (handle, goes_to_writer)."""
         backend, thresholds, plan = self.backend, self.thresholds, self.plan
@@ -341,6 +356,8 @@ class ComputeStage:
                 v[1] = st.resolve_window()
                 v[0].set()
             return None, False
+        if is_row_op(op):
+            return self.row_pass(slot), True
         if op == "held":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)

@@ -56,6 +56,20 @@ class TritonLauncher:
             linear=a.linear,
         )
 
+    def rows(self, inputs, out, a) -> None:
+        """A row-wise pass (``streammerge.exec.ops.RowArgs``) into ``out`` (uint8): the rows'
+        statistics on the device, the method's coefficients on the host, the combine."""
+        from streammerge.kernels import triton_rows
+
+        torch, n = self.torch, a.n_rows * a.row_len
+        v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+        stats = triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len)
+        ca, cb = a.coefficients(stats.cpu().numpy(), a.t)
+        dev = v0.device
+        triton_rows.rows_combine_triton(v0, v1, a.n_rows, a.row_len,
+                                        torch.from_numpy(ca).to(dev), torch.from_numpy(cb).to(dev),
+                                        self._typed(out, a.out_dtype, n))  # fmt: skip
+
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host with numba (``streammerge.exec.ops.ConvertArgs``;
         rare: base-only float tensors with ``--dtype``)."""

@@ -10,6 +10,7 @@ of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel argumen
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from streammerge.methods.params import Param
@@ -43,9 +44,10 @@ SPARSIFIERS: dict[str, Sparsifier] = {
     )
 }
 
-#: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), or the
-#: method has nothing for M3 to draw (``none``).
-M3_MODES = ("weights", "none")
+#: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), the
+#: mixup ratio m_1 is the interpolation factor ``t`` (two models), or the method has
+#: nothing for M3 to draw (``none``).
+M3_MODES = ("weights", "t", "none")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,13 @@ class Method:
             accepts exactly these (and mergekit's other keys with a notice).
         m3: a key of ``M3_MODES``.
         summary: one line for ``--help`` and the docs table; source: the paper.
-        min_models: fewest fine-tunes it merges.
+        min_models, max_models: fewest and most models it merges (None: no limit).
+        row_op: the pass of a row-wise method (chunks of whole rows, one kernel pass per
+            chunk: ``slerp``), or None for the elementwise task-vector passes.
+        base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
+            slerp's ``v0``), not the origin of task vectors.
+        row_coefficients: a row-wise method's host step between its statistics kernel
+            and its combining kernel: ``(stats [rows, 3] float64, t) -> (ca, cb)``.
     """
 
     name: str
@@ -75,6 +83,10 @@ class Method:
     source: str
     m3: str = "weights"
     min_models: int = 2
+    max_models: int | None = None
+    row_op: str | None = None
+    base_is_input: bool = False
+    row_coefficients: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):
@@ -115,8 +127,11 @@ class Method:
         return tuple(p for p in self.params if not p.per_model)
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
-        """The passes over each merged tensor (``streammerge.exec.ops``): the statistics
-        passes when thresholds are per tensor, then the elementwise ``merge``."""
+        """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise
+        method's one pass; else the statistics passes when thresholds are per tensor, then
+        the elementwise ``merge``."""
+        if self.row_op is not None:
+            return (self.row_op,)
         if self.sparse.stats and trim_scope == "tensor":
             return ("hist_high", "hist_low", "merge")
         return ("merge",)

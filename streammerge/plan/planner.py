@@ -417,8 +417,7 @@ def make_plan(
         raise MergeError(f"method {row.name} needs a base model", None, None, "pass --base DIR")
     ref = base if uses_base else models[0]
     out_dtype = None if recipe.dtype is None else normalize_dtype(recipe.dtype)
-    stats_ops = row.sparse.stats and recipe.trim_scope == "tensor"
-    merge_ops = ("hist_high", "hist_low", "merge") if stats_ops else ("merge",)
+    merge_ops = row.passes(recipe.trim_scope)
     _check_no_extra_tensors(ref, models, uses_base)
     walk = _walk_tensors(ref, models, recipe, out_dtype)
     if walk.missing:

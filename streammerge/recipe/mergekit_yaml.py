@@ -186,6 +186,9 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
     base = reader.base_model(base_ref)
     models, labels, model_params = reader.fine_tunes(cfg.get("models"), base)
     params = reader.top_params(cfg.get("parameters") or {})
+    if reader.row.base_is_input:  # mergekit's base_model is model 0 (slerp's v0)
+        models, labels, model_params = [base, *models], [str(base_ref), *labels], [{}, *model_params]
+        base, base_ref = None, None
     kwargs.update(model_params=model_params, params=params, lines=reader.lines)
     tokenizer_model = reader.tokenizer_model(cfg.get("tokenizer_source"), labels)
     for n in reader.notices:
@@ -352,7 +355,7 @@ class _RecipeReader:
     def base_model(self, base_ref) -> Path | str | None:
         """The resolved ``base_model`` (None when not given; required by every method but
         linear)."""
-        if self.row.uses_base and base_ref is None:
+        if (self.row.uses_base or self.row.base_is_input) and base_ref is None:
             self.doc.fail("base_model", f"method {self.method} needs a base_model",
                           "add base_model:", line=1)  # fmt: skip
         if base_ref is None:
@@ -384,7 +387,7 @@ class _RecipeReader:
             if "model" not in e:
                 doc.fail(key, "missing model:")
             p = _resolve_model(e["model"], f"{key}.model", doc, self.here)
-            if self.row.uses_base and base is not None \
+            if (self.row.uses_base or self.row.base_is_input) and base is not None \
                     and os.path.realpath(p) == os.path.realpath(base):  # fmt: skip
                 continue  # the base among the models: not a fine-tune (mergekit skips it too)
             params = e.get("parameters") or {}
@@ -393,8 +396,9 @@ class _RecipeReader:
             model_params.append(self.model_params(key, len(models), params))
             models.append(p)
             labels.append(str(e["model"]))
-        if len(models) < 2:
-            doc.fail("models", f"need at least 2 fine-tunes besides the base, got {len(models)}",
+        need = 1 if self.row.base_is_input else 2  # slerp: the base is model 0 (v0)
+        if len(models) < need:
+            doc.fail("models", f"need at least {need} models besides the base, got {len(models)}",
                      line=doc.lines.get("models"))  # fmt: skip
         return models, labels, model_params
 

@@ -218,14 +218,9 @@ class Recipe:
             RecipeError: a resolved value out of range (names the recipe key).
         """
         row = self.row
-        w: list[float] = []
         per_model: dict[str, list] = {p.name: [] for p in row.per_model if p.name != "weight"}
+        w = self._weights(name, t) if row.takes("weight") else []
         for j in range(self.n_models):
-            weight, where = self._value(j, "weight", name, t)
-            weight = row.param("weight").check(1.0 if weight is None else weight, where)
-            w.append(weight * self.mixup[j] if self.mixup is not None else weight)
-            if not math.isfinite(w[-1]):
-                raise RecipeError(f"{where}: weight x mixup ratio overflows ({w[-1]})", where)
             dare = self._dare_rates(j, name, t) if row.sparse.uses_drop else {}
             for key, values in per_model.items():
                 if key in dare:
@@ -239,11 +234,33 @@ class Recipe:
             if not p.affects_values:
                 continue
             v, where = self._value(None, p.name, name, t)
+            if p.m3 and row.m3 == "t" and self.mixup is not None:
+                v, where = self.mixup[1], "the M3 draw"  # t = m_1 = 1 - lam (SPEC)
+            if v is None and p.default is None:
+                raise RecipeError(f"method {row.name} needs {p.key} (--{p.name}, or M3 "
+                                  "draws it: --alpha)", p.key)  # fmt: skip
             v = p.check(p.default if v is None else v, where)
             if p.only is None:
                 shared.append((p.name, v))
+            if p.m3 and row.m3 == "t":
+                w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
+
+    def _weights(self, name: str, t: float) -> list[float]:
+        """w_j = m_j * weight_j(t) (M3), or weight_j(t), of every fine-tune.
+
+        Raises:
+            RecipeError: a weight that is not finite, or overflows with the mixup ratio.
+        """
+        w = []
+        for j in range(self.n_models):
+            weight, where = self._value(j, "weight", name, t)
+            weight = self.row.param("weight").check(1.0 if weight is None else weight, where)
+            w.append(weight * self.mixup[j] if self.mixup is not None else weight)
+            if not math.isfinite(w[-1]):
+                raise RecipeError(f"{where}: weight x mixup ratio overflows ({w[-1]})", where)
+        return w
 
     def _dare_rates(self, j: int, name: str, t: float) -> dict[str, float]:
         """DARE's drop rate p_j and density rho_j = 1 - p_j of fine-tune ``j`` (SPEC v1):
@@ -365,9 +382,10 @@ def build_recipe(
         raise RecipeError(f"need at least 2 fine-tunes, got {n_models}")
     method = method or DEFAULT_METHOD
     row = get_method(method)
-    if n_models < row.min_models:
-        raise RecipeError(f"method {method} needs at least {row.min_models} fine-tunes, "
-                          f"got {n_models}")  # fmt: skip
+    if n_models < row.min_models or (row.max_models is not None and n_models > row.max_models):
+        want = (f"exactly {row.min_models}" if row.max_models == row.min_models
+                else f"at least {row.min_models}")  # fmt: skip
+        raise RecipeError(f"method {method} merges {want} models, got {n_models}")
     if trim_scope not in TRIM_SCOPES:
         raise RecipeError(f"--trim-scope must be tensor or model, got {trim_scope!r}", "trim_scope")
     seed = _checked_seed(seed)
@@ -377,6 +395,10 @@ def build_recipe(
     if weights is not None:
         given["weight"] = weights
     _check_flags_apply(row, given)
+    if row.m3 == "t" and ("t" in given or "t" in (params or {})):
+        if lam is not None:
+            raise RecipeError("give t or --lambda, not both (M3's t is 1 - lambda)", "lambda")
+        alpha = None  # t given: nothing to draw (as --weights for the weighted methods)
     mixup, alpha_used = _mixup_weights(n_models, lam, weights, alpha, seed)
     models = [dict(m) for m in model_params] if model_params else [{} for _ in range(n_models)]
     params: dict = dict(params or {})
