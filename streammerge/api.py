@@ -236,8 +236,8 @@ def _prepare_slices(models, base, out, recipe: SliceRecipe, options: Options,
         MergeError: as ``plan_slices``, or bad inputs / output location.
     """
     check_run_args(out, **asdict(options))
-    if len(models) != recipe.n_models:
-        raise RecipeError(f"the slices recipe names {recipe.n_models} models, got {len(models)}")
+    if len(models) != len(recipe.labels):
+        raise RecipeError(f"the slices recipe names {len(recipe.labels)} models, got {len(models)}")
     base_dir, model_dirs, output = _open_inputs(models, base, out, options)
     shard_size_bytes = parse_size(options.shard_size)
     plan = plan_slices(recipe, model_dirs, base_dir, shard_size_bytes)

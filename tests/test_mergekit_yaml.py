@@ -133,7 +133,7 @@ BAD = [
     ("merge_method: ties\nmodels: [{model: A}, {model: C}]\n", "needs a base_model"),
     (
         "merge_method: ties\nbase_model: B\nslices: []\n",
-        "line 3: slices: merge_method 'ties' with slices: per-slice merges are not yet supported",
+        "line 3: slices: expected a list of {sources: [...]} entries",
     ),
     (
         "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\ntokenizer_source: union\n",

@@ -265,7 +265,7 @@ def test_bad_recipes_stop_in_one_line_before_writing(tmp_path, sources, extra, w
     assert not out.exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_two_sources_and_other_methods_are_refused(tmp_path):
+def test_two_sources_in_passthrough_and_one_in_a_merge_are_refused(tmp_path):
     m = llama_model(tmp_path / "m", 4, seed=13)
     two = tmp_path / "two.yml"
     two.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {m}\n"
@@ -273,7 +273,7 @@ def test_two_sources_and_other_methods_are_refused(tmp_path):
                    "        layer_range: [2, 4]\n")  # fmt: skip
     ties = write_recipe(tmp_path / "ties.yml", [(m, 0, 2)], method="ties")
     for cfg, want in ((two, "line 3: slices[0].sources: 2 sources: passthrough takes exactly one"),
-                      (ties, "merge_method 'ties' with slices: per-slice merges are not yet")):  # fmt: skip
+                      (ties, "line 3: slices[0].sources: 1 source: merge_method ties merges 2+")):  # fmt: skip
         r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out")])
         assert r.returncode == 2 and want in r.stderr, r.stderr
         assert not (tmp_path / "out").exists()

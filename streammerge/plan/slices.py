@@ -1,6 +1,7 @@
-"""The plan of a passthrough slices recipe (``streammerge.recipe.slices``): every output
-tensor is a copy (or a cast) of one input tensor, planned from headers and config.json
-alone, checked before a byte is written.
+"""The plan of a slices recipe (``streammerge.recipe.slices``), from headers and
+config.json alone, checked before a byte is written: with passthrough every output tensor
+is a copy (or a cast) of one input tensor (below); with another method each is a merge of
+the slice's sources' tensors (``streammerge.plan.slice_merge``).
 
 Output layer i is layer j of model m, renumbered consecutively over the slices, read by
 name: ``model.layers.<j>.<rest>`` of m becomes ``model.layers.<i>.<rest>``. A layer used
@@ -26,48 +27,39 @@ layers, 0..5 <- m:0..5 and 6..11 <- m:2..7; embed_tokens, norm and lm_head from 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from streammerge.errors import MergeError
-from streammerge.io import safejson
 from streammerge.io.reader import ModelDir, TensorInfo
 from streammerge.kernels.common import FLOAT_ITEMSIZE
 from streammerge.names import natural_key
+from streammerge.plan.layer_stack import (
+    CONFIG_DTYPES,
+    LAYER_PREFIX,
+    LAYERS_KEY,
+    OPTIONAL,
+    POST_WEIGHTS,
+    PRE_WEIGHTS,
+    Stack,
+    architecture_of,
+    read_stack,  # fmt: skip
+)
 from streammerge.plan.plan_types import Plan, TensorPlan
-from streammerge.plan.planner import _shard_plans
+from streammerge.plan.planner import shard_plans
+from streammerge.plan.slice_merge import merge_rows
 from streammerge.recipe.slices import OutLayer, SliceRecipe
-
-#: Architectures (config.json ``architectures[0]``) whose layout slices read: layers under
-#: ``model.layers.N.``, ``PRE_WEIGHTS`` before them and ``POST_WEIGHTS`` after them, as
-#: mergekit 0.1.5's definitions of the same names (``_data/architectures/*.json``).
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
-                 "Phi3ForCausalLM")  # fmt: skip
-LAYER_PREFIX = "model.layers."
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-PRE_WEIGHTS = ("model.embed_tokens.weight",)
-POST_WEIGHTS = ("model.norm.weight", "lm_head.weight")
-#: Written only when the last slice's model has it (tied embeddings: it has none).
-OPTIONAL = ("lm_head.weight",)
-#: config.json key of the layer count (mergekit's ``num_layers_config_key``).
-LAYERS_KEY = "num_hidden_layers"
-#: Per-layer config lists not named ``*layer*``.
-PER_LAYER_KEYS = ("activation_sparsity_pattern",)
-MAX_CONFIG_BYTES = 16 * 2**20
-#: Output dtype (safetensors) -> config.json's dtype name.
-CONFIG_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
 @dataclass(frozen=True)
 class SlicePlan(Plan):
-    """A ``Plan`` whose tensors are copies of the slices' layers.
+    """A ``Plan`` whose tensors are the slices' layers, copied or merged.
 
     Attributes:
         layers: every output layer and its source (``OutLayer``).
-        roles: output tensor name -> index of the model its bytes come from (as the
-            journal names inputs: ``"0"``, ``"1"``...).
+        roles: output tensor name -> index of the model of its reference tensor (the
+            one it copies; a merge: the base's, else the first input's), as the journal
+            names inputs: ``"0"``, ``"1"``...
         config_set: (key, value) pairs the output's config.json gets.
     """
 
@@ -76,117 +68,12 @@ class SlicePlan(Plan):
     config_set: tuple = ()
 
     def input_role(self, t: TensorPlan) -> str:
-        """The model whose tensor ``t`` copies."""
+        """The model whose tensor fills ``t``'s reference slot (``t.base``)."""
         return self.roles[t.name]
 
     def config_updates(self) -> dict:
         """``num_hidden_layers`` and the per-layer lists of the output."""
         return dict(self.config_set)
-
-
-@dataclass
-class _Stack:
-    """One input model read for slicing: its config, its layers (layer j -> the rest of
-    each tensor name after ``model.layers.j.`` -> TensorInfo), the tensors outside the
-    layers, and its config's per-layer lists."""
-
-    label: str
-    model: ModelDir
-    config: dict
-    layers: list[dict[str, TensorInfo]]
-    outside: dict[str, TensorInfo]
-    per_layer: dict[str, list]
-
-
-def read_config(m: ModelDir, label: str) -> dict:
-    """``config.json`` of ``m`` as a dict.
-
-    Raises:
-        MergeError: missing, unreadable, not a JSON object.
-    """
-    path = m.path / "config.json"
-    todo = f"slices need {label}'s config.json (its architecture and layer count)"
-    if not path.is_file():
-        raise MergeError("no config.json", m.path, None, todo)
-    cfg = safejson.load_file(path, max_depth=64, max_bytes=MAX_CONFIG_BYTES, todo=todo,
-                             what="config")  # fmt: skip
-    if not isinstance(cfg, dict):
-        raise MergeError("config is not a JSON object", path, None, todo)
-    return cfg
-
-
-def architecture_of(cfg: dict) -> str | None:
-    """``architectures[0]`` of a config, or None."""
-    archs = cfg.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        return archs[0]
-    return None
-
-
-def derived_layer_types(cfg: dict, n: int) -> list[str] | None:
-    """``layer_types`` as transformers derives it for a config without one (Gemma 2,
-    Gemma 3 text, Qwen 2/3), or None for other model types."""
-    kind = cfg.get("model_type")
-    if kind == "gemma2":
-        return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)]
-    if kind == "gemma3_text":
-        p = cfg.get("sliding_window_pattern", 6)
-        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
-            return None
-        return ["sliding_attention" if (i + 1) % p else "full_attention" for i in range(n)]
-    if kind in ("qwen2", "qwen3"):
-        window = cfg.get("sliding_window", 4096) if cfg.get("use_sliding_window") else None
-        first = cfg.get("max_window_layers", 28)
-        return ["sliding_attention" if window is not None and i >= first else "full_attention"
-                for i in range(n)]  # fmt: skip
-    return None
-
-
-def per_layer_lists(cfg: dict, n: int) -> dict[str, list]:
-    """The config's lists with one entry per layer: keys named ``*layer*`` (or in
-    ``PER_LAYER_KEYS``) holding a list of ``n`` entries, plus ``layer_types`` derived when
-    absent (``derived_layer_types``)."""
-    out = {k: v for k, v in cfg.items()
-           if isinstance(v, list) and len(v) == n and ("layer" in k or k in PER_LAYER_KEYS)}  # fmt: skip
-    if "layer_types" not in out and (derived := derived_layer_types(cfg, n)) is not None:
-        out["layer_types"] = derived
-    return out
-
-
-def read_stack(m: ModelDir, label: str) -> _Stack:
-    """``m`` read for slicing: its architecture checked, its tensors sorted into layers and
-    the tensors before / after them.
-
-    Raises:
-        MergeError: an architecture not in ``ARCHITECTURES``, a tensor outside the layers
-            that is neither before nor after them in that layout, layers missing between 0
-            and the last, a layer count other than config.json's.
-    """
-    cfg = read_config(m, label)
-    arch = architecture_of(cfg)
-    if arch not in ARCHITECTURES:
-        raise MergeError(f"architecture {arch} of {label} has no known layer layout for slices",
-                         m.path, None, f"slices read {', '.join(ARCHITECTURES)} (layers under "
-                         f"{LAYER_PREFIX}N.)")  # fmt: skip
-    layers: dict[int, dict[str, TensorInfo]] = {}
-    outside: dict[str, TensorInfo] = {}
-    for name, info in m.tensors.items():
-        hit = _LAYER.match(name)
-        if hit:
-            layers.setdefault(int(hit.group(1)), {})[hit.group(2)] = info
-        elif name in PRE_WEIGHTS + POST_WEIGHTS:
-            outside[name] = info
-        else:
-            raise MergeError(f"a tensor outside the layers that the {arch} layout does not "
-                             "have (mergekit would not write it)", m.path, name,
-                             "remove it from the checkpoint, or merge whole models")  # fmt: skip
-    n = max(layers) + 1 if layers else 0
-    missing = [j for j in range(n) if j not in layers]
-    if missing or cfg.get(LAYERS_KEY) != n:
-        raise MergeError(f"{label} has tensors of {len(layers)} layers numbered up to {n - 1} "
-                         f"and config.json says {LAYERS_KEY} {cfg.get(LAYERS_KEY)!r}", m.path,
-                         None, "fix the checkpoint: its layers must be 0..N-1 as configured")  # fmt: skip
-    return _Stack(label, m, cfg, [layers[j] for j in range(n)], outside, per_layer_lists(cfg, n))
 
 
 def _fail(recipe: SliceRecipe, key: str, what: str, todo: str, tensor: str | None = None):
@@ -196,7 +83,7 @@ def _fail(recipe: SliceRecipe, key: str, what: str, todo: str, tensor: str | Non
     raise MergeError(f"{at}{key}: {what}", recipe.source, tensor, todo)
 
 
-def _check_ranges(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> None:
+def _check_ranges(recipe: SliceRecipe, stacks: Sequence[Stack]) -> None:
     """Every source's layer_range within its model (one line naming the slice)."""
     for sl in recipe.slices:
         for s in sl.sources:
@@ -206,7 +93,7 @@ def _check_ranges(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> None:
                       f"{s.label}'s {n} layers", f"give a range within [0, {n}]")  # fmt: skip
 
 
-def _check_same_layout(recipe: SliceRecipe, stacks: Sequence[_Stack], base: _Stack | None) -> None:
+def _check_same_layout(recipe: SliceRecipe, stacks: Sequence[Stack], base: Stack | None) -> None:
     """One architecture for every slice model (and the base); every output layer with the
     tensors and shapes of the first."""
     used = sorted({s.model for sl in recipe.slices for s in sl.sources})
@@ -219,14 +106,15 @@ def _check_same_layout(recipe: SliceRecipe, stacks: Sequence[_Stack], base: _Sta
     layers = recipe.out_layers()
     first = layers[0]
     want = {k: v.shape for k, v in stacks[first.model].layers[first.layer].items()}
-    for o in layers[1:]:
-        got = {k: v.shape for k, v in stacks[o.model].layers[o.layer].items()}
-        if got != want:
-            src = recipe.slices[o.slice].sources[0]
-            diff = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
-            _fail(recipe, f"{src.key}.layer_range", f"layer {o.layer} of {src.label} has other "
-                  f"tensors or shapes than output layer 0 ({LAYER_PREFIX}{o.layer}.{diff[0]})",
-                  "stack layers of models of one configuration")  # fmt: skip
+    for o in layers:
+        for k, (m, j) in enumerate(o.sources):
+            got = {k: v.shape for k, v in stacks[m].layers[j].items()}
+            if got != want:
+                src = recipe.slices[o.slice].sources[k]
+                diff = sorted(set(got) ^ set(want)) or sorted(k for k in got if got[k] != want[k])
+                _fail(recipe, f"{src.key}.layer_range", f"layer {j} of {src.label} has other "
+                      f"tensors or shapes than output layer 0 ({LAYER_PREFIX}{j}.{diff[0]})",
+                      "stack layers of models of one configuration")  # fmt: skip
 
 
 def _row(recipe: SliceRecipe, out_name: str, info: TensorInfo, slice_index: int, t: float) -> tuple:
@@ -260,7 +148,7 @@ def _row(recipe: SliceRecipe, out_name: str, info: TensorInfo, slice_index: int,
     return (out_name, action, dtype, info.shape, info, (), (), None, 0, None)
 
 
-def _outside_rows(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> list[tuple]:
+def _outside_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> list[tuple]:
     """Rows of the tensors before the layers (from the first slice's model) and after them
     (from the last slice's), as mergekit's ``plan_module`` takes them (depth t = 0)."""
     rows = []
@@ -280,7 +168,7 @@ def _outside_rows(recipe: SliceRecipe, stacks: Sequence[_Stack]) -> list[tuple]:
     return rows
 
 
-def _config_set(recipe: SliceRecipe, stacks: Sequence[_Stack], donor: _Stack, rows: list) -> tuple:
+def _config_set(recipe: SliceRecipe, stacks: Sequence[Stack], donor: Stack, rows: list) -> tuple:
     """The (key, value) pairs the output's config.json gets: the layer count, each
     per-layer list rebuilt from the output layers' sources, the output dtype.
 
@@ -316,7 +204,8 @@ def _config_set(recipe: SliceRecipe, stacks: Sequence[_Stack], donor: _Stack, ro
 def plan_slices(
     recipe: SliceRecipe, models: Sequence[ModelDir], base: ModelDir | None, shard_size_bytes: int
 ) -> SlicePlan:
-    """Plan a passthrough slices merge from headers and config.json alone.
+    """Plan a slices recipe (passthrough stack or per-slice merges) from headers and
+    config.json alone.
 
     Args:
         recipe: the slices (``SliceRecipe``; model j of its sources is ``models[j]``).
@@ -326,17 +215,31 @@ def plan_slices(
         shard_size_bytes: greedy output shard limit (as ``make_plan``).
 
     Returns:
-        A ``SlicePlan``: output tensors in natural name order, each a copy or a convert.
+        A ``SlicePlan``: output tensors in natural name order, each a copy or a convert
+        (passthrough) or a merge (``slice_merge.merge_rows``).
 
     Raises:
         MergeError: one line naming the slice (and its YAML line) or the model: a range
             outside its model, an architecture without a known layer layout, models of
-            different layouts, a scale other than 1, dtypes cast twice; nothing is written.
+            different layouts, a scale other than 1, dtypes cast twice, a merged tensor
+            whose sources differ in shape; nothing is written.
     """
     stacks = [read_stack(m, recipe.labels[j]) for j, m in enumerate(models)]
     base_stack = read_stack(base, "base_model") if base is not None else None
     _check_ranges(recipe, stacks)
     _check_same_layout(recipe, stacks, base_stack)
+    rows, roles = (merge_rows if recipe.merges else _copy_rows)(recipe, stacks)
+    rows.sort(key=lambda r: natural_key(r[0]))
+    donor = base_stack if base_stack is not None else stacks[recipe.slices[0].sources[0].model]
+    config = _config_set(recipe, stacks, donor, rows)
+    shards = shard_plans(rows, recipe.row.passes(recipe.trim_scope), shard_size_bytes)
+    return SlicePlan(tuple(shards), recipe, (), (), None, None, tuple(recipe.out_layers()),
+                     roles, config)  # fmt: skip
+
+
+def _copy_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list, dict]:
+    """passthrough: the rows of every output tensor (copies of one input tensor) and the
+    model each comes from (``SlicePlan.roles``)."""
     rows, roles = [], {}
     for o in recipe.out_layers():
         for rest, info in stacks[o.model].layers[o.layer].items():
@@ -347,9 +250,4 @@ def plan_slices(
         rows.append(row)
         end = 0 if row[0] in PRE_WEIGHTS else len(recipe.slices) - 1
         roles[row[0]] = str(recipe.slices[end].sources[0].model)
-    rows.sort(key=lambda r: natural_key(r[0]))
-    donor = base_stack if base_stack is not None else stacks[recipe.slices[0].sources[0].model]
-    config = _config_set(recipe, stacks, donor, rows)
-    shards = _shard_plans(rows, ("merge",), shard_size_bytes)
-    return SlicePlan(tuple(shards), recipe, (), (), None, None, tuple(recipe.out_layers()),
-                     roles, config)  # fmt: skip
+    return rows, roles

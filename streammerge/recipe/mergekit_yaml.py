@@ -29,9 +29,9 @@ fine-tune (mergekit skips it too). Anything streammerge does not support stops w
 line naming the key and its line: ``modules``, ``tokenizer_source: union``,
 ``rescale: false``, a method streammerge lacks, an unknown key.
 
-A recipe with ``slices:`` and ``merge_method: passthrough`` stacks layers instead
-(``streammerge.recipe.slices``: ``load_recipe`` returns its ``SliceRecipe`` as
-``recipe["slices"]``); slices with any other method stop with one line.
+A recipe with ``slices:`` stacks layers instead (``merge_method: passthrough``), or merges
+each slice's sources with its method (``streammerge.recipe.slices``: ``load_recipe``
+returns its ``SliceRecipe`` as ``recipe["slices"]``).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.methods.method import Method
 from streammerge.methods.params import Param
 from streammerge.methods.registry import METHODS, all_params
+from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.yaml_doc import YamlDoc
 
 TOP_KEYS = {
@@ -167,8 +167,9 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
         MergeError: one line naming the key and its line: bad YAML, wrong types, an
             unknown key, an unsupported feature (tokenizer_source union, rescale
             false, LoRA), a method streammerge lacks, a missing base, a model that is
-            neither a directory nor in the local Hugging Face cache; slices with a method
-            other than passthrough, or with 2+ sources.
+            neither a directory nor in the local Hugging Face cache; slices the
+            method cannot take (passthrough: one source each; a merge: 2+ sources of
+            equal length, the base among them).
     """
     path = Path(path)
     text = _read_recipe_text(path)
@@ -199,21 +200,22 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
 
 
 def _load_slices(path: Path, text: str, doc: YamlDoc, notice) -> YamlRecipe:
-    """A recipe with ``slices:`` (``streammerge.recipe.slices``): passthrough only; its
-    ``recipe`` is ``{"slices": SliceRecipe}``, its models the distinct slice models."""
-    from streammerge.recipe.slices import SlicesReader
+    """A recipe with ``slices:`` (``streammerge.recipe.slices``): passthrough stacks the
+    layers, another method merges each slice's sources; its ``recipe`` is
+    ``{"slices": SliceRecipe}``, its models the distinct slice models."""
+    from streammerge.methods.registry import ALL_METHODS
+    from streammerge.recipe.slice_reader import SlicesReader
 
     cfg = doc.value
     method = cfg.get("merge_method")
     if method is None:
         doc.fail("merge_method", "missing", "name a method (passthrough for slices)", line=1)
     if method != "passthrough":
-        doc.fail("slices", f"merge_method {method!r} with slices: per-slice merges are not yet "
-                 "supported", "use merge_method: passthrough to stack layers, or list whole "
-                 "models under models:")  # fmt: skip
+        method = _merge_method(doc, cfg)
     if "models" in cfg:
         doc.fail("models", "give models: or slices:, not both (as mergekit)")
-    reader = SlicesReader(doc, path.parent, _resolve_model, _check_value, yaml_params())
+    reader = SlicesReader(doc, path.parent, _resolve_model, _check_value, yaml_params(),
+                          ALL_METHODS[method])  # fmt: skip
     recipe = reader.read(cfg)
     base_ref = cfg.get("base_model")
     base = None if base_ref is None else _resolve_model(base_ref, "base_model", doc, path.parent)
