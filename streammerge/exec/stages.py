@@ -21,12 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
-from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
+from streammerge.exec.ops import (
+    convert_args,
+    is_row_op,
+    merge_args,
+    read_rows,
+    row_args,
+    tensor_totals,
+)
 from streammerge.exec.thresholds import _Thresholds, accumulate
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
+from streammerge.methods.method import ROW_DOTS
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
 
@@ -272,6 +280,8 @@ class ComputeStage:
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
+    row_sums: list = field(default_factory=list)  # a row_dots pass's rows' sums so far
+    row_totals: tuple | None = None  # (tensor name, (T00, T11, T01)) of the last row_dots
 
     def __post_init__(self) -> None:
         self.by_name = [{t.name: t for t in v.tensors} for v in self.variants]
@@ -321,17 +331,29 @@ class ComputeStage:
 
     def row_pass(self, slot: Slot):
         """A row-wise method's pass on the slot, for every output (a sweep: each output's
-        own tensor parameters over the same rows)."""
+        own tensor parameters over the same rows). ``row_dots``: the rows' sums, kept until
+        the tensor's last chunk gives its totals (``ops.tensor_totals``); nothing is
+        written."""
         t, method = slot.tensor, self.plan.recipe.row
+        if slot.op == ROW_DOTS:
+            if slot.first:
+                self.row_sums = []
+            args = row_args(method, t, slot.chunk, ROW_DOTS)
+            self.row_sums.append(self.backend.run(ROW_DOTS, slot, args))
+            if slot.last:
+                self.row_totals = (t.name, tensor_totals(self.row_sums))
+                self.row_sums = []
+            return None
+        totals = self.row_totals[1] if self.row_totals and self.row_totals[0] == t.name else None
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk))
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, totals))
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck)))
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, totals)))
         return _Handles(handles)
 
     def compute(self, slot: Slot):
@@ -357,7 +379,7 @@ class ComputeStage:
                 v[0].set()
             return None, False
         if is_row_op(op):
-            return self.row_pass(slot), True
+            return self.row_pass(slot), op != ROW_DOTS
         if op == "held":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
