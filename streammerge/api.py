@@ -284,7 +284,7 @@ def layout_for(prep: Prepared, engine) -> Layout:
     """The buffer layout of ``prep`` on ``engine`` within ``--memory``."""
     return make_layout(
         prep.plan,
-        len(prep.models),
+        prep.recipe.n_models,  # the merge inputs (a slices recipe: per slice)
         prep.memory_bytes,
         engine.depth,
         getattr(engine, "max_chunk_elems", None),
