@@ -109,6 +109,21 @@ def test_solar_stack_maps_every_output_layer_to_its_input_layer(solar):
     assert "passthrough ->" in r.stdout and "seed" not in r.stdout + r.stderr
 
 
+def test_solar_stack_loads_in_transformers_with_every_key(solar):
+    m, out, _, _ = solar
+    transformers = pytest.importorskip("transformers", reason="transformers cannot import")
+    model, info = transformers.LlamaForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert model.config.num_hidden_layers == 12 and len(model.model.layers) == 12
+    src = load_dir(m)
+    sd = model.state_dict()
+    assert same_bytes(sd["model.layers.6.self_attn.q_proj.weight"].to(torch.bfloat16),
+                      src["model.layers.2.self_attn.q_proj.weight"])  # fmt: skip
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape == (1, 3, VOCAB) and torch.isfinite(logits.float()).all()
+
+
 def test_tied_stack_writes_no_lm_head_and_loads_in_transformers(tmp_path):
     m = llama_model(tmp_path / "m", 8, seed=2, tied=True)
     out = tmp_path / "out"
