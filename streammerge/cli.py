@@ -239,7 +239,7 @@ class _MergeConsole:
         r = plan.recipe
         if args.quiet:
             return
-        if args.seed is None and r.method != "passthrough":  # slices draw nothing
+        if args.seed is None and getattr(r, "slices", None) is None:  # slices: seed 0, no draw
             err.print(f"streammerge: seed {r.seed} (pass --seed {r.seed} to repeat this merge)")
         err.print(f"streammerge: writing {os.path.abspath(args.output)}")
         for line in plan.vocab_rules:

@@ -458,7 +458,8 @@ def format_plan(d: dict) -> str:
     out = _heading_lines(d)
     runs = d["recipe"].get("layer_runs")
     if runs is not None:  # layer slices: where each output layer comes from
-        out.append("output layers <- model:layer (each layer a copy, read once per use):")
+        how = "a copy" if d["method"] == "passthrough" else "a merge of its sources' layers"
+        out.append(f"output layers <- model:layer (each layer {how}, read once per use):")
         out += [f"  {r}" for r in runs]
     out.append("tensor groups:")
     out += _groups_lines(d["groups"], "the base" if runs is None else "its source model")

@@ -386,7 +386,7 @@ def _how_lines(record: dict) -> list[str]:
     row = METHODS.get(method)
     lines = ["## How", ""]
     runs = (record.get("recipe") or {}).get("layer_runs")
-    if method == "passthrough" and runs is not None:  # layer slices: the map, no weights
+    if runs is not None:  # layer slices: the map (passthrough: no weights below)
         lines.append(f"- Layers (output <- model:layer): {'; '.join(runs)}.")
     if row is not None:
         lines.append(
