@@ -130,19 +130,17 @@ def test_task_arithmetic_scopes_and_filters_match_the_oracle(pair):
 
 
 BAD = [
-    ("[[(0, 2), (0, 3)]]", "slices[0].sources[1].layer_range: 3 layers, slices[0].sources[0] has 2"),
-    ("[[(0, 2), (0, 2)], [(0, 2), (0, 2), (2, 4)]]", "slices[1].sources[2].model: "),
-    ("[[(0, 2), (0, 2)]]|nobase", "needs a base_model"),
+    ([[(0, 2), (0, 3)]], True, "slices[0].sources[1].layer_range: 3 layers, slices[0].sources[0] has 2"),
+    ([[(0, 2), (0, 2)], [(0, 2), (0, 2), (2, 4)]], True, "slices[1].sources[2].model: "),
+    ([[(0, 2), (0, 2)]], False, "needs a base_model"),
 ]
 
 
-@pytest.mark.parametrize("layout, want", BAD)
-def test_bad_slice_merges_stop_in_one_line(pair, tmp_path, layout, want):
+@pytest.mark.parametrize("slices, with_base, want", BAD)
+def test_bad_slice_merges_stop_in_one_line(pair, tmp_path, slices, with_base, want):
     _, a, b = pair
-    layout, _, flag = layout.partition("|")
-    slices = eval(layout)  # noqa: S307 (a literal of this file)
     models = [a, b, a]
-    head = "merge_method: slerp\n" + ("" if flag else f"base_model: {a}\n")
+    head = "merge_method: slerp\n" + (f"base_model: {a}\n" if with_base else "")
     (tmp_path / "r.yml").write_text(head + slices_yaml(models, slices))
     r = run_cli(["--config", str(tmp_path / "r.yml"), "-o", str(tmp_path / "out")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
