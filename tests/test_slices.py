@@ -294,7 +294,7 @@ def test_two_sources_in_passthrough_and_one_in_a_merge_are_refused(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
-def _mergekit(cfg: Path, out: Path) -> None:
+def run_mergekit(cfg: Path, out: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "CUDA_VISIBLE_DEVICES": "", "PYTHONHASHSEED": "0"}  # fmt: skip
     r = subprocess.run(
@@ -317,7 +317,7 @@ def test_byte_identical_to_mergekit(tmp_path, extra):
     ours, theirs = tmp_path / "ours", tmp_path / "mk"
     r = run_cli(["--config", str(cfg), "-o", str(ours), "--quiet"])
     assert r.returncode == 0, r.stderr
-    _mergekit(cfg, theirs)
+    run_mergekit(cfg, theirs)
     got, want = load_dir(ours), load_dir(theirs)
     assert set(got) == set(want)
     diff = [n for n in want if not same_bytes(got[n], want[n])]

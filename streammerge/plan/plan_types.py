@@ -159,6 +159,11 @@ class Plan:
         for ``linear`` (model 0 is its reference). A slices plan names each tensor's model."""
         return "base" if self.recipe.row.uses_base else "0"
 
+    def source_roles(self, t: TensorPlan) -> list[str]:
+        """The input each of ``t.sources`` lies in, as the journal names inputs: fine-tune
+        ``j`` is ``"j"``. A slices plan names each source's model."""
+        return [str(j) for j in range(len(t.sources))]
+
     def config_updates(self) -> dict:
         """Top-level keys the output's ``config.json`` gets besides the vocabulary rule's
         ``vocab_size``: none here; a slices plan sets the layer count and per-layer lists."""

@@ -24,17 +24,18 @@ from streammerge.recipe.recipe import RecipeError
 from streammerge.recipe.slices import SliceRecipe, SliceScope
 
 
-def merge_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list[tuple], dict]:
+def merge_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list[tuple], dict, dict]:
     """Every output tensor of a merging slices recipe as a plan row
-    (``planner.shard_plans``' form), and the model whose tensor fills each row's
-    reference slot (``SlicePlan.roles``).
+    (``planner.shard_plans``' form), the model whose tensor fills each row's reference
+    slot (``SlicePlan.roles``), and the model of each of its sources
+    (``SlicePlan.source_models``), as the journal names inputs (``"0"``, ``"1"``...).
 
     Raises:
         MergeError: a tensor whose shapes or kinds differ between a slice's sources, a
             dtype the kernels cannot read, a recipe value out of range (named), a tensor
             outside the layers that one of the end slices' models lacks.
     """
-    rows, roles, scopes, first = [], {}, [], 0
+    rows, roles, sources, scopes, first = [], {}, {}, [], 0
     for i, sl in enumerate(recipe.slices):
         scopes.append(recipe.scope(i, first))
         first += sl.length
@@ -44,31 +45,32 @@ def merge_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list[tuple
             name = f"{LAYER_PREFIX}{o.index}.{rest}"
             infos = [layer[rest] for layer in layers]
             rows.append(_merge_row(recipe, scopes[o.slice], o.slice, name, infos, o.t))
-            roles[name] = _role(recipe, o.slice)
+            roles[name], sources[name] = _roles(recipe, o.slice)
     last = len(recipe.slices) - 1
     for i, names in ((0, PRE_WEIGHTS), (last, POST_WEIGHTS)):
-        sources = recipe.slices[i].sources
+        end = recipe.slices[i].sources
         for name in names:
-            infos = [stacks[s.model].outside.get(name) for s in sources]
+            infos = [stacks[s.model].outside.get(name) for s in end]
             if all(x is None for x in infos) and name in OPTIONAL:
                 continue
             if None in infos:
-                who = stacks[sources[infos.index(None)].model]
+                who = stacks[end[infos.index(None)].model]
                 raise MergeError(f"{who.label} has no {name}, which the output merges from "
                                  f"the {'first' if i == 0 else 'last'} slice's models",
                                  who.model.path, name, "merge complete checkpoints of one "
                                  "architecture (tied and untied heads do not mix)")  # fmt: skip
             rows.append(_merge_row(recipe, scopes[i], i, name, infos, 0.0))
-            roles[name] = _role(recipe, i)
-    return rows, roles
+            roles[name], sources[name] = _roles(recipe, i)
+    return rows, roles, sources
 
 
-def _role(recipe: SliceRecipe, slice_index: int) -> str:
-    """The model (index, as the journal names inputs) of a slice's reference tensor: the
-    base's source, else the first merge input's."""
+def _roles(recipe: SliceRecipe, slice_index: int) -> tuple[str, tuple[str, ...]]:
+    """The models (indices, as the journal names inputs) of a slice's reference tensor
+    (the base's source, else the first merge input's) and of its merge inputs."""
     sl = recipe.slices[slice_index]
-    k = sl.base if sl.base is not None else recipe.merge_inputs(slice_index)[0]
-    return str(sl.sources[k].model)
+    ins = recipe.merge_inputs(slice_index)
+    k = sl.base if sl.base is not None else ins[0]
+    return str(sl.sources[k].model), tuple(str(sl.sources[i].model) for i in ins)
 
 
 def _merge_row(recipe: SliceRecipe, scope: SliceScope, slice_index: int, name: str,

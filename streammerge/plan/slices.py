@@ -61,15 +61,22 @@ class SlicePlan(Plan):
             one it copies; a merge: the base's, else the first input's), as the journal
             names inputs: ``"0"``, ``"1"``...
         config_set: (key, value) pairs the output's config.json gets.
+        source_models: merged tensor name -> the model index of each of its sources
+            (a per-slice merge's input j is not model j).
     """
 
     layers: tuple[OutLayer, ...] = ()
     roles: dict = field(default_factory=dict)
     config_set: tuple = ()
+    source_models: dict = field(default_factory=dict)
 
     def input_role(self, t: TensorPlan) -> str:
         """The model whose tensor fills ``t``'s reference slot (``t.base``)."""
         return self.roles[t.name]
+
+    def source_roles(self, t: TensorPlan) -> list[str]:
+        """The model of each of ``t.sources`` (a per-slice merge's inputs)."""
+        return list(self.source_models.get(t.name, ())) or super().source_roles(t)
 
     def config_updates(self) -> dict:
         """``num_hidden_layers`` and the per-layer lists of the output."""
@@ -228,18 +235,18 @@ def plan_slices(
     base_stack = read_stack(base, "base_model") if base is not None else None
     _check_ranges(recipe, stacks)
     _check_same_layout(recipe, stacks, base_stack)
-    rows, roles = (merge_rows if recipe.merges else _copy_rows)(recipe, stacks)
+    rows, roles, sources = (merge_rows if recipe.merges else _copy_rows)(recipe, stacks)
     rows.sort(key=lambda r: natural_key(r[0]))
     donor = base_stack if base_stack is not None else stacks[recipe.slices[0].sources[0].model]
     config = _config_set(recipe, stacks, donor, rows)
     shards = shard_plans(rows, recipe.row.passes(recipe.trim_scope), shard_size_bytes)
     return SlicePlan(tuple(shards), recipe, (), (), None, None, tuple(recipe.out_layers()),
-                     roles, config)  # fmt: skip
+                     roles, config, sources)  # fmt: skip
 
 
-def _copy_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list, dict]:
-    """passthrough: the rows of every output tensor (copies of one input tensor) and the
-    model each comes from (``SlicePlan.roles``)."""
+def _copy_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list, dict, dict]:
+    """passthrough: the rows of every output tensor (copies of one input tensor), the
+    model each comes from (``SlicePlan.roles``), and no merge sources."""
     rows, roles = [], {}
     for o in recipe.out_layers():
         for rest, info in stacks[o.model].layers[o.layer].items():
@@ -250,4 +257,4 @@ def _copy_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> tuple[list, dict
         rows.append(row)
         end = 0 if row[0] in PRE_WEIGHTS else len(recipe.slices) - 1
         roles[row[0]] = str(recipe.slices[end].sources[0].model)
-    return rows, roles
+    return rows, roles, {}
