@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, run_cli
-from test_slices import LAYER_SHAPES, MKVENV, run_mergekit, llama_model
+from test_slices import LAYER_SHAPES, MKVENV, llama_model, run_mergekit
 
 torch = pytest.importorskip("torch")
 
@@ -151,8 +151,9 @@ def test_bad_slice_merges_stop_in_one_line(pair, tmp_path, slices, with_base, wa
 def test_interrupted_slice_merge_checks_each_source_model_on_resume(tmp_path):
     """The journal names each merged tensor's sources by their model (input j of a slice
     is not model j): a changed byte of the last slice's second fine-tune stops --resume."""
-    import streammerge
     from conftest import dir_digest, fail_after
+
+    import streammerge
     from streammerge.errors import MergeError
     from streammerge.io.reader import open_model
     from streammerge.recipe.mergekit_yaml import load_recipe
