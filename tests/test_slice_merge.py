@@ -202,3 +202,23 @@ def test_task_arithmetic_slices_byte_identical_to_mergekit(pair, tmp_path):
     assert set(got) == set(want)
     diff = [n for n in want if as_numpy(got[n]).tobytes() != as_numpy(want[n]).tobytes()]
     assert not diff, diff[:5]
+
+
+def test_a_slice_base_model_overrides_the_recipe_base(pair, tmp_path):
+    """slerp: slice 1's own base_model b is its v0, slice 0 keeps the recipe's a."""
+    _, a, b = pair
+    body = slices_yaml([a, b], [[(0, 2), (2, 4)], [(2, 4), (0, 2)]])
+    body = body.replace("  - sources:", "  - base_model: BASE\n    sources:")
+    body = body.replace("BASE", str(a), 1).replace("BASE", str(b), 1)
+    cfg = tmp_path / "r.yml"
+    cfg.write_text(f"merge_method: slerp\nbase_model: {a}\n{body}parameters: {{t: 0.25}}\n")
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out"), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    got, ta, tb = load_dir(tmp_path / "out"), load_dir(a), load_dir(b)
+    rest = "self_attn.q_proj.weight"
+    for out_i, v0, v1 in ((1, ta[f"model.layers.1.{rest}"], tb[f"model.layers.3.{rest}"]),
+                          (3, tb[f"model.layers.1.{rest}"], ta[f"model.layers.3.{rest}"])):  # fmt: skip
+        x, y = as_numpy(v0), as_numpy(v1)
+        want = ref.spec_slerp(x, y, 0.25, "BF16", tuple(x.shape), "BF16", "BF16")
+        assert as_numpy(got[f"model.layers.{out_i}.{rest}"]).tobytes() == \
+            np.ascontiguousarray(want).tobytes(), out_i  # fmt: skip
