@@ -268,7 +268,8 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     r, plan = prep.recipe, prep.plan
     todo, resumed = _todo(prep)
     bytes_read, bytes_read_max, analysis_read = _read_totals(plan, todo, layout)
-    compile_s = _compile_seconds(device)
+    kernels = any(t.action != "copy" for t in plan.tensors)  # copies run no kernel
+    compile_s = _compile_seconds(device) if kernels else 0
     bytes_written = sum(s.size_bytes for s in todo)
     ordered = _tensor_groups(plan, todo, layout)
 
@@ -322,9 +323,9 @@ def _fmt_values(v) -> str:
     return str(v)
 
 
-def _fmt_params(p: dict) -> str:
-    if p["action"] != "merge":
-        return "copied from the base" if p["action"] == "copy" else "converted from the base"
+def _fmt_params(p: dict, source: str = "the base") -> str:
+    if p["action"] != "merge":  # ``source``: where copies come from (slices: the layer map)
+        return f"copied from {source}" if p["action"] == "copy" else f"converted from {source}"
     return ", ".join(f"{k} {_fmt_values(v)}" for k, v in p.items()
                      if k not in ("action", "tensors", "count"))  # fmt: skip
 
@@ -334,14 +335,15 @@ def _names(names: list[str], most: int = 4) -> str:
     return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
 
 
-def _group_body(g: dict) -> list[str]:
+def _group_body(g: dict, source: str = "the base") -> list[str]:
     passes = ", ".join(f"{k} x{v}" for k, v in g["passes"].items())
     lines = [f"    passes: {passes}"]
     if len(g["params"]) == 1:
-        lines.append(f"    {_fmt_params(g['params'][0])}")
+        lines.append(f"    {_fmt_params(g['params'][0], source)}")
     else:
         for p in g["params"]:
-            lines.append(f"    {_fmt_params(p)}: {p['count']} tensor(s): {_names(p['tensors'])}")
+            lines.append(f"    {_fmt_params(p, source)}: {p['count']} tensor(s): "
+                         f"{_names(p['tensors'])}")  # fmt: skip
     lines += [f"    vocabulary rule: {rule}" for rule in g["rules"]]
     return lines
 
@@ -350,6 +352,10 @@ def _heading_lines(d: dict) -> list[str]:
     """The plan's first lines: method, weighting and seed, the resolved parameters, the
     inputs and the output."""
     out = []
+    if d["method"] == "passthrough":  # layer slices: copies, nothing drawn
+        out.append("streammerge plan: method passthrough (layer slices: every tensor a copy "
+                   "of one input tensor)")  # fmt: skip
+        return out + _inputs_lines(d)
     mix = ""
     if d["mixup"] is not None:
         mix = f", λ {d['mixup'][0]!r}" if len(d["mixup"]) == 2 else f", m {_fmt_values(d['mixup'])}"
@@ -362,21 +368,26 @@ def _heading_lines(d: dict) -> list[str]:
     out.append(
         f"  resolved (tensors without overrides): {_fmt_params({'action': 'merge', **d['resolved']})}"
     )
-    out.append(f"  base: {d['base']}")
+    return out + _inputs_lines(d)
+
+
+def _inputs_lines(d: dict) -> list[str]:
+    """The base, the models and the output."""
+    out = [f"  base: {d['base']}"]
     for j, m in enumerate(d["models"]):
         out.append(f"  model {j}: {m}")
     out.append(f"  output: {d['output']} (nothing written by --plan)")
     return out
 
 
-def _groups_lines(groups: list[dict]) -> list[str]:
+def _groups_lines(groups: list[dict], source: str = "the base") -> list[str]:
     """The tensor groups, each a heading line and its body (``_group_body``); a run of
     consecutive layers that read alike is printed once, as ``layers A-B (each)``."""
     out = []
     i = 0
     while i < len(groups):
         g = groups[i]
-        body = _group_body(g)
+        body = _group_body(g, source)
         key = (g["tensors"], g["bytes"], g["read_bytes"], tuple(body))
         k = i + 1
         if g["group"].startswith("layer "):
@@ -384,7 +395,7 @@ def _groups_lines(groups: list[dict]) -> list[str]:
                 k < len(groups)
                 and groups[k]["group"].startswith("layer ")
                 and (groups[k]["tensors"], groups[k]["bytes"], groups[k]["read_bytes"],
-                     tuple(_group_body(groups[k]))) == key
+                     tuple(_group_body(groups[k], source))) == key
             ):  # fmt: skip
                 k += 1
         if k - i > 1:
@@ -445,8 +456,13 @@ def format_plan(d: dict) -> str:
     are printed once, as ``layers A-B``.
     """
     out = _heading_lines(d)
+    runs = d["recipe"].get("layer_runs")
+    if runs is not None:  # layer slices: where each output layer comes from
+        how = "a copy" if d["method"] == "passthrough" else "a merge of its sources' layers"
+        out.append(f"output layers <- model:layer (each layer {how}, read once per use):")
+        out += [f"  {r}" for r in runs]
     out.append("tensor groups:")
-    out += _groups_lines(d["groups"])
+    out += _groups_lines(d["groups"], "the base" if runs is None else "its source model")
     if d["analysis"] is not None:
         out.append(
             f"  model-wide thresholds first (trim_scope model): "

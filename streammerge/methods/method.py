@@ -75,6 +75,10 @@ class Method:
             slerp's ``v0``), not the origin of task vectors.
         row_coefficients: a row-wise method's host step between its statistics kernel
             and its combining kernel: ``(totals [1, 3] float64, t) -> (ca, cb)`` float32.
+        slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
+            layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
+            recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
+            it out; ``registry.get_method`` finds it).
     """
 
     name: str
@@ -91,6 +95,7 @@ class Method:
     row_op: str | None = None
     base_is_input: bool = False
     row_coefficients: Callable | None = None
+    slices_only: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):

@@ -115,14 +115,14 @@ def input_digests(plan, hasher, shard_name: str) -> list:
     if plan is None:
         return []
     # Without a base (linear), a tensor's reference slot holds model 0's tensor: record it
-    # under model 0, or a --resume would compare the base's bytes with model 0's hash.
-    ref_role = "base" if plan.recipe.row.uses_base else "0"
+    # under model 0 (``Plan.input_role``), or a --resume would compare the base's bytes with
+    # model 0's hash; a slices plan names the model each tensor (and each source) comes from.
     out = []
     for s in plan.shards:
         if s.filename != shard_name:
             continue
         for t in s.tensors:
-            srcs = [(ref_role, t.base)] + [(str(j), x) for j, x in enumerate(t.sources)]
+            srcs = [(plan.input_role(t), t.base), *zip(plan.source_roles(t), t.sources)]
             for role, info in srcs:
                 if info is None:
                     continue
