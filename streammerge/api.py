@@ -36,11 +36,13 @@ from streammerge.io.inputs import input_record, is_remote, open_input, resolve_o
 from streammerge.io.reader import INDEX_FILE, ModelDir
 from streammerge.output.outdir import OutputDir
 from streammerge.output.side_files import copy_side_files
-from streammerge.plan.checks import check_merge_args
+from streammerge.plan.checks import check_merge_args, check_run_args
 from streammerge.plan.plan_types import Plan, ShardPlan
 from streammerge.plan.planner import make_plan
+from streammerge.plan.slices import plan_slices
 from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.recipe import Recipe, RecipeError, build_recipe
+from streammerge.recipe.slices import SliceRecipe
 from streammerge.sizes import parse_size
 from streammerge.sysinfo import peak_rss_bytes
 
@@ -170,6 +172,9 @@ def prepare(
         RecipeError (a ValueError): bad recipe arguments.
     """
     options = options or Options()
+    slices = recipe.get("slices") if isinstance(recipe, dict) else recipe
+    if isinstance(slices, SliceRecipe):  # layer slices: their own plan (plan/slices.py)
+        return _prepare_slices(models, base, out, slices, options, provenance, preflight)
     if isinstance(recipe, dict):
         known = ("alpha", "lam", "weights", "drop", "scale", "seed", "dtype")
         checked = {k: recipe[k] for k in known if recipe.get(k) is not None}
@@ -180,19 +185,9 @@ def prepare(
                      **asdict(options))  # fmt: skip
     kwargs = dict(recipe or {}) if not isinstance(recipe, Recipe) else None
     method = recipe.method if isinstance(recipe, Recipe) else kwargs.get("method")
-    timeout = float(options.http_timeout)
-    base_dir = open_input(base, timeout) if base is not None else None
-    model_dirs = [open_input(m, timeout) for m in models]
+    base_dir, model_dirs, output = _open_inputs(models, base, out, options)
     shard_size_bytes = parse_size(options.shard_size)
     memory_bytes = parse_size(options.memory)
-    inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
-    output = OutputDir(
-        resolve_output(out),
-        inputs,
-        overwrite=options.overwrite,
-        resume=options.resume,
-        allow_nonfinite=options.allow_nonfinite,
-    )
     if kwargs is not None:
         if kwargs.get("seed") is None:
             kwargs["seed"] = output.journal_seed()
@@ -209,6 +204,45 @@ def prepare(
         plan = replace(plan, tokenizer_model=provenance.tokenizer_model)  # tokenizer_source
     prep = Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
                     memory_bytes, provenance or Provenance())  # fmt: skip
+    if preflight:
+        preflight_output(prep)
+    return prep
+
+
+def _open_inputs(models, base, out, options: Options) -> tuple[ModelDir | None, list, OutputDir]:
+    """The base (or None) and the models opened (headers validated), and the output's
+    ``OutputDir`` (nothing checked or written yet)."""
+    timeout = float(options.http_timeout)
+    base_dir = open_input(base, timeout) if base is not None else None
+    model_dirs = [open_input(m, timeout) for m in models]
+    inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
+    output = OutputDir(
+        resolve_output(out),
+        inputs,
+        overwrite=options.overwrite,
+        resume=options.resume,
+        allow_nonfinite=options.allow_nonfinite,
+    )
+    return base_dir, model_dirs, output
+
+
+def _prepare_slices(models, base, out, recipe: SliceRecipe, options: Options,
+                    provenance: Provenance | None, preflight: bool) -> Prepared:  # fmt: skip
+    """``prepare`` for layer slices (``streammerge.plan.slices``): ``models`` are the
+    recipe's distinct models in its order (one is enough); ``base`` (None allowed) only
+    gives the config and tokenizer files. No weight is read, nothing is written.
+
+    Raises:
+        MergeError: as ``plan_slices``, or bad inputs / output location.
+    """
+    check_run_args(out, **asdict(options))
+    if len(models) != len(recipe.labels):
+        raise RecipeError(f"the slices recipe names {len(recipe.labels)} models, got {len(models)}")
+    base_dir, model_dirs, output = _open_inputs(models, base, out, options)
+    shard_size_bytes = parse_size(options.shard_size)
+    plan = plan_slices(recipe, model_dirs, base_dir, shard_size_bytes)
+    prep = Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
+                    parse_size(options.memory), provenance or Provenance())  # fmt: skip
     if preflight:
         preflight_output(prep)
     return prep
@@ -250,7 +284,7 @@ def layout_for(prep: Prepared, engine) -> Layout:
     """The buffer layout of ``prep`` on ``engine`` within ``--memory``."""
     return make_layout(
         prep.plan,
-        len(prep.models),
+        prep.recipe.n_models,  # the merge inputs (a slices recipe: per slice)
         prep.memory_bytes,
         engine.depth,
         getattr(engine, "max_chunk_elems", None),

@@ -250,7 +250,7 @@ class _MergeConsole:
         r = plan.recipe
         if args.quiet:
             return
-        if args.seed is None:
+        if args.seed is None and getattr(r, "slices", None) is None:  # slices: seed 0, no draw
             err.print(f"streammerge: seed {r.seed} (pass --seed {r.seed} to repeat this merge)")
         err.print(f"streammerge: writing {os.path.abspath(args.output)}")
         for line in plan.vocab_rules:
@@ -370,11 +370,13 @@ def closing_line(s) -> str:
             else f"m ({', '.join(f'{m:.6g}' for m in s.mixup)}), "
         )
     drop = f"p ({', '.join(f'{p:g}' for p in s.drop)}), " if s.drop else ""
+    how = f"seed {s.seed}, {mix}w ({', '.join(f'{w:.6g}' for w in s.weights)}), {drop}"
+    if s.method == "passthrough":  # layer slices: copies, no seed, no weights
+        how = ""
     return (
         f"streammerge: read {format_bytes(s.bytes_read)}, wrote {format_bytes(s.bytes_written)} "
         f"in {s.seconds:.2f} s ({s.gb_per_s:.2f} GB/s), peak RSS {s.peak_rss_bytes / 2**20:.0f} MiB, "
-        f"seed {s.seed}, {mix}w ({', '.join(f'{w:.6g}' for w in s.weights)}), {drop}"
-        f"{s.method} -> {s.out}"
+        f"{how}{s.method} -> {s.out}"
         + (f" ({s.resumed_shards} shard(s) resumed)" if s.resumed_shards else "")
     )
 

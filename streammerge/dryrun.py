@@ -42,6 +42,7 @@ from streammerge.exec.layout import (
     work_items,
 )
 from streammerge.io.measure import measure_read_speed
+from streammerge.methods.method import ROW_DOTS
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
@@ -94,11 +95,16 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
     ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
     ``multi-pass: ...`` (a histogram read that also counts the low histograms of a window
     guessed from the first chunk, then the merge read; a third read when the guess missed;
-    histogram reads read only the rows the base has)."""
+    histogram reads read only the rows the base has); a row-wise method (slerp): ``slerp``
+    (one read: the tensor fits a chunk) or ``row_dots, then slerp (2 reads)``."""
     if t.action != "merge":
         return t.action
     if len(t.ops) == 1:
         return "merge"
+    if ROW_DOTS in t.ops:
+        if t.numel <= layout.max_elems(t):
+            return t.ops[-1]
+        return f"{ROW_DOTS}, then {t.ops[-1]} (2 reads)"
     ops = "+".join(t.ops)
     if "hist_high" not in t.ops:  # a row-wise method's statistics pass, then its pass
         return f"{' then '.join(t.ops)} ({len(t.ops)} reads)"
@@ -264,7 +270,8 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     r, plan = prep.recipe, prep.plan
     todo, resumed = _todo(prep)
     bytes_read, bytes_read_max, analysis_read = _read_totals(plan, todo, layout)
-    compile_s = _compile_seconds(device)
+    kernels = any(t.action != "copy" for t in plan.tensors)  # copies run no kernel
+    compile_s = _compile_seconds(device) if kernels else 0
     bytes_written = sum(s.size_bytes for s in todo)
     ordered = _tensor_groups(plan, todo, layout)
 
@@ -318,9 +325,9 @@ def _fmt_values(v) -> str:
     return str(v)
 
 
-def _fmt_params(p: dict) -> str:
-    if p["action"] != "merge":
-        return "copied from the base" if p["action"] == "copy" else "converted from the base"
+def _fmt_params(p: dict, source: str = "the base") -> str:
+    if p["action"] != "merge":  # ``source``: where copies come from (slices: the layer map)
+        return f"copied from {source}" if p["action"] == "copy" else f"converted from {source}"
     return ", ".join(f"{k} {_fmt_values(v)}" for k, v in p.items()
                      if k not in ("action", "tensors", "count"))  # fmt: skip
 
@@ -330,14 +337,15 @@ def _names(names: list[str], most: int = 4) -> str:
     return shown + (f" (+{len(names) - most} more)" if len(names) > most else "")
 
 
-def _group_body(g: dict) -> list[str]:
+def _group_body(g: dict, source: str = "the base") -> list[str]:
     passes = ", ".join(f"{k} x{v}" for k, v in g["passes"].items())
     lines = [f"    passes: {passes}"]
     if len(g["params"]) == 1:
-        lines.append(f"    {_fmt_params(g['params'][0])}")
+        lines.append(f"    {_fmt_params(g['params'][0], source)}")
     else:
         for p in g["params"]:
-            lines.append(f"    {_fmt_params(p)}: {p['count']} tensor(s): {_names(p['tensors'])}")
+            lines.append(f"    {_fmt_params(p, source)}: {p['count']} tensor(s): "
+                         f"{_names(p['tensors'])}")  # fmt: skip
     lines += [f"    vocabulary rule: {rule}" for rule in g["rules"]]
     return lines
 
@@ -346,6 +354,10 @@ def _heading_lines(d: dict) -> list[str]:
     """The plan's first lines: method, weighting and seed, the resolved parameters, the
     inputs and the output."""
     out = []
+    if d["method"] == "passthrough":  # layer slices: copies, nothing drawn
+        out.append("streammerge plan: method passthrough (layer slices: every tensor a copy "
+                   "of one input tensor)")  # fmt: skip
+        return out + _inputs_lines(d)
     mix = ""
     if d["mixup"] is not None:
         mix = f", λ {d['mixup'][0]!r}" if len(d["mixup"]) == 2 else f", m {_fmt_values(d['mixup'])}"
@@ -358,21 +370,26 @@ def _heading_lines(d: dict) -> list[str]:
     out.append(
         f"  resolved (tensors without overrides): {_fmt_params({'action': 'merge', **d['resolved']})}"
     )
-    out.append(f"  base: {d['base']}")
+    return out + _inputs_lines(d)
+
+
+def _inputs_lines(d: dict) -> list[str]:
+    """The base, the models and the output."""
+    out = [f"  base: {d['base']}"]
     for j, m in enumerate(d["models"]):
         out.append(f"  model {j}: {m}")
     out.append(f"  output: {d['output']} (nothing written by --plan)")
     return out
 
 
-def _groups_lines(groups: list[dict]) -> list[str]:
+def _groups_lines(groups: list[dict], source: str = "the base") -> list[str]:
     """The tensor groups, each a heading line and its body (``_group_body``); a run of
     consecutive layers that read alike is printed once, as ``layers A-B (each)``."""
     out = []
     i = 0
     while i < len(groups):
         g = groups[i]
-        body = _group_body(g)
+        body = _group_body(g, source)
         key = (g["tensors"], g["bytes"], g["read_bytes"], tuple(body))
         k = i + 1
         if g["group"].startswith("layer "):
@@ -380,7 +397,7 @@ def _groups_lines(groups: list[dict]) -> list[str]:
                 k < len(groups)
                 and groups[k]["group"].startswith("layer ")
                 and (groups[k]["tensors"], groups[k]["bytes"], groups[k]["read_bytes"],
-                     tuple(_group_body(groups[k]))) == key
+                     tuple(_group_body(groups[k], source))) == key
             ):  # fmt: skip
                 k += 1
         if k - i > 1:
@@ -441,8 +458,13 @@ def format_plan(d: dict) -> str:
     are printed once, as ``layers A-B``.
     """
     out = _heading_lines(d)
+    runs = d["recipe"].get("layer_runs")
+    if runs is not None:  # layer slices: where each output layer comes from
+        how = "a copy" if d["method"] == "passthrough" else "a merge of its sources' layers"
+        out.append(f"output layers <- model:layer (each layer {how}, read once per use):")
+        out += [f"  {r}" for r in runs]
     out.append("tensor groups:")
-    out += _groups_lines(d["groups"])
+    out += _groups_lines(d["groups"], "the base" if runs is None else "its source model")
     if d["analysis"] is not None:
         out.append(
             f"  model-wide thresholds first (trim_scope model): "

@@ -131,7 +131,10 @@ BAD = [
     ("base_model: B\nmodels: [{model: A}, {model: C}]\n", "merge_method: missing"),
     ("merge_method: karcher\nbase_model: B\nmodels: [{model: A}, {model: C}]\n", "no method 'karcher'"),
     ("merge_method: ties\nmodels: [{model: A}, {model: C}]\n", "needs a base_model"),
-    ("merge_method: ties\nbase_model: B\nslices: []\n", "line 3: slices: not supported"),
+    (
+        "merge_method: ties\nbase_model: B\nslices: []\n",
+        "line 3: slices: expected a list of {sources: [...]} entries",
+    ),
     (
         "merge_method: ties\nbase_model: B\nmodels: [{model: A}, {model: C}]\ntokenizer_source: union\n",
         "line 4: tokenizer_source: union is not supported",

@@ -15,7 +15,15 @@ import threading
 import numpy as np
 
 from streammerge.exec.layout import Slot, page_aligned
-from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs, RowArgs, is_row_op
+from streammerge.exec.ops import (
+    ConvertArgs,
+    HistArgs,
+    MergeArgs,
+    RowArgs,
+    combine_coefficients,
+    is_row_op,
+)
+from streammerge.methods.method import ROW_DOTS
 
 
 class _Geometry:
@@ -146,9 +154,11 @@ class NumbaBackend:
             return self._rows(slot, args)
         return self.kernels[op](slot, args, **kw)
 
-    def _rows(self, slot: Slot, a: RowArgs) -> None:
-        """A row-wise pass: the rows' statistics, the method's coefficients, the combine
-        (slerp); or a method's own elementwise kernel (``nearswap``)."""
+    def _rows(self, slot: Slot, a: RowArgs) -> np.ndarray | None:
+        """A row-wise pass: ``row_dots`` returns the rows' sums (float64 [n_rows, 3]); the
+        method's pass combines the rows with the tensor's coefficients
+        (``ops.combine_coefficients``); nearswap, ram, ramplus_tl and model_stock run their
+        own kernels (their statistics passes add into ``a.counts``)."""
         self._modules()
         if a.op == "nearswap":
             return self._nearswap(slot, a)
@@ -160,9 +170,14 @@ class NumbaBackend:
 
         v0, v1 = (slot.inputs[r] for r in a.model_rows)
         d0, d1 = (a.dtypes[r] for r in a.model_rows)
-        stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
-        ca, cb = a.coefficients(stats, a.t)
+        stats = None
+        if a.op == ROW_DOTS or a.totals is None:
+            stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
+            if a.op == ROW_DOTS:
+                return stats
+        ca, cb = combine_coefficients(a, stats)
         cpu_rows.rows_combine(v0, d0, v1, d1, a.n_rows, a.row_len, ca, cb, slot.out, a.out_dtype)
+        return None
 
     def _nearswap(self, slot: Slot, a: RowArgs) -> None:
         """NearSwap (SPEC "NearSwap"): model 0 is the base ``a``, model 1 ``b``."""

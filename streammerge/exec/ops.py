@@ -11,10 +11,14 @@ Passes (docs/SPEC.md):
 - ``hist_high`` / ``hist_low``: the statistics passes of a magnitude sparsifier (TIES,
   breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.exec.stats``).
 - ``merge``: the elementwise pass (DARE masks, keep windows, sign election, normalization).
+- ``row_dots``: the statistics pass of a row-wise method (``Method.row_op``) over a tensor
+  larger than a chunk: each row's sums, added over the tensor (``tensor_totals``) before
+  the method's own pass combines the rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +34,7 @@ SHARED_OPS = frozenset(("copy", "convert", "merge", "hist_high", "hist_low", "hi
 
 
 def is_row_op(op: str) -> bool:
-    """True for a row-wise method's pass (``slerp``)."""
+    """True for a row-wise method's passes (``row_dots``, ``slerp``): chunks of whole rows."""
     return op not in SHARED_OPS
 
 
@@ -162,17 +166,20 @@ class RowArgs:
     ``kernels.cpu_rows`` on input rows ``model_rows`` (model 0, model 1).
 
     Attributes:
-        op: the method's pass (its name picks the host step between the two kernels).
+        op: ``row_dots`` (the rows' sums only) or the method's pass (combine).
         dtypes: safetensors dtype of each slot row; model_rows: the rows of the models.
         n_rows, row_len: whole rows in the chunk, and their length (elements).
         t: the tensor's interpolation factor; out_dtype: the stored output dtype.
         coefficients: the method's host step between the two kernels,
-            ``(stats [n_rows, 3] float64, t) -> (ca, cb)`` float32 [n_rows] each.
+            ``(totals [1, 3] float64, t) -> (ca, cb)`` float32 [1] each.
+        totals: the tensor's (T00, T11, T01) from its ``row_dots`` pass (``tensor_totals``),
+            or None when the chunk is the whole tensor (its own rows give them).
         base_row: BASE_ROW for a method with task vectors (``ram``), else -1.
         params: the tensor's resolved shared parameters, (name, value) pairs.
-        counts: a whole-tensor statistics pass's accumulators (ramplus_tl: the int64 [N]
-            arrays ``shared``, ``unique``), which that pass adds into and the method's pass
-            reads; None for methods without one.
+        counts: a whole-tensor statistics pass's accumulators (ramplus_tl's ``ram_counts``:
+            the int64 [N] arrays ``shared``, ``unique``; model_stock's ``stock_dots``: the
+            float64 [K] sums), which that pass adds into and the method's pass reads; None
+            for methods without one.
         count: elements in the chunk (a method whose unit is a block, not a row:
             model_stock's last chunk is not whole blocks).
     """
@@ -185,6 +192,7 @@ class RowArgs:
     t: float
     out_dtype: str
     coefficients: object
+    totals: tuple[float, float, float] | None = None
     base_row: int = -1
     params: tuple = ()
     counts: tuple | None = None
@@ -212,16 +220,35 @@ def stats_accumulators(op: str, n_models: int) -> tuple:
     return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64),)
 
 
-def row_args(method: Method, t: TensorPlan, c: Chunk, counts: tuple | None = None,
-             op: str | None = None) -> RowArgs:  # fmt: skip
-    """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``): the method's
-    ``row_op``, or ``op`` (its statistics pass); ``counts``: the tensor's statistics
-    accumulators (``RowArgs.counts``)."""
+def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
+             totals: tuple[float, float, float] | None = None,
+             counts: tuple | None = None) -> RowArgs:  # fmt: skip
+    """Arguments of a row-wise pass ``op`` (default the method's) over chunk ``c`` (whole
+    rows of ``t``); ``totals``: the tensor's sums from its ``row_dots`` pass; ``counts``:
+    the tensor's statistics accumulators of another statistics pass (``RowArgs.counts``)."""
     n, tt = row_len(t), t.params.get("t")
-    return RowArgs(op or method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
-                   c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
-                   method.row_coefficients, BASE_ROW if c.segment.has_base else -1,
-                   t.params.values, counts, c.count)  # fmt: skip
+    return RowArgs(op or method.row_op, tuple(row_dtypes(t)),
+                   tuple(model_row(j) for j in c.segment.models), c.count // n, n,
+                   0.0 if tt is None else float(tt), t.dtype, method.row_coefficients, totals,
+                   BASE_ROW if c.segment.has_base else -1, t.params.values, counts,
+                   c.count)  # fmt: skip
+
+
+def tensor_totals(parts: list[np.ndarray]) -> tuple[float, float, float]:
+    """(T00, T11, T01): each column of the rows' sums (float64 arrays [rows, 3], any order
+    of chunks) correctly rounded by ``math.fsum`` (docs/SPEC.md "SLERP (v3)" "Tensor
+    statistics"), so the result does not depend on where the chunks were cut."""
+    rows = np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for p in parts])
+    return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
+
+
+def combine_coefficients(a: RowArgs, stats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's per-row coefficients (float32 [n_rows] each, one value: the tensor's):
+    from ``a.totals``, or else from ``stats`` (the rows' sums of a chunk that is the whole
+    tensor)."""
+    totals = a.totals if a.totals is not None else tensor_totals([stats])
+    ca, cb = a.coefficients(np.asarray([totals], np.float64), a.t)
+    return np.full(a.n_rows, ca[0], np.float32), np.full(a.n_rows, cb[0], np.float32)
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -7,7 +7,7 @@ guessed threshold windows (the compute stage's answer the reader waits for) and 
 journal extras of each shard (compute -> writer).
 
 Errors: a thread records its error in ``Stream.errors`` (the first one is the one reported)
-and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``_Failed``.
+and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``StageFailed``.
 """
 
 from __future__ import annotations
@@ -28,17 +28,19 @@ from streammerge.exec.ops import (
     read_rows,
     row_args,
     stats_accumulators,
+    tensor_totals,
 )
-from streammerge.exec.thresholds import _Thresholds, accumulate
+from streammerge.exec.thresholds import TensorThresholds, accumulate
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
+from streammerge.methods.method import ROW_DOTS
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
 
 
-class _Failed(Exception):
+class StageFailed(Exception):
     """Raised in a stage waiting on the stream once ``stop`` is set: another stage failed,
     and its error is the one reported."""
 
@@ -74,10 +76,10 @@ class Stream:
     meta: dict[str, dict] = field(default_factory=dict)
 
     def get(self, q: queue.Queue):
-        """The next entry of ``q``, waiting for it; raises ``_Failed`` once ``stop`` is set."""
+        """The next entry of ``q``, waiting for it; raises ``StageFailed`` once ``stop`` is set."""
         while True:
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
@@ -90,11 +92,11 @@ class Stream:
 
     def decide(self, t: TensorPlan) -> bool:
         """Whether the guessed low-histogram window of ``t`` held its thresholds: waits for the
-        compute stage's verdict; raises ``_Failed`` once ``stop`` is set."""
+        compute stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
         v = self.verdict(t.name)
         while not v[0].wait(0.1):
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
         return v[1]
 
     def fail(self, e: BaseException) -> None:
@@ -137,7 +139,7 @@ class ReaderStage:
                     s.busy["read_s"] += time.perf_counter() - t0
                     s.ready_q.put(slot)
             s.ready_q.put(None)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             s.fail(e)
@@ -219,7 +221,7 @@ class WriterStage:
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
                 s.free_q.put(item)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001
             s.fail(e)
@@ -244,11 +246,11 @@ class WriterStage:
                     self.direct_io,
                 )
             else:
-                size, sha = writers[k].finish()
+                shard = writers[k].finish()
                 writers[k] = None
-                output.commit_shard(name, size, sha, self.stream.meta.get(name))
-                self.results[k][name] = (size, sha)
-                self.written[k] += size
+                output.commit_shard(name, shard, self.stream.meta.get(name))
+                self.results[k][name] = (shard.size, shard.sha256)
+                self.written[k] += shard.size
 
 
 @dataclass(frozen=True)
@@ -274,12 +276,14 @@ class ComputeStage:
     plan: Plan
     variants: list[Plan]
     backend: Backend
-    thresholds: _Thresholds
+    thresholds: TensorThresholds
     on_bytes: Callable[[int], None] | None
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
-    #: the current tensor's statistics accumulators of a row-wise method (ramplus_tl)
+    row_sums: list = field(default_factory=list)  # a row_dots pass's rows' sums so far
+    row_totals: tuple | None = None  # (tensor name, (T00, T11, T01)) of the last row_dots
+    #: the current tensor's accumulators of another statistics pass (ramplus_tl, model_stock)
     row_counts: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -287,7 +291,7 @@ class ComputeStage:
 
     def run(self) -> None:
         """Compute every ready slot until the reader's None, then drain the kernels in flight
-        and send the writer its None; raises ``_Failed`` once ``stop`` is set."""
+        and send the writer its None; raises ``StageFailed`` once ``stop`` is set."""
         s = self.stream
         while (item := s.get(s.ready_q)) is not None:
             handle, to_writer = None, True
@@ -334,23 +338,37 @@ class ComputeStage:
         t, method = slot.tensor, self.plan.recipe.row
         if slot.chunk.start == 0 or t.name not in self.row_counts:
             self.row_counts = {t.name: stats_accumulators(slot.op, len(t.sources))}
-        self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, self.row_counts[t.name],
-                                                 slot.op))  # fmt: skip
+        self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, slot.op, None,
+                                                 self.row_counts[t.name]))  # fmt: skip
 
     def row_pass(self, slot: Slot):
         """A row-wise method's pass on the slot, for every output (a sweep: each output's
-        own tensor parameters over the same rows)."""
+        own tensor parameters over the same rows). ``row_dots``: the rows' sums, kept until
+        the tensor's last chunk gives its totals (``ops.tensor_totals``); nothing is
+        written."""
         t, method = slot.tensor, self.plan.recipe.row
+        if slot.op == ROW_DOTS:
+            if slot.first:
+                self.row_sums = []
+            args = row_args(method, t, slot.chunk, ROW_DOTS)
+            self.row_sums.append(self.backend.run(ROW_DOTS, slot, args))
+            if slot.last:
+                self.row_totals = (t.name, tensor_totals(self.row_sums))
+                self.row_sums = []
+            return None
+        totals = self.row_totals[1] if self.row_totals and self.row_totals[0] == t.name else None
         counts = self.row_counts.get(t.name)
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, counts))
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, totals,
+                                                            counts))  # fmt: skip
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, counts)))
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, totals,
+                                                                    counts)))  # fmt: skip
         return _Handles(handles)
 
     def compute(self, slot: Slot):
@@ -376,9 +394,9 @@ class ComputeStage:
                 v[0].set()
             return None, False
         if is_row_op(op):
-            if op == plan.recipe.row.row_stats:  # a whole-tensor statistics pass (ramplus_tl)
+            if op == plan.recipe.row.row_stats and op != ROW_DOTS:  # ramplus_tl, model_stock
                 return self.row_stats_pass(slot), False
-            return self.row_pass(slot), True
+            return self.row_pass(slot), op != ROW_DOTS
         if op == "held":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)

@@ -28,5 +28,6 @@ METHOD = Method(
     min_models=2,
     max_models=2,
     row_op="nearswap",
+    row_stats=None,
     base_is_input=True,
 )

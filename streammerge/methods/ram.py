@@ -27,4 +27,5 @@ METHOD = Method(
     m3="none",
     min_models=2,
     row_op="ram",
+    row_stats=None,
 )

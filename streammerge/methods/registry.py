@@ -30,7 +30,11 @@ def _discover() -> dict[str, Method]:
     return {m.name: m for m in found}
 
 
-METHODS: dict[str, Method] = _discover()
+#: Every method module's ``METHOD``, by name (``passthrough`` included).
+ALL_METHODS: dict[str, Method] = _discover()
+#: The methods of ``--method`` and of a ``models:`` recipe (not the ``slices_only`` ones);
+#: their parameters are the flags and YAML keys (``all_params``).
+METHODS: dict[str, Method] = {k: m for k, m in ALL_METHODS.items() if not m.slices_only}
 
 #: The method when none is named (SPEC v2: v1's command lines keep their bytes).
 DEFAULT_METHOD = "dare_linear"
@@ -39,13 +43,13 @@ TRIM_SCOPES = ("tensor", "model")
 
 
 def get_method(name: str) -> Method:
-    """The method named ``name``.
+    """The method named ``name`` (``passthrough`` too).
 
     Raises:
         ValueError: an unknown method (the message lists the methods).
     """
     try:
-        return METHODS[name]
+        return ALL_METHODS[name]
     except (KeyError, TypeError):
         raise ValueError(
             f"unknown merge method {name!r}; streammerge has {', '.join(METHODS)}"

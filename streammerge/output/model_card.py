@@ -313,6 +313,12 @@ def _intro_lines(record: dict, entries: list) -> list[str]:
         model_name(p, lab, nm) for r, p, lab, nm in entries if r != "base"
     )
     lines = [title, ""]
+    if method == "passthrough":  # layer slices (streammerge.plan.slices)
+        intro = (f"This model stacks layers of {n} model(s) with streammerge "
+                 f"{record.get('version', '')} (mergekit's passthrough slices): every tensor is "
+                 "a copy of one input tensor.")  # fmt: skip
+        lines += [intro, ""]
+        return lines
     of = f" of `{model_name(*base_entry)}`" if base_entry else ""
     lines.append(
         f"This model merges {n} fine-tunes{of} with "
@@ -379,14 +385,18 @@ def _how_lines(record: dict) -> list[str]:
     method = record.get("method")
     row = METHODS.get(method)
     lines = ["## How", ""]
+    runs = (record.get("recipe") or {}).get("layer_runs")
+    if runs is not None:  # layer slices: the map (passthrough: no weights below)
+        lines.append(f"- Layers (output <- model:layer): {'; '.join(runs)}.")
     if row is not None:
         lines.append(
             f"- Method: `{method}`: {row.sparsifier} sparsifier, {row.consensus} consensus, "
             f"normalize {'on' if row.normalize else 'off'} by default ({row.source})."
         )
-    lines.append(_weighting_line(record))
-    lines.append(f"- Seed: {record.get('seed')}")
-    lines.append(_resolved_line(record, row))
+    if method != "passthrough":
+        lines.append(_weighting_line(record))
+        lines.append(f"- Seed: {record.get('seed')}")
+        lines.append(_resolved_line(record, row))
     if row is not None and row.sparse.stats:
         scope = record.get("trim_scope", "tensor")
         lines.append(
@@ -456,7 +466,10 @@ def render(record: dict, command: str, recipe_yaml: str | None = None, labels=No
     lines += _how_lines(record)
     text = recipe_yaml if recipe_yaml is not None else recipe_to_yaml(record, labels)
     lines += ["## Recipe", "", "```yaml", text.rstrip("\n"), "```", ""]
-    lines += _reproduce_lines(command, record.get("seed"))
+    if record.get("method") == "passthrough":  # nothing drawn: no seed to give
+        lines += ["## Reproduce", "", "```bash", command, "```", ""]
+    else:
+        lines += _reproduce_lines(command, record.get("seed"))
     return "\n".join(lines)
 
 

@@ -122,13 +122,16 @@ def plan_side_files(plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> l
     vocabulary rule), decided and checked before the merge.
 
     With the vocabulary rule in force, tokenizer files come from the fine-tune with the most
-    rows and ``config.json``'s ``vocab_size`` follows the output rows.
+    rows and ``config.json``'s ``vocab_size`` follows the output rows. A plan of layer
+    slices sets the keys of its ``config_updates`` (``num_hidden_layers``, per-layer lists)
+    in the output's copy (the input's file is never touched).
 
     Raises:
-        MergeError: ``config.json`` is needed (vocabulary rule) and is not a readable JSON
-            object within the limits.
+        MergeError: ``config.json`` is needed (vocabulary rule, slices) and is not a
+            readable JSON object within the limits.
     """
     tok = models[plan.tokenizer_model] if plan.tokenizer_model is not None else None
+    updates = plan.config_updates()  # layer slices: the layer count and per-layer lists
     is_tok = lambda rel: len(rel.parts) == 1 and rel.name.startswith(TOKENIZER_PREFIXES)
     out: list[SideFile] = []
     for rel, p in _candidates(base):
@@ -138,21 +141,8 @@ def plan_side_files(plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> l
         if found is None:
             continue
         target, st = found
-        if rel.as_posix() == "config.json" and plan.vocab_rows is not None:
-            cfg = safejson.load_file(
-                target,
-                max_depth=MAX_CONFIG_DEPTH,
-                max_bytes=MAX_CONFIG_BYTES,
-                todo="fix the base's config.json",
-                what="config",
-            )
-            if not isinstance(cfg, dict):
-                raise MergeError(
-                    "config is not a JSON object", p, None, "fix the base's config.json"
-                )
-            if "vocab_size" in cfg:
-                cfg["vocab_size"] = plan.vocab_rows
-            data = (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
+        if rel.as_posix() == "config.json" and (plan.vocab_rows is not None or updates):
+            data = _rewritten_config(target, p, plan.vocab_rows, updates)
             out.append(SideFile("config.json", None, data=data))
             continue
         out.append(SideFile(rel.as_posix(), target, st.st_dev, st.st_ino, st.st_size))
@@ -162,6 +152,28 @@ def plan_side_files(plan: Plan, base: ModelDir, models: Sequence[ModelDir]) -> l
                 target, st = found
                 out.append(SideFile(rel.as_posix(), target, st.st_dev, st.st_ino, st.st_size))
     return out
+
+
+def _rewritten_config(target: Path, p: Path, vocab_rows: int | None, updates: dict) -> bytes:
+    """The bytes of ``config.json`` (``target``, found at ``p``) with ``vocab_size`` set to
+    ``vocab_rows`` (when it has one and that is not None) and ``updates`` applied.
+
+    Raises:
+        MergeError: not a readable JSON object within the limits.
+    """
+    cfg = safejson.load_file(
+        target,
+        max_depth=MAX_CONFIG_DEPTH,
+        max_bytes=MAX_CONFIG_BYTES,
+        todo="fix the base's config.json",
+        what="config",
+    )
+    if not isinstance(cfg, dict):
+        raise MergeError("config is not a JSON object", p, None, "fix the base's config.json")
+    if vocab_rows is not None and "vocab_size" in cfg:
+        cfg["vocab_size"] = vocab_rows
+    cfg.update(updates)
+    return (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode()
 
 
 def read_side_file(f: SideFile) -> bytes:

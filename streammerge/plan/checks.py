@@ -131,6 +131,29 @@ def check_merge_args(
     )
 
 
+def check_run_args(
+    out,
+    *,
+    shard_size="5GB",
+    memory="256MiB",
+    threads=None,
+    backend="auto",
+    device="auto",
+    vram=None,
+    http_timeout=30.0,
+    **flags,
+) -> None:
+    """Check the output path and the run options (``Options``) of a merge whose inputs a
+    recipe names (layer slices: any number of models).
+
+    Raises:
+        OptionError: a wrong type or a value out of range, naming the option.
+    """
+    _path(out, "out")
+    _check_run_options(shard_size, memory, vram, http_timeout, threads, backend, device, flags,
+                       None, None)  # fmt: skip
+
+
 def _check_inputs(models, base, out) -> None:
     """Check the models (a sequence of 2 or more paths), the base and the output path.
 

@@ -154,6 +154,21 @@ class Plan:
         """The whole model's thresholds recorded for every merged tensor."""
         return {t.name: thresholds for t in self.tensors if t.action == "merge"}
 
+    def input_role(self, t: TensorPlan) -> str:
+        """The input ``t.base`` lies in, as the journal names inputs: ``base``, or ``0``
+        for ``linear`` (model 0 is its reference). A slices plan names each tensor's model."""
+        return "base" if self.recipe.row.uses_base else "0"
+
+    def source_roles(self, t: TensorPlan) -> list[str]:
+        """The input each of ``t.sources`` lies in, as the journal names inputs: fine-tune
+        ``j`` is ``"j"``. A slices plan names each source's model."""
+        return [str(j) for j in range(len(t.sources))]
+
+    def config_updates(self) -> dict:
+        """Top-level keys the output's ``config.json`` gets besides the vocabulary rule's
+        ``vocab_size``: none here; a slices plan sets the layer count and per-layer lists."""
+        return {}
+
     @property
     def tensors(self) -> Iterator[TensorPlan]:
         """Every output tensor, shard by shard."""

@@ -372,12 +372,24 @@ def _shard_plan(fname: str, members: list[tuple], merge_ops: tuple[str, ...]) ->
     return ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text)
 
 
-def _shard_plans(
+def shard_plans(
     plans: list[tuple], merge_ops: tuple[str, ...], shard_size_bytes: int
 ) -> list[ShardPlan]:
-    """The output shards: ``plans`` (rows as ``_Walk.rows``, in name order) grouped
-    greedily under ``shard_size_bytes``; within a shard, wider dtypes first, then name
-    order."""
+    """The output shards of a plan's tensors (docs/SPEC.md "Output").
+
+    Args:
+        plans: one row per output tensor, in natural name order: (name, action, dtype,
+            shape, base TensorInfo, sources, segments, rule, key, params), the fields of
+            ``TensorPlan`` but its offset and ops (action ``merge``, ``copy`` or
+            ``convert``; dtype a safetensors string).
+        merge_ops: the passes of a merged tensor (``Method.passes``).
+        shard_size_bytes: greedy limit per shard (HF ``max_shard_size``; a larger tensor
+            gets a shard of its own).
+
+    Returns:
+        The ``ShardPlan``s in file order; within a shard, wider dtypes first, then name
+        order, laid out back to back from byte 0.
+    """
     sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
     groups = greedy_shards(sizes, shard_size_bytes)
     names = shard_names(len(groups))
@@ -428,7 +440,7 @@ def make_plan(
         _raise_missing(ref, models, walk.missing)
     if row.sparse.stats and recipe.trim_scope == "model":  # Plan.model_scope, before a Plan exists
         _check_model_scope(walk.rows, recipe)
-    shards = _shard_plans(walk.rows, merge_ops, shard_size_bytes)
+    shards = shard_plans(walk.rows, merge_ops, shard_size_bytes)
     return Plan(
         tuple(shards), recipe, tuple(walk.base_only), tuple(walk.vocab_rules), walk.vocab_rows,
         walk.tokenizer_model,

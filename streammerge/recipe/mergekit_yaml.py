@@ -26,8 +26,12 @@ top-level ones; ``normalize``, ``lambda``, ``rescale`` and ``int8_mask`` only at
 level (mergekit ignores them under a model, and so does streammerge, with a notice);
 mergekit's ``lambda`` is the scale s; a base model listed among ``models`` is not a
 fine-tune (mergekit skips it too). Anything streammerge does not support stops with one
-line naming the key and its line: ``slices``, ``modules``, ``tokenizer_source: union``,
+line naming the key and its line: ``modules``, ``tokenizer_source: union``,
 ``rescale: false``, a method streammerge lacks, an unknown key.
+
+A recipe with ``slices:`` stacks layers instead (``merge_method: passthrough``), or merges
+each slice's sources with its method (``streammerge.recipe.slices``: ``load_recipe``
+returns its ``SliceRecipe`` as ``recipe["slices"]``).
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streammerge.errors import MergeError
-from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.methods.method import Method
 from streammerge.methods.params import Param
 from streammerge.methods.registry import METHODS, all_params
+from streammerge.recipe.dtypes import normalize_dtype
 from streammerge.recipe.yaml_doc import YamlDoc
 
 TOP_KEYS = {
@@ -50,7 +54,6 @@ TOP_KEYS = {
 }  # fmt: skip
 #: mergekit keys streammerge does not do, with what to do instead.
 UNSUPPORTED = {
-    "slices": "list whole models under models: (streammerge merges every layer of every model)",
     "modules": "list whole models under models:",
     "tokenizer": "use tokenizer_source: base or a model of the list",
     "chat_template": "copy the chat template into the output's tokenizer_config.json yourself",
@@ -162,14 +165,18 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
 
     Raises:
         MergeError: one line naming the key and its line: bad YAML, wrong types, an
-            unknown key, an unsupported feature (slices, tokenizer_source union, rescale
+            unknown key, an unsupported feature (tokenizer_source union, rescale
             false, LoRA), a method streammerge lacks, a missing base, a model that is
-            neither a directory nor in the local Hugging Face cache.
+            neither a directory nor in the local Hugging Face cache; slices the
+            method cannot take (passthrough: one source each; a merge: 2+ sources of
+            equal length, the base among them).
     """
     path = Path(path)
     text = _read_recipe_text(path)
     doc = YamlDoc(path, text)
     cfg = doc.value
+    if isinstance(cfg, dict) and "slices" in cfg:
+        return _load_slices(path, text, doc, notice)
     _check_top_keys(doc, cfg)
     method = _merge_method(doc, cfg)
     reader = _RecipeReader(doc, path.parent, method, METHODS[method])
@@ -190,6 +197,34 @@ def load_recipe(path: str | Path, notice: Callable[[str], None] | None = None) -
             notice(n)
     return YamlRecipe(path, text, base, models, ([str(base_ref)] if base_ref else []) + labels,
                       kwargs, tokenizer_model, reader.notices)  # fmt: skip
+
+
+def _load_slices(path: Path, text: str, doc: YamlDoc, notice) -> YamlRecipe:
+    """A recipe with ``slices:`` (``streammerge.recipe.slices``): passthrough stacks the
+    layers, another method merges each slice's sources; its ``recipe`` is
+    ``{"slices": SliceRecipe}``, its models the distinct slice models."""
+    from streammerge.methods.registry import ALL_METHODS
+    from streammerge.recipe.slice_reader import SlicesReader
+
+    cfg = doc.value
+    method = cfg.get("merge_method")
+    if method is None:
+        doc.fail("merge_method", "missing", "name a method (passthrough for slices)", line=1)
+    if method != "passthrough":
+        method = _merge_method(doc, cfg)
+    if "models" in cfg:
+        doc.fail("models", "give models: or slices:, not both (as mergekit)")
+    reader = SlicesReader(doc, path.parent, _resolve_model, _check_value, yaml_params(),
+                          ALL_METHODS[method])  # fmt: skip
+    recipe = reader.read(cfg)
+    base_ref = cfg.get("base_model")
+    base = None if base_ref is None else _resolve_model(base_ref, "base_model", doc, path.parent)
+    for n in reader.notices:
+        if notice is not None:
+            notice(n)
+    labels = ([str(base_ref)] if base_ref is not None else []) + reader.labels
+    return YamlRecipe(path, text, base, reader.models, labels, {"slices": recipe}, None,
+                      reader.notices)  # fmt: skip
 
 
 def _read_recipe_text(path: Path) -> str:
@@ -227,6 +262,9 @@ def _merge_method(doc: YamlDoc, cfg: dict) -> str:
     method = cfg.get("merge_method")
     if method is None:
         doc.fail("merge_method", "missing", "name a method", line=1)
+    if method == "passthrough":
+        doc.fail("merge_method", "passthrough needs slices:",
+                 "list the layers to stack under slices: (docs/recipes.md)")  # fmt: skip
     if not isinstance(method, str) or method not in METHODS:
         from streammerge.errors import closest
 

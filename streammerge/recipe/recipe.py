@@ -33,7 +33,7 @@ DEFAULT_DROP = 0.5
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
-__all__ = ["RecipeError", "Recipe", "TensorParams", "build_recipe", "draw_mixup", "evaluate"]
+__all__ = ["Recipe", "RecipeError", "TensorParams", "build_recipe", "draw_mixup", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,12 @@ class Recipe:
         """The method's row of the table."""
         return get_method(self.method)
 
-    def _value(self, j: int | None, key: str, name: str, t: float):
+    def lookup(self, j: int | None, key: str, name: str, t: float) -> tuple[object, str]:
+        """(value or None, the recipe key it came from) of parameter ``key`` for tensor
+        ``name`` at depth ``t`` (docs/SPEC.md "Per-tensor parameters"): fine-tune ``j``'s
+        own value (``j`` None: a whole-merge parameter), then the top level; the first that
+        evaluates to a value wins. A slices recipe has its own scopes (``SliceScope``).
+        Raises RecipeError for a value of the wrong type."""
         for scope, where in (
             (self.models[j] if j is not None else {}, f"models[{j}].parameters.{key}"),
             (self.params, f"parameters.{key}"),
@@ -226,14 +231,14 @@ class Recipe:
                 if key in dare:
                     values.append(dare[key])
                     continue
-                v, where = self._value(j, key, name, t)
+                v, where = self.lookup(j, key, name, t)
                 values.append(row.param(key).check(row.param(key).default if v is None else v,
                                                    where))  # fmt: skip
         shared = []
         for p in row.shared:
             if not p.affects_values:
                 continue
-            v, where = self._value(None, p.name, name, t)
+            v, where = self.lookup(None, p.name, name, t)
             if p.m3 and row.m3 == "t" and self.mixup is not None:
                 v, where = self.mixup[1], "the M3 draw"  # t = m_1 = 1 - lam (SPEC)
             if v is None and p.default is None:
@@ -255,7 +260,7 @@ class Recipe:
         """
         w = []
         for j in range(self.n_models):
-            weight, where = self._value(j, "weight", name, t)
+            weight, where = self.lookup(j, "weight", name, t)
             weight = self.row.param("weight").check(1.0 if weight is None else weight, where)
             w.append(weight * self.mixup[j] if self.mixup is not None else weight)
             if not math.isfinite(w[-1]):
@@ -269,8 +274,8 @@ class Recipe:
         Raises:
             RecipeError: p outside [0, 1) (density 0 is p = 1), density outside (0, 1].
         """
-        d, where = self._value(j, "density", name, t)
-        p, pwhere = self._value(j, "drop", name, t)
+        d, where = self.lookup(j, "density", name, t)
+        p, pwhere = self.lookup(j, "drop", name, t)
         if p is None:
             p = DEFAULT_DROP if d is None else 1.0 - float(d)
             pwhere = where if d is not None else "drop"

@@ -1,0 +1,34 @@
+"""passthrough: layers stacked as a ``slices:`` recipe lists them, nothing merged
+(mergekit ``passthrough``; docs/SPEC.md "Layer slices").
+
+Every output tensor is one input tensor, copied, or cast once to the output dtype
+(``streammerge.plan.slices``). It has no kernel: the plan's tensors are ``copy`` and
+``convert`` actions. mergekit multiplies a tensor by its ``scale`` (``tensor * scale`` in
+the load dtype); streammerge copies a tensor whose scale resolves to 1 (or none) and
+refuses any other value with one line: the elementwise kernels' ``+0.0 + w * x`` turns a
+``-0.0`` product into ``+0.0`` where mergekit keeps ``-0.0``, so no kernel reproduces
+mergekit's bytes yet.
+"""
+
+from streammerge.methods.method import Method
+from streammerge.methods.params import Param
+
+#: mergekit's ``scale`` (``PerInput[Optional[float]]``, default none): resolved per
+#: source, filtered on the source tensor's name, spread over the slice's layers.
+SCALE = Param("scale", default=None, per_model=True, yaml="scale",
+              help="passthrough: multiply the tensor by it (mergekit; only 1 supported)")  # fmt: skip
+
+METHOD = Method(
+    name="passthrough",
+    order=1000,
+    uses_base=False,
+    sparsifier="none",
+    consensus="none",
+    params=(SCALE,),
+    summary="layers of the inputs stacked as given (mergekit passthrough slices)",
+    source="mergekit passthrough",
+    m3="none",
+    min_models=1,
+    max_models=1,
+    slices_only=True,
+)
