@@ -78,6 +78,9 @@ class Method:
         row_stats: a row-wise method's statistics pass over the whole tensor before its
             ``row_op``: ``row_dots`` (slerp, the default), ``ram_counts`` (ramplus_tl),
             ``stock_dots`` (model_stock), or None (nearswap, ram: elementwise, one pass).
+        working_dtype: ``float32`` (the v1/v2 kernels, slerp) or ``inputs``: mergekit's op
+            sequence in the inputs' dtype (nearswap, ram, ramplus_tl, model_stock: SPEC's
+            W), named by the notice on a mergekit ``dtype:``.
         slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
@@ -100,6 +103,7 @@ class Method:
     row_coefficients: Callable | None = None
     row_stats: str | None = ROW_DOTS
     slices_only: bool = False
+    working_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):

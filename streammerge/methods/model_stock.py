@@ -73,6 +73,7 @@ METHOD = Method(
     params=(FILTER_WISE,),
     summary="the base moved toward the fine-tunes' mean by their task vectors' angle",
     source="Model Stock, arXiv 2403.19522; mergekit model_stock",
+    working_dtype="inputs",
     m3="none",
     min_models=2,
     row_op="model_stock",

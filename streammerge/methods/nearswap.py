@@ -24,6 +24,7 @@ METHOD = Method(
     params=(T,),
     summary="the base moved toward the other model where they are close (t / |a - b|)",
     source="alchemonaut, QuartetAnemoi-70B-t0.0001; mergekit nearswap",
+    working_dtype="inputs",
     m3="t",
     min_models=2,
     max_models=2,

@@ -24,6 +24,7 @@ METHOD = Method(
     params=(EPSILON,),
     summary="each fine-tune's own changes kept, overlapping changes averaged",
     source="RAM, arXiv 2601.13572; mergekit ram",
+    working_dtype="inputs",
     m3="none",
     min_models=2,
     row_op="ram",

@@ -27,6 +27,7 @@ METHOD = Method(
     params=(EPSILON, R, RAM_ALPHA),
     summary="ram with each fine-tune's unique changes scaled up by its overlap (per tensor)",
     source="RAM+, arXiv 2601.13572; mergekit ramplus_tl",
+    working_dtype="inputs",
     m3="none",
     min_models=2,
     row_op="ramplus_tl",
