@@ -51,6 +51,8 @@ def round_work(v, code):
 
 @numba.njit(inline="always")
 def _nearswap_one(x, y, t32, lo, w_code):
+    x = round_work(x, w_code)  # the inputs in W (mergekit's dtype: casts them at load)
+    y = round_work(y, w_code)
     d = round_work(x - y, w_code)
     ad = abs(d)
     c = lo if ad < lo else ad
@@ -81,7 +83,7 @@ def _nearswap_kernel(row_a, code_a, row_b, code_b, n, t32, lo, w_code, out, out_
 
 
 def nearswap_chunk(a: np.ndarray, dtype_a: str, b: np.ndarray, dtype_b: str, n: int, t: float,
-                   out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
+                   out: np.ndarray, out_dtype: str, work: str | None = None) -> None:  # fmt: skip
     """NearSwap of ``n`` elements into the raw byte row ``out`` (SPEC "NearSwap").
 
     Args:
@@ -89,6 +91,7 @@ def nearswap_chunk(a: np.ndarray, dtype_a: str, b: np.ndarray, dtype_b: str, n: 
             elements of ``dtype_a`` / ``dtype_b`` (``F32``, ``F16``, ``BF16``).
         t: the tensor's t (float64; rounded to float32 as torch rounds a Python scalar).
         out: raw byte row receiving ``n`` elements of ``out_dtype``.
+        work: the working dtype W (mergekit's ``dtype:``), or None: ``work_dtype``.
 
     Raises:
         ValueError: a bad row or dtype, or a negative ``n``.
@@ -98,7 +101,7 @@ def nearswap_chunk(a: np.ndarray, dtype_a: str, b: np.ndarray, dtype_b: str, n: 
     ca = _checked(a, dtype_a, n, "a")
     cb = _checked(b, dtype_b, n, "b")
     co = _checked(out, out_dtype, n, "out")
-    w = work_dtype(dtype_a, dtype_b)
+    w = work or work_dtype(dtype_a, dtype_b)
     lo = np.float32(clamp_floor(w))
     _nearswap_kernel(a, ca, b, cb, n, np.float32(t), lo, FLOAT_CODES[w], out, co)
 

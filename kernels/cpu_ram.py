@@ -38,11 +38,12 @@ def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, 
     _decode_block(inputs[base_row], codes[base_row], first, m, xb)
     for i in range(m):
         cnt[i] = 0
+        xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
     for j in range(model_rows.shape[0]):
         r = model_rows[j]
         _decode_block(inputs[r], codes[r], first, m, tv[j])
         for i in range(m):
-            d = round_work(tv[j, i] - xb[i], w_code)
+            d = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
             tv[j, i] = d
             if abs(d) > e:
                 cnt[i] += 1
@@ -108,8 +109,10 @@ def _ram_kernel(inputs, codes, base_row, model_rows, n, e, w_code, plus, lam, ou
         _encode_block(xb, out_code, first, m, out)
 
 
-def _slot(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int], n: int):
-    """(codes int64 [rows], model rows int64 [N], W's code, W) of a checked slot."""
+def _slot(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int], n: int,
+          work: str | None = None):  # fmt: skip
+    """(codes int64 [rows], model rows int64 [N], W's code, W) of a checked slot (W:
+    ``work`` when given, mergekit's ``dtype:``)."""
     if not isinstance(inputs, np.ndarray) or inputs.dtype != np.uint8 or inputs.ndim != 2 \
             or not inputs.flags.c_contiguous:  # fmt: skip
         raise ValueError("inputs must be a C-contiguous 2-D np.uint8 array (slot rows)")
@@ -121,7 +124,9 @@ def _slot(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list
     codes = np.array([FLOAT_CODES.get(d, 0) for d in dtypes], np.int64)
     for r in rows:
         _checked(inputs[r], dtypes[r], n, f"input row {r}")
-    w = work_dtype([dtypes[r] for r in rows])
+    w = work or work_dtype([dtypes[r] for r in rows])
+    if w not in FLOAT_CODES:
+        raise ValueError(f"unsupported working dtype {w!r}")
     return codes, np.array(model_rows, np.int64), FLOAT_CODES[w], w
 
 
@@ -131,14 +136,15 @@ def epsilon_in_work(epsilon: float, w_dtype: str) -> np.float32:
 
 
 def ram_counts(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-               n: int, epsilon: float, shared: np.ndarray, unique: np.ndarray) -> None:  # fmt: skip
+               n: int, epsilon: float, shared: np.ndarray, unique: np.ndarray,
+               work: str | None = None) -> None:  # fmt: skip
     """Add ramplus_tl's per-model counts of ``n`` elements into ``shared`` / ``unique``
     (int64 [N]) (SPEC "RAM": the statistics pass).
 
     Raises:
         ValueError: bad rows, dtypes or count arrays.
     """
-    codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n)
+    codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n, work)
     for a in (shared, unique):
         if not isinstance(a, np.ndarray) or a.dtype != np.int64 or a.shape != (len(model_rows),):
             raise ValueError(f"shared / unique must be int64 arrays of {len(model_rows)} counts")
@@ -149,7 +155,7 @@ def ram_counts(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows:
 
 def ram_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
               n: int, epsilon: float, out: np.ndarray, out_dtype: str,
-              lam: np.ndarray | None = None) -> None:  # fmt: skip
+              lam: np.ndarray | None = None, work: str | None = None) -> None:  # fmt: skip
     """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "RAM").
 
     Args:
@@ -157,11 +163,12 @@ def ram_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
         base_row, model_rows: the rows of the base and of the N fine-tunes.
         epsilon: the tensor's epsilon (float64; compared in W).
         lam: None for ``ram``; ``ramplus_tl``'s lambda_j (float32 [N], ``ram_lambdas``).
+        work: the working dtype W (mergekit's ``dtype:``), or None: ``work_dtype``.
 
     Raises:
         ValueError: bad rows, dtypes, output or lambda array.
     """
-    codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n)
+    codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n, work)
     co = _checked(out, out_dtype, n, "out")
     plus = lam is not None
     if plus and (not isinstance(lam, np.ndarray) or lam.dtype != np.float32

@@ -43,11 +43,13 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
         d = np.zeros((n_models, STOCK_BLOCK), np.float32)
         p = np.empty(STOCK_BLOCK, np.float64)
         _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+        for i in range(m):
+            xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
         for j in range(n_models):
             r = model_rows[j]
             _decode_block(inputs[r], codes[r], first, m, d[j])
             for i in range(m):
-                d[j, i] = round_work(d[j, i] - xb[i], w_code)
+                d[j, i] = round_work(round_work(d[j, i], w_code) - xb[i], w_code)
         s = 0
         for j in range(n_models):
             for i in range(STOCK_BLOCK):
@@ -78,16 +80,16 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
             r = model_rows[j]
             _decode_block(inputs[r], codes[r], first, m, x)
             for i in range(m):
-                a[i] = round_work(a[i] + x[i], w_code)
+                a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
         for i in range(m):
             avg = round_work(a[i] / count, w_code)
             p = round_work(t32 * avg, w_code)
-            xb[i] = round_work(p + round_work(q * xb[i], w_code), w_code)
+            xb[i] = round_work(p + round_work(q * round_work(xb[i], w_code), w_code), w_code)
         _encode_block(xb, out_code, first, m, out)
 
 
 def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-               n: int) -> np.ndarray:  # fmt: skip
+               n: int, work: str | None = None) -> np.ndarray:  # fmt: skip
     """The per-block statistics of ``n`` elements (SPEC "Model Stock").
 
     Returns:
@@ -96,7 +98,7 @@ def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows:
     Raises:
         ValueError: bad rows or dtypes.
     """
-    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n)
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
     out = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, n_stats(len(model_rows))), np.float64)
     if n:
         _dots_kernel(inputs, codes, base_row, mr, n, w_code, out)
@@ -104,7 +106,8 @@ def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows:
 
 
 def stock_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-                n: int, t: np.float32, out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
+                n: int, t: np.float32, out: np.ndarray, out_dtype: str,
+                work: str | None = None) -> None:  # fmt: skip
     """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "Model Stock").
 
     Args:
@@ -113,7 +116,7 @@ def stock_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     Raises:
         ValueError: bad rows, dtypes or output.
     """
-    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n)
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
     co = _checked(out, out_dtype, n, "out")
     if n:
         _stock_kernel(inputs, codes, base_row, mr, n, np.float32(t), w_code, out, co)

@@ -44,8 +44,8 @@ def round_work(v, W: tl.constexpr):
 def _nearswap_kernel(a_ptr, b_ptr, out_ptr, n, t32, lo, W: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
-    x = _load_f32(a_ptr, idx, inside)
-    y = _load_f32(b_ptr, idx, inside)
+    x = round_work(_load_f32(a_ptr, idx, inside), W)  # the inputs in W
+    y = round_work(_load_f32(b_ptr, idx, inside), W)
     d = round_work(x - y, W)
     ad = tl.abs(d)
     c = tl.where(ad < lo, lo, ad)
@@ -60,12 +60,13 @@ def _nearswap_kernel(a_ptr, b_ptr, out_ptr, n, t32, lo, W: tl.constexpr, BLOCK: 
 
 
 def nearswap_triton(a: torch.Tensor, b: torch.Tensor, n: int, t: float,
-                    out: torch.Tensor) -> None:  # fmt: skip
+                    out: torch.Tensor, work: str | None = None) -> None:  # fmt: skip
     """NearSwap of the first ``n`` elements of ``a`` (the base) and ``b`` into ``out``
-    (1-D tensors of float32 / float16 / bfloat16 on one device; SPEC "NearSwap")."""
+    (1-D tensors of float32 / float16 / bfloat16 on one device; SPEC "NearSwap"); ``work``:
+    the working dtype (mergekit's ``dtype:``), else the inputs'."""
     if n <= 0:
         return
-    w = work_dtype(_TORCH_TO_SAFETENSORS[a.dtype], _TORCH_TO_SAFETENSORS[b.dtype])
+    w = work or work_dtype(_TORCH_TO_SAFETENSORS[a.dtype], _TORCH_TO_SAFETENSORS[b.dtype])
     grid = (triton.cdiv(n, BLOCK),)
     _nearswap_kernel[grid](a, b, out, n, float(np.float32(t)), float(clamp_floor(w)),
                            W=FLOAT_CODES[w], BLOCK=BLOCK, enable_fp_fusion=False)  # fmt: skip

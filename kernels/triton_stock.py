@@ -25,7 +25,8 @@ from .triton_rows import _tree
 
 @triton.jit
 def _delta(base_ptr, model_ptr, idx, inside, xb, W: tl.constexpr):
-    return tl.where(inside, round_work(_load_f32(model_ptr, idx, inside) - xb, W), 0.0)
+    x = round_work(_load_f32(model_ptr, idx, inside), W)  # the inputs in W
+    return tl.where(inside, round_work(x - xb, W), 0.0)
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _dots_kernel(base_ptr, model_ptrs, out_ptr, n, K: tl.constexpr, W: tl.conste
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
-    xb = _load_f32(base_ptr, idx, inside)
+    xb = round_work(_load_f32(base_ptr, idx, inside), W)
     one = tl.arange(0, 1)
     for j in tl.static_range(len(model_ptrs)):
         d = _delta(base_ptr, model_ptrs[j], idx, inside, xb, W).to(tl.float64)
@@ -55,36 +56,37 @@ def _stock_kernel(base_ptr, model_ptrs, out_ptr, n, t32, q, W: tl.constexpr, BLO
     inside = idx < n
     a = tl.zeros([BLOCK], tl.float32)
     for j in tl.static_range(len(model_ptrs)):
-        a = round_work(a + _load_f32(model_ptrs[j], idx, inside), W)
+        a = round_work(a + round_work(_load_f32(model_ptrs[j], idx, inside), W), W)
     count = tl.full([BLOCK], len(model_ptrs), tl.float32)
     avg = round_work(tl.math.div_rn(a, count), W)
     p = round_work(t32 * avg, W)
-    xb = _load_f32(base_ptr, idx, inside)
+    xb = round_work(_load_f32(base_ptr, idx, inside), W)
     _store_rounded(out_ptr, idx, round_work(p + round_work(q * xb, W), W), inside)
 
 
-def _work(base: torch.Tensor, models: list[torch.Tensor]) -> int:
-    return FLOAT_CODES[work_dtype([_TORCH_TO_SAFETENSORS[x.dtype] for x in (base, *models)])]
+def _work(base: torch.Tensor, models: list[torch.Tensor], work: str | None) -> int:
+    return FLOAT_CODES[work or work_dtype([_TORCH_TO_SAFETENSORS[x.dtype] for x in (base, *models)])]
 
 
-def stock_dots_triton(base: torch.Tensor, models: list[torch.Tensor], n: int) -> torch.Tensor:
+def stock_dots_triton(base: torch.Tensor, models: list[torch.Tensor], n: int,
+                      work: str | None = None) -> torch.Tensor:  # fmt: skip
     """Per-block statistics (float64 [ceil(n / STOCK_BLOCK), K]) of the first ``n`` elements
     (SPEC "Model Stock"; the host adds the blocks left to right)."""
     k = n_stats(len(models))
     blocks = triton.cdiv(n, STOCK_BLOCK) if n > 0 else 0
     out = torch.zeros((blocks, k), dtype=torch.float64, device=base.device)
     if blocks:
-        _dots_kernel[(blocks,)](base, tuple(models), out, n, K=k, W=_work(base, models),
+        _dots_kernel[(blocks,)](base, tuple(models), out, n, K=k, W=_work(base, models, work),
                                 BLOCK=STOCK_BLOCK, enable_fp_fusion=False)  # fmt: skip
     return out
 
 
 def stock_triton(base: torch.Tensor, models: list[torch.Tensor], n: int, t: np.float32,
-                 q: np.float32, out: torch.Tensor) -> None:  # fmt: skip
+                 q: np.float32, out: torch.Tensor, work: str | None = None) -> None:  # fmt: skip
     """The merged value of the first ``n`` elements into ``out`` (t: the tensor's t, q:
     rW(1 - t), float32 values of the working dtype; SPEC "Model Stock")."""
     if n > 0:
         _stock_kernel[(triton.cdiv(n, STOCK_BLOCK),)](base, tuple(models), out, n, float(t),
-                                                      float(q), W=_work(base, models),
+                                                      float(q), W=_work(base, models, work),
                                                       BLOCK=STOCK_BLOCK,
                                                       enable_fp_fusion=False)  # fmt: skip

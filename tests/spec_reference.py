@@ -506,12 +506,13 @@ def spec_work_dtype(dtype_a: str, dtype_b: str) -> str:
 
 
 def spec_nearswap(a: np.ndarray, b: np.ndarray, t: float, dtype_a: str, dtype_b: str,
-                  out_dtype: str) -> np.ndarray:  # fmt: skip
-    """NearSwap of two stored tensors (flat), in stored form of ``out_dtype``."""
-    W = spec_work_dtype(dtype_a, dtype_b)
+                  out_dtype: str, work: str | None = None) -> np.ndarray:  # fmt: skip
+    """NearSwap of two stored tensors (flat), in stored form of ``out_dtype`` (``work``:
+    the recipe's W, every input rounded to it first)."""
+    W = work or spec_work_dtype(dtype_a, dtype_b)
     f = np.float32
-    x = to_float32(a, dtype_a).reshape(-1)
-    y = to_float32(b, dtype_b).reshape(-1)
+    x = spec_round_work(to_float32(a, dtype_a).reshape(-1), W)
+    y = spec_round_work(to_float32(b, dtype_b).reshape(-1), W)
     with np.errstate(all="ignore"):
         d = spec_round_work(x - y, W)
         ad = np.abs(d)
@@ -532,21 +533,23 @@ def spec_nearswap(a: np.ndarray, b: np.ndarray, t: float, dtype_a: str, dtype_b:
 # ---------------------------------------------------------------------------------------
 
 
-def _spec_ram_vectors(base, models, dtypes, epsilon):
-    """(W, x_b, [tv_j], [nz_j], cnt) of stored tensors (dtypes: base's, then each model's)."""
-    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
-    xb = to_float32(base, dtypes[0]).reshape(-1)
+def _spec_ram_vectors(base, models, dtypes, epsilon, work=None):
+    """(W, x_b, [tv_j], [nz_j], cnt) of stored tensors (dtypes: base's, then each model's;
+    ``work``: the recipe's W, every input rounded to it first)."""
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
     e = spec_round_work(np.array([epsilon], np.float32), W)[0]
     with np.errstate(all="ignore"):
-        tv = [spec_round_work(to_float32(m, d).reshape(-1) - xb, W) for m, d in zip(models, dtypes[1:])]
+        tv = [spec_round_work(spec_round_work(to_float32(m, d).reshape(-1), W) - xb, W)
+              for m, d in zip(models, dtypes[1:])]  # fmt: skip
         nz = [np.abs(v) > e for v in tv]
     cnt = np.sum(nz, axis=0, dtype=np.int64) if nz else np.zeros(xb.size, np.int64)
     return W, xb, tv, nz, cnt
 
 
-def spec_ram_counts(base, models, dtypes, epsilon):
+def spec_ram_counts(base, models, dtypes, epsilon, work=None):
     """ramplus_tl's (shared_j, unique_j) int64 arrays over the whole tensor."""
-    _, _, _, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon)
+    _, _, _, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon, work)
     shared = np.array([np.count_nonzero(n & (cnt > 1)) for n in nz], np.int64)
     unique = np.array([np.count_nonzero(n & (cnt == 1)) for n in nz], np.int64)
     return shared, unique
@@ -565,10 +568,10 @@ def spec_ram_lambdas(shared, unique, epsilon, r, alpha):
     return np.array(out, np.float32)
 
 
-def spec_ram(base, models, dtypes, epsilon, out_dtype, lam=None):
+def spec_ram(base, models, dtypes, epsilon, out_dtype, lam=None, work=None):
     """ram (lam None) or ramplus_tl (lam: float32 lambda_j) of stored tensors, flat, in
     stored form of ``out_dtype``."""
-    W, xb, tv, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon)
+    W, xb, tv, nz, cnt = _spec_ram_vectors(base, models, dtypes, epsilon, work)
     f = np.float32
     uniq = (cnt == 1).astype(f)
     ovl = (cnt > 1).astype(f)
@@ -596,12 +599,13 @@ def spec_ram(base, models, dtypes, epsilon, out_dtype, lam=None):
 # ---------------------------------------------------------------------------------------
 
 
-def spec_stock_sums(base, models, dtypes) -> np.ndarray:
+def spec_stock_sums(base, models, dtypes, work=None) -> np.ndarray:
     """float64 [K]: S_jj of each fine-tune, then S_jk (j < k), SPEC's block order."""
-    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
-    xb = to_float32(base, dtypes[0]).reshape(-1)
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
     with np.errstate(all="ignore"):
-        d = [spec_round_work(to_float32(m, t).reshape(-1) - xb, W) for m, t in zip(models, dtypes[1:])]
+        d = [spec_round_work(spec_round_work(to_float32(m, t).reshape(-1), W) - xb, W)
+             for m, t in zip(models, dtypes[1:])]  # fmt: skip
         terms = [x.astype(np.float64) * x.astype(np.float64) for x in d]
         terms += [spec_round_work(d[j] * d[k], W).astype(np.float64)
                   for j in range(len(d)) for k in range(j + 1, len(d))]  # fmt: skip
@@ -637,16 +641,16 @@ def spec_stock_t(sums, n_models: int, W: str) -> np.float32:
         return f(0.0) if abs(den) < floor else r(r(f(n_models) * cos) / den)
 
 
-def spec_model_stock(base, models, dtypes, out_dtype) -> np.ndarray:
+def spec_model_stock(base, models, dtypes, out_dtype, work=None) -> np.ndarray:
     """Model Stock of stored tensors (flat), in stored form of ``out_dtype``."""
-    W = dtypes[0] if len(set(dtypes)) == 1 else "F32"
-    t = spec_stock_t(spec_stock_sums(base, models, dtypes), len(models), W)
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    t = spec_stock_t(spec_stock_sums(base, models, dtypes, work), len(models), W)
     f = np.float32
-    xb = to_float32(base, dtypes[0]).reshape(-1)
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
     a = np.zeros(xb.size, f)
     with np.errstate(all="ignore"):
         for m, d in zip(models, dtypes[1:]):
-            a = spec_round_work(a + to_float32(m, d).reshape(-1), W)
+            a = spec_round_work(a + spec_round_work(to_float32(m, d).reshape(-1), W), W)
         avg = spec_round_work(a / f(len(models)), W)
         p = spec_round_work(t * avg, W)
         q = spec_round_work(np.array([f(1) - t], f), W)[0]

@@ -198,3 +198,24 @@ def test_bad_recipes_are_one_line(tmp_path):
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "models" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("dtypes, work, do", [(["BF16"] * 3, "F32", "F32"), (["F32"] * 4, "BF16", "BF16")])
+def test_a_working_dtype_rounds_the_inputs_first(dtypes, work, do):
+    """mergekit's dtype: (the recipe's W): every input rounded to W, every op in W."""
+    n = 3000
+    slot, rows = _slot(n, len(dtypes) - 1, dtypes, 21)
+    for r in rows[1:]:
+        r[5], r[9] = rows[0][5], rows[0][9]
+    for k, r in enumerate(rows):
+        b = np.ascontiguousarray(r).view(np.uint8)
+        slot[k, : b.size] = b
+    rows_m = list(range(1, len(dtypes)))
+    total = np.zeros(cpu_stock.n_stats(len(rows_m)), np.float64)
+    cpu_stock.add_blocks(total, cpu_stock.stock_dots(slot, dtypes, 0, rows_m, n, work))
+    want = ref.spec_stock_sums(rows[0], rows[1:], dtypes, work)
+    assert np.array_equal(np.abs(total), np.abs(want))
+    t = stock_t(total, len(rows_m), work)
+    out = np.zeros(n * ITEM[do], np.uint8)
+    cpu_stock.stock_chunk(slot, dtypes, 0, rows_m, n, t, out, do, work)
+    assert out.tobytes() == _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dtypes, do, work))

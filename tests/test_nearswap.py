@@ -186,3 +186,43 @@ def test_triton_backend_merge_equals_numba(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(_bytes(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("da, work, do", [("BF16", "F32", "F32"), ("F32", "BF16", "BF16"),
+                                          ("BF16", "F16", "BF16")])  # fmt: skip
+def test_a_working_dtype_rounds_the_inputs_first(da, work, do):
+    """mergekit's dtype: (the recipe's W): every input rounded to W, every op in W."""
+    a, b = _pair(3001, 5, da, da)
+    out = np.zeros(a.size * np.dtype(CARRIER[do]).itemsize, np.uint8)
+    cpu_nearswap.nearswap_chunk(a.view(np.uint8), da, b.view(np.uint8), da, a.size, 0.003, out, do, work)
+    want = ref.spec_nearswap(a, b, 0.003, da, da, do, work)
+    assert out.tobytes() == np.ascontiguousarray(want).view(np.uint8).tobytes()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        torch = pytest.importorskip("torch")
+        from streammerge.kernels import triton_nearswap
+
+        tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        tout = torch.zeros(a.size, dtype=tdt[do])
+        triton_nearswap.nearswap_triton(torch.from_numpy(a.copy()).view(tdt[da]),
+                                        torch.from_numpy(b.copy()).view(tdt[da]), a.size, 0.003,
+                                        tout, work)  # fmt: skip
+        assert tout.view(torch.uint8).numpy().tobytes() == out.tobytes()
+
+
+def test_mergekit_dtype_is_the_working_dtype(tmp_path):
+    """A recipe's dtype: float32 on bf16 models: computed in float32 (mergekit's casts at
+    load), stored as float32."""
+    base, a, _ = make_trio(tmp_path)
+    cfg = tmp_path / "ns.yml"
+    cfg.write_text(f"merge_method: nearswap\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   "parameters:\n  t: 0.001\ndtype: float32\n")  # fmt: skip
+    out = tmp_path / "out"
+    r = run_cli(["--config", str(cfg), "-o", str(out)])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "streammerge.json").read_text())
+    ta, tb, got = load_dir(base), load_dir(a), _bytes(out)
+    for name, x in ta.items():
+        if name in tb and x.is_floating_point():
+            want = ref.spec_nearswap(as_numpy(x), as_numpy(tb[name]), rec["tensors"][name]["t"],
+                                     "BF16", "BF16", "F32", "F32")  # fmt: skip
+            assert got[name] == np.ascontiguousarray(want).view(np.uint8).tobytes(), name

@@ -239,3 +239,38 @@ def test_triton_backend_merge_equals_numba(tmp_path, method):
         assert r.returncode == 0, r.stderr
         outs.append(_bytes(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("dtypes, work, do", [(["BF16"] * 3, "F32", "F32"), (["F32"] * 4, "BF16", "BF16")])
+def test_a_working_dtype_rounds_the_inputs_first(dtypes, work, do):
+    """mergekit's dtype: (the recipe's W): every input rounded to W, every op in W."""
+    n = 5000
+    slot, rows = _slot(n, len(dtypes) - 1, dtypes, 9)
+    rows_m = list(range(1, len(dtypes)))
+    sh, un = np.zeros(len(rows_m), np.int64), np.zeros(len(rows_m), np.int64)
+    cpu_ram.ram_counts(slot, dtypes, 0, rows_m, n, 0.003, sh, un, work)
+    ws, wu = ref.spec_ram_counts(rows[0], rows[1:], dtypes, 0.003, work)
+    assert sh.tolist() == ws.tolist() and un.tolist() == wu.tolist()
+    lam = cpu_ram.ram_lambdas(sh, un, 0.003, 0.5, 0.3)
+    for lm in (None, lam):
+        out = np.zeros(n * ITEM[do], np.uint8)
+        cpu_ram.ram_chunk(slot, dtypes, 0, rows_m, n, 0.003, out, do, lm, work)
+        assert out.tobytes() == _as_bytes(ref.spec_ram(rows[0], rows[1:], dtypes, 0.003, do, lm, work))
+
+
+def test_mergekit_dtype_is_the_working_dtype(tmp_path):
+    base, a, b = make_trio(tmp_path)
+    cfg = tmp_path / "rp.yml"
+    cfg.write_text(f"merge_method: ramplus_tl\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\nparameters:\n  epsilon: 0.002\ndtype: float32\n")  # fmt: skip
+    out = tmp_path / "out"
+    r = run_cli(["--config", str(cfg), "-o", str(out)])
+    assert r.returncode == 0, r.stderr
+    tb, tms, got = load_dir(base), [load_dir(a), load_dir(b)], _bytes(out)
+    for name, x in tb.items():
+        if name in tms[0] and x.is_floating_point():
+            rows = [as_numpy(x)] + [as_numpy(m[name]) for m in tms]
+            sh, un = ref.spec_ram_counts(rows[0], rows[1:], ["BF16"] * 3, 0.002, "F32")
+            lam = ref.spec_ram_lambdas(sh, un, 0.002, 0.1, 0.2)
+            want = ref.spec_ram(rows[0], rows[1:], ["BF16"] * 3, 0.002, "F32", lam, "F32")
+            assert got[name] == _as_bytes(want), name

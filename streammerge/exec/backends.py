@@ -67,12 +67,23 @@ def ramplus_lambdas(a: RowArgs) -> np.ndarray:
     return cpu_ram.ram_lambdas(*a.counts, p["epsilon"], p["r"], p["ram_alpha"])
 
 
+def work_of(a: RowArgs) -> str | None:
+    """The recipe's working dtype (mergekit's ``dtype:``, ``Recipe.work_dtype``), or None."""
+    return dict(a.params).get("work_dtype")
+
+
+def work_dtype_of(a: RowArgs) -> str:
+    """SPEC's W of a row-wise pass over the base and models: the recipe's, else the inputs'
+    common dtype, else F32."""
+    dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows) if r >= 0]
+    return work_of(a) or (dts[0] if len(set(dts)) == 1 else "F32")
+
+
 def stock_t_of(a: RowArgs):
     """model_stock's t (a float32 value of W) from its statistics pass's sums."""
     from streammerge.methods.model_stock import stock_t
 
-    dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows)]
-    return stock_t(a.counts[0], len(a.model_rows), dts[0] if len(set(dts)) == 1 else "F32")
+    return stock_t(a.counts[0], len(a.model_rows), work_dtype_of(a))
 
 
 class NumbaBackend:
@@ -185,7 +196,7 @@ class NumbaBackend:
 
         (ra, rb), n = a.model_rows, a.n_rows * a.row_len
         cpu_nearswap.nearswap_chunk(slot.inputs[ra], a.dtypes[ra], slot.inputs[rb], a.dtypes[rb],
-                                    n, a.t, slot.out, a.out_dtype)  # fmt: skip
+                                    n, a.t, slot.out, a.out_dtype, work_of(a))  # fmt: skip
 
     def _ram(self, slot: Slot, a: RowArgs) -> None:
         """ram, ramplus_tl, or ramplus_tl's statistics pass (``ram_counts``: adds into
@@ -194,11 +205,12 @@ class NumbaBackend:
 
         p, n, rows, dtypes = dict(a.params), a.n_rows * a.row_len, list(a.model_rows), list(a.dtypes)
         if a.op == "ram_counts":
-            cpu_ram.ram_counts(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], *a.counts)
+            cpu_ram.ram_counts(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], *a.counts,
+                               work_of(a))  # fmt: skip
             return
         lam = None if a.op == "ram" else ramplus_lambdas(a)
         cpu_ram.ram_chunk(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], slot.out,
-                          a.out_dtype, lam)  # fmt: skip
+                          a.out_dtype, lam, work_of(a))  # fmt: skip
 
     def _stock(self, slot: Slot, a: RowArgs) -> None:
         """model_stock, or its statistics pass (``stock_dots``: adds each block's sums into
@@ -207,11 +219,11 @@ class NumbaBackend:
 
         rows, dtypes = list(a.model_rows), list(a.dtypes)
         if a.op == "stock_dots":
-            blocks = cpu_stock.stock_dots(slot.inputs, dtypes, a.base_row, rows, a.count)
+            blocks = cpu_stock.stock_dots(slot.inputs, dtypes, a.base_row, rows, a.count, work_of(a))
             cpu_stock.add_blocks(a.counts[0], blocks)
             return
         cpu_stock.stock_chunk(slot.inputs, dtypes, a.base_row, rows, a.count, stock_t_of(a),
-                              slot.out, a.out_dtype)  # fmt: skip
+                              slot.out, a.out_dtype, work_of(a))  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

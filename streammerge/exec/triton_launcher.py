@@ -71,9 +71,11 @@ class TritonLauncher:
             return self._stock(inputs, out, a)
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
         if a.op == "nearswap":  # elementwise, no host step (SPEC "NearSwap")
+            from streammerge.exec.backends import work_of
             from streammerge.kernels import triton_nearswap
 
-            triton_nearswap.nearswap_triton(v0, v1, n, a.t, self._typed(out, a.out_dtype, n))
+            triton_nearswap.nearswap_triton(v0, v1, n, a.t, self._typed(out, a.out_dtype, n),
+                                            work_of(a))  # fmt: skip
             return None
         stats = None
         if a.op == ROW_DOTS or a.totals is None:
@@ -90,7 +92,7 @@ class TritonLauncher:
     def _ram(self, inputs, out, a, n: int) -> None:
         """ram, ramplus_tl or its statistics pass over the base and N fine-tunes (SPEC
         "RAM"); the counts come back to the host arrays ``a.counts``."""
-        from streammerge.exec.backends import ramplus_lambdas
+        from streammerge.exec.backends import ramplus_lambdas, work_of
         from streammerge.kernels import triton_ram
 
         torch, eps = self.torch, dict(a.params)["epsilon"]
@@ -98,17 +100,18 @@ class TritonLauncher:
         models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
         if a.op == "ram_counts":
             got = [torch.zeros(len(models), dtype=torch.int64, device=base.device) for _ in range(2)]
-            triton_ram.ram_counts_triton(base, models, n, eps, *got)
+            triton_ram.ram_counts_triton(base, models, n, eps, *got, work_of(a))
             for acc, g in zip(a.counts, got):
                 acc += g.cpu().numpy()
             return
         lam = None if a.op == "ram" else ramplus_lambdas(a)
-        triton_ram.ram_triton(base, models, n, eps, self._typed(out, a.out_dtype, n), lam)
+        triton_ram.ram_triton(base, models, n, eps, self._typed(out, a.out_dtype, n), lam,
+                              work_of(a))  # fmt: skip
 
     def _stock(self, inputs, out, a) -> None:
         """model_stock or its statistics pass (SPEC "Model Stock"): the blocks' sums come
         back to the host and are added left to right into ``a.counts``."""
-        from streammerge.exec.backends import stock_t_of
+        from streammerge.exec.backends import stock_t_of, work_dtype_of, work_of
         from streammerge.kernels import cpu_stock, triton_stock
         from streammerge.methods.model_stock import round_work
 
@@ -116,12 +119,13 @@ class TritonLauncher:
         base = self._typed(inputs[a.base_row], a.dtypes[a.base_row], n)
         models = [self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
         if a.op == "stock_dots":
-            cpu_stock.add_blocks(a.counts[0], triton_stock.stock_dots_triton(base, models, n).cpu().numpy())
+            sums = triton_stock.stock_dots_triton(base, models, n, work_of(a))
+            cpu_stock.add_blocks(a.counts[0], sums.cpu().numpy())
             return
         t = stock_t_of(a)
-        dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows)]
-        q = round_work(np.float32(1.0) - t, dts[0] if len(set(dts)) == 1 else "F32")
-        triton_stock.stock_triton(base, models, n, t, q, self._typed(out, a.out_dtype, n))
+        q = round_work(np.float32(1.0) - t, work_dtype_of(a))
+        triton_stock.stock_triton(base, models, n, t, q, self._typed(out, a.out_dtype, n),
+                                  work_of(a))  # fmt: skip
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host with numba (``streammerge.exec.ops.ConvertArgs``;

@@ -345,11 +345,11 @@ class _RecipeReader:
                 if name not in COMPUTE_DTYPES:
                     doc.fail(key, f"unsupported dtype {v!r}", "use float32, bfloat16 or float16")
         compute = cfg.get("dtype")
-        in_inputs = self.row.working_dtype == "inputs"  # nearswap, ram, ...: SPEC's W
-        if compute is not None and (in_inputs or str(compute).removeprefix("torch.") != "float32"):
-            where = "in the inputs' dtype" if in_inputs else "in float32"
+        if compute is not None and self.row.working_dtype == "inputs":  # SPEC's W, as mergekit
+            kwargs["work_dtype"] = normalize_dtype(str(compute).removeprefix("torch."))
+        elif compute is not None and str(compute).removeprefix("torch.") != "float32":
             self.notices.append(
-                f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes {where} "
+                f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes in float32 "
                 "(mergekit would compute in the given dtype); the output dtype follows out_dtype"
             )
         out_dtype = cfg.get("out_dtype") or compute

@@ -24,6 +24,7 @@ import numpy as np
 from streammerge.methods.method import Method
 from streammerge.methods.params import RecipeError
 from streammerge.methods.registry import DEFAULT_METHOD, TRIM_SCOPES, all_params, get_method
+from streammerge.recipe.dtypes import normalize_dtype
 
 #: DARE's drop rate when neither drop nor density is given: streammerge v1's default, kept
 #: so v1 command lines give the same bytes (mergekit's density default is 1: no drop).
@@ -175,6 +176,9 @@ class Recipe:
         dtype: output dtype (safetensors string) of float tensors, or None (the base's).
         source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
         lines: recipe key -> line of the YAML file it came from (for messages).
+        work_dtype: the working dtype W of a method computing in the inputs' dtype
+            (``Method.working_dtype`` ``inputs``): mergekit's ``dtype:`` (every input
+            rounded to it first), or None (the inputs' common dtype; docs/SPEC.md "NearSwap").
     """
 
     method: str
@@ -189,6 +193,7 @@ class Recipe:
     dtype: str | None = None
     source: str = "api"
     lines: dict = field(default_factory=dict)
+    work_dtype: str | None = None
 
     @property
     def row(self) -> Method:
@@ -249,6 +254,8 @@ class Recipe:
                 shared.append((p.name, v))
             if p.m3 and row.m3 == "t":
                 w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
+        if self.work_dtype is not None and row.working_dtype == "inputs":
+            shared.append(("work_dtype", self.work_dtype))
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
 
@@ -363,6 +370,7 @@ def build_recipe(
     model_params: Sequence[Mapping] | None = None,
     params: Mapping | None = None,
     lines: Mapping | None = None,
+    work_dtype: str | None = None,
     **values,
 ) -> Recipe:
     """A recipe from flag-style arguments (the CLI and ``streammerge.merge``).
@@ -413,20 +421,9 @@ def build_recipe(
                 models[j][key] = v
         else:
             params[key] = row.param(key).check(val, row.param(key).flag)
-    recipe = Recipe(
-        method,
-        n_models,
-        seed,
-        mixup,
-        alpha_used,
-        None if lam is None else float(lam),
-        tuple(models),
-        params,
-        trim_scope,
-        dtype,
-        source,
-        dict(lines or {}),
-    )
+    recipe = Recipe(method, n_models, seed, mixup, alpha_used, None if lam is None else float(lam),
+                    tuple(models), params, trim_scope, dtype, source, dict(lines or {}),
+                    None if work_dtype is None else normalize_dtype(work_dtype))  # fmt: skip
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe
 
