@@ -55,7 +55,7 @@ def _nearswap_one(x, y, t32, lo, w_code):
     y = round_work(y, w_code)
     d = round_work(x - y, w_code)
     ad = abs(d)
-    c = lo if ad < lo else ad
+    c = lo if ad < lo else ad  # noqa: FURB136 - a NaN stays NaN (torch clamp)
     r = round_work(np.float32(1.0) / c, w_code)
     w = round_work(r * t32, w_code)
     if w < np.float32(0.0):

@@ -561,7 +561,7 @@ def spec_ram_lambdas(shared, unique, epsilon, r, alpha):
     out = []
     with np.errstate(all="ignore"):
         for sh, un in zip(shared, unique):
-            den = f(un) if f(un) >= f(epsilon) else f(epsilon)
+            den = f(un) if f(un) >= f(epsilon) else f(epsilon)  # noqa: FURB136 - as SPEC
             rho = f(f(sh) / den)
             c = rho if np.isnan(rho) else min(max(rho, f(0)), f(alpha))
             out.append(f(f(1) + f(f(r) * c)))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
+from streammerge.kernels import cpu_stock
 from test_ram import ITEM, _as_bytes, _shift, _slot
 
-from streammerge.kernels import cpu_stock
 from streammerge.methods.model_stock import stock_t
 
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
@@ -79,15 +79,14 @@ def test_t_and_merge_follow_mergekits_torch_chain():
     bit for bit. (In float32 the sums themselves differ in the last bits: SPEC.)"""
     torch = pytest.importorskip("torch")
     tdt = {"BF16": torch.bfloat16, "F16": torch.float16}
-    for dt in tdt:
+    for dt, tdt_dt in tdt.items():
         for n_models in (2, 3, 4):
             dtypes = [dt] * (n_models + 1)
-            slot, rows = _slot(700, n_models, dtypes, 10 + n_models)
+            _, rows = _slot(700, n_models, dtypes, 10 + n_models)
             rows = [r.copy() for r in rows]
             for r in rows:  # finite values only (torch's NaN handling is not the point here)
                 r[5:10] = rows[0][5:10]
-            slot, _ = slot, None
-            ts = [torch.from_numpy(np.ascontiguousarray(x)).view(tdt[dt]) for x in rows]
+            ts = [torch.from_numpy(np.ascontiguousarray(x)).view(tdt_dt) for x in rows]
             w0, ws = ts[0], ts[1:]
             offs = [w - w0 for w in ws]
             cs = []
@@ -111,6 +110,7 @@ def test_triton_kernels_equal_numba():
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
     torch = pytest.importorskip("torch")
     from streammerge.kernels import triton_stock
+
     from streammerge.methods.model_stock import round_work
 
     tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

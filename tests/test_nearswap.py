@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
-
 from streammerge.kernels import cpu_nearswap
 
 CARRIER = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}

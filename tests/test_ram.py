@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
-
 from streammerge.kernels import cpu_ram
 
 ITEM = {"F32": 4, "F16": 2, "BF16": 2}
@@ -98,11 +97,11 @@ def test_kernels_equal_mergekits_torch_expression():
     """SPEC's op sequence is torch's: mergekit's ram.py evaluated by torch."""
     torch = pytest.importorskip("torch")
     tdt = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-    for dt in tdt:
+    for dt, tdt_dt in tdt.items():
         for n_models, eps in ((2, 1e-5), (3, 0.005), (4, 0.0)):
             dtypes = [dt] * (n_models + 1)
             slot, rows = _slot(5000, n_models, dtypes, n_models)
-            ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt[dt]) for x in rows]
+            ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt_dt) for x in rows]
             base, xs = ts[0], ts[1:]
             tv = torch.stack([x - base for x in xs]).view(n_models, -1)
             nz = tv.abs() > eps

@@ -61,8 +61,8 @@ class TritonLauncher:
         sums (float64 numpy [n_rows, 3]); the method's pass combines the rows into ``out``
         (uint8) with the tensor's coefficients, worked out on the host."""
         from streammerge.exec.ops import combine_coefficients
-        from streammerge.methods.method import ROW_DOTS
         from streammerge.kernels import triton_rows
+        from streammerge.methods.method import ROW_DOTS
 
         torch, n = self.torch, a.n_rows * a.row_len
         if a.op in ("ram", "ramplus_tl", "ram_counts"):

@@ -55,7 +55,7 @@ def stock_t(sums: np.ndarray, n_models: int, w_dtype: str) -> np.float32:
             dot = r(f(sums[s]))
             s += 1
             npr = r(norms[j] * norms[k])
-            c = r(dot / (floor if npr < floor else npr))
+            c = r(dot / (floor if npr < floor else npr))  # noqa: FURB136 - NaN as torch
             c = c if np.isnan(c) else min(max(c, f(-1.0)), f(1.0))
             cos_sum = f(cos_sum + c)
         cos = r(cos_sum / f(len(pairs)))

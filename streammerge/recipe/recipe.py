@@ -193,7 +193,7 @@ class Recipe:
     dtype: str | None = None
     source: str = "api"
     lines: dict = field(default_factory=dict)
-    work_dtype: str | None = None
+    work_dtype: str | None = field(default=None, kw_only=True)  # after a subclass's fields
 
     @property
     def row(self) -> Method:
@@ -423,7 +423,7 @@ def build_recipe(
             params[key] = row.param(key).check(val, row.param(key).flag)
     recipe = Recipe(method, n_models, seed, mixup, alpha_used, None if lam is None else float(lam),
                     tuple(models), params, trim_scope, dtype, source, dict(lines or {}),
-                    None if work_dtype is None else normalize_dtype(work_dtype))  # fmt: skip
+                    work_dtype=work_dtype and normalize_dtype(work_dtype))  # fmt: skip
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe
 
