@@ -291,3 +291,28 @@ def test_against_peft_merge_and_unload(tmp_path):
         assert np.abs(a - b).max() <= 1, name  # same sign: 1 ulp is 1 in the bits
         total, same = total + a.size, same + int((a == b).sum())
     assert same / total >= 0.999
+
+
+def test_device_path_reads_adapted_rows(tmp_path):
+    """The GPU backend takes rows from where their O_DIRECT reads landed; an adapted row is
+    rewritten in place first. On fake CUDA streams (``ThreadQueue``, numba kernels) a merge
+    with an adapted fine-tune gives numba's bytes."""
+    from streammerge.api import execute, finalize, prepare
+    from streammerge.exec import gpu
+    from streammerge.exec.gpu import DeviceBackend
+    from streammerge.exec.threadqueue import NumbaLauncher, ThreadQueue
+
+    shapes = {f"model.layers.{k}.mlp.down_proj.weight": (256, 1024) for k in range(2)}
+    base = make_model(tmp_path / "base", shapes=shapes)
+    ft = make_model(tmp_path / "ft", seed=2, shapes=shapes)
+    adapter = make_adapter(tmp_path / "lora", base, targets=("down_proj",), r=8)
+    recipe = {"method": "ties", "density": 0.4, "seed": 5, "lam": 0.3}
+    streammerge.merge([f"{base}+{adapter}", ft], base, tmp_path / "cpu", backend="numba",
+                      device="cpu", **recipe)  # fmt: skip
+    q = ThreadQueue(seed=1, max_delay_s=0.0003)
+    prep = prepare([f"{base}+{adapter}", ft], base, tmp_path / "dev", recipe,
+                   Options(memory="32MiB"))  # fmt: skip
+    backend = DeviceBackend(q, NumbaLauncher(), gpu.device_stats_bytes(2) + 2**20)
+    finalize(prep, execute(prep, backend))
+    q.shutdown()
+    _same(output_bytes(tmp_path / "dev"), output_bytes(tmp_path / "cpu"))
