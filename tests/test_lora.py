@@ -316,3 +316,21 @@ def test_device_path_reads_adapted_rows(tmp_path):
     finalize(prep, execute(prep, backend))
     q.shutdown()
     _same(output_bytes(tmp_path / "dev"), output_bytes(tmp_path / "cpu"))
+
+
+def test_model_by_url_with_a_local_adapter(tmp_path):
+    """``https://.../model+/local/adapter``: the model's rows come by ranged requests and are
+    adapted as they arrive; the bytes equal the local run's."""
+    from test_remote import RangeServer
+
+    model = make_model(tmp_path / "data" / "m")
+    adapter = make_adapter(tmp_path / "lora", model)
+    srv = RangeServer(tmp_path / "data")
+    try:
+        apply_lora(f"{srv.url}/m+{adapter}", tmp_path / "remote")
+        assert srv.weight_ranges()
+    finally:
+        srv.close()
+    _same(output_bytes(tmp_path / "remote"), oracle(model, adapter))
+    rec = json.loads((tmp_path / "remote" / "streammerge.json").read_text())
+    assert rec["base"]["url"] == f"{srv.url}/m" and rec["base"]["adapter"]["fingerprint"]
