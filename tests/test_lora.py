@@ -132,9 +132,14 @@ def test_apply_lora_equals_the_oracle(tmp_path, dtype, adapter_dtype, cfg):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == H
 
 
-def test_adapted_bytes_do_not_depend_on_the_cut(tmp_path):
-    """adapt_range over any cut of W (mid-row included) gives the whole tensor's bytes; and
-    apply-lora with --memory 1MiB (many chunks) equals the default run."""
+def test_adapted_bytes_do_not_depend_on_the_cut(tmp_path, monkeypatch):
+    """adapt_range over any cut of W (mid-row included) gives the whole tensor's bytes, so
+    do adapt_jobs' pieces on a thread pool; and apply-lora with --memory 1MiB (many chunks)
+    equals the default run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streammerge.io import lora_delta
+
     shapes = {"model.layers.0.mlp.down_proj.weight": (512, 1024), "model.norm.weight": (8,)}
     model = make_model(tmp_path / "m", "BF16", shapes=shapes)
     adapter = make_adapter(tmp_path / "lora", model, targets=("down_proj",), r=16)
@@ -152,6 +157,11 @@ def test_adapted_bytes_do_not_depend_on_the_cut(tmp_path):
         assert np.array_equal(part, whole[lo:hi])
     want = oracle(model, adapter)
     assert np.array_equal(whole, want[info.name])
+    monkeypatch.setattr(lora_delta, "PIECE_ELEMS", 3000)  # pieces of 2 rows
+    pieced = raw.copy()
+    with ThreadPoolExecutor(4) as pool:
+        lora_delta.adapt_jobs([(info, 2, len(raw) - 2, pieced[2:])], pool)
+    assert np.array_equal(pieced[2:], whole[2:])
     apply_lora(f"{model}+{adapter}", tmp_path / "small",
                            Options(memory="1MiB"))  # fmt: skip
     apply_lora(f"{model}+{adapter}", tmp_path / "big")

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
 from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
 from streammerge.exec.thresholds import _Thresholds, accumulate
-from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_range
+from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_jobs
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
@@ -168,8 +168,8 @@ class ReaderStage:
         in_place = (not self.offsets_ok or item.op in ("copy", "convert")
                     or is_row_op(item.op) or bool(adapted))  # fmt: skip
         deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
-        for info, byte_offset, nbytes, row in adapted:  # docs/SPEC.md "LoRA inputs (v3)"
-            adapt_range(info, byte_offset, row[:nbytes])
+        if adapted:  # docs/SPEC.md "LoRA inputs (v3)"
+            adapt_jobs(adapted, pool)
         if not in_place:
             slot.offsets = [0] * self.layout.rows
             for (r, _), d in zip(local, deltas):

@@ -3,7 +3,8 @@
 ``adapt_range`` rewrites, in place, a byte range of a tensor ``W`` just read from disk into
 ``W + s * (L @ R)`` rounded to ``W``'s dtype, computing ``L``'s rows of that range only.
 The sum over the rank runs k = 0, 1, ..., r-1 in float32, each product and sum rounded on
-its own (numpy ufuncs, no FMA), so the bytes do not depend on how ``W`` is cut into chunks.
+its own (the numba kernel ``streammerge.kernels.cpu_lora``, no FMA), so the bytes do not
+depend on how ``W`` is cut into chunks. ``adapt_jobs`` runs a chunk's ranges in parallel.
 """
 
 from __future__ import annotations
@@ -17,10 +18,6 @@ import numpy as np
 
 from streammerge.errors import MergeError
 from streammerge.io.model_types import TensorInfo
-
-#: Elements of ``W`` per vectorized step (the float32 temporaries stay a few MiB).
-BLOCK_ELEMS = 1 << 18
-
 
 @dataclass(frozen=True, slots=True)
 class LoraTerm:
@@ -55,16 +52,6 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even; a NaN stays a quiet NaN
-    (as ``kernels.cpu_merge._f32_to_bf16``)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-    quiet = (u >> np.uint32(16)) | np.uint32(0x40)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    return np.where(nan, quiet, rounded).astype(np.uint16)
-
-
 def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     """Exact float32 values of ``raw`` (uint8 bytes of F32, F16 or BF16 values)."""
     if dtype == "F32":
@@ -76,22 +63,8 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(f"no LoRA on {dtype} tensors")
 
 
-def from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` rounded to ``dtype`` (round to nearest even), as that dtype's bytes (uint8)."""
-    if dtype == "F32":
-        out = x.astype(np.float32)
-    elif dtype == "F16":
-        with np.errstate(over="ignore"):
-            out = x.astype(np.float16)  # numpy rounds float32 -> float16 to nearest even
-    else:
-        out = f32_to_bf16_bits(x)
-    return np.ascontiguousarray(out).view(np.uint8)
-
-
-@functools.lru_cache(maxsize=8)
 def _matrix(file: Path, start: int, nbytes: int, dtype: str, shape: tuple) -> np.ndarray:
-    """One adapter matrix as float32 (exact), read with one ``pread`` (a few KB to MB; the
-    last few stay cached, so the chunks of one tensor read them once)."""
+    """One adapter matrix as float32 (exact), read with one ``pread`` (a few KB to MB)."""
     try:
         fd = os.open(file, os.O_RDONLY)
         try:
@@ -103,51 +76,61 @@ def _matrix(file: Path, start: int, nbytes: int, dtype: str, shape: tuple) -> np
                          "check the adapter file") from e  # fmt: skip
     if len(raw) != nbytes:
         raise MergeError("the adapter file is truncated", file, None, "re-save the adapter")
-    out = to_f32(np.frombuffer(raw, np.uint8), dtype).reshape(shape)
-    out.setflags(write=False)
-    return out
+    return to_f32(np.frombuffer(raw, np.uint8), dtype).reshape(shape)
 
 
+@functools.lru_cache(maxsize=4)
 def factors(term: LoraTerm) -> tuple[np.ndarray, np.ndarray]:
-    """(L, R) as float32: ``W``'s update is s * (L @ R), L with one row per row of ``W``
-    (B, or A^T with fan_in_fan_out), R [r, cols] (A, or B^T)."""
+    """(L, R) as C-contiguous float32: ``W``'s update is s * (L @ R), L with one row per
+    row of ``W`` (B, or A^T with fan_in_fan_out), R [r, cols] (A, or B^T). The last few
+    stay cached, so the chunks of one tensor read them once; nothing else of the adapter
+    is held."""
     a = _matrix(term.a.file, term.a.start, term.a.nbytes, term.a.dtype, term.a.shape)
     b = _matrix(term.b.file, term.b.start, term.b.nbytes, term.b.dtype, term.b.shape)
-    return (a.T, b.T) if term.fan_in_fan_out else (b, a)
-
-
-def delta_rows(left: np.ndarray, right: np.ndarray, scale: float) -> np.ndarray:
-    """float32 ``s * (left @ right)`` ([rows, cols]) with the sum over k in increasing
-    order, each product and sum rounded on its own (SPEC "LoRA inputs (v3)")."""
-    acc = np.zeros((left.shape[0], right.shape[1]), np.float32)
-    for k in range(left.shape[1]):
-        acc += left[:, k : k + 1] * right[k : k + 1, :]
-    return acc * np.float32(scale)
+    left, right = (a.T, b.T) if term.fan_in_fan_out else (b, a)
+    left, right = np.ascontiguousarray(left), np.ascontiguousarray(right)
+    left.setflags(write=False)
+    right.setflags(write=False)
+    return left, right
 
 
 def adapt_range(info: AdaptedTensorInfo, byte_offset: int, buf) -> None:
-    """Turn ``buf`` (the ``len(buf)`` bytes of ``info``'s tensor from ``byte_offset``, as
-    stored) into the adapted tensor's bytes at the same place, in place.
+    """Turn ``buf`` (uint8 array: the ``len(buf)`` bytes of ``info``'s tensor from
+    ``byte_offset``, as stored) into the adapted tensor's bytes at the same place, in place.
 
     Shapes: ``W`` [rows, cols] of F32/F16/BF16; only the rows the range touches are
-    computed, ``BLOCK_ELEMS`` at a time.
+    computed (``streammerge.kernels.cpu_lora.lora_apply``, GIL released).
     """
+    from streammerge.kernels.common import FLOAT_CODES
+    from streammerge.kernels.cpu_lora import lora_apply
+
     isz = info.itemsize
-    raw = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
-    raw = raw[: len(buf)]
-    e0, n = byte_offset // isz, len(raw) // isz
+    n = len(buf) // isz
     if n == 0:
         return
-    cols = info.shape[1]
     left, right = factors(info.lora)
-    per = max(1, BLOCK_ELEMS // max(cols, 1))
-    row = e0 // cols
-    end = e0 + n
-    while row * cols < end:
-        stop = min(row + per, -(-end // cols))
-        lo, hi = max(row * cols, e0), min(stop * cols, end)  # elements of W in this block
-        d = delta_rows(left[row:stop], right, info.lora.scale).reshape(-1)
-        d = d[lo - row * cols : hi - row * cols]
-        seg = raw[(lo - e0) * isz : (hi - e0) * isz]
-        seg[:] = from_f32(to_f32(seg, info.dtype) + d, info.dtype)
-        row = stop
+    lora_apply(buf, FLOAT_CODES[info.dtype], byte_offset // isz, n, info.shape[1], left, right,
+               np.float32(info.lora.scale))  # fmt: skip
+
+
+#: Elements of one piece ``adapt_jobs`` hands a thread (about 1 M: a few ms of work).
+PIECE_ELEMS = 1 << 20
+
+
+def adapt_jobs(jobs, pool=None) -> None:
+    """``adapt_range`` on every (info, byte_offset, nbytes, row) read job, the bytes at
+    ``row[:nbytes]``, cut in pieces of whole-row multiples that ``pool`` (an executor, or
+    None: this thread) runs in parallel (the kernel releases the GIL). The bytes do not
+    depend on the cut (SPEC "LoRA inputs (v3)")."""
+    pieces = []
+    for info, byte_offset, nbytes, row in jobs:
+        cols = info.shape[1]
+        step = max(1, PIECE_ELEMS // cols) * cols * info.itemsize
+        for s in range(0, nbytes, step):
+            pieces.append((info, byte_offset + s, row[s : min(nbytes, s + step)]))
+    if pool is None or len(pieces) < 2:
+        for p in pieces:
+            adapt_range(*p)
+        return
+    for fut in [pool.submit(adapt_range, *p) for p in pieces]:
+        fut.result()
