@@ -129,6 +129,8 @@ def test_apply_lora_equals_the_oracle(tmp_path, dtype, adapter_dtype, cfg):
     _same(output_bytes(tmp_path / "out"), oracle(model, adapter))
     rec = json.loads((tmp_path / "out" / "streammerge.json").read_text())
     assert rec["base"]["adapter"]["path"] == str(adapter.resolve())
+    assert rec["apply_lora"]["adapter"] == rec["base"]["adapter"]
+    assert "LoRA adapter `lora` merged" in (tmp_path / "out" / "README.md").read_text()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["hidden_size"] == H
 
 
