@@ -196,6 +196,9 @@ def test_cli_and_yaml_take_model_plus_adapter(tmp_path):
     p = run_cli([str(ft), str(tmp_path / "applied"), "--base", f"{base}+{adapter}", "--method",
                  "task_arithmetic", "--weights", "0.5,0.5", "-o", str(tmp_path / "cli")])  # fmt: skip
     assert p.returncode == 0, p.stderr
+    p = run_cli([str(ft), f"{base}+{adapter}", "--base", str(base), "--plan", "-o",
+                 str(tmp_path / "plan")])  # fmt: skip
+    assert p.returncode == 0 and f"model 1: {base.resolve()}+{adapter.resolve()}" in p.stdout
     recipe = tmp_path / "r.yml"
     recipe.write_text("merge_method: task_arithmetic\nbase_model: base+lora\nmodels:\n"
                       "  - model: ft\n    parameters: {weight: 0.5}\n"
