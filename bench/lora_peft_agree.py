@@ -66,8 +66,12 @@ def make_adapter(root: Path, model: Path, r: int, alpha: float, dtype: str, **cf
                    if re.match(rf"(.*\.)?({k})$", module)), r)  # fmt: skip
         out_f, in_f = t.shape
         key = f"base_model.model.{module}"
-        weights[key + ".lora_A.weight"] = (torch.randn(rk, in_f, generator=g) / in_f**0.5).to(TORCH[dtype])
-        weights[key + ".lora_B.weight"] = (torch.randn(out_f, rk, generator=g) * 0.01).to(TORCH[dtype])
+        weights[key + ".lora_A.weight"] = (torch.randn(rk, in_f, generator=g) / in_f**0.5).to(
+            TORCH[dtype]
+        )
+        weights[key + ".lora_B.weight"] = (torch.randn(out_f, rk, generator=g) * 0.01).to(
+            TORCH[dtype]
+        )
     root.mkdir(parents=True)
     save_file(weights, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
     (root / "adapter_config.json").write_text(json.dumps(config))
@@ -104,14 +108,15 @@ def main() -> None:
 
     work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
     cases = [
-        ("BF16", "plain r16 a32, f32 adapter", dict(r=16, alpha=32, dtype="F32")),
-        ("BF16", "rslora r64 a16, bf16 adapter", dict(r=64, alpha=16, dtype="BF16", use_rslora=True)),
-        ("BF16", "rank/alpha patterns", dict(r=8, alpha=16, dtype="F32",
-                                             rank_pattern={"down_proj": 32},
-                                             alpha_pattern={r"layers\.1\..*": 7})),  # fmt: skip
-        ("F16", "plain r16 a32, f16 adapter", dict(r=16, alpha=32, dtype="F16")),
-        ("F32", "plain r16 a32, f32 adapter", dict(r=16, alpha=32, dtype="F32")),
-    ]
+        ("BF16", "plain r16 a32, f32 adapter", {"r": 16, "alpha": 32, "dtype": "F32"}),
+        ("BF16", "rslora r64 a16, bf16 adapter",
+         {"r": 64, "alpha": 16, "dtype": "BF16", "use_rslora": True}),
+        ("BF16", "rank/alpha patterns",
+         {"r": 8, "alpha": 16, "dtype": "F32", "rank_pattern": {"down_proj": 32},
+          "alpha_pattern": {r"layers\.1\..*": 7}}),
+        ("F16", "plain r16 a32, f16 adapter", {"r": 16, "alpha": 32, "dtype": "F16"}),
+        ("F32", "plain r16 a32, f32 adapter", {"r": 16, "alpha": 32, "dtype": "F32"}),
+    ]  # fmt: skip
     print("| model | adapter | elements | identical % | within 1 ulp % | > 1 ulp | max ulp |")
     print("|---|---|---|---|---|---|---|")
     for k, (dtype, label, kw) in enumerate(cases):

@@ -6,8 +6,8 @@ merge; refusals in one line; resume noticing a changed adapter; PEFT's merge_and
 
 from __future__ import annotations
 
+import itertools
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +21,9 @@ import streammerge
 from streammerge.api_types import Options
 from streammerge.errors import MergeError
 from streammerge.io.inputs import open_input
-from streammerge.jobs.apply_lora import apply_lora
 from streammerge.io.lora import split_reference
 from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_range
+from streammerge.jobs.apply_lora import apply_lora
 
 TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 H, I, V, KV, LAYERS = 32, 48, 40, 16, 2
@@ -53,7 +53,9 @@ def make_model(root: Path, dtype: str = "BF16", seed: int = 0, shapes=None) -> P
     ts = {n: (torch.randn(s, generator=g) * 0.05).to(TORCH[dtype]) for n, s in shapes.items()}
     root.mkdir(parents=True)
     save_file(ts, str(root / "model.safetensors"), metadata={"format": "pt"})
-    (root / "config.json").write_text(json.dumps({**CONFIG, "dtype": str(TORCH[dtype]).removeprefix("torch.")}))
+    (root / "config.json").write_text(
+        json.dumps({**CONFIG, "dtype": str(TORCH[dtype]).removeprefix("torch.")})
+    )
     return root
 
 
@@ -76,8 +78,12 @@ def make_adapter(root: Path, model: Path, targets=("q_proj", "v_proj", "down_pro
         rk, _ = ref.spec_lora_rank_scale(config, module)
         out_f, in_f = shape[::-1] if config["fan_in_fan_out"] else shape
         key = f"base_model.model.{module}"
-        weights[key + ".lora_A.weight"] = (torch.randn(rk, in_f, generator=g) * 0.2).to(TORCH[dtype])
-        weights[key + ".lora_B.weight"] = (torch.randn(out_f, rk, generator=g) * 0.2).to(TORCH[dtype])
+        weights[key + ".lora_A.weight"] = (torch.randn(rk, in_f, generator=g) * 0.2).to(
+            TORCH[dtype]
+        )
+        weights[key + ".lora_B.weight"] = (torch.randn(out_f, rk, generator=g) * 0.2).to(
+            TORCH[dtype]
+        )
     root.mkdir(parents=True)
     save_file(weights, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})
     (root / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -104,8 +110,8 @@ def oracle(model: Path, adapter: Path) -> dict[str, np.ndarray]:
 
 def _same(got: dict, want: dict) -> None:
     assert set(got) == set(want)
-    for name in want:
-        assert np.array_equal(got[name], want[name]), name
+    for name, value in want.items():
+        assert np.array_equal(got[name], value), name
 
 
 @pytest.mark.parametrize(
@@ -114,10 +120,10 @@ def _same(got: dict, want: dict) -> None:
         ("BF16", "F32", {}),
         ("BF16", "BF16", {"use_rslora": True, "r": 8, "lora_alpha": 3}),
         ("F16", "F16", {"rank_pattern": {"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6},
-                        "alpha_pattern": {"down_proj": 5}}),  # fmt: skip
+                        "alpha_pattern": {"down_proj": 5}}),
         ("F32", "F32", {"fan_in_fan_out": True}),
     ],
-)
+)  # fmt: skip
 def test_apply_lora_equals_the_oracle(tmp_path, dtype, adapter_dtype, cfg):
     shapes = llama_shapes()
     if cfg.get("fan_in_fan_out"):  # GPT-2 Conv1D layout: weights stored [in, out]
@@ -153,7 +159,7 @@ def test_adapted_bytes_do_not_depend_on_the_cut(tmp_path, monkeypatch):
     adapt_range(info, 0, whole)
     rng = np.random.default_rng(0)
     cuts = np.unique(np.r_[0, rng.integers(1, info.numel, 7), info.numel]) * 2
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in itertools.pairwise(cuts):
         part = raw[lo:hi].copy()
         adapt_range(info, int(lo), part)
         assert np.array_equal(part, whole[lo:hi])
@@ -211,7 +217,10 @@ def test_cli_and_yaml_take_model_plus_adapter(tmp_path):
 def test_split_rule_keeps_plus_in_directory_names(tmp_path):
     plus = make_model(tmp_path / "m+v2")
     adapter = make_adapter(tmp_path / "a+b", plus)
-    assert split_reference(str(plus), lambda r: Path(r).is_dir()) == (str(plus), None)  # a directory: plain
+    assert split_reference(str(plus), lambda r: Path(r).is_dir()) == (
+        str(plus),
+        None,
+    )  # a directory: plain
     got = split_reference(f"{plus}+{adapter}", lambda r: Path(r).is_dir())
     assert got == (str(plus), adapter)
     m = open_input(f"{plus}+{adapter}")
@@ -239,11 +248,11 @@ def _refused(tmp_path, ref: str, match: str) -> None:
         (lambda a, cfg, w: cfg.update(r=5), "do not fit"),
         (lambda a, cfg, w: w.update({"base_model.model.model.layers.7.mlp.up_proj.lora_A.weight":
                                      torch.zeros(4, H), "base_model.model.model.layers.7.mlp."
-                                     "up_proj.lora_B.weight": torch.zeros(I, 4)}), "lacks"),  # fmt: skip
+                                     "up_proj.lora_B.weight": torch.zeros(I, 4)}), "lacks"),
         (lambda a, cfg, w: w.update({"base_model.model.model.embed_tokens.lora_embedding_A":
-                                     torch.zeros(4, V)}), "not a LoRA A/B"),  # fmt: skip
+                                     torch.zeros(4, V)}), "not a LoRA A/B"),
     ],
-)
+)  # fmt: skip
 def test_refusals_are_one_line_before_anything_is_written(tmp_path, edit, match):
     model = make_model(tmp_path / "m")
     adapter = make_adapter(tmp_path / "lora", model)

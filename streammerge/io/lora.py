@@ -144,8 +144,12 @@ def _pairs(folder: Path, tensors: dict[str, TensorInfo]) -> dict[str, list]:
         pairs.setdefault(m.group(1), [None, None])["AB".index(m.group(2))] = info
     for module, (a, b) in pairs.items():
         if a is None or b is None:
-            raise MergeError(f"the adapter has lora_{'A' if a is None else 'B'} of this module "
-                             "missing", folder / ADAPTER_WEIGHTS, module, "re-save the adapter")
+            raise MergeError(
+                f"the adapter has lora_{'A' if a is None else 'B'} of this module missing",
+                folder / ADAPTER_WEIGHTS,
+                module,
+                "re-save the adapter",
+            )
     return pairs
 
 
@@ -158,8 +162,12 @@ def _term(folder: Path, cfg: dict, module: str, a: TensorInfo, b: TensorInfo,
     """
     where = folder / ADAPTER_WEIGHTS
     if w is None:
-        raise MergeError("the adapter changes this module, which the model lacks", where,
-                         module + ".weight", "give the model the adapter was trained on")
+        raise MergeError(
+            "the adapter changes this module, which the model lacks",
+            where,
+            module + ".weight",
+            "give the model the adapter was trained on",
+        )
     for info in (a, b):
         if info.dtype not in LORA_DTYPES or len(info.shape) != 2:
             raise MergeError(f"adapter weight is {info.dtype}{list(info.shape)}, not a 2-D "

@@ -19,6 +19,7 @@ import numpy as np
 from streammerge.errors import MergeError
 from streammerge.io.model_types import TensorInfo
 
+
 @dataclass(frozen=True, slots=True)
 class LoraTerm:
     """The LoRA update of one tensor ``W`` ([rows, cols]).

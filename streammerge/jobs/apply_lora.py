@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from streammerge.api import execute, finalize, prepare, preflight_output
+from streammerge.api import execute, finalize, preflight_output, prepare
 from streammerge.api_types import MergeSummary, Options, Provenance
 from streammerge.errors import MergeError
 from streammerge.exec.choose import make_backend
@@ -48,7 +48,7 @@ def card(ref: str, rec: dict) -> str:
         f"The PEFT LoRA adapter `{Path(adapter.get('path', '?')).name}` merged into its model "
         f"by `streammerge apply-lora` (streammerge {rec.get('version')}), as PEFT's "
         "`merge_and_unload` does: W + scale * (B @ A) per adapted tensor, in float32, rounded "
-        "to the tensor's dtype (docs/SPEC.md \"LoRA inputs (v3)\").\n\n"
+        'to the tensor\'s dtype (docs/SPEC.md "LoRA inputs (v3)").\n\n'
         f"- Input fingerprint (model and adapter): `{base.get('fingerprint')}`\n"
         f"- Adapter fingerprint: `{adapter.get('fingerprint')}`\n"
         f"- Output: {len(shards)} safetensors shard(s), {rec.get('total_size')} bytes of "
@@ -68,7 +68,10 @@ def _as_apply_lora(prep, ref: str) -> None:
     def write_file(name: str, data: bytes) -> None:
         if name == "streammerge.json":
             rec = json.loads(data)
-            rec["apply_lora"] = {"note": RECORD_NOTE, "adapter": (rec.get("base") or {}).get("adapter")}
+            rec["apply_lora"] = {
+                "note": RECORD_NOTE,
+                "adapter": (rec.get("base") or {}).get("adapter"),
+            }
             seen["rec"] = rec
             data = (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         elif name == "README.md" and "rec" in seen:
@@ -111,4 +114,3 @@ def apply_lora(
         prep.output.close()
         raise
     return finalize(prep, stats)
-
