@@ -108,6 +108,26 @@ def oracle(model: Path, adapter: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def test_oracle_is_exact_where_float32_is(tmp_path):
+    """The oracle on small integers (every product, sum and the result exact in float32 and
+    bf16) equals W + scale * (B @ A) in float64; with fan_in_fan_out, (B @ A)^T."""
+    rng = np.random.default_rng(0)
+    a = rng.integers(-4, 5, (3, 6)).astype(np.float32)
+    b = rng.integers(-4, 5, (5, 3)).astype(np.float32)
+    w = rng.integers(-64, 65, (5, 6)).astype(np.float32)
+    bits = ref.from_float32(w, "BF16")
+    got = ref.to_float32(ref.spec_lora(bits, "BF16", a, b, 0.5), "BF16")
+    assert np.array_equal(got, w + 0.5 * (b.astype(np.float64) @ a))
+    got = ref.to_float32(ref.spec_lora(bits.T.copy(), "BF16", a, b, 2.0, True), "BF16")
+    assert np.array_equal(got, w.T + 2.0 * (b.astype(np.float64) @ a).T)
+    cfg = {"r": 8, "lora_alpha": 16, "rank_pattern": {"v_proj": 2, r"layers\.1\..*": 4},
+           "alpha_pattern": {"q_proj": 3}}  # fmt: skip
+    assert ref.spec_lora_rank_scale(cfg, "model.layers.0.self_attn.v_proj") == (2, 8.0)
+    assert ref.spec_lora_rank_scale(cfg, "model.layers.1.self_attn.q_proj") == (4, 0.75)
+    assert ref.spec_lora_rank_scale(cfg, "model.layers.0.self_attn.xv_proj") == (8, 2.0)
+    assert ref.spec_lora_rank_scale({**cfg, "use_rslora": True}, "a.k_proj") == (8, 16 / 8**0.5)
+
+
 def _same(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for name, value in want.items():
@@ -244,6 +264,8 @@ def _refused(tmp_path, ref: str, match: str) -> None:
         (lambda a, cfg, w: cfg.update(use_dora=True), "use_dora"),
         (lambda a, cfg, w: cfg.update(modules_to_save=["lm_head"]), "modules_to_save"),
         (lambda a, cfg, w: cfg.update(peft_type="IA3"), "peft_type"),
+        (lambda a, cfg, w: cfg.update(init_lora_weights="mica"), "init_lora_weights"),
+        (lambda a, cfg, w: cfg.update(kasa_config={"k": 1}), "kasa_config"),
         (lambda a, cfg, w: (a / "adapter_model.safetensors").unlink(), "no adapter_model"),
         (lambda a, cfg, w: cfg.update(r=5), "do not fit"),
         (lambda a, cfg, w: w.update({"base_model.model.model.layers.7.mlp.up_proj.lora_A.weight":

@@ -31,11 +31,12 @@ ADAPTER_KEY = "+adapter"
 KEY_RE = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
 #: Float dtypes an adapter's weights and the adapted tensors may have.
 LORA_DTYPES = ("F32", "F16", "BF16")
-#: adapter_config.json keys that change what the merge computes, refused when set.
+#: adapter_config.json keys that change what the merge computes, refused when set (PEFT
+#: 0.21 ``LoraConfig``: the fields marked ``is_lora_variant``, and what else adds weights).
 REFUSED_OPTIONS = (
     "use_dora", "lora_bias", "modules_to_save", "trainable_token_indices",
     "target_parameters", "layer_replication", "alora_invocation_tokens", "use_qalora",
-    "use_bdlora", "arrow_config",
+    "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "kasa_config",
 )  # fmt: skip
 _TODO = "merge this adapter with PEFT's merge_and_unload first, and give that model"
 
@@ -100,6 +101,10 @@ def _load_config(folder: Path) -> dict:
         if cfg.get(key):
             raise MergeError(f"adapter option {key}={cfg[key]!r} is not supported",
                              folder / ADAPTER_CONFIG, None, _TODO)  # fmt: skip
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith("mica"):  # PEFT's MiCA variant
+        raise MergeError(f"adapter option init_lora_weights={init!r} is not supported",
+                         folder / ADAPTER_CONFIG, None, _TODO)  # fmt: skip
     if cfg.get("bias", "none") != "none":
         raise MergeError(f"adapter option bias={cfg['bias']!r} is not supported",
                          folder / ADAPTER_CONFIG, None, _TODO)  # fmt: skip
