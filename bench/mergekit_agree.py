@@ -250,7 +250,7 @@ def compare_tensor(
     ``linear`` = (weights, normalize) of a linear merge: a difference is "linear fma" when
     A's bits are the fused recomputation and B's the unfused one.
     """
-    st = {"dtype": ra.dtype, "numel": ra.numel, "equal": 0, "max_ulp": 0, "nan_diff": 0}
+    st = {"dtype": ra.dtype, "numel": ra.numel, "equal": 0, "le1": 0, "max_ulp": 0, "nan_diff": 0}
     if ra.dtype != rb.dtype:
         st["dtype"] = f"{ra.dtype}/{rb.dtype}"
     if ra.shape != rb.shape:
@@ -272,10 +272,12 @@ def compare_tensor(
                 st["equal"] += int(np.count_nonzero((va == vb) | (np.isnan(va) & np.isnan(vb))))
             else:
                 st["equal"] += int(np.count_nonzero(a.astype(np.float64) == b.astype(np.float64)))
+            st["le1"] = st["equal"]
             continue
         diff = a != b
         nd = int(np.count_nonzero(diff))
         st["equal"] += a.size - nd
+        st["le1"] += a.size - nd
         if nd == 0:
             continue
         idx = np.flatnonzero(diff)
@@ -285,6 +287,7 @@ def compare_tensor(
         else:
             ulp = np.abs(a[idx].astype(np.float64) - b[idx].astype(np.float64))
         st["max_ulp"] = max(st["max_ulp"], int(ulp.max()))
+        st["le1"] += int(np.count_nonzero(ulp <= 1))
         if explain is None:
             continue
         base, models = explain
@@ -316,6 +319,7 @@ def compare_tensor(
         r["fma/rounding (1 ulp)"] += int(np.count_nonzero(one))
         r["other"] += int(idx.size - np.count_nonzero(tie | fma | one))
     st["equal_frac"] = st["equal"] / st["numel"] if st["numel"] else 1.0
+    st["le1_frac"] = st["le1"] / st["numel"] if st["numel"] else 1.0
     return st
 
 
@@ -365,12 +369,14 @@ def summarize(res: dict) -> dict:
         "tensors_equal": sum(1 for t in ts if t["equal"] == t["numel"] and "status" not in t),
         "numel": sum(t["numel"] for t in ts),
         "equal": sum(t["equal"] for t in ts),
+        "le1": sum(t.get("le1", t["equal"]) for t in ts),
         "max_ulp": max((t["max_ulp"] for t in ts if t["max_ulp"] is not None), default=0),
         "nan_diff": sum(t["nan_diff"] for t in ts),
         "problems": [f"{n}: {t['status']}" for n, t in res["tensors"].items() if "status" in t],
         "only_a": len(res["only_a"]), "only_b": len(res["only_b"]),
     }  # fmt: skip
     s["equal_frac"] = s["equal"] / s["numel"] if s["numel"] else 1.0
+    s["le1_frac"] = s["le1"] / s["numel"] if s["numel"] else 1.0
     if any("reasons" in t for t in ts):
         s["reasons"] = {k: sum(t.get("reasons", {}).get(k, 0) for t in ts) for k in REASONS}
     return s
@@ -382,13 +388,14 @@ def _frac(x: float) -> str:
 
 def markdown_per_tensor(res: dict, all_tensors: bool = False) -> str:
     ex = "reasons" in res["summary"]
-    head = ["tensor", "dtype", "elements", "bit-equal", "max ulp"] + (list(REASONS) if ex else [])
+    head = ["tensor", "dtype", "elements", "bit-equal", "within 1 ulp", "max ulp"]
+    head += list(REASONS) if ex else []
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, t in res["tensors"].items():
         if not all_tensors and t["equal"] == t["numel"] and "status" not in t:
             continue
         row = [f"`{name}`", t["dtype"], str(t["numel"]), _frac(t["equal_frac"]),
-               "-" if t["max_ulp"] is None else str(t["max_ulp"])]  # fmt: skip
+               _frac(t["le1_frac"]), "-" if t["max_ulp"] is None else str(t["max_ulp"])]  # fmt: skip
         if ex:
             row += [str(t.get("reasons", {}).get(k, 0)) for k in REASONS]
         if "status" in t:
@@ -397,7 +404,8 @@ def markdown_per_tensor(res: dict, all_tensors: bool = False) -> str:
     s = res["summary"]
     lines.append(
         f"\n{s['tensors_equal']}/{s['tensors']} tensors bit-identical, {s['equal']}/{s['numel']} "
-        f"elements ({_frac(s['equal_frac'])}), max {s['max_ulp']} ulp"
+        f"elements ({_frac(s['equal_frac'])}), {_frac(s['le1_frac'])} within 1 ulp, "
+        f"max {s['max_ulp']} ulp"
         + (
             f", only in A: {s['only_a']}, only in B: {s['only_b']}"
             if s["only_a"] or s["only_b"]
@@ -410,14 +418,14 @@ def markdown_per_tensor(res: dict, all_tensors: bool = False) -> str:
 
 def markdown_per_method(rows: list[tuple[str, dict]]) -> str:
     ex = any("reasons" in r["summary"] for _, r in rows)
-    head = ["method", "tensors bit-identical", "elements", "bit-equal", "max ulp"]
+    head = ["method", "tensors bit-identical", "elements", "bit-equal", "within 1 ulp", "max ulp"]
     head += list(REASONS) if ex else []
     head += ["only A/B"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for label, r in rows:
         s = r["summary"]
         row = [label, f"{s['tensors_equal']}/{s['tensors']}", str(s["numel"]),
-               _frac(s["equal_frac"]), str(s["max_ulp"])]  # fmt: skip
+               _frac(s["equal_frac"]), _frac(s["le1_frac"]), str(s["max_ulp"])]  # fmt: skip
         if ex:
             row += [str(s.get("reasons", {}).get(k, "-")) for k in REASONS]
         row.append(f"{s['only_a']}/{s['only_b']}")

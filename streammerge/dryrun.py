@@ -42,6 +42,7 @@ from streammerge.exec.layout import (
     work_items,
 )
 from streammerge.io.measure import measure_read_speed
+from streammerge.methods.method import ROW_DOTS
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
@@ -94,11 +95,16 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
     ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
     ``multi-pass: ...`` (a histogram read that also counts the low histograms of a window
     guessed from the first chunk, then the merge read; a third read when the guess missed;
-    histogram reads read only the rows the base has)."""
+    histogram reads read only the rows the base has); a row-wise method (slerp): ``slerp``
+    (one read: the tensor fits a chunk) or ``row_dots, then slerp (2 reads)``."""
     if t.action != "merge":
         return t.action
     if len(t.ops) == 1:
         return "merge"
+    if ROW_DOTS in t.ops:
+        if t.numel <= layout.max_elems(t):
+            return t.ops[-1]
+        return f"{ROW_DOTS}, then {t.ops[-1]} (2 reads)"
     ops = "+".join(t.ops)
     if layout.holds(t):
         return f"held: {ops}"

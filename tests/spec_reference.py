@@ -456,7 +456,7 @@ def spec_row_sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def spec_slerp_coefficients(s00: float, s11: float, s01: float, t: float):
-    """(ca32, cb32) of one row, as SPEC writes them (math on float64 scalars)."""
+    """(ca32, cb32) of a tensor from its totals, as SPEC writes them (float64 scalars)."""
     with np.errstate(all="ignore"):
         n0, n1 = np.sqrt(np.float64(s00)), np.sqrt(np.float64(s11))
         d0 = n0 if n0 > 1e-8 else 1.0
@@ -474,17 +474,19 @@ def spec_slerp_coefficients(s00: float, s11: float, s01: float, t: float):
 
 def spec_slerp(v0: np.ndarray, v1: np.ndarray, t: float, out_dtype: str, shape, dtype0: str,
                dtype1: str) -> np.ndarray:  # fmt: skip
-    """The merged tensor (stored form, flat) of SLERP of two stored tensors of ``shape``."""
+    """The merged tensor (stored form, flat) of SLERP of two stored tensors of ``shape``: the
+    rows' sums, the tensor's correctly rounded totals, one pair of coefficients."""
+    import math
+
     x = to_float32(v0, dtype0).reshape(-1)
     y = to_float32(v1, dtype1).reshape(-1)
     rows = shape[0] if len(shape) else 1
     n = x.size // rows if rows else 0
-    out = np.empty(x.size, np.float32)
-    for r in range(rows):
-        xs, ys = x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]
-        ca, cb = spec_slerp_coefficients(*spec_row_sums(xs, ys), t)
-        with np.errstate(all="ignore"):
-            out[r * n : (r + 1) * n] = (ca * xs).astype(np.float32) + (cb * ys).astype(np.float32)
+    sums = [spec_row_sums(x[r * n : (r + 1) * n], y[r * n : (r + 1) * n]) for r in range(rows)]
+    totals = [math.fsum(s[k] for s in sums) for k in range(3)]
+    ca, cb = spec_slerp_coefficients(*totals, t)
+    with np.errstate(all="ignore"):
+        out = (ca * x).astype(np.float32) + (cb * y).astype(np.float32)
     return from_float32(out, out_dtype)
 
 

@@ -157,3 +157,20 @@ def test_no_function_is_over_the_line_limit():
         f"over {MAX_FUNCTION_LINES} lines: {sorted(long - KNOWN_LONG)} new; "
         f"{sorted(KNOWN_LONG - long)} no longer over (drop them from KNOWN_LONG)"
     )
+
+
+def test_no_module_imports_another_modules_private_names():
+    """A name starting with ``_`` is its module's own: importing it from another module of
+    the package means it should be public, with a docstring (issue 16). (The kernel files
+    share their ``@triton.jit`` building blocks, such as ``_load_f32``, among themselves.)"""
+    import ast
+
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("streammerge")):  # fmt: skip
+                continue
+            found += [f"{path.relative_to(REPO)}: {node.module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]  # fmt: skip
+    assert not found, found

@@ -12,6 +12,7 @@ import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 
+from streammerge.exec.ops import tensor_totals
 from streammerge.kernels import cpu_rows
 from streammerge.methods import slerp
 
@@ -37,10 +38,16 @@ def _rows(seed: int, n_rows: int, row_len: int) -> tuple[np.ndarray, np.ndarray]
     return x, y
 
 
+def _tensor_coefficients(stats, t, n_rows):
+    """The tensor's coefficients from its rows' sums, one per row (as the backends pass them)."""
+    ca, cb = slerp.coefficients(np.asarray([tensor_totals([stats])]), t)
+    return np.full(n_rows, ca[0], np.float32), np.full(n_rows, cb[0], np.float32)
+
+
 def _numba_slerp(v0, d0, v1, d1, n_rows, row_len, t, out_dtype):
     b0, b1 = v0.reshape(-1).view(np.uint8), v1.reshape(-1).view(np.uint8)
     stats = cpu_rows.row_dots(b0, d0, b1, d1, n_rows, row_len)
-    ca, cb = slerp.coefficients(stats, t)
+    ca, cb = _tensor_coefficients(stats, t, n_rows)
     out = np.zeros(n_rows * row_len * np.dtype(CARRIER[out_dtype]).itemsize, np.uint8)
     cpu_rows.rows_combine(b0, d0, b1, d1, n_rows, row_len, ca, cb, out, out_dtype)
     return stats, out
@@ -64,7 +71,7 @@ def test_row_kernels_equal_the_spec_oracle(n_rows, row_len, dtypes, t):
 
 
 def test_coefficients_at_the_edges():
-    """Zero row: theta = pi/2; parallel and antiparallel: lerp (1 - t, t); NaN row: NaN."""
+    """Zero tensor: theta = pi/2; parallel and antiparallel: lerp (1 - t, t); NaN: NaN."""
     stats = np.array([[0.0, 4.0, 0.0], [1.0, 4.0, 2.0], [1.0, 1.0, -1.0], [np.nan, 1.0, np.nan]])  # a NaN in x: S00 and S01 NaN
     ca, cb = slerp.coefficients(stats, 0.25)
     assert ca[0] == np.float32(np.sin(0.75 * np.pi / 2)) and cb[0] == np.float32(np.sin(0.25 * np.pi / 2))
@@ -89,7 +96,7 @@ def test_triton_row_kernels_equal_numba():
         t1 = torch.from_numpy(v1.reshape(-1).copy()).view(tdt[d1])
         tstats = triton_rows.row_dots_triton(t0, t1, n_rows, row_len).numpy()
         assert [[abs(v) for v in r] for r in tstats] == [[abs(v) for v in r] for r in stats]
-        ca, cb = slerp.coefficients(tstats, 0.4)
+        ca, cb = _tensor_coefficients(tstats, 0.4, n_rows)
         tout = torch.zeros(n_rows * row_len, dtype=tdt[do])
         triton_rows.rows_combine_triton(t0, t1, n_rows, row_len, torch.from_numpy(ca),
                                         torch.from_numpy(cb), tout)  # fmt: skip
@@ -211,3 +218,55 @@ def test_rows_cut_across_many_chunks_give_the_same_bytes(tmp_path):
         outs.append({n: v.tobytes() for n, v in output_bytes(out).items()})
     rec = json.loads((tmp_path / "2MiB" / "streammerge.json").read_text())
     assert outs[0] == outs[1] == _expected(a, b, rec)
+
+
+def _wide_pair(tmp_path):
+    """Two models whose 2-D tensor spans several chunks at 2MiB, plus a 1-D and a 0-d one."""
+    import torch
+    from conftest import write_model
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(600, 1500, generator=g)
+    ts = [{"m.w": w, "m.n": torch.randn(40, generator=g), "m.s": torch.tensor(0.5)}]
+    ts.append({k: v + 0.4 * torch.randn(v.shape, generator=g) for k, v in ts[0].items()})
+    return [write_model(tmp_path / name, {k: v.to(torch.bfloat16) for k, v in t.items()})
+            for name, t in zip("ab", ts)]  # fmt: skip
+
+
+def test_triton_backend_slerp_equals_numba(tmp_path):
+    """The Triton row kernels through the whole pipeline (interpreter), a tensor read twice
+    (its sums, then the combine): numba's files byte for byte."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    pytest.importorskip("triton")
+    a, b = _wide_pair(tmp_path)
+    outs = {}
+    for backend in ("numba", "triton"):
+        out = tmp_path / backend
+        r = run_cli([str(a), str(b), "--method", "slerp", "--t", "0.35", "--memory", "2MiB",
+                     "--backend", backend, "--device", "cpu", "-o", str(out)],
+                    timeout=600, env=dict(os.environ, TRITON_INTERPRET="1"))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[backend] = {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+    assert outs["triton"] == outs["numba"]
+
+
+def test_device_backend_slerp_on_fake_streams_gives_numba_bytes(tmp_path):
+    """The device backend hands slerp's passes (row_dots, then the combine) to the host:
+    numba's bytes, on fake streams with random delays."""
+    import streammerge
+    from streammerge.api import Options, execute, finalize, prepare
+    from streammerge.exec.gpu import DeviceBackend, device_stats_bytes
+    from streammerge.exec.threadqueue import NumbaLauncher, ThreadQueue
+
+    a, b = _wide_pair(tmp_path)
+    streammerge.merge([a, b], None, tmp_path / "cpu", method="slerp", t=0.7, memory="2MiB",
+                      backend="numba", device="cpu")  # fmt: skip
+    q = ThreadQueue(seed=1, max_delay_s=0.0005)
+    prep = prepare([a, b], None, tmp_path / "gpu", {"method": "slerp", "t": 0.7},
+                   Options(memory="2MiB"))  # fmt: skip
+    finalize(prep, execute(prep, DeviceBackend(q, NumbaLauncher(), device_stats_bytes(2) + 2**20)))
+    q.shutdown()
+    files = [sorted((p.name, p.read_bytes()) for p in (tmp_path / d).glob("*.safetensors"))
+             for d in ("cpu", "gpu")]  # fmt: skip
+    assert files[0] == files[1] and files[0]

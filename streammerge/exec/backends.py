@@ -15,7 +15,15 @@ import threading
 import numpy as np
 
 from streammerge.exec.layout import Slot, page_aligned
-from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs, RowArgs, is_row_op
+from streammerge.exec.ops import (
+    ConvertArgs,
+    HistArgs,
+    MergeArgs,
+    RowArgs,
+    combine_coefficients,
+    is_row_op,
+)
+from streammerge.methods.method import ROW_DOTS
 
 
 class _Geometry:
@@ -130,16 +138,23 @@ class NumbaBackend:
             return self._rows(slot, args)
         return self.kernels[op](slot, args, **kw)
 
-    def _rows(self, slot: Slot, a: RowArgs) -> None:
-        """A row-wise pass: the rows' statistics, the method's coefficients, the combine."""
+    def _rows(self, slot: Slot, a: RowArgs) -> np.ndarray | None:
+        """A row-wise pass: ``row_dots`` returns the rows' sums (float64 [n_rows, 3]); the
+        method's pass combines the rows with the tensor's coefficients
+        (``ops.combine_coefficients``)."""
         self._modules()
         from streammerge.kernels import cpu_rows
 
         v0, v1 = (slot.inputs[r] for r in a.model_rows)
         d0, d1 = (a.dtypes[r] for r in a.model_rows)
-        stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
-        ca, cb = a.coefficients(stats, a.t)
+        stats = None
+        if a.op == ROW_DOTS or a.totals is None:
+            stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
+            if a.op == ROW_DOTS:
+                return stats
+        ca, cb = combine_coefficients(a, stats)
         cpu_rows.rows_combine(v0, d0, v1, d1, a.n_rows, a.row_len, ca, cb, slot.out, a.out_dtype)
+        return None
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(

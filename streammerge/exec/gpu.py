@@ -31,7 +31,8 @@ import numpy as np
 from streammerge.errors import MergeError
 from streammerge.exec.layout import MIN_CHUNK_ELEMS, Slot
 from streammerge.exec.ops import is_row_op
-from streammerge.exec.triton_launcher import _ITEMSIZE, TritonLauncher
+from streammerge.exec.triton_launcher import TritonLauncher
+from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.sizes import format_bytes
 
 #: Device buffer sets in flight (H2D of k+1 overlaps the kernel of k and D2H of k-1).
@@ -374,7 +375,7 @@ class DeviceBackend:
         t_in = q.record(s["h2d"])
         dev_in = self._sets[i][0]
         for r in rows:
-            nb = args.n * _ITEMSIZE[args.dtypes[r]]
+            nb = args.n * DTYPE_ITEMSIZE[args.dtypes[r]]
             off = slot.offsets[r] if slot.offsets else 0
             q.copy(s["h2d"], dev_in[r, :nb], slot.inputs[r, off : off + nb])
         h2d = q.record(s["h2d"])

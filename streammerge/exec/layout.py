@@ -19,6 +19,7 @@ from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
+from streammerge.methods.method import ROW_DOTS
 from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -277,6 +278,9 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
         seg = t.segments[0]
         yield Item(t, Chunk(seg.start, seg.stop - seg.start, seg), "held")
         return
+    if ROW_DOTS in t.ops:  # a row-wise method: its sums first, unless one chunk holds it
+        yield from _row_items(t, layout)
+        return
     if "hist_high" in t.ops:
         chunks = list(_stats_chunks(t, layout))
         for i, c in enumerate(chunks):
@@ -290,6 +294,17 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
     for op in t.ops:
         for c in iter_chunks(t, layout.max_elems(t)):
             yield Item(t, c, op)
+
+
+def _row_items(t: TensorPlan, layout: Layout) -> Iterator[Item]:
+    """A row-wise method's items: its own pass alone when the tensor fits one chunk (the
+    chunk's rows give the tensor's sums), else the ``row_dots`` pass over every chunk, then
+    its own pass over them again (docs/SPEC.md "SLERP (v3)" "Tensor statistics")."""
+    chunks = list(iter_chunks(t, layout.max_elems(t)))
+    ops = t.ops[-1:] if len(chunks) <= 1 else t.ops
+    for op in ops:
+        for i, c in enumerate(chunks):
+            yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1)
 
 
 def population(t: TensorPlan, n_models: int) -> list[int]:

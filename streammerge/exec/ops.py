@@ -11,11 +11,17 @@ Passes (docs/SPEC.md):
 - ``hist_high`` / ``hist_low``: the statistics passes of a magnitude sparsifier (TIES,
   breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.exec.stats``).
 - ``merge``: the elementwise pass (DARE masks, keep windows, sign election, normalization).
+- ``row_dots``: the statistics pass of a row-wise method (``Method.row_op``) over a tensor
+  larger than a chunk: each row's sums, added over the tensor (``tensor_totals``) before
+  the method's own pass combines the rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from streammerge.exec.stats import KEEP_ALL
 from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
@@ -28,7 +34,7 @@ SHARED_OPS = frozenset(("copy", "convert", "merge", "hist_high", "hist_low", "hi
 
 
 def is_row_op(op: str) -> bool:
-    """True for a row-wise method's pass (``slerp``)."""
+    """True for a row-wise method's passes (``row_dots``, ``slerp``): chunks of whole rows."""
     return op not in SHARED_OPS
 
 
@@ -160,12 +166,14 @@ class RowArgs:
     ``kernels.cpu_rows`` on input rows ``model_rows`` (model 0, model 1).
 
     Attributes:
-        op: the method's pass (its name picks the host step between the two kernels).
+        op: ``row_dots`` (the rows' sums only) or the method's pass (combine).
         dtypes: safetensors dtype of each slot row; model_rows: the rows of the models.
         n_rows, row_len: whole rows in the chunk, and their length (elements).
         t: the tensor's interpolation factor; out_dtype: the stored output dtype.
         coefficients: the method's host step between the two kernels,
-            ``(stats [n_rows, 3] float64, t) -> (ca, cb)`` float32 [n_rows] each.
+            ``(totals [1, 3] float64, t) -> (ca, cb)`` float32 [1] each.
+        totals: the tensor's (T00, T11, T01) from its ``row_dots`` pass (``tensor_totals``),
+            or None when the chunk is the whole tensor (its own rows give them).
     """
 
     op: str
@@ -176,6 +184,7 @@ class RowArgs:
     t: float
     out_dtype: str
     coefficients: object
+    totals: tuple[float, float, float] | None = None
 
 
 def row_len(t: TensorPlan) -> int:
@@ -184,12 +193,31 @@ def row_len(t: TensorPlan) -> int:
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
 
 
-def row_args(method: Method, t: TensorPlan, c: Chunk) -> RowArgs:
-    """Arguments of a row-wise pass over chunk ``c`` (whole rows of ``t``)."""
+def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
+             totals: tuple[float, float, float] | None = None) -> RowArgs:  # fmt: skip
+    """Arguments of a row-wise pass ``op`` (default the method's) over chunk ``c`` (whole
+    rows of ``t``); ``totals``: the tensor's sums from its ``row_dots`` pass."""
     n = row_len(t)
-    return RowArgs(method.row_op, tuple(row_dtypes(t)), tuple(model_row(j) for j in c.segment.models),
-                   c.count // n, n, float(t.params.get("t")), t.dtype,
-                   method.row_coefficients)  # fmt: skip
+    return RowArgs(op or method.row_op, tuple(row_dtypes(t)),
+                   tuple(model_row(j) for j in c.segment.models), c.count // n, n,
+                   float(t.params.get("t")), t.dtype, method.row_coefficients, totals)  # fmt: skip
+
+
+def tensor_totals(parts: list[np.ndarray]) -> tuple[float, float, float]:
+    """(T00, T11, T01): each column of the rows' sums (float64 arrays [rows, 3], any order
+    of chunks) correctly rounded by ``math.fsum`` (docs/SPEC.md "SLERP (v3)" "Tensor
+    statistics"), so the result does not depend on where the chunks were cut."""
+    rows = np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for p in parts])
+    return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
+
+
+def combine_coefficients(a: RowArgs, stats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's per-row coefficients (float32 [n_rows] each, one value: the tensor's):
+    from ``a.totals``, or else from ``stats`` (the rows' sums of a chunk that is the whole
+    tensor)."""
+    totals = a.totals if a.totals is not None else tensor_totals([stats])
+    ca, cb = a.coefficients(np.asarray([totals], np.float64), a.t)
+    return np.full(a.n_rows, ca[0], np.float32), np.full(a.n_rows, cb[0], np.float32)
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -40,8 +40,8 @@ from streammerge.exec.layout import (
     mapped_bytes,
     work_items,
 )
-from streammerge.exec.stages import ComputeStage, ReaderStage, Stream, WriterStage, _Failed
-from streammerge.exec.thresholds import _Thresholds
+from streammerge.exec.stages import ComputeStage, ReaderStage, Stream, WriterStage, StageFailed
+from streammerge.exec.thresholds import TensorThresholds
 from streammerge.io.ranges import RangeReader
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Plan, ShardPlan
@@ -102,7 +102,7 @@ def _stream_body(
     backend: Backend,
     on_bytes: Callable[[int], None] | None,
     direct_io: bool,
-    thresholds: _Thresholds,
+    thresholds: TensorThresholds,
     variants: list[Plan] | None = None,
 ) -> list[RunStats]:
     """The streaming core: ``items(decide)`` read once into the slots, each output k's
@@ -134,7 +134,7 @@ def _stream_body(
         th.start()
     try:
         compute.run()
-    except _Failed:
+    except StageFailed:
         pass
     except BaseException:
         stream.stop.set()
@@ -200,7 +200,7 @@ def run(
         backend,
         on_bytes,
         direct_io,
-        _Thresholds(plan, model_thresholds),
+        TensorThresholds(plan, model_thresholds),
     )[0]
 
 
@@ -232,7 +232,7 @@ def run_many(
         backend,
         on_bytes,
         direct_io,
-        _Thresholds(plan, model_thresholds),
+        TensorThresholds(plan, model_thresholds),
         plans,
     )
 
@@ -251,7 +251,7 @@ def analyze(
     Returns:
         (thresholds per fine-tune in the recorded form, RunStats of the two passes).
     """
-    th = _Thresholds(plan, None)
+    th = TensorThresholds(plan, None)
     first = next((t for t in plan.tensors if t.action == "merge"), None)
     if first is None:
         return [[] for _ in range(plan.recipe.n_models)], RunStats(0, 0, {}, {})

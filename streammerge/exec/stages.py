@@ -7,7 +7,7 @@ guessed threshold windows (the compute stage's answer the reader waits for) and 
 journal extras of each shard (compute -> writer).
 
 Errors: a thread records its error in ``Stream.errors`` (the first one is the one reported)
-and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``_Failed``.
+and sets ``Stream.stop``; every stage waiting on the stream then leaves with ``StageFailed``.
 """
 
 from __future__ import annotations
@@ -21,18 +21,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
-from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
-from streammerge.exec.thresholds import _Thresholds, accumulate
+from streammerge.exec.ops import (
+    convert_args,
+    is_row_op,
+    merge_args,
+    read_rows,
+    row_args,
+    tensor_totals,
+)
+from streammerge.exec.thresholds import TensorThresholds, accumulate
 from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_jobs
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
+from streammerge.methods.method import ROW_DOTS
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
 
 
-class _Failed(Exception):
+class StageFailed(Exception):
     """Raised in a stage waiting on the stream once ``stop`` is set: another stage failed,
     and its error is the one reported."""
 
@@ -68,10 +76,10 @@ class Stream:
     meta: dict[str, dict] = field(default_factory=dict)
 
     def get(self, q: queue.Queue):
-        """The next entry of ``q``, waiting for it; raises ``_Failed`` once ``stop`` is set."""
+        """The next entry of ``q``, waiting for it; raises ``StageFailed`` once ``stop`` is set."""
         while True:
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
             try:
                 return q.get(timeout=0.1)
             except queue.Empty:
@@ -84,11 +92,11 @@ class Stream:
 
     def decide(self, t: TensorPlan) -> bool:
         """Whether the guessed low-histogram window of ``t`` held its thresholds: waits for the
-        compute stage's verdict; raises ``_Failed`` once ``stop`` is set."""
+        compute stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
         v = self.verdict(t.name)
         while not v[0].wait(0.1):
             if self.stop.is_set():
-                raise _Failed
+                raise StageFailed
         return v[1]
 
     def fail(self, e: BaseException) -> None:
@@ -131,7 +139,7 @@ class ReaderStage:
                     s.busy["read_s"] += time.perf_counter() - t0
                     s.ready_q.put(slot)
             s.ready_q.put(None)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             s.fail(e)
@@ -218,7 +226,7 @@ class WriterStage:
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
                 s.free_q.put(item)
-        except _Failed:
+        except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001
             s.fail(e)
@@ -243,11 +251,11 @@ class WriterStage:
                     self.direct_io,
                 )
             else:
-                size, sha = writers[k].finish()
+                shard = writers[k].finish()
                 writers[k] = None
-                output.commit_shard(name, size, sha, self.stream.meta.get(name))
-                self.results[k][name] = (size, sha)
-                self.written[k] += size
+                output.commit_shard(name, shard, self.stream.meta.get(name))
+                self.results[k][name] = (shard.size, shard.sha256)
+                self.written[k] += shard.size
 
 
 @dataclass(frozen=True)
@@ -273,18 +281,20 @@ class ComputeStage:
     plan: Plan
     variants: list[Plan]
     backend: Backend
-    thresholds: _Thresholds
+    thresholds: TensorThresholds
     on_bytes: Callable[[int], None] | None
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
+    row_sums: list = field(default_factory=list)  # a row_dots pass's rows' sums so far
+    row_totals: tuple | None = None  # (tensor name, (T00, T11, T01)) of the last row_dots
 
     def __post_init__(self) -> None:
         self.by_name = [{t.name: t for t in v.tensors} for v in self.variants]
 
     def run(self) -> None:
         """Compute every ready slot until the reader's None, then drain the kernels in flight
-        and send the writer its None; raises ``_Failed`` once ``stop`` is set."""
+        and send the writer its None; raises ``StageFailed`` once ``stop`` is set."""
         s = self.stream
         while (item := s.get(s.ready_q)) is not None:
             handle, to_writer = None, True
@@ -327,17 +337,29 @@ class ComputeStage:
 
     def row_pass(self, slot: Slot):
         """A row-wise method's pass on the slot, for every output (a sweep: each output's
-        own tensor parameters over the same rows)."""
+        own tensor parameters over the same rows). ``row_dots``: the rows' sums, kept until
+        the tensor's last chunk gives its totals (``ops.tensor_totals``); nothing is
+        written."""
         t, method = slot.tensor, self.plan.recipe.row
+        if slot.op == ROW_DOTS:
+            if slot.first:
+                self.row_sums = []
+            args = row_args(method, t, slot.chunk, ROW_DOTS)
+            self.row_sums.append(self.backend.run(ROW_DOTS, slot, args))
+            if slot.last:
+                self.row_totals = (t.name, tensor_totals(self.row_sums))
+                self.row_sums = []
+            return None
+        totals = self.row_totals[1] if self.row_totals and self.row_totals[0] == t.name else None
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk))
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, totals))
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck)))
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, totals)))
         return _Handles(handles)
 
     def compute(self, slot: Slot):
@@ -363,7 +385,7 @@ class ComputeStage:
                 v[0].set()
             return None, False
         if is_row_op(op):
-            return self.row_pass(slot), True
+            return self.row_pass(slot), op != ROW_DOTS
         if op == "held":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)

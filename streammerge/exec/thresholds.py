@@ -11,7 +11,7 @@ from streammerge.exec.stats import ThresholdStats, windows
 from streammerge.plan.plan_types import Plan, Segment, TensorPlan
 
 
-class _Thresholds:
+class TensorThresholds:
     """The compute stage's statistics: per-tensor histograms as their passes stream by, or
     the whole model's thresholds (trim_scope model), and the keep windows they give."""
 

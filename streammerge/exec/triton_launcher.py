@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from streammerge.io.reader import DTYPE_ITEMSIZE
 
 _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2}
 
 
 class TritonLauncher:
@@ -27,7 +27,7 @@ class TritonLauncher:
 
     def _typed(self, buf, dtype: str, n: int):
         """First ``n`` elements of a uint8 buffer viewed as ``dtype``."""
-        return buf[: n * _ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
+        return buf[: n * DTYPE_ITEMSIZE[dtype]].view(getattr(self.torch, _TORCH_DTYPES[dtype]))
 
     def _rows(self, inputs, a):
         base = (
@@ -56,19 +56,27 @@ class TritonLauncher:
             linear=a.linear,
         )
 
-    def rows(self, inputs, out, a) -> None:
-        """A row-wise pass (``streammerge.exec.ops.RowArgs``) into ``out`` (uint8): the rows'
-        statistics on the device, the method's coefficients on the host, the combine."""
+    def rows(self, inputs, out, a):
+        """A row-wise pass (``streammerge.exec.ops.RowArgs``): ``row_dots`` returns the rows'
+        sums (float64 numpy [n_rows, 3]); the method's pass combines the rows into ``out``
+        (uint8) with the tensor's coefficients, worked out on the host."""
+        from streammerge.exec.ops import combine_coefficients
+        from streammerge.methods.method import ROW_DOTS
         from streammerge.kernels import triton_rows
 
         torch, n = self.torch, a.n_rows * a.row_len
         v0, v1 = (self._typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
-        stats = triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len)
-        ca, cb = a.coefficients(stats.cpu().numpy(), a.t)
+        stats = None
+        if a.op == ROW_DOTS or a.totals is None:
+            stats = triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len).cpu().numpy()
+            if a.op == ROW_DOTS:
+                return stats
+        ca, cb = combine_coefficients(a, stats)
         dev = v0.device
         triton_rows.rows_combine_triton(v0, v1, a.n_rows, a.row_len,
                                         torch.from_numpy(ca).to(dev), torch.from_numpy(cb).to(dev),
                                         self._typed(out, a.out_dtype, n))  # fmt: skip
+        return None
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host with numba (``streammerge.exec.ops.ConvertArgs``;

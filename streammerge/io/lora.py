@@ -212,10 +212,10 @@ def open_adapted(model: ModelDir, folder: Path) -> ModelDir:
         MergeError: one line naming the file and key, for anything SPEC "What the adapter
             may be" refuses.
     """
-    from streammerge.io.reader import _parse_header
+    from streammerge.io.reader import read_header
 
     cfg = _load_config(folder)
-    tensors, _ = _parse_header(folder / ADAPTER_WEIGHTS, hashlib.sha256())
+    tensors = read_header(folder / ADAPTER_WEIGHTS)
     pairs = _pairs(folder, tensors)
     if not pairs:
         raise MergeError("the adapter has no LoRA weights", folder / ADAPTER_WEIGHTS, None,

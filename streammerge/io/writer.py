@@ -7,8 +7,8 @@ GB/s for buffered writes + fdatasync (issue 4), and they leave no dirty page cac
 Where ``O_DIRECT`` is refused (tmpfs, some network filesystems) it falls back to buffered
 writes. Either way the file is fsync'd before ``finish`` returns, and its sha256 is
 computed on the way out (no second read), as is the count of non-finite values of each
-float tensor (``streammerge.io.nonfinite``), which ``finish`` leaves in ``NONFINITE`` under
-the file's path for the output transaction to journal.
+float tensor (``streammerge.io.nonfinite``); ``finish`` returns all three
+(``WrittenShard``) for the output transaction to check and journal.
 """
 
 from __future__ import annotations
@@ -18,25 +18,24 @@ import hashlib
 import json
 import mmap
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from streammerge.io.nonfinite import EXPONENT_MASK, count_nonfinite
 from streammerge.io.ranges import align_up
 
 #: Staging block size (bytes): one O_DIRECT write each.
 BLOCK_BYTES = 8 * 2**20
-#: Finished shards' non-finite counts, path -> {tensor: count} (tensors with any only),
-#: left by ``ShardWriter.finish`` and taken by ``take_nonfinite``.
-NONFINITE: dict[str, dict[str, int]] = {}
-_NONFINITE_LOCK = threading.Lock()
 
 
-def take_nonfinite(path: Path) -> dict[str, int]:
-    """The non-finite counts ``finish`` left for the shard written at ``path`` (removed)."""
-    with _NONFINITE_LOCK:
-        return NONFINITE.pop(str(path), {})
+class WrittenShard(NamedTuple):
+    """A finished shard: ``size`` (bytes), ``sha256`` (hex) and ``nonfinite``, the count of
+    NaN / infinite values of each float tensor that has any ({tensor name: count})."""
+
+    size: int
+    sha256: str
+    nonfinite: dict[str, int]
 
 
 def create_new(path: Path, flags: int, mode: int = 0o644) -> int:
@@ -241,9 +240,7 @@ class ShardWriter:
             raise
         os.close(self._fd)
         self._fd = -1
-        with _NONFINITE_LOCK:
-            NONFINITE[str(self.path)] = self.nonfinite
-        return size, self._sha.hexdigest()
+        return WrittenShard(size, self._sha.hexdigest(), dict(self.nonfinite))
 
     def abort(self) -> None:
         """Close and delete the partial file (never leaves a half-written shard)."""

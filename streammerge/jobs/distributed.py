@@ -34,6 +34,7 @@ from streammerge.api_types import MergeSummary, Options, Prepared, Provenance
 from streammerge.errors import MergeError
 from streammerge.exec.choose import make_backend
 from streammerge.exec.pipeline import RunStats, analyze, run
+from streammerge.io.writer import WrittenShard
 from streammerge.plan.plan_types import Plan, ShardPlan
 
 #: Retries of a task whose worker died (Ray ``max_retries``).
@@ -79,15 +80,14 @@ class StagingOutput:
         """Where a shard is written before it is whole."""
         return self.staging / f"{name}.tmp"
 
-    def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
-        """Rename a finished shard into place and report it, with its input hashes,
-        non-finite counts and thresholds, to the driver, which journals it."""
-        from streammerge.io.writer import take_nonfinite
+    def commit_shard(self, name: str, shard: WrittenShard, meta: dict | None = None) -> None:
+        """Rename a finished shard (``ShardWriter.finish``'s ``shard``) into place and report
+        it, with its input hashes, non-finite counts and thresholds, to the driver, which
+        journals it."""
+        from streammerge.io.nonfinite import check_shard
         from streammerge.output.files import input_digests
 
-        from streammerge.io.nonfinite import check_shard
-
-        nonfinite = take_nonfinite(self.shard_tmp_path(name))
+        nonfinite = shard.nonfinite
         check_shard(self.plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
         os.replace(self.shard_tmp_path(name), self.staging / name)
         fd = os.open(self.staging, os.O_RDONLY)
@@ -98,7 +98,7 @@ class StagingOutput:
         extra = {"inputs": input_digests(self.plan, self.input_hasher, name),
                  "nonfinite": nonfinite, **(meta or {})}  # fmt: skip
         if self.progress is not None:
-            self.reports.append(self.progress.shard.remote(name, size, sha256, extra))
+            self.reports.append(self.progress.shard.remote(name, shard.size, shard.sha256, extra))
 
 
 @dataclass
@@ -218,7 +218,13 @@ def check_reachable(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> Non
                          "the running one or --ray alone for a local one") from None  # fmt: skip
 
 
-def _connect(address: str | None):
+def connect_ray(address: str | None):
+    """The ``ray`` module, connected: a local Ray started for ``None`` / ``""`` / ``local``,
+    else the cluster at ``address`` (checked reachable first).
+
+    Raises:
+        MergeError: the cluster cannot be reached or refuses the connection (one line).
+    """
     import ray
 
     if not ray.is_initialized():
@@ -268,7 +274,7 @@ def merge_ray(
     """
     options = options or Options()
     prep = prepare(models, base, out, recipe, options, provenance)
-    ray = _connect(address)
+    ray = connect_ray(address)
     open_output(prep)
     try:
         return _drive(ray, prep, tasks, on_start, on_bytes)

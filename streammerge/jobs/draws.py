@@ -121,8 +121,10 @@ def _recipe_flags(recipe_args: dict, shard_size) -> list[str]:
     return argv
 
 
-def _repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, w, lam,
-                    shard_size=DEFAULT_SHARD_SIZE) -> str:  # fmt: skip
+def draw_repeat_command(models, base, draw_out: Path, recipe_args: dict, seed: int, w, lam,
+                        shard_size=DEFAULT_SHARD_SIZE) -> str:  # fmt: skip
+    """The single ``streammerge`` command that repeats one draw of a sweep byte for byte
+    (its seed, its weights or lambda, the recipe's flags), for the draw's model card."""
     argv = ["streammerge", *map(str, models)]
     if base is not None:
         argv += ["--base", str(base)]

@@ -38,7 +38,7 @@ from streammerge.exec.choose import make_backend
 from streammerge.exec.layout import make_layout
 from streammerge.exec.pipeline import analyze, run_many
 from streammerge.io.paths import check_apart, real
-from streammerge.jobs.draws import Draw, _repeat_command, draw_weights, mask_seed_for, sweep_command
+from streammerge.jobs.draws import Draw, draw_repeat_command, draw_weights, mask_seed_for, sweep_command
 from streammerge.jobs.evaluate import EvalError
 from streammerge.jobs.sweep_results import SweepResult, write_results
 from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
@@ -99,7 +99,7 @@ def _check_location(out: Path, preps: list[Prepared], disk_bytes: int) -> None:
     require_free_space(target if target.is_dir() else target.parent, disk_bytes)
 
 
-def _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+def plan_sweep(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
           recipe_args) -> _Planned:  # fmt: skip
     """Every check of a sweep (each draw's as a single merge's, the sweep's directory, the
     disk for all outputs at once) and its draws; nothing written. Raises MergeError."""
@@ -197,7 +197,7 @@ def sweep(
 
     t0 = time.perf_counter()
     options = options or Options()
-    pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+    pl = plan_sweep(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
                recipe_args)  # fmt: skip
     out, preps, rows = pl.out, pl.preps, pl.rows
     engine, layout = _start_outputs(out, preps, options, ray_address)
@@ -232,7 +232,7 @@ def _start_outputs(out: Path, preps: list[Prepared], options: Options, ray_addre
                 preflight_output(p)  # now that their parent exists: a single merge's checks
         if ray_address is None:
             engine = make_backend(options.backend, options.device, options.threads, options.vram)
-            layout = _layout(preps, engine, options)
+            layout = sweep_layout(preps, engine, options)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -253,7 +253,9 @@ def _keep_best(rows: list[Draw], keep: str) -> int | None:
     return best
 
 
-def _layout(preps: list[Prepared], engine, options: Options):
+def sweep_layout(preps: list[Prepared], engine, options: Options):
+    """The buffers of a sweep: one read of the inputs, ``len(preps)`` outputs per slot
+    (``streammerge.exec.layout.make_layout`` with ``outputs``)."""
     p0 = preps[0]
     return make_layout(p0.plan, len(p0.models), p0.memory_bytes, engine.depth,
                        getattr(engine, "max_chunk_elems", None), options.threads,
@@ -325,16 +327,16 @@ def _group_task(models, base, out, names, vectors, recipe_args, seed, options, e
     rows: list[Draw] = []
     _prepare_all(models, base, Path(out), names, vectors, recipe_args, seed, options, preps, rows)
     engine = make_backend(options.backend, options.device, options.threads, options.vram)
-    n = _merge_group(preps, rows, engine, _layout(preps, engine, options), evaluate,
+    n = _merge_group(preps, rows, engine, sweep_layout(preps, engine, options), evaluate,
                      eval_select, None, None)  # fmt: skip
     return rows, n
 
 
 def _run_on_ray(address, groups, models, base, out, names, vectors, recipe_args, seed,
                 options, evaluate, eval_select, on_draw):  # fmt: skip
-    from streammerge.jobs.distributed import _connect, task_cpus, task_options
+    from streammerge.jobs.distributed import connect_ray, task_cpus, task_options
 
-    ray = _connect(address)
+    ray = connect_ray(address)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     g = max(1, min(groups or cpus // task_cpus(options), len(names)))
     task = ray.remote(_group_task).options(**task_options(options))
@@ -377,7 +379,7 @@ def _prepare_all(models, base, out, names, vectors, recipe_args, seed, options, 
         lam = w[0] if len(models) == 2 else None
         spec = {**recipe_args, "seed": seed, "source": "cli"}  # as the command that repeats it
         spec["lam" if lam is not None else "weights"] = lam if lam is not None else list(w)
-        cmd = _repeat_command(models, base, out / name, recipe_args, seed, w, lam,
+        cmd = draw_repeat_command(models, base, out / name, recipe_args, seed, w, lam,
                               options.shard_size)  # fmt: skip
         preps.append(prepare(models, base, out / name, spec, options, Provenance(command=cmd),
                              preflight=preflight))  # fmt: skip

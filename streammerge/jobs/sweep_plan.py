@@ -8,7 +8,7 @@ from pathlib import Path
 
 from streammerge.api_types import Options
 from streammerge.io.paths import real
-from streammerge.jobs.sweep import _layout, _plan
+from streammerge.jobs.sweep import plan_sweep, sweep_layout
 
 
 #: Format tag of ``streammerge sweep --plan --json``.
@@ -57,9 +57,9 @@ def describe_sweep(
     from streammerge.exec.layout import STAGING_BLOCKS
 
     options = options or Options()
-    pl = _plan(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
+    pl = plan_sweep(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, evaluate, options,
                recipe_args)  # fmt: skip
-    layout = _layout(pl.preps, geometry or CPU_GEOMETRY, options)
+    layout = sweep_layout(pl.preps, geometry or CPU_GEOMETRY, options)
     merge = dryrun.describe(pl.preps[0], layout, measure_read, device)
     merge.update(output=str(real(pl.out)), mixup=None, bytes_written=merge["bytes_written"]
                  * len(pl.preps))  # fmt: skip

@@ -44,6 +44,10 @@ SPARSIFIERS: dict[str, Sparsifier] = {
     )
 }
 
+#: The statistics pass of a row-wise method: each row's sums, added over the tensor before
+#: the method's own pass (docs/SPEC.md "SLERP (v3)" "Tensor statistics").
+ROW_DOTS = "row_dots"
+
 #: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), the
 #: mixup ratio m_1 is the interpolation factor ``t`` (two models), or the method has
 #: nothing for M3 to draw (``none``).
@@ -65,12 +69,12 @@ class Method:
         m3: a key of ``M3_MODES``.
         summary: one line for ``--help`` and the docs table; source: the paper.
         min_models, max_models: fewest and most models it merges (None: no limit).
-        row_op: the pass of a row-wise method (chunks of whole rows, one kernel pass per
-            chunk: ``slerp``), or None for the elementwise task-vector passes.
+        row_op: the pass of a row-wise method (chunks of whole rows: ``slerp``), after its
+            ``row_dots`` statistics pass, or None for the elementwise task-vector passes.
         base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
             slerp's ``v0``), not the origin of task vectors.
         row_coefficients: a row-wise method's host step between its statistics kernel
-            and its combining kernel: ``(stats [rows, 3] float64, t) -> (ca, cb)``.
+            and its combining kernel: ``(totals [1, 3] float64, t) -> (ca, cb)`` float32.
     """
 
     name: str
@@ -128,10 +132,11 @@ class Method:
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
         """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise
-        method's one pass; else the statistics passes when thresholds are per tensor, then
-        the elementwise ``merge``."""
+        method's statistics pass then its own (a tensor that fits one chunk is read once
+        for both: ``streammerge.exec.layout.tensor_items``); else the statistics passes
+        when thresholds are per tensor, then the elementwise ``merge``."""
         if self.row_op is not None:
-            return (self.row_op,)
+            return (ROW_DOTS, self.row_op)
         if self.sparse.stats and trim_scope == "tensor":
             return ("hist_high", "hist_low", "merge")
         return ("merge",)

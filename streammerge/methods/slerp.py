@@ -1,9 +1,10 @@
-"""slerp: spherical interpolation of two models, row by row (mergekit ``slerp``, which
-interpolates each output row on its own; docs/SPEC.md "SLERP (v3)").
+"""slerp: spherical interpolation of two models, one angle per tensor (mergekit ``slerp``;
+docs/SPEC.md "SLERP (v3)").
 
 A row-wise method: each chunk holds whole rows; a kernel sums each row's S00, S11, S01
-(``kernels/cpu_rows.row_dots``), ``coefficients`` turns them into the row's two
-coefficients on the host, and a second kernel combines the rows (``rows_combine``).
+(``kernels/cpu_rows.row_dots``), the rows' sums add up to the tensor's (a ``row_dots`` pass
+first when the tensor spans several chunks), ``coefficients`` turns them into the tensor's
+two coefficients on the host, and a second kernel combines the rows (``rows_combine``).
 M3 draws ``t`` (t = 1 - lam: the weight of model 1).
 """
 
@@ -24,14 +25,15 @@ T = Param("t", default=None, per_model=False, m3=True,
           "model 1; M3 draws it as 1 - lam")  # fmt: skip
 
 def coefficients(stats: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's coefficients (ca, cb) from its S00, S11, S01 (SPEC "SLERP (v3)").
+    """The coefficients (ca, cb) from sums T00, T11, T01 (SPEC "SLERP (v3)": one row per
+    tensor, its totals).
 
     Args:
-        stats: float64 array [rows, 3] (``kernels.cpu_rows.row_dots``).
+        stats: float64 array [k, 3]: each row a tensor's (T00, T11, T01).
         t: the tensor's interpolation factor (float64).
 
     Returns:
-        (ca, cb): float32 arrays [rows], the float64 values rounded to nearest.
+        (ca, cb): float32 arrays [k], the float64 values rounded to nearest.
     """
     s = np.asarray(stats, np.float64)
     with np.errstate(all="ignore"):  # a NaN / inf row gives NaN coefficients (SPEC)
@@ -55,7 +57,7 @@ METHOD = Method(
     sparsifier="none",
     consensus="none",
     params=(T,),
-    summary="spherical interpolation of two models, row by row",
+    summary="spherical interpolation of two models, one angle per tensor",
     source="Shoemake 1985; mergekit slerp",
     m3="t",
     min_models=2,

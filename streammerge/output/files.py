@@ -65,7 +65,7 @@ def renameat2(src: Path, dst: Path, flags: int) -> None:
         raise OSError(e, os.strerror(e), str(src), None, str(dst))
 
 
-def _rehash(info, covered: int, buf: bytearray) -> str:
+def rehash_range(info, covered: int, buf: bytearray) -> str:
     """xxh3 of the first ``covered`` bytes of input tensor ``info``, read again.
 
     Raises:
@@ -90,7 +90,7 @@ def input_files(m) -> dict:
     return remote or {f.name: f for f in m.files}
 
 
-def _changed_since(f, since_ns: int) -> bool:
+def changed_since(f, since_ns: int) -> bool:
     """Whether input file ``f`` may have changed since ``since_ns``: its ctime, or for a
     file by URL, whether it has no ETag (one pins its bytes; the output's fingerprint,
     checked first, includes it)."""
@@ -99,7 +99,9 @@ def _changed_since(f, since_ns: int) -> bool:
     return os.stat(f).st_ctime_ns >= since_ns
 
 
-def _nonempty_dir(path: Path) -> bool:
+def nonempty_dir(path: Path) -> bool:
+    """True when ``path`` is a directory with at least one entry (False: empty, missing,
+    or not a directory)."""
     try:
         with os.scandir(path) as it:
             return next(it, None) is not None

@@ -14,7 +14,7 @@ from streammerge.errors import MergeError
 from streammerge.io.paths import identity, is_mount_point
 from streammerge.io.writer import create_new
 from streammerge.notices import notice
-from streammerge.output.files import CARD_FILE, RENAME_EXCHANGE, _nonempty_dir, renameat2
+from streammerge.output.files import CARD_FILE, RENAME_EXCHANGE, nonempty_dir, renameat2
 from streammerge.output.journal import fsync_dir
 
 
@@ -151,7 +151,7 @@ class Finishing:
         fsync_dir(self.staging)
         new = identity(self.staging)
         t = self.target
-        occupied = _nonempty_dir(t)
+        occupied = nonempty_dir(t)
         if occupied and not self.overwrite:
             raise MergeError(
                 "the output appeared during this merge and is not empty",

@@ -36,6 +36,7 @@ from streammerge.errors import MergeError
 from streammerge.io import safejson
 from streammerge.io.fingerprints import InputHasher, file_identity
 from streammerge.io.paths import check_apart, identity, is_mount_point, real
+from streammerge.io.writer import WrittenShard
 from streammerge.output.files import (
     DISK_MARGIN_BYTES,
     JOURNAL_SUFFIX,
@@ -44,7 +45,7 @@ from streammerge.output.files import (
     OLD_SUFFIX,
     PARTIAL_SUFFIX,
     RECORD_FILE,
-    _nonempty_dir,
+    nonempty_dir,
     input_digests,
     input_files,
     require_free_space,
@@ -163,7 +164,7 @@ class OutputDir(Resuming, Finishing):
             return False
         if j.staging_id is not None and j.staging_id == sid:
             return True
-        if j.mkdir and j.staging_id is None and not _nonempty_dir(self.staging):
+        if j.mkdir and j.staging_id is None and not nonempty_dir(self.staging):
             return True  # killed between mkdir and recording it: an empty directory
         # the old output, left at the staging path by an exchange
         return j.swap is not None and j.swap.get("out") == sid
@@ -281,7 +282,7 @@ class OutputDir(Resuming, Finishing):
                 "it was not left by streammerge: move it away (it is never deleted)",
             )
         pending = j is not None and bool(j.head) and self._swap_state(j) is None
-        occupied = _nonempty_dir(self.target)
+        occupied = nonempty_dir(self.target)
         if occupied and not self.overwrite:
             if self.resume and not pending and self._finished_rec() is not None:
                 self.finished = True
@@ -439,26 +440,24 @@ class OutputDir(Resuming, Finishing):
         """[role, tensor, bytes hashed, xxh3] of every input tensor that fed a shard."""
         return input_digests(self._plan, self.input_hasher, shard_name)
 
-    def commit_shard(self, name: str, size: int, sha256: str, meta: dict | None = None) -> None:
+    def commit_shard(self, name: str, shard: WrittenShard, meta: dict | None = None) -> None:
         """Rename a finished (fsync'd) shard into place and journal it (fsync'd), with the
         input hashes and non-finite counts of its tensors, and ``meta`` (e.g. the
-        thresholds its tensors used).
+        thresholds its tensors used). ``shard``: what ``ShardWriter.finish`` returned.
 
         Raises:
             MergeError: the shard holds non-finite values the merge produced and
                 ``--allow-nonfinite`` is off (``nonfinite.check_shard``); it is not
                 committed.
         """
-        from streammerge.io.writer import take_nonfinite
-
         from streammerge.io.nonfinite import check_shard
 
-        nonfinite = take_nonfinite(self.shard_tmp_path(name))
+        nonfinite = shard.nonfinite
         check_shard(self._plan, name, self.shard_tmp_path(name), nonfinite, self.allow_nonfinite)
         os.replace(self.shard_tmp_path(name), self.staging / name)
         fsync_dir(self.staging)
         extra = {"inputs": self._input_digests(name), "nonfinite": nonfinite}
-        self.journal_shard(name, size, sha256, {**extra, **(meta or {})})
+        self.journal_shard(name, shard.size, shard.sha256, {**extra, **(meta or {})})
 
     def journal_shard(self, name: str, size: int, sha256: str, extra: dict | None = None) -> None:
         """Journal a shard already renamed into the staging directory (fsync'd): by

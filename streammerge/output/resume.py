@@ -16,8 +16,8 @@ from streammerge.io.paths import identity
 from streammerge.notices import notice
 from streammerge.output.files import (
     CTIME_SLACK_NS,
-    _changed_since,
-    _rehash,
+    changed_since,
+    rehash_range,
     input_files,
     sha256_file,
 )
@@ -144,7 +144,7 @@ class Resuming:
                 continue
             changed.append(items[0][0].file)
             for info, covered, digest in items:
-                if _rehash(info, covered, buf) != digest:
+                if rehash_range(info, covered, buf) != digest:
                     raise MergeError(
                         "an input changed since the interrupted merge: this tensor's bytes "
                         "differ from those the finished shards were merged from",
@@ -207,7 +207,7 @@ class Resuming:
             if getattr(m, "url", None) is not None and inrec.get("stamp") != m.stamp:
                 stale = set(input_files(m).values())  # a size or ETag changed: re-read all
             else:
-                stale = {f for f in input_files(m).values() if _changed_since(f, since)}
+                stale = {f for f in input_files(m).values() if changed_since(f, since)}
             if not stale:
                 continue  # no file changed since before the merge wrote its first shard
             for info in m.tensors.values():
@@ -216,7 +216,7 @@ class Resuming:
                     if not (isinstance(want, list) and len(want) == 2):
                         continue
                     covered, digest = want
-                    if _rehash(info, covered, buf) != digest:
+                    if rehash_range(info, covered, buf) != digest:
                         raise MergeError(
                             "an input changed since the output was merged: this tensor's "
                             "bytes differ",
