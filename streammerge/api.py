@@ -439,7 +439,9 @@ def merge(
     spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
     prep = prepare(models, base, out, spec, options, provenance)  # writes nothing
     try:  # a GPU that cannot run (--vram above the free memory, no compiler): nothing written
-        engine = make_backend(options.backend, options.device, options.threads, options.vram)
+        kernels = any(t.action != "copy" for t in prep.plan.tensors)  # else numba never loads
+        engine = make_backend(options.backend, options.device, options.threads, options.vram,
+                              preload=kernels)  # fmt: skip
     except BaseException:
         prep.output.close()
         raise
