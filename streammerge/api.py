@@ -33,6 +33,7 @@ from streammerge.exec.choose import make_backend
 from streammerge.exec.layout import Layout, analysis_items, make_layout, read_bytes, work_items
 from streammerge.exec.pipeline import RunStats, analyze, run
 from streammerge.io.inputs import input_record, is_remote, open_input, resolve_output
+from streammerge.io.lora import adapter_paths
 from streammerge.io.reader import INDEX_FILE, ModelDir
 from streammerge.output.outdir import OutputDir
 from streammerge.output.side_files import copy_side_files
@@ -216,6 +217,7 @@ def _open_inputs(models, base, out, options: Options) -> tuple[ModelDir | None, 
     base_dir = open_input(base, timeout) if base is not None else None
     model_dirs = [open_input(m, timeout) for m in models]
     inputs = [m.path for m in ([base_dir] if base_dir else []) + model_dirs if not is_remote(m)]
+    inputs += adapter_paths(([base_dir] if base_dir else []) + model_dirs)  # LoRA inputs
     output = OutputDir(
         resolve_output(out),
         inputs,
@@ -437,7 +439,9 @@ def merge(
     spec = recipe if recipe is not None else {k: v for k, v in kwargs.items() if k in RECIPE_KEYS}
     prep = prepare(models, base, out, spec, options, provenance)  # writes nothing
     try:  # a GPU that cannot run (--vram above the free memory, no compiler): nothing written
-        engine = make_backend(options.backend, options.device, options.threads, options.vram)
+        kernels = any(t.action != "copy" for t in prep.plan.tensors)  # else numba never loads
+        engine = make_backend(options.backend, options.device, options.threads, options.vram,
+                              preload=kernels)  # fmt: skip
     except BaseException:
         prep.output.close()
         raise

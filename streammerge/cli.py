@@ -284,6 +284,8 @@ def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["sweep"]:
         return sweep_main(argv[1:])
+    if argv[:1] == ["apply-lora"]:
+        return apply_lora_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     view = _MergeConsole(args)
@@ -324,6 +326,30 @@ def _main(argv: list[str] | None = None) -> int:
         print(
             f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True
         )
+    return 0
+
+
+def apply_lora_main(argv: list[str]) -> int:
+    """``streammerge apply-lora MODEL+ADAPTER -o OUT``: the adapted model alone (exit codes
+    as a merge's)."""
+    import shlex
+
+    from streammerge.api_types import OPTION_KEYS, Options, Provenance
+    from streammerge.jobs.apply_lora import apply_lora
+    from streammerge.recipe.parser import build_apply_lora_parser
+
+    parser = build_apply_lora_parser()
+    args = parser.parse_args(argv)
+    command = shlex.join(["streammerge", "apply-lora", *argv])
+    try:
+        options = Options(**{k: getattr(args, k) for k in OPTION_KEYS})
+        s = apply_lora(args.model, args.output, options, Provenance(None, (args.model,) * 3, command))
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - each failure: one line
+        return report(e, args.output, args.debug)
+    if not s.already_complete:
+        print(f"streammerge: read {format_bytes(s.bytes_read)}, wrote "
+              f"{format_bytes(s.bytes_written)} in {s.seconds:.2f} s, peak RSS "
+              f"{s.peak_rss_bytes / 2**20:.0f} MiB, {args.model} -> {s.out}", flush=True)  # fmt: skip
     return 0
 
 

@@ -246,6 +246,13 @@ def _memory(prep, layout: Layout, device: str) -> dict:
     }
 
 
+def _input_name(m) -> str:
+    """An input's resolved path, ``+ADAPTER`` appended for a LoRA input."""
+    adapter = getattr(m, "adapter", None)
+    name = str(m.path.resolve())
+    return name if adapter is None else f"{name}+{adapter['path']}"
+
+
 def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu") -> dict:
     """The dry run of ``prep`` (an ``api.Prepared``) with the buffers of ``layout``.
 
@@ -282,8 +289,8 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     speed = disk["bytes_per_s"] if disk else None
     return {
         **_recipe_fields(r),
-        "base": None if prep.base is None else str(prep.base.path.resolve()),
-        "models": [str(m.path.resolve()) for m in prep.models],
+        "base": None if prep.base is None else _input_name(prep.base),
+        "models": [_input_name(m) for m in prep.models],
         "output": str(prep.output.out),
         "staging": str(prep.output.staging),
         "groups": ordered,

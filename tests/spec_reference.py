@@ -656,3 +656,45 @@ def spec_model_stock(base, models, dtypes, out_dtype, work=None) -> np.ndarray:
         q = spec_round_work(np.array([f(1) - t], f), W)[0]
         out = spec_round_work(p + spec_round_work(q * xb, W), W)
     return from_float32(out, out_dtype)
+
+
+# ---- LoRA inputs (docs/SPEC.md "LoRA inputs (v3)") ----
+
+
+def spec_lora_rank_scale(cfg: dict, module: str) -> tuple[int, float]:
+    """(r, float64 scale) of ``module`` from an adapter_config dict: the first
+    rank_pattern / alpha_pattern key k (file order) with ``(.*\\.)?(k)$`` matching the whole
+    module name, else r / lora_alpha; alpha / r, or alpha / sqrt(r) with use_rslora."""
+    import math
+    import re
+
+    def pick(patterns, default):
+        for k, v in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({k})$", module):
+                return v
+        return default
+
+    r = pick(cfg.get("rank_pattern"), cfg["r"])
+    alpha = pick(cfg.get("alpha_pattern"), cfg["lora_alpha"])
+    return r, (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
+
+
+def spec_lora(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, scale: float,
+              fan_in_fan_out: bool = False) -> np.ndarray:  # fmt: skip
+    """The adapted tensor: ``w`` [rows, cols] stored values (bf16 as uint16 bits), ``a``
+    [r, in] and ``b`` [out, r] the adapter's values as float32 (exact), ``scale`` the
+    float64 scale. Per element: acc = sum over k = 0..r-1 of float32(L[i,k] * R[k,c]) in
+    that order (each product and sum rounded), delta = acc * float32(scale), out =
+    float32(w) + delta, rounded to ``w_dtype``. Returns the stored values in w's carrier."""
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    left, right = (a.T, b.T) if fan_in_fan_out else (b, a)
+    rows, cols = w.shape
+    assert left.shape[0] == rows and right.shape[1] == cols
+    acc = np.zeros((rows, cols), np.float32)
+    for k in range(left.shape[1]):
+        prod = np.multiply(left[:, k][:, None], right[k][None, :], dtype=np.float32)
+        acc = np.add(acc, prod, dtype=np.float32)
+    delta = np.multiply(acc, np.float32(scale), dtype=np.float32)
+    out = np.add(to_float32(w, w_dtype).reshape(rows, cols), delta, dtype=np.float32)
+    return from_float32(out, w_dtype).reshape(rows, cols)

@@ -91,11 +91,14 @@ class NumbaBackend:
 
     Args:
         threads: numba threads (None: numba's default, all cores).
+        preload: load the kernels in the background from the start (False: at the first
+            pass that needs them; a plan that only copies tensors, such as a passthrough
+            stack, never loads numba and LLVM, about 70 MiB of RSS).
     """
 
     depth = 0
 
-    def __init__(self, threads: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, preload: bool = True) -> None:
         # Importing numba and loading the cached kernels takes ~0.8 s: do it in the
         # background while the pipeline starts reading; the first pass waits for it.
         self._threads = threads
@@ -105,7 +108,8 @@ class NumbaBackend:
         self._cold: bool | None = None  # numba's cache was cold (known once checked)
         self._checked = threading.Event()
         self._loader = threading.Thread(target=self._load, name="sm-numba-load", daemon=True)
-        self._loader.start()
+        if preload:
+            self._loader.start()
         self.kernels = {
             "merge": self._merge,
             "convert": self._convert,
@@ -127,6 +131,8 @@ class NumbaBackend:
             self._checked.set()
 
     def _modules(self):
+        if self._k is None and self._loader.ident is None:  # not preloaded: load now
+            self._loader.start()
         if self._k is None:
             # announced when the first pass has to wait for a cold compile, not when the
             # backend is made: a run refused before its first pass prints its one line only

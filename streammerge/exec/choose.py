@@ -15,8 +15,10 @@ def wants_gpu(backend: str, device: str) -> bool:
     return device in ("auto", "cuda") and backend in ("auto", "triton")
 
 
-def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None):
-    """The compute backend for ``--backend`` / ``--device`` (see ``merge``).
+def make_backend(backend: str, device: str, threads: int | None, vram: int | str | None = None,
+                 preload: bool = True):  # fmt: skip
+    """The compute backend for ``--backend`` / ``--device`` (see ``merge``); ``preload``:
+    the CPU kernels load in the background from the start (``NumbaBackend``).
 
     On a CUDA device (``streammerge.exec.gpu.cuda_backend``: checks ``--vram`` against the free
     memory and compiles the kernel with a warm-up launch). Under ``auto``, a GPU that cannot
@@ -57,4 +59,4 @@ def make_backend(backend: str, device: str, threads: int | None, vram: int | str
         return TritonCpuBackend()
     from streammerge.exec.backends import NumbaBackend
 
-    return NumbaBackend(threads)
+    return NumbaBackend(threads, preload)

@@ -31,6 +31,7 @@ from streammerge.exec.ops import (
     tensor_totals,
 )
 from streammerge.exec.thresholds import TensorThresholds, accumulate
+from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_jobs
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
@@ -170,9 +171,14 @@ class ReaderStage:
             read_jobs(remote, pool)
             self.reader.hash_ranges(remote, pool)
         local = [(r, j) for r, j in zip(rows, jobs) if not isinstance(j[0].file, RemoteFile)]
-        # A GPU backend copies each row from where its O_DIRECT read landed: no memmove.
-        in_place = not self.offsets_ok or item.op in ("copy", "convert") or is_row_op(item.op)
+        # A GPU backend copies each row from where its O_DIRECT read landed: no memmove
+        # (unless a LoRA adapts a row: its bytes are rewritten where they start).
+        adapted = [j for j in jobs if isinstance(j[0], AdaptedTensorInfo)]
+        in_place = (not self.offsets_ok or item.op in ("copy", "convert")
+                    or is_row_op(item.op) or bool(adapted))  # fmt: skip
         deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
+        if adapted:  # docs/SPEC.md "LoRA inputs (v3)"
+            adapt_jobs(adapted, pool)
         if not in_place:
             slot.offsets = [0] * self.layout.rows
             for (r, _), d in zip(local, deltas):

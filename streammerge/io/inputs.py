@@ -134,13 +134,32 @@ def open_input(ref: str | Path, http_timeout: float = DEFAULT_HTTP_TIMEOUT_S) ->
     ``hf://``...; headers only; HTTP requests time out after ``http_timeout`` seconds
     without data).
 
+    ``MODEL+ADAPTER`` (``streammerge.io.lora.split_reference``) opens MODEL with the PEFT
+    LoRA adapter folder ADAPTER applied (docs/SPEC.md "LoRA inputs (v3)").
+
     Raises:
-        MergeError: the reference cannot be resolved or the model fails its checks.
+        MergeError: the reference cannot be resolved or the model fails its checks (or
+            its adapter does).
     """
-    resolved = resolve_input(ref)
+    from streammerge.io.lora import open_adapted, split_reference
+
+    given = os.fspath(ref)
+    model_ref, adapter = split_reference(given, _names_local_dir)
+    resolved = resolve_input(model_ref)
     if resolved.is_remote:
-        return open_remote_model(resolved.url, http_timeout)
-    return open_model(resolved.path)
+        model = open_remote_model(resolved.url, http_timeout)
+    else:
+        model = open_model(resolved.path)
+    return model if adapter is None else open_adapted(model, adapter)
+
+
+def _names_local_dir(ref: str) -> bool:
+    """True when ``ref`` as a whole resolves to an existing local directory."""
+    try:
+        resolved = resolve_input(ref)
+    except MergeError:
+        return False
+    return not resolved.is_remote and resolved.path.is_dir()
 
 
 def is_remote(m: ModelDir) -> bool:
@@ -164,11 +183,18 @@ def config_name_or_path(m: ModelDir) -> str | None:
 
 
 def input_record(m: ModelDir) -> dict:
-    """How streammerge.json names an input: its path, or its URL and pinned revision."""
+    """How streammerge.json names an input: its path, or its URL and pinned revision (and
+    a LoRA adapter's path and fingerprint under ``adapter``)."""
+    adapter = getattr(m, "adapter", None)
     if is_remote(m):  # stamp: the files' sizes and ETags (a finished --resume compares it)
-        return {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
-                "stamp": m.stamp}  # fmt: skip
+        rec = {"url": m.url, "revision": m.revision, "fingerprint": m.fingerprint,
+               "stamp": m.stamp}  # fmt: skip
+        if adapter is not None:
+            rec["adapter"] = dict(adapter)
+        return rec
     rec = {"path": str(m.path.resolve()), "fingerprint": m.fingerprint}
+    if adapter is not None:
+        rec["adapter"] = dict(adapter)
     name = config_name_or_path(m)
     if name is not None:
         rec["name_or_path"] = name  # a Hub id for the model card, where config.json has one

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from streammerge.errors import MergeError
+from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_range
 
 #: dtype -> (unsigned view, exponent mask): a value is non-finite iff (bits & mask) == mask
 #: (F8_E4M3 has no infinities: its only NaN has every bit but the sign set).
@@ -93,6 +94,8 @@ def produced_nonfinite(t, shard_path: Path, data_start: int) -> int:
                 continue
             isz = info.itemsize
             raw = _read(info.file, info.start + i0 * isz, (hi - i0) * isz)
+            if isinstance(info, AdaptedTensorInfo):  # a LoRA input: its adapted values
+                adapt_range(info, i0 * isz, raw)
             bad[: hi - i0] &= ~nonfinite_mask(raw, info.dtype)
         produced += int(np.count_nonzero(bad))
     return produced

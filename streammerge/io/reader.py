@@ -259,6 +259,16 @@ def _parse_header(path: Path, digest: hashlib._Hash) -> tuple[dict[str, TensorIn
     return out, file_digest.hexdigest()
 
 
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor of one safetensors file (e.g. a LoRA adapter's weights), its header
+    checked as a model shard's is (``_parse_header``).
+
+    Raises:
+        MergeError: as ``_parse_header``.
+    """
+    return _parse_header(Path(path), hashlib.sha256())[0]
+
+
 def _check_overlaps(begins: np.ndarray, ends: np.ndarray, infos: dict, path: Path) -> None:
     """Refuse two non-empty byte spans that overlap (vectorized: 1M tensors in ~0.1 s).
 

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from streammerge.errors import MergeError
+from streammerge.io.lora import ADAPTER_KEY
 from streammerge.io.paths import identity
 from streammerge.notices import notice
 from streammerge.output.files import (
@@ -113,6 +114,8 @@ class Resuming:
                 if before.get(f.name) != m.file_fingerprints.get(f.name):
                     url = getattr(m, "url", None)  # by URL: ``f`` is in a local skeleton
                     return f" (the header of {f'{url}/{f.name}' if url else f} changed)"
+            if before.get(ADAPTER_KEY) != m.file_fingerprints.get(ADAPTER_KEY):
+                return f" (the LoRA adapter of input {role} changed)"
         return ""
 
     def _tensor_info(self, role: str, name: str):

@@ -372,6 +372,13 @@ def _shard_plan(fname: str, members: list[tuple], merge_ops: tuple[str, ...]) ->
     return ShardPlan(fname, tuple(tensors), len(text).to_bytes(8, "little") + text)
 
 
+#: The order of the safetensors format's dtypes (its ``Dtype`` enum); its writer puts a
+#: file's tensors in descending rank, then by name (``safetensors.serialize``).
+SAFETENSORS_DTYPE_RANK = {d: i for i, d in enumerate((
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16",
+    "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"))}  # fmt: skip
+
+
 def shard_plans(
     plans: list[tuple], merge_ops: tuple[str, ...], shard_size_bytes: int
 ) -> list[ShardPlan]:
@@ -387,8 +394,11 @@ def shard_plans(
             gets a shard of its own).
 
     Returns:
-        The ``ShardPlan``s in file order; within a shard, wider dtypes first, then name
-        order, laid out back to back from byte 0.
+        The ``ShardPlan``s in file order; within a shard, the order ``safetensors``' own
+        writer uses (``SAFETENSORS_DTYPE_RANK`` descending, then the names as strings, so
+        ``layers.10`` before ``layers.2``), laid out back to back from byte 0: a shard
+        holding the same tensors as one written by ``safetensors.torch.save_file`` (as
+        mergekit's) has the same header and bytes.
     """
     sizes = [math.prod(s[3]) * DTYPE_ITEMSIZE[s[2]] for s in plans]
     groups = greedy_shards(sizes, shard_size_bytes)
@@ -396,7 +406,7 @@ def shard_plans(
     shards = []
     for fname, group in zip(names, groups):
         members = sorted(
-            (plans[i] for i in group), key=lambda s: (-DTYPE_ITEMSIZE[s[2]], natural_key(s[0]))
+            (plans[i] for i in group), key=lambda s: (-SAFETENSORS_DTYPE_RANK[s[2]], s[0])
         )
         shards.append(_shard_plan(fname, members, merge_ops))
     return shards

@@ -98,6 +98,25 @@ class YamlRecipe:
 MAX_RECIPE_BYTES = 1 << 20
 
 
+def _split_lora(ref: str, key: str, doc: YamlDoc, base_dir: Path) -> tuple[str, Path] | None:
+    """(model reference, adapter folder) of a ``MODEL+ADAPTER`` reference, each part as
+    given or relative to the recipe (``streammerge.io.lora.split_reference``); None for a
+    directory whose name has a '+'."""
+    from streammerge.io.lora import split_reference
+
+    def locate(part: str) -> Path | None:
+        for cand in (Path(part).expanduser(), base_dir / part):
+            if part and cand.is_dir():
+                return cand.resolve()
+        return None
+
+    try:
+        model, adapter = split_reference(ref, lambda r: locate(r) is not None, locate)
+    except MergeError as e:
+        doc.fail(key, e.what, e.todo)
+    return None if adapter is None else (model, adapter)
+
+
 def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
     """A ``model:`` reference (``streammerge.io.inputs.resolve_input``): a directory (as
     given, or relative to the recipe; also as ``file://``), a URL, or a Hugging Face repo
@@ -106,10 +125,10 @@ def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
 
     if not isinstance(ref, str) or not ref.strip():
         doc.fail(key, f"expected a directory or a Hugging Face repo id, got {ref!r}")
-    if "+" in ref:
-        doc.fail(
-            key, f"LoRA references ({ref}) are not supported", "merge the LoRA into its model first"
-        )
+    if "+" in ref:  # MODEL+ADAPTER (docs/SPEC.md "LoRA inputs (v3)")
+        lora = _split_lora(ref, key, doc, base_dir)
+        if lora is not None:
+            return f"{_resolve_model(lora[0], key, doc, base_dir)}+{lora[1]}"
     try:
         resolved = resolve_input(ref)
     except MergeError as e:

@@ -9,11 +9,17 @@ from __future__ import annotations
 import argparse
 
 from streammerge.methods.registry import METHODS
-from streammerge.recipe.parser import build_parser, build_sweep_parser, flag_params
+from streammerge.recipe.parser import (
+    build_apply_lora_parser,
+    build_parser,
+    build_sweep_parser,
+    flag_params,
+)
 
 HEADER = (
     "# Options\n\n"
-    "Every option of `streammerge` and `streammerge sweep`, generated from the parsers\n"
+    "Every option of `streammerge`, `streammerge sweep` and `streammerge apply-lora`,\n"
+    "generated from the parsers\n"
     "(`python -m streammerge.recipe.options_doc > docs/options.md`; `tests/test_options_doc.py`\n"
     "fails when this file drifts from `--help`).\n"
 )
@@ -99,10 +105,11 @@ def methods_section() -> str:
 
 
 def render() -> str:
-    """docs/options.md's text: the merge command's options, the sweep's, then the methods'
-    parameters."""
+    """docs/options.md's text: the merge command's options, the sweep's, apply-lora's, then
+    the methods' parameters."""
     return "\n".join([HEADER, parser_section(build_parser()),
-                      parser_section(build_sweep_parser()), methods_section()])  # fmt: skip
+                      parser_section(build_sweep_parser()),
+                      parser_section(build_apply_lora_parser()), methods_section()])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -349,3 +349,20 @@ def build_sweep_parser() -> argparse.ArgumentParser:
         "is scored, or all (default best; all are kept when no draw was scored)",
     )
     return p
+
+
+def build_apply_lora_parser() -> argparse.ArgumentParser:
+    """``streammerge apply-lora MODEL+ADAPTER -o OUT``: the run flags of a merge."""
+    p = OneLineArgumentParser(
+        prog="streammerge apply-lora",
+        description="Write MODEL with the PEFT LoRA adapter in the folder ADAPTER merged into "
+        "it (PEFT's merge_and_unload, streamed: W + scale * (B @ A) computed as W's rows are "
+        "read, nothing loaded whole; docs/SPEC.md \"LoRA inputs (v3)\").",
+    )
+    p.add_argument("model", metavar="MODEL+ADAPTER",
+                   help="a model (directory, file:// or URL) and a PEFT adapter folder "
+                   "(adapter_config.json, adapter_model.safetensors), joined by +")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="output directory, created (never replaced without --overwrite)")  # fmt: skip
+    _add_run_args(p)
+    return p
