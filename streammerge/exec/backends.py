@@ -161,7 +161,7 @@ class NumbaBackend:
             slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), list(a.model_ids),
             list(a.drop), list(a.weights), a.scale, slot.out, a.out_dtype, a.n, a.key, a.start,
             keep_lo=a.keep_lo, keep_hi=a.keep_hi, consensus=a.consensus,
-            normalize=a.normalize, linear=a.linear,
+            normalize=a.normalize, linear=a.linear, compute_dtype=a.compute_dtype,
         )  # fmt: skip
 
     def _convert(self, slot: Slot, a: ConvertArgs) -> None:
@@ -169,12 +169,14 @@ class NumbaBackend:
 
     def _hist_high(self, slot: Slot, a: HistArgs, hist: np.ndarray) -> None:
         self._stats().hist_high(
-            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist,
+            compute_dtype=a.compute_dtype,
         )
 
     def _hist_low(self, slot: Slot, a: HistArgs, hist: np.ndarray, buckets: np.ndarray) -> None:
         self._stats().hist_low(
-            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist,
+            compute_dtype=a.compute_dtype,
         )
 
     def wait(self, handle: object) -> None:
