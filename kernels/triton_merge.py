@@ -68,14 +68,20 @@ def _load_f32(ptr, offsets, mask):
 def _rd(x, D: tl.constexpr):
     """rd of docs/SPEC.md "Working dtype (v3)": float32 ``x`` rounded to the working dtype
     D (a FLOAT_CODES value: 0 F32, 1 F16, 2 BF16), round to nearest even, back to float32.
-    BF16 on the bits as ``_store_rounded`` (a NaN stays a NaN); F16 by ``.to`` (RNE in the
-    interpreter and on NVIDIA GPUs); F32: the identity, compiled away."""
+    BF16 on the bits as ``_store_rounded`` (a NaN keeps its top 16 bits, made quiet); F16 by
+    ``.to`` (RNE in the interpreter and on NVIDIA GPUs), a NaN made the quiet NaN
+    0x7FC00000 with x's sign (the numba kernel's; SPEC v3 "Rounding to D"); F32: the
+    identity, compiled away."""
     if D == 2:
         bits = x.to(tl.uint32, bitcast=True)
-        rounded = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-        return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, x, rounded)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        quiet = ((bits >> 16) | 0x40) << 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, quiet, rounded).to(tl.float32, bitcast=True)
     elif D == 1:
-        return x.to(tl.float16).to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        canonical = ((bits & 0x80000000) | 0x7FC00000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, canonical, x.to(tl.float16).to(tl.float32))
     else:
         return x
 

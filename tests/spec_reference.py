@@ -119,11 +119,17 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def spec_rd(x, compute_dtype: str) -> np.ndarray:
     """SPEC "Working dtype (v3)" rd: float32 values rounded to D (nearest even) and widened
-    back to float32 (the identity for D = F32)."""
+    back to float32 (the identity for D = F32). A NaN: BF16 keeps its top 16 bits, made
+    quiet; F16 gives 0x7FC00000 with the NaN's sign."""
     x = np.asarray(x, dtype=np.float32)
     if compute_dtype == "F32":
         return x
-    return to_float32(from_float32(x, compute_dtype), compute_dtype)
+    r = to_float32(from_float32(x, compute_dtype), compute_dtype)
+    if compute_dtype == "F16":  # a NaN becomes 0x7FC00000 with its sign (SPEC)
+        sign = x.view(np.uint32) & np.uint32(0x80000000)
+        nan = (sign | np.uint32(0x7FC00000)).view(np.float32)
+        r = np.where(np.isnan(x), nan, r)
+    return r
 
 
 def spec_promote(dtypes) -> str:
