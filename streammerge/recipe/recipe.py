@@ -378,7 +378,9 @@ def build_recipe(
     (``streammerge.methods``: ``density``, ``drop``, ``gamma``, ``scale``, ``normalize``,
     ...), None meaning not given; a per-model one takes one value for all models or one
     per model (list or ``"0.3,0.6"``). Without ``method`` the method is ``dare_linear``
-    (v1: drop 0.5 unless given). ``model_params`` / ``params``: per-model and top-level
+    (v1: drop 0.5 unless given). ``compute_dtype``: the task-vector methods' working dtype D
+    (a safetensors string; None: each tensor's promoted input dtype; docs/SPEC.md "Working
+    dtype (v3)"). ``model_params`` / ``params``: per-model and top-level
     parameter values in mergekit's forms (gradients, filter lists; ``scale`` for
     mergekit's ``lambda``), as a YAML recipe gives them; flags given as well override them.
 
@@ -418,21 +420,9 @@ def build_recipe(
                 models[j][key] = v
         else:
             params[key] = row.param(key).check(val, row.param(key).flag)
-    recipe = Recipe(
-        method,
-        n_models,
-        seed,
-        mixup,
-        alpha_used,
-        None if lam is None else float(lam),
-        tuple(models),
-        params,
-        trim_scope,
-        dtype,
-        source,
-        dict(lines or {}),
-        compute_dtype,
-    )
+    recipe = Recipe(method, n_models, seed, mixup, alpha_used,
+                    None if lam is None else float(lam), tuple(models), params, trim_scope,
+                    dtype, source, dict(lines or {}), compute_dtype)  # fmt: skip
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe
 
