@@ -367,10 +367,31 @@ def _merge_kernel(
         _encode_block(acc, out_code, lo, m, out)
 
 
-@numba.njit
+@intrinsic
+def _rd_bf16_ir(typingctx, x):
+    """float32 -> bfloat16 (nearest even; a NaN keeps its top 16 bits, made quiet) -> float32,
+    as inline LLVM IR: a plain njit call may stay an out-of-line call in the large kernels
+    (measured: 2x slower loops), numba's inline="always" costs minutes of compile time."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(u, i32(16)), i32(1))
+        rounded = builder.and_(builder.add(builder.add(u, i32(0x7FFF)), lsb), i32(0xFFFF0000))
+        quiet = builder.and_(builder.or_(u, i32(0x00400000)), i32(0xFFFF0000))
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, i32(0x7FFFFFFF)), i32(0x7F800000))
+        return builder.bitcast(builder.select(is_nan, quiet, rounded), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@numba.njit(inline="always")
 def _rd_bf16(x):
-    """rd for D = BF16 (SPEC "Working dtype (v3)"): x rounded to bfloat16, back to float32."""
-    return _bf16_to_f32(_f32_to_bf16(x))
+    """rd for D = BF16 (SPEC "Working dtype (v3)"): x rounded to bfloat16, back to float32
+    (bit for bit ``_bf16_to_f32(_f32_to_bf16(x))``)."""
+    return _rd_bf16_ir(x)
 
 
 @numba.njit
@@ -385,14 +406,15 @@ def _f32_to_f32(x):
     return x
 
 
-@numba.njit
+@numba.njit(inline="always")
 def _thin_one(d, keep, rescale, w, keep_lo, keep_hi, rd):
     """wd = rd(w' * e) for one element (d already rd-rounded): e = kept ? rd(d * rescale) :
     +0.0, where kept = ``keep`` (the DARE test) and keep_lo <= bits(d) & 0x7FFFFFFF <=
     keep_hi. (rescale = 1 without DARE: rd(d * 1) = d.)"""
     mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
     kept = keep & (mag >= keep_lo) & (mag <= keep_hi)
-    return rd(w * (rd(d * rescale) if kept else np.float32(0.0)))
+    e = rd(d * rescale)  # for every element: no branch around rd (the loop vectorizes)
+    return rd(w * (e if kept else np.float32(0.0)))
 
 
 @numba.njit(inline="always")
@@ -406,9 +428,12 @@ def _thin_loop(src, dec, rin, rd, xb, m, r, thr, masked, rescale, w, keep_lo, ke
                           keep_hi, rd)  # fmt: skip
             wd[t] = v
             s_[t] = s_[t] + v
-    else:
+    else:  # no DARE mask, so p = 0 and rescale = 1: e = d, no multiplication
         for t in range(m):
-            v = _thin_one(rd(rin(dec(src[t])) - xb[t]), True, rescale, w, keep_lo, keep_hi, rd)
+            d = rd(rin(dec(src[t])) - xb[t])
+            mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
+            kept = (mag >= keep_lo) & (mag <= keep_hi)
+            v = rd(w * (d if kept else np.float32(0.0)))
             wd[t] = v
             s_[t] = s_[t] + v
 
@@ -541,14 +566,15 @@ def _merge_kernel_v2_py(
             # acc, den rounded to D; m = normalize ? rd(acc / den) (den = 1 where 0) : acc;
             # out = linear ? m : rd(x_b + rd(s * m))
             if normalize:
-                if linear:
+                for t in range(m):
+                    dn = rd(den[t])
+                    den[t] = one if dn == zero else dn
+                    acc[t] = rd(acc[t])
+                for t in range(m):
+                    acc[t] = rd(acc[t] / den[t])
+                if not linear:
                     for t in range(m):
-                        dn = rd(den[t])
-                        acc[t] = rd(rd(acc[t]) / (one if dn == zero else dn))
-                else:
-                    for t in range(m):
-                        dn = rd(den[t])
-                        acc[t] = rd(xb[t] + rd(scale * rd(rd(acc[t]) / (one if dn == zero else dn))))
+                        acc[t] = rd(xb[t] + rd(scale * acc[t]))
             elif linear:
                 for t in range(m):
                     acc[t] = rd(acc[t])
