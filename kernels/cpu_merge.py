@@ -1041,11 +1041,14 @@ def merge_arrays(
 
 
 def warmup() -> None:
-    """Compile (or load from numba's on-disk cache) the three kernels on tiny inputs."""
+    """Compile (or load from numba's on-disk cache) the kernels on tiny inputs: v1, v2 in
+    float32 and in the working dtype BF16 (the common one; F16 compiles on first use), and
+    the conversion."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(8).astype(np.float32)
     merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.5, 0.0], weights=[0.5, 0.5])
-    merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.0, 0.0], weights=[0.5, 0.5],
-                 keep_lo=[1, 0], consensus="sign", normalize=True)  # fmt: skip
+    for d in ("F32", "BF16"):
+        merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.0, 0.0], weights=[0.5, 0.5],
+                     keep_lo=[1, 0], consensus="sign", normalize=True, compute_dtype=d)  # fmt: skip
     out = np.empty(16, np.uint8)
     convert_chunk(x.view(np.uint8), "F32", out, "BF16", 8)

@@ -469,6 +469,8 @@ def warmup() -> None:
     """Compile (or load from numba's on-disk cache) both histogram kernels on tiny inputs."""
     x = np.arange(8, dtype=np.float32).view(np.uint8)
     inputs = np.stack([x, x[::-1].copy()])  # [2, 32] uint8
-    hist_high(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, HIGH_BINS), np.int64))
-    hist_low(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, 1), np.int64),
-             np.zeros((1, 1, LOW_BINS), np.int64))  # fmt: skip
+    for d in ("F32", "BF16"):  # float32 and the common working dtype (F16: on first use)
+        hist_high(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, HIGH_BINS), np.int64),
+                  compute_dtype=d)  # fmt: skip
+        hist_low(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, 1), np.int64),
+                 np.zeros((1, 1, LOW_BINS), np.int64), compute_dtype=d)  # fmt: skip
