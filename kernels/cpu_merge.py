@@ -44,7 +44,14 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import FLOAT_CODES, FLOAT_ITEMSIZE, NUMPY_CARRIER, drop_rescale, drop_threshold
+from .common import (
+    FLOAT_CODES,
+    FLOAT_ITEMSIZE,
+    NUMPY_CARRIER,
+    drop_rescale,
+    drop_threshold,
+    round_host,
+)
 
 #: Elements per parallel work item. N=2 bf16, p=0.5, 16M elements, 2 threads (2-core AMD
 #: EPYC VM): 14.3 / 14.1 / 12.7 / 13.2 ms at 2048 / 4096 / 8192 / 16384.
@@ -632,25 +639,6 @@ _merge_kernel_v2_f16 = _v2_kernel("_merge_kernel_v2_f16", _rd_f16)
 _V2_KERNELS = {_F32: _merge_kernel_v2, _BF16: _merge_kernel_v2_bf16, _F16: _merge_kernel_v2_f16}
 
 
-def _host_rd_bf16(x: np.float32) -> np.float32:
-    """rd to BF16 of one float32 on the host (round to nearest even on the bits)."""
-    u = int(np.float32(x).view(np.uint32))
-    if (u & 0x7FFFFFFF) > 0x7F800000:
-        return np.float32(x)
-    r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
-    return np.array([r & 0xFFFFFFFF], np.uint32).view(np.float32)[0]
-
-
-def _host_rd_f16(x: np.float32) -> np.float32:
-    """rd to F16 of one float32 on the host (numpy's float32 -> float16 rounds to nearest even)."""
-    with np.errstate(over="ignore"):
-        return np.float32(np.float16(np.float32(x)))
-
-
-#: rd on the host (weights, the consensus-none weight sum), per working dtype code.
-_HOST_RD = {_F32: np.float32, _BF16: _host_rd_bf16, _F16: _host_rd_f16}
-
-
 # ----------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------
@@ -865,12 +853,11 @@ def merge_chunk(
         return
     windowed = bool((lo_arr != 0).any() or (hi_arr != 0xFFFFFFFF).any())
     if windowed or consensus != "none" or normalize or linear or d_code != _F32:
-        rd = _HOST_RD[d_code]
-        w32 = np.array([rd(np.float32(w)) for w in weights], np.float32)  # w' = rd(float32(w))
+        w32 = np.array([round_host(w, compute_dtype) for w in weights], np.float32)  # w'
         den = np.float32(0.0)
         for w in w32:
             den = np.float32(den + w)  # float32 sum in model order
-        den = rd(den)
+        den = round_host(den, compute_dtype)
         if abs(den) <= np.float32(1e-8):  # |den| < 1e-8 as real numbers (contract 1)
             den = np.float32(1.0)
         round_in = np.array([d_code != _F32 and c != d_code for c in codes], np.bool_)
