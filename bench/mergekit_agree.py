@@ -13,7 +13,8 @@ pair, one row per method when several pairs are given.
 
 ``--explain BASE MODEL...`` (the merge's inputs, fine-tunes in the recipe's order) sorts
 every differing element into one reason: "threshold tie" when for some fine-tune j the
-magnitude ``bits(float32(model_j) - float32(base)) & 0x7FFFFFFF`` equals one of that
+magnitude ``bits(rd(float32(model_j) - float32(base))) & 0x7FFFFFFF`` (rd: rounding to the
+tensor's recorded working dtype, docs/SPEC.md "Working dtype (v3)") equals one of that
 tensor's recorded thresholds (``streammerge.json`` ``"tensors"[name]["thresholds"][j]``:
 mergekit's argsort keeps an arbitrary subset of the elements tied with the k-th largest
 magnitude, streammerge keeps them all); else, for a ``linear`` record, "linear fma" when
@@ -159,6 +160,26 @@ def load_record(path: str | os.PathLike | None) -> dict:
     }  # fmt: skip
 
 
+def load_compute(path: str | os.PathLike | None) -> dict:
+    """``{tensor: working dtype D}`` (docs/SPEC.md "Working dtype (v3)") from a
+    streammerge.json (tensors without one: float32)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    rec = json.loads(Path(path).read_text())
+    return {name: t["compute_dtype"] for name, t in (rec.get("tensors") or {}).items()
+            if t.get("compute_dtype")}  # fmt: skip
+
+
+def _rd(x: np.ndarray, dtype: str | None) -> np.ndarray:
+    """float32 values rounded to the working dtype (nearest even) and back to float32."""
+    if dtype in (None, "F32"):
+        return x
+    bits = _round_stored(np.ascontiguousarray(x, np.float32), dtype)
+    if dtype == "BF16":
+        return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return bits.view(np.float16).astype(np.float32)
+
+
 def load_linear(path: str | os.PathLike | None) -> dict:
     """``{tensor: (weights, normalize)}`` when the streammerge.json is a ``linear`` merge."""
     if path is None or not Path(path).is_file():
@@ -242,6 +263,7 @@ def compare_tensor(
     *,
     explain: tuple[TensorRef | None, list[TensorRef | None]] | None = None,
     thresholds: list | None = None,
+    compute: str | None = None,
     linear: tuple[list[float], bool] | None = None,
     chunk: int = 1 << 20,
 ) -> dict:
@@ -299,7 +321,8 @@ def compare_tensor(
                     continue
                 xm = _to_f32(m, np.asarray(m.bits()[lo : lo + chunk])[idx])
                 with np.errstate(invalid="ignore", over="ignore"):
-                    d = (xm - xb).astype(np.float32)
+                    # the task vector in the working dtype D (SPEC "Working dtype (v3)")
+                    d = _rd((_rd(xm, compute) - _rd(xb, compute)).astype(np.float32), compute)
                 mag = d.view(np.uint32) & np.uint32(0x7FFFFFFF)
                 tie |= np.isin(mag, tie_sets[j])
         fma = np.zeros(idx.size, bool)
@@ -341,19 +364,22 @@ def compare_dirs(
     explain = None
     thr: dict = {}
     lin: dict = {}
+    comp: dict = {}
     if explain_inputs:
         ins = [index_dir(p) for p in explain_inputs]
         explain = (ins[0], ins[1:])
         rec = record if record is not None else Path(b) / "streammerge.json"
         thr = load_record(rec)
         lin = load_linear(rec)
+        comp = load_compute(rec)
     tensors = {}
     for name in sorted(set(ia) & set(ib)):
         ex = None
         if explain is not None:
             ex = (explain[0].get(name), [m.get(name) for m in explain[1]])
         tensors[name] = compare_tensor(ia[name], ib[name], explain=ex, thresholds=thr.get(name),
-                                       linear=lin.get(name), chunk=chunk)  # fmt: skip
+                                       compute=comp.get(name), linear=lin.get(name),
+                                       chunk=chunk)  # fmt: skip
     res = {
         "a": str(a), "b": str(b), "tensors": tensors,
         "only_a": sorted(set(ia) - set(ib)), "only_b": sorted(set(ib) - set(ia)),

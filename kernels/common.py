@@ -72,3 +72,22 @@ def drop_rescale(p: float) -> np.float32:
     """
     drop_threshold(p)  # validates p
     return np.float32(1.0 / (1.0 - float(p)))
+
+
+def round_host(x: float, dtype: str) -> np.float32:
+    """rd on the host (docs/SPEC.md "Working dtype (v3)"): ``x`` rounded to float32, then
+    to ``dtype`` ("F32", "F16", "BF16"; round to nearest even, overflow to inf) and widened
+    back to float32. For the weights w'_j = rd(float32(w_j)) and the weight sums."""
+    x32 = np.float32(x)
+    if dtype == "F32":
+        return x32
+    if dtype == "F16":
+        with np.errstate(over="ignore"):
+            return np.float32(np.float16(x32))
+    if dtype != "BF16":
+        raise ValueError(f"unknown working dtype {dtype!r}")
+    u = int(np.array([x32]).view(np.uint32)[0])
+    if (u & 0x7FFFFFFF) > 0x7F800000:
+        return x32
+    r = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16) & 0xFFFFFFFF
+    return np.array([r], np.uint32).view(np.float32)[0]

@@ -34,6 +34,7 @@ weights travel as small typed arrays), cached on disk (``cache=True``).
 from __future__ import annotations
 
 import math
+import types as types_mod
 from collections.abc import Sequence
 
 import numba
@@ -43,7 +44,14 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import FLOAT_CODES, FLOAT_ITEMSIZE, NUMPY_CARRIER, drop_rescale, drop_threshold
+from .common import (
+    FLOAT_CODES,
+    FLOAT_ITEMSIZE,
+    NUMPY_CARRIER,
+    drop_rescale,
+    drop_threshold,
+    round_host,
+)
 
 #: Elements per parallel work item. N=2 bf16, p=0.5, 16M elements, 2 threads (2-core AMD
 #: EPYC VM): 14.3 / 14.1 / 12.7 / 13.2 ms at 2048 / 4096 / 8192 / 16384.
@@ -366,54 +374,110 @@ def _merge_kernel(
         _encode_block(acc, out_code, lo, m, out)
 
 
-@numba.njit(inline="always")
-def _thin_one(d, keep, rescale, w, keep_lo, keep_hi):
-    """wd = float32(w) * e for one element: e = kept ? d * rescale : +0.0, where kept =
-    ``keep`` (the DARE test) and keep_lo <= bits(d) & 0x7FFFFFFF <= keep_hi."""
-    mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
-    kept = keep & (mag >= keep_lo) & (mag <= keep_hi)
-    return w * (d * rescale if kept else np.float32(0.0))
+@intrinsic
+def _rd_bf16_ir(typingctx, x):
+    """float32 -> bfloat16 (nearest even; a NaN keeps its top 16 bits, made quiet) -> float32,
+    as inline LLVM IR: a plain njit call may stay an out-of-line call in the large kernels
+    (measured: 2x slower loops), numba's inline="always" costs minutes of compile time."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        u = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(u, i32(16)), i32(1))
+        rounded = builder.and_(builder.add(builder.add(u, i32(0x7FFF)), lsb), i32(0xFFFF0000))
+        quiet = builder.and_(builder.or_(u, i32(0x00400000)), i32(0xFFFF0000))
+        is_nan = builder.icmp_unsigned(">", builder.and_(u, i32(0x7FFFFFFF)), i32(0x7F800000))
+        return builder.bitcast(builder.select(is_nan, quiet, rounded), ir.FloatType())
+
+    return types.float32(x), codegen
 
 
 @numba.njit(inline="always")
-def _thin_loop(src, dec, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
-    """wd[t] = wd_k(t) and s_[t] = s_[t] + wd[t], for m elements of one source (``dec``
-    decodes one stored element to float32)."""
-    if masked:
-        for t in range(m):
-            v = _thin_one(dec(src[t]) - xb[t], r[t] >= thr, rescale, w, keep_lo, keep_hi)
-            wd[t] = v
-            s_[t] = s_[t] + v
-    else:
-        for t in range(m):
-            v = _thin_one(dec(src[t]) - xb[t], True, rescale, w, keep_lo, keep_hi)
-            wd[t] = v
-            s_[t] = s_[t] + v
+def _rd_bf16(x):
+    """rd for D = BF16 (SPEC "Working dtype (v3)"): x rounded to bfloat16, back to float32
+    (bit for bit ``_bf16_to_f32(_f32_to_bf16(x))``)."""
+    return _rd_bf16_ir(x)
+
+
+@numba.njit
+def _rd_f16(x):
+    """rd for D = F16: x rounded to float16 (RNE, subnormals, overflow to inf), widened back."""
+    return _f16_to_f32(_f32_to_f16(x))
 
 
 @numba.njit(inline="always")
 def _f32_to_f32(x):
+    """rd for D = F32 (and the decoder of F32 rows): the identity."""
     return x
 
 
 @numba.njit(inline="always")
-def _thin_block(row, code, lo, m, xb, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
+def _thin_one(d, keep, rescale, w, keep_lo, keep_hi, rd):
+    """wd = rd(w' * e) for one element (d already rd-rounded): e = kept ? rd(d * rescale) :
+    +0.0, where kept = ``keep`` (the DARE test) and keep_lo <= bits(d) & 0x7FFFFFFF <=
+    keep_hi. (rescale = 1 without DARE: rd(d * 1) = d.)"""
+    mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
+    kept = keep & (mag >= keep_lo) & (mag <= keep_hi)
+    e = rd(d * rescale)  # for every element: no branch around rd (the loop vectorizes)
+    return rd(w * (e if kept else np.float32(0.0)))
+
+
+@numba.njit(inline="always")
+def _thin_loop(src, dec, rin, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
+    """wd[t] = wd_k(t) and s_[t] = s_[t] + wd[t], for m elements of one source (``dec``
+    decodes one stored element to float32, ``rin`` rounds it to D (the identity when the
+    row's dtype fits in D), ``rd`` rounds to D)."""
+    if masked:
+        for t in range(m):
+            v = _thin_one(rd(rin(dec(src[t])) - xb[t]), r[t] >= thr, rescale, w, keep_lo,
+                          keep_hi, rd)  # fmt: skip
+            wd[t] = v
+            s_[t] = s_[t] + v
+    else:  # no DARE mask, so p = 0 and rescale = 1: e = d, no multiplication
+        for t in range(m):
+            d = rd(rin(dec(src[t])) - xb[t])
+            mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
+            kept = (mag >= keep_lo) & (mag <= keep_hi)
+            v = rd(w * (d if kept else np.float32(0.0)))
+            wd[t] = v
+            s_[t] = s_[t] + v
+
+
+@numba.njit(inline="always")
+def _thin_rows(src, dec, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd,
+               s_):  # fmt: skip
+    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block."""
+    if round_in:
+        _thin_loop(src, dec, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+    else:
+        _thin_loop(src, dec, _f32_to_f32, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, s_)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _thin_block(row, code, round_in, rd, lo, m, xb, r, thr, masked, rescale, w, keep_lo, keep_hi,
+                wd, s_):  # fmt: skip
     """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1)."""
     if code == _F32:
         src = row[lo * 4 : (lo + m) * 4].view(np.float32)
-        _thin_loop(src, _f32_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+        _thin_rows(src, _f32_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, s_)  # fmt: skip
     elif code == _F16:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_loop(src16, _f16_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+        _thin_rows(src16, _f16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, s_)  # fmt: skip
     else:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_loop(src16, _bf16_to_f32, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
+        _thin_rows(src16, _bf16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, s_)  # fmt: skip
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _merge_kernel_v2(
+def _merge_kernel_v2_py(
     inputs,  # [R, cap_bytes] uint8
     codes,  # [R] int64 dtype codes
+    round_in,  # [R] bool: row r's dtype does not fit in D (its values are rounded to D)
     base_row,  # int64, -1: absent
     rows,  # [K] int64 input row of each participating model
     pf_rows,  # [K or K + 1] int64 rows to prefetch: the models' and the base's
@@ -421,12 +485,12 @@ def _merge_kernel_v2(
     words,  # [K] int64 Philox output word (j % 4)
     thresholds,  # [K] uint32 floor(p_k * 2**32)
     rescales,  # [K] float32 float32(1 / (1 - p_k))
-    weights,  # [K] float32 float32(w_k)
+    weights,  # [K] float32 w'_k = rd(float32(w_k))
     keep_lo,  # [K] uint32 magnitude window, inclusive
     keep_hi,  # [K] uint32
     sign,  # bool: consensus "sign" (else "none")
     normalize,  # bool: m = acc / den
-    den_none,  # float32 den of consensus "none" (host: sum of w in order, |den| < 1e-8 -> 1)
+    den_none,  # float32 den of consensus "none" (host: rd(sum of w' in order), |den| < 1e-8 -> 1)
     linear,  # bool: out = m (else x_b + s * m)
     scale,  # float32 s
     out,  # [>= n * itemsize] uint8
@@ -441,7 +505,8 @@ def _merge_kernel_v2(
 
     Per block: x_b, then each model's wd_k into a [K, block] float32 scratch (decode, then
     one thinning loop), then the consensus over the scratch, then the store. Every flag is
-    tested outside the element loops.
+    tested outside the element loops. ``rd`` (a module global bound per working dtype D by
+    ``_v2_kernel``: the identity for F32) rounds to D where SPEC "Working dtype (v3)" says.
     """
     n_models = rows.shape[0]
     n_blocks = (n + block - 1) // block
@@ -467,6 +532,9 @@ def _merge_kernel_v2(
                 break
         if base_row >= 0:
             _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+            if round_in[base_row]:
+                for t in range(m):
+                    xb[t] = rd(xb[t])
         else:
             xb[:m] = zero
         s_[:m] = zero
@@ -477,10 +545,14 @@ def _merge_kernel_v2(
                               inputs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
-            _thin_block(inputs[row], codes[row], lo, m, xb, rw[words[k]], thresholds[k], masked,
+            _thin_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, rw[words[k]],
+                        thresholds[k], masked,
                         rescales[k], weights[k], keep_lo[k], keep_hi[k], wd[k], s_)  # fmt: skip
         if sign:
-            # acc, den = sums over the k whose wd_k has S's sign (S >= 0: +; S NaN: -).
+            # S = rd(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
+            # +; S NaN: -).
+            for t in range(m):
+                s_[t] = rd(s_[t])
             for k in range(n_models):
                 wk = wd[k]
                 wt = weights[k]
@@ -498,36 +570,54 @@ def _merge_kernel_v2(
                         agree = ((v > zero) & pos) | ((v < zero) & (not pos))
                         acc[t] = acc[t] + v if agree else acc[t]
                         den[t] = den[t] + wt if agree else den[t]
-            # m = normalize ? acc / den (den = 1 where 0) : acc; out = linear ? m : x_b + s * m
+            # acc, den rounded to D; m = normalize ? rd(acc / den) (den = 1 where 0) : acc;
+            # out = linear ? m : rd(x_b + rd(s * m))
             if normalize:
-                if linear:
-                    for t in range(m):
-                        dn = den[t]
-                        acc[t] = acc[t] / (one if dn == zero else dn)
-                else:
-                    for t in range(m):
-                        dn = den[t]
-                        acc[t] = xb[t] + scale * (acc[t] / (one if dn == zero else dn))
-            elif not linear:
                 for t in range(m):
-                    acc[t] = xb[t] + scale * acc[t]
-            res = acc
-        else:
-            # acc = s_; m = normalize ? acc / den_none : acc; out = linear ? m : x_b + s * m
-            res = acc
-            if normalize:
-                if linear:
+                    dn = rd(den[t])
+                    den[t] = one if dn == zero else dn
+                    acc[t] = rd(acc[t])
+                for t in range(m):
+                    acc[t] = rd(acc[t] / den[t])
+                if not linear:
                     for t in range(m):
-                        acc[t] = s_[t] / den_none
-                else:
-                    for t in range(m):
-                        acc[t] = xb[t] + scale * (s_[t] / den_none)
+                        acc[t] = rd(xb[t] + rd(scale * acc[t]))
             elif linear:
-                res = s_
+                for t in range(m):
+                    acc[t] = rd(acc[t])
             else:
                 for t in range(m):
-                    acc[t] = xb[t] + scale * s_[t]
+                    acc[t] = rd(xb[t] + rd(scale * rd(acc[t])))
+            res = acc
+        else:
+            # acc = rd(s_); m = normalize ? rd(acc / den_none) : acc; out = linear ? m :
+            # rd(x_b + rd(s * m))
+            res = acc
+            if normalize:
+                if linear:
+                    for t in range(m):
+                        acc[t] = rd(rd(s_[t]) / den_none)
+                else:
+                    for t in range(m):
+                        acc[t] = rd(xb[t] + rd(scale * rd(rd(s_[t]) / den_none)))
+            elif linear:
+                for t in range(m):
+                    acc[t] = rd(s_[t])
+            else:
+                for t in range(m):
+                    acc[t] = rd(xb[t] + rd(scale * rd(s_[t])))
         _encode_block(res, out_code, lo, m, out)
+
+
+def _v2_kernel(name: str, rd):
+    """``_merge_kernel_v2_py`` compiled with the module global ``rd`` bound to one working
+    dtype's rounding (a separate function per D, so D = F32 compiles to v2's float32 code,
+    and each is cached on disk under its own name)."""
+    fn = types_mod.FunctionType(_merge_kernel_v2_py.__code__, {**globals(), "rd": rd}, name,
+                                _merge_kernel_v2_py.__defaults__, _merge_kernel_v2_py.__closure__)  # fmt: skip
+    fn.__qualname__ = name
+    fn.__doc__ = _merge_kernel_v2_py.__doc__
+    return numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -539,6 +629,14 @@ def _convert_kernel(src, src_code, out, out_code, n, block):
         x = np.empty(block, np.float32)
         _decode_block(src, src_code, lo, m, x)
         _encode_block(x, out_code, lo, m, out)
+
+
+#: The v2 kernel per working dtype D (SPEC "Working dtype (v3)"); ``_merge_kernel_v2`` is
+#: D = F32, v2's float32 kernel.
+_merge_kernel_v2 = _v2_kernel("_merge_kernel_v2", _f32_to_f32)
+_merge_kernel_v2_bf16 = _v2_kernel("_merge_kernel_v2_bf16", _rd_bf16)
+_merge_kernel_v2_f16 = _v2_kernel("_merge_kernel_v2_f16", _rd_f16)
+_V2_KERNELS = {_F32: _merge_kernel_v2, _BF16: _merge_kernel_v2_bf16, _F16: _merge_kernel_v2_f16}
 
 
 # ----------------------------------------------------------------------------------------
@@ -642,6 +740,7 @@ def merge_chunk(
     consensus: str = "none",
     normalize: bool = False,
     linear: bool = False,
+    compute_dtype: str = "F32",
 ) -> None:
     """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged
     value", v2 "Methods"; docs/kernels.md section 1).
@@ -690,12 +789,18 @@ def merge_chunk(
         normalize: divide by the summed weights (den above).
         linear: out = m (SPEC ``linear``: no base, so base_row must be -1 and d_k is the
             model value itself; ``scale`` is not used).
+        compute_dtype: the working dtype D, "F32" (the formula above), "BF16" or "F16":
+            every intermediate rounded to D as SPEC "Working dtype (v3)" says (d_k, DARE's
+            rescaled value, w'_k, wd_k, the sums, the quotient, s * m and x_b + m; inputs
+            whose dtype does not fit in D are rounded to it first). Always the v2 kernel
+            (one compiled variant per D). "F32" with ``linear`` only.
 
     Raises:
         ValueError: wrong array type/shape/contiguity, a row too short for n elements, an
             unknown dtype, lengths that disagree, a row index out of range, p outside
             [0, 1), key/start/j out of range, a keep window bound outside [0, 2**32),
-            an unknown consensus, normalize/linear not a bool, or linear with a base row.
+            an unknown consensus, normalize/linear not a bool, linear with a base row, or
+            an unknown compute_dtype (or not F32 with linear).
 
     Speed (N=2 bf16 in and out, 16M-element chunk, 2-core AMD EPYC VM, 2 threads, best of
     9): p=0.5: 12.7-14.7 ms, 1.1-1.3 G elements/s, 6.8-7.9 GB/s of input; p=0: 7-9.4 ms,
@@ -741,19 +846,25 @@ def merge_chunk(
         raise ValueError(
             f"linear merges have no base (SPEC v2 'linear'): base_row must be -1, got {base_row}"
         )
+    d_code = _code(compute_dtype, "compute_dtype")
+    if linear and d_code != _F32:
+        raise ValueError(f"linear computes in F32 (SPEC 'Working dtype (v3)'), got {compute_dtype}")
     if n == 0:
         return
     windowed = bool((lo_arr != 0).any() or (hi_arr != 0xFFFFFFFF).any())
-    if windowed or consensus != "none" or normalize or linear:
-        w32 = np.array([np.float32(w) for w in weights], np.float32)
+    if windowed or consensus != "none" or normalize or linear or d_code != _F32:
+        w32 = np.array([round_host(w, compute_dtype) for w in weights], np.float32)  # w'
         den = np.float32(0.0)
         for w in w32:
             den = np.float32(den + w)  # float32 sum in model order
+        den = round_host(den, compute_dtype)
         if abs(den) <= np.float32(1e-8):  # |den| < 1e-8 as real numbers (contract 1)
             den = np.float32(1.0)
-        _merge_kernel_v2(
+        round_in = np.array([d_code != _F32 and c != d_code for c in codes], np.bool_)
+        _V2_KERNELS[d_code](
             inputs,
             codes,
+            round_in,
             np.int64(base_row),
             np.array(model_rows, np.int64),
             np.array(used, np.int64),
@@ -868,6 +979,7 @@ def merge_arrays(
     consensus: str = "none",
     normalize: bool = False,
     linear: bool = False,
+    compute_dtype: str = "F32",
 ) -> np.ndarray:
     """``merge_chunk`` on typed 1-D arrays (tests and benches; copies into a byte buffer).
 
@@ -878,6 +990,7 @@ def merge_arrays(
         out_dtype: "F32", "F16" or "BF16".
         key, start, drop, weights, scale: as in ``merge_chunk``.
         keep_lo, keep_hi, consensus, normalize, linear: as in ``merge_chunk`` (v2).
+        compute_dtype: the working dtype D, as in ``merge_chunk`` (v3).
         model_ids: SPEC index j per model (default 0 .. K-1).
         base_dtype, model_dtypes: override the dtype inferred from the numpy dtype.
 
@@ -909,16 +1022,20 @@ def merge_arrays(
         buf, dts, -1 if base is None else 0, list(range(off, len(arrays))), ids,
         list(drop), list(weights), scale, out, out_dtype, n, key, start,
         keep_lo=keep_lo, keep_hi=keep_hi, consensus=consensus, normalize=normalize, linear=linear,
+        compute_dtype=compute_dtype,
     )  # fmt: skip
     return out[: n * FLOAT_ITEMSIZE[out_dtype]].view(NUMPY_CARRIER[out_dtype]).copy()
 
 
 def warmup() -> None:
-    """Compile (or load from numba's on-disk cache) the three kernels on tiny inputs."""
+    """Compile (or load from numba's on-disk cache) the kernels on tiny inputs: v1, v2 in
+    float32 and in the working dtype BF16 (the common one; F16 compiles on first use), and
+    the conversion."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal(8).astype(np.float32)
     merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.5, 0.0], weights=[0.5, 0.5])
-    merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.0, 0.0], weights=[0.5, 0.5],
-                 keep_lo=[1, 0], consensus="sign", normalize=True)  # fmt: skip
+    for d in ("F32", "BF16"):
+        merge_arrays(x, [x, x], "BF16", key=1, start=0, drop=[0.0, 0.0], weights=[0.5, 0.5],
+                     keep_lo=[1, 0], consensus="sign", normalize=True, compute_dtype=d)  # fmt: skip
     out = np.empty(16, np.uint8)
     convert_chunk(x.view(np.uint8), "F32", out, "BF16", 8)

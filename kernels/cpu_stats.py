@@ -24,6 +24,7 @@ and visits only the hits.
 
 from __future__ import annotations
 
+import types as types_mod
 from collections.abc import Sequence
 
 import numba
@@ -38,10 +39,14 @@ from .cpu_merge import (
     _F32,
     _bf16_to_f32,
     _check_rows,
+    _code,
     _decode_block,
     _f16_to_f32,
+    _BF16,
     _f32_bits,
     _f32_to_f32,
+    _rd_bf16,
+    _rd_f16,
 )
 
 #: Buckets of ``hist_high`` (mag >> 16 < 2**15, the sign bit being cleared).
@@ -65,28 +70,46 @@ __all__ = ["HIGH_BINS", "LOW_BINS", "hist_high", "hist_low", "warmup"]
 
 
 @numba.njit(inline="always")
-def _mag_loop(src, dec, xb, m, mag):
-    """mag[t] = bits(dec(src[t]) - xb[t]) & 0x7FFFFFFF for t < m."""
+def _mag_loop(src, dec, rin, rd, xb, m, mag):
+    """mag[t] = bits(rd(rin(dec(src[t])) - xb[t])) & 0x7FFFFFFF for t < m (SPEC "Working
+    dtype (v3)": the magnitudes of the task vector rounded to D; rd, rin the identity for
+    D = F32)."""
     for t in range(m):
-        mag[t] = _f32_bits(dec(src[t]) - xb[t]) & np.uint32(0x7FFFFFFF)
+        mag[t] = _f32_bits(rd(rin(dec(src[t])) - xb[t])) & np.uint32(0x7FFFFFFF)
 
 
 @numba.njit(inline="always")
-def _mag_block(row, code, lo, m, xb, mag):
+def _mag_rows(src, dec, round_in, rd, xb, m, mag):
+    """``_mag_loop``, the input rounded to D first when ``round_in`` (one branch per block)."""
+    if round_in:
+        _mag_loop(src, dec, rd, rd, xb, m, mag)
+    else:
+        _mag_loop(src, dec, _f32_to_f32, rd, xb, m, mag)
+
+
+@numba.njit(inline="always")
+def _mag_block(row, code, round_in, rd, lo, m, xb, mag):
     """mag[:m] = magnitudes of stored elements lo .. lo + m - 1 of a raw byte row."""
     if code == _F32:
-        _mag_loop(row[lo * 4 : (lo + m) * 4].view(np.float32), _f32_to_f32, xb, m, mag)
+        _mag_rows(row[lo * 4 : (lo + m) * 4].view(np.float32), _f32_to_f32, round_in, rd, xb, m,
+                  mag)  # fmt: skip
     elif code == _F16:
-        _mag_loop(row[lo * 2 : (lo + m) * 2].view(np.uint16), _f16_to_f32, xb, m, mag)
+        _mag_rows(row[lo * 2 : (lo + m) * 2].view(np.uint16), _f16_to_f32, round_in, rd, xb, m,
+                  mag)  # fmt: skip
     else:
-        _mag_loop(row[lo * 2 : (lo + m) * 2].view(np.uint16), _bf16_to_f32, xb, m, mag)
+        _mag_rows(row[lo * 2 : (lo + m) * 2].view(np.uint16), _bf16_to_f32, round_in, rd, xb, m,
+                  mag)  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _base_block(inputs, codes, base_row, lo, m, xb):
-    """xb[:m] = float32(base), or +0.0 when the base is absent (base_row = -1)."""
+def _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb):
+    """xb[:m] = rd(float32(base)) (rounded only when the base's dtype does not fit in D),
+    or +0.0 when the base is absent (base_row = -1)."""
     if base_row >= 0:
         _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+        if round_in[base_row]:
+            for t in range(m):
+                xb[t] = rd(xb[t])
     else:
         xb[:m] = np.float32(0.0)
 
@@ -96,10 +119,10 @@ def _base_block(inputs, codes, base_row, lo, m, xb):
 # ----------------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _hist_high_kernel(
+def _hist_high_py(
     inputs,  # [R, cap_bytes] uint8
     codes,  # [R] int64 dtype codes
+    round_in,  # [R] bool: row r's dtype does not fit in D (rounded to D first)
     base_row,  # int64, -1: absent
     rows,  # [K] int64 input row of each model
     first,  # int64 chunk element of this launch's element 0
@@ -119,10 +142,10 @@ def _hist_high_kernel(
         for b in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
             lo = first + b * block
             m = min(block, first + n - lo)
-            _base_block(inputs, codes, base_row, lo, m, xb)
+            _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb)
             for k in range(n_models):
                 row = rows[k]
-                _mag_block(inputs[row], codes[row], lo, m, xb, mag)
+                _mag_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, mag)
                 h0, h1, h2, h3 = part[k, 0], part[k, 1], part[k, 2], part[k, 3]
                 m4 = m - m % 4
                 for t in range(0, m4, 4):
@@ -210,10 +233,10 @@ def _count_low(mag, m, hb, words, h, lanes, ready):
             h[v & low] += one
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _hist_low_kernel(
+def _hist_low_py(
     inputs,  # [R, cap_bytes] uint8
     codes,  # [R] int64 dtype codes
+    round_in,  # [R] bool: row r's dtype does not fit in D (rounded to D first)
     base_row,  # int64, -1: absent
     rows,  # [K] int64 input row of each model
     buckets,  # [K, B] int64 high bucket per (model, slot), -1: unused
@@ -241,7 +264,7 @@ def _hist_low_kernel(
         for blk in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
             lo = first + blk * block
             m = min(block, first + n - lo)
-            _base_block(inputs, codes, base_row, lo, m, xb)
+            _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb)
             for k in range(n_models):
                 decoded = False
                 for b in range(n_slots):
@@ -250,7 +273,7 @@ def _hist_low_kernel(
                         continue
                     if not decoded:
                         row = rows[k]
-                        _mag_block(inputs[row], codes[row], lo, m, xb, mag)
+                        _mag_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, mag)
                         decoded = True
                     _count_low(mag, m, np.uint32(bk), words, part[k, b, 0], part[k, b],
                                ready[p, k, b])  # fmt: skip
@@ -268,6 +291,32 @@ def _hist_low_kernel(
                         if ready[p, k, b, 0]:
                             s += np.int64(parts[p, k, b, 1, i])
                     hist[k, b, i] += s
+
+
+def _compiled(py, name: str, rd):
+    """``py`` compiled with the module global ``rd`` bound to one working dtype's rounding
+    (one function, cached on disk under its own name, per D; D = F32 is v2's kernel)."""
+    fn = types_mod.FunctionType(py.__code__, {**globals(), "rd": rd}, name)
+    fn.__qualname__ = name
+    return numba.njit(parallel=True, nogil=True, cache=True)(fn)
+
+
+_hist_high_kernel = _compiled(_hist_high_py, "_hist_high_kernel", _f32_to_f32)
+_hist_low_kernel = _compiled(_hist_low_py, "_hist_low_kernel", _f32_to_f32)
+#: (hist_high, hist_low) kernels per working dtype code (SPEC "Working dtype (v3)").
+_KERNELS = {
+    _F32: (_hist_high_kernel, _hist_low_kernel),
+    _BF16: (_compiled(_hist_high_py, "_hist_high_kernel_bf16", _rd_bf16),
+            _compiled(_hist_low_py, "_hist_low_kernel_bf16", _rd_bf16)),
+    _F16: (_compiled(_hist_high_py, "_hist_high_kernel_f16", _rd_f16),
+           _compiled(_hist_low_py, "_hist_low_kernel_f16", _rd_f16)),
+}  # fmt: skip
+
+
+def _round_in(codes, compute_dtype: str) -> tuple[int, np.ndarray]:
+    """(D's code, [R] bool: rows whose dtype does not fit in D) for ``compute_dtype``."""
+    d = _code(compute_dtype, "compute_dtype")
+    return d, np.array([d != _F32 and c != d for c in codes], np.bool_)
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,6 +348,7 @@ def hist_high(
     model_rows: Sequence[int],
     n: int,
     hist: np.ndarray,
+    compute_dtype: str = "F32",
 ) -> None:
     """Count the high 16 bits of every task-vector magnitude (kernel contract section 2).
 
@@ -315,6 +365,9 @@ def hist_high(
         n: elements, >= 0.
         hist: [K, 32768] np.int64, C-contiguous; accumulated in place (+=), so the chunks
             of a tensor (or of a whole model) can be counted into one histogram.
+        compute_dtype: the working dtype D ("F32", "BF16", "F16"): the magnitudes are those
+            of d_k = rd(rd(float32(model_k)) - rd(x_b)) (SPEC "Working dtype (v3)"), the task
+            vector the merge thins.
 
     Raises:
         ValueError: as merge_chunk for inputs/dtypes/rows/n; hist not int64 [K, 32768].
@@ -323,6 +376,7 @@ def hist_high(
     with AVX-512, shared, best of many): 13.4 ms, 2.5 G model-elements/s (1 thread: 26 ms).
     """
     codes, _, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_high")
+    d_code, round_in = _round_in(codes, compute_dtype)
     n_models = len(model_rows)
     _check_hist(hist, (n_models, HIGH_BINS), "hist")
     if n == 0:
@@ -332,8 +386,8 @@ def hist_high(
     for first in range(0, n, MAX_LAUNCH):
         m = min(MAX_LAUNCH, n - first)
         p = _n_parts(m)
-        _hist_high_kernel(
-            inputs, codes, np.int64(base_row), rows, np.int64(first), np.int64(m),
+        _KERNELS[d_code][0](
+            inputs, codes, round_in, np.int64(base_row), rows, np.int64(first), np.int64(m),
             np.int64(BLOCK), parts[:p], hist,
         )  # fmt: skip
 
@@ -346,6 +400,7 @@ def hist_low(
     n: int,
     buckets: np.ndarray,
     hist: np.ndarray,
+    compute_dtype: str = "F32",
 ) -> None:
     """Count the low 16 bits of the magnitudes inside chosen high buckets (contract section 2).
 
@@ -356,7 +411,7 @@ def hist_low(
     B = 2 serves breadcrumbs' two order statistics).
 
     Args:
-        inputs, dtypes, base_row, model_rows, n: as ``hist_high``.
+        inputs, dtypes, base_row, model_rows, n, compute_dtype: as ``hist_high``.
         buckets: [K, B] integer array (B >= 1), entries in [0, 32768) or -1 (unused).
         hist: [K, B, 65536] np.int64, C-contiguous; accumulated in place (+=).
 
@@ -369,6 +424,7 @@ def hist_low(
     half of model 1's elements: 11.8 ms.
     """
     codes, _, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_low")
+    d_code, round_in = _round_in(codes, compute_dtype)
     n_models = len(model_rows)
     if (
         not isinstance(buckets, np.ndarray)
@@ -403,8 +459,8 @@ def hist_low(
     for first in range(0, n, MAX_LAUNCH):
         m = min(MAX_LAUNCH, n - first)
         p = _n_parts(m)
-        _hist_low_kernel(
-            inputs, codes, np.int64(base_row), rows, bk, np.int64(first), np.int64(m),
+        _KERNELS[d_code][1](
+            inputs, codes, round_in, np.int64(base_row), rows, bk, np.int64(first), np.int64(m),
             np.int64(BLOCK), parts[:p], ready[:p], hist,
         )  # fmt: skip
 
@@ -413,6 +469,8 @@ def warmup() -> None:
     """Compile (or load from numba's on-disk cache) both histogram kernels on tiny inputs."""
     x = np.arange(8, dtype=np.float32).view(np.uint8)
     inputs = np.stack([x, x[::-1].copy()])  # [2, 32] uint8
-    hist_high(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, HIGH_BINS), np.int64))
-    hist_low(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, 1), np.int64),
-             np.zeros((1, 1, LOW_BINS), np.int64))  # fmt: skip
+    for d in ("F32", "BF16"):  # float32 and the common working dtype (F16: on first use)
+        hist_high(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, HIGH_BINS), np.int64),
+                  compute_dtype=d)  # fmt: skip
+        hist_low(inputs, ["F32", "F32"], 0, [1], 8, np.zeros((1, 1), np.int64),
+                 np.zeros((1, 1, LOW_BINS), np.int64), compute_dtype=d)  # fmt: skip

@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import drop_rescale, drop_threshold
+from .common import FLOAT_CODES, drop_rescale, drop_threshold, round_host
 
 #: torch dtypes the kernel loads and stores, with their safetensors names (for messages).
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -62,6 +62,42 @@ def _load_f32(ptr, offsets, mask):
         return (h.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:
         return tl.load(ptr + offsets, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _rd(x, D: tl.constexpr):
+    """rd of docs/SPEC.md "Working dtype (v3)": float32 ``x`` rounded to the working dtype
+    D (a FLOAT_CODES value: 0 F32, 1 F16, 2 BF16), round to nearest even, back to float32.
+    BF16 on the bits as ``_store_rounded`` (a NaN keeps its top 16 bits, made quiet); F16 by
+    ``.to`` (RNE in the interpreter and on NVIDIA GPUs), a NaN made the quiet NaN
+    0x7FC00000 with x's sign (the numba kernel's; SPEC v3 "Rounding to D"); F32: the
+    identity, compiled away."""
+    if D == 2:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        quiet = ((bits >> 16) | 0x40) << 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, quiet, rounded).to(tl.float32, bitcast=True)
+    elif D == 1:
+        bits = x.to(tl.uint32, bitcast=True)
+        canonical = ((bits & 0x80000000) | 0x7FC00000).to(tl.float32, bitcast=True)
+        return tl.where(x != x, canonical, x.to(tl.float16).to(tl.float32))
+    else:
+        return x
+
+
+@triton.jit
+def _load_d(ptr, offsets, mask, D: tl.constexpr):
+    """``_load_f32``, rounded to D when the pointer's dtype does not fit in it (mergekit's
+    cast of every input to ``dtype:`` at load)."""
+    x = _load_f32(ptr, offsets, mask)
+    if D == 2:
+        if ptr.dtype.element_ty != tl.bfloat16:
+            x = _rd(x, D)
+    elif D == 1:
+        if ptr.dtype.element_ty != tl.float16:
+            x = _rd(x, D)
+    return x
 
 
 @triton.jit
@@ -97,7 +133,7 @@ def _m3_dare_kernel(
     out_ptr,  # [n] f32 / f16 / bf16
     thresholds,  # tuple of N ints, 2**33 + 2 * floor(p_j * 2**32) + 1 (see the launcher)
     rescales,  # tuple of N floats, float32(1 / (1 - p_j))
-    weights,  # tuple of N floats, float32(w_j)
+    weights,  # tuple of N floats, w'_j = rd(float32(w_j))
     scale,  # float, float32(s)
     n,  # elements in the chunk
     key: tl.int64,  # key_t in [0, 2**63), runtime (one compile for every tensor)
@@ -112,6 +148,7 @@ def _m3_dare_kernel(
     SIGN: tl.constexpr,  # consensus "sign" (TIES); False: consensus "none"
     NORMALIZE: tl.constexpr,  # m = acc / den; False: m = acc
     LINEAR: tl.constexpr,  # out = m; False: out = x_b + s * m
+    D: tl.constexpr,  # working dtype code (SPEC "Working dtype (v3)"): 0 F32, 1 F16, 2 BF16
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -122,14 +159,14 @@ def _m3_dare_kernel(
 
     # x_b = float32(base[i]), or +0.0 when the base is absent.
     if HAS_BASE:
-        x_b = _load_f32(base_ptr, local, in_bounds)
+        x_b = _load_d(base_ptr, local, in_bounds, D)
     else:
         x_b = tl.zeros([BLOCK], dtype=tl.float32)
 
     acc = tl.zeros([BLOCK], dtype=tl.float32)  # +0.0; with SIGN, S (the sign election sum)
     wds = ()  # with SIGN, wd_j of every model, for the second pass
     for k in tl.static_range(len(MODEL_IDS)):
-        d = _load_f32(model_ptrs[k], local, in_bounds) - x_b  # the task vector
+        d = _rd(_load_d(model_ptrs[k], local, in_bounds, D) - x_b, D)  # the task vector
         if MASKED[k]:
             # Philox4x32-10, key (key_t lo, key_t hi), counter (i lo, i hi, j // 4, 0). Its
             # four uint32 words serve up to four models (equal j // 4): drawn once for them.
@@ -153,12 +190,12 @@ def _m3_dare_kernel(
             kept = r >= threshold  # unsigned 32-bit comparison
             if WINDOW:
                 kept = kept & _in_window(d, keep_lo[k], keep_hi[k])
-            e = tl.where(kept, d * rescales[k], 0.0)
+            e = tl.where(kept, _rd(d * rescales[k], D), 0.0)
         elif WINDOW:
-            e = tl.where(_in_window(d, keep_lo[k], keep_hi[k]), d * rescales[k], 0.0)
+            e = tl.where(_in_window(d, keep_lo[k], keep_hi[k]), _rd(d * rescales[k], D), 0.0)
         else:
-            e = d * rescales[k]  # p_j = 0: threshold 0 keeps every element
-        wd = weights[k] * e
+            e = _rd(d * rescales[k], D)  # p_j = 0: threshold 0 keeps every element
+        wd = _rd(weights[k] * e, D)
         acc = acc + wd
         if SIGN:
             wds = wds + (wd,)
@@ -166,7 +203,7 @@ def _m3_dare_kernel(
     if SIGN:
         # Elect the sign of S = sum wd_j (S = -0.0 counts as positive, NaN as negative),
         # then sum the agreeing wd_j (and their weights) in model order.
-        pos = acc >= 0.0
+        pos = _rd(acc, D) >= 0.0
         acc = tl.zeros([BLOCK], dtype=tl.float32)
         den = tl.zeros([BLOCK], dtype=tl.float32)
         for k in tl.static_range(len(MODEL_IDS)):
@@ -174,22 +211,29 @@ def _m3_dare_kernel(
             acc = tl.where(agree, acc + wds[k], acc)
             if NORMALIZE:
                 den = tl.where(agree, den + weights[k], den)
+        acc = _rd(acc, D)
         if NORMALIZE:
+            den = _rd(den, D)
             den = tl.where(den == 0.0, 1.0, den)
     elif NORMALIZE:
+        acc = _rd(acc, D)
         den = tl.zeros([BLOCK], dtype=tl.float32)
         for k in tl.static_range(len(MODEL_IDS)):
             den = den + weights[k]
+        den = _rd(den, D)
         tiny = (den.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) <= _DEN_TINY_BITS
         den = tl.where(tiny, 1.0, den)
+    else:
+        acc = _rd(acc, D)
     if NORMALIZE:
-        m = tl.math.div_rn(acc, den)  # IEEE division, round to nearest even
+        m = _rd(tl.math.div_rn(acc, den), D)  # IEEE division, round to nearest even
     else:
         m = acc
     if LINEAR:
         out = m
     else:
-        out = x_b + scale * m  # float32; no FMA: launched with enable_fp_fusion=False
+        # float32, each product and sum rounded to D; no FMA: enable_fp_fusion=False
+        out = _rd(x_b + _rd(scale * m, D), D)
 
     _store_rounded(out_ptr, local, out, in_bounds)
 
@@ -248,6 +292,7 @@ def merge_chunk_triton(
     consensus: str = "none",
     normalize: bool = False,
     linear: bool = False,
+    compute_dtype: str = "F32",
 ) -> torch.Tensor:
     """Merge one chunk of one tensor into ``out`` with the Triton kernel (SPEC "Random drop
     (DARE) masks", "The merged value", "Methods"; kernel contract section 1; bit for bit
@@ -292,6 +337,9 @@ def merge_chunk_triton(
             (a sum with |den| < 1e-8, or no agreeing model, divides by 1).
         linear: out = m (SPEC ``linear``: base must be None, so d_j is the model value and
             s is not used); otherwise out = x_b + s * m.
+        compute_dtype: the working dtype D ("F32", "BF16", "F16"; SPEC "Working dtype
+            (v3)"): every intermediate rounded to D, a compile-time constant (F32 compiles
+            to the float32 code). "F32" with ``linear`` only.
 
     Returns:
         ``out``.
@@ -341,6 +389,10 @@ def merge_chunk_triton(
             raise TypeError(f"{what} must be a bool, got {type(flag).__name__}")
     if linear and base is not None:
         raise ValueError("linear has no base (out = m, d_j the model value): pass base=None")
+    if compute_dtype not in FLOAT_CODES:
+        raise ValueError(f"compute_dtype must be F32, F16 or BF16, got {compute_dtype!r}")
+    if linear and compute_dtype != "F32":
+        raise ValueError(f"linear computes in F32 (SPEC 'Working dtype (v3)'), got {compute_dtype}")
     _check_tensor(out, "out", out.shape, device)
     if base is not None:
         _check_tensor(base, "base", out.shape, device)
@@ -388,7 +440,7 @@ def merge_chunk_triton(
         # recompile.
         tuple(_odd_int64(drop_threshold(p)) for p in drop),
         tuple(float(drop_rescale(p)) for p in drop),
-        tuple(float(np.float32(w)) for w in weights),
+        tuple(float(round_host(w, compute_dtype)) for w in weights),
         float(np.float32(scale)),
         n,
         key,
@@ -403,6 +455,7 @@ def merge_chunk_triton(
         SIGN=consensus == "sign",
         NORMALIZE=bool(normalize),
         LINEAR=bool(linear),
+        D=FLOAT_CODES[compute_dtype],
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,

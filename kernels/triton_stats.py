@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_merge import _DTYPES, _INTERPRETED, _launch_config, _load_f32
+from .common import FLOAT_CODES
+from .triton_merge import _DTYPES, _INTERPRETED, _launch_config, _load_d, _rd
 
 HIGH_BINS = 32768  # mag >> 16: mag < 2**31
 LOW_BINS = 65536  # mag & 0xFFFF
@@ -37,14 +38,15 @@ _HIST_DTYPES = (torch.int64, torch.int32)
 
 
 @triton.jit
-def _mag(base_ptr, ptr, local, in_bounds, HAS_BASE: tl.constexpr):
-    """mag = bits(float32(model[i]) - x_b) & 0x7FFFFFFF, uint32 ([BLOCK])."""
-    d = _load_f32(ptr, local, in_bounds)
+def _mag(base_ptr, ptr, local, in_bounds, HAS_BASE: tl.constexpr, D: tl.constexpr):
+    """mag = bits(rd(x_j - x_b)) & 0x7FFFFFFF, uint32 ([BLOCK]), in the working dtype D
+    (SPEC "Working dtype (v3)"; rd the identity for D = F32)."""
+    d = _load_d(ptr, local, in_bounds, D)
     if HAS_BASE:
-        d = d - _load_f32(base_ptr, local, in_bounds)
+        d = d - _load_d(base_ptr, local, in_bounds, D)
     else:
         d = d - 0.0  # x_b = +0.0: -0.0 stays -0.0 (same mag), as in the merge
-    return d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    return _rd(d, D).to(tl.uint32, bitcast=True) & 0x7FFFFFFF
 
 
 @triton.jit
@@ -54,6 +56,7 @@ def _hist_high_kernel(
     hist_ptr,  # [K, 32768] int64 / int32, contiguous, += counts
     n,  # elements
     HAS_BASE: tl.constexpr,
+    D: tl.constexpr,  # working dtype code: 0 F32, 1 F16, 2 BF16
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -61,7 +64,7 @@ def _hist_high_kernel(
     in_bounds = local < n
     one = tl.full([BLOCK], 1, hist_ptr.dtype.element_ty)
     for k in tl.static_range(len(model_ptrs)):
-        mag = _mag(base_ptr, model_ptrs[k], local, in_bounds, HAS_BASE)
+        mag = _mag(base_ptr, model_ptrs[k], local, in_bounds, HAS_BASE, D)
         bucket = (mag >> 16).to(tl.int64)  # [BLOCK] in [0, 32768)
         tl.atomic_add(hist_ptr + (k * 32768 + bucket), one, mask=in_bounds, sem="relaxed")
 
@@ -74,6 +77,7 @@ def _hist_low_kernel(
     hist_ptr,  # [K, B, 65536] int64 / int32, contiguous, += counts
     n,  # elements
     HAS_BASE: tl.constexpr,
+    D: tl.constexpr,  # working dtype code: 0 F32, 1 F16, 2 BF16
     B: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -82,7 +86,7 @@ def _hist_low_kernel(
     in_bounds = local < n
     one = tl.full([BLOCK], 1, hist_ptr.dtype.element_ty)
     for k in tl.static_range(len(model_ptrs)):
-        mag = _mag(base_ptr, model_ptrs[k], local, in_bounds, HAS_BASE)
+        mag = _mag(base_ptr, model_ptrs[k], local, in_bounds, HAS_BASE, D)
         high = (mag >> 16).to(tl.int64)  # [BLOCK] in [0, 32768): never equal to -1
         low = (mag & 0xFFFF).to(tl.int64)
         for b in tl.static_range(B):
@@ -155,6 +159,7 @@ def hist_high_triton(
     base: torch.Tensor | None,
     models: Sequence[torch.Tensor] | torch.Tensor,
     hist: torch.Tensor,
+    compute_dtype: str = "F32",
 ) -> torch.Tensor:
     """Add the high-half histogram of each model's magnitudes into ``hist``:
     ``hist[k, mag_k(i) >> 16] += 1`` for every element i (kernel contract section 2).
@@ -178,6 +183,8 @@ def hist_high_triton(
             tensors without ``TRITON_INTERPRET=1``.
     """
     models, device, n = _check_inputs(base, models)
+    if compute_dtype not in FLOAT_CODES:
+        raise ValueError(f"compute_dtype must be F32, F16 or BF16, got {compute_dtype!r}")
     _check_counts(hist, "hist", (len(models), HIGH_BINS), device)
     if n == 0:
         return hist
@@ -188,6 +195,7 @@ def hist_high_triton(
         hist,
         n,
         HAS_BASE=base is not None,
+        D=FLOAT_CODES[compute_dtype],
         BLOCK=block,
         num_warps=num_warps,
         enable_fp_fusion=False,
@@ -200,6 +208,7 @@ def hist_low_triton(
     models: Sequence[torch.Tensor] | torch.Tensor,
     buckets: torch.Tensor,
     hist: torch.Tensor,
+    compute_dtype: str = "F32",
 ) -> torch.Tensor:
     """Add the low-half histogram of the magnitudes in chosen high buckets into ``hist``:
     for every element i, model k and slot b with ``mag_k(i) >> 16 == buckets[k, b]``,
@@ -222,6 +231,8 @@ def hist_low_triton(
             shape or device.
     """
     models, device, n = _check_inputs(base, models)
+    if compute_dtype not in FLOAT_CODES:
+        raise ValueError(f"compute_dtype must be F32, F16 or BF16, got {compute_dtype!r}")
     k_models = len(models)
     if not isinstance(buckets, torch.Tensor):
         raise TypeError(f"buckets must be a torch.Tensor, got {type(buckets).__name__}")
@@ -243,6 +254,7 @@ def hist_low_triton(
         hist,
         n,
         HAS_BASE=base is not None,
+        D=FLOAT_CODES[compute_dtype],
         B=n_slots,
         BLOCK=block,
         num_warps=num_warps,

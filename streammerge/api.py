@@ -192,8 +192,9 @@ def prepare(
     if kwargs is not None:
         if kwargs.get("seed") is None:
             kwargs["seed"] = output.journal_seed()
-        if kwargs.get("dtype") is not None:
-            kwargs["dtype"] = normalize_dtype(kwargs["dtype"])
+        for k in ("dtype", "compute_dtype"):  # docs/SPEC.md "Working dtype (v3)"
+            if kwargs.get(k) is not None:
+                kwargs[k] = normalize_dtype(kwargs[k])
         recipe = build_recipe(len(model_dirs), **kwargs)
     elif recipe.n_models != len(model_dirs):
         raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")

@@ -150,6 +150,6 @@ class Prepared:
 
 #: ``streammerge.merge`` keyword arguments that build the recipe: the flags' (one per
 #: declared method parameter, ``streammerge.methods``) and the YAML reader's.
-RECIPE_KEYS = (*FLAG_RECIPE_KEYS, "model_params", "params", "lines", "source", "slices",
-               "work_dtype")
+RECIPE_KEYS = (*FLAG_RECIPE_KEYS, "compute_dtype", "model_params", "params", "lines", "source",
+               "slices")
 OPTION_KEYS = tuple(f.name for f in fields(Options))

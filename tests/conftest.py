@@ -174,18 +174,23 @@ def expected_merge(out_dir: Path, base: Path, models: list[Path]) -> dict[str, n
             out[name] = np.ascontiguousarray(x).view(np.uint8)
             continue
         key = ref.spec_key(rec["seed"], name)
-        res = ref.spec_merge(
+        # SPEC "Working dtype (v3)": v1's formula (dare_linear) in the promoted input dtype
+        compute = working_dtype(rec, [dtype[bt.dtype]] + [dtype[m[name].dtype] for m in ms])
+        res, _ = ref.spec_merge_v2(
             as_numpy(bt),
-            dtype[bt.dtype],
             [as_numpy(m[name]) for m in ms],
-            [dtype[m[name].dtype] for m in ms],
             want or dtype[bt.dtype],
+            method="dare_linear",
             key=key,
             start=0,
             model_ids=list(range(len(ms))),
             drop=rec["drop"],
             weights=rec["weights"],
             scale=rec["scale"],
+            normalize=False,
+            base_dtype=dtype[bt.dtype],
+            model_dtypes=[dtype[m[name].dtype] for m in ms],
+            compute_dtype=compute,
         )
         out[name] = np.ascontiguousarray(res).view(np.uint8)
     return out
@@ -205,6 +210,16 @@ def dir_digest(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+def working_dtype(rec: dict, dtypes: list[str]) -> str:
+    """The working dtype D of a merged tensor from docs/SPEC.md "Working dtype (v3)" alone:
+    F32 for linear and slerp; else the recipe's compute dtype, or the inputs' promotion."""
+    import spec_reference as ref
+
+    if rec["method"] in ("linear", "slerp"):
+        return "F32"
+    return rec["recipe"].get("compute_dtype") or ref.spec_promote(dtypes)
 
 
 def expected_merge_v2(
@@ -227,15 +242,13 @@ def expected_merge_v2(
     if rec["trim_scope"] == "model" and sparsifier in ("magnitude", "breadcrumbs"):
         model_th = []
         for j, m in enumerate(ms):
-            mags = np.concatenate(
-                [
-                    ref.spec_mag(
-                        ref.to_float32(as_numpy(m[n]), dtype[m[n].dtype])
-                        - ref.to_float32(as_numpy(b[n]), dtype[b[n].dtype])
-                    )
-                    for n in merged
-                ]
-            )
+            mags = []
+            for n in merged:
+                d = working_dtype(rec, [dtype[b[n].dtype]] + [dtype[x[n].dtype] for x in ms])
+                x_j = ref.spec_rd(ref.to_float32(as_numpy(m[n]), dtype[m[n].dtype]), d)
+                x_b = ref.spec_rd(ref.to_float32(as_numpy(b[n]), dtype[b[n].dtype]), d)
+                mags.append(ref.spec_mag(ref.spec_rd(x_j - x_b, d)))
+            mags = np.concatenate(mags)
             t0 = rec["tensors"][merged[0]]
             model_th.append(
                 ref.spec_thresholds(
@@ -267,6 +280,9 @@ def expected_merge_v2(
             thresholds=model_th,
             base_dtype=dtype[bt.dtype] if b is not None else None,
             model_dtypes=[dtype[m[name].dtype] for m in ms],
+            compute_dtype=working_dtype(
+                rec, ([dtype[bt.dtype]] if b is not None else []) + [dtype[m[name].dtype] for m in ms]
+            ),
         )
         out[name] = np.ascontiguousarray(res).view(np.uint8)
         ths[name] = th

@@ -117,6 +117,29 @@ def from_float32(x: np.ndarray, dtype: str) -> np.ndarray:
     raise ValueError(f"unknown float dtype {dtype!r}")
 
 
+def spec_rd(x, compute_dtype: str) -> np.ndarray:
+    """SPEC "Working dtype (v3)" rd: float32 values rounded to D (nearest even) and widened
+    back to float32 (the identity for D = F32). A NaN: BF16 keeps its top 16 bits, made
+    quiet; F16 gives 0x7FC00000 with the NaN's sign."""
+    x = np.asarray(x, dtype=np.float32)
+    if compute_dtype == "F32":
+        return x
+    r = to_float32(from_float32(x, compute_dtype), compute_dtype)
+    if compute_dtype == "F16":  # a NaN becomes 0x7FC00000 with its sign (SPEC)
+        sign = x.view(np.uint32) & np.uint32(0x80000000)
+        nan = (sign | np.uint32(0x7FC00000)).view(np.float32)
+        r = np.where(np.isnan(x), nan, r)
+    return r
+
+
+def spec_promote(dtypes) -> str:
+    """SPEC "Working dtype (v3)": torch.promote_types over safetensors dtype strings."""
+    ds = set(dtypes)
+    if len(ds) == 1:
+        return ds.pop()
+    return "F32"
+
+
 def spec_merge(
     base,
     base_dtype,
@@ -300,6 +323,7 @@ def spec_merge_v2(
     model_ids=None,
     base_dtype=None,
     model_dtypes=None,
+    compute_dtype="F32",
 ) -> tuple[np.ndarray, list]:
     """SPEC v2 "The merged value" for one tensor, or elements ``start ..`` of it.
 
@@ -320,6 +344,8 @@ def spec_merge_v2(
             per-model entries to use as they are (trim_scope model, or a chunk of a tensor).
         model_ids: SPEC index j per model (Philox word), default 0..N-1.
         base_dtype, model_dtypes: dtype strings; default from the arrays' numpy dtypes.
+        compute_dtype: the working dtype D (SPEC "Working dtype (v3)"): "F32" (v2's
+            formula), "BF16" or "F16"; every rd below rounds to it. Must be "F32" for linear.
 
     Returns:
         (stored output, thresholds): the output in ``out_dtype``'s carrier (bf16 as uint16
@@ -355,22 +381,29 @@ def spec_merge_v2(
         gamma = [float(g) for g in _per_model(gamma, N, "gamma")]
         assert all(0.0 <= g < 1.0 for g in gamma)
 
+    D = compute_dtype
+    assert D in ("F32", "F16", "BF16") and (D == "F32" or not linear)
+
+    def rd(v):
+        return spec_rd(v, D)
+
     idx = np.arange(n, dtype=np.uint64) + np.uint64(start)
     if base is None:
         x_b = np.zeros(n, dtype=np.float32)  # +0.0
     else:
         assert len(base) == n
-        x_b = to_float32(base, _dtype_name(base) if base_dtype is None else base_dtype)
+        x_b = rd(to_float32(base, _dtype_name(base) if base_dtype is None else base_dtype))
 
     recorded = []
-    wd = []  # wd_j = float32(w_j) * e_j, in model order
+    wd = []  # wd_j = rd(w'_j * e_j), in model order
+    w32 = [np.float32(rd(np.float32(w))) for w in weights]  # w'_j = rd(float32(w_j))
     with np.errstate(all="ignore"):
         for k, (m, dt) in enumerate(zip(models, model_dtypes)):
-            d = to_float32(m, dt) - x_b  # linear: m - (+0.0), the value itself
+            d = rd(rd(to_float32(m, dt)) - x_b)  # linear: m - (+0.0), the value itself
             assert d.dtype == np.float32
             if sparsifier == "dare":
                 kept = spec_kept(key, model_ids[k], p[k], idx)
-                e = np.where(kept, d * spec_rescale(p[k]), np.float32(0.0))
+                e = np.where(kept, rd(d * spec_rescale(p[k])), np.float32(0.0))
                 entry = None
             elif sparsifier == "none":
                 e = d
@@ -395,16 +428,17 @@ def spec_merge_v2(
                 e = np.where(kept, d, np.float32(0.0))  # no multiplication
             assert e.dtype == np.float32
             recorded.append(entry)
-            wd.append(np.float32(weights[k]) * e)
+            wd.append(rd(w32[k] * e))
 
-        w32 = [np.float32(w) for w in weights]
         if consensus == "none":
             acc = np.zeros(n, dtype=np.float32)
             for x in wd:
                 acc = acc + x
+            acc = rd(acc)
             den = np.float32(0.0)
             for w in w32:
                 den = np.float32(den + w)
+            den = np.float32(rd(den))
             # |den| < 1e-8 as real numbers: compare in float64, not against float32(1e-8).
             if abs(float(den)) < 1e-8:
                 den = np.float32(1.0)
@@ -413,19 +447,20 @@ def spec_merge_v2(
             S = np.zeros(n, dtype=np.float32)
             for x in wd:
                 S = S + x
-            pos = S >= np.float32(0.0)  # -0.0 >= 0 is True; NaN >= 0 is False
+            pos = rd(S) >= np.float32(0.0)  # -0.0 >= 0 is True; NaN >= 0 is False
             acc = np.zeros(n, dtype=np.float32)
             den = np.zeros(n, dtype=np.float32)
             for x, w in zip(wd, w32):
                 agree = ((x > 0) & pos) | ((x < 0) & ~pos)
                 acc = np.where(agree, acc + x, acc)
                 den = np.where(agree, den + w, den)
+            acc, den = rd(acc), rd(den)
             den = np.where(den == np.float32(0.0), np.float32(1.0), den)
         else:
             raise AssertionError(consensus)
         assert acc.dtype == np.float32 and den.dtype == np.float32
-        mval = acc / den if normalize else acc
-        out = mval if linear else x_b + np.float32(scale) * mval
+        mval = rd(acc / den) if normalize else acc
+        out = mval if linear else rd(x_b + rd(np.float32(scale) * mval))
     assert out.dtype == np.float32
     return from_float32(out, out_dtype), recorded
 

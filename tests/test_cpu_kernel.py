@@ -376,7 +376,8 @@ def v2_inputs(rng, n, base_dtype, model_dtypes, kind):
 
 
 def run_v2(method, base, models, out_dtype, *, weights, density, base_dtype, model_dtypes,
-           start=0, scale=1.0, normalize=None, model_ids=None, thresholds=None):  # fmt: skip
+           start=0, scale=1.0, normalize=None, model_ids=None, thresholds=None,
+           compute_dtype="F32"):  # fmt: skip
     """(kernel, reference, thresholds) for one tensor (or chunk) of a v2 method.
 
     The kernel gets the reference's thresholds as a keep window (``spec_keep_window``),
@@ -389,6 +390,7 @@ def run_v2(method, base, models, out_dtype, *, weights, density, base_dtype, mod
         base, models, out_dtype, method=method, key=KEY, start=start, weights=weights,
         density=density, gamma=gamma, scale=scale, normalize=normalize, thresholds=thresholds,
         model_ids=model_ids, base_dtype=base_dtype, model_dtypes=model_dtypes,
+        compute_dtype=compute_dtype,
     )  # fmt: skip
     window = [ref.spec_keep_window(e, sparsifier) for e in thr]
     drop = [1.0 - float(r) for r in density] if sparsifier == "dare" else [0.0] * k_models
@@ -397,7 +399,7 @@ def run_v2(method, base, models, out_dtype, *, weights, density, base_dtype, mod
         model_ids=model_ids, base_dtype=base_dtype, model_dtypes=model_dtypes,
         keep_lo=[lo for lo, _ in window], keep_hi=[hi for _, hi in window],
         consensus=consensus, normalize=norm_default if normalize is None else normalize,
-        linear=method == "linear",
+        linear=method == "linear", compute_dtype=compute_dtype,
     )  # fmt: skip
     return got, want, thr
 
@@ -434,6 +436,52 @@ def test_v2_methods_against_reference(method, dtype_set, k_models):
         assert_same_bits(
             got, want, out_dt, f"{method} {dtype_set} K={k_models} case {case} thr={thr}"
         )
+
+
+@pytest.mark.parametrize("method", [m for m in ref.METHODS if m != "linear"])
+@pytest.mark.parametrize("compute", ["BF16", "F16"])
+@pytest.mark.parametrize("dtype_set", ["bf16", "fp16", "mixed"])
+def test_v3_working_dtype_against_reference(method, compute, dtype_set):
+    """SPEC "Working dtype (v3)": every task-vector method computed in D = BF16 / F16 (every
+    intermediate rounded to D; inputs of other dtypes rounded to D first), bit for bit as
+    the reference, over odd sizes, specials, ties, normalize both ways and a scale."""
+    rng = np.random.default_rng(hash((method, compute, dtype_set, 3)) % 2**32)
+    base_dt, cycle = V2_DTYPES[dtype_set]
+    k_models = 3
+    mdts = [cycle[k % len(cycle)] for k in range(k_models)]
+    for case, (density, kind, n, start) in enumerate(
+        [
+            (1.0, "noise", 4_099, 2**32 + 12_345),
+            (0.5, "noise", 2 * cpu_merge.BLOCK_V2 + 5, 7),
+            (0.5, "ties", 3_001, 2**32 + 7),
+            (0.3, "zero", 1_003, 0),
+        ]
+    ):
+        out_dt = DTYPES[case % 3]
+        base, models = v2_inputs(rng, n, base_dt, mdts, kind)
+        weights = list(rng.uniform(-0.6, 1.2, k_models))
+        for normalize in (None, True):
+            got, want, thr = run_v2(
+                method, base, models, out_dt, weights=weights, density=[density] * k_models,
+                base_dtype=base_dt, model_dtypes=mdts, start=start,
+                scale=1.0 if case % 2 else 0.7, normalize=normalize, compute_dtype=compute,
+            )  # fmt: skip
+            assert_same_bits(got, want, out_dt, f"{method} D={compute} {dtype_set} case {case}")
+
+
+def test_v3_f32_working_dtype_is_v2():
+    """D = F32 is v2's formula: the same bytes as the default (float32) kernel call."""
+    rng = np.random.default_rng(5)
+    base, models = v2_inputs(rng, 5_001, "BF16", ["BF16"] * 3, "noise")
+    for method in ("ties", "task_arithmetic", "dare_linear"):
+        a = run_v2(method, base, models, "BF16", weights=[0.6, 0.3, 0.9], density=[0.5] * 3,
+                   base_dtype="BF16", model_dtypes=["BF16"] * 3, compute_dtype="F32")[0]  # fmt: skip
+        b = run_v2(method, base, models, "BF16", weights=[0.6, 0.3, 0.9], density=[0.5] * 3,
+                   base_dtype="BF16", model_dtypes=["BF16"] * 3)[0]  # fmt: skip
+        assert_same_bits(a, b, "BF16", method)
+        c = run_v2(method, base, models, "BF16", weights=[0.6, 0.3, 0.9], density=[0.5] * 3,
+                   base_dtype="BF16", model_dtypes=["BF16"] * 3, compute_dtype="BF16")[0]  # fmt: skip
+        assert (np.asarray(a) != np.asarray(c)).any(), f"{method}: bf16 arithmetic changed nothing"
 
 
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "breadcrumbs", "dare_ties"])

@@ -65,18 +65,18 @@ def pack(arrays, pad=3):
     return buf
 
 
-def ref_mags(arrays, dtypes, base):
-    """[K] uint32 magnitude arrays of the fine-tunes (arrays[1:] when ``base``)."""
+def ref_mags(arrays, dtypes, base, compute="F32"):
+    """[K] uint32 magnitude arrays of the fine-tunes (arrays[1:] when ``base``): those of
+    d = rd(rd(x_j) - rd(x_b)) in the working dtype ``compute`` (SPEC "Working dtype (v3)")."""
+    rd = lambda v: ref.spec_rd(v, compute)  # noqa: E731
     if base:
-        xb = ref.to_float32(arrays[0], dtypes[0])
+        xb = rd(ref.to_float32(arrays[0], dtypes[0]))
         models = list(zip(arrays[1:], dtypes[1:]))
     else:
         xb = np.zeros(len(arrays[0]), np.float32)
         models = list(zip(arrays, dtypes))
     with np.errstate(all="ignore"):
-        return [
-            (ref.to_float32(a, dt) - xb).view(np.uint32) & np.uint32(0x7FFFFFFF) for a, dt in models
-        ]
+        return [ref.spec_mag(rd(rd(ref.to_float32(a, dt)) - xb)) for a, dt in models]
 
 
 def ref_high(mags):
@@ -94,20 +94,37 @@ def ref_low(mags, buckets):
     return out
 
 
-def run_high(arrays, dtypes, base):
+def run_high(arrays, dtypes, base, compute="F32"):
     rows = list(range(1, len(arrays))) if base else list(range(len(arrays)))
     hist = np.zeros((len(rows), HIGH), np.int64)
-    cpu_stats.hist_high(pack(arrays), list(dtypes), 0 if base else -1, rows, len(arrays[0]), hist)
+    cpu_stats.hist_high(pack(arrays), list(dtypes), 0 if base else -1, rows, len(arrays[0]), hist,
+                        compute_dtype=compute)  # fmt: skip
     return hist
 
 
-def run_low(arrays, dtypes, base, buckets):
+def run_low(arrays, dtypes, base, buckets, compute="F32"):
     rows = list(range(1, len(arrays))) if base else list(range(len(arrays)))
     hist = np.zeros((len(rows), buckets.shape[1], LOW), np.int64)
     cpu_stats.hist_low(
-        pack(arrays), list(dtypes), 0 if base else -1, rows, len(arrays[0]), buckets, hist
+        pack(arrays), list(dtypes), 0 if base else -1, rows, len(arrays[0]), buckets, hist,
+        compute_dtype=compute,
     )
     return hist
+
+
+@pytest.mark.parametrize("compute", ["BF16", "F16"])
+@pytest.mark.parametrize("dtypes", [("BF16",) * 3, ("F16",) * 3, ("F32", "BF16", "F16")])
+def test_working_dtype_magnitudes(compute, dtypes):
+    """SPEC "Working dtype (v3)": both histograms count the magnitudes of rd(x_j - x_b) in
+    D (inputs of other dtypes rounded to D first), over odd sizes with special values."""
+    rng = np.random.default_rng(hash((compute, dtypes)) % 2**32)
+    for n in (1, 4_099, 3 * cpu_stats.BLOCK + 17):
+        arrays = make_case(rng, n, dtypes, specials=True, unchanged=0.3)
+        mags = ref_mags(arrays, dtypes, True, compute)
+        assert_hist_equal(run_high(arrays, dtypes, True, compute), ref_high(mags), f"{compute} high")
+        buckets = pick_buckets(mags, rng, 2)
+        assert_hist_equal(run_low(arrays, dtypes, True, buckets, compute), ref_low(mags, buckets),
+                          f"{compute} low")  # fmt: skip
 
 
 def assert_hist_equal(got, want, what):

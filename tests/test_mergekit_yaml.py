@@ -350,3 +350,32 @@ streammerge: {{seed: 3}}
     assert outs[0].keys() == outs[1].keys()
     for k in outs[0]:
         assert np.array_equal(outs[0][k], outs[1][k]), k
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_dtype_is_the_working_dtype(tmp_path, method):
+    """docs/SPEC.md "Working dtype (v3)": without ``dtype:`` a bf16 trio computes in BF16;
+    ``dtype: float32`` gives v2's float32 bytes; ``dtype: float16`` rounds the bf16 inputs
+    to float16 and writes float16 (mergekit's output dtype is D without ``out_dtype``). Every
+    output is recomputed by the reference from the recipe rule alone."""
+    base, a, b = make_trio(tmp_path, "BF16")
+    params = "\n      density: 0.5"
+    outs = {}
+    for label, extra in (("none", ""), ("f32", "dtype: float32\nout_dtype: bfloat16\n"),
+                         ("f16", "dtype: float16\n")):  # fmt: skip
+        cfg = _write(tmp_path, _recipe(base, a, b, method=method, extra=extra, a_params=params,
+                                       b_params=params))  # fmt: skip
+        out = tmp_path / f"out_{label}"
+        r = run_cli(["--config", str(cfg), "-o", str(out), "--quiet", "--seed", "7"])
+        assert r.returncode == 0, r.stderr
+        rec = json.loads((out / "streammerge.json").read_text())
+        want_d = {"none": "BF16", "f32": "F32", "f16": "F16"}[label]
+        assert {t["compute_dtype"] for t in rec["tensors"].values()} == {want_d}
+        assert rec["dtype"] == {"none": None, "f32": "BF16", "f16": "F16"}[label]
+        want, _ = expected_merge_v2(out, base, [a, b])
+        got = output_bytes(out)
+        for name in want:
+            assert np.array_equal(got[name], want[name]), f"{label} {name}"
+        outs[label] = got
+    merged = [n for n in outs["none"] if "mlp" in n]
+    assert any(not np.array_equal(outs["none"][n], outs["f32"][n]) for n in merged)

@@ -580,6 +580,7 @@ def v2_kernel_args(method: str, entries: list, recipe: dict) -> dict:
         "consensus": consensus,
         "normalize": bool(normalize),
         "linear": method == "linear",
+        "compute_dtype": recipe.get("compute_dtype", "F32"),
     }
     if sparsifier in ("magnitude", "breadcrumbs"):
         windows = [ref.spec_keep_window(e, sparsifier) for e in entries]
@@ -936,6 +937,29 @@ def test_v2_matches_numba_kernel(name, n_models):
     assert_same_bytes(got, theirs, "BF16", f"{name} vs numba")
 
 
+@pytest.mark.parametrize("compute", ["BF16", "F16"])
+@pytest.mark.parametrize("case", ["bf16", "f16", "bf16-base-mixed-models-f32-out"])
+@pytest.mark.parametrize(
+    "name", ["ties", "dare_ties-normalized", "breadcrumbs_ties", "task_arithmetic-normalized"]
+)
+def test_v3_working_dtype_matches_reference_and_numba(name, case, compute):
+    """SPEC "Working dtype (v3)": every intermediate rounded to D (inputs of other dtypes
+    rounded to D first), bit for bit as the reference and the numba kernel (3 models,
+    2051 elements, a scale: the rd(s * m) step)."""
+    merge_arrays = _numba_merge_arrays()
+    base_dtype, pattern, out_dtype = DTYPE_CASES[case]
+    model_dtypes = tuple(pattern[k % len(pattern)] for k in range(3))
+    recipe = v2_recipe(name, 3, 2**32 - 700, compute_dtype=compute)
+    method = recipe.pop("method")
+    base, models = tie_inputs(base_dtype, model_dtypes, 2051, seed=4)
+    got, want, _, kw = run_v2(method, base, base_dtype, models, model_dtypes, out_dtype, **recipe)
+    assert_same_bytes(got, want, out_dtype, f"{name} {case} D={compute} vs reference")
+    theirs = merge_arrays(
+        base, list(models), out_dtype, base_dtype=base_dtype, model_dtypes=list(model_dtypes), **kw
+    )
+    assert_same_bytes(got, theirs, out_dtype, f"{name} {case} D={compute} vs numba")
+
+
 # ----------------------------------------------------------------------------------------
 # Launcher checks
 # ----------------------------------------------------------------------------------------
@@ -1034,7 +1058,7 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
     from streammerge.kernels import triton_merge as tm
 
     def ptx(dtypes, fusion, masked=True, window=False, sign=False, normalize=False,
-            linear=False, lo=2**33 + 3):
+            linear=False, lo=2**33 + 3, d=0):
         n = 1 << 20
         ms = tuple(torch.empty(n, dtype=getattr(torch, d)) for d in dtypes)
         N = len(dtypes)
@@ -1044,7 +1068,7 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
             tuple([2.0] * N), tuple([0.5] * N), 1.0, n, 2**40, 2**33, *keep,
             MODEL_IDS=tuple(range(N)), MASKED=(masked,) * N,
             DRAW=tuple(masked and j % 4 == 0 for j in range(N)), HAS_BASE=not linear,
-            WINDOW=window, SIGN=sign, NORMALIZE=normalize, LINEAR=linear, BLOCK=1024,
+            WINDOW=window, SIGN=sign, NORMALIZE=normalize, LINEAR=linear, D=d, BLOCK=1024,
             num_warps=4, enable_fp_fusion=fusion, grid=(1,))
         return k.asm["ptx"]
 
@@ -1055,6 +1079,8 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
         "ties": dict(masked=False, window=True, sign=True, normalize=True),
         "dare_ties": dict(sign=True),
         "linear": dict(masked=False, normalize=True, linear=True),
+        "ties_bf16": dict(masked=False, window=True, sign=True, normalize=True, d=2),
+        "ties_f16": dict(masked=False, window=True, sign=True, normalize=True, d=1),
     }
     for name, dtypes in (("n2", ["bfloat16"] * 2), ("n5", ["bfloat16", "float16", "float32"] * 2)):
         for fusion in (False, True):
@@ -1076,7 +1102,8 @@ def test_compiled_ptx_has_no_fma_and_vector_loads(tmp_path):
     appears (so the flag is what prevents it); N = 2 bf16 loads each input with one 16-byte
     vector load per thread and draws Philox once for both models; N = 5 draws it twice. The
     v2 flags (ties, dare_ties, linear) keep all that, normalize with div.rn.f32, v1 has no
-    division, and new keep-window bounds reuse the compiled kernel."""
+    division, and new keep-window bounds reuse the compiled kernel. The working dtypes BF16
+    and F16 (SPEC v3) keep the same strictness."""
     r = compile_in_child(_COMPILE_SCRIPT, str(tmp_path), cache=tmp_path / "cache")
     import re
 
@@ -1090,7 +1117,7 @@ def test_compiled_ptx_has_no_fma_and_vector_loads(tmp_path):
         assert not re.search(r"\b(add|sub|mul)\.f32", strict), name  # all .rn: no contraction
         assert re.search(r"\bfma\.", fused), name  # fusion on would fuse: the flag matters
     for name in ("n2", "n5"):  # v2 methods: same strictness, IEEE division where normalized
-        for method in ("ties", "dare_ties", "linear"):
+        for method in ("ties", "dare_ties", "linear", "ties_bf16", "ties_f16"):
             strict = read(f"{name}_{method}_False.ptx")
             assert not re.search(r"\bfma\.", strict), (name, method)
             assert ".ftz" not in strict and ".approx" not in strict, (name, method)

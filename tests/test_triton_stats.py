@@ -62,13 +62,16 @@ def to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(a.copy()).to(DEVICE)
 
 
-def mags_of(base, base_dtype, models, model_dtypes) -> list[np.ndarray]:
-    """SPEC mag_k = bits(float32(model_k) - x_b) & 0x7FFFFFFF per model (x_b = +0.0 without
-    a base), computed by the numpy reference."""
+def mags_of(base, base_dtype, models, model_dtypes, compute="F32") -> list[np.ndarray]:
+    """SPEC mag_k = bits(rd(rd(float32(model_k)) - rd(x_b))) & 0x7FFFFFFF per model (x_b =
+    +0.0 without a base; rd rounds to the working dtype ``compute``, SPEC v3), computed by
+    the numpy reference."""
     n = len(models[0])
     xb = np.zeros(n, np.float32) if base is None else ref.to_float32(base, base_dtype)
+    rd = lambda v: ref.spec_rd(v, compute)  # noqa: E731
     with np.errstate(all="ignore"):
-        return [ref.spec_mag(ref.to_float32(m, dt) - xb) for m, dt in zip(models, model_dtypes)]
+        return [ref.spec_mag(rd(rd(ref.to_float32(m, dt)) - rd(xb)))
+                for m, dt in zip(models, model_dtypes)]  # fmt: skip
 
 
 @functools.cache
@@ -162,18 +165,20 @@ def assert_low_equal(got: torch.Tensor, want: np.ndarray, what: str = "") -> Non
         pytest.fail(f"{what}: {len(bad)} low bins differ: {rows}")
 
 
-def run_high(base, base_dtype, models, model_dtypes, hist_dtype=torch.int64):
+def run_high(base, base_dtype, models, model_dtypes, hist_dtype=torch.int64, compute="F32"):
     hist = torch.zeros(len(models), 32768, dtype=hist_dtype, device=DEVICE)
     out = hist_high_triton(
         None if base is None else to_torch(base, base_dtype),
         [to_torch(m, dt) for m, dt in zip(models, model_dtypes)],
         hist,
+        compute_dtype=compute,
     )
     assert out is hist
     return hist
 
 
-def run_low(base, base_dtype, models, model_dtypes, buckets, hist_dtype=torch.int64):
+def run_low(base, base_dtype, models, model_dtypes, buckets, hist_dtype=torch.int64,
+            compute="F32"):  # fmt: skip
     buckets = np.asarray(buckets, np.int64)
     hist = torch.zeros(*buckets.shape, 65536, dtype=hist_dtype, device=DEVICE)
     out = hist_low_triton(
@@ -181,6 +186,7 @@ def run_low(base, base_dtype, models, model_dtypes, buckets, hist_dtype=torch.in
         [to_torch(m, dt) for m, dt in zip(models, model_dtypes)],
         torch.from_numpy(buckets).to(DEVICE),
         hist,
+        compute_dtype=compute,
     )
     assert out is hist
     return hist
@@ -379,6 +385,39 @@ def test_matches_numba_kernels(case):
     assert_low_equal(run_low(base, base_dtype, models, model_dtypes, buckets), theirs_low, case)
 
 
+@pytest.mark.parametrize("compute", ["BF16", "F16"])
+@pytest.mark.parametrize("case", ["bf16-base-mixed-models", "f16", "no-base-mixed"])
+def test_working_dtype_matches_reference_and_numba(case, compute):
+    """SPEC "Working dtype (v3)": the magnitudes of rd(x_j - x_b) in D (inputs of other
+    dtypes rounded to D first), special values included, as the reference and the numba
+    kernels count them."""
+    cpu_stats = _cpu_stats()
+    base_dtype, pattern = DTYPE_CASES[case]
+    model_dtypes = tuple(pattern[k % len(pattern)] for k in range(3))
+    base, models = inputs(base_dtype, model_dtypes, 3001, seed=6)
+    sb, sm = special_grid(base_dtype, model_dtypes)
+    if base is not None:
+        base = np.concatenate([base, sb])
+    models = [np.concatenate([m, s]) for m, s in zip(models, sm)]
+    n = len(models[0])
+    mags = mags_of(base, base_dtype, models, model_dtypes, compute)
+    got = run_high(base, base_dtype, models, model_dtypes, compute=compute)
+    assert_high_equal(got, want_high(mags), f"{case} D={compute}")
+    buckets = busy_buckets(mags, 2)
+    got_low = run_low(base, base_dtype, models, model_dtypes, buckets, compute=compute)
+    assert_low_equal(got_low, want_low(mags, buckets), f"{case} D={compute} low")
+    arrays = ([] if base is None else [base]) + models
+    dtypes = ([] if base is None else [base_dtype]) + list(model_dtypes)
+    rows = np.zeros((len(arrays), 4 * n), np.uint8)
+    for r, a in enumerate(arrays):
+        raw = np.ascontiguousarray(a).view(np.uint8)
+        rows[r, : raw.size] = raw
+    theirs = np.zeros((3, 32768), np.int64)
+    cpu_stats.hist_high(rows, dtypes, -1 if base is None else 0,
+                        list(range(len(arrays) - 3, len(arrays))), n, theirs, compute_dtype=compute)  # fmt: skip
+    assert_high_equal(got, theirs, f"{case} D={compute} vs numba")
+
+
 # ----------------------------------------------------------------------------------------
 # Launcher checks
 # ----------------------------------------------------------------------------------------
@@ -471,12 +510,12 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
     n = 1 << 20
     ms = (torch.empty(n, dtype=torch.bfloat16), torch.empty(n, dtype=torch.float16))
     hist = torch.empty(2, 32768, dtype=torch.int64)
-    k = ts._hist_high_kernel.warmup(ms[0], ms, hist, n, HAS_BASE=True, BLOCK=1024,
+    k = ts._hist_high_kernel.warmup(ms[0], ms, hist, n, HAS_BASE=True, D=2, BLOCK=1024,
                                     num_warps=4, enable_fp_fusion=False, grid=(1,))
     open(os.path.join(sys.argv[1], "high.ptx"), "w").write(k.asm["ptx"])
     buckets = torch.empty(2, 2, dtype=torch.int64)
     low = torch.empty(2, 2, 65536, dtype=torch.int64)
-    k = ts._hist_low_kernel.warmup(None, ms, buckets, low, n, HAS_BASE=False, B=2, BLOCK=1024,
+    k = ts._hist_low_kernel.warmup(None, ms, buckets, low, n, HAS_BASE=False, D=0, B=2, BLOCK=1024,
                                    num_warps=4, enable_fp_fusion=False, grid=(1,))
     open(os.path.join(sys.argv[1], "low.ptx"), "w").write(k.asm["ptx"])
     """
@@ -485,7 +524,8 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
 
 def test_compiled_ptx(tmp_path):
     """Both kernels compile for sm_90: relaxed 64-bit atomic adds into global memory, one
-    per element and model (and slot), float32 subtraction without ftz."""
+    per element and model (and slot), float32 subtraction without ftz (hist_high with the
+    working dtype BF16, SPEC v3)."""
     compile_in_child(_COMPILE_SCRIPT, str(tmp_path), cache=tmp_path / "cache")
     import re
 

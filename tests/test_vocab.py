@@ -85,33 +85,16 @@ def test_vocab_rule_and_transformers_load(tmp_path, rows):
             wa = sum(w[j] for j in act)
             if r < vb:
                 ww = list(w) if len(act) == 2 else [w[j] * sum(w) / wa for j in act]
-                exp = ref.spec_merge(
-                    bv[lo : lo + HIDDEN],
-                    "BF16",
-                    ms,
-                    ["BF16"] * len(ms),
-                    "BF16",
-                    key=key,
-                    start=lo,
-                    model_ids=act,
-                    drop=[p[j] for j in act],
-                    weights=ww,
-                    scale=1.0,
-                )
-            else:
-                exp = ref.spec_merge(
-                    None,
-                    "BF16",
-                    ms,
-                    ["BF16"] * len(ms),
-                    "BF16",
-                    key=key,
-                    start=lo,
-                    model_ids=act,
-                    drop=[0.0] * len(act),
-                    weights=[w[j] / wa for j in act],
-                    scale=1.0,
-                )
+                base_rows, drops = bv[lo : lo + HIDDEN], [p[j] for j in act]
+            else:  # x_b = +0.0, no drop, the weights renormalized
+                base_rows, drops = np.zeros(HIDDEN, np.uint16), [0.0] * len(act)
+                ww = [w[j] / wa for j in act]
+            # v1's formula (dare_linear) in the working dtype BF16 (SPEC v3)
+            exp, _ = ref.spec_merge_v2(
+                base_rows, ms, "BF16", method="dare_linear", key=key, start=lo,
+                model_ids=act, drop=drops, weights=ww, scale=1.0, normalize=False,
+                base_dtype="BF16", model_dtypes=["BF16"] * len(ms), compute_dtype="BF16",
+            )  # fmt: skip
             assert np.array_equal(outv[lo : lo + HIDDEN], exp), (name, r)
 
 
@@ -143,7 +126,8 @@ def test_vocab_rule_with_thresholds_counts_each_fine_tunes_rows(tmp_path, method
             for j, sd in enumerate((asd, bbsd)):
                 m = ref.to_float32(as_numpy(sd[name]), "BF16").reshape(-1, HIDDEN)
                 rows = min(m.shape[0], x_b.shape[0], 101)
-                mags = ref.spec_mag(m[:rows] - x_b[:rows]).reshape(-1)
+                # the task vector in the working dtype BF16 (SPEC "Working dtype (v3)")
+                mags = ref.spec_mag(ref.spec_rd(m[:rows] - x_b[:rows], "BF16")).reshape(-1)
                 sparsifier = "magnitude" if method == "ties" else "breadcrumbs"
                 want = ref.spec_thresholds(sparsifier, mags, 0.3, 0.01)
                 assert rec["tensors"][name]["thresholds"][j] == want, (mem, name, j)

@@ -37,9 +37,11 @@ CPU_GEOMETRY = _Geometry()
 
 
 #: Seconds numba takes to compile the CPU kernels on a cold cache (merge and statistics
-#: kernels; bench/results/README.md: 2-core VM). Stated by the first run's notice and
-#: added to --plan's time estimate while the cache is cold.
-COMPILE_S = 40
+#: kernels; bench/results/README.md: 2-core VM; the working-dtype BF16 variants of
+#: docs/SPEC.md v3 added about half: 90 s measured on the shared 2-core VM under load).
+#: Stated by the first run's notice and added to --plan's time estimate while the cache
+#: is cold.
+COMPILE_S = 60
 
 
 def kernels_compiled() -> bool:
@@ -51,8 +53,9 @@ def kernels_compiled() -> bool:
     """
     from streammerge.kernels import cpu_merge, cpu_stats
 
-    kernels = (cpu_merge._merge_kernel_v2, cpu_merge._convert_kernel,
-               cpu_stats._hist_high_kernel, cpu_stats._hist_low_kernel)  # fmt: skip
+    kernels = (cpu_merge._merge_kernel_v2, cpu_merge._merge_kernel_v2_bf16,
+               cpu_merge._convert_kernel, *cpu_stats._KERNELS[cpu_merge._F32],
+               *cpu_stats._KERNELS[cpu_merge._BF16])  # fmt: skip
     try:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:
@@ -68,8 +71,9 @@ def ramplus_lambdas(a: RowArgs) -> np.ndarray:
 
 
 def work_of(a: RowArgs) -> str | None:
-    """The recipe's working dtype (mergekit's ``dtype:``, ``Recipe.work_dtype``), or None."""
-    return dict(a.params).get("work_dtype")
+    """The tensor's working dtype as the plan resolved it (the recipe's ``dtype:``, else
+    the inputs' promoted dtype: ``RowArgs.compute_dtype``), or None."""
+    return a.compute_dtype
 
 
 def work_dtype_of(a: RowArgs) -> str:
@@ -236,7 +240,7 @@ class NumbaBackend:
             slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), list(a.model_ids),
             list(a.drop), list(a.weights), a.scale, slot.out, a.out_dtype, a.n, a.key, a.start,
             keep_lo=a.keep_lo, keep_hi=a.keep_hi, consensus=a.consensus,
-            normalize=a.normalize, linear=a.linear,
+            normalize=a.normalize, linear=a.linear, compute_dtype=a.compute_dtype,
         )  # fmt: skip
 
     def _convert(self, slot: Slot, a: ConvertArgs) -> None:
@@ -244,12 +248,14 @@ class NumbaBackend:
 
     def _hist_high(self, slot: Slot, a: HistArgs, hist: np.ndarray) -> None:
         self._stats().hist_high(
-            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist,
+            compute_dtype=a.compute_dtype,
         )
 
     def _hist_low(self, slot: Slot, a: HistArgs, hist: np.ndarray, buckets: np.ndarray) -> None:
         self._stats().hist_low(
-            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist
+            slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist,
+            compute_dtype=a.compute_dtype,
         )
 
     def wait(self, handle: object) -> None:

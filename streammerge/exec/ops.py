@@ -71,6 +71,8 @@ class HistArgs:
             the base has the rows); model_rows: rows of the participating fine-tunes.
         models: their SPEC indices j (which rows of the [N, ...] histograms they feed).
         n: elements in the chunk.
+        compute_dtype: the working dtype D (docs/SPEC.md "Working dtype (v3)"): the
+            magnitudes are those of rd(x_j - x_b).
     """
 
     dtypes: tuple[str, ...]
@@ -78,6 +80,7 @@ class HistArgs:
     model_rows: tuple[int, ...]
     models: tuple[int, ...]
     n: int
+    compute_dtype: str = "F32"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class MergeArgs:
     consensus: str
     normalize: bool
     linear: bool
+    compute_dtype: str = "F32"
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,14 @@ def hist_args(t: TensorPlan, c: Chunk) -> HistArgs:
         tuple(model_row(j) for j in seg.models),
         seg.models,
         c.count,
+        compute_dtype(t),
     )
+
+
+def compute_dtype(t: TensorPlan) -> str:
+    """The working dtype D of a merged tensor (docs/SPEC.md "Working dtype (v3)"), as the
+    plan resolved it into ``t.params`` (F32 when it holds none: linear, slerp)."""
+    return (t.params.compute if t.params is not None else None) or "F32"
 
 
 def merge_args(
@@ -157,6 +168,7 @@ def merge_args(
         consensus,
         normalize,
         not method.uses_base,
+        compute_dtype(t),
     )
 
 
@@ -182,6 +194,9 @@ class RowArgs:
             for methods without one.
         count: elements in the chunk (a method whose unit is a block, not a row:
             model_stock's last chunk is not whole blocks).
+        compute_dtype: the working dtype of a method computing in it (nearswap, ram,
+            ramplus_tl, model_stock: ``Method.working_dtype`` ``inputs``), as the plan
+            resolved it (docs/SPEC.md "Working dtype (v3)"), else None.
     """
 
     op: str
@@ -197,6 +212,7 @@ class RowArgs:
     params: tuple = ()
     counts: tuple | None = None
     count: int = 0
+    compute_dtype: str | None = None
 
 
 #: model_stock's statistics block (docs/SPEC.md "Model Stock"): its chunks are whole blocks.
@@ -231,7 +247,7 @@ def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
                    tuple(model_row(j) for j in c.segment.models), c.count // n, n,
                    0.0 if tt is None else float(tt), t.dtype, method.row_coefficients, totals,
                    BASE_ROW if c.segment.has_base else -1, t.params.values, counts,
-                   c.count)  # fmt: skip
+                   c.count, t.params.compute)  # fmt: skip
 
 
 def tensor_totals(parts: list[np.ndarray]) -> tuple[float, float, float]:
@@ -284,9 +300,10 @@ def kernel_variants(plan, method: Method) -> list[tuple[str, MergeArgs | HistArg
                     a = merge_args(method, t, c, wins)
                     sig = (a.dtypes, a.base_row, a.model_rows, a.model_ids,
                            tuple(p > 0 for p in a.drop), a.keep_lo is None, a.consensus,
-                           a.normalize, a.linear, a.out_dtype, n)  # fmt: skip
+                           a.normalize, a.linear, a.out_dtype, a.compute_dtype, n)  # fmt: skip
                     out.setdefault(("merge", *sig), ("merge", a))
                 if "hist_high" in t.ops and seg.has_base:
                     h = hist_args(t, c)
-                    out.setdefault(("hist", h.dtypes, h.model_rows, n), ("hist_high", h))
+                    out.setdefault(("hist", h.dtypes, h.model_rows, h.compute_dtype, n),
+                                   ("hist_high", h))  # fmt: skip
     return list(out.values())

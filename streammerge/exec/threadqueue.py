@@ -254,7 +254,7 @@ class NumbaLauncher:
             inputs, list(a.dtypes), a.base_row, list(a.model_rows), list(a.model_ids),
             list(a.drop), list(a.weights), a.scale, out, a.out_dtype, a.n, a.key, a.start,
             keep_lo=a.keep_lo, keep_hi=a.keep_hi, consensus=a.consensus,
-            normalize=a.normalize, linear=a.linear,
+            normalize=a.normalize, linear=a.linear, compute_dtype=a.compute_dtype,
         )  # fmt: skip
 
     def hist(self, op: str, inputs: np.ndarray, a, hist: np.ndarray, buckets=None) -> None:
@@ -263,9 +263,9 @@ class NumbaLauncher:
 
         rows = (inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n)
         if op == "hist_high":
-            cpu_stats.hist_high(*rows, hist)
+            cpu_stats.hist_high(*rows, hist, compute_dtype=a.compute_dtype)
         else:
-            cpu_stats.hist_low(*rows, buckets, hist)
+            cpu_stats.hist_low(*rows, buckets, hist, compute_dtype=a.compute_dtype)
 
     def convert(self, src: np.ndarray, a, out: np.ndarray) -> None:
         """A base-only chunk cast on the host (``streammerge.exec.ops.ConvertArgs``)."""

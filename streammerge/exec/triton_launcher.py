@@ -54,6 +54,7 @@ class TritonLauncher:
             consensus=a.consensus,
             normalize=a.normalize,
             linear=a.linear,
+            compute_dtype=a.compute_dtype,
         )
 
     def rows(self, inputs, out, a):
@@ -138,6 +139,6 @@ class TritonLauncher:
         """A histogram pass (``streammerge.exec.ops.HistArgs``), accumulating into ``hist``."""
         base, models = self._rows(inputs, a)
         if op == "hist_high":
-            self.stats.hist_high_triton(base, models, hist)
+            self.stats.hist_high_triton(base, models, hist, compute_dtype=a.compute_dtype)
         else:
-            self.stats.hist_low_triton(base, models, buckets, hist)
+            self.stats.hist_low_triton(base, models, buckets, hist, compute_dtype=a.compute_dtype)

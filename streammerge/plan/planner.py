@@ -23,7 +23,7 @@ import itertools
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from streammerge.errors import MergeError
@@ -309,6 +309,8 @@ def _walk_tensors(
         _check_mergeable_dtypes(name, b, srcs)
         dtype = out_dtype or b.dtype
         tp = _params(recipe, name, positions[name])
+        if (uses_base and recipe.row.row_op is None) or recipe.row.working_dtype == "inputs":
+            tp = replace(tp, compute=working_dtype(recipe.compute_dtype, [b, *srcs]))
         key = tensor_key(recipe.seed, name)
         if len(shapes) == 1:
             seg = Segment(
@@ -332,6 +334,17 @@ def _walk_tensors(
         walk.tokenizer_model = rows.index(max(rows))
         walk.rows.append((name, "merge", dtype, shape, b, tuple(srcs), segs, rule, key, tp))
     return walk
+
+
+def working_dtype(given: str | None, infos: Sequence[TensorInfo]) -> str:
+    """The working dtype D of a task-vector merge of one tensor (docs/SPEC.md "Working dtype
+    (v3)", mergekit 0.1.5's ``promoted_dtype``): ``given`` (the recipe's ``dtype:``, a
+    safetensors string) when set, else torch.promote_types over the inputs' dtypes (one
+    dtype: itself; BF16 with F16, or anything with F32: F32)."""
+    if given is not None:
+        return given
+    dtypes = {i.dtype for i in infos}
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
 def _raise_missing(ref: ModelDir, models: Sequence[ModelDir], missing: dict[int, list[str]]):

@@ -13,7 +13,7 @@ The schema is mergekit 0.1.5's (``MergeConfiguration``) for the methods streamme
               value: 0.5
             - value: 0.2
     parameters: {normalize: true, lambda: 1.0}   # top level: every model, lower precedence
-    dtype: float32                    # mergekit's compute dtype (streammerge: always float32)
+    dtype: float32                    # the working dtype of the task-vector methods (SPEC v3)
     out_dtype: bfloat16
     tokenizer_source: base            # or a model of the list
     streammerge:                      # streammerge's own keys, unknown to mergekit
@@ -354,8 +354,11 @@ class _RecipeReader:
             kwargs["trim_scope"] = sm["trim_scope"]
 
     def read_dtypes(self, cfg: dict, kwargs: dict) -> None:
-        """Check ``dtype`` and ``out_dtype``; the output dtype goes into ``kwargs`` (a notice
-        when the compute dtype is not float32, which streammerge always computes in)."""
+        """Check ``dtype`` and ``out_dtype``; the working dtype (``dtype``, docs/SPEC.md
+        "Working dtype (v3)": mergekit casts the inputs to it and computes its task-vector
+        methods in it) and the output dtype (``out_dtype``, else ``dtype``) go into
+        ``kwargs``. linear and slerp compute in float32 whatever ``dtype`` says (as
+        mergekit); float64 is refused with the other unsupported dtypes."""
         doc = self.doc
         for key in ("dtype", "out_dtype"):
             v = cfg.get(key)
@@ -364,13 +367,8 @@ class _RecipeReader:
                 if name not in COMPUTE_DTYPES:
                     doc.fail(key, f"unsupported dtype {v!r}", "use float32, bfloat16 or float16")
         compute = cfg.get("dtype")
-        if compute is not None and self.row.working_dtype == "inputs":  # SPEC's W, as mergekit
-            kwargs["work_dtype"] = normalize_dtype(str(compute).removeprefix("torch."))
-        elif compute is not None and str(compute).removeprefix("torch.") != "float32":
-            self.notices.append(
-                f"dtype: {compute} (line {doc.lines['dtype']}): streammerge computes in float32 "
-                "(mergekit would compute in the given dtype); the output dtype follows out_dtype"
-            )
+        if compute is not None:
+            kwargs["compute_dtype"] = normalize_dtype(str(compute).removeprefix("torch."))
         out_dtype = cfg.get("out_dtype") or compute
         if out_dtype is not None:
             kwargs["dtype"] = normalize_dtype(str(out_dtype).removeprefix("torch."))

@@ -24,7 +24,6 @@ import numpy as np
 from streammerge.methods.method import Method
 from streammerge.methods.params import RecipeError
 from streammerge.methods.registry import DEFAULT_METHOD, TRIM_SCOPES, all_params, get_method
-from streammerge.recipe.dtypes import normalize_dtype
 
 #: DARE's drop rate when neither drop nor density is given: streammerge v1's default, kept
 #: so v1 command lines give the same bytes (mergekit's density default is 1: no drop).
@@ -46,10 +45,13 @@ class TensorParams:
         values: every other parameter the method declares that changes values, by recipe
             name: a tuple of N floats for a per-model one, a float or bool for a shared one
             (``density``, DARE's ``drop``, ``gamma``, ``scale``, ``normalize``, ...).
+        compute: the working dtype D of the tensor (docs/SPEC.md "Working dtype (v3)"),
+            set by the planner for the task-vector methods; None (float32) otherwise.
     """
 
     w: tuple[float, ...]
     values: tuple[tuple[str, object], ...] = ()
+    compute: str | None = None
 
     def get(self, name: str, default=None):
         """The resolved value of parameter ``name``, or ``default`` when the method has none."""
@@ -87,6 +89,8 @@ class TensorParams:
         shared = [(k, v) for k, v in self.values if not isinstance(v, tuple)]
         out.update(shared)
         out.update((k, list(v)) for k, v in self.values if isinstance(v, tuple))
+        if self.compute is not None:
+            out["compute_dtype"] = self.compute
         return out
 
 
@@ -174,11 +178,11 @@ class Recipe:
         params: top-level parameters (the same keys, plus ``scale`` and ``normalize``).
         trim_scope: ``tensor`` (mergekit) or ``model`` (the TIES / M3 papers' global trim).
         dtype: output dtype (safetensors string) of float tensors, or None (the base's).
+        compute_dtype: the working dtype D of the task-vector methods (safetensors string,
+            a YAML recipe's ``dtype:``), or None: promoted from each tensor's inputs
+            (docs/SPEC.md "Working dtype (v3)").
         source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
         lines: recipe key -> line of the YAML file it came from (for messages).
-        work_dtype: the working dtype W of a method computing in the inputs' dtype
-            (``Method.working_dtype`` ``inputs``): mergekit's ``dtype:`` (every input
-            rounded to it first), or None (the inputs' common dtype; docs/SPEC.md "NearSwap").
     """
 
     method: str
@@ -193,7 +197,7 @@ class Recipe:
     dtype: str | None = None
     source: str = "api"
     lines: dict = field(default_factory=dict)
-    work_dtype: str | None = field(default=None, kw_only=True)  # after a subclass's fields
+    compute_dtype: str | None = None
 
     @property
     def row(self) -> Method:
@@ -254,8 +258,6 @@ class Recipe:
                 shared.append((p.name, v))
             if p.m3 and row.m3 == "t":
                 w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
-        if self.work_dtype is not None and row.working_dtype == "inputs":
-            shared.append(("work_dtype", self.work_dtype))
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
 
@@ -306,7 +308,7 @@ class Recipe:
             "parameters": dict(self.params),
             "trim_scope": self.trim_scope,
             "dtype": self.dtype,
-        }
+        } | ({} if self.compute_dtype is None else {"compute_dtype": self.compute_dtype})
 
 
 def _finite(v, where: str) -> None:
@@ -367,10 +369,10 @@ def build_recipe(
     trim_scope: str = "tensor",
     dtype: str | None = None,
     source: str = "api",
+    compute_dtype: str | None = None,
     model_params: Sequence[Mapping] | None = None,
     params: Mapping | None = None,
     lines: Mapping | None = None,
-    work_dtype: str | None = None,
     **values,
 ) -> Recipe:
     """A recipe from flag-style arguments (the CLI and ``streammerge.merge``).
@@ -381,7 +383,9 @@ def build_recipe(
     (``streammerge.methods``: ``density``, ``drop``, ``gamma``, ``scale``, ``normalize``,
     ...), None meaning not given; a per-model one takes one value for all models or one
     per model (list or ``"0.3,0.6"``). Without ``method`` the method is ``dare_linear``
-    (v1: drop 0.5 unless given). ``model_params`` / ``params``: per-model and top-level
+    (v1: drop 0.5 unless given). ``compute_dtype``: the task-vector methods' working dtype D
+    (a safetensors string; None: each tensor's promoted input dtype; docs/SPEC.md "Working
+    dtype (v3)"). ``model_params`` / ``params``: per-model and top-level
     parameter values in mergekit's forms (gradients, filter lists; ``scale`` for
     mergekit's ``lambda``), as a YAML recipe gives them; flags given as well override them.
 
@@ -421,9 +425,9 @@ def build_recipe(
                 models[j][key] = v
         else:
             params[key] = row.param(key).check(val, row.param(key).flag)
-    recipe = Recipe(method, n_models, seed, mixup, alpha_used, None if lam is None else float(lam),
-                    tuple(models), params, trim_scope, dtype, source, dict(lines or {}),
-                    work_dtype=work_dtype and normalize_dtype(work_dtype))  # fmt: skip
+    recipe = Recipe(method, n_models, seed, mixup, alpha_used,
+                    None if lam is None else float(lam), tuple(models), params, trim_scope,
+                    dtype, source, dict(lines or {}), compute_dtype)  # fmt: skip
     recipe.tensor_params("")  # constant values: every range check before any I/O
     return recipe
 
