@@ -621,13 +621,17 @@ def _v2_kernel(name: str, rd):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _convert_kernel(src, src_code, out, out_code, n, block):
+def _convert_kernel(src, src_code, out, out_code, n, block, scale):
     n_blocks = (n + block - 1) // block
+    one = np.float32(1.0)
     for b in numba.prange(n_blocks):
         lo = b * block
         m = min(block, n - lo)
         x = np.empty(block, np.float32)
         _decode_block(src, src_code, lo, m, x)
+        if scale != one:  # passthrough's scale: float32(x) * float32(s), signed zeros kept
+            for t in range(m):
+                x[t] = x[t] * scale
         _encode_block(x, out_code, lo, m, out)
 
 
@@ -911,8 +915,11 @@ def merge_chunk(
     )
 
 
-def convert_chunk(src: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, n: int) -> None:
-    """Convert ``n`` float elements between dtypes, round to nearest even (exact upcasts).
+def convert_chunk(src: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: str, n: int,
+                  scale: float = 1.0) -> None:  # fmt: skip
+    """Convert ``n`` float elements between dtypes, round to nearest even (exact upcasts),
+    multiplied by ``scale`` first when it is not 1 (``float32(x) * float32(scale)``: a layer
+    stack's ``scale``, docs/SPEC.md "Stacks (passthrough)").
 
     For float tensors copied (not merged) into an output of another dtype. Same rounding
     as the merge's final store; a NaN stays a NaN.
@@ -939,11 +946,12 @@ def convert_chunk(src: np.ndarray, src_dtype: str, out: np.ndarray, out_dtype: s
         raise ValueError(f"out holds {out.shape[0]} bytes, too few for {n} {out_dtype} elements")
     if n == 0:
         return
-    if src_code == out_code:
+    if src_code == out_code and scale == 1.0:
         nbytes = n * FLOAT_ITEMSIZE[src_dtype]
         out[:nbytes] = src[:nbytes]
         return
-    _convert_kernel(src, np.int64(src_code), out, np.int64(out_code), np.int64(n), np.int64(BLOCK))
+    _convert_kernel(src, np.int64(src_code), out, np.int64(out_code), np.int64(n), np.int64(BLOCK),
+                    np.float32(scale))  # fmt: skip
 
 
 def _dtype_of(a: np.ndarray, given: str | None, what: str) -> str:

@@ -125,7 +125,8 @@ def test_task_arithmetic_scopes_and_filters_match_the_oracle(pair):
             lam = 0.5 if "layers.0." in name else 1.0
             want, _ = ref.spec_merge_v2(as_numpy(tbase[ins[0]]), [as_numpy(ta[ins[1]]),
                                         as_numpy(tb[ins[2]])], "BF16", method="task_arithmetic",
-                                        key=0, weights=w, scale=lam)  # fmt: skip
+                                        key=0, weights=w, scale=lam,
+                                        compute_dtype="BF16")  # fmt: skip
             assert as_numpy(got[name]).tobytes() == np.ascontiguousarray(want).tobytes(), name
 
 

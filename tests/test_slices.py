@@ -253,11 +253,37 @@ def test_scale_of_one_is_a_copy(tmp_path):
                       src["model.layers.1.self_attn.o_proj.weight"])  # fmt: skip
 
 
+def test_scale_multiplies_in_float32_and_keeps_signed_zeros(tmp_path):
+    """mergekit's ``x * scale`` on a bf16 tensor: round_bf16(float32(x) * float32(scale)),
+    -0.0 kept; a filter and a gradient over the slice pick each tensor's scale."""
+    import torch
+
+    m = llama_model(tmp_path / "m0", 4, seed=14)
+    src = load_dir(m)
+    src["model.layers.1.mlp.down_proj.weight"][0, :3] = torch.tensor([-0.0, 0.0, -1e-30])
+    m = write_model(tmp_path / "m", src, shards=2, config=llama_config(4, False))
+    extra = ("parameters:\n  scale:\n    - filter: down_proj\n      value: [0.5, 0.3]\n"
+             "    - value: 1.0\n")  # fmt: skip
+    cfg = write_recipe(tmp_path / "r.yml", [(m, 0, 2), (m, 1, 3)], extra=extra)
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out"), "--quiet"])
+    assert r.returncode == 0, r.stderr
+    got = load_dir(tmp_path / "out")
+    # output layers: 0 <- 0 (t 0), 1 <- 1 (t 1), 2 <- 1 (t 0), 3 <- 2 (t 1)
+    for out_i, in_i, s in ((0, 0, 0.5), (1, 1, 0.3), (2, 1, 0.5), (3, 2, 0.3)):
+        x = src[f"model.layers.{in_i}.mlp.down_proj.weight"]
+        want = (x.float() * torch.tensor(s, dtype=torch.float32)).to(torch.bfloat16)
+        assert same_bytes(got[f"model.layers.{out_i}.mlp.down_proj.weight"], want), out_i
+    assert torch.signbit(got["model.layers.1.mlp.down_proj.weight"][0, :3]).tolist() == [True, False, True]
+    assert same_bytes(got["model.layers.3.self_attn.o_proj.weight"],
+                      src["model.layers.2.self_attn.o_proj.weight"])  # scale 1: a copy
+
+
 BAD = [
     ([(0, 0, 6), (0, 6, 40)], "", "line 8: slices[1].sources[0].layer_range: [6, 40] is outside"),
     ([(0, 0, 6), (0, 5, 5)], "", "slices[1].sources[0].layer_range: [5, 5] is empty"),
     ([(0, 0, 2), (9, 0, 2)], "", "slices[1].sources[0].model: "),
-    ([(0, 0, 2)], "parameters: {scale: 0.5}\n", "parameters.scale: scale 0.5 for"),
+    ([(0, 0, 2)], "parameters: {scale: 0.5}\nout_dtype: float32\n",
+     "parameters.scale: scale 0.5 for"),
     ([(0, 0, 2)], "tokenizer_source: base\n", "tokenizer_source: not supported with slices"),
     ([(1, 0, 2)], "", "architecture GPT2LMHeadModel of"),
     ([(0, 0, 2)], "dtype: float16\nout_dtype: float32\n", "would be rounded to dtype F16"),

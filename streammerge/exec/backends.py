@@ -244,7 +244,8 @@ class NumbaBackend:
         )  # fmt: skip
 
     def _convert(self, slot: Slot, a: ConvertArgs) -> None:
-        self._modules().convert_chunk(slot.inputs[0], a.src_dtype, slot.out, a.out_dtype, a.n)
+        self._modules().convert_chunk(slot.inputs[0], a.src_dtype, slot.out, a.out_dtype, a.n,
+                                      a.scale)  # fmt: skip
 
     def _hist_high(self, slot: Slot, a: HistArgs, hist: np.ndarray) -> None:
         self._stats().hist_high(

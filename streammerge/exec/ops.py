@@ -109,11 +109,13 @@ class MergeArgs:
 
 @dataclass(frozen=True)
 class ConvertArgs:
-    """A base-only float chunk cast to the output dtype (``cpu_merge.convert_chunk``)."""
+    """A base-only float chunk cast to the output dtype (``cpu_merge.convert_chunk``), times
+    ``scale`` when it is not 1 (a layer stack's ``scale``)."""
 
     src_dtype: str
     out_dtype: str
     n: int
+    scale: float = 1.0
 
 
 def hist_args(t: TensorPlan, c: Chunk) -> HistArgs:
@@ -268,8 +270,10 @@ def combine_coefficients(a: RowArgs, stats: np.ndarray | None) -> tuple[np.ndarr
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:
-    """Arguments of a conversion chunk."""
-    return ConvertArgs(t.base.dtype, t.dtype, c.count)
+    """Arguments of a conversion chunk (``scale``: the tensor's, docs/SPEC.md "Stacks
+    (passthrough)")."""
+    scale = t.params.get("scale", 1.0) if t.params is not None else 1.0
+    return ConvertArgs(t.base.dtype, t.dtype, c.count, float(scale))
 
 
 #: Chunk lengths a device kernel is compiled for: Triton specializes an integer argument

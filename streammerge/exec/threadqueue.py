@@ -271,4 +271,4 @@ class NumbaLauncher:
         """A base-only chunk cast on the host (``streammerge.exec.ops.ConvertArgs``)."""
         from streammerge.kernels import cpu_merge
 
-        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n)
+        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n, a.scale)

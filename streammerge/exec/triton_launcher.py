@@ -133,7 +133,7 @@ class TritonLauncher:
         rare: base-only float tensors with ``--dtype``)."""
         from streammerge.kernels import cpu_merge
 
-        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n)
+        cpu_merge.convert_chunk(src, a.src_dtype, out, a.out_dtype, a.n, a.scale)
 
     def hist(self, op: str, inputs, a, hist, buckets=None) -> None:
         """A histogram pass (``streammerge.exec.ops.HistArgs``), accumulating into ``hist``."""

@@ -5,9 +5,8 @@ Every output tensor is one input tensor, copied, or cast once to the output dtyp
 (``streammerge.plan.slices``). It has no kernel: the plan's tensors are ``copy`` and
 ``convert`` actions. mergekit multiplies a tensor by its ``scale`` (``tensor * scale`` in
 the load dtype); streammerge copies a tensor whose scale resolves to 1 (or none) and
-refuses any other value with one line: the elementwise kernels' ``+0.0 + w * x`` turns a
-``-0.0`` product into ``+0.0`` where mergekit keeps ``-0.0``, so no kernel reproduces
-mergekit's bytes yet.
+converts any other with ``round(float32(x) * float32(scale))`` (``cpu_merge.convert_chunk``),
+mergekit's bytes.
 """
 
 from streammerge.methods.method import Method
@@ -16,7 +15,7 @@ from streammerge.methods.params import Param
 #: mergekit's ``scale`` (``PerInput[Optional[float]]``, default none): resolved per
 #: source, filtered on the source tensor's name, spread over the slice's layers.
 SCALE = Param("scale", default=None, per_model=True, yaml="scale",
-              help="passthrough: multiply the tensor by it (mergekit; only 1 supported)")  # fmt: skip
+              help="passthrough: multiply the tensor by it (mergekit's x * scale)")  # fmt: skip
 
 METHOD = Method(
     name="passthrough",

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from streammerge.errors import MergeError
 from streammerge.io.reader import TensorInfo
 from streammerge.kernels.common import FLOAT_ITEMSIZE, tensor_key
 from streammerge.plan.layer_stack import LAYER_PREFIX, OPTIONAL, POST_WEIGHTS, PRE_WEIGHTS, Stack
 from streammerge.plan.plan_types import Segment
+from streammerge.plan.planner import working_dtype
 from streammerge.recipe.recipe import RecipeError
 from streammerge.recipe.slices import SliceRecipe, SliceScope
 
@@ -100,6 +102,8 @@ def _merge_row(recipe: SliceRecipe, scope: SliceScope, slice_index: int, name: s
         tp = scope.tensor_params(name, t)
     except RecipeError as e:
         raise MergeError(str(e), recipe.source, name, "fix the recipe value") from None
+    if recipe.row.uses_base and recipe.row.row_op is None:  # docs/SPEC.md "Working dtype (v3)"
+        tp = replace(tp, compute=working_dtype(recipe.compute_dtype, [ref, *srcs]))
     seg = Segment(0, math.prod(ref.shape), recipe.row.uses_base, tuple(range(len(srcs))),
                   tp.w, tp.drop or (0.0,) * len(srcs), tp.scale)  # fmt: skip
     dtype = recipe.dtype or ref.dtype

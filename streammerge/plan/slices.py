@@ -27,6 +27,7 @@ layers, 0..5 <- m:0..5 and 6..11 <- m:2..7; embed_tokens, norm and lm_head from 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,6 +49,7 @@ from streammerge.plan.layer_stack import (
 from streammerge.plan.plan_types import Plan, TensorPlan
 from streammerge.plan.planner import shard_plans
 from streammerge.plan.slice_merge import merge_rows
+from streammerge.recipe.recipe import TensorParams
 from streammerge.recipe.slices import OutLayer, SliceRecipe
 
 
@@ -129,19 +131,18 @@ def _row(recipe: SliceRecipe, out_name: str, info: TensorInfo, slice_index: int,
     ``info``: copied, or converted to the output dtype.
 
     Raises:
-        MergeError: a scale other than 1, two casts that differ from one, a dtype the
-            kernels cannot convert, an integer tensor with a dtype given.
+        MergeError: two casts that differ from one, a dtype the kernels cannot convert, an
+            integer tensor with a dtype or scale given, a scale other than 1 where mergekit
+            would round twice.
     """
     scale, where = recipe.scale(slice_index, info.name, t)
-    if scale is not None and scale != 1.0:
-        _fail(recipe, where, f"scale {scale:g} for {info.name} (output {out_name}): a scale "
-              "other than 1 is not supported yet", "drop scale (streammerge copies layers "
-              "unchanged; mergekit would multiply the tensor by it)", out_name)  # fmt: skip
+    scaled = scale is not None and scale != 1.0
     src, compute, out = info.dtype, recipe.compute_dtype, recipe.dtype
     if not info.is_float:
-        if compute is not None or out is not None:
-            _fail(recipe, "dtype", f"{info.name} is {src}: mergekit would cast it to the given "
-                  "dtype", "drop dtype and out_dtype for this model", out_name)  # fmt: skip
+        if compute is not None or out is not None or scaled:
+            _fail(recipe, "dtype" if not scaled else where, f"{info.name} is {src}: mergekit "
+                  "would cast or scale it", "drop dtype, out_dtype and scale for this model",
+                  out_name)  # fmt: skip
         return (out_name, "copy", src, info.shape, info, (), (), None, 0, None)
     dtype = out or src
     if dtype != src and src not in FLOAT_ITEMSIZE:
@@ -151,8 +152,28 @@ def _row(recipe: SliceRecipe, out_name: str, info: TensorInfo, slice_index: int,
         _fail(recipe, "out_dtype", f"{info.name} ({src}) would be rounded to dtype {compute} "
               f"and then cast to {dtype}: streammerge casts once", "give out_dtype equal to "
               "dtype, or dtype: float32", out_name)  # fmt: skip
+    if scaled:
+        return _scaled_row(recipe, out_name, info, float(scale), where, dtype)
     action = "copy" if dtype == src else "convert"
     return (out_name, action, dtype, info.shape, info, (), (), None, 0, None)
+
+
+def _scaled_row(recipe: SliceRecipe, out_name: str, info: TensorInfo, scale: float, where: str,
+                dtype: str) -> tuple:  # fmt: skip
+    """The ``convert`` row of a tensor multiplied by its ``scale`` (mergekit's ``x * s`` in
+    the load dtype: ``round(float32(x) * float32(s))``); refused where mergekit would round
+    twice (a load dtype or an output dtype other than the tensor's own)."""
+    src, compute = info.dtype, recipe.compute_dtype
+    if src not in FLOAT_ITEMSIZE or (compute is not None and compute != src) or dtype != src:
+        _fail(recipe, where, f"scale {scale:g} for {info.name} (output {out_name}, {src}) with "
+              f"dtype {compute or src} / out_dtype {dtype}: mergekit would round x * scale to "
+              "the load dtype, then cast it", "give dtype and out_dtype equal to the models' "
+              "dtype (or leave them out) with scale", out_name)  # fmt: skip
+    if not math.isfinite(scale):
+        _fail(recipe, where, f"scale {scale} for {info.name}: not a finite number",
+              "give a finite scale", out_name)  # fmt: skip
+    params = TensorParams((), (("scale", scale),))
+    return (out_name, "convert", dtype, info.shape, info, (), (), None, 0, params)
 
 
 def _outside_rows(recipe: SliceRecipe, stacks: Sequence[Stack]) -> list[tuple]:

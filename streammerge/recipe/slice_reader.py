@@ -80,14 +80,10 @@ class SlicesReader:
         n = len(self.models)
         if not self.row.slices_only:
             n = self._merge_arity(slices)
-            if compute is not None and compute != "F32":
-                self.notices.append(f"dtype: {cfg['dtype']} (line {doc.lines['dtype']}): "
-                                    "streammerge merges in float32 (mergekit would compute in "
-                                    "the given dtype); the output dtype follows out_dtype")  # fmt: skip
         lines = {**dict(doc.lines), **self.lines}
         return SliceRecipe(
             self.row.name, n, 0, None, None, None, tuple({} for _ in range(n)), params,
-            "tensor", out, str(doc.path), lines, slices, compute, tuple(self.labels),
+            "tensor", out, str(doc.path), lines, compute, slices=slices, labels=tuple(self.labels),
         )  # fmt: skip
 
     def _merge_arity(self, slices: tuple[Slice, ...]) -> int:

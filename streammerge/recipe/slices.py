@@ -172,13 +172,12 @@ class SliceRecipe(Recipe):
     of every slice (``merge_inputs``); for passthrough, the distinct models.
 
     ``dtype`` (inherited) is the output dtype (``out_dtype``, else ``dtype``), None to keep
-    each tensor's own; ``compute_dtype`` is mergekit's ``dtype`` (passthrough casts each
-    tensor to it when loaded, then to the output dtype when saved; a merge computes in
-    float32 as every streammerge merge does).
+    each tensor's own; ``compute_dtype`` (inherited) is mergekit's ``dtype`` (passthrough
+    casts each tensor to it when loaded, then to the output dtype when saved; a merge with a
+    task-vector method computes in it, docs/SPEC.md "Working dtype (v3)").
     """
 
     slices: tuple[Slice, ...] = ()
-    compute_dtype: str | None = None
     labels: tuple[str, ...] = ()
 
     @property
@@ -206,8 +205,10 @@ class SliceRecipe(Recipe):
         ins = [sl.sources[k] for k in self.merge_inputs(slice_index)]
         return SliceScope(
             self.method, len(ins), self.seed, None, None, None, tuple(s.params for s in ins),
-            self.params, self.trim_scope, self.dtype, self.source, self.lines, sl.params,
-            sl.key, tuple(s.key for s in ins), tuple(s.start for s in ins), first,
+            self.params, self.trim_scope, self.dtype, self.source, self.lines,
+            self.compute_dtype, slice_params=sl.params, slice_key=sl.key,
+            source_keys=tuple(s.key for s in ins), starts=tuple(s.start for s in ins),
+            first=first,
         )  # fmt: skip
 
     def tensor_params(self, name: str, t: float = 0.0) -> TensorParams:
