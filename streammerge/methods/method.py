@@ -78,9 +78,10 @@ class Method:
         row_stats: a row-wise method's statistics pass over the whole tensor before its
             ``row_op``: ``row_dots`` (slerp, the default), ``ram_counts`` (ramplus_tl),
             ``stock_dots`` (model_stock), or None (nearswap, ram: elementwise, one pass).
-        working_dtype: ``float32`` (the v1/v2 kernels, slerp) or ``inputs``: mergekit's op
-            sequence in the inputs' dtype (nearswap, ram, ramplus_tl, model_stock: SPEC's
-            W), named by the notice on a mergekit ``dtype:``.
+        working_dtype: ``float32`` (slerp) or ``inputs``: mergekit's op sequence in the
+            working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
+            else the inputs' promoted dtype), resolved per tensor by the plan as for the
+            task-vector methods (docs/SPEC.md "Working dtype (v3)").
         slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
