@@ -33,7 +33,8 @@ DEFAULT_DROP = 0.5
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 
 
-__all__ = ["Recipe", "RecipeError", "TensorParams", "build_recipe", "draw_mixup", "evaluate"]
+__all__ = ["Recipe", "RecipeError", "TensorParams", "build_recipe", "draw_mixup", "evaluate",
+           "first_value"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,20 @@ class TensorParams:
         if self.compute is not None:
             out["compute_dtype"] = self.compute
         return out
+
+
+def first_value(scopes, key: str, name: str, t: float, lines: dict | None = None):
+    """(value, where) of ``key`` for ``name`` at depth ``t``: the first of ``scopes`` ((mapping,
+    recipe key), innermost first) that evaluates to a value (mergekit's ``ConfigReader``), else
+    (None, ``key``); ``lines`` (key -> YAML line) annotate ``where``. Raises RecipeError."""
+    for scope, where in scopes:
+        if lines and where in lines:
+            where = f"{where} (line {lines[where]})"
+        if key in scope:
+            v = evaluate(scope[key], name, t, where)
+            if v is not None:
+                return v, where
+    return None, key
 
 
 def evaluate(value, name: str, t: float, key: str):
@@ -205,22 +220,11 @@ class Recipe:
         return get_method(self.method)
 
     def lookup(self, j: int | None, key: str, name: str, t: float) -> tuple[object, str]:
-        """(value or None, the recipe key it came from) of parameter ``key`` for tensor
-        ``name`` at depth ``t`` (docs/SPEC.md "Per-tensor parameters"): fine-tune ``j``'s
-        own value (``j`` None: a whole-merge parameter), then the top level; the first that
-        evaluates to a value wins. A slices recipe has its own scopes (``SliceScope``).
-        Raises RecipeError for a value of the wrong type."""
-        for scope, where in (
-            (self.models[j] if j is not None else {}, f"models[{j}].parameters.{key}"),
-            (self.params, f"parameters.{key}"),
-        ):
-            if where in self.lines:
-                where = f"{where} (line {self.lines[where]})"
-            if key in scope:
-                v = evaluate(scope[key], name, t, where)
-                if v is not None:
-                    return v, where
-        return None, key
+        """``first_value`` of ``key`` for ``name`` at ``t`` (SPEC "Per-tensor parameters"): model
+        ``j``'s own value (``j`` None: whole-merge), then the top level (slices: SliceScope)."""
+        scopes = ((self.models[j] if j is not None else {}, f"models[{j}].parameters.{key}"),
+                  (self.params, f"parameters.{key}"))  # fmt: skip
+        return first_value(scopes, key, name, t, self.lines)
 
     def tensor_params(self, name: str, t: float = 0.0) -> TensorParams:
         """Resolve the parameters of tensor ``name`` at depth ``t`` (docs/SPEC.md): each

@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field
 
 from streammerge.methods.passthrough import SCALE as PASSTHROUGH_SCALE
-from streammerge.recipe.recipe import Recipe, TensorParams, evaluate
+from streammerge.recipe.recipe import Recipe, TensorParams, first_value
 
 #: Keys of the recipe's top level when it has ``slices``.
 SLICE_TOP_KEYS = {"merge_method", "slices", "base_model", "parameters", "dtype", "out_dtype",
@@ -154,14 +154,7 @@ class SliceScope(Recipe):
         if j is not None:
             scopes.insert(0, (self.models[j], f"{self.source_keys[j]}.parameters.{key}"))
             name = self.input_name(j, name)
-        for scope, where in scopes:
-            if where in self.lines:
-                where = f"{where} (line {self.lines[where]})"
-            if key in scope:
-                v = evaluate(scope[key], name, t, where)
-                if v is not None:
-                    return v, where
-        return None, key
+        return first_value(scopes, key, name, t, self.lines)
 
 
 @dataclass(frozen=True)
@@ -239,12 +232,8 @@ class SliceRecipe(Recipe):
         scopes = ((src.params, f"{src.key}.parameters.{SCALE}"),
                   (sl.params, f"{sl.key}.parameters.{SCALE}"),
                   (self.params, f"parameters.{SCALE}"))  # fmt: skip
-        for scope, where in scopes:
-            if SCALE in scope:
-                v = evaluate(scope[SCALE], in_name, t, where)
-                if v is not None:
-                    return float(v), where
-        return None, SCALE
+        v, where = first_value(scopes, SCALE, in_name, t)
+        return (None if v is None else float(v)), where
 
     def record(self) -> dict:
         """The recipe part of ``streammerge.json``: the slices as given, the compute dtype
