@@ -34,15 +34,15 @@ from __future__ import annotations
 from streammerge.errors import MergeError
 from streammerge.exec.gpu import pinned_host_bytes
 from streammerge.exec.layout import (
-    Layout,
     STAGING_BLOCKS,
+    Layout,
     analysis_items,
     read_bytes,
     tensor_items,
     work_items,
 )
+from streammerge.exec.ops import is_row_op
 from streammerge.io.measure import measure_read_speed
-from streammerge.methods.method import ROW_DOTS
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
@@ -101,13 +101,11 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
         return t.action
     if len(t.ops) == 1:
         return "merge"
-    if ROW_DOTS in t.ops:
-        if t.numel <= layout.max_elems(t):
-            return t.ops[-1]
-        return f"{ROW_DOTS}, then {t.ops[-1]} (2 reads)"
+    if is_row_op(t.ops[-1]):  # a row-wise method: statistics passes, then its own
+        if sum(1 for _ in tensor_items(t, layout)) == 1:
+            return t.ops[-1] if len(t.ops) == 1 else f"{'+'.join(t.ops)} (1 read)"
+        return f"{', then '.join(t.ops)} ({len(t.ops)} reads)"
     ops = "+".join(t.ops)
-    if "hist_high" not in t.ops:  # a row-wise method's statistics pass, then its pass
-        return f"{' then '.join(t.ops)} ({len(t.ops)} reads)"
     if layout.holds(t):
         return f"held: {ops}"
     return "multi-pass: hist_high+hist_low(guessed window), then merge (2 reads; 3 if missed)"

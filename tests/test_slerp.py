@@ -12,7 +12,7 @@ import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 
-from streammerge.exec.ops import tensor_totals
+from streammerge.methods.slerp import tensor_totals
 from streammerge.kernels import cpu_rows
 from streammerge.methods import slerp
 

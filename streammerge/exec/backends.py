@@ -4,7 +4,9 @@ streaming backend lives in ``streammerge.exec.gpu``.
 
 A backend is a kernel table: pass name (``merge``, ``convert``, ``hist_high``,
 ``hist_low``; see ``streammerge.exec.ops``) -> a function of (slot, args) that calls the kernel
-with the arguments the plan built. Nothing here knows about methods or rows.
+with the arguments the plan built; a row-wise method's passes are its own table
+(``Method.row_passes``: ``RowPass.cpu`` and ``RowPass.triton``). Nothing here knows a
+method by name.
 """
 
 from __future__ import annotations
@@ -15,15 +17,8 @@ import threading
 import numpy as np
 
 from streammerge.exec.layout import Slot, page_aligned
-from streammerge.exec.ops import (
-    ConvertArgs,
-    HistArgs,
-    MergeArgs,
-    RowArgs,
-    combine_coefficients,
-    is_row_op,
-)
-from streammerge.methods.method import ROW_DOTS
+from streammerge.exec.ops import ConvertArgs, HistArgs, MergeArgs, is_row_op
+from streammerge.methods.registry import row_pass
 
 
 class _Geometry:
@@ -60,34 +55,6 @@ def kernels_compiled() -> bool:
         return all(os.path.exists(k._cache._cache_file._index_path) for k in kernels)
     except AttributeError:
         return True
-
-
-def ramplus_lambdas(a: RowArgs) -> np.ndarray:
-    """ramplus_tl's lambda_j (float32 [N]) from its statistics pass's counts (SPEC "RAM")."""
-    from streammerge.kernels import cpu_ram
-
-    p = dict(a.params)
-    return cpu_ram.ram_lambdas(*a.counts, p["epsilon"], p["r"], p["ram_alpha"])
-
-
-def work_of(a: RowArgs) -> str | None:
-    """The tensor's working dtype as the plan resolved it (the recipe's ``dtype:``, else
-    the inputs' promoted dtype: ``RowArgs.compute_dtype``), or None."""
-    return a.compute_dtype
-
-
-def work_dtype_of(a: RowArgs) -> str:
-    """SPEC's W of a row-wise pass over the base and models: the recipe's, else the inputs'
-    common dtype, else F32."""
-    dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows) if r >= 0]
-    return work_of(a) or (dts[0] if len(set(dts)) == 1 else "F32")
-
-
-def stock_t_of(a: RowArgs):
-    """model_stock's t (a float32 value of W) from its statistics pass's sums."""
-    from streammerge.methods.model_stock import stock_t
-
-    return stock_t(a.counts[0], len(a.model_rows), work_dtype_of(a))
 
 
 class NumbaBackend:
@@ -169,71 +136,12 @@ class NumbaBackend:
         return page_aligned(shape)
 
     def run(self, op: str, slot: Slot, args, **kw) -> None:
-        """Run pass ``op`` (a key of ``self.kernels``, or a row-wise method's pass) on the
-        slot."""
+        """Run pass ``op`` (a key of ``self.kernels``, or a row-wise method's pass: its
+        ``RowPass.cpu``, ``streammerge.methods.registry.row_pass``) on the slot."""
         if is_row_op(op):
-            return self._rows(slot, args)
+            self._modules()
+            return row_pass(op).cpu(slot.inputs, slot.out, args)
         return self.kernels[op](slot, args, **kw)
-
-    def _rows(self, slot: Slot, a: RowArgs) -> np.ndarray | None:
-        """A row-wise pass: ``row_dots`` returns the rows' sums (float64 [n_rows, 3]); the
-        method's pass combines the rows with the tensor's coefficients
-        (``ops.combine_coefficients``); nearswap, ram, ramplus_tl and model_stock run their
-        own kernels (their statistics passes add into ``a.counts``)."""
-        self._modules()
-        if a.op == "nearswap":
-            return self._nearswap(slot, a)
-        if a.op in ("ram", "ramplus_tl", "ram_counts"):
-            return self._ram(slot, a)
-        if a.op in ("model_stock", "stock_dots"):
-            return self._stock(slot, a)
-        from streammerge.kernels import cpu_rows
-
-        v0, v1 = (slot.inputs[r] for r in a.model_rows)
-        d0, d1 = (a.dtypes[r] for r in a.model_rows)
-        stats = None
-        if a.op == ROW_DOTS or a.totals is None:
-            stats = cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len)
-            if a.op == ROW_DOTS:
-                return stats
-        ca, cb = combine_coefficients(a, stats)
-        cpu_rows.rows_combine(v0, d0, v1, d1, a.n_rows, a.row_len, ca, cb, slot.out, a.out_dtype)
-        return None
-
-    def _nearswap(self, slot: Slot, a: RowArgs) -> None:
-        """NearSwap (SPEC "NearSwap"): model 0 is the base ``a``, model 1 ``b``."""
-        from streammerge.kernels import cpu_nearswap
-
-        (ra, rb), n = a.model_rows, a.n_rows * a.row_len
-        cpu_nearswap.nearswap_chunk(slot.inputs[ra], a.dtypes[ra], slot.inputs[rb], a.dtypes[rb],
-                                    n, a.t, slot.out, a.out_dtype, work_of(a))  # fmt: skip
-
-    def _ram(self, slot: Slot, a: RowArgs) -> None:
-        """ram, ramplus_tl, or ramplus_tl's statistics pass (``ram_counts``: adds into
-        ``a.counts``) over the base and the fine-tunes of the chunk (SPEC "RAM")."""
-        from streammerge.kernels import cpu_ram
-
-        p, n, rows, dtypes = dict(a.params), a.n_rows * a.row_len, list(a.model_rows), list(a.dtypes)
-        if a.op == "ram_counts":
-            cpu_ram.ram_counts(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], *a.counts,
-                               work_of(a))  # fmt: skip
-            return
-        lam = None if a.op == "ram" else ramplus_lambdas(a)
-        cpu_ram.ram_chunk(slot.inputs, dtypes, a.base_row, rows, n, p["epsilon"], slot.out,
-                          a.out_dtype, lam, work_of(a))  # fmt: skip
-
-    def _stock(self, slot: Slot, a: RowArgs) -> None:
-        """model_stock, or its statistics pass (``stock_dots``: adds each block's sums into
-        ``a.counts``, left to right) (SPEC "Model Stock")."""
-        from streammerge.kernels import cpu_stock
-
-        rows, dtypes = list(a.model_rows), list(a.dtypes)
-        if a.op == "stock_dots":
-            blocks = cpu_stock.stock_dots(slot.inputs, dtypes, a.base_row, rows, a.count, work_of(a))
-            cpu_stock.add_blocks(a.counts[0], blocks)
-            return
-        cpu_stock.stock_chunk(slot.inputs, dtypes, a.base_row, rows, a.count, stock_t_of(a),
-                              slot.out, a.out_dtype, work_of(a))  # fmt: skip
 
     def _merge(self, slot: Slot, a: MergeArgs) -> None:
         self._modules().merge_chunk(
@@ -317,9 +225,13 @@ class TritonCpuBackend:
     def run(self, op: str, slot: Slot, args, **kw) -> None:
         """Run pass ``op`` (a key of ``self.kernels``, or a row-wise method's pass) on the
         slot."""
-        if is_row_op(op):
+        if is_row_op(op):  # the method's Triton pass, or its numba pass on the host
+            p = row_pass(op)
+            if p.triton is None:
+                return self._cpu.run(op, slot, args)
             torch = self.torch
-            return self._launch.rows(torch.from_numpy(slot.inputs), torch.from_numpy(slot.out), args)
+            return p.triton(self._launch, torch.from_numpy(slot.inputs),
+                            torch.from_numpy(slot.out), args)  # fmt: skip
         if op.startswith("hist_"):
             kw["op"] = op
         return self.kernels[op](slot, args, **kw)

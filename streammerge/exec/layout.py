@@ -19,7 +19,6 @@ from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
-from streammerge.methods.method import ROW_DOTS
 from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -278,7 +277,7 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
         seg = t.segments[0]
         yield Item(t, Chunk(seg.start, seg.stop - seg.start, seg), "held")
         return
-    if ROW_DOTS in t.ops:  # a row-wise method: its sums first, unless one chunk holds it
+    if is_row_op(t.ops[-1]):  # a row-wise method: one read when one chunk holds the tensor
         yield from _row_items(t, layout)
         return
     if "hist_high" in t.ops:
@@ -297,9 +296,10 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
 
 
 def _row_items(t: TensorPlan, layout: Layout) -> Iterator[Item]:
-    """A row-wise method's items: its own pass alone when the tensor fits one chunk (the
-    chunk's rows give the tensor's sums), else the ``row_dots`` pass over every chunk, then
-    its own pass over them again (docs/SPEC.md "SLERP (v3)" "Tensor statistics")."""
+    """A row-wise method's items: its writing pass alone when the tensor fits one chunk
+    (the compute stage runs the statistics passes on the same slot first), else each
+    statistics pass over every chunk, then the writing pass over them again (docs/SPEC.md
+    "SLERP (v3)" "Tensor statistics")."""
     chunks = list(iter_chunks(t, layout.max_elems(t)))
     ops = t.ops[-1:] if len(chunks) <= 1 else t.ops
     for op in ops:

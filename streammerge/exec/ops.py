@@ -11,31 +11,25 @@ Passes (docs/SPEC.md):
 - ``hist_high`` / ``hist_low``: the statistics passes of a magnitude sparsifier (TIES,
   breadcrumbs): histograms of the task vectors' magnitudes (``streammerge.exec.stats``).
 - ``merge``: the elementwise pass (DARE masks, keep windows, sign election, normalization).
-- ``row_dots``: the statistics pass of a row-wise method (``Method.row_op``) over a tensor
-  larger than a chunk: each row's sums, added over the tensor (``tensor_totals``) before
-  the method's own pass combines the rows.
+- a row-wise method's passes (``Method.row_passes``, looked up in
+  ``streammerge.methods.registry.ROW_PASSES``): its statistics passes over the whole
+  tensor (``row_dots``, ...), then its writing pass, over chunks of whole rows.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
-import numpy as np
+from dataclasses import dataclass, field
 
 from streammerge.exec.stats import KEEP_ALL
-from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
 from streammerge.methods.method import Method
-
-#: The passes every method shares; any other pass of a merged tensor is a row-wise
-#: method's (``Method.row_op``): chunks of whole rows.
-SHARED_OPS = frozenset(("copy", "convert", "merge", "hist_high", "hist_low", "hist_guess",
-                        "held"))  # fmt: skip
+from streammerge.methods.registry import ROW_PASSES
+from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
 
 
 def is_row_op(op: str) -> bool:
-    """True for a row-wise method's passes (``row_dots``, ``slerp``): chunks of whole rows."""
-    return op not in SHARED_OPS
+    """True for a row-wise method's passes (``Method.row_passes``: ``row_dots``, ``slerp``,
+    ...): chunks of whole rows."""
+    return op in ROW_PASSES
 
 
 #: Input row of the base in a slot; fine-tune j is row MODEL_ROW0 + j.
@@ -176,29 +170,29 @@ def merge_args(
 
 @dataclass(frozen=True)
 class RowArgs:
-    """A row-wise pass over a chunk of whole rows (``Method.row_op``, e.g. ``slerp``):
-    ``kernels.cpu_rows`` on input rows ``model_rows`` (model 0, model 1).
+    """A row-wise pass over a chunk of whole rows (``Method.row_passes``: the pass ``op``'s
+    ``RowPass.cpu`` / ``RowPass.triton`` reads these).
 
     Attributes:
-        op: ``row_dots`` (the rows' sums only) or the method's pass (combine).
+        op: the pass (a statistics pass, or the method's writing pass).
         dtypes: safetensors dtype of each slot row; model_rows: the rows of the models.
-        n_rows, row_len: whole rows in the chunk, and their length (elements).
+        n_rows, row_len: whole rows (or ``Method.row_block`` blocks) in the chunk, and
+            their length (elements).
         t: the tensor's interpolation factor; out_dtype: the stored output dtype.
-        coefficients: the method's host step between the two kernels,
-            ``(totals [1, 3] float64, t) -> (ca, cb)`` float32 [1] each.
-        totals: the tensor's (T00, T11, T01) from its ``row_dots`` pass (``tensor_totals``),
-            or None when the chunk is the whole tensor (its own rows give them).
-        base_row: BASE_ROW for a method with task vectors (``ram``), else -1.
-        params: the tensor's resolved shared parameters, (name, value) pairs.
-        counts: a whole-tensor statistics pass's accumulators (ramplus_tl's ``ram_counts``:
-            the int64 [N] arrays ``shared``, ``unique``; model_stock's ``stock_dots``: the
-            float64 [K] sums), which that pass adds into and the method's pass reads; None
-            for methods without one.
-        count: elements in the chunk (a method whose unit is a block, not a row:
-            model_stock's last chunk is not whole blocks).
-        compute_dtype: the working dtype of a method computing in it (nearswap, ram,
-            ramplus_tl, model_stock: ``Method.working_dtype`` ``inputs``), as the plan
-            resolved it (docs/SPEC.md "Working dtype (v3)"), else None.
+        base_row: BASE_ROW when the segment has the base, else -1.
+        params: every resolved value the method declares, (name, value) pairs: a float or
+            bool for a shared parameter, a tuple of N floats (by SPEC index j) for a
+            per-model one.
+        counts: the accumulators of the current statistics pass (``RowPass.accumulators``),
+            which it adds into; for the writing pass those of the last statistics pass;
+            None for a method without one.
+        count: elements in the chunk (model_stock's last chunk is not whole blocks).
+        compute_dtype: the working dtype as the plan resolved it (docs/SPEC.md "Working
+            dtype (v3)"), or None.
+        model_ids: SPEC index j of each model row; weights: the segment's w_j of each.
+        key: the tensor's 64-bit RNG key (SPEC v1 "Masks"); start: the tensor index of the
+            chunk's first element (counter-based random numbers whatever the chunking).
+        stats: pass name -> accumulators of every statistics pass of the tensor so far.
     """
 
     op: str
@@ -208,65 +202,42 @@ class RowArgs:
     row_len: int
     t: float
     out_dtype: str
-    coefficients: object
-    totals: tuple[float, float, float] | None = None
     base_row: int = -1
     params: tuple = ()
     counts: tuple | None = None
     count: int = 0
     compute_dtype: str | None = None
-
-
-#: model_stock's statistics block (docs/SPEC.md "Model Stock"): its chunks are whole blocks.
-STOCK_BLOCK = 1024
+    model_ids: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+    key: int = 0
+    start: int = 0
+    stats: dict = field(default_factory=dict)
 
 
 def row_len(t: TensorPlan) -> int:
     """Elements per row of ``t``: numel / shape[0] (a 1-D tensor: rows of one element, a
-    0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows". model_stock's unit is
-    its statistics block (its chunks start at multiples of ``STOCK_BLOCK`` elements)."""
-    if t.ops and t.ops[0] == "stock_dots":
-        return min(STOCK_BLOCK, max(1, t.numel))
+    0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows". A method whose unit is
+    a block (``Method.row_block``: model_stock) has chunks of whole blocks."""
+    method = ROW_PASSES[t.ops[-1]][0] if t.ops and t.ops[-1] in ROW_PASSES else None
+    if method is not None and method.row_block is not None:
+        return min(method.row_block, max(1, t.numel))
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
 
 
-def stats_accumulators(op: str, n_models: int) -> tuple:
-    """The zeroed accumulators of a row-wise method's statistics pass (``RowArgs.counts``):
-    ``ram_counts``: int64 [N] shared and unique counts; ``stock_dots``: float64 [K] sums."""
-    if op == "ram_counts":
-        return (np.zeros(n_models, np.int64), np.zeros(n_models, np.int64))
-    return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64),)
-
-
 def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
-             totals: tuple[float, float, float] | None = None,
-             counts: tuple | None = None) -> RowArgs:  # fmt: skip
-    """Arguments of a row-wise pass ``op`` (default the method's) over chunk ``c`` (whole
-    rows of ``t``); ``totals``: the tensor's sums from its ``row_dots`` pass; ``counts``:
-    the tensor's statistics accumulators of another statistics pass (``RowArgs.counts``)."""
-    n, tt = row_len(t), t.params.get("t")
-    return RowArgs(op or method.row_op, tuple(row_dtypes(t)),
-                   tuple(model_row(j) for j in c.segment.models), c.count // n, n,
-                   0.0 if tt is None else float(tt), t.dtype, method.row_coefficients, totals,
-                   BASE_ROW if c.segment.has_base else -1, t.params.values, counts,
-                   c.count, t.params.compute)  # fmt: skip
-
-
-def tensor_totals(parts: list[np.ndarray]) -> tuple[float, float, float]:
-    """(T00, T11, T01): each column of the rows' sums (float64 arrays [rows, 3], any order
-    of chunks) correctly rounded by ``math.fsum`` (docs/SPEC.md "SLERP (v3)" "Tensor
-    statistics"), so the result does not depend on where the chunks were cut."""
-    rows = np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for p in parts])
-    return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
-
-
-def combine_coefficients(a: RowArgs, stats: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The chunk's per-row coefficients (float32 [n_rows] each, one value: the tensor's):
-    from ``a.totals``, or else from ``stats`` (the rows' sums of a chunk that is the whole
-    tensor)."""
-    totals = a.totals if a.totals is not None else tensor_totals([stats])
-    ca, cb = a.coefficients(np.asarray([totals], np.float64), a.t)
-    return np.full(a.n_rows, ca[0], np.float32), np.full(a.n_rows, cb[0], np.float32)
+             stats: dict | None = None) -> RowArgs:  # fmt: skip
+    """Arguments of a row-wise pass ``op`` (default the method's writing pass) over chunk
+    ``c`` (whole rows of ``t``); ``stats``: the tensor's statistics accumulators so far,
+    by pass name (``RowArgs.stats``)."""
+    n, tt, op = row_len(t), t.params.get("t"), op or method.row_op
+    stats = {} if stats is None else stats
+    counts = stats.get(op) if op in stats else next(reversed(stats.values()), None)
+    seg = c.segment
+    return RowArgs(op, tuple(row_dtypes(t)), tuple(model_row(j) for j in seg.models),
+                   c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
+                   BASE_ROW if seg.has_base else -1, t.params.values, counts, c.count,
+                   t.params.compute, seg.models, seg.weights, t.key, c.start,
+                   stats)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -21,22 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
-from streammerge.exec.ops import (
-    convert_args,
-    is_row_op,
-    merge_args,
-    read_rows,
-    row_args,
-    stats_accumulators,
-    tensor_totals,
-)
+from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
 from streammerge.exec.thresholds import TensorThresholds, accumulate
 from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_jobs
 from streammerge.io.ranges import RangeReader
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.remote import RemoteFile, read_jobs
 from streammerge.io.writer import ShardWriter, StagingBlock
-from streammerge.methods.method import ROW_DOTS
+from streammerge.methods.registry import row_pass
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Chunk, Plan, TensorPlan
 
@@ -287,10 +279,8 @@ class ComputeStage:
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
-    row_sums: list = field(default_factory=list)  # a row_dots pass's rows' sums so far
-    row_totals: tuple | None = None  # (tensor name, (T00, T11, T01)) of the last row_dots
-    #: the current tensor's accumulators of another statistics pass (ramplus_tl, model_stock)
-    row_counts: dict = field(default_factory=dict)
+    #: (tensor name, pass name -> accumulators) of the current tensor's statistics passes
+    row_stats: tuple = (None, {})
 
     def __post_init__(self) -> None:
         self.by_name = [{t.name: t for t in v.tensors} for v in self.variants]
@@ -338,43 +328,44 @@ class ComputeStage:
                 self.backend.wait(h)
         self.stream.done_q.put(done)
 
-    def row_stats_pass(self, slot: Slot) -> None:
-        """A row-wise method's statistics pass on the slot: adds into the tensor's
-        accumulators (``RowArgs.counts``), reset at its first chunk; nothing is written."""
-        t, method = slot.tensor, self.plan.recipe.row
-        if slot.chunk.start == 0 or t.name not in self.row_counts:
-            self.row_counts = {t.name: stats_accumulators(slot.op, len(t.sources))}
-        self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, slot.op, None,
-                                                 self.row_counts[t.name]))  # fmt: skip
+    def tensor_stats(self, slot: Slot) -> dict:
+        """The accumulators of the slot's tensor's statistics passes so far, by pass name
+        (``RowArgs.stats``): started afresh at a new tensor, or at the first chunk of its
+        first statistics pass."""
+        t, row = slot.tensor, self.plan.recipe.row
+        if self.row_stats[0] != t.name or (slot.first and slot.op == row.row_stats):
+            self.row_stats = (t.name, {})
+        return self.row_stats[1]
+
+    def stats_pass(self, slot: Slot, op: str, stats: dict) -> None:
+        """A row-wise method's statistics pass ``op`` on the slot: adds into its
+        accumulators (made at its first use); nothing is written."""
+        t = slot.tensor
+        if op not in stats:
+            stats[op] = row_pass(op).accumulators(len(t.sources))
+        self.backend.run(op, slot, row_args(self.plan.recipe.row, t, slot.chunk, op, stats))
 
     def row_pass(self, slot: Slot):
-        """A row-wise method's pass on the slot, for every output (a sweep: each output's
-        own tensor parameters over the same rows). ``row_dots``: the rows' sums, kept until
-        the tensor's last chunk gives its totals (``ops.tensor_totals``); nothing is
-        written."""
+        """A row-wise method's pass on the slot (``Method.row_passes``): a statistics pass
+        adds into the tensor's accumulators (nothing written); the writing pass runs for
+        every output (a sweep: each output's own tensor parameters over the same rows),
+        after the statistics passes on this very slot when it holds the whole tensor."""
         t, method = slot.tensor, self.plan.recipe.row
-        if slot.op == ROW_DOTS:
-            if slot.first:
-                self.row_sums = []
-            args = row_args(method, t, slot.chunk, ROW_DOTS)
-            self.row_sums.append(self.backend.run(ROW_DOTS, slot, args))
-            if slot.last:
-                self.row_totals = (t.name, tensor_totals(self.row_sums))
-                self.row_sums = []
-            return None
-        totals = self.row_totals[1] if self.row_totals and self.row_totals[0] == t.name else None
-        counts = self.row_counts.get(t.name)
+        stats = self.tensor_stats(slot)
+        if row_pass(slot.op).is_stats:
+            return self.stats_pass(slot, slot.op, stats)
+        if slot.first and slot.last:  # the tensor in one chunk: one read for every pass
+            for p in method.row_passes[:-1]:
+                self.stats_pass(slot, p.name, stats)
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, totals,
-                                                            counts))  # fmt: skip
+            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, stats))
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, totals,
-                                                                    counts)))  # fmt: skip
+            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, stats)))
         return _Handles(handles)
 
     def compute(self, slot: Slot):
@@ -400,9 +391,7 @@ class ComputeStage:
                 v[0].set()
             return None, False
         if is_row_op(op):
-            if op == plan.recipe.row.row_stats and op != ROW_DOTS:  # ramplus_tl, model_stock
-                return self.row_stats_pass(slot), False
-            return self.row_pass(slot), op != ROW_DOTS
+            return self.row_pass(slot), not row_pass(op).is_stats
         if op == "held":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)

@@ -48,6 +48,36 @@ SPARSIFIERS: dict[str, Sparsifier] = {
 #: the method's own pass (docs/SPEC.md "SLERP (v3)" "Tensor statistics").
 ROW_DOTS = "row_dots"
 
+
+@dataclass(frozen=True)
+class RowPass:
+    """One pass of a row-wise method over each chunk of whole rows of a tensor (the kernel
+    table a backend looks a row-wise pass up in: ``registry.row_pass``).
+
+    Attributes:
+        name: the pass name, unique across methods (``row_dots``, ``slerp``, ...).
+        cpu: ``cpu(inputs, out, a)``: the numba kernels on the slot. ``inputs``: numpy
+            uint8 [rows, bytes] (row ``a.base_row`` the base, ``a.model_rows`` the
+            models); ``out``: numpy uint8, the chunk's output bytes (``a.out_dtype``);
+            ``a``: ``streammerge.exec.ops.RowArgs``.
+        triton: ``triton(launch, inputs, out, a)``: the same with torch uint8 tensors and
+            ``launch`` a ``streammerge.exec.triton_launcher.TritonLauncher``
+            (``launch.typed``); None: ``cpu`` runs on the host under the Triton backends.
+        accumulators: a statistics pass: ``accumulators(n_models) -> tuple`` of the zeroed
+            arrays it adds into (``RowArgs.counts``; the same totals whatever the
+            chunking), nothing written; None for the writing pass (the method's last).
+    """
+
+    name: str
+    cpu: Callable
+    triton: Callable | None = None
+    accumulators: Callable | None = None
+
+    @property
+    def is_stats(self) -> bool:
+        """A statistics pass (it adds into accumulators and writes nothing)."""
+        return self.accumulators is not None
+
 #: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), the
 #: mixup ratio m_1 is the interpolation factor ``t`` (two models), or the method has
 #: nothing for M3 to draw (``none``).
@@ -69,15 +99,14 @@ class Method:
         m3: a key of ``M3_MODES``.
         summary: one line for ``--help`` and the docs table; source: the paper.
         min_models, max_models: fewest and most models it merges (None: no limit).
-        row_op: the pass of a row-wise method (chunks of whole rows: ``slerp``), after its
-            ``row_dots`` statistics pass, or None for the elementwise task-vector passes.
+        row_passes: a row-wise method's passes over chunks of whole rows (``RowPass``):
+            its statistics passes, each over the whole tensor, then its writing pass
+            (docs/ARCHITECTURE.md "Adding a method"); () for the elementwise task-vector
+            passes.
+        row_block: elements per chunk unit of a row-wise method whose unit is a fixed
+            block, not a row (model_stock: its statistics blocks), or None.
         base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
             slerp's ``v0``), not the origin of task vectors.
-        row_coefficients: a row-wise method's host step between its statistics kernel
-            and its combining kernel: ``(totals [1, 3] float64, t) -> (ca, cb)`` float32.
-        row_stats: a row-wise method's statistics pass over the whole tensor before its
-            ``row_op``: ``row_dots`` (slerp, the default), ``ram_counts`` (ramplus_tl),
-            ``stock_dots`` (model_stock), or None (nearswap, ram: elementwise, one pass).
         working_dtype: ``float32`` (slerp) or ``inputs``: mergekit's op sequence in the
             working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
             else the inputs' promoted dtype), resolved per tensor by the plan as for the
@@ -99,10 +128,9 @@ class Method:
     m3: str = "weights"
     min_models: int = 2
     max_models: int | None = None
-    row_op: str | None = None
+    row_passes: tuple[RowPass, ...] = ()
+    row_block: int | None = None
     base_is_input: bool = False
-    row_coefficients: Callable | None = None
-    row_stats: str | None = ROW_DOTS
     slices_only: bool = False
     working_dtype: str = "float32"
 
@@ -114,6 +142,20 @@ class Method:
         names = [p.name for p in self.params]
         if len(set(names)) != len(names):
             raise ValueError(f"method {self.name}: a parameter declared twice")
+        if self.row_passes and (self.row_passes[-1].is_stats
+                                or any(not p.is_stats for p in self.row_passes[:-1])):
+            raise ValueError(f"method {self.name}: row passes are statistics passes, then "
+                             "one writing pass")  # fmt: skip
+
+    @property
+    def row_op(self) -> str | None:
+        """A row-wise method's writing pass (its last ``RowPass``), or None."""
+        return self.row_passes[-1].name if self.row_passes else None
+
+    @property
+    def row_stats(self) -> str | None:
+        """A row-wise method's first statistics pass, or None (one pass)."""
+        return self.row_passes[0].name if len(self.row_passes) > 1 else None
 
     @property
     def sparse(self) -> Sparsifier:
@@ -162,12 +204,11 @@ class Method:
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
         """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise
-        method's statistics pass (``row_stats``, if any) then its own (slerp: a tensor that
-        fits one chunk is read once for both: ``streammerge.exec.layout.tensor_items``);
-        else the statistics passes when thresholds are per tensor, then the elementwise
-        ``merge``."""
-        if self.row_op is not None:
-            return (self.row_op,) if self.row_stats is None else (self.row_stats, self.row_op)
+        method's ``row_passes`` (a tensor that fits one chunk is read once for all of them:
+        ``streammerge.exec.layout.tensor_items``); else the statistics passes when
+        thresholds are per tensor, then the elementwise ``merge``."""
+        if self.row_passes:
+            return tuple(p.name for p in self.row_passes)
         if self.sparse.stats and trim_scope == "tensor":
             return ("hist_high", "hist_low", "merge")
         return ("merge",)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streammerge.methods.method import Method
+from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import Param
 
 FILTER_WISE = Param("filter_wise", kind="bool", default=False, per_model=False, layered=False,
@@ -64,6 +64,65 @@ def stock_t(sums: np.ndarray, n_models: int, w_dtype: str) -> np.float32:
         return f(0.0) if abs(den) < floor else r(num / den)
 
 
+#: model_stock's statistics block (docs/SPEC.md "Model Stock"): its chunks are whole blocks.
+STOCK_BLOCK = 1024
+
+
+def work_dtype_of(a) -> str:
+    """SPEC's W of a pass over the base and models: the plan's working dtype, else the
+    inputs' common dtype, else F32."""
+    dts = [a.dtypes[r] for r in (a.base_row, *a.model_rows) if r >= 0]
+    return a.compute_dtype or (dts[0] if len(set(dts)) == 1 else "F32")
+
+
+def stock_t_of(a) -> np.float32:
+    """The tensor's t (a float32 value of W) from its ``stock_dots`` sums."""
+    return stock_t(a.stats["stock_dots"][0], len(a.model_rows), work_dtype_of(a))
+
+
+def _dots_cpu(inputs, out, a) -> None:
+    """``stock_dots``: each block's sums, added into ``a.counts`` left to right."""
+    from streammerge.kernels import cpu_stock
+
+    blocks = cpu_stock.stock_dots(inputs, list(a.dtypes), a.base_row, list(a.model_rows),
+                                  a.count, a.compute_dtype)  # fmt: skip
+    cpu_stock.add_blocks(a.counts[0], blocks)
+
+
+def _dots_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import cpu_stock, triton_stock
+
+    n = a.count
+    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+    sums = triton_stock.stock_dots_triton(base, models, n, a.compute_dtype)
+    cpu_stock.add_blocks(a.counts[0], sums.cpu().numpy())
+
+
+def _stock_cpu(inputs, out, a) -> None:
+    """``model_stock``: ``t * mean + (1 - t) * base`` op by op in W."""
+    from streammerge.kernels import cpu_stock
+
+    cpu_stock.stock_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
+                          stock_t_of(a), out, a.out_dtype, a.compute_dtype)  # fmt: skip
+
+
+def _stock_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_stock
+
+    n, t = a.count, stock_t_of(a)
+    q = round_work(np.float32(1.0) - t, work_dtype_of(a))
+    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+    triton_stock.stock_triton(base, models, n, t, q, launch.typed(out, a.out_dtype, n),
+                              a.compute_dtype)  # fmt: skip
+
+
+def _zero_sums(n_models: int) -> tuple:
+    """float64 [K]: S_jj of each fine-tune, then S_jk for j < k."""
+    return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64),)
+
+
 METHOD = Method(
     name="model_stock",
     order=95,
@@ -76,6 +135,7 @@ METHOD = Method(
     working_dtype="inputs",
     m3="none",
     min_models=2,
-    row_op="model_stock",
-    row_stats="stock_dots",
+    row_passes=(RowPass("stock_dots", _dots_cpu, _dots_triton, accumulators=_zero_sums),
+                RowPass("model_stock", _stock_cpu, _stock_triton)),
+    row_block=STOCK_BLOCK,
 )

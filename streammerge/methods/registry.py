@@ -11,7 +11,7 @@ import importlib
 import pkgutil
 
 import streammerge.methods as _package
-from streammerge.methods.method import Method
+from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import Param
 
 
@@ -35,6 +35,39 @@ ALL_METHODS: dict[str, Method] = _discover()
 #: The methods of ``--method`` and of a ``models:`` recipe (not the ``slices_only`` ones);
 #: their parameters are the flags and YAML keys (``all_params``).
 METHODS: dict[str, Method] = {k: m for k, m in ALL_METHODS.items() if not m.slices_only}
+
+def _row_passes() -> dict[str, tuple[Method, RowPass]]:
+    """Every row-wise pass by name, with its method."""
+    out: dict[str, tuple[Method, RowPass]] = {}
+    for m in ALL_METHODS.values():
+        for p in m.row_passes:
+            if p.name in out and out[p.name][1] is not p:
+                raise ImportError(f"two methods declare the row pass {p.name!r}")
+            out[p.name] = (m, p)
+    return out
+
+
+#: The kernel table of the row-wise passes: pass name -> (method, ``RowPass``).
+ROW_PASSES: dict[str, tuple[Method, RowPass]] = _row_passes()
+
+
+def row_pass(name: str) -> RowPass:
+    """The row-wise pass ``name`` (``RowPass``).
+
+    Raises:
+        KeyError: no method declares it.
+    """
+    return ROW_PASSES[name][1]
+
+
+def row_method(name: str) -> Method:
+    """The method whose row-wise pass is ``name``.
+
+    Raises:
+        KeyError: no method declares it.
+    """
+    return ROW_PASSES[name][0]
+
 
 #: The method when none is named (SPEC v2: v1's command lines keep their bytes).
 DEFAULT_METHOD = "dare_linear"

@@ -10,9 +10,11 @@ M3 draws ``t`` (t = 1 - lam: the weight of model 1).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from streammerge.methods.method import Method
+from streammerge.methods.method import ROW_DOTS, Method, RowPass
 from streammerge.methods.params import Param
 
 #: mergekit's constants (merge_methods/slerp.py): a row whose |cos theta| exceeds
@@ -50,6 +52,66 @@ def coefficients(stats: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
     return ca.astype(np.float32), cb.astype(np.float32)
 
 
+def tensor_totals(parts: list[np.ndarray]) -> tuple[float, float, float]:
+    """(T00, T11, T01): each column of the rows' sums (float64 arrays [rows, 3], any order
+    of chunks) correctly rounded by ``math.fsum`` (docs/SPEC.md "SLERP (v3)" "Tensor
+    statistics"), so the result does not depend on where the chunks were cut."""
+    rows = np.concatenate([np.asarray(p, np.float64).reshape(-1, 3) for p in parts])
+    return tuple(math.fsum(rows[:, k].tolist()) for k in range(3))  # type: ignore[return-value]
+
+
+def row_coefficients(a) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk's per-row coefficients (float32 [n_rows] each, one value: the tensor's)
+    from the tensor's ``row_dots`` sums (``a.stats``), added up once and cached."""
+    sums, cache = a.stats[ROW_DOTS]
+    if "ab" not in cache:
+        cache["ab"] = coefficients(np.asarray([tensor_totals(sums)], np.float64), a.t)
+    ca, cb = cache["ab"]
+    return np.full(a.n_rows, ca[0], np.float32), np.full(a.n_rows, cb[0], np.float32)
+
+
+def _dots_cpu(inputs, out, a) -> None:
+    """``row_dots``: each row's S00, S11, S01 (float64 [n_rows, 3]), kept for the tensor."""
+    from streammerge.kernels import cpu_rows
+
+    (r0, r1) = a.model_rows
+    a.counts[0].append(cpu_rows.row_dots(inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1],
+                                         a.n_rows, a.row_len))  # fmt: skip
+
+
+def _dots_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_rows
+
+    n = a.n_rows * a.row_len
+    v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+    a.counts[0].append(triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len).cpu().numpy())
+
+
+def _slerp_cpu(inputs, out, a) -> None:
+    """``slerp``: the rows combined with the tensor's coefficients."""
+    from streammerge.kernels import cpu_rows
+
+    ca, cb = row_coefficients(a)
+    (r0, r1) = a.model_rows
+    cpu_rows.rows_combine(inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1], a.n_rows,
+                          a.row_len, ca, cb, out, a.out_dtype)  # fmt: skip
+
+
+def _slerp_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_rows
+
+    torch, n = launch.torch, a.n_rows * a.row_len
+    ca, cb = row_coefficients(a)
+    v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+    dev = v0.device
+    triton_rows.rows_combine_triton(v0, v1, a.n_rows, a.row_len, torch.from_numpy(ca).to(dev),
+                                    torch.from_numpy(cb).to(dev),
+                                    launch.typed(out, a.out_dtype, n))  # fmt: skip
+
+
+#: slerp's statistics pass: the rows' sums (a list of float64 [rows, 3]) and a cache.
+DOTS_PASS = RowPass(ROW_DOTS, _dots_cpu, _dots_triton, accumulators=lambda n_models: ([], {}))
+
 METHOD = Method(
     name="slerp",
     order=80,
@@ -62,7 +124,6 @@ METHOD = Method(
     m3="t",
     min_models=2,
     max_models=2,
-    row_op="slerp",
+    row_passes=(DOTS_PASS, RowPass("slerp", _slerp_cpu, _slerp_triton)),
     base_is_input=True,
-    row_coefficients=coefficients,
 )
