@@ -3,7 +3,7 @@
 the kernel contract's section 1; tested bit for bit against ``tests/spec_reference.py`` and
 the numba kernel in ``tests/test_triton_kernel.py``).
 
-One private ``@triton.jit`` kernel, ``_m3_dare_kernel``, and its public launcher,
+One private ``@triton.jit`` kernel, ``_task_vector_kernel``, and its public launcher,
 ``merge_chunk_triton``. The kernel reads top to bottom: program id (int64) -> local offsets
 -> bounds mask -> tensor offsets (chunk start + local index, int64) -> loads upcast to
 float32 -> Philox masks -> float32 math in SPEC's order -> round -> store.
@@ -127,7 +127,7 @@ _DEN_TINY_BITS = tl.constexpr(int(np.float32(1e-8).view(np.uint32)))
 
 
 @triton.jit(do_not_specialize=["key", "start"])
-def _m3_dare_kernel(
+def _task_vector_kernel(
     base_ptr,  # [n] f32 / f16 / bf16, or None when HAS_BASE is False (x_b = +0.0)
     model_ptrs,  # tuple of N pointers, [n] each, f32 / f16 / bf16 (may differ)
     out_ptr,  # [n] f32 / f16 / bf16
@@ -240,7 +240,7 @@ def _m3_dare_kernel(
 
 #: True under TRITON_INTERPRET=1 (set before triton was imported): the kernel runs on CPU
 #: tensors, one program at a time, in numpy.
-_INTERPRETED = not isinstance(_m3_dare_kernel, triton.runtime.JITFunction)
+_INTERPRETED = not isinstance(_task_vector_kernel, triton.runtime.JITFunction)
 
 
 def _launch_config(n: int) -> tuple[int, int]:
@@ -430,7 +430,7 @@ def merge_chunk_triton(
     # The window compiles in only where some model's window excludes something.
     window = any(v != 0 for v in lo) or any(v != 0xFFFFFFFF for v in hi)
     block, num_warps = _launch_config(n)
-    _m3_dare_kernel[(triton.cdiv(n, block),)](
+    _task_vector_kernel[(triton.cdiv(n, block),)](
         base,
         tuple(models),
         out,

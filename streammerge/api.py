@@ -154,6 +154,7 @@ def prepare(
     provenance: Provenance | None = None,
     *,
     preflight: bool = True,
+    copy_only: bool = False,
 ) -> Prepared:
     """Plan a merge from headers alone and check its output location (no weight is read,
     nothing is written).
@@ -167,6 +168,8 @@ def prepare(
         options: Options (defaults when None).
         preflight: check the output location now (``preflight_output``); False leaves it
             to the caller (a sweep, whose directory holding the outputs is made later).
+        copy_only: plan every tensor as a ``copy`` of the base's bytes, the fine-tunes
+            contributing none (``apply-lora``: an adapted base written alone).
 
     Raises:
         MergeError: bad inputs, output location or recipe values (one line each);
@@ -201,7 +204,9 @@ def prepare(
     if base_dir is None and recipe.row.uses_base:
         raise OptionError(f"method {method or recipe.method} needs a base model",
                           "pass --base DIR (the model the fine-tunes were tuned from)")  # fmt: skip
-    plan = make_plan(base_dir, model_dirs, recipe, shard_size_bytes)
+    plan_models = [ModelDir(base_dir.path, [], {}, "") for _ in model_dirs] if copy_only \
+        else model_dirs  # fmt: skip
+    plan = make_plan(base_dir, plan_models, recipe, shard_size_bytes)
     if provenance is not None and provenance.tokenizer_model is not None:
         plan = replace(plan, tokenizer_model=provenance.tokenizer_model)  # tokenizer_source
     prep = Prepared(recipe, plan, base_dir, model_dirs, output, options, shard_size_bytes,
@@ -357,10 +362,12 @@ def finalize(prep: Prepared, stats: RunStats) -> MergeSummary:
             copy_side_files(output, plan, side_source(prep), prep.models)
         rec = record(prep, shards, thresholds)
         rec.update(output.record_extra())
+        rec.update(prep.record_extra)
         output.write_file(
             "streammerge.json", (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
         )
-        output.write_file("README.md", model_card_text(prep, rec).encode())
+        card = prep.card(rec) if prep.card is not None else model_card_text(prep, rec)
+        output.write_file("README.md", card.encode())
         output.finish()
     finally:
         output.close()

@@ -5,6 +5,7 @@ recipe came from), ``Prepared`` (a merge planned, its output checked) and ``Merg
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -128,6 +129,9 @@ class Prepared:
         options: how it runs; shard_size_bytes, memory_bytes: parsed options.
         done: shard name -> journal record of shards an interrupted run finished
             (filled by ``open_output``).
+        record_extra: fields added to ``streammerge.json`` (``apply-lora``: what it is).
+        card: the output's README.md from its record, instead of the merge's model card
+            (``apply-lora``), or None.
     """
 
     recipe: Recipe
@@ -142,6 +146,8 @@ class Prepared:
     done: dict[str, dict] = field(default_factory=dict)
     opened: bool = False
     t0: float = field(default_factory=time.perf_counter)
+    record_extra: dict = field(default_factory=dict)
+    card: Callable[[dict], str] | None = None
 
     def todo(self) -> list[ShardPlan]:
         """Shards not finished yet, in order."""

@@ -26,7 +26,7 @@ _SCRIPT = stub_driver_preamble("int(sys.argv[1])", "meta") + textwrap.dedent(
     from streammerge.kernels import triton_merge as tm, triton_stats as ts
 
     compiled = []
-    for kern in (tm._m3_dare_kernel, ts._hist_high_kernel, ts._hist_low_kernel):
+    for kern in (tm._task_vector_kernel, ts._hist_high_kernel, ts._hist_low_kernel):
         def run(*a, _orig=kern.run, **kw):
             kw["warmup"] = True
             compiled.append(_orig(*a, **kw))

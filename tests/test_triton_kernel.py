@@ -1063,7 +1063,7 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
         ms = tuple(torch.empty(n, dtype=getattr(torch, d)) for d in dtypes)
         N = len(dtypes)
         keep = (tuple([lo] * N), tuple([2**33 + 2**32 + 1] * N)) if window else (None, None)
-        k = tm._m3_dare_kernel.warmup(
+        k = tm._task_vector_kernel.warmup(
             None if linear else ms[0], ms, ms[0], tuple([2**33 + 2**32 + 1] * N),
             tuple([2.0] * N), tuple([0.5] * N), 1.0, n, 2**40, 2**33, *keep,
             MODEL_IDS=tuple(range(N)), MASKED=(masked,) * N,
@@ -1073,7 +1073,7 @@ _COMPILE_SCRIPT = stub_driver_preamble("90", "cpu") + textwrap.dedent(
         return k.asm["ptx"]
 
     def compiled():
-        return sum(len(c[0]) for c in tm._m3_dare_kernel.device_caches.values())
+        return sum(len(c[0]) for c in tm._task_vector_kernel.device_caches.values())
 
     v2 = {  # N = 2 bf16 as the v2 methods launch it
         "ties": dict(masked=False, window=True, sign=True, normalize=True),
@@ -1167,7 +1167,7 @@ _CUDA_SCRIPT = textwrap.dedent(
         merge_chunk_triton(base, models, out, key=key, start=start, drop=[p, 0.9, 0.0],
                            weights=[w, 0.3, 0.2], scale=s)
     torch.cuda.synchronize()
-    caches = triton_merge._m3_dare_kernel.device_caches
+    caches = triton_merge._task_vector_kernel.device_caches
     print("compiled", sum(len(c[0]) for c in caches.values()))
     """
 )

@@ -9,7 +9,6 @@ tensor copied unchanged). Memory stays bounded by ``--memory`` as in a merge.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +16,8 @@ from streammerge.api import execute, finalize, preflight_output, prepare
 from streammerge.api_types import MergeSummary, Options, Provenance
 from streammerge.errors import MergeError
 from streammerge.exec.choose import make_backend
+from streammerge.io.inputs import input_record
 from streammerge.io.lora import adapter_of
-from streammerge.io.model_types import ModelDir
-from streammerge.plan.planner import make_plan
-
-
-def _copy_plan(prep):
-    """``prep``'s plan redone with fine-tunes that have no tensors: every tensor of the
-    adapted base is base-only, a ``copy`` (same shards and names as the base's plan)."""
-    empty = [ModelDir(prep.base.path, [], {}, "") for _ in prep.models]
-    return make_plan(prep.base, empty, prep.recipe, prep.shard_size_bytes)
-
 
 #: What ``streammerge.json`` says under ``apply_lora`` (the merge fields are the copy-only
 #: plan's placeholders).
@@ -58,29 +48,6 @@ def card(ref: str, rec: dict) -> str:
     )
 
 
-def _as_apply_lora(prep, ref: str) -> None:
-    """Have ``prep``'s output say what it is: ``apply_lora`` in streammerge.json, and
-    ``card`` as README.md (``api.finalize`` writes both through ``write_file``)."""
-    output = prep.output
-    write = output.write_file
-    seen: dict = {}
-
-    def write_file(name: str, data: bytes) -> None:
-        if name == "streammerge.json":
-            rec = json.loads(data)
-            rec["apply_lora"] = {
-                "note": RECORD_NOTE,
-                "adapter": (rec.get("base") or {}).get("adapter"),
-            }
-            seen["rec"] = rec
-            data = (json.dumps(rec, indent=2, sort_keys=True) + "\n").encode()
-        elif name == "README.md" and "rec" in seen:
-            data = card(ref, seen["rec"]).encode()
-        write(name, data)
-
-    output.write_file = write_file
-
-
 def apply_lora(
     ref: str | Path,
     out: str | Path,
@@ -100,13 +67,15 @@ def apply_lora(
     """
     options = options or Options()
     recipe = {"method": "task_arithmetic", "seed": 0}  # placeholders: nothing is merged
-    prep = prepare([ref, ref], ref, out, recipe, options, provenance, preflight=False)
+    prep = prepare([ref, ref], ref, out, recipe, options, provenance, preflight=False,
+                   copy_only=True)  # fmt: skip
     if adapter_of(prep.base) is None:
         raise MergeError(f"{ref} names no LoRA adapter", str(ref), None,
                          "give MODEL+ADAPTER, ADAPTER a PEFT adapter folder")  # fmt: skip
-    prep.plan = _copy_plan(prep)
     preflight_output(prep)
-    _as_apply_lora(prep, str(ref))
+    prep.record_extra = {"apply_lora": {"note": RECORD_NOTE,
+                                        "adapter": input_record(prep.base).get("adapter")}}
+    prep.card = lambda rec: card(str(ref), rec)
     try:
         engine = make_backend(options.backend, options.device, options.threads, options.vram)
         stats = execute(prep, engine, on_start=on_start, on_bytes=on_bytes)

@@ -106,18 +106,19 @@ def check_merge_args(
     scale=1.0,
     seed=None,
     dtype=None,
-    shard_size="5GB",
-    memory="256MiB",
-    threads=None,
-    backend="auto",
-    device="auto",
-    vram=None,
-    http_timeout=30.0,
+    shard_size,
+    memory,
+    threads,
+    backend,
+    device,
+    vram,
+    http_timeout,
     on_start=None,
     on_bytes=None,
     **flags,
 ) -> None:
-    """Check every argument of ``streammerge.merge`` (pass them all: ``**locals()``).
+    """Check every argument of ``streammerge.merge``: the recipe values given, and every run
+    option (``**asdict(options)``: their defaults live in ``Options`` alone).
 
     Prints a notice for an allowed oddity (λ outside [0, 1]: an extrapolation).
 
@@ -134,16 +135,17 @@ def check_merge_args(
 def check_run_args(
     out,
     *,
-    shard_size="5GB",
-    memory="256MiB",
-    threads=None,
-    backend="auto",
-    device="auto",
-    vram=None,
-    http_timeout=30.0,
+    shard_size,
+    memory,
+    threads,
+    backend,
+    device,
+    vram,
+    http_timeout,
     **flags,
 ) -> None:
-    """Check the output path and the run options (``Options``) of a merge whose inputs a
+    """Check the output path and the run options (every field of ``Options``, passed as
+    ``**asdict(options)``: their defaults live there alone) of a merge whose inputs a
     recipe names (layer slices: any number of models).
 
     Raises:
