@@ -17,8 +17,8 @@ Philox is the cost (~1 ns per element per core); the other loops are memory boun
 Philox loop therefore prefetches the next block's input lines, which hides most of the
 memory traffic behind it.
 
-v2 methods (SPEC v2 "Methods": a magnitude keep window, TIES sign consensus, normalize,
-linear; docs/kernels.md section 1) run in a second kernel, ``_merge_kernel_v2``, so
+Thinning methods (SPEC v2 "Methods": a magnitude keep window, TIES sign consensus, normalize,
+linear; docs/kernels.md section 1) run in a second kernel, ``_thin_merge_kernel``, so
 v1's kernel and its speed stay exactly as they were: ``merge_chunk`` picks it only when a
 v2 argument differs from its default. Per block of ``BLOCK_V2`` elements it decodes the
 base, then one fused decode-subtract-window-drop-weight loop per model writes wd_k into a
@@ -474,7 +474,7 @@ def _thin_block(row, code, round_in, rd, lo, m, xb, r, thr, masked, rescale, w, 
                    keep_hi, wd, s_)  # fmt: skip
 
 
-def _merge_kernel_v2_py(
+def _thin_merge_kernel_py(
     inputs,  # [R, cap_bytes] uint8
     codes,  # [R] int64 dtype codes
     round_in,  # [R] bool: row r's dtype does not fit in D (its values are rounded to D)
@@ -506,7 +506,7 @@ def _merge_kernel_v2_py(
     Per block: x_b, then each model's wd_k into a [K, block] float32 scratch (decode, then
     one thinning loop), then the consensus over the scratch, then the store. Every flag is
     tested outside the element loops. ``rd`` (a module global bound per working dtype D by
-    ``_v2_kernel``: the identity for F32) rounds to D where SPEC "Working dtype (v3)" says.
+    ``_thin_kernel``: the identity for F32) rounds to D where SPEC "Working dtype (v3)" says.
     """
     n_models = rows.shape[0]
     n_blocks = (n + block - 1) // block
@@ -609,14 +609,14 @@ def _merge_kernel_v2_py(
         _encode_block(res, out_code, lo, m, out)
 
 
-def _v2_kernel(name: str, rd):
-    """``_merge_kernel_v2_py`` compiled with the module global ``rd`` bound to one working
+def _thin_kernel(name: str, rd):
+    """``_thin_merge_kernel_py`` compiled with the module global ``rd`` bound to one working
     dtype's rounding (a separate function per D, so D = F32 compiles to v2's float32 code,
     and each is cached on disk under its own name)."""
-    fn = types_mod.FunctionType(_merge_kernel_v2_py.__code__, {**globals(), "rd": rd}, name,
-                                _merge_kernel_v2_py.__defaults__, _merge_kernel_v2_py.__closure__)  # fmt: skip
+    fn = types_mod.FunctionType(_thin_merge_kernel_py.__code__, {**globals(), "rd": rd}, name,
+                                _thin_merge_kernel_py.__defaults__, _thin_merge_kernel_py.__closure__)  # fmt: skip
     fn.__qualname__ = name
-    fn.__doc__ = _merge_kernel_v2_py.__doc__
+    fn.__doc__ = _thin_merge_kernel_py.__doc__
     return numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
 
 
@@ -635,12 +635,12 @@ def _convert_kernel(src, src_code, out, out_code, n, block, scale):
         _encode_block(x, out_code, lo, m, out)
 
 
-#: The v2 kernel per working dtype D (SPEC "Working dtype (v3)"); ``_merge_kernel_v2`` is
+#: The v2 kernel per working dtype D (SPEC "Working dtype (v3)"); ``_thin_merge_kernel`` is
 #: D = F32, v2's float32 kernel.
-_merge_kernel_v2 = _v2_kernel("_merge_kernel_v2", _f32_to_f32)
-_merge_kernel_v2_bf16 = _v2_kernel("_merge_kernel_v2_bf16", _rd_bf16)
-_merge_kernel_v2_f16 = _v2_kernel("_merge_kernel_v2_f16", _rd_f16)
-_V2_KERNELS = {_F32: _merge_kernel_v2, _BF16: _merge_kernel_v2_bf16, _F16: _merge_kernel_v2_f16}
+_thin_merge_kernel = _thin_kernel("_thin_merge_kernel", _f32_to_f32)
+_thin_merge_kernel_bf16 = _thin_kernel("_thin_merge_kernel_bf16", _rd_bf16)
+_thin_merge_kernel_f16 = _thin_kernel("_thin_merge_kernel_f16", _rd_f16)
+_THIN_KERNELS = {_F32: _thin_merge_kernel, _BF16: _thin_merge_kernel_bf16, _F16: _thin_merge_kernel_f16}
 
 
 # ----------------------------------------------------------------------------------------
@@ -755,7 +755,7 @@ def merge_chunk(
 
     With the defaults (no window, consensus "none", normalize and linear False) this is
     v1's formula and v1's kernel (``_merge_kernel``, unchanged); anything else runs
-    ``_merge_kernel_v2``, which keeps each model's wd_k for the block in a [K, BLOCK]
+    ``_thin_merge_kernel``, which keeps each model's wd_k for the block in a [K, BLOCK]
     float32 scratch:
         d_k  = float32(model_k) - x_b;  mag_k = bits(d_k) & 0x7FFFFFFF (uint32)
         kept = DARE word >= floor(p_k * 2**32) (when p_k > 0) and keep_lo[k] <= mag_k <= keep_hi[k]
@@ -865,7 +865,7 @@ def merge_chunk(
         if abs(den) <= np.float32(1e-8):  # |den| < 1e-8 as real numbers (contract 1)
             den = np.float32(1.0)
         round_in = np.array([d_code != _F32 and c != d_code for c in codes], np.bool_)
-        _V2_KERNELS[d_code](
+        _THIN_KERNELS[d_code](
             inputs,
             codes,
             round_in,

@@ -48,7 +48,7 @@ def kernels_compiled() -> bool:
     """
     from streammerge.kernels import cpu_merge, cpu_stats
 
-    kernels = (cpu_merge._merge_kernel_v2, cpu_merge._merge_kernel_v2_bf16,
+    kernels = (cpu_merge._thin_merge_kernel, cpu_merge._thin_merge_kernel_bf16,
                cpu_merge._convert_kernel, *cpu_stats._KERNELS[cpu_merge._F32],
                *cpu_stats._KERNELS[cpu_merge._BF16])  # fmt: skip
     try:
