@@ -165,3 +165,24 @@ def test_agree_linear_fma_against_torch_addcmul(tmp_path: Path) -> None:
     assert s["numel"] - s["equal"] == differ > 0
     assert s["reasons"] == {"threshold tie": 0, "linear fma": differ,
                             "fma/rounding (1 ulp)": 0, "other": 0}  # fmt: skip
+
+
+def test_bench_methods_has_a_loading_recipe_for_every_method(tmp_path: Path) -> None:
+    """bench/bench_methods.py's table covers every method a user can name, and each row's
+    recipe is one streammerge's own YAML reader takes (method and parameters as written)."""
+    from streammerge.methods.registry import METHODS
+    from streammerge.recipe.mergekit_yaml import load_recipe
+
+    bm = _load("bench_methods")
+    assert set(METHODS) <= set(bm.RECIPES)
+    for role in ("a", "b", "base"):
+        (tmp_path / role).mkdir()
+    for method in METHODS:
+        cfg = tmp_path / f"{method}.yml"
+        cfg.write_text(bm.recipe_yaml(method, tmp_path))
+        got = load_recipe(cfg)
+        assert got.recipe["method"] == method
+        base, models, _, shared = bm.RECIPES[method]
+        assert len(got.models) + (got.base is not None) == len(set(models) | {base} - {None})
+        for name, value in shared.items():
+            assert got.recipe["params"][name] == value, (method, name)
