@@ -262,6 +262,8 @@ class Recipe:
                 shared.append((p.name, v))
             if p.m3 and row.m3 == "t":
                 w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
+        if row.check_params is not None and (msg := row.check_params(per_model)):
+            raise RecipeError(f"tensor {name}: {msg}", "parameters")
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
 
