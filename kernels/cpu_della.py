@@ -41,7 +41,7 @@ def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
-                  tha, thb, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code):  # fmt: skip
+                  tha, thb, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code, ids):  # fmt: skip
     n_models = model_rows.shape[0]
     zero = np.float32(0.0)
     two32 = np.float32(4294967296.0)
@@ -71,8 +71,8 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
                 order = np.argsort(keys)
                 for k in range(row_len):
                     rank[order[k]] = k
-                _philox_range(start + lo, row_len, np.uint64(j // 4), k0, k1, w0, w1, w2, w3)
-                q = j % 4
+                _philox_range(start + lo, row_len, np.uint64(ids[j] // 4), k0, k1, w0, w1, w2, w3)
+                q = ids[j] % 4
                 for i in range(row_len):
                     word = w0[i] if q == 0 else (w1[i] if q == 1 else (w2[i] if q == 2 else w3[i]))
                     kk = tha[j]
@@ -118,7 +118,7 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
 def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
                 n_rows: int, row_len: int, start: int, key: int, weights, density, epsilon,
                 rescale: bool, sign: bool, normalize: bool, scale: float, out: np.ndarray,
-                out_dtype: str, work: str | None = None) -> None:  # fmt: skip
+                out_dtype: str, work: str | None = None, model_ids=None) -> None:  # fmt: skip
     """The merged value of ``n_rows`` whole rows into the raw byte row ``out`` (SPEC "DELLA").
 
     Args:
@@ -128,6 +128,7 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
         weights, density, epsilon: per fine-tune w_j, rho_j, eps_j (float64).
         sign: sign election (``della``); normalize; scale: s (mergekit's lambda).
         work: the working dtype D, or None: the inputs' promoted dtype.
+        model_ids: SPEC index j of each fine-tune row (its Philox word), default 0 .. N-1.
 
     Raises:
         ValueError: bad rows, dtypes, output, or density +/- epsilon outside (0, 1).
@@ -141,6 +142,7 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     nm = len(model_rows)
     if not len(weights) == len(density) == len(epsilon) == nm:
         raise ValueError(f"need {nm} weights, densities and epsilons")
+    ids = np.array(range(nm) if model_ids is None else model_ids, np.int64)
     drop = np.array([float(r) < 1.0 for r in density], np.bool_)
     ab = [della_thresholds(float(r), float(e)) if dr else (0, 0)
           for r, e, dr in zip(density, epsilon, drop)]  # fmt: skip
@@ -157,7 +159,7 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
         _della_kernel(inputs, codes, base_row, mr, n_rows, row_len, start,
                       np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32), drop, tha, thb,
                       bool(rescale), wq, bool(sign), bool(normalize), den0,
-                      np.float32(scale), w_code, out, co)  # fmt: skip
+                      np.float32(scale), w_code, out, co, ids)  # fmt: skip
 
 
 def warmup() -> None:

@@ -741,10 +741,11 @@ def spec_lora(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, scale: 
 
 
 def spec_della(base, models, dtypes, out_dtype, shape, key, weights, density, epsilon,
-               rescale=True, sign=True, normalize=None, scale=1.0, work=None):  # fmt: skip
+               rescale=True, sign=True, normalize=None, scale=1.0, work=None,
+               model_ids=None):  # fmt: skip
     """della (sign True) / della_linear of stored tensors, flat, in stored form of
-    ``out_dtype``; rows of shape[-1]... as SPEC: row length numel / shape[0], a 1-D tensor
-    one row."""
+    ``out_dtype`` (SPEC "DELLA"): rows of numel / shape[0] elements, a 1-D tensor one row;
+    ``model_ids``: each fine-tune's SPEC index j (its Philox word), default 0 .. N-1."""
     f = np.float32
     D = work or spec_promote(dtypes)
     numel = int(np.prod(shape)) if len(shape) else 1
@@ -762,6 +763,7 @@ def spec_della(base, models, dtypes, out_dtype, shape, key, weights, density, ep
             rho, eps = float(density[j]), float(epsilon[j])
             if rho < 1.0:
                 assert 0 < rho - eps and rho + eps < 1
+                jj = j if model_ids is None else model_ids[j]
                 A = math.floor((rho - eps) * 2**32)
                 B = math.floor(2.0 * eps * 2**32)
                 mag = (spec_mag(d).astype(np.uint64) << np.uint64(32)).reshape(rows, L)
@@ -775,8 +777,8 @@ def spec_della(base, models, dtypes, out_dtype, shape, key, weights, density, ep
                 i = idx.astype(np.uint64)
                 word = philox4x32_10((i & _M32).astype(np.uint32),
                                      (i >> np.uint64(32)).astype(np.uint32),
-                                     np.full(numel, j // 4, np.uint32), np.zeros(numel, np.uint32),
-                                     np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32))[j % 4]  # fmt: skip
+                                     np.full(numel, jj // 4, np.uint32), np.zeros(numel, np.uint32),
+                                     np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32))[jj % 4]  # fmt: skip
                 kept = word.astype(np.uint64) < K
                 if rescale:
                     r = (f(2.0**32) / K.astype(f)).astype(f)

@@ -35,7 +35,22 @@ def della_cpu(inputs, out, a, sign: bool = True) -> None:
     cpu_della.della_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n_rows,
                           a.row_len, a.start, a.key, list(a.weights), density, epsilon,
                           bool(p["rescale"]), sign, bool(p["normalize"]), float(p["scale"]),
-                          out, a.out_dtype, a.compute_dtype)  # fmt: skip
+                          out, a.out_dtype, a.compute_dtype, list(ids))  # fmt: skip
+
+
+def della_triton(launch, inputs, out, a, sign: bool = True) -> None:
+    """``della_cpu`` with the Triton kernels."""
+    from streammerge.kernels import triton_della
+
+    p = dict(a.params)
+    n = a.n_rows * a.row_len
+    density, epsilon = ([float(v[j]) for j in a.model_ids] for v in (p["density"], p["epsilon"]))
+    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+    triton_della.della_triton(base, models, a.n_rows, a.row_len, a.start, a.key, a.model_ids,
+                              list(a.weights), density, epsilon, bool(p["rescale"]), sign,
+                              bool(p["normalize"]), float(p["scale"]),
+                              launch.typed(out, a.out_dtype, n), a.compute_dtype)  # fmt: skip
 
 
 def della_check(values: dict) -> str | None:
@@ -58,7 +73,7 @@ METHOD = Method(
     summary="magnitude-ranked random drop (density +/- epsilon), rescale, sign election",
     source="DELLA, arXiv 2406.11617; mergekit della",
     working_dtype="inputs",
-    row_passes=(RowPass("della", della_cpu),),
+    row_passes=(RowPass("della", della_cpu, della_triton),),
     vector_row=True,
     check_params=della_check,
 )
