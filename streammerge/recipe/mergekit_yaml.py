@@ -36,6 +36,8 @@ returns its ``SliceRecipe`` as ``recipe["slices"]``).
 
 from __future__ import annotations
 
+import re
+
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,6 +150,21 @@ def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
         f"{ref} is neither a directory nor in the local Hugging Face cache",
         f"fetch it first: hf download {repo}" + (f" --revision {revision}" if revision else ""),
     )
+
+
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def yaml_number(value):
+    """``value`` with every string that YAML 1.2 reads as a number but PyYAML (YAML 1.1)
+    leaves a string (``1e-5``: no dot) made a float, in lists and filter entries too."""
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [yaml_number(v) for v in value]
+    if isinstance(value, dict) and "value" in value:
+        return {**value, "value": yaml_number(value["value"])}
+    return value
 
 
 def _check_value(value, key: str, doc: YamlDoc, allow_gradient: bool, kind: str) -> None:
@@ -430,7 +447,8 @@ class _RecipeReader:
         own = {}
         for k, v in params.items():
             pk = f"{key}.parameters.{k}"
-            param = known.get(k)
+            param = self._declared(k, known)
+            v = yaml_number(v)
             if param is None:
                 per_model = sorted(n for n, p in known.items() if p.per_model)
                 doc.fail(pk, "unknown parameter", f"use {', '.join(per_model)}")
@@ -454,13 +472,21 @@ class _RecipeReader:
         params: dict = {}
         for k, v in top.items():
             pk = f"parameters.{k}"
-            param = known.get(k)
+            param = self._declared(k, known)
+            v = yaml_number(v)
             if param is None:
                 doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(known))}")
             if self._kept(param, v, pk):
                 params[param.name] = v
                 self.lines[f"parameters.{param.name}"] = doc.lines[pk]
         return params
+
+    def _declared(self, key: str, known: dict[str, Param]) -> Param | None:
+        """The method's own declaration of the YAML key ``key`` (its range, default and
+        per-model flag: ``epsilon`` is per model for della, global for ram), else the first
+        method's that declares it."""
+        own = next((p for p in self.row.params if p.key == key), None)
+        return own or known.get(key)
 
     def _kept(self, param: Param, v, pk: str) -> bool:
         """Check the value of ``param`` at ``pk``; whether it is kept for the recipe (False:
