@@ -175,6 +175,15 @@ class Method:
         p = self.param("normalize")
         return bool(p.default) if p is not None else False
 
+    def check_across(self, per_model: dict, tensor: str) -> None:
+        """``check_params`` on one tensor's per-model values.
+
+        Raises:
+            RecipeError: the check's message, naming the tensor.
+        """
+        if self.check_params is not None and (msg := self.check_params(per_model)):
+            raise RecipeError(f"tensor {tensor}: {msg}", "parameters")
+
     def param(self, name: str) -> Param | None:
         """The declared parameter ``name`` (recipe name), or None."""
         return next((p for p in self.params if p.name == name), None)

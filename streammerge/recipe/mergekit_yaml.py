@@ -36,8 +36,6 @@ returns its ``SliceRecipe`` as ``recipe["slices"]``).
 
 from __future__ import annotations
 
-import re
-
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,7 +46,7 @@ from streammerge.methods.method import Method
 from streammerge.methods.params import Param
 from streammerge.methods.registry import METHODS, all_params
 from streammerge.recipe.dtypes import normalize_dtype
-from streammerge.recipe.yaml_doc import YamlDoc
+from streammerge.recipe.yaml_doc import YamlDoc, yaml_number
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -150,21 +148,6 @@ def _resolve_model(ref, key: str, doc: YamlDoc, base_dir: Path) -> Path | str:
         f"{ref} is neither a directory nor in the local Hugging Face cache",
         f"fetch it first: hf download {repo}" + (f" --revision {revision}" if revision else ""),
     )
-
-
-_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
-
-
-def yaml_number(value):
-    """``value`` with every string that YAML 1.2 reads as a number but PyYAML (YAML 1.1)
-    leaves a string (``1e-5``: no dot) made a float, in lists and filter entries too."""
-    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
-        return float(value)
-    if isinstance(value, list):
-        return [yaml_number(v) for v in value]
-    if isinstance(value, dict) and "value" in value:
-        return {**value, "value": yaml_number(value["value"])}
-    return value
 
 
 def _check_value(value, key: str, doc: YamlDoc, allow_gradient: bool, kind: str) -> None:
@@ -482,9 +465,8 @@ class _RecipeReader:
         return params
 
     def _declared(self, key: str, known: dict[str, Param]) -> Param | None:
-        """The method's own declaration of the YAML key ``key`` (its range, default and
-        per-model flag: ``epsilon`` is per model for della, global for ram), else the first
-        method's that declares it."""
+        """The method's own declaration of ``key`` (della's epsilon is per model, ram's
+        global), else the first method's."""
         own = next((p for p in self.row.params if p.key == key), None)
         return own or known.get(key)
 
