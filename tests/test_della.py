@@ -141,11 +141,18 @@ def _bytes(out):
             for k, v in output_bytes(out).items()}  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["della", "della_linear"])
-def test_cli_is_exact_and_independent_of_the_chunking(tmp_path, method):
-    base, a, b = make_trio(tmp_path, big=100_000)
+@pytest.mark.parametrize("method, big, runs", [
+    ("della", 100_000, ([], ["--memory", "8MB", "--threads", "1", "--shard-size", "300KB"])),
+    ("della_linear", 0, ([], ["--backend", "triton"])),
+])  # fmt: skip
+def test_cli_is_exact_and_independent_of_the_chunking(tmp_path, method, big, runs):
+    """The same bytes with small chunks, one thread, small shards (della), through the
+    Triton backend (della_linear, under TRITON_INTERPRET=1), equal to the oracle's."""
+    if "--backend" in runs[1] and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    base, a, b = make_trio(tmp_path, big=big)
     outs = []
-    for k, more in enumerate(([], ["--memory", "8MB", "--threads", "1", "--shard-size", "300KB"])):
+    for k, more in enumerate(runs):
         out = tmp_path / f"out{k}"
         r = run_cli([str(a), str(b), "--base", str(base), "--method", method, "--density", "0.4",
                      "--epsilon", "0.15", "--seed", "11", "-o", str(out), *more])  # fmt: skip
