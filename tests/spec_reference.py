@@ -733,3 +733,86 @@ def spec_lora(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, scale: 
     delta = np.multiply(acc, np.float32(scale), dtype=np.float32)
     out = np.add(to_float32(w, w_dtype).reshape(rows, cols), delta, dtype=np.float32)
     return from_float32(out, w_dtype).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------
+# DELLA (docs/SPEC.md "DELLA (della, della_linear)")
+# ---------------------------------------------------------------------------------------
+
+
+def spec_della(base, models, dtypes, out_dtype, shape, key, weights, density, epsilon,
+               rescale=True, sign=True, normalize=None, scale=1.0, work=None,
+               model_ids=None):  # fmt: skip
+    """della (sign True) / della_linear of stored tensors, flat, in stored form of
+    ``out_dtype`` (SPEC "DELLA"): rows of numel / shape[0] elements, a 1-D tensor one row;
+    ``model_ids``: each fine-tune's SPEC index j (its Philox word), default 0 .. N-1."""
+    f = np.float32
+    D = work or spec_promote(dtypes)
+    numel = int(np.prod(shape)) if len(shape) else 1
+    L = numel if len(shape) <= 1 else numel // shape[0]
+    rows = numel // L
+    if normalize is None:
+        normalize = sign
+    xb = spec_rd(to_float32(base, dtypes[0]).reshape(-1), D)
+    wq = [spec_rd(np.array([f(w)], f), D)[0] for w in weights]
+    idx = np.arange(numel, dtype=np.int64)
+    wds = []
+    with np.errstate(all="ignore"):
+        for j, (m, dt) in enumerate(zip(models, dtypes[1:])):
+            d = spec_rd(spec_rd(to_float32(m, dt).reshape(-1), D) - xb, D)
+            rho, eps = float(density[j]), float(epsilon[j])
+            if rho < 1.0:
+                assert 0 < rho - eps and rho + eps < 1
+                jj = j if model_ids is None else model_ids[j]
+                A = math.floor((rho - eps) * 2**32)
+                B = math.floor(2.0 * eps * 2**32)
+                mag = (spec_mag(d).astype(np.uint64) << np.uint64(32)).reshape(rows, L)
+                keys = mag | np.arange(L, dtype=np.uint64)[None, :]
+                order = np.argsort(keys, axis=1, kind="stable")
+                rank = np.empty((rows, L), np.int64)
+                np.put_along_axis(rank, order, np.arange(L, dtype=np.int64)[None, :].repeat(rows, 0), 1)
+                rank = rank.reshape(-1).astype(object)
+                K = np.array([A + (int(r) * B) // (L - 1) if L > 1 else A for r in rank],
+                             np.uint64)  # fmt: skip
+                i = idx.astype(np.uint64)
+                word = philox4x32_10((i & _M32).astype(np.uint32),
+                                     (i >> np.uint64(32)).astype(np.uint32),
+                                     np.full(numel, jj // 4, np.uint32), np.zeros(numel, np.uint32),
+                                     np.uint32(key & 0xFFFFFFFF), np.uint32(key >> 32))[jj % 4]  # fmt: skip
+                kept = word.astype(np.uint64) < K
+                if rescale:
+                    r = (f(2.0**32) / K.astype(f)).astype(f)
+                    e = spec_rd(d * r, D)
+                else:
+                    e = d
+                e = np.where(kept, e, f(0.0)).astype(f)
+            else:
+                e = d
+            wds.append(spec_rd(wq[j] * e, D))
+        if sign:
+            S = np.zeros(numel, f)
+            for wd in wds:
+                S = (S + wd).astype(f)
+            pos = spec_rd(S, D) >= 0
+            acc = np.zeros(numel, f)
+            den = np.zeros(numel, f)
+            for j, wd in enumerate(wds):
+                ag = ((wd > 0) & pos) | ((wd < 0) & ~pos)
+                acc = np.where(ag, (acc + wd).astype(f), acc)
+                den = np.where(ag, (den + wq[j]).astype(f), den)
+            acc, den = spec_rd(acc, D), spec_rd(den, D)
+            den = np.where(den == 0, f(1.0), den)
+        else:
+            acc = np.zeros(numel, f)
+            for wd in wds:
+                acc = (acc + wd).astype(f)
+            acc = spec_rd(acc, D)
+            d0 = f(0.0)
+            for w in wq:
+                d0 = f(d0 + w)
+            d0 = spec_rd(np.array([d0]), D)[0]
+            den = f(1.0) if abs(float(d0)) < 1e-8 else d0
+        m = spec_rd((acc / den).astype(f), D) if normalize else acc
+        m = spec_rd((f(scale) * m).astype(f), D)
+        out = spec_rd((xb + m).astype(f), D)
+    return from_float32(out, out_dtype)

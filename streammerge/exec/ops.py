@@ -221,6 +221,8 @@ def row_len(t: TensorPlan) -> int:
     method = ROW_PASSES[t.ops[-1]][0] if t.ops and t.ops[-1] in ROW_PASSES else None
     if method is not None and method.row_block is not None:
         return min(method.row_block, max(1, t.numel))
+    if method is not None and method.vector_row and len(t.shape) == 1:
+        return max(1, t.numel)
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
 
 

@@ -115,6 +115,11 @@ class Method:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
             it out; ``registry.get_method`` finds it).
+        vector_row: a 1-D tensor is one row of all its elements (della: mergekit's
+            ``della_magprune`` ranks a vector as one row), not rows of one element.
+        check_params: ``check_params(per_model) -> message | None``: a check across the
+            per-model values of one tensor (name -> list of N), after each is checked
+            against its own range (della: density +/- epsilon inside (0, 1)).
     """
 
     name: str
@@ -133,6 +138,8 @@ class Method:
     base_is_input: bool = False
     slices_only: bool = False
     working_dtype: str = "float32"
+    vector_row: bool = False
+    check_params: Callable | None = None
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):
@@ -167,6 +174,15 @@ class Method:
         """The default of ``normalize`` (False when the method has no such parameter)."""
         p = self.param("normalize")
         return bool(p.default) if p is not None else False
+
+    def check_across(self, per_model: dict, tensor: str) -> None:
+        """``check_params`` on one tensor's per-model values.
+
+        Raises:
+            RecipeError: the check's message, naming the tensor.
+        """
+        if self.check_params is not None and (msg := self.check_params(per_model)):
+            raise RecipeError(f"tensor {tensor}: {msg}", "parameters")
 
     def param(self, name: str) -> Param | None:
         """The declared parameter ``name`` (recipe name), or None."""

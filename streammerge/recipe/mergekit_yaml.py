@@ -46,7 +46,7 @@ from streammerge.methods.method import Method
 from streammerge.methods.params import Param
 from streammerge.methods.registry import METHODS, all_params
 from streammerge.recipe.dtypes import normalize_dtype
-from streammerge.recipe.yaml_doc import YamlDoc
+from streammerge.recipe.yaml_doc import YamlDoc, yaml_number
 
 TOP_KEYS = {
     "merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
@@ -430,7 +430,8 @@ class _RecipeReader:
         own = {}
         for k, v in params.items():
             pk = f"{key}.parameters.{k}"
-            param = known.get(k)
+            param = self._declared(k, known)
+            v = yaml_number(v)
             if param is None:
                 per_model = sorted(n for n, p in known.items() if p.per_model)
                 doc.fail(pk, "unknown parameter", f"use {', '.join(per_model)}")
@@ -454,13 +455,20 @@ class _RecipeReader:
         params: dict = {}
         for k, v in top.items():
             pk = f"parameters.{k}"
-            param = known.get(k)
+            param = self._declared(k, known)
+            v = yaml_number(v)
             if param is None:
                 doc.fail(pk, "unknown parameter", f"use {', '.join(sorted(known))}")
             if self._kept(param, v, pk):
                 params[param.name] = v
                 self.lines[f"parameters.{param.name}"] = doc.lines[pk]
         return params
+
+    def _declared(self, key: str, known: dict[str, Param]) -> Param | None:
+        """The method's own declaration of ``key`` (della's epsilon is per model, ram's
+        global), else the first method's."""
+        own = next((p for p in self.row.params if p.key == key), None)
+        return own or known.get(key)
 
     def _kept(self, param: Param, v, pk: str) -> bool:
         """Check the value of ``param`` at ``pk``; whether it is kept for the recipe (False:

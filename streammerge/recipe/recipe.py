@@ -229,11 +229,8 @@ class Recipe:
     def tensor_params(self, name: str, t: float = 0.0) -> TensorParams:
         """Resolve the parameters of tensor ``name`` at depth ``t`` (docs/SPEC.md): each
         parameter the method declares (``Method.params``), the recipe's value or the
-        declared default, checked against the declared range. DARE's drop rate and density
-        are one setting (``_dare_rates``).
-
-        Raises:
-            RecipeError: a resolved value out of range (names the recipe key).
+        declared default, checked against the declared range (RecipeError, naming the recipe
+        key). DARE's drop rate and density are one setting (``_dare_rates``).
         """
         row = self.row
         per_model: dict[str, list] = {p.name: [] for p in row.per_model if p.name != "weight"}
@@ -262,6 +259,7 @@ class Recipe:
                 shared.append((p.name, v))
             if p.m3 and row.m3 == "t":
                 w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
+        row.check_across(per_model, name)
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
 

@@ -3,6 +3,8 @@ bounded: ``YamlDoc`` (``streammerge.recipe.mergekit_yaml`` reads mergekit recipe
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import yaml
@@ -129,3 +131,18 @@ class YamlDoc:
         line = line or self.lines.get(key)
         at = f"line {line}: " if line else ""
         raise MergeError(f"{at}{key}: {what}", self.path, None, todo)
+
+
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+")
+
+
+def yaml_number(value):
+    """``value`` with every string that YAML 1.2 reads as a number but PyYAML (YAML 1.1)
+    leaves a string (``1e-5``: no dot) made a float, in lists and filter entries too."""
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [yaml_number(v) for v in value]
+    if isinstance(value, dict) and "value" in value:
+        return {**value, "value": yaml_number(value["value"])}
+    return value

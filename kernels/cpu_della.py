@@ -1,0 +1,170 @@
+"""DELLA CPU kernel (numba): mergekit's ``della`` / ``della_linear`` in the working dtype.
+
+Contract: docs/SPEC.md "DELLA (della, della_linear)", tested bit for bit against
+``tests/spec_reference.py`` (``spec_della``).
+
+A chunk holds whole rows: ``n_rows`` rows of ``row_len`` elements of the base (slot row
+``base_row``) and of N fine-tunes (``model_rows``), raw little-endian byte rows as in
+``cpu_merge``. Per row and fine-tune j with density < 1: the task vector's magnitudes are
+ranked exactly (ties by element index), the rank gives the keep threshold
+``K = A_j + (rank * B_j) // (row_len - 1)`` of a 32-bit Philox word (SPEC v1's counter and
+key: element index in the tensor, model j), a kept value is rescaled by
+``float32(2**32) / float32(K)``; then the thinned task vectors are combined as the v3
+task-vector merge (sign election for ``della``, a plain sum for ``della_linear``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .common import FLOAT_CODES
+from .cpu_merge import _M32, _SH32, _decode_block, _encode_block, _f32_bits, _philox_range
+from .cpu_nearswap import round_work
+from .cpu_rows import _checked
+
+
+def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
+    """(A, B) of SPEC "DELLA": ``floor((rho - eps) * 2**32)`` and ``floor(2 * eps * 2**32)``
+    (float64 products, truncated). Only for ``rho < 1``.
+
+    Raises:
+        ValueError: rho - eps <= 0 or rho + eps >= 1 (mergekit's condition).
+    """
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(f"della: epsilon {epsilon} must keep density {density} +/- epsilon "
+                         "inside (0, 1)")  # fmt: skip
+    return math.floor((density - epsilon) * 2**32), math.floor(2.0 * epsilon * 2**32)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
+                  tha, thb, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code, ids):  # fmt: skip
+    n_models = model_rows.shape[0]
+    zero = np.float32(0.0)
+    two32 = np.float32(4294967296.0)
+    for r in numba.prange(n_rows):
+        lo = r * row_len
+        xb = np.empty(row_len, np.float32)
+        d = np.empty(row_len, np.float32)
+        wd = np.empty((n_models, row_len), np.float32)
+        keys = np.empty(row_len, np.uint64)
+        rank = np.empty(row_len, np.int64)
+        w0 = np.empty(row_len, np.uint32)
+        w1 = np.empty(row_len, np.uint32)
+        w2 = np.empty(row_len, np.uint32)
+        w3 = np.empty(row_len, np.uint32)
+        _decode_block(inputs[base_row], codes[base_row], lo, row_len, xb)
+        for i in range(row_len):
+            xb[i] = round_work(xb[i], w_code)
+        for j in range(n_models):
+            mr = model_rows[j]
+            _decode_block(inputs[mr], codes[mr], lo, row_len, d)
+            for i in range(row_len):
+                d[i] = round_work(round_work(d[i], w_code) - xb[i], w_code)
+            if drop[j]:
+                for i in range(row_len):
+                    mag = np.uint64(_f32_bits(d[i]) & np.uint32(0x7FFFFFFF))
+                    keys[i] = (mag << _SH32) | np.uint64(i)
+                order = np.argsort(keys)
+                for k in range(row_len):
+                    rank[order[k]] = k
+                _philox_range(start + lo, row_len, np.uint64(ids[j] // 4), k0, k1, w0, w1, w2, w3)
+                q = ids[j] % 4
+                for i in range(row_len):
+                    word = w0[i] if q == 0 else (w1[i] if q == 1 else (w2[i] if q == 2 else w3[i]))
+                    kk = tha[j]
+                    if row_len > 1:
+                        kk += (np.uint64(rank[i]) * np.uint64(thb[j])) // np.uint64(row_len - 1)
+                    e = zero
+                    if np.uint64(word) < np.uint64(kk):
+                        e = round_work(d[i] * (two32 / np.float32(kk)), w_code) if rescale else d[i]
+                    wd[j, i] = round_work(wq[j] * e, w_code)
+            else:
+                for i in range(row_len):
+                    wd[j, i] = round_work(wq[j] * d[i], w_code)
+        for i in range(row_len):
+            if sign:
+                s = zero
+                for j in range(n_models):
+                    s = s + wd[j, i]
+                s = round_work(s, w_code)
+                pos = s >= zero
+                acc = zero
+                den = zero
+                for j in range(n_models):
+                    v = wd[j, i]
+                    if (v > zero and pos) or (v < zero and not pos):
+                        acc = acc + v
+                        den = den + wq[j]
+                acc = round_work(acc, w_code)
+                den = round_work(den, w_code)
+                if den == zero:
+                    den = np.float32(1.0)
+            else:
+                acc = zero
+                for j in range(n_models):
+                    acc = acc + wd[j, i]
+                acc = round_work(acc, w_code)
+                den = den0
+            m = round_work(acc / den, w_code) if normalize else acc
+            m = round_work(s32 * m, w_code)
+            xb[i] = round_work(xb[i] + m, w_code)
+        _encode_block(xb, out_code, lo, row_len, out)
+
+
+def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+                n_rows: int, row_len: int, start: int, key: int, weights, density, epsilon,
+                rescale: bool, sign: bool, normalize: bool, scale: float, out: np.ndarray,
+                out_dtype: str, work: str | None = None, model_ids=None) -> None:  # fmt: skip
+    """The merged value of ``n_rows`` whole rows into the raw byte row ``out`` (SPEC "DELLA").
+
+    Args:
+        inputs: the slot's rows (np.uint8 [rows, bytes]); dtypes: each row's dtype.
+        base_row, model_rows: the rows of the base and of the N fine-tunes (SPEC order).
+        start: tensor index of the chunk's first element; key: the tensor's key_t.
+        weights, density, epsilon: per fine-tune w_j, rho_j, eps_j (float64).
+        sign: sign election (``della``); normalize; scale: s (mergekit's lambda).
+        work: the working dtype D, or None: the inputs' promoted dtype.
+        model_ids: SPEC index j of each fine-tune row (its Philox word), default 0 .. N-1.
+
+    Raises:
+        ValueError: bad rows, dtypes, output, or density +/- epsilon outside (0, 1).
+    """
+    from .cpu_ram import _slot
+    from .common import round_host
+
+    n = n_rows * row_len
+    codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n, work)
+    co = _checked(out, out_dtype, n, "out")
+    nm = len(model_rows)
+    if not len(weights) == len(density) == len(epsilon) == nm:
+        raise ValueError(f"need {nm} weights, densities and epsilons")
+    ids = np.array(range(nm) if model_ids is None else model_ids, np.int64)
+    drop = np.array([float(r) < 1.0 for r in density], np.bool_)
+    ab = [della_thresholds(float(r), float(e)) if dr else (0, 0)
+          for r, e, dr in zip(density, epsilon, drop)]  # fmt: skip
+    tha = np.array([a for a, _ in ab], np.uint64)
+    thb = np.array([b for _, b in ab], np.uint64)
+    wq = np.array([round_host(float(x), w) for x in weights], np.float32)
+    den0 = np.float32(0.0)
+    for x in wq:
+        den0 = np.float32(den0 + x)
+    den0 = round_host(float(den0), w)
+    if abs(float(den0)) < 1e-8:
+        den0 = np.float32(1.0)
+    if n:
+        _della_kernel(inputs, codes, base_row, mr, n_rows, row_len, start,
+                      np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32), drop, tha, thb,
+                      bool(rescale), wq, bool(sign), bool(normalize), den0,
+                      np.float32(scale), w_code, out, co, ids)  # fmt: skip
+
+
+def warmup() -> None:
+    """Compile (or load from numba's cache) the kernel for each dtype."""
+    for dt in FLOAT_CODES:
+        s = np.zeros((3, 16), np.uint8)
+        della_chunk(s, [dt] * 3, 0, [1, 2], 1, 2, 0, 1, [1.0, 1.0], [0.5, 1.0], [0.1, 0.1],
+                    True, True, True, 1.0, np.zeros(16, np.uint8), dt)  # fmt: skip
