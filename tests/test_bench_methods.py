@@ -171,7 +171,7 @@ def test_bench_methods_has_a_loading_recipe_for_every_method(tmp_path: Path) -> 
     """bench/bench_methods.py's table covers every method a user can name, and each row's
     recipe is one streammerge's own YAML reader takes (method and parameters as written)."""
     from streammerge.methods.registry import METHODS
-    from streammerge.recipe.mergekit_yaml import load_recipe
+    from streammerge.recipe.mergekit_yaml import load_recipe, yaml_params
 
     bm = _load("bench_methods")
     assert set(METHODS) <= set(bm.RECIPES)
@@ -185,4 +185,4 @@ def test_bench_methods_has_a_loading_recipe_for_every_method(tmp_path: Path) -> 
         base, models, _, shared = bm.RECIPES[method]
         assert len(got.models) + (got.base is not None) == len(set(models) | {base} - {None})
         for name, value in shared.items():
-            assert got.recipe["params"][name] == value, (method, name)
+            assert got.recipe["params"][yaml_params()[name].name] == value, (method, name)
