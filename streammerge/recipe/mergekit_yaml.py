@@ -381,6 +381,9 @@ class _RecipeReader:
                           "add base_model:", line=1)  # fmt: skip
         if base_ref is None:
             return None
+        if self.row.base_unsupported:
+            self.doc.fail("base_model", f"method {self.method} with a base_model is not "
+                          "supported yet", "remove base_model:")
         return _resolve_model(base_ref, "base_model", self.doc, self.here)
 
     def fine_tunes(self, entries, base) -> tuple[list[Path | str], list[str], list[dict]]:
