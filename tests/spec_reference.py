@@ -816,3 +816,63 @@ def spec_della(base, models, dtypes, out_dtype, shape, key, weights, density, ep
         m = spec_rd((f(scale) * m).astype(f), D)
         out = spec_rd((xb + m).astype(f), D)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# NuSLERP (docs/SPEC.md "NuSLERP")
+# ---------------------------------------------------------------------------------------
+
+
+def spec_nuslerp_t(w0: float, w1: float) -> float:
+    """SPEC's factor: w1 / (w0 + w1), 0.5 when |w0 + w1| < 1e-6."""
+    s = float(w0) + float(w1)
+    return 0.5 if abs(s) < 1e-6 else float(w1) / s
+
+
+def spec_nuslerp_coefficients(s00: float, s11: float, s01: float, t: float):
+    """(ca32, cb32) of one vector from its sums, as SPEC writes them (float64 scalars)."""
+    with np.errstate(all="ignore"):
+        d0 = max(np.sqrt(np.float64(s00)), 1e-7) if not np.isnan(s00) else np.float64("nan")
+        d1 = max(np.sqrt(np.float64(s11)), 1e-7) if not np.isnan(s11) else np.float64("nan")
+        c = np.float64(s01) / (d0 * d1)
+        theta = np.arccos(np.clip(c, -1.0, 1.0))
+        st = np.sin(theta)
+        if abs(st) < 1e-8:
+            ca, cb = 1.0 - t, t
+        else:
+            ca = np.sin((1.0 - t) * theta) / st
+            cb = np.sin(t * theta) / st
+    return np.float32(ca), np.float32(cb)
+
+
+def spec_nuslerp(v0: np.ndarray, v1: np.ndarray, w0: float, w1: float, out_dtype: str, shape,
+                 dtype0: str, dtype1: str, flatten: bool = True) -> np.ndarray:  # fmt: skip
+    """The merged tensor (stored form, flat) of NuSLERP of two stored tensors of ``shape``:
+    one vector per tensor (flatten, or fewer than 2 axes: slerp's rows and fsum totals), else
+    one per last-axis vector (its own sums)."""
+    import math
+
+    t = spec_nuslerp_t(w0, w1)
+    x = to_float32(v0, dtype0).reshape(-1)
+    y = to_float32(v1, dtype1).reshape(-1)
+    if flatten or len(shape) < 2:
+        rows = shape[0] if len(shape) else 1
+        n = x.size // rows if rows else 0
+        if n == 1:  # a row of one element: its sums are its exact float64 products
+            x64, y64 = x.astype(np.float64), y.astype(np.float64)
+            sums = list(zip((x64 * x64).tolist(), (y64 * y64).tolist(), (x64 * y64).tolist()))
+        else:
+            sums = [spec_row_sums(x[r * n : (r + 1) * n], y[r * n : (r + 1) * n])
+                    for r in range(rows)]  # fmt: skip
+        totals = [math.fsum(s[k] for s in sums) for k in range(3)]
+        ca, cb = spec_nuslerp_coefficients(*totals, t)
+        cas, cbs = np.full(x.size, ca, np.float32), np.full(x.size, cb, np.float32)
+    else:
+        n = shape[-1]
+        cas, cbs = np.zeros(x.size, np.float32), np.zeros(x.size, np.float32)
+        for v in range(x.size // n if n else 0):
+            sl = slice(v * n, (v + 1) * n)
+            cas[sl], cbs[sl] = spec_nuslerp_coefficients(*spec_row_sums(x[sl], y[sl]), t)
+    with np.errstate(all="ignore"):
+        out = (cas * x).astype(np.float32) + (cbs * y).astype(np.float32)
+    return from_float32(out, out_dtype)

@@ -193,6 +193,7 @@ class RowArgs:
         key: the tensor's 64-bit RNG key (SPEC v1 "Masks"); start: the tensor index of the
             chunk's first element (counter-based random numbers whatever the chunking).
         stats: pass name -> accumulators of every statistics pass of the tensor so far.
+        shape: the tensor's shape (nuslerp: its vectors are the last axis).
     """
 
     op: str
@@ -212,6 +213,7 @@ class RowArgs:
     key: int = 0
     start: int = 0
     stats: dict = field(default_factory=dict)
+    shape: tuple[int, ...] = ()
 
 
 def row_len(t: TensorPlan) -> int:
@@ -239,7 +241,7 @@ def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
                    c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
                    BASE_ROW if seg.has_base else -1, t.params.values, counts, c.count,
                    t.params.compute, seg.models, seg.weights, t.key, c.start,
-                   stats)  # fmt: skip
+                   stats, tuple(t.shape))  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -111,6 +111,9 @@ class Method:
             working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
             else the inputs' promoted dtype), resolved per tensor by the plan as for the
             task-vector methods (docs/SPEC.md "Working dtype (v3)").
+        base_unsupported: mergekit takes an optional ``base_model`` (nuslerp: the
+            task vectors are interpolated) that streammerge does not support yet: a recipe
+            or ``--base`` with one is refused instead of ignored.
         slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
@@ -137,6 +140,7 @@ class Method:
     row_block: int | None = None
     base_is_input: bool = False
     slices_only: bool = False
+    base_unsupported: bool = False
     working_dtype: str = "float32"
     vector_row: bool = False
     check_params: Callable | None = None

@@ -25,13 +25,9 @@ Resolution per tensor is mergekit's (``streammerge.recipe.recipe.evaluate``): mo
 top-level ones; ``normalize``, ``lambda``, ``rescale`` and ``int8_mask`` only at the top
 level (mergekit ignores them under a model, and so does streammerge, with a notice);
 mergekit's ``lambda`` is the scale s; a base model listed among ``models`` is not a
-fine-tune (mergekit skips it too). Anything streammerge does not support stops with one
-line naming the key and its line: ``modules``, ``tokenizer_source: union``,
-``rescale: false``, a method streammerge lacks, an unknown key.
-
-A recipe with ``slices:`` stacks layers instead (``merge_method: passthrough``), or merges
-each slice's sources with its method (``streammerge.recipe.slices``: ``load_recipe``
-returns its ``SliceRecipe`` as ``recipe["slices"]``).
+fine-tune (mergekit skips it too). Anything unsupported stops with one line naming the key
+and its line (``modules``, ``tokenizer_source: union``, a method streammerge lacks, ...).
+A recipe with ``slices:`` stacks layers or merges each slice (``streammerge.recipe.slices``).
 """
 
 from __future__ import annotations
@@ -381,6 +377,9 @@ class _RecipeReader:
                           "add base_model:", line=1)  # fmt: skip
         if base_ref is None:
             return None
+        if self.row.base_unsupported:
+            self.doc.fail("base_model", f"method {self.method} with a base_model is not "
+                          "supported yet", "remove base_model:")
         return _resolve_model(base_ref, "base_model", self.doc, self.here)
 
     def fine_tunes(self, entries, base) -> tuple[list[Path | str], list[str], list[dict]]:

@@ -1,0 +1,163 @@
+"""nuslerp: spherical interpolation of two models with weights (mergekit ``nuslerp``;
+docs/SPEC.md "NuSLERP").
+
+slerp's machinery with mergekit's nuslerp rules: ``t = w_1 / (w_0 + w_1)`` (0.5 when the
+weights sum to almost zero), norms clamped at 1e-7, a lerp only where ``|sin theta| <
+1e-8``. ``nuslerp_flatten`` (default): one angle per tensor from the ``row_dots`` sums of
+its rows, added up exactly (``slerp.tensor_totals``); else one angle per vector of the last
+axis (a 1-D tensor is one vector), computed from the chunk itself (a chunk holds whole
+rows, so whole vectors). The rows are combined by ``cpu_rows.rows_combine`` /
+``triton_rows.rows_combine_triton`` with one coefficient pair per vector. M3 multiplies
+the weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streammerge.methods.method import ROW_DOTS, Method, RowPass
+from streammerge.methods.params import WEIGHT, Param
+from streammerge.methods.slerp import tensor_totals
+
+#: mergekit's constants (merge_methods/nuslerp.py): norms clamped at NORM_EPS; a vector
+#: pair whose |sin theta| is below SIN_EPS is interpolated linearly; weights summing to
+#: less than SUM_EPS in magnitude give t = 0.5.
+NORM_EPS = 1e-7
+SIN_EPS = 1e-8
+SUM_EPS = 1e-6
+
+FLATTEN = Param("nuslerp_flatten", kind="bool", default=True, per_model=False, layered=False,
+                help="nuslerp: one angle per tensor (true) or per vector of the last axis "
+                "(false)")  # fmt: skip
+ROW_WISE = Param("nuslerp_row_wise", kind="bool", default=False, per_model=False,
+                 layered=False, only=False,
+                 help="nuslerp: mergekit's vectors along the first axis (only false: one "
+                 "angle per column is not supported)")  # fmt: skip
+
+
+def interpolation_t(w0: float, w1: float) -> float:
+    """mergekit's t from the two weights (float64): w1 / (w0 + w1), 0.5 when |w0 + w1| <
+    1e-6."""
+    s = float(w0) + float(w1)
+    return 0.5 if abs(s) < SUM_EPS else float(w1) / s
+
+
+def coefficients(stats: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """The coefficients (ca, cb) of each vector from its sums (SPEC "NuSLERP").
+
+    Args:
+        stats: float64 array [k, 3]: each row a vector's (T00, T11, T01).
+        t: the interpolation factor (float64).
+
+    Returns:
+        (ca, cb): float32 arrays [k], the float64 values rounded to nearest.
+    """
+    s = np.asarray(stats, np.float64)
+    with np.errstate(all="ignore"):  # a NaN / inf gives NaN coefficients (SPEC)
+        d0 = np.maximum(np.sqrt(s[:, 0]), NORM_EPS)
+        d1 = np.maximum(np.sqrt(s[:, 1]), NORM_EPS)
+        theta = np.arccos(np.clip(s[:, 2] / (d0 * d1), -1.0, 1.0))
+        sin_theta = np.sin(theta)
+        lin = np.abs(sin_theta) < SIN_EPS
+        t = float(t)
+        div = np.where(lin, 1.0, sin_theta)
+        ca = np.where(lin, 1.0 - t, np.sin((1.0 - t) * theta) / div)
+        cb = np.where(lin, t, np.sin(t * theta) / div)
+    return ca.astype(np.float32), cb.astype(np.float32)
+
+
+def _per_tensor(a) -> bool:
+    """One angle per tensor: ``nuslerp_flatten``, or a tensor of fewer than 2 axes."""
+    return bool(dict(a.params).get("nuslerp_flatten", True)) or len(a.shape) < 2
+
+
+def _t(a) -> float:
+    w0, w1 = a.weights
+    return interpolation_t(w0, w1)
+
+
+def _vectors(a) -> tuple[int, int]:
+    """(vectors, length) of the chunk: its rows, or the last axis's vectors."""
+    if _per_tensor(a):
+        return a.n_rows, a.row_len
+    v = int(a.shape[-1])
+    return (a.n_rows * a.row_len) // v if v else 0, v
+
+
+def _dots_cpu(inputs, out, a) -> None:
+    """``nuslerp_dots``: each row's S00, S11, S01 when the angle is the tensor's."""
+    from streammerge.kernels import cpu_rows
+
+    if _per_tensor(a):
+        (r0, r1) = a.model_rows
+        a.counts[0].append(cpu_rows.row_dots(inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1],
+                                             a.n_rows, a.row_len))  # fmt: skip
+
+
+def _dots_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_rows
+
+    if _per_tensor(a):
+        n = a.n_rows * a.row_len
+        v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+        a.counts[0].append(triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len).cpu().numpy())
+
+
+def _coefficients(a, vector_dots) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vector coefficients (float32 [vectors]) of the chunk: the tensor's (cached) or
+    from ``vector_dots()`` (float64 [vectors, 3], the chunk's own vectors)."""
+    k, _ = _vectors(a)
+    if not _per_tensor(a):
+        return coefficients(vector_dots(), _t(a))
+    sums, cache = a.stats[NUSLERP_DOTS]
+    if "ab" not in cache:
+        cache["ab"] = coefficients(np.asarray([tensor_totals(sums)], np.float64), _t(a))
+    ca, cb = cache["ab"]
+    return np.full(k, ca[0], np.float32), np.full(k, cb[0], np.float32)
+
+
+def _nuslerp_cpu(inputs, out, a) -> None:
+    from streammerge.kernels import cpu_rows
+
+    (r0, r1) = a.model_rows
+    k, n = _vectors(a)
+    v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
+    ca, cb = _coefficients(a, lambda: cpu_rows.row_dots(v0, d0, v1, d1, k, n))
+    cpu_rows.rows_combine(v0, d0, v1, d1, k, n, ca, cb, out, a.out_dtype)
+
+
+def _nuslerp_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_rows
+
+    torch = launch.torch
+    k, n = _vectors(a)
+    v0, v1 = (launch.typed(inputs[r], a.dtypes[r], k * n) for r in a.model_rows)
+    ca, cb = _coefficients(a, lambda: triton_rows.row_dots_triton(v0, v1, k, n).cpu().numpy())
+    dev = v0.device
+    triton_rows.rows_combine_triton(v0, v1, k, n, torch.from_numpy(ca).to(dev),
+                                    torch.from_numpy(cb).to(dev),
+                                    launch.typed(out, a.out_dtype, k * n))  # fmt: skip
+
+
+#: nuslerp's statistics pass: slerp's row sums (a list of float64 [rows, 3]) and a cache;
+#: nothing when the angles are per vector.
+NUSLERP_DOTS = "nuslerp_dots"
+DOTS_PASS = RowPass(NUSLERP_DOTS, _dots_cpu, _dots_triton, accumulators=lambda n_models: ([], {}))
+
+assert ROW_DOTS != NUSLERP_DOTS  # a pass name is unique across methods
+
+METHOD = Method(
+    name="nuslerp",
+    order=82,
+    uses_base=False,
+    sparsifier="none",
+    consensus="none",
+    params=(WEIGHT, FLATTEN, ROW_WISE),
+    summary="spherical interpolation of two weighted models, per tensor or per row",
+    source="mergekit nuslerp",
+    m3="weights",
+    min_models=2,
+    max_models=2,
+    base_unsupported=True,
+    row_passes=(DOTS_PASS, RowPass("nuslerp", _nuslerp_cpu, _nuslerp_triton)),
+)
