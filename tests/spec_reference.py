@@ -733,3 +733,92 @@ def spec_lora(w: np.ndarray, w_dtype: str, a: np.ndarray, b: np.ndarray, scale: 
     delta = np.multiply(acc, np.float32(scale), dtype=np.float32)
     out = np.add(to_float32(w, w_dtype).reshape(rows, cols), delta, dtype=np.float32)
     return from_float32(out, w_dtype).reshape(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------
+# Arcee Fusion (docs/SPEC.md "Arcee Fusion")
+# ---------------------------------------------------------------------------------------
+
+_FUSION_EPS = 1e-8
+
+
+def spec_exp64(r: np.ndarray) -> np.ndarray:
+    """SPEC's exp64 of float64 values r <= 0 (IEEE float64 operations only)."""
+    import math
+
+    r = np.asarray(r, np.float64)
+    with np.errstate(all="ignore"):
+        n = np.floor(r * 1.4426950408889634 + 0.5)
+        s = (r - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
+        e = np.full(r.shape, 1.0 / math.factorial(13))
+        for j in range(12, 0, -1):
+            e = e * s + 1.0 / math.factorial(j)
+        e = e * s + 1.0
+        out = np.ldexp(e, np.where(r < -708, 0, n).astype(np.int64))
+    return np.where(r < -708, 0.0, out)
+
+
+def spec_log64(v: np.ndarray) -> np.ndarray:
+    """SPEC's log64 of positive normal float64 values."""
+    m, e = np.frexp(np.asarray(v, np.float64))
+    small = m < 0.7071067811865476
+    m = np.where(small, 2.0 * m, m)
+    e = np.where(small, e - 1, e).astype(np.float64)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    acc = np.full(s.shape, 1.0 / 21)
+    for j in range(19, 1, -2):
+        acc = acc * z + 1.0 / j
+    acc = acc * z + 1.0
+    return e * 0.6931471805599453 + (2.0 * s) * acc
+
+
+def _spec_block_sum(p: np.ndarray) -> float:
+    """SPEC's row sum: blocks of 1024 as pairwise trees, added left to right from +0.0."""
+    total = 0.0
+    for lo in range(0, len(p), 1024):
+        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+    return total
+
+
+def spec_fusion_k(x: np.ndarray, y: np.ndarray, W: str) -> np.float32:
+    """k of one row (x, y: float32 values already in W), SPEC "Arcee Fusion"."""
+    X, Y = x.astype(np.float64), y.astype(np.float64)
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        return spec_round_work(np.array([np.nan], np.float32), W)[0]
+    ex, ey = spec_exp64(X - X.max()), spec_exp64(Y - Y.max())
+    q = ex / _spec_block_sum(ex) + _FUSION_EPS
+    p = ey / _spec_block_sum(ey) + _FUSION_EPS
+    K = _spec_block_sum(p * spec_log64(p / q))
+    return spec_round_work(np.array([K], np.float32), W)[0]
+
+
+def spec_fusion_threshold(imp: np.ndarray, W: str) -> np.float32:
+    """thr from the tensor's importances (float32), SPEC's ranks."""
+    v = np.sort(imp.astype(np.float32) + np.float32(0.0))  # -0 as +0; NaN last
+    n = v.size
+    q1, med, q3 = v[(n - 1) // 4], v[(n - 1) // 2], v[(3 * (n - 1)) // 4]
+    with np.errstate(all="ignore"):
+        iqr = spec_round_work(np.array([q3 - q1], np.float32), W)
+        h = spec_round_work(np.float32(1.5) * iqr, W)
+        return spec_round_work(np.float32(med) + h, W)[0]
+
+
+def spec_arcee_fusion(a: np.ndarray, b: np.ndarray, shape, dtype_a: str, dtype_b: str,
+                      out_dtype: str, work: str | None = None):  # fmt: skip
+    """Arcee Fusion of two stored tensors of ``shape`` (flat, a the base): (stored output,
+    thr)."""
+    W = work or spec_work_dtype(dtype_a, dtype_b)
+    x = spec_round_work(to_float32(a, dtype_a).reshape(-1), W)
+    y = spec_round_work(to_float32(b, dtype_b).reshape(-1), W)
+    C = int(shape[-1]) if len(shape) and shape[-1] else 1
+    R = x.size // C
+    with np.errstate(all="ignore"):
+        k = np.array([spec_fusion_k(x[r * C : (r + 1) * C], y[r * C : (r + 1) * C], W)
+                      for r in range(R)], np.float32)  # fmt: skip
+        d = spec_round_work(y - x, W)
+        imp = spec_round_work(np.abs(d) * np.repeat(k, C), W)
+        thr = spec_fusion_threshold(imp, W)
+        m = (imp >= thr).astype(np.float32)
+        out = (x + (d * m).astype(np.float32)).astype(np.float32)
+    return from_float32(out, out_dtype), thr
