@@ -104,6 +104,31 @@ def _load_row(row, code, first, m, w_code, dst):
         dst[i] = round_work(dst[i], w_code)
 
 
+@numba.njit(inline="always")
+def log32(r, inv_odd):
+    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
+    if r > np.float32(0.0) and r < np.float32(np.inf):
+        return np.float32(log64(np.float64(r), inv_odd))
+    if r == np.float32(0.0):
+        return np.float32(-np.inf)
+    if r == np.float32(np.inf):
+        return r
+    return np.float32(np.nan)
+
+
+@numba.njit(inline="always")
+def _softmax(v, m, e64, buf, w_code, inv_fact, dst):
+    """dst = SPEC's softmax of the row v (float32 in W) in W, plus eps in W."""
+    n = v.shape[0]
+    for i in range(n):
+        e64[i] = np.float64(np.float32(exp64(np.float64(np.float32(v[i] - m)), inv_fact)))
+    z = np.float32(_row_sum(e64, buf))
+    rz = np.float32(1.0) / z
+    eps = np.float32(EPS)
+    for i in range(n):
+        dst[i] = round_work(round_work(np.float32(e64[i]) * rz, w_code) + eps, w_code)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, inv_fact, inv_odd, k):
     for r in numba.prange(n_rows):
@@ -112,31 +137,26 @@ def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, inv_fact, inv_odd, k):
         _load_row(ra, ca, r * row_len, row_len, w_code, x)
         _load_row(rb, cb, r * row_len, row_len, w_code, y)
         finite = True
-        mx = -np.inf
-        my = -np.inf
+        mx = np.float32(-np.inf)
+        my = np.float32(-np.inf)
         for i in range(row_len):
-            X = np.float64(x[i])
-            Y = np.float64(y[i])
-            if not (math.isfinite(X) and math.isfinite(Y)):
+            if not (math.isfinite(x[i]) and math.isfinite(y[i])):
                 finite = False
-            mx = max(mx, X)
-            my = max(my, Y)
+            mx = max(mx, x[i])
+            my = max(my, y[i])
         if not finite:
             k[r] = round_work(np.float32(np.nan), w_code)
             continue
-        ex = np.empty(row_len, np.float64)
-        ey = np.empty(row_len, np.float64)
-        for i in range(row_len):
-            ex[i] = exp64(np.float64(x[i]) - mx, inv_fact)
-            ey[i] = exp64(np.float64(y[i]) - my, inv_fact)
+        e64 = np.empty(row_len, np.float64)
         buf = np.empty(SUM_BLOCK, np.float64)
-        zx = _row_sum(ex, buf)
-        zy = _row_sum(ey, buf)
+        q = np.empty(row_len, np.float32)
+        p = np.empty(row_len, np.float32)
+        _softmax(x, mx, e64, buf, w_code, inv_fact, q)
+        _softmax(y, my, e64, buf, w_code, inv_fact, p)
         for i in range(row_len):
-            q = ex[i] / zx + EPS
-            p = ey[i] / zy + EPS
-            ex[i] = p * log64(p / q, inv_odd)
-        k[r] = round_work(np.float32(_row_sum(ex, buf)), w_code)
+            rr = round_work(p[i] / q[i], w_code)
+            e64[i] = np.float64(round_work(p[i] * round_work(log32(rr, inv_odd), w_code), w_code))
+        k[r] = round_work(np.float32(_row_sum(e64, buf)), w_code)
 
 
 @numba.njit(inline="always")

@@ -781,16 +781,35 @@ def _spec_block_sum(p: np.ndarray) -> float:
     return total
 
 
+def spec_log32(r: np.ndarray) -> np.ndarray:
+    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
+    r = np.asarray(r, np.float32)
+    ok = np.isfinite(r) & (r > 0)
+    with np.errstate(all="ignore"):
+        v = spec_log64(np.where(ok, r, 1.0).astype(np.float64)).astype(np.float32)
+        return np.where(ok, v, np.log(r)).astype(np.float32)
+
+
+def spec_softmax_w(v: np.ndarray, W: str) -> np.ndarray:
+    """SPEC's softmax of one row of float32 values in W (torch's CPU sequence)."""
+    f = np.float32
+    e = spec_exp64((v - v.max()).astype(f).astype(np.float64)).astype(f)
+    z = f(_spec_block_sum(e.astype(np.float64)))
+    return spec_round_work(e * (f(1.0) / z), W)
+
+
 def spec_fusion_k(x: np.ndarray, y: np.ndarray, W: str) -> np.float32:
     """k of one row (x, y: float32 values already in W), SPEC "Arcee Fusion"."""
-    X, Y = x.astype(np.float64), y.astype(np.float64)
-    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
-        return spec_round_work(np.array([np.nan], np.float32), W)[0]
-    ex, ey = spec_exp64(X - X.max()), spec_exp64(Y - Y.max())
-    q = ex / _spec_block_sum(ex) + _FUSION_EPS
-    p = ey / _spec_block_sum(ey) + _FUSION_EPS
-    K = _spec_block_sum(p * spec_log64(p / q))
-    return spec_round_work(np.array([K], np.float32), W)[0]
+    f = np.float32
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return spec_round_work(np.array([np.nan], f), W)[0]
+    with np.errstate(all="ignore"):
+        q = spec_round_work(spec_softmax_w(x, W) + f(_FUSION_EPS), W)
+        p = spec_round_work(spec_softmax_w(y, W) + f(_FUSION_EPS), W)
+        r = spec_round_work(p / q, W)
+        t = spec_round_work(p * spec_round_work(spec_log32(r), W), W)
+        K = _spec_block_sum(t.astype(np.float64))
+    return spec_round_work(np.array([K], f), W)[0]
 
 
 def spec_fusion_threshold(imp: np.ndarray, W: str) -> np.float32:

@@ -87,6 +87,53 @@ def tensor_threshold(a) -> np.float32:
     return cache["thr"]
 
 
+def _typed(launch, inputs, a):
+    """The chunk's two models as typed device tensors, and the rows' k on the device."""
+    (ra, rb), n = a.model_rows, a.n_rows * a.row_len
+    va, vb = (launch.typed(inputs[r], a.dtypes[r], n) for r in (ra, rb))
+    return va, vb
+
+
+def _k_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    k = triton_fusion.fusion_k_triton(va, vb, a.n_rows, a.row_len, _work(a))
+    a.counts[0][a.start] = k.cpu().numpy()
+
+
+def _device_k(launch, a, device):
+    return launch.torch.from_numpy(np.ascontiguousarray(_chunk_k(a))).to(device)
+
+
+def _high_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
+                                                       _device_k(launch, a, va.device), None,
+                                                       _work(a))  # fmt: skip
+
+
+def _low_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
+                                                       _device_k(launch, a, va.device),
+                                                       _buckets(a), _work(a))  # fmt: skip
+
+
+def _write_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    triton_fusion.fusion_write_triton(va, vb, a.n_rows, a.row_len,
+                                      _device_k(launch, a, va.device), tensor_threshold(a),
+                                      launch.typed(out, a.out_dtype, a.n_rows * a.row_len),
+                                      _work(a))  # fmt: skip
+
+
 def _write_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_fusion
 
@@ -109,12 +156,12 @@ METHOD = Method(
     min_models=2,
     max_models=2,
     row_passes=(
-        RowPass(K_PASS, _k_cpu, None, accumulators=lambda n: ({}, {})),
-        RowPass(HIGH_PASS, _high_cpu, None,
+        RowPass(K_PASS, _k_cpu, _k_triton, accumulators=lambda n: ({}, {})),
+        RowPass(HIGH_PASS, _high_cpu, _high_triton,
                 accumulators=lambda n: (np.zeros(65536, np.int64), {})),
-        RowPass(LOW_PASS, _low_cpu, None,
+        RowPass(LOW_PASS, _low_cpu, _low_triton,
                 accumulators=lambda n: (np.zeros((3, 65536), np.int64), {})),
-        RowPass("arcee_fusion", _write_cpu, None),
+        RowPass("arcee_fusion", _write_cpu, _write_triton),
     ),
     last_dim_rows=True,
     base_is_input=True,
