@@ -5,8 +5,9 @@ Contract: docs/SPEC.md "Arcee Fusion", tested bit for bit against ``tests/spec_r
 A chunk holds whole rows (the last dimension): ``n_rows`` rows of ``row_len`` elements of
 the base ``a`` and the other model ``b``, raw little-endian byte rows as in ``cpu_merge``.
 
-- ``fusion_k``: each row's divergence k (float32, rounded to W): SPEC's float64 softmaxes,
-  ``exp64`` / ``log64`` (IEEE float64 operations only, no libm) and fixed-order sums.
+- ``fusion_k``: each row's divergence k (float32, rounded to W): mergekit's softmaxes, ratio,
+  log and products op by op in W, exp and log from SPEC's ``exp64`` / ``log64`` (IEEE
+  float64 operations only, no libm) rounded to float32, the sums float64 in a fixed order.
 - ``fusion_hist``: histograms of the importances' 32-bit order keys: the high 16 bits
   (``buckets`` None), or the low 16 bits of the keys inside up to three buckets; exact
   counts, any chunking.

@@ -1,8 +1,8 @@
 """Arcee Fusion Triton kernels: the GPU twins of ``kernels/cpu_fusion.py`` (docs/SPEC.md
 "Arcee Fusion"), byte-identical to them (``tests/test_arcee_fusion.py``).
 
-- ``_k_kernel``: one program per row; the maxima, then the softmax sums and the divergence
-  in blocks of ``SUM_BLOCK`` elements, each block summed as SPEC's pairwise tree
+- ``_k_kernel``: one program per row; the maxima, then the softmax sums, then the
+  divergence (mergekit's ops in W, as ``cpu_fusion``) in blocks of ``SUM_BLOCK`` elements, each block summed as SPEC's pairwise tree
   (``triton_rows._tree``), the block results added left to right; SPEC's ``exp64`` and
   ``log64`` from float64 IEEE operations only (2^n and frexp on the bits), launched with
   ``enable_fp_fusion=False`` (no FMA).
@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .common import FLOAT_CODES
-from .cpu_fusion import EPS, INV_FACT, INV_ODD, LN2, LN2_HI, LN2_LO, INV_LN2, SQRT_HALF, work_dtype
+from .cpu_fusion import (EPS, INV_FACT, INV_LN2, INV_ODD, LN2, LN2_HI, LN2_LO,  # noqa: F401
+                         SQRT_HALF, work_dtype)
 from .triton_merge import _load_f32, _store_rounded
 from .triton_nearswap import round_work
 from .triton_rows import _tree
@@ -193,9 +194,9 @@ def fusion_keys_triton(a, b, n_rows, row_len, k, work=None) -> torch.Tensor:
     n = n_rows * row_len
     keys = torch.zeros(n, dtype=torch.int64, device=a.device)
     if n:
-        _elem_kernel[(triton.cdiv(n, ELEM_BLOCK),)](a, b, k, keys, n, row_len, 0.0,
-                                                   W=FLOAT_CODES[_w(a, b, work)], KEYS=True,
-                                                   BLOCK=ELEM_BLOCK, enable_fp_fusion=False)  # fmt: skip
+        grid = (triton.cdiv(n, ELEM_BLOCK),)
+        _elem_kernel[grid](a, b, k, keys, n, row_len, 0.0, W=FLOAT_CODES[_w(a, b, work)],
+                           KEYS=True, BLOCK=ELEM_BLOCK, enable_fp_fusion=False)  # fmt: skip
     return keys
 
 
@@ -215,7 +216,7 @@ def fusion_write_triton(a, b, n_rows, row_len, k, thr, out, work=None) -> None:
     """The merged chunk into ``out`` (SPEC "The merged value")."""
     n = n_rows * row_len
     if n:
-        _elem_kernel[(triton.cdiv(n, ELEM_BLOCK),)](a, b, k, out, n, row_len,
-                                                   float(np.float32(thr)),
-                                                   W=FLOAT_CODES[_w(a, b, work)], KEYS=False,
-                                                   BLOCK=ELEM_BLOCK, enable_fp_fusion=False)  # fmt: skip
+        grid = (triton.cdiv(n, ELEM_BLOCK),)
+        _elem_kernel[grid](a, b, k, out, n, row_len, float(np.float32(thr)),
+                           W=FLOAT_CODES[_w(a, b, work)], KEYS=False, BLOCK=ELEM_BLOCK,
+                           enable_fp_fusion=False)  # fmt: skip

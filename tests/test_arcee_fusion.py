@@ -4,7 +4,6 @@ against the oracle whatever the chunking, M3 refused, one-line errors."""
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -92,7 +91,8 @@ def test_exp64_log64_match_libm():
     assert np.max(np.abs(ref.spec_exp64(r) / np.exp(r) - 1)) < 1e-15
     v = np.exp(rng.standard_normal(20000) * 8)
     assert np.max(np.abs(ref.spec_log64(v) - np.log(v)) / np.maximum(1, np.abs(np.log(v)))) < 1e-15
-    assert ref.spec_exp64(np.array([-800.0]))[0] == 0.0 and ref.spec_exp64(np.array([0.0]))[0] == 1.0
+    assert ref.spec_exp64(np.array([-800.0]))[0] == 0.0
+    assert ref.spec_exp64(np.array([0.0]))[0] == 1.0
 
 
 def test_k_is_mergekits_kl_divergence():
@@ -114,8 +114,9 @@ def test_triton_kernels_equal_numba():
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
     from streammerge.kernels import triton_fusion as tf
 
-    for shape, (da, db, do) in [((5, 33), ("BF16", "BF16", "BF16")), ((3, 1500), ("F32", "F32", "F16")),
-                                ((7,), ("F16", "BF16", "F32")), ((1,), ("BF16", "BF16", "BF16"))]:  # fmt: skip
+    cases = [((5, 33), ("BF16", "BF16", "BF16")), ((3, 1500), ("F32", "F32", "F16")),
+             ((7,), ("F16", "BF16", "F32")), ((1,), ("BF16", "BF16", "BF16"))]
+    for shape, (da, db, do) in cases:
         a, b = _pair(shape, 3, da, db)
         if a.size > 20:
             a[25] = np.float32(np.inf) if da == "F32" else a[25]
@@ -123,7 +124,8 @@ def test_triton_kernels_equal_numba():
         R = a.size // C
         au, bu = a.view(np.uint8), b.view(np.uint8)
         k = cpu_fusion.fusion_k(au, da, bu, db, R, C)
-        ta, tb = torch.from_numpy(a.copy()).view(TORCH[da]), torch.from_numpy(b.copy()).view(TORCH[db])
+        ta = torch.from_numpy(a.copy()).view(TORCH[da])
+        tb = torch.from_numpy(b.copy()).view(TORCH[db])
         tk = tf.fusion_k_triton(ta, tb, R, C)
         assert _b(k) == tk.numpy().tobytes()
         hi = np.zeros(65536, np.int64)
