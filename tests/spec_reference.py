@@ -876,3 +876,111 @@ def spec_nuslerp(v0: np.ndarray, v1: np.ndarray, w0: float, w1: float, out_dtype
     with np.errstate(all="ignore"):
         out = (cas * x).astype(np.float32) + (cbs * y).astype(np.float32)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Arcee Fusion (docs/SPEC.md "Arcee Fusion")
+# ---------------------------------------------------------------------------------------
+
+_FUSION_EPS = 1e-8
+
+
+def spec_exp64(r: np.ndarray) -> np.ndarray:
+    """SPEC's exp64 of float64 values r <= 0 (IEEE float64 operations only)."""
+    import math
+
+    r = np.asarray(r, np.float64)
+    with np.errstate(all="ignore"):
+        n = np.floor(r * 1.4426950408889634 + 0.5)
+        s = (r - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10
+        e = np.full(r.shape, 1.0 / math.factorial(13))
+        for j in range(12, 0, -1):
+            e = e * s + 1.0 / math.factorial(j)
+        e = e * s + 1.0
+        out = np.ldexp(e, np.where(r < -708, 0, n).astype(np.int64))
+    return np.where(r < -708, 0.0, out)
+
+
+def spec_log64(v: np.ndarray) -> np.ndarray:
+    """SPEC's log64 of positive normal float64 values."""
+    m, e = np.frexp(np.asarray(v, np.float64))
+    small = m < 0.7071067811865476
+    m = np.where(small, 2.0 * m, m)
+    e = np.where(small, e - 1, e).astype(np.float64)
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    acc = np.full(s.shape, 1.0 / 21)
+    for j in range(19, 1, -2):
+        acc = acc * z + 1.0 / j
+    acc = acc * z + 1.0
+    return e * 0.6931471805599453 + (2.0 * s) * acc
+
+
+def _spec_block_sum(p: np.ndarray) -> float:
+    """SPEC's row sum: blocks of 1024 as pairwise trees, added left to right from +0.0."""
+    total = 0.0
+    for lo in range(0, len(p), 1024):
+        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+    return total
+
+
+def spec_log32(r: np.ndarray) -> np.ndarray:
+    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
+    r = np.asarray(r, np.float32)
+    ok = np.isfinite(r) & (r > 0)
+    with np.errstate(all="ignore"):
+        v = spec_log64(np.where(ok, r, 1.0).astype(np.float64)).astype(np.float32)
+        return np.where(ok, v, np.log(r)).astype(np.float32)
+
+
+def spec_softmax_w(v: np.ndarray, W: str) -> np.ndarray:
+    """SPEC's softmax of one row of float32 values in W (torch's CPU sequence)."""
+    f = np.float32
+    e = spec_exp64((v - v.max()).astype(f).astype(np.float64)).astype(f)
+    z = f(_spec_block_sum(e.astype(np.float64)))
+    return spec_round_work(e * (f(1.0) / z), W)
+
+
+def spec_fusion_k(x: np.ndarray, y: np.ndarray, W: str) -> np.float32:
+    """k of one row (x, y: float32 values already in W), SPEC "Arcee Fusion"."""
+    f = np.float32
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return spec_round_work(np.array([np.nan], f), W)[0]
+    with np.errstate(all="ignore"):
+        q = spec_round_work(spec_softmax_w(x, W) + f(_FUSION_EPS), W)
+        p = spec_round_work(spec_softmax_w(y, W) + f(_FUSION_EPS), W)
+        r = spec_round_work(p / q, W)
+        t = spec_round_work(p * spec_round_work(spec_log32(r), W), W)
+        K = _spec_block_sum(t.astype(np.float64))
+    return spec_round_work(np.array([K], f), W)[0]
+
+
+def spec_fusion_threshold(imp: np.ndarray, W: str) -> np.float32:
+    """thr from the tensor's importances (float32), SPEC's ranks."""
+    v = np.sort(imp.astype(np.float32) + np.float32(0.0))  # -0 as +0; NaN last
+    n = v.size
+    q1, med, q3 = v[(n - 1) // 4], v[(n - 1) // 2], v[(3 * (n - 1)) // 4]
+    with np.errstate(all="ignore"):
+        iqr = spec_round_work(np.array([q3 - q1], np.float32), W)
+        h = spec_round_work(np.float32(1.5) * iqr, W)
+        return spec_round_work(np.float32(med) + h, W)[0]
+
+
+def spec_arcee_fusion(a: np.ndarray, b: np.ndarray, shape, dtype_a: str, dtype_b: str,
+                      out_dtype: str, work: str | None = None):  # fmt: skip
+    """Arcee Fusion of two stored tensors of ``shape`` (flat, a the base): (stored output,
+    thr)."""
+    W = work or spec_work_dtype(dtype_a, dtype_b)
+    x = spec_round_work(to_float32(a, dtype_a).reshape(-1), W)
+    y = spec_round_work(to_float32(b, dtype_b).reshape(-1), W)
+    C = int(shape[-1]) if len(shape) and shape[-1] else 1
+    R = x.size // C
+    with np.errstate(all="ignore"):
+        k = np.array([spec_fusion_k(x[r * C : (r + 1) * C], y[r * C : (r + 1) * C], W)
+                      for r in range(R)], np.float32)  # fmt: skip
+        d = spec_round_work(y - x, W)
+        imp = spec_round_work(np.abs(d) * np.repeat(k, C), W)
+        thr = spec_fusion_threshold(imp, W)
+        m = (imp >= thr).astype(np.float32)
+        out = (x + (d * m).astype(np.float32)).astype(np.float32)
+    return from_float32(out, out_dtype), thr

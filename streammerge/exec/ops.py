@@ -219,12 +219,15 @@ class RowArgs:
 def row_len(t: TensorPlan) -> int:
     """Elements per row of ``t``: numel / shape[0] (a 1-D tensor: rows of one element, a
     0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows". A method whose unit is
-    a block (``Method.row_block``: model_stock) has chunks of whole blocks."""
+    a block (``Method.row_block``: model_stock) has chunks of whole blocks; one whose rows
+    are the last dimension (``Method.last_dim_rows``: arcee_fusion) rows of shape[-1]."""
     method = ROW_PASSES[t.ops[-1]][0] if t.ops and t.ops[-1] in ROW_PASSES else None
     if method is not None and method.row_block is not None:
         return min(method.row_block, max(1, t.numel))
     if method is not None and method.vector_row and len(t.shape) == 1:
         return max(1, t.numel)
+    if method is not None and method.last_dim_rows:
+        return t.shape[-1] if t.shape and t.shape[-1] else 1
     return t.numel // t.shape[0] if t.shape and t.shape[0] else 1
 
 

@@ -105,6 +105,8 @@ class Method:
             passes.
         row_block: elements per chunk unit of a row-wise method whose unit is a fixed
             block, not a row (model_stock: its statistics blocks), or None.
+        last_dim_rows: a row-wise method whose rows are the last dimension (arcee_fusion:
+            mergekit's softmax over ``dim=-1``; a 1-D tensor is one row), not ``shape[0]``.
         base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
             slerp's ``v0``), not the origin of task vectors.
         working_dtype: ``float32`` (slerp) or ``inputs``: mergekit's op sequence in the
@@ -138,6 +140,7 @@ class Method:
     max_models: int | None = None
     row_passes: tuple[RowPass, ...] = ()
     row_block: int | None = None
+    last_dim_rows: bool = False
     base_is_input: bool = False
     slices_only: bool = False
     base_unsupported: bool = False

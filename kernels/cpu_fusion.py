@@ -1,0 +1,328 @@
+"""Arcee Fusion CPU kernels (numba): mergekit's ``arcee_fusion`` (docs/SPEC.md "Arcee Fusion").
+
+Contract: docs/SPEC.md "Arcee Fusion", tested bit for bit against ``tests/spec_reference.py``.
+
+A chunk holds whole rows (the last dimension): ``n_rows`` rows of ``row_len`` elements of
+the base ``a`` and the other model ``b``, raw little-endian byte rows as in ``cpu_merge``.
+
+- ``fusion_k``: each row's divergence k (float32, rounded to W): mergekit's softmaxes, ratio,
+  log and products op by op in W, exp and log from SPEC's ``exp64`` / ``log64`` (IEEE
+  float64 operations only, no libm) rounded to float32, the sums float64 in a fixed order.
+- ``fusion_hist``: histograms of the importances' 32-bit order keys: the high 16 bits
+  (``buckets`` None), or the low 16 bits of the keys inside up to three buckets; exact
+  counts, any chunking.
+- ``fusion_write``: ``out = x + d * (imp >= thr)``, stored rounded to the output dtype.
+- host helpers: ``ranks`` (mergekit's quantile ranks), ``find_buckets``, ``threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .common import FLOAT_CODES
+from .cpu_merge import _decode_block, _encode_block
+from .cpu_nearswap import round_work
+from .cpu_rows import _checked
+
+#: Elements per block of a row sum (SPEC "SLERP (v3)"'s pairwise tree).
+SUM_BLOCK = 1024
+#: mergekit's eps added to both softmaxes.
+EPS = 1e-8
+#: float64(1 / j!) for j = 0 .. 13 and float64(1 / j) for j = 0 .. 21 (SPEC's exp64, log64).
+INV_FACT = np.array([1.0 / math.factorial(j) for j in range(14)], np.float64)
+INV_ODD = np.array([0.0] + [1.0 / j for j in range(1, 22)], np.float64)
+LN2_HI = 6.93147180369123816490e-01
+LN2_LO = 1.90821492927058770002e-10
+LN2 = 0.6931471805599453
+INV_LN2 = 1.4426950408889634
+SQRT_HALF = 0.7071067811865476
+#: The order key of every NaN (0x7FC00000 ^ 0x80000000).
+NAN_KEY = 0xFFC00000
+
+
+@numba.njit(inline="always")
+def exp64(r, inv_fact):
+    """SPEC's exp64 of a float64 r <= 0."""
+    if r < -708.0:
+        return 0.0
+    n = math.floor(r * INV_LN2 + 0.5)
+    s = (r - n * LN2_HI) - n * LN2_LO
+    e = inv_fact[13]
+    for j in range(12, 0, -1):
+        e = e * s + inv_fact[j]
+    e = e * s + 1.0
+    return math.ldexp(e, int(n))
+
+
+@numba.njit(inline="always")
+def log64(v, inv_odd):
+    """SPEC's log64 of a positive normal float64 v."""
+    m, e = math.frexp(v)
+    if m < SQRT_HALF:
+        m = 2.0 * m
+        e = e - 1
+    s = (m - 1.0) / (m + 1.0)
+    z = s * s
+    acc = inv_odd[21]
+    for j in range(19, 1, -2):
+        acc = acc * z + inv_odd[j]
+    acc = acc * z + 1.0
+    return np.float64(e) * LN2 + (2.0 * s) * acc
+
+
+@numba.njit(inline="always")
+def _tree(p):
+    width = p.shape[0] // 2
+    while width >= 1:
+        for i in range(width):
+            p[i] = p[2 * i] + p[2 * i + 1]
+        width //= 2
+    return p[0]
+
+
+@numba.njit(inline="always")
+def _row_sum(v, buf):
+    """SPEC's row sum of the float64 array v: blocks of SUM_BLOCK as pairwise trees."""
+    total = 0.0
+    n = v.shape[0]
+    for lo in range(0, n, SUM_BLOCK):
+        m = min(SUM_BLOCK, n - lo)
+        for i in range(m):
+            buf[i] = v[lo + i]
+        for i in range(m, SUM_BLOCK):
+            buf[i] = 0.0
+        total = total + _tree(buf)
+    return total
+
+
+@numba.njit(inline="always")
+def _load_row(row, code, first, m, w_code, dst):
+    _decode_block(row, code, first, m, dst)
+    for i in range(m):
+        dst[i] = round_work(dst[i], w_code)
+
+
+@numba.njit(inline="always")
+def log32(r, inv_odd):
+    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
+    if r > np.float32(0.0) and r < np.float32(np.inf):
+        return np.float32(log64(np.float64(r), inv_odd))
+    if r == np.float32(0.0):
+        return np.float32(-np.inf)
+    if r == np.float32(np.inf):
+        return r
+    return np.float32(np.nan)
+
+
+@numba.njit(inline="always")
+def _softmax(v, m, e64, buf, w_code, inv_fact, dst):
+    """dst = SPEC's softmax of the row v (float32 in W) in W, plus eps in W."""
+    n = v.shape[0]
+    for i in range(n):
+        e64[i] = np.float64(np.float32(exp64(np.float64(np.float32(v[i] - m)), inv_fact)))
+    z = np.float32(_row_sum(e64, buf))
+    rz = np.float32(1.0) / z
+    eps = np.float32(EPS)
+    for i in range(n):
+        dst[i] = round_work(round_work(np.float32(e64[i]) * rz, w_code) + eps, w_code)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, inv_fact, inv_odd, k):
+    for r in numba.prange(n_rows):
+        x = np.empty(row_len, np.float32)
+        y = np.empty(row_len, np.float32)
+        _load_row(ra, ca, r * row_len, row_len, w_code, x)
+        _load_row(rb, cb, r * row_len, row_len, w_code, y)
+        finite = True
+        mx = np.float32(-np.inf)
+        my = np.float32(-np.inf)
+        for i in range(row_len):
+            if not (math.isfinite(x[i]) and math.isfinite(y[i])):
+                finite = False
+            mx = max(mx, x[i])
+            my = max(my, y[i])
+        if not finite:
+            k[r] = round_work(np.float32(np.nan), w_code)
+            continue
+        e64 = np.empty(row_len, np.float64)
+        buf = np.empty(SUM_BLOCK, np.float64)
+        q = np.empty(row_len, np.float32)
+        p = np.empty(row_len, np.float32)
+        _softmax(x, mx, e64, buf, w_code, inv_fact, q)
+        _softmax(y, my, e64, buf, w_code, inv_fact, p)
+        for i in range(row_len):
+            rr = round_work(p[i] / q[i], w_code)
+            e64[i] = np.float64(round_work(p[i] * round_work(log32(rr, inv_odd), w_code), w_code))
+        k[r] = round_work(np.float32(_row_sum(e64, buf)), w_code)
+
+
+@numba.njit(inline="always")
+def _importance(x, y, kr, w_code):
+    """(d, imp) of one element (x, y in W; kr the row's k)."""
+    d = round_work(y - x, w_code)
+    return d, round_work(abs(d) * kr, w_code)
+
+
+@numba.njit(inline="always")
+def order_key(v):
+    """The 32-bit order key of a float32 (SPEC: -0 as +0, every NaN one key)."""
+    if v != v:
+        return np.uint32(NAN_KEY)
+    if v == 0.0:
+        return np.uint32(0x80000000)
+    b = np.uint32(np.array([v], np.float32).view(np.uint32)[0])
+    if b & np.uint32(0x80000000):
+        return ~b
+    return b ^ np.uint32(0x80000000)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _keys_kernel(ra, ca, rb, cb, n_rows, row_len, k, w_code, keys):
+    for r in numba.prange(n_rows):
+        x = np.empty(row_len, np.float32)
+        y = np.empty(row_len, np.float32)
+        _load_row(ra, ca, r * row_len, row_len, w_code, x)
+        _load_row(rb, cb, r * row_len, row_len, w_code, y)
+        for i in range(row_len):
+            _, imp = _importance(x[i], y[i], k[r], w_code)
+            keys[r * row_len + i] = order_key(imp)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_high(keys, hist):
+    for i in range(keys.shape[0]):
+        hist[keys[i] >> np.uint32(16)] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_low(keys, buckets, hist):
+    for i in range(keys.shape[0]):
+        h = np.int64(keys[i] >> np.uint32(16))
+        for j in range(buckets.shape[0]):
+            if buckets[j] == h:
+                hist[j, keys[i] & np.uint32(0xFFFF)] += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _write_kernel(ra, ca, rb, cb, n_rows, row_len, k, thr, w_code, out, out_code):
+    for r in numba.prange(n_rows):
+        x = np.empty(row_len, np.float32)
+        y = np.empty(row_len, np.float32)
+        _load_row(ra, ca, r * row_len, row_len, w_code, x)
+        _load_row(rb, cb, r * row_len, row_len, w_code, y)
+        for i in range(row_len):
+            d, imp = _importance(x[i], y[i], k[r], w_code)
+            m = np.float32(1.0) if imp >= thr else np.float32(0.0)
+            x[i] = x[i] + d * m
+        _encode_block(x, out_code, r * row_len, row_len, out)
+
+
+def _codes(a, da, b, db, n_rows, row_len):
+    if n_rows < 0 or row_len < 0:
+        raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
+    n = n_rows * row_len
+    return _checked(a, da, n, "a"), _checked(b, db, n, "b")
+
+
+def work_dtype(dtype_a: str, dtype_b: str) -> str:
+    """SPEC's W: the inputs' common dtype, ``F32`` when they differ."""
+    return dtype_a if dtype_a == dtype_b else "F32"
+
+
+def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
+             work: str | None = None) -> np.ndarray:  # fmt: skip
+    """Each row's k (float32 [n_rows], in W) of a chunk of whole rows (SPEC "Row
+    divergence"). ``a``, ``b``: raw byte rows of the base and the other model."""
+    ca, cb = _codes(a, da, b, db, n_rows, row_len)
+    w = FLOAT_CODES[work or work_dtype(da, db)]
+    k = np.zeros(n_rows, np.float32)
+    _k_kernel(a, ca, b, cb, n_rows, row_len, w, INV_FACT, INV_ODD, k)
+    return k
+
+
+def fusion_hist(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
+                k: np.ndarray, hist: np.ndarray, buckets: np.ndarray | None = None,
+                work: str | None = None) -> None:  # fmt: skip
+    """Add the chunk's importance keys into ``hist``: int64 [65536] of their high 16 bits
+    (``buckets`` None), or int64 [len(buckets), 65536] of the low 16 bits of the keys whose
+    high 16 bits are ``buckets[j]`` (int64; -1 matches nothing)."""
+    ca, cb = _codes(a, da, b, db, n_rows, row_len)
+    w = FLOAT_CODES[work or work_dtype(da, db)]
+    keys = np.empty(n_rows * row_len, np.uint32)
+    _keys_kernel(a, ca, b, cb, n_rows, row_len, np.ascontiguousarray(k, np.float32), w, keys)
+    if buckets is None:
+        _count_high(keys, hist)
+    else:
+        _count_low(keys, np.asarray(buckets, np.int64), hist)
+
+
+def fusion_write(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
+                 k: np.ndarray, thr: float, out: np.ndarray, out_dtype: str,
+                 work: str | None = None) -> None:  # fmt: skip
+    """The merged chunk (SPEC "The merged value") into the raw byte row ``out``."""
+    ca, cb = _codes(a, da, b, db, n_rows, row_len)
+    co = _checked(out, out_dtype, n_rows * row_len, "out")
+    w = FLOAT_CODES[work or work_dtype(da, db)]
+    _write_kernel(a, ca, b, cb, n_rows, row_len, np.ascontiguousarray(k, np.float32),
+                  np.float32(thr), w, out, co)  # fmt: skip
+
+
+def ranks(n: int) -> tuple[int, int, int]:
+    """mergekit's quantile ranks of n values: q1, median, q3 (exact integers)."""
+    return (n - 1) // 4, (n - 1) // 2, (3 * (n - 1)) // 4
+
+
+def find_buckets(high: np.ndarray, want: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(bucket, rank inside it) of each wanted rank from the high-16-bit histogram."""
+    cum = np.cumsum(high)
+    out = []
+    for r in want:
+        b = int(np.searchsorted(cum, r, side="right"))
+        out.append((b, r - (int(cum[b - 1]) if b else 0)))
+    return out
+
+
+def key_value(key: int) -> np.float32:
+    """The float32 of an order key."""
+    bits = key ^ 0x80000000 if key & 0x80000000 else (~key) & 0xFFFFFFFF
+    return np.array([bits], np.uint32).view(np.float32)[0]
+
+
+def threshold(values: tuple[np.float32, np.float32, np.float32], work: str) -> np.float32:
+    """thr = rW(med + rW(1.5 * rW(q3 - q1))) from (q1, med, q3) (float32 in W)."""
+    q1, med, q3 = (np.float32(v) for v in values)
+    w = FLOAT_CODES[work]
+    with np.errstate(all="ignore"):
+        iqr = _round(np.float32(q3 - q1), w)
+        return _round(np.float32(med + _round(np.float32(np.float32(1.5) * iqr), w)), w)
+
+
+@numba.njit(cache=True)
+def _round(v, code):
+    return round_work(v, code)
+
+
+def select(high: np.ndarray, low_of, n: int) -> tuple[np.float32, np.float32, np.float32]:
+    """(q1, med, q3): ``low_of(buckets) -> int64 [3, 65536]`` the second histogram."""
+    found = find_buckets(high, ranks(n))
+    buckets = np.array([b for b, _ in found], np.int64)
+    low = low_of(buckets)
+    vals = []
+    for j, (b, r) in enumerate(found):
+        lo = int(np.searchsorted(np.cumsum(low[j]), r, side="right"))
+        vals.append(key_value((b << 16) | lo))
+    return tuple(vals)  # type: ignore[return-value]
+
+
+def warmup() -> None:
+    """Compile (or load from numba's cache) the kernels for each dtype."""
+    for dt in FLOAT_CODES:
+        z = np.zeros(16, np.uint8)
+        k = fusion_k(z, dt, z, dt, 2, 1)
+        fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros(65536, np.int64))
+        fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros((3, 65536), np.int64), np.zeros(3, np.int64))
+        fusion_write(z, dt, z, dt, 2, 1, k, 0.0, z.copy(), dt)

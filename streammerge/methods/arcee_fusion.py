@@ -1,0 +1,168 @@
+"""arcee_fusion: the other model's value where its importance is high, the base elsewhere
+(mergekit ``arcee_fusion``; docs/SPEC.md "Arcee Fusion").
+
+Two models, no parameters: mergekit's ``base_model`` is model 0 (``a``), the other model 1
+(``b``). Row-wise over the last dimension (``Method.last_dim_rows``: mergekit's softmax
+over ``dim=-1``), in four passes over chunks of whole rows: ``fusion_k`` (each row's
+divergence k, kept for the tensor), ``fusion_high`` and ``fusion_low`` (histograms of the
+importances' order keys: the exact q1, median and q3 whatever the chunking), then the
+writing pass ``arcee_fusion`` (``x + d * (imp >= thr)``). M3 has nothing to draw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from streammerge.methods.method import Method, RowPass
+
+K_PASS, HIGH_PASS, LOW_PASS = "fusion_k", "fusion_high", "fusion_low"
+
+
+def _work(a) -> str:
+    from streammerge.kernels import cpu_fusion
+
+    (ra, rb) = a.model_rows
+    return a.compute_dtype or cpu_fusion.work_dtype(a.dtypes[ra], a.dtypes[rb])
+
+
+def _chunk_k(a) -> np.ndarray:
+    """The chunk's rows' k (float32 [n_rows]) from the tensor's ``fusion_k`` pass."""
+    parts, cache = a.stats[K_PASS]
+    if "k" not in cache:
+        rows = {s // a.row_len: k for s, k in parts.items()}
+        full = np.full(max(r + len(k) for r, k in rows.items()), np.nan, np.float32)
+        for r, k in rows.items():
+            full[r : r + len(k)] = k
+        cache["k"] = full
+    r0 = a.start // a.row_len
+    return cache["k"][r0 : r0 + a.n_rows]
+
+
+def _rows(a, inputs):
+    (ra, rb) = a.model_rows
+    return inputs[ra], a.dtypes[ra], inputs[rb], a.dtypes[rb], a.n_rows, a.row_len
+
+
+def _k_cpu(inputs, out, a) -> None:
+    """``fusion_k``: the chunk's rows' k, kept by the chunk's first element."""
+    from streammerge.kernels import cpu_fusion
+
+    a.counts[0][a.start] = cpu_fusion.fusion_k(*_rows(a, inputs), _work(a))
+
+
+def _high_cpu(inputs, out, a) -> None:
+    from streammerge.kernels import cpu_fusion
+
+    cpu_fusion.fusion_hist(*_rows(a, inputs), _chunk_k(a), a.counts[0], None, _work(a))
+
+
+def _buckets(a) -> np.ndarray:
+    """The buckets (high 16 bits) of the keys at q1, median, q3 (cached per tensor)."""
+    from streammerge.kernels import cpu_fusion
+
+    high, cache = a.stats[HIGH_PASS]
+    if "found" not in cache:
+        cache["found"] = cpu_fusion.find_buckets(high, cpu_fusion.ranks(int(high.sum())))
+    return np.array([b for b, _ in cache["found"]], np.int64)
+
+
+def _low_cpu(inputs, out, a) -> None:
+    from streammerge.kernels import cpu_fusion
+
+    cpu_fusion.fusion_hist(*_rows(a, inputs), _chunk_k(a), a.counts[0], _buckets(a), _work(a))
+
+
+def tensor_threshold(a) -> np.float32:
+    """thr of the tensor (float32, in W) from its two histograms (cached)."""
+    from streammerge.kernels import cpu_fusion
+
+    low, cache = a.stats[LOW_PASS]
+    if "thr" not in cache:
+        found = a.stats[HIGH_PASS][1]["found"]
+        vals = []
+        for j, (b, r) in enumerate(found):
+            lo = int(np.searchsorted(np.cumsum(low[j]), r, side="right"))
+            vals.append(cpu_fusion.key_value((b << 16) | lo))
+        cache["thr"] = cpu_fusion.threshold(tuple(vals), _work(a))
+    return cache["thr"]
+
+
+def _typed(launch, inputs, a):
+    """The chunk's two models as typed device tensors, and the rows' k on the device."""
+    (ra, rb), n = a.model_rows, a.n_rows * a.row_len
+    va, vb = (launch.typed(inputs[r], a.dtypes[r], n) for r in (ra, rb))
+    return va, vb
+
+
+def _k_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    k = triton_fusion.fusion_k_triton(va, vb, a.n_rows, a.row_len, _work(a))
+    a.counts[0][a.start] = k.cpu().numpy()
+
+
+def _device_k(launch, a, device):
+    return launch.torch.from_numpy(np.ascontiguousarray(_chunk_k(a))).to(device)
+
+
+def _high_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
+                                                       _device_k(launch, a, va.device), None,
+                                                       _work(a))  # fmt: skip
+
+
+def _low_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
+                                                       _device_k(launch, a, va.device),
+                                                       _buckets(a), _work(a))  # fmt: skip
+
+
+def _write_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_fusion
+
+    va, vb = _typed(launch, inputs, a)
+    triton_fusion.fusion_write_triton(va, vb, a.n_rows, a.row_len,
+                                      _device_k(launch, a, va.device), tensor_threshold(a),
+                                      launch.typed(out, a.out_dtype, a.n_rows * a.row_len),
+                                      _work(a))  # fmt: skip
+
+
+def _write_cpu(inputs, out, a) -> None:
+    from streammerge.kernels import cpu_fusion
+
+    cpu_fusion.fusion_write(*_rows(a, inputs), _chunk_k(a), tensor_threshold(a), out,
+                            a.out_dtype, _work(a))  # fmt: skip
+
+
+METHOD = Method(
+    name="arcee_fusion",
+    order=87,
+    uses_base=False,
+    sparsifier="none",
+    consensus="none",
+    params=(),
+    summary="the other model's value where its importance (|a - b| times the row's softmax "
+    "KL divergence) is above median + 1.5 IQR, the base elsewhere",
+    source="Arcee AI; mergekit arcee_fusion",
+    working_dtype="inputs",
+    m3="none",
+    min_models=2,
+    max_models=2,
+    row_passes=(
+        RowPass(K_PASS, _k_cpu, _k_triton, accumulators=lambda n: ({}, {})),
+        RowPass(HIGH_PASS, _high_cpu, _high_triton,
+                accumulators=lambda n: (np.zeros(65536, np.int64), {})),
+        RowPass(LOW_PASS, _low_cpu, _low_triton,
+                accumulators=lambda n: (np.zeros((3, 65536), np.int64), {})),
+        RowPass("arcee_fusion", _write_cpu, _write_triton),
+    ),
+    last_dim_rows=True,
+    base_is_input=True,
+)
