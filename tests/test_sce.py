@@ -67,13 +67,13 @@ def _same(a: bytes, b: bytes, dtype: str) -> bool:
     return bool(np.all((x.view(np.uint32) == y.view(np.uint32)) | (np.isnan(x) & np.isnan(y))))
 
 
-@pytest.mark.parametrize("n", [1, 1000, 5000])
+@pytest.mark.parametrize("n", [1, 3000])
 @pytest.mark.parametrize("dtypes, do", CASES)
 def test_passes_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do):
     slot, rows = _finite(n, dtypes, n + len(dtypes))
-    for topk in (1.0, 0.5, 0.1, 0.0, 0.999):
+    for topk in (1.0, 0.5, 0.0, 0.999):
         want = _as_bytes(ref.spec_sce(rows[0], rows[1:], dtypes, topk, do))
-        for chunk in (1024, 3072):
+        for chunk in (1024, 2048):
             assert _passes(slot, dtypes, n, topk, chunk, do) == want, (topk, chunk)
     slot, rows = _slot(n, len(dtypes) - 1, dtypes, 3)  # NaN and infinity: NaN everywhere
     want = _as_bytes(ref.spec_sce(rows[0], rows[1:], dtypes, 0.5, do))
