@@ -208,3 +208,34 @@ def test_bad_recipes_are_one_line(tmp_path):
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_triton_kernels_equal_numba():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import cpu_sce, triton_sce
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for n, dtypes, do, topk in [(2100, ["BF16"] * 4, "BF16", 0.4), (37, ["F16"] * 3, "F16", 1.0),
+                                (1030, ["F32", "BF16", "BF16"], "BF16", 0.0),
+                                (3000, ["F32"] * 3, "F32", 0.7)]:  # fmt: skip
+        slot, rows = _finite(n, dtypes, 4)
+        w_dt = dtypes[0] if len(set(dtypes)) == 1 else "F32"
+        keys = ref.spec_sce_var_keys(ref._spec_sce_vectors(rows[0], rows[1:], dtypes)[2], w_dt)
+        keep_all, thr = ref.spec_sce_threshold(keys, topk)
+        assert keep_all or thr > (1 << 31) or 0 < np.count_nonzero(keys >= thr) < n
+        ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt[d]) for x, d in zip(rows, dtypes)]
+        mr = list(range(1, len(dtypes)))
+        got = triton_sce.sce_energy_triton(ts[0], ts[1:], n, keep_all, thr).numpy()
+        want = cpu_sce.sce_energy(slot, dtypes, 0, mr, n, keep_all, thr)
+        assert np.array_equal(got, want)
+        wt = np.array([0.25, 0.5, 0.375][: len(mr)], np.float32)
+        out = torch.zeros(n, dtype=tdt[do])
+        lo = sce.round_work(np.float32(1e-6), w_dt)
+        triton_sce.sce_triton(ts[0], ts[1:], n, keep_all, thr, wt, lo, out)
+        cpu = np.zeros(n * ITEM[do], np.uint8)
+        cpu_sce.sce_chunk(slot, dtypes, 0, mr, n, keep_all, thr, wt, cpu, do)
+        assert out.view(torch.uint8).numpy().tobytes() == cpu.tobytes()

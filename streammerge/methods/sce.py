@@ -6,7 +6,8 @@ Four row-wise passes over chunks of whole ``SCE_BLOCK`` blocks: two radix-select
 passes over the per-element variance keys (``sce_hist_high``: the high bits and the nonzero
 count; ``sce_hist_low``: the low bits inside the bucket holding the threshold), skipped
 when ``select_topk`` needs no threshold; the energy pass (float64 block sums of the squared
-selected task vectors, the element count); then the writing pass. No weights: M3 has
+selected task vectors, the element count); then the writing pass (the histogram passes run the numba kernels under the Triton
+backends; the energy and writing passes have Triton kernels). No weights: M3 has
 nothing to draw. Computed op by op in the working dtype as mergekit does.
 """
 
@@ -109,6 +110,20 @@ def _energy_cpu(inputs, out, a) -> None:
     a.counts[1][0] += a.count
 
 
+def _energy_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_sce
+
+    keep_all, thr = selection(a)
+    n = a.count
+    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+    blocks = triton_sce.sce_energy_triton(base, models, n, keep_all, thr, a.compute_dtype)
+    total = a.counts[0]
+    for row in blocks.cpu().numpy():  # the blocks left to right (SPEC's order)
+        total += row
+    a.counts[1][0] += a.count
+
+
 def weights_of(a) -> np.ndarray:
     """The tensor's energy weights (float32 [N]) from its ``sce_energy`` sums."""
     sums, numel = a.stats["sce_energy"]
@@ -121,6 +136,18 @@ def _sce_cpu(inputs, out, a) -> None:
     keep_all, thr = selection(a)
     cpu_sce.sce_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
                       keep_all, thr, weights_of(a), out, a.out_dtype, a.compute_dtype)  # fmt: skip
+
+
+def _sce_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_sce
+
+    keep_all, thr = selection(a)
+    n = a.count
+    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
+    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+    lo = round_work(np.float32(1e-6), work_dtype_of(a))
+    triton_sce.sce_triton(base, models, n, keep_all, thr, weights_of(a), lo,
+                          launch.typed(out, a.out_dtype, n), a.compute_dtype)  # fmt: skip
 
 
 METHOD = Method(
@@ -140,8 +167,8 @@ METHOD = Method(
                                                 np.zeros(1, np.int64))),
                 RowPass("sce_hist_low", _hist_cpu,
                         accumulators=lambda n: (np.zeros(LOW_BINS, np.int64),)),
-                RowPass("sce_energy", _energy_cpu,
+                RowPass("sce_energy", _energy_cpu, _energy_triton,
                         accumulators=lambda n: (np.zeros(n, np.float64), np.zeros(1, np.int64))),
-                RowPass("sce", _sce_cpu)),
+                RowPass("sce", _sce_cpu, _sce_triton)),
     row_block=SCE_BLOCK,
 )
