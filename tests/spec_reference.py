@@ -984,3 +984,112 @@ def spec_arcee_fusion(a: np.ndarray, b: np.ndarray, shape, dtype_a: str, dtype_b
         m = (imp >= thr).astype(np.float32)
         out = (x + (d * m).astype(np.float32)).astype(np.float32)
     return from_float32(out, out_dtype), thr
+
+
+# ---------------------------------------------------------------------------------------
+# SCE (docs/SPEC.md "SCE")
+# ---------------------------------------------------------------------------------------
+
+
+def _spec_sce_vectors(base, models, dtypes, work=None):
+    """(W, x_b, [tv_j]) of stored tensors: tv_j = rW(x_j - x_b)."""
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
+    with np.errstate(all="ignore"):
+        tv = [spec_round_work(spec_round_work(to_float32(m, d).reshape(-1), W) - xb, W)
+              for m, d in zip(models, dtypes[1:])]  # fmt: skip
+    return W, xb, tv
+
+
+def spec_sce_var_keys(tv, W: str) -> np.ndarray:
+    """uint32 key of each element's variance over the models: bits(rW(float32(var))) with
+    the sign bit cleared, var by Welford's recurrence in float64 (SPEC "SCE")."""
+    n = len(tv)
+    with np.errstate(all="ignore"):
+        mean = np.zeros(tv[0].size, np.float64)
+        m2 = np.zeros(tv[0].size, np.float64)
+        for j, v in enumerate(tv):
+            x = v.astype(np.float64)
+            delta = x - mean
+            mean = mean + delta / np.float64(j + 1)
+            m2 = m2 + delta * (x - mean)
+        var = spec_round_work((m2 / np.float64(n)).astype(np.float32), W)
+    return var.view(np.uint32) & np.uint32(0x7FFFFFFF)
+
+
+def spec_sce_threshold(keys: np.ndarray, select_topk: float):
+    """(keep_all, T): every element kept (select_topk >= 1), or kept iff key >= T; T =
+    0xFFFFFFFF + 1 (nothing kept) when k = 0 or select_topk <= 0."""
+    if select_topk >= 1:
+        return True, 0
+    none = 1 << 32
+    if select_topk <= 0:
+        return False, none
+    nonzero = int(np.count_nonzero(keys))
+    k = int(np.float32(np.float32(nonzero) * np.float32(select_topk)))
+    if k == 0:
+        return False, none
+    k = min(k, keys.size)
+    return False, int(np.sort(keys)[keys.size - k])
+
+
+def _spec_block_sum(p: np.ndarray) -> float:
+    total = 0.0
+    for lo in range(0, p.size, 1024):
+        block = np.zeros(1024, np.float64)
+        block[: min(1024, p.size - lo)] = p[lo : lo + 1024]
+        total = total + _spec_pairwise_sum(block)
+    return total
+
+
+def spec_sce_weights(energies, numel: int, W: str) -> np.ndarray:
+    """float32 [N] values of W: each model's normalized energy (SPEC "SCE" host step)."""
+    f = np.float32
+
+    def r(v):
+        return spec_round_work(np.array([v], f), W)[0]
+
+    with np.errstate(all="ignore"):
+        means = [r(f(f(e) / f(numel))) for e in energies]
+        ws = f(0.0)
+        for m in means:
+            ws = f(ws + m)
+        ws = r(ws)
+        if abs(float(ws)) < 1e-6:
+            return np.array([r(f(1) / f(len(means)))] * len(means), f)
+        return np.array([r(m / ws) for m in means], f)
+
+
+def spec_sce(base, models, dtypes, select_topk, out_dtype, work=None) -> np.ndarray:
+    """SCE of stored tensors (flat), in stored form of ``out_dtype``."""
+    W, xb, tv = _spec_sce_vectors(base, models, dtypes, work)
+    f = np.float32
+    n_models = len(tv)
+    keys = spec_sce_var_keys(tv, W)
+    keep_all, T = spec_sce_threshold(keys, select_topk)
+    with np.errstate(all="ignore"):
+        if keep_all:
+            m = tv
+        else:
+            keep = keys.astype(np.int64) >= T
+            m = [spec_round_work(v * keep.astype(f), W) for v in tv]
+        energies = [_spec_block_sum(spec_round_work(v * v, W).astype(np.float64)) for v in m]
+        wt = spec_sce_weights(energies, xb.size, W)
+        s = np.zeros(xb.size, f)
+        for v in m:
+            s = (s + v).astype(f)
+        pos = spec_round_work(s, W) >= 0
+        acc = np.zeros(xb.size, f)
+        den = np.zeros(xb.size, f)
+        for j, v in enumerate(m):
+            agree = ((v > 0) & pos) | ((v < 0) & ~pos)
+            ew = spec_round_work(wt[j] * agree.astype(f), W)
+            acc = (acc + spec_round_work(v * ew, W)).astype(f)
+            den = (den + ew).astype(f)
+        acc = spec_round_work(acc, W)
+        den = spec_round_work(den, W)
+        lo = spec_round_work(np.array([1e-6], f), W)[0]
+        den = np.where(den < lo, lo, den)
+        out = spec_round_work(xb + spec_round_work(acc / den, W), W)
+    del n_models
+    return from_float32(out, out_dtype)

@@ -1,0 +1,223 @@
+"""SCE CPU kernels (numba): mergekit's ``sce`` op by op in the working dtype.
+
+Contract: docs/SPEC.md "SCE", tested bit for bit against ``tests/spec_reference.py``.
+
+A chunk is ``n`` elements of the base (slot row ``base_row``) and of N fine-tunes (slot rows
+``model_rows``), raw little-endian byte rows as in ``cpu_merge``, starting at a multiple of
+``SCE_BLOCK`` elements of the tensor.
+
+- ``sce_hist``: the variance keys' radix-select histograms: ``bucket < 0`` counts the high
+  15 bits of every key and the nonzero keys; ``bucket >= 0`` counts the low 16 bits of the
+  keys whose high bits are ``bucket`` (int64, added into the caller's arrays: exact whatever
+  the chunking or thread count).
+- ``sce_energy``: per block of ``SCE_BLOCK`` elements, each model's float64 sum of the
+  squared selected task vectors (a pairwise tree over the block padded with +0.0); the
+  caller adds the blocks left to right.
+- ``sce_chunk``: the merged value (sign election, energy weights, one division).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .cpu_merge import _decode_block, _encode_block, _f32_bits
+from .cpu_nearswap import _round_host, round_work
+from .cpu_ram import _slot
+from .cpu_rows import _checked, _tree
+
+#: Elements per block of a statistic (SPEC), a power of two; chunks start at its multiples.
+SCE_BLOCK = 1024
+#: Buckets of the high histogram (key >> 16, the sign bit cleared) and of the low one.
+HIGH_BINS = 1 << 15
+LOW_BINS = 1 << 16
+#: Threshold meaning "keep nothing" (above every uint32 key).
+KEEP_NONE = 1 << 32
+
+
+@numba.njit(inline="always")
+def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key):
+    """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys."""
+    n_models = model_rows.shape[0]
+    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+    for i in range(m):
+        xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
+    for j in range(n_models):
+        r = model_rows[j]
+        _decode_block(inputs[r], codes[r], first, m, tv[j])
+        for i in range(m):
+            tv[j, i] = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
+    for i in range(m):
+        mean = 0.0
+        m2 = 0.0
+        for j in range(n_models):  # torch's Welford recurrence, float64
+            x = np.float64(tv[j, i])
+            delta = x - mean
+            mean = mean + delta / np.float64(j + 1)
+            m2 = m2 + delta * (x - mean)
+        v = round_work(np.float32(m2 / np.float64(n_models)), w_code)
+        key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
+
+
+@numba.njit(inline="always")
+def _select(tv, key, j, i, keep_all, thr, w_code):
+    """The selected task vector m_j: tv, or rW(tv * 0) off the top-k (+-0, NaN for inf/NaN)."""
+    if keep_all or key[i] >= thr:
+        return tv[j, i]
+    return round_work(tv[j, i] * np.float32(0.0), w_code)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _hist_kernel(inputs, codes, base_row, model_rows, n, w_code, bucket, parts, nz):
+    n_models = model_rows.shape[0]
+    n_parts = parts.shape[0]
+    n_blocks = (n + SCE_BLOCK - 1) // SCE_BLOCK
+    for p in numba.prange(n_parts):
+        xb = np.empty(SCE_BLOCK, np.float32)
+        tv = np.empty((n_models, SCE_BLOCK), np.float32)
+        key = np.empty(SCE_BLOCK, np.int64)
+        for k in range(p, n_blocks, n_parts):
+            first = k * SCE_BLOCK
+            m = min(SCE_BLOCK, n - first)
+            _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
+            for i in range(m):
+                if bucket < 0:
+                    parts[p, key[i] >> 16] += 1
+                    if key[i] != 0:
+                        nz[p] += 1
+                elif (key[i] >> 16) == bucket:
+                    parts[p, key[i] & 0xFFFF] += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _energy_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, out):
+    n_models = model_rows.shape[0]
+    for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):
+        first = k * SCE_BLOCK
+        m = min(SCE_BLOCK, n - first)
+        xb = np.empty(SCE_BLOCK, np.float32)
+        tv = np.empty((n_models, SCE_BLOCK), np.float32)
+        key = np.empty(SCE_BLOCK, np.int64)
+        p = np.empty(SCE_BLOCK, np.float64)
+        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
+        for j in range(n_models):
+            for i in range(SCE_BLOCK):
+                if i < m:
+                    v = _select(tv, key, j, i, keep_all, thr, w_code)
+                    p[i] = np.float64(round_work(v * v, w_code))
+                else:
+                    p[i] = 0.0
+            out[k, j] = _tree(p)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _sce_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, wt, lo, out,
+                out_code):  # fmt: skip
+    n_models = model_rows.shape[0]
+    zero = np.float32(0.0)
+    for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):
+        first = k * SCE_BLOCK
+        m = min(SCE_BLOCK, n - first)
+        xb = np.empty(SCE_BLOCK, np.float32)
+        tv = np.empty((n_models, SCE_BLOCK), np.float32)
+        key = np.empty(SCE_BLOCK, np.int64)
+        sel = np.empty(n_models, np.float32)
+        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
+        for i in range(m):
+            s = zero
+            for j in range(n_models):
+                sel[j] = _select(tv, key, j, i, keep_all, thr, w_code)
+                s = s + sel[j]
+            pos = round_work(s, w_code) >= zero
+            acc = zero
+            den = zero
+            for j in range(n_models):
+                v = sel[j]
+                agree = (v > zero and pos) or (v < zero and not pos)
+                ew = round_work(wt[j] * (np.float32(1.0) if agree else zero), w_code)
+                acc = acc + round_work(v * ew, w_code)
+                den = den + ew
+            acc = round_work(acc, w_code)
+            den = round_work(den, w_code)
+            if den < lo:
+                den = lo
+            xb[i] = round_work(xb[i] + round_work(acc / den, w_code), w_code)
+        _encode_block(xb, out_code, first, m, out)
+
+
+def _parts() -> int:
+    return max(1, numba.get_num_threads())
+
+
+def sce_hist(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+             n: int, bucket: int, hist: np.ndarray, nonzero: np.ndarray | None = None,
+             work: str | None = None) -> None:  # fmt: skip
+    """Add the variance keys' histogram of ``n`` elements into ``hist`` (int64): the high
+    bits (``bucket < 0``, HIGH_BINS, and the nonzero keys into ``nonzero[0]``) or the low
+    bits inside ``bucket`` (LOW_BINS).
+
+    Raises:
+        ValueError: bad rows, dtypes or histogram.
+    """
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
+    bins = HIGH_BINS if bucket < 0 else LOW_BINS
+    if hist.dtype != np.int64 or hist.shape != (bins,):
+        raise ValueError(f"hist must be int64 [{bins}]")
+    if n == 0:
+        return
+    parts = np.zeros((_parts(), LOW_BINS), np.int64)
+    nz = np.zeros(parts.shape[0], np.int64)
+    _hist_kernel(inputs, codes, base_row, mr, n, w_code, bucket, parts, nz)
+    hist += parts[:, :bins].sum(axis=0)
+    if nonzero is not None:
+        nonzero[0] += int(nz.sum())
+
+
+def sce_energy(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+               n: int, keep_all: bool, thr: int, work: str | None = None) -> np.ndarray:  # fmt: skip
+    """Each block's sums of squared selected task vectors: float64 [ceil(n / SCE_BLOCK), N].
+
+    Raises:
+        ValueError: bad rows or dtypes.
+    """
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
+    out = np.zeros(((n + SCE_BLOCK - 1) // SCE_BLOCK, len(model_rows)), np.float64)
+    if n:
+        _energy_kernel(inputs, codes, base_row, mr, n, w_code, bool(keep_all), np.int64(thr),
+                       out)  # fmt: skip
+    return out
+
+
+def sce_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+              n: int, keep_all: bool, thr: int, wt: np.ndarray, out: np.ndarray,
+              out_dtype: str, work: str | None = None) -> None:  # fmt: skip
+    """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "SCE").
+
+    Args:
+        keep_all, thr: the selection (every element, or key >= thr); wt: float32 [N], the
+            energy weights (values of W).
+
+    Raises:
+        ValueError: bad rows, dtypes or output.
+    """
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
+    co = _checked(out, out_dtype, n, "out")
+    lo = np.float32(_round_host(np.float32(1e-6), w_code))
+    wt = np.ascontiguousarray(wt, np.float32)
+    if wt.shape != (len(model_rows),):
+        raise ValueError(f"need {len(model_rows)} weights, got {wt.shape}")
+    if n:
+        _sce_kernel(inputs, codes, base_row, mr, n, w_code, bool(keep_all), np.int64(thr), wt,
+                    lo, out, co)  # fmt: skip
+
+
+def warmup() -> None:
+    """Compile (or load from numba's cache) the kernels for each dtype."""
+    for dt in ("F32", "F16", "BF16"):
+        s = np.zeros((3, 16), np.uint8)
+        sce_hist(s, [dt] * 3, 0, [1, 2], 2, -1, np.zeros(HIGH_BINS, np.int64),
+                 np.zeros(1, np.int64))  # fmt: skip
+        sce_hist(s, [dt] * 3, 0, [1, 2], 2, 0, np.zeros(LOW_BINS, np.int64))
+        sce_energy(s, [dt] * 3, 0, [1, 2], 2, False, 1)
+        sce_chunk(s, [dt] * 3, 0, [1, 2], 2, True, 0, np.ones(2, np.float32),
+                  np.zeros(16, np.uint8), dt)  # fmt: skip
