@@ -210,7 +210,10 @@ def fine_tune(args, top: TopModel, base_t: dict, train: Batches, ids: torch.Tens
     top.load(base_t)
     m = top.model
     m.train()
-    m.model.embed_tokens.weight.requires_grad_(False)
+    for p in m.parameters():  # only the decoder layers train: the embedding (tied head) and
+        p.requires_grad_(False)  # the final norm stay the base's, like everything below
+    for p in m.model.layers.parameters():
+        p.requires_grad_(True)
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     t0 = time.perf_counter()
@@ -332,20 +335,23 @@ def main(argv: list[str] | None = None) -> int:
                                                for v in base_t.values())).hexdigest()  # fmt: skip
     ctx = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
-    lower_file = cache / "lower.pt"
-    data = torch.load(lower_file, weights_only=False) if lower_file.is_file() else None
-    if data is None or data.get("ctx") != ctx:
-        t0 = time.perf_counter()
-        data = {"ctx": ctx}
-        for t, val, test, train in tasks:
-            for split, (texts, labels), bs in (("val", val, 16), ("test", test, 16),
-                                               ("train", train, args.batch)):  # fmt: skip
-                data[t.name, split] = lower_states(model, tok, real_llm.prompts(t, texts, args.chars),
-                                                   labels, args.top, bs)  # fmt: skip
+    data, lower_s = {}, 0.0
+    for t, val, test, train in tasks:  # one cache file per task and split, made once
+        for split, (texts, labels), bs in (("val", val, 16), ("test", test, 16),
+                                           ("train", train, args.batch)):  # fmt: skip
+            f = cache / f"lower-{t.name}-{split}.pt"
+            got = torch.load(f, weights_only=False) if f.is_file() else None
+            if got is None or got["ctx"] != ctx:
+                t0 = time.perf_counter()
+                b = lower_states(model, tok, real_llm.prompts(t, texts, args.chars), labels,
+                                 args.top, bs)  # fmt: skip
+                got = {"ctx": ctx, "items": b.items, "seconds": time.perf_counter() - t0}
+                torch.save(got, f)
                 log(f"{t.name} {split}: lower states of {len(texts)} prompts "
-                    f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-        data["seconds"] = time.perf_counter() - t0
-        torch.save(data, lower_file)
+                    f"({got['seconds']:.0f} s)")  # fmt: skip
+            data[t.name, split] = Batches(got["items"])
+            lower_s += got["seconds"]
+    data["seconds"] = lower_s
     ids = {t.name: torch.tensor(real_llm.label_token_ids(tok, t)) for t, *_ in tasks}
     top = TopModel(model.config, args.top)
     top.load(base_t)
@@ -394,12 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     cell = q.Cell(TASKS, "ties")
     plan = q.make_plan(cell, [args.budget], args.seeds, 1, args.alpha, args.density)
     work = work_dir(cache)
-    n_merged = 0
+    # the grid first, then the sweep seeds in order: a run cut short is reported with
+    # --seeds set to the sweeps it completed (every scored model is cached)
+    n_merged = run_sweep(args, plan, 0, plan.grid[args.budget][0], plan.fixed[0], True, fts,
+                         base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
     for r in range(args.seeds):
         n_merged += run_sweep(args, plan, r, plan.m3[r][: args.budget], plan.fixed[0], False,
                               fts, base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
-    n_merged += run_sweep(args, plan, 0, plan.grid[args.budget][0], plan.fixed[0], True, fts,
-                          base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
     run_s = time.perf_counter() - started
     log(f"{n_merged} models merged and scored; {run_s:.0f} s")
     results = analyze(plan, preds, truth, args)
