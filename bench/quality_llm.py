@@ -518,6 +518,7 @@ def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged
     a("```\n")
     if results is None:
         a(issue_check(preds, truth, args))
+        a(scored_so_far(plan, preds, truth))
         return "\n".join(L)
     r = results[0]
     a("![accuracy per arm, SmolLM2](quality_smollm2.png)\n")
@@ -536,6 +537,25 @@ def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged
     a(f"Time: lower states {data['seconds']:.0f} s (when computed); this run {run_s:.0f} s wall, "
       f"{n_merged} models merged and scored in it.\n")  # fmt: skip
     return "\n".join(L)
+
+
+def scored_so_far(plan, preds: Preds, truth: dict) -> str:
+    """The candidates of the plan already scored (a cut run): w, mean validation and test
+    accuracy, each task's test accuracy; no interval, no pick."""
+
+    def acc(key, t, split):
+        return float((q.decode_pred(preds.recs[key]["pred"][t][split]) == truth[t][split]).mean())
+
+    lines = ["Scored so far (no pick, no interval; the grid's points and the fixed one):\n",
+             "| w | val acc. % (mean) | test acc. % (mean) | " + " | ".join(TASKS) + " |",
+             "|---|---|---|" + "---|" * len(TASKS)]  # fmt: skip
+    for c in plan.all_cands():
+        if c.key in preds:
+            v = np.mean([acc(c.key, t, "val") for t in TASKS])
+            te = [acc(c.key, t, "test") for t in TASKS]
+            lines.append(f"| ({q.fmt_w(c.weights)}) | {q.fmt_pct(v)} | {q.fmt_pct(np.mean(te))} | "
+                         + " | ".join(q.fmt_pct(x) for x in te) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def issue_check(preds: Preds, truth: dict, args) -> str:
