@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section(Path(args.report), text)
     if args.plot and results is not None:
         q.write_plot(results, Path(args.plot), args,
-                     title="SmolLM2-135M-Instruct fine-tunes (top 4 layers) merged by streammerge")
+                     title="SmolLM2-135M fine-tunes merged by streammerge")
     return 0
 
 
