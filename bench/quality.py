@@ -921,7 +921,8 @@ def picks_table(results: list[CellResult], first_seed: int, a) -> None:
     a("")
 
 
-def write_plot(results: list[CellResult], path: Path, args) -> None:
+def write_plot(results: list[CellResult], path: Path, args,
+               title: str = "all-MiniLM-L6-v2 fine-tunes merged by streammerge") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -983,7 +984,7 @@ def write_plot(results: list[CellResult], path: Path, args) -> None:
     fig.legend(
         handles=handles, loc="lower center", ncol=3 if ncol > 1 else 2, fontsize=8, frameon=False
     )
-    fig.suptitle("all-MiniLM-L6-v2 fine-tunes merged by streammerge: arms at equal budget K",
+    fig.suptitle(f"{title}: arms at equal budget K",
                  fontsize=11)  # fmt: skip
     bottom = 0.15 if ncol == 1 else 0.09 if nrow == 1 else 0.05
     fig.tight_layout(rect=(0, bottom, 1, 0.96))
