@@ -25,7 +25,7 @@ import numpy as np
 from .common import FLOAT_CODES
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
-from .cpu_rows import _checked
+from .cpu_rows import _checked, _tree
 
 #: Elements per block of a row sum (SPEC "SLERP (v3)"'s pairwise tree).
 SUM_BLOCK = 1024
@@ -71,16 +71,6 @@ def log64(v, inv_odd):
         acc = acc * z + inv_odd[j]
     acc = acc * z + 1.0
     return np.float64(e) * LN2 + (2.0 * s) * acc
-
-
-@numba.njit(inline="always")
-def _tree(p):
-    width = p.shape[0] // 2
-    while width >= 1:
-        for i in range(width):
-            p[i] = p[2 * i] + p[2 * i + 1]
-        width //= 2
-    return p[0]
 
 
 @numba.njit(inline="always")

@@ -21,10 +21,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu_merge import _decode_block, _encode_block, _f32_bits
+from .cpu_merge import _encode_block, _f32_bits
 from .cpu_nearswap import _round_host, round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
+from .cpu_stock import task_vectors_w
 
 #: Elements per block of a statistic (SPEC), a power of two; chunks start at its multiples.
 SCE_BLOCK = 1024
@@ -39,14 +40,7 @@ KEEP_NONE = 1 << 32
 def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key):
     """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys."""
     n_models = model_rows.shape[0]
-    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-    for i in range(m):
-        xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
-    for j in range(n_models):
-        r = model_rows[j]
-        _decode_block(inputs[r], codes[r], first, m, tv[j])
-        for i in range(m):
-            tv[j, i] = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
+    task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
     for i in range(m):
         mean = 0.0
         m2 = 0.0

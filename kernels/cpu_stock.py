@@ -33,6 +33,21 @@ def n_stats(n_models: int) -> int:
     return n_models + n_models * (n_models - 1) // 2
 
 
+@numba.njit(inline="always")
+def task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv):
+    """One block of the task vectors in the working dtype W (SPEC "Model Stock", "SCE"):
+    xb[:m] = rW(base), tv[j, :m] = rW(rW(x_j) - xb), the inputs rounded to W at load as
+    mergekit does. xb: float32 [>= m]; tv: float32 [n_models, >= m]."""
+    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+    for i in range(m):
+        xb[i] = round_work(xb[i], w_code)
+    for j in range(model_rows.shape[0]):
+        r = model_rows[j]
+        _decode_block(inputs[r], codes[r], first, m, tv[j])
+        for i in range(m):
+            tv[j, i] = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
     n_models = model_rows.shape[0]
@@ -42,14 +57,7 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
         xb = np.empty(STOCK_BLOCK, np.float32)
         d = np.zeros((n_models, STOCK_BLOCK), np.float32)
         p = np.empty(STOCK_BLOCK, np.float64)
-        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-        for i in range(m):
-            xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
-        for j in range(n_models):
-            r = model_rows[j]
-            _decode_block(inputs[r], codes[r], first, m, d[j])
-            for i in range(m):
-                d[j, i] = round_work(round_work(d[j, i], w_code) - xb[i], w_code)
+        task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, d)
         s = 0
         for j in range(n_models):
             for i in range(STOCK_BLOCK):
