@@ -374,9 +374,14 @@ def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
             [sys.executable, "-m", "streammerge.cli", *argv], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
+        # Run the merge in 5 ms steps (SIGSTOP / SIGCONT), so that a loaded machine cannot
+        # let it finish between two looks at the journal.
         while p.poll() is None and not (journal.exists() and '"shard"' in journal.read_text()):
-            time.sleep(0.002)
+            p.send_signal(signal.SIGCONT)
+            time.sleep(0.005)
+            p.send_signal(signal.SIGSTOP)
         p.send_signal(signal.SIGINT)  # Ctrl-C once a shard is finished
+        p.send_signal(signal.SIGCONT)
         log = p.communicate(timeout=120)[0]
         if p.returncode != 0:
             break
