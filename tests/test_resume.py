@@ -366,16 +366,16 @@ def test_ctrl_c_exits_130_and_resume_finishes(trio, tmp_path):
     argv = argv_for(trio_dirs, out)
     staging = tmp_path / PARTIAL
     journal = tmp_path / JOURNAL
-    for _attempt in range(5):  # the merge may win the race on a fast machine: try again
+    for _attempt in range(20):  # the merge may still win the race: try again
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
         journal.unlink(missing_ok=True)
         p = subprocess.Popen(
             [sys.executable, "-m", "streammerge.cli", *argv], stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
+            stderr=subprocess.STDOUT, text=True, preexec_fn=lambda: os.nice(19),
         )  # fmt: skip
-        # Run the merge in 5 ms steps (SIGSTOP / SIGCONT), so that a loaded machine cannot
-        # let it finish between two looks at the journal.
+        # Run the merge (at the lowest priority) in 5 ms steps (SIGSTOP / SIGCONT), so that
+        # a loaded machine is unlikely to let it finish between two looks at the journal.
         while p.poll() is None and not (journal.exists() and '"shard"' in journal.read_text()):
             p.send_signal(signal.SIGCONT)
             time.sleep(0.005)
