@@ -171,20 +171,24 @@ def test_triton_kernels_equal_numba():
             assert out.view(torch.uint8).numpy().tobytes() == cpu.tobytes()
 
 
-def _expected(models, rec: dict) -> dict[str, bytes]:
+def _expected(models, rec: dict, base=None) -> dict[str, bytes]:
     tms = [load_dir(m) for m in models]
+    tb = load_dir(base) if base is not None else None
     out = {}
-    norm = rec["tensors"]
-    for name, x in tms[0].items():
+    for name, x in (tb or tms[0]).items():
         if not x.is_floating_point():
             out[name] = as_numpy(x).view(np.uint8).tobytes()
             continue
-        p = norm[name]
         dt = DTYPES[str(x.dtype)] if rec.get("dtype") in (None, "") else rec["dtype"]
+        if name not in tms[0]:  # only the base has it: copied
+            out[name] = _as_bytes(ref.from_float32(ref.to_float32(as_numpy(x), DTYPES[str(x.dtype)]), dt))
+            continue
+        p = rec["tensors"][name]
         dts = [DTYPES[str(m[name].dtype)] for m in tms]
         rows = [as_numpy(m[name]) for m in tms]
+        b, bd = (as_numpy(x), DTYPES[str(x.dtype)]) if tb is not None else (None, None)
         res = ref.spec_multislerp(rows, dts, p["w"], dt, p.get("normalize_weights", True),
-                                  p.get("eps", 1e-8), work=p.get("compute_dtype"))  # fmt: skip
+                                  p.get("eps", 1e-8), b, bd, p.get("compute_dtype"))  # fmt: skip
         out[name] = _as_bytes(res)
     return out
 
@@ -238,15 +242,32 @@ def test_mergekit_recipe_m3_and_triton_backend(tmp_path):
 
 def test_bad_recipes_are_one_line(tmp_path):
     base, a, b = make_trio(tmp_path)
-    for argv, message in ((["--eps", "-1"], "eps"), (["--base", str(base)], "not supported"),
-                          (["--weights", "1,2,3"], "weights")):  # fmt: skip
+    for argv, message in ((["--eps", "-1"], "eps"), (["--weights", "1,2,3"], "weights")):
         r = run_cli([str(a), str(b), "--method", "multislerp", *argv, "-o", str(tmp_path / "o")])
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     cfg = tmp_path / "msl.yml"
-    cfg.write_text(f"merge_method: multislerp\nbase_model: {base}\nmodels:\n  - model: {a}\n"
-                   f"  - model: {b}\n")  # fmt: skip
+    cfg.write_text(f"merge_method: multislerp\nmodels:\n  - model: {a}\n")
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
-    assert r.returncode == 2 and "base_model" in r.stderr, r.stderr
+    assert r.returncode == 2 and "models" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_with_a_base_the_task_vectors_are_merged(tmp_path):
+    """``base_model:`` (listed among the models too: skipped) and ``--base`` give the same
+    bytes: SPEC's task-vector form, base added back; the base's own tensors copied."""
+    base, a, b = make_trio(tmp_path)
+    cfg = tmp_path / "msl.yml"
+    cfg.write_text(f"merge_method: multislerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+                   f"  - model: {a}\n    parameters:\n      weight: 0.6\n  - model: {b}\n"
+                   "    parameters:\n      weight: 0.4\ndtype: bfloat16\n")  # fmt: skip
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "o" / "streammerge.json").read_text())
+    got = _bytes(tmp_path / "o")
+    assert got == _expected([a, b], rec, base)
+    r = run_cli([str(a), str(b), "--base", str(base), "--method", "multislerp", "--weights",
+                 "0.6,0.4", "-o", str(tmp_path / "cli")])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert _bytes(tmp_path / "cli") == got

@@ -8,7 +8,9 @@ result is the weighted mean of the unit vectors, normalized, times the weighted 
 norms. Every quantity follows from the models' Gram matrix: one statistics pass
 (``msl_gram``: float64 sums in a fixed block order) gives it, ``coefficients`` turns it into
 one float32 coefficient per model on the host, and the elementwise pass computes
-``sum_j c_j * v_j`` in float32. M3 multiplies the weights (Dirichlet).
+``sum_j c_j * v_j`` in float32. A base is optional: with one (``base_optional``) the
+vectors are the task vectors and the base is added back. M3 multiplies the weights
+(Dirichlet).
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ METHOD = Method(
     working_dtype="inputs",
     m3="weights",
     min_models=2,
-    base_unsupported=True,
+    base_optional=True,
     row_passes=(RowPass(MSL_GRAM, _gram_cpu, _gram_triton, accumulators=_zero_sums),
                 RowPass("multislerp", _msl_cpu, _msl_triton)),
     row_block=MSL_BLOCK,
