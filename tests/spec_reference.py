@@ -1093,3 +1093,90 @@ def spec_sce(base, models, dtypes, select_topk, out_dtype, work=None) -> np.ndar
         out = spec_round_work(xb + spec_round_work(acc / den, W), W)
     del n_models
     return from_float32(out, out_dtype)
+
+
+# ---- Multi-SLERP (docs/SPEC.md "Multi-SLERP") ----
+
+
+def _spec_msl_vectors(models, dtypes, base=None, base_dtype=None, work=None):
+    """(v_j float32 flat, x_b or None, W): the models in W, or their task vectors."""
+    ins = list(dtypes) + ([base_dtype] if base is not None else [])
+    W = work or (ins[0] if len(set(ins)) == 1 else "F32")
+    xb = None if base is None else spec_round_work(to_float32(base, base_dtype).reshape(-1), W)
+    with np.errstate(all="ignore"):
+        v = [spec_round_work(to_float32(m, d).reshape(-1), W) for m, d in zip(models, dtypes)]
+        if xb is not None:
+            v = [spec_round_work(x - xb, W) for x in v]
+    return v, xb, W
+
+
+def spec_msl_gram(models, dtypes, base=None, base_dtype=None, work=None) -> np.ndarray:
+    """float64 [K]: G_jj of each model, then G_jk (j < k), SPEC's block order."""
+    v, _, _ = _spec_msl_vectors(models, dtypes, base, base_dtype, work)
+    v64 = [x.astype(np.float64) for x in v]
+    with np.errstate(all="ignore"):
+        terms = [x * x for x in v64]
+        terms += [v64[j] * v64[k] for j in range(len(v)) for k in range(j + 1, len(v))]
+    out = np.zeros(len(terms), np.float64)
+    for s, p in enumerate(terms):
+        total = 0.0
+        for lo in range(0, p.size, 1024):
+            total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+        out[s] = total
+    return out
+
+
+def spec_msl_coefficients(gram, weights, normalize: bool, eps: float, W: str) -> np.ndarray:
+    """float32 [N]: the coefficients c_j (SPEC "Multi-SLERP", the host step)."""
+    f = np.float32
+
+    def r(x):
+        return spec_round_work(np.array([x], f), W)[0]
+
+    n = len(weights)
+    wq = [r(f(w)) for w in weights]
+    if normalize:
+        s = f(0.0)
+        for w in wq:
+            s = f(s + w)
+        s = r(s)
+        if s != 0:
+            with np.errstate(all="ignore"):
+                wq = [r(f(w / s)) for w in wq]
+    w = [float(x) for x in wq]
+    g = [float(x) for x in gram]
+    nrm = [math.sqrt(x) if x >= 0 else math.nan for x in g[:n]]
+    a = [w[j] / (nrm[j] + eps) for j in range(n)]
+    M = 0.0
+    for j in range(n):
+        M = M + (a[j] * a[j]) * g[j]
+    pairs = [(j, k) for j in range(n) for k in range(j + 1, n)]
+    for s, (j, k) in enumerate(pairs):
+        M = M + 2.0 * ((a[j] * a[k]) * g[n + s])
+    if math.isnan(M):
+        mn = math.nan
+    else:
+        mn = math.sqrt(M) if M > 0 else 0.0
+    if mn < eps:
+        return np.array(w, np.float64).astype(f)
+    avg = 0.0
+    for j in range(n):
+        avg = avg + w[j] * nrm[j]
+    fac = (avg * math.cos(eps)) / mn
+    return np.array([0.0 if g[j] == 0 else fac * a[j] for j in range(n)], np.float64).astype(f)
+
+
+def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8, base=None,
+                    base_dtype=None, work=None) -> np.ndarray:  # fmt: skip
+    """Multi-SLERP of stored tensors (flat), in stored form of ``out_dtype``."""
+    v, xb, W = _spec_msl_vectors(models, dtypes, base, base_dtype, work)
+    c = spec_msl_coefficients(spec_msl_gram(models, dtypes, base, base_dtype, work), weights,
+                              normalize, eps, W)  # fmt: skip
+    acc = np.zeros(v[0].size, np.float32)
+    with np.errstate(all="ignore"):
+        for cj, x in zip(c, v):
+            acc = acc + cj * x
+        out = spec_round_work(acc, W)
+        if xb is not None:
+            out = spec_round_work(out + xb, W)
+    return from_float32(out, out_dtype)

@@ -10,6 +10,7 @@ of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel argumen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,6 +114,9 @@ class Method:
             working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
             else the inputs' promoted dtype), resolved per tensor by the plan as for the
             task-vector methods (docs/SPEC.md "Working dtype (v3)").
+        base_optional: mergekit takes an optional ``base_model`` that streammerge supports
+            (multislerp: with one, the task vectors are merged and the base added back): a
+            merge given a base runs ``with_base()``, the row with ``uses_base`` true.
         base_unsupported: mergekit takes an optional ``base_model`` (nuslerp: the
             task vectors are interpolated) that streammerge does not support yet: a recipe
             or ``--base`` with one is refused instead of ignored.
@@ -144,6 +148,7 @@ class Method:
     base_is_input: bool = False
     slices_only: bool = False
     base_unsupported: bool = False
+    base_optional: bool = False
     working_dtype: str = "float32"
     vector_row: bool = False
     check_params: Callable | None = None
@@ -160,6 +165,11 @@ class Method:
                                 or any(not p.is_stats for p in self.row_passes[:-1])):
             raise ValueError(f"method {self.name}: row passes are statistics passes, then "
                              "one writing pass")  # fmt: skip
+
+    def with_base(self) -> Method:
+        """The row a merge given a base runs: ``uses_base`` true for a ``base_optional``
+        method (itself otherwise)."""
+        return _with_base(self) if self.base_optional and not self.uses_base else self
 
     @property
     def row_op(self) -> str | None:
@@ -235,3 +245,13 @@ class Method:
         if self.sparse.stats and trim_scope == "tensor":
             return ("hist_high", "hist_low", "merge")
         return ("merge",)
+
+
+_WITH_BASE: dict[str, Method] = {}
+
+
+def _with_base(method: Method) -> Method:
+    """``method`` with ``uses_base`` true, made once per method name."""
+    if method.name not in _WITH_BASE:
+        _WITH_BASE[method.name] = dataclasses.replace(method, uses_base=True)
+    return _WITH_BASE[method.name]
