@@ -199,7 +199,7 @@ def _zero_sums(n_models: int) -> tuple:
 def _check_weights(per_model: dict) -> str | None:
     w = per_model.get("weight")
     if w is not None and not sum(w) > 0:
-        return "karcher: the weights must have a positive sum"
+        return f"karcher: the weights {list(w)} must have a positive sum"
     return None
 
 

@@ -123,8 +123,9 @@ class Method:
         vector_row: a 1-D tensor is one row of all its elements (della: mergekit's
             ``della_magprune`` ranks a vector as one row), not rows of one element.
         check_params: ``check_params(per_model) -> message | None``: a check across the
-            per-model values of one tensor (name -> list of N), after each is checked
-            against its own range (della: density +/- epsilon inside (0, 1)).
+            per-model values of one tensor (name -> list of N; ``weight``: the w_j, M3
+            applied), after each is checked against its own range (della: density +/-
+            epsilon inside (0, 1); karcher: weights with a positive sum).
     """
 
     name: str
