@@ -270,3 +270,12 @@ def test_bad_recipes_are_one_line(tmp_path):
     assert r.returncode == 2 and "base_model" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
     assert math.isfinite(float(coefficients(_g([[1, 0], [0, 1]]), [1, 1], 10, 1e-5)[0]))
+
+
+def test_plan_says_one_statistics_pass_and_rounds_on_the_host(tmp_path):
+    _, a, b = make_trio(tmp_path, big=300_000)
+    r = run_cli([str(a), str(b), "--method", "karcher", "--weights", "1,1", "--memory", "8MB",
+                 "--plan", "-o", str(tmp_path / "o")])  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "karcher: 1 statistics pass" in r.stdout and "rounds on the host" in r.stdout
+    assert "karcher_gram, then karcher (2 reads)" in r.stdout, r.stdout

@@ -219,4 +219,6 @@ METHOD = Method(
                 RowPass("karcher", _karcher_cpu, _karcher_triton)),
     row_block=KARCHER_BLOCK,
     check_params=_check_weights,
+    plan_note="1 statistics pass (the N x N Gram matrix), max_iter rounds on the host on "
+    "N x N numbers (no re-reads, nothing held), 1 elementwise pass",
 )

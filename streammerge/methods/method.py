@@ -126,6 +126,8 @@ class Method:
             per-model values of one tensor (name -> list of N; ``weight``: the w_j, M3
             applied), after each is checked against its own range (della: density +/-
             epsilon inside (0, 1); karcher: weights with a positive sum).
+        plan_note: one line ``--plan`` prints under the method (karcher: how its rounds
+            read the tensors), or "".
     """
 
     name: str
@@ -148,6 +150,7 @@ class Method:
     working_dtype: str = "float32"
     vector_row: bool = False
     check_params: Callable | None = None
+    plan_note: str = ""
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):
