@@ -19,8 +19,9 @@ import numpy as np
 from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import WEIGHT, Param
 
-MAX_ITER = Param("max_iter", default=10.0, lo=0.0, hi=10000.0, per_model=False, layered=False,
-                 integer=True, help="karcher: most rounds of the fixed-point iteration")  # fmt: skip
+MAX_ITER = Param("max_iter", default=10.0, lo=0.0, hi=10000.0, per_model=False,
+                 layered=False, integer=True,
+                 help="karcher: most rounds of the fixed-point iteration")  # fmt: skip
 TOL = Param("tol", default=1e-5, lo=0.0, lo_open=True, per_model=False, layered=False,
             help="karcher: norms <= tol are left out, angles < tol skipped, a step < tol "
             "stops the rounds")  # fmt: skip
