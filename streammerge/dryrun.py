@@ -215,6 +215,7 @@ def _recipe_fields(r) -> dict:
             "normalize": row.normalize,
             "uses_base": row.uses_base,
             "source": row.source,
+            **({"note": row.plan_note} if row.plan_note else {}),
         },
         "trim_scope": r.trim_scope,
         "seed": r.seed,
@@ -375,6 +376,8 @@ def _heading_lines(d: dict) -> list[str]:
     out.append(
         f"  resolved (tensors without overrides): {_fmt_params({'action': 'merge', **d['resolved']})}"
     )
+    if d["method_row"].get("note"):
+        out.append(f"  {d['method']}: {d['method_row']['note']}")
     return out + _inputs_lines(d)
 
 

@@ -1180,3 +1180,115 @@ def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8
         if xb is not None:
             out = spec_round_work(out + xb, W)
     return from_float32(out, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Karcher mean (docs/SPEC.md "Karcher mean")
+# ---------------------------------------------------------------------------------------
+
+
+def spec_karcher_gram(models, dtypes) -> np.ndarray:
+    """float64 [N(N+1)/2]: G_jj of each model, then G_jk (j < k), SPEC's block order."""
+    x = [to_float32(m, d).reshape(-1).astype(np.float64) for m, d in zip(models, dtypes)]
+    n = len(x)
+    pairs = [(j, j) for j in range(n)] + [(j, k) for j in range(n) for k in range(j + 1, n)]
+    out = np.zeros(len(pairs), np.float64)
+    with np.errstate(all="ignore"):
+        for s, (j, k) in enumerate(pairs):
+            p = x[j] * x[k]
+            total = 0.0
+            for lo in range(0, p.size, 1024):
+                total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+            out[s] = total
+    return out
+
+
+def spec_karcher_k(gram, weights, max_iter: int, tol: float) -> np.ndarray:
+    """float32 [N]: the coefficients k_j of SPEC's rounds (float64 on the host)."""
+    n = len(weights)
+    G = [[0.0] * n for _ in range(n)]
+    for j in range(n):
+        G[j][j] = float(gram[j])
+    s = n
+    for j in range(n):
+        for k in range(j + 1, n):
+            G[j][k] = G[k][j] = float(gram[s])
+            s += 1
+    nrm_ = [math.sqrt(G[j][j]) for j in range(n)]
+    W = 0.0
+    for w in weights:
+        W = W + float(w)
+    if W == 0.0:
+        return np.zeros(n, np.float32)
+    a = [float(w) / W for w in weights]
+    V = [j for j in range(n) if nrm_[j] > tol]
+    A = 0.0
+    for j in V:
+        A = A + a[j]
+    if not V or A == 0.0:
+        return np.zeros(n, np.float32)
+
+    def cos(v):
+        return math.cos(v) if math.isfinite(v) else math.nan
+
+    def sin(v):
+        return math.sin(v) if math.isfinite(v) else math.nan
+    b = {j: a[j] / A for j in V}
+    g = {(j, k): G[j][k] / (nrm_[j] * nrm_[k]) for j in V for k in V}
+
+    def dot(c, j):
+        t = 0.0
+        for k in V:
+            t = t + c[k] * g[(k, j)]
+        return t
+
+    def nrm(c):
+        t = 0.0
+        for j in V:
+            t = t + c[j] * dot(c, j)
+        return math.nan if math.isnan(t) else math.sqrt(max(t, 0.0))
+
+    c = dict(b)
+    m = nrm(c)
+    if m < tol:
+        c = {j: (1.0 if j == V[0] else 0.0) for j in V}
+    else:
+        c = {j: c[j] / m for j in V}
+    for _ in range(int(max_iter)):
+        T = {j: 0.0 for j in V}
+        for i in V:
+            d = dot(c, i)
+            d = d if math.isnan(d) else min(max(d, -1.0), 1.0)
+            th = math.acos(d)
+            if th < tol:
+                continue
+            f = b[i] * (th / sin(th))
+            for k in V:
+                T[k] = T[k] + f * ((1.0 if k == i else 0.0) - d * c[k])
+        t = nrm(T)
+        if t < tol:
+            break
+        c = {k: cos(t) * c[k] + sin(t) * (T[k] / t) for k in V}
+        m = nrm(c)
+        if m > tol:
+            c = {k: c[k] / m for k in V}
+    sc = 0.0
+    for j in range(n):
+        sc = sc + a[j] * nrm_[j]
+    k = np.zeros(n, np.float32)
+    with np.errstate(all="ignore"):
+        for j in V:
+            k[j] = np.float32((sc * c[j]) / nrm_[j])
+    return k
+
+
+def spec_karcher(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5) -> np.ndarray:
+    """The Karcher mean of stored tensors (flat), in stored form of ``out_dtype``."""
+    weights = [1.0] * len(models) if weights is None else weights
+    k = spec_karcher_k(spec_karcher_gram(models, dtypes), weights, max_iter, tol)
+    x = [to_float32(m, d).reshape(-1) for m, d in zip(models, dtypes)]
+    acc = np.zeros(x[0].size, np.float32)
+    with np.errstate(all="ignore"):
+        for kj, xj in zip(k, x):
+            acc = (acc + (np.float32(kj) * xj).astype(np.float32)).astype(np.float32)
+    return from_float32(acc, out_dtype)

@@ -129,7 +129,7 @@ BAD = [
     ("merge_method: [ties\n", "not valid YAML"),
     ("- just\n- a list\n", "expected a mapping"),
     ("base_model: B\nmodels: [{model: A}, {model: C}]\n", "merge_method: missing"),
-    ("merge_method: karcher\nbase_model: B\nmodels: [{model: A}, {model: C}]\n", "no method 'karcher'"),
+    ("merge_method: frankenmerge\nbase_model: B\nmodels: [{model: A}, {model: C}]\n", "no method 'frankenmerge'"),
     ("merge_method: ties\nmodels: [{model: A}, {model: C}]\n", "needs a base_model"),
     (
         "merge_method: ties\nbase_model: B\nslices: []\n",

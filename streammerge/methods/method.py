@@ -127,8 +127,11 @@ class Method:
         vector_row: a 1-D tensor is one row of all its elements (della: mergekit's
             ``della_magprune`` ranks a vector as one row), not rows of one element.
         check_params: ``check_params(per_model) -> message | None``: a check across the
-            per-model values of one tensor (name -> list of N), after each is checked
-            against its own range (della: density +/- epsilon inside (0, 1)).
+            per-model values of one tensor (name -> list of N; ``weight``: the w_j, M3
+            applied), after each is checked against its own range (della: density +/-
+            epsilon inside (0, 1); karcher: weights with a positive sum).
+        plan_note: one line ``--plan`` prints under the method (karcher: how its rounds
+            read the tensors), or "".
     """
 
     name: str
@@ -152,6 +155,7 @@ class Method:
     working_dtype: str = "float32"
     vector_row: bool = False
     check_params: Callable | None = None
+    plan_note: str = ""
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):

@@ -47,6 +47,7 @@ class Param:
         affects_values: False for a mergekit option with no effect on the values
             (``int8_mask``: a memory layout).
         in_yaml: a mergekit YAML key (False for streammerge's own flags, ``drop``).
+        integer: a ``number`` that must be a whole number (karcher's ``max_iter``).
         help: one line for ``--help``, the docs table and the model card.
     """
 
@@ -65,6 +66,7 @@ class Param:
     affects_values: bool = True
     in_yaml: bool = True
     help: str = ""
+    integer: bool = False
 
     @property
     def key(self) -> str:
@@ -113,6 +115,8 @@ class Param:
         high = self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi)
         if low or high:
             raise RecipeError(f"{where}: {self.name} {v} must satisfy {self.range_text()}", where)
+        if self.integer and not v.is_integer():
+            raise RecipeError(f"{where}: {self.name} must be a whole number, got {v}", where)
         return v
 
 

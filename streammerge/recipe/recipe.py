@@ -261,7 +261,7 @@ class Recipe:
                 shared.append((p.name, v))
             if p.m3 and row.m3 == "t":
                 w = [1.0 - v, v]  # the lerp weights of (model 0, model 1)
-        row.check_across(per_model, name)
+        row.check_across({**per_model, "weight": w} if w else per_model, name)
         kept = [(k, tuple(v)) for k, v in per_model.items() if row.param(k).only is None]
         return TensorParams(tuple(w), tuple(kept + shared))
 
