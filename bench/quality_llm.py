@@ -416,13 +416,15 @@ def main(argv: list[str] | None = None) -> int:
     kmax = max(args.budget_list)
     plan = q.make_plan(cell, args.budget_list, args.seeds, 1, args.alpha, args.density)
     work = work_dir(cache)
-    # the grid first, then the sweep seeds in order: a run cut short is reported with
-    # --seeds set to the sweeps it completed (every scored model is cached)
-    # (each sweep seed draws K_max once: the first K of its draws are the K-arm's candidates)
+    # the grids first, then the sweep seeds; each sweep seed draws K_max once (the first K
+    # of its draws are the K arm's candidates); every scored model is cached, and a run cut
+    # short is reported with --seeds / --budgets set to the sweeps it completed
     n_merged = sum(run_sweep(args, plan, 0, plan.grid[k][0], plan.fixed[0], True, fts, base_dir,
                              base_t, top, score, preds, truth, work)
                    for k in args.budget_list)  # fmt: skip
-    for r in range(args.seeds):
+    # seeds with the fewest scored candidates first: a run resumed with a larger K completes
+    # the smaller K's seeds before it widens the others
+    for r in sorted(range(args.seeds), key=lambda r: (sum(c.key in preds for c in plan.m3[r]), r)):
         n_merged += run_sweep(args, plan, r, plan.m3[r][:kmax], plan.fixed[0], False,
                               fts, base_dir, base_t, top, score, preds, truth, work)  # fmt: skip
     run_s = time.perf_counter() - started
