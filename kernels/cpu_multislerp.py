@@ -151,7 +151,8 @@ def _scalars(sc, n_models):
 
 
 def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-              n: int, stage: int, sc: np.ndarray, work: str | None = None) -> np.ndarray:  # fmt: skip
+              n: int, stage: int, sc: np.ndarray,
+              work: str | None = None) -> np.ndarray:  # fmt: skip
     """The per-block sums of statistics stage ``stage`` (0..3) of ``n`` elements (SPEC
     "Multi-SLERP"; ``sc``: the scalars of the earlier stages).
 

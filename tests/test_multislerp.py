@@ -45,8 +45,10 @@ def _merge(slot, dtypes, base_row, n, chunk, weights, normalize, eps, do):
         total = np.zeros(cpu_multislerp.stage_width(stage, len(mr)), np.float64)
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
-            part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d]) for r, d in enumerate(dtypes)]))
-            cpu_stock.add_blocks(total, cpu_multislerp.msl_stats(part, dtypes, base_row, mr, m, stage, sc))
+            part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d])
+                                                  for r, d in enumerate(dtypes)]))  # fmt: skip
+            blocks = cpu_multislerp.msl_stats(part, dtypes, base_row, mr, m, stage, sc)
+            cpu_stock.add_blocks(total, blocks)
         sums.append(total)
     sc = scalars(sums, weights, normalize, eps, W)
     out = np.zeros(n * ITEM[do], np.uint8)

@@ -153,16 +153,19 @@ def _msl_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_multislerp
 
     base, models = _rows(launch, inputs, a)
-    triton_multislerp.msl_triton(base, models, a.count, _sc(a, 4),
-                                 launch.typed(out, a.out_dtype, a.count), a.compute_dtype)  # fmt: skip
+    out_t = launch.typed(out, a.out_dtype, a.count)
+    triton_multislerp.msl_triton(base, models, a.count, _sc(a, 4), out_t, a.compute_dtype)
 
 
-def _zeros(width, cache: bool):
+def _stats_pass(stage: int) -> RowPass:
+    """Statistics pass ``stage``: float64 [N] sums (stages 0, 2) or [1] (1, 3); the first
+    also holds the tensor's scalar cache."""
+
     def acc(n_models: int) -> tuple:
-        z = np.zeros(n_models if width == "N" else 1, np.float64)
-        return (z, {}) if cache else (z,)
+        z = np.zeros(n_models if stage in (0, 2) else 1, np.float64)
+        return (z, {}) if stage == 0 else (z,)
 
-    return acc
+    return RowPass(MSL_PASSES[stage], _stats_cpu(stage), _stats_triton(stage), accumulators=acc)
 
 
 METHOD = Method(
@@ -178,10 +181,6 @@ METHOD = Method(
     m3="weights",
     min_models=2,
     base_optional=True,
-    row_passes=(RowPass("msl_norms", _stats_cpu(0), _stats_triton(0), accumulators=_zeros("N", True)),
-                RowPass("msl_mean", _stats_cpu(1), _stats_triton(1), accumulators=_zeros(1, False)),
-                RowPass("msl_dots", _stats_cpu(2), _stats_triton(2), accumulators=_zeros("N", False)),
-                RowPass("msl_tangent", _stats_cpu(3), _stats_triton(3), accumulators=_zeros(1, False)),
-                RowPass("multislerp", _msl_cpu, _msl_triton)),
+    row_passes=(*(_stats_pass(s) for s in range(4)), RowPass("multislerp", _msl_cpu, _msl_triton)),
     row_block=MSL_BLOCK,
 )
