@@ -142,6 +142,29 @@ def test_the_oracle_is_mergekits_torch_body_bit_for_bit_in_bf16():
         assert _as_bytes(got) == want, (w, base is None)
 
 
+def test_the_fallback_is_the_weighted_sum_in_kernels_and_oracle():
+    """Antipodal models with equal weights (two, and three with a zero model): the mean's
+    norm is 0, the kernels write the weighted sum in W, as the oracle (and Triton)."""
+    n = 2500
+    x = (np.random.default_rng(5).standard_normal(n) * 0.02).astype(np.float32)
+    for xs, w in (([x, -x], [1.0, 1.0]), ([x, -x, 0 * x], [1.0, 1.0, 3.0])):
+        rows = [ref.from_float32(v, "BF16") for v in xs]
+        slot = np.zeros((len(rows), n * 2), np.uint8)
+        _fill(slot, rows)
+        got, sc = _merge(slot, ["BF16"] * len(rows), -1, n, 1024, w, True, 1e-8, "BF16")
+        assert sc[-1] == 1.0
+        want = ref.spec_multislerp(rows, ["BF16"] * len(rows), w, "BF16")
+        assert got == _as_bytes(want)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            torch = pytest.importorskip("torch")
+            from streammerge.kernels import triton_multislerp
+
+            ts = [torch.from_numpy(r.copy()).view(torch.bfloat16) for r in rows]
+            out = torch.zeros(n, dtype=torch.bfloat16)
+            triton_multislerp.msl_triton(None, ts, n, sc, out)
+            assert out.view(torch.uint8).numpy().tobytes() == got
+
+
 def test_triton_kernels_equal_numba():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
