@@ -1,4 +1,4 @@
-"""Multi-SLERP CPU kernels (numba): the Gram statistics pass and the merged value.
+"""Multi-SLERP CPU kernels (numba): the four statistics stages and the merged value.
 
 Contract: docs/SPEC.md "Multi-SLERP", tested bit for bit against ``tests/spec_reference.py``
 and against the Triton kernels of ``kernels/triton_multislerp.py``.
@@ -7,13 +7,17 @@ A chunk is ``n`` elements of N models (slot rows ``model_rows``) and, optionally
 base (slot row ``base_row``, -1 for none), raw little-endian byte rows as in ``cpu_merge``,
 starting at a multiple of ``MSL_BLOCK`` elements of the tensor. ``v_j`` is model j in the
 working dtype W (``rW(x_j)``), or its task vector ``rW(rW(x_j) - rW(x_b))`` with a base.
+Every elementwise op is float32 rounded to W (``rW``), no FMA, mergekit's chain in torch's
+order (SPEC). ``sc`` (float32 [3N + 5], ``streammerge.methods.multislerp.scalars``) holds
+the host scalars known so far: ``w_j`` (0..N-1), ``d_j = rW(n_j + eps)`` (N..2N-1), the
+mean's norm ``mn`` (2N), ``dot_j`` (2N+1..3N), ``cos`` (3N+1), ``sin/tn`` (3N+2), the
+weighted mean norm ``avg`` (3N+3), the fallback flag (3N+4).
 
-- ``msl_gram``: per block of ``MSL_BLOCK`` elements, the K = N + N(N-1)/2 float64 sums
-  (G_jj of each model, then G_jk for j < k in order) of the exact float64 products
-  ``v_j * v_k``, each a pairwise tree over the block padded with +0.0; the caller adds the
-  blocks left to right (``cpu_stock.add_blocks``).
-- ``msl_chunk``: ``acc = sum_j c_j * v_j`` (float32, model order from +0.0, no FMA),
-  ``out = rW(acc)``, plus the base: ``rW(out + x_b)``.
+- ``msl_stats(stage)``: per block of ``MSL_BLOCK`` elements, float64 sums (each a pairwise
+  tree over the block padded with +0.0; the caller adds the blocks left to right,
+  ``cpu_stock.add_blocks``): stage 0 ``v_j^2`` (N sums), stage 1 ``m^2`` (1), stage 2
+  ``rW(u_j * mh)`` (N), stage 3 ``T^2`` (1).
+- ``msl_chunk``: the merged value (stage 4), or the weighted-sum fallback.
 """
 
 from __future__ import annotations
@@ -25,10 +29,19 @@ from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
-from .cpu_stock import n_stats
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
+
+
+def n_scalars(n_models: int) -> int:
+    """Length of the host scalar vector ``sc``."""
+    return 3 * n_models + 5
+
+
+def stage_width(stage: int, n_models: int) -> int:
+    """Sums per block of a statistics stage (0 and 2: one per model; 1 and 3: one)."""
+    return n_models if stage in (0, 2) else 1
 
 
 @numba.njit(inline="always")
@@ -47,47 +60,80 @@ def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v):
             v[j, i] = round_work(x - xb[i], w_code) if base_row >= 0 else x
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _gram_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
-    n_models = model_rows.shape[0]
-    for k in numba.prange((n + MSL_BLOCK - 1) // MSL_BLOCK):
-        first = k * MSL_BLOCK
-        m = min(MSL_BLOCK, n - first)
-        xb = np.zeros(MSL_BLOCK, np.float32)
-        v = np.zeros((n_models, MSL_BLOCK), np.float32)
-        p = np.empty(MSL_BLOCK, np.float64)
-        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
-        s = 0
-        for j in range(n_models):
-            for i in range(MSL_BLOCK):
-                p[i] = np.float64(v[j, i]) * np.float64(v[j, i]) if i < m else 0.0
-            out[k, s] = _tree(p)
-            s += 1
-        for j in range(n_models):
-            for q in range(j + 1, n_models):
-                for i in range(MSL_BLOCK):
-                    p[i] = np.float64(v[j, i]) * np.float64(v[q, i]) if i < m else 0.0
-                out[k, s] = _tree(p)
-                s += 1
+@numba.njit(inline="always")
+def _block_sum(p, src, m):
+    """SPEC's block sum of float64(src[:m]) (padded with +0.0)."""
+    for i in range(MSL_BLOCK):
+        p[i] = np.float64(src[i]) if i < m else 0.0
+    return _tree(p)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _msl_kernel(inputs, codes, base_row, model_rows, n, coef, w_code, out, out_code):
-    n_models = model_rows.shape[0]
+def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code):
+    nm = model_rows.shape[0]
     for k in numba.prange((n + MSL_BLOCK - 1) // MSL_BLOCK):
         first = k * MSL_BLOCK
         m = min(MSL_BLOCK, n - first)
         xb = np.zeros(MSL_BLOCK, np.float32)
-        v = np.zeros((n_models, MSL_BLOCK), np.float32)
+        v = np.zeros((nm, MSL_BLOCK), np.float32)
         acc = np.zeros(MSL_BLOCK, np.float32)
+        tmp = np.zeros(MSL_BLOCK, np.float32)
+        p = np.empty(MSL_BLOCK, np.float64)
         _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
-        for j in range(n_models):
-            c = coef[j]
+        if stage == 0:  # sums of v_j^2 (exact float64 products)
+            for j in range(nm):
+                for i in range(MSL_BLOCK):
+                    p[i] = np.float64(v[j, i]) * np.float64(v[j, i]) if i < m else 0.0
+                sums[k, j] = _tree(p)
+            continue
+        if stage == 4 and sc[3 * nm + 4] != 0:  # the fallback: the weighted sum in W
             for i in range(m):
-                acc[i] = acc[i] + c * v[j, i]
+                a = round_work(sc[0] * v[0, i], w_code)
+                for j in range(1, nm):
+                    a = round_work(a + round_work(sc[j] * v[j, i], w_code), w_code)
+                acc[i] = round_work(a + xb[i], w_code) if base_row >= 0 else a
+            _encode_block(acc, out_code, first, m, out)
+            continue
+        for j in range(nm):  # unit vectors u_j = rW(v_j / d_j), in place
+            d = sc[nm + j]
+            for i in range(m):
+                v[j, i] = round_work(v[j, i] / d, w_code)
+        for i in range(m):  # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0
+            a = np.float32(0.0)
+            for j in range(nm):
+                a = a + round_work(v[j, i] * sc[j], w_code)
+            acc[i] = round_work(a, w_code)
+        if stage == 1:
+            for i in range(MSL_BLOCK):
+                p[i] = np.float64(acc[i]) * np.float64(acc[i]) if i < m else 0.0
+            sums[k, 0] = _tree(p)
+            continue
+        mn = sc[2 * nm]
+        for i in range(m):  # mh = rW(m / mn)
+            acc[i] = round_work(acc[i] / mn, w_code)
+        if stage == 2:  # sums of rW(u_j * mh) (float32 values of W, exact in float64)
+            for j in range(nm):
+                for i in range(m):
+                    tmp[i] = round_work(v[j, i] * acc[i], w_code)
+                sums[k, j] = _block_sum(p, tmp, m)
+            continue
+        for i in range(m):  # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j))
+            a = np.float32(0.0)
+            for j in range(nm):
+                t = round_work(v[j, i] - round_work(sc[2 * nm + 1 + j] * acc[i], w_code), w_code)
+                a = a + round_work(t * sc[j], w_code)
+            tmp[i] = round_work(a, w_code)
+        if stage == 3:
+            for i in range(MSL_BLOCK):
+                p[i] = np.float64(tmp[i]) * np.float64(tmp[i]) if i < m else 0.0
+            sums[k, 0] = _tree(p)
+            continue
+        c, sf, avg = sc[3 * nm + 1], sc[3 * nm + 2], sc[3 * nm + 3]
         for i in range(m):
-            o = round_work(acc[i], w_code)
-            acc[i] = round_work(o + xb[i], w_code) if base_row >= 0 else o
+            r = round_work(round_work(acc[i] * c, w_code) + round_work(tmp[i] * sf, w_code),
+                           w_code)  # fmt: skip
+            r = round_work(r * avg, w_code)
+            acc[i] = round_work(r + xb[i], w_code) if base_row >= 0 else r
         _encode_block(acc, out_code, first, m, out)
 
 
@@ -97,49 +143,62 @@ def _slot_any(inputs, dtypes, base_row, model_rows, n, work):
                  else -1, model_rows, n, work)  # fmt: skip
 
 
-def msl_gram(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-             n: int, work: str | None = None) -> np.ndarray:  # fmt: skip
-    """The per-block Gram sums of ``n`` elements (SPEC "Multi-SLERP").
+def _scalars(sc, n_models):
+    sc = np.ascontiguousarray(sc, np.float32)
+    if sc.shape != (n_scalars(n_models),):
+        raise ValueError(f"need {n_scalars(n_models)} scalars, got shape {sc.shape}")
+    return sc
+
+
+def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+              n: int, stage: int, sc: np.ndarray,
+              work: str | None = None) -> np.ndarray:  # fmt: skip
+    """The per-block sums of statistics stage ``stage`` (0..3) of ``n`` elements (SPEC
+    "Multi-SLERP"; ``sc``: the scalars of the earlier stages).
 
     Returns:
-        float64 array [ceil(n / MSL_BLOCK), K] (``cpu_stock.n_stats``): each block's sums.
+        float64 array [ceil(n / MSL_BLOCK), stage_width(stage, N)]: each block's sums.
 
     Raises:
-        ValueError: bad rows or dtypes.
+        ValueError: bad rows, dtypes, stage or scalars.
     """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"statistics stage must be 0..3, got {stage}")
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
-    out = np.zeros(((n + MSL_BLOCK - 1) // MSL_BLOCK, n_stats(len(model_rows))), np.float64)
+    sc = _scalars(sc, len(model_rows))
+    sums = np.zeros(((n + MSL_BLOCK - 1) // MSL_BLOCK, stage_width(stage, len(model_rows))),
+                    np.float64)  # fmt: skip
     if n:
-        _gram_kernel(inputs, codes, base_row, mr, n, w_code, out)
-    return out
+        _msl_kernel(inputs, codes, base_row, mr, n, stage, sc, w_code, sums,
+                    np.zeros(1, np.uint8), 0)  # fmt: skip
+    return sums
 
 
 def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-              n: int, coef: np.ndarray, out: np.ndarray, out_dtype: str,
+              n: int, sc: np.ndarray, out: np.ndarray, out_dtype: str,
               work: str | None = None) -> None:  # fmt: skip
     """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "Multi-SLERP").
 
     Args:
-        coef: float32 [N]: the tensor's coefficients c_j (``streammerge.methods.multislerp``).
+        sc: float32 [3N + 5]: the tensor's scalars (``streammerge.methods.multislerp``).
 
     Raises:
-        ValueError: bad rows, dtypes, coefficients or output.
+        ValueError: bad rows, dtypes, scalars or output.
     """
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
-    coef = np.ascontiguousarray(coef, np.float32)
-    if coef.shape != (len(model_rows),):
-        raise ValueError(f"need {len(model_rows)} coefficients, got shape {coef.shape}")
+    sc = _scalars(sc, len(model_rows))
     co = _checked(out, out_dtype, n, "out")
     if n:
-        _msl_kernel(inputs, codes, base_row, mr, n, coef, w_code, out, co)
+        _msl_kernel(inputs, codes, base_row, mr, n, 4, sc, w_code, np.zeros((1, 1), np.float64),
+                    out, co)  # fmt: skip
 
 
 def warmup() -> None:
-    """Compile (or load from numba's cache) the kernels for each dtype, with and without a
+    """Compile (or load from numba's cache) the kernel for each dtype, with and without a
     base."""
     for dt in ("F32", "F16", "BF16"):
         s = np.zeros((3, 16), np.uint8)
+        sc = np.ones(n_scalars(2), np.float32)
         for base in (0, -1):
-            msl_gram(s, [dt] * 3, base, [1, 2], 2)
-            msl_chunk(s, [dt] * 3, base, [1, 2], 2, np.ones(2, np.float32),
-                      np.zeros(16, np.uint8), dt)  # fmt: skip
+            msl_stats(s, [dt] * 3, base, [1, 2], 2, 0, sc)
+            msl_chunk(s, [dt] * 3, base, [1, 2], 2, sc, np.zeros(16, np.uint8), dt)

@@ -1110,75 +1110,74 @@ def _spec_msl_vectors(models, dtypes, base=None, base_dtype=None, work=None):
     return v, xb, W
 
 
-def spec_msl_gram(models, dtypes, base=None, base_dtype=None, work=None) -> np.ndarray:
-    """float64 [K]: G_jj of each model, then G_jk (j < k), SPEC's block order."""
-    v, _, _ = _spec_msl_vectors(models, dtypes, base, base_dtype, work)
-    v64 = [x.astype(np.float64) for x in v]
-    with np.errstate(all="ignore"):
-        terms = [x * x for x in v64]
-        terms += [v64[j] * v64[k] for j in range(len(v)) for k in range(j + 1, len(v))]
-    out = np.zeros(len(terms), np.float64)
-    for s, p in enumerate(terms):
-        total = 0.0
-        for lo in range(0, p.size, 1024):
-            total = total + _spec_pairwise_sum(p[lo : lo + 1024])
-        out[s] = total
-    return out
-
-
-def spec_msl_coefficients(gram, weights, normalize: bool, eps: float, W: str) -> np.ndarray:
-    """float32 [N]: the coefficients c_j (SPEC "Multi-SLERP", the host step)."""
-    f = np.float32
-
-    def r(x):
-        return spec_round_work(np.array([x], f), W)[0]
-
-    n = len(weights)
-    wq = [r(f(w)) for w in weights]
-    if normalize:
-        s = f(0.0)
-        for w in wq:
-            s = f(s + w)
-        s = r(s)
-        if s != 0:
-            with np.errstate(all="ignore"):
-                wq = [r(f(w / s)) for w in wq]
-    w = [float(x) for x in wq]
-    g = [float(x) for x in gram]
-    nrm = [math.sqrt(x) if x >= 0 else math.nan for x in g[:n]]
-    a = [w[j] / (nrm[j] + eps) for j in range(n)]
-    M = 0.0
-    for j in range(n):
-        M = M + (a[j] * a[j]) * g[j]
-    pairs = [(j, k) for j in range(n) for k in range(j + 1, n)]
-    for s, (j, k) in enumerate(pairs):
-        M = M + 2.0 * ((a[j] * a[k]) * g[n + s])
-    if math.isnan(M):
-        mn = math.nan
-    else:
-        mn = math.sqrt(M) if M > 0 else 0.0
-    if mn < eps:
-        return np.array(w, np.float64).astype(f)
-    avg = 0.0
-    for j in range(n):
-        avg = avg + w[j] * nrm[j]
-    fac = (avg * math.cos(eps)) / mn
-    return np.array([0.0 if g[j] == 0 else fac * a[j] for j in range(n)], np.float64).astype(f)
+def _spec_msl_sum(p: np.ndarray) -> float:
+    """SPEC's whole-tensor sum: float64 terms, blocks of 1024 from element 0 (each a
+    pairwise tree, padded with +0.0), block results left to right from +0.0."""
+    total = 0.0
+    for lo in range(0, p.size, 1024):
+        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+    return total
 
 
 def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8, base=None,
                     base_dtype=None, work=None) -> np.ndarray:  # fmt: skip
-    """Multi-SLERP of stored tensors (flat), in stored form of ``out_dtype``."""
+    """Multi-SLERP of stored tensors (flat), in stored form of ``out_dtype``: mergekit's
+    chain op for op in W (SPEC "Multi-SLERP")."""
     v, xb, W = _spec_msl_vectors(models, dtypes, base, base_dtype, work)
-    c = spec_msl_coefficients(spec_msl_gram(models, dtypes, base, base_dtype, work), weights,
-                              normalize, eps, W)  # fmt: skip
-    acc = np.zeros(v[0].size, np.float32)
+    f = np.float32
+    N = len(v)
+
+    def r(x):  # rW of a float32 array
+        return spec_round_work(np.asarray(x, f), W)
+
+    def rs(x):  # rW of a float32 scalar
+        return spec_round_work(np.array([x], f), W)[0]
+
+    def root(s):  # float32(sqrt(float64 sum))
+        return f(np.sqrt(np.float64(s)))
+
+    def sq(x):
+        return _spec_msl_sum(x.astype(np.float64) * x.astype(np.float64))
+
     with np.errstate(all="ignore"):
-        for cj, x in zip(c, v):
-            acc = acc + cj * x
-        out = spec_round_work(acc, W)
+        w = [rs(f(x)) for x in weights]
+        if normalize:
+            s = f(0.0)
+            for x in w:
+                s = f(s + x)
+            s = rs(s)
+            w = [rs(x / s) for x in w]
+        fe = f(eps)
+        nrm = [rs(root(sq(x))) for x in v]
+        d = [rs(x + fe) for x in nrm]
+        u = [r(x / dj) for x, dj in zip(v, d)]
+        acc = np.zeros(v[0].size, f)
+        for j in range(N):
+            acc = acc + r(u[j] * w[j])
+        m = r(acc)
+        mn = rs(root(sq(m)))
+        if mn < rs(fe):  # fallback: the weighted sum in W
+            out = r(v[0] * w[0])
+            for j in range(1, N):
+                out = r(out + r(v[j] * w[j]))
+        else:
+            mh = r(m / mn)
+            dots = [rs(f(_spec_msl_sum(r(x * mh).astype(np.float64)))) for x in u]
+            acc = np.zeros(v[0].size, f)
+            for j in range(N):
+                acc = acc + r(r(u[j] - r(dots[j] * mh)) * w[j])
+            T = r(acc)
+            tn = rs(rs(root(sq(T))) + fe)
+            c = rs(f(np.cos(np.float64(tn))))
+            sn = rs(f(np.sin(np.float64(tn))))
+            sf = rs(sn / tn)
+            avg = f(0.0)
+            for j in range(N):
+                avg = f(avg + rs(nrm[j] * w[j]))
+            avg = rs(avg)
+            out = r(r(r(mh * c) + r(T * sf)) * avg)
         if xb is not None:
-            out = spec_round_work(out + xb, W)
+            out = r(out + xb)
     return from_float32(out, out_dtype)
 
 

@@ -1,7 +1,7 @@
-"""multislerp (docs/SPEC.md "Multi-SLERP"): the Gram and merge kernels against the SPEC
-oracle over dtypes, model counts, with and without a base, whatever the chunking; the
-coefficients against mergekit's torch chain in float64; Triton against numba byte for byte;
-whole merges (CLI, mergekit YAML) against the oracle; M3; the one-line refusals."""
+"""multislerp (docs/SPEC.md "Multi-SLERP"): the statistics and merge kernels against the
+SPEC oracle over dtypes, model counts, with and without a base, whatever the chunking; the
+oracle against mergekit's torch body bit for bit in bf16; Triton against numba byte for
+byte; whole merges (CLI, mergekit YAML) against the oracle; M3; the one-line refusals."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 from test_ram import ITEM, _as_bytes, _shift, _slot
 
 from streammerge.kernels import cpu_multislerp, cpu_stock
-from streammerge.methods.multislerp import coefficients
+from streammerge.methods.multislerp import scalars
 
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 CASES = [(["BF16"] * 3, "BF16"), (["F16"] * 4, "F16"), (["F32"] * 3, "F32"),
@@ -34,15 +34,26 @@ def _work(dtypes):
     return dtypes[0] if len(set(dtypes)) == 1 else "F32"
 
 
-def _gram(slot, dtypes, base_row, n, chunk):
-    """The Gram sums in chunks of ``chunk`` elements (a multiple of the block)."""
+def _merge(slot, dtypes, base_row, n, chunk, weights, normalize, eps, do):
+    """The four statistics stages in chunks of ``chunk`` elements (a multiple of the
+    block), the host scalars after each, then the merged bytes (one chunk)."""
     mr = [r for r in range(len(dtypes)) if r != base_row]
-    total = np.zeros(cpu_stock.n_stats(len(mr)), np.float64)
-    for lo in range(0, n, chunk):
-        m = min(chunk, n - lo)
-        part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d]) for r, d in enumerate(dtypes)]))
-        cpu_stock.add_blocks(total, cpu_multislerp.msl_gram(part, dtypes, base_row, mr, m))
-    return total
+    W = _work(dtypes)
+    sums = []
+    for stage in range(4):
+        sc = scalars(sums, weights, normalize, eps, W)
+        total = np.zeros(cpu_multislerp.stage_width(stage, len(mr)), np.float64)
+        for lo in range(0, n, chunk):
+            m = min(chunk, n - lo)
+            part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d])
+                                                  for r, d in enumerate(dtypes)]))  # fmt: skip
+            blocks = cpu_multislerp.msl_stats(part, dtypes, base_row, mr, m, stage, sc)
+            cpu_stock.add_blocks(total, blocks)
+        sums.append(total)
+    sc = scalars(sums, weights, normalize, eps, W)
+    out = np.zeros(n * ITEM[do], np.uint8)
+    cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, sc, out, do)
+    return out.tobytes(), sc
 
 
 def _finite(rows):
@@ -72,24 +83,16 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, with
     mr = list(range(1, len(dtypes))) if with_base else list(range(len(dtypes)))
     b, bd = (rows[0], dtypes[0]) if with_base else (None, None)
     ms, mds = (rows[1:], dtypes[1:]) if with_base else (rows, dtypes)
-    W = _work(dtypes)
-    want = ref.spec_msl_gram(ms, mds, b, bd)
-    for chunk in (1024, 3072):
-        got = _gram(slot, dtypes, base_row, n, chunk)
-        assert np.array_equal(got, want, equal_nan=True), chunk
     weights = [0.5 + 0.25 * j for j in range(len(mr))]
     for normalize, eps in ((True, 1e-8), (False, 1e-3)):
-        c = coefficients(want, weights, normalize, eps, W)
-        c_ref = ref.spec_msl_coefficients(want, weights, normalize, eps, W)
-        assert c.tobytes() == c_ref.tobytes() or np.isnan(c).all() and np.isnan(c_ref).all()
-        out = np.zeros(n * ITEM[do], np.uint8)
-        cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, c, out, do)
-        res = ref.spec_multislerp(ms, mds, weights, do, normalize, eps, b, bd)
+        res = _as_bytes(ref.spec_multislerp(ms, mds, weights, do, normalize, eps, b, bd))
+        outs = [_merge(slot, dtypes, base_row, n, chunk, weights, normalize, eps, do)[0]
+                for chunk in (1024, 3072)]  # fmt: skip
+        assert outs[0] == outs[1]
         if n > 12 and (n % 2):
-            assert not np.isnan(c).any()
-            assert out.tobytes() == _as_bytes(res)
+            assert outs[0] == res
         else:
-            assert _same(out.tobytes(), _as_bytes(res), do)
+            assert _same(outs[0], res, do)
 
 
 def _mergekit(xs, weights, base=None, normalize=True, eps=1e-8):
@@ -119,23 +122,47 @@ def _mergekit(xs, weights, base=None, normalize=True, eps=1e-8):
     return res if base is None else res + base
 
 
-def test_coefficients_are_mergekits_formula_in_float64():
-    """In float64 mergekit's chain and SPEC's coefficients agree to rounding (the tangent
-    sum is zero); parallel, antiparallel-balanced (linear fallback) and zero vectors."""
+def test_the_oracle_is_mergekits_torch_body_bit_for_bit_in_bf16():
+    """bf16 fine-tunes (2 and 3, with and without a base, normalized or not): SPEC's chain
+    gives mergekit's bytes; the antipodal pair (mean norm 0) its linear fallback."""
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(3)
-    x = [torch.randn(3000, generator=g, dtype=torch.float64) for _ in range(3)]
-    cases = [(x, [0.5, 0.3, 0.2], None), (x[:2], [2.0, 1.0], x[2]),
-             ([x[0], 2 * x[0], x[1]], [1.0, 1.0, 1.0], None),
-             ([x[0], -x[0]], [1.0, 1.0], None), ([x[0], 0 * x[0], x[1]], [0.2, 0.3, 0.5], None)]
-    for xs, w, base in cases:
-        want = _mergekit(xs, w, base).numpy()
-        vs = [v - base if base is not None else v for v in xs]
-        gram = [float(v @ v) for v in vs] + [float(vs[j] @ vs[k]) for j in range(len(vs))
-                                               for k in range(j + 1, len(vs))]  # fmt: skip
-        c = coefficients(np.array(gram), w, True, 1e-8, "F32").astype(np.float64)
-        got = sum(cj * v.numpy() for cj, v in zip(c, vs)) + (0 if base is None else base.numpy())
-        assert np.allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max()), w
+    b = torch.randn(20000, generator=g) * 0.02
+    xs = [(b + torch.randn(20000, generator=g) * 0.002).bfloat16() for _ in range(3)]
+    b = b.bfloat16()
+    cases = [(xs, [0.5, 0.3, 0.2], None, True), (xs[:2], [0.6, 0.4], b, True),
+             (xs, [1.0, 2.0, 0.5], b, False), (xs[:2], [2.0, 1.0], None, True),
+             ([xs[0], -xs[0]], [1.0, 1.0], None, True)]  # fmt: skip
+    for ms, w, base, normalize in cases:
+        want = _mergekit(ms, w, base, normalize).view(torch.int16).numpy().tobytes()
+        bb = None if base is None else base.view(torch.int16).numpy().view(np.uint16)
+        got = ref.spec_multislerp([m.view(torch.int16).numpy().view(np.uint16) for m in ms],
+                                  ["BF16"] * len(ms), w, "BF16", normalize, 1e-8, bb,
+                                  None if base is None else "BF16")  # fmt: skip
+        assert _as_bytes(got) == want, (w, base is None)
+
+
+def test_the_fallback_is_the_weighted_sum_in_kernels_and_oracle():
+    """Antipodal models with equal weights (two, and three with a zero model): the mean's
+    norm is 0, the kernels write the weighted sum in W, as the oracle (and Triton)."""
+    n = 2500
+    x = (np.random.default_rng(5).standard_normal(n) * 0.02).astype(np.float32)
+    for xs, w in (([x, -x], [1.0, 1.0]), ([x, -x, 0 * x], [1.0, 1.0, 3.0])):
+        rows = [ref.from_float32(v, "BF16") for v in xs]
+        slot = np.zeros((len(rows), n * 2), np.uint8)
+        _fill(slot, rows)
+        got, sc = _merge(slot, ["BF16"] * len(rows), -1, n, 1024, w, True, 1e-8, "BF16")
+        assert sc[-1] == 1.0
+        want = ref.spec_multislerp(rows, ["BF16"] * len(rows), w, "BF16")
+        assert got == _as_bytes(want)
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            torch = pytest.importorskip("torch")
+            from streammerge.kernels import triton_multislerp
+
+            ts = [torch.from_numpy(r.copy()).view(torch.bfloat16) for r in rows]
+            out = torch.zeros(n, dtype=torch.bfloat16)
+            triton_multislerp.msl_triton(None, ts, n, sc, out)
+            assert out.view(torch.uint8).numpy().tobytes() == got
 
 
 def test_triton_kernels_equal_numba():
@@ -156,16 +183,22 @@ def test_triton_kernels_equal_numba():
         mr = list(range(1, len(dtypes))) if base_row == 0 else list(range(len(dtypes)))
         base = ts[0] if base_row == 0 else None
         models = [ts[r] for r in mr]
-        blocks = triton_multislerp.msl_gram_triton(base, models, n).numpy()
-        want = cpu_multislerp.msl_gram(slot, dtypes, base_row, mr, n)
-        assert np.array_equal(blocks, want, equal_nan=True)
-        total = np.zeros(blocks.shape[1], np.float64)
-        cpu_stock.add_blocks(total, want)
-        c = coefficients(total, [0.2 + j for j in range(len(mr))], True, 1e-8, _work(dtypes))
+        weights = [0.2 + j for j in range(len(mr))]
+        W = _work(dtypes)
+        sums = []
+        for stage in range(4):
+            sc = scalars(sums, weights, True, 1e-8, W)
+            blocks = triton_multislerp.msl_stats_triton(base, models, n, stage, sc).numpy()
+            want = cpu_multislerp.msl_stats(slot, dtypes, base_row, mr, n, stage, sc)
+            assert np.array_equal(blocks, want, equal_nan=True), stage
+            total = np.zeros(blocks.shape[1], np.float64)
+            cpu_stock.add_blocks(total, want)
+            sums.append(total)
+        sc = scalars(sums, weights, True, 1e-8, W)
         out = torch.zeros(n, dtype=tdt[do])
-        triton_multislerp.msl_triton(base, models, n, c, out)
+        triton_multislerp.msl_triton(base, models, n, sc, out)
         cpu = np.zeros(n * ITEM[do], np.uint8)
-        cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, c, cpu, do)
+        cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, sc, cpu, do)
         assert _same(out.view(torch.uint8).numpy().tobytes(), cpu.tobytes(), do)
         if n != 2100:
             assert out.view(torch.uint8).numpy().tobytes() == cpu.tobytes()

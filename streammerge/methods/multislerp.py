@@ -2,20 +2,16 @@
 ``multislerp``, https://goddard.blog/posts/multislerp-wow-what-a-cool-idea; docs/SPEC.md
 "Multi-SLERP").
 
-mergekit projects the unit vectors onto the tangent space at their weighted mean,
-interpolates there and maps back; in exact arithmetic the tangent sum is zero and the
-result is the weighted mean of the unit vectors, normalized, times the weighted mean of the
-norms. Every quantity follows from the models' Gram matrix: one statistics pass
-(``msl_gram``: float64 sums in a fixed block order) gives it, ``coefficients`` turns it into
-one float32 coefficient per model on the host, and the elementwise pass computes
-``sum_j c_j * v_j`` in float32. A base is optional: with one (``base_optional``) the
-vectors are the task vectors and the base is added back. M3 multiplies the weights
-(Dirichlet).
+streammerge follows mergekit's chain op for op in the working dtype W (every elementwise
+op float32 rounded to W, torch's order): four statistics passes, each needing the scalars
+of the one before (``msl_norms``: the norms; ``msl_mean``: the weighted unit mean's norm;
+``msl_dots``: the projections onto the mean; ``msl_tangent``: the tangent sum's norm),
+float64 sums in a fixed block order rounded to W on the host (``scalars``), then the
+writing pass. A base is optional: with one (``base_optional``) the vectors are the task
+vectors and the base is added back. M3 multiplies the weights (Dirichlet).
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -31,103 +27,145 @@ EPS = Param("eps", default=1e-8, lo=0.0, per_model=False,
 
 #: multislerp's statistics block (docs/SPEC.md "Multi-SLERP"): its chunks are whole blocks.
 MSL_BLOCK = 1024
-MSL_GRAM = "msl_gram"
+#: The four statistics passes, in order (stage 0..3 of the kernels), then the writing pass.
+MSL_PASSES = ("msl_norms", "msl_mean", "msl_dots", "msl_tangent")
 
 
-def coefficients(gram: np.ndarray, weights, normalize: bool, eps: float,
-                 w_dtype: str) -> np.ndarray:  # fmt: skip
-    """The tensor's coefficients c_j (SPEC "Multi-SLERP": the host step).
+def _r(v, w_dtype: str) -> np.float32:
+    return round_work(np.float32(v), w_dtype)
+
+
+def _sqrt32(s: float) -> np.float32:
+    """float32 of the float64 square root of a float64 sum (NaN stays NaN)."""
+    with np.errstate(all="ignore"):
+        return np.float32(np.sqrt(np.float64(s)))
+
+
+def scalars(sums: list, weights, normalize: bool, eps: float, w_dtype: str) -> np.ndarray:
+    """The host scalars ``sc`` (float32 [3N + 5]) from the totals of the statistics passes
+    done so far (SPEC "Multi-SLERP": mergekit's scalar ops in W).
 
     Args:
-        gram: float64 [K]: G_jj of each model, then G_jk for j < k in order.
-        weights: the N weights w_j (float64); normalize: ``normalize_weights``;
-        eps: mergekit's eps; w_dtype: the working dtype W.
-
-    Returns:
-        float32 [N] (NaN when a statistic is NaN or infinite).
+        sums: the float64 totals of the first 0..4 statistics passes, in order (``msl_norms``
+            [N], ``msl_mean`` [1], ``msl_dots`` [N], ``msl_tangent`` [1]); the scalars of the
+            missing passes stay 0.
+        weights: the N weights (float64); normalize: ``normalize_weights``; eps: mergekit's
+            eps; w_dtype: the working dtype W.
     """
     n = len(weights)
-    g = np.asarray(gram, np.float64)
     f32 = np.float32
-    wq = [round_work(f32(w), w_dtype) for w in weights]  # mergekit: torch.tensor(weight, W)
-    if normalize:
-        s = f32(0.0)
-        for w in wq:
-            s = f32(s + w)
-        s = round_work(s, w_dtype)
-        if s != 0:
-            wq = [round_work(f32(w / s), w_dtype) for w in wq]
-    w = [float(x) for x in wq]
+    sc = np.zeros(3 * n + 5, f32)
     with np.errstate(all="ignore"):
-        norms = [math.sqrt(g[j]) if g[j] >= 0 else math.nan for j in range(n)]
-        a = [w[j] / (norms[j] + eps) for j in range(n)]
-        mm = 0.0
+        w = [_r(f32(x), w_dtype) for x in weights]  # torch.tensor(weight, dtype=W)
+        if normalize:  # weights / weights.sum()
+            s = f32(0.0)
+            for x in w:
+                s = f32(s + x)
+            s = _r(s, w_dtype)
+            w = [_r(x / s, w_dtype) for x in w]
+        sc[:n] = w
+        fe = f32(eps)
+        if len(sums) < 1:
+            return sc
+        norms = [_r(_sqrt32(x), w_dtype) for x in sums[0]]
+        sc[n : 2 * n] = [_r(x + fe, w_dtype) for x in norms]
+        if len(sums) < 2:
+            return sc
+        mn = _r(_sqrt32(sums[1][0]), w_dtype)
+        sc[2 * n] = mn
+        if mn < _r(fe, w_dtype):  # mergekit: linear for 2 models, an error for more
+            sc[3 * n + 4] = 1.0
+            return sc
+        if len(sums) < 3:
+            return sc
+        sc[2 * n + 1 : 3 * n + 1] = [_r(f32(x), w_dtype) for x in sums[2]]
+        if len(sums) < 4:
+            return sc
+        tn = _r(_r(_sqrt32(sums[3][0]), w_dtype) + fe, w_dtype)
+        sc[3 * n + 1] = _r(np.float32(np.cos(np.float64(tn))), w_dtype)
+        sin = _r(np.float32(np.sin(np.float64(tn))), w_dtype)
+        sc[3 * n + 2] = _r(sin / tn, w_dtype)
+        avg = f32(0.0)  # (norms * weights).sum()
         for j in range(n):
-            mm = mm + (a[j] * a[j]) * g[j]
-        s = n
-        for j in range(n):
-            for k in range(j + 1, n):
-                mm = mm + 2.0 * ((a[j] * a[k]) * g[s])
-                s += 1
-        mn = math.sqrt(mm) if mm > 0 else (0.0 if mm <= 0 else math.nan)
-        if mn < eps:  # mergekit: the linear fallback (two models), an error (more)
-            return np.array(w, np.float64).astype(np.float32)
-        avg = 0.0
-        for j in range(n):
-            avg = avg + w[j] * norms[j]
-        fac = (avg * math.cos(eps)) / mn
-        c = [0.0 if g[j] == 0 else fac * a[j] for j in range(n)]
-        return np.array(c, np.float64).astype(np.float32)
+            avg = f32(avg + _r(norms[j] * w[j], w_dtype))
+        sc[3 * n + 3] = _r(avg, w_dtype)
+    return sc
 
 
-def _coef(a) -> np.ndarray:
-    sums, cache = a.stats[MSL_GRAM]
-    if "c" not in cache:
+def _sc(a, stage: int) -> np.ndarray:
+    """The scalars known before stage ``stage`` (0..4), cached per tensor."""
+    cache = a.stats[MSL_PASSES[0]][1]
+    if stage not in cache:
         p = dict(a.params)
-        cache["c"] = coefficients(sums, a.weights, bool(p.get("normalize_weights", True)),
-                                  float(p.get("eps", 1e-8)), work_dtype_of(a))  # fmt: skip
-    return cache["c"]
+        cache[stage] = scalars([a.stats[name][0] for name in MSL_PASSES[:stage]], a.weights,
+                               bool(p.get("normalize_weights", True)), float(p.get("eps", 1e-8)),
+                               work_dtype_of(a))  # fmt: skip
+    return cache[stage]
 
 
-def _gram_cpu(inputs, out, a) -> None:
-    """``msl_gram``: each block's sums, added into the tensor's totals left to right."""
-    from streammerge.kernels import cpu_multislerp, cpu_stock
-
-    blocks = cpu_multislerp.msl_gram(inputs, list(a.dtypes), a.base_row, list(a.model_rows),
-                                     a.count, a.compute_dtype)  # fmt: skip
-    cpu_stock.add_blocks(a.counts[0], blocks)
+def _skip(a, stage: int) -> bool:
+    """After the fallback is known (stage >= 2) the later statistics are not needed."""
+    return stage >= 2 and _sc(a, stage)[3 * len(a.model_rows) + 4] != 0
 
 
-def _gram_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import cpu_stock, triton_multislerp
+def _stats_cpu(stage: int):
+    def run(inputs, out, a) -> None:
+        from streammerge.kernels import cpu_multislerp, cpu_stock
 
+        if _skip(a, stage):
+            return
+        blocks = cpu_multislerp.msl_stats(inputs, list(a.dtypes), a.base_row,
+                                          list(a.model_rows), a.count, stage, _sc(a, stage),
+                                          a.compute_dtype)  # fmt: skip
+        cpu_stock.add_blocks(a.counts[0], blocks)
+
+    return run
+
+
+def _rows(launch, inputs, a):
     n = a.count
     base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n) if a.base_row >= 0 else None
-    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-    sums = triton_multislerp.msl_gram_triton(base, models, n, a.compute_dtype)
-    cpu_stock.add_blocks(a.counts[0], sums.cpu().numpy())
+    return base, [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
+
+
+def _stats_triton(stage: int):
+    def run(launch, inputs, out, a) -> None:
+        from streammerge.kernels import cpu_stock, triton_multislerp
+
+        if _skip(a, stage):
+            return
+        base, models = _rows(launch, inputs, a)
+        sums = triton_multislerp.msl_stats_triton(base, models, a.count, stage, _sc(a, stage),
+                                                  a.compute_dtype)  # fmt: skip
+        cpu_stock.add_blocks(a.counts[0], sums.cpu().numpy())
+
+    return run
 
 
 def _msl_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_multislerp
 
     cpu_multislerp.msl_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
-                             _coef(a), out, a.out_dtype, a.compute_dtype)  # fmt: skip
+                             _sc(a, 4), out, a.out_dtype, a.compute_dtype)  # fmt: skip
 
 
 def _msl_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_multislerp
 
-    n = a.count
-    base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n) if a.base_row >= 0 else None
-    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-    triton_multislerp.msl_triton(base, models, n, _coef(a), launch.typed(out, a.out_dtype, n),
-                                 a.compute_dtype)  # fmt: skip
+    base, models = _rows(launch, inputs, a)
+    out_t = launch.typed(out, a.out_dtype, a.count)
+    triton_multislerp.msl_triton(base, models, a.count, _sc(a, 4), out_t, a.compute_dtype)
 
 
-def _zero_sums(n_models: int) -> tuple:
-    """(float64 [K]: G_jj of each model, then G_jk for j < k; the coefficients' cache)."""
-    return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64), {})
+def _stats_pass(stage: int) -> RowPass:
+    """Statistics pass ``stage``: float64 [N] sums (stages 0, 2) or [1] (1, 3); the first
+    also holds the tensor's scalar cache."""
+
+    def acc(n_models: int) -> tuple:
+        z = np.zeros(n_models if stage in (0, 2) else 1, np.float64)
+        return (z, {}) if stage == 0 else (z,)
+
+    return RowPass(MSL_PASSES[stage], _stats_cpu(stage), _stats_triton(stage), accumulators=acc)
 
 
 METHOD = Method(
@@ -143,7 +181,6 @@ METHOD = Method(
     m3="weights",
     min_models=2,
     base_optional=True,
-    row_passes=(RowPass(MSL_GRAM, _gram_cpu, _gram_triton, accumulators=_zero_sums),
-                RowPass("multislerp", _msl_cpu, _msl_triton)),
+    row_passes=(*(_stats_pass(s) for s in range(4)), RowPass("multislerp", _msl_cpu, _msl_triton)),
     row_block=MSL_BLOCK,
 )
