@@ -11,7 +11,7 @@ of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel argumen
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streammerge.methods.params import Param, RecipeError
 
@@ -78,6 +78,9 @@ class RowPass:
         """A statistics pass (it adds into accumulators and writes nothing)."""
         return self.accumulators is not None
 
+#: ``Method.with_base()`` of each optional-base method, by name (made once).
+_WITH_BASE: dict = {}
+
 #: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), the
 #: mixup ratio m_1 is the interpolation factor ``t`` (two models), or the method has
 #: nothing for M3 to draw (``none``).
@@ -116,6 +119,10 @@ class Method:
         base_unsupported: mergekit takes an optional ``base_model`` (nuslerp: the
             task vectors are interpolated) that streammerge does not support yet: a recipe
             or ``--base`` with one is refused instead of ignored.
+        base_optional: mergekit takes an optional ``base_model`` that streammerge supports
+            (nuslerp): the method is declared without a base (``uses_base`` False), and a
+            recipe given a base runs ``with_base()`` (``Recipe.with_base``): the base read
+            as slot row ``BASE_ROW``, ``RowArgs.base_row`` >= 0.
         slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
@@ -144,6 +151,7 @@ class Method:
     base_is_input: bool = False
     slices_only: bool = False
     base_unsupported: bool = False
+    base_optional: bool = False
     working_dtype: str = "float32"
     vector_row: bool = False
     check_params: Callable | None = None
@@ -160,6 +168,16 @@ class Method:
                                 or any(not p.is_stats for p in self.row_passes[:-1])):
             raise ValueError(f"method {self.name}: row passes are statistics passes, then "
                              "one writing pass")  # fmt: skip
+
+    def with_base(self, given: bool = True) -> Method:
+        """The method as it runs when a base is ``given``: for an optional base
+        (``base_optional``) ``uses_base`` True, so the plan reads the base (and copies
+        tensors only it has), the same object every call; else the method itself."""
+        if not (given and self.base_optional):
+            return self
+        if self.name not in _WITH_BASE:
+            _WITH_BASE[self.name] = replace(self, uses_base=True)
+        return _WITH_BASE[self.name]
 
     @property
     def row_op(self) -> str | None:

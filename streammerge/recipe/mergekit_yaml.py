@@ -407,7 +407,8 @@ class _RecipeReader:
             if "model" not in e:
                 doc.fail(key, "missing model:")
             p = _resolve_model(e["model"], f"{key}.model", doc, self.here)
-            if (self.row.uses_base or self.row.base_is_input) and base is not None \
+            if (self.row.uses_base or self.row.base_is_input or self.row.base_optional) \
+                    and base is not None \
                     and os.path.realpath(p) == os.path.realpath(base):  # fmt: skip
                 continue  # the base among the models: not a fine-tune (mergekit skips it too)
             params = e.get("parameters") or {}

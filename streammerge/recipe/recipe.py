@@ -198,6 +198,7 @@ class Recipe:
             (docs/SPEC.md "Working dtype (v3)").
         source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
         lines: recipe key -> line of the YAML file it came from (for messages).
+        with_base: a base given to a method whose base is optional (``Method.base_optional``).
     """
 
     method: str
@@ -213,11 +214,12 @@ class Recipe:
     source: str = "api"
     lines: dict = field(default_factory=dict)
     compute_dtype: str | None = None
+    with_base: bool = False
 
     @property
     def row(self) -> Method:
-        """The method's row of the table."""
-        return get_method(self.method)
+        """The method's row of the table (``Method.with_base`` when a base is given)."""
+        return get_method(self.method).with_base(self.with_base)
 
     def lookup(self, j: int | None, key: str, name: str, t: float) -> tuple[object, str]:
         """``first_value`` of ``key`` for ``name`` at ``t`` (SPEC "Per-tensor parameters"): model
