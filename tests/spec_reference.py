@@ -1117,3 +1117,28 @@ def spec_sce(base, models, dtypes, select_topk, out_dtype, work=None) -> np.ndar
         out = spec_round_work(xb + spec_round_work(acc / den, W), W)
     del n_models
     return from_float32(out, out_dtype)
+
+
+def spec_model_stock_filter_wise(base, models, dtypes, out_dtype, shape, work=None) -> np.ndarray:
+    """Model Stock with ``filter_wise`` (docs/SPEC.md "Model Stock"): one t per row of the
+    last dimension (a 1-D tensor one row), each from its row's sums; stored form, flat."""
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    f = np.float32
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
+    n = xb.size
+    c = (shape[-1] if len(shape) else 1) or 1
+    ms = [np.asarray(m).reshape(-1) for m in models]
+    ts = np.zeros(n, f)
+    for r in range(n // c):
+        sl = slice(r * c, (r + 1) * c)
+        sums = spec_stock_sums(np.asarray(base).reshape(-1)[sl], [m[sl] for m in ms], dtypes, work)
+        ts[sl] = spec_stock_t(sums, len(models), W)
+    a = np.zeros(n, f)
+    with np.errstate(all="ignore"):
+        for m, d in zip(ms, dtypes[1:]):
+            a = spec_round_work(a + spec_round_work(to_float32(m, d), W), W)
+        avg = spec_round_work(a / f(len(models)), W)
+        p = spec_round_work(ts * avg, W)
+        q = spec_round_work((f(1) - ts).astype(f), W)
+        out = spec_round_work(p + spec_round_work(q * xb, W), W)
+    return from_float32(out, out_dtype)

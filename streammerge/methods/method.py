@@ -108,6 +108,10 @@ class Method:
             passes.
         row_block: elements per chunk unit of a row-wise method whose unit is a fixed
             block, not a row (model_stock: its statistics blocks), or None.
+        row_unit: ``row_unit(shape, params) -> elements | None``: the chunk unit of one
+            tensor from its resolved parameters (``TensorParams``), overriding
+            ``row_block`` / the rows when not None (model_stock's ``filter_wise``: rows of
+            the last dimension).
         last_dim_rows: a row-wise method whose rows are the last dimension (arcee_fusion:
             mergekit's softmax over ``dim=-1``; a 1-D tensor is one row), not ``shape[0]``.
         base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
@@ -147,6 +151,7 @@ class Method:
     max_models: int | None = None
     row_passes: tuple[RowPass, ...] = ()
     row_block: int | None = None
+    row_unit: Callable | None = None
     last_dim_rows: bool = False
     base_is_input: bool = False
     slices_only: bool = False
