@@ -273,22 +273,52 @@ def test_cli_base_and_row_wise_exact_and_independent_of_the_chunking(tmp_path, a
     assert got[0] == got[1] == _expected(a, b, rec, base if with_base else None)
 
 
-def test_triton_backend_with_a_base_equals_numba(tmp_path):
-    """The Triton passes through the whole pipeline (interpreter), with a base: numba's
-    bytes."""
+def test_triton_passes_with_a_base_and_per_column_equal_numba():
+    """The method's Triton passes (``_dots_triton``, ``_nuslerp_triton`` through
+    ``TritonLauncher``) give the numba passes' bytes, two chunks of whole rows (the
+    pipeline's glue, without a whole interpreted merge)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
-    base, a, b = make_trio(tmp_path)
-    argv = ["--no-nuslerp-flatten", "--nuslerp-row-wise"]  # per column (flat: the kernel test)
-    outs = []
-    for backend in ("numba", "triton"):
-        out = tmp_path / backend
-        r = run_cli([str(a), str(b), "--base", str(base), "--method", "nuslerp", "--weights",
-                     "1,3", *argv, "--memory", "8MB", "--backend", backend, "--device", "cpu",
-                     "-o", str(out)], timeout=600)  # fmt: skip
-        assert r.returncode == 0, r.stderr
-        outs.append({n: v.tobytes() for n, v in output_bytes(out).items()})
-    assert outs[0] == outs[1]
+    torch = pytest.importorskip("torch")
+    from streammerge.exec.triton_launcher import TritonLauncher
+
+    k, n, dts = 6, 700, ("F16", "BF16", "F32")  # slot rows: base, model 0, model 1
+    x, y = _vectors(3, (k, n))
+    b = (0.5 * x + 0.5 * y).astype(np.float32)
+    raw = [_stored(v, d).reshape(-1).view(np.uint8) for v, d in zip((b, x, y), dts)]
+    launch = TritonLauncher(torch)
+    for flatten, row_wise, base_row in ((True, False, 0), (False, True, -1), (False, True, 0),
+                                        (False, False, 0)):  # fmt: skip
+        outs = []
+        for backend in ("cpu", "triton"):
+            acc = ([], {})
+            out = np.zeros(k * n * 2, np.uint8)
+            for op in (nuslerp.NUSLERP_DOTS, "nuslerp"):
+                for lo, hi in ((0, 2), (2, k)):
+                    width = max(r.nbytes for r in raw)
+                    slot = np.zeros((3, width), np.uint8)
+                    for i, (r, d) in enumerate(zip(raw, dts)):
+                        item = np.dtype(CARRIER[d]).itemsize
+                        part = r[lo * n * item : hi * n * item]
+                        slot[i, : part.size] = part
+                    a = RowArgs(op=op, dtypes=dts, model_rows=(1, 2), n_rows=hi - lo, row_len=n,
+                                t=0.0, out_dtype="BF16", base_row=base_row, counts=acc,
+                                params=(("nuslerp_flatten", flatten), ("nuslerp_row_wise", row_wise)),
+                                weights=(1.0, 3.0), shape=(k, n),
+                                stats={nuslerp.NUSLERP_DOTS: acc})  # fmt: skip
+                    o = np.zeros((hi - lo) * n * 2, np.uint8)
+                    if backend == "cpu":
+                        f = nuslerp._dots_cpu if op != "nuslerp" else nuslerp._nuslerp_cpu
+                        f(slot, o, a)
+                    else:
+                        f = nuslerp._dots_triton if op != "nuslerp" else nuslerp._nuslerp_triton
+                        to = torch.from_numpy(o)
+                        f(launch, torch.from_numpy(slot), to, a)
+                        o = to.numpy()
+                    if op == "nuslerp":
+                        out[lo * n * 2 : hi * n * 2] = o
+            outs.append(out.tobytes())
+        assert outs[0] == outs[1], (flatten, row_wise, base_row)
 
 
 def test_m3_multiplies_the_weights(tmp_path):

@@ -156,15 +156,16 @@ def _coefficients(a, vector_dots) -> tuple[np.ndarray, np.ndarray]:
     vectors)."""
     k, _ = _vectors(a)
     sums, cache = a.stats[NUSLERP_DOTS]
+    key = ("ab", _t(a))  # a sweep's outputs share the sums, each with its own weights
     if _per_column(a):
-        if "ab" not in cache:
-            cache["ab"] = coefficients(_col_acc(a), _t(a))
-        return cache["ab"]
+        if key not in cache:
+            cache[key] = coefficients(_col_acc(a), _t(a))
+        return cache[key]
     if not _per_tensor(a):
         return coefficients(vector_dots(), _t(a))
-    if "ab" not in cache:
-        cache["ab"] = coefficients(np.asarray([tensor_totals(sums)], np.float64), _t(a))
-    ca, cb = cache["ab"]
+    if key not in cache:
+        cache[key] = coefficients(np.asarray([tensor_totals(sums)], np.float64), _t(a))
+    ca, cb = cache[key]
     return np.full(k, ca[0], np.float32), np.full(k, cb[0], np.float32)
 
 
