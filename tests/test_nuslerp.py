@@ -353,12 +353,18 @@ def test_mergekit_nuslerp_recipe(tmp_path):
 @pytest.mark.parametrize("yaml_extra, message", [
     ("parameters:\n  nuslerp_row_wise: maybe\n", "nuslerp_row_wise"),
     ("parameters:\n  nuslerp_flatten: 2\n", "nuslerp_flatten"),
+    ("SLICES", "base_model: method nuslerp with a base_model in a slices: recipe is not supported"),
 ])  # fmt: skip
 def test_bad_yaml_recipes_are_one_line(tmp_path, yaml_extra, message):
     base, a, b = make_trio(tmp_path)
     cfg = tmp_path / "bad.yml"
-    cfg.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {a}\n  - model: {b}\n"
-                   + yaml_extra.replace("BASE", str(base)))
+    if yaml_extra == "SLICES":
+        cfg.write_text(f"merge_method: nuslerp\nbase_model: {base}\nslices:\n  - sources:\n"
+                       f"      - model: {a}\n        layer_range: [0, 1]\n"
+                       f"      - model: {b}\n        layer_range: [0, 1]\n")  # fmt: skip
+    else:
+        cfg.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                       + yaml_extra.replace("BASE", str(base)))
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out")])
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
