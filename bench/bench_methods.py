@@ -50,7 +50,7 @@ RECIPES: dict[str, tuple[str | None, tuple[str, ...], list[dict], dict]] = {
     "della_linear": ("base", ("a", "b"), [{"weight": 0.5, "density": 0.5, "epsilon": 0.1}] * 2,
                      {"lambda": 1.0}),
     "slerp": ("a", ("a", "b"), [{}, {}], {"t": 0.5}),
-    "nuslerp": (None, ("a", "b"), [{"weight": 0.5}, {"weight": 0.5}], {}),  # no base yet
+    "nuslerp": (None, ("a", "b"), [{"weight": 0.5}, {"weight": 0.5}], {}),  # base optional: none
     "multislerp": ("base", ("a", "b"), [{"weight": 0.5}, {"weight": 0.5}], {}),
     "karcher": (None, ("a", "b"), [{}, {}], {}),
     "nearswap": ("a", ("a", "b"), [{}, {}], {"t": 0.001}),

@@ -12,6 +12,9 @@ A chunk is ``n`` elements of the base (slot row ``base_row``) and of N fine-tune
   block padded with +0.0; the caller adds the blocks left to right.
 - ``stock_chunk``: ``rW(rW(t * avg) + rW(rW(1 - t) * x_b))`` with ``avg`` the fine-tunes'
   mean in W.
+- ``filter_wise``: ``stock_row_dots`` (the K sums of each row of ``row_len`` elements, the
+  blocks from the row's start) and ``stock_rows_chunk`` (the merged value with each row's
+  t and q = rW(1 - t)); a chunk then holds whole rows.
 """
 
 from __future__ import annotations
@@ -96,6 +99,94 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
         _encode_block(xb, out_code, first, m, out)
 
 
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _row_dots_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, w_code, out):
+    n_models = model_rows.shape[0]
+    for r in numba.prange(n_rows):
+        xb = np.empty(STOCK_BLOCK, np.float32)
+        d = np.zeros((n_models, STOCK_BLOCK), np.float32)
+        p = np.empty(STOCK_BLOCK, np.float64)
+        for lo in range(0, row_len, STOCK_BLOCK):
+            m = min(STOCK_BLOCK, row_len - lo)
+            task_vectors_w(inputs, codes, base_row, model_rows, r * row_len + lo, m, w_code, xb, d)
+            s = 0
+            for j in range(n_models):
+                for i in range(STOCK_BLOCK):
+                    p[i] = np.float64(d[j, i]) * np.float64(d[j, i]) if i < m else 0.0
+                out[r, s] = out[r, s] + _tree(p)
+                s += 1
+            for j in range(n_models):
+                for q in range(j + 1, n_models):
+                    for i in range(STOCK_BLOCK):
+                        p[i] = np.float64(round_work(d[j, i] * d[q, i], w_code)) if i < m else 0.0
+                    out[r, s] = out[r, s] + _tree(p)
+                    s += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _stock_rows_kernel(inputs, codes, base_row, model_rows, n, row_len, ts, qs, w_code, out,
+                       out_code):  # fmt: skip
+    n_models = model_rows.shape[0]
+    count = np.float32(n_models)
+    for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
+        first = k * STOCK_BLOCK
+        m = min(STOCK_BLOCK, n - first)
+        xb = np.empty(STOCK_BLOCK, np.float32)
+        x = np.empty(STOCK_BLOCK, np.float32)
+        a = np.zeros(STOCK_BLOCK, np.float32)
+        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+        for j in range(n_models):
+            r = model_rows[j]
+            _decode_block(inputs[r], codes[r], first, m, x)
+            for i in range(m):
+                a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
+        for i in range(m):
+            row = (first + i) // row_len
+            avg = round_work(a[i] / count, w_code)
+            p = round_work(ts[row] * avg, w_code)
+            xb[i] = round_work(p + round_work(qs[row] * round_work(xb[i], w_code), w_code),
+                               w_code)  # fmt: skip
+        _encode_block(xb, out_code, first, m, out)
+
+
+def stock_row_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+                   n_rows: int, row_len: int, work: str | None = None) -> np.ndarray:  # fmt: skip
+    """The K sums of each row (``filter_wise``; SPEC "Model Stock"): float64 [n_rows, K],
+    each row's blocks from its first element, added left to right.
+
+    Raises:
+        ValueError: bad rows, dtypes or counts.
+    """
+    if n_rows < 0 or row_len <= 0:
+        raise ValueError(f"need n_rows >= 0 and row_len > 0, got {n_rows}, {row_len}")
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n_rows * row_len, work)
+    out = np.zeros((n_rows, n_stats(len(model_rows))), np.float64)
+    if n_rows:
+        _row_dots_kernel(inputs, codes, base_row, mr, n_rows, row_len, w_code, out)
+    return out
+
+
+def stock_rows_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
+                     n: int, row_len: int, ts: np.ndarray, qs: np.ndarray, out: np.ndarray,
+                     out_dtype: str, work: str | None = None) -> None:  # fmt: skip
+    """The merged value of ``n`` elements (whole rows of ``row_len``) with each row's t and
+    q = rW(1 - t) (float32 [n // row_len], values of W; ``filter_wise``).
+
+    Raises:
+        ValueError: bad rows, dtypes, counts or t arrays.
+    """
+    if row_len <= 0 or n % row_len:
+        raise ValueError(f"n = {n} is not whole rows of {row_len}")
+    codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
+    co = _checked(out, out_dtype, n, "out")
+    for v, what in ((ts, "ts"), (qs, "qs")):
+        if not isinstance(v, np.ndarray) or v.dtype != np.float32 or v.shape != (n // row_len,):
+            raise ValueError(f"{what} must be a float32 array of {n // row_len} values")
+    if n:
+        _stock_rows_kernel(inputs, codes, base_row, mr, n, row_len, np.ascontiguousarray(ts),
+                           np.ascontiguousarray(qs), w_code, out, co)  # fmt: skip
+
+
 def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
                n: int, work: str | None = None) -> np.ndarray:  # fmt: skip
     """The per-block statistics of ``n`` elements (SPEC "Model Stock").
@@ -142,3 +233,6 @@ def warmup() -> None:
         s = np.zeros((3, 16), np.uint8)
         stock_dots(s, [dt] * 3, 0, [1, 2], 2)
         stock_chunk(s, [dt] * 3, 0, [1, 2], 2, np.float32(0.5), np.zeros(16, np.uint8), dt)
+        stock_row_dots(s, [dt] * 3, 0, [1, 2], 2, 1)
+        stock_rows_chunk(s, [dt] * 3, 0, [1, 2], 2, 1, np.zeros(2, np.float32),
+                         np.zeros(2, np.float32), np.zeros(16, np.uint8), dt)  # fmt: skip

@@ -6,6 +6,9 @@
   device); the host adds the blocks left to right.
 - ``_stock_kernel``: elementwise, each op rounded to the working dtype
   (``triton_nearswap.round_work``), the division by ``div_rn``, no FMA.
+- ``filter_wise``: ``_row_dots_kernel`` (one program per row, its blocks from the row's
+  start, each a pairwise tree, left to right) and ``_stock_rows_kernel`` (each element's
+  row's t and q).
 """
 
 from __future__ import annotations
@@ -64,6 +67,50 @@ def _stock_kernel(base_ptr, model_ptrs, out_ptr, n, t32, q, W: tl.constexpr, BLO
     _store_rounded(out_ptr, idx, round_work(p + round_work(q * xb, W), W), inside)
 
 
+@triton.jit
+def _row_dots_kernel(base_ptr, model_ptrs, out_ptr, row_len, K: tl.constexpr, W: tl.constexpr,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    r = tl.program_id(0).to(tl.int64)
+    first = r * row_len
+    lanes = tl.arange(0, BLOCK)
+    one = tl.arange(0, 1)
+    N: tl.constexpr = len(model_ptrs)
+    for lo in range(0, row_len, BLOCK):
+        inside = lo + lanes < row_len
+        idx = first + lo + lanes
+        xb = round_work(_load_f32(base_ptr, idx, inside), W)
+        for j in tl.static_range(N):
+            d = _delta(base_ptr, model_ptrs[j], idx, inside, xb, W).to(tl.float64)
+            acc = tl.load(out_ptr + r * K + j + one)
+            tl.store(out_ptr + r * K + j + one, acc + _tree(d * d))
+        for j in tl.static_range(N):
+            for k in tl.static_range(j + 1, N):
+                dj = _delta(base_ptr, model_ptrs[j], idx, inside, xb, W)
+                dk = _delta(base_ptr, model_ptrs[k], idx, inside, xb, W)
+                p = tl.where(inside, round_work(dj * dk, W), 0.0).to(tl.float64)
+                s = N + j * (2 * N - j - 1) // 2 + (k - j - 1)  # pair (j, k) in order
+                acc = tl.load(out_ptr + r * K + s + one)
+                tl.store(out_ptr + r * K + s + one, acc + _tree(p))
+
+
+@triton.jit
+def _stock_rows_kernel(base_ptr, model_ptrs, out_ptr, n, row_len, t_ptr, q_ptr, W: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = idx < n
+    row = idx // row_len
+    t32 = tl.load(t_ptr + row, mask=inside, other=0.0)
+    q = tl.load(q_ptr + row, mask=inside, other=0.0)
+    a = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(len(model_ptrs)):
+        a = round_work(a + round_work(_load_f32(model_ptrs[j], idx, inside), W), W)
+    count = tl.full([BLOCK], len(model_ptrs), tl.float32)
+    avg = round_work(tl.math.div_rn(a, count), W)
+    p = round_work(t32 * avg, W)
+    xb = round_work(_load_f32(base_ptr, idx, inside), W)
+    _store_rounded(out_ptr, idx, round_work(p + round_work(q * xb, W), W), inside)
+
+
 def _work(base: torch.Tensor, models: list[torch.Tensor], work: str | None) -> int:
     return FLOAT_CODES[work or work_dtype([_TORCH_TO_SAFETENSORS[x.dtype] for x in (base, *models)])]
 
@@ -90,3 +137,27 @@ def stock_triton(base: torch.Tensor, models: list[torch.Tensor], n: int, t: np.f
                                                       float(q), W=_work(base, models, work),
                                                       BLOCK=STOCK_BLOCK,
                                                       enable_fp_fusion=False)  # fmt: skip
+
+
+def stock_row_dots_triton(base: torch.Tensor, models: list[torch.Tensor], n_rows: int, row_len: int,
+                          work: str | None = None) -> torch.Tensor:  # fmt: skip
+    """The K sums of each row (float64 [n_rows, K]; ``filter_wise``, SPEC "Model Stock")."""
+    k = n_stats(len(models))
+    out = torch.zeros((n_rows, k), dtype=torch.float64, device=base.device)
+    if n_rows and row_len:
+        _row_dots_kernel[(n_rows,)](base, tuple(models), out, row_len, K=k,
+                                    W=_work(base, models, work), BLOCK=STOCK_BLOCK,
+                                    enable_fp_fusion=False)  # fmt: skip
+    return out
+
+
+def stock_rows_triton(base: torch.Tensor, models: list[torch.Tensor], n: int, row_len: int,
+                      t: torch.Tensor, q: torch.Tensor, out: torch.Tensor,
+                      work: str | None = None) -> None:  # fmt: skip
+    """The merged value of the first ``n`` elements (whole rows) with each row's t and q
+    (float32 on the device; ``filter_wise``)."""
+    if n > 0:
+        _stock_rows_kernel[(triton.cdiv(n, STOCK_BLOCK),)](base, tuple(models), out, n, row_len, t,
+                                                           q, W=_work(base, models, work),
+                                                           BLOCK=STOCK_BLOCK,
+                                                           enable_fp_fusion=False)  # fmt: skip

@@ -202,7 +202,7 @@ def prepare(
     elif recipe.n_models != len(model_dirs):
         raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")
     if base_dir is not None and recipe.row.base_optional and not recipe.with_base:
-        recipe = replace(recipe, with_base=True)  # multislerp: the task vectors, base added
+        recipe = replace(recipe, with_base=True)  # nuslerp, multislerp: the task vectors, base added back
     if base_dir is None and recipe.row.uses_base:
         raise OptionError(f"method {method or recipe.method} needs a base model",
                           "pass --base DIR (the model the fine-tunes were tuned from)")  # fmt: skip

@@ -846,16 +846,38 @@ def spec_nuslerp_coefficients(s00: float, s11: float, s01: float, t: float):
 
 
 def spec_nuslerp(v0: np.ndarray, v1: np.ndarray, w0: float, w1: float, out_dtype: str, shape,
-                 dtype0: str, dtype1: str, flatten: bool = True) -> np.ndarray:  # fmt: skip
+                 dtype0: str, dtype1: str, flatten: bool = True, base: np.ndarray | None = None,
+                 dtype_base: str | None = None, row_wise: bool = False) -> np.ndarray:  # fmt: skip
     """The merged tensor (stored form, flat) of NuSLERP of two stored tensors of ``shape``:
     one vector per tensor (flatten, or fewer than 2 axes: slerp's rows and fsum totals), else
-    one per last-axis vector (its own sums)."""
+    one per last-axis vector (its own sums), or with ``row_wise`` one per column (sums row
+    by row in order); with ``base`` (stored, ``dtype_base``) the task vectors, base added
+    back."""
     import math
 
     t = spec_nuslerp_t(w0, w1)
     x = to_float32(v0, dtype0).reshape(-1)
     y = to_float32(v1, dtype1).reshape(-1)
-    if flatten or len(shape) < 2:
+    b = None
+    if base is not None:
+        b = to_float32(base, dtype_base).reshape(-1)
+        with np.errstate(all="ignore"):
+            x, y = (x - b).astype(np.float32), (y - b).astype(np.float32)
+    if not flatten and row_wise and len(shape) >= 2:
+        rows = shape[0]
+        c = x.size // rows if rows else 0
+        x2, y2 = x.reshape(rows, c).astype(np.float64), y.reshape(rows, c).astype(np.float64)
+        tot = np.zeros((3, c), np.float64)
+        with np.errstate(all="ignore"):
+            for r in range(rows):  # row by row, in order
+                tot[0] = tot[0] + x2[r] * x2[r]
+                tot[1] = tot[1] + y2[r] * y2[r]
+                tot[2] = tot[2] + x2[r] * y2[r]
+        pairs = [spec_nuslerp_coefficients(*tot[:, k], t) for k in range(c)]
+        ca_c = np.array([p[0] for p in pairs], np.float32)
+        cb_c = np.array([p[1] for p in pairs], np.float32)
+        cas, cbs = np.tile(ca_c, rows), np.tile(cb_c, rows)
+    elif flatten or len(shape) < 2:
         rows = shape[0] if len(shape) else 1
         n = x.size // rows if rows else 0
         if n == 1:  # a row of one element: its sums are its exact float64 products
@@ -875,6 +897,8 @@ def spec_nuslerp(v0: np.ndarray, v1: np.ndarray, w0: float, w1: float, out_dtype
             cas[sl], cbs[sl] = spec_nuslerp_coefficients(*spec_row_sums(x[sl], y[sl]), t)
     with np.errstate(all="ignore"):
         out = (cas * x).astype(np.float32) + (cbs * y).astype(np.float32)
+        if b is not None:
+            out = (out + b).astype(np.float32)
     return from_float32(out, out_dtype)
 
 
@@ -1291,3 +1315,28 @@ def spec_karcher(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5)
         for kj, xj in zip(k, x):
             acc = (acc + (np.float32(kj) * xj).astype(np.float32)).astype(np.float32)
     return from_float32(acc, out_dtype)
+
+
+def spec_model_stock_filter_wise(base, models, dtypes, out_dtype, shape, work=None) -> np.ndarray:
+    """Model Stock with ``filter_wise`` (docs/SPEC.md "Model Stock"): one t per row of the
+    last dimension (a 1-D tensor one row), each from its row's sums; stored form, flat."""
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    f = np.float32
+    xb = spec_round_work(to_float32(base, dtypes[0]).reshape(-1), W)
+    n = xb.size
+    c = (shape[-1] if len(shape) else 1) or 1
+    ms = [np.asarray(m).reshape(-1) for m in models]
+    ts = np.zeros(n, f)
+    for r in range(n // c):
+        sl = slice(r * c, (r + 1) * c)
+        sums = spec_stock_sums(np.asarray(base).reshape(-1)[sl], [m[sl] for m in ms], dtypes, work)
+        ts[sl] = spec_stock_t(sums, len(models), W)
+    a = np.zeros(n, f)
+    with np.errstate(all="ignore"):
+        for m, d in zip(ms, dtypes[1:]):
+            a = spec_round_work(a + spec_round_work(to_float32(m, d), W), W)
+        avg = spec_round_work(a / f(len(models)), W)
+        p = spec_round_work(ts * avg, W)
+        q = spec_round_work((f(1) - ts).astype(f), W)
+        out = spec_round_work(p + spec_round_work(q * xb, W), W)
+    return from_float32(out, out_dtype)

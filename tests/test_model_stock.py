@@ -1,7 +1,8 @@
 """model_stock (docs/SPEC.md "Model Stock"): the statistics and merge kernels against the
 SPEC oracle over dtypes, model counts and odd sizes, whatever the chunking; t against
 mergekit's torch chain; Triton against numba byte for byte; whole merges (CLI, mergekit
-YAML) against the oracle; the one-line refusals."""
+YAML) against the oracle; the one-line refusals; ``filter_wise`` (one t per row of the last
+dimension) the same ways."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 from streammerge.kernels import cpu_stock
 from test_ram import ITEM, _as_bytes, _shift, _slot
 
-from streammerge.methods.model_stock import stock_t
+from streammerge.methods.model_stock import round_work_rows, stock_t, stock_t_rows
 
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 CASES = [(["BF16"] * 3, "BF16"), (["F16"] * 4, "F16"), (["F32"] * 3, "F32"),
@@ -132,7 +133,76 @@ def test_triton_kernels_equal_numba():
         assert _same(out.view(torch.uint8).numpy().tobytes(), cpu.tobytes(), do)
 
 
-def _expected(base, models, rec: dict) -> dict[str, bytes]:
+def _finite_slot(n, dtypes, seed):
+    """``_slot`` with its NaN and infinities replaced by the base's values."""
+    _, rows = _slot(n, len(dtypes) - 1, dtypes, seed)
+    rows = [r.copy() for r in rows]
+    if n > 12:
+        for r in rows[1:]:
+            r[5], r[7], r[9] = rows[0][5], rows[0][7], rows[0][9]
+    width = max(np.ascontiguousarray(r).nbytes for r in rows)
+    slot = np.zeros((len(rows), width), np.uint8)
+    for k, r in enumerate(rows):
+        b = np.ascontiguousarray(r).view(np.uint8)
+        slot[k, : b.size] = b
+    return slot, rows
+
+
+@pytest.mark.parametrize("shape", [(7, 1500), (5, 33), (61,), (3, 1, 4)])
+@pytest.mark.parametrize("dtypes, do", [CASES[0], CASES[2], CASES[3], CASES[4]])
+def test_filter_wise_kernels_equal_the_spec_oracle(shape, dtypes, do):
+    n, c = int(np.prod(shape)), shape[-1]
+    slot, rows = _finite_slot(n, dtypes, n + len(dtypes))
+    models, w = list(range(1, len(dtypes))), _work(dtypes)
+    sums = cpu_stock.stock_row_dots(slot, dtypes, 0, models, n // c, c)
+    for r in range(n // c):
+        sl = slice(r * c, (r + 1) * c)
+        want = ref.spec_stock_sums(rows[0][sl], [m[sl] for m in rows[1:]], dtypes)
+        assert np.array_equal(np.abs(sums[r]), np.abs(want))
+    t = stock_t_rows(sums, len(models), w)
+    assert t.tobytes() == np.array([stock_t(row, len(models), w) for row in sums]).tobytes()
+    q = round_work_rows(np.float32(1) - t, w)
+    out = np.zeros(n * ITEM[do], np.uint8)
+    cpu_stock.stock_rows_chunk(slot, dtypes, 0, models, n, c, t, q, out, do)
+    want = ref.spec_model_stock_filter_wise(rows[0], rows[1:], dtypes, do, shape)
+    assert out.tobytes() == _as_bytes(want)
+    if len(shape) == 1:  # one row: filter_wise's t is the tensor's
+        assert _as_bytes(want) == _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dtypes, do))
+
+
+def test_filter_wise_t_handles_nan_and_a_zero_task_vector():
+    sums = np.array([[np.nan, 1.0, 0.5], [0.0, 1.0, 0.0], [4.0, 4.0, 4.0]])
+    for w in ("F32", "BF16", "F16"):
+        t = stock_t_rows(sums, 2, w)
+        want = np.array([stock_t(row, 2, w) for row in sums])
+        assert np.array_equal(t, want, equal_nan=True) and np.isnan(t[0])
+
+
+def test_filter_wise_triton_kernels_equal_numba():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import triton_stock
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for k, c, dtypes, do in [(3, 1100, ["BF16"] * 4, "BF16"), (4, 37, ["F32", "BF16", "F16"], "F32")]:
+        n = k * c
+        slot, rows = _finite_slot(n, dtypes, 8)
+        models, w = list(range(1, len(dtypes))), _work(dtypes)
+        ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt[d]) for x, d in zip(rows, dtypes)]
+        want = cpu_stock.stock_row_dots(slot, dtypes, 0, models, k, c)
+        got = triton_stock.stock_row_dots_triton(ts[0], ts[1:], k, c).numpy()
+        assert np.array_equal(np.abs(got), np.abs(want))
+        t = stock_t_rows(want, len(models), w)
+        q = round_work_rows(np.float32(1) - t, w)
+        out = torch.zeros(n, dtype=tdt[do])
+        triton_stock.stock_rows_triton(ts[0], ts[1:], n, c, torch.from_numpy(t), torch.from_numpy(q), out)
+        cpu = np.zeros(n * ITEM[do], np.uint8)
+        cpu_stock.stock_rows_chunk(slot, dtypes, 0, models, n, c, t, q, cpu, do)
+        assert out.view(torch.uint8).numpy().tobytes() == cpu.tobytes()
+
+
+def _expected(base, models, rec: dict, filter_wise: bool = False) -> dict[str, bytes]:
     tb, tms = load_dir(base), [load_dir(m) for m in models]
     out = {}
     for name, x in tb.items():
@@ -144,7 +214,11 @@ def _expected(base, models, rec: dict) -> dict[str, bytes]:
         else:
             dts = [DTYPES[str(x.dtype)]] + [DTYPES[str(m[name].dtype)] for m in tms]
             rows = [as_numpy(x)] + [as_numpy(m[name]) for m in tms]
-            out[name] = _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dts, dt))
+            if filter_wise:
+                res = ref.spec_model_stock_filter_wise(rows[0], rows[1:], dts, dt, tuple(x.shape))
+            else:
+                res = ref.spec_model_stock(rows[0], rows[1:], dts, dt)
+            out[name] = _as_bytes(res)
     return out
 
 
@@ -191,9 +265,10 @@ def test_bad_recipes_are_one_line(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     cfg = tmp_path / "ms.yml"
     cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n"
-                   f"  - model: {b}\nparameters:\n  filter_wise: true\n")  # fmt: skip
+                   f"  - model: {b}\nparameters:\n  filter_wise: maybe\n")  # fmt: skip
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
-    assert r.returncode == 2 and "filter_wise: true is not supported" in r.stderr, r.stderr
+    assert r.returncode == 2 and "filter_wise" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n")
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "models" in r.stderr, r.stderr
@@ -219,3 +294,49 @@ def test_a_working_dtype_rounds_the_inputs_first(dtypes, work, do):
     out = np.zeros(n * ITEM[do], np.uint8)
     cpu_stock.stock_chunk(slot, dtypes, 0, rows_m, n, t, out, do, work)
     assert out.tobytes() == _as_bytes(ref.spec_model_stock(rows[0], rows[1:], dtypes, do, work))
+
+
+def test_filter_wise_cli_and_recipe_are_exact_and_independent_of_the_chunking(tmp_path):
+    """filter_wise from the CLI (default and small chunks) and from a mergekit YAML recipe:
+    the oracle's bytes (one t per row of the last dimension)."""
+    base, a, b = make_trio(tmp_path)
+    outs = []
+    for k, more in enumerate(([], ["--memory", "8MB", "--threads", "1", "--shard-size", "300KB"])):
+        out = tmp_path / f"out{k}"
+        r = run_cli([str(a), str(b), "--base", str(base), "--method", "model_stock",
+                     "--filter-wise", "-o", str(out), *more])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs.append(_bytes(out))
+    rec = json.loads((tmp_path / "out0" / "streammerge.json").read_text())
+    assert rec["tensors"]["embed.weight"]["filter_wise"] is True
+    assert outs[0] == outs[1] == _expected(base, [a, b], rec, filter_wise=True)
+    cfg = tmp_path / "ms.yml"
+    cfg.write_text(f"merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {a}\n"
+                   f"  - model: {b}\nparameters:\n  filter_wise: true\ndtype: bfloat16\n")  # fmt: skip
+    r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "y")])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "y" / "streammerge.json").read_text())
+    assert _bytes(tmp_path / "y") == _expected(base, [a, b], rec, filter_wise=True)
+
+
+def test_filter_wise_triton_pass_equals_numba():
+    """The method's Triton writing pass (``_stock_triton`` through ``TritonLauncher``) gives
+    the numba pass's bytes (the pipeline's glue, without a whole interpreted merge)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.exec.ops import RowArgs
+    from streammerge.exec.triton_launcher import TritonLauncher
+    from streammerge.methods import model_stock
+
+    for shape, dtypes in (((5, 33), ("BF16",) * 3), ((2, 3, 7), ("F32", "BF16", "BF16", "F16"))):
+        n = int(np.prod(shape))
+        slot, _ = _finite_slot(n, list(dtypes), 6)
+        a = RowArgs(op="model_stock", dtypes=dtypes, model_rows=tuple(range(1, len(dtypes))),
+                    n_rows=n // shape[-1], row_len=shape[-1], t=0.0, out_dtype="BF16",
+                    base_row=0, params=(("filter_wise", True),), count=n, shape=shape)  # fmt: skip
+        out = np.zeros(2 * n, np.uint8)
+        model_stock._stock_cpu(slot, out, a)
+        tout = torch.zeros(2 * n, dtype=torch.uint8)
+        model_stock._stock_triton(TritonLauncher(torch), torch.from_numpy(slot), tout, a)
+        assert tout.numpy().tobytes() == out.tobytes()

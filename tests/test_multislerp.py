@@ -285,7 +285,7 @@ def test_bad_recipes_are_one_line(tmp_path):
                    f"      - model: {a}\n        layer_range: [0, 2]\n"
                    f"      - model: {b}\n        layer_range: [0, 2]\n")  # fmt: skip
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
-    assert r.returncode == 2 and "in slices is not supported" in r.stderr, r.stderr
+    assert r.returncode == 2 and "in a slices: recipe is not supported" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
 

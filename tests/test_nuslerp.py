@@ -1,6 +1,7 @@
 """nuslerp (docs/SPEC.md "NuSLERP"): the row passes against the SPEC oracle, the Triton row
 kernels against numba with nuslerp's per-vector coefficients, whole merges (CLI and
-mergekit YAML) against the oracle whatever the chunking; M3 multiplies the weights."""
+mergekit YAML) against the oracle whatever the chunking; M3 multiplies the weights. With a
+base (task vectors) and with ``nuslerp_row_wise`` (one angle per column) too."""
 
 from __future__ import annotations
 
@@ -38,21 +39,40 @@ def _vectors(seed: int, shape) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype):
-    """The method's two CPU passes over one chunk holding the whole tensor."""
+def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype, base=None, db=None,
+                row_wise=False, cut=None):
+    """The method's two CPU passes over the whole tensor: one chunk, or two chunks of whole
+    rows cut before row ``cut``."""
     rows = shape[0] if len(shape) else 1
     n = int(np.prod(shape)) // rows
-    width = max(v0.nbytes, v1.nbytes)
-    inputs = np.zeros((2, width), np.uint8)
-    inputs[0, : v0.nbytes] = v0.reshape(-1).view(np.uint8)
-    inputs[1, : v1.nbytes] = v1.reshape(-1).view(np.uint8)
-    out = np.zeros(rows * n * np.dtype(CARRIER[out_dtype]).itemsize, np.uint8)
+    arrays = [v0, v1] + ([base] if base is not None else [])
+    width = max(v.nbytes for v in arrays)
+    inputs = np.zeros((3, width), np.uint8)
+    for k, v in enumerate(arrays):
+        inputs[(1, 2, 0)[k], : v.nbytes] = v.reshape(-1).view(np.uint8)
+    size = np.dtype(CARRIER[out_dtype]).itemsize
+    out = np.zeros(rows * n * size, np.uint8)
     acc = ([], {})
-    common = dict(dtypes=(d0, d1), model_rows=(0, 1), n_rows=rows, row_len=n, t=0.0,
-                  out_dtype=out_dtype, params=(("nuslerp_flatten", flatten),), weights=w,
-                  shape=tuple(shape), stats={nuslerp.NUSLERP_DOTS: acc})  # fmt: skip
-    nuslerp._dots_cpu(inputs, None, RowArgs(op=nuslerp.NUSLERP_DOTS, counts=acc, **common))
-    nuslerp._nuslerp_cpu(inputs, out, RowArgs(op="nuslerp", counts=acc, **common))
+    params = (("nuslerp_flatten", flatten), ("nuslerp_row_wise", row_wise))
+    dts = (db or d0, d0, d1)
+    cuts = [(0, rows)] if cut is None else [(0, cut), (cut, rows)]
+    for op in (nuslerp.NUSLERP_DOTS, "nuslerp"):
+        for lo, hi in cuts:
+            chunk = np.zeros((3, width), np.uint8)
+            for r, dt in enumerate(dts):
+                item = np.dtype(CARRIER[dt]).itemsize
+                part = inputs[r, lo * n * item : hi * n * item]
+                chunk[r, : part.size] = part
+            o = np.zeros((hi - lo) * n * size, np.uint8)
+            a = RowArgs(op=op, counts=acc, dtypes=dts, model_rows=(1, 2), n_rows=hi - lo,
+                        row_len=n, t=0.0, out_dtype=out_dtype, params=params, weights=w,
+                        shape=tuple(shape), stats={nuslerp.NUSLERP_DOTS: acc},
+                        base_row=0 if base is not None else -1)  # fmt: skip
+            if op == "nuslerp":
+                nuslerp._nuslerp_cpu(chunk, o, a)
+                out[lo * n * size : hi * n * size] = o
+            else:
+                nuslerp._dots_cpu(chunk, None, a)
     return out
 
 
@@ -68,6 +88,26 @@ def test_passes_equal_the_spec_oracle(shape, dtypes, flatten, w):
     out = _run_passes(v0, d0, v1, d1, shape, w, flatten, do)
     expected = ref.spec_nuslerp(v0, v1, *w, do, shape, d0, d1, flatten)
     assert out.tobytes() == np.ascontiguousarray(expected).view(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize("shape, w", [((7, 2500), (1.0, 3.0)), ((33,), (2.0, -2.0)),
+                                      ((3, 4, 5), (1.0, 3.0)), ((9, 3), (0.3, 0.1))])  # fmt: skip
+@pytest.mark.parametrize("mode", ["base_flat", "base_vec", "col", "base_col"])
+def test_base_and_row_wise_passes_equal_the_spec_oracle(shape, w, mode):
+    d0, d1, db, do = ("BF16", "F32", "F16", "BF16") if len(shape) != 2 else ("BF16",) * 4
+    x, y = _vectors(int(np.prod(shape)) + 1, shape)
+    b = (0.5 * x + 0.5 * y).astype(np.float32)  # near both: task vectors far from parallel
+    if len(shape) == 2 and shape[0] >= 5:
+        b[4] = x[4]  # a zero task vector (row 4: in every column)
+    v0, v1, vb = _stored(x, d0), _stored(y, d1), _stored(b, db)
+    base = vb if mode.startswith("base") else None
+    flatten, row_wise = mode == "base_flat", mode.endswith("col")
+    want = ref.spec_nuslerp(v0, v1, *w, do, shape, d0, d1, flatten, base, db, row_wise)
+    want = np.ascontiguousarray(want).view(np.uint8).tobytes()
+    for cut in (None, shape[0] // 2) if len(shape) >= 2 else (None,):
+        got = _run_passes(v0, d0, v1, d1, shape, w, flatten, do, base, db if base is not None
+                          else None, row_wise, cut)  # fmt: skip
+        assert got.tobytes() == want, (mode, cut)
 
 
 def test_factor_and_coefficients_at_the_edges():
@@ -108,20 +148,83 @@ def test_triton_per_vector_kernels_equal_numba():
         assert tout.view(torch.uint8).numpy().tobytes() == out.tobytes()
 
 
-def _expected(a, b, rec: dict) -> dict[str, bytes]:
-    """Every output tensor recomputed with the oracle from the inputs and the record."""
+def test_triton_base_and_column_kernels_equal_numba():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import cpu_nuslerp, triton_nuslerp
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    for k, n, (d0, d1, db, do) in [(5, 1100, ("BF16", "F32", "BF16", "BF16")),
+                                   (9, 300, ("F16", "BF16", "F32", "F32"))]:  # fmt: skip
+        x, y = _vectors(k * n, (k, n))
+        b = (0.5 * x + 0.5 * y).astype(np.float32)
+        raw = [_stored(v, d).reshape(-1).view(np.uint8) for v, d in ((x, d0), (y, d1), (b, db))]
+        tv = [torch.from_numpy(r.copy()).view(tdt[d]) for r, d in zip(raw, (d0, d1, db))]
+        for has in (False, True):
+            base, tbase = (raw[2], tv[2]) if has else (None, None)
+            stats = cpu_nuslerp.tv_row_dots(raw[0], d0, raw[1], d1, base, db, k, n)
+            tstats = triton_nuslerp.tv_row_dots_triton(tv[0], tv[1], tbase, k, n).numpy()
+            assert np.array_equal(np.abs(tstats), np.abs(stats))
+            acc, tacc = np.zeros((n, 3)), torch.zeros((n, 3), dtype=torch.float64)
+            for lo, hi in ((0, 2), (2, k)):  # two chunks of whole rows
+                part = [r[lo * n * r.nbytes // (k * n): hi * n * r.nbytes // (k * n)].copy()
+                        for r in raw]  # fmt: skip
+                cpu_nuslerp.col_dots(part[0], d0, part[1], d1, part[2] if has else None, db,
+                                     hi - lo, n, acc)  # fmt: skip
+                tp = [torch.from_numpy(q).view(tdt[d]) for q, d in zip(part, (d0, d1, db))]
+                triton_nuslerp.col_dots_triton(tp[0], tp[1], tp[2] if has else None, hi - lo, n,
+                                               tacc)  # fmt: skip
+            assert np.array_equal(np.abs(tacc.numpy()), np.abs(acc))
+            for per_col, sums in ((False, stats), (True, acc)):
+                ca, cb = nuslerp.coefficients(sums, 0.3)
+                out = np.zeros(k * n * np.dtype(CARRIER[do]).itemsize, np.uint8)
+                cpu_nuslerp.combine(raw[0], d0, raw[1], d1, base, db, k * n, n, per_col, ca, cb,
+                                    out, do)  # fmt: skip
+                tout = torch.zeros(k * n, dtype=tdt[do])
+                triton_nuslerp.combine_triton(tv[0], tv[1], tbase, k * n, n, per_col,
+                                              torch.from_numpy(ca), torch.from_numpy(cb), tout)
+                assert tout.view(torch.uint8).numpy().tobytes() == out.tobytes(), (has, per_col)
+
+
+def _expected(a, b, rec: dict, base=None) -> dict[str, bytes]:
+    """Every output tensor recomputed with the oracle from the inputs and the record (with
+    ``base``: the task vectors; tensors only the base has, and integers, are its own)."""
     ta, tb = load_dir(a), load_dir(b)
+    tbase = load_dir(base) if base is not None else {}
     out = {}
-    for name, x in ta.items():
-        if not x.is_floating_point():
+    for name, x in (tbase or ta).items():
+        if name not in ta or not x.is_floating_point():
             out[name] = as_numpy(x).view(np.uint8).tobytes()
             continue
-        d0, d1 = DT[str(x.dtype)], DT[str(tb[name].dtype)]
+        x0 = ta[name]
+        d0, d1 = DT[str(x0.dtype)], DT[str(tb[name].dtype)]
         p = rec["tensors"][name]
-        res = ref.spec_nuslerp(as_numpy(x), as_numpy(tb[name]), *p["w"], d0, tuple(x.shape), d0,
-                               d1, p["nuslerp_flatten"])  # fmt: skip
+        kw = {}
+        if base is not None:
+            kw = dict(base=as_numpy(x), dtype_base=DT[str(x.dtype)])
+        res = ref.spec_nuslerp(as_numpy(x0), as_numpy(tb[name]), *p["w"], DT[str(x.dtype)],
+                               tuple(x0.shape), d0, d1, p["nuslerp_flatten"],
+                               row_wise=p.get("nuslerp_row_wise", False), **kw)  # fmt: skip
         out[name] = np.ascontiguousarray(res).view(np.uint8).tobytes()
     return out
+
+
+def _wide_trio(tmp_path):
+    """make_trio plus a 300 x 1500 tensor (several chunks at --memory 8MB) in all three."""
+    from conftest import write_model
+    import torch
+
+    base, a, b = make_trio(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    wide = torch.randn(300, 1500, generator=g)
+    for m, scale in ((base, 0.0), (a, 1.0), (b, -0.5)):
+        m2 = tmp_path / (m.name + "2")
+        ts = load_dir(m)
+        ts["wide.weight"] = (0.5 * wide + wide * scale
+                             + 0.1 * torch.randn(300, 1500, generator=g)).to(torch.bfloat16)
+        write_model(m2, ts, shards=2)
+    return tmp_path / "base2", tmp_path / "a2", tmp_path / "b2"
 
 
 @pytest.mark.parametrize("flatten", ["--nuslerp-flatten", "--no-nuslerp-flatten"])
@@ -152,6 +255,72 @@ def test_cli_nuslerp_is_exact_and_independent_of_the_chunking(tmp_path, flatten)
     assert all(g == _expected(a, b, rec) for g in got)
 
 
+@pytest.mark.parametrize("argv", [["--base"], ["--base", "--no-nuslerp-flatten", "--nuslerp-row-wise"]])
+def test_cli_base_and_row_wise_exact_and_independent_of_the_chunking(tmp_path, argv):
+    base, a, b = _wide_trio(tmp_path)
+    with_base = "--base" in argv
+    argv = [str(base) if v == "--base" else v for v in argv]
+    argv = (["--base"] if with_base else []) + argv
+    got = []
+    for extra in ([], ["--memory", "8MB", "--threads", "1", "--shard-size", "300KB"]):
+        out = tmp_path / f"out{len(got)}"
+        r = run_cli([str(a), str(b), "--method", "nuslerp", "--weights", "1,3", *argv,
+                     "-o", str(out), "--seed", "1", *extra])  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        got.append({n: v.tobytes() for n, v in output_bytes(out).items()})
+    rec = json.loads((out / "streammerge.json").read_text())
+    assert rec["tensors"]["wide.weight"]["nuslerp_row_wise"] is ("--nuslerp-row-wise" in argv)
+    assert got[0] == got[1] == _expected(a, b, rec, base if with_base else None)
+
+
+def test_triton_passes_with_a_base_and_per_column_equal_numba():
+    """The method's Triton passes (``_dots_triton``, ``_nuslerp_triton`` through
+    ``TritonLauncher``) give the numba passes' bytes, two chunks of whole rows (the
+    pipeline's glue, without a whole interpreted merge)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.exec.triton_launcher import TritonLauncher
+
+    k, n, dts = 6, 700, ("F16", "BF16", "F32")  # slot rows: base, model 0, model 1
+    x, y = _vectors(3, (k, n))
+    b = (0.5 * x + 0.5 * y).astype(np.float32)
+    raw = [_stored(v, d).reshape(-1).view(np.uint8) for v, d in zip((b, x, y), dts)]
+    launch = TritonLauncher(torch)
+    for flatten, row_wise, base_row in ((True, False, 0), (False, True, -1), (False, True, 0),
+                                        (False, False, 0)):  # fmt: skip
+        outs = []
+        for backend in ("cpu", "triton"):
+            acc = ([], {})
+            out = np.zeros(k * n * 2, np.uint8)
+            for op in (nuslerp.NUSLERP_DOTS, "nuslerp"):
+                for lo, hi in ((0, 2), (2, k)):
+                    width = max(r.nbytes for r in raw)
+                    slot = np.zeros((3, width), np.uint8)
+                    for i, (r, d) in enumerate(zip(raw, dts)):
+                        item = np.dtype(CARRIER[d]).itemsize
+                        part = r[lo * n * item : hi * n * item]
+                        slot[i, : part.size] = part
+                    a = RowArgs(op=op, dtypes=dts, model_rows=(1, 2), n_rows=hi - lo, row_len=n,
+                                t=0.0, out_dtype="BF16", base_row=base_row, counts=acc,
+                                params=(("nuslerp_flatten", flatten), ("nuslerp_row_wise", row_wise)),
+                                weights=(1.0, 3.0), shape=(k, n),
+                                stats={nuslerp.NUSLERP_DOTS: acc})  # fmt: skip
+                    o = np.zeros((hi - lo) * n * 2, np.uint8)
+                    if backend == "cpu":
+                        f = nuslerp._dots_cpu if op != "nuslerp" else nuslerp._nuslerp_cpu
+                        f(slot, o, a)
+                    else:
+                        f = nuslerp._dots_triton if op != "nuslerp" else nuslerp._nuslerp_triton
+                        to = torch.from_numpy(o)
+                        f(launch, torch.from_numpy(slot), to, a)
+                        o = to.numpy()
+                    if op == "nuslerp":
+                        out[lo * n * 2 : hi * n * 2] = o
+            outs.append(out.tobytes())
+        assert outs[0] == outs[1], (flatten, row_wise, base_row)
+
+
 def test_m3_multiplies_the_weights(tmp_path):
     _, a, b = make_trio(tmp_path)
     out = tmp_path / "out"
@@ -169,36 +338,62 @@ def test_mergekit_nuslerp_recipe(tmp_path):
     cfg.write_text(
         f"merge_method: nuslerp\nmodels:\n  - model: {a}\n    parameters:\n      weight: 0.4\n"
         f"  - model: {b}\n    parameters:\n      weight: [0.2, 0.6]\n"
-        "parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: false\ndtype: bfloat16\n"
+        "parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true\ndtype: bfloat16\n"
     )
     out = tmp_path / "out"
     r = run_cli(["--config", str(cfg), "-o", str(out)])
     assert r.returncode == 0, r.stderr
     rec = json.loads((out / "streammerge.json").read_text())
     assert rec["tensors"]["embed.weight"]["nuslerp_flatten"] is False
+    assert rec["tensors"]["embed.weight"]["nuslerp_row_wise"] is True  # one angle per column
     assert rec["tensors"]["layers.0.attn.q.weight"]["w"] == [0.4, 0.2]
     assert {n: v.tobytes() for n, v in output_bytes(out).items()} == _expected(a, b, rec)
 
 
 @pytest.mark.parametrize("yaml_extra, message", [
-    ("parameters:\n  nuslerp_row_wise: true\n", "nuslerp_row_wise: true is not supported"),
-    ("base_model: BASE\n", "base_model: method nuslerp with a base_model is not supported yet"),
+    ("parameters:\n  nuslerp_row_wise: maybe\n", "nuslerp_row_wise"),
+    ("parameters:\n  nuslerp_flatten: 2\n", "nuslerp_flatten"),
+    ("SLICES", "base_model: method nuslerp with a base_model in a slices: recipe is not supported"),
 ])  # fmt: skip
 def test_bad_yaml_recipes_are_one_line(tmp_path, yaml_extra, message):
     base, a, b = make_trio(tmp_path)
     cfg = tmp_path / "bad.yml"
-    cfg.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {a}\n  - model: {b}\n"
-                   + yaml_extra.replace("BASE", str(base)))
+    if yaml_extra == "SLICES":
+        cfg.write_text(f"merge_method: nuslerp\nbase_model: {base}\nslices:\n  - sources:\n"
+                       f"      - model: {a}\n        layer_range: [0, 1]\n"
+                       f"      - model: {b}\n        layer_range: [0, 1]\n")  # fmt: skip
+    else:
+        cfg.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                       + yaml_extra.replace("BASE", str(base)))
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "out")])
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_mergekit_recipe_with_a_base_model_and_row_wise(tmp_path):
+    """mergekit's nuslerp with base_model (also listed among the models: skipped, as mergekit
+    pops it) and nuslerp_row_wise: the task vectors, one angle per column."""
+    base, a, b = make_trio(tmp_path)
+    cfg = tmp_path / "nuslerp.yml"
+    cfg.write_text(
+        f"merge_method: nuslerp\nbase_model: {base}\nmodels:\n  - model: {base}\n"
+        f"  - model: {a}\n    parameters:\n      weight: 0.4\n"
+        f"  - model: {b}\n    parameters:\n      weight: 0.6\n"
+        "parameters:\n  nuslerp_flatten: false\n  nuslerp_row_wise: true\ndtype: bfloat16\n"
+    )
+    out = tmp_path / "out"
+    r = run_cli(["--config", str(cfg), "-o", str(out)])
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((out / "streammerge.json").read_text())
+    assert rec["tensors"]["embed.weight"]["nuslerp_row_wise"] is True
+    assert {n: v.tobytes() for n, v in output_bytes(out).items()} == _expected(a, b, rec, base)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--t", "0.5"], "--t does not apply to method nuslerp"),
     (["--weights", "1,nan"], "finite"),
     (["--density", "0.5"], "--density does not apply to method nuslerp"),
-    (["--base", "BASE"], "method nuslerp with --base is not supported yet"),
+    (["--base", "BASE", "--density", "0.5"], "--density does not apply to method nuslerp"),
 ])  # fmt: skip
 def test_bad_flags_are_one_line(tmp_path, argv, message):
     base, a, b = make_trio(tmp_path)
@@ -211,4 +406,7 @@ def test_bad_flags_are_one_line(tmp_path, argv, message):
 def test_nuslerp_merges_exactly_two_models(tmp_path):
     base, a, b = make_trio(tmp_path)
     r = run_cli([str(a), str(b), str(base), "--method", "nuslerp", "-o", str(tmp_path / "o")])
+    assert r.returncode == 2 and "merges exactly 2 models, got 3" in r.stderr, r.stderr
+    r = run_cli([str(a), str(b), str(a), "--base", str(base), "--method", "nuslerp", "-o",
+                 str(tmp_path / "o")])  # fmt: skip
     assert r.returncode == 2 and "merges exactly 2 models, got 3" in r.stderr, r.stderr

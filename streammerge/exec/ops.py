@@ -220,8 +220,12 @@ def row_len(t: TensorPlan) -> int:
     """Elements per row of ``t``: numel / shape[0] (a 1-D tensor: rows of one element, a
     0-d tensor: one row of one); docs/SPEC.md "SLERP (v3)" "Rows". A method whose unit is
     a block (``Method.row_block``: model_stock) has chunks of whole blocks; one whose rows
-    are the last dimension (``Method.last_dim_rows``: arcee_fusion) rows of shape[-1]."""
+    are the last dimension (``Method.last_dim_rows``: arcee_fusion) rows of shape[-1];
+    ``Method.row_unit`` may choose per tensor (model_stock's ``filter_wise``)."""
     method = ROW_PASSES[t.ops[-1]][0] if t.ops and t.ops[-1] in ROW_PASSES else None
+    if method is not None and method.row_unit is not None and t.params is not None \
+            and (unit := method.row_unit(tuple(t.shape), t.params)) is not None:  # fmt: skip
+        return unit
     if method is not None and method.row_block is not None:
         return min(method.row_block, max(1, t.numel))
     if method is not None and method.vector_row and len(t.shape) == 1:

@@ -10,9 +10,8 @@ of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel argumen
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from streammerge.methods.params import Param, RecipeError
 
@@ -79,6 +78,10 @@ class RowPass:
         """A statistics pass (it adds into accumulators and writes nothing)."""
         return self.accumulators is not None
 
+
+#: ``Method.with_base()`` of each optional-base method, by name (made once).
+_WITH_BASE: dict = {}
+
 #: How M3 plugs into a method: its mixup ratios multiply the weights (``weights``), the
 #: mixup ratio m_1 is the interpolation factor ``t`` (two models), or the method has
 #: nothing for M3 to draw (``none``).
@@ -106,6 +109,10 @@ class Method:
             passes.
         row_block: elements per chunk unit of a row-wise method whose unit is a fixed
             block, not a row (model_stock: its statistics blocks), or None.
+        row_unit: ``row_unit(shape, params) -> elements | None``: the chunk unit of one
+            tensor from its resolved parameters (``TensorParams``), overriding
+            ``row_block`` / the rows when not None (model_stock's ``filter_wise``: rows of
+            the last dimension).
         last_dim_rows: a row-wise method whose rows are the last dimension (arcee_fusion:
             mergekit's softmax over ``dim=-1``; a 1-D tensor is one row), not ``shape[0]``.
         base_is_input: mergekit's ``base_model`` is one of the merged models (model 0, as
@@ -114,12 +121,14 @@ class Method:
             working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
             else the inputs' promoted dtype), resolved per tensor by the plan as for the
             task-vector methods (docs/SPEC.md "Working dtype (v3)").
-        base_optional: mergekit takes an optional ``base_model`` that streammerge supports
-            (multislerp: with one, the task vectors are merged and the base added back): a
-            merge given a base runs ``with_base()``, the row with ``uses_base`` true.
         base_unsupported: mergekit takes an optional ``base_model`` (nuslerp: the
             task vectors are interpolated) that streammerge does not support yet: a recipe
             or ``--base`` with one is refused instead of ignored.
+        base_optional: mergekit takes an optional ``base_model`` that streammerge supports
+            (nuslerp, multislerp: with one, the task vectors are merged and the base added
+            back): the method is declared without a base (``uses_base`` False), and a
+            recipe given a base runs ``with_base()`` (``Recipe.with_base``): the base read
+            as slot row ``BASE_ROW``, ``RowArgs.base_row`` >= 0.
         slices_only: a method only a mergekit ``slices:`` recipe names (``passthrough``:
             layers stacked, nothing merged): not a ``--method`` choice nor a ``models:``
             recipe's method, and its parameters are no flags (``registry.METHODS`` leaves
@@ -147,6 +156,7 @@ class Method:
     max_models: int | None = None
     row_passes: tuple[RowPass, ...] = ()
     row_block: int | None = None
+    row_unit: Callable | None = None
     last_dim_rows: bool = False
     base_is_input: bool = False
     slices_only: bool = False
@@ -170,10 +180,15 @@ class Method:
             raise ValueError(f"method {self.name}: row passes are statistics passes, then "
                              "one writing pass")  # fmt: skip
 
-    def with_base(self) -> Method:
-        """The row a merge given a base runs: ``uses_base`` true for a ``base_optional``
-        method (itself otherwise)."""
-        return _with_base(self) if self.base_optional and not self.uses_base else self
+    def with_base(self, given: bool = True) -> Method:
+        """The method as it runs when a base is ``given``: for an optional base
+        (``base_optional``) ``uses_base`` True, so the plan reads the base (and copies
+        tensors only it has), the same object every call; else the method itself."""
+        if not (given and self.base_optional):
+            return self
+        if self.name not in _WITH_BASE:
+            _WITH_BASE[self.name] = replace(self, uses_base=True)
+        return _WITH_BASE[self.name]
 
     @property
     def row_op(self) -> str | None:
@@ -250,12 +265,3 @@ class Method:
             return ("hist_high", "hist_low", "merge")
         return ("merge",)
 
-
-_WITH_BASE: dict[str, Method] = {}
-
-
-def _with_base(method: Method) -> Method:
-    """``method`` with ``uses_base`` true, made once per method name."""
-    if method.name not in _WITH_BASE:
-        _WITH_BASE[method.name] = dataclasses.replace(method, uses_base=True)
-    return _WITH_BASE[method.name]

@@ -6,7 +6,10 @@ One ``t`` per tensor: a statistics pass (``row_stats``: ``stock_dots``, float64 
 fixed block order) gives each task vector's squared norm and each pair's dot product,
 ``stock_t`` turns them into ``t`` on the host as mergekit's chain of working-dtype ops, and
 the elementwise pass computes ``t * mean + (1 - t) * base`` op by op in the working dtype.
-No weights: M3 has nothing to draw. mergekit's ``filter_wise: true`` is refused.
+No weights: M3 has nothing to draw. ``filter_wise``: one ``t`` per row of the last
+dimension (``Method.row_unit``: the chunks hold whole rows); the writing pass takes each
+row's sums from the chunk (``cpu_stock.stock_row_dots``), ``stock_t_rows`` their ``t`` on the
+host, ``cpu_stock.stock_rows_chunk`` the merged value.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import Param
 
 FILTER_WISE = Param("filter_wise", kind="bool", default=False, per_model=False, layered=False,
-                    only=False, help="model_stock: one t per row (mergekit's true is not "
-                    "supported: one t per tensor)")  # fmt: skip
+                    help="model_stock: one t per row of the last dimension (true) or per "
+                    "tensor (false)")  # fmt: skip
 
 
 def round_work(v, w_dtype: str) -> np.float32:
@@ -64,6 +67,42 @@ def stock_t(sums: np.ndarray, n_models: int, w_dtype: str) -> np.float32:
         return f(0.0) if abs(den) < floor else r(num / den)
 
 
+def round_work_rows(v: np.ndarray, w_dtype: str) -> np.ndarray:
+    """``round_work`` of each value of a float32 array (the same roundings)."""
+    v = np.asarray(v, np.float32)
+    if w_dtype == "F32":
+        return v
+    if w_dtype == "F16":
+        with np.errstate(over="ignore"):
+            return v.astype(np.float16).astype(np.float32)
+    u = v.view(np.uint32).astype(np.uint64)
+    u = (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16) & 0xFFFFFFFF
+    return np.where(np.isnan(v), v, u.astype(np.uint32).view(np.float32))
+
+
+def stock_t_rows(sums: np.ndarray, n_models: int, w_dtype: str) -> np.ndarray:
+    """``stock_t`` of each row of ``sums`` (float64 [R, K]) as float32 [R]: the same chain of
+    W ops, elementwise over the rows (``filter_wise``)."""
+    f, r = np.float32, (lambda v: round_work_rows(v, w_dtype))
+    sums = np.asarray(sums, np.float64).reshape(-1, n_models + n_models * (n_models - 1) // 2)
+    with np.errstate(all="ignore"):
+        norms = [r(np.sqrt(sums[:, j]).astype(f)) for j in range(n_models)]
+        floor = round_work(f(1e-6), w_dtype)
+        cos_sum, s = np.zeros(len(sums), f), n_models
+        pairs = [(j, k) for j in range(n_models) for k in range(j + 1, n_models)]
+        for j, k in pairs:
+            dot = r(sums[:, s].astype(f))
+            s += 1
+            npr = r(norms[j] * norms[k])
+            c = r(dot / np.where(npr < floor, floor, npr))
+            c = np.where(np.isnan(c), c, np.minimum(np.maximum(c, f(-1.0)), f(1.0)))
+            cos_sum = (cos_sum + c).astype(f)
+        cos = r(cos_sum / f(len(pairs)))
+        num = r(f(n_models) * cos)
+        den = r(f(1.0) + r(f(n_models - 1) * cos))
+        return np.where(np.abs(den) < floor, f(0.0), r(num / den)).astype(f)
+
+
 #: model_stock's statistics block (docs/SPEC.md "Model Stock"): its chunks are whole blocks.
 STOCK_BLOCK = 1024
 
@@ -80,10 +119,25 @@ def stock_t_of(a) -> np.float32:
     return stock_t(a.stats["stock_dots"][0], len(a.model_rows), work_dtype_of(a))
 
 
+def _filter_wise(a) -> bool:
+    return bool(dict(a.params).get("filter_wise", False))
+
+
+def row_unit(shape: tuple, params) -> int | None:
+    """``Method.row_unit``: with ``filter_wise`` the rows are the last dimension (a 1-D
+    tensor one row, a 0-d one row of one); else None (the blocks)."""
+    if not params.get("filter_wise", False):
+        return None
+    return int(shape[-1]) if shape and shape[-1] else 1
+
+
 def _dots_cpu(inputs, out, a) -> None:
-    """``stock_dots``: each block's sums, added into ``a.counts`` left to right."""
+    """``stock_dots``: each block's sums, added into ``a.counts`` left to right (nothing
+    with ``filter_wise``: the rows' sums come from the writing pass's chunk)."""
     from streammerge.kernels import cpu_stock
 
+    if _filter_wise(a):
+        return
     blocks = cpu_stock.stock_dots(inputs, list(a.dtypes), a.base_row, list(a.model_rows),
                                   a.count, a.compute_dtype)  # fmt: skip
     cpu_stock.add_blocks(a.counts[0], blocks)
@@ -92,6 +146,8 @@ def _dots_cpu(inputs, out, a) -> None:
 def _dots_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import cpu_stock, triton_stock
 
+    if _filter_wise(a):
+        return
     n = a.count
     base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
     models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
@@ -99,23 +155,47 @@ def _dots_triton(launch, inputs, out, a) -> None:
     cpu_stock.add_blocks(a.counts[0], sums.cpu().numpy())
 
 
+def _rows_t(a, sums) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's t and q = rW(1 - t) (float32 [rows]) from its sums."""
+    w = work_dtype_of(a)
+    t = stock_t_rows(sums, len(a.model_rows), w)
+    return t, round_work_rows((np.float32(1.0) - t).astype(np.float32), w)
+
+
 def _stock_cpu(inputs, out, a) -> None:
     """``model_stock``: ``t * mean + (1 - t) * base`` op by op in W."""
     from streammerge.kernels import cpu_stock
 
-    cpu_stock.stock_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
-                          stock_t_of(a), out, a.out_dtype, a.compute_dtype)  # fmt: skip
+    args = (inputs, list(a.dtypes), a.base_row, list(a.model_rows))
+    if _filter_wise(a):
+        sums = cpu_stock.stock_row_dots(*args, a.n_rows, a.row_len, a.compute_dtype)
+        t, q = _rows_t(a, sums)
+        cpu_stock.stock_rows_chunk(*args, a.count, a.row_len, t, q, out, a.out_dtype,
+                                   a.compute_dtype)  # fmt: skip
+        return
+    cpu_stock.stock_chunk(*args, a.count, stock_t_of(a), out, a.out_dtype,
+                          a.compute_dtype)  # fmt: skip
 
 
 def _stock_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_stock
 
-    n, t = a.count, stock_t_of(a)
-    q = round_work(np.float32(1.0) - t, work_dtype_of(a))
+    n = a.count
     base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
     models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-    triton_stock.stock_triton(base, models, n, t, q, launch.typed(out, a.out_dtype, n),
-                              a.compute_dtype)  # fmt: skip
+    o = launch.typed(out, a.out_dtype, n)
+    if _filter_wise(a):
+        sums = triton_stock.stock_row_dots_triton(base, models, a.n_rows, a.row_len,
+                                                  a.compute_dtype).cpu().numpy()  # fmt: skip
+        t, q = _rows_t(a, sums)
+        dev = base.device
+        torch = launch.torch
+        triton_stock.stock_rows_triton(base, models, n, a.row_len, torch.from_numpy(t).to(dev),
+                                       torch.from_numpy(q).to(dev), o, a.compute_dtype)
+        return
+    t = stock_t_of(a)
+    q = round_work(np.float32(1.0) - t, work_dtype_of(a))
+    triton_stock.stock_triton(base, models, n, t, q, o, a.compute_dtype)
 
 
 def _zero_sums(n_models: int) -> tuple:
@@ -138,4 +218,5 @@ METHOD = Method(
     row_passes=(RowPass("stock_dots", _dots_cpu, _dots_triton, accumulators=_zero_sums),
                 RowPass("model_stock", _stock_cpu, _stock_triton)),
     row_block=STOCK_BLOCK,
+    row_unit=row_unit,
 )

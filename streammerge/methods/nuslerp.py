@@ -6,7 +6,12 @@ weights sum to almost zero), norms clamped at 1e-7, a lerp only where ``|sin the
 1e-8``. ``nuslerp_flatten`` (default): one angle per tensor from the ``row_dots`` sums of
 its rows, added up exactly (``slerp.tensor_totals``); else one angle per vector of the last
 axis (a 1-D tensor is one vector), computed from the chunk itself (a chunk holds whole
-rows, so whole vectors). The rows are combined by ``cpu_rows.rows_combine`` /
+rows, so whole vectors). With ``nuslerp_row_wise`` (and not flattened) one angle per
+column: the statistics pass adds each chunk's rows into per-column sums in row order
+(``cpu_nuslerp.col_dots``). With a base (``Method.base_optional``: the recipe's row is
+``Method.with_base()``) the sums and the combination read the task vectors ``v_j - base``
+and the base is added back (``cpu_nuslerp`` / ``triton_nuslerp``). Without a base and
+without columns the rows are combined by ``cpu_rows.rows_combine`` /
 ``triton_rows.rows_combine_triton`` with one coefficient pair per vector. M3 multiplies
 the weights.
 """
@@ -30,9 +35,9 @@ FLATTEN = Param("nuslerp_flatten", kind="bool", default=True, per_model=False, l
                 help="nuslerp: one angle per tensor (true) or per vector of the last axis "
                 "(false)")  # fmt: skip
 ROW_WISE = Param("nuslerp_row_wise", kind="bool", default=False, per_model=False,
-                 layered=False, only=False,
-                 help="nuslerp: mergekit's vectors along the first axis (only false: one "
-                 "angle per column is not supported)")  # fmt: skip
+                 layered=False,
+                 help="nuslerp: without nuslerp_flatten, one angle per column (mergekit's "
+                 "vectors along the first axis) instead of per last-axis vector")  # fmt: skip
 
 
 def interpolation_t(w0: float, w1: float) -> float:
@@ -71,6 +76,11 @@ def _per_tensor(a) -> bool:
     return bool(dict(a.params).get("nuslerp_flatten", True)) or len(a.shape) < 2
 
 
+def _per_column(a) -> bool:
+    """One angle per column: ``nuslerp_row_wise`` on a tensor not taken as one vector."""
+    return not _per_tensor(a) and bool(dict(a.params).get("nuslerp_row_wise", False))
+
+
 def _t(a) -> float:
     w0, w1 = a.weights
     return interpolation_t(w0, w1)
@@ -78,69 +88,126 @@ def _t(a) -> float:
 
 def _vectors(a) -> tuple[int, int]:
     """(vectors, length) of the chunk: its rows, or the last axis's vectors."""
-    if _per_tensor(a):
+    if _per_tensor(a) or _per_column(a):
         return a.n_rows, a.row_len
     v = int(a.shape[-1])
     return (a.n_rows * a.row_len) // v if v else 0, v
 
 
-def _dots_cpu(inputs, out, a) -> None:
-    """``nuslerp_dots``: each row's S00, S11, S01 when the angle is the tensor's."""
-    from streammerge.kernels import cpu_rows
+def _plain(a) -> bool:
+    """No base and no columns: slerp's kernels (``cpu_rows``) alone."""
+    return a.base_row < 0 and not _per_column(a)
 
-    if _per_tensor(a):
-        (r0, r1) = a.model_rows
-        a.counts[0].append(cpu_rows.row_dots(inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1],
-                                             a.n_rows, a.row_len))  # fmt: skip
+
+def _base_cpu(inputs, a):
+    """(base row, its dtype) of the chunk, or (None, None) without a base."""
+    return (inputs[a.base_row], a.dtypes[a.base_row]) if a.base_row >= 0 else (None, None)
+
+
+def _base_triton(launch, inputs, a, n):
+    return launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n) if a.base_row >= 0 else None
+
+
+def _col_acc(a) -> np.ndarray:
+    """The tensor's per-column sums (float64 [row_len, 3]), made at the first chunk."""
+    cache = a.stats[NUSLERP_DOTS][1]
+    if "cols" not in cache:
+        cache["cols"] = np.zeros((a.row_len, 3), np.float64)
+    return cache["cols"]
+
+
+def _dots_cpu(inputs, out, a) -> None:
+    """``nuslerp_dots``: each row's S00, S11, S01 when the angle is the tensor's, each
+    column's sums when it is the column's."""
+    from streammerge.kernels import cpu_nuslerp, cpu_rows
+
+    (r0, r1) = a.model_rows
+    v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
+    b, db = _base_cpu(inputs, a)
+    if _per_column(a):
+        cpu_nuslerp.col_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len, _col_acc(a))
+    elif _per_tensor(a) and b is None:
+        a.counts[0].append(cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len))
+    elif _per_tensor(a):
+        a.counts[0].append(cpu_nuslerp.tv_row_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len))
 
 
 def _dots_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import triton_rows
+    from streammerge.kernels import triton_nuslerp, triton_rows
 
-    if _per_tensor(a):
-        n = a.n_rows * a.row_len
-        v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+    n = a.n_rows * a.row_len
+    v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
+    b = _base_triton(launch, inputs, a, n)
+    if _per_column(a):
+        acc = _col_acc(a)
+        dev = launch.torch.from_numpy(acc).to(v0.device)
+        triton_nuslerp.col_dots_triton(v0, v1, b, a.n_rows, a.row_len, dev)
+        acc[...] = dev.cpu().numpy()
+    elif _per_tensor(a) and b is None:
         a.counts[0].append(triton_rows.row_dots_triton(v0, v1, a.n_rows, a.row_len).cpu().numpy())
+    elif _per_tensor(a):
+        a.counts[0].append(triton_nuslerp.tv_row_dots_triton(v0, v1, b, a.n_rows,
+                                                             a.row_len).cpu().numpy())  # fmt: skip
 
 
 def _coefficients(a, vector_dots) -> tuple[np.ndarray, np.ndarray]:
-    """Per-vector coefficients (float32 [vectors]) of the chunk: the tensor's (cached) or
-    from ``vector_dots()`` (float64 [vectors, 3], the chunk's own vectors)."""
+    """Per-vector coefficients (float32 [vectors]) of the chunk: the tensor's (cached), the
+    columns' (cached), or from ``vector_dots()`` (float64 [vectors, 3], the chunk's own
+    vectors)."""
     k, _ = _vectors(a)
+    sums, cache = a.stats[NUSLERP_DOTS]
+    key = ("ab", _t(a))  # a sweep's outputs share the sums, each with its own weights
+    if _per_column(a):
+        if key not in cache:
+            cache[key] = coefficients(_col_acc(a), _t(a))
+        return cache[key]
     if not _per_tensor(a):
         return coefficients(vector_dots(), _t(a))
-    sums, cache = a.stats[NUSLERP_DOTS]
-    if "ab" not in cache:
-        cache["ab"] = coefficients(np.asarray([tensor_totals(sums)], np.float64), _t(a))
-    ca, cb = cache["ab"]
+    if key not in cache:
+        cache[key] = coefficients(np.asarray([tensor_totals(sums)], np.float64), _t(a))
+    ca, cb = cache[key]
     return np.full(k, ca[0], np.float32), np.full(k, cb[0], np.float32)
 
 
 def _nuslerp_cpu(inputs, out, a) -> None:
-    from streammerge.kernels import cpu_rows
+    from streammerge.kernels import cpu_nuslerp, cpu_rows
 
     (r0, r1) = a.model_rows
     k, n = _vectors(a)
     v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
-    ca, cb = _coefficients(a, lambda: cpu_rows.row_dots(v0, d0, v1, d1, k, n))
-    cpu_rows.rows_combine(v0, d0, v1, d1, k, n, ca, cb, out, a.out_dtype)
+    if _plain(a):
+        ca, cb = _coefficients(a, lambda: cpu_rows.row_dots(v0, d0, v1, d1, k, n))
+        cpu_rows.rows_combine(v0, d0, v1, d1, k, n, ca, cb, out, a.out_dtype)
+        return
+    b, db = _base_cpu(inputs, a)
+    ca, cb = _coefficients(a, lambda: cpu_nuslerp.tv_row_dots(v0, d0, v1, d1, b, db, k, n))
+    cpu_nuslerp.combine(v0, d0, v1, d1, b, db, k * n, n, _per_column(a), ca, cb, out,
+                        a.out_dtype)  # fmt: skip
 
 
 def _nuslerp_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import triton_rows
+    from streammerge.kernels import triton_nuslerp, triton_rows
 
     torch = launch.torch
     k, n = _vectors(a)
     v0, v1 = (launch.typed(inputs[r], a.dtypes[r], k * n) for r in a.model_rows)
-    ca, cb = _coefficients(a, lambda: triton_rows.row_dots_triton(v0, v1, k, n).cpu().numpy())
     dev = v0.device
-    triton_rows.rows_combine_triton(v0, v1, k, n, torch.from_numpy(ca).to(dev),
-                                    torch.from_numpy(cb).to(dev),
-                                    launch.typed(out, a.out_dtype, k * n))  # fmt: skip
+    o = launch.typed(out, a.out_dtype, k * n)
+    if _plain(a):
+        ca, cb = _coefficients(a, lambda: triton_rows.row_dots_triton(v0, v1, k, n).cpu().numpy())
+        triton_rows.rows_combine_triton(v0, v1, k, n, torch.from_numpy(ca).to(dev),
+                                        torch.from_numpy(cb).to(dev), o)  # fmt: skip
+        return
+    b = _base_triton(launch, inputs, a, k * n)
+    ca, cb = _coefficients(
+        a, lambda: triton_nuslerp.tv_row_dots_triton(v0, v1, b, k, n).cpu().numpy())
+    triton_nuslerp.combine_triton(v0, v1, b, k * n, n, _per_column(a),
+                                  torch.from_numpy(ca).to(dev), torch.from_numpy(cb).to(dev), o)
 
 
-#: nuslerp's statistics pass: slerp's row sums (a list of float64 [rows, 3]) and a cache;
-#: nothing when the angles are per vector.
+#: nuslerp's statistics pass: slerp's row sums (a list of float64 [rows, 3]) and a cache
+#: (the coefficients; with columns, the per-column sums ``cols``); nothing when the angles
+#: are per last-axis vector.
 NUSLERP_DOTS = "nuslerp_dots"
 DOTS_PASS = RowPass(NUSLERP_DOTS, _dots_cpu, _dots_triton, accumulators=lambda n_models: ([], {}))
 
@@ -158,6 +225,6 @@ METHOD = Method(
     m3="weights",
     min_models=2,
     max_models=2,
-    base_unsupported=True,
+    base_optional=True,
     row_passes=(DOTS_PASS, RowPass("nuslerp", _nuslerp_cpu, _nuslerp_triton)),
 )

@@ -100,7 +100,7 @@ def methods_section() -> str:
         params = "<br>".join(_param_cell(p, m) for p in m.params)
         m3 = {"weights": "the weights", "t": "`t`"}.get(m.m3, "nothing")
         base = "yes" if m.uses_base else ("model 0" if m.base_is_input else
-                                           "optional" if m.base_optional else "no")
+                                          ("optional" if m.base_optional else "no"))
         lines.append(f"| `{m.name}` | {base} | {m3} | {params} | {_cell(m.source)} |")
     return "\n".join(lines) + "\n"
 

@@ -198,7 +198,7 @@ class Recipe:
             (docs/SPEC.md "Working dtype (v3)").
         source: where the recipe came from (``cli``, ``api`` or the YAML path), for the card.
         lines: recipe key -> line of the YAML file it came from (for messages).
-        with_base: a base given to a ``base_optional`` method (``Method.with_base()``).
+        with_base: a base given to a method whose base is optional (``Method.base_optional``).
     """
 
     method: str
@@ -218,8 +218,8 @@ class Recipe:
 
     @property
     def row(self) -> Method:
-        """The method's row of the table (``Method.with_base()`` when ``with_base``)."""
-        return get_method(self.method).with_base() if self.with_base else get_method(self.method)
+        """The method's row of the table (``Method.with_base`` when a base is given)."""
+        return get_method(self.method).with_base(self.with_base)
 
     def lookup(self, j: int | None, key: str, name: str, t: float) -> tuple[object, str]:
         """``first_value`` of ``key`` for ``name`` at ``t`` (SPEC "Per-tensor parameters"): model

@@ -148,8 +148,9 @@ class SlicesReader:
             doc.fail(f"{dup.key}.model", f"{dup.label} is already a source of {key}",
                      "merge distinct models in one slice")  # fmt: skip
         if row.base_optional and (self._base is not None or e.get("base_model") is not None):
-            doc.fail("base_model", f"method {row.name} with a base_model in slices is not "
-                     "supported yet", "remove base_model: (or use models:)")  # fmt: skip
+            doc.fail("base_model" if e.get("base_model") is None else f"{key}.base_model",
+                     f"method {row.name} with a base_model in a slices: recipe is not "
+                     "supported yet", "remove base_model:, or use a models: recipe")  # fmt: skip
         if not (row.uses_base or row.base_is_input):
             return None
         base = self._base

@@ -1,0 +1,196 @@
+"""NuSLERP CPU kernels (numba): task vectors against a base, per-column sums and the
+combination with per-row or per-column coefficients.
+
+Contract: docs/SPEC.md "NuSLERP", tested bit for bit against ``tests/spec_reference.py``
+and against the Triton kernels of ``kernels/triton_nuslerp.py``. nuslerp without a base
+and without ``nuslerp_row_wise`` uses ``cpu_rows`` (slerp's kernels) alone.
+
+A chunk holds ``n_rows`` whole rows of ``row_len`` elements, each input a raw little-endian
+byte row of the slot (bf16 as bits), as in ``cpu_merge``. With a base, the inputs are the
+task vectors ``x = float32(float32(v0) - b)``, ``y = float32(float32(v1) - b)``.
+
+- ``tv_row_dots``: ``cpu_rows.row_dots`` of the task vectors (same blocks and tree).
+- ``col_dots``: adds each column's x*x, y*y, x*y (float64, exact products) into a
+  float64 [row_len, 3] accumulator row by row in row order (threads split the columns).
+- ``combine``: ``float32(ca[k] * x) + float32(cb[k] * y)`` (plus ``b`` with a base, one more
+  float32 addition), k the element's row or column, no FMA, stored rounded.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from .common import FLOAT_CODES, FLOAT_ITEMSIZE
+from .cpu_merge import _decode_block, _encode_block
+from .cpu_rows import DOT_BLOCK, _checked, _tree
+
+#: Columns per parallel task of ``col_dots``; elements per task of ``combine``.
+COL_BLOCK = 256
+COMBINE_BLOCK = 1024
+
+
+@numba.njit(inline="always")
+def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b):
+    """x[:m], y[:m]: the two inputs from element ``first`` (task vectors with a base; b[:m]
+    then holds the base)."""
+    _decode_block(row0, code0, first, m, x)
+    _decode_block(row1, code1, first, m, y)
+    if has_base:
+        _decode_block(rowb, codeb, first, m, b)
+        for i in range(m):
+            x[i] = x[i] - b[i]
+            y[i] = y[i] - b[i]
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, stats):
+    for r in numba.prange(n_rows):
+        x = np.empty(DOT_BLOCK, np.float32)
+        y = np.empty(DOT_BLOCK, np.float32)
+        b = np.empty(DOT_BLOCK, np.float32)
+        p00 = np.empty(DOT_BLOCK, np.float64)
+        p11 = np.empty(DOT_BLOCK, np.float64)
+        p01 = np.empty(DOT_BLOCK, np.float64)
+        s00 = 0.0
+        s11 = 0.0
+        s01 = 0.0
+        for lo in range(0, row_len, DOT_BLOCK):
+            m = min(DOT_BLOCK, row_len - lo)
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + lo, m, x, y, b)
+            for i in range(m):
+                u = np.float64(x[i])
+                v = np.float64(y[i])
+                p00[i] = u * u
+                p11[i] = v * v
+                p01[i] = u * v
+            for i in range(m, DOT_BLOCK):
+                p00[i] = 0.0
+                p11[i] = 0.0
+                p01[i] = 0.0
+            s00 = s00 + _tree(p00)
+            s11 = s11 + _tree(p11)
+            s01 = s01 + _tree(p01)
+        stats[r, 0] = s00
+        stats[r, 1] = s11
+        stats[r, 2] = s01
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, acc):
+    for k in numba.prange((row_len + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = k * COL_BLOCK
+        m = min(COL_BLOCK, row_len - c0)
+        x = np.empty(COL_BLOCK, np.float32)
+        y = np.empty(COL_BLOCK, np.float32)
+        b = np.empty(COL_BLOCK, np.float32)
+        for r in range(n_rows):  # row order: each column's sums left to right
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + c0, m, x, y, b)
+            for i in range(m):
+                u = np.float64(x[i])
+                v = np.float64(y[i])
+                acc[c0 + i, 0] = acc[c0 + i, 0] + u * u
+                acc[c0 + i, 1] = acc[c0 + i, 1] + v * v
+                acc[c0 + i, 2] = acc[c0 + i, 2] + u * v
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col, ca, cb,
+                    out, out_code):  # fmt: skip
+    for k in numba.prange((n + COMBINE_BLOCK - 1) // COMBINE_BLOCK):
+        first = k * COMBINE_BLOCK
+        m = min(COMBINE_BLOCK, n - first)
+        x = np.empty(COMBINE_BLOCK, np.float32)
+        y = np.empty(COMBINE_BLOCK, np.float32)
+        b = np.empty(COMBINE_BLOCK, np.float32)
+        _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b)
+        for i in range(m):
+            e = first + i
+            j = e % row_len if per_col else e // row_len
+            o = np.float32(ca[j] * x[i]) + np.float32(cb[j] * y[i])
+            if has_base:
+                o = o + b[i]
+            x[i] = o
+        _encode_block(x, out_code, first, m, out)
+
+
+def _rows(v0, dtype0, v1, dtype1, base, dtype_b, n):
+    """Codes of the inputs (the base: a 1-byte stand-in when None) and the has-base flag."""
+    c0 = _checked(v0, dtype0, n, "v0")
+    c1 = _checked(v1, dtype1, n, "v1")
+    if base is None:
+        return c0, c1, np.zeros(1, np.uint8), c0, False
+    return c0, c1, base, _checked(base, dtype_b, n, "base"), True
+
+
+def tv_row_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
+                dtype_b: str | None, n_rows: int, row_len: int) -> np.ndarray:  # fmt: skip
+    """Per-row S00, S11, S01 (float64 [n_rows, 3]) of the task vectors (``base`` None: the
+    inputs themselves), in ``cpu_rows.row_dots``'s order (SPEC "NuSLERP").
+
+    Raises:
+        ValueError: a bad row, dtype, or negative count.
+    """
+    if n_rows < 0 or row_len < 0:
+        raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
+    stats = np.zeros((n_rows, 3), np.float64)
+    _tv_row_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, stats)
+    return stats
+
+
+def col_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
+             dtype_b: str | None, n_rows: int, row_len: int, acc: np.ndarray) -> None:  # fmt: skip
+    """Adds the chunk's rows into ``acc`` (float64 [row_len, 3]: each column's T00, T11,
+    T01 so far), row by row in order (SPEC "NuSLERP").
+
+    Raises:
+        ValueError: a bad row, dtype, count or accumulator.
+    """
+    if n_rows < 0 or row_len < 0:
+        raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (row_len, 3) \
+            or not acc.flags.c_contiguous:  # fmt: skip
+        raise ValueError(f"acc must be a contiguous float64 array [{row_len}, 3]")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
+    if n_rows and row_len:
+        _col_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, acc)
+
+
+def combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
+            dtype_b: str | None, n: int, row_len: int, per_col: bool, ca: np.ndarray,
+            cb: np.ndarray, out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
+    """``out = float32(ca[k] * x) + float32(cb[k] * y)`` (``+ b`` with a base) for the ``n``
+    elements (whole rows of ``row_len``), k the element's column (``per_col``) or row;
+    stored rounded to ``out_dtype`` (SPEC "NuSLERP").
+
+    Args:
+        ca, cb: float32 arrays, one coefficient per row / column.
+
+    Raises:
+        ValueError: a bad row, dtype or coefficient array.
+    """
+    if row_len <= 0 or n % row_len:
+        raise ValueError(f"n = {n} is not whole rows of {row_len}")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n)
+    co = _checked(out, out_dtype, n, "out")
+    k = row_len if per_col else n // row_len
+    for c, what in ((ca, "ca"), (cb, "cb")):
+        if not isinstance(c, np.ndarray) or c.dtype != np.float32 or c.shape != (k,):
+            raise ValueError(f"{what} must be a float32 array of {k} coefficients")
+    if n:
+        _combine_kernel(v0, c0, v1, c1, rb, cbase, has, n, row_len, bool(per_col),
+                        np.ascontiguousarray(ca), np.ascontiguousarray(cb), out, co)  # fmt: skip
+
+
+def warmup() -> None:
+    """Compile (or load from numba's cache) the kernels for each dtype, with and without a
+    base."""
+    for dt in FLOAT_CODES:
+        r = np.zeros(4 * FLOAT_ITEMSIZE[dt], np.uint8)
+        for base in (None, r):
+            tv_row_dots(r, dt, r, dt, base, dt, 2, 2)
+            col_dots(r, dt, r, dt, base, dt, 2, 2, np.zeros((2, 3), np.float64))
+            for per_col in (False, True):
+                combine(r, dt, r, dt, base, dt, 4, 2, per_col, np.zeros(2, np.float32),
+                        np.zeros(2, np.float32), r.copy(), dt)  # fmt: skip
