@@ -1205,3 +1205,81 @@ def spec_karcher(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5)
         for kj, xj in zip(k, x):
             acc = (acc + (np.float32(kj) * xj).astype(np.float32)).astype(np.float32)
     return from_float32(acc, out_dtype)
+
+
+def _spec_block_sum(p: np.ndarray) -> float:
+    """SPEC "Karcher mean (mergekit's chain)": blocks of 1024 left to right, each a tree."""
+    total = 0.0
+    for lo in range(0, p.size, 1024):
+        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+    return total
+
+
+def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5,
+                       work=None, rounds_out=None) -> np.ndarray:  # fmt: skip
+    """mergekit's karcher chain in the working dtype W (SPEC "Karcher mean (mergekit's
+    chain)"), stored as ``out_dtype``; ``rounds_out``: a list that gets the rounds run."""
+    f = np.float32
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+
+    def r(v):
+        return spec_round_work(np.asarray(v, f), W)
+
+    def red(v, w):  # a reduction: the float64 tree sum of v*v or v*w
+        s = _spec_block_sum(v.astype(np.float64) ** 2 if w is None else
+                            v.astype(np.float64) * w.astype(np.float64))  # fmt: skip
+        return s
+
+    def norm(v):
+        return f(np.sqrt(red(v, None)))
+
+    x = [r(to_float32(m, d).reshape(-1)) for m, d in zip(models, dtypes)]
+    n = len(x)
+    weights = [1.0] * n if weights is None else weights
+    total = 0.0
+    for w in weights:
+        total = total + float(w)
+    alphas = [float(w) / total for w in weights]
+    with np.errstate(all="ignore"):
+        norms, units = [], []
+        for xj in x:
+            nj = norm(xj)
+            norms.append(0.0 if float(nj) == 0.0 else float(nj))
+            units.append(np.zeros_like(xj) if float(nj) == 0.0 else r(xj / nj))
+        valid = [j for j in range(n) if norms[j] > tol]
+        if not valid:
+            return from_float32(np.zeros_like(x[0]), out_dtype)
+        asum = 0.0
+        for j in valid:
+            asum = asum + alphas[j]
+        na = {j: f(alphas[j] / asum) for j in valid}
+        u = np.zeros_like(x[0])
+        for j in valid:
+            u = r(u + r(na[j] * units[j]))
+        m = norm(u)
+        u = units[valid[0]].copy() if float(m) < tol else r(u / m)
+        done = 0
+        for _ in range(max_iter):
+            T = np.zeros_like(u)
+            for j in valid:
+                d = r(np.array([f(red(u, units[j]))], f))
+                d = np.clip(d, f(-1.0), f(1.0)) if not np.isnan(d[0]) else d
+                th = r(np.arccos(d))
+                if float(th[0]) < tol:
+                    continue
+                c = r(na[j] * r(th / r(np.sin(th))))[0]
+                T = r(T + r(c * r(units[j] - r(d[0] * u))))
+            nt = norm(T)
+            if float(nt) < tol:
+                break
+            done += 1
+            u = r(r(r(np.cos(nt)) * u) + r(r(np.sin(nt)) * r(T / nt)))
+            un = norm(u)
+            if float(un) > tol:
+                u = r(u / un)
+        if rounds_out is not None:
+            rounds_out.append(done)
+        s = 0.0
+        for a, nj in zip(alphas, norms):
+            s = s + a * nj
+        return from_float32(r(f(s) * u), out_dtype)
