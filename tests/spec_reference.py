@@ -1247,11 +1247,11 @@ def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol
             norms.append(0.0 if float(nj) == 0.0 else float(nj))
             units.append(np.zeros_like(xj) if float(nj) == 0.0 else r(xj / nj))
         valid = [j for j in range(n) if norms[j] > tol]
-        if not valid:
-            return from_float32(np.zeros_like(x[0]), out_dtype)
         asum = 0.0
         for j in valid:
             asum = asum + alphas[j]
+        if not valid or asum == 0.0:
+            return from_float32(np.zeros_like(x[0]), out_dtype)
         na = {j: f(alphas[j] / asum) for j in valid}
         u = np.zeros_like(x[0])
         for j in valid:
