@@ -274,3 +274,32 @@ def test_plan_says_how_many_reads(tmp_path):
     assert "33 reads of each tensor larger than a chunk" in r.stdout, r.stdout
     assert "karcher_norms, then karcher_mean, then karcher_dots1" in r.stdout, r.stdout
     assert "then karcher_step10, then karcher (33 reads)" in r.stdout, r.stdout
+
+
+def test_triton_kernel_equals_numba():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import triton_karcher
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def triton_backend(slot, dtypes, m, pr, stage, o, do):
+        ts = [torch.from_numpy(slot[r, : m * ITEM[d]].copy()).view(tdt[d])
+              for r, d in enumerate(dtypes)]  # fmt: skip
+        if stage != 5:
+            return triton_karcher.karcher_pass_triton(ts, m, pr, stage).numpy()
+        t = torch.zeros(m, dtype=tdt[do])
+        triton_karcher.karcher_pass_triton(ts, m, pr, 5, t)
+        o[...] = t.view(torch.uint8).numpy()
+        return None
+
+    for n, dtypes, do, it, work in [(1100, ["BF16"] * 3, "BF16", 3, None),
+                                    (37, ["F16", "BF16"], "F32", 2, "F32"),
+                                    (1030, ["F32"] * 2, "BF16", 2, "BF16")]:  # fmt: skip
+        rows = _rows(n, dtypes, 4, special=n == 37)
+        w = [1.0 + j for j in range(len(rows))]
+        want = _merge(rows, dtypes, n, do, w, it, work=work)
+        got = _merge(rows, dtypes, n, do, w, it, work=work, backend=triton_backend)
+        assert _same(got, want, do), (n, dtypes)
+        assert got == want or n == 37
