@@ -29,10 +29,11 @@ import numpy as np
 from .common import FLOAT_CODES
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
-from .cpu_rows import _checked, _tree
-from .cpu_stock import STOCK_BLOCK, add_blocks
+from .cpu_rows import _checked
+from .cpu_stock import STOCK_BLOCK
 
-__all__ = ["STOCK_BLOCK", "add_blocks", "karcher_pass", "warmup"]
+__all__ = ["STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "norm_of", "warmup",
+           "zero_accumulators"]
 
 
 @numba.njit(inline="always")
@@ -59,7 +60,7 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32, fb, v0, m0,
-                  dot, coef, skip, cs, sn, nt, un, unapply, s32, sums, out, out_code):
+                  dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):
     n_models = model_rows.shape[0]
     for b in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
         first = b * STOCK_BLOCK
@@ -68,16 +69,14 @@ def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32
         units = np.zeros((n_models, STOCK_BLOCK), np.float32)
         u = np.zeros(STOCK_BLOCK, np.float32)
         T = np.zeros(STOCK_BLOCK, np.float32)
-        p = np.zeros(STOCK_BLOCK, np.float64)
         for j in range(n_models):
             _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
             for i in range(m):
                 x[j, i] = round_work(x[j, i], w)
         if stage == 0:
             for j in range(n_models):
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(x[j, i]) * np.float64(x[j, i]) if i < m else 0.0
-                sums[b, j] = _tree(p)
+                for i in range(m):
+                    vals[j, first + i] = x[j, i] * x[j, i]
             continue
         for j in range(n_models):
             if n32[j] != np.float32(0.0):
@@ -88,9 +87,8 @@ def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32
                 for i in range(m):
                     u[i] = round_work(u[i] + round_work(na32[j] * units[j, i], w), w)
         if stage == 1:
-            for i in range(STOCK_BLOCK):
-                p[i] = np.float64(u[i]) * np.float64(u[i]) if i < m else 0.0
-            sums[b, 0] = _tree(p)
+            for i in range(m):
+                vals[0, first + i] = u[i] * u[i]
             continue
         for i in range(m):
             u[i] = units[v0, i] if fb != 0 else round_work(u[i] / m0, w)
@@ -102,21 +100,18 @@ def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32
                     u[i] = round_work(u[i] / un[ri], w)
         if stage == 2:
             for j in range(n_models):
-                if valid[j] != 0:
-                    for i in range(STOCK_BLOCK):
-                        p[i] = np.float64(u[i]) * np.float64(units[j, i]) if i < m else 0.0
-                    sums[b, j] = _tree(p)
+                for i in range(m):
+                    vals[j, first + i] = u[i] * units[j, i]
             continue
         if stage == 3 or stage == 4:
             _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
             if stage == 4:
                 _step(u, T, m, full, cs, sn, nt, w)
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(u[i]) * np.float64(u[i]) if i < m else 0.0
+                for i in range(m):
+                    vals[0, first + i] = u[i] * u[i]
             else:
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(T[i]) * np.float64(T[i]) if i < m else 0.0
-            sums[b, 0] = _tree(p)
+                for i in range(m):
+                    vals[0, first + i] = T[i] * T[i]
             continue
         for i in range(m):
             u[i] = round_work(s32 * u[i], w)
@@ -146,15 +141,14 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
 
     Args:
         prog: the tensor's scalars so far (``streammerge.methods.karcher.Program``).
-        stage: 0 .. 4 a statistics pass (returns float64 [blocks, N] of per-block sums),
-            5 the writing pass (into the raw byte row ``out``; returns None).
+        stage: 0 .. 4 a statistics pass (returns the float32 products [N, n] its reduction
+            adds: ``accumulate``), 5 the writing pass (into the raw byte row ``out``).
 
     Raises:
         ValueError: bad rows, dtypes or output.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
-    nm = len(model_rows)
-    sums = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, nm), np.float64)
+    vals = np.zeros((len(model_rows), n), np.float32)
     if stage == 5:
         co = _checked(out, out_dtype, n, "out")
     else:
@@ -163,8 +157,59 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
         _chain_kernel(inputs, codes, mr, n, FLOAT_CODES[prog.work], stage, prog.full, prog.n32,
                       prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot, prog.coef,
                       prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply, prog.s32,
-                      sums, out, co)  # fmt: skip
-    return None if stage == 5 else sums
+                      vals, out, co)  # fmt: skip
+    return None if stage == 5 else vals
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
+def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
+    m = vals.shape[1]
+    k = m - m % 8
+    for j in range(q):
+        if dot:
+            s = dsum[j]
+            for i in range(m):
+                s = s + np.float64(vals[j, i])
+            dsum[j] = s
+        else:
+            for i in range(0, k, 8):
+                for ln in range(8):
+                    lanes[j, ln] = lanes[j, ln] + vals[j, i + ln]
+            for i in range(k, m):
+                tail[j, i - k] = vals[j, i]
+    if k < m:
+        ntail[0] = m - k
+
+
+def accumulate(acc: tuple, vals: np.ndarray, stage: int) -> None:
+    """Add a chunk's products (``karcher_pass``) into the pass's accumulators in element
+    order (SPEC "Karcher mean": the reductions): the dots (stage 2) as float64 sums; the
+    norms as torch's float32 2-norm: 8 float32 lanes (element i into lane i mod 8) and the
+    tensor's last n mod 8 products (only the last chunk is not whole blocks)."""
+    lanes, tail, ntail, dsum = acc
+    q = vals.shape[0] if stage in (0, 2) else 1
+    _accumulate(np.ascontiguousarray(vals, np.float32), q, stage == 2, lanes, tail, ntail, dsum)
+
+
+def zero_accumulators(n_models: int) -> tuple:
+    """(lanes float32 [N, 8], tail float32 [N, 8], tail length int64 [1], float64 [N])."""
+    return (np.zeros((n_models, 8), np.float32), np.zeros((n_models, 8), np.float32),
+            np.zeros(1, np.int64), np.zeros(n_models, np.float64))  # fmt: skip
+
+
+def norm_of(acc: tuple, j: int) -> np.float32:
+    """torch's float32 2-norm from the lanes: lane 0 plus lanes 1..7, then the tail, each
+    add in float32, then the float32 square root."""
+    lanes, tail, ntail, _ = acc
+    b = lanes[j, 0]
+    for e in (*lanes[j, 1:], *tail[j, : int(ntail[0])]):
+        b = np.float32(b + e)
+    return np.float32(np.sqrt(b))
+
+
+def dot_of(acc: tuple, j: int) -> np.float32:
+    """The float64 sum of the products, rounded to float32."""
+    return np.float32(acc[3][j])
 
 
 def warmup() -> None:

@@ -5,8 +5,8 @@
 mergekit's elementwise chain from the inputs up to the pass's stage (a constexpr) with the
 tensor's scalars so far, every op rounded to the working dtype (``round_work``), divisions
 by ``div_rn`` (a GPU's default float32 division is approximate), no FMA; the statistics
-stages write per-block sums (pairwise trees of exact float64 products,
-``triton_rows._tree``), the host adds the blocks left to right; stage 5 stores
+stages write the float32 products each reduction adds (the host adds them in element
+order: ``cpu_karcher.accumulate``); stage 5 stores
 ``rW(s * u)`` as the output dtype.
 """
 
@@ -21,7 +21,6 @@ from .common import FLOAT_CODES
 from .cpu_stock import STOCK_BLOCK
 from .triton_merge import _load_f32, _store_rounded
 from .triton_nearswap import round_work
-from .triton_rows import _tree
 
 
 @triton.jit
@@ -60,12 +59,10 @@ def _chain_kernel(model_ptrs, n32_ptr, valid_ptr, na_ptr, dot_ptr, coef_ptr, ski
     pid = tl.program_id(0).to(tl.int64)
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     inside = idx < n
-    one = tl.arange(0, 1)
     if STAGE == 0:
         for j in tl.static_range(N):
             x = round_work(tl.where(inside, _load_f32(model_ptrs[j], idx, inside), 0.0), W)
-            x64 = x.to(tl.float64)
-            tl.store(sums_ptr + pid * N + j + one, _tree(tl.where(inside, x64 * x64, 0.0)))
+            tl.store(sums_ptr + j * n + idx, x * x, mask=inside)
     else:
         u = tl.zeros([BLOCK], tl.float32)
         for j in tl.static_range(N):
@@ -73,8 +70,7 @@ def _chain_kernel(model_ptrs, n32_ptr, valid_ptr, na_ptr, dot_ptr, coef_ptr, ski
             nj = tl.load(na_ptr + j)
             u = tl.where(tl.load(valid_ptr + j) != 0, round_work(u + round_work(nj * uj, W), W), u)
         if STAGE == 1:
-            u64 = u.to(tl.float64)
-            tl.store(sums_ptr + pid * N + one, _tree(tl.where(inside, u64 * u64, 0.0)))
+            tl.store(sums_ptr + idx, u * u, mask=inside)
         else:
             first = tl.zeros([BLOCK], tl.float32)
             for j in tl.static_range(N):
@@ -89,19 +85,16 @@ def _chain_kernel(model_ptrs, n32_ptr, valid_ptr, na_ptr, dot_ptr, coef_ptr, ski
             if STAGE == 2:
                 for j in tl.static_range(N):
                     uj = _unit(model_ptrs[j], idx, inside, n32_ptr, j, W)
-                    p = tl.where(inside & (tl.load(valid_ptr + j) != 0),
-                                 u.to(tl.float64) * uj.to(tl.float64), 0.0)  # fmt: skip
-                    tl.store(sums_ptr + pid * N + j + one, _tree(p))
+                    tl.store(sums_ptr + j * n + idx, u * uj, mask=inside)
             elif STAGE == 3:
                 T = _tangent(model_ptrs, idx, inside, n32_ptr, valid_ptr, u, full, dot_ptr,
                              coef_ptr, skip_ptr, W, N)  # fmt: skip
-                t64 = T.to(tl.float64)
-                tl.store(sums_ptr + pid * N + one, _tree(tl.where(inside, t64 * t64, 0.0)))
+                tl.store(sums_ptr + idx, T * T, mask=inside)
             elif STAGE == 4:
                 T = _tangent(model_ptrs, idx, inside, n32_ptr, valid_ptr, u, full, dot_ptr,
                              coef_ptr, skip_ptr, W, N)  # fmt: skip
-                v64 = _step(u, T, full, cs_ptr, sn_ptr, nt_ptr, W).to(tl.float64)
-                tl.store(sums_ptr + pid * N + one, _tree(tl.where(inside, v64 * v64, 0.0)))
+                v = _step(u, T, full, cs_ptr, sn_ptr, nt_ptr, W)
+                tl.store(sums_ptr + idx, v * v, mask=inside)
             else:
                 _store_rounded(out_ptr, idx, round_work(s32 * u, W), inside)
 
@@ -110,12 +103,12 @@ def karcher_pass_triton(models: list[torch.Tensor], n: int, prog, stage: int,
                         out: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
     """One pass of the chain over the first ``n`` elements of each model (SPEC "Karcher
     mean"; ``prog``: ``streammerge.methods.karcher.Program``): stages 0 .. 4 return the
-    per-block sums (float64 [blocks, N], the host adds them left to right), stage 5 writes
-    ``out``."""
+    float32 products [N, n] (``cpu_karcher.accumulate`` adds them in element order on the
+    host), stage 5 writes ``out``."""
     nm = len(models)
     dev = models[0].device
     blocks = triton.cdiv(n, STOCK_BLOCK) if n > 0 else 0
-    sums = torch.zeros((blocks, nm), dtype=torch.float64, device=dev)
+    sums = torch.zeros((nm, n), dtype=torch.float32, device=dev)
     if not blocks:
         return None if stage == 5 else sums
 

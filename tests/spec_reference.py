@@ -1207,14 +1207,6 @@ def spec_karcher(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5)
     return from_float32(acc, out_dtype)
 
 
-def _spec_block_sum(p: np.ndarray) -> float:
-    """SPEC "Karcher mean (mergekit's chain)": blocks of 1024 left to right, each a tree."""
-    total = 0.0
-    for lo in range(0, p.size, 1024):
-        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
-    return total
-
-
 def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5,
                        work=None, rounds_out=None) -> np.ndarray:  # fmt: skip
     """mergekit's karcher chain in the working dtype W (SPEC "Karcher mean (mergekit's
@@ -1225,13 +1217,18 @@ def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol
     def r(v):
         return spec_round_work(np.asarray(v, f), W)
 
-    def red(v, w):  # a reduction: the float64 tree sum of v*v or v*w
-        s = _spec_block_sum(v.astype(np.float64) ** 2 if w is None else
-                            v.astype(np.float64) * w.astype(np.float64))  # fmt: skip
-        return s
+    def red(v, w):  # a dot: the float64 sum of the float32 products, in element order
+        p = (v * w).astype(f).astype(np.float64)
+        return float(np.cumsum(p)[-1]) if p.size else 0.0
 
-    def norm(v):
-        return f(np.sqrt(red(v, None)))
+    def norm(v):  # torch's float32 2-norm: 8 lanes, each a float32 sum in order, then the tail
+        k = v.size - v.size % 8
+        p = (v * v).astype(f)
+        acc = np.add.reduce(p[:k].reshape(-1, 8), axis=0, dtype=f) if k else np.zeros(8, f)
+        b = acc[0]
+        for e in (*acc[1:], *p[k:]):
+            b = f(b + e)
+        return f(np.sqrt(b))
 
     x = [r(to_float32(m, d).reshape(-1)) for m, d in zip(models, dtypes)]
     n = len(x)

@@ -66,7 +66,7 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
     out = np.zeros(n * ITEM[do], np.uint8)
     sums = {}
     for op in PASSES:
-        acc = np.zeros(nm, np.float64)
+        acc = cpu_karcher.zero_accumulators(nm)
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
             pr, stage = program(sums, op, w, it, tol, work)
@@ -76,15 +76,15 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
             if stage == -1:
                 o[...] = 0
             elif backend is not None:
-                blocks = backend(_slot(rows, lo, m), dtypes, m, pr, stage, o, do)
-                if blocks is not None:
-                    cpu_karcher.add_blocks(acc, blocks)
+                vals = backend(_slot(rows, lo, m), dtypes, m, pr, stage, o, do)
+                if vals is not None:
+                    cpu_karcher.accumulate(acc, vals, stage)
             elif stage == 5:
                 cpu_karcher.karcher_pass(_slot(rows, lo, m), dtypes, list(range(nm)), m, pr, 5,
                                          o, do)  # fmt: skip
             else:
-                cpu_karcher.add_blocks(acc, cpu_karcher.karcher_pass(
-                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage))
+                cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
+                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage), stage)
         sums[op] = acc
     return out.tobytes()
 

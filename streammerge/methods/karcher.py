@@ -84,9 +84,11 @@ class Program:
 
 
 def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
-    """(Program, stage) for the pass ``op`` from the sums of the passes before it (float64
-    [N] each, by pass name); stage None: the pass runs no kernel (the rounds stopped), -1:
+    """(Program, stage) for the pass ``op`` from the accumulators of the passes before it
+    (``cpu_karcher.zero_accumulators``, by pass name); stage None: the pass runs no kernel (the rounds stopped), -1:
     the writing pass writes zeros (every model left out)."""
+    from streammerge.kernels.cpu_karcher import dot_of, norm_of
+
     f = np.float32
     n = len(weights)
     pr = Program.empty(n, work)
@@ -94,7 +96,7 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
     if k == 0:
         return pr, 0
     with np.errstate(all="ignore"):
-        n32 = [f(np.sqrt(sums[PASSES[0]][j])) for j in range(n)]
+        n32 = [norm_of(sums[PASSES[0]], j) for j in range(n)]
         norms = [0.0 if float(v) == 0.0 else float(v) for v in n32]
         total = 0.0
         for w in weights:
@@ -117,7 +119,7 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
         pr.s32 = f(s)
         if k == 1:
             return pr, 1
-        m0 = f(np.sqrt(sums[PASSES[1]][0]))
+        m0 = norm_of(sums[PASSES[1]], 0)
         pr.m0, pr.fb = m0, int(float(m0) < tol)
         for ri in range(min(max_iter, KARCHER_ROUNDS)):
             base = 2 + 3 * ri
@@ -126,7 +128,7 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
                 return pr, 2
             dots = sums[PASSES[base]]
             for j in valid:
-                d = _rd(np.array([f(dots[j])], f), work)
+                d = _rd(np.array([dot_of(dots, j)], f), work)
                 d = np.clip(d, f(-1.0), f(1.0)) if not np.isnan(d[0]) else d
                 th = _rd(np.arccos(d), work)
                 pr.dot[ri, j] = d[0]
@@ -136,7 +138,7 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
                 pr.coef[ri, j] = _rd(pr.na32[j] * _rd(th / _rd(np.sin(th), work), work), work)[0]
             if k == base + 1:
                 return pr, 3
-            nt = f(np.sqrt(sums[PASSES[base + 1]][0]))
+            nt = norm_of(sums[PASSES[base + 1]], 0)
             if float(nt) < tol:
                 break
             pr.nt[ri] = nt
@@ -144,7 +146,7 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
             pr.sn[ri] = _rd(np.array([np.sin(nt)], f), work)[0]
             if k == base + 2:
                 return pr, 4
-            un = f(np.sqrt(sums[PASSES[base + 2]][0]))
+            un = norm_of(sums[PASSES[base + 2]], 0)
             pr.un[ri], pr.unapply[ri] = un, int(float(un) > tol)
             pr.full = ri + 1
     return pr, (5 if op == "karcher" else None)
@@ -163,7 +165,7 @@ def work_of(a) -> str:
 
 def program_of(a):
     """(Program, stage) of the pass ``a.op`` from the tensor's sums so far."""
-    sums = {name: acc[0] for name, acc in a.stats.items() if name != a.op}
+    sums = {name: acc for name, acc in a.stats.items() if name != a.op}
     return program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
 
 
@@ -174,9 +176,9 @@ def _pass_cpu(inputs, out, a) -> None:
     pr, stage = program_of(a)
     if stage is None:
         return
-    blocks = cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr,
-                                      stage)  # fmt: skip
-    cpu_karcher.add_blocks(a.counts[0], blocks)
+    vals = cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr,
+                                    stage)  # fmt: skip
+    cpu_karcher.accumulate(a.counts, vals, stage)
 
 
 def _karcher_cpu(inputs, out, a) -> None:
@@ -191,9 +193,37 @@ def _karcher_cpu(inputs, out, a) -> None:
                              a.out_dtype)  # fmt: skip
 
 
+def _models(launch, inputs, a) -> list:
+    return [launch.typed(inputs[r], a.dtypes[r], a.count) for r in a.model_rows]
+
+
+def _pass_triton(launch, inputs, out, a) -> None:
+    """A statistics pass on the device: the products come back to the host's sums."""
+    from streammerge.kernels import cpu_karcher, triton_karcher
+
+    pr, stage = program_of(a)
+    if stage is None:
+        return
+    vals = triton_karcher.karcher_pass_triton(_models(launch, inputs, a), a.count, pr, stage)
+    cpu_karcher.accumulate(a.counts, vals.cpu().numpy(), stage)
+
+
+def _karcher_triton(launch, inputs, out, a) -> None:
+    from streammerge.kernels import triton_karcher
+
+    pr, stage = program_of(a)
+    o = launch.typed(out, a.out_dtype, a.count)
+    if stage == -1:
+        o.zero_()
+        return
+    triton_karcher.karcher_pass_triton(_models(launch, inputs, a), a.count, pr, 5, o)
+
+
 def _zero_sums(n_models: int) -> tuple:
-    """float64 [N]: the pass's sums."""
-    return (np.zeros(n_models, np.float64),)
+    """The pass's accumulators (``cpu_karcher.zero_accumulators``)."""
+    from streammerge.kernels.cpu_karcher import zero_accumulators
+
+    return zero_accumulators(n_models)
 
 
 def _check_weights(per_model: dict) -> str | None:
@@ -216,9 +246,9 @@ METHOD = Method(
     min_models=2,
     base_unsupported=True,
     working_dtype="inputs",
-    row_passes=(*(RowPass(name, _pass_cpu, None, accumulators=_zero_sums)
+    row_passes=(*(RowPass(name, _pass_cpu, _pass_triton, accumulators=_zero_sums)
                   for name in PASSES[:-1]),
-                RowPass("karcher", _karcher_cpu, None)),
+                RowPass("karcher", _karcher_cpu, _karcher_triton)),
     row_block=KARCHER_BLOCK,
     check_params=_check_weights,
     plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
