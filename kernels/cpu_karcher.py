@@ -10,15 +10,16 @@ on per-tensor scalars already known (``Program``), so every pass recomputes the 
 chain from the inputs up to its stage, all in float32 with each op rounded to the working
 dtype W (``round_work``), then:
 
-- stage 0 (``karcher_norms``): per block, the N float64 sums of ``x_j * x_j``;
-- stage 1 (``karcher_mean``): the sum of ``u0 * u0`` (the unnormalized weighted mean);
-- stage 2 (``karcher_dots``): the N sums of ``u * unit_j`` for the round ``full``;
-- stage 3 (``karcher_tangent``): the sum of ``T * T`` of that round;
-- stage 4 (``karcher_step``): the sum of ``u' * u'`` (the stepped iterate, before its norm);
+- stage 0 (``karcher_norms``): the products ``x_j * x_j`` of each model;
+- stage 1 (``karcher_mean``): ``u0 * u0`` (the unnormalized weighted mean);
+- stage 2 (``karcher_dots``): ``u * unit_j`` of each model for the round ``full``;
+- stage 3 (``karcher_tangent``): ``T * T`` of that round;
+- stage 4 (``karcher_step``): ``u' * u'`` (the stepped iterate, before its norm);
 - stage 5 (``karcher``): the output ``rW(s * u)`` stored as the output dtype.
 
-Each sum is a pairwise tree of the exact float64 products over a block padded with +0.0;
-the caller adds the blocks left to right (``add_blocks``).
+The statistics stages return those float32 products [N, n]; ``accumulate`` adds them in
+element order into the pass's accumulators (SPEC's reductions: torch's 8-lane float32
+2-norm, float64 sums for the dots), and ``norm_of`` / ``dot_of`` give the values.
 """
 
 from __future__ import annotations

@@ -1276,7 +1276,7 @@ def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol
                 u = r(u / un)
         if rounds_out is not None:
             rounds_out.append(done)
-        s = 0.0
+        s = f(0.0)  # sum(alpha * norm): 0-dim float32 tensors
         for a, nj in zip(alphas, norms):
-            s = s + a * nj
-        return from_float32(r(f(s) * u), out_dtype)
+            s = f(s + f(f(a) * f(nj)))
+        return from_float32(r(r(np.array([s], f))[0] * u), out_dtype)

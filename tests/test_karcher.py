@@ -134,28 +134,25 @@ def test_passes_equal_the_oracle_on_the_edges(case):
 
 
 def _mergekit(tensors, alphas, max_iter=10, tol=1e-5):
-    """mergekit 0.1.5's ``karcher_merge_tensors`` (verbatim but for names and comments)."""
+    """mergekit 0.1.5's ``karcher_merge_tensors`` as installed (verbatim but for names)."""
     torch = pytest.importorskip("torch")
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms, units = [], []
     for t in tensors:
-        n = torch.linalg.norm(t.float())
-        if n.item() == 0.0:
-            norms.append(0.0)
-            units.append(torch.zeros_like(t))
-        else:
-            norms.append(n.item())
-            units.append((t / n).to(t.dtype))
-    valid = [i for i, n in enumerate(norms) if n > tol]
+        norm = torch.linalg.vector_norm(t.to(dtype))
+        norms.append(norm)
+        units.append(torch.zeros_like(t) if norm.item() == 0.0 else (t / norm).to(t.dtype))
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return sum(t * 0 for t in tensors)
     va = [alphas[i] for i in valid]
     na = [a / sum(va) for a in va]
     vu = [units[i] for i in valid]
     u = torch.zeros_like(vu[0])
     for a, ui in zip(na, vu):
         u += a * ui
-    nu = torch.linalg.norm(u.float()).item()
-    u = vu[0].clone() if nu < tol else (u / nu).to(u.dtype)
+    nu = torch.linalg.vector_norm(u.to(dtype))
+    u = vu[0].clone() if nu.item() < tol else (u / nu).to(u.dtype)
     for _ in range(max_iter):
         big_t = torch.zeros_like(u)
         for a, ui in zip(na, vu):
@@ -164,23 +161,30 @@ def _mergekit(tensors, alphas, max_iter=10, tol=1e-5):
             if th.item() < tol:
                 continue
             big_t += a * (th / torch.sin(th)) * (ui - d * u)
-        nt = torch.linalg.norm(big_t.float())
+        nt = torch.linalg.vector_norm(big_t.to(dtype))
         if nt.item() < tol:
             break
         u = (torch.cos(nt) * u + torch.sin(nt) * (big_t / nt)).to(u.dtype)
-        un = torch.linalg.norm(u.float())
+        un = torch.linalg.vector_norm(u.to(dtype))
         if un.item() > tol:
             u = (u / un).to(u.dtype)
-    s = 0.0
-    for a, n in zip(alphas, norms):
-        s += a * n
-    return s * u
+    return sum(a * n for a, n in zip(alphas, norms)) * u
+
+
+@pytest.mark.parametrize("n", [7, 1000, 4099, 70001])
+def test_norms_are_torchs_float32_norm(n):
+    torch = pytest.importorskip("torch")
+    x = (np.random.default_rng(n).standard_normal(n) * 0.02).astype(np.float32)
+    acc = cpu_karcher.zero_accumulators(1)
+    for lo in range(0, n, 2048):
+        cpu_karcher.accumulate(acc, (x[None, lo : lo + 2048] ** 2).astype(np.float32), 0)
+    assert cpu_karcher.norm_of(acc, 0) == torch.linalg.norm(torch.from_numpy(x)).item()
 
 
 @pytest.mark.parametrize("n_models, n", [(2, 700), (3, 5000), (3, 65536)])
 def test_the_oracle_is_mergekits_chain_in_bf16(n_models, n):
-    """The SPEC's chain is mergekit's op for op: on bf16 models in bf16, bit for bit here
-    (the float64 sums rounded to float32 happen to equal torch's float32 sums)."""
+    """The SPEC's chain is mergekit's op for op: on bf16 models in bf16, bit for bit (the
+    norms are torch's 8-lane float32 sums; the dots, rounded to bf16, equal torch's)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(n)
     common = rng.standard_normal(n).astype(np.float32) * 0.02

@@ -113,10 +113,10 @@ def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
             pr.valid[j] = 1
             pr.na32[j] = f(alphas[j] / asum)
         pr.v0 = valid[0]
-        s = 0.0
+        s = f(0.0)  # mergekit's sum(alpha * norm) of 0-dim float32 tensors, cast to W
         for a, v in zip(alphas, norms):
-            s = s + a * v
-        pr.s32 = f(s)
+            s = f(s + f(f(a) * f(v)))
+        pr.s32 = _rd(np.array([s], f), work)[0]
         if k == 1:
             return pr, 1
         m0 = norm_of(sums[PASSES[1]], 0)
