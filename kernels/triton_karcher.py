@@ -81,7 +81,8 @@ def _chain_kernel(model_ptrs, n32_ptr, valid_ptr, na_ptr, dot_ptr, coef_ptr, ski
                              coef_ptr, skip_ptr, W, N)  # fmt: skip
                 u = _step(u, T, ri, cs_ptr, sn_ptr, nt_ptr, W)
                 un = tl.load(un_ptr + ri)
-                u = tl.where(tl.load(unapply_ptr + ri) != 0, round_work(tl.math.div_rn(u, un), W), u)
+                un_on = tl.load(unapply_ptr + ri) != 0
+                u = tl.where(un_on, round_work(tl.math.div_rn(u, un), W), u)
             if STAGE == 2:
                 for j in tl.static_range(N):
                     uj = _unit(model_ptrs[j], idx, inside, n32_ptr, j, W)

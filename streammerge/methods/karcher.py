@@ -85,8 +85,8 @@ class Program:
 
 def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
     """(Program, stage) for the pass ``op`` from the accumulators of the passes before it
-    (``cpu_karcher.zero_accumulators``, by pass name); stage None: the pass runs no kernel (the rounds stopped), -1:
-    the writing pass writes zeros (every model left out)."""
+    (``cpu_karcher.zero_accumulators``, by pass name); stage None: the pass runs no kernel
+    (the rounds stopped), -1: the writing pass writes zeros (every model left out)."""
     from streammerge.kernels.cpu_karcher import dot_of, norm_of
 
     f = np.float32
