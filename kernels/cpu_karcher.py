@@ -1,19 +1,25 @@
-"""Karcher mean CPU kernels (numba): the Gram statistics pass and the merged value.
+"""Karcher mean CPU kernels (numba): mergekit's op chain, one pass at a time.
 
 Contract: docs/SPEC.md "Karcher mean", tested bit for bit against ``tests/spec_reference.py``
-and against the Triton kernels of ``kernels/triton_karcher.py``.
+(``spec_karcher_chain``).
 
 A chunk is ``n`` elements of N models (slot rows ``model_rows``; no base), raw little-endian
 byte rows as in ``cpu_merge``, starting at a multiple of ``STOCK_BLOCK`` elements of the
-tensor.
+tensor. Per element, mergekit's iterate depends only on the same element of the inputs and
+on per-tensor scalars already known (``Program``), so every pass recomputes the elementwise
+chain from the inputs up to its stage, all in float32 with each op rounded to the working
+dtype W (``round_work``), then:
 
-- ``karcher_gram``: per block of ``STOCK_BLOCK`` elements, the K = N(N+1)/2 float64 sums
-  (G_jj of each model, then G_jk for j < k in order) of the exact products
-  ``float64(x_j) * float64(x_k)``, each a pairwise tree over the block padded with +0.0
-  (model_stock's layout and order, without a base); the caller adds the blocks left to
-  right (``cpu_stock.add_blocks``).
-- ``karcher_chunk``: ``acc = +0.0; acc = float32(acc + float32(k_j * x_j))`` for j in
-  order, stored rounded to the output dtype.
+- stage 0 (``karcher_norms``): the products ``x_j * x_j`` of each model;
+- stage 1 (``karcher_mean``): ``u0 * u0`` (the unnormalized weighted mean);
+- stage 2 (``karcher_dots``): ``u * unit_j`` of each model for the round ``full``;
+- stage 3 (``karcher_tangent``): ``T * T`` of that round;
+- stage 4 (``karcher_step``): ``u' * u'`` (the stepped iterate, before its norm);
+- stage 5 (``karcher``): the output ``rW(s * u)`` stored as the output dtype.
+
+The statistics stages return those float32 products [N, n]; ``accumulate`` adds them in
+element order into the pass's accumulators (SPEC's reductions: torch's 8-lane float32
+2-norm, float64 sums for the dots), and ``norm_of`` / ``dot_of`` give the values.
 """
 
 from __future__ import annotations
@@ -23,52 +29,94 @@ import numpy as np
 
 from .common import FLOAT_CODES
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_rows import _checked, _tree
-from .cpu_stock import STOCK_BLOCK, add_blocks, n_stats
+from .cpu_nearswap import round_work
+from .cpu_rows import _checked
+from .cpu_stock import STOCK_BLOCK
 
-__all__ = ["STOCK_BLOCK", "add_blocks", "karcher_chunk", "karcher_gram", "n_stats", "warmup"]
+__all__ = ["STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "norm_of", "warmup",
+           "zero_accumulators"]
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _gram_kernel(inputs, codes, model_rows, n, out):
+@numba.njit(inline="always")
+def _tangent(units, valid, u, T, m, ri, dot, coef, skip, w):
+    for i in range(STOCK_BLOCK):
+        T[i] = np.float32(0.0)
+    for j in range(units.shape[0]):
+        if valid[j] == 0 or skip[ri, j] != 0:
+            continue
+        d = dot[ri, j]
+        c = coef[ri, j]
+        for i in range(m):
+            v = round_work(units[j, i] - round_work(d * u[i], w), w)
+            T[i] = round_work(T[i] + round_work(c * v, w), w)
+
+
+@numba.njit(inline="always")
+def _step(u, T, m, ri, cs, sn, nt, w):
+    for i in range(m):
+        a = round_work(cs[ri] * u[i], w)
+        b = round_work(sn[ri] * round_work(T[i] / nt[ri], w), w)
+        u[i] = round_work(a + b, w)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=False)
+def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32, fb, v0, m0,
+                  dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):
     n_models = model_rows.shape[0]
     for b in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
         first = b * STOCK_BLOCK
         m = min(STOCK_BLOCK, n - first)
         x = np.zeros((n_models, STOCK_BLOCK), np.float32)
-        p = np.empty(STOCK_BLOCK, np.float64)
+        units = np.zeros((n_models, STOCK_BLOCK), np.float32)
+        u = np.zeros(STOCK_BLOCK, np.float32)
+        T = np.zeros(STOCK_BLOCK, np.float32)
         for j in range(n_models):
-            r = model_rows[j]
-            _decode_block(inputs[r], codes[r], first, m, x[j])
-        for j in range(n_models):
-            for i in range(STOCK_BLOCK):
-                p[i] = np.float64(x[j, i]) * np.float64(x[j, i]) if i < m else 0.0
-            out[b, j] = _tree(p)
-        s = n_models
-        for j in range(n_models):
-            for k in range(j + 1, n_models):
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(x[j, i]) * np.float64(x[k, i]) if i < m else 0.0
-                out[b, s] = _tree(p)
-                s += 1
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=False)
-def _karcher_kernel(inputs, codes, model_rows, n, k32, out, out_code):
-    n_models = model_rows.shape[0]
-    for b in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
-        first = b * STOCK_BLOCK
-        m = min(STOCK_BLOCK, n - first)
-        x = np.empty(STOCK_BLOCK, np.float32)
-        acc = np.zeros(STOCK_BLOCK, np.float32)
-        for j in range(n_models):
-            r = model_rows[j]
-            _decode_block(inputs[r], codes[r], first, m, x)
-            kj = k32[j]
+            _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
             for i in range(m):
-                prod = np.float32(kj * x[i])
-                acc[i] = np.float32(acc[i] + prod)
-        _encode_block(acc, out_code, first, m, out)
+                x[j, i] = round_work(x[j, i], w)
+        if stage == 0:
+            for j in range(n_models):
+                for i in range(m):
+                    vals[j, first + i] = x[j, i] * x[j, i]
+            continue
+        for j in range(n_models):
+            if n32[j] != np.float32(0.0):
+                for i in range(m):
+                    units[j, i] = round_work(x[j, i] / n32[j], w)
+        for j in range(n_models):
+            if valid[j] != 0:
+                for i in range(m):
+                    u[i] = round_work(u[i] + round_work(na32[j] * units[j, i], w), w)
+        if stage == 1:
+            for i in range(m):
+                vals[0, first + i] = u[i] * u[i]
+            continue
+        for i in range(m):
+            u[i] = units[v0, i] if fb != 0 else round_work(u[i] / m0, w)
+        for ri in range(full):
+            _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
+            _step(u, T, m, ri, cs, sn, nt, w)
+            if unapply[ri] != 0:
+                for i in range(m):
+                    u[i] = round_work(u[i] / un[ri], w)
+        if stage == 2:
+            for j in range(n_models):
+                for i in range(m):
+                    vals[j, first + i] = u[i] * units[j, i]
+            continue
+        if stage == 3 or stage == 4:
+            _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
+            if stage == 4:
+                _step(u, T, m, full, cs, sn, nt, w)
+                for i in range(m):
+                    vals[0, first + i] = u[i] * u[i]
+            else:
+                for i in range(m):
+                    vals[0, first + i] = T[i] * T[i]
+            continue
+        for i in range(m):
+            u[i] = round_work(s32 * u[i], w)
+        _encode_block(u, out_code, first, m, out)
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -87,46 +135,87 @@ def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
     return codes, np.array(model_rows, np.int64)
 
 
-def karcher_gram(inputs: np.ndarray, dtypes: list[str], model_rows: list[int],
-                 n: int) -> np.ndarray:  # fmt: skip
-    """The per-block Gram sums of ``n`` elements (SPEC "Karcher mean").
-
-    Returns:
-        float64 array [ceil(n / STOCK_BLOCK), K] (``n_stats``): each block's sums.
-
-    Raises:
-        ValueError: bad rows or dtypes.
-    """
-    codes, mr = _rows(inputs, dtypes, model_rows, n)
-    out = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, n_stats(len(model_rows))), np.float64)
-    if n:
-        _gram_kernel(inputs, codes, mr, n, out)
-    return out
-
-
-def karcher_chunk(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
-                  k: np.ndarray, out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
-    """The merged value ``sum_j k_j x_j`` (float32, in model order from +0.0) of ``n``
-    elements into the raw byte row ``out`` (SPEC "Karcher mean").
+def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
+                 prog, stage: int, out: np.ndarray | None = None,
+                 out_dtype: str = "F32") -> np.ndarray | None:  # fmt: skip
+    """One pass of the chain over ``n`` elements (SPEC "Karcher mean").
 
     Args:
-        k: float32 [N]: each model's coefficient (``methods.karcher.coefficients``).
+        prog: the tensor's scalars so far (``streammerge.methods.karcher.Program``).
+        stage: 0 .. 4 a statistics pass (returns the float32 products [N, n] its reduction
+            adds: ``accumulate``), 5 the writing pass (into the raw byte row ``out``).
 
     Raises:
-        ValueError: bad rows, dtypes, coefficients or output.
+        ValueError: bad rows, dtypes or output.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
-    k32 = np.ascontiguousarray(k, np.float32)
-    if k32.shape != (len(model_rows),):
-        raise ValueError(f"need {len(model_rows)} coefficients, got {k32.shape}")
-    co = _checked(out, out_dtype, n, "out")
+    vals = np.zeros((len(model_rows), n), np.float32)
+    if stage == 5:
+        co = _checked(out, out_dtype, n, "out")
+    else:
+        co, out = 0, np.zeros(4, np.uint8)
     if n:
-        _karcher_kernel(inputs, codes, mr, n, k32, out, co)
+        _chain_kernel(inputs, codes, mr, n, FLOAT_CODES[prog.work], stage, prog.full, prog.n32,
+                      prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot, prog.coef,
+                      prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply, prog.s32,
+                      vals, out, co)  # fmt: skip
+    return None if stage == 5 else vals
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
+def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
+    m = vals.shape[1]
+    k = m - m % 8
+    for j in range(q):
+        if dot:
+            s = dsum[j]
+            for i in range(m):
+                s = s + np.float64(vals[j, i])
+            dsum[j] = s
+        else:
+            for i in range(0, k, 8):
+                for ln in range(8):
+                    lanes[j, ln] = lanes[j, ln] + vals[j, i + ln]
+            for i in range(k, m):
+                tail[j, i - k] = vals[j, i]
+    if k < m:
+        ntail[0] = m - k
+
+
+def accumulate(acc: tuple, vals: np.ndarray, stage: int) -> None:
+    """Add a chunk's products (``karcher_pass``) into the pass's accumulators in element
+    order (SPEC "Karcher mean": the reductions): the dots (stage 2) as float64 sums; the
+    norms as torch's float32 2-norm: 8 float32 lanes (element i into lane i mod 8) and the
+    tensor's last n mod 8 products (only the last chunk is not whole blocks)."""
+    lanes, tail, ntail, dsum = acc
+    q = vals.shape[0] if stage in (0, 2) else 1
+    _accumulate(np.ascontiguousarray(vals, np.float32), q, stage == 2, lanes, tail, ntail, dsum)
+
+
+def zero_accumulators(n_models: int) -> tuple:
+    """(lanes float32 [N, 8], tail float32 [N, 8], tail length int64 [1], float64 [N])."""
+    return (np.zeros((n_models, 8), np.float32), np.zeros((n_models, 8), np.float32),
+            np.zeros(1, np.int64), np.zeros(n_models, np.float64))  # fmt: skip
+
+
+def norm_of(acc: tuple, j: int) -> np.float32:
+    """torch's float32 2-norm from the lanes: lane 0 plus lanes 1..7, then the tail, each
+    add in float32, then the float32 square root."""
+    lanes, tail, ntail, _ = acc
+    b = lanes[j, 0]
+    for e in (*lanes[j, 1:], *tail[j, : int(ntail[0])]):
+        b = np.float32(b + e)
+    return np.float32(np.sqrt(b))
+
+
+def dot_of(acc: tuple, j: int) -> np.float32:
+    """The float64 sum of the products, rounded to float32."""
+    return np.float32(acc[3][j])
 
 
 def warmup() -> None:
-    """Compile (or load from numba's cache) the kernels for each dtype."""
-    for dt in ("F32", "F16", "BF16"):
-        s = np.zeros((2, 16), np.uint8)
-        karcher_gram(s, [dt] * 2, [0, 1], 2)
-        karcher_chunk(s, [dt] * 2, [0, 1], 2, np.ones(2, np.float32), np.zeros(16, np.uint8), dt)
+    """Compile (or load from numba's cache) the kernel."""
+    from streammerge.methods.karcher import Program
+
+    s = np.zeros((2, 16), np.uint8)
+    karcher_pass(s, ["BF16"] * 2, [0, 1], 2, Program.empty(2, "BF16"), 0)

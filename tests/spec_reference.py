@@ -1210,111 +1210,79 @@ def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8
 # ---------------------------------------------------------------------------------------
 
 
-def spec_karcher_gram(models, dtypes) -> np.ndarray:
-    """float64 [N(N+1)/2]: G_jj of each model, then G_jk (j < k), SPEC's block order."""
-    x = [to_float32(m, d).reshape(-1).astype(np.float64) for m, d in zip(models, dtypes)]
+def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5,
+                       work=None, rounds_out=None) -> np.ndarray:  # fmt: skip
+    """mergekit's karcher chain in the working dtype W (SPEC "Karcher mean"), stored as
+    ``out_dtype``; ``rounds_out``: a list that gets the number of rounds that stepped."""
+    f = np.float32
+    W = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+
+    def r(v):
+        return spec_round_work(np.asarray(v, f), W)
+
+    def red(v, w):  # a dot: the float64 sum of the float32 products, in element order
+        p = (v * w).astype(f).astype(np.float64)
+        return float(np.cumsum(p)[-1]) if p.size else 0.0
+
+    def norm(v):  # torch's float32 2-norm: 8 lanes, each a float32 sum in order, then the tail
+        k = v.size - v.size % 8
+        p = (v * v).astype(f)
+        acc = np.add.reduce(p[:k].reshape(-1, 8), axis=0, dtype=f) if k else np.zeros(8, f)
+        b = acc[0]
+        for e in (*acc[1:], *p[k:]):
+            b = f(b + e)
+        return f(np.sqrt(b))
+
+    x = [r(to_float32(m, d).reshape(-1)) for m, d in zip(models, dtypes)]
     n = len(x)
-    pairs = [(j, j) for j in range(n)] + [(j, k) for j in range(n) for k in range(j + 1, n)]
-    out = np.zeros(len(pairs), np.float64)
-    with np.errstate(all="ignore"):
-        for s, (j, k) in enumerate(pairs):
-            p = x[j] * x[k]
-            total = 0.0
-            for lo in range(0, p.size, 1024):
-                total = total + _spec_pairwise_sum(p[lo : lo + 1024])
-            out[s] = total
-    return out
-
-
-def spec_karcher_k(gram, weights, max_iter: int, tol: float) -> np.ndarray:
-    """float32 [N]: the coefficients k_j of SPEC's rounds (float64 on the host)."""
-    n = len(weights)
-    G = [[0.0] * n for _ in range(n)]
-    for j in range(n):
-        G[j][j] = float(gram[j])
-    s = n
-    for j in range(n):
-        for k in range(j + 1, n):
-            G[j][k] = G[k][j] = float(gram[s])
-            s += 1
-    nrm_ = [math.sqrt(G[j][j]) for j in range(n)]
-    W = 0.0
+    weights = [1.0] * n if weights is None else weights
+    total = 0.0
     for w in weights:
-        W = W + float(w)
-    if W == 0.0:
-        return np.zeros(n, np.float32)
-    a = [float(w) / W for w in weights]
-    V = [j for j in range(n) if nrm_[j] > tol]
-    A = 0.0
-    for j in V:
-        A = A + a[j]
-    if not V or A == 0.0:
-        return np.zeros(n, np.float32)
-
-    def cos(v):
-        return math.cos(v) if math.isfinite(v) else math.nan
-
-    def sin(v):
-        return math.sin(v) if math.isfinite(v) else math.nan
-    b = {j: a[j] / A for j in V}
-    g = {(j, k): G[j][k] / (nrm_[j] * nrm_[k]) for j in V for k in V}
-
-    def dot(c, j):
-        t = 0.0
-        for k in V:
-            t = t + c[k] * g[(k, j)]
-        return t
-
-    def nrm(c):
-        t = 0.0
-        for j in V:
-            t = t + c[j] * dot(c, j)
-        return math.nan if math.isnan(t) else math.sqrt(max(t, 0.0))
-
-    c = dict(b)
-    m = nrm(c)
-    if m < tol:
-        c = {j: (1.0 if j == V[0] else 0.0) for j in V}
-    else:
-        c = {j: c[j] / m for j in V}
-    for _ in range(int(max_iter)):
-        T = {j: 0.0 for j in V}
-        for i in V:
-            d = dot(c, i)
-            d = d if math.isnan(d) else min(max(d, -1.0), 1.0)
-            th = math.acos(d)
-            if th < tol:
-                continue
-            f = b[i] * (th / sin(th))
-            for k in V:
-                T[k] = T[k] + f * ((1.0 if k == i else 0.0) - d * c[k])
-        t = nrm(T)
-        if t < tol:
-            break
-        c = {k: cos(t) * c[k] + sin(t) * (T[k] / t) for k in V}
-        m = nrm(c)
-        if m > tol:
-            c = {k: c[k] / m for k in V}
-    sc = 0.0
-    for j in range(n):
-        sc = sc + a[j] * nrm_[j]
-    k = np.zeros(n, np.float32)
+        total = total + float(w)
+    alphas = [float(w) / total for w in weights]
     with np.errstate(all="ignore"):
-        for j in V:
-            k[j] = np.float32((sc * c[j]) / nrm_[j])
-    return k
-
-
-def spec_karcher(models, dtypes, out_dtype, weights=None, max_iter=10, tol=1e-5) -> np.ndarray:
-    """The Karcher mean of stored tensors (flat), in stored form of ``out_dtype``."""
-    weights = [1.0] * len(models) if weights is None else weights
-    k = spec_karcher_k(spec_karcher_gram(models, dtypes), weights, max_iter, tol)
-    x = [to_float32(m, d).reshape(-1) for m, d in zip(models, dtypes)]
-    acc = np.zeros(x[0].size, np.float32)
-    with np.errstate(all="ignore"):
-        for kj, xj in zip(k, x):
-            acc = (acc + (np.float32(kj) * xj).astype(np.float32)).astype(np.float32)
-    return from_float32(acc, out_dtype)
+        norms, units = [], []
+        for xj in x:
+            nj = norm(xj)
+            norms.append(0.0 if float(nj) == 0.0 else float(nj))
+            units.append(np.zeros_like(xj) if float(nj) == 0.0 else r(xj / nj))
+        valid = [j for j in range(n) if norms[j] > tol]
+        asum = 0.0
+        for j in valid:
+            asum = asum + alphas[j]
+        if not valid or asum == 0.0:
+            return from_float32(np.zeros_like(x[0]), out_dtype)
+        na = {j: f(alphas[j] / asum) for j in valid}
+        u = np.zeros_like(x[0])
+        for j in valid:
+            u = r(u + r(na[j] * units[j]))
+        m = norm(u)
+        u = units[valid[0]].copy() if float(m) < tol else r(u / m)
+        done = 0
+        for _ in range(max_iter):
+            T = np.zeros_like(u)
+            for j in valid:
+                d = r(np.array([f(red(u, units[j]))], f))
+                d = np.clip(d, f(-1.0), f(1.0)) if not np.isnan(d[0]) else d
+                th = r(np.arccos(d))
+                if float(th[0]) < tol:
+                    continue
+                c = r(na[j] * r(th / r(np.sin(th))))[0]
+                T = r(T + r(c * r(units[j] - r(d[0] * u))))
+            nt = norm(T)
+            if float(nt) < tol:
+                break
+            done += 1
+            u = r(r(r(np.cos(nt)) * u) + r(r(np.sin(nt)) * r(T / nt)))
+            un = norm(u)
+            if float(un) > tol:
+                u = r(u / un)
+        if rounds_out is not None:
+            rounds_out.append(done)
+        s = f(0.0)  # sum(alpha * norm): 0-dim float32 tensors
+        for a, nj in zip(alphas, norms):
+            s = f(s + f(f(a) * f(nj)))
+        return from_float32(r(r(np.array([s], f))[0] * u), out_dtype)
 
 
 def spec_model_stock_filter_wise(base, models, dtypes, out_dtype, shape, work=None) -> np.ndarray:

@@ -1,13 +1,12 @@
-"""karcher (docs/SPEC.md "Karcher mean"): the Gram and merge kernels against the SPEC
-oracle over dtypes, model counts, odd sizes and chunkings; the host rounds against the
-oracle on the edge cases and against mergekit's loop run in float64 on the tensors
-themselves; Triton against numba byte for byte; whole merges (CLI, mergekit YAML, M3)
-against the oracle; the one-line refusals."""
+"""karcher (docs/SPEC.md "Karcher mean"): mergekit's op chain, one statistics pass per
+reduction: the numba kernels against the SPEC oracle over dtypes, working dtypes, model
+counts, odd sizes, chunkings, parameters and edges; the oracle against mergekit's own loop
+(copied, run by torch in bf16); Triton against numba byte for byte; whole merges (CLI,
+mergekit YAML, M3) against the oracle; the one-line refusals; --plan's reads."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import numpy as np
@@ -16,14 +15,10 @@ import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 from streammerge.kernels import cpu_karcher
 
-from streammerge.methods.karcher import coefficients
+from streammerge.methods.karcher import PASSES, program
 
 ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
-CASES = [(["BF16"] * 3, "BF16"), (["F16"] * 4, "F16"), (["F32"] * 2, "F32"),
-         (["BF16", "BF16", "F16"], "BF16"), (["BF16"] * 5, "F32")]  # fmt: skip
-
-
 def _rows(n: int, dtypes: list[str], seed: int, special: bool = False) -> list[np.ndarray]:
     """Stored rows of N correlated models; ``special`` adds signed zeros, a zero model
     stretch and (model 1) a NaN."""
@@ -61,36 +56,54 @@ def _same(a: bytes, b: bytes, dtype: str) -> bool:
     return bool(np.all((x.view(np.uint32) == y.view(np.uint32)) | (np.isnan(x) & np.isnan(y))))
 
 
-def _gram(rows, dtypes, n, chunk):
-    """The Gram sums in chunks of ``chunk`` elements (a multiple of the block)."""
-    total = np.zeros(cpu_karcher.n_stats(len(rows)), np.float64)
-    for lo in range(0, n, chunk):
-        m = min(chunk, n - lo)
-        cpu_karcher.add_blocks(total, cpu_karcher.karcher_gram(_slot(rows, lo, m), dtypes,
-                                                               list(range(len(rows))), m))
-    return total
+def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 20,
+           backend=None) -> bytes:  # fmt: skip
+    """Every pass over the rows in chunks of ``chunk`` elements (whole blocks), as the
+    pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba."""
+    nm = len(rows)
+    w = [1.0] * nm if w is None else w
+    work = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
+    out = np.zeros(n * ITEM[do], np.uint8)
+    sums = {}
+    for op in PASSES:
+        acc = cpu_karcher.zero_accumulators(nm)
+        for lo in range(0, n, chunk):
+            m = min(chunk, n - lo)
+            pr, stage = program(sums, op, w, it, tol, work)
+            o = out[lo * ITEM[do] : (lo + m) * ITEM[do]]
+            if stage is None:
+                continue
+            if stage == -1:
+                o[...] = 0
+            elif backend is not None:
+                vals = backend(_slot(rows, lo, m), dtypes, m, pr, stage, o, do)
+                if vals is not None:
+                    cpu_karcher.accumulate(acc, vals, stage)
+            elif stage == 5:
+                cpu_karcher.karcher_pass(_slot(rows, lo, m), dtypes, list(range(nm)), m, pr, 5,
+                                         o, do)  # fmt: skip
+            else:
+                cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
+                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage), stage)
+        sums[op] = acc
+    return out.tobytes()
 
 
-@pytest.mark.parametrize("n", [1, 1000, 1024, 5000])
-@pytest.mark.parametrize("dtypes, do", CASES)
-def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do):
-    for special in (False, True):
+CASES = [(["BF16"] * 3, "BF16", None), (["BF16"] * 3, "BF16", "F32"), (["F16"] * 4, "F16", None),
+         (["F32"] * 2, "F32", None), (["BF16", "BF16", "F16"], "BF16", "BF16"),
+         (["BF16"] * 5, "F32", None)]  # fmt: skip
+
+
+@pytest.mark.parametrize("n", [1, 2100])
+@pytest.mark.parametrize("dtypes, do, work", CASES)
+def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, work):
+    for special in (False, True) if n > 12 else (False,):
         rows = _rows(n, dtypes, n + len(dtypes), special)
-        want = ref.spec_karcher_gram(rows, dtypes)
-        for chunk in (1024, 2048, 8192):
-            assert np.array_equal(_gram(rows, dtypes, n, chunk), want, equal_nan=True), chunk
         w = [1.0 + 0.5 * j for j in range(len(rows))]
-        k = coefficients(want, w, 10, 1e-5)
-        assert _as_bytes(k) == _as_bytes(ref.spec_karcher_k(want, w, 10, 1e-5))
-        out = np.zeros(n * ITEM[do], np.uint8)
-        cpu_karcher.karcher_chunk(_slot(rows), dtypes, list(range(len(rows))), n, k, out, do)
-        expect = _as_bytes(ref.spec_karcher(rows, dtypes, do, w))
-        assert out.tobytes() == expect if not special or n <= 12 else _same(out.tobytes(), expect, do)
-
-
-def _g(vectors) -> np.ndarray:
-    x = [np.asarray(v, np.float32) for v in vectors]
-    return ref.spec_karcher_gram(x, ["F32"] * len(x))
+        want = _as_bytes(ref.spec_karcher_chain(rows, dtypes, do, w, work=work))
+        for chunk in (1024, 1 << 20):
+            got = _merge(rows, dtypes, n, do, w, work=work, chunk=chunk)
+            assert got == want if not special else _same(got, want, do), chunk
 
 
 EDGES = {
@@ -107,97 +120,81 @@ EDGES = {
 
 
 @pytest.mark.parametrize("case", sorted(EDGES))
-def test_rounds_equal_the_oracle_on_the_edges(case):
-    g = _g(EDGES[case])
+def test_passes_equal_the_oracle_on_the_edges(case):
     n = len(EDGES[case])
-    for w, it, tol in (([1.0] * n, 10, 1e-5), ([0.0] + [2.0] * (n - 1), 3, 1e-5), ([1.0] * n, 0, 0.5)):
-        assert _as_bytes(coefficients(g, w, it, tol)) == _as_bytes(ref.spec_karcher_k(g, w, it, tol))
-    k = coefficients(g, [1.0] * n, 10, 1e-5)
+    for dt in ("F32", "BF16"):
+        rows = [ref.from_float32(np.asarray(v, np.float32), dt) for v in EDGES[case]]
+        m = len(EDGES[case][0])
+        for w, it, tol in (([1.0] * n, 10, 1e-5), ([0.0] + [2.0] * (n - 1), 3, 1e-5),
+                           ([1.0] * n, 0, 0.5), ([1.0] * n, 10, 0.3)):  # fmt: skip
+            want = _as_bytes(ref.spec_karcher_chain(rows, [dt] * n, dt, w, it, tol))
+            assert _same(_merge(rows, [dt] * n, m, dt, w, it, tol), want, dt), (dt, w, it, tol)
     if case in ("all zero", "below tol"):
-        assert not np.any(k)
-    if case == "antiparallel":  # T = f (u_1 + u_0) is exactly 0: s u_0 = x_0
-        assert k.tolist() == [1.0, 0.0]
-    if case in ("NaN", "infinity"):
-        assert np.isnan(k).any() or np.isnan(ref.spec_karcher(
-            [np.asarray(v, np.float32) for v in EDGES[case]], ["F32"] * n, "F32")).all()
+        assert not any(_merge(rows, [dt] * n, m, dt))
 
 
-def _mergekit_f64(tensors, alphas, max_iter=10, tol=1e-5):
-    """mergekit 0.1.5's ``karcher_merge_tensors`` run in float64 (its loop, verbatim but
-    for the dtype)."""
+def _mergekit(tensors, alphas, max_iter=10, tol=1e-5):
+    """mergekit 0.1.5's ``karcher_merge_tensors`` as installed (verbatim but for names)."""
     torch = pytest.importorskip("torch")
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     norms, units = [], []
     for t in tensors:
-        n = torch.linalg.norm(t).item()
-        norms.append(n)
-        units.append(torch.zeros_like(t) if n == 0.0 else t / n)
-    valid = [i for i, n in enumerate(norms) if n > tol]
+        norm = torch.linalg.vector_norm(t.to(dtype))
+        norms.append(norm)
+        units.append(torch.zeros_like(t) if norm.item() == 0.0 else (t / norm).to(t.dtype))
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return sum(t * 0 for t in tensors)
     va = [alphas[i] for i in valid]
     na = [a / sum(va) for a in va]
     vu = [units[i] for i in valid]
     u = torch.zeros_like(vu[0])
     for a, ui in zip(na, vu):
         u += a * ui
-    nu = torch.linalg.norm(u).item()
-    u = vu[0].clone() if nu < tol else u / nu
+    nu = torch.linalg.vector_norm(u.to(dtype))
+    u = vu[0].clone() if nu.item() < tol else (u / nu).to(u.dtype)
     for _ in range(max_iter):
         big_t = torch.zeros_like(u)
         for a, ui in zip(na, vu):
-            d = torch.clamp(torch.dot(u, ui), -1.0, 1.0)
+            d = torch.clamp(torch.dot(u.flatten(), ui.flatten()), -1.0, 1.0)
             th = torch.arccos(d)
             if th.item() < tol:
                 continue
             big_t += a * (th / torch.sin(th)) * (ui - d * u)
-        nt = torch.linalg.norm(big_t)
+        nt = torch.linalg.vector_norm(big_t.to(dtype))
         if nt.item() < tol:
             break
-        u = torch.cos(nt) * u + torch.sin(nt) * (big_t / nt)
-        un = torch.linalg.norm(u)
+        u = (torch.cos(nt) * u + torch.sin(nt) * (big_t / nt)).to(u.dtype)
+        un = torch.linalg.vector_norm(u.to(dtype))
         if un.item() > tol:
-            u = u / un
+            u = (u / un).to(u.dtype)
     return sum(a * n for a, n in zip(alphas, norms)) * u
 
 
-@pytest.mark.parametrize("n_models, spread", [(2, 0.5), (3, 1.5), (5, 3.0)])
-def test_gram_rounds_are_mergekits_loop(n_models, spread):
-    """The rounds on the Gram matrix are mergekit's loop on the tensors: in float64 both
-    agree to float32 rounding of the coefficients (SPEC "Why no rounds over the tensor")."""
+@pytest.mark.parametrize("n", [7, 1000, 4099, 70001])
+def test_norms_are_torchs_float32_norm(n):
     torch = pytest.importorskip("torch")
-    rows = [r.astype(np.float32) for r in _rows(3000, ["F32"] * n_models, 7 * n_models)]
-    rows = [r * np.float32(spread ** j) for j, r in enumerate(rows)]
-    w = [1.0 + j for j in range(n_models)]
-    k = coefficients(ref.spec_karcher_gram(rows, ["F32"] * n_models), w, 10, 1e-5)
-    ours = sum(float(kj) * r.astype(np.float64) for kj, r in zip(k, rows))
-    want = _mergekit_f64([torch.from_numpy(r).double() for r in rows],
-                         [x / sum(w) for x in w]).numpy()  # fmt: skip
-    assert np.max(np.abs(ours - want)) <= 1e-6 * np.max(np.abs(want))
+    x = (np.random.default_rng(n).standard_normal(n) * 0.02).astype(np.float32)
+    acc = cpu_karcher.zero_accumulators(1)
+    for lo in range(0, n, 2048):
+        cpu_karcher.accumulate(acc, (x[None, lo : lo + 2048] ** 2).astype(np.float32), 0)
+    assert cpu_karcher.norm_of(acc, 0) == torch.linalg.norm(torch.from_numpy(x)).item()
 
 
-def test_triton_kernels_equal_numba():
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+@pytest.mark.parametrize("n_models, n", [(2, 700), (3, 5000), (3, 65536)])
+def test_the_oracle_is_mergekits_chain_in_bf16(n_models, n):
+    """The SPEC's chain is mergekit's op for op: on bf16 models in bf16, bit for bit (the
+    norms are torch's 8-lane float32 sums; the dots, rounded to bf16, equal torch's)."""
     torch = pytest.importorskip("torch")
-    from streammerge.kernels import triton_karcher
-
-    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    for n, dtypes, do in [(2100, ["BF16"] * 4, "BF16"), (37, ["F16"] * 3, "F16"),
-                          (1030, ["F32", "BF16", "BF16"], "BF16"), (1024, ["F32"] * 2, "F32")]:  # fmt: skip
-        rows = _rows(n, dtypes, 4, special=n == 37)
-        ts = [torch.from_numpy(np.ascontiguousarray(x).copy()).view(tdt[d]) for x, d in zip(rows, dtypes)]
-        blocks = triton_karcher.karcher_gram_triton(ts, n).numpy()
-        mr = list(range(len(rows)))
-        want = cpu_karcher.karcher_gram(_slot(rows), dtypes, mr, n)
-        assert np.array_equal(blocks, want, equal_nan=True)
-        total = np.zeros(blocks.shape[1], np.float64)
-        cpu_karcher.add_blocks(total, want)
-        k = coefficients(total, [1.0] * len(rows), 10, 1e-5)
-        out = torch.zeros(n, dtype=tdt[do])
-        triton_karcher.karcher_triton(ts, n, torch.from_numpy(k), out)
-        cpu = np.zeros(n * ITEM[do], np.uint8)
-        cpu_karcher.karcher_chunk(_slot(rows), dtypes, mr, n, k, cpu, do)
-        assert _same(out.view(torch.uint8).numpy().tobytes(), cpu.tobytes(), do)
+    rng = np.random.default_rng(n)
+    common = rng.standard_normal(n).astype(np.float32) * 0.02
+    xs = [common + rng.standard_normal(n).astype(np.float32) * 0.02 * (0.3 + j)
+          for j in range(n_models)]  # fmt: skip
+    ts = [torch.from_numpy(x).to(torch.bfloat16) for x in xs]
+    rows = [t.view(torch.int16).numpy().view(np.uint16) for t in ts]
+    want = _mergekit(ts, [1.0 / n_models] * n_models).view(torch.int16).numpy()
+    got = ref.spec_karcher_chain(rows, ["BF16"] * n_models, "BF16")
+    assert _as_bytes(got) == _as_bytes(want)
 
 
 def _expected(models, rec: dict) -> dict[str, bytes]:
@@ -213,7 +210,8 @@ def _expected(models, rec: dict) -> dict[str, bytes]:
         else:
             dts = [DTYPES[str(m[name].dtype)] for m in tms]
             rows = [as_numpy(m[name]) for m in tms]
-            out[name] = _as_bytes(ref.spec_karcher(rows, dts, dt, w, it, tol))
+            out[name] = _as_bytes(ref.spec_karcher_chain(rows, dts, dt, w, it, tol,
+                                                         work=rec.get("dtype") or None))
     return out
 
 
@@ -256,6 +254,7 @@ def test_bad_recipes_are_one_line(tmp_path):
     base, a, b = make_trio(tmp_path)
     for argv, message in ((["--max-iter", "2.5"], "must be a whole number"),
                           (["--max-iter", "-1"], "max_iter -1.0 must satisfy"),
+                          (["--max-iter", "11"], "max_iter 11.0 must satisfy"),
                           (["--tol", "0"], "0 < tol"),
                           (["--weights", "1,-1"], "0 <= weight"),
                           (["--weights", "0,0"], "positive sum"),
@@ -269,13 +268,42 @@ def test_bad_recipes_are_one_line(tmp_path):
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "base_model" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
-    assert math.isfinite(float(coefficients(_g([[1, 0], [0, 1]]), [1, 1], 10, 1e-5)[0]))
 
 
-def test_plan_says_one_statistics_pass_and_rounds_on_the_host(tmp_path):
+def test_plan_says_how_many_reads(tmp_path):
     _, a, b = make_trio(tmp_path, big=300_000)
     r = run_cli([str(a), str(b), "--method", "karcher", "--weights", "1,1", "--memory", "8MB",
                  "--plan", "-o", str(tmp_path / "o")])  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "karcher: 1 statistics pass" in r.stdout and "rounds on the host" in r.stdout
-    assert "karcher_gram, then karcher (2 reads)" in r.stdout, r.stdout
+    assert "33 reads of each tensor larger than a chunk" in r.stdout, r.stdout
+    assert "karcher_norms, then karcher_mean, then karcher_dots1" in r.stdout, r.stdout
+    assert "then karcher_step10, then karcher (33 reads)" in r.stdout, r.stdout
+
+
+def test_triton_kernel_equals_numba():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
+    torch = pytest.importorskip("torch")
+    from streammerge.kernels import triton_karcher
+
+    tdt = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+    def triton_backend(slot, dtypes, m, pr, stage, o, do):
+        ts = [torch.from_numpy(slot[r, : m * ITEM[d]].copy()).view(tdt[d])
+              for r, d in enumerate(dtypes)]  # fmt: skip
+        if stage != 5:
+            return triton_karcher.karcher_pass_triton(ts, m, pr, stage).numpy()
+        t = torch.zeros(m, dtype=tdt[do])
+        triton_karcher.karcher_pass_triton(ts, m, pr, 5, t)
+        o[...] = t.view(torch.uint8).numpy()
+        return None
+
+    for n, dtypes, do, it, work in [(1100, ["BF16"] * 3, "BF16", 3, None),
+                                    (37, ["F16", "BF16"], "F32", 2, "F32"),
+                                    (1030, ["F32"] * 2, "BF16", 2, "BF16")]:  # fmt: skip
+        rows = _rows(n, dtypes, 4, special=n == 37)
+        w = [1.0 + j for j in range(len(rows))]
+        want = _merge(rows, dtypes, n, do, w, it, work=work)
+        got = _merge(rows, dtypes, n, do, w, it, work=work, backend=triton_backend)
+        assert _same(got, want, do), (n, dtypes)
+        assert got == want or n == 37

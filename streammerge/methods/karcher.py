@@ -1,27 +1,30 @@
 """karcher: the weighted Riemannian (Karcher) mean of the models' directions, scaled by
 the weighted mean of their norms (mergekit ``karcher``; docs/SPEC.md "Karcher mean").
 
-Every iterate of mergekit's loop is a combination ``u = sum_j c_j u_j`` of the unit vectors
-``u_j = x_j / ||x_j||``, so its rounds need only the N x N Gram matrix of the whole
-flattened tensor: one statistics pass (``karcher_gram``: float64 block sums in model_stock's
-fixed order, no base) gives it, the rounds run on the host on N x N float64 numbers
-(``coefficients``), and one elementwise pass writes ``sum_j k_j x_j`` in float32. No
-re-reads, nothing held. M3 multiplies the weights (mergekit's alphas are 1/N: weight 1).
+mergekit's op chain, op for op in the working dtype W (a recipe's ``dtype:``, else the
+stored dtype). Per element, mergekit's iterate depends only on the same element of the
+inputs and on per-tensor scalars (norms, dots, ||T||, ||u||) of the rounds before, so each
+reduction is a statistics pass that re-reads the inputs and recomputes the chain up to it
+from the scalars known (``Program``): the N norms, the mean's norm, then per round the N
+dots, ||T|| and ||u'||; the passes after the rounds stop (||T|| < tol, or ``max_iter``)
+run no kernel. Nothing is held. M3 multiplies the weights (mergekit's alphas are 1/N).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import WEIGHT, Param
 
-MAX_ITER = Param("max_iter", default=10.0, lo=0.0, hi=10000.0, per_model=False,
+#: The rounds the passes are declared for (mergekit's default ``max_iter``).
+KARCHER_ROUNDS = 10
+MAX_ITER = Param("max_iter", default=10.0, lo=0.0, hi=float(KARCHER_ROUNDS), per_model=False,
                  layered=False, integer=True,
-                 help="karcher: most rounds of the fixed-point iteration")  # fmt: skip
+                 help="karcher: most rounds of the fixed-point iteration (at most 10: each "
+                 "round re-reads every tensor 3 times)")  # fmt: skip
 TOL = Param("tol", default=1e-5, lo=0.0, lo_open=True, per_model=False, layered=False,
             help="karcher: norms <= tol are left out, angles < tol skipped, a step < tol "
             "stops the rounds")  # fmt: skip
@@ -29,121 +32,124 @@ KARCHER_WEIGHT = replace(WEIGHT, lo=0.0)
 
 #: The statistics block (the chunks are whole blocks): model_stock's.
 KARCHER_BLOCK = 1024
-#: The statistics pass's name (unique across methods).
-KARCHER_GRAM = "karcher_gram"
+#: The passes in order: the norms, the mean's norm, per round the dots, ||T||, ||u'||, and
+#: the writing pass (pass names are unique across methods).
+PASSES = ("karcher_norms", "karcher_mean",
+          *(f"karcher_{what}{r}" for r in range(1, KARCHER_ROUNDS + 1)
+            for what in ("dots", "tangent", "step")),
+          "karcher")  # fmt: skip
+#: Kernel stage of each pass kind (kernels/cpu_karcher.py).
+_STAGE = {"norms": 0, "mean": 1, "dots": 2, "tangent": 3, "step": 4}
 
 
-def _gram(sums, n: int) -> list[list[float]]:
-    """The symmetric N x N matrix from G_jj, then G_jk (j < k) in order."""
-    g = [[0.0] * n for _ in range(n)]
-    s = n
-    for j in range(n):
-        g[j][j] = float(sums[j])
-    for j in range(n):
-        for k in range(j + 1, n):
-            g[j][k] = g[k][j] = float(sums[s])
-            s += 1
-    return g
+def _rd(v, work: str) -> np.ndarray:
+    """float32 values (an array) rounded to W and widened back."""
+    from streammerge.kernels.common import round_host
+
+    v = np.asarray(v, np.float32)
+    return np.array([round_host(float(e), work) if np.isfinite(e) else e for e in v.ravel()],
+                    np.float32).reshape(v.shape)  # fmt: skip
 
 
-def _cos(v: float) -> float:
-    return math.cos(v) if math.isfinite(v) else math.nan
+@dataclass
+class Program:
+    """A tensor's scalars so far (SPEC "Karcher mean": the kernels' arguments)."""
+
+    work: str
+    full: int
+    n32: np.ndarray
+    valid: np.ndarray
+    na32: np.ndarray
+    fb: int
+    v0: int
+    m0: np.float32
+    dot: np.ndarray
+    coef: np.ndarray
+    skip: np.ndarray
+    cs: np.ndarray
+    sn: np.ndarray
+    nt: np.ndarray
+    un: np.ndarray
+    unapply: np.ndarray
+    s32: np.float32
+
+    @staticmethod
+    def empty(n: int, work: str) -> "Program":
+        r = KARCHER_ROUNDS + 1
+        f = np.float32
+        return Program(work, 0, np.zeros(n, f), np.zeros(n, np.int8), np.zeros(n, f), 0, 0,
+                       f(1.0), np.zeros((r, n), f), np.zeros((r, n), f),
+                       np.zeros((r, n), np.int8), np.zeros(r, f), np.zeros(r, f),
+                       np.ones(r, f), np.ones(r, f), np.zeros(r, np.int8), f(0.0))  # fmt: skip
 
 
-def _sin(v: float) -> float:
-    return math.sin(v) if math.isfinite(v) else math.nan
+def program(sums: dict, op: str, weights, max_iter: int, tol: float, work: str):
+    """(Program, stage) for the pass ``op`` from the accumulators of the passes before it
+    (``cpu_karcher.zero_accumulators``, by pass name); stage None: the pass runs no kernel
+    (the rounds stopped), -1: the writing pass writes zeros (every model left out)."""
+    from streammerge.kernels.cpu_karcher import dot_of, norm_of
 
-
-class _Sphere:
-    """The valid models' unit vectors as their Gram matrix g (SPEC: ``dot``, ``nrm``)."""
-
-    def __init__(self, g: list[list[float]], norms: list[float], valid: list[int]) -> None:
-        self.v = valid
-        self.g = {(j, k): g[j][k] / (norms[j] * norms[k]) for j in valid for k in valid}
-
-    def dot(self, c: dict, j: int) -> float:
-        """<u, u_j> of u = sum_k c_k u_k (left to right over the valid models)."""
-        t = 0.0
-        for k in self.v:
-            t = t + c[k] * self.g[(k, j)]
-        return t
-
-    def nrm(self, c: dict) -> float:
-        """||u|| (NaN stays NaN; a rounding below 0 is 0)."""
-        t = 0.0
-        for j in self.v:
-            t = t + c[j] * self.dot(c, j)
-        return math.nan if math.isnan(t) else math.sqrt(max(t, 0.0))
-
-
-def _tangent(sp: _Sphere, b: dict, c: dict, tol: float) -> dict:
-    """One round's T (coefficients over the valid models)."""
-    t = {j: 0.0 for j in sp.v}
-    for i in sp.v:
-        d = sp.dot(c, i)
-        d = d if math.isnan(d) else min(max(d, -1.0), 1.0)
-        th = math.acos(d)
-        if th < tol:
-            continue
-        f = b[i] * (th / _sin(th))
-        for k in sp.v:
-            t[k] = t[k] + f * ((1.0 if k == i else 0.0) - d * c[k])
-    return t
-
-
-def _direction(sp: _Sphere, b: dict, max_iter: int, tol: float) -> dict:
-    """The Karcher mean's coefficients c (u = sum_j c_j u_j) after the rounds."""
-    c = dict(b)
-    m = sp.nrm(c)
-    c = {j: (1.0 if j == sp.v[0] else 0.0) for j in sp.v} if m < tol else \
-        {j: c[j] / m for j in sp.v}  # fmt: skip
-    for _ in range(max_iter):
-        t = _tangent(sp, b, c, tol)
-        nt = sp.nrm(t)
-        if nt < tol:
-            break
-        c = {k: _cos(nt) * c[k] + _sin(nt) * (t[k] / nt) for k in sp.v}
-        m = sp.nrm(c)
-        if m > tol:
-            c = {k: c[k] / m for k in sp.v}
-    return c
-
-
-def coefficients(sums, weights, max_iter: int, tol: float) -> np.ndarray:
-    """The coefficients k_j of ``out = sum_j k_j x_j`` (SPEC "Karcher mean": the rounds,
-    IEEE float64 on the host).
-
-    Args:
-        sums: float64 [N(N+1)/2]: the tensor's Gram sums (G_jj, then G_jk for j < k).
-        weights: the N weights w_j (M3 applied); max_iter: rounds; tol: > 0.
-
-    Returns:
-        float32 [N] (zeros when every model is left out).
-    """
+    f = np.float32
     n = len(weights)
-    g = _gram(sums, n)
-    norms = [math.sqrt(g[j][j]) for j in range(n)]
-    total = 0.0
-    for w in weights:
-        total = total + float(w)
-    out = np.zeros(n, np.float32)
-    if total == 0.0:
-        return out
-    a = [float(w) / total for w in weights]
-    valid = [j for j in range(n) if norms[j] > tol]
-    mass = 0.0
-    for j in valid:
-        mass = mass + a[j]
-    if not valid or mass == 0.0:
-        return out
-    c = _direction(_Sphere(g, norms, valid), {j: a[j] / mass for j in valid}, max_iter, tol)
-    s = 0.0
-    for j in range(n):
-        s = s + a[j] * norms[j]
+    pr = Program.empty(n, work)
+    k = PASSES.index(op)
+    if k == 0:
+        return pr, 0
     with np.errstate(all="ignore"):
+        n32 = [norm_of(sums[PASSES[0]], j) for j in range(n)]
+        norms = [0.0 if float(v) == 0.0 else float(v) for v in n32]
+        total = 0.0
+        for w in weights:
+            total = total + float(w)
+        alphas = [float(w) / total for w in weights]
+        valid = [j for j in range(n) if norms[j] > tol]
+        asum = 0.0
         for j in valid:
-            out[j] = np.float32((s * c[j]) / norms[j])
-    return out
+            asum = asum + alphas[j]
+        if not valid or asum == 0.0:
+            return pr, (-1 if op == "karcher" else None)
+        pr.n32[:] = n32
+        for j in valid:
+            pr.valid[j] = 1
+            pr.na32[j] = f(alphas[j] / asum)
+        pr.v0 = valid[0]
+        s = f(0.0)  # mergekit's sum(alpha * norm) of 0-dim float32 tensors, cast to W
+        for a, v in zip(alphas, norms):
+            s = f(s + f(f(a) * f(v)))
+        pr.s32 = _rd(np.array([s], f), work)[0]
+        if k == 1:
+            return pr, 1
+        m0 = norm_of(sums[PASSES[1]], 0)
+        pr.m0, pr.fb = m0, int(float(m0) < tol)
+        for ri in range(min(max_iter, KARCHER_ROUNDS)):
+            base = 2 + 3 * ri
+            pr.full = ri
+            if k == base:
+                return pr, 2
+            dots = sums[PASSES[base]]
+            for j in valid:
+                d = _rd(np.array([dot_of(dots, j)], f), work)
+                d = np.clip(d, f(-1.0), f(1.0)) if not np.isnan(d[0]) else d
+                th = _rd(np.arccos(d), work)
+                pr.dot[ri, j] = d[0]
+                if float(th[0]) < tol:
+                    pr.skip[ri, j] = 1
+                    continue
+                pr.coef[ri, j] = _rd(pr.na32[j] * _rd(th / _rd(np.sin(th), work), work), work)[0]
+            if k == base + 1:
+                return pr, 3
+            nt = norm_of(sums[PASSES[base + 1]], 0)
+            if float(nt) < tol:
+                break
+            pr.nt[ri] = nt
+            pr.cs[ri] = _rd(np.array([np.cos(nt)], f), work)[0]
+            pr.sn[ri] = _rd(np.array([np.sin(nt)], f), work)[0]
+            if k == base + 2:
+                return pr, 4
+            un = norm_of(sums[PASSES[base + 2]], 0)
+            pr.un[ri], pr.unapply[ri] = un, int(float(un) > tol)
+            pr.full = ri + 1
+    return pr, (5 if op == "karcher" else None)
 
 
 def _params(a) -> tuple[int, float]:
@@ -151,50 +157,73 @@ def _params(a) -> tuple[int, float]:
     return int(p.get("max_iter", 10)), float(p.get("tol", 1e-5))
 
 
-def coefficients_of(a) -> np.ndarray:
-    """The tensor's k (float32 [N]), computed once from its Gram sums and cached."""
-    sums, cache = a.stats[KARCHER_GRAM]
-    if "k" not in cache:
-        cache["k"] = coefficients(sums, a.weights, *_params(a))
-    return cache["k"]
+def work_of(a) -> str:
+    """W: the plan's working dtype, else the models' common stored dtype, else F32."""
+    dts = [a.dtypes[r] for r in a.model_rows]
+    return a.compute_dtype or (dts[0] if len(set(dts)) == 1 else "F32")
 
 
-def _gram_cpu(inputs, out, a) -> None:
-    """``karcher_gram``: each block's sums, added into ``a.counts[0]`` left to right."""
+def program_of(a):
+    """(Program, stage) of the pass ``a.op`` from the tensor's sums so far."""
+    sums = {name: acc for name, acc in a.stats.items() if name != a.op}
+    return program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
+
+
+def _pass_cpu(inputs, out, a) -> None:
+    """One statistics pass: each block's sums, added into ``a.counts[0]`` left to right."""
     from streammerge.kernels import cpu_karcher
 
-    blocks = cpu_karcher.karcher_gram(inputs, list(a.dtypes), list(a.model_rows), a.count)
-    cpu_karcher.add_blocks(a.counts[0], blocks)
-
-
-def _gram_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import cpu_karcher, triton_karcher
-
-    n = a.count
-    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-    cpu_karcher.add_blocks(a.counts[0], triton_karcher.karcher_gram_triton(models, n).cpu().numpy())
+    pr, stage = program_of(a)
+    if stage is None:
+        return
+    vals = cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr,
+                                    stage)  # fmt: skip
+    cpu_karcher.accumulate(a.counts, vals, stage)
 
 
 def _karcher_cpu(inputs, out, a) -> None:
-    """``karcher``: ``sum_j k_j x_j`` in float32, in model order from +0.0."""
+    """``karcher``: the output ``rW(s * u)`` in the output dtype (zeros: no model left)."""
     from streammerge.kernels import cpu_karcher
 
-    cpu_karcher.karcher_chunk(inputs, list(a.dtypes), list(a.model_rows), a.count,
-                              coefficients_of(a), out, a.out_dtype)  # fmt: skip
+    pr, stage = program_of(a)
+    if stage == -1:
+        out[...] = 0
+        return
+    cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
+                             a.out_dtype)  # fmt: skip
+
+
+def _models(launch, inputs, a) -> list:
+    return [launch.typed(inputs[r], a.dtypes[r], a.count) for r in a.model_rows]
+
+
+def _pass_triton(launch, inputs, out, a) -> None:
+    """A statistics pass on the device: the products come back to the host's sums."""
+    from streammerge.kernels import cpu_karcher, triton_karcher
+
+    pr, stage = program_of(a)
+    if stage is None:
+        return
+    vals = triton_karcher.karcher_pass_triton(_models(launch, inputs, a), a.count, pr, stage)
+    cpu_karcher.accumulate(a.counts, vals.cpu().numpy(), stage)
 
 
 def _karcher_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_karcher
 
-    n = a.count
-    models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
-    k = launch.torch.from_numpy(coefficients_of(a)).to(models[0].device)
-    triton_karcher.karcher_triton(models, n, k, launch.typed(out, a.out_dtype, n))
+    pr, stage = program_of(a)
+    o = launch.typed(out, a.out_dtype, a.count)
+    if stage == -1:
+        o.zero_()
+        return
+    triton_karcher.karcher_pass_triton(_models(launch, inputs, a), a.count, pr, 5, o)
 
 
 def _zero_sums(n_models: int) -> tuple:
-    """float64 [K] (G_jj of each model, then G_jk for j < k) and the tensor's cache."""
-    return (np.zeros(n_models + n_models * (n_models - 1) // 2, np.float64), {})
+    """The pass's accumulators (``cpu_karcher.zero_accumulators``)."""
+    from streammerge.kernels.cpu_karcher import zero_accumulators
+
+    return zero_accumulators(n_models)
 
 
 def _check_weights(per_model: dict) -> str | None:
@@ -216,10 +245,14 @@ METHOD = Method(
     m3="weights",
     min_models=2,
     base_unsupported=True,
-    row_passes=(RowPass(KARCHER_GRAM, _gram_cpu, _gram_triton, accumulators=_zero_sums),
+    working_dtype="inputs",
+    row_passes=(*(RowPass(name, _pass_cpu, _pass_triton, accumulators=_zero_sums)
+                  for name in PASSES[:-1]),
                 RowPass("karcher", _karcher_cpu, _karcher_triton)),
     row_block=KARCHER_BLOCK,
     check_params=_check_weights,
-    plan_note="1 statistics pass (the N x N Gram matrix), max_iter rounds on the host on "
-    "N x N numbers (no re-reads, nothing held), 1 elementwise pass",
+    plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
+    f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
+    "those after the rounds stop read but compute nothing) and 1 writing pass: "
+    f"{len(PASSES)} reads of each tensor larger than a chunk, 1 of a smaller one; nothing held"
 )
