@@ -5,6 +5,7 @@ stream of work items per tensor and pass (``work_items``, ``analysis_items``) an
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -79,11 +80,24 @@ class Item:
     last: bool = False
 
 
+def anon_map(nbytes: int) -> mmap.mmap:
+    """Fresh page-aligned memory: a private anonymous mapping, transparent huge pages asked
+    for (``MADV_HUGEPAGE``). Python's default (``mmap.mmap(-1, n)``) is a *shared* mapping,
+    which the kernel backs with shmem pages of 4 KiB: pinning them for every O_DIRECT read
+    and write (``gup_fast_fallback``) was ~4% of a 2 GB merge's CPU (perf)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    m = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return m
+
+
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array of ``shape`` on fresh page-aligned memory (anonymous mmap), as O_DIRECT
+    """A uint8 array of ``shape`` on fresh page-aligned memory (``anon_map``), as O_DIRECT
     needs."""
     size = max(1, int(np.prod(shape)))
-    return np.frombuffer(mmap.mmap(-1, align_up(size)), dtype=np.uint8)[:size].reshape(shape)
+    return np.frombuffer(anon_map(align_up(size)), dtype=np.uint8)[:size].reshape(shape)
 
 
 def mapped_bytes(a: np.ndarray) -> int:

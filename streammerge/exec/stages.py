@@ -238,7 +238,10 @@ class WriterStage:
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
                 s.free_q.put(item)
-            s.busy["write_cpu_s"] = time.thread_time()
+            s.busy["write_cpu_s"] = time.thread_time() + sum(  # and the staging's I/O threads
+                thread_cpu_s(th.native_id) for st in stagings
+                for th in list(getattr(st.io, "_threads", ()))
+            )  # fmt: skip
         except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001

@@ -73,7 +73,9 @@ class StagingBlock:
 
     def __init__(self, nbytes: int = BLOCK_BYTES, n_blocks: int = 2) -> None:
         self.nbytes = nbytes
-        self.mems = [mmap.mmap(-1, nbytes) for _ in range(n_blocks)]
+        from streammerge.exec.layout import anon_map
+
+        self.mems = [anon_map(nbytes) for _ in range(n_blocks)]
         self.views = [memoryview(m) for m in self.mems]
         self.pending: list[Future | None] = [None] * n_blocks
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sm-write")
