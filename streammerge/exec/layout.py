@@ -5,7 +5,6 @@ stream of work items per tensor and pass (``work_items``, ``analysis_items``) an
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import os
 from collections.abc import Iterable, Iterator
@@ -17,7 +16,7 @@ import numpy as np
 from streammerge.errors import MergeError
 from streammerge.exec.ops import is_row_op, read_rows, row_len
 from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
-from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
+from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up, anon_map
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
 from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
@@ -78,19 +77,6 @@ class Item:
     op: str
     first: bool = False
     last: bool = False
-
-
-def anon_map(nbytes: int) -> mmap.mmap:
-    """Fresh page-aligned memory: a private anonymous mapping, transparent huge pages asked
-    for (``MADV_HUGEPAGE``). Python's default (``mmap.mmap(-1, n)``) is a *shared* mapping,
-    which the kernel backs with shmem pages of 4 KiB: pinning them for every O_DIRECT read
-    and write (``gup_fast_fallback``) was ~4% of a 2 GB merge's CPU (perf)."""
-    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    m = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):
-            m.madvise(mmap.MADV_HUGEPAGE)
-    return m
 
 
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
