@@ -635,6 +635,16 @@ def _convert_kernel(src, src_code, out, out_code, n, block, scale):
         _encode_block(x, out_code, lo, m, out)
 
 
+@numba.njit(nogil=True, cache=True)
+def count_exponent_ones(x, m):
+    """Elements of the unsigned array ``x`` with every bit of ``m`` set ((x & m) == m: the
+    non-finite values, ``streammerge.io.nonfinite``); one vectorized pass, GIL released."""
+    n = 0
+    for i in range(x.shape[0]):
+        n += (x[i] & m) == m
+    return n
+
+
 #: The v2 kernel per working dtype D (SPEC "Working dtype (v3)"); ``_thin_merge_kernel`` is
 #: D = F32, v2's float32 kernel.
 _thin_merge_kernel = _thin_kernel("_thin_merge_kernel", _f32_to_f32)
@@ -1047,3 +1057,5 @@ def warmup() -> None:
                      keep_lo=[1, 0], consensus="sign", normalize=True, compute_dtype=d)  # fmt: skip
     out = np.empty(16, np.uint8)
     convert_chunk(x.view(np.uint8), "F32", out, "BF16", 8)
+    u16 = out.view(np.uint16)
+    count_exponent_ones(u16, u16.dtype.type(0x7F80))  # the writer's count of BF16 outputs

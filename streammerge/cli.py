@@ -326,11 +326,25 @@ def _main(argv: list[str] | None = None) -> int:
         return 0  # finalize said so in one line; there is no run to report
     print(closing_line(s), flush=True)
     if args.profile:
-        busy = ", ".join(f"{k} {v:.2f}" for k, v in s.stage_seconds.items())
-        print(
-            f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True
-        )
+        print_profile(s)
     return 0
+
+
+def print_profile(s) -> None:
+    """``--profile``: the seconds each pipeline stage was busy, then the CPU seconds (user +
+    sys) of each stage and of the whole process (per input GB too)."""
+    import resource
+
+    wall = {k: v for k, v in s.stage_seconds.items() if not k.endswith("_cpu_s")}
+    cpu = {k: v for k, v in s.stage_seconds.items() if k.endswith("_cpu_s")}
+    busy = ", ".join(f"{k} {v:.2f}" for k, v in wall.items())
+    print(f"streammerge: busy seconds per stage: {busy} (of {s.seconds:.2f} s wall)", flush=True)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    total = r.ru_utime + r.ru_stime
+    gb = s.bytes_read / 1e9
+    per = f", {total / gb:.3f} s per input GB" if gb > 0 else ""
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+    print(f"streammerge: CPU seconds per stage: {stages} (process {total:.2f}{per})", flush=True)
 
 
 def apply_lora_main(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ import numpy as np
 from streammerge.errors import MergeError
 from streammerge.exec.ops import is_row_op, read_rows, row_len
 from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
-from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up
+from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up, anon_map
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
 from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
@@ -80,10 +80,10 @@ class Item:
 
 
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 array of ``shape`` on fresh page-aligned memory (anonymous mmap), as O_DIRECT
+    """A uint8 array of ``shape`` on fresh page-aligned memory (``anon_map``), as O_DIRECT
     needs."""
     size = max(1, int(np.prod(shape)))
-    return np.frombuffer(mmap.mmap(-1, align_up(size)), dtype=np.uint8)[:size].reshape(shape)
+    return np.frombuffer(anon_map(align_up(size)), dtype=np.uint8)[:size].reshape(shape)
 
 
 def mapped_bytes(a: np.ndarray) -> int:

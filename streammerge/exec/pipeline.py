@@ -26,6 +26,7 @@ the histograms); ``RunStats.buffer_bytes`` reports what was really allocated.
 from __future__ import annotations
 
 import contextlib
+import resource
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -128,6 +129,7 @@ def _stream_body(
     write = WriterStage(stream, outputs, layout, direct_io)
     compute = ComputeStage(stream, plan, variants, backend, thresholds, on_bytes)
     threads = [threading.Thread(target=read.run, name="sm-reader", daemon=True)]
+    cpu0 = _process_cpu_s()
     if outputs:
         threads.append(threading.Thread(target=write.run, name="sm-writer", daemon=True))
     for th in threads:
@@ -149,6 +151,7 @@ def _stream_body(
     if stream.errors:
         raise stream.errors[0]
     busy = stream.busy
+    _split_cpu(busy, _process_cpu_s() - cpu0)
     busy.update(getattr(backend, "busy", {}))  # a device backend: streams and waits
     allocated = sum(mapped_bytes(s.inputs) + sum(map(mapped_bytes, s.outs)) for s in slots)
     allocated += write.staging_bytes + (layout.stats_bytes if thresholds.peak_bytes else 0)
@@ -160,6 +163,25 @@ def _stream_body(
                  allocated, moved)  # fmt: skip
         for k in range(len(outputs))
     ]
+
+
+def _process_cpu_s() -> float:
+    """User + sys CPU seconds of this process (every thread, the ended ones included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _split_cpu(busy: dict[str, float], total: float) -> None:
+    """The stream's CPU seconds per stage into ``busy`` (``--profile``): ``read_cpu_s`` and
+    ``write_cpu_s`` are those stages' threads' own; ``compute_cpu_s`` is the rest of the
+    process's CPU over the stream (the compute thread and numba's worker threads), of which
+    ``stats_cpu_s`` is the statistics passes' share (by the compute thread's own CPU split:
+    numba's workers run the same kernels beside it)."""
+    stats_t = busy.pop("stats_thread_cpu_s", 0.0)
+    comp_t = busy.pop("compute_thread_cpu_s", 0.0)
+    rest = max(0.0, total - busy.get("read_cpu_s", 0.0) - busy.get("write_cpu_s", 0.0))
+    busy["compute_cpu_s"] = rest
+    busy["stats_cpu_s"] = rest * stats_t / (stats_t + comp_t) if stats_t + comp_t > 0 else 0.0
 
 
 def run(

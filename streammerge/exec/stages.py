@@ -42,6 +42,16 @@ def _no_busy() -> dict[str, float]:
     return {"read_s": 0.0, "compute_s": 0.0, "write_s": 0.0}
 
 
+def thread_cpu_s(native_id: int | None) -> float:
+    """CPU seconds (user + sys) thread ``native_id`` of this process has run so far
+    (``/proc/self/task/ID/schedstat``; 0.0 where there is none)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @dataclass
 class Stream:
     """What the three stages share.
@@ -52,7 +62,12 @@ class Stream:
         done_q: computed slots and shard markers, then None (compute -> writer).
         stop: set once a stage failed: the others leave at their next wait.
         errors: the reader's and writer's errors, the first one first (the one reported).
-        busy: seconds each stage worked (``read_s``, ``compute_s``, ``write_s``).
+        busy: seconds each stage worked (``read_s``, ``compute_s``, ``write_s``), and the
+            CPU seconds of the reader's and writer's threads (``read_cpu_s``: the reader and
+            its pool of read threads; ``write_cpu_s``) and of the compute thread's
+            statistics passes and other passes (``stats_thread_cpu_s``,
+            ``compute_thread_cpu_s``; numba's worker threads are the pipeline's, see
+            ``pipeline._stream_body``).
         verdicts: tensor name -> [Event, window hit]: the compute stage's verdict on a guessed
             threshold window, set after the tensor's last chunk; the reader waits for it.
         meta: shard file name -> journal extras (the thresholds of its tensors).
@@ -131,7 +146,11 @@ class ReaderStage:
                     self.fill(pool, slot, item)
                     s.busy["read_s"] += time.perf_counter() - t0
                     s.ready_q.put(slot)
-            s.ready_q.put(None)
+                s.ready_q.put(None)
+                # the read threads' CPU, while they live (--profile)
+                s.busy["read_cpu_s"] = time.thread_time() + sum(
+                    thread_cpu_s(th.native_id) for th in list(getattr(pool, "_threads", ()))
+                )
         except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
@@ -219,6 +238,10 @@ class WriterStage:
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
                 s.free_q.put(item)
+            s.busy["write_cpu_s"] = time.thread_time() + sum(  # and the staging's I/O threads
+                thread_cpu_s(th.native_id) for st in stagings
+                for th in list(getattr(st.io, "_threads", ()))
+            )  # fmt: skip
         except StageFailed:
             pass
         except BaseException as e:  # noqa: BLE001
@@ -295,9 +318,13 @@ class ComputeStage:
                 if item.kind == "close":
                     self.record_thresholds(item)
             else:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 handle, to_writer = self.compute(item)
                 s.busy["compute_s"] += time.perf_counter() - t0
+                # CPU of this thread: statistics passes (the slot goes back to the reader)
+                # apart from the passes that write
+                key = "compute_thread_cpu_s" if to_writer else "stats_thread_cpu_s"
+                s.busy[key] = s.busy.get(key, 0.0) + time.thread_time() - c0
                 self.bytes_read += item.in_nbytes
                 if self.on_bytes is not None:
                     self.on_bytes(item.in_nbytes)

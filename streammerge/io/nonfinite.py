@@ -11,6 +11,7 @@ where every input is finite count as produced by the merge (weights or a scale t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,11 @@ def count_nonfinite(data, dtype: str) -> int:
     view, mask = EXPONENT_MASK[dtype]
     x = raw.view(view)
     m = view(mask)
+    # The CPU backend's kernels loaded: one numba pass (~0.3 CPU s less per 2 GB written,
+    # perf); numpy's three passes otherwise (a GPU run, or a plan that only copies).
+    kernel = getattr(sys.modules.get("streammerge.kernels.cpu_merge"), "count_exponent_ones", None)
+    if kernel is not None and x.size >= 4096:
+        return int(kernel(x, m))
     n = 0
     for i in range(0, x.size, BLOCK_ELEMS):
         y = x[i : i + BLOCK_ELEMS]

@@ -8,8 +8,10 @@ so resident memory does not grow with the model.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -26,6 +28,19 @@ from streammerge.sysinfo import open_file_limit
 DIRECT_ALIGN = 4096
 #: Extra bytes a destination needs beyond the data for an aligned (O_DIRECT) read.
 DIRECT_SLACK = 2 * DIRECT_ALIGN
+
+
+def anon_map(nbytes: int) -> mmap.mmap:
+    """Fresh page-aligned memory: a private anonymous mapping, transparent huge pages asked
+    for (``MADV_HUGEPAGE``). Python's default (``mmap.mmap(-1, n)``) is a *shared* mapping,
+    which the kernel backs with shmem pages of 4 KiB: pinning them for every O_DIRECT read
+    and write (``gup_fast_fallback``) was ~4% of a 2 GB merge's CPU (perf)."""
+    flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+    m = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return m
 
 
 def align_up(n: int) -> int:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 from streammerge.io.nonfinite import EXPONENT_MASK, count_nonfinite
-from streammerge.io.ranges import align_up
+from streammerge.io.ranges import align_up, anon_map
 
 #: Staging block size (bytes): one O_DIRECT write each.
 BLOCK_BYTES = 8 * 2**20
@@ -73,7 +72,7 @@ class StagingBlock:
 
     def __init__(self, nbytes: int = BLOCK_BYTES, n_blocks: int = 2) -> None:
         self.nbytes = nbytes
-        self.mems = [mmap.mmap(-1, nbytes) for _ in range(n_blocks)]
+        self.mems = [anon_map(nbytes) for _ in range(n_blocks)]
         self.views = [memoryview(m) for m in self.mems]
         self.pending: list[Future | None] = [None] * n_blocks
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sm-write")
