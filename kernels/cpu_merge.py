@@ -428,29 +428,26 @@ def _thin_one(d, keep, rescale, w, keep_lo, keep_hi, rd, rd_e, rd_w):
 @numba.njit(inline="always")
 def _thin_loop(src, dec, rin, rd, rd_e, rd_w, xb, m, r, thr, masked, rescale, w, keep_lo,
                keep_hi, wd, keep_wd, s_):  # fmt: skip
-    """wd[t] = wd_k(t) (when ``keep_wd``) and s_[t] = s_[t] + wd_k(t), for m elements of one
-    source (``dec`` decodes one stored element to float32, ``rin`` rounds it to D (the
-    identity when the row's dtype fits in D), ``rd`` rounds to D; ``rd_e`` and ``rd_w`` round
-    e and w' * e: ``rd`` or, where exact, the identity)."""
+    """wd[t] = wd_k(t) (if ``keep_wd``: a loop-invariant test, which LLVM unswitches) and
+    s_[t] = s_[t] + wd_k(t), for m elements of one source (``dec``
+    decodes one stored element to float32, ``rin`` rounds it to D (the identity when the
+    row's dtype fits in D), ``rd`` rounds to D; ``rd_e`` and ``rd_w`` round e and w' * e:
+    ``rd`` or, where exact, the identity)."""
     if masked:
-        if keep_wd:
-            for t in range(m):
-                v = _thin_one(rd(rin(dec(src[t])) - xb[t]), r[t] >= thr, rescale, w, keep_lo,
-                              keep_hi, rd, rd_e, rd_w)  # fmt: skip
+        for t in range(m):
+            v = _thin_one(rd(rin(dec(src[t])) - xb[t]), r[t] >= thr, rescale, w, keep_lo,
+                          keep_hi, rd, rd_e, rd_w)  # fmt: skip
+            if keep_wd:
                 wd[t] = v
-                s_[t] = s_[t] + v
-        else:
-            for t in range(m):
-                v = _thin_one(rd(rin(dec(src[t])) - xb[t]), r[t] >= thr, rescale, w, keep_lo,
-                              keep_hi, rd, rd_e, rd_w)  # fmt: skip
-                s_[t] = s_[t] + v
+            s_[t] = s_[t] + v
     else:  # no DARE mask, so p = 0 and rescale = 1: e = d, no multiplication
         for t in range(m):
             d = rd(rin(dec(src[t])) - xb[t])
             mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
             kept = (mag >= keep_lo) & (mag <= keep_hi)
             v = rd_w(w * (d if kept else np.float32(0.0)))
-            wd[t] = v
+            if keep_wd:
+                wd[t] = v
             s_[t] = s_[t] + v
 
 
@@ -466,33 +463,39 @@ def _exact_rescale(rescale):
 
 
 @numba.njit(inline="always")
-def _thin_rows(src, dec, round_in, rd, exact, xb, m, r, thr, masked, rescale, w, keep_lo,
-               keep_hi, wd, keep_wd, s_):  # fmt: skip
-    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block.
-
-    Exact shortcuts (input already in D, ``exact``): rd(w' * x) = x for
-    w' = 1 and x an rd value (rd is idempotent, 1 * x = x, NaN included), and
-    rd(d * rescale) = d * rescale for rescale = 2**k, k >= 0 (``_exact_rescale``), where
-    ``exact`` (D = BF16). Each
-    removes a rounding per element; outputs are unchanged bit for bit."""
+def _thin_rows(src, dec, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd,
+               keep_wd, s_):  # fmt: skip
+    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block."""
     if round_in:
         _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
-                   wd, True, s_)  # fmt: skip
-    elif not exact:
-        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
-                   keep_lo, keep_hi, wd, True, s_)  # fmt: skip
+                   wd, keep_wd, s_)  # fmt: skip
     else:
-        fast_e = (not masked) or _exact_rescale(rescale)
-        fast_w = w == np.float32(1.0)
-        if fast_e and fast_w:
-            _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, _f32_to_f32, xb, m, r, thr, masked,
-                       rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
-        elif fast_e:
-            _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, rd, xb, m, r, thr, masked,
-                       rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
-        else:
-            _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
-                       keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _thin_rows_exact(src, dec, round_in, rd, exact, xb, m, r, thr, masked, rescale, w, keep_lo,
+                     keep_hi, wd, keep_wd, s_):  # fmt: skip
+    """``_thin_rows`` for bfloat16 rows, with exact shortcuts where ``exact`` (D = BF16; the
+    input then fits in D): rd(w' * x) = x for w' = 1 and x an rd value (rd is idempotent,
+    1 * x = x, NaN included), and rd(d * rescale) = d * rescale for rescale = 2**k, k >= 0
+    (``_exact_rescale``). Each removes a rounding per element; outputs are unchanged bit for
+    bit. (Only here: each variant is another compiled loop.)"""
+    fast_e = exact and ((not masked) or _exact_rescale(rescale))
+    fast_w = exact and w == np.float32(1.0)
+    if round_in:
+        _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
+                   wd, keep_wd, s_)  # fmt: skip
+    elif fast_e and fast_w:
+        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, _f32_to_f32, xb, m, r, thr, masked,
+                   rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+    elif fast_e:
+        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, rd, xb, m, r, thr, masked, rescale,
+                   w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+    else:
+        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -501,16 +504,16 @@ def _thin_block(row, code, round_in, rd, exact, lo, m, xb, r, thr, masked, resca
     """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1)."""
     if code == _F32:
         src = row[lo * 4 : (lo + m) * 4].view(np.float32)
-        _thin_rows(src, _f32_to_f32, round_in, rd, exact, xb, m, r, thr, masked, rescale, w,
-                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_rows(src, _f32_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     elif code == _F16:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_rows(src16, _f16_to_f32, round_in, rd, exact, xb, m, r, thr, masked, rescale, w,
-                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_rows(src16, _f16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     else:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_rows(src16, _bf16_to_f32, round_in, rd, exact, xb, m, r, thr, masked, rescale, w,
-                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_rows_exact(src16, _bf16_to_f32, round_in, rd, exact, xb, m, r, thr, masked,
+                         rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
 
 
 #: Bound per kernel by ``_thin_kernel``: D = BF16 (exact shortcuts on).
