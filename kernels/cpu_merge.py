@@ -414,64 +414,110 @@ def _f32_to_f32(x):
 
 
 @numba.njit(inline="always")
-def _thin_one(d, keep, rescale, w, keep_lo, keep_hi, rd):
+def _thin_one(d, keep, rescale, w, keep_lo, keep_hi, rd, rd_e, rd_w):
     """wd = rd(w' * e) for one element (d already rd-rounded): e = kept ? rd(d * rescale) :
     +0.0, where kept = ``keep`` (the DARE test) and keep_lo <= bits(d) & 0x7FFFFFFF <=
-    keep_hi. (rescale = 1 without DARE: rd(d * 1) = d.)"""
+    keep_hi. (rescale = 1 without DARE: rd(d * 1) = d.) ``rd_e``, ``rd_w``: ``rd``, or the
+    identity where it provably changes nothing (``_thin_rows``)."""
     mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
     kept = keep & (mag >= keep_lo) & (mag <= keep_hi)
-    e = rd(d * rescale)  # for every element: no branch around rd (the loop vectorizes)
-    return rd(w * (e if kept else np.float32(0.0)))
+    e = rd_e(d * rescale)  # for every element: no branch around rd (the loop vectorizes)
+    return rd_w(w * (e if kept else np.float32(0.0)))
 
 
 @numba.njit(inline="always")
-def _thin_loop(src, dec, rin, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_):
-    """wd[t] = wd_k(t) and s_[t] = s_[t] + wd[t], for m elements of one source (``dec``
+def _thin_loop(src, dec, rin, rd, rd_e, rd_w, xb, m, r, thr, masked, rescale, w, keep_lo,
+               keep_hi, wd, keep_wd, s_):  # fmt: skip
+    """wd[t] = wd_k(t) (if ``keep_wd``: a loop-invariant test, which LLVM unswitches) and
+    s_[t] = s_[t] + wd_k(t), for m elements of one source (``dec``
     decodes one stored element to float32, ``rin`` rounds it to D (the identity when the
-    row's dtype fits in D), ``rd`` rounds to D)."""
+    row's dtype fits in D), ``rd`` rounds to D; ``rd_e`` and ``rd_w`` round e and w' * e:
+    ``rd`` or, where exact, the identity)."""
     if masked:
         for t in range(m):
             v = _thin_one(rd(rin(dec(src[t])) - xb[t]), r[t] >= thr, rescale, w, keep_lo,
-                          keep_hi, rd)  # fmt: skip
-            wd[t] = v
+                          keep_hi, rd, rd_e, rd_w)  # fmt: skip
+            if keep_wd:
+                wd[t] = v
             s_[t] = s_[t] + v
     else:  # no DARE mask, so p = 0 and rescale = 1: e = d, no multiplication
         for t in range(m):
             d = rd(rin(dec(src[t])) - xb[t])
             mag = _f32_bits(d) & np.uint32(0x7FFFFFFF)
             kept = (mag >= keep_lo) & (mag <= keep_hi)
-            v = rd(w * (d if kept else np.float32(0.0)))
-            wd[t] = v
+            v = rd_w(w * (d if kept else np.float32(0.0)))
+            if keep_wd:
+                wd[t] = v
             s_[t] = s_[t] + v
 
 
 @numba.njit(inline="always")
-def _thin_rows(src, dec, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd,
-               s_):  # fmt: skip
-    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block."""
-    if round_in:
-        _thin_loop(src, dec, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd, s_)
-    else:
-        _thin_loop(src, dec, _f32_to_f32, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, s_)  # fmt: skip
+def _exact_rescale(rescale):
+    """rescale is 2**k, k >= 0 (p = 0 or 0.5, 0.75, ...): then d * rescale is exact for
+    every bfloat16 value d (or overflows to inf, as rd would), so rd(d * rescale) =
+    d * rescale bit for bit, NaN payloads included. Not so for float16 (its range ends
+    before float32's)."""
+    u = _f32_bits(rescale)
+    return ((u & np.uint32(0x007FFFFF)) == np.uint32(0) and u >= np.uint32(0x3F800000)
+            and u < np.uint32(0x7F800000))  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _thin_block(row, code, round_in, rd, lo, m, xb, r, thr, masked, rescale, w, keep_lo, keep_hi,
-                wd, s_):  # fmt: skip
+def _thin_rows(src, dec, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd,
+               keep_wd, s_):  # fmt: skip
+    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block."""
+    if round_in:
+        _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
+                   wd, keep_wd, s_)  # fmt: skip
+    else:
+        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _thin_rows_exact(src, dec, round_in, rd, exact, xb, m, r, thr, masked, rescale, w, keep_lo,
+                     keep_hi, wd, keep_wd, s_):  # fmt: skip
+    """``_thin_rows`` for bfloat16 rows, with exact shortcuts where ``exact`` (D = BF16; the
+    input then fits in D): rd(w' * x) = x for w' = 1 and x an rd value (rd is idempotent,
+    1 * x = x, NaN included), and rd(d * rescale) = d * rescale for rescale = 2**k, k >= 0
+    (``_exact_rescale``). Each removes a rounding per element; outputs are unchanged bit for
+    bit. (Only here: each variant is another compiled loop.)"""
+    fast_e = exact and ((not masked) or _exact_rescale(rescale))
+    fast_w = exact and w == np.float32(1.0)
+    if round_in:
+        _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
+                   wd, keep_wd, s_)  # fmt: skip
+    elif fast_e and fast_w:
+        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, _f32_to_f32, xb, m, r, thr, masked,
+                   rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+    elif fast_e:
+        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, rd, xb, m, r, thr, masked, rescale,
+                   w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+    else:
+        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def _thin_block(row, code, round_in, rd, exact, lo, m, xb, r, thr, masked, rescale, w, keep_lo,
+                keep_hi, wd, keep_wd, s_):  # fmt: skip
     """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1)."""
     if code == _F32:
         src = row[lo * 4 : (lo + m) * 4].view(np.float32)
         _thin_rows(src, _f32_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, s_)  # fmt: skip
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     elif code == _F16:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
         _thin_rows(src16, _f16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, s_)  # fmt: skip
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     else:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_rows(src16, _bf16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, s_)  # fmt: skip
+        _thin_rows_exact(src16, _bf16_to_f32, round_in, rd, exact, xb, m, r, thr, masked,
+                         rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
+
+
+#: Bound per kernel by ``_thin_kernel``: D = BF16 (exact shortcuts on).
+EXACT = False
 
 
 def _thin_merge_kernel_py(
@@ -545,9 +591,9 @@ def _thin_merge_kernel_py(
                               inputs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
-            _thin_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, rw[words[k]],
-                        thresholds[k], masked,
-                        rescales[k], weights[k], keep_lo[k], keep_hi[k], wd[k], s_)  # fmt: skip
+            _thin_block(inputs[row], codes[row], round_in[row], rd, EXACT, lo, m, xb,
+                        rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
+                        keep_lo[k], keep_hi[k], wd[k], sign, s_)  # fmt: skip
         if sign:
             # S = rd(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
             # +; S NaN: -).
@@ -580,8 +626,12 @@ def _thin_merge_kernel_py(
                 for t in range(m):
                     acc[t] = rd(acc[t] / den[t])
                 if not linear:
-                    for t in range(m):
-                        acc[t] = rd(xb[t] + rd(scale * acc[t]))
+                    if scale == one:  # rd(1 * x) = x for an rd value x
+                        for t in range(m):
+                            acc[t] = rd(xb[t] + acc[t])
+                    else:
+                        for t in range(m):
+                            acc[t] = rd(xb[t] + rd(scale * acc[t]))
             elif linear:
                 for t in range(m):
                     acc[t] = rd(acc[t])
@@ -603,17 +653,29 @@ def _thin_merge_kernel_py(
             elif linear:
                 for t in range(m):
                     acc[t] = rd(s_[t])
+            elif scale == one:  # rd(1 * x) = x for an rd value x
+                for t in range(m):
+                    acc[t] = rd(xb[t] + rd(s_[t]))
             else:
                 for t in range(m):
                     acc[t] = rd(xb[t] + rd(scale * rd(s_[t])))
-        _encode_block(res, out_code, lo, m, out)
+        if EXACT and out_code == _BF16:
+            # D = BF16: every res[t] is an rd value (low 16 bits 0, a NaN already quiet), so
+            # _f32_to_bf16 is its top half.
+            dst = out[lo * 2 : (lo + m) * 2].view(np.uint16)
+            for t in range(m):
+                dst[t] = np.uint16(_f32_bits(res[t]) >> np.uint32(16))
+        else:
+            _encode_block(res, out_code, lo, m, out)
 
 
 def _thin_kernel(name: str, rd):
     """``_thin_merge_kernel_py`` compiled with the module global ``rd`` bound to one working
-    dtype's rounding (a separate function per D, so D = F32 compiles to v2's float32 code,
-    and each is cached on disk under its own name)."""
-    fn = types_mod.FunctionType(_thin_merge_kernel_py.__code__, {**globals(), "rd": rd}, name,
+    dtype's rounding, and ``EXACT`` to D = BF16 (the kernel then drops roundings that
+    provably change nothing): a separate function per D, so D = F32 compiles to v2's float32
+    code, and each is cached on disk under its own name."""
+    fn = types_mod.FunctionType(_thin_merge_kernel_py.__code__,
+                                {**globals(), "rd": rd, "EXACT": rd is _rd_bf16}, name,
                                 _thin_merge_kernel_py.__defaults__, _thin_merge_kernel_py.__closure__)  # fmt: skip
     fn.__qualname__ = name
     fn.__doc__ = _thin_merge_kernel_py.__doc__
