@@ -23,7 +23,7 @@ import numpy as np
 
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_rows import DOT_BLOCK, _checked, _tree
+from .cpu_rows import DOT_BLOCK, _block_dots, _checked
 
 #: Columns per parallel task of ``col_dots``; elements per task of ``combine``.
 COL_BLOCK = 256
@@ -58,19 +58,10 @@ def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows,
         for lo in range(0, row_len, DOT_BLOCK):
             m = min(DOT_BLOCK, row_len - lo)
             _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + lo, m, x, y, b)
-            for i in range(m):
-                u = np.float64(x[i])
-                v = np.float64(y[i])
-                p00[i] = u * u
-                p11[i] = v * v
-                p01[i] = u * v
-            for i in range(m, DOT_BLOCK):
-                p00[i] = 0.0
-                p11[i] = 0.0
-                p01[i] = 0.0
-            s00 = s00 + _tree(p00)
-            s11 = s11 + _tree(p11)
-            s01 = s01 + _tree(p01)
+            d00, d11, d01 = _block_dots(x, y, m, p00, p11, p01)
+            s00 = s00 + d00
+            s11 = s11 + d11
+            s01 = s01 + d01
         stats[r, 0] = s00
         stats[r, 1] = s11
         stats[r, 2] = s01

@@ -37,6 +37,24 @@ def _tree(p):
     return p[0]
 
 
+@numba.njit(inline="always")
+def _block_dots(x, y, m, p00, p11, p01):
+    """One block's float64 sums (x.x, y.y, x.y) of its first ``m`` float32 elements:
+    exact products padded with +0.0 to ``DOT_BLOCK``, each summed by ``_tree``
+    (SPEC "SLERP (v3)")."""
+    for i in range(m):
+        a = np.float64(x[i])
+        b = np.float64(y[i])
+        p00[i] = a * a
+        p11[i] = b * b
+        p01[i] = a * b
+    for i in range(m, DOT_BLOCK):
+        p00[i] = 0.0
+        p11[i] = 0.0
+        p01[i] = 0.0
+    return _tree(p00), _tree(p11), _tree(p01)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _row_dots_kernel(row0, code0, row1, code1, n_rows, row_len, stats):
     for r in numba.prange(n_rows):
@@ -52,19 +70,10 @@ def _row_dots_kernel(row0, code0, row1, code1, n_rows, row_len, stats):
             m = min(DOT_BLOCK, row_len - lo)
             _decode_block(row0, code0, r * row_len + lo, m, x)
             _decode_block(row1, code1, r * row_len + lo, m, y)
-            for i in range(m):
-                a = np.float64(x[i])
-                b = np.float64(y[i])
-                p00[i] = a * a
-                p11[i] = b * b
-                p01[i] = a * b
-            for i in range(m, DOT_BLOCK):
-                p00[i] = 0.0
-                p11[i] = 0.0
-                p01[i] = 0.0
-            s00 = s00 + _tree(p00)
-            s11 = s11 + _tree(p11)
-            s01 = s01 + _tree(p01)
+            d00, d11, d01 = _block_dots(x, y, m, p00, p11, p01)
+            s00 = s00 + d00
+            s11 = s11 + d11
+            s01 = s01 + d01
         stats[r, 0] = s00
         stats[r, 1] = s11
         stats[r, 2] = s01

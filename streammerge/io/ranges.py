@@ -8,7 +8,6 @@ so resident memory does not grow with the model.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import mmap
@@ -31,16 +30,14 @@ DIRECT_SLACK = 2 * DIRECT_ALIGN
 
 
 def anon_map(nbytes: int) -> mmap.mmap:
-    """Fresh page-aligned memory: a private anonymous mapping, transparent huge pages asked
-    for (``MADV_HUGEPAGE``). Python's default (``mmap.mmap(-1, n)``) is a *shared* mapping,
-    which the kernel backs with shmem pages of 4 KiB: pinning them for every O_DIRECT read
-    and write (``gup_fast_fallback``) was ~4% of a 2 GB merge's CPU (perf)."""
+    """Fresh page-aligned memory: a private anonymous mapping. Python's default
+    (``mmap.mmap(-1, n)``) is a *shared* mapping, which the kernel backs with shmem pages:
+    pinning them for every O_DIRECT read and write (``gup_fast_fallback``) was ~4% of a
+    2 GB merge's CPU (perf). No ``MADV_HUGEPAGE``: with the common THP ``defrag`` setting
+    ``madvise`` it makes page faults compact memory synchronously, a stall of seconds of
+    system CPU on a loaded workstation (two such runs were seen in bench/cpu_cost.py)."""
     flags = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
-    m = mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):
-            m.madvise(mmap.MADV_HUGEPAGE)
-    return m
+    return mmap.mmap(-1, nbytes, flags=flags) if flags else mmap.mmap(-1, nbytes)
 
 
 def align_up(n: int) -> int:
