@@ -75,23 +75,30 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
                 s += 1
 
 
+@numba.njit(inline="always")
+def _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a):
+    """One block of the merge pass: the base's ``m`` elements from ``first`` into ``xb``
+    (float32), and into ``a`` (zeros) the fine-tunes' sum in W, model by model, each term
+    and partial sum rounded (SPEC "Model Stock": mergekit's mean of the models)."""
+    x = np.empty(STOCK_BLOCK, np.float32)
+    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+    for j in range(model_rows.shape[0]):
+        r = model_rows[j]
+        _decode_block(inputs[r], codes[r], first, m, x)
+        for i in range(m):
+            a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_code):
-    n_models = model_rows.shape[0]
-    count = np.float32(n_models)
+    count = np.float32(model_rows.shape[0])
     q = round_work(np.float32(1.0) - t32, w_code)
     for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
         first = k * STOCK_BLOCK
         m = min(STOCK_BLOCK, n - first)
         xb = np.empty(STOCK_BLOCK, np.float32)
-        x = np.empty(STOCK_BLOCK, np.float32)
         a = np.zeros(STOCK_BLOCK, np.float32)
-        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-        for j in range(n_models):
-            r = model_rows[j]
-            _decode_block(inputs[r], codes[r], first, m, x)
-            for i in range(m):
-                a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
+        _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a)
         for i in range(m):
             avg = round_work(a[i] / count, w_code)
             p = round_work(t32 * avg, w_code)
@@ -126,20 +133,13 @@ def _row_dots_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, w_cod
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _stock_rows_kernel(inputs, codes, base_row, model_rows, n, row_len, ts, qs, w_code, out,
                        out_code):  # fmt: skip
-    n_models = model_rows.shape[0]
-    count = np.float32(n_models)
+    count = np.float32(model_rows.shape[0])
     for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
         first = k * STOCK_BLOCK
         m = min(STOCK_BLOCK, n - first)
         xb = np.empty(STOCK_BLOCK, np.float32)
-        x = np.empty(STOCK_BLOCK, np.float32)
         a = np.zeros(STOCK_BLOCK, np.float32)
-        _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-        for j in range(n_models):
-            r = model_rows[j]
-            _decode_block(inputs[r], codes[r], first, m, x)
-            for i in range(m):
-                a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
+        _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a)
         for i in range(m):
             row = (first + i) // row_len
             avg = round_work(a[i] / count, w_code)
