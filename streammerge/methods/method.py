@@ -121,9 +121,9 @@ class Method:
             working dtype (nearswap, ram, ramplus_tl, model_stock: a recipe's ``dtype:``,
             else the inputs' promoted dtype), resolved per tensor by the plan as for the
             task-vector methods (docs/SPEC.md "Working dtype (v3)").
-        base_unsupported: mergekit takes an optional ``base_model`` (nuslerp: the
-            task vectors are interpolated) that streammerge does not support yet: a recipe
-            or ``--base`` with one is refused instead of ignored.
+        base_unsupported: mergekit takes a ``base_model`` that streammerge does not
+            support (karcher: mergekit merges it as one more model): a recipe or ``--base``
+            with one is refused instead of ignored.
         base_optional: mergekit takes an optional ``base_model`` that streammerge supports
             (nuslerp, multislerp: with one, the task vectors are merged and the base added
             back): the method is declared without a base (``uses_base`` False), and a
