@@ -152,7 +152,7 @@ def test_bad_slice_merges_stop_in_one_line(pair, tmp_path, slices, with_base, wa
 def test_interrupted_slice_merge_checks_each_source_model_on_resume(tmp_path):
     """The journal names each merged tensor's sources by their model (input j of a slice
     is not model j): a changed byte of the last slice's second fine-tune stops --resume."""
-    from conftest import dir_digest, fail_after
+    from conftest import dir_digest
 
     import streammerge
     from streammerge.errors import MergeError
@@ -170,9 +170,22 @@ def test_interrupted_slice_merge_checks_each_source_model_on_resume(tmp_path):
     opts = {"shard_size": "8KB", "device": "cpu", **yr.recipe}
     streammerge.merge(*args, tmp_path / "ref", **opts)
     out = tmp_path / "out"
+    journal = tmp_path / ".out.streammerge-journal"
+
+    def used_of_b() -> list[str]:
+        """Tensors of b (input "2") that journaled shards used: finished, relied on."""
+        lines = journal.read_text().splitlines() if journal.is_file() else []
+        recs = [json.loads(x) for x in lines if '"shard"' in x]
+        return [t for r in recs for role, t, *_ in r["inputs"] if role == "2"]
+
+    def interrupt_once_journaled(n: int) -> None:
+        # on_bytes counts computed bytes; the writer journals later (under load, much later)
+        if used_of_b():
+            raise KeyboardInterrupt
+
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(*args, out, on_bytes=fail_after(25_000, KeyboardInterrupt()), **opts)
-    head = open_model(b).tensors["lm_head.weight"]  # first in name order: a finished shard
+        streammerge.merge(*args, out, on_bytes=interrupt_once_journaled, **opts)
+    head = open_model(b).tensors[used_of_b()[0]]
     data = bytearray(head.file.read_bytes())
     data[head.start] ^= 1
     head.file.write_bytes(bytes(data))
