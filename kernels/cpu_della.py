@@ -21,7 +21,7 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
-from .cpu_merge import _M32, _SH32, _decode_block, _encode_block, _f32_bits, _philox_range
+from .cpu_merge import _decode_block, _encode_block, _f32_bits, _philox_range
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked
 
@@ -39,6 +39,39 @@ def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
     return math.floor((density - epsilon) * 2**32), math.floor(2.0 * epsilon * 2**32)
 
 
+@numba.njit(nogil=True, cache=True)
+def _ranks(mags, n, rank, perm, spare, hist):
+    """rank[i] = the position of element i when the n magnitudes are sorted ascending, ties
+    by element index (SPEC "DELLA": the order of the keys ``mag << 32 | i``): a stable LSD
+    radix sort on the 31-bit magnitude, 8 bits a pass, a pass skipped where every element
+    has the same digit (a bfloat16 magnitude's low 16 bits are zero: two passes).
+    perm, spare: int64 [>= n] scratch; hist: int64 [4, 256] scratch."""
+    hist[:, :] = 0
+    for i in range(n):
+        v = mags[i]
+        for p in range(4):
+            hist[p, (v >> np.uint32(8 * p)) & np.uint32(255)] += 1
+    for i in range(n):
+        perm[i] = i
+    for p in range(4):
+        if hist[p].max() == n:
+            continue  # one digit for all: the pass keeps the order
+        total = 0
+        for b in range(256):
+            c = hist[p, b]
+            hist[p, b] = total
+            total += c
+        shift = np.uint32(8 * p)
+        for k in range(n):
+            e = perm[k]
+            b = (mags[e] >> shift) & np.uint32(255)
+            spare[hist[p, b]] = e
+            hist[p, b] += 1
+        perm, spare = spare, perm
+    for k in range(n):
+        rank[perm[k]] = k
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
                   tha, thb, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code, ids):  # fmt: skip
@@ -50,8 +83,12 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
         xb = np.empty(row_len, np.float32)
         d = np.empty(row_len, np.float32)
         wd = np.empty((n_models, row_len), np.float32)
-        keys = np.empty(row_len, np.uint64)
+        mags = np.empty(row_len, np.uint32)
         rank = np.empty(row_len, np.int64)
+        perm = np.empty(row_len, np.int64)
+        spare = np.empty(row_len, np.int64)
+        hist = np.empty((4, 256), np.int64)
+        group = -1
         w0 = np.empty(row_len, np.uint32)
         w1 = np.empty(row_len, np.uint32)
         w2 = np.empty(row_len, np.uint32)
@@ -66,12 +103,11 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
                 d[i] = round_work(round_work(d[i], w_code) - xb[i], w_code)
             if drop[j]:
                 for i in range(row_len):
-                    mag = np.uint64(_f32_bits(d[i]) & np.uint32(0x7FFFFFFF))
-                    keys[i] = (mag << _SH32) | np.uint64(i)
-                order = np.argsort(keys)
-                for k in range(row_len):
-                    rank[order[k]] = k
-                _philox_range(start + lo, row_len, np.uint64(ids[j] // 4), k0, k1, w0, w1, w2, w3)
+                    mags[i] = _f32_bits(d[i]) & np.uint32(0x7FFFFFFF)
+                _ranks(mags, row_len, rank, perm, spare, hist)
+                if ids[j] // 4 != group:  # fine-tunes 4g .. 4g+3 share one Philox call
+                    group = ids[j] // 4
+                    _philox_range(start + lo, row_len, np.uint64(group), k0, k1, w0, w1, w2, w3)
                 q = ids[j] % 4
                 for i in range(row_len):
                     word = w0[i] if q == 0 else (w1[i] if q == 1 else (w2[i] if q == 2 else w3[i]))

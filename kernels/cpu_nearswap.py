@@ -15,22 +15,14 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
-from .cpu_merge import (
-    _bf16_to_f32,
-    _decode_block,
-    _encode_block,
-    _f16_to_f32,
-    _f32_to_bf16,
-    _f32_to_f16,
-)
+from .cpu_merge import _decode_block, _encode_block
 from .cpu_rows import _checked
+from .rounding_ir import round_work_ir
 
 #: Elements per parallel block.
 BLOCK = 8192
 #: mergekit's clamp floor of |a - b| (``absdiff.clamp(min=1e-6)``), before rounding to W.
 CLAMP_MIN = 1e-6
-
-_F32, _F16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"]
 
 
 def work_dtype(dtype_a: str, dtype_b: str) -> str:
@@ -41,12 +33,10 @@ def work_dtype(dtype_a: str, dtype_b: str) -> str:
 
 @numba.njit(inline="always")
 def round_work(v, code):
-    """float32 ``v`` rounded to the working dtype ``code`` and widened back (exact)."""
-    if code == _F32:
-        return v
-    if code == _F16:
-        return _f16_to_f32(_f32_to_f16(v))
-    return _bf16_to_f32(_f32_to_bf16(v))
+    """float32 ``v`` rounded to the working dtype ``code`` and widened back (exact): inline
+    LLVM IR (``kernels/rounding_ir.py`` says why), bit for bit ``_f16_to_f32(_f32_to_f16(v))``
+    for F16 and ``_bf16_to_f32(_f32_to_bf16(v))`` for BF16."""
+    return round_work_ir(v, code)
 
 
 @numba.njit(inline="always")
