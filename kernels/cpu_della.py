@@ -40,36 +40,38 @@ def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
 
 
 @numba.njit(nogil=True, cache=True)
-def _ranks(mags, n, rank, perm, spare, hist):
-    """rank[i] = the position of element i when the n magnitudes are sorted ascending, ties
-    by element index (SPEC "DELLA": the order of the keys ``mag << 32 | i``): a stable LSD
-    radix sort on the 31-bit magnitude, 8 bits a pass, a pass skipped where every element
-    has the same digit (a bfloat16 magnitude's low 16 bits are zero: two passes).
-    perm, spare: int64 [>= n] scratch; hist: int64 [4, 256] scratch."""
-    hist[:, :] = 0
+def _sorted_order(mags, n, perm, spare, hist):
+    """The element indices 0 .. n-1 in the order of ascending magnitude, ties by element
+    index (SPEC "DELLA": the order of the keys ``mag << 32 | i``; the k-th has rank k): a
+    stable LSD radix sort on the 31-bit magnitudes, 8 bits a pass, only over the digits that
+    vary in the row (a bfloat16 magnitude's low 16 bits are zero: two passes).
+    perm, spare: int64 [>= n] scratch (the result is one of them); hist: int64 [256]."""
+    lo_all = np.uint32(0xFFFFFFFF)
+    hi_any = np.uint32(0)
     for i in range(n):
-        v = mags[i]
-        for p in range(4):
-            hist[p, (v >> np.uint32(8 * p)) & np.uint32(255)] += 1
+        lo_all &= mags[i]
+        hi_any |= mags[i]
     for i in range(n):
         perm[i] = i
     for p in range(4):
-        if hist[p].max() == n:
-            continue  # one digit for all: the pass keeps the order
+        shift = np.uint32(8 * p)
+        if ((lo_all ^ hi_any) >> shift) & np.uint32(255) == 0:
+            continue  # the same digit for all: the pass keeps the order
+        hist[:] = 0
+        for i in range(n):
+            hist[(mags[i] >> shift) & np.uint32(255)] += 1
         total = 0
         for b in range(256):
-            c = hist[p, b]
-            hist[p, b] = total
+            c = hist[b]
+            hist[b] = total
             total += c
-        shift = np.uint32(8 * p)
         for k in range(n):
             e = perm[k]
             b = (mags[e] >> shift) & np.uint32(255)
-            spare[hist[p, b]] = e
-            hist[p, b] += 1
+            spare[hist[b]] = e
+            hist[b] += 1
         perm, spare = spare, perm
-    for k in range(n):
-        rank[perm[k]] = k
+    return perm
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -84,10 +86,9 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
         d = np.empty(row_len, np.float32)
         wd = np.empty((n_models, row_len), np.float32)
         mags = np.empty(row_len, np.uint32)
-        rank = np.empty(row_len, np.int64)
         perm = np.empty(row_len, np.int64)
         spare = np.empty(row_len, np.int64)
-        hist = np.empty((4, 256), np.int64)
+        hist = np.empty(256, np.int64)
         group = -1
         w0 = np.empty(row_len, np.uint32)
         w1 = np.empty(row_len, np.uint32)
@@ -104,20 +105,30 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
             if drop[j]:
                 for i in range(row_len):
                     mags[i] = _f32_bits(d[i]) & np.uint32(0x7FFFFFFF)
-                _ranks(mags, row_len, rank, perm, spare, hist)
+                order = _sorted_order(mags, row_len, perm, spare, hist)
                 if ids[j] // 4 != group:  # fine-tunes 4g .. 4g+3 share one Philox call
                     group = ids[j] // 4
                     _philox_range(start + lo, row_len, np.uint64(group), k0, k1, w0, w1, w2, w3)
                 q = ids[j] % 4
-                for i in range(row_len):
-                    word = w0[i] if q == 0 else (w1[i] if q == 1 else (w2[i] if q == 2 else w3[i]))
-                    kk = tha[j]
-                    if row_len > 1:
-                        kk += (np.uint64(rank[i]) * np.uint64(thb[j])) // np.uint64(row_len - 1)
+                words = w0 if q == 0 else (w1 if q == 1 else (w2 if q == 2 else w3))
+                # K = A + (rank * B) // (row_len - 1), rank = 0, 1, ... in sorted order:
+                # advanced by B // (row_len - 1), carrying B % (row_len - 1) (no division)
+                den = np.uint64(max(row_len - 1, 1))
+                step = np.uint64(thb[j]) // den if row_len > 1 else np.uint64(0)
+                carry = np.uint64(thb[j]) % den if row_len > 1 else np.uint64(0)
+                kk = np.uint64(tha[j])
+                rem = np.uint64(0)
+                for k in range(row_len):
+                    i = order[k]
                     e = zero
-                    if np.uint64(word) < np.uint64(kk):
+                    if np.uint64(words[i]) < kk:
                         e = round_work(d[i] * (two32 / np.float32(kk)), w_code) if rescale else d[i]
                     wd[j, i] = round_work(wq[j] * e, w_code)
+                    kk += step
+                    rem += carry
+                    if rem >= den:
+                        kk += np.uint64(1)
+                        rem -= den
             else:
                 for i in range(row_len):
                     wd[j, i] = round_work(wq[j] * d[i], w_code)
