@@ -23,9 +23,10 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
-from .cpu_merge import _decode_block, _encode_block
+from .cpu_merge import _decode_block, _encode_block, _f32_bits
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked, _tree
+from .rounding_ir import bits_f64, f64_bits
 
 #: Elements per block of a row sum (SPEC "SLERP (v3)"'s pairwise tree).
 SUM_BLOCK = 1024
@@ -54,13 +55,17 @@ def exp64(r, inv_fact):
     for j in range(12, 0, -1):
         e = e * s + inv_fact[j]
     e = e * s + 1.0
-    return math.ldexp(e, int(n))
+    # ldexp(e, n) as e * 2^n with 2^n from its bits: n >= -1021 and e > 0.7 keep the
+    # product normal, so the scaling is exact (as Triton's _exp64)
+    return e * bits_f64(np.int64(n + 1023.0) << np.int64(52))
 
 
 @numba.njit(inline="always")
 def log64(v, inv_odd):
     """SPEC's log64 of a positive normal float64 v."""
-    m, e = math.frexp(v)
+    bits = f64_bits(v)  # frexp on the bits (v is positive and normal)
+    e = np.int64((bits >> np.uint64(52)) & np.uint64(0x7FF)) - 1022
+    m = bits_f64((bits & np.uint64(0x000FFFFFFFFFFFFF)) | np.uint64(0x3FE0000000000000))
     if m < SQRT_HALF:
         m = 2.0 * m
         e = e - 1
@@ -164,7 +169,7 @@ def order_key(v):
         return np.uint32(NAN_KEY)
     if v == 0.0:
         return np.uint32(0x80000000)
-    b = np.uint32(np.array([v], np.float32).view(np.uint32)[0])
+    b = _f32_bits(v)
     if b & np.uint32(0x80000000):
         return ~b
     return b ^ np.uint32(0x80000000)

@@ -105,3 +105,27 @@ def round_work_ir(typingctx, v, code):
         return out
 
     return types.float32(v, code), codegen
+
+
+@intrinsic
+def f64_bits(typingctx, x):
+    """The uint64 bit pattern of a float64 (no array round trip: a register move)."""
+    if x != types.float64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.uint64(x), codegen
+
+
+@intrinsic
+def bits_f64(typingctx, x):
+    """The float64 whose bit pattern is the uint64 (or int64) ``x``."""
+    if not isinstance(x, types.Integer) or x.bitwidth != 64:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(x), codegen
