@@ -34,7 +34,8 @@ def work_dtype(dtypes: list[str]) -> str:
 
 @numba.njit(inline="always")
 def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt):
-    """xb = the base block, tv[j] = rW(x_j - x_b), cnt = models with |tv_j| > e."""
+    """xb = the base block, tv[j] = rW(x_j - x_b), cnt = models with |tv_j| > e (each loop
+    over the block's elements, the models outside: LLVM vectorizes them)."""
     _decode_block(inputs[base_row], codes[base_row], first, m, xb)
     for i in range(m):
         cnt[i] = 0
@@ -45,8 +46,7 @@ def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, 
         for i in range(m):
             d = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
             tv[j, i] = d
-            if abs(d) > e:
-                cnt[i] += 1
+            cnt[i] += np.int64(abs(d) > e)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -62,12 +62,14 @@ def _counts_kernel(inputs, codes, base_row, model_rows, n, e, w_code, shared, un
         cnt = np.empty(BLOCK, np.int64)
         _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
         for j in range(n_models):
+            sh = 0
+            un = 0
             for i in range(m):
-                if abs(tv[j, i]) > e:
-                    if cnt[i] == 1:
-                        part[k, 1, j] += 1
-                    elif cnt[i] > 1:
-                        part[k, 0, j] += 1
+                on = np.int64(abs(tv[j, i]) > e)
+                un += on * np.int64(cnt[i] == 1)
+                sh += on * np.int64(cnt[i] > 1)
+            part[k, 0, j] += sh
+            part[k, 1, j] += un
     for k in range(n_blocks):
         for j in range(n_models):
             shared[j] += part[k, 0, j]
@@ -85,27 +87,31 @@ def _ram_kernel(inputs, codes, base_row, model_rows, n, e, w_code, plus, lam, ou
         xb = np.empty(BLOCK, np.float32)
         tv = np.empty((n_models, BLOCK), np.float32)
         cnt = np.empty(BLOCK, np.int64)
+        acc = np.zeros(BLOCK, np.float32)
         _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
-        for i in range(m):
-            c = cnt[i]
-            uniq = one if c == 1 else zero
-            ovl = one if c > 1 else zero
-            div = np.float32(max(c, 1))
-            acc = zero
-            for j in range(n_models):
+        # acc = s_0 + s_1 + ... in model order, element by element as before, but with the
+        # models outside: each loop over the elements vectorizes
+        for j in range(n_models):
+            lj = lam[j]
+            for i in range(m):
+                c = cnt[i]
+                uniq = one if c == 1 else zero
+                ovl = one if c > 1 else zero
+                div = np.float32(max(c, 1))
                 d = tv[j, i]
                 z = round_work(d * (one if abs(d) > e else zero), w_code)
                 u = round_work(z * uniq, w_code)
                 o = round_work(round_work(z * ovl, w_code) / div, w_code)
                 if plus:
-                    s = u * lam[j] + o
+                    s = u * lj + o
                 else:
                     s = round_work(u + o, w_code)
-                acc = acc + s
+                acc[i] = acc[i] + s
+        for i in range(m):
             if plus:
-                xb[i] = xb[i] + acc
+                xb[i] = xb[i] + acc[i]
             else:
-                xb[i] = round_work(xb[i] + round_work(acc, w_code), w_code)
+                xb[i] = round_work(xb[i] + round_work(acc[i], w_code), w_code)
         _encode_block(xb, out_code, first, m, out)
 
 

@@ -41,15 +41,17 @@ def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
     """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys."""
     n_models = model_rows.shape[0]
     task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
-    for i in range(m):
-        mean = 0.0
-        m2 = 0.0
-        for j in range(n_models):  # torch's Welford recurrence, float64
+    mean = np.zeros(m, np.float64)
+    m2 = np.zeros(m, np.float64)
+    for j in range(n_models):  # torch's Welford recurrence, float64, elements inside
+        jj = np.float64(j + 1)
+        for i in range(m):
             x = np.float64(tv[j, i])
-            delta = x - mean
-            mean = mean + delta / np.float64(j + 1)
-            m2 = m2 + delta * (x - mean)
-        v = round_work(np.float32(m2 / np.float64(n_models)), w_code)
+            delta = x - mean[i]
+            mean[i] = mean[i] + delta / jj
+            m2[i] = m2[i] + delta * (x - mean[i])
+    for i in range(m):
+        v = round_work(np.float32(m2[i] / np.float64(n_models)), w_code)
         key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
 
 
@@ -115,27 +117,36 @@ def _sce_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, w
         xb = np.empty(SCE_BLOCK, np.float32)
         tv = np.empty((n_models, SCE_BLOCK), np.float32)
         key = np.empty(SCE_BLOCK, np.int64)
-        sel = np.empty(n_models, np.float32)
+        s_all = np.empty(SCE_BLOCK, np.float32)
+        acc = np.empty(SCE_BLOCK, np.float32)
+        den = np.empty(SCE_BLOCK, np.float32)
         _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
+        # the models outside, the elements inside (LLVM vectorizes these loops); each
+        # element's sums still run over the models in order from +0.0
+        for j in range(n_models):
+            for i in range(m):
+                tv[j, i] = _select(tv, key, j, i, keep_all, thr, w_code)
         for i in range(m):
-            s = zero
-            for j in range(n_models):
-                sel[j] = _select(tv, key, j, i, keep_all, thr, w_code)
-                s = s + sel[j]
-            pos = round_work(s, w_code) >= zero
-            acc = zero
-            den = zero
-            for j in range(n_models):
-                v = sel[j]
+            s_all[i] = zero
+            acc[i] = zero
+            den[i] = zero
+        for j in range(n_models):
+            for i in range(m):
+                s_all[i] = s_all[i] + tv[j, i]
+        for j in range(n_models):
+            for i in range(m):
+                v = tv[j, i]
+                pos = round_work(s_all[i], w_code) >= zero
                 agree = (v > zero and pos) or (v < zero and not pos)
                 ew = round_work(wt[j] * (np.float32(1.0) if agree else zero), w_code)
-                acc = acc + round_work(v * ew, w_code)
-                den = den + ew
-            acc = round_work(acc, w_code)
-            den = round_work(den, w_code)
-            if den < lo:
-                den = lo
-            xb[i] = round_work(xb[i] + round_work(acc / den, w_code), w_code)
+                acc[i] = acc[i] + round_work(v * ew, w_code)
+                den[i] = den[i] + ew
+        for i in range(m):
+            a = round_work(acc[i], w_code)
+            d = round_work(den[i], w_code)
+            if d < lo:
+                d = lo
+            xb[i] = round_work(xb[i] + round_work(a / d, w_code), w_code)
         _encode_block(xb, out_code, first, m, out)
 
 
