@@ -98,11 +98,12 @@ def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums,
             d = sc[nm + j]
             for i in range(m):
                 v[j, i] = round_work(v[j, i] / d, w_code)
-        for i in range(m):  # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0
-            a = np.float32(0.0)
-            for j in range(nm):
-                a = a + round_work(v[j, i] * sc[j], w_code)
-            acc[i] = round_work(a, w_code)
+        # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
+        for j in range(nm):
+            for i in range(m):
+                acc[i] = acc[i] + round_work(v[j, i] * sc[j], w_code)
+        for i in range(m):
+            acc[i] = round_work(acc[i], w_code)
         if stage == 1:
             for i in range(MSL_BLOCK):
                 p[i] = np.float64(acc[i]) * np.float64(acc[i]) if i < m else 0.0
@@ -117,12 +118,14 @@ def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums,
                     tmp[i] = round_work(v[j, i] * acc[i], w_code)
                 sums[k, j] = _block_sum(p, tmp, m)
             continue
-        for i in range(m):  # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j))
-            a = np.float32(0.0)
-            for j in range(nm):
-                t = round_work(v[j, i] - round_work(sc[2 * nm + 1 + j] * acc[i], w_code), w_code)
-                a = a + round_work(t * sc[j], w_code)
-            tmp[i] = round_work(a, w_code)
+        # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j)), float32 from +0.0
+        for j in range(nm):
+            dj = sc[2 * nm + 1 + j]
+            for i in range(m):
+                t = round_work(v[j, i] - round_work(dj * acc[i], w_code), w_code)
+                tmp[i] = tmp[i] + round_work(t * sc[j], w_code)
+        for i in range(m):
+            tmp[i] = round_work(tmp[i], w_code)
         if stage == 3:
             for i in range(MSL_BLOCK):
                 p[i] = np.float64(tmp[i]) * np.float64(tmp[i]) if i < m else 0.0
