@@ -89,6 +89,9 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
         perm = np.empty(row_len, np.int64)
         spare = np.empty(row_len, np.int64)
         hist = np.empty(256, np.int64)
+        acc = np.empty(row_len, np.float32)
+        den = np.empty(row_len, np.float32)
+        sel = np.empty((n_models, row_len), np.float32)
         group = -1
         w0 = np.empty(row_len, np.uint32)
         w1 = np.empty(row_len, np.uint32)
@@ -113,9 +116,9 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
                 words = w0 if q == 0 else (w1 if q == 1 else (w2 if q == 2 else w3))
                 # K = A + (rank * B) // (row_len - 1), rank = 0, 1, ... in sorted order:
                 # advanced by B // (row_len - 1), carrying B % (row_len - 1) (no division)
-                den = np.uint64(max(row_len - 1, 1))
-                step = np.uint64(thb[j]) // den if row_len > 1 else np.uint64(0)
-                carry = np.uint64(thb[j]) % den if row_len > 1 else np.uint64(0)
+                span = np.uint64(max(row_len - 1, 1))
+                step = np.uint64(thb[j]) // span if row_len > 1 else np.uint64(0)
+                carry = np.uint64(thb[j]) % span if row_len > 1 else np.uint64(0)
                 kk = np.uint64(tha[j])
                 rem = np.uint64(0)
                 for k in range(row_len):
@@ -126,37 +129,48 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
                     wd[j, i] = round_work(wq[j] * e, w_code)
                     kk += step
                     rem += carry
-                    if rem >= den:
+                    if rem >= span:
                         kk += np.uint64(1)
-                        rem -= den
+                        rem -= span
             else:
                 for i in range(row_len):
                     wd[j, i] = round_work(wq[j] * d[i], w_code)
+        # the combination with the models outside and the elements inside (vectorized);
+        # each element's sums still run over the models in order from +0.0
         for i in range(row_len):
-            if sign:
-                s = zero
-                for j in range(n_models):
-                    s = s + wd[j, i]
-                s = round_work(s, w_code)
-                pos = s >= zero
-                acc = zero
-                den = zero
-                for j in range(n_models):
+            acc[i] = zero
+            den[i] = zero
+        if sign:
+            for j in range(n_models):
+                for i in range(row_len):
+                    acc[i] = acc[i] + wd[j, i]
+            for i in range(row_len):
+                acc[i] = round_work(acc[i], w_code)  # the elected sign's sum, then reused
+            for j in range(n_models):
+                for i in range(row_len):
                     v = wd[j, i]
-                    if (v > zero and pos) or (v < zero and not pos):
-                        acc = acc + v
-                        den = den + wq[j]
-                acc = round_work(acc, w_code)
-                den = round_work(den, w_code)
-                if den == zero:
-                    den = np.float32(1.0)
+                    pos = acc[i] >= zero
+                    agree = (v > zero and pos) or (v < zero and not pos)
+                    sel[j, i] = v if agree else zero
+                    den[i] = den[i] + (wq[j] if agree else zero)
+            for i in range(row_len):
+                acc[i] = zero
+            for j in range(n_models):
+                for i in range(row_len):
+                    acc[i] = acc[i] + sel[j, i]
+        else:
+            for j in range(n_models):
+                for i in range(row_len):
+                    acc[i] = acc[i] + wd[j, i]
+        for i in range(row_len):
+            a = round_work(acc[i], w_code)
+            if sign:
+                dn = round_work(den[i], w_code)
+                if dn == zero:
+                    dn = np.float32(1.0)
             else:
-                acc = zero
-                for j in range(n_models):
-                    acc = acc + wd[j, i]
-                acc = round_work(acc, w_code)
-                den = den0
-            m = round_work(acc / den, w_code) if normalize else acc
+                dn = den0
+            m = round_work(a / dn, w_code) if normalize else a
             m = round_work(s32 * m, w_code)
             xb[i] = round_work(xb[i] + m, w_code)
         _encode_block(xb, out_code, lo, row_len, out)
