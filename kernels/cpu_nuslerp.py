@@ -23,7 +23,8 @@ import numpy as np
 
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_rows import DOT_BLOCK, _block_dots, _checked
+from .cpu_nearswap import round_work
+from .cpu_rows import DOT_BLOCK, _block_dots, _checked, _tree
 
 #: Columns per parallel task of ``col_dots``; elements per task of ``combine``.
 COL_BLOCK = 256
@@ -31,20 +32,26 @@ COMBINE_BLOCK = 1024
 
 
 @numba.njit(inline="always")
-def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b):
-    """x[:m], y[:m]: the two inputs from element ``first`` (task vectors with a base; b[:m]
-    then holds the base)."""
+def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w):
+    """x[:m], y[:m]: the two inputs from element ``first`` rounded to the working dtype
+    ``w`` (task vectors rW(x - b) with a base; b[:m] then holds the base in W). With W
+    float32 every rounding is the identity: ``x - b`` in float32."""
     _decode_block(row0, code0, first, m, x)
     _decode_block(row1, code1, first, m, y)
+    for i in range(m):
+        x[i] = round_work(x[i], w)
+        y[i] = round_work(y[i], w)
     if has_base:
         _decode_block(rowb, codeb, first, m, b)
         for i in range(m):
-            x[i] = x[i] - b[i]
-            y[i] = y[i] - b[i]
+            b[i] = round_work(b[i], w)
+            x[i] = round_work(x[i] - b[i], w)
+            y[i] = round_work(y[i] - b[i], w)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, stats):
+def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
+                        stats):  # fmt: skip
     for r in numba.prange(n_rows):
         x = np.empty(DOT_BLOCK, np.float32)
         y = np.empty(DOT_BLOCK, np.float32)
@@ -57,7 +64,8 @@ def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows,
         s01 = 0.0
         for lo in range(0, row_len, DOT_BLOCK):
             m = min(DOT_BLOCK, row_len - lo)
-            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + lo, m, x, y, b)
+            first = r * row_len + lo
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
             d00, d11, d01 = _block_dots(x, y, m, p00, p11, p01)
             s00 = s00 + d00
             s11 = s11 + d11
@@ -68,7 +76,7 @@ def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows,
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, acc):
+def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w, acc):
     for k in numba.prange((row_len + COL_BLOCK - 1) // COL_BLOCK):
         c0 = k * COL_BLOCK
         m = min(COL_BLOCK, row_len - c0)
@@ -76,7 +84,7 @@ def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, ro
         y = np.empty(COL_BLOCK, np.float32)
         b = np.empty(COL_BLOCK, np.float32)
         for r in range(n_rows):  # row order: each column's sums left to right
-            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + c0, m, x, y, b)
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + c0, m, x, y, b, w)
             for i in range(m):
                 u = np.float64(x[i])
                 v = np.float64(y[i])
@@ -87,20 +95,88 @@ def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, ro
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col, ca, cb,
-                    out, out_code):  # fmt: skip
+                    w, out, out_code):  # fmt: skip
     for k in numba.prange((n + COMBINE_BLOCK - 1) // COMBINE_BLOCK):
         first = k * COMBINE_BLOCK
         m = min(COMBINE_BLOCK, n - first)
         x = np.empty(COMBINE_BLOCK, np.float32)
         y = np.empty(COMBINE_BLOCK, np.float32)
         b = np.empty(COMBINE_BLOCK, np.float32)
-        _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b)
+        _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
         for i in range(m):
             e = first + i
             j = e % row_len if per_col else e // row_len
             o = np.float32(ca[j] * x[i]) + np.float32(cb[j] * y[i])
             if has_base:
                 o = o + b[i]
+            x[i] = o
+        _encode_block(x, out_code, first, m, out)
+
+
+@numba.njit(inline="always")
+def _unit_products(x, y, m, n0, n1, w, p):
+    """p[:m] = float64(rW(rW(x / n0) * rW(y / n1))), the rest of the block +0.0."""
+    for i in range(p.shape[0]):
+        p[i] = 0.0
+    for i in range(m):
+        p[i] = np.float64(round_work(round_work(x[i] / n0, w) * round_work(y[i] / n1, w), w))
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _unit_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
+                          n0, n1, sums):  # fmt: skip
+    for r in numba.prange(n_rows):
+        x = np.empty(DOT_BLOCK, np.float32)
+        y = np.empty(DOT_BLOCK, np.float32)
+        b = np.empty(DOT_BLOCK, np.float32)
+        p = np.empty(DOT_BLOCK, np.float64)
+        s = 0.0
+        for lo in range(0, row_len, DOT_BLOCK):
+            m = min(DOT_BLOCK, row_len - lo)
+            first = r * row_len + lo
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
+            _unit_products(x, y, m, n0[r], n1[r], w, p)
+            s = s + _tree(p)
+        sums[r] = s
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _unit_col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
+                          n0, n1, acc):  # fmt: skip
+    for k in numba.prange((row_len + COL_BLOCK - 1) // COL_BLOCK):
+        c0 = k * COL_BLOCK
+        m = min(COL_BLOCK, row_len - c0)
+        x = np.empty(COL_BLOCK, np.float32)
+        y = np.empty(COL_BLOCK, np.float32)
+        b = np.empty(COL_BLOCK, np.float32)
+        for r in range(n_rows):  # row order: each column's sum left to right
+            _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + c0, m, x, y, b, w)
+            for i in range(m):
+                c = c0 + i
+                u = round_work(round_work(x[i] / n0[c], w) * round_work(y[i] / n1[c], w), w)
+                acc[c] = acc[c] + np.float64(u)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col,
+                          lin, ca, cb, st, p, q, w, out, out_code):  # fmt: skip
+    for k in numba.prange((n + COMBINE_BLOCK - 1) // COMBINE_BLOCK):
+        first = k * COMBINE_BLOCK
+        m = min(COMBINE_BLOCK, n - first)
+        x = np.empty(COMBINE_BLOCK, np.float32)
+        y = np.empty(COMBINE_BLOCK, np.float32)
+        b = np.empty(COMBINE_BLOCK, np.float32)
+        _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
+        for i in range(m):
+            e = first + i
+            j = e % row_len if per_col else e // row_len
+            if lin[j]:
+                o = round_work(round_work(p * x[i], w) + round_work(q * y[i], w), w)
+            else:
+                o = round_work(round_work(ca[j] * x[i], w) + round_work(cb[j] * y[i], w), w)
+                o = round_work(o / st[j], w)
+            if has_base:
+                o = round_work(b[i] + o, w)
             x[i] = o
         _encode_block(x, out_code, first, m, out)
 
@@ -115,7 +191,8 @@ def _rows(v0, dtype0, v1, dtype1, base, dtype_b, n):
 
 
 def tv_row_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
-                dtype_b: str | None, n_rows: int, row_len: int) -> np.ndarray:  # fmt: skip
+                dtype_b: str | None, n_rows: int, row_len: int,
+                work: str = "F32") -> np.ndarray:  # fmt: skip
     """Per-row S00, S11, S01 (float64 [n_rows, 3]) of the task vectors (``base`` None: the
     inputs themselves), in ``cpu_rows.row_dots``'s order (SPEC "NuSLERP").
 
@@ -126,12 +203,13 @@ def tv_row_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: 
         raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
     c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
     stats = np.zeros((n_rows, 3), np.float64)
-    _tv_row_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, stats)
+    _tv_row_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, FLOAT_CODES[work], stats)
     return stats
 
 
 def col_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
-             dtype_b: str | None, n_rows: int, row_len: int, acc: np.ndarray) -> None:  # fmt: skip
+             dtype_b: str | None, n_rows: int, row_len: int, acc: np.ndarray,
+             work: str = "F32") -> None:  # fmt: skip
     """Adds the chunk's rows into ``acc`` (float64 [row_len, 3]: each column's T00, T11,
     T01 so far), row by row in order (SPEC "NuSLERP").
 
@@ -145,12 +223,12 @@ def col_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.
         raise ValueError(f"acc must be a contiguous float64 array [{row_len}, 3]")
     c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
     if n_rows and row_len:
-        _col_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, acc)
+        _col_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, FLOAT_CODES[work], acc)
 
 
 def combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
             dtype_b: str | None, n: int, row_len: int, per_col: bool, ca: np.ndarray,
-            cb: np.ndarray, out: np.ndarray, out_dtype: str) -> None:  # fmt: skip
+            cb: np.ndarray, out: np.ndarray, out_dtype: str, work: str = "F32") -> None:  # fmt: skip
     """``out = float32(ca[k] * x) + float32(cb[k] * y)`` (``+ b`` with a base) for the ``n``
     elements (whole rows of ``row_len``), k the element's column (``per_col``) or row;
     stored rounded to ``out_dtype`` (SPEC "NuSLERP").
@@ -171,7 +249,126 @@ def combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.n
             raise ValueError(f"{what} must be a float32 array of {k} coefficients")
     if n:
         _combine_kernel(v0, c0, v1, c1, rb, cbase, has, n, row_len, bool(per_col),
-                        np.ascontiguousarray(ca), np.ascontiguousarray(cb), out, co)  # fmt: skip
+                        np.ascontiguousarray(ca), np.ascontiguousarray(cb), FLOAT_CODES[work], out,
+                        co)  # fmt: skip
+
+
+def _vector_array(a: np.ndarray, k: int, dtype, what: str) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or a.shape != (k,):
+        raise ValueError(f"{what} must be a {np.dtype(dtype).name} array of {k} values")
+    return np.ascontiguousarray(a)
+
+
+def unit_row_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str,
+                  base: np.ndarray | None, dtype_b: str | None, n_rows: int, row_len: int,
+                  n0: np.ndarray, n1: np.ndarray, work: str) -> np.ndarray:  # fmt: skip
+    """Per row (float64 [n_rows]): the sum of ``rW(rW(x / n0[r]) * rW(y / n1[r]))`` in
+    ``cpu_rows.row_dots``'s block and tree order, x, y the inputs (task vectors) in W
+    (SPEC "NuSLERP", the chain's cosine pass). n0, n1: float32 [n_rows], the clamped norms.
+
+    Raises:
+        ValueError: a bad row, dtype or norm array.
+    """
+    if n_rows < 0 or row_len < 0:
+        raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
+    n0, n1 = (_vector_array(v, n_rows, np.float32, f"n{j}") for j, v in enumerate((n0, n1)))
+    sums = np.zeros(n_rows, np.float64)
+    _unit_row_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, FLOAT_CODES[work],
+                          n0, n1, sums)  # fmt: skip
+    return sums
+
+
+def unit_col_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str,
+                  base: np.ndarray | None, dtype_b: str | None, n_rows: int, row_len: int,
+                  n0: np.ndarray, n1: np.ndarray, work: str, acc: np.ndarray) -> None:  # fmt: skip
+    """Adds the chunk's rows of ``rW(rW(x / n0[c]) * rW(y / n1[c]))`` into each column's
+    float64 sum ``acc`` [row_len], row by row in order (SPEC "NuSLERP").
+
+    Raises:
+        ValueError: a bad row, dtype, norm array or accumulator.
+    """
+    if n_rows < 0 or row_len < 0:
+        raise ValueError(f"n_rows and row_len must be >= 0, got {n_rows}, {row_len}")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n_rows * row_len)
+    n0, n1 = (_vector_array(v, row_len, np.float32, f"n{j}") for j, v in enumerate((n0, n1)))
+    _vector_array(acc, row_len, np.float64, "acc")
+    if n_rows and row_len:
+        _unit_col_dots_kernel(v0, c0, v1, c1, rb, cbase, has, n_rows, row_len, FLOAT_CODES[work],
+                              n0, n1, acc)  # fmt: skip
+
+
+def chain_combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str,
+                  base: np.ndarray | None, dtype_b: str | None, n: int, row_len: int,
+                  per_col: bool, coef: tuple, out: np.ndarray, out_dtype: str,
+                  work: str) -> None:  # fmt: skip
+    """The merged value in the working dtype W (SPEC "NuSLERP", the chain): per element of
+    vector k, ``rW(rW(rW(ca*x) + rW(cb*y)) / st)``, or ``rW(rW(p*x) + rW(q*y))`` where
+    ``lin[k]``, plus ``rW(b + .)`` with a base; stored rounded to ``out_dtype``.
+
+    Args:
+        coef: (lin bool [k], ca, cb, st float32 [k], p, q float32): ``chain_coefficients``.
+
+    Raises:
+        ValueError: a bad row, dtype or coefficient array.
+    """
+    if row_len <= 0 or n % row_len:
+        raise ValueError(f"n = {n} is not whole rows of {row_len}")
+    c0, c1, rb, cbase, has = _rows(v0, dtype0, v1, dtype1, base, dtype_b, n)
+    co = _checked(out, out_dtype, n, "out")
+    k = row_len if per_col else n // row_len
+    lin, ca, cb, st, p, q = coef
+    lin = _vector_array(lin, k, np.bool_, "lin")
+    ca, cb, st = (_vector_array(v, k, np.float32, w) for v, w in ((ca, "ca"), (cb, "cb"), (st, "st")))
+    if n:
+        _chain_combine_kernel(v0, c0, v1, c1, rb, cbase, has, n, row_len, bool(per_col), lin, ca,
+                              cb, st, np.float32(p), np.float32(q), FLOAT_CODES[work], out,
+                              co)  # fmt: skip
+
+
+def chain_norms(sums: np.ndarray, work: str) -> np.ndarray:
+    """mergekit's ``norm(x).clamp(min=1e-7)`` in W from each vector's float64 sum of
+    squares: ``max(rW(float32(sqrt(S))), rW(1e-7))`` (NaN stays NaN), float32 [k]."""
+    from .common import round_host
+
+    with np.errstate(all="ignore"):
+        n = np.sqrt(np.asarray(sums, np.float64)).astype(np.float32)
+    n = _round_array(n, work)
+    floor = np.float32(round_host(1e-7, work))
+    return np.where(np.isnan(n), n, np.maximum(n, floor)).astype(np.float32)
+
+
+def chain_coefficients(cos_sums: np.ndarray, t: float, work: str) -> tuple:
+    """Each vector's scalars of the chain from its cosine sum C (float64 [k]) (SPEC
+    "NuSLERP"): ``cos = clamp(rW(float32(C)), -1, 1)``, ``lin = rW(1 - rW(cos^2)) <= 1e-16``,
+    ``theta = rW(acos(0 if lin else cos))``, ``st = rW(sin theta)``, ``ca = rW(sin(rW(p *
+    theta)))``, ``cb = rW(sin(rW(q * theta)))``, ``p = float32(1 - t)``, ``q = float32(t)``
+    (numpy's float32 arccos and sin). Returns (lin, ca, cb, st, p, q)."""
+    f = np.float32
+    r = lambda v: _round_array(np.asarray(v, np.float32), work)  # noqa: E731
+    p, q = f(1.0 - float(t)), f(float(t))
+    with np.errstate(all="ignore"):
+        cos = r(np.asarray(cos_sums, np.float64).astype(np.float32))
+        cos = np.where(np.isnan(cos), cos, np.clip(cos, f(-1), f(1))).astype(np.float32)
+        lin = r(f(1) - r(cos * cos)) <= 1e-16
+        theta = r(np.arccos(np.where(lin, f(0), cos).astype(np.float32)))
+        st = r(np.sin(theta))
+        ca = r(np.sin(r(p * theta)))
+        cb = r(np.sin(r(q * theta)))
+    return lin, ca, cb, st, p, q
+
+
+def _round_array(v: np.ndarray, work: str) -> np.ndarray:
+    """float32 array rounded to W (nearest even; NaN stays NaN) and widened back."""
+    out = np.empty_like(v, dtype=np.float32)
+    _round_array_kernel(np.ascontiguousarray(v, np.float32), FLOAT_CODES[work], out)
+    return out
+
+
+@numba.njit(cache=True)
+def _round_array_kernel(v, w, out):
+    for i in range(v.shape[0]):
+        out[i] = round_work(v[i], w)
 
 
 def warmup() -> None:

@@ -845,17 +845,110 @@ def spec_nuslerp_coefficients(s00: float, s11: float, s01: float, t: float):
     return np.float32(ca), np.float32(cb)
 
 
+def spec_nuslerp_work(dtype0: str, dtype1: str, dtype_base: str | None = None) -> str:
+    """SPEC "NuSLERP"'s W: the inputs' (and base's) common stored dtype, F32 when they
+    differ."""
+    ds = {dtype0, dtype1} | ({dtype_base} if dtype_base else set())
+    return ds.pop() if len(ds) == 1 else "F32"
+
+
+def _spec_vectors(shape, n: int, flatten: bool, row_wise: bool) -> tuple[str, int]:
+    """(kind, C): ``tensor`` (rows of C for the row sums), ``last`` (vectors of C) or
+    ``column`` (C columns)."""
+    if not flatten and row_wise and len(shape) >= 2:
+        return "column", (n // shape[0] if shape[0] else 0)
+    if flatten or len(shape) < 2:
+        rows = shape[0] if len(shape) else 1
+        return "tensor", (n // rows if rows else 0)
+    return "last", shape[-1]
+
+
+def _spec_sums_of(x, y, kind, c, which):
+    """Per vector (float64 [k]): S00 (which 0), S11 (1) or S01 (2) of x, y in SPEC's order
+    for the vector kind (rows + fsum, one row each, or row by row down the columns)."""
+    import math
+
+    if kind == "column":
+        rows = x.size // c if c else 0
+        x2, y2 = x.reshape(rows, c).astype(np.float64), y.reshape(rows, c).astype(np.float64)
+        tot = np.zeros(c, np.float64)
+        with np.errstate(all="ignore"):
+            for r in range(rows):
+                p = (x2[r] * x2[r], y2[r] * y2[r], x2[r] * y2[r])[which]
+                tot = tot + p
+        return tot
+    if c == 0:
+        return np.zeros(0 if kind == "last" else 1, np.float64)
+    if kind == "last":
+        return np.array([spec_row_sums(x[v * c : (v + 1) * c], y[v * c : (v + 1) * c])[which]
+                         for v in range(x.size // c)], np.float64)  # fmt: skip
+    if c == 1:
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        per = (x64 * x64, y64 * y64, x64 * y64)[which].tolist()
+    else:
+        per = [spec_row_sums(x[r * c : (r + 1) * c], y[r * c : (r + 1) * c])[which]
+               for r in range(x.size // c)]  # fmt: skip
+    return np.array([math.fsum(per)], np.float64)
+
+
+def spec_nuslerp_chain(x, y, b, t, kind, c, w):
+    """SPEC "NuSLERP", working dtype W not F32: mergekit's chain op by op in W (x, y: the
+    inputs or task vectors in W, float32 flat; b: the base in W or None)."""
+    f, r = np.float32, (lambda v: spec_round_work(v, w))
+    if kind == "column":
+        idx = np.arange(x.size) % c if c else np.zeros(x.size, np.int64)
+    elif kind == "last":
+        idx = np.arange(x.size) // c if c else np.zeros(x.size, np.int64)
+    else:
+        idx = np.zeros(x.size, np.int64)
+    with np.errstate(all="ignore"):
+        floor = r(f(1e-7))
+        norms = []
+        for which in (0, 1):
+            nv = r(np.sqrt(_spec_sums_of(x, y, kind, c, which)).astype(np.float32))
+            norms.append(np.where(np.isnan(nv), nv, np.maximum(nv, floor)).astype(np.float32))
+        u0 = r(x / norms[0][idx])
+        u1 = r(y / norms[1][idx])
+        p = r(u0 * u1)
+        cos = r(_spec_sums_of(p, np.ones_like(p), kind, c, 2).astype(np.float32))
+        cos = np.where(np.isnan(cos), cos, np.clip(cos, f(-1), f(1))).astype(np.float32)
+        lin = r(f(1) - r(cos * cos)) <= 1e-16
+        theta = r(np.arccos(np.where(lin, f(0), cos).astype(np.float32)))
+        st = r(np.sin(theta))
+        ca = r(np.sin(r(f(1 - t) * theta)))
+        cb = r(np.sin(r(f(t) * theta)))
+        lerp = r(r(f(1 - t) * x) + r(f(t) * y))
+        arc = r(r(r(ca[idx] * x) + r(cb[idx] * y)) / st[idx])
+        out = np.where(lin[idx], lerp, arc).astype(np.float32)
+        if b is not None:
+            out = r(b + out)
+    return out
+
+
 def spec_nuslerp(v0: np.ndarray, v1: np.ndarray, w0: float, w1: float, out_dtype: str, shape,
                  dtype0: str, dtype1: str, flatten: bool = True, base: np.ndarray | None = None,
-                 dtype_base: str | None = None, row_wise: bool = False) -> np.ndarray:  # fmt: skip
+                 dtype_base: str | None = None, row_wise: bool = False,
+                 work: str | None = None) -> np.ndarray:  # fmt: skip
     """The merged tensor (stored form, flat) of NuSLERP of two stored tensors of ``shape``:
     one vector per tensor (flatten, or fewer than 2 axes: slerp's rows and fsum totals), else
     one per last-axis vector (its own sums), or with ``row_wise`` one per column (sums row
     by row in order); with ``base`` (stored, ``dtype_base``) the task vectors, base added
-    back."""
+    back. ``work``: W (default ``spec_nuslerp_work``); W not F32: ``spec_nuslerp_chain``."""
     import math
 
     t = spec_nuslerp_t(w0, w1)
+    w = work or spec_nuslerp_work(dtype0, dtype1, dtype_base if base is not None else None)
+    if w != "F32":
+        r = lambda v: spec_round_work(v, w)  # noqa: E731
+        x = r(to_float32(v0, dtype0).reshape(-1))
+        y = r(to_float32(v1, dtype1).reshape(-1))
+        b = None
+        if base is not None:
+            b = r(to_float32(base, dtype_base).reshape(-1))
+            with np.errstate(all="ignore"):
+                x, y = r(x - b), r(y - b)
+        kind, c = _spec_vectors(shape, x.size, flatten, row_wise)
+        return from_float32(spec_nuslerp_chain(x, y, b, t, kind, c, w), out_dtype)
     x = to_float32(v0, dtype0).reshape(-1)
     y = to_float32(v1, dtype1).reshape(-1)
     b = None

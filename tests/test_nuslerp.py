@@ -40,9 +40,10 @@ def _vectors(seed: int, shape) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype, base=None, db=None,
-                row_wise=False, cut=None):
-    """The method's two CPU passes over the whole tensor: one chunk, or two chunks of whole
-    rows cut before row ``cut``."""
+                row_wise=False, cut=None, work=None):
+    """The method's three CPU passes over the whole tensor (sums, the chain's unit sums, the
+    merge): one chunk, or two chunks of whole rows cut before row ``cut``; ``work``: W as the
+    plan resolves it (default: the inputs' common dtype)."""
     rows = shape[0] if len(shape) else 1
     n = int(np.prod(shape)) // rows
     arrays = [v0, v1] + ([base] if base is not None else [])
@@ -52,11 +53,12 @@ def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype, base=None, db=None
         inputs[(1, 2, 0)[k], : v.nbytes] = v.reshape(-1).view(np.uint8)
     size = np.dtype(CARRIER[out_dtype]).itemsize
     out = np.zeros(rows * n * size, np.uint8)
-    acc = ([], {})
+    stats = {nuslerp.NUSLERP_DOTS: ([], {}), nuslerp.NUSLERP_UNITS: ([], {})}
     params = (("nuslerp_flatten", flatten), ("nuslerp_row_wise", row_wise))
     dts = (db or d0, d0, d1)
+    work = work or ref.spec_nuslerp_work(d0, d1, db if base is not None else None)
     cuts = [(0, rows)] if cut is None else [(0, cut), (cut, rows)]
-    for op in (nuslerp.NUSLERP_DOTS, "nuslerp"):
+    for op in (nuslerp.NUSLERP_DOTS, nuslerp.NUSLERP_UNITS, "nuslerp"):
         for lo, hi in cuts:
             chunk = np.zeros((3, width), np.uint8)
             for r, dt in enumerate(dts):
@@ -64,13 +66,16 @@ def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype, base=None, db=None
                 part = inputs[r, lo * n * item : hi * n * item]
                 chunk[r, : part.size] = part
             o = np.zeros((hi - lo) * n * size, np.uint8)
+            acc = stats.get(op, stats[nuslerp.NUSLERP_UNITS])
             a = RowArgs(op=op, counts=acc, dtypes=dts, model_rows=(1, 2), n_rows=hi - lo,
                         row_len=n, t=0.0, out_dtype=out_dtype, params=params, weights=w,
-                        shape=tuple(shape), stats={nuslerp.NUSLERP_DOTS: acc},
+                        shape=tuple(shape), stats=stats, compute_dtype=work,
                         base_row=0 if base is not None else -1)  # fmt: skip
             if op == "nuslerp":
                 nuslerp._nuslerp_cpu(chunk, o, a)
                 out[lo * n * size : hi * n * size] = o
+            elif op == nuslerp.NUSLERP_UNITS:
+                nuslerp._units_cpu(chunk, None, a)
             else:
                 nuslerp._dots_cpu(chunk, None, a)
     return out

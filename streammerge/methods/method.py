@@ -66,12 +66,16 @@ class RowPass:
         accumulators: a statistics pass: ``accumulators(n_models) -> tuple`` of the zeroed
             arrays it adds into (``RowArgs.counts``; the same totals whatever the
             chunking), nothing written; None for the writing pass (the method's last).
+        needed: a statistics pass that some tensors do not need: ``needed(params)`` (the
+            tensor's ``TensorParams``) False skips it for that tensor, so a tensor that
+            spans several chunks is not read for it; None: always run.
     """
 
     name: str
     cpu: Callable
     triton: Callable | None = None
     accumulators: Callable | None = None
+    needed: Callable | None = None
 
     @property
     def is_stats(self) -> bool:
@@ -253,6 +257,14 @@ class Method:
                               f"no t): drop --{'lambda' if lam is not None else 'alpha'}",
                               "alpha")  # fmt: skip
         return None
+
+    def pass_needed(self, name: str, params) -> bool:
+        """Whether a tensor with these ``TensorParams`` needs the pass ``name`` (a row pass's
+        ``needed``; every other pass: yes)."""
+        for p in self.row_passes:
+            if p.name == name and p.needed is not None:
+                return bool(p.needed(params))
+        return True
 
     def passes(self, trim_scope: str) -> tuple[str, ...]:
         """The passes over each merged tensor (``streammerge.exec.ops``): a row-wise

@@ -18,6 +18,8 @@ the weights.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from streammerge.methods.method import ROW_DOTS, Method, RowPass
@@ -124,17 +126,21 @@ def _dots_cpu(inputs, out, a) -> None:
     (r0, r1) = a.model_rows
     v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
     b, db = _base_cpu(inputs, a)
+    w = _work(a)
     if _per_column(a):
-        cpu_nuslerp.col_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len, _col_acc(a))
-    elif _per_tensor(a) and b is None:
+        cpu_nuslerp.col_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len, _col_acc(a), w)
+    elif _per_tensor(a) and b is None and w == "F32":
         a.counts[0].append(cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len))
     elif _per_tensor(a):
-        a.counts[0].append(cpu_nuslerp.tv_row_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len))
+        a.counts[0].append(cpu_nuslerp.tv_row_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len,
+                                                   w))  # fmt: skip
 
 
 def _dots_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_nuslerp, triton_rows
 
+    if _chain(a):
+        return _on_host(_dots_cpu, inputs, out, a)
     n = a.n_rows * a.row_len
     v0, v1 = (launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows)
     b = _base_triton(launch, inputs, a, n)
@@ -172,6 +178,8 @@ def _coefficients(a, vector_dots) -> tuple[np.ndarray, np.ndarray]:
 def _nuslerp_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_nuslerp, cpu_rows
 
+    if _chain(a):
+        return _chain_cpu(inputs, out, a)
     (r0, r1) = a.model_rows
     k, n = _vectors(a)
     v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
@@ -188,6 +196,8 @@ def _nuslerp_cpu(inputs, out, a) -> None:
 def _nuslerp_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_nuslerp, triton_rows
 
+    if _chain(a):
+        return _on_host(_nuslerp_cpu, inputs, out, a)
     torch = launch.torch
     k, n = _vectors(a)
     v0, v1 = (launch.typed(inputs[r], a.dtypes[r], k * n) for r in a.model_rows)
@@ -205,11 +215,111 @@ def _nuslerp_triton(launch, inputs, out, a) -> None:
                                   torch.from_numpy(ca).to(dev), torch.from_numpy(cb).to(dev), o)
 
 
+def _work(a) -> str:
+    """The working dtype W (the plan's: a recipe's ``dtype:``, else the inputs')."""
+    return a.compute_dtype or "F32"
+
+
+def _chain(a) -> bool:
+    """W not float32: mergekit's op chain in W (SPEC "NuSLERP", "The chain in W")."""
+    return _work(a) != "F32"
+
+
+def _on_host(fn, inputs, out, a) -> None:
+    """A pass of the chain under the Triton backends: its numba kernels on host copies (no
+    Triton kernel for the chain yet), the output copied back."""
+    import torch
+
+    host_out = out.cpu().numpy().copy()
+    fn(inputs.cpu().numpy(), host_out, a)
+    out.copy_(torch.from_numpy(host_out))
+
+
+def _chain_parts(inputs, a):
+    """(v0, d0, v1, d1, base, dtype_b) of the chunk, numpy rows."""
+    (r0, r1) = a.model_rows
+    b, db = _base_cpu(inputs, a)
+    return inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1], b, db
+
+
+def _units_cpu(inputs, out, a) -> None:
+    """``nuslerp_units`` (the chain only): each row's sum of the unit vectors' products
+    with the tensor's norms, or each column's with the columns' norms."""
+    from streammerge.kernels import cpu_nuslerp
+
+    if not _chain(a) or not (_per_tensor(a) or _per_column(a)):
+        return
+    parts, w = _chain_parts(inputs, a), _work(a)
+    sums, cache = a.stats[NUSLERP_DOTS]
+    if _per_column(a):
+        if "norms" not in cache:
+            cols = _col_acc(a)
+            cache["norms"] = (cpu_nuslerp.chain_norms(cols[:, 0], w),
+                              cpu_nuslerp.chain_norms(cols[:, 1], w))  # fmt: skip
+        n0, n1 = cache["norms"]
+        ucache = a.counts[1]
+        if "ucols" not in ucache:
+            ucache["ucols"] = np.zeros(a.row_len, np.float64)
+        cpu_nuslerp.unit_col_dots(*parts, a.n_rows, a.row_len, n0, n1, w, ucache["ucols"])
+        return
+    if "norms" not in cache:
+        t00, t11, _ = tensor_totals(sums)
+        cache["norms"] = tuple(cpu_nuslerp.chain_norms(np.array([v]), w)[0] for v in (t00, t11))
+    n0, n1 = (np.full(a.n_rows, v, np.float32) for v in cache["norms"])
+    a.counts[0].append(cpu_nuslerp.unit_row_dots(*parts, a.n_rows, a.row_len, n0, n1, w))
+
+
+def _units_triton(launch, inputs, out, a) -> None:
+    if _chain(a) and (_per_tensor(a) or _per_column(a)):
+        _on_host(_units_cpu, inputs, out, a)
+
+
+def _chain_coefficients(a, parts, k, n) -> tuple:
+    """The chunk's per-vector scalars of the chain (``cpu_nuslerp.chain_coefficients``):
+    the tensor's or the columns' (cached per t), or from the chunk's own vectors."""
+    from streammerge.kernels import cpu_nuslerp
+
+    w, t = _work(a), _t(a)
+    usums, ucache = a.stats[NUSLERP_UNITS] if NUSLERP_UNITS in a.stats else ([], {})
+    key = ("chain", t)
+    if _per_column(a):
+        if key not in ucache:
+            ucache[key] = cpu_nuslerp.chain_coefficients(ucache["ucols"], t, w)
+        return ucache[key]
+    if _per_tensor(a):
+        if key not in ucache:
+            cos = math.fsum(np.concatenate([np.asarray(u, np.float64) for u in usums]).tolist())
+            ucache[key] = cpu_nuslerp.chain_coefficients(np.array([cos]), t, w)
+        lin, ca, cb, st, p, q = ucache[key]
+        return (np.full(k, lin[0]), np.full(k, ca[0], np.float32), np.full(k, cb[0], np.float32),
+                np.full(k, st[0], np.float32), p, q)  # fmt: skip
+    s = cpu_nuslerp.tv_row_dots(*parts, k, n, w)
+    n0, n1 = cpu_nuslerp.chain_norms(s[:, 0], w), cpu_nuslerp.chain_norms(s[:, 1], w)
+    return cpu_nuslerp.chain_coefficients(cpu_nuslerp.unit_row_dots(*parts, k, n, n0, n1, w), t, w)
+
+
+def _chain_cpu(inputs, out, a) -> None:
+    """The writing pass of the chain (SPEC "NuSLERP", "The chain in W")."""
+    from streammerge.kernels import cpu_nuslerp
+
+    k, n = _vectors(a)
+    parts = _chain_parts(inputs, a)
+    coef = _chain_coefficients(a, parts, k, n)
+    cpu_nuslerp.chain_combine(*parts, k * n, n, _per_column(a), coef, out, a.out_dtype,
+                              _work(a))  # fmt: skip
+
+
 #: nuslerp's statistics pass: slerp's row sums (a list of float64 [rows, 3]) and a cache
 #: (the coefficients; with columns, the per-column sums ``cols``); nothing when the angles
 #: are per last-axis vector.
 NUSLERP_DOTS = "nuslerp_dots"
 DOTS_PASS = RowPass(NUSLERP_DOTS, _dots_cpu, _dots_triton, accumulators=lambda n_models: ([], {}))
+#: The chain's second statistics pass (W not float32): the unit vectors' product sums per
+#: row (a list of float64 [rows]) or per column (``ucols`` in the cache); nothing otherwise.
+NUSLERP_UNITS = "nuslerp_units"
+UNITS_PASS = RowPass(NUSLERP_UNITS, _units_cpu, _units_triton,
+                     accumulators=lambda n_models: ([], {}),
+                     needed=lambda tp: (tp.compute or "F32") != "F32")  # fmt: skip
 
 assert ROW_DOTS != NUSLERP_DOTS  # a pass name is unique across methods
 
@@ -226,5 +336,6 @@ METHOD = Method(
     min_models=2,
     max_models=2,
     base_optional=True,
-    row_passes=(DOTS_PASS, RowPass("nuslerp", _nuslerp_cpu, _nuslerp_triton)),
+    working_dtype="inputs",
+    row_passes=(DOTS_PASS, UNITS_PASS, RowPass("nuslerp", _nuslerp_cpu, _nuslerp_triton)),
 )

@@ -363,13 +363,16 @@ def _raise_missing(ref: ModelDir, models: Sequence[ModelDir], missing: dict[int,
     )
 
 
-def _shard_plan(fname: str, members: list[tuple], merge_ops: tuple[str, ...]) -> ShardPlan:
+def _shard_plan(fname: str, members: list[tuple], merge_ops: tuple[str, ...],
+                needed=None) -> ShardPlan:  # fmt: skip
     """One output shard: its tensors (``members``, rows as ``_Walk.rows``, in the shard's
     order) laid out back to back from byte 0 of its data area, and its header (JSON
     padded with spaces to a multiple of 8 bytes, after its 8-byte little-endian length)."""
     tensors, header, offset = [], {"__metadata__": {"format": "pt"}}, 0
     for name, action, dtype, shape, b, srcs, segs, rule, key, tp in members:
         ops = merge_ops if action == "merge" else (action,)
+        if action == "merge" and needed is not None:
+            ops = tuple(op for op in ops if needed(op, tp))
         t = TensorPlan(
             name, action, dtype, tuple(shape), offset, b, srcs, segs, rule, key, tp, ops
         )
@@ -393,7 +396,7 @@ SAFETENSORS_DTYPE_RANK = {d: i for i, d in enumerate((
 
 
 def shard_plans(
-    plans: list[tuple], merge_ops: tuple[str, ...], shard_size_bytes: int
+    plans: list[tuple], merge_ops: tuple[str, ...], shard_size_bytes: int, needed=None
 ) -> list[ShardPlan]:
     """The output shards of a plan's tensors (docs/SPEC.md "Output").
 
@@ -403,6 +406,8 @@ def shard_plans(
             ``TensorPlan`` but its offset and ops (action ``merge``, ``copy`` or
             ``convert``; dtype a safetensors string).
         merge_ops: the passes of a merged tensor (``Method.passes``).
+        needed: ``needed(op, params)`` False drops a pass for a tensor of those
+            ``TensorParams`` (``Method.pass_needed``); None keeps every pass.
         shard_size_bytes: greedy limit per shard (HF ``max_shard_size``; a larger tensor
             gets a shard of its own).
 
@@ -421,7 +426,7 @@ def shard_plans(
         members = sorted(
             (plans[i] for i in group), key=lambda s: (-SAFETENSORS_DTYPE_RANK[s[2]], s[0])
         )
-        shards.append(_shard_plan(fname, members, merge_ops))
+        shards.append(_shard_plan(fname, members, merge_ops, needed))
     return shards
 
 
@@ -463,7 +468,7 @@ def make_plan(
         _raise_missing(ref, models, walk.missing)
     if row.sparse.stats and recipe.trim_scope == "model":  # Plan.model_scope, before a Plan exists
         _check_model_scope(walk.rows, recipe)
-    shards = shard_plans(walk.rows, merge_ops, shard_size_bytes)
+    shards = shard_plans(walk.rows, merge_ops, shard_size_bytes, row.pass_needed)
     return Plan(
         tuple(shards), recipe, tuple(walk.base_only), tuple(walk.vocab_rules), walk.vocab_rows,
         walk.tokenizer_model,

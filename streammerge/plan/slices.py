@@ -260,7 +260,8 @@ def plan_slices(
     rows.sort(key=lambda r: natural_key(r[0]))
     donor = base_stack if base_stack is not None else stacks[recipe.slices[0].sources[0].model]
     config = _config_set(recipe, stacks, donor, rows)
-    shards = shard_plans(rows, recipe.row.passes(recipe.trim_scope), shard_size_bytes)
+    shards = shard_plans(rows, recipe.row.passes(recipe.trim_scope), shard_size_bytes,
+                         recipe.row.pass_needed)  # fmt: skip
     return SlicePlan(tuple(shards), recipe, (), (), None, None, tuple(recipe.out_layers()),
                      roles, config, sources)  # fmt: skip
 
