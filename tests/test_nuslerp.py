@@ -84,7 +84,8 @@ def _run_passes(v0, d0, v1, d1, shape, w, flatten, out_dtype, base=None, db=None
 @pytest.mark.parametrize("shape, w", [((7, 2500), (1.0, 3.0)), ((33,), (2.0, -2.0)),
                                       ((6, 3), (0.5, 0.0)), ((3, 4, 5), (1.0, 3.0)),
                                       ((5, 1), (0.3, 0.1))])  # fmt: skip
-@pytest.mark.parametrize("dtypes", [("BF16", "BF16", "BF16"), ("F32", "F16", "BF16")])
+@pytest.mark.parametrize("dtypes", [("BF16", "BF16", "BF16"), ("F32", "F16", "BF16"),
+                                    ("F16", "F16", "F32")])  # fmt: skip
 @pytest.mark.parametrize("flatten", [True, False])
 def test_passes_equal_the_spec_oracle(shape, dtypes, flatten, w):
     d0, d1, do = dtypes
@@ -113,6 +114,41 @@ def test_base_and_row_wise_passes_equal_the_spec_oracle(shape, w, mode):
         got = _run_passes(v0, d0, v1, d1, shape, w, flatten, do, base, db if base is not None
                           else None, row_wise, cut)  # fmt: skip
         assert got.tobytes() == want, (mode, cut)
+
+
+@pytest.mark.parametrize("work", ["F32", "BF16", "F16"])
+@pytest.mark.parametrize("mode", ["flat", "vec", "base_col"])
+def test_a_recipe_dtype_is_the_working_dtype(work, mode):
+    """W from the recipe's dtype: (not the inputs'): float32 keeps the float64
+    coefficients, bf16 / f16 the chain in W; each equals the oracle given that W."""
+    shape, w = (12, 300), (0.3, 0.7)
+    x, y = _vectors(int(np.prod(shape)) + 1, shape)
+    b = (0.5 * x + 0.5 * y).astype(np.float32)
+    v0, v1, vb = _stored(x, "BF16"), _stored(y, "BF16"), _stored(b, "BF16")
+    base = vb if mode.startswith("base") else None
+    flatten, row_wise = mode == "flat", mode.endswith("col")
+    db = "BF16" if base is not None else None
+    got = _run_passes(v0, "BF16", v1, "BF16", shape, w, flatten, "BF16", base, db, row_wise,
+                      cut=5, work=work)  # fmt: skip
+    want = ref.spec_nuslerp(v0, v1, *w, "BF16", shape, "BF16", "BF16", flatten, base, db,
+                            row_wise, work=work)  # fmt: skip
+    assert got.tobytes() == np.ascontiguousarray(want).view(np.uint8).tobytes()
+    chain_vs_f32 = ref.spec_nuslerp(v0, v1, *w, "BF16", shape, "BF16", "BF16", flatten, base,
+                                    db, row_wise, work="F32")  # fmt: skip
+    assert (want.tobytes() != chain_vs_f32.tobytes()) == (work != "F32")
+
+
+def test_the_chain_pass_is_read_only_in_a_bf16_or_f16_working_dtype():
+    """nuslerp_units (RowPass.needed) is planned for W = bf16 / f16 tensors only: a float32
+    tensor is not read for it."""
+    from streammerge.recipe.recipe import TensorParams
+
+    m = nuslerp.METHOD
+    assert m.passes("tensor") == (nuslerp.NUSLERP_DOTS, nuslerp.NUSLERP_UNITS, "nuslerp")
+    for compute, needed in (("F32", False), (None, False), ("BF16", True), ("F16", True)):
+        tp = TensorParams(w=(1.0, 1.0), compute=compute)
+        assert m.pass_needed(nuslerp.NUSLERP_UNITS, tp) is needed
+        assert m.pass_needed(nuslerp.NUSLERP_DOTS, tp) and m.pass_needed("nuslerp", tp)
 
 
 def test_factor_and_coefficients_at_the_edges():
