@@ -314,10 +314,12 @@ def test_cli_base_and_row_wise_exact_and_independent_of_the_chunking(tmp_path, a
     assert got[0] == got[1] == _expected(a, b, rec, base if with_base else None)
 
 
-def test_triton_passes_with_a_base_and_per_column_equal_numba():
+@pytest.mark.parametrize("work", [None, "BF16"])
+def test_triton_passes_with_a_base_and_per_column_equal_numba(work):
     """The method's Triton passes (``_dots_triton``, ``_nuslerp_triton`` through
     ``TritonLauncher``) give the numba passes' bytes, two chunks of whole rows (the
-    pipeline's glue, without a whole interpreted merge)."""
+    pipeline's glue, without a whole interpreted merge); ``work`` BF16: the chain in W (its
+    passes run the numba kernels on the host)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")
     torch = pytest.importorskip("torch")
@@ -332,9 +334,10 @@ def test_triton_passes_with_a_base_and_per_column_equal_numba():
                                         (False, False, 0)):  # fmt: skip
         outs = []
         for backend in ("cpu", "triton"):
-            acc = ([], {})
+            stats = {nuslerp.NUSLERP_DOTS: ([], {}), nuslerp.NUSLERP_UNITS: ([], {})}
             out = np.zeros(k * n * 2, np.uint8)
-            for op in (nuslerp.NUSLERP_DOTS, "nuslerp"):
+            for op in (nuslerp.NUSLERP_DOTS, nuslerp.NUSLERP_UNITS, "nuslerp"):
+                acc = stats.get(op, stats[nuslerp.NUSLERP_UNITS])
                 for lo, hi in ((0, 2), (2, k)):
                     width = max(r.nbytes for r in raw)
                     slot = np.zeros((3, width), np.uint8)
@@ -345,14 +348,18 @@ def test_triton_passes_with_a_base_and_per_column_equal_numba():
                     a = RowArgs(op=op, dtypes=dts, model_rows=(1, 2), n_rows=hi - lo, row_len=n,
                                 t=0.0, out_dtype="BF16", base_row=base_row, counts=acc,
                                 params=(("nuslerp_flatten", flatten), ("nuslerp_row_wise", row_wise)),
-                                weights=(1.0, 3.0), shape=(k, n),
-                                stats={nuslerp.NUSLERP_DOTS: acc})  # fmt: skip
+                                weights=(1.0, 3.0), shape=(k, n), stats=stats,
+                                compute_dtype=work)  # fmt: skip
                     o = np.zeros((hi - lo) * n * 2, np.uint8)
+                    cpu = {nuslerp.NUSLERP_DOTS: nuslerp._dots_cpu, "nuslerp": nuslerp._nuslerp_cpu,
+                           nuslerp.NUSLERP_UNITS: nuslerp._units_cpu}  # fmt: skip
+                    tri = {nuslerp.NUSLERP_DOTS: nuslerp._dots_triton,
+                           nuslerp.NUSLERP_UNITS: nuslerp._units_triton,
+                           "nuslerp": nuslerp._nuslerp_triton}  # fmt: skip
                     if backend == "cpu":
-                        f = nuslerp._dots_cpu if op != "nuslerp" else nuslerp._nuslerp_cpu
-                        f(slot, o, a)
+                        cpu[op](slot, o, a)
                     else:
-                        f = nuslerp._dots_triton if op != "nuslerp" else nuslerp._nuslerp_triton
+                        f = tri[op]
                         to = torch.from_numpy(o)
                         f(launch, torch.from_numpy(slot), to, a)
                         o = to.numpy()
@@ -360,6 +367,12 @@ def test_triton_passes_with_a_base_and_per_column_equal_numba():
                         out[lo * n * 2 : hi * n * 2] = o
             outs.append(out.tobytes())
         assert outs[0] == outs[1], (flatten, row_wise, base_row)
+        if work is not None:  # the chain: the oracle's bytes too
+            want = ref.spec_nuslerp(raw[1].view(CARRIER[dts[1]]), raw[2].view(CARRIER[dts[2]]),
+                                    1.0, 3.0, "BF16", (k, n), dts[1], dts[2], flatten,
+                                    raw[0].view(CARRIER[dts[0]]) if base_row == 0 else None,
+                                    dts[0] if base_row == 0 else None, row_wise, work=work)  # fmt: skip
+            assert outs[0] == np.ascontiguousarray(want).view(np.uint8).tobytes()
 
 
 def test_m3_multiplies_the_weights(tmp_path):
