@@ -103,9 +103,14 @@ def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len,
         y = np.empty(COMBINE_BLOCK, np.float32)
         b = np.empty(COMBINE_BLOCK, np.float32)
         _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
+        row = first // row_len  # the element's row and column, advanced without a division
+        col = first - row * row_len
         for i in range(m):
-            e = first + i
-            j = e % row_len if per_col else e // row_len
+            j = col if per_col else row
+            col += 1
+            if col == row_len:
+                col = 0
+                row += 1
             o = np.float32(ca[j] * x[i]) + np.float32(cb[j] * y[i])
             if has_base:
                 o = o + b[i]
@@ -157,6 +162,15 @@ def _unit_col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_row
                 acc[c] = acc[c] + np.float64(u)
 
 
+@numba.njit(inline="always")
+def _chain_one(x, y, lin, ca, cb, st, p, q, w):
+    """One element of the chain's combination (no base)."""
+    if lin:
+        return round_work(round_work(p * x, w) + round_work(q * y, w), w)
+    o = round_work(round_work(ca * x, w) + round_work(cb * y, w), w)
+    return round_work(o / st, w)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col,
                           lin, ca, cb, st, p, q, w, out, out_code):  # fmt: skip
@@ -167,19 +181,28 @@ def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, ro
         y = np.empty(COMBINE_BLOCK, np.float32)
         b = np.empty(COMBINE_BLOCK, np.float32)
         _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
-        for i in range(m):
-            e = first + i
-            j = e % row_len if per_col else e // row_len
-            if lin[j]:
-                o = round_work(round_work(p * x[i], w) + round_work(q * y[i], w), w)
-            else:
-                o = round_work(round_work(ca[j] * x[i], w) + round_work(cb[j] * y[i], w), w)
-                o = round_work(o / st[j], w)
+        row = first // row_len  # the block in runs of one row: no division per element
+        col = first - row * row_len
+        i = 0
+        while i < m:
+            seg = min(m - i, row_len - col)
+            if per_col:  # each element its column's scalars
+                for t in range(seg):
+                    c = col + t
+                    x[i + t] = _chain_one(x[i + t], y[i + t], lin[c], ca[c], cb[c], st[c], p, q, w)
+            else:  # the row's scalars for the whole run (LLVM vectorizes each case)
+                lr, ar, br, sr = lin[row], ca[row], cb[row], st[row]
+                for t in range(seg):
+                    x[i + t] = _chain_one(x[i + t], y[i + t], lr, ar, br, sr, p, q, w)
             if has_base:
-                o = round_work(b[i] + o, w)
-            x[i] = o
+                for t in range(seg):
+                    x[i + t] = round_work(b[i + t] + x[i + t], w)
+            i += seg
+            col += seg
+            if col == row_len:
+                col = 0
+                row += 1
         _encode_block(x, out_code, first, m, out)
-
 
 def _rows(v0, dtype0, v1, dtype1, base, dtype_b, n):
     """Codes of the inputs (the base: a 1-byte stand-in when None) and the has-base flag."""
