@@ -121,17 +121,13 @@ def _col_acc(a) -> np.ndarray:
 def _dots_cpu(inputs, out, a) -> None:
     """``nuslerp_dots``: each row's S00, S11, S01 when the angle is the tensor's, each
     column's sums when it is the column's."""
-    from streammerge.kernels import cpu_nuslerp, cpu_rows
+    from streammerge.kernels import cpu_nuslerp
 
-    (r0, r1) = a.model_rows
-    v0, d0, v1, d1 = inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1]
-    b, db = _base_cpu(inputs, a)
+    v0, d0, v1, d1, b, db = _parts(inputs, a)
     w = _work(a)
     if _per_column(a):
         cpu_nuslerp.col_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len, _col_acc(a), w)
-    elif _per_tensor(a) and b is None and w == "F32":
-        a.counts[0].append(cpu_rows.row_dots(v0, d0, v1, d1, a.n_rows, a.row_len))
-    elif _per_tensor(a):
+    elif _per_tensor(a):  # without a base and in float32: cpu_rows.row_dots's very sums
         a.counts[0].append(cpu_nuslerp.tv_row_dots(v0, d0, v1, d1, b, db, a.n_rows, a.row_len,
                                                    w))  # fmt: skip
 
@@ -237,8 +233,8 @@ def _on_host(fn, inputs, out, a) -> None:
     out.copy_(torch.from_numpy(host_out))
 
 
-def _chain_parts(inputs, a):
-    """(v0, d0, v1, d1, base, dtype_b) of the chunk, numpy rows."""
+def _parts(inputs, a):
+    """(v0, d0, v1, d1, base, dtype_b) of the chunk, numpy rows (base None without one)."""
     (r0, r1) = a.model_rows
     b, db = _base_cpu(inputs, a)
     return inputs[r0], a.dtypes[r0], inputs[r1], a.dtypes[r1], b, db
@@ -251,7 +247,7 @@ def _units_cpu(inputs, out, a) -> None:
 
     if not _chain(a) or not (_per_tensor(a) or _per_column(a)):
         return
-    parts, w = _chain_parts(inputs, a), _work(a)
+    parts, w = _parts(inputs, a), _work(a)
     sums, cache = a.stats[NUSLERP_DOTS]
     if _per_column(a):
         if "norms" not in cache:
@@ -266,7 +262,7 @@ def _units_cpu(inputs, out, a) -> None:
         return
     if "norms" not in cache:
         t00, t11, _ = tensor_totals(sums)
-        cache["norms"] = tuple(cpu_nuslerp.chain_norms(np.array([v]), w)[0] for v in (t00, t11))
+        cache["norms"] = tuple(cpu_nuslerp.chain_norms(np.array([t00, t11]), w))
     n0, n1 = (np.full(a.n_rows, v, np.float32) for v in cache["norms"])
     a.counts[0].append(cpu_nuslerp.unit_row_dots(*parts, a.n_rows, a.row_len, n0, n1, w))
 
@@ -305,7 +301,7 @@ def _chain_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_nuslerp
 
     k, n = _vectors(a)
-    parts = _chain_parts(inputs, a)
+    parts = _parts(inputs, a)
     coef = _chain_coefficients(a, parts, k, n)
     cpu_nuslerp.chain_combine(*parts, k * n, n, _per_column(a), coef, out, a.out_dtype,
                               _work(a))  # fmt: skip
