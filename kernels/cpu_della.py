@@ -91,7 +91,7 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
         hist = np.empty(256, np.int64)
         acc = np.empty(row_len, np.float32)
         den = np.empty(row_len, np.float32)
-        sel = np.empty((n_models, row_len), np.float32)
+        elect = np.empty(row_len, np.float32)
         group = -1
         w0 = np.empty(row_len, np.uint32)
         w1 = np.empty(row_len, np.uint32)
@@ -140,24 +140,20 @@ def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k
         for i in range(row_len):
             acc[i] = zero
             den[i] = zero
+            elect[i] = zero
         if sign:
             for j in range(n_models):
                 for i in range(row_len):
-                    acc[i] = acc[i] + wd[j, i]
+                    elect[i] = elect[i] + wd[j, i]
             for i in range(row_len):
-                acc[i] = round_work(acc[i], w_code)  # the elected sign's sum, then reused
+                elect[i] = round_work(elect[i], w_code)  # the elected sign's sum
             for j in range(n_models):
                 for i in range(row_len):
                     v = wd[j, i]
-                    pos = acc[i] >= zero
+                    pos = elect[i] >= zero
                     agree = (v > zero and pos) or (v < zero and not pos)
-                    sel[j, i] = v if agree else zero
+                    acc[i] = acc[i] + (v if agree else zero)
                     den[i] = den[i] + (wq[j] if agree else zero)
-            for i in range(row_len):
-                acc[i] = zero
-            for j in range(n_models):
-                for i in range(row_len):
-                    acc[i] = acc[i] + sel[j, i]
         else:
             for j in range(n_models):
                 for i in range(row_len):

@@ -133,10 +133,12 @@ def _sce_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, w
         for j in range(n_models):
             for i in range(m):
                 s_all[i] = s_all[i] + tv[j, i]
+        for i in range(m):
+            s_all[i] = round_work(s_all[i], w_code)  # the elected sign's sum, rounded once
         for j in range(n_models):
             for i in range(m):
                 v = tv[j, i]
-                pos = round_work(s_all[i], w_code) >= zero
+                pos = s_all[i] >= zero
                 agree = (v > zero and pos) or (v < zero and not pos)
                 ew = round_work(wt[j] * (np.float32(1.0) if agree else zero), w_code)
                 acc[i] = acc[i] + round_work(v * ew, w_code)
