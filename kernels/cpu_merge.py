@@ -52,6 +52,7 @@ from .common import (
     drop_threshold,
     round_host,
 )
+from .rounding_ir import bf16_round_trip_bits
 
 #: Elements per parallel work item. N=2 bf16, p=0.5, 16M elements, 2 threads (2-core AMD
 #: EPYC VM): 14.3 / 14.1 / 12.7 / 13.2 ms at 2048 / 4096 / 8192 / 16384.
@@ -383,13 +384,8 @@ def _rd_bf16_ir(typingctx, x):
         return None
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        u = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(u, i32(16)), i32(1))
-        rounded = builder.and_(builder.add(builder.add(u, i32(0x7FFF)), lsb), i32(0xFFFF0000))
-        quiet = builder.and_(builder.or_(u, i32(0x00400000)), i32(0xFFFF0000))
-        is_nan = builder.icmp_unsigned(">", builder.and_(u, i32(0x7FFFFFFF)), i32(0x7F800000))
-        return builder.bitcast(builder.select(is_nan, quiet, rounded), ir.FloatType())
+        u = builder.bitcast(args[0], ir.IntType(32))
+        return builder.bitcast(bf16_round_trip_bits(builder, u), ir.FloatType())
 
     return types.float32(x), codegen
 

@@ -251,7 +251,8 @@ def col_dots(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.
 
 def combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str, base: np.ndarray | None,
             dtype_b: str | None, n: int, row_len: int, per_col: bool, ca: np.ndarray,
-            cb: np.ndarray, out: np.ndarray, out_dtype: str, work: str = "F32") -> None:  # fmt: skip
+            cb: np.ndarray, out: np.ndarray, out_dtype: str,
+            work: str = "F32") -> None:  # fmt: skip
     """``out = float32(ca[k] * x) + float32(cb[k] * y)`` (``+ b`` with a base) for the ``n``
     elements (whole rows of ``row_len``), k the element's column (``per_col``) or row;
     stored rounded to ``out_dtype`` (SPEC "NuSLERP").
@@ -342,7 +343,8 @@ def chain_combine(v0: np.ndarray, dtype0: str, v1: np.ndarray, dtype1: str,
     k = row_len if per_col else n // row_len
     lin, ca, cb, st, p, q = coef
     lin = _vector_array(lin, k, np.bool_, "lin")
-    ca, cb, st = (_vector_array(v, k, np.float32, w) for v, w in ((ca, "ca"), (cb, "cb"), (st, "st")))
+    ca, cb, st = (_vector_array(v, k, np.float32, name)
+                  for v, name in ((ca, "ca"), (cb, "cb"), (st, "st")))  # fmt: skip
     if n:
         _chain_combine_kernel(v0, c0, v1, c1, rb, cbase, has, n, row_len, bool(per_col), lin, ca,
                               cb, st, np.float32(p), np.float32(q), FLOAT_CODES[work], out,

@@ -9,9 +9,10 @@ Why IR: the row-wise kernels call rW ten to thirty times per element. A plain nj
 stays an out-of-line call in the large kernels (2x slower loops), and numba's
 ``inline="always"`` inlines at numba-IR level, which cost 20-80 s of compile time per
 kernel (the whole set took 520 s on a cold cache). An intrinsic is emitted inline as a few
-integer instructions behind a branch on the code (LLVM unswitches the loop around it), and compiles at
-once. ``tests/test_rounding_ir.py`` checks it against the numba functions on every float32
-bit pattern class (all exponents, boundary mantissas, NaNs, infinities, subnormals).
+integer instructions behind a branch on the code (LLVM unswitches the loop around it), and
+compiles at once. ``tests/test_rounding_ir.py`` checks it against the numba functions on
+every float32 bit pattern class (all exponents, boundary mantissas, NaNs, infinities,
+subnormals).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ _F16, _BF16 = FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 _I32 = ir.IntType(32)
 
 
-def _bf16_round_trip(builder, u):
-    """bits of float32 -> bfloat16 (nearest even; a NaN keeps its top 16 bits, made quiet)
-    -> float32, on uint32 bit patterns."""
+def bf16_round_trip_bits(builder, u):
+    """IR: bits of float32 -> bfloat16 (nearest even; a NaN keeps its top 16 bits, made
+    quiet) -> float32, on uint32 bit patterns (also ``cpu_merge._rd_bf16_ir``'s body)."""
     lsb = builder.and_(builder.lshr(u, _I32(16)), _I32(1))
     rounded = builder.and_(builder.add(builder.add(u, _I32(0x7FFF)), lsb), _I32(0xFFFF0000))
     quiet = builder.and_(builder.or_(u, _I32(0x00400000)), _I32(0xFFFF0000))
@@ -89,7 +90,7 @@ def round_work_ir(typingctx, v, code):
         f16_bb, done_bb = fn.append_basic_block("rw_f16"), fn.append_basic_block("rw_done")
         builder.cbranch(builder.icmp_signed("==", c64, ir.Constant(i64, _BF16)), bf_bb, not_bf_bb)
         builder.position_at_end(bf_bb)
-        bf = builder.bitcast(_bf16_round_trip(builder, builder.bitcast(x, _I32)), f32)
+        bf = builder.bitcast(bf16_round_trip_bits(builder, builder.bitcast(x, _I32)), f32)
         builder.branch(done_bb)
         builder.position_at_end(not_bf_bb)
         builder.cbranch(builder.icmp_signed("==", c64, ir.Constant(i64, _F16)), f16_bb, done_bb)
