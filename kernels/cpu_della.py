@@ -25,6 +25,8 @@ from .cpu_merge import _decode_block, _encode_block, _f32_bits, _philox_range
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked
 
+_F32, _F16, _BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
+
 
 def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
     """(A, B) of SPEC "DELLA": ``floor((rho - eps) * 2**32)`` and ``floor(2 * eps * 2**32)``
@@ -74,102 +76,283 @@ def _sorted_order(mags, n, perm, spare, hist):
     return perm
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
-                  tha, thb, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code, ids):  # fmt: skip
-    n_models = model_rows.shape[0]
-    zero = np.float32(0.0)
-    two32 = np.float32(4294967296.0)
-    for r in numba.prange(n_rows):
-        lo = r * row_len
-        xb = np.empty(row_len, np.float32)
-        d = np.empty(row_len, np.float32)
-        wd = np.empty((n_models, row_len), np.float32)
-        mags = np.empty(row_len, np.uint32)
-        perm = np.empty(row_len, np.int64)
-        spare = np.empty(row_len, np.int64)
-        hist = np.empty(256, np.int64)
-        acc = np.empty(row_len, np.float32)
-        den = np.empty(row_len, np.float32)
-        elect = np.empty(row_len, np.float32)
-        group = -1
-        w0 = np.empty(row_len, np.uint32)
-        w1 = np.empty(row_len, np.uint32)
-        w2 = np.empty(row_len, np.uint32)
-        w3 = np.empty(row_len, np.uint32)
-        _decode_block(inputs[base_row], codes[base_row], lo, row_len, xb)
-        for i in range(row_len):
-            xb[i] = round_work(xb[i], w_code)
-        for j in range(n_models):
-            mr = model_rows[j]
-            _decode_block(inputs[mr], codes[mr], lo, row_len, d)
-            for i in range(row_len):
-                d[i] = round_work(round_work(d[i], w_code) - xb[i], w_code)
-            if drop[j]:
-                for i in range(row_len):
-                    mags[i] = _f32_bits(d[i]) & np.uint32(0x7FFFFFFF)
-                order = _sorted_order(mags, row_len, perm, spare, hist)
-                if ids[j] // 4 != group:  # fine-tunes 4g .. 4g+3 share one Philox call
-                    group = ids[j] // 4
-                    _philox_range(start + lo, row_len, np.uint64(group), k0, k1, w0, w1, w2, w3)
-                q = ids[j] % 4
-                words = w0 if q == 0 else (w1 if q == 1 else (w2 if q == 2 else w3))
-                # K = A + (rank * B) // (row_len - 1), rank = 0, 1, ... in sorted order:
-                # advanced by B // (row_len - 1), carrying B % (row_len - 1) (no division)
-                span = np.uint64(max(row_len - 1, 1))
-                step = np.uint64(thb[j]) // span if row_len > 1 else np.uint64(0)
-                carry = np.uint64(thb[j]) % span if row_len > 1 else np.uint64(0)
-                kk = np.uint64(tha[j])
-                rem = np.uint64(0)
-                for k in range(row_len):
-                    i = order[k]
-                    e = zero
-                    if np.uint64(words[i]) < kk:
-                        e = round_work(d[i] * (two32 / np.float32(kk)), w_code) if rescale else d[i]
-                    wd[j, i] = round_work(wq[j] * e, w_code)
-                    kk += step
-                    rem += carry
-                    if rem >= span:
-                        kk += np.uint64(1)
-                        rem -= span
-            else:
-                for i in range(row_len):
-                    wd[j, i] = round_work(wq[j] * d[i], w_code)
-        # the combination with the models outside and the elements inside (vectorized);
-        # each element's sums still run over the models in order from +0.0
-        for i in range(row_len):
-            acc[i] = zero
-            den[i] = zero
-            elect[i] = zero
-        if sign:
-            for j in range(n_models):
-                for i in range(row_len):
-                    elect[i] = elect[i] + wd[j, i]
-            for i in range(row_len):
-                elect[i] = round_work(elect[i], w_code)  # the elected sign's sum
-            for j in range(n_models):
-                for i in range(row_len):
-                    v = wd[j, i]
-                    pos = elect[i] >= zero
-                    agree = (v > zero and pos) or (v < zero and not pos)
-                    acc[i] = acc[i] + (v if agree else zero)
-                    den[i] = den[i] + (wq[j] if agree else zero)
+#: Counting-sort bins per element of a row (plus COUNT_BINS_MIN): a row whose nonzero
+#: magnitudes span at most this many distinct steps is ranked by one counting pass.
+COUNT_BINS_PER_ELEM = 4
+COUNT_BINS_MIN = 4096
+
+
+@numba.njit(nogil=True, cache=True)
+def _ranks(mags, n, rank, pos, perm, spare, hist):
+    """rank[i] = #{k : (mags[k], k) < (mags[i], i)} for 0 <= i < n (SPEC "DELLA" rank).
+
+    Zeros come first (in index order). The nonzero magnitudes, as steps of their common
+    power of two above the smallest (a bfloat16 value's low 16 bits are zero), are ranked
+    by one stable counting pass when they span at most ``pos.shape[0]`` steps (the usual
+    row: a task vector's magnitudes cover a few binades); otherwise the radix sort
+    ``_sorted_order`` gives the order and the ranks are its inverse.
+    rank: int64 [>= n] (the result); pos: int64 [bins]; perm, spare: int64 [>= n]; hist:
+    int64 [256]."""
+    zeros = 0
+    mn = np.uint32(0xFFFFFFFF)
+    mx = np.uint32(0)
+    for i in range(n):
+        m = mags[i]
+        if m == 0:
+            zeros += 1
         else:
-            for j in range(n_models):
-                for i in range(row_len):
-                    acc[i] = acc[i] + wd[j, i]
-        for i in range(row_len):
-            a = round_work(acc[i], w_code)
-            if sign:
-                dn = round_work(den[i], w_code)
-                if dn == zero:
-                    dn = np.float32(1.0)
-            else:
-                dn = den0
-            m = round_work(a / dn, w_code) if normalize else a
-            m = round_work(s32 * m, w_code)
-            xb[i] = round_work(xb[i] + m, w_code)
-        _encode_block(xb, out_code, lo, row_len, out)
+            mn = min(mn, m)
+            mx = max(mx, m)
+    steps = np.uint32(0)
+    for i in range(n):
+        if mags[i] != 0:
+            steps |= mags[i] - mn
+    shift = np.uint32(0)
+    if steps != 0:
+        while (steps >> shift) & np.uint32(1) == 0:
+            shift += np.uint32(1)
+    span = np.int64(((mx - mn) >> shift) + 1) if zeros < n else np.int64(0)
+    if span > pos.shape[0]:
+        order = _sorted_order(mags, n, perm, spare, hist)
+        for k in range(n):
+            rank[order[k]] = k
+        return
+    pos[:span] = 0
+    for i in range(n):
+        if mags[i] != 0:
+            pos[(mags[i] - mn) >> shift] += 1
+    total = np.int64(zeros)
+    for b in range(span):
+        c = pos[b]
+        pos[b] = total
+        total += c
+    z = np.int64(0)
+    for i in range(n):
+        m = mags[i]
+        if m == 0:
+            rank[i] = z
+            z += 1
+        else:
+            b = (m - mn) >> shift
+            rank[i] = pos[b]
+            pos[b] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _keep_tables(tha, thb, drop, row_len, thr, inv):
+    """Per fine-tune j and rank k: the keep threshold K = A_j + (k * B_j) // (L - 1) (SPEC
+    "DELLA"; walked with an integer quotient and carry, no division) and its rescale
+    float32(2**32) / float32(K). thr: uint64 [N, L]; inv: float32 [N, L]."""
+    two32 = np.float32(4294967296.0)
+    span = np.uint64(max(row_len - 1, 1))
+    for j in range(tha.shape[0]):
+        if not drop[j]:
+            continue
+        step = np.uint64(thb[j]) // span if row_len > 1 else np.uint64(0)
+        carry = np.uint64(thb[j]) % span if row_len > 1 else np.uint64(0)
+        kk = np.uint64(tha[j])
+        rem = np.uint64(0)
+        for k in range(row_len):
+            thr[j, k] = kk
+            kk += step
+            rem += carry
+            if rem >= span:
+                kk += np.uint64(1)
+                rem -= span
+        for k in range(row_len):
+            inv[j, k] = two32 / np.float32(thr[j, k])
+
+
+#: Rows per work item at most (a work item allocates its scratch once).
+ROWS_PER_ITEM = 64
+
+
+@numba.njit(inline="always")
+def _tv_loop(d, xb, n, c):
+    for i in range(n):
+        d[i] = round_work(round_work(d[i], c) - xb[i], c)
+
+
+@numba.njit(nogil=True, cache=True)
+def _task_vector(row, code, lo, n, xb, w_code, d):
+    """d = rW(rW(x_j) - x_b) for elements lo .. lo + n - 1 of the raw byte row ``row``."""
+    _decode_block(row, code, lo, n, d)
+    if w_code == _BF16:
+        _tv_loop(d, xb, n, _BF16)
+    elif w_code == _F16:
+        _tv_loop(d, xb, n, _F16)
+    else:
+        _tv_loop(d, xb, n, _F32)
+
+
+@numba.njit(inline="always")
+def _round_loop(x, n, c):
+    for i in range(n):
+        x[i] = round_work(x[i], c)
+
+
+@numba.njit(nogil=True, cache=True)
+def _round_all(x, n, w_code):
+    """x[:n] = rW(x[:n]) (the dtype a constant in each branch)."""
+    if w_code == _BF16:
+        _round_loop(x, n, _BF16)
+    elif w_code == _F16:
+        _round_loop(x, n, _F16)
+    else:
+        _round_loop(x, n, _F32)
+
+
+@numba.njit(inline="always")
+def _weigh_loop(d, n, w, c, out):
+    for i in range(n):
+        out[i] = round_work(w * d[i], c)
+
+
+@numba.njit(nogil=True, cache=True)
+def _weigh(d, n, w, w_code, out):
+    """out = rW(w'_j * d): a fine-tune with density 1 (nothing dropped)."""
+    if w_code == _BF16:
+        _weigh_loop(d, n, w, _BF16, out)
+    elif w_code == _F16:
+        _weigh_loop(d, n, w, _F16, out)
+    else:
+        _weigh_loop(d, n, w, _F32, out)
+
+
+@numba.njit(inline="always")
+def _thin_loop(d, n, rank, words, thr, inv, rescale, w, w_code, out):
+    """out = rW(w'_j * e_j): e_j = the kept d (rescaled: rW(d * r(rank))) or +0.0, in
+    element order; branch-free (both sides computed, then selected: no side effects).
+    thr, inv: fine-tune j's rows of the keep tables. (One-dimensional arrays throughout:
+    with ``wd[j, i]`` in the loop LLVM does not vectorize it.)"""
+    zero = np.float32(0.0)
+    for i in range(n):
+        k = rank[i]
+        scaled = round_work(d[i] * inv[k], w_code) if rescale else d[i]
+        e = scaled if np.uint64(words[i]) < thr[k] else zero
+        out[i] = round_work(w * e, w_code)
+
+
+@numba.njit(nogil=True, cache=True)
+def _thin(d, n, rank, words, thr, inv, rescale, w, w_code, out):
+    """``_thin_loop`` with the working dtype a constant in each branch (so LLVM vectorizes
+    the loop without having to unswitch rW's dtype branch)."""
+    if w_code == _BF16:
+        _thin_loop(d, n, rank, words, thr, inv, rescale, w, _BF16, out)
+    elif w_code == _F16:
+        _thin_loop(d, n, rank, words, thr, inv, rescale, w, _F16, out)
+    else:
+        _thin_loop(d, n, rank, words, thr, inv, rescale, w, _F32, out)
+
+
+@numba.njit(inline="always")
+def _combine_loops(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, elect):
+    """xb = rW(x_b + rW(s * m)), m the (normalized) sign-elected or plain sum of wd
+    (SPEC "DELLA", v3's merged value); one loop per step, models outside (vectorized),
+    each element's sums over the models in order from +0.0."""
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    n_models = wd.shape[0]
+    acc[:n] = zero
+    den[:n] = zero
+    if sign:
+        elect[:n] = zero
+        for j in range(n_models):
+            row = wd[j]
+            for i in range(n):
+                elect[i] = elect[i] + row[i]
+        for i in range(n):
+            elect[i] = round_work(elect[i], w_code)  # the elected sign's sum S
+        for j in range(n_models):
+            row = wd[j]
+            w = wq[j]
+            for i in range(n):
+                v = row[i]
+                agree = (v > zero) if elect[i] >= zero else (v < zero)  # NaN: none agrees
+                acc[i] = acc[i] + (v if agree else zero)
+                den[i] = den[i] + (w if agree else zero)
+        for i in range(n):
+            dn = round_work(den[i], w_code)
+            den[i] = one if dn == zero else dn
+    else:
+        for j in range(n_models):
+            row = wd[j]
+            for i in range(n):
+                acc[i] = acc[i] + row[i]
+        den[:n] = den0
+    for i in range(n):
+        acc[i] = round_work(acc[i], w_code)
+    if normalize:
+        for i in range(n):
+            acc[i] = round_work(acc[i] / den[i], w_code)
+    for i in range(n):
+        xb[i] = round_work(xb[i] + round_work(s32 * acc[i], w_code), w_code)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _combine(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, elect):
+    """``_combine_loops`` with the working dtype a constant in each branch."""
+    if w_code == _BF16:
+        _combine_loops(wd, n, wq, sign, normalize, den0, s32, _BF16, xb, acc, den, elect)
+    elif w_code == _F16:
+        _combine_loops(wd, n, wq, sign, normalize, den0, s32, _F16, xb, acc, den, elect)
+    else:
+        _combine_loops(wd, n, wq, sign, normalize, den0, s32, _F32, xb, acc, den, elect)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _della_rows(inputs, codes, base_row, model_rows, r_lo, r_hi, row_len, start, k0, k1,
+                drop, thr, inv, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code,
+                ids):  # fmt: skip
+    """Rows r_lo .. r_hi - 1 of the chunk, with one set of scratch arrays. (The parallel
+    loop only calls this: loops written inside its body were not vectorized.)"""
+    n_models = model_rows.shape[0]
+    n = row_len
+    xb = np.empty(n, np.float32)
+    d = np.empty(n, np.float32)
+    wd = np.empty((n_models, n), np.float32)
+    mags = np.empty(n, np.uint32)
+    rank = np.empty(n, np.int64)
+    pos = np.empty(max(COUNT_BINS_PER_ELEM * n, COUNT_BINS_MIN), np.int64)
+    perm = np.empty(n, np.int64)
+    spare = np.empty(n, np.int64)
+    hist = np.empty(256, np.int64)
+    acc = np.empty(n, np.float32)
+    den = np.empty(n, np.float32)
+    elect = np.empty(n, np.float32)
+    words = np.empty((4, n), np.uint32)
+    for r in range(r_lo, r_hi):
+        lo = r * n
+        group = -1
+        _decode_block(inputs[base_row], codes[base_row], lo, n, xb)
+        _round_all(xb, n, w_code)
+        for j in range(n_models):
+            _task_vector(inputs[model_rows[j]], codes[model_rows[j]], lo, n, xb, w_code, d)
+            row, wj = wd[j], wq[j]
+            if not drop[j]:
+                _weigh(d, n, wj, w_code, row)
+                continue
+            for i in range(n):
+                mags[i] = _f32_bits(d[i]) & np.uint32(0x7FFFFFFF)
+            _ranks(mags, n, rank, pos, perm, spare, hist)
+            if ids[j] // 4 != group:  # fine-tunes 4g .. 4g+3 share one Philox call
+                group = ids[j] // 4
+                _philox_range(start + lo, n, np.uint64(group), k0, k1, words[0], words[1],
+                              words[2], words[3])  # fmt: skip
+            _thin(d, n, rank, words[ids[j] % 4], thr[j], inv[j], rescale, wj, w_code, row)
+        _combine(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, elect)
+        _encode_block(xb, out_code, lo, n, out)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
+                  thr, inv, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code,
+                  ids):  # fmt: skip
+    n_items = (n_rows + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for it in numba.prange(n_items):
+        _della_rows(inputs, codes, base_row, model_rows, it * ROWS_PER_ITEM,
+                    min(n_rows, (it + 1) * ROWS_PER_ITEM), row_len, start, k0, k1, drop, thr,
+                    inv, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code, ids)  # fmt: skip
 
 
 def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
@@ -213,8 +396,11 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     if abs(float(den0)) < 1e-8:
         den0 = np.float32(1.0)
     if n:
+        thr = np.zeros((nm, row_len), np.uint64)
+        inv = np.zeros((nm, row_len), np.float32)
+        _keep_tables(tha, thb, drop, row_len, thr, inv)
         _della_kernel(inputs, codes, base_row, mr, n_rows, row_len, start,
-                      np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32), drop, tha, thb,
+                      np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32), drop, thr, inv,
                       bool(rescale), wq, bool(sign), bool(normalize), den0,
                       np.float32(scale), w_code, out, co, ids)  # fmt: skip
 

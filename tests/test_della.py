@@ -97,6 +97,33 @@ def test_triton_equals_numba():
         assert out.view(torch.uint8).numpy().tobytes() == want.tobytes(), (k, dtypes)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "f16", "f32", "zeros", "ties", "one", "wide"])
+def test_ranks_are_the_stable_order_of_the_magnitudes(kind):
+    """``_ranks`` (a counting pass, or the radix sort when the magnitudes span too many
+    steps) gives every element its place in the order of (magnitude, index)."""
+    rng = np.random.default_rng(len(kind))
+    n = 1 if kind == "one" else 3000
+    x = (rng.standard_normal(n) * 0.002).astype(np.float32)
+    x[rng.random(n) < 0.2] = 0.0
+    if kind == "bf16":
+        x = ref.to_float32(ref.from_float32(x, "BF16"), "BF16")
+    elif kind == "f16":
+        x = x.astype(np.float16).astype(np.float32)
+    elif kind == "zeros":
+        x[:] = -0.0
+    elif kind == "ties":
+        x = rng.choice(np.array([0.0, 0.5, -0.5, 0.25], np.float32), n)
+    elif kind == "wide":
+        x[7], x[9] = np.inf, 1e-30
+    mags = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
+    want = np.empty(n, np.int64)
+    want[np.lexsort((np.arange(n), mags))] = np.arange(n)
+    rank, pos = np.empty(n, np.int64), np.empty(8192, np.int64)
+    scratch = [np.empty(n, np.int64), np.empty(n, np.int64), np.empty(256, np.int64)]
+    cpu_della._ranks(mags, n, rank, pos, *scratch)
+    assert np.array_equal(rank, want)
+
+
 def test_keep_rate_follows_density_and_rank():
     """Kept share = density on average, rising with the magnitude rank (density +/- eps)."""
     n, rho, eps = 20_000, 0.3, 0.2
