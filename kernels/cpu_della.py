@@ -21,11 +21,13 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
+from .cpu_loops import BF16 as _BF16
+from .cpu_loops import F16 as _F16
+from .cpu_loops import F32 as _F32
+from .cpu_loops import round_all, task_vector, weigh
 from .cpu_merge import _decode_block, _encode_block, _f32_bits, _philox_range
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked
-
-_F32, _F16, _BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 
 
 def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
@@ -168,58 +170,6 @@ ROWS_PER_ITEM = 64
 
 
 @numba.njit(inline="always")
-def _tv_loop(d, xb, n, c):
-    for i in range(n):
-        d[i] = round_work(round_work(d[i], c) - xb[i], c)
-
-
-@numba.njit(nogil=True, cache=True)
-def _task_vector(row, code, lo, n, xb, w_code, d):
-    """d = rW(rW(x_j) - x_b) for elements lo .. lo + n - 1 of the raw byte row ``row``."""
-    _decode_block(row, code, lo, n, d)
-    if w_code == _BF16:
-        _tv_loop(d, xb, n, _BF16)
-    elif w_code == _F16:
-        _tv_loop(d, xb, n, _F16)
-    else:
-        _tv_loop(d, xb, n, _F32)
-
-
-@numba.njit(inline="always")
-def _round_loop(x, n, c):
-    for i in range(n):
-        x[i] = round_work(x[i], c)
-
-
-@numba.njit(nogil=True, cache=True)
-def _round_all(x, n, w_code):
-    """x[:n] = rW(x[:n]) (the dtype a constant in each branch)."""
-    if w_code == _BF16:
-        _round_loop(x, n, _BF16)
-    elif w_code == _F16:
-        _round_loop(x, n, _F16)
-    else:
-        _round_loop(x, n, _F32)
-
-
-@numba.njit(inline="always")
-def _weigh_loop(d, n, w, c, out):
-    for i in range(n):
-        out[i] = round_work(w * d[i], c)
-
-
-@numba.njit(nogil=True, cache=True)
-def _weigh(d, n, w, w_code, out):
-    """out = rW(w'_j * d): a fine-tune with density 1 (nothing dropped)."""
-    if w_code == _BF16:
-        _weigh_loop(d, n, w, _BF16, out)
-    elif w_code == _F16:
-        _weigh_loop(d, n, w, _F16, out)
-    else:
-        _weigh_loop(d, n, w, _F32, out)
-
-
-@numba.njit(inline="always")
 def _thin_loop(d, n, rank, words, thr, inv, rescale, w, w_code, out):
     """out = rW(w'_j * e_j): e_j = the kept d (rescaled: rW(d * r(rank))) or +0.0, in
     element order; branch-free (both sides computed, then selected: no side effects).
@@ -325,12 +275,12 @@ def _della_rows(inputs, codes, base_row, model_rows, r_lo, r_hi, row_len, start,
         lo = r * n
         group = -1
         _decode_block(inputs[base_row], codes[base_row], lo, n, xb)
-        _round_all(xb, n, w_code)
+        round_all(xb, n, w_code)
         for j in range(n_models):
-            _task_vector(inputs[model_rows[j]], codes[model_rows[j]], lo, n, xb, w_code, d)
+            task_vector(inputs[model_rows[j]], codes[model_rows[j]], lo, n, xb, w_code, d)
             row, wj = wd[j], wq[j]
             if not drop[j]:
-                _weigh(d, n, wj, w_code, row)
+                weigh(d, n, wj, w_code, row)
                 continue
             for i in range(n):
                 mags[i] = _f32_bits(d[i]) & np.uint32(0x7FFFFFFF)

@@ -21,11 +21,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu_loops import BF16, F16, F32, base_and_task_vectors
 from .cpu_merge import _encode_block, _f32_bits
 from .cpu_nearswap import _round_host, round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
-from .cpu_stock import task_vectors_w
 
 #: Elements per block of a statistic (SPEC), a power of two; chunks start at its multiples.
 SCE_BLOCK = 1024
@@ -36,31 +36,64 @@ LOW_BINS = 1 << 16
 KEEP_NONE = 1 << 32
 
 
-@numba.njit(inline="always")
-def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key):
-    """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys."""
+@numba.njit(nogil=True, cache=True)
+def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key, mean, m2):
+    """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys.
+    mean, m2: float64 [>= m] scratch."""
     n_models = model_rows.shape[0]
-    task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
-    mean = np.zeros(m, np.float64)
-    m2 = np.zeros(m, np.float64)
+    base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
+    mean[:m] = 0.0
+    m2[:m] = 0.0
     for j in range(n_models):  # torch's Welford recurrence, float64, elements inside
         jj = np.float64(j + 1)
+        row = tv[j]
         for i in range(m):
-            x = np.float64(tv[j, i])
+            x = np.float64(row[i])
             delta = x - mean[i]
             mean[i] = mean[i] + delta / jj
             m2[i] = m2[i] + delta * (x - mean[i])
-    for i in range(m):
-        v = round_work(np.float32(m2[i] / np.float64(n_models)), w_code)
-        key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
+    _keys(m2, m, n_models, w_code, key)
 
 
 @numba.njit(inline="always")
-def _select(tv, key, j, i, keep_all, thr, w_code):
-    """The selected task vector m_j: tv, or rW(tv * 0) off the top-k (+-0, NaN for inf/NaN)."""
-    if keep_all or key[i] >= thr:
-        return tv[j, i]
-    return round_work(tv[j, i] * np.float32(0.0), w_code)
+def _keys_loop(m2, m, n_models, c, key):
+    for i in range(m):
+        v = round_work(np.float32(m2[i] / np.float64(n_models)), c)
+        key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
+
+
+@numba.njit(nogil=True, cache=True)
+def _keys(m2, m, n_models, w_code, key):
+    """key = the variance keys: bits of rW(float32(m2 / N)), the sign bit cleared."""
+    if w_code == BF16:
+        _keys_loop(m2, m, n_models, BF16, key)
+    elif w_code == F16:
+        _keys_loop(m2, m, n_models, F16, key)
+    else:
+        _keys_loop(m2, m, n_models, F32, key)
+
+
+@numba.njit(inline="always")
+def _select_loop(row, key, m, thr, c):
+    zero = np.float32(0.0)
+    for i in range(m):  # off the top-k: rW(tv * 0) (+-0, NaN for inf/NaN)
+        off = round_work(row[i] * zero, c)
+        row[i] = row[i] if key[i] >= thr else off
+
+
+@numba.njit(nogil=True, cache=True)
+def _select(tv, key, m, keep_all, thr, w_code):
+    """tv[j] = the selected task vectors m_j: tv where key >= thr (or keep_all), else
+    rW(tv * 0)."""
+    if keep_all:
+        return
+    for j in range(tv.shape[0]):
+        if w_code == BF16:
+            _select_loop(tv[j], key, m, thr, BF16)
+        elif w_code == F16:
+            _select_loop(tv[j], key, m, thr, F16)
+        else:
+            _select_loop(tv[j], key, m, thr, F32)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -72,84 +105,139 @@ def _hist_kernel(inputs, codes, base_row, model_rows, n, w_code, bucket, parts, 
         xb = np.empty(SCE_BLOCK, np.float32)
         tv = np.empty((n_models, SCE_BLOCK), np.float32)
         key = np.empty(SCE_BLOCK, np.int64)
+        mean = np.empty(SCE_BLOCK, np.float64)
+        m2 = np.empty(SCE_BLOCK, np.float64)
         for k in range(p, n_blocks, n_parts):
             first = k * SCE_BLOCK
             m = min(SCE_BLOCK, n - first)
-            _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
-            for i in range(m):
-                if bucket < 0:
-                    parts[p, key[i] >> 16] += 1
-                    if key[i] != 0:
-                        nz[p] += 1
-                elif (key[i] >> 16) == bucket:
-                    parts[p, key[i] & 0xFFFF] += 1
+            _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key, mean,
+                     m2)  # fmt: skip
+            _count(key, m, bucket, parts[p], nz, p)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count(key, m, bucket, hist, nz, p):
+    """Add the block's keys into ``hist`` (high bits and nz[p] the nonzero keys when
+    bucket < 0, else the low bits of the keys in ``bucket``)."""
+    if bucket < 0:
+        for i in range(m):
+            hist[key[i] >> 16] += 1
+        c = 0
+        for i in range(m):
+            c += key[i] != 0
+        nz[p] += c
+    else:
+        for i in range(m):
+            if (key[i] >> 16) == bucket:
+                hist[key[i] & 0xFFFF] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _energy_block(inputs, codes, base_row, model_rows, first, m, w_code, keep_all, thr, out_k):
+    """out_k[j] = the block's float64 sum of rW(m_j * m_j) (a pairwise tree over
+    SCE_BLOCK elements, padded with +0.0)."""
+    n_models = model_rows.shape[0]
+    xb = np.empty(SCE_BLOCK, np.float32)
+    tv = np.empty((n_models, SCE_BLOCK), np.float32)
+    key = np.empty(SCE_BLOCK, np.int64)
+    mean = np.empty(SCE_BLOCK, np.float64)
+    m2 = np.empty(SCE_BLOCK, np.float64)
+    p = np.empty(SCE_BLOCK, np.float64)
+    _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key, mean, m2)
+    _select(tv, key, m, keep_all, thr, w_code)
+    for j in range(n_models):
+        row = tv[j]
+        round_all_sq(row, m, w_code, p)
+        p[m:] = 0.0
+        out_k[j] = _tree(p)
+
+
+@numba.njit(inline="always")
+def _sq_loop(row, m, c, p):
+    for i in range(m):
+        p[i] = np.float64(round_work(row[i] * row[i], c))
+
+
+@numba.njit(nogil=True, cache=True)
+def round_all_sq(row, m, w_code, p):
+    """p[:m] = float64(rW(row * row))."""
+    if w_code == BF16:
+        _sq_loop(row, m, BF16, p)
+    elif w_code == F16:
+        _sq_loop(row, m, F16, p)
+    else:
+        _sq_loop(row, m, F32, p)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _energy_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, out):
-    n_models = model_rows.shape[0]
     for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):
         first = k * SCE_BLOCK
-        m = min(SCE_BLOCK, n - first)
-        xb = np.empty(SCE_BLOCK, np.float32)
-        tv = np.empty((n_models, SCE_BLOCK), np.float32)
-        key = np.empty(SCE_BLOCK, np.int64)
-        p = np.empty(SCE_BLOCK, np.float64)
-        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
-        for j in range(n_models):
-            for i in range(SCE_BLOCK):
-                if i < m:
-                    v = _select(tv, key, j, i, keep_all, thr, w_code)
-                    p[i] = np.float64(round_work(v * v, w_code))
-                else:
-                    p[i] = 0.0
-            out[k, j] = _tree(p)
+        _energy_block(inputs, codes, base_row, model_rows, first, min(SCE_BLOCK, n - first),
+                      w_code, keep_all, thr, out[k])  # fmt: skip
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+@numba.njit(inline="always")
+def _merge_loops(tv, m, c, wt, lo, xb, s_all, acc, den):
+    """xb = rW(x_b + rW(a / d)) with the sign election and energy weights (SPEC "SCE")."""
+    zero = np.float32(0.0)
+    n_models = tv.shape[0]
+    s_all[:m] = zero
+    acc[:m] = zero
+    den[:m] = zero
+    for j in range(n_models):
+        row = tv[j]
+        for i in range(m):
+            s_all[i] = s_all[i] + row[i]
+    for i in range(m):
+        s_all[i] = round_work(s_all[i], c)  # the elected sign's sum, rounded once
+    for j in range(n_models):
+        row = tv[j]
+        w = wt[j]
+        for i in range(m):
+            v = row[i]
+            agree = (v > zero) if s_all[i] >= zero else (v < zero)  # NaN: none agrees
+            ew = round_work(w * (np.float32(1.0) if agree else zero), c)
+            acc[i] = acc[i] + round_work(v * ew, c)
+            den[i] = den[i] + ew
+    for i in range(m):
+        a = round_work(acc[i], c)
+        d = round_work(den[i], c)
+        d = lo if d < lo else d
+        xb[i] = round_work(xb[i] + round_work(a / d, c), c)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _sce_block(inputs, codes, base_row, model_rows, first, m, w_code, keep_all, thr, wt, lo,
+               out, out_code):  # fmt: skip
+    """One block of the merged value (SPEC "SCE") into the raw byte row ``out``."""
+    n_models = model_rows.shape[0]
+    xb = np.empty(SCE_BLOCK, np.float32)
+    tv = np.empty((n_models, SCE_BLOCK), np.float32)
+    key = np.empty(SCE_BLOCK, np.int64)
+    mean = np.empty(SCE_BLOCK, np.float64)
+    m2 = np.empty(SCE_BLOCK, np.float64)
+    s_all = np.empty(SCE_BLOCK, np.float32)
+    acc = np.empty(SCE_BLOCK, np.float32)
+    den = np.empty(SCE_BLOCK, np.float32)
+    _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key, mean, m2)
+    _select(tv, key, m, keep_all, thr, w_code)
+    if w_code == BF16:
+        _merge_loops(tv, m, BF16, wt, lo, xb, s_all, acc, den)
+    elif w_code == F16:
+        _merge_loops(tv, m, F16, wt, lo, xb, s_all, acc, den)
+    else:
+        _merge_loops(tv, m, F32, wt, lo, xb, s_all, acc, den)
+    _encode_block(xb, out_code, first, m, out)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _sce_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, wt, lo, out,
                 out_code):  # fmt: skip
-    n_models = model_rows.shape[0]
-    zero = np.float32(0.0)
     for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):
         first = k * SCE_BLOCK
-        m = min(SCE_BLOCK, n - first)
-        xb = np.empty(SCE_BLOCK, np.float32)
-        tv = np.empty((n_models, SCE_BLOCK), np.float32)
-        key = np.empty(SCE_BLOCK, np.int64)
-        s_all = np.empty(SCE_BLOCK, np.float32)
-        acc = np.empty(SCE_BLOCK, np.float32)
-        den = np.empty(SCE_BLOCK, np.float32)
-        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key)
-        # the models outside, the elements inside (LLVM vectorizes these loops); each
-        # element's sums still run over the models in order from +0.0
-        for j in range(n_models):
-            for i in range(m):
-                tv[j, i] = _select(tv, key, j, i, keep_all, thr, w_code)
-        for i in range(m):
-            s_all[i] = zero
-            acc[i] = zero
-            den[i] = zero
-        for j in range(n_models):
-            for i in range(m):
-                s_all[i] = s_all[i] + tv[j, i]
-        for i in range(m):
-            s_all[i] = round_work(s_all[i], w_code)  # the elected sign's sum, rounded once
-        for j in range(n_models):
-            for i in range(m):
-                v = tv[j, i]
-                pos = s_all[i] >= zero
-                agree = (v > zero and pos) or (v < zero and not pos)
-                ew = round_work(wt[j] * (np.float32(1.0) if agree else zero), w_code)
-                acc[i] = acc[i] + round_work(v * ew, w_code)
-                den[i] = den[i] + ew
-        for i in range(m):
-            a = round_work(acc[i], w_code)
-            d = round_work(den[i], w_code)
-            if d < lo:
-                d = lo
-            xb[i] = round_work(xb[i] + round_work(a / d, w_code), w_code)
-        _encode_block(xb, out_code, first, m, out)
+        _sce_block(inputs, codes, base_row, model_rows, first, min(SCE_BLOCK, n - first),
+                   w_code, keep_all, thr, wt, lo, out, out_code)  # fmt: skip
 
 
 def _parts() -> int:
