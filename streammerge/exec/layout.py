@@ -196,7 +196,8 @@ def make_layout(
 
     Each chunk element needs one input element per row (at the widest float itemsize in the
     plan) and one output element, in each slot: N_SLOTS + depth slots, or N_SLOTS_STATS +
-    depth for a method with a statistics pass (fewer, larger slots hold whole tensors).
+    depth for a method with statistics passes (TIES' histograms, a row-wise method's
+    passes): fewer, larger slots hold whole tensors, read once instead of once a pass.
     The writer's STAGING_BLOCKS blocks and the histograms come off the budget first.
 
     ``device_limit(rows, in_itemsize, out_itemsize) -> elems``, when given, caps the chunk
@@ -207,17 +208,18 @@ def make_layout(
     """
     rows = 1 + n_models
     in_size, out_size = 2, 2
-    has_stats = False
+    has_hist = multi_pass = False
     for t in plan.tensors:
         if t.action != "copy":
             srcs = [s for s in (t.base, *t.sources) if s is not None]
             in_size = max(in_size, *(s.itemsize for s in srcs))
             out_size = max(out_size, DTYPE_ITEMSIZE[t.dtype])
-        has_stats = has_stats or "hist_high" in t.ops
-    has_stats = has_stats or plan.model_scope
-    n_slots = (N_SLOTS_STATS if has_stats else N_SLOTS) + depth
+        has_hist = has_hist or "hist_high" in t.ops
+        multi_pass = multi_pass or len(t.ops) > 1
+    has_hist = has_hist or plan.model_scope
+    n_slots = (N_SLOTS_STATS if has_hist or multi_pass else N_SLOTS) + depth
     sparsifier = plan.recipe.row.sparsifier
-    hist = stats_bytes(n_models, threads or default_threads(), sparsifier) if has_stats else 0
+    hist = stats_bytes(n_models, threads or default_threads(), sparsifier) if has_hist else 0
     per_elem = n_slots * (rows * in_size + outputs * out_size)
     slack = n_slots * (rows + outputs) * (DIRECT_SLACK + DIRECT_ALIGN)  # row rounding, slack
     block = align_up(min(BLOCK_BYTES, max(2**18, memory_bytes // (32 * outputs))))
