@@ -23,6 +23,7 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
+from .cpu_loops import BF16, F16, F32, round_all
 from .cpu_merge import _decode_block, _encode_block, _f32_bits
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked, _tree
@@ -46,36 +47,40 @@ NAN_KEY = 0xFFC00000
 
 @numba.njit(inline="always")
 def exp64(r, inv_fact):
-    """SPEC's exp64 of a float64 r <= 0."""
-    if r < -708.0:
-        return 0.0
-    n = math.floor(r * INV_LN2 + 0.5)
-    s = (r - n * LN2_HI) - n * LN2_LO
+    """SPEC's exp64 of a float64 r <= 0 (branch-free, so a loop of it vectorizes: r <
+    -708 computes exp64(-708) and selects 0.0)."""
+    rc = max(r, -708.0)
+    n = math.floor(rc * INV_LN2 + 0.5)
+    s = (rc - n * LN2_HI) - n * LN2_LO
     e = inv_fact[13]
     for j in range(12, 0, -1):
         e = e * s + inv_fact[j]
     e = e * s + 1.0
     # ldexp(e, n) as e * 2^n with 2^n from its bits: n >= -1021 and e > 0.7 keep the
-    # product normal, so the scaling is exact (as Triton's _exp64)
-    return e * bits_f64(np.int64(n + 1023.0) << np.int64(52))
+    # product normal, so the scaling is exact (as Triton's _exp64). The integer n + 1023
+    # (2 .. 2046) is read from the bits of n + 1023 + 2**52 (no float -> int conversion).
+    two_n = bits_f64(f64_bits((n + 1023.0) + 4503599627370496.0) << np.uint64(52))
+    return 0.0 if r < -708.0 else e * two_n
 
 
 @numba.njit(inline="always")
 def log64(v, inv_odd):
     """SPEC's log64 of a positive normal float64 v."""
     bits = f64_bits(v)  # frexp on the bits (v is positive and normal)
-    e = np.int64((bits >> np.uint64(52)) & np.uint64(0x7FF)) - 1022
+    # the exponent field as a float64, exactly (2**52 + field, minus 2**52: no conversion)
+    field = bits_f64(((bits >> np.uint64(52)) & np.uint64(0x7FF)) | np.uint64(0x4330000000000000))
+    e = (field - 4503599627370496.0) - 1022.0
     m = bits_f64((bits & np.uint64(0x000FFFFFFFFFFFFF)) | np.uint64(0x3FE0000000000000))
-    if m < SQRT_HALF:
-        m = 2.0 * m
-        e = e - 1
+    small = m < SQRT_HALF
+    m = 2.0 * m if small else m
+    e = e - 1.0 if small else e
     s = (m - 1.0) / (m + 1.0)
     z = s * s
     acc = inv_odd[21]
     for j in range(19, 1, -2):
         acc = acc * z + inv_odd[j]
     acc = acc * z + 1.0
-    return np.float64(e) * LN2 + (2.0 * s) * acc
+    return e * LN2 + (2.0 * s) * acc
 
 
 @numba.njit(inline="always")
@@ -96,24 +101,23 @@ def _row_sum(v, buf):
 @numba.njit(inline="always")
 def _load_row(row, code, first, m, w_code, dst):
     _decode_block(row, code, first, m, dst)
-    for i in range(m):
-        dst[i] = round_work(dst[i], w_code)
+    round_all(dst, m, w_code)
 
 
 @numba.njit(inline="always")
 def log32(r, inv_odd):
-    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
-    if r > np.float32(0.0) and r < np.float32(np.inf):
-        return np.float32(log64(np.float64(r), inv_odd))
-    if r == np.float32(0.0):
-        return np.float32(-np.inf)
-    if r == np.float32(np.inf):
-        return r
-    return np.float32(np.nan)
+    """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN
+    (branch-free: log64 of 1.0 where r is none of the positive finite values, then a
+    select)."""
+    ok = (r > np.float32(0.0)) & (r < np.float32(np.inf))
+    lg = np.float32(log64(np.float64(r if ok else np.float32(1.0)), inv_odd))
+    other = np.float32(-np.inf) if r == np.float32(0.0) else (r if r == np.float32(np.inf)
+                                                                else np.float32(np.nan))  # fmt: skip
+    return lg if ok else other
 
 
 @numba.njit(inline="always")
-def _softmax(v, m, e64, buf, w_code, inv_fact, dst):
+def _softmax(v, m, e64, buf, c, inv_fact, dst):
     """dst = SPEC's softmax of the row v (float32 in W) in W, plus eps in W."""
     n = v.shape[0]
     for i in range(n):
@@ -122,37 +126,52 @@ def _softmax(v, m, e64, buf, w_code, inv_fact, dst):
     rz = np.float32(1.0) / z
     eps = np.float32(EPS)
     for i in range(n):
-        dst[i] = round_work(round_work(np.float32(e64[i]) * rz, w_code) + eps, w_code)
+        dst[i] = round_work(round_work(np.float32(e64[i]) * rz, c) + eps, c)
+
+
+@numba.njit(inline="always")
+def _k_body(x, y, c, inv_fact, inv_odd, e64, buf, q, p):
+    """SPEC's k of one row (x, y in W), the working dtype ``c`` a constant."""
+    n = x.shape[0]
+    finite = True
+    mx = np.float32(-np.inf)
+    my = np.float32(-np.inf)
+    for i in range(n):
+        finite = finite & math.isfinite(x[i]) & math.isfinite(y[i])
+        mx = max(mx, x[i])
+        my = max(my, y[i])
+    if not finite:
+        return round_work(np.float32(np.nan), c)
+    _softmax(x, mx, e64, buf, c, inv_fact, q)
+    _softmax(y, my, e64, buf, c, inv_fact, p)
+    for i in range(n):
+        rr = round_work(p[i] / q[i], c)
+        e64[i] = np.float64(round_work(p[i] * round_work(log32(rr, inv_odd), c), c))
+    return round_work(np.float32(_row_sum(e64, buf)), c)
+
+
+@numba.njit(nogil=True, cache=True)
+def _k_row(ra, ca, rb, cb, first, row_len, w_code, inv_fact, inv_odd):
+    """SPEC's k of the row of elements first .. first + row_len - 1."""
+    x = np.empty(row_len, np.float32)
+    y = np.empty(row_len, np.float32)
+    _load_row(ra, ca, first, row_len, w_code, x)
+    _load_row(rb, cb, first, row_len, w_code, y)
+    e64 = np.empty(row_len, np.float64)
+    buf = np.empty(SUM_BLOCK, np.float64)
+    q = np.empty(row_len, np.float32)
+    p = np.empty(row_len, np.float32)
+    if w_code == BF16:
+        return _k_body(x, y, BF16, inv_fact, inv_odd, e64, buf, q, p)
+    if w_code == F16:
+        return _k_body(x, y, F16, inv_fact, inv_odd, e64, buf, q, p)
+    return _k_body(x, y, F32, inv_fact, inv_odd, e64, buf, q, p)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, inv_fact, inv_odd, k):
     for r in numba.prange(n_rows):
-        x = np.empty(row_len, np.float32)
-        y = np.empty(row_len, np.float32)
-        _load_row(ra, ca, r * row_len, row_len, w_code, x)
-        _load_row(rb, cb, r * row_len, row_len, w_code, y)
-        finite = True
-        mx = np.float32(-np.inf)
-        my = np.float32(-np.inf)
-        for i in range(row_len):
-            if not (math.isfinite(x[i]) and math.isfinite(y[i])):
-                finite = False
-            mx = max(mx, x[i])
-            my = max(my, y[i])
-        if not finite:
-            k[r] = round_work(np.float32(np.nan), w_code)
-            continue
-        e64 = np.empty(row_len, np.float64)
-        buf = np.empty(SUM_BLOCK, np.float64)
-        q = np.empty(row_len, np.float32)
-        p = np.empty(row_len, np.float32)
-        _softmax(x, mx, e64, buf, w_code, inv_fact, q)
-        _softmax(y, my, e64, buf, w_code, inv_fact, p)
-        for i in range(row_len):
-            rr = round_work(p[i] / q[i], w_code)
-            e64[i] = np.float64(round_work(p[i] * round_work(log32(rr, inv_odd), w_code), w_code))
-        k[r] = round_work(np.float32(_row_sum(e64, buf)), w_code)
+        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code, inv_fact, inv_odd)
 
 
 @numba.njit(inline="always")
@@ -175,16 +194,33 @@ def order_key(v):
     return b ^ np.uint32(0x80000000)
 
 
+@numba.njit(inline="always")
+def _keys_body(x, y, kr, c, keys):
+    for i in range(x.shape[0]):
+        _, imp = _importance(x[i], y[i], kr, c)
+        keys[i] = order_key(imp)
+
+
+@numba.njit(nogil=True, cache=True)
+def _keys_row(ra, ca, rb, cb, first, row_len, kr, w_code, keys):
+    """The order keys of one row's importances into ``keys`` [row_len]."""
+    x = np.empty(row_len, np.float32)
+    y = np.empty(row_len, np.float32)
+    _load_row(ra, ca, first, row_len, w_code, x)
+    _load_row(rb, cb, first, row_len, w_code, y)
+    if w_code == BF16:
+        _keys_body(x, y, kr, BF16, keys)
+    elif w_code == F16:
+        _keys_body(x, y, kr, F16, keys)
+    else:
+        _keys_body(x, y, kr, F32, keys)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _keys_kernel(ra, ca, rb, cb, n_rows, row_len, k, w_code, keys):
     for r in numba.prange(n_rows):
-        x = np.empty(row_len, np.float32)
-        y = np.empty(row_len, np.float32)
-        _load_row(ra, ca, r * row_len, row_len, w_code, x)
-        _load_row(rb, cb, r * row_len, row_len, w_code, y)
-        for i in range(row_len):
-            _, imp = _importance(x[i], y[i], k[r], w_code)
-            keys[r * row_len + i] = order_key(imp)
+        _keys_row(ra, ca, rb, cb, r * row_len, row_len, k[r], w_code,
+                  keys[r * row_len:(r + 1) * row_len])  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True)
@@ -202,18 +238,34 @@ def _count_low(keys, buckets, hist):
                 hist[j, keys[i] & np.uint32(0xFFFF)] += 1
 
 
+@numba.njit(inline="always")
+def _write_body(x, y, kr, thr, c):
+    for i in range(x.shape[0]):
+        d, imp = _importance(x[i], y[i], kr, c)
+        m = np.float32(1.0) if imp >= thr else np.float32(0.0)
+        x[i] = x[i] + d * m
+
+
+@numba.njit(nogil=True, cache=True)
+def _write_row(ra, ca, rb, cb, first, row_len, kr, thr, w_code, out, out_code):
+    """The merged row (x + d * mask) into the raw byte row ``out``."""
+    x = np.empty(row_len, np.float32)
+    y = np.empty(row_len, np.float32)
+    _load_row(ra, ca, first, row_len, w_code, x)
+    _load_row(rb, cb, first, row_len, w_code, y)
+    if w_code == BF16:
+        _write_body(x, y, kr, thr, BF16)
+    elif w_code == F16:
+        _write_body(x, y, kr, thr, F16)
+    else:
+        _write_body(x, y, kr, thr, F32)
+    _encode_block(x, out_code, first, row_len, out)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _write_kernel(ra, ca, rb, cb, n_rows, row_len, k, thr, w_code, out, out_code):
     for r in numba.prange(n_rows):
-        x = np.empty(row_len, np.float32)
-        y = np.empty(row_len, np.float32)
-        _load_row(ra, ca, r * row_len, row_len, w_code, x)
-        _load_row(rb, cb, r * row_len, row_len, w_code, y)
-        for i in range(row_len):
-            d, imp = _importance(x[i], y[i], k[r], w_code)
-            m = np.float32(1.0) if imp >= thr else np.float32(0.0)
-            x[i] = x[i] + d * m
-        _encode_block(x, out_code, r * row_len, row_len, out)
+        _write_row(ra, ca, rb, cb, r * row_len, row_len, k[r], thr, w_code, out, out_code)
 
 
 def _codes(a, da, b, db, n_rows, row_len):

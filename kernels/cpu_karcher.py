@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
+from .cpu_loops import BF16, F16, F32
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked
@@ -46,77 +47,122 @@ def _tangent(units, valid, u, T, m, ri, dot, coef, skip, w):
             continue
         d = dot[ri, j]
         c = coef[ri, j]
+        unit = units[j]
         for i in range(m):
-            v = round_work(units[j, i] - round_work(d * u[i], w), w)
+            v = round_work(unit[i] - round_work(d * u[i], w), w)
             T[i] = round_work(T[i] + round_work(c * v, w), w)
 
 
 @numba.njit(inline="always")
 def _step(u, T, m, ri, cs, sn, nt, w):
+    c, s, t = cs[ri], sn[ri], nt[ri]
     for i in range(m):
-        a = round_work(cs[ri] * u[i], w)
-        b = round_work(sn[ri] * round_work(T[i] / nt[ri], w), w)
+        a = round_work(c * u[i], w)
+        b = round_work(s * round_work(T[i] / t, w), w)
         u[i] = round_work(a + b, w)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy", fastmath=False)
+@numba.njit(inline="always")
+def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
+                skip, cs, sn, nt, un, unapply, s32, vals, first):  # fmt: skip
+    """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
+    says why). Returns True when ``u`` holds the output values."""
+    n_models = x.shape[0]
+    for j in range(n_models):
+        xj = x[j]
+        for i in range(m):
+            xj[i] = round_work(xj[i], w)
+    if stage == 0:
+        for j in range(n_models):
+            xj = x[j]
+            dst = vals[j, first:first + m]
+            for i in range(m):
+                dst[i] = xj[i] * xj[i]
+        return False
+    for j in range(n_models):
+        if n32[j] != np.float32(0.0):
+            xj, unit, nj = x[j], units[j], n32[j]
+            for i in range(m):
+                unit[i] = round_work(xj[i] / nj, w)
+    for j in range(n_models):
+        if valid[j] != 0:
+            unit, a = units[j], na32[j]
+            for i in range(m):
+                u[i] = round_work(u[i] + round_work(a * unit[i], w), w)
+    if stage == 1:
+        dst = vals[0, first:first + m]
+        for i in range(m):
+            dst[i] = u[i] * u[i]
+        return False
+    if fb != 0:
+        u0 = units[v0]
+        for i in range(m):
+            u[i] = u0[i]
+    else:
+        for i in range(m):
+            u[i] = round_work(u[i] / m0, w)
+    for ri in range(full):
+        _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
+        _step(u, T, m, ri, cs, sn, nt, w)
+        if unapply[ri] != 0:
+            q = un[ri]
+            for i in range(m):
+                u[i] = round_work(u[i] / q, w)
+    if stage == 2:
+        for j in range(n_models):
+            unit = units[j]
+            dst = vals[j, first:first + m]
+            for i in range(m):
+                dst[i] = u[i] * unit[i]
+        return False
+    if stage == 3 or stage == 4:
+        _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
+        dst = vals[0, first:first + m]
+        if stage == 4:
+            _step(u, T, m, full, cs, sn, nt, w)
+            for i in range(m):
+                dst[i] = u[i] * u[i]
+        else:
+            for i in range(m):
+                dst[i] = T[i] * T[i]
+        return False
+    for i in range(m):
+        u[i] = round_work(s32 * u[i], w)
+    return True
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
+def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
+                 m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):  # fmt: skip
+    """One block (elements first .. first + m - 1) of pass ``stage``."""
+    n_models = model_rows.shape[0]
+    x = np.zeros((n_models, STOCK_BLOCK), np.float32)
+    units = np.zeros((n_models, STOCK_BLOCK), np.float32)
+    u = np.zeros(STOCK_BLOCK, np.float32)
+    T = np.zeros(STOCK_BLOCK, np.float32)
+    for j in range(n_models):
+        _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
+    if w == BF16:
+        done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+    elif w == F16:
+        done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+    else:
+        done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+    if done:
+        _encode_block(u, out_code, first, m, out)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
 def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32, fb, v0, m0,
                   dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):
-    n_models = model_rows.shape[0]
     for b in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
         first = b * STOCK_BLOCK
-        m = min(STOCK_BLOCK, n - first)
-        x = np.zeros((n_models, STOCK_BLOCK), np.float32)
-        units = np.zeros((n_models, STOCK_BLOCK), np.float32)
-        u = np.zeros(STOCK_BLOCK, np.float32)
-        T = np.zeros(STOCK_BLOCK, np.float32)
-        for j in range(n_models):
-            _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
-            for i in range(m):
-                x[j, i] = round_work(x[j, i], w)
-        if stage == 0:
-            for j in range(n_models):
-                for i in range(m):
-                    vals[j, first + i] = x[j, i] * x[j, i]
-            continue
-        for j in range(n_models):
-            if n32[j] != np.float32(0.0):
-                for i in range(m):
-                    units[j, i] = round_work(x[j, i] / n32[j], w)
-        for j in range(n_models):
-            if valid[j] != 0:
-                for i in range(m):
-                    u[i] = round_work(u[i] + round_work(na32[j] * units[j, i], w), w)
-        if stage == 1:
-            for i in range(m):
-                vals[0, first + i] = u[i] * u[i]
-            continue
-        for i in range(m):
-            u[i] = units[v0, i] if fb != 0 else round_work(u[i] / m0, w)
-        for ri in range(full):
-            _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
-            _step(u, T, m, ri, cs, sn, nt, w)
-            if unapply[ri] != 0:
-                for i in range(m):
-                    u[i] = round_work(u[i] / un[ri], w)
-        if stage == 2:
-            for j in range(n_models):
-                for i in range(m):
-                    vals[j, first + i] = u[i] * units[j, i]
-            continue
-        if stage == 3 or stage == 4:
-            _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
-            if stage == 4:
-                _step(u, T, m, full, cs, sn, nt, w)
-                for i in range(m):
-                    vals[0, first + i] = u[i] * u[i]
-            else:
-                for i in range(m):
-                    vals[0, first + i] = T[i] * T[i]
-            continue
-        for i in range(m):
-            u[i] = round_work(s32 * u[i], w)
-        _encode_block(u, out_code, first, m, out)
+        _chain_block(inputs, codes, model_rows, first, min(STOCK_BLOCK, n - first), w, stage,
+                     full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt, un,
+                     unapply, s32, vals, out, out_code)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu_loops import BF16, F16, F32, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_ram import _slot
@@ -44,20 +45,20 @@ def stage_width(stage: int, n_models: int) -> int:
     return n_models if stage in (0, 2) else 1
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, cache=True)
 def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v):
     """v[j, :m] = model j in W, or its task vector rW(rW(x_j) - xb) with a base (xb[:m] =
     rW(base)); xb untouched without one."""
     if base_row >= 0:
         _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-        for i in range(m):
-            xb[i] = round_work(xb[i], w_code)
+        round_all(xb, m, w_code)
     for j in range(model_rows.shape[0]):
         r = model_rows[j]
-        _decode_block(inputs[r], codes[r], first, m, v[j])
-        for i in range(m):
-            x = round_work(v[j, i], w_code)
-            v[j, i] = round_work(x - xb[i], w_code) if base_row >= 0 else x
+        if base_row >= 0:
+            task_vector(inputs[r], codes[r], first, m, xb, w_code, v[j])
+        else:
+            _decode_block(inputs[r], codes[r], first, m, v[j])
+            round_all(v[j], m, w_code)
 
 
 @numba.njit(inline="always")
@@ -68,76 +69,115 @@ def _block_sum(p, src, m):
     return _tree(p)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code):
+@numba.njit(inline="always")
+def _block_squares(p, src, m):
+    """SPEC's block sum of float64(src[:m])^2 (exact products, padded with +0.0)."""
+    for i in range(MSL_BLOCK):
+        p[i] = np.float64(src[i]) * np.float64(src[i]) if i < m else 0.0
+    return _tree(p)
+
+
+@numba.njit(inline="always")
+def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p):
+    """One block of stage ``stage`` with the working dtype ``c`` a constant (so the loops
+    vectorize: ``cpu_loops``). Returns True when ``acc`` holds the merged value."""
+    nm = v.shape[0]
+    if stage == 0:  # sums of v_j^2 (exact float64 products)
+        for j in range(nm):
+            sums_k[j] = _block_squares(p, v[j], m)
+        return False
+    if stage == 4 and sc[3 * nm + 4] != 0:  # the fallback: the weighted sum in W
+        row = v[0]
+        w0 = sc[0]
+        for i in range(m):
+            acc[i] = round_work(w0 * row[i], c)
+        for j in range(1, nm):
+            row = v[j]
+            wj = sc[j]
+            for i in range(m):
+                acc[i] = round_work(acc[i] + round_work(wj * row[i], c), c)
+        if has_base:
+            for i in range(m):
+                acc[i] = round_work(acc[i] + xb[i], c)
+        return True
+    for j in range(nm):  # unit vectors u_j = rW(v_j / d_j), in place
+        row = v[j]
+        d = sc[nm + j]
+        for i in range(m):
+            row[i] = round_work(row[i] / d, c)
+    # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
+    for j in range(nm):
+        row = v[j]
+        wj = sc[j]
+        for i in range(m):
+            acc[i] = acc[i] + round_work(row[i] * wj, c)
+    for i in range(m):
+        acc[i] = round_work(acc[i], c)
+    if stage == 1:
+        sums_k[0] = _block_squares(p, acc, m)
+        return False
+    mn = sc[2 * nm]
+    for i in range(m):  # mh = rW(m / mn)
+        acc[i] = round_work(acc[i] / mn, c)
+    if stage == 2:  # sums of rW(u_j * mh) (float32 values of W, exact in float64)
+        for j in range(nm):
+            row = v[j]
+            for i in range(m):
+                tmp[i] = round_work(row[i] * acc[i], c)
+            sums_k[j] = _block_sum(p, tmp, m)
+        return False
+    # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j)), float32 from +0.0
+    for j in range(nm):
+        row = v[j]
+        dj = sc[2 * nm + 1 + j]
+        wj = sc[j]
+        for i in range(m):
+            t = round_work(row[i] - round_work(dj * acc[i], c), c)
+            tmp[i] = tmp[i] + round_work(t * wj, c)
+    for i in range(m):
+        tmp[i] = round_work(tmp[i], c)
+    if stage == 3:
+        sums_k[0] = _block_squares(p, tmp, m)
+        return False
+    cs, sf, avg = sc[3 * nm + 1], sc[3 * nm + 2], sc[3 * nm + 3]
+    for i in range(m):
+        r = round_work(round_work(acc[i] * cs, c) + round_work(tmp[i] * sf, c), c)
+        acc[i] = round_work(r * avg, c)
+    if has_base:
+        for i in range(m):
+            acc[i] = round_work(acc[i] + xb[i], c)
+    return True
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _msl_block(inputs, codes, base_row, model_rows, first, m, stage, sc, w_code, sums_k, out,
+               out_code):  # fmt: skip
+    """One block (elements first .. first + m - 1) of stage ``stage`` (SPEC "Multi-SLERP"):
+    its sums into ``sums_k``, or the merged value into the raw byte row ``out``."""
     nm = model_rows.shape[0]
+    xb = np.zeros(MSL_BLOCK, np.float32)
+    v = np.zeros((nm, MSL_BLOCK), np.float32)
+    acc = np.zeros(MSL_BLOCK, np.float32)
+    tmp = np.zeros(MSL_BLOCK, np.float32)
+    p = np.empty(MSL_BLOCK, np.float64)
+    _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
+    hb = base_row >= 0
+    if w_code == BF16:
+        done = _msl_body(v, xb, hb, m, stage, sc, BF16, sums_k, acc, tmp, p)
+    elif w_code == F16:
+        done = _msl_body(v, xb, hb, m, stage, sc, F16, sums_k, acc, tmp, p)
+    else:
+        done = _msl_body(v, xb, hb, m, stage, sc, F32, sums_k, acc, tmp, p)
+    if done:
+        _encode_block(acc, out_code, first, m, out)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code):
     for k in numba.prange((n + MSL_BLOCK - 1) // MSL_BLOCK):
         first = k * MSL_BLOCK
-        m = min(MSL_BLOCK, n - first)
-        xb = np.zeros(MSL_BLOCK, np.float32)
-        v = np.zeros((nm, MSL_BLOCK), np.float32)
-        acc = np.zeros(MSL_BLOCK, np.float32)
-        tmp = np.zeros(MSL_BLOCK, np.float32)
-        p = np.empty(MSL_BLOCK, np.float64)
-        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
-        if stage == 0:  # sums of v_j^2 (exact float64 products)
-            for j in range(nm):
-                for i in range(MSL_BLOCK):
-                    p[i] = np.float64(v[j, i]) * np.float64(v[j, i]) if i < m else 0.0
-                sums[k, j] = _tree(p)
-            continue
-        if stage == 4 and sc[3 * nm + 4] != 0:  # the fallback: the weighted sum in W
-            for i in range(m):
-                a = round_work(sc[0] * v[0, i], w_code)
-                for j in range(1, nm):
-                    a = round_work(a + round_work(sc[j] * v[j, i], w_code), w_code)
-                acc[i] = round_work(a + xb[i], w_code) if base_row >= 0 else a
-            _encode_block(acc, out_code, first, m, out)
-            continue
-        for j in range(nm):  # unit vectors u_j = rW(v_j / d_j), in place
-            d = sc[nm + j]
-            for i in range(m):
-                v[j, i] = round_work(v[j, i] / d, w_code)
-        # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
-        for j in range(nm):
-            for i in range(m):
-                acc[i] = acc[i] + round_work(v[j, i] * sc[j], w_code)
-        for i in range(m):
-            acc[i] = round_work(acc[i], w_code)
-        if stage == 1:
-            for i in range(MSL_BLOCK):
-                p[i] = np.float64(acc[i]) * np.float64(acc[i]) if i < m else 0.0
-            sums[k, 0] = _tree(p)
-            continue
-        mn = sc[2 * nm]
-        for i in range(m):  # mh = rW(m / mn)
-            acc[i] = round_work(acc[i] / mn, w_code)
-        if stage == 2:  # sums of rW(u_j * mh) (float32 values of W, exact in float64)
-            for j in range(nm):
-                for i in range(m):
-                    tmp[i] = round_work(v[j, i] * acc[i], w_code)
-                sums[k, j] = _block_sum(p, tmp, m)
-            continue
-        # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j)), float32 from +0.0
-        for j in range(nm):
-            dj = sc[2 * nm + 1 + j]
-            for i in range(m):
-                t = round_work(v[j, i] - round_work(dj * acc[i], w_code), w_code)
-                tmp[i] = tmp[i] + round_work(t * sc[j], w_code)
-        for i in range(m):
-            tmp[i] = round_work(tmp[i], w_code)
-        if stage == 3:
-            for i in range(MSL_BLOCK):
-                p[i] = np.float64(tmp[i]) * np.float64(tmp[i]) if i < m else 0.0
-            sums[k, 0] = _tree(p)
-            continue
-        c, sf, avg = sc[3 * nm + 1], sc[3 * nm + 2], sc[3 * nm + 3]
-        for i in range(m):
-            r = round_work(round_work(acc[i] * c, w_code) + round_work(tmp[i] * sf, w_code),
-                           w_code)  # fmt: skip
-            r = round_work(r * avg, w_code)
-            acc[i] = round_work(r + xb[i], w_code) if base_row >= 0 else r
-        _encode_block(acc, out_code, first, m, out)
+        _msl_block(inputs, codes, base_row, model_rows, first, min(MSL_BLOCK, n - first), stage,
+                   sc, w_code, sums[min(np.int64(k), np.int64(sums.shape[0] - 1))], out, out_code)  # fmt: skip
 
 
 def _slot_any(inputs, dtypes, base_row, model_rows, n, work):

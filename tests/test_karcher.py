@@ -271,7 +271,7 @@ def test_bad_recipes_are_one_line(tmp_path):
 
 
 def test_plan_says_how_many_reads(tmp_path):
-    _, a, b = make_trio(tmp_path, big=300_000)
+    _, a, b = make_trio(tmp_path, big=1_500_000)  # larger than a chunk of the 8MB slots
     r = run_cli([str(a), str(b), "--method", "karcher", "--weights", "1,1", "--memory", "8MB",
                  "--plan", "-o", str(tmp_path / "o")])  # fmt: skip
     assert r.returncode == 0, r.stderr
