@@ -601,15 +601,13 @@ def _thin_merge_kernel_py(
                 if k == 0:
                     for t in range(m):
                         v = wk[t]
-                        pos = s_[t] >= zero
-                        agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                        agree = (v > zero) if s_[t] >= zero else (v < zero)  # NaN: -
                         acc[t] = zero + v if agree else zero
                         den[t] = zero + wt if agree else zero
                 else:
                     for t in range(m):
                         v = wk[t]
-                        pos = s_[t] >= zero
-                        agree = ((v > zero) & pos) | ((v < zero) & (not pos))
+                        agree = (v > zero) if s_[t] >= zero else (v < zero)
                         acc[t] = acc[t] + v if agree else acc[t]
                         den[t] = den[t] + wt if agree else den[t]
             # acc, den rounded to D; m = normalize ? rd(acc / den) (den = 1 where 0) : acc;
