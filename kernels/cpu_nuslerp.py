@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE
+from .cpu_loops import BF16, F16, F32, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_rows import DOT_BLOCK, _block_dots, _checked, _tree
@@ -31,22 +32,21 @@ COL_BLOCK = 256
 COMBINE_BLOCK = 1024
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, cache=True)
 def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w):
     """x[:m], y[:m]: the two inputs from element ``first`` rounded to the working dtype
-    ``w`` (task vectors rW(x - b) with a base; b[:m] then holds the base in W). With W
-    float32 every rounding is the identity: ``x - b`` in float32."""
-    _decode_block(row0, code0, first, m, x)
-    _decode_block(row1, code1, first, m, y)
-    for i in range(m):
-        x[i] = round_work(x[i], w)
-        y[i] = round_work(y[i], w)
+    ``w`` (task vectors rW(rW(x) - b) with a base; b[:m] then holds the base in W). With W
+    float32 every rounding is the identity: ``x - b`` in float32. (``cpu_loops``' loops.)"""
     if has_base:
         _decode_block(rowb, codeb, first, m, b)
-        for i in range(m):
-            b[i] = round_work(b[i], w)
-            x[i] = round_work(x[i] - b[i], w)
-            y[i] = round_work(y[i] - b[i], w)
+        round_all(b, m, w)
+        task_vector(row0, code0, first, m, b, w, x)
+        task_vector(row1, code1, first, m, b, w, y)
+    else:
+        _decode_block(row0, code0, first, m, x)
+        round_all(x, m, w)
+        _decode_block(row1, code1, first, m, y)
+        round_all(y, m, w)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -119,12 +119,21 @@ def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len,
 
 
 @numba.njit(inline="always")
+def _unit_loop(x, y, m, n0, n1, c, p):
+    for i in range(m):
+        p[i] = np.float64(round_work(round_work(x[i] / n0, c) * round_work(y[i] / n1, c), c))
+
+
+@numba.njit(nogil=True, cache=True)
 def _unit_products(x, y, m, n0, n1, w, p):
     """p[:m] = float64(rW(rW(x / n0) * rW(y / n1))), the rest of the block +0.0."""
-    for i in range(p.shape[0]):
-        p[i] = 0.0
-    for i in range(m):
-        p[i] = np.float64(round_work(round_work(x[i] / n0, w) * round_work(y[i] / n1, w), w))
+    p[m:] = 0.0
+    if w == BF16:
+        _unit_loop(x, y, m, n0, n1, BF16, p)
+    elif w == F16:
+        _unit_loop(x, y, m, n0, n1, F16, p)
+    else:
+        _unit_loop(x, y, m, n0, n1, F32, p)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -171,6 +180,33 @@ def _chain_one(x, y, lin, ca, cb, st, p, q, w):
     return round_work(o / st, w)
 
 
+@numba.njit(inline="always")
+def _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, c):
+    if per_col:  # each element its column's scalars
+        for t in range(seg):
+            k = col + t
+            x[i + t] = _chain_one(x[i + t], y[i + t], lin[k], ca[k], cb[k], st[k], p, q, c)
+    else:  # the row's scalars for the whole run (LLVM vectorizes each case)
+        lr, ar, br, sr = lin[row], ca[row], cb[row], st[row]
+        for t in range(seg):
+            x[i + t] = _chain_one(x[i + t], y[i + t], lr, ar, br, sr, p, q, c)
+    if has_base:
+        for t in range(seg):
+            x[i + t] = round_work(b[i + t] + x[i + t], c)
+
+
+@numba.njit(nogil=True, cache=True)
+def _chain_run(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, w):
+    """The chain's combination of x[i:i + seg] (one row's run) in place (the working dtype
+    a constant per branch: ``cpu_loops``)."""
+    if w == BF16:
+        _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, BF16)
+    elif w == F16:
+        _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, F16)
+    else:
+        _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, F32)
+
+
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col,
                           lin, ca, cb, st, p, q, w, out, out_code):  # fmt: skip
@@ -186,17 +222,7 @@ def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, ro
         i = 0
         while i < m:
             seg = min(m - i, row_len - col)
-            if per_col:  # each element its column's scalars
-                for t in range(seg):
-                    c = col + t
-                    x[i + t] = _chain_one(x[i + t], y[i + t], lin[c], ca[c], cb[c], st[c], p, q, w)
-            else:  # the row's scalars for the whole run (LLVM vectorizes each case)
-                lr, ar, br, sr = lin[row], ca[row], cb[row], st[row]
-                for t in range(seg):
-                    x[i + t] = _chain_one(x[i + t], y[i + t], lr, ar, br, sr, p, q, w)
-            if has_base:
-                for t in range(seg):
-                    x[i + t] = round_work(b[i + t] + x[i + t], w)
+            _chain_run(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, w)
             i += seg
             col += seg
             if col == row_len:

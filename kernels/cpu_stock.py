@@ -22,6 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .cpu_loops import base_and_task_vectors
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_ram import _slot
@@ -41,14 +42,7 @@ def task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv
     """One block of the task vectors in the working dtype W (SPEC "Model Stock", "SCE"):
     xb[:m] = rW(base), tv[j, :m] = rW(rW(x_j) - xb), the inputs rounded to W at load as
     mergekit does. xb: float32 [>= m]; tv: float32 [n_models, >= m]."""
-    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-    for i in range(m):
-        xb[i] = round_work(xb[i], w_code)
-    for j in range(model_rows.shape[0]):
-        r = model_rows[j]
-        _decode_block(inputs[r], codes[r], first, m, tv[j])
-        for i in range(m):
-            tv[j, i] = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
+    base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
