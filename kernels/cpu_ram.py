@@ -19,7 +19,8 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES
-from .cpu_merge import _decode_block, _encode_block
+from .cpu_loops import BF16, F16, F32, base_and_task_vectors
+from .cpu_merge import _encode_block
 from .cpu_nearswap import _round_host, round_work
 from .cpu_rows import _checked
 
@@ -32,21 +33,36 @@ def work_dtype(dtypes: list[str]) -> str:
     return dtypes[0] if len(set(dtypes)) == 1 else "F32"
 
 
-@numba.njit(inline="always")
+@numba.njit(nogil=True, cache=True)
 def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt):
     """xb = the base block, tv[j] = rW(x_j - x_b), cnt = models with |tv_j| > e (each loop
-    over the block's elements, the models outside: LLVM vectorizes them)."""
-    _decode_block(inputs[base_row], codes[base_row], first, m, xb)
-    for i in range(m):
-        cnt[i] = 0
-        xb[i] = round_work(xb[i], w_code)  # the inputs in W (mergekit's dtype: at load)
+    over the block's elements, the models outside: ``cpu_loops``' rules)."""
+    base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
+    cnt[:m] = 0
     for j in range(model_rows.shape[0]):
-        r = model_rows[j]
-        _decode_block(inputs[r], codes[r], first, m, tv[j])
+        row = tv[j]
         for i in range(m):
-            d = round_work(round_work(tv[j, i], w_code) - xb[i], w_code)
-            tv[j, i] = d
-            cnt[i] += np.int64(abs(d) > e)
+            cnt[i] += np.int64(abs(row[i]) > e)
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_block(inputs, codes, base_row, model_rows, first, m, e, w_code, part_k):
+    """part_k[0, j], part_k[1, j] = the block's shared and unique counts of fine-tune j."""
+    n_models = model_rows.shape[0]
+    xb = np.empty(BLOCK, np.float32)
+    tv = np.empty((n_models, BLOCK), np.float32)
+    cnt = np.empty(BLOCK, np.int64)
+    _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
+    for j in range(n_models):
+        row = tv[j]
+        sh = 0
+        un = 0
+        for i in range(m):
+            on = np.int64(abs(row[i]) > e)
+            un += on * np.int64(cnt[i] == 1)
+            sh += on * np.int64(cnt[i] > 1)
+        part_k[0, j] += sh
+        part_k[1, j] += un
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
@@ -56,63 +72,67 @@ def _counts_kernel(inputs, codes, base_row, model_rows, n, e, w_code, shared, un
     part = np.zeros((n_blocks, 2, n_models), np.int64)
     for k in numba.prange(n_blocks):
         first = k * BLOCK
-        m = min(BLOCK, n - first)
-        xb = np.empty(BLOCK, np.float32)
-        tv = np.empty((n_models, BLOCK), np.float32)
-        cnt = np.empty(BLOCK, np.int64)
-        _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
-        for j in range(n_models):
-            sh = 0
-            un = 0
-            for i in range(m):
-                on = np.int64(abs(tv[j, i]) > e)
-                un += on * np.int64(cnt[i] == 1)
-                sh += on * np.int64(cnt[i] > 1)
-            part[k, 0, j] += sh
-            part[k, 1, j] += un
+        _count_block(inputs, codes, base_row, model_rows, first, min(BLOCK, n - first), e,
+                     w_code, part[k])  # fmt: skip
     for k in range(n_blocks):
         for j in range(n_models):
             shared[j] += part[k, 0, j]
             unique[j] += part[k, 1, j]
 
 
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _ram_kernel(inputs, codes, base_row, model_rows, n, e, w_code, plus, lam, out, out_code):
-    n_models = model_rows.shape[0]
+@numba.njit(inline="always")
+def _ram_loops(tv, cnt, m, e, c, plus, lam, xb, acc):
+    """xb = the merged value of the block (SPEC "RAM"), the working dtype ``c`` a constant."""
     one = np.float32(1.0)
     zero = np.float32(0.0)
+    # acc = s_0 + s_1 + ... in model order, element by element, the models outside
+    for j in range(tv.shape[0]):
+        lj = lam[j]
+        row = tv[j]
+        for i in range(m):
+            k = cnt[i]
+            uniq = one if k == 1 else zero
+            ovl = one if k > 1 else zero
+            div = np.float32(max(k, 1))
+            d = row[i]
+            z = round_work(d * (one if abs(d) > e else zero), c)
+            u = round_work(z * uniq, c)
+            o = round_work(round_work(z * ovl, c) / div, c)
+            s = u * lj + o if plus else round_work(u + o, c)
+            acc[i] = acc[i] + s
+    if plus:
+        for i in range(m):
+            xb[i] = xb[i] + acc[i]
+    else:
+        for i in range(m):
+            xb[i] = round_work(xb[i] + round_work(acc[i], c), c)
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _ram_block(inputs, codes, base_row, model_rows, first, m, e, w_code, plus, lam, out,
+               out_code):  # fmt: skip
+    """One block of the merged value into the raw byte row ``out``."""
+    n_models = model_rows.shape[0]
+    xb = np.empty(BLOCK, np.float32)
+    tv = np.empty((n_models, BLOCK), np.float32)
+    cnt = np.empty(BLOCK, np.int64)
+    acc = np.zeros(BLOCK, np.float32)
+    _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
+    if w_code == BF16:
+        _ram_loops(tv, cnt, m, e, BF16, plus, lam, xb, acc)
+    elif w_code == F16:
+        _ram_loops(tv, cnt, m, e, F16, plus, lam, xb, acc)
+    else:
+        _ram_loops(tv, cnt, m, e, F32, plus, lam, xb, acc)
+    _encode_block(xb, out_code, first, m, out)
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def _ram_kernel(inputs, codes, base_row, model_rows, n, e, w_code, plus, lam, out, out_code):
     for k in numba.prange((n + BLOCK - 1) // BLOCK):
         first = k * BLOCK
-        m = min(BLOCK, n - first)
-        xb = np.empty(BLOCK, np.float32)
-        tv = np.empty((n_models, BLOCK), np.float32)
-        cnt = np.empty(BLOCK, np.int64)
-        acc = np.zeros(BLOCK, np.float32)
-        _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt)
-        # acc = s_0 + s_1 + ... in model order, element by element as before, but with the
-        # models outside: each loop over the elements vectorizes
-        for j in range(n_models):
-            lj = lam[j]
-            for i in range(m):
-                c = cnt[i]
-                uniq = one if c == 1 else zero
-                ovl = one if c > 1 else zero
-                div = np.float32(max(c, 1))
-                d = tv[j, i]
-                z = round_work(d * (one if abs(d) > e else zero), w_code)
-                u = round_work(z * uniq, w_code)
-                o = round_work(round_work(z * ovl, w_code) / div, w_code)
-                if plus:
-                    s = u * lj + o
-                else:
-                    s = round_work(u + o, w_code)
-                acc[i] = acc[i] + s
-        for i in range(m):
-            if plus:
-                xb[i] = xb[i] + acc[i]
-            else:
-                xb[i] = round_work(xb[i] + round_work(acc[i], w_code), w_code)
-        _encode_block(xb, out_code, first, m, out)
+        _ram_block(inputs, codes, base_row, model_rows, first, min(BLOCK, n - first), e, w_code,
+                   plus, lam, out, out_code)  # fmt: skip
 
 
 def _slot(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int], n: int,
