@@ -41,6 +41,9 @@ LN2_LO = 1.90821492927058770002e-10
 LN2 = 0.6931471805599453
 INV_LN2 = 1.4426950408889634
 SQRT_HALF = 0.7071067811865476
+#: Importance keys computed at once by ``fusion_hist`` (whole rows; 4 MiB of uint32), so a
+#: held tensor's keys do not add its size to the peak memory.
+KEYS_ELEMS = 1 << 20
 #: The order key of every NaN (0x7FC00000 ^ 0x80000000).
 NAN_KEY = 0xFFC00000
 
@@ -217,9 +220,9 @@ def _keys_row(ra, ca, rb, cb, first, row_len, kr, w_code, keys):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _keys_kernel(ra, ca, rb, cb, n_rows, row_len, k, w_code, keys):
+def _keys_kernel(ra, ca, rb, cb, r0, n_rows, row_len, k, w_code, keys):
     for r in numba.prange(n_rows):
-        _keys_row(ra, ca, rb, cb, r * row_len, row_len, k[r], w_code,
+        _keys_row(ra, ca, rb, cb, (r0 + r) * row_len, row_len, k[r0 + r], w_code,
                   keys[r * row_len:(r + 1) * row_len])  # fmt: skip
 
 
@@ -299,12 +302,17 @@ def fusion_hist(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row
     high 16 bits are ``buckets[j]`` (int64; -1 matches nothing)."""
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
-    keys = np.empty(n_rows * row_len, np.uint32)
-    _keys_kernel(a, ca, b, cb, n_rows, row_len, np.ascontiguousarray(k, np.float32), w, keys)
-    if buckets is None:
-        _count_high(keys, hist)
-    else:
-        _count_low(keys, np.asarray(buckets, np.int64), hist)
+    k = np.ascontiguousarray(k, np.float32)
+    step = max(1, KEYS_ELEMS // max(row_len, 1))  # rows per group: the keys stay small
+    keys = np.empty(min(n_rows, step) * row_len, np.uint32)
+    for r0 in range(0, n_rows, step):
+        nr = min(step, n_rows - r0)
+        part = keys[: nr * row_len]
+        _keys_kernel(a, ca, b, cb, r0, nr, row_len, k, w, part)
+        if buckets is None:
+            _count_high(part, hist)
+        else:
+            _count_low(part, np.asarray(buckets, np.int64), hist)
 
 
 def fusion_write(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,

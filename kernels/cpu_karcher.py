@@ -34,8 +34,12 @@ from .cpu_nearswap import round_work
 from .cpu_rows import _checked
 from .cpu_stock import STOCK_BLOCK
 
-__all__ = ["STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "norm_of", "warmup",
-           "zero_accumulators"]
+__all__ = ["PIECE", "STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "karcher_sums",
+           "norm_of", "warmup", "zero_accumulators"]
+
+#: Elements of a statistics pass's products held at once (``karcher_sums``; a multiple of
+#: STOCK_BLOCK and of torch's 8 lanes).
+PIECE = 1 << 18
 
 
 @numba.njit(inline="always")
@@ -65,6 +69,7 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 @numba.njit(inline="always")
 def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
                 skip, cs, sn, nt, un, unapply, s32, vals, first):  # fmt: skip
+    # vals: the products of this block at columns first .. first + m - 1
     """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
     says why). Returns True when ``u`` holds the output values."""
     n_models = x.shape[0]
@@ -133,8 +138,9 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
-                 m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):  # fmt: skip
-    """One block (elements first .. first + m - 1) of pass ``stage``."""
+                 m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code):  # fmt: skip
+    """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
+    columns vo .. vo + m - 1 of ``vals``."""
     n_models = model_rows.shape[0]
     x = np.zeros((n_models, STOCK_BLOCK), np.float32)
     units = np.zeros((n_models, STOCK_BLOCK), np.float32)
@@ -144,25 +150,26 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
         _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, first)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
     if done:
         _encode_block(u, out_code, first, m, out)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
-def _chain_kernel(inputs, codes, model_rows, n, w, stage, full, n32, valid, na32, fb, v0, m0,
-                  dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):
-    for b in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
-        first = b * STOCK_BLOCK
-        _chain_block(inputs, codes, model_rows, first, min(STOCK_BLOCK, n - first), w, stage,
-                     full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt, un,
-                     unapply, s32, vals, out, out_code)  # fmt: skip
+def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
+                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):  # fmt: skip
+    # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo
+    for b in numba.prange((n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK):
+        vo = b * STOCK_BLOCK
+        _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
+                     stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt, un,
+                     unapply, s32, vals, vo, out, out_code)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -195,17 +202,39 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
         ValueError: bad rows, dtypes or output.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
-    vals = np.zeros((len(model_rows), n), np.float32)
     if stage == 5:
         co = _checked(out, out_dtype, n, "out")
-    else:
-        co, out = 0, np.zeros(4, np.uint8)
-    if n:
-        _chain_kernel(inputs, codes, mr, n, FLOAT_CODES[prog.work], stage, prog.full, prog.n32,
-                      prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot, prog.coef,
-                      prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply, prog.s32,
-                      vals, out, co)  # fmt: skip
-    return None if stage == 5 else vals
+        _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32), out, co)
+        return None
+    vals = np.zeros((len(model_rows), n), np.float32)
+    _run_chain(inputs, codes, mr, 0, n, prog, stage, vals, np.zeros(4, np.uint8), 0)
+    return vals
+
+
+def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int, prog,
+                 stage: int, acc: tuple) -> None:  # fmt: skip
+    """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), in
+    pieces of PIECE elements (the products of a piece at a time: memory stays small however
+    large the chunk; the sums are the same, added in element order).
+
+    Raises:
+        ValueError: bad rows or dtypes.
+    """
+    codes, mr = _rows(inputs, dtypes, model_rows, n)
+    buf = np.zeros(len(model_rows) * min(n, PIECE), np.float32)
+    for lo in range(0, n, PIECE):
+        hi = min(n, lo + PIECE)
+        part = buf[: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
+        _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, np.zeros(4, np.uint8), 0)
+        accumulate(acc, part, stage)
+
+
+def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co) -> None:
+    if hi > lo:
+        _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
+                      prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
+                      prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
+                      prog.s32, vals, out, co)  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)

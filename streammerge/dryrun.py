@@ -156,7 +156,9 @@ def _read_totals(plan, todo: list[ShardPlan], layout: Layout) -> tuple[int, int,
     and of those the two model-wide histogram passes of trim_scope model (0 otherwise)."""
     work_read = read_bytes(work_items(plan, todo, layout))
     analysis_read = read_bytes(analysis_items(plan, layout)) if plan.model_scope and todo else 0
-    every_guess_misses = read_bytes(work_items(plan, todo, layout, decide=lambda t: False))
+    # every TIES window guess misses; every row pass that may go idle is read
+    every_guess_misses = read_bytes(work_items(plan, todo, layout,
+                                               decide=lambda t, op=None: op is not None))
     return work_read + analysis_read, every_guess_misses + analysis_read, analysis_read
 
 

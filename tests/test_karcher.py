@@ -280,6 +280,28 @@ def test_plan_says_how_many_reads(tmp_path):
     assert "then karcher_step10, then karcher (33 reads)" in r.stdout, r.stdout
 
 
+def test_idle_rounds_are_not_read(tmp_path):
+    """A tensor larger than a chunk is not re-read for the rounds after they stop
+    (``RowPass.live``): fewer bytes than the plan's upper bound, the same output bytes as
+    a run that holds every tensor in one chunk."""
+    import streammerge
+    from streammerge.api import Options
+
+    _, a, b = make_trio(tmp_path, big=1_500_000)
+    runs = {}
+    for memory in ("8MB", "256MB"):
+        out = tmp_path / memory
+        s = streammerge.merge([a, b], None, out, options=Options(memory=memory),
+                              method="karcher", weights=[1.0, 1.0], tol=1e-2)  # fmt: skip
+        runs[memory] = (s.bytes_read, _bytes(out))
+    r = run_cli([str(a), str(b), "--method", "karcher", "--weights", "1,1", "--tol", "1e-2",
+                 "--memory", "8MB", "--plan", "-o", str(tmp_path / "p")])  # fmt: skip
+    most = int(r.stdout.split("bytes to read: ")[1].split()[0])
+    assert runs["8MB"][0] < most  # idle rounds of the big tensor were not read
+    assert runs["8MB"][0] > runs["256MB"][0]  # but it was re-read for the live ones
+    assert runs["8MB"][1] == runs["256MB"][1]
+
+
 def test_triton_kernel_equals_numba():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")

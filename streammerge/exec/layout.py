@@ -19,6 +19,7 @@ from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up, anon_map
 from streammerge.io.reader import DTYPE_ITEMSIZE
 from streammerge.io.writer import BLOCK_BYTES
+from streammerge.methods.registry import row_pass
 from streammerge.plan.plan_types import Chunk, Plan, ShardPlan, TensorPlan, iter_chunks
 
 #: Host slots besides those a backend keeps in flight: one read, one merged, one written.
@@ -280,7 +281,7 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
         yield Item(t, Chunk(seg.start, seg.stop - seg.start, seg), "held")
         return
     if is_row_op(t.ops[-1]):  # a row-wise method: one read when one chunk holds the tensor
-        yield from _row_items(t, layout)
+        yield from _row_items(t, layout, decide)
         return
     if "hist_high" in t.ops:
         chunks = list(_stats_chunks(t, layout))
@@ -297,14 +298,18 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
             yield Item(t, c, op)
 
 
-def _row_items(t: TensorPlan, layout: Layout) -> Iterator[Item]:
+def _row_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
     """A row-wise method's items: its writing pass alone when the tensor fits one chunk
     (the compute stage runs the statistics passes on the same slot first), else each
     statistics pass over every chunk, then the writing pass over them again (docs/SPEC.md
-    "SLERP (v3)" "Tensor statistics")."""
+    "SLERP (v3)" "Tensor statistics"). A pass that may go idle (``RowPass.live``) is
+    read only when ``decide(t, op)`` (the compute stage's verdict, waited for) says it is
+    live; without ``decide`` (byte counts, ``--plan``) every pass is read."""
     chunks = list(iter_chunks(t, layout.max_elems(t)))
     ops = t.ops[-1:] if len(chunks) <= 1 else t.ops
-    for op in ops:
+    for k, op in enumerate(ops):
+        if k and decide is not None and row_pass(op).live is not None and not decide(t, op):
+            continue
         for i, c in enumerate(chunks):
             yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1)
 

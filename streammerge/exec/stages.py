@@ -98,10 +98,11 @@ class Stream:
         with self.verdict_lock:
             return self.verdicts.setdefault(name, [threading.Event(), None])
 
-    def decide(self, t: TensorPlan) -> bool:
-        """Whether the guessed low-histogram window of ``t`` held its thresholds: waits for the
-        compute stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
-        v = self.verdict(t.name)
+    def decide(self, t: TensorPlan, op: str | None = None) -> bool:
+        """Whether the guessed low-histogram window of ``t`` held its thresholds, or (``op``)
+        whether its row pass ``op`` is live (``RowPass.live``): waits for the compute
+        stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
+        v = self.verdict(t.name if op is None else f"{t.name}\0{op}")
         while not v[0].wait(0.1):
             if self.stop.is_set():
                 raise StageFailed
@@ -372,6 +373,23 @@ class ComputeStage:
             stats[op] = row_pass(op).accumulators(len(t.sources))
         self.backend.run(op, slot, row_args(self.plan.recipe.row, t, slot.chunk, op, stats))
 
+    def live_verdicts(self, slot: Slot, stats: dict) -> None:
+        """After a statistics pass's last chunk: the verdicts the reader waits for
+        (``Stream.decide(t, op)``) of the passes after it that may go idle, up to the first
+        live one (an idle pass adds nothing, so the sums stay those of this pass)."""
+        t, method = slot.tensor, self.plan.recipe.row
+        names = [p.name for p in method.row_passes]
+        for name in names[names.index(slot.op) + 1:]:
+            p = row_pass(name)
+            if p.live is None or name not in t.ops:
+                return
+            live = bool(p.live(row_args(method, t, slot.chunk, name, stats)))
+            v = self.stream.verdict(f"{t.name}\0{name}")
+            v[1] = live
+            v[0].set()
+            if live:
+                return
+
     def row_pass(self, slot: Slot):
         """A row-wise method's pass on the slot (``Method.row_passes``): a statistics pass
         adds into the tensor's accumulators (nothing written); the writing pass runs for
@@ -380,7 +398,10 @@ class ComputeStage:
         t, method = slot.tensor, self.plan.recipe.row
         stats = self.tensor_stats(slot)
         if row_pass(slot.op).is_stats:
-            return self.stats_pass(slot, slot.op, stats)
+            self.stats_pass(slot, slot.op, stats)
+            if slot.last:
+                self.live_verdicts(slot, stats)
+            return None
         if slot.first and slot.last:  # the tensor in one chunk: one read for every pass
             for p in method.row_passes[:-1]:
                 self.stats_pass(slot, p.name, stats)

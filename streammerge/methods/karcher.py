@@ -7,7 +7,8 @@ inputs and on per-tensor scalars (norms, dots, ||T||, ||u||) of the rounds befor
 reduction is a statistics pass that re-reads the inputs and recomputes the chain up to it
 from the scalars known (``Program``): the N norms, the mean's norm, then per round the N
 dots, ||T|| and ||u'||; the passes after the rounds stop (||T|| < tol, or ``max_iter``)
-run no kernel. Nothing is held. M3 multiplies the weights (mergekit's alphas are 1/N).
+run no kernel, and a tensor larger than a chunk is not read for them (``RowPass.live``:
+the compute stage decides it after each pass, the reader waits for that). Nothing is held. M3 multiplies the weights (mergekit's alphas are 1/N).
 """
 
 from __future__ import annotations
@@ -176,9 +177,8 @@ def _pass_cpu(inputs, out, a) -> None:
     pr, stage = program_of(a)
     if stage is None:
         return
-    vals = cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr,
-                                    stage)  # fmt: skip
-    cpu_karcher.accumulate(a.counts, vals, stage)
+    cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
+                             a.counts)  # fmt: skip
 
 
 def _karcher_cpu(inputs, out, a) -> None:
@@ -219,6 +219,11 @@ def _karcher_triton(launch, inputs, out, a) -> None:
     triton_karcher.karcher_pass_triton(_models(launch, inputs, a), a.count, pr, 5, o)
 
 
+def _live(a) -> bool:
+    """Whether the pass ``a.op`` computes anything (the rounds have not stopped)."""
+    return program_of(a)[1] is not None
+
+
 def _zero_sums(n_models: int) -> tuple:
     """The pass's accumulators (``cpu_karcher.zero_accumulators``)."""
     from streammerge.kernels.cpu_karcher import zero_accumulators
@@ -246,13 +251,14 @@ METHOD = Method(
     min_models=2,
     base_unsupported=True,
     working_dtype="inputs",
-    row_passes=(*(RowPass(name, _pass_cpu, _pass_triton, accumulators=_zero_sums)
-                  for name in PASSES[:-1]),
+    row_passes=(*(RowPass(name, _pass_cpu, _pass_triton, accumulators=_zero_sums,
+                          live=None if i < 2 else _live)
+                  for i, name in enumerate(PASSES[:-1])),
                 RowPass("karcher", _karcher_cpu, _karcher_triton)),
     row_block=KARCHER_BLOCK,
     check_params=_check_weights,
     plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
     f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
-    "those after the rounds stop read but compute nothing) and 1 writing pass: "
+    "those after the rounds stop are not read) and 1 writing pass: at most "
     f"{len(PASSES)} reads of each tensor larger than a chunk, 1 of a smaller one; nothing held"
 )

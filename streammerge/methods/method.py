@@ -69,6 +69,11 @@ class RowPass:
         needed: a statistics pass that some tensors do not need: ``needed(params)`` (the
             tensor's ``TensorParams``) False skips it for that tensor, so a tensor that
             spans several chunks is not read for it; None: always run.
+        live: a statistics pass that the statistics before it may make idle (karcher's
+            rounds after they stop): ``live(a)`` (the pass's ``RowArgs``, with the sums so
+            far) False once it would compute nothing. The compute stage decides it after
+            the pass before it, and the reader, waiting for that, does not read an idle
+            pass of a tensor that spans several chunks. None: always read.
     """
 
     name: str
@@ -76,6 +81,7 @@ class RowPass:
     triton: Callable | None = None
     accumulators: Callable | None = None
     needed: Callable | None = None
+    live: Callable | None = None
 
     @property
     def is_stats(self) -> bool:
