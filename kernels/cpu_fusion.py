@@ -305,14 +305,15 @@ def fusion_hist(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row
     k = np.ascontiguousarray(k, np.float32)
     step = max(1, KEYS_ELEMS // max(row_len, 1))  # rows per group: the keys stay small
     keys = np.empty(min(n_rows, step) * row_len, np.uint32)
+    bk = None if buckets is None else np.asarray(buckets, np.int64)
     for r0 in range(0, n_rows, step):
         nr = min(step, n_rows - r0)
         part = keys[: nr * row_len]
         _keys_kernel(a, ca, b, cb, r0, nr, row_len, k, w, part)
-        if buckets is None:
+        if bk is None:
             _count_high(part, hist)
         else:
-            _count_low(part, np.asarray(buckets, np.int64), hist)
+            _count_low(part, bk, hist)
 
 
 def fusion_write(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,

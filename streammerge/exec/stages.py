@@ -93,16 +93,18 @@ class Stream:
             except queue.Empty:
                 continue
 
-    def verdict(self, name: str) -> list:
-        """The [Event, window hit] entry of tensor ``name`` (created on first use)."""
+    def verdict(self, name: str, op: str | None = None) -> list:
+        """The [Event, verdict] entry of tensor ``name``'s window guess, or (``op``) of its
+        row pass ``op`` being live (created on first use)."""
+        key = name if op is None else f"{name}\0{op}"
         with self.verdict_lock:
-            return self.verdicts.setdefault(name, [threading.Event(), None])
+            return self.verdicts.setdefault(key, [threading.Event(), None])
 
     def decide(self, t: TensorPlan, op: str | None = None) -> bool:
         """Whether the guessed low-histogram window of ``t`` held its thresholds, or (``op``)
         whether its row pass ``op`` is live (``RowPass.live``): waits for the compute
         stage's verdict; raises ``StageFailed`` once ``stop`` is set."""
-        v = self.verdict(t.name if op is None else f"{t.name}\0{op}")
+        v = self.verdict(t.name, op)
         while not v[0].wait(0.1):
             if self.stop.is_set():
                 raise StageFailed
@@ -384,7 +386,7 @@ class ComputeStage:
             if p.live is None or name not in t.ops:
                 return
             live = bool(p.live(row_args(method, t, slot.chunk, name, stats)))
-            v = self.stream.verdict(f"{t.name}\0{name}")
+            v = self.stream.verdict(t.name, name)
             v[1] = live
             v[0].set()
             if live:
