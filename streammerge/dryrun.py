@@ -41,7 +41,7 @@ from streammerge.exec.layout import (
     tensor_items,
     work_items,
 )
-from streammerge.exec.ops import is_row_op
+from streammerge.exec.ops import is_row_op, low_from_high
 from streammerge.io.measure import measure_read_speed
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
@@ -95,7 +95,8 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
     ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
     ``multi-pass: ...`` (a histogram read that also counts the low histograms of a window
     guessed from the first chunk, then the merge read; a third read when the guess missed;
-    histogram reads read only the rows the base has); a row-wise method (slerp): ``slerp``
+    histogram reads read only the rows the base has; with working dtype bf16 no low
+    histograms: ``ops.low_from_high``); a row-wise method (slerp): ``slerp``
     (one read: the tensor fits a chunk) or ``row_dots, then slerp (2 reads)``."""
     if t.action != "merge":
         return t.action
@@ -105,6 +106,11 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
         if sum(1 for _ in tensor_items(t, layout)) == 1:
             return t.ops[-1] if len(t.ops) == 1 else f"{'+'.join(t.ops)} (1 read)"
         return f"{', then '.join(t.ops)} ({len(t.ops)} reads)"
+    if low_from_high(t):  # bf16 magnitudes: the low histograms are known from the high ones
+        ops = "+".join(op for op in t.ops if op != "hist_low")
+        if layout.holds(t):
+            return f"held: {ops}"
+        return "multi-pass: hist_high, then merge (2 reads)"
     ops = "+".join(t.ops)
     if layout.holds(t):
         return f"held: {ops}"

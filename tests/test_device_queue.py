@@ -200,8 +200,9 @@ def test_every_kernel_variant_is_compiled_before_the_first_read(trio, want, tmp_
 
 
 def test_held_tensor_goes_to_the_device_once(trio, want, tmp_path):
-    """TIES on tensors that fit a slot runs hist_high, hist_low and merge on one fill: the
-    rows are copied to the device once for the three (bytes still numba's)."""
+    """TIES on tensors that fit a slot runs its passes on one fill (hist_high and merge; the
+    bf16 working dtype needs no hist_low): the rows are copied to the device once for all
+    of them (bytes still numba's)."""
     q = ThreadQueue(seed=2, max_delay_s=0.0002)
     copies, launches = [0], [0]
     copy, launch = q.copy, q.launch
@@ -227,7 +228,7 @@ def test_held_tensor_goes_to_the_device_once(trio, want, tmp_path):
     _merge(trio, tmp_path / "gpu", be, **RECIPES["ties"])
     assert _files(tmp_path / "gpu") == want["ties"]
     # one copy of the 3 rows per fill, for all its passes (without reuse: 3 per pass)
-    assert copies[0] == 3 * len(fills) and launches[0] > 2 * len(fills), (copies, launches)
+    assert copies[0] == 3 * len(fills) and launches[0] >= 2 * len(fills), (copies, launches)
     q.shutdown()
 
 

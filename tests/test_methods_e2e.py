@@ -98,11 +98,18 @@ def test_large_tensors_read_once_per_pass_and_model_scope(tmp_path, method):
         assert np.array_equal(v, output_bytes(tmp_path / "large")[name]), name
     _check(tmp_path / "small", base, [a, b, c])
     if METHODS[method].sparse.stats:
-        streammerge.merge([a, b, c], base, tmp_path / "model", memory="48MiB",
-                          trim_scope="model", **kw)  # fmt: skip
-        rec = _check(tmp_path / "model", base, [a, b, c])
-        th = {json.dumps(v["thresholds"]) for v in rec["tensors"].values()}
-        assert len(th) == 1  # one population: the same thresholds for every tensor
+        reads = {}
+        for d in ("BF16", "F32"):
+            s = streammerge.merge([a, b, c], base, tmp_path / f"model-{d}", memory="48MiB",
+                                  trim_scope="model", compute_dtype=d, **kw)  # fmt: skip
+            rec = _check(tmp_path / f"model-{d}", base, [a, b, c])
+            th = {json.dumps(v["thresholds"]) for v in rec["tensors"].values()}
+            assert len(th) == 1  # one population: the same thresholds for every tensor
+            reads[d] = s.bytes_read
+        # bf16 magnitudes: the model is read once for its statistics (no low histograms);
+        # float32: twice. Each statistics read reads the merged tensors (M bytes).
+        merged = reads["BF16"] - large.bytes_read
+        assert merged > 0 and reads["F32"] - reads["BF16"] == merged, reads
 
 
 def test_cli_methods_flags_and_record(tmp_path):
@@ -188,8 +195,11 @@ def test_guessed_window_hit_and_miss_are_both_exact(tmp_path, method):
         dirs = [write_model(root / name, {"w.weight": t.to(torch.bfloat16)})
                 for name, t in (("base", base), ("a", models[0]), ("b", models[1]))]  # fmt: skip
         kw = {"method": method, "seed": 3, "weights": [1.0, 0.7], "density": 0.3}
-        s = streammerge.merge(dirs[1:], dirs[0], root / "out", memory="32MiB", **kw)
-        _check(root / "out", dirs[0], dirs[1:])
-        reads[label] = s.bytes_read
+        for d in ("F32", "BF16"):  # bf16 magnitudes: no low histograms, nothing to guess
+            out = root / f"out-{d}"
+            s = streammerge.merge(dirs[1:], dirs[0], out, memory="32MiB", compute_dtype=d, **kw)
+            _check(out, dirs[0], dirs[1:])
+            reads[label, d] = s.bytes_read
     one = 3 * n * 2  # base + 2 models, bf16
-    assert reads["alike"] == 2 * one and reads["unlike"] == 3 * one, reads
+    assert reads["alike", "F32"] == 2 * one and reads["unlike", "F32"] == 3 * one, reads
+    assert reads["alike", "BF16"] == reads["unlike", "BF16"] == 2 * one, reads

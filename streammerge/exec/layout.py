@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from streammerge.errors import MergeError
-from streammerge.exec.ops import is_row_op, read_rows, row_len
+from streammerge.exec.ops import is_row_op, low_from_high, read_rows, row_len
 from streammerge.exec.stats import HIGH_BINS, LOW_BINS, guess_slots
 from streammerge.io.ranges import DIRECT_ALIGN, DIRECT_SLACK, align_up, anon_map
 from streammerge.io.reader import DTYPE_ITEMSIZE
@@ -274,7 +274,9 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
     histograms, plus the low histograms of a window of buckets guessed from its first
     chunk), then, when ``decide(t)`` (the compute stage's verdict, waited for) says the
     window missed, once more for ``hist_low``, then for ``merge``. Without ``decide`` (byte
-    counts, ``--plan``) the window is taken to hit.
+    counts, ``--plan``) the window is taken to hit. A tensor whose low histograms follow
+    from its high ones (``ops.low_from_high``: working dtype bf16) never misses, and the
+    reader does not wait for the verdict.
     """
     if layout.holds(t):
         seg = t.segments[0]
@@ -287,7 +289,7 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
         chunks = list(_stats_chunks(t, layout))
         for i, c in enumerate(chunks):
             yield Item(t, c, "hist_guess", first=i == 0, last=i == len(chunks) - 1)
-        if chunks and decide is not None and not decide(t):
+        if chunks and decide is not None and not low_from_high(t) and not decide(t):
             for c in chunks:
                 yield Item(t, c, "hist_low")
         for c in iter_chunks(t, layout.max_elems(t)):
@@ -335,9 +337,12 @@ def work_items(
 
 
 def analysis_items(plan: Plan, layout: Layout) -> Iterator[Item]:
-    """trim_scope model: both histogram passes over every merged tensor of the model."""
+    """trim_scope model: both histogram passes over every merged tensor of the model, or
+    only ``hist_high`` when every tensor's low histograms follow from it
+    (``ops.low_from_high``)."""
     merged = [t for t in plan.tensors if t.action == "merge"]
-    for op in ("hist_high", "hist_low"):
+    ops = ("hist_high",) if all(low_from_high(t) for t in merged) else ("hist_high", "hist_low")
+    for op in ops:
         for t in merged:
             for c in _stats_chunks(t, layout):
                 yield Item(t, c, op)

@@ -131,6 +131,15 @@ def compute_dtype(t: TensorPlan) -> str:
     return (t.params.compute if t.params is not None else None) or "F32"
 
 
+def low_from_high(t: TensorPlan) -> bool:
+    """Whether ``t``'s low histograms follow from its high ones, so no ``hist_low`` pass
+    runs (nor re-reads the tensor): with working dtype D = BF16 every magnitude is a bf16
+    value as a float32 (low 16 bits zero, NaN included: ``rd`` quiets it), so the low
+    histogram of a high bucket is that bucket's count in bin 0 and the thresholds are the
+    ones the pass would give (docs/SPEC.md "Magnitudes and thresholds")."""
+    return compute_dtype(t) == "BF16"
+
+
 def merge_args(
     method: Method, t: TensorPlan, c: Chunk, windows: list[tuple[int, int]] | None
 ) -> MergeArgs:

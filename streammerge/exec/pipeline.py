@@ -41,6 +41,7 @@ from streammerge.exec.layout import (
     mapped_bytes,
     work_items,
 )
+from streammerge.exec.ops import low_from_high
 from streammerge.exec.stages import ComputeStage, ReaderStage, Stream, WriterStage, StageFailed
 from streammerge.exec.thresholds import TensorThresholds
 from streammerge.io.ranges import RangeReader
@@ -278,6 +279,7 @@ def analyze(
     if first is None:
         return [[] for _ in range(plan.recipe.n_models)], RunStats(0, 0, {}, {})
     shared = th.stats(first)  # one population: every tensor feeds the same histograms
+    shared.low_from_high = all(low_from_high(t) for t in plan.tensors if t.action == "merge")
     th.stats = lambda t: shared  # type: ignore[method-assign]
     stats = _stream(plan, lambda decide: analysis_items(plan, layout), [], layout, backend,
                     on_bytes, direct_io, th)[0]  # fmt: skip

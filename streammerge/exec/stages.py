@@ -432,7 +432,7 @@ class ComputeStage:
         if op == "hist_guess":
             st = thresholds.stats(t)
             accumulate(backend, slot, st, "hist_high", slot.chunk.segment)
-            if slot.first:
+            if slot.first and not st.low_from_high:
                 st.guess_window(population(t, plan.recipe.n_models))
             accumulate(backend, slot, st, "hist_low", slot.chunk.segment, guess=True)
             if slot.last:

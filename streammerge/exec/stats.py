@@ -99,6 +99,10 @@ class ThresholdStats:
         self._buckets: np.ndarray | None = None  # [N, 2] int64, -1 unused
         self._within: list[list[int]] = []
         self._ranks: list[list[int] | None] = []
+        #: Every magnitude's low 16 bits are zero (working dtype bf16: each is a bf16
+        #: value), so a bucket's low histogram is its whole count in bin 0: the hist_low
+        #: passes are skipped (``thresholds.accumulate``) and ``low`` filled from ``high``.
+        self.low_from_high = False
 
     @property
     def nbytes(self) -> int:
@@ -151,6 +155,8 @@ class ThresholdStats:
         wanted rank's exact bucket was in the window, its low histogram taken from there
         (``thresholds()`` is then exact); False when another pass must count it."""
         buckets = self.buckets()
+        if self.low_from_high:
+            return True  # nothing to find: ``thresholds`` takes the low bins from ``high``
         found = []
         for j in range(len(self.density)):
             for i in range(buckets.shape[1]):
@@ -173,6 +179,9 @@ class ThresholdStats:
         for j, within in enumerate(self._within):
             vals = []
             for i, w in enumerate(within):
+                if self.low_from_high:
+                    self.low[j, i] = 0
+                    self.low[j, i, 0] = self.high[j, buckets[j, i]]
                 low, _ = _locate(self.low[j, i], w)
                 vals.append(int(buckets[j, i]) << 16 | low)
             out.append(vals)

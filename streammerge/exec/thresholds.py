@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from streammerge.exec.layout import Backend, Slot
-from streammerge.exec.ops import hist_args
+from streammerge.exec.ops import hist_args, low_from_high
 from streammerge.exec.stats import ThresholdStats, windows
 from streammerge.plan.plan_types import Plan, Segment, TensorPlan
 
@@ -32,6 +32,7 @@ class TensorThresholds:
             st = self.active[t.name] = ThresholdStats(
                 self.sparsifier, t.params.density, t.params.gamma
             )
+            st.low_from_high = low_from_high(t)
             self.peak_bytes = max(self.peak_bytes, sum(s.nbytes for s in self.active.values()))
         return st
 
@@ -52,6 +53,8 @@ def accumulate(
     """Run one histogram pass over the slot into ``st`` (only the segment's fine-tunes):
     ``hist_high``, or ``hist_low`` of the exact buckets, or with ``guess`` of the guessed
     window's buckets into ``st.low_window``."""
+    if op == "hist_low" and st.low_from_high:
+        return  # known from the high histogram (``ThresholdStats.low_from_high``)
     args = hist_args(slot.tensor, slot.chunk)
     idx = list(seg.models)
     whole = idx == list(range(st.high.shape[0]))
