@@ -27,7 +27,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .common import FLOAT_CODES
+from .common import FLOAT_CODES, FLOAT_ITEMSIZE
 from .cpu_loops import BF16, F16, F32
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -68,10 +68,15 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 
 @numba.njit(inline="always")
 def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
-                skip, cs, sn, nt, un, unapply, s32, vals, first):  # fmt: skip
+                skip, cs, sn, nt, un, unapply, s32, vals, first, held, held_rounds, keep,
+                lo):  # fmt: skip
     # vals: the products of this block at columns first .. first + m - 1
     """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
-    says why). Returns True when ``u`` holds the output values."""
+    says why). Returns True when ``u`` holds the output values.
+
+    ``held``: a raw byte row holding the iterate after ``held_rounds`` rounds in W
+    (elements lo .. lo + m - 1 of this block; ``held_rounds`` -1: none, start from the
+    inputs); ``keep``: store the iterate after ``full`` rounds there (``held_iterate``)."""
     n_models = x.shape[0]
     for j in range(n_models):
         xj = x[j]
@@ -89,30 +94,35 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
             xj, unit, nj = x[j], units[j], n32[j]
             for i in range(m):
                 unit[i] = round_work(xj[i] / nj, w)
-    for j in range(n_models):
-        if valid[j] != 0:
-            unit, a = units[j], na32[j]
-            for i in range(m):
-                u[i] = round_work(u[i] + round_work(a * unit[i], w), w)
-    if stage == 1:
-        dst = vals[0, first:first + m]
-        for i in range(m):
-            dst[i] = u[i] * u[i]
-        return False
-    if fb != 0:
-        u0 = units[v0]
-        for i in range(m):
-            u[i] = u0[i]
+    if held_rounds >= 0:
+        _decode_block(held, w, lo, m, u)  # the iterate after held_rounds rounds (exact in W)
     else:
-        for i in range(m):
-            u[i] = round_work(u[i] / m0, w)
-    for ri in range(full):
+        for j in range(n_models):
+            if valid[j] != 0:
+                unit, a = units[j], na32[j]
+                for i in range(m):
+                    u[i] = round_work(u[i] + round_work(a * unit[i], w), w)
+        if stage == 1:
+            dst = vals[0, first:first + m]
+            for i in range(m):
+                dst[i] = u[i] * u[i]
+            return False
+        if fb != 0:
+            u0 = units[v0]
+            for i in range(m):
+                u[i] = u0[i]
+        else:
+            for i in range(m):
+                u[i] = round_work(u[i] / m0, w)
+    for ri in range(max(held_rounds, 0), full):
         _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
         _step(u, T, m, ri, cs, sn, nt, w)
         if unapply[ri] != 0:
             q = un[ri]
             for i in range(m):
                 u[i] = round_work(u[i] / q, w)
+    if keep:
+        _encode_block(u, w, lo, m, held)  # W values: the round trip is exact, NaN included
     if stage == 2:
         for j in range(n_models):
             unit = units[j]
@@ -138,9 +148,10 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
-                 m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code):  # fmt: skip
+                 m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code,
+                 held_rounds, keep):  # fmt: skip
     """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
-    columns vo .. vo + m - 1 of ``vals``."""
+    columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``)."""
     n_models = model_rows.shape[0]
     x = np.zeros((n_models, STOCK_BLOCK), np.float32)
     units = np.zeros((n_models, STOCK_BLOCK), np.float32)
@@ -150,26 +161,30 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
         _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
+                           held_rounds, keep, first)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
+                           held_rounds, keep, first)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
+                           held_rounds, keep, first)  # fmt: skip
     if done:
         _encode_block(u, out_code, first, m, out)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
-                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code):  # fmt: skip
+                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
+                  held_rounds, keep):  # fmt: skip
     # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo
     for b in numba.prange((n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK):
         vo = b * STOCK_BLOCK
         _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
                      stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt, un,
-                     unapply, s32, vals, vo, out, out_code)  # fmt: skip
+                     unapply, s32, vals, vo, out, out_code, held_rounds, keep)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -188,53 +203,79 @@ def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
     return codes, np.array(model_rows, np.int64)
 
 
+def _held_row(held, prog, n: int) -> tuple[np.ndarray, int, bool]:
+    """(byte row, rounds in it or -1, keep) of a ``held`` argument (None: none)."""
+    if held is None:
+        return np.zeros(4, np.uint8), -1, False
+    row, rounds, keep = held
+    _checked(row, prog.work, n, "held iterate")
+    if not -1 <= rounds <= prog.full:
+        raise ValueError(f"the held iterate is after {rounds} rounds, this pass after {prog.full}")
+    return row, int(rounds), bool(keep)
+
+
 def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
-                 prog, stage: int, out: np.ndarray | None = None,
-                 out_dtype: str = "F32") -> np.ndarray | None:  # fmt: skip
+                 prog, stage: int, out: np.ndarray | None = None, out_dtype: str = "F32",
+                 held: tuple | None = None) -> np.ndarray | None:  # fmt: skip
     """One pass of the chain over ``n`` elements (SPEC "Karcher mean").
 
     Args:
         prog: the tensor's scalars so far (``streammerge.methods.karcher.Program``).
         stage: 0 .. 4 a statistics pass (returns the float32 products [N, n] its reduction
             adds: ``accumulate``), 5 the writing pass (into the raw byte row ``out``).
+        held: ``(row, rounds, keep)``: a raw byte row of n elements of W (``prog.work``)
+            holding the iterate after ``rounds`` rounds (-1: nothing yet), from which the
+            pass continues instead of recomputing the rounds from the inputs (the same
+            values bit for bit); ``keep``: store the iterate after ``prog.full`` rounds in
+            it. The writing pass may hold it in ``out`` itself (element i of both at the
+            same bytes: W's itemsize is the output's). None: recompute every round.
 
     Raises:
-        ValueError: bad rows, dtypes or output.
+        ValueError: bad rows, dtypes, output or held row.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
+    held_row, rounds, keep = _held_row(held, prog, n)
     if stage == 5:
         co = _checked(out, out_dtype, n, "out")
-        _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32), out, co)
+        if held is not None and (held_row is not out
+                                 or FLOAT_ITEMSIZE[prog.work] != FLOAT_ITEMSIZE[out_dtype]):
+            raise ValueError("the writing pass's held iterate must be out, with the output's "
+                             "itemsize")  # fmt: skip
+        _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32), out, co,
+                   rounds, False)  # fmt: skip
         return None
     vals = np.zeros((len(model_rows), n), np.float32)
-    _run_chain(inputs, codes, mr, 0, n, prog, stage, vals, np.zeros(4, np.uint8), 0)
+    _run_chain(inputs, codes, mr, 0, n, prog, stage, vals, held_row, 0, rounds, keep)
     return vals
 
 
 def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int, prog,
-                 stage: int, acc: tuple) -> None:  # fmt: skip
+                 stage: int, acc: tuple, held: tuple | None = None) -> None:  # fmt: skip
     """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), in
     pieces of PIECE elements (the products of a piece at a time: memory stays small however
-    large the chunk; the sums are the same, added in element order).
+    large the chunk; the sums are the same, added in element order). ``held``: as
+    ``karcher_pass``.
 
     Raises:
-        ValueError: bad rows or dtypes.
+        ValueError: bad rows, dtypes or held row.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
+    held_row, rounds, keep = _held_row(held, prog, n)
     buf = np.zeros(len(model_rows) * min(n, PIECE), np.float32)
     for lo in range(0, n, PIECE):
         hi = min(n, lo + PIECE)
         part = buf[: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
-        _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, np.zeros(4, np.uint8), 0)
+        _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, held_row, 0, rounds, keep)
         accumulate(acc, part, stage)
 
 
-def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co) -> None:
+def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
+               keep=False) -> None:  # fmt: skip
     if hi > lo:
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
-                      prog.s32, vals, out, co)  # fmt: skip
+                      prog.s32, vals, out, co, np.int64(rounds), keep)  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)

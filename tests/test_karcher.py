@@ -57,13 +57,17 @@ def _same(a: bytes, b: bytes, dtype: str) -> bool:
 
 
 def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 20,
-           backend=None) -> bytes:  # fmt: skip
+           backend=None, held=False) -> bytes:  # fmt: skip
     """Every pass over the rows in chunks of ``chunk`` elements (whole blocks), as the
-    pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba."""
+    pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba.
+    ``held``: one chunk, the iterate held in the output bytes between passes (each round's
+    dots pass stores it, the later passes continue from it: ``methods.karcher._held``)."""
     nm = len(rows)
     w = [1.0] * nm if w is None else w
     work = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
     out = np.zeros(n * ITEM[do], np.uint8)
+    assert not held or (chunk >= n and ITEM[work] == ITEM[do])
+    rounds = -1
     sums = {}
     for op in PASSES:
         acc = cpu_karcher.zero_accumulators(nm)
@@ -80,11 +84,16 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
                 if vals is not None:
                     cpu_karcher.accumulate(acc, vals, stage)
             elif stage == 5:
+                h = (o, rounds, False) if held and rounds >= 0 else None
                 cpu_karcher.karcher_pass(_slot(rows, lo, m), dtypes, list(range(nm)), m, pr, 5,
-                                         o, do)  # fmt: skip
+                                         o, do, h)  # fmt: skip
             else:
+                h = None
+                if held and stage >= 2 and (stage == 2 or rounds >= 0):
+                    h = (o, rounds, stage == 2)
                 cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
-                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage), stage)
+                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage, held=h), stage)
+                rounds = pr.full if h is not None and stage == 2 else rounds
         sums[op] = acc
     return out.tobytes()
 
@@ -101,9 +110,10 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, work
         rows = _rows(n, dtypes, n + len(dtypes), special)
         w = [1.0 + 0.5 * j for j in range(len(rows))]
         want = _as_bytes(ref.spec_karcher_chain(rows, dtypes, do, w, work=work))
-        for chunk in (1024, 1 << 20):
-            got = _merge(rows, dtypes, n, do, w, work=work, chunk=chunk)
-            assert got == want if not special else _same(got, want, do), chunk
+        held = ITEM[work or dtypes[0]] == ITEM[do]  # the iterate fits the output bytes
+        for chunk, h in ((1024, False), (1 << 20, False), (1 << 20, held)):
+            got = _merge(rows, dtypes, n, do, w, work=work, chunk=chunk, held=h)
+            assert got == want if not special else _same(got, want, do), (chunk, h)
 
 
 EDGES = {
@@ -128,7 +138,9 @@ def test_passes_equal_the_oracle_on_the_edges(case):
         for w, it, tol in (([1.0] * n, 10, 1e-5), ([0.0] + [2.0] * (n - 1), 3, 1e-5),
                            ([1.0] * n, 0, 0.5), ([1.0] * n, 10, 0.3)):  # fmt: skip
             want = _as_bytes(ref.spec_karcher_chain(rows, [dt] * n, dt, w, it, tol))
-            assert _same(_merge(rows, [dt] * n, m, dt, w, it, tol), want, dt), (dt, w, it, tol)
+            for held in (False, True):
+                got = _merge(rows, [dt] * n, m, dt, w, it, tol, held=held)
+                assert _same(got, want, dt), (dt, w, it, tol, held)
     if case in ("all zero", "below tol"):
         assert not any(_merge(rows, [dt] * n, m, dt))
 

@@ -8,7 +8,9 @@ reduction is a statistics pass that re-reads the inputs and recomputes the chain
 from the scalars known (``Program``): the N norms, the mean's norm, then per round the N
 dots, ||T|| and ||u'||; the passes after the rounds stop (||T|| < tol, or ``max_iter``)
 run no kernel, and a tensor larger than a chunk is not read for them (``RowPass.live``:
-the compute stage decides it after each pass, the reader waits for that). Nothing is held. M3 multiplies the weights (mergekit's alphas are 1/N).
+the compute stage decides it after each pass, the reader waits for that). A tensor in one
+chunk holds the iterate in its slot's output bytes between passes instead (``_held``).
+M3 multiplies the weights (mergekit's alphas are 1/N).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from streammerge.kernels.common import FLOAT_ITEMSIZE
 from streammerge.methods.method import Method, RowPass
 from streammerge.methods.params import WEIGHT, Param
 
@@ -170,6 +173,32 @@ def program_of(a):
     return program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
 
 
+#: ``RowArgs.stats`` key of the iterate held in a slot's output bytes: (buffer address,
+#: weights, rounds done).
+HELD = "karcher_held"
+
+
+def _held(out, a, pr: Program, keep: bool) -> tuple | None:
+    """The iterate held in ``out`` for this pass (``cpu_karcher.karcher_pass``'s ``held``),
+    or None. Only a tensor in one chunk, whose passes all run on the same slot one after
+    the other, holds it: in the slot's output bytes (unused until the writing pass, which
+    writes each element over its own iterate), so W must have the output's itemsize. The
+    dots pass of each round stores the iterate; the later passes continue from it instead
+    of recomputing the rounds from the inputs (same values: SPEC "Karcher mean")."""
+    if a.start != 0 or a.count != int(np.prod(a.shape)) or out.ndim != 1 \
+            or FLOAT_ITEMSIZE[pr.work] != FLOAT_ITEMSIZE[a.out_dtype] \
+            or out.nbytes < a.count * FLOAT_ITEMSIZE[pr.work]:  # fmt: skip
+        return None
+    st = a.stats.get(HELD)
+    same = st is not None and st[0] == out.ctypes.data and st[1] == a.weights and st[2] <= pr.full
+    rounds = st[2] if same else -1
+    if keep:
+        a.stats[HELD] = (out.ctypes.data, a.weights, pr.full)
+    elif rounds < 0:
+        return None
+    return out, rounds, keep
+
+
 def _pass_cpu(inputs, out, a) -> None:
     """One statistics pass: each block's sums, added into ``a.counts[0]`` left to right."""
     from streammerge.kernels import cpu_karcher
@@ -177,8 +206,9 @@ def _pass_cpu(inputs, out, a) -> None:
     pr, stage = program_of(a)
     if stage is None:
         return
+    held = _held(out, a, pr, keep=stage == 2) if stage >= 2 else None
     cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
-                             a.counts)  # fmt: skip
+                             a.counts, held)  # fmt: skip
 
 
 def _karcher_cpu(inputs, out, a) -> None:
@@ -190,7 +220,7 @@ def _karcher_cpu(inputs, out, a) -> None:
         out[...] = 0
         return
     cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
-                             a.out_dtype)  # fmt: skip
+                             a.out_dtype, _held(out, a, pr, keep=False))  # fmt: skip
 
 
 def _models(launch, inputs, a) -> list:
@@ -260,5 +290,6 @@ METHOD = Method(
     plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
     f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
     "those after the rounds stop are not read) and 1 writing pass: at most "
-    f"{len(PASSES)} reads of each tensor larger than a chunk, 1 of a smaller one; nothing held"
+    f"{len(PASSES)} reads of each tensor larger than a chunk, 1 of a smaller one (its iterate "
+    "held between passes)"
 )
