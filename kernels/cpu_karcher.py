@@ -68,15 +68,17 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 
 @numba.njit(inline="always")
 def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
-                skip, cs, sn, nt, un, unapply, s32, vals, first, held, held_rounds, keep,
+                skip, cs, sn, nt, un, unapply, s32, vals, first, held, held_state, keep,
                 lo):  # fmt: skip
     # vals: the products of this block at columns first .. first + m - 1
     """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
     says why). Returns True when ``u`` holds the output values.
 
-    ``held``: a raw byte row holding the iterate after ``held_rounds`` rounds in W
-    (elements lo .. lo + m - 1 of this block; ``held_rounds`` -1: none, start from the
-    inputs); ``keep``: store the iterate after ``full`` rounds there (``held_iterate``)."""
+    ``held``: a raw byte row holding the iterate in W (elements lo .. lo + m - 1 of this
+    block): ``held_state`` 2 r, the iterate after r rounds; 2 r + 1, round r's stepped
+    iterate before its division by its norm; -1: none, start from the inputs. ``keep``:
+    store the iterate there, after ``full`` rounds (stage 2, state 2 full) or stepped in
+    round ``full`` (stage 4, state 2 full + 1)."""
     n_models = x.shape[0]
     for j in range(n_models):
         xj = x[j]
@@ -94,8 +96,16 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
             xj, unit, nj = x[j], units[j], n32[j]
             for i in range(m):
                 unit[i] = round_work(xj[i] / nj, w)
-    if held_rounds >= 0:
-        _decode_block(held, w, lo, m, u)  # the iterate after held_rounds rounds (exact in W)
+    start = 0
+    if held_state >= 0:
+        _decode_block(held, w, lo, m, u)  # exact: every iterate is a W value
+        start = held_state // 2
+        if held_state % 2 == 1:  # round start's stepped iterate: divide by its norm
+            if unapply[start] != 0:
+                q = un[start]
+                for i in range(m):
+                    u[i] = round_work(u[i] / q, w)
+            start += 1
     else:
         for j in range(n_models):
             if valid[j] != 0:
@@ -114,14 +124,14 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
         else:
             for i in range(m):
                 u[i] = round_work(u[i] / m0, w)
-    for ri in range(max(held_rounds, 0), full):
+    for ri in range(start, full):
         _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
         _step(u, T, m, ri, cs, sn, nt, w)
         if unapply[ri] != 0:
             q = un[ri]
             for i in range(m):
                 u[i] = round_work(u[i] / q, w)
-    if keep:
+    if keep and stage == 2:
         _encode_block(u, w, lo, m, held)  # W values: the round trip is exact, NaN included
     if stage == 2:
         for j in range(n_models):
@@ -137,6 +147,8 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
             _step(u, T, m, full, cs, sn, nt, w)
             for i in range(m):
                 dst[i] = u[i] * u[i]
+            if keep:
+                _encode_block(u, w, lo, m, held)
         else:
             for i in range(m):
                 dst[i] = T[i] * T[i]
@@ -149,28 +161,27 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code,
-                 held_rounds, keep):  # fmt: skip
+                 held_state, keep, x, units, u, T):  # fmt: skip
     """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
-    columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``)."""
+    columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``).
+    Scratch (float32, the caller's, reused block after block): x, units [N, STOCK_BLOCK]
+    (units zeroed once: a zero-norm model's stays 0), u, T [STOCK_BLOCK]."""
     n_models = model_rows.shape[0]
-    x = np.zeros((n_models, STOCK_BLOCK), np.float32)
-    units = np.zeros((n_models, STOCK_BLOCK), np.float32)
-    u = np.zeros(STOCK_BLOCK, np.float32)
-    T = np.zeros(STOCK_BLOCK, np.float32)
+    u[:m] = np.float32(0.0)
     for j in range(n_models):
         _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_rounds, keep, first)  # fmt: skip
+                           held_state, keep, first)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_rounds, keep, first)  # fmt: skip
+                           held_state, keep, first)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_rounds, keep, first)  # fmt: skip
+                           held_state, keep, first)  # fmt: skip
     if done:
         _encode_block(u, out_code, first, m, out)
 
@@ -178,13 +189,23 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
                   m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
-                  held_rounds, keep):  # fmt: skip
-    # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo
-    for b in numba.prange((n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK):
-        vo = b * STOCK_BLOCK
-        _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
-                     stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt, un,
-                     unapply, s32, vals, vo, out, out_code, held_rounds, keep)  # fmt: skip
+                  held_state, keep, n_parts):  # fmt: skip
+    # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo.
+    # Parts of contiguous blocks, each with its scratch made once (not once a block).
+    n_blocks = (n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK
+    n_parts = max(1, min(n_blocks, n_parts))
+    n_models = model_rows.shape[0]
+    for p in numba.prange(n_parts):
+        x = np.empty((n_models, STOCK_BLOCK), np.float32)
+        units = np.zeros((n_models, STOCK_BLOCK), np.float32)
+        u = np.empty(STOCK_BLOCK, np.float32)
+        T = np.empty(STOCK_BLOCK, np.float32)
+        for b in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
+            vo = b * STOCK_BLOCK
+            _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
+                         stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt,
+                         un, unapply, s32, vals, vo, out, out_code, held_state, keep, x,
+                         units, u, T)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -207,11 +228,12 @@ def _held_row(held, prog, n: int) -> tuple[np.ndarray, int, bool]:
     """(byte row, rounds in it or -1, keep) of a ``held`` argument (None: none)."""
     if held is None:
         return np.zeros(4, np.uint8), -1, False
-    row, rounds, keep = held
+    row, state, keep = held
     _checked(row, prog.work, n, "held iterate")
-    if not -1 <= rounds <= prog.full:
-        raise ValueError(f"the held iterate is after {rounds} rounds, this pass after {prog.full}")
-    return row, int(rounds), bool(keep)
+    if not -1 <= state <= 2 * prog.full + 1:
+        raise ValueError(f"the held iterate (state {state}) is ahead of this pass "
+                         f"({prog.full} rounds)")  # fmt: skip
+    return row, int(state), bool(keep)
 
 
 def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
@@ -223,11 +245,12 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
         prog: the tensor's scalars so far (``streammerge.methods.karcher.Program``).
         stage: 0 .. 4 a statistics pass (returns the float32 products [N, n] its reduction
             adds: ``accumulate``), 5 the writing pass (into the raw byte row ``out``).
-        held: ``(row, rounds, keep)``: a raw byte row of n elements of W (``prog.work``)
-            holding the iterate after ``rounds`` rounds (-1: nothing yet), from which the
-            pass continues instead of recomputing the rounds from the inputs (the same
-            values bit for bit); ``keep``: store the iterate after ``prog.full`` rounds in
-            it. The writing pass may hold it in ``out`` itself (element i of both at the
+        held: ``(row, state, keep)``: a raw byte row of n elements of W (``prog.work``)
+            holding the iterate (``state`` 2 r: after r rounds; 2 r + 1: round r's stepped
+            iterate, not yet divided by its norm; -1: nothing yet), from which the pass
+            continues instead of recomputing the rounds from the inputs (the same values
+            bit for bit); ``keep``: store the iterate in it, after ``prog.full`` rounds
+            (stage 2: state 2 full) or stepped (stage 4: state 2 full + 1). The writing pass may hold it in ``out`` itself (element i of both at the
             same bytes: W's itemsize is the output's). None: recompute every round.
 
     Raises:
@@ -275,7 +298,8 @@ def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
-                      prog.s32, vals, out, co, np.int64(rounds), keep)  # fmt: skip
+                      prog.s32, vals, out, co, np.int64(rounds), keep,
+                      np.int64(4 * numba.get_num_threads()))  # fmt: skip
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)

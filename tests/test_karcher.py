@@ -89,11 +89,12 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
                                          o, do, h)  # fmt: skip
             else:
                 h = None
-                if held and stage >= 2 and (stage == 2 or rounds >= 0):
-                    h = (o, rounds, stage == 2)
+                if held and stage >= 2 and (stage in (2, 4) or rounds >= 0):
+                    h = (o, rounds, stage in (2, 4))
                 cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
                     _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage, held=h), stage)
-                rounds = pr.full if h is not None and stage == 2 else rounds
+                if h is not None and stage in (2, 4):  # the held iterate's state
+                    rounds = 2 * pr.full + (stage == 4)
         sums[op] = acc
     return out.tobytes()
 

@@ -174,29 +174,33 @@ def program_of(a):
 
 
 #: ``RowArgs.stats`` key of the iterate held in a slot's output bytes: (buffer address,
-#: weights, rounds done).
+#: weights, state: ``cpu_karcher.karcher_pass``'s).
 HELD = "karcher_held"
 
 
-def _held(out, a, pr: Program, keep: bool) -> tuple | None:
+def _held(out, a, pr: Program, stage: int) -> tuple | None:
     """The iterate held in ``out`` for this pass (``cpu_karcher.karcher_pass``'s ``held``),
     or None. Only a tensor in one chunk, whose passes all run on the same slot one after
     the other, holds it: in the slot's output bytes (unused until the writing pass, which
     writes each element over its own iterate), so W must have the output's itemsize. The
     dots pass of each round stores the iterate; the later passes continue from it instead
-    of recomputing the rounds from the inputs (same values: SPEC "Karcher mean")."""
+    of recomputing the rounds from the inputs (same values: SPEC "Karcher mean"); the
+    step pass stores the stepped iterate, so the next round's passes only divide it by its
+    norm."""
     if a.start != 0 or a.count != int(np.prod(a.shape)) or out.ndim != 1 \
             or FLOAT_ITEMSIZE[pr.work] != FLOAT_ITEMSIZE[a.out_dtype] \
             or out.nbytes < a.count * FLOAT_ITEMSIZE[pr.work]:  # fmt: skip
         return None
     st = a.stats.get(HELD)
-    same = st is not None and st[0] == out.ctypes.data and st[1] == a.weights and st[2] <= pr.full
-    rounds = st[2] if same else -1
+    same = st is not None and st[0] == out.ctypes.data and st[1] == a.weights \
+        and st[2] <= 2 * pr.full + 1  # fmt: skip
+    state = st[2] if same else -1
+    keep = stage in (2, 4)
     if keep:
-        a.stats[HELD] = (out.ctypes.data, a.weights, pr.full)
-    elif rounds < 0:
+        a.stats[HELD] = (out.ctypes.data, a.weights, 2 * pr.full + (stage == 4))
+    elif state < 0:
         return None
-    return out, rounds, keep
+    return out, state, keep
 
 
 def _pass_cpu(inputs, out, a) -> None:
@@ -206,7 +210,7 @@ def _pass_cpu(inputs, out, a) -> None:
     pr, stage = program_of(a)
     if stage is None:
         return
-    held = _held(out, a, pr, keep=stage == 2) if stage >= 2 else None
+    held = _held(out, a, pr, stage) if stage >= 2 else None
     cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
                              a.counts, held)  # fmt: skip
 
@@ -220,7 +224,7 @@ def _karcher_cpu(inputs, out, a) -> None:
         out[...] = 0
         return
     cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
-                             a.out_dtype, _held(out, a, pr, keep=False))  # fmt: skip
+                             a.out_dtype, _held(out, a, pr, 5))  # fmt: skip
 
 
 def _models(launch, inputs, a) -> list:
