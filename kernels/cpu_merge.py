@@ -223,8 +223,8 @@ def _philox_range(first, m, grp, k0_init, k1_init, r0, r1, r2, r3):
 
 
 @numba.njit(inline="always")
-def _philox_block(first, m, grp, k0_init, k1_init, r0, r1, r2, r3, inputs, pf_rows, codes, out,
-                  out_code, pf_lo, pf_m):  # fmt: skip
+def _philox_block(first, m, grp, k0_init, k1_init, r0, r1, r2, r3, inputs, offs, pf_rows, codes,
+                  out, out_code, pf_lo, pf_m):  # fmt: skip
     """``_philox_range`` over m elements in sub-blocks of SUB, prefetching as it goes.
 
     After each sub-block it asks the cache for the matching part of elements pf_lo ..
@@ -239,7 +239,7 @@ def _philox_block(first, m, grp, k0_init, k1_init, r0, r1, r2, r3, inputs, pf_ro
             pe = min(s + SUB, pf_m)
             for row in pf_rows:
                 isz = _CODE_ITEMSIZE[codes[row]]
-                _prefetch_chunk(inputs[row], (pf_lo + s) * isz, (pf_lo + pe) * isz, 0)
+                _prefetch_chunk(inputs[row, offs[row]:], (pf_lo + s) * isz, (pf_lo + pe) * isz, 0)
             osz = _CODE_ITEMSIZE[out_code]
             _prefetch_chunk(out, (pf_lo + s) * osz, (pf_lo + pe) * osz, 1)
 
@@ -319,6 +319,7 @@ def _accumulate(row, code, lo, m, xb, r, thr, masked, rescale, w, acc):
 @numba.njit(parallel=True, nogil=True, cache=True)
 def _merge_kernel(
     inputs,  # [R, cap_bytes] uint8
+    offs,  # [R] int64 byte offset of each row's element 0 (where its O_DIRECT read landed)
     codes,  # [R] int64 dtype codes
     base_row,  # int64, -1: absent
     rows,  # [K] int64 input row of each participating model
@@ -351,22 +352,22 @@ def _merge_kernel(
         for k in range(n_models):
             if thresholds[k] != np.uint32(0):
                 _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
-                              inputs, pf_rows, codes, out, out_code, pf_lo, pf_m)  # fmt: skip
+                              inputs, offs, pf_rows, codes, out, out_code, pf_lo, pf_m)  # fmt: skip
                 cached = groups[k]
                 break
         if base_row >= 0:
-            _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+            _decode_block(inputs[base_row, offs[base_row]:], codes[base_row], lo, m, xb)
         else:
             xb[:m] = np.float32(0.0)
         for k in range(n_models):
             masked = thresholds[k] != np.uint32(0)
             if masked and groups[k] != cached:
                 _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
-                              inputs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
+                              inputs, offs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
             _accumulate(
-                inputs[row], codes[row], lo, m, xb, rw[words[k]], thresholds[k], masked,
+                inputs[row, offs[row]:], codes[row], lo, m, xb, rw[words[k]], thresholds[k], masked,
                 rescales[k], weights[k], acc,
             )  # fmt: skip
         # out = x_b + s * acc, rounded to the output dtype (reuse acc as the float32 result).
@@ -518,6 +519,7 @@ EXACT = False
 
 def _thin_merge_kernel_py(
     inputs,  # [R, cap_bytes] uint8
+    offs,  # [R] int64 byte offset of each row's element 0 (where its O_DIRECT read landed)
     codes,  # [R] int64 dtype codes
     round_in,  # [R] bool: row r's dtype does not fit in D (its values are rounded to D)
     base_row,  # int64, -1: absent
@@ -569,11 +571,11 @@ def _thin_merge_kernel_py(
         for k in range(n_models):
             if thresholds[k] != np.uint32(0):
                 _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
-                              inputs, pf_rows, codes, out, out_code, pf_lo, pf_m)  # fmt: skip
+                              inputs, offs, pf_rows, codes, out, out_code, pf_lo, pf_m)  # fmt: skip
                 cached = groups[k]
                 break
         if base_row >= 0:
-            _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+            _decode_block(inputs[base_row, offs[base_row]:], codes[base_row], lo, m, xb)
             if round_in[base_row]:
                 for t in range(m):
                     xb[t] = rd(xb[t])
@@ -584,10 +586,10 @@ def _thin_merge_kernel_py(
             masked = thresholds[k] != np.uint32(0)
             if masked and groups[k] != cached:
                 _philox_block(start + lo, m, groups[k], key_lo, key_hi, rw[0], rw[1], rw[2], rw[3],
-                              inputs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
+                              inputs, offs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
-            _thin_block(inputs[row], codes[row], round_in[row], rd, EXACT, lo, m, xb,
+            _thin_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, EXACT, lo, m, xb,
                         rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
                         keep_lo[k], keep_hi[k], wd[k], sign, s_)  # fmt: skip
         if sign:
@@ -733,16 +735,21 @@ def _check_bytes(a: np.ndarray, ndim: int, what: str) -> None:
 
 def _check_rows(
     inputs: np.ndarray, dtypes: Sequence[str], base_row: int, model_rows: Sequence[int], n: int,
-    what: str,
-) -> tuple[np.ndarray, list[int], int]:  # fmt: skip
+    what: str, offsets: Sequence[int] | None = None,
+) -> tuple[np.ndarray, list[int], int, np.ndarray]:  # fmt: skip
     """Validate the raw input rows of a chunk of ``n`` elements (merge_chunk, cpu_stats).
 
+    ``offsets``: the byte offset of each row's element 0 (where an O_DIRECT read landed:
+    the kernels read the row from there, no memmove into place); None: 0 for every row.
+
     Returns:
-        (codes [R] int64 dtype codes, the rows used: models then the base if any, int(n)).
+        (codes [R] int64 dtype codes, the rows used: models then the base if any, int(n),
+        [R] int64 offsets).
 
     Raises:
         ValueError: ``inputs`` not a C-contiguous 2-D uint8 array, dtypes of the wrong
-            length or unknown, no model, n < 0, a row out of range or too short for n.
+            length or unknown, no model, n < 0, a row out of range or too short for n
+            elements after its offset, offsets not R integers >= 0.
     """
     _check_bytes(inputs, 2, "inputs")
     n_rows, cap_bytes = inputs.shape
@@ -754,15 +761,19 @@ def _check_rows(
     n = int(n)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    offs = np.zeros(n_rows, np.int64) if offsets is None else np.array(offsets, np.int64)
+    if offs.shape != (n_rows,) or (offs < 0).any():
+        raise ValueError(f"offsets must be {n_rows} integers >= 0, got {offsets}")
     used = [int(r) for r in model_rows] + ([int(base_row)] if base_row != -1 else [])
     for r in used:
         if not 0 <= r < n_rows:
             raise ValueError(f"row {r} out of range for {n_rows} input rows (base_row may be -1)")
-        if n * _CODE_ITEMSIZE[codes[r]] > cap_bytes:
+        if offs[r] + n * _CODE_ITEMSIZE[codes[r]] > cap_bytes:
             raise ValueError(
                 f"row {r} holds {cap_bytes} bytes, too few for {n} {dtypes[r]} elements"
+                + (f" after offset {offs[r]}" if offs[r] else "")
             )
-    return codes, used, n
+    return codes, used, n, offs
 
 
 def _window_bounds(bounds, n_models: int, default: int, what: str) -> np.ndarray:
@@ -811,6 +822,7 @@ def merge_chunk(
     normalize: bool = False,
     linear: bool = False,
     compute_dtype: str = "F32",
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Merge one chunk of one tensor into ``out`` (SPEC "Random drop masks", "The merged
     value", v2 "Methods"; docs/kernels.md section 1).
@@ -864,6 +876,9 @@ def merge_chunk(
             rescaled value, w'_k, wd_k, the sums, the quotient, s * m and x_b + m; inputs
             whose dtype does not fit in D are rounded to it first). Always the v2 kernel
             (one compiled variant per D). "F32" with ``linear`` only.
+        offsets: R byte offsets, or None (all 0): row r's element 0 is at
+            ``inputs[r, offsets[r]]`` (where an O_DIRECT read landed, so the reader moves
+            nothing into place); offsets[r] + n * itemsize <= cap_bytes.
 
     Raises:
         ValueError: wrong array type/shape/contiguity, a row too short for n elements, an
@@ -881,7 +896,8 @@ def merge_chunk(
     elements/s; dare_ties p=0.5 26.3 ms; breadcrumbs 9.3 ms; task_arithmetic normalized
     9.5 ms.
     """
-    codes, used, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "merge_chunk")
+    codes, used, n, offs = _check_rows(inputs, dtypes, base_row, model_rows, n, "merge_chunk",
+                                       offsets)  # fmt: skip
     _check_bytes(out, 1, "out")
     out_code = _code(out_dtype, "out_dtype")
     n_models = len(model_rows)
@@ -933,6 +949,7 @@ def merge_chunk(
         round_in = np.array([d_code != _F32 and c != d_code for c in codes], np.bool_)
         _THIN_KERNELS[d_code](
             inputs,
+            offs,
             codes,
             round_in,
             np.int64(base_row),
@@ -961,6 +978,7 @@ def merge_chunk(
         return
     _merge_kernel(
         inputs,
+        offs,
         codes,
         np.int64(base_row),
         np.array(model_rows, np.int64),

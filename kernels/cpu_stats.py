@@ -102,11 +102,11 @@ def _mag_block(row, code, round_in, rd, lo, m, xb, mag):
 
 
 @numba.njit(inline="always")
-def _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb):
+def _base_block(inputs, offs, codes, round_in, rd, base_row, lo, m, xb):
     """xb[:m] = rd(float32(base)) (rounded only when the base's dtype does not fit in D),
     or +0.0 when the base is absent (base_row = -1)."""
     if base_row >= 0:
-        _decode_block(inputs[base_row], codes[base_row], lo, m, xb)
+        _decode_block(inputs[base_row, offs[base_row]:], codes[base_row], lo, m, xb)
         if round_in[base_row]:
             for t in range(m):
                 xb[t] = rd(xb[t])
@@ -121,6 +121,7 @@ def _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb):
 
 def _hist_high_py(
     inputs,  # [R, cap_bytes] uint8
+    offs,  # [R] int64 byte offset of each row's element 0
     codes,  # [R] int64 dtype codes
     round_in,  # [R] bool: row r's dtype does not fit in D (rounded to D first)
     base_row,  # int64, -1: absent
@@ -142,10 +143,10 @@ def _hist_high_py(
         for b in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
             lo = first + b * block
             m = min(block, first + n - lo)
-            _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb)
+            _base_block(inputs, offs, codes, round_in, rd, base_row, lo, m, xb)
             for k in range(n_models):
                 row = rows[k]
-                _mag_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, mag)
+                _mag_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, lo, m, xb, mag)
                 h0, h1, h2, h3 = part[k, 0], part[k, 1], part[k, 2], part[k, 3]
                 m4 = m - m % 4
                 for t in range(0, m4, 4):
@@ -235,6 +236,7 @@ def _count_low(mag, m, hb, words, h, lanes, ready):
 
 def _hist_low_py(
     inputs,  # [R, cap_bytes] uint8
+    offs,  # [R] int64 byte offset of each row's element 0
     codes,  # [R] int64 dtype codes
     round_in,  # [R] bool: row r's dtype does not fit in D (rounded to D first)
     base_row,  # int64, -1: absent
@@ -264,7 +266,7 @@ def _hist_low_py(
         for blk in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
             lo = first + blk * block
             m = min(block, first + n - lo)
-            _base_block(inputs, codes, round_in, rd, base_row, lo, m, xb)
+            _base_block(inputs, offs, codes, round_in, rd, base_row, lo, m, xb)
             for k in range(n_models):
                 decoded = False
                 for b in range(n_slots):
@@ -273,7 +275,8 @@ def _hist_low_py(
                         continue
                     if not decoded:
                         row = rows[k]
-                        _mag_block(inputs[row], codes[row], round_in[row], rd, lo, m, xb, mag)
+                        _mag_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, lo,
+                                   m, xb, mag)  # fmt: skip
                         decoded = True
                     _count_low(mag, m, np.uint32(bk), words, part[k, b, 0], part[k, b],
                                ready[p, k, b])  # fmt: skip
@@ -349,6 +352,7 @@ def hist_high(
     n: int,
     hist: np.ndarray,
     compute_dtype: str = "F32",
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Count the high 16 bits of every task-vector magnitude (kernel contract section 2).
 
@@ -368,6 +372,8 @@ def hist_high(
         compute_dtype: the working dtype D ("F32", "BF16", "F16"): the magnitudes are those
             of d_k = rd(rd(float32(model_k)) - rd(x_b)) (SPEC "Working dtype (v3)"), the task
             vector the merge thins.
+        offsets: R byte offsets of each row's element 0, or None (all 0), as
+            ``cpu_merge.merge_chunk``'s.
 
     Raises:
         ValueError: as merge_chunk for inputs/dtypes/rows/n; hist not int64 [K, 32768].
@@ -375,7 +381,8 @@ def hist_high(
     Speed (N = 2 bf16 with a bf16 base, 16M-element chunk, 2 threads, 2-core Intel Xeon VM
     with AVX-512, shared, best of many): 13.4 ms, 2.5 G model-elements/s (1 thread: 26 ms).
     """
-    codes, _, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_high")
+    codes, _, n, offs = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_high",
+                                    offsets)  # fmt: skip
     d_code, round_in = _round_in(codes, compute_dtype)
     n_models = len(model_rows)
     _check_hist(hist, (n_models, HIGH_BINS), "hist")
@@ -387,7 +394,8 @@ def hist_high(
         m = min(MAX_LAUNCH, n - first)
         p = _n_parts(m)
         _KERNELS[d_code][0](
-            inputs, codes, round_in, np.int64(base_row), rows, np.int64(first), np.int64(m),
+            inputs, offs, codes, round_in, np.int64(base_row), rows, np.int64(first),
+            np.int64(m),
             np.int64(BLOCK), parts[:p], hist,
         )  # fmt: skip
 
@@ -401,6 +409,7 @@ def hist_low(
     buckets: np.ndarray,
     hist: np.ndarray,
     compute_dtype: str = "F32",
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Count the low 16 bits of the magnitudes inside chosen high buckets (contract section 2).
 
@@ -411,7 +420,7 @@ def hist_low(
     B = 2 serves breadcrumbs' two order statistics).
 
     Args:
-        inputs, dtypes, base_row, model_rows, n, compute_dtype: as ``hist_high``.
+        inputs, dtypes, base_row, model_rows, n, compute_dtype, offsets: as ``hist_high``.
         buckets: [K, B] integer array (B >= 1), entries in [0, 32768) or -1 (unused).
         hist: [K, B, 65536] np.int64, C-contiguous; accumulated in place (+=).
 
@@ -423,7 +432,8 @@ def hist_low(
     8.8 ms, 3.8 G model-elements/s; B = 2: 14.9 ms; the bucket of the exact zeros holding
     half of model 1's elements: 11.8 ms.
     """
-    codes, _, n = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_low")
+    codes, _, n, offs = _check_rows(inputs, dtypes, base_row, model_rows, n, "hist_low",
+                                    offsets)  # fmt: skip
     d_code, round_in = _round_in(codes, compute_dtype)
     n_models = len(model_rows)
     if (
@@ -460,7 +470,8 @@ def hist_low(
         m = min(MAX_LAUNCH, n - first)
         p = _n_parts(m)
         _KERNELS[d_code][1](
-            inputs, codes, round_in, np.int64(base_row), rows, bk, np.int64(first), np.int64(m),
+            inputs, offs, codes, round_in, np.int64(base_row), rows, bk, np.int64(first),
+            np.int64(m),
             np.int64(BLOCK), parts[:p], ready[:p], hist,
         )  # fmt: skip
 

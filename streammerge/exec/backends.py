@@ -80,6 +80,9 @@ class NumbaBackend:
     """
 
     depth = 0
+    #: The merge and histogram kernels read each row where its O_DIRECT read landed
+    #: (``Slot.offsets``): the reader moves no input byte into place.
+    takes_offsets = True
 
     def __init__(self, threads: int | None = None, preload: bool = True) -> None:
         # Importing numba and loading the cached kernels takes ~0.8 s: do it in the
@@ -165,6 +168,7 @@ class NumbaBackend:
             list(a.drop), list(a.weights), a.scale, slot.out, a.out_dtype, a.n, a.key, a.start,
             keep_lo=a.keep_lo, keep_hi=a.keep_hi, consensus=a.consensus,
             normalize=a.normalize, linear=a.linear, compute_dtype=a.compute_dtype,
+            offsets=slot.offsets,
         )  # fmt: skip
 
     def _convert(self, slot: Slot, a: ConvertArgs) -> None:
@@ -174,13 +178,13 @@ class NumbaBackend:
     def _hist_high(self, slot: Slot, a: HistArgs, hist: np.ndarray) -> None:
         self._stats().hist_high(
             slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, hist,
-            compute_dtype=a.compute_dtype,
+            compute_dtype=a.compute_dtype, offsets=slot.offsets,
         )
 
     def _hist_low(self, slot: Slot, a: HistArgs, hist: np.ndarray, buckets: np.ndarray) -> None:
         self._stats().hist_low(
             slot.inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.n, buckets, hist,
-            compute_dtype=a.compute_dtype,
+            compute_dtype=a.compute_dtype, offsets=slot.offsets,
         )
 
     def wait(self, handle: object) -> None:
