@@ -95,9 +95,9 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
     ``held: hist_high+hist_low+merge`` (one read, every pass on the held slot) or
     ``multi-pass: ...`` (a histogram read that also counts the low histograms of a window
     guessed from the first chunk, then the merge read; a third read when the guess missed;
-    histogram reads read only the rows the base has; with working dtype bf16 no low
-    histograms: ``ops.low_from_high``); a row-wise method (slerp): ``slerp``
-    (one read: the tensor fits a chunk) or ``row_dots, then slerp (2 reads)``."""
+    histogram reads read only the rows the base has; bf16: no low histograms,
+    ``ops.low_from_high``); a row-wise method (slerp): ``slerp`` (one read: the tensor
+    fits a chunk) or ``row_dots, then slerp (2 reads)``."""
     if t.action != "merge":
         return t.action
     if len(t.ops) == 1:
@@ -106,14 +106,10 @@ def passes_of(t: TensorPlan, layout: Layout) -> str:
         if sum(1 for _ in tensor_items(t, layout)) == 1:
             return t.ops[-1] if len(t.ops) == 1 else f"{'+'.join(t.ops)} (1 read)"
         return f"{', then '.join(t.ops)} ({len(t.ops)} reads)"
-    if low_from_high(t):  # bf16 magnitudes: the low histograms are known from the high ones
-        ops = "+".join(op for op in t.ops if op != "hist_low")
-        if layout.holds(t):
-            return f"held: {ops}"
-        return "multi-pass: hist_high, then merge (2 reads)"
-    ops = "+".join(t.ops)
-    if layout.holds(t):
-        return f"held: {ops}"
+    bf16 = low_from_high(t)  # bf16 magnitudes: no low histograms
+    if layout.holds(t) or bf16:
+        ops = "+".join(op for op in t.ops if not (bf16 and op == "hist_low"))
+        return f"held: {ops}" if layout.holds(t) else "multi-pass: hist_high, then merge (2 reads)"
     return "multi-pass: hist_high+hist_low(guessed window), then merge (2 reads; 3 if missed)"
 
 

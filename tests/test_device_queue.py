@@ -105,15 +105,30 @@ def test_fake_streams_give_numba_bytes(trio, want, tmp_path, name, seed):
     q.shutdown()
 
 
-def test_numba_memmoves_what_the_gpu_path_copies_from_place(trio, tmp_path):
-    """The same merge on numba memmoves rows after O_DIRECT reads (unaligned tensor
-    offsets); the device backend leaves them where they landed (moved_bytes 0 above)."""
+@pytest.mark.parametrize("name", ["dare_linear", "ties"])
+def test_numba_reads_rows_where_they_landed(trio, tmp_path, monkeypatch, name):
+    """numba's merge and histogram kernels, like the device backend, take each row where
+    its O_DIRECT read landed (unaligned tensor offsets): nothing but copied tensors is
+    memmoved, and the bytes are those of rows memmoved into place."""
     from streammerge.exec.backends import NumbaBackend
 
-    stats = _merge(trio, tmp_path / "cpu", NumbaBackend(), seed=5)
-    if stats.moved_bytes == 0:
+    stats = _merge(trio, tmp_path / "cpu", NumbaBackend(), **RECIPES[name])
+    assert _files(tmp_path / "cpu") == want_bytes(trio, tmp_path, name)
+    assert stats.moved_bytes <= stats.copied_bytes
+    monkeypatch.setattr(NumbaBackend, "takes_offsets", False)
+    moved = _merge(trio, tmp_path / "moved", NumbaBackend(), **RECIPES[name])
+    if moved.moved_bytes == 0:
         pytest.skip("O_DIRECT was not used on this filesystem")
-    assert stats.moved_bytes > BIG
+    assert moved.moved_bytes > BIG and _files(tmp_path / "moved") == _files(tmp_path / "cpu")
+
+
+def want_bytes(trio, tmp_path, name) -> dict[str, bytes]:
+    """The recipe's bytes from a buffered read (no O_DIRECT, so no offsets)."""
+    base, a, b = trio
+    d = tmp_path / "buffered"
+    streammerge.merge([a, b], base, d, backend="numba", device="cpu", direct_io=False,
+                      **RECIPES[name])  # fmt: skip
+    return _files(d)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "ties"])
