@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,22 @@ def run_cli(argv: list[str], timeout: float = 300, **kw) -> subprocess.Completed
     )  # fmt: skip
 
 
-def fail_after(nbytes: int, exc: BaseException):
+def fail_after(nbytes: int, exc: BaseException, out: Path | None = None):
     """An ``on_bytes`` progress callback that raises ``exc`` once more than ``nbytes``
-    input bytes are done: an error injected mid-merge, from the caller's side."""
+    input bytes are done: an error injected mid-merge, from the caller's side. With
+    ``out`` (the merge's output directory) it first waits, up to 60 s, for the journal
+    beside ``out`` to record a finished shard: on a loaded machine the writer can lag the
+    compute stage, and a resume test needs a shard to keep."""
     seen = [0]
+    journal = None if out is None else out.parent / f".{out.name}.streammerge-journal"
 
     def on_bytes(n: int) -> None:
         seen[0] += n
         if seen[0] > nbytes:
+            for _ in range(0 if journal is None else 600):
+                if journal.is_file() and '"shard"' in journal.read_text():
+                    break
+                time.sleep(0.1)
             raise exc
 
     return on_bytes

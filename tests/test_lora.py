@@ -303,7 +303,7 @@ def test_resume_notices_a_changed_adapter(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         streammerge.merge([f"{base}+{adapter}", ft], base, out,
-                          on_bytes=fail_after(2_000_000, KeyboardInterrupt()), **kw)  # fmt: skip
+                          on_bytes=fail_after(2_000_000, KeyboardInterrupt(), out), **kw)  # fmt: skip
     text = (adapter / "adapter_config.json").read_text()
     cfg = json.loads(text)
     (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": 16}))

@@ -334,7 +334,7 @@ def test_interrupted_remote_merge_resumes(tmp_path, served, etags):
     kw = {"seed": 3, "method": "ties", "density": 0.5}
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(urls, f"{srv.url}/base", out, on_bytes=fail_after(1_000_000, KeyboardInterrupt()),
+        streammerge.merge(urls, f"{srv.url}/base", out, on_bytes=fail_after(1_000_000, KeyboardInterrupt(), out),
                           shard_size="200KB", **kw)  # fmt: skip
     first = len(srv.weight_ranges())
     assert first and not out.exists()
@@ -363,7 +363,7 @@ def test_resume_refuses_a_changed_input_without_etag(tmp_path, served):
     urls = [f"{srv.url}/a", f"{srv.url}/b"]
     out = tmp_path / "r"
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, on_bytes=fail_after(1_000_000, KeyboardInterrupt()),
+        streammerge.merge(urls, f"{srv.url}/base", out, seed=3, on_bytes=fail_after(1_000_000, KeyboardInterrupt(), out),
                           shard_size="200KB")  # fmt: skip
     name = "layers.0.attn.q.weight"  # merged into the first (finished) output shard
     shard = next(p for p in b.glob("*.safetensors") if name in load_file(p))

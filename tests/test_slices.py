@@ -369,7 +369,7 @@ def test_interrupted_stack_resumes_and_checks_the_model_each_copy_came_from(tmp_
     streammerge.merge(*args, tmp_path / "ref", **opts)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        streammerge.merge(*args, out, on_bytes=fail_after(25_000, KeyboardInterrupt()), **opts)
+        streammerge.merge(*args, out, on_bytes=fail_after(25_000, KeyboardInterrupt(), out), **opts)
     # lm_head (first in name order, so in a finished shard) comes from b, the last slice's
     # model: a byte of it changed in place must stop the resume (the journal names b for it).
     head = open_model(b).tensors["lm_head.weight"]
