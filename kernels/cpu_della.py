@@ -43,7 +43,7 @@ def della_thresholds(density: float, epsilon: float) -> tuple[int, int]:
     return math.floor((density - epsilon) * 2**32), math.floor(2.0 * epsilon * 2**32)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _sorted_order(mags, n, perm, spare, hist):
     """The element indices 0 .. n-1 in the order of ascending magnitude, ties by element
     index (SPEC "DELLA": the order of the keys ``mag << 32 | i``; the k-th has rank k): a
@@ -84,7 +84,7 @@ COUNT_BINS_PER_ELEM = 4
 COUNT_BINS_MIN = 4096
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _ranks(mags, n, rank, pos, perm, spare, hist):
     """rank[i] = #{k : (mags[k], k) < (mags[i], i)} for 0 <= i < n (SPEC "DELLA" rank).
 
@@ -140,7 +140,7 @@ def _ranks(mags, n, rank, pos, perm, spare, hist):
             pos[b] += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _keep_tables(tha, thb, drop, row_len, thr, inv):
     """Per fine-tune j and rank k: the keep threshold K = A_j + (k * B_j) // (L - 1) (SPEC
     "DELLA"; walked with an integer quotient and carry, no division) and its rescale
@@ -183,7 +183,7 @@ def _thin_loop(d, n, rank, words, thr, inv, rescale, w, w_code, out):
         out[i] = round_work(w * e, w_code)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _thin(d, n, rank, words, thr, inv, rescale, w, w_code, out):
     """``_thin_loop`` with the working dtype a constant in each branch (so LLVM vectorizes
     the loop without having to unswitch rW's dtype branch)."""
@@ -294,7 +294,7 @@ def _della_rows(inputs, codes, base_row, model_rows, r_lo, r_hi, row_len, start,
         _encode_block(xb, out_code, lo, n, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _della_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, start, k0, k1, drop,
                   thr, inv, rescale, wq, sign, normalize, den0, s32, w_code, out, out_code,
                   ids):  # fmt: skip

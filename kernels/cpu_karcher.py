@@ -186,7 +186,7 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
         _encode_block(u, out_code, first, m, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
                   m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
                   held_state, keep, n_parts):  # fmt: skip

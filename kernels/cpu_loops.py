@@ -11,6 +11,14 @@ della and SCE kernels, 2 048-element rows, one thread):
 - Two-dimensional indexing (``tv[j, i]``) in the loop body: a row view taken outside the
   loop (``row = tv[j]``) vectorizes, the 2-D index did not (sign election over two models:
   14 -> 0.6 ns per element).
+- A division under numba's default ``error_model="python"``: each one tests its divisor for
+  zero (to raise ZeroDivisionError), a branch LLVM does not vectorize. Every compiled
+  kernel of ``kernels/cpu_*.py`` says ``error_model="numpy"`` (IEEE division, as the SPEC
+  has it; results are the same wherever the python model did not raise; a test checks
+  it): arcee_fusion's row divergence 55 -> 17 ns per element.
+- An inner loop, even of a constant trip count (a polynomial's ``for j in range(12, 0,
+  -1)``): LLVM vectorizes innermost loops only, and numba's range loop is not unrolled in
+  time. Write such a polynomial out (``cpu_fusion.exp64``: 13 -> 3 ns per element).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ def _round_loop(x, m, c):
         x[i] = round_work(x[i], c)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def round_all(x, m, w_code):
     """x[:m] = rW(x[:m]) in place. x: float32 [>= m]; w_code: the working dtype's code."""
     if w_code == BF16:
@@ -47,7 +55,7 @@ def _tv_loop(d, xb, m, c):
         d[i] = round_work(round_work(d[i], c) - xb[i], c)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def task_vector(row, code, first, m, xb, w_code, d):
     """d[:m] = rW(rW(x_j) - x_b) (SPEC v3's task vector in W) for stored elements first ..
     first + m - 1 of the raw byte row ``row`` (dtype ``code``). xb: float32 [>= m], the base
@@ -61,7 +69,7 @@ def task_vector(row, code, first, m, xb, w_code, d):
         _tv_loop(d, xb, m, F32)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv):
     """xb[:m] = rW(base), tv[j, :m] = rW(rW(x_j) - xb) for elements first .. first + m - 1
     of the slot (SPEC "Model Stock", "SCE": the inputs rounded to W at load as mergekit
@@ -79,7 +87,7 @@ def _weigh_loop(d, m, w, c, out):
         out[i] = round_work(w * d[i], c)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def weigh(d, m, w, w_code, out):
     """out[:m] = rW(w * d[:m]). d, out: float32 [>= m]; w: float32."""
     if w_code == BF16:

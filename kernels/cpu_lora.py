@@ -18,7 +18,7 @@ import numpy as np
 from .cpu_merge import _decode_block, _encode_block
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def lora_apply(raw, code, e0, n, cols, left, right, scale):
     """Rewrite ``raw`` (the stored bytes of W's flat elements e0 .. e0 + n - 1, F32/F16/BF16
     by ``code`` as ``kernels.common.FLOAT_CODES``) into the adapted tensor's, in place.

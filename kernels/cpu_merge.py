@@ -316,7 +316,7 @@ def _accumulate(row, code, lo, m, xb, r, thr, masked, rescale, w, acc):
 # ----------------------------------------------------------------------------------------
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _merge_kernel(
     inputs,  # [R, cap_bytes] uint8
     offs,  # [R] int64 byte offset of each row's element 0 (where its O_DIRECT read landed)
@@ -678,7 +678,7 @@ def _thin_kernel(name: str, rd):
     return numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _convert_kernel(src, src_code, out, out_code, n, block, scale):
     n_blocks = (n + block - 1) // block
     one = np.float32(1.0)
@@ -693,7 +693,7 @@ def _convert_kernel(src, src_code, out, out_code, n, block, scale):
         _encode_block(x, out_code, lo, m, out)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def count_exponent_ones(x, m):
     """Elements of the unsigned array ``x`` with every bit of ``m`` set ((x & m) == m: the
     non-finite values, ``streammerge.io.nonfinite``); one vectorized pass, GIL released."""

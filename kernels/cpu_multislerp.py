@@ -45,7 +45,7 @@ def stage_width(stage: int, n_models: int) -> int:
     return n_models if stage in (0, 2) else 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v):
     """v[j, :m] = model j in W, or its task vector rW(rW(x_j) - xb) with a base (xb[:m] =
     rW(base)); xb untouched without one."""
@@ -172,7 +172,7 @@ def _msl_block(inputs, codes, base_row, model_rows, first, m, stage, sc, w_code,
         _encode_block(acc, out_code, first, m, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code):
     for k in numba.prange((n + MSL_BLOCK - 1) // MSL_BLOCK):
         first = k * MSL_BLOCK

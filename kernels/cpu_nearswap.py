@@ -101,7 +101,7 @@ def clamp_floor(w_dtype: str) -> np.float32:
     return np.float32(_round_host(np.float32(CLAMP_MIN), FLOAT_CODES[w_dtype]))
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _round_host(v, code):
     return round_work(v, code)
 

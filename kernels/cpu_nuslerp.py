@@ -32,7 +32,7 @@ COL_BLOCK = 256
 COMBINE_BLOCK = 1024
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w):
     """x[:m], y[:m]: the two inputs from element ``first`` rounded to the working dtype
     ``w`` (task vectors rW(rW(x) - b) with a base; b[:m] then holds the base in W). With W
@@ -49,7 +49,7 @@ def _load(row0, code0, row1, code1, rowb, codeb, has_base, first, m, x, y, b, w)
         round_all(y, m, w)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
                         stats):  # fmt: skip
     for r in numba.prange(n_rows):
@@ -75,7 +75,7 @@ def _tv_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows,
         stats[r, 2] = s01
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w, acc):
     for k in numba.prange((row_len + COL_BLOCK - 1) // COL_BLOCK):
         c0 = k * COL_BLOCK
@@ -93,7 +93,7 @@ def _col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, ro
                 acc[c0 + i, 2] = acc[c0 + i, 2] + u * v
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col, ca, cb,
                     w, out, out_code):  # fmt: skip
     for k in numba.prange((n + COMBINE_BLOCK - 1) // COMBINE_BLOCK):
@@ -124,7 +124,7 @@ def _unit_loop(x, y, m, n0, n1, c, p):
         p[i] = np.float64(round_work(round_work(x[i] / n0, c) * round_work(y[i] / n1, c), c))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _unit_products(x, y, m, n0, n1, w, p):
     """p[:m] = float64(rW(rW(x / n0) * rW(y / n1))), the rest of the block +0.0."""
     p[m:] = 0.0
@@ -136,7 +136,7 @@ def _unit_products(x, y, m, n0, n1, w, p):
         _unit_loop(x, y, m, n0, n1, F32, p)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _unit_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
                           n0, n1, sums):  # fmt: skip
     for r in numba.prange(n_rows):
@@ -154,7 +154,7 @@ def _unit_row_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_row
         sums[r] = s
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _unit_col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_rows, row_len, w,
                           n0, n1, acc):  # fmt: skip
     for k in numba.prange((row_len + COL_BLOCK - 1) // COL_BLOCK):
@@ -195,7 +195,7 @@ def _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, 
             x[i + t] = round_work(b[i + t] + x[i + t], c)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _chain_run(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, w):
     """The chain's combination of x[i:i + seg] (one row's run) in place (the working dtype
     a constant per branch: ``cpu_loops``)."""
@@ -207,7 +207,7 @@ def _chain_run(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p,
         _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, p, q, F32)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _chain_combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len, per_col,
                           lin, ca, cb, st, p, q, w, out, out_code):  # fmt: skip
     for k in numba.prange((n + COMBINE_BLOCK - 1) // COMBINE_BLOCK):
@@ -416,7 +416,7 @@ def _round_array(v: np.ndarray, work: str) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, error_model="numpy")
 def _round_array_kernel(v, w, out):
     for i in range(v.shape[0]):
         out[i] = round_work(v[i], w)

@@ -33,7 +33,7 @@ def work_dtype(dtypes: list[str]) -> str:
     return dtypes[0] if len(set(dtypes)) == 1 else "F32"
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, tv, cnt):
     """xb = the base block, tv[j] = rW(x_j - x_b), cnt = models with |tv_j| > e (each loop
     over the block's elements, the models outside: ``cpu_loops``' rules)."""
@@ -45,7 +45,7 @@ def _task_vectors(inputs, codes, base_row, model_rows, first, m, e, w_code, xb, 
             cnt[i] += np.int64(abs(row[i]) > e)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _count_block(inputs, codes, base_row, model_rows, first, m, e, w_code, part_k):
     """part_k[0, j], part_k[1, j] = the block's shared and unique counts of fine-tune j."""
     n_models = model_rows.shape[0]
@@ -65,7 +65,7 @@ def _count_block(inputs, codes, base_row, model_rows, first, m, e, w_code, part_
         part_k[1, j] += un
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _counts_kernel(inputs, codes, base_row, model_rows, n, e, w_code, shared, unique):
     n_blocks = (n + BLOCK - 1) // BLOCK
     n_models = model_rows.shape[0]
@@ -127,7 +127,7 @@ def _ram_block(inputs, codes, base_row, model_rows, first, m, e, w_code, plus, l
     _encode_block(xb, out_code, first, m, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _ram_kernel(inputs, codes, base_row, model_rows, n, e, w_code, plus, lam, out, out_code):
     for k in numba.prange((n + BLOCK - 1) // BLOCK):
         first = k * BLOCK

@@ -55,7 +55,7 @@ def _block_dots(x, y, m, p00, p11, p01):
     return _tree(p00), _tree(p11), _tree(p01)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _row_dots_kernel(row0, code0, row1, code1, n_rows, row_len, stats):
     for r in numba.prange(n_rows):
         x = np.empty(DOT_BLOCK, np.float32)
@@ -79,7 +79,7 @@ def _row_dots_kernel(row0, code0, row1, code1, n_rows, row_len, stats):
         stats[r, 2] = s01
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _rows_combine_kernel(row0, code0, row1, code1, n_rows, row_len, ca, cb, out, out_code):
     for r in numba.prange(n_rows):
         x = np.empty(DOT_BLOCK, np.float32)

@@ -36,7 +36,7 @@ LOW_BINS = 1 << 16
 KEEP_NONE = 1 << 32
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key, mean, m2):
     """xb = the base block in W, tv[j] = rW(x_j - x_b), key = the variance keys.
     mean, m2: float64 [>= m] scratch."""
@@ -62,7 +62,7 @@ def _keys_loop(m2, m, n_models, c, key):
         key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _keys(m2, m, n_models, w_code, key):
     """key = the variance keys: bits of rW(float32(m2 / N)), the sign bit cleared."""
     if w_code == BF16:
@@ -81,7 +81,7 @@ def _select_loop(row, key, m, thr, c):
         row[i] = row[i] if key[i] >= thr else off
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _select(tv, key, m, keep_all, thr, w_code):
     """tv[j] = the selected task vectors m_j: tv where key >= thr (or keep_all), else
     rW(tv * 0)."""
@@ -96,7 +96,7 @@ def _select(tv, key, m, keep_all, thr, w_code):
             _select_loop(tv[j], key, m, thr, F32)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _hist_kernel(inputs, codes, base_row, model_rows, n, w_code, bucket, parts, nz):
     n_models = model_rows.shape[0]
     n_parts = parts.shape[0]
@@ -115,7 +115,7 @@ def _hist_kernel(inputs, codes, base_row, model_rows, n, w_code, bucket, parts, 
             _count(key, m, bucket, parts[p], nz, p)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _count(key, m, bucket, hist, nz, p):
     """Add the block's keys into ``hist`` (high bits and nz[p] the nonzero keys when
     bucket < 0, else the low bits of the keys in ``bucket``)."""
@@ -132,7 +132,7 @@ def _count(key, m, bucket, hist, nz, p):
                 hist[key[i] & 0xFFFF] += 1
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _energy_block(inputs, codes, base_row, model_rows, first, m, w_code, keep_all, thr, out_k):
     """out_k[j] = the block's float64 sum of rW(m_j * m_j) (a pairwise tree over
     SCE_BLOCK elements, padded with +0.0)."""
@@ -158,7 +158,7 @@ def _sq_loop(row, m, c, p):
         p[i] = np.float64(round_work(row[i] * row[i], c))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def round_all_sq(row, m, w_code, p):
     """p[:m] = float64(rW(row * row))."""
     if w_code == BF16:
@@ -169,7 +169,7 @@ def round_all_sq(row, m, w_code, p):
         _sq_loop(row, m, F32, p)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _energy_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, out):
     for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):
         first = k * SCE_BLOCK
@@ -231,7 +231,7 @@ def _sce_block(inputs, codes, base_row, model_rows, first, m, w_code, keep_all, 
     _encode_block(xb, out_code, first, m, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _sce_kernel(inputs, codes, base_row, model_rows, n, w_code, keep_all, thr, wt, lo, out,
                 out_code):  # fmt: skip
     for k in numba.prange((n + SCE_BLOCK - 1) // SCE_BLOCK):

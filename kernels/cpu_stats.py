@@ -301,7 +301,7 @@ def _compiled(py, name: str, rd):
     (one function, cached on disk under its own name, per D; D = F32 is v2's kernel)."""
     fn = types_mod.FunctionType(py.__code__, {**globals(), "rd": rd}, name)
     fn.__qualname__ = name
-    return numba.njit(parallel=True, nogil=True, cache=True)(fn)
+    return numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")(fn)
 
 
 _hist_high_kernel = _compiled(_hist_high_py, "_hist_high_kernel", _f32_to_f32)

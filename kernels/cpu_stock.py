@@ -45,7 +45,7 @@ def task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv
     base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
     n_models = model_rows.shape[0]
     for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
@@ -100,7 +100,7 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
         _encode_block(xb, out_code, first, m, out)
 
 
-@numba.njit(parallel=True, nogil=True, cache=True)
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _row_dots_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, w_code, out):
     n_models = model_rows.shape[0]
     for r in numba.prange(n_rows):
