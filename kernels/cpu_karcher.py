@@ -302,22 +302,55 @@ def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
                       np.int64(4 * numba.get_num_threads()))  # fmt: skip
 
 
+@numba.njit(inline="always")
+def _lanes8(row, k, lanes):
+    """lanes[l] += row[i] for i = l, l + 8, .. < k, in that order: eight local sums (one
+    vector register), not eight loads and stores a step (1.3-3 ns -> ~0.2 ns per element)."""
+    a0, a1, a2, a3 = lanes[0], lanes[1], lanes[2], lanes[3]
+    a4, a5, a6, a7 = lanes[4], lanes[5], lanes[6], lanes[7]
+    for i in range(0, k, 8):
+        a0 = a0 + row[i]
+        a1 = a1 + row[i + 1]
+        a2 = a2 + row[i + 2]
+        a3 = a3 + row[i + 3]
+        a4 = a4 + row[i + 4]
+        a5 = a5 + row[i + 5]
+        a6 = a6 + row[i + 6]
+        a7 = a7 + row[i + 7]
+    lanes[0], lanes[1], lanes[2], lanes[3] = a0, a1, a2, a3
+    lanes[4], lanes[5], lanes[6], lanes[7] = a4, a5, a6, a7
+
+
+@numba.njit(inline="always")
+def _dots2(r0, r1, m, dsum):
+    """Two models' float64 sums in element order, in one loop: each sum is a chain of
+    dependent adds, so two chains side by side take the time of one."""
+    s0, s1 = dsum[0], dsum[1]
+    for i in range(m):
+        s0 = s0 + np.float64(r0[i])
+        s1 = s1 + np.float64(r1[i])
+    dsum[0], dsum[1] = s0, s1
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
     m = vals.shape[1]
     k = m - m % 8
-    for j in range(q):
-        if dot:
+    if dot and q == 2:
+        _dots2(vals[0], vals[1], m, dsum)
+    elif dot:
+        for j in range(q):
+            row = vals[j]
             s = dsum[j]
             for i in range(m):
-                s = s + np.float64(vals[j, i])
+                s = s + np.float64(row[i])
             dsum[j] = s
-        else:
-            for i in range(0, k, 8):
-                for ln in range(8):
-                    lanes[j, ln] = lanes[j, ln] + vals[j, i + ln]
+    else:
+        for j in range(q):
+            row = vals[j]
+            _lanes8(row, k, lanes[j])
             for i in range(k, m):
-                tail[j, i - k] = vals[j, i]
+                tail[j, i - k] = row[i]
     if k < m:
         ntail[0] = m - k
 
