@@ -62,8 +62,10 @@ RECIPES: dict[str, tuple[str | None, tuple[str, ...], list[dict], dict]] = {
 }
 
 
-def recipe_yaml(method: str, data: Path) -> str:
-    """The mergekit recipe of ``method`` over the trio in ``data`` (bf16 in and out)."""
+def recipe_yaml(method: str, data: Path, dtype: str = "bfloat16") -> str:
+    """The mergekit recipe of ``method`` over the trio in ``data`` (bf16 in; ``dtype:``
+    the recipe's compute dtype: bfloat16 is mergekit's bytes, float32 the bytes of
+    revisions before SPEC "Working dtype (v3)")."""
     base, models, per_model, shared = RECIPES[method]
     lines = [f"merge_method: {method}"]
     if base is not None:
@@ -75,7 +77,7 @@ def recipe_yaml(method: str, data: Path) -> str:
             lines.append(f"    parameters: {json.dumps(params)}")
     if shared:
         lines.append(f"parameters: {json.dumps(shared)}")
-    lines.append("dtype: bfloat16")
+    lines.append(f"dtype: {dtype}")
     return "\n".join(lines) + "\n"
 
 

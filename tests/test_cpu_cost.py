@@ -32,16 +32,18 @@ def test_parse_profile() -> None:
     assert cc.parse_profile("streammerge: busy seconds per stage: read_s 1.0") == {}
 
 
-def test_cpu_cost_smoke(tmp_path: Path) -> None:
+def test_cpu_cost_smoke(tmp_path: Path, capsys) -> None:
     cc, ms = _load("cpu_cost"), _load("make_synthetic")
     data = tmp_path / "trio"
     ms.make_trio(data, size_gb=0.003, seed=5, quiet=True)
     results = tmp_path / "cpu_cost.md"
     cli = Path(sys.executable).parent / "streammerge"
-    rc = cc.main(["--data", str(data), "--methods", "ties", "--repeats", "1", "--no-floor",
+    rc = cc.main(["--data", str(data), "--methods", "ties", "--repeats", "2", "--no-floor",
                   "--no-warm-up", "--no-drop-caches", "--work", str(tmp_path / "work"),
-                  "--streammerge", str(cli), "--results", str(results)])  # fmt: skip
+                  "--streammerge", str(cli), "--results", str(results), "--dtype", "float32"])  # fmt: skip
     assert rc == 0
+    assert "dtype: float32" in (tmp_path / "work" / "ties.yml").read_text()
+    assert "ties: the outputs of every run are the same bytes" in capsys.readouterr().out
     text = results.read_text()
     assert "| ties | this (" in text and "ratio" not in text
     row = next(r for r in text.splitlines() if r.startswith("| ties |"))
