@@ -139,6 +139,11 @@ def summarize(runs: list[dict], gb: float) -> dict:
     return s
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b, NaN when b is 0 (a stage neither revision spends time in)."""
+    return a / b if b else float("nan")
+
+
 def _f(x: float, spec: str = ".2f") -> str:
     return "-" if x != x else format(x, spec)
 
@@ -159,7 +164,7 @@ def table(rows: list[dict], revs: list[str]) -> str:
             new, old = row[revs[0]], row[revs[1]]
             out.append("| " + " | ".join([
                 row["method"], f"**ratio {revs[0]} / {revs[1]}**", f"**{_f(new['cpu'] / old['cpu'])}**",
-                *[_f(new[st] / old[st]) for st in STAGES], _f(new["wall"] / old["wall"]), "",
+                *[_f(_ratio(new[st], old[st])) for st in STAGES], _f(new["wall"] / old["wall"]), "",
                 _f(new["rss"] / old["rss"]),
                 "same bytes" if row.get("same") else "**bytes differ**", ""]) + " |")  # fmt: skip
     return "\n".join(out)

@@ -51,3 +51,16 @@ def test_cpu_cost_smoke(tmp_path: Path, capsys) -> None:
     total, stages = float(cells[2]), [float(c) for c in cells[3:8]]
     assert total > 0 and all(x >= 0 for x in stages[:4])
     assert abs(sum(stages) - total) < 0.01 * total + 1e-6  # the stages add up to the total
+
+
+def test_table_ratio_of_a_stage_neither_revision_spends_time_in() -> None:
+    cc = _load("cpu_cost")
+    s = {"cpu": 2.0, "wall": 8.0, "rss": 400.0, "load": 1.0, "n": 1, "all": [2.0],
+         **{st: 0.0 for st in cc.STAGES}}  # fmt: skip
+    old = {**s, "cpu": 4.0, "compute": 1.0}
+    row = {"method": "della", "gb": 5.9, "floor_s": 4.0, "same": False,
+           "this": {**s, "compute": 0.5}, "old": old}  # fmt: skip
+    text = cc.table([row], ["this", "old"])
+    ratio = next(r for r in text.splitlines() if "**ratio" in r)
+    cells = [c.strip() for c in ratio.strip("|").split("|")]
+    assert cells[2] == "**0.50**" and "0.50" in cells and "**bytes differ**" in cells
