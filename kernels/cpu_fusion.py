@@ -10,7 +10,7 @@ the base ``a`` and the other model ``b``, raw little-endian byte rows as in ``cp
   float64 operations only, no libm) rounded to float32, the sums float64 in a fixed order.
 - ``fusion_hist``: histograms of the importances' 32-bit order keys: the high 16 bits
   (``buckets`` None), or the low 16 bits of the keys inside up to three buckets; exact
-  counts, any chunking.
+  counts, any chunking; each thread counts its part of the rows into its own histogram.
 - ``fusion_write``: ``out = x + d * (imp >= thr)``, stored rounded to the output dtype.
 - host helpers: ``ranks`` (mergekit's quantile ranks), ``find_buckets``, ``threshold``.
 """
@@ -45,9 +45,9 @@ LN2_LO = 1.90821492927058770002e-10
 LN2 = 0.6931471805599453
 INV_LN2 = 1.4426950408889634
 SQRT_HALF = 0.7071067811865476
-#: Importance keys computed at once by ``fusion_hist`` (whole rows; 4 MiB of uint32), so a
-#: held tensor's keys do not add its size to the peak memory.
-KEYS_ELEMS = 1 << 20
+#: Histograms ``fusion_hist`` counts into side by side, one per part of the rows (at most
+#: this many: 512 KiB per part and bucket), so that the counting runs on every thread.
+PARTS_MAX = 4
 #: The order key of every NaN (0x7FC00000 ^ 0x80000000).
 NAN_KEY = 0xFFC00000
 
@@ -240,26 +240,33 @@ def _keys_row(ra, ca, rb, cb, first, row_len, kr, w_code, keys):
         _keys_body(x, y, kr, F32, keys)
 
 
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _count_rows(ra, ca, rb, cb, r_lo, r_hi, row_len, k, w_code, lut, high, hist):
+    """Add the importance keys of rows r_lo .. r_hi - 1 into ``hist`` [B, 65536] int64: the
+    high 16 bits into row 0 (``high``), or the low 16 bits into row ``lut[key >> 16]`` where
+    that is >= 0."""
+    keys = np.empty(row_len, np.uint32)
+    for r in range(r_lo, r_hi):
+        _keys_row(ra, ca, rb, cb, r * row_len, row_len, k[r], w_code, keys)
+        if high:
+            h0 = hist[0]
+            for i in range(row_len):
+                h0[keys[i] >> np.uint32(16)] += 1
+        else:
+            for i in range(row_len):
+                j = lut[keys[i] >> np.uint32(16)]
+                if j >= 0:
+                    hist[j, keys[i] & np.uint32(0xFFFF)] += 1
+
+
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _keys_kernel(ra, ca, rb, cb, r0, n_rows, row_len, k, w_code, keys):
-    for r in numba.prange(n_rows):
-        _keys_row(ra, ca, rb, cb, (r0 + r) * row_len, row_len, k[r0 + r], w_code,
-                  keys[r * row_len:(r + 1) * row_len])  # fmt: skip
-
-
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def _count_high(keys, hist):
-    for i in range(keys.shape[0]):
-        hist[keys[i] >> np.uint32(16)] += 1
-
-
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def _count_low(keys, buckets, hist):
-    for i in range(keys.shape[0]):
-        h = np.int64(keys[i] >> np.uint32(16))
-        for j in range(buckets.shape[0]):
-            if buckets[j] == h:
-                hist[j, keys[i] & np.uint32(0xFFFF)] += 1
+def _hist_kernel(ra, ca, rb, cb, n_rows, row_len, k, w_code, lut, high, parts):
+    """Each of the P parts of the rows counted into its own histogram ``parts[p]`` (exact
+    integer counts: the host's sum over parts does not depend on the split)."""
+    n_parts = parts.shape[0]
+    for p in numba.prange(n_parts):
+        _count_rows(ra, ca, rb, cb, p * n_rows // n_parts, (p + 1) * n_rows // n_parts, row_len,
+                    k, w_code, lut, high, parts[p])  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -324,17 +331,25 @@ def fusion_hist(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
     k = np.ascontiguousarray(k, np.float32)
-    step = max(1, KEYS_ELEMS // max(row_len, 1))  # rows per group: the keys stay small
-    keys = np.empty(min(n_rows, step) * row_len, np.uint32)
-    bk = None if buckets is None else np.asarray(buckets, np.int64)
-    for r0 in range(0, n_rows, step):
-        nr = min(step, n_rows - r0)
-        part = keys[: nr * row_len]
-        _keys_kernel(a, ca, b, cb, r0, nr, row_len, k, w, part)
-        if bk is None:
-            _count_high(part, hist)
-        else:
-            _count_low(part, bk, hist)
+    lut = np.full(65536, -1, np.int64)  # high 16 bits -> the first histogram row counting it
+    first = []
+    if buckets is not None:
+        for j, bk in enumerate(int(x) for x in buckets):
+            if 0 <= bk < 65536 and lut[bk] < 0:
+                lut[bk] = j
+            first.append(int(lut[bk]) if 0 <= bk < 65536 else -1)
+    n_hist = 1 if buckets is None else max(1, len(first))
+    # one histogram per part (PARTS_MAX at most: 512 KiB each per bucket)
+    n_parts = max(1, min(PARTS_MAX, numba.get_num_threads(), n_rows))
+    parts = np.zeros((n_parts, n_hist, 65536), np.int64)
+    _hist_kernel(a, ca, b, cb, n_rows, row_len, k, w, lut, buckets is None, parts)
+    counts = parts.sum(axis=0)
+    if buckets is None:
+        hist += counts[0]
+        return
+    for j, f in enumerate(first):  # a bucket asked for twice is counted for each
+        if f >= 0:
+            hist[j] += counts[f]
 
 
 def fusion_write(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
