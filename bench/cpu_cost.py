@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
 import statistics
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -111,15 +113,30 @@ def one_run(cli: str, method: str, data: Path, work: Path, args) -> dict:
 
 
 def output_digest(out: Path) -> str | None:
-    """sha256 of the output's shards in name order (each shard's sha256 from its bytes),
-    or None when there is no output."""
-    shards = sorted(out.glob("*.safetensors"))
-    if not shards:
+    """sha256 over the output's tensors in name order (name, dtype, shape, raw bytes), so
+    that two revisions that lay out a shard differently (75f2fa0 took safetensors' writer
+    order) still compare equal when every tensor is; None when there is no output."""
+    tensors = {}
+    for p in sorted(out.glob("*.safetensors")):
+        with open(p, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            head = json.loads(f.read(n))
+        head.pop("__metadata__", None)
+        tensors.update({name: (p, 8 + n, info) for name, info in head.items()})
+    if not tensors:
         return None
     h = hashlib.sha256()
-    for p in shards:
+    for name in sorted(tensors):
+        p, data, info = tensors[name]
+        lo, hi = info["data_offsets"]
+        h.update(json.dumps([name, info["dtype"], info["shape"]]).encode())
         with open(p, "rb") as f:
-            h.update(p.name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+            f.seek(data + lo)
+            left = hi - lo
+            while left:
+                block = f.read(min(left, 64 << 20))
+                h.update(block)
+                left -= len(block)
     return h.hexdigest()
 
 
