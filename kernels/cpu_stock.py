@@ -22,7 +22,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu_loops import base_and_task_vectors
+from .cpu_loops import BF16, F16, F32, base_and_task_vectors
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_ram import _slot
@@ -57,16 +57,39 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
         task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, d)
         s = 0
         for j in range(n_models):
-            for i in range(STOCK_BLOCK):
-                p[i] = np.float64(d[j, i]) * np.float64(d[j, i]) if i < m else 0.0
+            _products(d[j], d[j], m, w_code, True, p)
             out[k, s] = _tree(p)
             s += 1
         for j in range(n_models):
             for q in range(j + 1, n_models):
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(round_work(d[j, i] * d[q, i], w_code)) if i < m else 0.0
+                _products(d[j], d[q], m, w_code, False, p)
                 out[k, s] = _tree(p)
                 s += 1
+
+
+@numba.njit(inline="always")
+def _cross_loop(dj, dq, m, c, p):
+    for i in range(m):
+        p[i] = np.float64(round_work(dj[i] * dq[i], c))
+
+
+@numba.njit(inline="always")
+def _products(dj, dq, m, w_code, square, p):
+    """p[:m] = one block's products (SPEC "Model Stock": a square exact in float64, a
+    cross product rounded to W), p[m:] = +0.0. Row views, the working dtype a constant in
+    each loop and no test of i inside one: the loops vectorize (``cpu_loops``)."""
+    if square:
+        for i in range(m):
+            a = np.float64(dj[i])
+            p[i] = a * a
+    elif w_code == BF16:
+        _cross_loop(dj, dq, m, BF16, p)
+    elif w_code == F16:
+        _cross_loop(dj, dq, m, F16, p)
+    else:
+        _cross_loop(dj, dq, m, F32, p)
+    for i in range(m, STOCK_BLOCK):
+        p[i] = 0.0
 
 
 @numba.njit(inline="always")
@@ -79,8 +102,18 @@ def _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a):
     for j in range(model_rows.shape[0]):
         r = model_rows[j]
         _decode_block(inputs[r], codes[r], first, m, x)
-        for i in range(m):
-            a[i] = round_work(a[i] + round_work(x[i], w_code), w_code)
+        if w_code == BF16:
+            _add_rounded(a, x, m, BF16)
+        elif w_code == F16:
+            _add_rounded(a, x, m, F16)
+        else:
+            _add_rounded(a, x, m, F32)
+
+
+@numba.njit(inline="always")
+def _add_rounded(a, x, m, c):
+    for i in range(m):
+        a[i] = round_work(a[i] + round_work(x[i], c), c)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -93,11 +126,31 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
         xb = np.empty(STOCK_BLOCK, np.float32)
         a = np.zeros(STOCK_BLOCK, np.float32)
         _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a)
-        for i in range(m):
-            avg = round_work(a[i] / count, w_code)
-            p = round_work(t32 * avg, w_code)
-            xb[i] = round_work(p + round_work(q * round_work(xb[i], w_code), w_code), w_code)
+        if w_code == BF16:
+            _interpolate(a, xb, m, count, t32, q, BF16)
+        elif w_code == F16:
+            _interpolate(a, xb, m, count, t32, q, F16)
+        else:
+            _interpolate(a, xb, m, count, t32, q, F32)
         _encode_block(xb, out_code, first, m, out)
+
+
+@numba.njit(inline="always")
+def _interpolate(a, xb, m, count, t32, q, c):
+    """xb = rW(rW(t * rW(a / N)) + rW(q * rW(xb))), the working dtype ``c`` a constant; a
+    division by N = 2**k is the multiply by 2**-k (the same IEEE result)."""
+    k = np.int64(count)
+    if k > 0 and (k & (k - 1)) == 0:
+        inv = np.float32(1.0) / count
+        for i in range(m):
+            avg = round_work(a[i] * inv, c)
+            p = round_work(t32 * avg, c)
+            xb[i] = round_work(p + round_work(q * round_work(xb[i], c), c), c)
+    else:
+        for i in range(m):
+            avg = round_work(a[i] / count, c)
+            p = round_work(t32 * avg, c)
+            xb[i] = round_work(p + round_work(q * round_work(xb[i], c), c), c)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -112,14 +165,12 @@ def _row_dots_kernel(inputs, codes, base_row, model_rows, n_rows, row_len, w_cod
             task_vectors_w(inputs, codes, base_row, model_rows, r * row_len + lo, m, w_code, xb, d)
             s = 0
             for j in range(n_models):
-                for i in range(STOCK_BLOCK):
-                    p[i] = np.float64(d[j, i]) * np.float64(d[j, i]) if i < m else 0.0
+                _products(d[j], d[j], m, w_code, True, p)
                 out[r, s] = out[r, s] + _tree(p)
                 s += 1
             for j in range(n_models):
                 for q in range(j + 1, n_models):
-                    for i in range(STOCK_BLOCK):
-                        p[i] = np.float64(round_work(d[j, i] * d[q, i], w_code)) if i < m else 0.0
+                    _products(d[j], d[q], m, w_code, False, p)
                     out[r, s] = out[r, s] + _tree(p)
                     s += 1
 
