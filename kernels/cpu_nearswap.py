@@ -19,6 +19,8 @@ from .cpu_merge import _decode_block, _encode_block
 from .cpu_rows import _checked
 from .rounding_ir import round_work_ir
 
+_F32, _F16, _BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
+
 #: Elements per parallel block.
 BLOCK = 8192
 #: mergekit's clamp floor of |a - b| (``absdiff.clamp(min=1e-6)``), before rounding to W.
@@ -67,9 +69,19 @@ def _nearswap_kernel(row_a, code_a, row_b, code_b, n, t32, lo, w_code, out, out_
         y = np.empty(BLOCK, np.float32)
         _decode_block(row_a, code_a, first, m, x)
         _decode_block(row_b, code_b, first, m, y)
-        for i in range(m):
-            x[i] = _nearswap_one(x[i], y[i], t32, lo, w_code)
+        if w_code == _BF16:  # the working dtype a constant in each loop (it vectorizes)
+            _nearswap_loop(x, y, m, t32, lo, _BF16)
+        elif w_code == _F16:
+            _nearswap_loop(x, y, m, t32, lo, _F16)
+        else:
+            _nearswap_loop(x, y, m, t32, lo, _F32)
         _encode_block(x, out_code, first, m, out)
+
+
+@numba.njit(inline="always")
+def _nearswap_loop(x, y, m, t32, lo, c):
+    for i in range(m):
+        x[i] = _nearswap_one(x[i], y[i], t32, lo, c)
 
 
 def nearswap_chunk(a: np.ndarray, dtype_a: str, b: np.ndarray, dtype_b: str, n: int, t: float,
