@@ -46,25 +46,29 @@ def task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out):
+def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out, n_parts):
+    # parts of contiguous blocks, each with its scratch made once (not once a block)
     n_models = model_rows.shape[0]
-    for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
-        first = k * STOCK_BLOCK
-        m = min(STOCK_BLOCK, n - first)
+    n_blocks = (n + STOCK_BLOCK - 1) // STOCK_BLOCK
+    n_parts = max(1, min(n_blocks, n_parts))
+    for part in numba.prange(n_parts):
         xb = np.empty(STOCK_BLOCK, np.float32)
         d = np.zeros((n_models, STOCK_BLOCK), np.float32)
         p = np.empty(STOCK_BLOCK, np.float64)
-        task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, d)
-        s = 0
-        for j in range(n_models):
-            _products(d[j], d[j], m, w_code, True, p)
-            out[k, s] = _tree(p)
-            s += 1
-        for j in range(n_models):
-            for q in range(j + 1, n_models):
-                _products(d[j], d[q], m, w_code, False, p)
+        for k in range(part * n_blocks // n_parts, (part + 1) * n_blocks // n_parts):
+            first = k * STOCK_BLOCK
+            m = min(STOCK_BLOCK, n - first)
+            task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, d)
+            s = 0
+            for j in range(n_models):
+                _products(d[j], d[j], m, w_code, True, p)
                 out[k, s] = _tree(p)
                 s += 1
+            for j in range(n_models):
+                for q in range(j + 1, n_models):
+                    _products(d[j], d[q], m, w_code, False, p)
+                    out[k, s] = _tree(p)
+                    s += 1
 
 
 @numba.njit(inline="always")
@@ -93,11 +97,11 @@ def _products(dj, dq, m, w_code, square, p):
 
 
 @numba.njit(inline="always")
-def _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a):
+def _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a, x):
     """One block of the merge pass: the base's ``m`` elements from ``first`` into ``xb``
     (float32), and into ``a`` (zeros) the fine-tunes' sum in W, model by model, each term
-    and partial sum rounded (SPEC "Model Stock": mergekit's mean of the models)."""
-    x = np.empty(STOCK_BLOCK, np.float32)
+    and partial sum rounded (SPEC "Model Stock": mergekit's mean of the models). ``x``:
+    float32 [STOCK_BLOCK] scratch."""
     _decode_block(inputs[base_row], codes[base_row], first, m, xb)
     for j in range(model_rows.shape[0]):
         r = model_rows[j]
@@ -117,22 +121,27 @@ def _add_rounded(a, x, m, c):
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_code):
+def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_code, n_parts):
     count = np.float32(model_rows.shape[0])
     q = round_work(np.float32(1.0) - t32, w_code)
-    for k in numba.prange((n + STOCK_BLOCK - 1) // STOCK_BLOCK):
-        first = k * STOCK_BLOCK
-        m = min(STOCK_BLOCK, n - first)
+    n_blocks = (n + STOCK_BLOCK - 1) // STOCK_BLOCK
+    n_parts = max(1, min(n_blocks, n_parts))
+    for part in numba.prange(n_parts):  # scratch made once per part of blocks
         xb = np.empty(STOCK_BLOCK, np.float32)
-        a = np.zeros(STOCK_BLOCK, np.float32)
-        _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a)
-        if w_code == BF16:
-            _interpolate(a, xb, m, count, t32, q, BF16)
-        elif w_code == F16:
-            _interpolate(a, xb, m, count, t32, q, F16)
-        else:
-            _interpolate(a, xb, m, count, t32, q, F32)
-        _encode_block(xb, out_code, first, m, out)
+        a = np.empty(STOCK_BLOCK, np.float32)
+        x = np.empty(STOCK_BLOCK, np.float32)
+        for k in range(part * n_blocks // n_parts, (part + 1) * n_blocks // n_parts):
+            first = k * STOCK_BLOCK
+            m = min(STOCK_BLOCK, n - first)
+            a[:] = np.float32(0.0)  # the models' sum starts from +0.0
+            _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a, x)
+            if w_code == BF16:
+                _interpolate(a, xb, m, count, t32, q, BF16)
+            elif w_code == F16:
+                _interpolate(a, xb, m, count, t32, q, F16)
+            else:
+                _interpolate(a, xb, m, count, t32, q, F32)
+            _encode_block(xb, out_code, first, m, out)
 
 
 @numba.njit(inline="always")
@@ -184,7 +193,8 @@ def _stock_rows_kernel(inputs, codes, base_row, model_rows, n, row_len, ts, qs, 
         m = min(STOCK_BLOCK, n - first)
         xb = np.empty(STOCK_BLOCK, np.float32)
         a = np.zeros(STOCK_BLOCK, np.float32)
-        _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a)
+        _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a,
+                      np.empty(STOCK_BLOCK, np.float32))  # fmt: skip
         for i in range(m):
             row = (first + i) // row_len
             avg = round_work(a[i] / count, w_code)
@@ -245,7 +255,7 @@ def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows:
     codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
     out = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, n_stats(len(model_rows))), np.float64)
     if n:
-        _dots_kernel(inputs, codes, base_row, mr, n, w_code, out)
+        _dots_kernel(inputs, codes, base_row, mr, n, w_code, out, 4 * numba.get_num_threads())
     return out
 
 
@@ -263,7 +273,8 @@ def stock_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
     co = _checked(out, out_dtype, n, "out")
     if n:
-        _stock_kernel(inputs, codes, base_row, mr, n, np.float32(t), w_code, out, co)
+        _stock_kernel(inputs, codes, base_row, mr, n, np.float32(t), w_code, out, co,
+                      4 * numba.get_num_threads())  # fmt: skip
 
 
 def add_blocks(total: np.ndarray, blocks: np.ndarray) -> None:
