@@ -53,13 +53,13 @@ NAN_KEY = 0xFFC00000
 
 
 @numba.njit(inline="always")
-def exp64(r, inv_fact):
+def exp64(r):
     """SPEC's exp64 of a float64 r <= 0 (branch-free, so a loop of it vectorizes: r <
     -708 computes exp64(-708) and selects 0.0)."""
     rc = max(r, -708.0)
     n = math.floor(rc * INV_LN2 + 0.5)
     s = (rc - n * LN2_HI) - n * LN2_LO
-    # Horner's scheme written out (a loop over inv_fact here is an inner loop, which keeps
+    # Horner's scheme written out (a loop over INV_FACT here is an inner loop, which keeps
     # LLVM from vectorizing the caller's loop over elements: 13 ns against ~1 per element).
     e = _F13 * s + _F12
     e = e * s + _F11
@@ -82,7 +82,7 @@ def exp64(r, inv_fact):
 
 
 @numba.njit(inline="always")
-def log64(v, inv_odd):
+def log64(v):
     """SPEC's log64 of a positive normal float64 v."""
     bits = f64_bits(v)  # frexp on the bits (v is positive and normal)
     # the exponent field as a float64, exactly (2**52 + field, minus 2**52: no conversion)
@@ -129,23 +129,23 @@ def _load_row(row, code, first, m, w_code, dst):
 
 
 @numba.njit(inline="always")
-def log32(r, inv_odd):
+def log32(r):
     """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN
     (branch-free: log64 of 1.0 where r is none of the positive finite values, then a
     select)."""
     ok = (r > np.float32(0.0)) & (r < np.float32(np.inf))
-    lg = np.float32(log64(np.float64(r if ok else np.float32(1.0)), inv_odd))
+    lg = np.float32(log64(np.float64(r if ok else np.float32(1.0))))
     other = np.float32(-np.inf) if r == np.float32(0.0) else (r if r == np.float32(np.inf)
                                                                 else np.float32(np.nan))  # fmt: skip
     return lg if ok else other
 
 
 @numba.njit(inline="always")
-def _softmax(v, m, e64, buf, c, inv_fact, dst):
+def _softmax(v, m, e64, buf, c, dst):
     """dst = SPEC's softmax of the row v (float32 in W) in W, plus eps in W."""
     n = v.shape[0]
     for i in range(n):
-        e64[i] = np.float64(np.float32(exp64(np.float64(np.float32(v[i] - m)), inv_fact)))
+        e64[i] = np.float64(np.float32(exp64(np.float64(np.float32(v[i] - m)))))
     z = np.float32(_row_sum(e64, buf))
     rz = np.float32(1.0) / z
     eps = np.float32(EPS)
@@ -154,7 +154,7 @@ def _softmax(v, m, e64, buf, c, inv_fact, dst):
 
 
 @numba.njit(inline="always")
-def _k_body(x, y, c, inv_fact, inv_odd, e64, buf, q, p):
+def _k_body(x, y, c, e64, buf, q, p):
     """SPEC's k of one row (x, y in W), the working dtype ``c`` a constant."""
     n = x.shape[0]
     finite = True
@@ -166,16 +166,16 @@ def _k_body(x, y, c, inv_fact, inv_odd, e64, buf, q, p):
         my = max(my, y[i])
     if not finite:
         return round_work(np.float32(np.nan), c)
-    _softmax(x, mx, e64, buf, c, inv_fact, q)
-    _softmax(y, my, e64, buf, c, inv_fact, p)
+    _softmax(x, mx, e64, buf, c, q)
+    _softmax(y, my, e64, buf, c, p)
     for i in range(n):
         rr = round_work(p[i] / q[i], c)
-        e64[i] = np.float64(round_work(p[i] * round_work(log32(rr, inv_odd), c), c))
+        e64[i] = np.float64(round_work(p[i] * round_work(log32(rr), c), c))
     return round_work(np.float32(_row_sum(e64, buf)), c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _k_row(ra, ca, rb, cb, first, row_len, w_code, inv_fact, inv_odd):
+def _k_row(ra, ca, rb, cb, first, row_len, w_code):
     """SPEC's k of the row of elements first .. first + row_len - 1."""
     x = np.empty(row_len, np.float32)
     y = np.empty(row_len, np.float32)
@@ -186,16 +186,16 @@ def _k_row(ra, ca, rb, cb, first, row_len, w_code, inv_fact, inv_odd):
     q = np.empty(row_len, np.float32)
     p = np.empty(row_len, np.float32)
     if w_code == BF16:
-        return _k_body(x, y, BF16, inv_fact, inv_odd, e64, buf, q, p)
+        return _k_body(x, y, BF16, e64, buf, q, p)
     if w_code == F16:
-        return _k_body(x, y, F16, inv_fact, inv_odd, e64, buf, q, p)
-    return _k_body(x, y, F32, inv_fact, inv_odd, e64, buf, q, p)
+        return _k_body(x, y, F16, e64, buf, q, p)
+    return _k_body(x, y, F32, e64, buf, q, p)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, inv_fact, inv_odd, k):
+def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, k):
     for r in numba.prange(n_rows):
-        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code, inv_fact, inv_odd)
+        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code)
 
 
 @numba.njit(inline="always")
@@ -318,7 +318,7 @@ def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_le
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
     k = np.zeros(n_rows, np.float32)
-    _k_kernel(a, ca, b, cb, n_rows, row_len, w, INV_FACT, INV_ODD, k)
+    _k_kernel(a, ca, b, cb, n_rows, row_len, w, k)
     return k
 
 
