@@ -28,7 +28,7 @@ import numba
 import numpy as np
 
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE
-from .cpu_loops import BF16, F16, F32
+from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked
@@ -200,7 +200,8 @@ def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, 
         units = np.zeros((n_models, STOCK_BLOCK), np.float32)
         u = np.empty(STOCK_BLOCK, np.float32)
         T = np.empty(STOCK_BLOCK, np.float32)
-        for b in range(p * n_blocks // n_parts, (p + 1) * n_blocks // n_parts):
+        lo_b, hi_b = part_blocks(p, n_parts, n_blocks)
+        for b in range(lo_b, hi_b):
             vo = b * STOCK_BLOCK
             _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
                          stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt,
@@ -299,7 +300,7 @@ def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
                       prog.s32, vals, out, co, np.int64(rounds), keep,
-                      np.int64(4 * numba.get_num_threads()))  # fmt: skip
+                      np.int64(launch_parts()))  # fmt: skip
 
 
 @numba.njit(inline="always")

@@ -30,6 +30,29 @@ from .cpu_merge import _decode_block
 from .cpu_nearswap import round_work
 
 F32, F16, BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
+#: Parts of blocks per parallel kernel launch and thread (``launch_parts``).
+PARTS_PER_THREAD = 4
+
+
+def launch_parts() -> int:
+    """Parts a block kernel's ``prange`` runs: PARTS_PER_THREAD per numba thread (a balanced
+    schedule), each part making its scratch once for all its blocks (``part_blocks``), not
+    once a block."""
+    return PARTS_PER_THREAD * numba.get_num_threads()
+
+
+@numba.njit(inline="always")
+def part_blocks(part, n_parts, n_blocks):
+    """(first, end) of the contiguous blocks of part ``part`` of ``n_parts``."""
+    return part * n_blocks // n_parts, (part + 1) * n_blocks // n_parts
+
+
+@numba.njit(inline="always")
+def power_of_two(k):
+    """k = 2**e, e >= 0: then x / k and x * (1 / k) are the same IEEE result for every
+    float x (1 / k is exact, and both round the same real number), NaN and infinities
+    included; a multiply is several times cheaper than a division."""
+    return k > 0 and (k & (k - 1)) == 0
 
 
 @numba.njit(inline="always")

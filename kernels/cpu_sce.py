@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu_loops import BF16, F16, F32, base_and_task_vectors
+from .cpu_loops import BF16, F16, F32, base_and_task_vectors, power_of_two
 from .cpu_merge import _encode_block, _f32_bits
 from .cpu_nearswap import _round_host, round_work
 from .cpu_ram import _slot
@@ -47,7 +47,7 @@ def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key,
     for j in range(n_models):  # torch's Welford recurrence, float64, elements inside
         jj = np.float64(j + 1)
         row = tv[j]
-        if _power_of_two(j + 1):  # delta / 2**k = delta * 2**-k exactly: a multiply
+        if power_of_two(j + 1):  # delta / 2**k = delta * 2**-k exactly: a multiply
             inv = 1.0 / jj
             for i in range(m):
                 x = np.float64(row[i])
@@ -64,17 +64,9 @@ def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, tv, key,
 
 
 @numba.njit(inline="always")
-def _power_of_two(k):
-    """k = 2**e, e >= 0: then x / k and x * (1 / k) are the same IEEE result for every
-    float64 x (1 / k is exact, and both round the same real number), NaN and infinities
-    included; a multiply is several times cheaper than a division."""
-    return k > 0 and (k & (k - 1)) == 0
-
-
-@numba.njit(inline="always")
 def _keys_loop(m2, m, n_models, c, key):
     nm = np.float64(n_models)
-    if _power_of_two(n_models):  # as in _vectors: m2 / N = m2 * (1 / N) exactly
+    if power_of_two(n_models):  # as in _vectors: m2 / N = m2 * (1 / N) exactly
         inv = 1.0 / nm
         for i in range(m):
             v = round_work(np.float32(m2[i] * inv), c)

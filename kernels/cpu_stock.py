@@ -22,7 +22,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .cpu_loops import BF16, F16, F32, base_and_task_vectors
+from .cpu_loops import (BF16, F16, F32, base_and_task_vectors, launch_parts, part_blocks,
+                         power_of_two)
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
 from .cpu_ram import _slot
@@ -55,7 +56,8 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out, n_parts):
         xb = np.empty(STOCK_BLOCK, np.float32)
         d = np.zeros((n_models, STOCK_BLOCK), np.float32)
         p = np.empty(STOCK_BLOCK, np.float64)
-        for k in range(part * n_blocks // n_parts, (part + 1) * n_blocks // n_parts):
+        lo, hi = part_blocks(part, n_parts, n_blocks)
+        for k in range(lo, hi):
             first = k * STOCK_BLOCK
             m = min(STOCK_BLOCK, n - first)
             task_vectors_w(inputs, codes, base_row, model_rows, first, m, w_code, xb, d)
@@ -130,7 +132,8 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
         xb = np.empty(STOCK_BLOCK, np.float32)
         a = np.empty(STOCK_BLOCK, np.float32)
         x = np.empty(STOCK_BLOCK, np.float32)
-        for k in range(part * n_blocks // n_parts, (part + 1) * n_blocks // n_parts):
+        lo, hi = part_blocks(part, n_parts, n_blocks)
+        for k in range(lo, hi):
             first = k * STOCK_BLOCK
             m = min(STOCK_BLOCK, n - first)
             a[:] = np.float32(0.0)  # the models' sum starts from +0.0
@@ -148,8 +151,7 @@ def _stock_kernel(inputs, codes, base_row, model_rows, n, t32, w_code, out, out_
 def _interpolate(a, xb, m, count, t32, q, c):
     """xb = rW(rW(t * rW(a / N)) + rW(q * rW(xb))), the working dtype ``c`` a constant; a
     division by N = 2**k is the multiply by 2**-k (the same IEEE result)."""
-    k = np.int64(count)
-    if k > 0 and (k & (k - 1)) == 0:
+    if power_of_two(np.int64(count)):
         inv = np.float32(1.0) / count
         for i in range(m):
             avg = round_work(a[i] * inv, c)
@@ -255,7 +257,7 @@ def stock_dots(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows:
     codes, mr, w_code, _ = _slot(inputs, dtypes, base_row, model_rows, n, work)
     out = np.zeros(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, n_stats(len(model_rows))), np.float64)
     if n:
-        _dots_kernel(inputs, codes, base_row, mr, n, w_code, out, 4 * numba.get_num_threads())
+        _dots_kernel(inputs, codes, base_row, mr, n, w_code, out, launch_parts())
     return out
 
 
@@ -274,7 +276,7 @@ def stock_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     co = _checked(out, out_dtype, n, "out")
     if n:
         _stock_kernel(inputs, codes, base_row, mr, n, np.float32(t), w_code, out, co,
-                      4 * numba.get_num_threads())  # fmt: skip
+                      launch_parts())  # fmt: skip
 
 
 def add_blocks(total: np.ndarray, blocks: np.ndarray) -> None:
