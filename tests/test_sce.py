@@ -15,6 +15,7 @@ from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 from test_ram import ITEM, _as_bytes, _shift, _slot
 
 from streammerge.methods import sce
+from streammerge.recipe.recipe import TensorParams
 
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 CASES = [(["BF16"] * 3, "BF16"), (["F16"] * 4, "F16"), (["F32"] * 3, "F32"),
@@ -97,6 +98,23 @@ def test_ties_at_the_threshold_are_all_kept():
     assert np.count_nonzero(keys >= T) > int(np.float32(np.count_nonzero(keys) * np.float32(0.3)))
     want = _as_bytes(ref.spec_sce(rows[0], rows[1:], dtypes, 0.3, "BF16"))
     assert _passes(slot, dtypes, n, 0.3, 1024, "BF16") == want
+
+
+@pytest.mark.parametrize("w", ["BF16", "F16", "F32"])
+def test_bf16_keys_need_no_low_histogram_pass(w):
+    """W = bf16: every variance key's low 16 bits are 0, so the threshold is its high
+    bucket and the plan reads no ``sce_hist_low`` pass; f16 / f32 keys have low bits.
+    select_topk >= 1 or <= 0 reads no histogram pass at all."""
+    dtypes = [w] * 4
+    _, rows = _finite(5000, dtypes, 11)
+    _, _, tv = ref._spec_sce_vectors(rows[0], rows[1:], dtypes)
+    low = ref.spec_sce_var_keys(tv, w) & 0xFFFF
+    assert (np.count_nonzero(low) == 0) == (w == "BF16")
+    needed = sce.METHOD.pass_needed
+    for topk, high in ((0.5, True), (1.0, False), (0.0, False), (-2.0, False)):
+        tp = TensorParams(w=(), values=(("select_topk", topk),), compute=w)
+        assert needed("sce_hist_high", tp) == high
+        assert needed("sce_hist_low", tp) == (high and w != "BF16")
 
 
 @pytest.mark.parametrize("dtypes, work, do", [(["BF16"] * 3, "F32", "F32"), (["F32"] * 4, "BF16", "BF16")])

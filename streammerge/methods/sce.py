@@ -5,7 +5,8 @@ each fine-tune by the energy of its selected task vector (SCE, "FuseChat", arXiv
 Four row-wise passes over chunks of whole ``SCE_BLOCK`` blocks: two radix-select histogram
 passes over the per-element variance keys (``sce_hist_high``: the high bits and the nonzero
 count; ``sce_hist_low``: the low bits inside the bucket holding the threshold), skipped
-when ``select_topk`` needs no threshold; the energy pass (float64 block sums of the squared
+when ``select_topk`` needs no threshold, and ``sce_hist_low`` when W is bf16 (every key's
+low 16 bits are 0: the bucket is the threshold); the energy pass (float64 block sums of the squared
 selected task vectors, the element count); then the writing pass (the histogram passes run the numba kernels under the Triton
 backends; the energy and writing passes have Triton kernels). No weights: M3 has
 nothing to draw. Computed op by op in the working dtype as mergekit does.
@@ -62,6 +63,8 @@ def selection(a) -> tuple[bool, int]:
     if rank is None:
         return False, KEEP_NONE
     b, below = _bucket(hist, rank)
+    if not _low_bits(a):
+        return False, b << 16
     low = a.stats["sce_hist_low"][0]
     lb = int(np.searchsorted(np.cumsum(low), rank - below, side="right"))
     return False, (b << 16) | lb
@@ -82,6 +85,26 @@ def energy_weights(energies: np.ndarray, numel: int, w_dtype: str) -> np.ndarray
         return np.array([r(m / ws) for m in means], f)
 
 
+def _low_bits(a) -> bool:
+    """Whether the variance keys can have low 16 bits: not when W is bf16 (a bf16 value is
+    the high 16 bits of its float32), so the high bucket holding the threshold is the
+    threshold and ``sce_hist_low`` is not run (SPEC "SCE")."""
+    return work_dtype_of(a) != "BF16"
+
+
+def _threshold_topk(tp) -> bool:
+    """Whether ``select_topk`` of a tensor (``TensorParams``) needs a threshold."""
+    return 0 < float(tp.get("select_topk", 1.0)) < 1
+
+
+def _low_live(a) -> bool:
+    """``sce_hist_low`` computes something: a threshold inside a bucket with low bits."""
+    if not (0 < _topk(a) < 1 and _low_bits(a)):
+        return False
+    hist, nz = a.stats["sce_hist_high"]
+    return _rank(hist, int(nz[0]), _topk(a)) is not None
+
+
 def _hist_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_sce
 
@@ -91,6 +114,8 @@ def _hist_cpu(inputs, out, a) -> None:
     rows = (inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count)
     if a.op == "sce_hist_high":
         cpu_sce.sce_hist(*rows, -1, a.counts[0], a.counts[1], work=a.compute_dtype)
+        return
+    if not _low_live(a):
         return
     hist, nz = a.stats["sce_hist_high"]
     rank = _rank(hist, int(nz[0]), topk)
@@ -164,9 +189,12 @@ METHOD = Method(
     min_models=2,
     row_passes=(RowPass("sce_hist_high", _hist_cpu,
                         accumulators=lambda n: (np.zeros(HIGH_BINS, np.int64),
-                                                np.zeros(1, np.int64))),
+                                                np.zeros(1, np.int64)),
+                        needed=_threshold_topk),
                 RowPass("sce_hist_low", _hist_cpu,
-                        accumulators=lambda n: (np.zeros(LOW_BINS, np.int64),)),
+                        accumulators=lambda n: (np.zeros(LOW_BINS, np.int64),),
+                        needed=lambda tp: _threshold_topk(tp) and tp.compute != "BF16",
+                        live=_low_live),
                 RowPass("sce_energy", _energy_cpu, _energy_triton,
                         accumulators=lambda n: (np.zeros(n, np.float64), np.zeros(1, np.int64))),
                 RowPass("sce", _sce_cpu, _sce_triton)),
