@@ -398,16 +398,33 @@ def _round(v, code):
     return round_work(v, code)
 
 
-def select(high: np.ndarray, low_of, n: int) -> tuple[np.float32, np.float32, np.float32]:
-    """(q1, med, q3): ``low_of(buckets) -> int64 [3, 65536]`` the second histogram."""
-    found = find_buckets(high, ranks(n))
-    buckets = np.array([b for b, _ in found], np.int64)
-    low = low_of(buckets)
+def needs_low(work: str) -> bool:
+    """Whether a high bucket can hold several keys, so the quartiles need the low-16-bit
+    histogram: not when W is bf16, whose values are the high halves of their float32 bits
+    (a bucket holds one key: low bits 0 for a positive value or NaN, 0xFFFF for a negative
+    one; SPEC "Arcee Fusion")."""
+    return work != "BF16"
+
+
+def quartile_values(found: list[tuple[int, int]], low: np.ndarray | None):
+    """(q1, med, q3) as float32 from ``find_buckets``' (bucket, rank inside it) and the
+    low histograms int64 [3, 65536] of those buckets (None when W is bf16: ``needs_low``)."""
     vals = []
     for j, (b, r) in enumerate(found):
-        lo = int(np.searchsorted(np.cumsum(low[j]), r, side="right"))
+        if low is None:
+            lo = 0 if b & 0x8000 else 0xFFFF
+        else:
+            lo = int(np.searchsorted(np.cumsum(low[j]), r, side="right"))
         vals.append(key_value((b << 16) | lo))
-    return tuple(vals)  # type: ignore[return-value]
+    return tuple(vals)
+
+
+def select(high: np.ndarray, low_of, n: int, work: str = "F32"):
+    """(q1, med, q3): ``low_of(buckets) -> int64 [3, 65536]`` the second histogram, not
+    called when W (``work``) is bf16."""
+    found = find_buckets(high, ranks(n))
+    buckets = np.array([b for b, _ in found], np.int64)
+    return quartile_values(found, low_of(buckets) if needs_low(work) else None)
 
 
 def warmup() -> None:

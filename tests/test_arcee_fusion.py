@@ -43,7 +43,7 @@ def _numba(a, da, b, db, shape, do, work=None):
         return h
 
     w = work or cpu_fusion.work_dtype(da, db)
-    thr = cpu_fusion.threshold(cpu_fusion.select(hi, low_of, a.size), w)
+    thr = cpu_fusion.threshold(cpu_fusion.select(hi, low_of, a.size, w), w)
     out = np.zeros(a.size * ITEM[do], np.uint8)
     cpu_fusion.fusion_write(au, da, bu, db, R, C, k, thr, out, do, work)
     return out, thr
@@ -237,3 +237,30 @@ def test_triton_backend_merge_equals_numba(tmp_path):
         assert r.returncode == 0, r.stderr
         outs.append(_bytes(out))
     assert outs[0] == outs[1]
+
+
+def _order_keys(v: np.ndarray) -> np.ndarray:
+    """SPEC's order keys of float32 values (-0 as +0, every NaN one key), in numpy."""
+    b = (v.astype(np.float32) + np.float32(0.0)).view(np.uint32)
+    keys = np.where(b & 0x80000000, ~b, b ^ 0x80000000).astype(np.uint32)
+    return np.where(np.isnan(v), np.uint32(cpu_fusion.NAN_KEY), keys)
+
+
+@pytest.mark.parametrize("signs", ["mixed", "negative"])
+def test_bf16_quartiles_need_no_low_histogram(signs):
+    """W = bf16: each high bucket holds one key (low bits 0 above zero, 0xFFFF below), so
+    the quartiles come from the high histogram alone and equal the sorted values'."""
+    rng = np.random.default_rng(5)
+    v = (rng.standard_normal(20001) * 1e-3).astype(np.float32)
+    v = ref.to_float32(ref.from_float32(v, "BF16"), "BF16")
+    if signs == "negative":
+        v = -np.abs(v)
+    v[:7] = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-30]
+    v = ref.to_float32(ref.from_float32(v, "BF16"), "BF16")
+    high = np.bincount(_order_keys(v) >> 16, minlength=65536).astype(np.int64)
+    got = cpu_fusion.select(high, lambda b: pytest.fail("no low pass for bf16"), v.size, "BF16")
+    s = np.sort(v + np.float32(0.0))
+    n = v.size
+    want = (s[(n - 1) // 4], s[(n - 1) // 2], s[(3 * (n - 1)) // 4])
+    assert [np.float32(g).view(np.uint32) for g in got] == [w.view(np.uint32) for w in want]
+    assert cpu_fusion.needs_low("F16") and cpu_fusion.needs_low("F32")

@@ -5,7 +5,8 @@ Two models, no parameters: mergekit's ``base_model`` is model 0 (``a``), the oth
 (``b``). Row-wise over the last dimension (``Method.last_dim_rows``: mergekit's softmax
 over ``dim=-1``), in four passes over chunks of whole rows: ``fusion_k`` (each row's
 divergence k, kept for the tensor), ``fusion_high`` and ``fusion_low`` (histograms of the
-importances' order keys: the exact q1, median and q3 whatever the chunking), then the
+importances' order keys: the exact q1, median and q3 whatever the chunking; no
+``fusion_low`` when W is bf16, whose keys are whole in their high 16 bits), then the
 writing pass ``arcee_fusion`` (``x + d * (imp >= thr)``). M3 has nothing to draw.
 """
 
@@ -66,9 +67,18 @@ def _buckets(a) -> np.ndarray:
     return np.array([b for b, _ in cache["found"]], np.int64)
 
 
+def _low_bits(a) -> bool:
+    """Whether ``fusion_low`` runs: not when W is bf16 (``cpu_fusion.needs_low``)."""
+    from streammerge.kernels import cpu_fusion
+
+    return cpu_fusion.needs_low(_work(a))
+
+
 def _low_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_fusion
 
+    if not _low_bits(a):
+        return
     cpu_fusion.fusion_hist(*_rows(a, inputs), _chunk_k(a), a.counts[0], _buckets(a), _work(a))
 
 
@@ -76,14 +86,12 @@ def tensor_threshold(a) -> np.float32:
     """thr of the tensor (float32, in W) from its two histograms (cached)."""
     from streammerge.kernels import cpu_fusion
 
-    low, cache = a.stats[LOW_PASS]
+    cache = a.stats[HIGH_PASS][1]
     if "thr" not in cache:
-        found = a.stats[HIGH_PASS][1]["found"]
-        vals = []
-        for j, (b, r) in enumerate(found):
-            lo = int(np.searchsorted(np.cumsum(low[j]), r, side="right"))
-            vals.append(cpu_fusion.key_value((b << 16) | lo))
-        cache["thr"] = cpu_fusion.threshold(tuple(vals), _work(a))
+        _buckets(a)
+        low = a.stats[LOW_PASS][0] if _low_bits(a) else None
+        vals = cpu_fusion.quartile_values(cache["found"], low)
+        cache["thr"] = cpu_fusion.threshold(vals, _work(a))
     return cache["thr"]
 
 
@@ -118,6 +126,8 @@ def _high_triton(launch, inputs, out, a) -> None:
 def _low_triton(launch, inputs, out, a) -> None:
     from streammerge.kernels import triton_fusion
 
+    if not _low_bits(a):
+        return
     va, vb = _typed(launch, inputs, a)
     a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
                                                        _device_k(launch, a, va.device),
@@ -160,7 +170,8 @@ METHOD = Method(
         RowPass(HIGH_PASS, _high_cpu, _high_triton,
                 accumulators=lambda n: (np.zeros(65536, np.int64), {})),
         RowPass(LOW_PASS, _low_cpu, _low_triton,
-                accumulators=lambda n: (np.zeros((3, 65536), np.int64), {})),
+                accumulators=lambda n: (np.zeros((3, 65536), np.int64), {}),
+                needed=lambda tp: tp.compute != "BF16", live=_low_bits),  # as needs_low
         RowPass("arcee_fusion", _write_cpu, _write_triton),
     ),
     last_dim_rows=True,
