@@ -24,7 +24,7 @@ import numpy as np
 
 from .common import FLOAT_CODES
 from .cpu_loops import BF16, F16, F32, round_all
-from .cpu_merge import _decode_block, _encode_block, _f32_bits
+from .cpu_merge import _bits_f32, _decode_block, _encode_block, _f32_bits
 from .cpu_nearswap import round_work
 from .cpu_rows import _checked, _tree
 from .rounding_ir import bits_f64, f64_bits
@@ -154,8 +154,9 @@ def _softmax(v, m, e64, buf, c, dst):
 
 
 @numba.njit(inline="always")
-def _k_body(x, y, c, e64, buf, q, p):
-    """SPEC's k of one row (x, y in W), the working dtype ``c`` a constant."""
+def _k_body(x, y, c, e64, buf, q, p, logs):
+    """SPEC's k of one row (x, y in W), the working dtype ``c`` a constant; ``logs`` the
+    table of ``rW(log32(r))`` by a bf16 ``r``'s bits (``bf16_logs``; used when c is BF16)."""
     n = x.shape[0]
     finite = True
     mx = np.float32(-np.inf)
@@ -168,14 +169,20 @@ def _k_body(x, y, c, e64, buf, q, p):
         return round_work(np.float32(np.nan), c)
     _softmax(x, mx, e64, buf, c, q)
     _softmax(y, my, e64, buf, c, p)
-    for i in range(n):
-        rr = round_work(p[i] / q[i], c)
-        e64[i] = np.float64(round_work(p[i] * round_work(log32(rr), c), c))
+    if c == BF16:  # rr is a bf16 value: its log from the table, exactly log32's
+        for i in range(n):
+            rr = round_work(p[i] / q[i], c)
+            lg = logs[_f32_bits(rr) >> np.uint32(16)]
+            e64[i] = np.float64(round_work(p[i] * lg, c))
+    else:
+        for i in range(n):
+            rr = round_work(p[i] / q[i], c)
+            e64[i] = np.float64(round_work(p[i] * round_work(log32(rr), c), c))
     return round_work(np.float32(_row_sum(e64, buf)), c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _k_row(ra, ca, rb, cb, first, row_len, w_code):
+def _k_row(ra, ca, rb, cb, first, row_len, w_code, logs):
     """SPEC's k of the row of elements first .. first + row_len - 1."""
     x = np.empty(row_len, np.float32)
     y = np.empty(row_len, np.float32)
@@ -186,16 +193,36 @@ def _k_row(ra, ca, rb, cb, first, row_len, w_code):
     q = np.empty(row_len, np.float32)
     p = np.empty(row_len, np.float32)
     if w_code == BF16:
-        return _k_body(x, y, BF16, e64, buf, q, p)
+        return _k_body(x, y, BF16, e64, buf, q, p, logs)
     if w_code == F16:
-        return _k_body(x, y, F16, e64, buf, q, p)
-    return _k_body(x, y, F32, e64, buf, q, p)
+        return _k_body(x, y, F16, e64, buf, q, p, logs)
+    return _k_body(x, y, F32, e64, buf, q, p, logs)
+
+
+@numba.njit(cache=True, error_model="numpy")
+def _bf16_logs(out):
+    for i in range(65536):
+        r = _bits_f32(np.uint32(i) << np.uint32(16))
+        out[i] = round_work(log32(r), BF16)
+
+
+_LOGS: list = []
+
+
+def bf16_logs() -> np.ndarray:
+    """float32 [65536]: ``rW(log32(r))`` in bf16 for every bf16 ``r`` by its 16 bits (SPEC
+    "Row divergence": exactly the values log32 and rounding give; made once)."""
+    if not _LOGS:
+        t = np.empty(65536, np.float32)
+        _bf16_logs(t)
+        _LOGS.append(t)
+    return _LOGS[0]
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, k):
+def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, logs, k):
     for r in numba.prange(n_rows):
-        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code)
+        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code, logs)
 
 
 @numba.njit(inline="always")
@@ -318,7 +345,7 @@ def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_le
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
     k = np.zeros(n_rows, np.float32)
-    _k_kernel(a, ca, b, cb, n_rows, row_len, w, k)
+    _k_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k)
     return k
 
 

@@ -95,6 +95,17 @@ def test_exp64_log64_match_libm():
     assert ref.spec_exp64(np.array([0.0]))[0] == 1.0
 
 
+def test_bf16_log_table_is_the_specs_log32_rounded():
+    """fusion_k's bf16 table: rW(log32(r)) of every one of the 65536 bf16 values r (NaN,
+    infinities, zeros and negatives too), bit for bit against the oracle."""
+    bits = (np.arange(65536, dtype=np.uint32) << 16).view(np.float32)
+    with np.errstate(all="ignore"):
+        want = ref.spec_round_work(ref.spec_log32(bits), "BF16")
+    got = cpu_fusion.bf16_logs()
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), np.flatnonzero(~same)[:5]
+
+
 def test_k_is_mergekits_kl_divergence():
     """k is mergekit's kl_div (torch ops in bf16) bit for bit on this data, and within
     1 % of it in float32 (its float32 sums and log near 1 cancel)."""
