@@ -66,6 +66,9 @@ class InputHasher:
     def update(self, info, byte_offset: int, data: memoryview) -> None:
         """Add ``data``, the bytes of tensor ``info`` from ``byte_offset``."""
         key = (info.file, info.name)
+        with self._lock:  # read again by a later pass (the same bytes): hashed already
+            if key in self._done and key not in self._states:
+                return
         if byte_offset == 0 and len(data) == info.nbytes:  # the whole tensor in one range
             digest = (len(data), xxhash.xxh3_64_hexdigest(data))
             with self._lock:
