@@ -13,10 +13,9 @@ from streammerge.io.ranges import DIRECT_SLACK, RangeReader
 from streammerge.io.reader import TensorInfo
 
 
-@pytest.mark.parametrize("direct, cached", [(True, False), (False, False), (True, True)])
+@pytest.mark.parametrize("direct", [True, False])
 @pytest.mark.parametrize("piece_bytes", [4096, 3 * 4096, 4 * 2**20])
-def test_read_rows_puts_every_range_at_the_front_of_its_row(tmp_path: Path, direct, cached,
-                                                            piece_bytes):  # fmt: skip
+def test_read_rows_puts_every_range_at_the_front_of_its_row(tmp_path: Path, direct, piece_bytes):
     rng = np.random.default_rng(0)
     data = rng.integers(0, 256, size=300_001, dtype=np.uint8)
     path = tmp_path / "blob.bin"
@@ -38,11 +37,7 @@ def test_read_rows_puts_every_range_at_the_front_of_its_row(tmp_path: Path, dire
         want.append(data[info.start + off : info.start + off + n])
     reader = RangeReader(direct=direct)
     with ThreadPoolExecutor(4) as pool:
-        deltas = reader.read_rows(jobs, pool, piece_bytes=piece_bytes, cached=cached)
-    if cached:
-        assert deltas == [0] * len(jobs) and reader.moved_bytes == 0
-        reader.drop_cached(jobs)  # advice only: the file's bytes stay
-        assert path.read_bytes() == data.tobytes()
+        reader.read_rows(jobs, pool, piece_bytes=piece_bytes)
     reader.close()
     for (_, _, n, row), w in zip(jobs, want):
         assert np.array_equal(row[:n], w)

@@ -71,21 +71,13 @@ class Marker:
 
 @dataclass(frozen=True)
 class Item:
-    """One pass over one chunk of one tensor (``first`` / ``last`` chunk of the pass).
-
-    ``cache``: how the reader reads the chunk: ``""`` with O_DIRECT (read once); ``"keep"``
-    through the page cache, because a later pass reads the same bytes again (a row-wise
-    method's tensor larger than a chunk: the re-reads come from memory, not the disk, while
-    the kernel keeps the pages); ``"drop"`` the same, the chunk's last read, after which
-    its pages are dropped from the cache (``RangeReader.drop_cached``).
-    """
+    """One pass over one chunk of one tensor (``first`` / ``last`` chunk of the pass)."""
 
     tensor: TensorPlan
     chunk: Chunk
     op: str
     first: bool = False
     last: bool = False
-    cache: str = ""
 
 
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
@@ -320,9 +312,8 @@ def _row_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
     for k, op in enumerate(ops):
         if k and decide is not None and row_pass(op).live is not None and not decide(t, op):
             continue
-        cache = "" if len(ops) == 1 else ("drop" if k == len(ops) - 1 else "keep")
         for i, c in enumerate(chunks):
-            yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1, cache=cache)
+            yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1)
 
 
 def population(t: TensorPlan, n_models: int) -> list[int]:

@@ -190,10 +190,7 @@ class ReaderStage:
         adapted = [j for j in jobs if isinstance(j[0], AdaptedTensorInfo)]
         in_place = (not self.offsets_ok or item.op in ("copy", "convert")
                     or is_row_op(item.op) or bool(adapted))  # fmt: skip
-        deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place,
-                                       cached=bool(item.cache))  # fmt: skip
-        if item.cache == "drop":
-            self.reader.drop_cached([j for _, j in local])
+        deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
         if adapted:  # docs/SPEC.md "LoRA inputs (v3)"
             adapt_jobs(adapted, pool)
         if not in_place:

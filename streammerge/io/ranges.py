@@ -172,8 +172,7 @@ class RangeReader:
             os.close(fd)
 
     def read_rows(
-        self, jobs, pool, piece_bytes: int = DIRECT_PIECE, in_place: bool = True,
-        cached: bool = False,
+        self, jobs, pool, piece_bytes: int = DIRECT_PIECE, in_place: bool = True
     ) -> list[int]:
         """Put ``nbytes`` of each ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``,
         O_DIRECT ranges cut into ``piece_bytes`` pieces that ``pool`` reads in parallel.
@@ -181,8 +180,7 @@ class RangeReader:
         A ``row`` whose address is DIRECT_ALIGN-aligned and whose length is at least
         ``nbytes + DIRECT_SLACK`` takes an O_DIRECT read: the aligned pages around the range
         are read into it and the range is moved to the front (``memmove``, GIL released).
-        Other rows, and ranges O_DIRECT refuses (EINVAL), are read buffered; with
-        ``cached`` every range is (``_read_cached``).
+        Other rows, and ranges O_DIRECT refuses (EINVAL), are read buffered.
 
         With ``in_place=False`` nothing is moved: the bytes stay at ``row[d : d + nbytes]``
         for the returned offset ``d`` (< DIRECT_ALIGN; 0 for buffered reads), which a GPU
@@ -207,8 +205,6 @@ class RangeReader:
         with self._lock:
             self._call += 1
         pieces, moves, whole = [], [], []
-        if cached:
-            return self._read_cached(jobs, pool, piece_bytes)
         for job in jobs:
             info, byte_offset, nbytes, row = job
             self._check(info, byte_offset, nbytes)
@@ -250,38 +246,6 @@ class RangeReader:
         if self.hasher is not None:
             self._hash(jobs, pool, deltas)
         return deltas
-
-    def _read_cached(self, jobs, pool, piece_bytes: int) -> list[int]:
-        """``read_rows`` through the page cache: each range in pieces read in parallel,
-        in place (every offset 0). For bytes a later pass reads again, then from memory:
-        on the reference VM a cached re-read cost 0.19 s of system CPU per GB, a first
-        buffered read 1.2, an O_DIRECT read ~0.03 plus the disk's time."""
-        futures = []
-        for info, byte_offset, nbytes, row in jobs:
-            self._check(info, byte_offset, nbytes)
-            view = memoryview(row)
-            for s in range(0, nbytes, piece_bytes):
-                e = min(nbytes, s + piece_bytes)
-                futures.append(pool.submit(self.read_into, info, byte_offset + s, view[s:e]))
-        for fut in futures:
-            fut.result()
-        if self.hasher is not None:
-            self._hash(jobs, pool, [0] * len(jobs))
-        return [0] * len(jobs)
-
-    @staticmethod
-    def drop_cached(jobs) -> None:
-        """Advise the kernel to drop the page cache of each job's range
-        (``POSIX_FADV_DONTNEED``: the pages of a tensor's last pass, read ``cached``); the
-        ranges' file bytes are unchanged. Nothing where the platform has no fadvise."""
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for info, byte_offset, nbytes, _ in jobs:
-            fd = os.open(info.file, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, info.start + byte_offset, nbytes, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
     def hash_ranges(self, jobs, pool) -> None:
         """Hand ranges read elsewhere (inputs by URL: ``remote.read_jobs``) to the hasher,
