@@ -268,6 +268,43 @@ def _keys_row(ra, ca, rb, cb, first, row_len, kr, w_code, keys):
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
+def _k_count_rows(ra, ca, rb, cb, r_lo, r_hi, row_len, w_code, logs, k, h0):
+    """Rows r_lo .. r_hi - 1: each row's k into ``k[r]``, then its importance keys' high 16
+    bits counted into ``h0`` [65536] int64 (the rows decoded once, the scratch made once)."""
+    x = np.empty(row_len, np.float32)
+    y = np.empty(row_len, np.float32)
+    e64 = np.empty(row_len, np.float64)
+    buf = np.empty(SUM_BLOCK, np.float64)
+    q = np.empty(row_len, np.float32)
+    p = np.empty(row_len, np.float32)
+    keys = np.empty(row_len, np.uint32)
+    for r in range(r_lo, r_hi):
+        _load_row(ra, ca, r * row_len, row_len, w_code, x)
+        _load_row(rb, cb, r * row_len, row_len, w_code, y)
+        if w_code == BF16:
+            kr = _k_body(x, y, BF16, e64, buf, q, p, logs)
+            _keys_body(x, y, kr, BF16, keys)
+        elif w_code == F16:
+            kr = _k_body(x, y, F16, e64, buf, q, p, logs)
+            _keys_body(x, y, kr, F16, keys)
+        else:
+            kr = _k_body(x, y, F32, e64, buf, q, p, logs)
+            _keys_body(x, y, kr, F32, keys)
+        k[r] = kr
+        for i in range(row_len):
+            h0[keys[i] >> np.uint32(16)] += 1
+
+
+@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
+def _k_hist_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, logs, k, parts):
+    """``_k_count_rows`` over P parts of the rows, each into its own ``parts[p]``."""
+    n_parts = parts.shape[0]
+    for p in numba.prange(n_parts):
+        _k_count_rows(ra, ca, rb, cb, p * n_rows // n_parts, (p + 1) * n_rows // n_parts,
+                      row_len, w_code, logs, k, parts[p])  # fmt: skip
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _count_rows(ra, ca, rb, cb, r_lo, r_hi, row_len, k, w_code, lut, high, hist):
     """Add the importance keys of rows r_lo .. r_hi - 1 into ``hist`` [B, 65536] int64: the
     high 16 bits into row 0 (``high``), or the low 16 bits into row ``lut[key >> 16]`` where
@@ -339,13 +376,26 @@ def work_dtype(dtype_a: str, dtype_b: str) -> str:
 
 
 def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
-             work: str | None = None) -> np.ndarray:  # fmt: skip
+             work: str | None = None, high: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Each row's k (float32 [n_rows], in W) of a chunk of whole rows (SPEC "Row
-    divergence"). ``a``, ``b``: raw byte rows of the base and the other model."""
+    divergence"). ``a``, ``b``: raw byte rows of the base and the other model. With
+    ``high`` (int64 [65536]) the chunk's importance keys' high 16 bits are added into it as
+    well, in the same pass (``fusion_hist`` with no buckets, exact counts).
+
+    Raises:
+        ValueError: bad rows or dtypes, or ``high`` not int64 [65536].
+    """
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
     k = np.zeros(n_rows, np.float32)
-    _k_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k)
+    if high is None:
+        _k_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k)
+        return k
+    if high.dtype != np.int64 or high.shape != (65536,):
+        raise ValueError("high must be int64 [65536]")
+    parts = np.zeros((max(1, min(PARTS_MAX, numba.get_num_threads(), n_rows)), 65536), np.int64)
+    _k_hist_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k, parts)
+    high += parts.sum(axis=0)
     return k
 
 
@@ -459,6 +509,7 @@ def warmup() -> None:
     for dt in FLOAT_CODES:
         z = np.zeros(16, np.uint8)
         k = fusion_k(z, dt, z, dt, 2, 1)
+        fusion_k(z, dt, z, dt, 2, 1, high=np.zeros(65536, np.int64))
         fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros(65536, np.int64))
         fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros((3, 65536), np.int64), np.zeros(3, np.int64))
         fusion_write(z, dt, z, dt, 2, 1, k, 0.0, z.copy(), dt)

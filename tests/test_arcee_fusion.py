@@ -33,9 +33,12 @@ def _numba(a, da, b, db, shape, do, work=None):
     C = shape[-1] if len(shape) else 1
     R = a.size // C
     au, bu = a.view(np.uint8), b.view(np.uint8)
-    k = cpu_fusion.fusion_k(au, da, bu, db, R, C, work)
     hi = np.zeros(65536, np.int64)
-    cpu_fusion.fusion_hist(au, da, bu, db, R, C, k, hi, None, work)
+    k = cpu_fusion.fusion_k(au, da, bu, db, R, C, work, high=hi)  # k, then each row's keys
+    alone = np.zeros(65536, np.int64)
+    cpu_fusion.fusion_hist(au, da, bu, db, R, C, k, alone, None, work)
+    assert np.array_equal(hi, alone)
+    assert _b(k) == _b(cpu_fusion.fusion_k(au, da, bu, db, R, C, work))
 
     def low_of(buckets):
         h = np.zeros((3, 65536), np.int64)

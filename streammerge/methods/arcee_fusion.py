@@ -3,10 +3,11 @@
 
 Two models, no parameters: mergekit's ``base_model`` is model 0 (``a``), the other model 1
 (``b``). Row-wise over the last dimension (``Method.last_dim_rows``: mergekit's softmax
-over ``dim=-1``), in four passes over chunks of whole rows: ``fusion_k`` (each row's
-divergence k, kept for the tensor), ``fusion_high`` and ``fusion_low`` (histograms of the
-importances' order keys: the exact q1, median and q3 whatever the chunking; no
-``fusion_low`` when W is bf16, whose keys are whole in their high 16 bits), then the
+over ``dim=-1``), in three passes over chunks of whole rows: ``fusion_k`` (each row's
+divergence k, kept for the tensor, and the histogram of the high 16 bits of the
+importances' order keys, row by row once the row's k is known), ``fusion_low`` (the low
+16 bits inside the buckets holding q1, the median and q3: exact quantiles whatever the
+chunking; not run when W is bf16, whose keys are whole in their high 16 bits), then the
 writing pass ``arcee_fusion`` (``x + d * (imp >= thr)``). M3 has nothing to draw.
 """
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from streammerge.methods.method import Method, RowPass
 
-K_PASS, HIGH_PASS, LOW_PASS = "fusion_k", "fusion_high", "fusion_low"
+K_PASS, LOW_PASS = "fusion_k", "fusion_low"
 
 
 def _work(a) -> str:
@@ -28,7 +29,7 @@ def _work(a) -> str:
 
 def _chunk_k(a) -> np.ndarray:
     """The chunk's rows' k (float32 [n_rows]) from the tensor's ``fusion_k`` pass."""
-    parts, cache = a.stats[K_PASS]
+    parts, cache, _ = a.stats[K_PASS]
     if "k" not in cache:
         rows = {s // a.row_len: k for s, k in parts.items()}
         full = np.full(max(r + len(k) for r, k in rows.items()), np.nan, np.float32)
@@ -45,23 +46,18 @@ def _rows(a, inputs):
 
 
 def _k_cpu(inputs, out, a) -> None:
-    """``fusion_k``: the chunk's rows' k, kept by the chunk's first element."""
+    """``fusion_k``: the chunk's rows' k, kept by the chunk's first element, and the
+    high histogram of the chunk's importance keys."""
     from streammerge.kernels import cpu_fusion
 
-    a.counts[0][a.start] = cpu_fusion.fusion_k(*_rows(a, inputs), _work(a))
-
-
-def _high_cpu(inputs, out, a) -> None:
-    from streammerge.kernels import cpu_fusion
-
-    cpu_fusion.fusion_hist(*_rows(a, inputs), _chunk_k(a), a.counts[0], None, _work(a))
+    a.counts[0][a.start] = cpu_fusion.fusion_k(*_rows(a, inputs), _work(a), high=a.counts[2])
 
 
 def _buckets(a) -> np.ndarray:
     """The buckets (high 16 bits) of the keys at q1, median, q3 (cached per tensor)."""
     from streammerge.kernels import cpu_fusion
 
-    high, cache = a.stats[HIGH_PASS]
+    _, cache, high = a.stats[K_PASS]
     if "found" not in cache:
         cache["found"] = cpu_fusion.find_buckets(high, cpu_fusion.ranks(int(high.sum())))
     return np.array([b for b, _ in cache["found"]], np.int64)
@@ -86,7 +82,7 @@ def tensor_threshold(a) -> np.float32:
     """thr of the tensor (float32, in W) from its two histograms (cached)."""
     from streammerge.kernels import cpu_fusion
 
-    cache = a.stats[HIGH_PASS][1]
+    cache = a.stats[K_PASS][1]
     if "thr" not in cache:
         _buckets(a)
         low = a.stats[LOW_PASS][0] if _low_bits(a) else None
@@ -108,19 +104,12 @@ def _k_triton(launch, inputs, out, a) -> None:
     va, vb = _typed(launch, inputs, a)
     k = triton_fusion.fusion_k_triton(va, vb, a.n_rows, a.row_len, _work(a))
     a.counts[0][a.start] = k.cpu().numpy()
+    a.counts[2][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len, k, None,
+                                                       _work(a))  # fmt: skip
 
 
 def _device_k(launch, a, device):
     return launch.torch.from_numpy(np.ascontiguousarray(_chunk_k(a))).to(device)
-
-
-def _high_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import triton_fusion
-
-    va, vb = _typed(launch, inputs, a)
-    a.counts[0][:] += triton_fusion.fusion_hist_triton(va, vb, a.n_rows, a.row_len,
-                                                       _device_k(launch, a, va.device), None,
-                                                       _work(a))  # fmt: skip
 
 
 def _low_triton(launch, inputs, out, a) -> None:
@@ -166,9 +155,8 @@ METHOD = Method(
     min_models=2,
     max_models=2,
     row_passes=(
-        RowPass(K_PASS, _k_cpu, _k_triton, accumulators=lambda n: ({}, {})),
-        RowPass(HIGH_PASS, _high_cpu, _high_triton,
-                accumulators=lambda n: (np.zeros(65536, np.int64), {})),
+        RowPass(K_PASS, _k_cpu, _k_triton,
+                accumulators=lambda n: ({}, {}, np.zeros(65536, np.int64))),
         RowPass(LOW_PASS, _low_cpu, _low_triton,
                 accumulators=lambda n: (np.zeros((3, 65536), np.int64), {}),
                 needed=lambda tp: tp.compute != "BF16", live=_low_bits),  # as needs_low
