@@ -154,17 +154,38 @@ def _softmax(v, m, e64, buf, c, dst):
 
 
 @numba.njit(inline="always")
+def _order32(b):
+    """A float32's bits (int32) as an int32 monotone in the value for every finite float
+    (-0 just below +0): negative values have their 31 low bits flipped. Its own inverse."""
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))
+
+
+@numba.njit(inline="always")
+def _finite_maxima(x, y):
+    """(every element of x and y finite, max x, max y) by integer compares on the bits,
+    which LLVM vectorizes (a float max reduction it does not, without fast-math). The
+    maxima are only used when every element is finite; of +0 and -0 either may come out,
+    and ``v - max`` is then the same value, +-0, whose exp is 1 either way."""
+    ex = np.int32(0)
+    kx = np.int32(-2147483647 - 1)
+    ky = kx
+    for i in range(x.shape[0]):
+        bx = np.int32(_f32_bits(x[i]))
+        by = np.int32(_f32_bits(y[i]))
+        ex = max(ex, max(bx & np.int32(0x7F800000), by & np.int32(0x7F800000)))
+        kx = max(kx, _order32(bx))
+        ky = max(ky, _order32(by))
+    mx = _bits_f32(np.uint32(_order32(kx)))
+    my = _bits_f32(np.uint32(_order32(ky)))
+    return ex != np.int32(0x7F800000), mx, my
+
+
+@numba.njit(inline="always")
 def _k_body(x, y, c, e64, buf, q, p, logs):
     """SPEC's k of one row (x, y in W), the working dtype ``c`` a constant; ``logs`` the
     table of ``rW(log32(r))`` by a bf16 ``r``'s bits (``bf16_logs``; used when c is BF16)."""
     n = x.shape[0]
-    finite = True
-    mx = np.float32(-np.inf)
-    my = np.float32(-np.inf)
-    for i in range(n):
-        finite = finite & math.isfinite(x[i]) & math.isfinite(y[i])
-        mx = max(mx, x[i])
-        my = max(my, y[i])
+    finite, mx, my = _finite_maxima(x, y)
     if not finite:
         return round_work(np.float32(np.nan), c)
     _softmax(x, mx, e64, buf, c, q)

@@ -88,6 +88,23 @@ def test_nonfinite_rows_and_ties():
     assert np.isnan(k[:3]).all() and k[5] == 0.0 and (k[3:5] > 0).all()
 
 
+@pytest.mark.parametrize("dt", ["BF16", "F32"])
+def test_row_maxima_signed_zeros_and_negative_rows(dt):
+    """The row maxima (integer compares on the bits): rows whose maximum is -0 or +0 (both
+    present, either order), all-negative rows, a row of huge magnitudes, against the
+    oracle's k."""
+    rows = [[-0.0, 0.0, -1.0, -2.5], [0.0, -0.0, -3.0, -0.5], [-0.0, -0.0, -1e-3, -7.0],
+            [-1.0, -2.0, -3.0, -4.0], [3e38, -3e38, 1.0, 2.0], [1e-40, -1e-40, 0.0, -0.0]]
+    x = np.array(rows, np.float32)
+    y = (x[::-1] * np.float32(0.5)).copy()
+    a, b = ref.from_float32(x.ravel(), dt), ref.from_float32(y.ravel(), dt)
+    k = cpu_fusion.fusion_k(a.view(np.uint8), dt, b.view(np.uint8), dt, len(rows), 4)
+    xs = ref.to_float32(a, dt).reshape(x.shape)
+    ys = ref.to_float32(b, dt).reshape(x.shape)
+    want = np.array([ref.spec_fusion_k(xr, yr, dt) for xr, yr in zip(xs, ys)], np.float32)
+    assert _b(k) == _b(want)
+
+
 def test_exp64_log64_match_libm():
     rng = np.random.default_rng(0)
     r = -rng.random(20000) * 700
