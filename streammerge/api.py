@@ -203,6 +203,9 @@ def prepare(
         raise RecipeError(f"the recipe is for {recipe.n_models} models, got {len(model_dirs)}")
     if base_dir is not None and recipe.row.base_optional and not recipe.with_base:
         recipe = replace(recipe, with_base=True)  # nuslerp, multislerp: the task vectors, base added back
+    if base_dir is not None and recipe.row.base_unsupported:  # as the CLI's --base
+        raise OptionError(f"method {recipe.method} with a base is not supported yet",
+                          "leave out the base")  # fmt: skip
     if base_dir is None and recipe.row.uses_base:
         raise OptionError(f"method {method or recipe.method} needs a base model",
                           "pass --base DIR (the model the fine-tunes were tuned from)")  # fmt: skip

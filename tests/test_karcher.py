@@ -281,6 +281,11 @@ def test_bad_recipes_are_one_line(tmp_path):
     r = run_cli(["--config", str(cfg), "-o", str(tmp_path / "o")])
     assert r.returncode == 2 and "base_model" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+    import streammerge
+
+    with pytest.raises(ValueError, match="with a base is not supported"):  # the API too
+        streammerge.merge([a, b], base, tmp_path / "o", method="karcher")
+    assert not (tmp_path / "o").exists()
 
 
 def test_plan_says_how_many_reads(tmp_path):

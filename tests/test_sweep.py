@@ -108,3 +108,35 @@ def test_bad_sweep_arguments_write_nothing(tmp_path):
         )
         assert res.returncode == 2 and msg in res.stderr, res.stderr
         assert not (tmp_path / "s").exists()
+
+
+def test_a_row_method_sweep_is_the_single_merges(tmp_path):
+    """slerp's draws share one read's statistics, not its t: each output is its single
+    merge (its coefficients were cached once for the first draw's t)."""
+    _, a, b = make_trio(tmp_path, big=30_000)
+    out = tmp_path / "sweep"
+    r = sw.sweep([a, b], None, out, draws=2, seed=3, sweep_seed=5, keep="all", method="slerp",
+                 options=Options(memory="48MiB", shard_size="40KB"))  # fmt: skip
+    assert len({d.weights for d in r.draws}) == 3
+    for d in r.draws:
+        argv = shlex.split(d.command)[1:]
+        single = tmp_path / f"single-{d.name}"
+        argv[argv.index("-o") + 1] = str(single)
+        res = run_cli([*argv, "--shard-size", "40KB", "--quiet"])
+        assert res.returncode == 0, res.stderr
+        assert _files(single) == _files(d.dir), d.name
+
+
+@pytest.mark.parametrize("method, base", [("multislerp", True), ("karcher", False)])
+def test_methods_with_weighted_statistics_are_refused(tmp_path, method, base):
+    """multislerp's and karcher's statistics depend on the weights, which a sweep draws per
+    output: refused in one line, nothing written."""
+    b0, a, b = make_trio(tmp_path, big=3_000)
+    out = tmp_path / "sweep"
+    with pytest.raises(ValueError, match=f"a sweep cannot run {method}"):
+        sw.sweep([a, b], b0 if base else None, out, draws=2, seed=3, keep="all", method=method)
+    assert not out.exists()
+    r = run_cli(["sweep", str(a), str(b), "--method", method, "--draws", "2", "-o", str(out)]
+                + (["--base", str(b0)] if base else []))  # fmt: skip
+    assert r.returncode == 2 and "a sweep cannot run" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -43,6 +43,7 @@ from streammerge.jobs.evaluate import EvalError
 from streammerge.jobs.sweep_results import SweepResult, write_results
 from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.output.side_files import plan_side_files
+from streammerge.methods.registry import METHODS
 from streammerge.recipe.recipe import RecipeError, draw_seed
 
 #: Name of the reference output (λ = 0.5, or equal weights for N > 2).
@@ -114,6 +115,10 @@ def plan_sweep(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, ev
                           "pass two or more model directories")  # fmt: skip
     if options.resume:
         raise OptionError("a sweep cannot --resume", "re-run it, with --overwrite")
+    row = METHODS.get(recipe_args.get("method") or "dare_linear")
+    if row is not None and row.weighted_stats:
+        raise RecipeError(f"a sweep cannot run {row.name}: its statistics passes depend on "
+                          "the weights, which differ per draw", "method")  # fmt: skip
     if sweep_seed is not None and (isinstance(sweep_seed, bool) or not isinstance(sweep_seed, int)
                                    or not 0 <= sweep_seed < 2**64):  # fmt: skip
         raise OptionError(f"--sweep-seed must be an integer in [0, 2**64), got {sweep_seed!r}")

@@ -291,6 +291,7 @@ METHOD = Method(
                 RowPass("karcher", _karcher_cpu, _karcher_triton)),
     row_block=KARCHER_BLOCK,
     check_params=_check_weights,
+    weighted_stats=True,
     plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
     f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
     "those after the rounds stop are not read) and 1 writing pass: at most "

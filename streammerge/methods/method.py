@@ -151,6 +151,9 @@ class Method:
             epsilon inside (0, 1); karcher: weights with a positive sum).
         plan_note: one line ``--plan`` prints under the method (karcher: how its rounds
             read the tensors), or "".
+        weighted_stats: its statistics passes depend on the weights (multislerp's mean,
+            karcher's rounds), so a sweep, whose draws share one read's statistics, cannot
+            run it (``streammerge sweep`` refuses it in one line).
     """
 
     name: str
@@ -176,6 +179,7 @@ class Method:
     vector_row: bool = False
     check_params: Callable | None = None
     plan_note: str = ""
+    weighted_stats: bool = False
 
     def __post_init__(self) -> None:
         if self.sparsifier not in SPARSIFIERS or self.consensus not in ("none", "sign"):

@@ -183,4 +183,5 @@ METHOD = Method(
     base_optional=True,
     row_passes=(*(_stats_pass(s) for s in range(4)), RowPass("multislerp", _msl_cpu, _msl_triton)),
     row_block=MSL_BLOCK,
+    weighted_stats=True,
 )

@@ -64,9 +64,10 @@ def row_coefficients(a) -> tuple[np.ndarray, np.ndarray]:
     """The chunk's per-row coefficients (float32 [n_rows] each, one value: the tensor's)
     from the tensor's ``row_dots`` sums (``a.stats``), added up once and cached."""
     sums, cache = a.stats[ROW_DOTS]
-    if "ab" not in cache:
-        cache["ab"] = coefficients(np.asarray([tensor_totals(sums)], np.float64), a.t)
-    ca, cb = cache["ab"]
+    key = ("ab", float(a.t))  # per t: a sweep's draws share the sums, not the t
+    if key not in cache:
+        cache[key] = coefficients(np.asarray([tensor_totals(sums)], np.float64), a.t)
+    ca, cb = cache[key]
     return np.full(a.n_rows, ca[0], np.float32), np.full(a.n_rows, cb[0], np.float32)
 
 
