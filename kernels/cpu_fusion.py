@@ -202,24 +202,6 @@ def _k_body(x, y, c, e64, buf, q, p, logs):
     return round_work(np.float32(_row_sum(e64, buf)), c)
 
 
-@numba.njit(nogil=True, cache=True, error_model="numpy")
-def _k_row(ra, ca, rb, cb, first, row_len, w_code, logs):
-    """SPEC's k of the row of elements first .. first + row_len - 1."""
-    x = np.empty(row_len, np.float32)
-    y = np.empty(row_len, np.float32)
-    _load_row(ra, ca, first, row_len, w_code, x)
-    _load_row(rb, cb, first, row_len, w_code, y)
-    e64 = np.empty(row_len, np.float64)
-    buf = np.empty(SUM_BLOCK, np.float64)
-    q = np.empty(row_len, np.float32)
-    p = np.empty(row_len, np.float32)
-    if w_code == BF16:
-        return _k_body(x, y, BF16, e64, buf, q, p, logs)
-    if w_code == F16:
-        return _k_body(x, y, F16, e64, buf, q, p, logs)
-    return _k_body(x, y, F32, e64, buf, q, p, logs)
-
-
 @numba.njit(cache=True, error_model="numpy")
 def _bf16_logs(out):
     for i in range(65536):
@@ -238,12 +220,6 @@ def bf16_logs() -> np.ndarray:
         _bf16_logs(t)
         _LOGS.append(t)
     return _LOGS[0]
-
-
-@numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
-def _k_kernel(ra, ca, rb, cb, n_rows, row_len, w_code, logs, k):
-    for r in numba.prange(n_rows):
-        k[r] = _k_row(ra, ca, rb, cb, r * row_len, row_len, w_code, logs)
 
 
 @numba.njit(inline="always")
@@ -399,9 +375,9 @@ def work_dtype(dtype_a: str, dtype_b: str) -> str:
 def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_len: int,
              work: str | None = None, high: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Each row's k (float32 [n_rows], in W) of a chunk of whole rows (SPEC "Row
-    divergence"). ``a``, ``b``: raw byte rows of the base and the other model. With
-    ``high`` (int64 [65536]) the chunk's importance keys' high 16 bits are added into it as
-    well, in the same pass (``fusion_hist`` with no buckets, exact counts).
+    divergence"). ``a``, ``b``: raw byte rows of the base and the other model. The chunk's
+    importance keys' high 16 bits are counted in the same pass (``fusion_hist`` with no
+    buckets, exact counts) and added into ``high`` (int64 [65536]) when given.
 
     Raises:
         ValueError: bad rows or dtypes, or ``high`` not int64 [65536].
@@ -409,14 +385,12 @@ def fusion_k(a: np.ndarray, da: str, b: np.ndarray, db: str, n_rows: int, row_le
     ca, cb = _codes(a, da, b, db, n_rows, row_len)
     w = FLOAT_CODES[work or work_dtype(da, db)]
     k = np.zeros(n_rows, np.float32)
-    if high is None:
-        _k_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k)
-        return k
-    if high.dtype != np.int64 or high.shape != (65536,):
+    if high is not None and (high.dtype != np.int64 or high.shape != (65536,)):
         raise ValueError("high must be int64 [65536]")
     parts = np.zeros((max(1, min(PARTS_MAX, numba.get_num_threads(), n_rows)), 65536), np.int64)
     _k_hist_kernel(a, ca, b, cb, n_rows, row_len, w, bf16_logs(), k, parts)
-    high += parts.sum(axis=0)
+    if high is not None:
+        high += parts.sum(axis=0)
     return k
 
 
@@ -530,7 +504,6 @@ def warmup() -> None:
     for dt in FLOAT_CODES:
         z = np.zeros(16, np.uint8)
         k = fusion_k(z, dt, z, dt, 2, 1)
-        fusion_k(z, dt, z, dt, 2, 1, high=np.zeros(65536, np.int64))
         fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros(65536, np.int64))
         fusion_hist(z, dt, z, dt, 2, 1, k, np.zeros((3, 65536), np.int64), np.zeros(3, np.int64))
         fusion_write(z, dt, z, dt, 2, 1, k, 0.0, z.copy(), dt)
