@@ -27,6 +27,17 @@ NUMPY_CARRIER: dict[str, np.dtype] = {
 }
 
 
+def low_bits_vary(work: str | None) -> bool:
+    """Whether the 32-bit order keys of values in the working dtype ``work`` (TIES'
+    magnitudes, sce's variances, arcee_fusion's importances) can differ in their low 16
+    bits, so a threshold needs the low-bits histogram pass. Not for ``BF16``: a bf16 value
+    is the high half of its float32 bits, so a high-16-bit bucket holds one key (low bits
+    all 0, or all 1 for a negative value's flipped key) and the high histogram gives the
+    exact thresholds (docs/SPEC.md "Magnitudes and thresholds", "SCE", "Arcee Fusion").
+    ``None`` (not known yet) counts as yes."""
+    return work != "BF16"
+
+
 def tensor_key(seed: int, name: str) -> int:
     """Per-tensor Philox key ``key_t`` (SPEC "Per-tensor key").
 

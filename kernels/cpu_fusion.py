@@ -22,7 +22,7 @@ import math
 import numba
 import numpy as np
 
-from .common import FLOAT_CODES
+from .common import FLOAT_CODES, low_bits_vary
 from .cpu_loops import BF16, F16, F32, round_all
 from .cpu_merge import _bits_f32, _decode_block, _encode_block, _f32_bits
 from .cpu_nearswap import round_work
@@ -470,17 +470,11 @@ def _round(v, code):
     return round_work(v, code)
 
 
-def needs_low(work: str) -> bool:
-    """Whether a high bucket can hold several keys, so the quartiles need the low-16-bit
-    histogram: not when W is bf16, whose values are the high halves of their float32 bits
-    (a bucket holds one key: low bits 0 for a positive value or NaN, 0xFFFF for a negative
-    one; SPEC "Arcee Fusion")."""
-    return work != "BF16"
-
-
 def quartile_values(found: list[tuple[int, int]], low: np.ndarray | None):
     """(q1, med, q3) as float32 from ``find_buckets``' (bucket, rank inside it) and the
-    low histograms int64 [3, 65536] of those buckets (None when W is bf16: ``needs_low``)."""
+    low histograms int64 [3, 65536] of those buckets (None when W is bf16:
+    ``common.low_bits_vary``; then a bucket's one key has low bits 0 for a positive value
+    or NaN, 0xFFFF for a negative one)."""
     vals = []
     for j, (b, r) in enumerate(found):
         if low is None:
@@ -496,7 +490,7 @@ def select(high: np.ndarray, low_of, n: int, work: str = "F32"):
     called when W (``work``) is bf16."""
     found = find_buckets(high, ranks(n))
     buckets = np.array([b for b, _ in found], np.int64)
-    return quartile_values(found, low_of(buckets) if needs_low(work) else None)
+    return quartile_values(found, low_of(buckets) if low_bits_vary(work) else None)
 
 
 def warmup() -> None:

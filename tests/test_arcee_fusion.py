@@ -12,6 +12,7 @@ import spec_reference as ref
 import torch
 from conftest import as_numpy, load_dir, output_bytes, run_cli, write_model
 from streammerge.kernels import cpu_fusion
+from streammerge.kernels.common import low_bits_vary
 
 ITEM = {"F32": 4, "F16": 2, "BF16": 2}
 DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
@@ -293,4 +294,4 @@ def test_bf16_quartiles_need_no_low_histogram(signs):
     n = v.size
     want = (s[(n - 1) // 4], s[(n - 1) // 2], s[(3 * (n - 1)) // 4])
     assert [np.float32(g).view(np.uint32) for g in got] == [w.view(np.uint32) for w in want]
-    assert cpu_fusion.needs_low("F16") and cpu_fusion.needs_low("F32")
+    assert low_bits_vary("F16") and low_bits_vary("F32") and not low_bits_vary("BF16")

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from streammerge.exec.stats import KEEP_ALL
+from streammerge.kernels.common import low_bits_vary
 from streammerge.methods.method import Method
 from streammerge.methods.registry import ROW_PASSES
 from streammerge.plan.plan_types import Chunk, Segment, TensorPlan
@@ -136,8 +137,8 @@ def low_from_high(t: TensorPlan) -> bool:
     runs (nor re-reads the tensor): with working dtype D = BF16 every magnitude is a bf16
     value as a float32 (low 16 bits zero, NaN included: ``rd`` quiets it), so the low
     histogram of a high bucket is that bucket's count in bin 0 and the thresholds are the
-    ones the pass would give (docs/SPEC.md "Magnitudes and thresholds")."""
-    return compute_dtype(t) == "BF16"
+    ones the pass would give (docs/SPEC.md "Magnitudes and thresholds"; ``low_bits_vary``)."""
+    return not low_bits_vary(compute_dtype(t))
 
 
 def merge_args(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from streammerge.kernels.common import low_bits_vary
 from streammerge.methods.method import Method, RowPass
 
 K_PASS, LOW_PASS = "fusion_k", "fusion_low"
@@ -64,10 +65,8 @@ def _buckets(a) -> np.ndarray:
 
 
 def _low_bits(a) -> bool:
-    """Whether ``fusion_low`` runs: not when W is bf16 (``cpu_fusion.needs_low``)."""
-    from streammerge.kernels import cpu_fusion
-
-    return cpu_fusion.needs_low(_work(a))
+    """Whether ``fusion_low`` runs: not when W is bf16 (``low_bits_vary``)."""
+    return low_bits_vary(_work(a))
 
 
 def _low_cpu(inputs, out, a) -> None:
@@ -159,7 +158,7 @@ METHOD = Method(
                 accumulators=lambda n: ({}, {}, np.zeros(65536, np.int64))),
         RowPass(LOW_PASS, _low_cpu, _low_triton,
                 accumulators=lambda n: (np.zeros((3, 65536), np.int64), {}),
-                needed=lambda tp: tp.compute != "BF16", live=_low_bits),  # as needs_low
+                needed=lambda tp: low_bits_vary(tp.compute), live=_low_bits),
         RowPass("arcee_fusion", _write_cpu, _write_triton),
     ),
     last_dim_rows=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from streammerge.kernels.common import low_bits_vary
 from streammerge.methods.method import Method, RowPass
 from streammerge.methods.model_stock import round_work, work_dtype_of
 from streammerge.methods.params import INT8_MASK, Param
@@ -86,10 +87,10 @@ def energy_weights(energies: np.ndarray, numel: int, w_dtype: str) -> np.ndarray
 
 
 def _low_bits(a) -> bool:
-    """Whether the variance keys can have low 16 bits: not when W is bf16 (a bf16 value is
-    the high 16 bits of its float32), so the high bucket holding the threshold is the
-    threshold and ``sce_hist_low`` is not run (SPEC "SCE")."""
-    return work_dtype_of(a) != "BF16"
+    """Whether the variance keys can have low 16 bits (``low_bits_vary``): not when W is
+    bf16, so the high bucket holding the threshold is the threshold and ``sce_hist_low``
+    is not run (SPEC "SCE")."""
+    return low_bits_vary(work_dtype_of(a))
 
 
 def _threshold_topk(tp) -> bool:
@@ -193,7 +194,7 @@ METHOD = Method(
                         needed=_threshold_topk),
                 RowPass("sce_hist_low", _hist_cpu,
                         accumulators=lambda n: (np.zeros(LOW_BINS, np.int64),),
-                        needed=lambda tp: _threshold_topk(tp) and tp.compute != "BF16",
+                        needed=lambda tp: _threshold_topk(tp) and low_bits_vary(tp.compute),
                         live=_low_live),
                 RowPass("sce_energy", _energy_cpu, _energy_triton,
                         accumulators=lambda n: (np.zeros(n, np.float64), np.zeros(1, np.int64))),
