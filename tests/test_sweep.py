@@ -20,6 +20,16 @@ def _files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.glob("*.safetensors"))}
 
 
+def _single_merge(tmp_path: Path, d) -> Path:
+    """The output of the single merge draw ``d``'s row names (its repeat command, run)."""
+    argv = shlex.split(d.command)[1:]
+    single = tmp_path / f"single-{d.name}"
+    argv[argv.index("-o") + 1] = str(single)
+    res = run_cli([*argv, "--shard-size", "40KB", "--quiet"])
+    assert res.returncode == 0, res.stderr
+    return single
+
+
 @pytest.mark.parametrize(
     "n_models, recipe",
     [
@@ -41,11 +51,7 @@ def test_each_draw_is_the_single_merge_its_row_names(tmp_path, n_models, recipe)
     assert len(r.draws) == 4 and r.draws[-1].name == sw.FIXED
     assert len({d.weights for d in r.draws}) == 4
     for d in r.draws:
-        argv = shlex.split(d.command)[1:]
-        single = tmp_path / f"single-{d.name}"
-        argv[argv.index("-o") + 1] = str(single)
-        res = run_cli([*argv, "--shard-size", "40KB", "--quiet"])
-        assert res.returncode == 0, res.stderr
+        single = _single_merge(tmp_path, d)
         assert _files(single) == _files(d.dir) and len(_files(single)) > 1, d.name
         rec = json.loads((d.dir / "streammerge.json").read_text())
         assert rec["seed"] == 11 and rec["weights"] == pytest.approx(list(d.weights))
@@ -119,12 +125,7 @@ def test_a_row_method_sweep_is_the_single_merges(tmp_path):
                  options=Options(memory="48MiB", shard_size="40KB"))  # fmt: skip
     assert len({d.weights for d in r.draws}) == 3
     for d in r.draws:
-        argv = shlex.split(d.command)[1:]
-        single = tmp_path / f"single-{d.name}"
-        argv[argv.index("-o") + 1] = str(single)
-        res = run_cli([*argv, "--shard-size", "40KB", "--quiet"])
-        assert res.returncode == 0, res.stderr
-        assert _files(single) == _files(d.dir), d.name
+        assert _files(_single_merge(tmp_path, d)) == _files(d.dir), d.name
 
 
 @pytest.mark.parametrize("method, base", [("multislerp", True), ("karcher", False)])
