@@ -10,7 +10,6 @@ import threading
 from streammerge.errors import (
     PREFIX,
     MergeError,
-    OptionError,
     guarded_main,
     report,
 )
@@ -31,9 +30,6 @@ def _base_as_model_0(args) -> None:
     row = METHODS.get(args.method) if isinstance(args.method, str) else None
     if row is not None and row.base_is_input and args.base is not None:
         args.models, args.base = [args.base, *args.models], None
-    if row is not None and row.base_unsupported and args.base is not None:
-        raise OptionError(f"method {row.name} with --base is not supported yet",
-                          "leave out --base")  # fmt: skip
 
 
 def recipe_inputs(args, parser, notice, argv: list[str]):
