@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from .common import FLOAT_ITEMSIZE
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -33,6 +34,9 @@ from .cpu_rows import _checked, _tree
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
+#: ``held`` of a pass: the model rows hold the inputs (none), the pass stores the unit
+#: vectors u_j over them (the dots pass), or they hold u_j (the passes after it).
+NO_HELD, STORE_UNITS, HELD_UNITS = 0, 1, 2
 
 
 def n_scalars(n_models: int) -> int:
@@ -78,9 +82,10 @@ def _block_squares(p, src, m):
 
 
 @numba.njit(inline="always")
-def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p):
+def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units):
     """One block of stage ``stage`` with the working dtype ``c`` a constant (so the loops
-    vectorize: ``cpu_loops``). Returns True when ``acc`` holds the merged value."""
+    vectorize: ``cpu_loops``). Returns True when ``acc`` holds the merged value. ``units``:
+    v already holds the unit vectors u_j (held, ``HELD_UNITS``), not v_j."""
     nm = v.shape[0]
     if stage == 0:  # sums of v_j^2 (exact float64 products)
         for j in range(nm):
@@ -100,7 +105,7 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p):
             for i in range(m):
                 acc[i] = round_work(acc[i] + xb[i], c)
         return True
-    for j in range(nm):  # unit vectors u_j = rW(v_j / d_j), in place
+    for j in range(nm if not units else 0):  # unit vectors u_j = rW(v_j / d_j), in place
         row = v[j]
         d = sc[nm + j]
         for i in range(m):
@@ -151,28 +156,40 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p):
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _msl_block(inputs, codes, base_row, model_rows, first, m, stage, sc, w_code, sums_k, out,
-               out_code, xb, v, acc, tmp, p):  # fmt: skip
+               out_code, held, xb, v, acc, tmp, p):  # fmt: skip
     """One block (elements first .. first + m - 1) of stage ``stage`` (SPEC "Multi-SLERP"):
-    its sums into ``sums_k``, or the merged value into the raw byte row ``out``. Scratch
-    (the caller's, reused block after block): xb, acc, tmp float32 [MSL_BLOCK], v float32
-    [N, MSL_BLOCK], p float64 [MSL_BLOCK]."""
+    its sums into ``sums_k``, or the merged value into the raw byte row ``out``. ``held``
+    (``msl_stats``): 1 store the unit vectors over the model rows, 2 the model rows hold
+    them. Scratch (the caller's, reused block after block): xb, acc, tmp float32
+    [MSL_BLOCK], v float32 [N, MSL_BLOCK], p float64 [MSL_BLOCK]."""
     acc[:] = np.float32(0.0)  # the sums of the stages start from +0.0
     tmp[:] = np.float32(0.0)
-    _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
     hb = base_row >= 0
-    if w_code == BF16:
-        done = _msl_body(v, xb, hb, m, stage, sc, BF16, sums_k, acc, tmp, p)
-    elif w_code == F16:
-        done = _msl_body(v, xb, hb, m, stage, sc, F16, sums_k, acc, tmp, p)
+    if held == HELD_UNITS:  # W values stored as W: the decode is exact
+        for j in range(model_rows.shape[0]):
+            _decode_block(inputs[model_rows[j]], w_code, first, m, v[j])
+        if hb and stage == 4:
+            _decode_block(inputs[base_row], codes[base_row], first, m, xb)
+            round_all(xb, m, w_code)
     else:
-        done = _msl_body(v, xb, hb, m, stage, sc, F32, sums_k, acc, tmp, p)
+        _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
+    units = held == HELD_UNITS
+    if w_code == BF16:
+        done = _msl_body(v, xb, hb, m, stage, sc, BF16, sums_k, acc, tmp, p, units)
+    elif w_code == F16:
+        done = _msl_body(v, xb, hb, m, stage, sc, F16, sums_k, acc, tmp, p, units)
+    else:
+        done = _msl_body(v, xb, hb, m, stage, sc, F32, sums_k, acc, tmp, p, units)
+    if held == STORE_UNITS:  # each block rewrites only its own elements: no race
+        for j in range(model_rows.shape[0]):
+            _encode_block(v[j], w_code, first, m, inputs[model_rows[j]])
     if done:
         _encode_block(acc, out_code, first, m, out)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code,
-                n_parts):  # fmt: skip
+                held, n_parts):  # fmt: skip
     # Parts of contiguous blocks, each with its scratch made once (not five allocations per
     # 1024-element block: ~5 % of a pass on one thread).
     n_blocks = (n + MSL_BLOCK - 1) // MSL_BLOCK
@@ -189,7 +206,7 @@ def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums,
             first = k * MSL_BLOCK
             _msl_block(inputs, codes, base_row, model_rows, first, min(MSL_BLOCK, n - first),
                        stage, sc, w_code, sums[min(np.int64(k), np.int64(sums.shape[0] - 1))],
-                       out, out_code, xb, v, acc, tmp, p)  # fmt: skip
+                       out, out_code, held, xb, v, acc, tmp, p)  # fmt: skip
 
 
 def _slot_any(inputs, dtypes, base_row, model_rows, n, work):
@@ -205,47 +222,71 @@ def _scalars(sc, n_models):
     return sc
 
 
+def _held_mode(held: int, stage: int, dtypes: list[str], model_rows: list[int],
+               w_code: int) -> int:  # fmt: skip
+    """``held`` checked against the stage and the rows (the unit vectors, W values, are
+    stored over a model row as W: its elements must have W's itemsize)."""
+    if held == NO_HELD:
+        return held
+    if (held, stage) not in ((STORE_UNITS, 2), (HELD_UNITS, 3), (HELD_UNITS, 4)):
+        raise ValueError(f"held {held} does not go with stage {stage}: the dots pass (2) "
+                         "stores the unit vectors, the passes after it (3, 4) read them")
+    size = {F32: 4, F16: 2, BF16: 2}[w_code]
+    if any(FLOAT_ITEMSIZE[dtypes[r]] != size for r in model_rows):
+        raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
+    return held
+
+
 def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
-              n: int, stage: int, sc: np.ndarray,
-              work: str | None = None) -> np.ndarray:  # fmt: skip
+              n: int, stage: int, sc: np.ndarray, work: str | None = None,
+              held: int = NO_HELD) -> np.ndarray:  # fmt: skip
     """The per-block sums of statistics stage ``stage`` (0..3) of ``n`` elements (SPEC
     "Multi-SLERP"; ``sc``: the scalars of the earlier stages).
+
+    Args:
+        held: NO_HELD; STORE_UNITS (stage 2): the unit vectors u_j (W values) are stored
+            over the model rows, as W (a tensor in one chunk: its later passes skip the
+            task vectors and the divisions); HELD_UNITS (stage 3): the model rows hold
+            them. The sums are the same bit for bit.
 
     Returns:
         float64 array [ceil(n / MSL_BLOCK), stage_width(stage, N)]: each block's sums.
 
     Raises:
-        ValueError: bad rows, dtypes, stage or scalars.
+        ValueError: bad rows, dtypes, stage, scalars or ``held``.
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"statistics stage must be 0..3, got {stage}")
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
+    held = _held_mode(held, stage, dtypes, model_rows, w_code)
     sums = np.zeros(((n + MSL_BLOCK - 1) // MSL_BLOCK, stage_width(stage, len(model_rows))),
                     np.float64)  # fmt: skip
     if n:
         _msl_kernel(inputs, codes, base_row, mr, n, stage, sc, w_code, sums,
-                    np.zeros(1, np.uint8), 0, launch_parts())  # fmt: skip
+                    np.zeros(1, np.uint8), 0, held, launch_parts())  # fmt: skip
     return sums
 
 
 def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
               n: int, sc: np.ndarray, out: np.ndarray, out_dtype: str,
-              work: str | None = None) -> None:  # fmt: skip
+              work: str | None = None, held: int = NO_HELD) -> None:  # fmt: skip
     """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "Multi-SLERP").
 
     Args:
         sc: float32 [3N + 5]: the tensor's scalars (``streammerge.methods.multislerp``).
+        held: HELD_UNITS: the model rows hold the unit vectors (``msl_stats``).
 
     Raises:
-        ValueError: bad rows, dtypes, scalars or output.
+        ValueError: bad rows, dtypes, scalars, output or ``held``.
     """
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
+    held = _held_mode(held, 4, dtypes, model_rows, w_code)
     co = _checked(out, out_dtype, n, "out")
     if n:
         _msl_kernel(inputs, codes, base_row, mr, n, 4, sc, w_code, np.zeros((1, 1), np.float64),
-                    out, co, launch_parts())  # fmt: skip
+                    out, co, held, launch_parts())  # fmt: skip
 
 
 def warmup() -> None:

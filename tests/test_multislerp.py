@@ -95,6 +95,69 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, with
             assert _same(outs[0], res, do)
 
 
+def _held_merge(slot, dtypes, base_row, n, weights):
+    """``_merge`` in one chunk with the unit vectors held in the model rows (the dots pass
+    stores them, the tangent and writing passes read them): (sums, merged bytes)."""
+    mr = [r for r in range(len(dtypes)) if r != base_row]
+    W, sums = _work(dtypes), []
+    held = {2: cpu_multislerp.STORE_UNITS, 3: cpu_multislerp.HELD_UNITS}
+    for stage in range(4):
+        sc = scalars(sums, weights, True, 1e-8, W)
+        blocks = cpu_multislerp.msl_stats(slot, dtypes, base_row, mr, n, stage, sc,
+                                          held=held.get(stage, cpu_multislerp.NO_HELD))
+        total = np.zeros(blocks.shape[1], np.float64)
+        cpu_stock.add_blocks(total, blocks)
+        sums.append(total)
+    out = np.zeros(n * ITEM[W], np.uint8)
+    cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, scalars(sums, weights, True, 1e-8, W),
+                             out, W, held=cpu_multislerp.HELD_UNITS)  # fmt: skip
+    return [t.tobytes() for t in sums], out.tobytes()
+
+
+@pytest.mark.parametrize("dtypes", [["BF16"] * 3, ["F16"] * 4, ["F32"] * 3])
+@pytest.mark.parametrize("with_base", [True, False])
+def test_held_unit_vectors_give_the_same_sums_and_bytes(dtypes, with_base):
+    """A tensor in one chunk: the unit vectors stored over the model rows by the dots pass
+    and read back by the later passes give the recomputed passes' sums and bytes (with
+    the edge values of ``test_ram._slot``), and the model rows then hold u_j as W."""
+    n = 3001
+    slot, rows = _slot(n, len(dtypes) - 1, dtypes, n)
+    _fill(slot, _finite(rows))  # finite: a NaN would make every element NaN
+    base_row = 0 if with_base else -1
+    mr = [r for r in range(len(dtypes)) if r != base_row]
+    weights = [0.5 + 0.25 * j for j in range(len(mr))]
+    want, sc = _merge(slot.copy(), dtypes, base_row, n, n, weights, True, 1e-8, dtypes[0])
+    sums_ref = []
+    for stage in range(4):  # the recomputed passes' totals
+        blocks = cpu_multislerp.msl_stats(slot.copy(), dtypes, base_row, mr, n, stage,
+                                          scalars(sums_ref, weights, True, 1e-8, dtypes[0]))
+        total = np.zeros(blocks.shape[1], np.float64)
+        cpu_stock.add_blocks(total, blocks)
+        sums_ref.append(total)
+    held_slot = slot.copy()
+    sums, got = _held_merge(held_slot, dtypes, base_row, n, weights)
+    assert sums == [t.tobytes() for t in sums_ref]
+    assert got == want
+    assert np.isfinite(ref.to_float32(np.frombuffer(got, {"F32": np.float32, "F16": np.float16,
+                                                          "BF16": np.uint16}[dtypes[0]]),
+                                      dtypes[0])).all()  # fmt: skip
+    assert not np.array_equal(held_slot[mr[0]], slot[mr[0]])  # the rows were rewritten
+    if with_base:
+        assert np.array_equal(held_slot[0], slot[0])  # the base row is left as read
+
+
+def test_held_unit_vectors_are_refused_where_they_do_not_fit():
+    n = 64
+    slot, _ = _slot(n, 2, ["BF16", "BF16", "F16"], n)  # W = F32: 4 bytes over 2-byte rows
+    sc = np.zeros(cpu_multislerp.n_scalars(2), np.float32)
+    with pytest.raises(ValueError, match="itemsize"):
+        cpu_multislerp.msl_stats(slot, ["BF16", "BF16", "F16"], 0, [1, 2], n, 2, sc,
+                                 held=cpu_multislerp.STORE_UNITS)  # fmt: skip
+    with pytest.raises(ValueError, match="does not go with stage"):
+        cpu_multislerp.msl_stats(slot, ["BF16"] * 3, 0, [1, 2], n, 1, sc,
+                                 held=cpu_multislerp.STORE_UNITS)  # fmt: skip
+
+
 def _mergekit(xs, weights, base=None, normalize=True, eps=1e-8):
     """mergekit 0.1.5's multislerp body (merge_methods/multislerp.py), torch."""
     import torch

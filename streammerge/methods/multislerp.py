@@ -108,6 +108,31 @@ def _skip(a, stage: int) -> bool:
     return stage >= 2 and _sc(a, stage)[3 * len(a.model_rows) + 4] != 0
 
 
+#: ``RowArgs.stats`` key: the address of the slot whose model rows hold the tensor's unit
+#: vectors (``cpu_multislerp.STORE_UNITS``).
+HELD = "msl_held"
+
+
+def _held(inputs, a, stage: int) -> int:
+    """The pass's ``held`` (``cpu_multislerp.msl_stats``). Only a tensor in one chunk, whose
+    passes all run on the same slot one after the other, holds its unit vectors: the dots
+    pass stores them over the model rows (read by nothing else: a sweep, whose outputs
+    would read the rows again, refuses multislerp, ``Method.weighted_stats``), and the
+    tangent and writing passes read them instead of recomputing the task vectors and the
+    divisions (the same values: SPEC "Multi-SLERP")."""
+    from streammerge.kernels import cpu_multislerp as cm
+    from streammerge.kernels.common import FLOAT_ITEMSIZE
+
+    size = FLOAT_ITEMSIZE[work_dtype_of(a)]
+    if stage < 2 or a.count != int(np.prod(a.shape)) \
+            or any(FLOAT_ITEMSIZE[a.dtypes[r]] != size for r in a.model_rows):  # fmt: skip
+        return cm.NO_HELD
+    if stage == 2:
+        a.stats[HELD] = inputs.ctypes.data
+        return cm.STORE_UNITS
+    return cm.HELD_UNITS if a.stats.get(HELD) == inputs.ctypes.data else cm.NO_HELD
+
+
 def _stats_cpu(stage: int):
     def run(inputs, out, a) -> None:
         from streammerge.kernels import cpu_multislerp, cpu_stock
@@ -116,7 +141,7 @@ def _stats_cpu(stage: int):
             return
         blocks = cpu_multislerp.msl_stats(inputs, list(a.dtypes), a.base_row,
                                           list(a.model_rows), a.count, stage, _sc(a, stage),
-                                          a.compute_dtype)  # fmt: skip
+                                          a.compute_dtype, _held(inputs, a, stage))  # fmt: skip
         cpu_stock.add_blocks(a.counts[0], blocks)
 
     return run
@@ -146,7 +171,8 @@ def _msl_cpu(inputs, out, a) -> None:
     from streammerge.kernels import cpu_multislerp
 
     cpu_multislerp.msl_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
-                             _sc(a, 4), out, a.out_dtype, a.compute_dtype)  # fmt: skip
+                             _sc(a, 4), out, a.out_dtype, a.compute_dtype,
+                             _held(inputs, a, 4))  # fmt: skip
 
 
 def _msl_triton(launch, inputs, out, a) -> None:
