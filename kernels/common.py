@@ -26,6 +26,18 @@ NUMPY_CARRIER: dict[str, np.dtype] = {
     "BF16": np.dtype(np.uint16),
 }
 
+#: ``held`` of a multi-pass row-wise kernel (multislerp, karcher) on a tensor in one chunk:
+#: the model rows hold the inputs as read (NO_HELD); the pass stores the unit vectors u_j
+#: over them, as the working dtype W (STORE_UNITS); or they hold u_j (HELD_UNITS).
+NO_HELD, STORE_UNITS, HELD_UNITS = 0, 1, 2
+
+
+def held_units_fit(work: str, dtypes, model_rows) -> bool:
+    """Whether unit vectors in W fit over the model rows in place: each element of W over
+    an element of the row's own dtype (the same itemsize; else a block's writes would land
+    on elements another thread has not read yet)."""
+    return all(FLOAT_ITEMSIZE[dtypes[r]] == FLOAT_ITEMSIZE[work] for r in model_rows)
+
 
 def low_bits_vary(work: str | None) -> bool:
     """Whether the 32-bit order keys of values in the working dtype ``work`` (TIES'

@@ -24,10 +24,13 @@ element order into the pass's accumulators (SPEC's reductions: torch's 8-lane fl
 
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
-from .common import FLOAT_CODES, FLOAT_ITEMSIZE
+from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -69,7 +72,7 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 @numba.njit(inline="always")
 def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
                 skip, cs, sn, nt, un, unapply, s32, vals, first, held, held_state, keep,
-                lo):  # fmt: skip
+                lo, have_units):  # fmt: skip
     # vals: the products of this block at columns first .. first + m - 1
     """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
     says why). Returns True when ``u`` holds the output values.
@@ -78,9 +81,10 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
     block): ``held_state`` 2 r, the iterate after r rounds; 2 r + 1, round r's stepped
     iterate before its division by its norm; -1: none, start from the inputs. ``keep``:
     store the iterate there, after ``full`` rounds (stage 2, state 2 full) or stepped in
-    round ``full`` (stage 4, state 2 full + 1)."""
+    round ``full`` (stage 4, state 2 full + 1). ``have_units``: ``units`` already holds the
+    unit vectors (decoded from held rows), not x the inputs."""
     n_models = x.shape[0]
-    for j in range(n_models):
+    for j in range(n_models if not have_units else 0):
         xj = x[j]
         for i in range(m):
             xj[i] = round_work(xj[i], w)
@@ -91,7 +95,7 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
             for i in range(m):
                 dst[i] = xj[i] * xj[i]
         return False
-    for j in range(n_models):
+    for j in range(n_models if not have_units else 0):
         if n32[j] != np.float32(0.0):
             xj, unit, nj = x[j], units[j], n32[j]
             for i in range(m):
@@ -161,27 +165,36 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code,
-                 held_state, keep, x, units, u, T):  # fmt: skip
+                 held_state, keep, units_mode, x, units, u, T):  # fmt: skip
     """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
     columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``).
-    Scratch (float32, the caller's, reused block after block): x, units [N, STOCK_BLOCK]
-    (units zeroed once: a zero-norm model's stays 0), u, T [STOCK_BLOCK]."""
+    ``units_mode`` (``karcher_pass``'s ``units``): STORE_UNITS writes the unit vectors over
+    the model rows as W, HELD_UNITS reads them there. Scratch (float32, the caller's, reused
+    block after block): x, units [N, STOCK_BLOCK] (units zeroed once: a zero-norm model's
+    stays 0), u, T [STOCK_BLOCK]."""
     n_models = model_rows.shape[0]
     u[:m] = np.float32(0.0)
-    for j in range(n_models):
-        _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
+    have = units_mode == HELD_UNITS
+    for j in range(n_models):  # W values stored as W: the decode of held units is exact
+        if have:
+            _decode_block(inputs[model_rows[j]], w, first, m, units[j])
+        else:
+            _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first)  # fmt: skip
+                           held_state, keep, first, have)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first)  # fmt: skip
+                           held_state, keep, first, have)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
                            dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first)  # fmt: skip
+                           held_state, keep, first, have)  # fmt: skip
+    if units_mode == STORE_UNITS:  # each block rewrites only its own elements: no race
+        for j in range(n_models):
+            _encode_block(units[j], w, first, m, inputs[model_rows[j]])
     if done:
         _encode_block(u, out_code, first, m, out)
 
@@ -189,7 +202,7 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
                   m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
-                  held_state, keep, n_parts):  # fmt: skip
+                  held_state, keep, units_mode, n_parts):  # fmt: skip
     # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo.
     # Parts of contiguous blocks, each with its scratch made once (not once a block).
     n_blocks = (n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK
@@ -205,8 +218,8 @@ def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, 
             vo = b * STOCK_BLOCK
             _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
                          stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt,
-                         un, unapply, s32, vals, vo, out, out_code, held_state, keep, x,
-                         units, u, T)  # fmt: skip
+                         un, unapply, s32, vals, vo, out, out_code, held_state, keep,
+                         units_mode, x, units, u, T)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -237,9 +250,23 @@ def _held_row(held, prog, n: int) -> tuple[np.ndarray, int, bool]:
     return row, int(state), bool(keep)
 
 
+def _units_mode(units: int, stage: int, dtypes: list[str], model_rows: list[int],
+                work: str) -> int:  # fmt: skip
+    """``units`` checked against the stage and the rows (u_j, W values, stored over a model
+    row as W: its elements must have W's itemsize, ``common.held_units_fit``)."""
+    if units == NO_HELD:
+        return units
+    if not ((units == STORE_UNITS and stage == 1) or (units == HELD_UNITS and stage >= 2)):
+        raise ValueError(f"units {units} does not go with stage {stage}: the mean's pass (1) "
+                         "stores the unit vectors, the passes after it (2 .. 5) read them")
+    if not held_units_fit(work, dtypes, model_rows):
+        raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
+    return units
+
+
 def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
                  prog, stage: int, out: np.ndarray | None = None, out_dtype: str = "F32",
-                 held: tuple | None = None) -> np.ndarray | None:  # fmt: skip
+                 held: tuple | None = None, units: int = NO_HELD) -> np.ndarray | None:  # fmt: skip
     """One pass of the chain over ``n`` elements (SPEC "Karcher mean").
 
     Args:
@@ -251,14 +278,19 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
             iterate, not yet divided by its norm; -1: nothing yet), from which the pass
             continues instead of recomputing the rounds from the inputs (the same values
             bit for bit); ``keep``: store the iterate in it, after ``prog.full`` rounds
-            (stage 2: state 2 full) or stepped (stage 4: state 2 full + 1). The writing pass may hold it in ``out`` itself (element i of both at the
-            same bytes: W's itemsize is the output's). None: recompute every round.
+            (stage 2: state 2 full) or stepped (stage 4: state 2 full + 1). The writing
+            pass may hold it in ``out`` itself (element i of both at the same bytes: W's
+            itemsize is the output's). None: recompute every round.
+        units: ``common.NO_HELD``; ``STORE_UNITS`` (stage 1): store the unit vectors
+            u_j = rW(rW(x_j) / n_j) over the model rows, as W; ``HELD_UNITS`` (stages 2 ..
+            5): the model rows hold them (no decode of the inputs, no division).
 
     Raises:
-        ValueError: bad rows, dtypes, output or held row.
+        ValueError: bad rows, dtypes, output, held row or ``units``.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
+    um = _units_mode(units, stage, dtypes, model_rows, prog.work)
     if stage == 5:
         co = _checked(out, out_dtype, n, "out")
         if held is not None and (held_row is not out
@@ -266,40 +298,61 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
             raise ValueError("the writing pass's held iterate must be out, with the output's "
                              "itemsize")  # fmt: skip
         _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32), out, co,
-                   rounds, False)  # fmt: skip
+                   rounds, False, um)  # fmt: skip
         return None
     vals = np.zeros((len(model_rows), n), np.float32)
-    _run_chain(inputs, codes, mr, 0, n, prog, stage, vals, held_row, 0, rounds, keep)
+    _run_chain(inputs, codes, mr, 0, n, prog, stage, vals, held_row, 0, rounds, keep, um)
     return vals
 
 
 def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int, prog,
-                 stage: int, acc: tuple, held: tuple | None = None) -> None:  # fmt: skip
+                 stage: int, acc: tuple, held: tuple | None = None,
+                 units: int = NO_HELD) -> None:  # fmt: skip
     """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), in
     pieces of PIECE elements (the products of a piece at a time: memory stays small however
-    large the chunk; the sums are the same, added in element order). ``held``: as
-    ``karcher_pass``.
+    large the chunk; the sums are the same, added in element order). ``held``, ``units``:
+    as ``karcher_pass``.
 
     Raises:
-        ValueError: bad rows, dtypes or held row.
+        ValueError: bad rows, dtypes, held row or ``units``.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
-    buf = np.zeros(len(model_rows) * min(n, PIECE), np.float32)
-    for lo in range(0, n, PIECE):
-        hi = min(n, lo + PIECE)
-        part = buf[: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
-        _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, held_row, 0, rounds, keep)
-        accumulate(acc, part, stage)
+    um = _units_mode(units, stage, dtypes, model_rows, prog.work)
+    q = len(model_rows) * min(n, PIECE)
+    bufs = (np.zeros(q, np.float32), np.zeros(q, np.float32) if n > PIECE else None)
+    pending = None  # the dots' float64 sums are one dependent chain of adds (one thread):
+    try:  # the next piece's products are computed meanwhile, into the other buffer
+        for k, lo in enumerate(range(0, n, PIECE)):
+            hi = min(n, lo + PIECE)
+            part = bufs[k % 2][: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
+            _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, held_row, 0, rounds, keep,
+                       um)  # fmt: skip
+            if pending is not None:
+                pending.result()
+            if stage == 2 and n > PIECE:
+                pending = _summer().submit(accumulate, acc, part, stage)
+            else:
+                pending = None
+                accumulate(acc, part, stage)
+    finally:
+        if pending is not None:
+            pending.result()
+
+
+@functools.cache
+def _summer() -> ThreadPoolExecutor:
+    """The one worker thread that adds a dots pass's products (``karcher_sums``)."""
+    return ThreadPoolExecutor(1, thread_name_prefix="karcher-sums")
 
 
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
-               keep=False) -> None:  # fmt: skip
+               keep=False, units=NO_HELD) -> None:  # fmt: skip
     if hi > lo:
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
-                      prog.s32, vals, out, co, np.int64(rounds), keep,
+                      prog.s32, vals, out, co, np.int64(rounds), keep, np.int64(units),
                       np.int64(launch_parts()))  # fmt: skip
 
 

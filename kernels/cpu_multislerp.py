@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .common import FLOAT_ITEMSIZE
+from .common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -34,9 +34,6 @@ from .cpu_rows import _checked, _tree
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
-#: ``held`` of a pass: the model rows hold the inputs (none), the pass stores the unit
-#: vectors u_j over them (the dots pass), or they hold u_j (the passes after it).
-NO_HELD, STORE_UNITS, HELD_UNITS = 0, 1, 2
 
 
 def n_scalars(n_models: int) -> int:
@@ -231,8 +228,7 @@ def _held_mode(held: int, stage: int, dtypes: list[str], model_rows: list[int],
     if (held, stage) not in ((STORE_UNITS, 2), (HELD_UNITS, 3), (HELD_UNITS, 4)):
         raise ValueError(f"held {held} does not go with stage {stage}: the dots pass (2) "
                          "stores the unit vectors, the passes after it (3, 4) read them")
-    size = {F32: 4, F16: 2, BF16: 2}[w_code]
-    if any(FLOAT_ITEMSIZE[dtypes[r]] != size for r in model_rows):
+    if not held_units_fit({F32: "F32", F16: "F16", BF16: "BF16"}[w_code], dtypes, model_rows):
         raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
     return held
 

@@ -14,6 +14,7 @@ import pytest
 import spec_reference as ref
 from conftest import as_numpy, load_dir, make_trio, output_bytes, run_cli
 from streammerge.kernels import cpu_karcher
+from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 
 from streammerge.methods.karcher import PASSES, program
 
@@ -61,7 +62,9 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
     """Every pass over the rows in chunks of ``chunk`` elements (whole blocks), as the
     pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba.
     ``held``: one chunk, the iterate held in the output bytes between passes (each round's
-    dots pass stores it, the later passes continue from it: ``methods.karcher._held``)."""
+    dots pass stores it, the later passes continue from it: ``methods.karcher._held``), and
+    the unit vectors over the model rows of one slot where they fit (the mean's pass stores
+    them, the later passes read them: ``methods.karcher._units``)."""
     nm = len(rows)
     w = [1.0] * nm if w is None else w
     work = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
@@ -69,6 +72,13 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
     assert not held or (chunk >= n and ITEM[work] == ITEM[do])
     rounds = -1
     sums = {}
+    one = _slot(rows) if held and held_units_fit(work, dtypes, range(nm)) else None
+
+    def units(stage):
+        if one is None or stage < 1:
+            return NO_HELD
+        return STORE_UNITS if stage == 1 else HELD_UNITS
+
     for op in PASSES:
         acc = cpu_karcher.zero_accumulators(nm)
         for lo in range(0, n, chunk):
@@ -85,14 +95,15 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
                     cpu_karcher.accumulate(acc, vals, stage)
             elif stage == 5:
                 h = (o, rounds, False) if held and rounds >= 0 else None
-                cpu_karcher.karcher_pass(_slot(rows, lo, m), dtypes, list(range(nm)), m, pr, 5,
-                                         o, do, h)  # fmt: skip
+                cpu_karcher.karcher_pass(_slot(rows, lo, m) if one is None else one, dtypes,
+                                         list(range(nm)), m, pr, 5, o, do, h, units(5))  # fmt: skip
             else:
                 h = None
                 if held and stage >= 2 and (stage in (2, 4) or rounds >= 0):
                     h = (o, rounds, stage in (2, 4))
                 cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
-                    _slot(rows, lo, m), dtypes, list(range(nm)), m, pr, stage, held=h), stage)
+                    _slot(rows, lo, m) if one is None else one, dtypes, list(range(nm)), m, pr,
+                    stage, held=h, units=units(stage)), stage)  # fmt: skip
                 if h is not None and stage in (2, 4):  # the held iterate's state
                     rounds = 2 * pr.full + (stage == 4)
         sums[op] = acc

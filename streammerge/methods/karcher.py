@@ -203,6 +203,27 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     return out, state, keep
 
 
+#: ``RowArgs.stats`` key of the slot whose model rows hold the unit vectors (its address).
+UNITS = "karcher_units"
+
+
+def _units(inputs, a, pr: Program, stage: int) -> int:
+    """The pass's ``units`` (``cpu_karcher.karcher_pass``). Only a tensor in one chunk (as
+    ``_held``) holds its unit vectors: the mean's pass stores them over the model rows
+    (read by nothing else: a sweep, whose outputs would read the rows again, refuses
+    karcher, ``Method.weighted_stats``), and every later pass reads them instead of
+    decoding the inputs and dividing by the norms (the same values: SPEC "Karcher mean")."""
+    from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+
+    if stage < 1 or a.count != int(np.prod(a.shape)) \
+            or not held_units_fit(pr.work, a.dtypes, a.model_rows):  # fmt: skip
+        return NO_HELD
+    if stage == 1:
+        a.stats[UNITS] = inputs.ctypes.data
+        return STORE_UNITS
+    return HELD_UNITS if a.stats.get(UNITS) == inputs.ctypes.data else NO_HELD
+
+
 def _pass_cpu(inputs, out, a) -> None:
     """One statistics pass: each block's sums, added into ``a.counts[0]`` left to right."""
     from streammerge.kernels import cpu_karcher
@@ -212,7 +233,7 @@ def _pass_cpu(inputs, out, a) -> None:
         return
     held = _held(out, a, pr, stage) if stage >= 2 else None
     cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
-                             a.counts, held)  # fmt: skip
+                             a.counts, held, _units(inputs, a, pr, stage))  # fmt: skip
 
 
 def _karcher_cpu(inputs, out, a) -> None:
@@ -224,7 +245,7 @@ def _karcher_cpu(inputs, out, a) -> None:
         out[...] = 0
         return
     cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
-                             a.out_dtype, _held(out, a, pr, 5))  # fmt: skip
+                             a.out_dtype, _held(out, a, pr, 5), _units(inputs, a, pr, 5))  # fmt: skip
 
 
 def _models(launch, inputs, a) -> list:

@@ -120,17 +120,15 @@ def _held(inputs, a, stage: int) -> int:
     would read the rows again, refuses multislerp, ``Method.weighted_stats``), and the
     tangent and writing passes read them instead of recomputing the task vectors and the
     divisions (the same values: SPEC "Multi-SLERP")."""
-    from streammerge.kernels import cpu_multislerp as cm
-    from streammerge.kernels.common import FLOAT_ITEMSIZE
+    from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 
-    size = FLOAT_ITEMSIZE[work_dtype_of(a)]
     if stage < 2 or a.count != int(np.prod(a.shape)) \
-            or any(FLOAT_ITEMSIZE[a.dtypes[r]] != size for r in a.model_rows):  # fmt: skip
-        return cm.NO_HELD
+            or not held_units_fit(work_dtype_of(a), a.dtypes, a.model_rows):  # fmt: skip
+        return NO_HELD
     if stage == 2:
         a.stats[HELD] = inputs.ctypes.data
-        return cm.STORE_UNITS
-    return cm.HELD_UNITS if a.stats.get(HELD) == inputs.ctypes.data else cm.NO_HELD
+        return STORE_UNITS
+    return HELD_UNITS if a.stats.get(HELD) == inputs.ctypes.data else NO_HELD
 
 
 def _stats_cpu(stage: int):

@@ -125,28 +125,24 @@ def _hist_cpu(inputs, out, a) -> None:
 
 
 def _energy_cpu(inputs, out, a) -> None:
-    from streammerge.kernels import cpu_sce
+    from streammerge.kernels import cpu_sce, cpu_stock
 
     keep_all, thr = selection(a)
     blocks = cpu_sce.sce_energy(inputs, list(a.dtypes), a.base_row, list(a.model_rows),
                                 a.count, keep_all, thr, a.compute_dtype)  # fmt: skip
-    total = a.counts[0]
-    for row in blocks:  # the blocks left to right (SPEC's order)
-        total += row
+    cpu_stock.add_blocks(a.counts[0], blocks)  # the blocks left to right (SPEC's order)
     a.counts[1][0] += a.count
 
 
 def _energy_triton(launch, inputs, out, a) -> None:
-    from streammerge.kernels import triton_sce
+    from streammerge.kernels import cpu_stock, triton_sce
 
     keep_all, thr = selection(a)
     n = a.count
     base = launch.typed(inputs[a.base_row], a.dtypes[a.base_row], n)
     models = [launch.typed(inputs[r], a.dtypes[r], n) for r in a.model_rows]
     blocks = triton_sce.sce_energy_triton(base, models, n, keep_all, thr, a.compute_dtype)
-    total = a.counts[0]
-    for row in blocks.cpu().numpy():  # the blocks left to right (SPEC's order)
-        total += row
+    cpu_stock.add_blocks(a.counts[0], blocks.cpu().numpy())  # left to right (SPEC's order)
     a.counts[1][0] += a.count
 
 
