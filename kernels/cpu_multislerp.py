@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+from .common import FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -34,6 +34,10 @@ from .cpu_rows import _checked, _tree
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
+
+
+#: The working dtype's name by its code.
+_W_NAME = {F32: "F32", F16: "F16", BF16: "BF16"}
 
 
 def n_scalars(n_models: int) -> int:
@@ -79,10 +83,11 @@ def _block_squares(p, src, m):
 
 
 @numba.njit(inline="always")
-def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units):
+def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units, have_mh):
     """One block of stage ``stage`` with the working dtype ``c`` a constant (so the loops
     vectorize: ``cpu_loops``). Returns True when ``acc`` holds the merged value. ``units``:
-    v already holds the unit vectors u_j (held, ``HELD_UNITS``), not v_j."""
+    v already holds the unit vectors u_j (held, ``HELD_UNITS``), not v_j; ``have_mh``: acc
+    already holds the normalized mean mh (stages 3, 4)."""
     nm = v.shape[0]
     if stage == 0:  # sums of v_j^2 (exact float64 products)
         for j in range(nm):
@@ -107,20 +112,21 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units):
         d = sc[nm + j]
         for i in range(m):
             row[i] = round_work(row[i] / d, c)
-    # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
-    for j in range(nm):
-        row = v[j]
-        wj = sc[j]
+    if not have_mh:
+        # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
+        for j in range(nm):
+            row = v[j]
+            wj = sc[j]
+            for i in range(m):
+                acc[i] = acc[i] + round_work(row[i] * wj, c)
         for i in range(m):
-            acc[i] = acc[i] + round_work(row[i] * wj, c)
-    for i in range(m):
-        acc[i] = round_work(acc[i], c)
-    if stage == 1:
-        sums_k[0] = _block_squares(p, acc, m)
-        return False
-    mn = sc[2 * nm]
-    for i in range(m):  # mh = rW(m / mn)
-        acc[i] = round_work(acc[i] / mn, c)
+            acc[i] = round_work(acc[i], c)
+        if stage == 1:
+            sums_k[0] = _block_squares(p, acc, m)
+            return False
+        mn = sc[2 * nm]
+        for i in range(m):  # mh = rW(m / mn)
+            acc[i] = round_work(acc[i] / mn, c)
     if stage == 2:  # sums of rW(u_j * mh) (float32 values of W, exact in float64)
         for j in range(nm):
             row = v[j]
@@ -153,11 +159,12 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units):
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _msl_block(inputs, codes, base_row, model_rows, first, m, stage, sc, w_code, sums_k, out,
-               out_code, held, xb, v, acc, tmp, p):  # fmt: skip
+               out_code, held, mh, xb, v, acc, tmp, p):  # fmt: skip
     """One block (elements first .. first + m - 1) of stage ``stage`` (SPEC "Multi-SLERP"):
     its sums into ``sums_k``, or the merged value into the raw byte row ``out``. ``held``
     (``msl_stats``): 1 store the unit vectors over the model rows, 2 the model rows hold
-    them. Scratch (the caller's, reused block after block): xb, acc, tmp float32
+    them; with a raw byte row ``mh`` (size 0: none) the normalized mean too, as W.
+    Scratch (the caller's, reused block after block): xb, acc, tmp float32
     [MSL_BLOCK], v float32 [N, MSL_BLOCK], p float64 [MSL_BLOCK]."""
     acc[:] = np.float32(0.0)  # the sums of the stages start from +0.0
     tmp[:] = np.float32(0.0)
@@ -171,22 +178,27 @@ def _msl_block(inputs, codes, base_row, model_rows, first, m, stage, sc, w_code,
     else:
         _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v)
     units = held == HELD_UNITS
+    have_mh = units and mh.size > 0
+    if have_mh:
+        _decode_block(mh, w_code, first, m, acc)
     if w_code == BF16:
-        done = _msl_body(v, xb, hb, m, stage, sc, BF16, sums_k, acc, tmp, p, units)
+        done = _msl_body(v, xb, hb, m, stage, sc, BF16, sums_k, acc, tmp, p, units, have_mh)
     elif w_code == F16:
-        done = _msl_body(v, xb, hb, m, stage, sc, F16, sums_k, acc, tmp, p, units)
+        done = _msl_body(v, xb, hb, m, stage, sc, F16, sums_k, acc, tmp, p, units, have_mh)
     else:
-        done = _msl_body(v, xb, hb, m, stage, sc, F32, sums_k, acc, tmp, p, units)
+        done = _msl_body(v, xb, hb, m, stage, sc, F32, sums_k, acc, tmp, p, units, have_mh)
     if held == STORE_UNITS:  # each block rewrites only its own elements: no race
         for j in range(model_rows.shape[0]):
             _encode_block(v[j], w_code, first, m, inputs[model_rows[j]])
+        if mh.size > 0:
+            _encode_block(acc, w_code, first, m, mh)
     if done:
         _encode_block(acc, out_code, first, m, out)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums, out, out_code,
-                held, n_parts):  # fmt: skip
+                held, mh, n_parts):  # fmt: skip
     # Parts of contiguous blocks, each with its scratch made once (not five allocations per
     # 1024-element block: ~5 % of a pass on one thread).
     n_blocks = (n + MSL_BLOCK - 1) // MSL_BLOCK
@@ -203,7 +215,7 @@ def _msl_kernel(inputs, codes, base_row, model_rows, n, stage, sc, w_code, sums,
             first = k * MSL_BLOCK
             _msl_block(inputs, codes, base_row, model_rows, first, min(MSL_BLOCK, n - first),
                        stage, sc, w_code, sums[min(np.int64(k), np.int64(sums.shape[0] - 1))],
-                       out, out_code, held, xb, v, acc, tmp, p)  # fmt: skip
+                       out, out_code, held, mh, xb, v, acc, tmp, p)  # fmt: skip
 
 
 def _slot_any(inputs, dtypes, base_row, model_rows, n, work):
@@ -228,14 +240,24 @@ def _held_mode(held: int, stage: int, dtypes: list[str], model_rows: list[int],
     if (held, stage) not in ((STORE_UNITS, 2), (HELD_UNITS, 3), (HELD_UNITS, 4)):
         raise ValueError(f"held {held} does not go with stage {stage}: the dots pass (2) "
                          "stores the unit vectors, the passes after it (3, 4) read them")
-    if not held_units_fit({F32: "F32", F16: "F16", BF16: "BF16"}[w_code], dtypes, model_rows):
+    if not held_units_fit(_W_NAME[w_code], dtypes, model_rows):
         raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
     return held
 
 
+def _mh_row(mh, held: int, w_code: int, n: int) -> np.ndarray:
+    """The raw byte row holding the normalized mean (``mh``), or an empty one."""
+    if mh is None:
+        return np.zeros(0, np.uint8)
+    if held == NO_HELD:
+        raise ValueError("a held mean goes with held unit vectors")
+    _checked(mh, _W_NAME[w_code], n, "held mean")
+    return mh
+
+
 def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
               n: int, stage: int, sc: np.ndarray, work: str | None = None,
-              held: int = NO_HELD) -> np.ndarray:  # fmt: skip
+              held: int = NO_HELD, mh: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """The per-block sums of statistics stage ``stage`` (0..3) of ``n`` elements (SPEC
     "Multi-SLERP"; ``sc``: the scalars of the earlier stages).
 
@@ -244,6 +266,8 @@ def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
             over the model rows, as W (a tensor in one chunk: its later passes skip the
             task vectors and the divisions); HELD_UNITS (stage 3): the model rows hold
             them. The sums are the same bit for bit.
+        mh: with ``held``, a raw byte row of n elements of W where the dots pass stores the
+            normalized mean mh and the tangent pass reads it (None: recomputed).
 
     Returns:
         float64 array [ceil(n / MSL_BLOCK), stage_width(stage, N)]: each block's sums.
@@ -256,22 +280,26 @@ def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
     held = _held_mode(held, stage, dtypes, model_rows, w_code)
+    mh = _mh_row(mh, held, w_code, n)
     sums = np.zeros(((n + MSL_BLOCK - 1) // MSL_BLOCK, stage_width(stage, len(model_rows))),
                     np.float64)  # fmt: skip
     if n:
         _msl_kernel(inputs, codes, base_row, mr, n, stage, sc, w_code, sums,
-                    np.zeros(1, np.uint8), 0, held, launch_parts())  # fmt: skip
+                    np.zeros(1, np.uint8), 0, held, mh, launch_parts())  # fmt: skip
     return sums
 
 
 def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: list[int],
               n: int, sc: np.ndarray, out: np.ndarray, out_dtype: str,
-              work: str | None = None, held: int = NO_HELD) -> None:  # fmt: skip
+              work: str | None = None, held: int = NO_HELD,
+              mh: np.ndarray | None = None) -> None:  # fmt: skip
     """The merged value of ``n`` elements into the raw byte row ``out`` (SPEC "Multi-SLERP").
 
     Args:
         sc: float32 [3N + 5]: the tensor's scalars (``streammerge.methods.multislerp``).
         held: HELD_UNITS: the model rows hold the unit vectors (``msl_stats``).
+        mh: ``out`` itself when it holds the normalized mean (``msl_stats``; element i of
+            both at the same bytes: the output dtype has W's itemsize).
 
     Raises:
         ValueError: bad rows, dtypes, scalars, output or ``held``.
@@ -280,9 +308,12 @@ def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
     sc = _scalars(sc, len(model_rows))
     held = _held_mode(held, 4, dtypes, model_rows, w_code)
     co = _checked(out, out_dtype, n, "out")
+    mh = _mh_row(mh, held, w_code, n)
+    if mh.size and (mh is not out or FLOAT_ITEMSIZE[out_dtype] != FLOAT_ITEMSIZE[_W_NAME[w_code]]):
+        raise ValueError("the writing pass's held mean must be out, with W's itemsize")
     if n:
         _msl_kernel(inputs, codes, base_row, mr, n, 4, sc, w_code, np.zeros((1, 1), np.float64),
-                    out, co, held, launch_parts())  # fmt: skip
+                    out, co, held, mh, launch_parts())  # fmt: skip
 
 
 def warmup() -> None:

@@ -95,28 +95,32 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, with
             assert _same(outs[0], res, do)
 
 
-def _held_merge(slot, dtypes, base_row, n, weights):
+def _held_merge(slot, dtypes, base_row, n, weights, with_mh):
     """``_merge`` in one chunk with the unit vectors held in the model rows (the dots pass
-    stores them, the tangent and writing passes read them): (sums, merged bytes)."""
+    stores them, the tangent and writing passes read them) and, ``with_mh``, the normalized
+    mean in the output bytes: (sums, merged bytes)."""
     mr = [r for r in range(len(dtypes)) if r != base_row]
     W, sums = _work(dtypes), []
     held = {2: cpu_multislerp.STORE_UNITS, 3: cpu_multislerp.HELD_UNITS}
+    out = np.zeros(n * ITEM[W], np.uint8)
     for stage in range(4):
         sc = scalars(sums, weights, True, 1e-8, W)
-        blocks = cpu_multislerp.msl_stats(slot, dtypes, base_row, mr, n, stage, sc,
-                                          held=held.get(stage, cpu_multislerp.NO_HELD))
+        h = held.get(stage, cpu_multislerp.NO_HELD)
+        blocks = cpu_multislerp.msl_stats(slot, dtypes, base_row, mr, n, stage, sc, held=h,
+                                          mh=out if with_mh and stage >= 2 else None)
         total = np.zeros(blocks.shape[1], np.float64)
         cpu_stock.add_blocks(total, blocks)
         sums.append(total)
-    out = np.zeros(n * ITEM[W], np.uint8)
     cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, scalars(sums, weights, True, 1e-8, W),
-                             out, W, held=cpu_multislerp.HELD_UNITS)  # fmt: skip
+                             out, W, held=cpu_multislerp.HELD_UNITS,
+                             mh=out if with_mh else None)  # fmt: skip
     return [t.tobytes() for t in sums], out.tobytes()
 
 
 @pytest.mark.parametrize("dtypes", [["BF16"] * 3, ["F16"] * 4, ["F32"] * 3])
 @pytest.mark.parametrize("with_base", [True, False])
-def test_held_unit_vectors_give_the_same_sums_and_bytes(dtypes, with_base):
+@pytest.mark.parametrize("with_mh", [True, False])
+def test_held_unit_vectors_give_the_same_sums_and_bytes(dtypes, with_base, with_mh):
     """A tensor in one chunk: the unit vectors stored over the model rows by the dots pass
     and read back by the later passes give the recomputed passes' sums and bytes (with
     the edge values of ``test_ram._slot``), and the model rows then hold u_j as W."""
@@ -135,7 +139,7 @@ def test_held_unit_vectors_give_the_same_sums_and_bytes(dtypes, with_base):
         cpu_stock.add_blocks(total, blocks)
         sums_ref.append(total)
     held_slot = slot.copy()
-    sums, got = _held_merge(held_slot, dtypes, base_row, n, weights)
+    sums, got = _held_merge(held_slot, dtypes, base_row, n, weights, with_mh)
     assert sums == [t.tobytes() for t in sums_ref]
     assert got == want
     assert np.isfinite(ref.to_float32(np.frombuffer(got, {"F32": np.float32, "F16": np.float16,
@@ -156,6 +160,13 @@ def test_held_unit_vectors_are_refused_where_they_do_not_fit():
     with pytest.raises(ValueError, match="does not go with stage"):
         cpu_multislerp.msl_stats(slot, ["BF16"] * 3, 0, [1, 2], n, 1, sc,
                                  held=cpu_multislerp.STORE_UNITS)  # fmt: skip
+    with pytest.raises(ValueError, match="goes with held unit vectors"):
+        cpu_multislerp.msl_stats(slot, ["BF16"] * 3, 0, [1, 2], n, 2, sc,
+                                 mh=np.zeros(2 * n, np.uint8))  # fmt: skip
+    out = np.zeros(2 * n, np.uint8)
+    with pytest.raises(ValueError, match="must be out"):
+        cpu_multislerp.msl_chunk(slot, ["BF16"] * 3, 0, [1, 2], n, sc, out, "BF16",
+                                 held=cpu_multislerp.HELD_UNITS, mh=out.copy())  # fmt: skip
 
 
 def _mergekit(xs, weights, base=None, normalize=True, eps=1e-8):

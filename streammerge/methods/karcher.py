@@ -245,7 +245,8 @@ def _karcher_cpu(inputs, out, a) -> None:
         out[...] = 0
         return
     cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
-                             a.out_dtype, _held(out, a, pr, 5), _units(inputs, a, pr, 5))  # fmt: skip
+                             a.out_dtype, _held(out, a, pr, 5),
+                             _units(inputs, a, pr, 5))  # fmt: skip
 
 
 def _models(launch, inputs, a) -> list:

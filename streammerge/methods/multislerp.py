@@ -108,27 +108,37 @@ def _skip(a, stage: int) -> bool:
     return stage >= 2 and _sc(a, stage)[3 * len(a.model_rows) + 4] != 0
 
 
-#: ``RowArgs.stats`` key: the address of the slot whose model rows hold the tensor's unit
-#: vectors (``cpu_multislerp.STORE_UNITS``).
+#: ``RowArgs.stats`` key: (the address of the slot whose model rows hold the tensor's unit
+#: vectors, that of the output bytes holding its normalized mean or None)
+#: (``cpu_multislerp.msl_stats``' ``held``, ``mh``).
 HELD = "msl_held"
 
 
-def _held(inputs, a, stage: int) -> int:
-    """The pass's ``held`` (``cpu_multislerp.msl_stats``). Only a tensor in one chunk, whose
-    passes all run on the same slot one after the other, holds its unit vectors: the dots
-    pass stores them over the model rows (read by nothing else: a sweep, whose outputs
-    would read the rows again, refuses multislerp, ``Method.weighted_stats``), and the
-    tangent and writing passes read them instead of recomputing the task vectors and the
-    divisions (the same values: SPEC "Multi-SLERP")."""
-    from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+def _held(inputs, out, a, stage: int) -> tuple[int, np.ndarray | None]:
+    """The pass's ``held`` and ``mh`` (``cpu_multislerp.msl_stats``). Only a tensor in one
+    chunk, whose passes all run on the same slot one after the other, holds its unit
+    vectors: the dots pass stores them over the model rows (read by nothing else: a sweep,
+    whose outputs would read the rows again, refuses multislerp, ``Method.weighted_stats``),
+    and the normalized mean in the slot's output bytes (unused until the writing pass, which
+    writes each element over its own mean) when the output dtype has W's itemsize; the
+    tangent and writing passes read them instead of recomputing the task vectors, the
+    divisions and the mean (the same values: SPEC "Multi-SLERP")."""
+    from streammerge.kernels.common import (FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS,
+                                            held_units_fit)  # fmt: skip
 
+    work = work_dtype_of(a)
     if stage < 2 or a.count != int(np.prod(a.shape)) \
-            or not held_units_fit(work_dtype_of(a), a.dtypes, a.model_rows):  # fmt: skip
-        return NO_HELD
+            or not held_units_fit(work, a.dtypes, a.model_rows):  # fmt: skip
+        return NO_HELD, None
     if stage == 2:
-        a.stats[HELD] = inputs.ctypes.data
-        return STORE_UNITS
-    return HELD_UNITS if a.stats.get(HELD) == inputs.ctypes.data else NO_HELD
+        fits = out.ndim == 1 and FLOAT_ITEMSIZE[a.out_dtype] == FLOAT_ITEMSIZE[work] \
+            and out.nbytes >= a.count * FLOAT_ITEMSIZE[work]  # fmt: skip
+        a.stats[HELD] = (inputs.ctypes.data, out.ctypes.data if fits else None)
+        return STORE_UNITS, out if fits else None
+    st = a.stats.get(HELD)
+    if st is None or st[0] != inputs.ctypes.data:
+        return NO_HELD, None
+    return HELD_UNITS, out if st[1] == out.ctypes.data else None
 
 
 def _stats_cpu(stage: int):
@@ -137,9 +147,10 @@ def _stats_cpu(stage: int):
 
         if _skip(a, stage):
             return
+        held, mh = _held(inputs, out, a, stage)
         blocks = cpu_multislerp.msl_stats(inputs, list(a.dtypes), a.base_row,
                                           list(a.model_rows), a.count, stage, _sc(a, stage),
-                                          a.compute_dtype, _held(inputs, a, stage))  # fmt: skip
+                                          a.compute_dtype, held, mh)  # fmt: skip
         cpu_stock.add_blocks(a.counts[0], blocks)
 
     return run
@@ -170,7 +181,7 @@ def _msl_cpu(inputs, out, a) -> None:
 
     cpu_multislerp.msl_chunk(inputs, list(a.dtypes), a.base_row, list(a.model_rows), a.count,
                              _sc(a, 4), out, a.out_dtype, a.compute_dtype,
-                             _held(inputs, a, 4))  # fmt: skip
+                             *_held(inputs, out, a, 4))  # fmt: skip
 
 
 def _msl_triton(launch, inputs, out, a) -> None:
