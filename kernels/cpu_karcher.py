@@ -321,16 +321,19 @@ def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
     um = _units_mode(units, stage, dtypes, model_rows, prog.work)
     q = len(model_rows) * min(n, PIECE)
     bufs = (np.zeros(q, np.float32), np.zeros(q, np.float32) if n > PIECE else None)
-    pending = None  # the dots' float64 sums are one dependent chain of adds (one thread):
-    try:  # the next piece's products are computed meanwhile, into the other buffer
+    # The dots' float64 sums are one dependent chain of adds (one thread): the next piece's
+    # products are computed meanwhile, into the other buffer, in smaller parts (a thread
+    # sharing its core with the sums takes fewer): 2.7 -> 2.2-2.5 ns per element of 2 models.
+    threaded, pending = stage == 2 and n > PIECE, None
+    try:
         for k, lo in enumerate(range(0, n, PIECE)):
             hi = min(n, lo + PIECE)
             part = bufs[k % 2][: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
             _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, held_row, 0, rounds, keep,
-                       um)  # fmt: skip
+                       um, 2 * launch_parts() if threaded else None)  # fmt: skip
             if pending is not None:
                 pending.result()
-            if stage == 2 and n > PIECE:
+            if threaded:
                 pending = _summer().submit(accumulate, acc, part, stage)
             else:
                 pending = None
@@ -347,13 +350,13 @@ def _summer() -> ThreadPoolExecutor:
 
 
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
-               keep=False, units=NO_HELD) -> None:  # fmt: skip
+               keep=False, units=NO_HELD, parts=None) -> None:  # fmt: skip
     if hi > lo:
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
                       prog.s32, vals, out, co, np.int64(rounds), keep, np.int64(units),
-                      np.int64(launch_parts()))  # fmt: skip
+                      np.int64(launch_parts() if parts is None else parts))  # fmt: skip
 
 
 @numba.njit(inline="always")
