@@ -9,7 +9,8 @@ from the scalars known (``Program``): the N norms, the mean's norm, then per rou
 dots, ||T|| and ||u'||; the passes after the rounds stop (||T|| < tol, or ``max_iter``)
 run no kernel, and a tensor larger than a chunk is not read for them (``RowPass.live``:
 the compute stage decides it after each pass, the reader waits for that). A tensor in one
-chunk holds the iterate in its slot's output bytes between passes instead (``_held``).
+chunk holds the iterate in its slot's output bytes between passes instead (``_held``),
+and its unit vectors over the model rows (``_units``).
 M3 multiplies the weights (mergekit's alphas are 1/N).
 """
 

@@ -7,8 +7,10 @@ op float32 rounded to W, torch's order): four statistics passes, each needing th
 of the one before (``msl_norms``: the norms; ``msl_mean``: the weighted unit mean's norm;
 ``msl_dots``: the projections onto the mean; ``msl_tangent``: the tangent sum's norm),
 float64 sums in a fixed block order rounded to W on the host (``scalars``), then the
-writing pass. A base is optional: with one (``base_optional``) the vectors are the task
-vectors and the base is added back. M3 multiplies the weights (Dirichlet).
+writing pass. A tensor in one chunk holds the unit vectors and the normalized mean its dots
+pass computed for the passes after it (``_held``). A base is optional: with one
+(``base_optional``) the vectors are the task vectors and the base is added back. M3
+multiplies the weights (Dirichlet).
 """
 
 from __future__ import annotations
