@@ -8,8 +8,12 @@ DARE, TIES, breadcrumbs, linear, each with Mixup Model Merge weights).
 
 __version__ = "0.1.0"
 
-from streammerge import kernel_source  # noqa: F401  (first: its import mounts streammerge.kernels)
-from streammerge.api import MergeSummary, merge
-from streammerge.jobs import sweep
+from streammerge.vector_width import prefer_full_vectors
+
+prefer_full_vectors()  # before numba is imported: it reads its target features once
+
+from streammerge import kernel_source  # noqa: E402, F401  (first: its import mounts streammerge.kernels)
+from streammerge.api import MergeSummary, merge  # noqa: E402
+from streammerge.jobs import sweep  # noqa: E402
 
 __all__ = ["MergeSummary", "__version__", "merge", "sweep"]
