@@ -51,7 +51,7 @@ def test_transformers_llama_imports_from_the_repo_root():
 # streammerge.x... anywhere in a module (lazy ones in functions included) is an edge. The
 # nodes in the order their imports flow: each may import only the ones before it.
 LAYERS = (
-    "errors", "notices", "sizes", "names", "sysinfo", "kernel_source",  # shared, the bottom
+    "errors", "notices", "sizes", "names", "sysinfo", "vector_width", "kernel_source",  # shared
     "methods", "io", "recipe", "plan", "output", "exec",  # the data path's subpackages
     "api_types", "api", "dryrun", "jobs", "cli",  # front doors: merge(), --plan, sweep, Ray, CLI
     "__main__", "__init__",
