@@ -91,8 +91,13 @@ def inputs_of(method: str, data: Path) -> list[Path]:
 def timed(cmd: list[str], log: Path, timeout: float, env=None) -> dict:
     """Run ``cmd`` under GNU time: exit code, wall s, the child's own peak RSS (MiB) and CPU
     seconds (user + sys)."""
+    from streammerge.vector_width import users_environ
+
     stats = log.with_suffix(".time")
     full = ["/usr/bin/time", "-o", str(stats), "-f", "%M %U %S", *cmd]
+    # numba's target as the user has it: not the one this process's own import of
+    # streammerge chose (another revision under test makes its own choice)
+    env = users_environ(env)
     t0 = time.perf_counter()
     with open(log, "wb") as f:
         try:

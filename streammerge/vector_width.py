@@ -21,6 +21,8 @@ import sys
 
 #: The LLVM tuning flag this module turns off.
 PREFER_256 = "prefer-256-bit"
+#: Set (to "1") beside ``NUMBA_CPU_FEATURES`` when this module set that variable.
+SET_HERE = "STREAMMERGE_SET_NUMBA_CPU_FEATURES"
 
 
 def prefer_full_vectors(environ: dict | None = None) -> bool:
@@ -50,4 +52,15 @@ def prefer_full_vectors(environ: dict | None = None) -> bool:
     if not features.get("avx512f", False):
         return False
     env["NUMBA_CPU_FEATURES"] = f"{features.flatten()},-{PREFER_256}"
+    env[SET_HERE] = "1"
     return True
+
+
+def users_environ(environ: dict | None = None) -> dict:
+    """A copy of the environment without the ``NUMBA_CPU_FEATURES`` this module set: what a
+    benchmark gives another program or another revision of streammerge (which then makes
+    its own choice), so that each runs as it would for the user."""
+    env = dict(os.environ if environ is None else environ)
+    if env.pop(SET_HERE, None) is not None:
+        env.pop("NUMBA_CPU_FEATURES", None)
+    return env

@@ -10,7 +10,7 @@ import sys
 import llvmlite.binding as llvm
 import pytest
 
-from streammerge.vector_width import PREFER_256, prefer_full_vectors
+from streammerge.vector_width import PREFER_256, SET_HERE, prefer_full_vectors, users_environ
 
 HAS_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
 
@@ -28,8 +28,15 @@ def test_avx512_hosts_get_full_width_vectors():
     if HAS_AVX512:
         feats = env["NUMBA_CPU_FEATURES"].split(",")
         assert feats[-1] == f"-{PREFER_256}" and "+avx512f" in feats
+        assert users_environ({**env, "PATH": "/bin"}) == {"PATH": "/bin"}
     else:
         assert env == {}
+
+
+def test_a_users_own_numba_target_is_passed_on():
+    env = {"NUMBA_CPU_FEATURES": "+avx2", "PATH": "/bin"}
+    assert users_environ(env) == env
+    assert SET_HERE not in users_environ(env)
 
 
 _DIGEST = """
