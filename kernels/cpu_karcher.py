@@ -25,6 +25,7 @@ element order into the pass's accumulators (SPEC's reductions: torch's 8-lane fl
 from __future__ import annotations
 
 import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
@@ -345,8 +346,12 @@ def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
 
 @functools.cache
 def _summer() -> ThreadPoolExecutor:
-    """The one worker thread that adds a dots pass's products (``karcher_sums``)."""
+    """The one worker thread that adds a dots pass's products (``karcher_sums``); made
+    again in a forked child (the fork has no thread)."""
     return ThreadPoolExecutor(1, thread_name_prefix="karcher-sums")
+
+
+os.register_at_fork(after_in_child=_summer.cache_clear)
 
 
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,

@@ -307,6 +307,8 @@ def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
     codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
     held = _held_mode(held, 4, dtypes, model_rows, w_code)
+    if held != NO_HELD and sc[3 * len(model_rows) + 4] != 0:
+        raise ValueError("the fallback's weighted sum needs the inputs, not held unit vectors")
     co = _checked(out, out_dtype, n, "out")
     mh = _mh_row(mh, held, w_code, n)
     if mh.size and (mh is not out or FLOAT_ITEMSIZE[out_dtype] != FLOAT_ITEMSIZE[_W_NAME[w_code]]):

@@ -27,10 +27,17 @@ SET_HERE = "STREAMMERGE_SET_NUMBA_CPU_FEATURES"
 
 def prefer_full_vectors(environ: dict | None = None) -> bool:
     """Set ``NUMBA_CPU_FEATURES`` to the host's features with ``-prefer-256-bit`` when the
-    host has AVX-512 (``avx512f``). Left alone: a ``NUMBA_CPU_FEATURES`` or
-    ``NUMBA_CPU_NAME`` already set (the user's choice, e.g. ``generic`` for portable
-    caches), a process that imported numba already (too late: it read them), a host without
-    AVX-512, or llvmlite missing.
+    host has AVX-512 (``avx512f``).
+
+    Left alone: numba's target chosen by the user (``NUMBA_CPU_FEATURES`` or
+    ``NUMBA_CPU_NAME`` set, ``NUMBA_ENABLE_AVX=0``, or a ``.numba_config.yaml`` in the
+    working directory, which numba reads), a process that imported numba already (too
+    late: it read them), a host without AVX-512, or llvmlite missing. A
+    ``NUMBA_CPU_FEATURES`` inherited from a streammerge process (marked ``SET_HERE``) is
+    made again from this host's features: a child may run on another CPU.
+
+    The setting is the process's: other numba code compiled in it afterwards gets 512-bit
+    vectors too (the same results for code without fast-math).
 
     Args:
         environ: the environment to set (tests); default ``os.environ``.
@@ -39,7 +46,11 @@ def prefer_full_vectors(environ: dict | None = None) -> bool:
         True when it set the variable.
     """
     env = os.environ if environ is None else environ
-    if "NUMBA_CPU_FEATURES" in env or "NUMBA_CPU_NAME" in env:
+    if env.get(SET_HERE) == "1":
+        env.pop(SET_HERE)
+        env.pop("NUMBA_CPU_FEATURES", None)
+    if "NUMBA_CPU_FEATURES" in env or "NUMBA_CPU_NAME" in env \
+            or env.get("NUMBA_ENABLE_AVX", "1") == "0" or os.path.exists(".numba_config.yaml"):
         return False
     if environ is None and "numba" in sys.modules:
         return False

@@ -164,6 +164,11 @@ def test_held_unit_vectors_are_refused_where_they_do_not_fit():
         cpu_multislerp.msl_stats(slot, ["BF16"] * 3, 0, [1, 2], n, 2, sc,
                                  mh=np.zeros(2 * n, np.uint8))  # fmt: skip
     out = np.zeros(2 * n, np.uint8)
+    fallback = sc.copy()
+    fallback[3 * 2 + 4] = 1.0
+    with pytest.raises(ValueError, match="fallback"):
+        cpu_multislerp.msl_chunk(slot, ["BF16"] * 3, 0, [1, 2], n, fallback, out, "BF16",
+                                 held=cpu_multislerp.HELD_UNITS)  # fmt: skip
     with pytest.raises(ValueError, match="must be out"):
         cpu_multislerp.msl_chunk(slot, ["BF16"] * 3, 0, [1, 2], n, sc, out, "BF16",
                                  held=cpu_multislerp.HELD_UNITS, mh=out.copy())  # fmt: skip

@@ -16,10 +16,18 @@ HAS_AVX512 = bool(llvm.get_host_cpu_features().get("avx512f", False))
 
 
 def test_the_users_choice_of_numba_target_is_kept():
-    for key in ("NUMBA_CPU_FEATURES", "NUMBA_CPU_NAME"):
-        env = {key: "generic"}
+    for env in ({"NUMBA_CPU_FEATURES": "+avx2"}, {"NUMBA_CPU_NAME": "generic"},
+                {"NUMBA_ENABLE_AVX": "0"}):  # fmt: skip
+        before = dict(env)
         assert prefer_full_vectors(env) is False
-        assert env == {key: "generic"}
+        assert env == before
+
+
+def test_an_inherited_setting_is_made_again_for_this_host():
+    """A child of a streammerge process (the marker set) may run on another CPU."""
+    env = {"NUMBA_CPU_FEATURES": "+made-elsewhere", SET_HERE: "1"}
+    assert prefer_full_vectors(env) is HAS_AVX512
+    assert "+made-elsewhere" not in env.get("NUMBA_CPU_FEATURES", "")
 
 
 def test_avx512_hosts_get_full_width_vectors():

@@ -110,10 +110,10 @@ def _skip(a, stage: int) -> bool:
     return stage >= 2 and _sc(a, stage)[3 * len(a.model_rows) + 4] != 0
 
 
-#: ``RowArgs.stats`` key: (the address of the slot whose model rows hold the tensor's unit
-#: vectors, that of the output bytes holding its normalized mean or None)
+#: Key, in the tensor's cache (``_sc``'s), of (the address of the slot whose model rows hold
+#: the unit vectors, that of the output bytes holding the normalized mean or None)
 #: (``cpu_multislerp.msl_stats``' ``held``, ``mh``).
-HELD = "msl_held"
+HELD = "held"
 
 
 def _held(inputs, out, a, stage: int) -> tuple[int, np.ndarray | None]:
@@ -135,9 +135,9 @@ def _held(inputs, out, a, stage: int) -> tuple[int, np.ndarray | None]:
     if stage == 2:
         fits = out.ndim == 1 and FLOAT_ITEMSIZE[a.out_dtype] == FLOAT_ITEMSIZE[work] \
             and out.nbytes >= a.count * FLOAT_ITEMSIZE[work]  # fmt: skip
-        a.stats[HELD] = (inputs.ctypes.data, out.ctypes.data if fits else None)
+        a.stats[MSL_PASSES[0]][1][HELD] = (inputs.ctypes.data, out.ctypes.data if fits else None)
         return STORE_UNITS, out if fits else None
-    st = a.stats.get(HELD)
+    st = a.stats[MSL_PASSES[0]][1].get(HELD)
     if st is None or st[0] != inputs.ctypes.data:
         return NO_HELD, None
     return HELD_UNITS, out if st[1] == out.ctypes.data else None
