@@ -70,7 +70,7 @@ def test_kernels_give_the_same_bytes_at_either_width():
     a bf16 DARE merge, the same bytes."""
     got = {}
     for full in (True, False):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU_")}
+        env = {k: v for k, v in users_environ().items() if not k.startswith("NUMBA_CPU_")}
         if not full:
             env["NUMBA_CPU_FEATURES"] = llvm.get_host_cpu_features().flatten()
         r = subprocess.run([sys.executable, "-c", _DIGEST], env=env, capture_output=True,
