@@ -3,7 +3,6 @@ chose numba's target, and the kernels give the same bytes at either width."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
