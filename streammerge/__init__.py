@@ -12,7 +12,8 @@ from streammerge.vector_width import prefer_full_vectors
 
 prefer_full_vectors()  # before numba is imported: it reads its target features once
 
-from streammerge import kernel_source  # noqa: E402, F401  (first: its import mounts streammerge.kernels)
+# first: its import mounts streammerge.kernels
+from streammerge import kernel_source  # noqa: E402, F401
 from streammerge.api import MergeSummary, merge  # noqa: E402
 from streammerge.jobs import sweep  # noqa: E402
 

@@ -59,7 +59,8 @@ k = cpu_fusion.fusion_k(a.view(np.uint8), "BF16", b.view(np.uint8), "BF16", 64, 
 m = cpu_merge.merge_arrays(a, [b, a ^ np.uint16(1)], "BF16", key=5, start=0, drop=[0.5, 0.3],
                            weights=[0.6, 0.4], base_dtype="BF16", model_dtypes=["BF16"] * 2,
                            compute_dtype="BF16")
-print(config.CPU_FEATURES.endswith("-prefer-256-bit"), hashlib.sha256(k.tobytes() + m.tobytes()).hexdigest())
+full = config.CPU_FEATURES.endswith("-prefer-256-bit")
+print(full, hashlib.sha256(k.tobytes() + m.tobytes()).hexdigest())
 """
 
 
