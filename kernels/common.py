@@ -39,6 +39,26 @@ def held_units_fit(work: str, dtypes, model_rows) -> bool:
     return all(FLOAT_ITEMSIZE[dtypes[r]] == FLOAT_ITEMSIZE[work] for r in model_rows)
 
 
+def checked_held(held: int, stage: int, store_stage: int, work: str, dtypes,
+                 model_rows) -> int:  # fmt: skip
+    """``held`` of a pass checked: STORE_UNITS only in the pass ``store_stage`` that
+    computes the unit vectors, HELD_UNITS only in the passes after it, and the units must
+    fit over the model rows (``held_units_fit``).
+
+    Raises:
+        ValueError: ``held`` at another stage, or model rows without W's itemsize.
+    """
+    if held == NO_HELD:
+        return held
+    if not ((held == STORE_UNITS and stage == store_stage)
+            or (held == HELD_UNITS and stage > store_stage)):  # fmt: skip
+        raise ValueError(f"held {held} does not go with stage {stage}: pass {store_stage} "
+                         "stores the unit vectors, the passes after it read them")
+    if not held_units_fit(work, dtypes, model_rows):
+        raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
+    return held
+
+
 def low_bits_vary(work: str | None) -> bool:
     """Whether the 32-bit order keys of values in the working dtype ``work`` (TIES'
     magnitudes, sce's variances, arcee_fusion's importances) can differ in their low 16

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, checked_held
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -251,20 +251,6 @@ def _held_row(held, prog, n: int) -> tuple[np.ndarray, int, bool]:
     return row, int(state), bool(keep)
 
 
-def _units_mode(units: int, stage: int, dtypes: list[str], model_rows: list[int],
-                work: str) -> int:  # fmt: skip
-    """``units`` checked against the stage and the rows (u_j, W values, stored over a model
-    row as W: its elements must have W's itemsize, ``common.held_units_fit``)."""
-    if units == NO_HELD:
-        return units
-    if not ((units == STORE_UNITS and stage == 1) or (units == HELD_UNITS and stage >= 2)):
-        raise ValueError(f"units {units} does not go with stage {stage}: the mean's pass (1) "
-                         "stores the unit vectors, the passes after it (2 .. 5) read them")
-    if not held_units_fit(work, dtypes, model_rows):
-        raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
-    return units
-
-
 def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int,
                  prog, stage: int, out: np.ndarray | None = None, out_dtype: str = "F32",
                  held: tuple | None = None, units: int = NO_HELD) -> np.ndarray | None:  # fmt: skip
@@ -291,7 +277,7 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
-    um = _units_mode(units, stage, dtypes, model_rows, prog.work)
+    um = checked_held(units, stage, 1, prog.work, dtypes, model_rows)
     if stage == 5:
         co = _checked(out, out_dtype, n, "out")
         if held is not None and (held_row is not out
@@ -319,7 +305,7 @@ def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
-    um = _units_mode(units, stage, dtypes, model_rows, prog.work)
+    um = checked_held(units, stage, 1, prog.work, dtypes, model_rows)
     q = len(model_rows) * min(n, PIECE)
     bufs = (np.zeros(q, np.float32), np.zeros(q, np.float32) if n > PIECE else None)
     # The dots' float64 sums are one dependent chain of adds (one thread): the next piece's

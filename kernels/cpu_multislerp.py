@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .common import FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+from .common import FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, checked_held
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
@@ -34,10 +34,6 @@ from .cpu_rows import _checked, _tree
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
-
-
-#: The working dtype's name by its code.
-_W_NAME = {F32: "F32", F16: "F16", BF16: "BF16"}
 
 
 def n_scalars(n_models: int) -> int:
@@ -231,27 +227,13 @@ def _scalars(sc, n_models):
     return sc
 
 
-def _held_mode(held: int, stage: int, dtypes: list[str], model_rows: list[int],
-               w_code: int) -> int:  # fmt: skip
-    """``held`` checked against the stage and the rows (the unit vectors, W values, are
-    stored over a model row as W: its elements must have W's itemsize)."""
-    if held == NO_HELD:
-        return held
-    if (held, stage) not in ((STORE_UNITS, 2), (HELD_UNITS, 3), (HELD_UNITS, 4)):
-        raise ValueError(f"held {held} does not go with stage {stage}: the dots pass (2) "
-                         "stores the unit vectors, the passes after it (3, 4) read them")
-    if not held_units_fit(_W_NAME[w_code], dtypes, model_rows):
-        raise ValueError("held unit vectors need model rows with the working dtype's itemsize")
-    return held
-
-
-def _mh_row(mh, held: int, w_code: int, n: int) -> np.ndarray:
+def _mh_row(mh, held: int, work: str, n: int) -> np.ndarray:
     """The raw byte row holding the normalized mean (``mh``), or an empty one."""
     if mh is None:
         return np.zeros(0, np.uint8)
     if held == NO_HELD:
         raise ValueError("a held mean goes with held unit vectors")
-    _checked(mh, _W_NAME[w_code], n, "held mean")
+    _checked(mh, work, n, "held mean")
     return mh
 
 
@@ -277,10 +259,10 @@ def msl_stats(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
     """
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"statistics stage must be 0..3, got {stage}")
-    codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
+    codes, mr, w_code, w = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
-    held = _held_mode(held, stage, dtypes, model_rows, w_code)
-    mh = _mh_row(mh, held, w_code, n)
+    held = checked_held(held, stage, 2, w, dtypes, model_rows)
+    mh = _mh_row(mh, held, w, n)
     sums = np.zeros(((n + MSL_BLOCK - 1) // MSL_BLOCK, stage_width(stage, len(model_rows))),
                     np.float64)  # fmt: skip
     if n:
@@ -304,14 +286,14 @@ def msl_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows: 
     Raises:
         ValueError: bad rows, dtypes, scalars, output or ``held``.
     """
-    codes, mr, w_code, _ = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
+    codes, mr, w_code, w = _slot_any(inputs, dtypes, base_row, model_rows, n, work)
     sc = _scalars(sc, len(model_rows))
-    held = _held_mode(held, 4, dtypes, model_rows, w_code)
+    held = checked_held(held, 4, 2, w, dtypes, model_rows)
     if held != NO_HELD and sc[3 * len(model_rows) + 4] != 0:
         raise ValueError("the fallback's weighted sum needs the inputs, not held unit vectors")
     co = _checked(out, out_dtype, n, "out")
-    mh = _mh_row(mh, held, w_code, n)
-    if mh.size and (mh is not out or FLOAT_ITEMSIZE[out_dtype] != FLOAT_ITEMSIZE[_W_NAME[w_code]]):
+    mh = _mh_row(mh, held, w, n)
+    if mh.size and (mh is not out or FLOAT_ITEMSIZE[out_dtype] != FLOAT_ITEMSIZE[w]):
         raise ValueError("the writing pass's held mean must be out, with W's itemsize")
     if n:
         _msl_kernel(inputs, codes, base_row, mr, n, 4, sc, w_code, np.zeros((1, 1), np.float64),
