@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from streammerge.kernels.common import FLOAT_ITEMSIZE
-from streammerge.methods.method import Method, RowPass
+from streammerge.methods.method import Method, RowPass, held_units
 from streammerge.methods.params import WEIGHT, Param
 
 #: The rounds the passes are declared for (mergekit's default ``max_iter``).
@@ -204,25 +204,11 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     return out, state, keep
 
 
-#: ``RowArgs.stats`` key of the slot whose model rows hold the unit vectors (its address).
-UNITS = "karcher_units"
-
-
 def _units(inputs, a, pr: Program, stage: int) -> int:
-    """The pass's ``units`` (``cpu_karcher.karcher_pass``). Only a tensor in one chunk (as
-    ``_held``) holds its unit vectors: the mean's pass stores them over the model rows
-    (read by nothing else: a sweep, whose outputs would read the rows again, refuses
-    karcher, ``Method.weighted_stats``), and every later pass reads them instead of
-    decoding the inputs and dividing by the norms (the same values: SPEC "Karcher mean")."""
-    from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
-
-    if stage < 1 or a.count != int(np.prod(a.shape)) \
-            or not held_units_fit(pr.work, a.dtypes, a.model_rows):  # fmt: skip
-        return NO_HELD
-    if stage == 1:
-        a.stats[UNITS] = inputs.ctypes.data
-        return STORE_UNITS
-    return HELD_UNITS if a.stats.get(UNITS) == inputs.ctypes.data else NO_HELD
+    """The pass's ``units`` (``cpu_karcher.karcher_pass``): the mean's pass stores the unit
+    vectors over the model rows, every later pass reads them instead of decoding the inputs
+    and dividing by the norms (the same values: SPEC "Karcher mean"; ``held_units``)."""
+    return held_units(inputs, a, pr.work, stage, 1, a.stats)
 
 
 def _pass_cpu(inputs, out, a) -> None:

@@ -10,6 +10,7 @@ of each tensor (``Method.passes``); ``streammerge.exec.ops`` into kernel argumen
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -88,6 +89,29 @@ class RowPass:
         """A statistics pass (it adds into accumulators and writes nothing)."""
         return self.accumulators is not None
 
+
+def held_units(inputs, a, work: str, stage: int, store_stage: int, marks: dict) -> int:
+    """The ``held`` of a multi-pass row-wise kernel's pass (``kernels.common.checked_held``:
+    multislerp, karcher). Only a tensor in one chunk, whose passes all run on the same slot
+    one after the other, holds its unit vectors, and only where they fit over the model rows
+    (``held_units_fit``): the pass ``store_stage`` stores them over the model rows and
+    records the slot's address in ``marks`` (the tensor's, made afresh for each tensor);
+    the passes after it read them when they run on that slot. Nothing else reads the rows
+    again: a sweep, whose outputs would, refuses these methods (``Method.weighted_stats``).
+    """
+    from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
+
+    if stage < store_stage or a.count != math.prod(a.shape) \
+            or not held_units_fit(work, a.dtypes, a.model_rows):  # fmt: skip
+        return NO_HELD
+    if stage == store_stage:
+        marks[HELD_MARK] = inputs.ctypes.data
+        return STORE_UNITS
+    return HELD_UNITS if marks.get(HELD_MARK) == inputs.ctypes.data else NO_HELD
+
+
+#: ``held_units``' key in its ``marks``: the address of the slot holding the unit vectors.
+HELD_MARK = "held_units"
 
 #: ``Method.with_base()`` of each optional-base method, by name (made once).
 _WITH_BASE: dict = {}

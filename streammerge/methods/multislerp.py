@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streammerge.methods.method import Method, RowPass
+from streammerge.methods.method import Method, RowPass, held_units
 from streammerge.methods.model_stock import round_work, work_dtype_of
 from streammerge.methods.params import WEIGHT, Param
 
@@ -110,37 +110,29 @@ def _skip(a, stage: int) -> bool:
     return stage >= 2 and _sc(a, stage)[3 * len(a.model_rows) + 4] != 0
 
 
-#: Key, in the tensor's cache (``_sc``'s), of (the address of the slot whose model rows hold
-#: the unit vectors, that of the output bytes holding the normalized mean or None)
-#: (``cpu_multislerp.msl_stats``' ``held``, ``mh``).
-HELD = "held"
+#: Key, in the tensor's cache (``_sc``'s), of the address of the output bytes holding the
+#: normalized mean (``cpu_multislerp.msl_stats``' ``mh``), or None.
+MH = "mh"
 
 
 def _held(inputs, out, a, stage: int) -> tuple[int, np.ndarray | None]:
-    """The pass's ``held`` and ``mh`` (``cpu_multislerp.msl_stats``). Only a tensor in one
-    chunk, whose passes all run on the same slot one after the other, holds its unit
-    vectors: the dots pass stores them over the model rows (read by nothing else: a sweep,
-    whose outputs would read the rows again, refuses multislerp, ``Method.weighted_stats``),
-    and the normalized mean in the slot's output bytes (unused until the writing pass, which
-    writes each element over its own mean) when the output dtype has W's itemsize; the
-    tangent and writing passes read them instead of recomputing the task vectors, the
-    divisions and the mean (the same values: SPEC "Multi-SLERP")."""
-    from streammerge.kernels.common import (FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS,
-                                            held_units_fit)  # fmt: skip
+    """The pass's ``held`` and ``mh`` (``cpu_multislerp.msl_stats``): the dots pass stores
+    the unit vectors over the model rows (``held_units``), and the normalized mean in the
+    slot's output bytes (unused until the writing pass, which writes each element over its
+    own mean) when the output dtype has W's itemsize; the tangent and writing passes read
+    them instead of recomputing the task vectors, the divisions and the mean (the same
+    values: SPEC "Multi-SLERP")."""
+    from streammerge.kernels.common import FLOAT_ITEMSIZE, NO_HELD, STORE_UNITS
 
-    work = work_dtype_of(a)
-    if stage < 2 or a.count != int(np.prod(a.shape)) \
-            or not held_units_fit(work, a.dtypes, a.model_rows):  # fmt: skip
-        return NO_HELD, None
-    if stage == 2:
+    work, cache = work_dtype_of(a), a.stats[MSL_PASSES[0]][1]
+    held = held_units(inputs, a, work, stage, 2, cache)
+    if held == NO_HELD:
+        return held, None
+    if held == STORE_UNITS:
         fits = out.ndim == 1 and FLOAT_ITEMSIZE[a.out_dtype] == FLOAT_ITEMSIZE[work] \
             and out.nbytes >= a.count * FLOAT_ITEMSIZE[work]  # fmt: skip
-        a.stats[MSL_PASSES[0]][1][HELD] = (inputs.ctypes.data, out.ctypes.data if fits else None)
-        return STORE_UNITS, out if fits else None
-    st = a.stats[MSL_PASSES[0]][1].get(HELD)
-    if st is None or st[0] != inputs.ctypes.data:
-        return NO_HELD, None
-    return HELD_UNITS, out if st[1] == out.ctypes.data else None
+        cache[MH] = out.ctypes.data if fits else None
+    return held, out if cache.get(MH) == out.ctypes.data else None
 
 
 def _stats_cpu(stage: int):
