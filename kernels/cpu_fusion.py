@@ -17,6 +17,7 @@ the base ``a`` and the other model ``b``, raw little-endian byte rows as in ``cp
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -209,17 +210,13 @@ def _bf16_logs(out):
         out[i] = round_work(log32(r), BF16)
 
 
-_LOGS: list = []
-
-
+@functools.cache
 def bf16_logs() -> np.ndarray:
     """float32 [65536]: ``rW(log32(r))`` in bf16 for every bf16 ``r`` by its 16 bits (SPEC
     "Row divergence": exactly the values log32 and rounding give; made once)."""
-    if not _LOGS:
-        t = np.empty(65536, np.float32)
-        _bf16_logs(t)
-        _LOGS.append(t)
-    return _LOGS[0]
+    t = np.empty(65536, np.float32)
+    _bf16_logs(t)
+    return t
 
 
 @numba.njit(inline="always")

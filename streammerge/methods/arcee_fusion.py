@@ -54,14 +54,20 @@ def _k_cpu(inputs, out, a) -> None:
     a.counts[0][a.start] = cpu_fusion.fusion_k(*_rows(a, inputs), _work(a), high=a.counts[2])
 
 
-def _buckets(a) -> np.ndarray:
-    """The buckets (high 16 bits) of the keys at q1, median, q3 (cached per tensor)."""
+def _found(a) -> list[tuple[int, int]]:
+    """``cpu_fusion.find_buckets`` of the tensor's high histogram: the (bucket, rank inside
+    it) of q1, the median and q3 (cached per tensor)."""
     from streammerge.kernels import cpu_fusion
 
     _, cache, high = a.stats[K_PASS]
     if "found" not in cache:
         cache["found"] = cpu_fusion.find_buckets(high, cpu_fusion.ranks(int(high.sum())))
-    return np.array([b for b, _ in cache["found"]], np.int64)
+    return cache["found"]
+
+
+def _buckets(a) -> np.ndarray:
+    """The buckets (high 16 bits) of the keys at q1, median, q3."""
+    return np.array([b for b, _ in _found(a)], np.int64)
 
 
 def _low_bits(a) -> bool:
@@ -83,9 +89,8 @@ def tensor_threshold(a) -> np.float32:
 
     cache = a.stats[K_PASS][1]
     if "thr" not in cache:
-        _buckets(a)
         low = a.stats[LOW_PASS][0] if _low_bits(a) else None
-        vals = cpu_fusion.quartile_values(cache["found"], low)
+        vals = cpu_fusion.quartile_values(_found(a), low)
         cache["thr"] = cpu_fusion.threshold(vals, _work(a))
     return cache["thr"]
 
