@@ -41,9 +41,9 @@ from streammerge.io.paths import check_apart, real
 from streammerge.jobs.draws import Draw, draw_repeat_command, draw_weights, mask_seed_for, sweep_command
 from streammerge.jobs.evaluate import EvalError
 from streammerge.jobs.sweep_results import SweepResult, write_results
+from streammerge.methods.registry import DEFAULT_METHOD, METHODS
 from streammerge.output.files import DISK_MARGIN_BYTES, require_free_space
 from streammerge.output.side_files import plan_side_files
-from streammerge.methods.registry import METHODS
 from streammerge.recipe.recipe import RecipeError, draw_seed
 
 #: Name of the reference output (λ = 0.5, or equal weights for N > 2).
@@ -115,7 +115,7 @@ def plan_sweep(models, base, out, draws, grid, alpha, seed, sweep_seed, keep, ev
                           "pass two or more model directories")  # fmt: skip
     if options.resume:
         raise OptionError("a sweep cannot --resume", "re-run it, with --overwrite")
-    row = METHODS.get(recipe_args.get("method") or "dare_linear")
+    row = METHODS.get(recipe_args.get("method") or DEFAULT_METHOD)
     if row is not None and row.weighted_stats:
         raise RecipeError(f"a sweep cannot run {row.name}: its statistics passes depend on "
                           "the weights, which differ per draw", "method")  # fmt: skip
