@@ -34,26 +34,39 @@ def _work(dtypes):
     return dtypes[0] if len(set(dtypes)) == 1 else "F32"
 
 
-def _merge(slot, dtypes, base_row, n, chunk, weights, normalize, eps, do):
+def _merge(slot, dtypes, base_row, n, chunk, weights, normalize, eps, do, held=False,
+           with_mh=False):  # fmt: skip
     """The four statistics stages in chunks of ``chunk`` elements (a multiple of the
-    block), the host scalars after each, then the merged bytes (one chunk)."""
+    block), the host scalars after each, then the merged bytes (one chunk): (bytes, the
+    scalars, the stages' totals). ``held``: one chunk on ``slot`` itself, the unit vectors
+    held in its model rows (the dots pass stores them, the tangent and writing passes read
+    them) and, ``with_mh``, the normalized mean in the output bytes."""
     mr = [r for r in range(len(dtypes)) if r != base_row]
     W = _work(dtypes)
+    assert not held or chunk >= n
+    out = np.zeros(n * ITEM[do], np.uint8)
     sums = []
     for stage in range(4):
         sc = scalars(sums, weights, normalize, eps, W)
         total = np.zeros(cpu_multislerp.stage_width(stage, len(mr)), np.float64)
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
-            part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d])
-                                                  for r, d in enumerate(dtypes)]))  # fmt: skip
-            blocks = cpu_multislerp.msl_stats(part, dtypes, base_row, mr, m, stage, sc)
+            h, mh, part = cpu_multislerp.NO_HELD, None, slot
+            if held:
+                h = {2: cpu_multislerp.STORE_UNITS, 3: cpu_multislerp.HELD_UNITS}.get(stage, h)
+                mh = out if with_mh and stage >= 2 else None
+            else:
+                part = np.ascontiguousarray(np.stack([_shift(slot[r], lo, ITEM[d])
+                                                      for r, d in enumerate(dtypes)]))  # fmt: skip
+            blocks = cpu_multislerp.msl_stats(part, dtypes, base_row, mr, m, stage, sc, held=h,
+                                              mh=mh)  # fmt: skip
             cpu_stock.add_blocks(total, blocks)
         sums.append(total)
     sc = scalars(sums, weights, normalize, eps, W)
-    out = np.zeros(n * ITEM[do], np.uint8)
-    cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, sc, out, do)
-    return out.tobytes(), sc
+    cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, sc, out, do,
+                             held=cpu_multislerp.HELD_UNITS if held else cpu_multislerp.NO_HELD,
+                             mh=out if held and with_mh else None)  # fmt: skip
+    return out.tobytes(), sc, sums
 
 
 def _finite(rows):
@@ -95,28 +108,6 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, with
             assert _same(outs[0], res, do)
 
 
-def _held_merge(slot, dtypes, base_row, n, weights, with_mh):
-    """``_merge`` in one chunk with the unit vectors held in the model rows (the dots pass
-    stores them, the tangent and writing passes read them) and, ``with_mh``, the normalized
-    mean in the output bytes: (sums, merged bytes)."""
-    mr = [r for r in range(len(dtypes)) if r != base_row]
-    W, sums = _work(dtypes), []
-    held = {2: cpu_multislerp.STORE_UNITS, 3: cpu_multislerp.HELD_UNITS}
-    out = np.zeros(n * ITEM[W], np.uint8)
-    for stage in range(4):
-        sc = scalars(sums, weights, True, 1e-8, W)
-        h = held.get(stage, cpu_multislerp.NO_HELD)
-        blocks = cpu_multislerp.msl_stats(slot, dtypes, base_row, mr, n, stage, sc, held=h,
-                                          mh=out if with_mh and stage >= 2 else None)
-        total = np.zeros(blocks.shape[1], np.float64)
-        cpu_stock.add_blocks(total, blocks)
-        sums.append(total)
-    cpu_multislerp.msl_chunk(slot, dtypes, base_row, mr, n, scalars(sums, weights, True, 1e-8, W),
-                             out, W, held=cpu_multislerp.HELD_UNITS,
-                             mh=out if with_mh else None)  # fmt: skip
-    return [t.tobytes() for t in sums], out.tobytes()
-
-
 @pytest.mark.parametrize("dtypes", [["BF16"] * 3, ["F16"] * 4, ["F32"] * 3])
 @pytest.mark.parametrize("with_base", [True, False])
 @pytest.mark.parametrize("with_mh", [True, False])
@@ -130,17 +121,12 @@ def test_held_unit_vectors_give_the_same_sums_and_bytes(dtypes, with_base, with_
     base_row = 0 if with_base else -1
     mr = [r for r in range(len(dtypes)) if r != base_row]
     weights = [0.5 + 0.25 * j for j in range(len(mr))]
-    want, sc = _merge(slot.copy(), dtypes, base_row, n, n, weights, True, 1e-8, dtypes[0])
-    sums_ref = []
-    for stage in range(4):  # the recomputed passes' totals
-        blocks = cpu_multislerp.msl_stats(slot.copy(), dtypes, base_row, mr, n, stage,
-                                          scalars(sums_ref, weights, True, 1e-8, dtypes[0]))
-        total = np.zeros(blocks.shape[1], np.float64)
-        cpu_stock.add_blocks(total, blocks)
-        sums_ref.append(total)
+    want, _, sums_ref = _merge(slot.copy(), dtypes, base_row, n, n, weights, True, 1e-8,
+                               dtypes[0])  # fmt: skip
     held_slot = slot.copy()
-    sums, got = _held_merge(held_slot, dtypes, base_row, n, weights, with_mh)
-    assert sums == [t.tobytes() for t in sums_ref]
+    got, _, sums = _merge(held_slot, dtypes, base_row, n, n, weights, True, 1e-8, dtypes[0],
+                          held=True, with_mh=with_mh)  # fmt: skip
+    assert [t.tobytes() for t in sums] == [t.tobytes() for t in sums_ref]
     assert got == want
     assert np.isfinite(ref.to_float32(np.frombuffer(got, {"F32": np.float32, "F16": np.float16,
                                                           "BF16": np.uint16}[dtypes[0]]),
@@ -230,7 +216,7 @@ def test_the_fallback_is_the_weighted_sum_in_kernels_and_oracle():
         rows = [ref.from_float32(v, "BF16") for v in xs]
         slot = np.zeros((len(rows), n * 2), np.uint8)
         _fill(slot, rows)
-        got, sc = _merge(slot, ["BF16"] * len(rows), -1, n, 1024, w, True, 1e-8, "BF16")
+        got, sc, _ = _merge(slot, ["BF16"] * len(rows), -1, n, 1024, w, True, 1e-8, "BF16")
         assert sc[-1] == 1.0
         want = ref.spec_multislerp(rows, ["BF16"] * len(rows), w, "BF16")
         assert got == _as_bytes(want)
