@@ -18,15 +18,13 @@ dtype W (``round_work``), then:
 - stage 5 (``karcher``): the output ``rW(s * u)`` stored as the output dtype.
 
 The statistics stages return those float32 products [N, n]; ``accumulate`` adds them in
-element order into the pass's accumulators (SPEC's reductions: torch's 8-lane float32
-2-norm, float64 sums for the dots), and ``norm_of`` / ``dot_of`` give the values.
+the SPEC's order into the pass's accumulators (torch's 8-lane float32 2-norm; the dots'
+float64 block sums), and ``norm_of`` / ``dot_of`` give the values. ``karcher_sums`` runs a
+pass as the method does: a dots pass's kernel takes its block sums itself (in parallel),
+a norm pass's products are added piece by piece.
 """
 
 from __future__ import annotations
-
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -35,8 +33,8 @@ from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNIT
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_work
-from .cpu_rows import _checked
-from .cpu_stock import STOCK_BLOCK
+from .cpu_rows import _checked, _tree
+from .cpu_stock import STOCK_BLOCK, add_blocks
 
 __all__ = ["PIECE", "STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "karcher_sums",
            "norm_of", "warmup", "zero_accumulators"]
@@ -72,7 +70,7 @@ def _step(u, T, m, ri, cs, sn, nt, w):
 
 @numba.njit(inline="always")
 def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0, dot, coef,
-                skip, cs, sn, nt, un, unapply, s32, vals, first, held, held_state, keep,
+                skip, cs, sn, nt, un, unapply, s32, sink, first, held, held_state, keep,
                 lo, have_units):  # fmt: skip
     # vals: the products of this block at columns first .. first + m - 1
     """One block of pass ``stage`` with the working dtype ``w`` a constant (``cpu_loops``
@@ -83,8 +81,13 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
     iterate before its division by its norm; -1: none, start from the inputs. ``keep``:
     store the iterate there, after ``full`` rounds (stage 2, state 2 full) or stepped in
     round ``full`` (stage 4, state 2 full + 1). ``have_units``: ``units`` already holds the
-    unit vectors (decoded from held rows), not x the inputs."""
+    unit vectors (decoded from held rows), not x the inputs. ``sink`` = (vals float32
+    [N, *], the products' columns; bsums float64 [blocks, N], 0 rows: none; p float64
+    [STOCK_BLOCK] scratch): stage 2 stores in bsums the block's N sums (SPEC's pairwise
+    tree over the block) instead of its products in vals. (30 arguments at most: CPython
+    passes a longer call as *args, which numba cannot inline.)"""
     n_models = x.shape[0]
+    vals, bsums, p = sink
     for j in range(n_models if not have_units else 0):
         xj = x[j]
         for i in range(m):
@@ -138,6 +141,15 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
                 u[i] = round_work(u[i] / q, w)
     if keep and stage == 2:
         _encode_block(u, w, lo, m, held)  # W values: the round trip is exact, NaN included
+    if stage == 2 and bsums.shape[0] > 0:  # the block's sums, not its products
+        for j in range(n_models):
+            unit = units[j]
+            for i in range(m):
+                p[i] = np.float64(u[i] * unit[i])
+            for i in range(m, STOCK_BLOCK):
+                p[i] = 0.0
+            bsums[first // STOCK_BLOCK, j] = _tree(p)
+        return False
     if stage == 2:
         for j in range(n_models):
             unit = units[j]
@@ -166,13 +178,13 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code,
-                 held_state, keep, units_mode, x, units, u, T):  # fmt: skip
+                 held_state, keep, units_mode, x, units, u, T, bsums, p):  # fmt: skip
     """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
     columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``).
     ``units_mode`` (``karcher_pass``'s ``units``): STORE_UNITS writes the unit vectors over
     the model rows as W, HELD_UNITS reads them there. Scratch (float32, the caller's, reused
     block after block): x, units [N, STOCK_BLOCK] (units zeroed once: a zero-norm model's
-    stays 0), u, T [STOCK_BLOCK]."""
+    stays 0), u, T [STOCK_BLOCK]; p float64 [STOCK_BLOCK]. ``bsums``: ``_chain_body``'s."""
     n_models = model_rows.shape[0]
     u[:m] = np.float32(0.0)
     have = units_mode == HELD_UNITS
@@ -183,16 +195,16 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
             _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
+                           out, held_state, keep, first, have)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
+                           out, held_state, keep, first, have)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out,
-                           held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
+                           out, held_state, keep, first, have)  # fmt: skip
     if units_mode == STORE_UNITS:  # each block rewrites only its own elements: no race
         for j in range(n_models):
             _encode_block(units[j], w, first, m, inputs[model_rows[j]])
@@ -203,7 +215,7 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
                   m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
-                  held_state, keep, units_mode, n_parts):  # fmt: skip
+                  held_state, keep, units_mode, n_parts, bsums):  # fmt: skip
     # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo.
     # Parts of contiguous blocks, each with its scratch made once (not once a block).
     n_blocks = (n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK
@@ -214,13 +226,14 @@ def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, 
         units = np.zeros((n_models, STOCK_BLOCK), np.float32)
         u = np.empty(STOCK_BLOCK, np.float32)
         T = np.empty(STOCK_BLOCK, np.float32)
+        pt = np.empty(STOCK_BLOCK, np.float64)
         lo_b, hi_b = part_blocks(p, n_parts, n_blocks)
         for b in range(lo_b, hi_b):
             vo = b * STOCK_BLOCK
             _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
                          stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt,
                          un, unapply, s32, vals, vo, out, out_code, held_state, keep,
-                         units_mode, x, units, u, T)  # fmt: skip
+                         units_mode, x, units, u, T, bsums, pt)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -295,10 +308,12 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
 def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int, prog,
                  stage: int, acc: tuple, held: tuple | None = None,
                  units: int = NO_HELD) -> None:  # fmt: skip
-    """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), in
-    pieces of PIECE elements (the products of a piece at a time: memory stays small however
-    large the chunk; the sums are the same, added in element order). ``held``, ``units``:
-    as ``karcher_pass``.
+    """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), the
+    same sums: a dots pass's kernel takes the block sums itself (float64 [blocks, N], in
+    parallel; the host adds them left to right); a norm pass's products come in pieces of
+    PIECE elements (memory stays small however large the chunk). (A worker thread adding a
+    piece's products while the next piece's are computed gained nothing measurable: the
+    lanes take ~0.2 ns an element.) ``held``, ``units``: as ``karcher_pass``.
 
     Raises:
         ValueError: bad rows, dtypes, held row or ``units``.
@@ -306,48 +321,32 @@ def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
     um = checked_held(units, stage, 1, prog.work, dtypes, model_rows)
-    q = len(model_rows) * min(n, PIECE)
-    bufs = (np.zeros(q, np.float32), np.zeros(q, np.float32) if n > PIECE else None)
-    # The dots' float64 sums are one dependent chain of adds (one thread): the next piece's
-    # products are computed meanwhile, into the other buffer, in smaller parts (a thread
-    # sharing its core with the sums takes fewer): 2.7 -> 2.2-2.5 ns per element of 2 models.
-    threaded, pending = stage == 2 and n > PIECE, None
-    try:
-        for k, lo in enumerate(range(0, n, PIECE)):
-            hi = min(n, lo + PIECE)
-            part = bufs[k % 2][: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
-            _run_chain(inputs, codes, mr, lo, hi, prog, stage, part, held_row, 0, rounds, keep,
-                       um, 2 * launch_parts() if threaded else None)  # fmt: skip
-            if pending is not None:
-                pending.result()
-            if threaded:
-                pending = _summer().submit(accumulate, acc, part, stage)
-            else:
-                pending = None
-                accumulate(acc, part, stage)
-    finally:
-        if pending is not None:
-            pending.result()
+    if stage == 2:  # the kernel's block sums, all blocks at once (8 bytes a block a model)
+        bsums = np.empty(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, len(model_rows)), np.float64)
+        _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32),
+                   held_row, 0, rounds, keep, um, bsums=bsums)  # fmt: skip
+        add_blocks(acc[3], bsums)
+        return
+    part = np.zeros(len(model_rows) * min(n, PIECE), np.float32)
+    for lo in range(0, n, PIECE):
+        hi = min(n, lo + PIECE)
+        vals = part[: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
+        _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, held_row, 0, rounds, keep, um)
+        accumulate(acc, vals, stage)
 
 
-@functools.cache
-def _summer() -> ThreadPoolExecutor:
-    """The one worker thread that adds a dots pass's products (``karcher_sums``); made
-    again in a forked child (the fork has no thread)."""
-    return ThreadPoolExecutor(1, thread_name_prefix="karcher-sums")
-
-
-os.register_at_fork(after_in_child=_summer.cache_clear)
+#: No block sums (``_chain_kernel``'s ``bsums`` with 0 rows): the products go to ``vals``.
+_NO_BSUMS = np.zeros((0, 1), np.float64)
 
 
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
-               keep=False, units=NO_HELD, parts=None) -> None:  # fmt: skip
+               keep=False, units=NO_HELD, bsums=_NO_BSUMS) -> None:  # fmt: skip
     if hi > lo:
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
                       prog.s32, vals, out, co, np.int64(rounds), keep, np.int64(units),
-                      np.int64(launch_parts() if parts is None else parts))  # fmt: skip
+                      np.int64(launch_parts()), bsums)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -370,29 +369,26 @@ def _lanes8(row, k, lanes):
 
 
 @numba.njit(inline="always")
-def _dots2(r0, r1, m, dsum):
-    """Two models' float64 sums in element order, in one loop: each sum is a chain of
-    dependent adds, so two chains side by side take the time of one."""
-    s0, s1 = dsum[0], dsum[1]
-    for i in range(m):
-        s0 = s0 + np.float64(r0[i])
-        s1 = s1 + np.float64(r1[i])
-    dsum[0], dsum[1] = s0, s1
+def _block_sums(row, m, p, dsum, j):
+    """dsum[j] += each block's pairwise tree of ``row``'s m products (widened to float64,
+    the last block padded with +0.0), block after block."""
+    for lo in range(0, m, STOCK_BLOCK):
+        e = min(m - lo, STOCK_BLOCK)
+        for i in range(e):
+            p[i] = np.float64(row[lo + i])
+        for i in range(e, STOCK_BLOCK):
+            p[i] = 0.0
+        dsum[j] = dsum[j] + _tree(p)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
     m = vals.shape[1]
     k = m - m % 8
-    if dot and q == 2:
-        _dots2(vals[0], vals[1], m, dsum)
-    elif dot:
+    if dot:
+        p = np.empty(STOCK_BLOCK, np.float64)
         for j in range(q):
-            row = vals[j]
-            s = dsum[j]
-            for i in range(m):
-                s = s + np.float64(row[i])
-            dsum[j] = s
+            _block_sums(vals[j], m, p, dsum, j)
     else:
         for j in range(q):
             row = vals[j]
@@ -404,10 +400,12 @@ def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
 
 
 def accumulate(acc: tuple, vals: np.ndarray, stage: int) -> None:
-    """Add a chunk's products (``karcher_pass``) into the pass's accumulators in element
-    order (SPEC "Karcher mean": the reductions): the dots (stage 2) as float64 sums; the
-    norms as torch's float32 2-norm: 8 float32 lanes (element i into lane i mod 8) and the
-    tensor's last n mod 8 products (only the last chunk is not whole blocks)."""
+    """Add a chunk's products (``karcher_pass``) into the pass's accumulators in the
+    SPEC's order ("Karcher mean": the reductions): the dots (stage 2) as float64 block sums
+    (blocks of STOCK_BLOCK from the chunk's first element, each a pairwise tree, added
+    left to right); the norms as torch's float32 2-norm: 8 float32 lanes (element i into
+    lane i mod 8) and the tensor's last n mod 8 products. Chunks are whole blocks (only the
+    tensor's last is not)."""
     lanes, tail, ntail, dsum = acc
     q = vals.shape[0] if stage in (0, 2) else 1
     _accumulate(np.ascontiguousarray(vals, np.float32), q, stage == 2, lanes, tail, ntail, dsum)
@@ -430,7 +428,7 @@ def norm_of(acc: tuple, j: int) -> np.float32:
 
 
 def dot_of(acc: tuple, j: int) -> np.float32:
-    """The float64 sum of the products, rounded to float32."""
+    """The float64 block sums of the products, added left to right, rounded to float32."""
     return np.float32(acc[3][j])
 
 

@@ -104,7 +104,7 @@ def karcher_pass_triton(models: list[torch.Tensor], n: int, prog, stage: int,
                         out: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
     """One pass of the chain over the first ``n`` elements of each model (SPEC "Karcher
     mean"; ``prog``: ``streammerge.methods.karcher.Program``): stages 0 .. 4 return the
-    float32 products [N, n] (``cpu_karcher.accumulate`` adds them in element order on the
+    float32 products [N, n] (``cpu_karcher.accumulate`` adds them in the SPEC's order on the
     host), stage 5 writes ``out``."""
     nm = len(models)
     dev = models[0].device

@@ -479,6 +479,16 @@ def _spec_pairwise_sum(p: np.ndarray) -> float:
     return float(q[0])
 
 
+def _spec_block_sum(p: np.ndarray) -> float:
+    """SPEC's whole-tensor (or row) sum ("Model Stock"'s order): float64 terms, blocks of
+    1024 from element 0 (each a pairwise tree, padded with +0.0), block results left to
+    right from +0.0."""
+    total = 0.0
+    for lo in range(0, len(p), 1024):
+        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
+    return total
+
+
 def spec_row_sums(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """S00, S11, S01 of one row (float32 arrays), in SPEC's order."""
     x64, y64 = x.astype(np.float64), y.astype(np.float64)
@@ -1033,14 +1043,6 @@ def spec_log64(v: np.ndarray) -> np.ndarray:
     return e * 0.6931471805599453 + (2.0 * s) * acc
 
 
-def _spec_block_sum(p: np.ndarray) -> float:
-    """SPEC's row sum: blocks of 1024 as pairwise trees, added left to right from +0.0."""
-    total = 0.0
-    for lo in range(0, len(p), 1024):
-        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
-    return total
-
-
 def spec_log32(r: np.ndarray) -> np.ndarray:
     """SPEC's float32 log: float32(log64(r)); 0 -> -inf, inf -> inf, NaN -> NaN."""
     r = np.asarray(r, np.float32)
@@ -1150,15 +1152,6 @@ def spec_sce_threshold(keys: np.ndarray, select_topk: float):
     return False, int(np.sort(keys)[keys.size - k])
 
 
-def _spec_block_sum(p: np.ndarray) -> float:
-    total = 0.0
-    for lo in range(0, p.size, 1024):
-        block = np.zeros(1024, np.float64)
-        block[: min(1024, p.size - lo)] = p[lo : lo + 1024]
-        total = total + _spec_pairwise_sum(block)
-    return total
-
-
 def spec_sce_weights(energies, numel: int, W: str) -> np.ndarray:
     """float32 [N] values of W: each model's normalized energy (SPEC "SCE" host step)."""
     f = np.float32
@@ -1227,15 +1220,6 @@ def _spec_msl_vectors(models, dtypes, base=None, base_dtype=None, work=None):
     return v, xb, W
 
 
-def _spec_msl_sum(p: np.ndarray) -> float:
-    """SPEC's whole-tensor sum: float64 terms, blocks of 1024 from element 0 (each a
-    pairwise tree, padded with +0.0), block results left to right from +0.0."""
-    total = 0.0
-    for lo in range(0, p.size, 1024):
-        total = total + _spec_pairwise_sum(p[lo : lo + 1024])
-    return total
-
-
 def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8, base=None,
                     base_dtype=None, work=None) -> np.ndarray:  # fmt: skip
     """Multi-SLERP of stored tensors (flat), in stored form of ``out_dtype``: mergekit's
@@ -1254,7 +1238,7 @@ def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8
         return f(np.sqrt(np.float64(s)))
 
     def sq(x):
-        return _spec_msl_sum(x.astype(np.float64) * x.astype(np.float64))
+        return _spec_block_sum(x.astype(np.float64) * x.astype(np.float64))
 
     with np.errstate(all="ignore"):
         w = [rs(f(x)) for x in weights]
@@ -1279,7 +1263,7 @@ def spec_multislerp(models, dtypes, weights, out_dtype, normalize=True, eps=1e-8
                 out = r(out + r(v[j] * w[j]))
         else:
             mh = r(m / mn)
-            dots = [rs(f(_spec_msl_sum(r(x * mh).astype(np.float64)))) for x in u]
+            dots = [rs(f(_spec_block_sum(r(x * mh).astype(np.float64)))) for x in u]
             acc = np.zeros(v[0].size, f)
             for j in range(N):
                 acc = acc + r(r(u[j] - r(dots[j] * mh)) * w[j])
@@ -1313,9 +1297,8 @@ def spec_karcher_chain(models, dtypes, out_dtype, weights=None, max_iter=10, tol
     def r(v):
         return spec_round_work(np.asarray(v, f), W)
 
-    def red(v, w):  # a dot: the float64 sum of the float32 products, in element order
-        p = (v * w).astype(f).astype(np.float64)
-        return float(np.cumsum(p)[-1]) if p.size else 0.0
+    def red(v, w):  # a dot: the float64 block sums of the float32 products
+        return _spec_block_sum((v * w).astype(f).astype(np.float64))
 
     def norm(v):  # torch's float32 2-norm: 8 lanes, each a float32 sum in order, then the tail
         k = v.size - v.size % 8

@@ -58,13 +58,15 @@ def _same(a: bytes, b: bytes, dtype: str) -> bool:
 
 
 def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 20,
-           backend=None, held=False) -> bytes:  # fmt: skip
+           backend=None, held=False, sums=False) -> bytes:  # fmt: skip
     """Every pass over the rows in chunks of ``chunk`` elements (whole blocks), as the
     pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba.
     ``held``: one chunk, the iterate held in the output bytes between passes (each round's
     dots pass stores it, the later passes continue from it: ``methods.karcher._held``), and
     the unit vectors over the model rows of one slot where they fit (the mean's pass stores
-    them, the later passes read them: ``methods.karcher._units``)."""
+    them, the later passes read them: ``methods.karcher._units``). ``sums``: the statistics
+    passes through ``karcher_sums`` (the method's way: a dots pass's block sums taken by the
+    kernel, a norm's products in pieces), not ``accumulate(karcher_pass(...))``."""
     nm = len(rows)
     w = [1.0] * nm if w is None else w
     work = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
@@ -101,9 +103,14 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
                 h = None
                 if held and stage >= 2 and (stage in (2, 4) or rounds >= 0):
                     h = (o, rounds, stage in (2, 4))
-                cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
-                    _slot(rows, lo, m) if one is None else one, dtypes, list(range(nm)), m, pr,
-                    stage, held=h, units=units(stage)), stage)  # fmt: skip
+                slot = _slot(rows, lo, m) if one is None else one
+                if sums:
+                    cpu_karcher.karcher_sums(slot, dtypes, list(range(nm)), m, pr, stage, acc,
+                                             h, units(stage))  # fmt: skip
+                else:
+                    cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
+                        slot, dtypes, list(range(nm)), m, pr, stage, held=h,
+                        units=units(stage)), stage)  # fmt: skip
                 if h is not None and stage in (2, 4):  # the held iterate's state
                     rounds = 2 * pr.full + (stage == 4)
         sums[op] = acc
@@ -126,6 +133,19 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, work
         for chunk, h in ((1024, False), (1 << 20, False), (1 << 20, held)):
             got = _merge(rows, dtypes, n, do, w, work=work, chunk=chunk, held=h)
             assert got == want if not special else _same(got, want, do), (chunk, h)
+
+
+def test_karcher_sums_equal_the_oracle_over_several_pieces():
+    """The method's passes (``karcher_sums``: the dots' block sums taken in the kernel, in
+    parallel; the norms' products a piece at a time on a worker thread) give the oracle's
+    bytes on a tensor of several pieces and a partial last block, chunked or held."""
+    n = cpu_karcher.PIECE + 5000
+    dtypes = ["BF16"] * 3
+    rows = _rows(n, dtypes, 17, False)
+    want = _as_bytes(ref.spec_karcher_chain(rows, dtypes, "BF16", [1.0, 2.0, 0.5]))
+    for chunk, held in ((1 << 17, False), (1 << 20, True)):
+        got = _merge(rows, dtypes, n, "BF16", [1.0, 2.0, 0.5], chunk=chunk, held=held, sums=True)
+        assert got == want, (chunk, held)
 
 
 EDGES = {
