@@ -32,7 +32,7 @@ import numpy as np
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, checked_held
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_rows import _checked, _tree
 from .cpu_stock import STOCK_BLOCK, add_blocks
 
@@ -55,17 +55,17 @@ def _tangent(units, valid, u, T, m, ri, dot, coef, skip, w):
         c = coef[ri, j]
         unit = units[j]
         for i in range(m):
-            v = round_work(unit[i] - round_work(d * u[i], w), w)
-            T[i] = round_work(T[i] + round_work(c * v, w), w)
+            v = round_op(unit[i] - round_op(d * u[i], w), w)
+            T[i] = round_op(T[i] + round_op(c * v, w), w)
 
 
 @numba.njit(inline="always")
 def _step(u, T, m, ri, cs, sn, nt, w):
     c, s, t = cs[ri], sn[ri], nt[ri]
     for i in range(m):
-        a = round_work(c * u[i], w)
-        b = round_work(s * round_work(T[i] / t, w), w)
-        u[i] = round_work(a + b, w)
+        a = round_op(c * u[i], w)
+        b = round_op(s * round_op(T[i] / t, w), w)
+        u[i] = round_op(a + b, w)
 
 
 @numba.njit(inline="always")
@@ -91,7 +91,7 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
     for j in range(n_models if not have_units else 0):
         xj = x[j]
         for i in range(m):
-            xj[i] = round_work(xj[i], w)
+            xj[i] = round_work(xj[i], w)  # read from storage
     if stage == 0:
         for j in range(n_models):
             xj = x[j]
@@ -103,7 +103,7 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
         if n32[j] != np.float32(0.0):
             xj, unit, nj = x[j], units[j], n32[j]
             for i in range(m):
-                unit[i] = round_work(xj[i] / nj, w)
+                unit[i] = round_op(xj[i] / nj, w)
     start = 0
     if held_state >= 0:
         _decode_block(held, w, lo, m, u)  # exact: every iterate is a W value
@@ -112,14 +112,14 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
             if unapply[start] != 0:
                 q = un[start]
                 for i in range(m):
-                    u[i] = round_work(u[i] / q, w)
+                    u[i] = round_op(u[i] / q, w)
             start += 1
     else:
         for j in range(n_models):
             if valid[j] != 0:
                 unit, a = units[j], na32[j]
                 for i in range(m):
-                    u[i] = round_work(u[i] + round_work(a * unit[i], w), w)
+                    u[i] = round_op(u[i] + round_op(a * unit[i], w), w)
         if stage == 1:
             dst = vals[0, first:first + m]
             for i in range(m):
@@ -131,14 +131,14 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
                 u[i] = u0[i]
         else:
             for i in range(m):
-                u[i] = round_work(u[i] / m0, w)
+                u[i] = round_op(u[i] / m0, w)
     for ri in range(start, full):
         _tangent(units, valid, u, T, m, ri, dot, coef, skip, w)
         _step(u, T, m, ri, cs, sn, nt, w)
         if unapply[ri] != 0:
             q = un[ri]
             for i in range(m):
-                u[i] = round_work(u[i] / q, w)
+                u[i] = round_op(u[i] / q, w)
     if keep and stage == 2:
         _encode_block(u, w, lo, m, held)  # W values: the round trip is exact, NaN included
     if stage == 2 and bsums.shape[0] > 0:  # the block's sums, not its products
@@ -171,7 +171,7 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
                 dst[i] = T[i] * T[i]
         return False
     for i in range(m):
-        u[i] = round_work(s32 * u[i], w)
+        u[i] = round_op(s32 * u[i], w)
     return True
 
 

@@ -52,7 +52,7 @@ from .common import (
     drop_threshold,
     round_host,
 )
-from .rounding_ir import bf16_round_trip_bits
+from .rounding_ir import bf16_round_trip_bits, round_op_ir
 
 #: Elements per parallel work item. N=2 bf16, p=0.5, 16M elements, 2 threads (2-core AMD
 #: EPYC VM): 14.3 / 14.1 / 12.7 / 13.2 ms at 2048 / 4096 / 8192 / 16384.
@@ -398,6 +398,13 @@ def _rd_bf16(x):
     return _rd_bf16_ir(x)
 
 
+@numba.njit(inline="always")
+def _rdo_bf16(x):
+    """``_rd_bf16`` of an op's result on rd values (not of a stored value): the same bits
+    without the NaN test (``rounding_ir.round_op_ir`` says why)."""
+    return round_op_ir(x, _BF16)
+
+
 @numba.njit
 def _rd_f16(x):
     """rd for D = F16: x rounded to float16 (RNE, subnormals, overflow to inf), widened back."""
@@ -460,20 +467,21 @@ def _exact_rescale(rescale):
 
 
 @numba.njit(inline="always")
-def _thin_rows(src, dec, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi, wd,
-               keep_wd, s_):  # fmt: skip
-    """``_thin_loop`` with the input rounded to D (``round_in``) or not: one branch per block."""
+def _thin_rows(src, dec, round_in, rd, rdo, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
+               wd, keep_wd, s_):  # fmt: skip
+    """``_thin_loop`` with the input rounded to D (``round_in``: ``rd``, the stored value
+    may be any NaN) or not: one branch per block. ``rdo`` rounds the ops' results."""
     if round_in:
-        _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
-                   wd, keep_wd, s_)  # fmt: skip
+        _thin_loop(src, dec, rd, rdo, rdo, rdo, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     else:
-        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+        _thin_loop(src, dec, _f32_to_f32, rdo, rdo, rdo, xb, m, r, thr, masked, rescale, w,
                    keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _thin_rows_exact(src, dec, round_in, rd, exact, xb, m, r, thr, masked, rescale, w, keep_lo,
-                     keep_hi, wd, keep_wd, s_):  # fmt: skip
+def _thin_rows_exact(src, dec, round_in, rd, rdo, exact, xb, m, r, thr, masked, rescale, w,
+                     keep_lo, keep_hi, wd, keep_wd, s_):  # fmt: skip
     """``_thin_rows`` for bfloat16 rows, with exact shortcuts where ``exact`` (D = BF16; the
     input then fits in D): rd(w' * x) = x for w' = 1 and x an rd value (rd is idempotent,
     1 * x = x, NaN included), and rd(d * rescale) = d * rescale for rescale = 2**k, k >= 0
@@ -482,34 +490,35 @@ def _thin_rows_exact(src, dec, round_in, rd, exact, xb, m, r, thr, masked, resca
     fast_e = exact and ((not masked) or _exact_rescale(rescale))
     fast_w = exact and w == np.float32(1.0)
     if round_in:
-        _thin_loop(src, dec, rd, rd, rd, rd, xb, m, r, thr, masked, rescale, w, keep_lo, keep_hi,
-                   wd, keep_wd, s_)  # fmt: skip
+        _thin_loop(src, dec, rd, rdo, rdo, rdo, xb, m, r, thr, masked, rescale, w, keep_lo,
+                   keep_hi, wd, keep_wd, s_)  # fmt: skip
     elif fast_e and fast_w:
-        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, _f32_to_f32, xb, m, r, thr, masked,
+        _thin_loop(src, dec, _f32_to_f32, rdo, _f32_to_f32, _f32_to_f32, xb, m, r, thr, masked,
                    rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
     elif fast_e:
-        _thin_loop(src, dec, _f32_to_f32, rd, _f32_to_f32, rd, xb, m, r, thr, masked, rescale,
+        _thin_loop(src, dec, _f32_to_f32, rdo, _f32_to_f32, rdo, xb, m, r, thr, masked, rescale,
                    w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
     else:
-        _thin_loop(src, dec, _f32_to_f32, rd, rd, rd, xb, m, r, thr, masked, rescale, w,
+        _thin_loop(src, dec, _f32_to_f32, rdo, rdo, rdo, xb, m, r, thr, masked, rescale, w,
                    keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
 
 
 @numba.njit(inline="always")
-def _thin_block(row, code, round_in, rd, exact, lo, m, xb, r, thr, masked, rescale, w, keep_lo,
-                keep_hi, wd, keep_wd, s_):  # fmt: skip
-    """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1)."""
+def _thin_block(row, code, round_in, rd, rdo, exact, lo, m, xb, r, thr, masked, rescale, w,
+                keep_lo, keep_hi, wd, keep_wd, s_):  # fmt: skip
+    """``_thin_loop`` over stored elements lo .. lo + m - 1 of a raw byte row (contract 1);
+    ``rd`` rounds a stored value to D, ``rdo`` an op's result (the same bits on rd values)."""
     if code == _F32:
         src = row[lo * 4 : (lo + m) * 4].view(np.float32)
-        _thin_rows(src, _f32_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_rows(src, _f32_to_f32, round_in, rd, rdo, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
     elif code == _F16:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_rows(src16, _f16_to_f32, round_in, rd, xb, m, r, thr, masked, rescale, w, keep_lo,
-                   keep_hi, wd, keep_wd, s_)  # fmt: skip
+        _thin_rows(src16, _f16_to_f32, round_in, rd, rdo, xb, m, r, thr, masked, rescale, w,
+                   keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
     else:
         src16 = row[lo * 2 : (lo + m) * 2].view(np.uint16)
-        _thin_rows_exact(src16, _bf16_to_f32, round_in, rd, exact, xb, m, r, thr, masked,
+        _thin_rows_exact(src16, _bf16_to_f32, round_in, rd, rdo, exact, xb, m, r, thr, masked,
                          rescale, w, keep_lo, keep_hi, wd, keep_wd, s_)  # fmt: skip
 
 
@@ -529,12 +538,12 @@ def _thin_merge_kernel_py(
     words,  # [K] int64 Philox output word (j % 4)
     thresholds,  # [K] uint32 floor(p_k * 2**32)
     rescales,  # [K] float32 float32(1 / (1 - p_k))
-    weights,  # [K] float32 w'_k = rd(float32(w_k))
+    weights,  # [K] float32 w'_k = rdo(float32(w_k))
     keep_lo,  # [K] uint32 magnitude window, inclusive
     keep_hi,  # [K] uint32
     sign,  # bool: consensus "sign" (else "none")
     normalize,  # bool: m = acc / den
-    den_none,  # float32 den of consensus "none" (host: rd(sum of w' in order), |den| < 1e-8 -> 1)
+    den_none,  # float32 den of consensus "none" (host: rdo(sum of w' in order), |den| < 1e-8 -> 1)
     linear,  # bool: out = m (else x_b + s * m)
     scale,  # float32 s
     out,  # [>= n * itemsize] uint8
@@ -550,7 +559,9 @@ def _thin_merge_kernel_py(
     Per block: x_b, then each model's wd_k into a [K, block] float32 scratch (decode, then
     one thinning loop), then the consensus over the scratch, then the store. Every flag is
     tested outside the element loops. ``rd`` (a module global bound per working dtype D by
-    ``_thin_kernel``: the identity for F32) rounds to D where SPEC "Working dtype (v3)" says.
+    ``_thin_kernel``: the identity for F32) rounds to D where SPEC "Working dtype (v3)" says;
+    ``rdo`` (bound with it) is the same rounding of an op's result on rd values: for
+    D = BF16 without the NaN test no such result needs (``rounding_ir.round_op_ir``).
     """
     n_models = rows.shape[0]
     n_blocks = (n + block - 1) // block
@@ -578,7 +589,7 @@ def _thin_merge_kernel_py(
             _decode_block(inputs[base_row, offs[base_row]:], codes[base_row], lo, m, xb)
             if round_in[base_row]:
                 for t in range(m):
-                    xb[t] = rd(xb[t])
+                    xb[t] = rd(xb[t])  # a stored value
         else:
             xb[:m] = zero
         s_[:m] = zero
@@ -589,14 +600,14 @@ def _thin_merge_kernel_py(
                               inputs, offs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
-            _thin_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, EXACT, lo, m, xb,
+            _thin_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, rdo, EXACT, lo, m, xb,
                         rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
                         keep_lo[k], keep_hi[k], wd[k], sign, s_)  # fmt: skip
         if sign:
-            # S = rd(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
+            # S = rdo(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
             # +; S NaN: -).
             for t in range(m):
-                s_[t] = rd(s_[t])
+                s_[t] = rdo(s_[t])
             for k in range(n_models):
                 wk = wd[k]
                 wt = weights[k]
@@ -612,49 +623,49 @@ def _thin_merge_kernel_py(
                         agree = (v > zero) if s_[t] >= zero else (v < zero)
                         acc[t] = acc[t] + v if agree else acc[t]
                         den[t] = den[t] + wt if agree else den[t]
-            # acc, den rounded to D; m = normalize ? rd(acc / den) (den = 1 where 0) : acc;
-            # out = linear ? m : rd(x_b + rd(s * m))
+            # acc, den rounded to D; m = normalize ? rdo(acc / den) (den = 1 where 0) : acc;
+            # out = linear ? m : rdo(x_b + rdo(s * m))
             if normalize:
                 for t in range(m):
-                    dn = rd(den[t])
+                    dn = rdo(den[t])
                     den[t] = one if dn == zero else dn
-                    acc[t] = rd(acc[t])
+                    acc[t] = rdo(acc[t])
                 for t in range(m):
-                    acc[t] = rd(acc[t] / den[t])
+                    acc[t] = rdo(acc[t] / den[t])
                 if not linear:
-                    if scale == one:  # rd(1 * x) = x for an rd value x
+                    if scale == one:  # rdo(1 * x) = x for an rd value x
                         for t in range(m):
-                            acc[t] = rd(xb[t] + acc[t])
+                            acc[t] = rdo(xb[t] + acc[t])
                     else:
                         for t in range(m):
-                            acc[t] = rd(xb[t] + rd(scale * acc[t]))
+                            acc[t] = rdo(xb[t] + rdo(scale * acc[t]))
             elif linear:
                 for t in range(m):
-                    acc[t] = rd(acc[t])
+                    acc[t] = rdo(acc[t])
             else:
                 for t in range(m):
-                    acc[t] = rd(xb[t] + rd(scale * rd(acc[t])))
+                    acc[t] = rdo(xb[t] + rdo(scale * rdo(acc[t])))
             res = acc
         else:
-            # acc = rd(s_); m = normalize ? rd(acc / den_none) : acc; out = linear ? m :
-            # rd(x_b + rd(s * m))
+            # acc = rdo(s_); m = normalize ? rdo(acc / den_none) : acc; out = linear ? m :
+            # rdo(x_b + rdo(s * m))
             res = acc
             if normalize:
                 if linear:
                     for t in range(m):
-                        acc[t] = rd(rd(s_[t]) / den_none)
+                        acc[t] = rdo(rdo(s_[t]) / den_none)
                 else:
                     for t in range(m):
-                        acc[t] = rd(xb[t] + rd(scale * rd(rd(s_[t]) / den_none)))
+                        acc[t] = rdo(xb[t] + rdo(scale * rdo(rdo(s_[t]) / den_none)))
             elif linear:
                 for t in range(m):
-                    acc[t] = rd(s_[t])
-            elif scale == one:  # rd(1 * x) = x for an rd value x
+                    acc[t] = rdo(s_[t])
+            elif scale == one:  # rdo(1 * x) = x for an rd value x
                 for t in range(m):
-                    acc[t] = rd(xb[t] + rd(s_[t]))
+                    acc[t] = rdo(xb[t] + rdo(s_[t]))
             else:
                 for t in range(m):
-                    acc[t] = rd(xb[t] + rd(scale * rd(s_[t])))
+                    acc[t] = rdo(xb[t] + rdo(scale * rdo(s_[t])))
         if EXACT and out_code == _BF16:
             # D = BF16: every res[t] is an rd value (low 16 bits 0, a NaN already quiet), so
             # _f32_to_bf16 is its top half.
@@ -665,13 +676,14 @@ def _thin_merge_kernel_py(
             _encode_block(res, out_code, lo, m, out)
 
 
-def _thin_kernel(name: str, rd):
+def _thin_kernel(name: str, rd, rdo):
     """``_thin_merge_kernel_py`` compiled with the module global ``rd`` bound to one working
     dtype's rounding, and ``EXACT`` to D = BF16 (the kernel then drops roundings that
     provably change nothing): a separate function per D, so D = F32 compiles to v2's float32
     code, and each is cached on disk under its own name."""
     fn = types_mod.FunctionType(_thin_merge_kernel_py.__code__,
-                                {**globals(), "rd": rd, "EXACT": rd is _rd_bf16}, name,
+                                {**globals(), "rd": rd, "rdo": rdo, "EXACT": rd is _rd_bf16},
+                                name,
                                 _thin_merge_kernel_py.__defaults__, _thin_merge_kernel_py.__closure__)  # fmt: skip
     fn.__qualname__ = name
     fn.__doc__ = _thin_merge_kernel_py.__doc__
@@ -705,9 +717,9 @@ def count_exponent_ones(x, m):
 
 #: The v2 kernel per working dtype D (SPEC "Working dtype (v3)"); ``_thin_merge_kernel`` is
 #: D = F32, v2's float32 kernel.
-_thin_merge_kernel = _thin_kernel("_thin_merge_kernel", _f32_to_f32)
-_thin_merge_kernel_bf16 = _thin_kernel("_thin_merge_kernel_bf16", _rd_bf16)
-_thin_merge_kernel_f16 = _thin_kernel("_thin_merge_kernel_f16", _rd_f16)
+_thin_merge_kernel = _thin_kernel("_thin_merge_kernel", _f32_to_f32, _f32_to_f32)
+_thin_merge_kernel_bf16 = _thin_kernel("_thin_merge_kernel_bf16", _rd_bf16, _rdo_bf16)
+_thin_merge_kernel_f16 = _thin_kernel("_thin_merge_kernel_f16", _rd_f16, _rd_f16)
 _THIN_KERNELS = {_F32: _thin_merge_kernel, _BF16: _thin_merge_kernel_bf16, _F16: _thin_merge_kernel_f16}
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from .common import FLOAT_CODES
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_rows import _checked
-from .rounding_ir import round_work_ir
+from .rounding_ir import round_op_ir, round_work_ir
 
 _F32, _F16, _BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 
@@ -39,6 +39,14 @@ def round_work(v, code):
     LLVM IR (``kernels/rounding_ir.py`` says why), bit for bit ``_f16_to_f32(_f32_to_f16(v))``
     for F16 and ``_bf16_to_f32(_f32_to_bf16(v))`` for BF16."""
     return round_work_ir(v, code)
+
+
+@numba.njit(inline="always")
+def round_op(v, code):
+    """``round_work`` of the result of an op on values already in W (not of a value read
+    from storage): the same bits, fewer instructions (``rounding_ir.round_op_ir`` says
+    why)."""
+    return round_op_ir(v, code)
 
 
 @numba.njit(inline="always")

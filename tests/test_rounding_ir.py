@@ -15,7 +15,7 @@ from streammerge.kernels.cpu_merge import (
     _f32_to_bf16,
     _f32_to_f16,
 )
-from streammerge.kernels.rounding_ir import round_work_ir
+from streammerge.kernels.rounding_ir import round_op_ir, round_work_ir
 
 F32, F16, BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 
@@ -67,3 +67,46 @@ def test_known_values():
     assert rw(np.float32(1.00390625), BF16) == np.float32(1.0)  # a tie rounds to even
     assert rw(np.float32(1.01171875), BF16) == np.float32(1.015625)
     assert np.isnan(rw(np.float32(np.nan), F16)) and np.isnan(rw(np.float32(np.nan), BF16))
+
+
+@numba.njit(parallel=True)
+def _op_mismatches(patterns, code):
+    """Per pattern: 1 where ``round_op_ir`` and ``round_work_ir`` give different bits."""
+    out = np.zeros(patterns.shape[0], np.uint8)
+    for k in numba.prange(patterns.shape[0]):
+        x = _bits_f32(patterns[k])
+        if _f32_bits(round_op_ir(x, code)) != _f32_bits(round_work_ir(x, code)):
+            out[k] = 1
+    return out
+
+
+def test_round_op_differs_only_on_nans_no_op_gives():
+    """``round_op_ir`` is ``round_work_ir`` on every float32 except the NaNs an op on
+    rounded values never returns: low 16 bits not zero, or signaling (quiet bit clear)."""
+    p = _patterns()
+    nan = (p & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    odd = nan & (((p & np.uint32(0xFFFF)) != 0) | ((p & np.uint32(0x400000)) == 0))
+    for code in (F32, F16):
+        assert not _op_mismatches(p, code).any()
+    bad = _op_mismatches(p, BF16).astype(bool)
+    assert not (bad & ~odd).any()
+    assert bad[odd].any()  # the test the fast rounding leaves out is needed there
+
+
+def test_ops_on_rounded_values_give_nans_round_op_keeps():
+    """The NaNs IEEE ops return from rounded operands (a quiet NaN with low bits zero, or
+    none) are ones ``round_op_ir`` leaves as ``round_work_ir`` does, on this machine."""
+
+    @numba.njit(error_model="numpy")
+    def ops(a, b):
+        r = np.empty(6, np.float32)
+        r[0], r[1], r[2] = a + b, a * b, a / b
+        r[3], r[4], r[5] = a - b, b / a, np.float32(0.0) * b
+        return r
+
+    rounded_nans = np.array([0x7FC10000, 0xFFC00000, 0x7FFF0000], np.uint32).view(np.float32)
+    vals = [np.float32(v) for v in (0.0, -1.5, np.inf, -np.inf)] + list(rounded_nans)
+    for a in vals:
+        for b in vals:
+            got = ops(a, b).view(np.uint32)
+            assert not _op_mismatches(got, BF16).any(), (a, b, [hex(g) for g in got])
