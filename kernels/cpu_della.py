@@ -26,7 +26,7 @@ from .cpu_loops import F16 as _F16
 from .cpu_loops import F32 as _F32
 from .cpu_loops import round_all, task_vector, weigh
 from .cpu_merge import _decode_block, _encode_block, _f32_bits, _philox_range
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_rows import _checked
 
 
@@ -178,9 +178,9 @@ def _thin_loop(d, n, rank, words, thr, inv, rescale, w, w_code, out):
     zero = np.float32(0.0)
     for i in range(n):
         k = rank[i]
-        scaled = round_work(d[i] * inv[k], w_code) if rescale else d[i]
+        scaled = round_op(d[i] * inv[k], w_code) if rescale else d[i]
         e = scaled if np.uint64(words[i]) < thr[k] else zero
-        out[i] = round_work(w * e, w_code)
+        out[i] = round_op(w * e, w_code)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -212,7 +212,7 @@ def _combine_loops(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, 
             for i in range(n):
                 elect[i] = elect[i] + row[i]
         for i in range(n):
-            elect[i] = round_work(elect[i], w_code)  # the elected sign's sum S
+            elect[i] = round_op(elect[i], w_code)  # the elected sign's sum S
         for j in range(n_models):
             row = wd[j]
             w = wq[j]
@@ -222,7 +222,7 @@ def _combine_loops(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, 
                 acc[i] = acc[i] + (v if agree else zero)
                 den[i] = den[i] + (w if agree else zero)
         for i in range(n):
-            dn = round_work(den[i], w_code)
+            dn = round_op(den[i], w_code)
             den[i] = one if dn == zero else dn
     else:
         for j in range(n_models):
@@ -231,12 +231,12 @@ def _combine_loops(wd, n, wq, sign, normalize, den0, s32, w_code, xb, acc, den, 
                 acc[i] = acc[i] + row[i]
         den[:n] = den0
     for i in range(n):
-        acc[i] = round_work(acc[i], w_code)
+        acc[i] = round_op(acc[i], w_code)
     if normalize:
         for i in range(n):
-            acc[i] = round_work(acc[i] / den[i], w_code)
+            acc[i] = round_op(acc[i] / den[i], w_code)
     for i in range(n):
-        xb[i] = round_work(xb[i] + round_work(s32 * acc[i], w_code), w_code)
+        xb[i] = round_op(xb[i] + round_op(s32 * acc[i], w_code), w_code)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

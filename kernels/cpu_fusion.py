@@ -26,7 +26,7 @@ import numpy as np
 from .common import FLOAT_CODES, low_bits_vary
 from .cpu_loops import BF16, F16, F32, round_all
 from .cpu_merge import _bits_f32, _decode_block, _encode_block, _f32_bits
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_rows import _checked, _tree
 from .rounding_ir import bits_f64, f64_bits
 
@@ -151,7 +151,7 @@ def _softmax(v, m, e64, buf, c, dst):
     rz = np.float32(1.0) / z
     eps = np.float32(EPS)
     for i in range(n):
-        dst[i] = round_work(round_work(np.float32(e64[i]) * rz, c) + eps, c)
+        dst[i] = round_op(round_op(np.float32(e64[i]) * rz, c) + eps, c)
 
 
 @numba.njit(inline="always")
@@ -193,14 +193,14 @@ def _k_body(x, y, c, e64, buf, q, p, logs):
     _softmax(y, my, e64, buf, c, p)
     if c == BF16:  # rr is a bf16 value: its log from the table, exactly log32's
         for i in range(n):
-            rr = round_work(p[i] / q[i], c)
+            rr = round_op(p[i] / q[i], c)
             lg = logs[_f32_bits(rr) >> np.uint32(16)]
-            e64[i] = np.float64(round_work(p[i] * lg, c))
+            e64[i] = np.float64(round_op(p[i] * lg, c))
     else:
         for i in range(n):
-            rr = round_work(p[i] / q[i], c)
-            e64[i] = np.float64(round_work(p[i] * round_work(log32(rr), c), c))
-    return round_work(np.float32(_row_sum(e64, buf)), c)
+            rr = round_op(p[i] / q[i], c)
+            e64[i] = np.float64(round_op(p[i] * round_op(log32(rr), c), c))
+    return round_op(np.float32(_row_sum(e64, buf)), c)
 
 
 @numba.njit(cache=True, error_model="numpy")
@@ -222,8 +222,8 @@ def bf16_logs() -> np.ndarray:
 @numba.njit(inline="always")
 def _importance(x, y, kr, w_code):
     """(d, imp) of one element (x, y in W; kr the row's k)."""
-    d = round_work(y - x, w_code)
-    return d, round_work(abs(d) * kr, w_code)
+    d = round_op(y - x, w_code)
+    return d, round_op(abs(d) * kr, w_code)
 
 
 @numba.njit(inline="always")

@@ -27,7 +27,7 @@ import numba
 
 from .common import FLOAT_CODES
 from .cpu_merge import _decode_block
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 
 F32, F16, BF16 = FLOAT_CODES["F32"], FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 #: Parts of blocks per parallel kernel launch and thread (``launch_parts``).
@@ -75,7 +75,7 @@ def round_all(x, m, w_code):
 @numba.njit(inline="always")
 def _tv_loop(d, xb, m, c):
     for i in range(m):
-        d[i] = round_work(round_work(d[i], c) - xb[i], c)
+        d[i] = round_op(round_work(d[i], c) - xb[i], c)  # d[i]: a stored value
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -107,12 +107,13 @@ def base_and_task_vectors(inputs, codes, base_row, model_rows, first, m, w_code,
 @numba.njit(inline="always")
 def _weigh_loop(d, m, w, c, out):
     for i in range(m):
-        out[i] = round_work(w * d[i], c)
+        out[i] = round_op(w * d[i], c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def weigh(d, m, w, w_code, out):
-    """out[:m] = rW(w * d[:m]). d, out: float32 [>= m]; w: float32."""
+    """out[:m] = rW(w * d[:m]). d: float32 [>= m], values of W (rounded: ``round_op``);
+    out: float32 [>= m]; w: float32."""
     if w_code == BF16:
         _weigh_loop(d, m, w, BF16, out)
     elif w_code == F16:

@@ -28,7 +28,7 @@ import numpy as np
 from .common import FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNITS, checked_held
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
 
@@ -93,41 +93,41 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units, have
         row = v[0]
         w0 = sc[0]
         for i in range(m):
-            acc[i] = round_work(w0 * row[i], c)
+            acc[i] = round_op(w0 * row[i], c)
         for j in range(1, nm):
             row = v[j]
             wj = sc[j]
             for i in range(m):
-                acc[i] = round_work(acc[i] + round_work(wj * row[i], c), c)
+                acc[i] = round_op(acc[i] + round_op(wj * row[i], c), c)
         if has_base:
             for i in range(m):
-                acc[i] = round_work(acc[i] + xb[i], c)
+                acc[i] = round_op(acc[i] + xb[i], c)
         return True
     for j in range(nm if not units else 0):  # unit vectors u_j = rW(v_j / d_j), in place
         row = v[j]
         d = sc[nm + j]
         for i in range(m):
-            row[i] = round_work(row[i] / d, c)
+            row[i] = round_op(row[i] / d, c)
     if not have_mh:
         # the mean m = rW(sum_j rW(u_j * w_j)), float32 from +0.0 (models outside: vectorized)
         for j in range(nm):
             row = v[j]
             wj = sc[j]
             for i in range(m):
-                acc[i] = acc[i] + round_work(row[i] * wj, c)
+                acc[i] = acc[i] + round_op(row[i] * wj, c)
         for i in range(m):
-            acc[i] = round_work(acc[i], c)
+            acc[i] = round_op(acc[i], c)
         if stage == 1:
             sums_k[0] = _block_squares(p, acc, m)
             return False
         mn = sc[2 * nm]
         for i in range(m):  # mh = rW(m / mn)
-            acc[i] = round_work(acc[i] / mn, c)
+            acc[i] = round_op(acc[i] / mn, c)
     if stage == 2:  # sums of rW(u_j * mh) (float32 values of W, exact in float64)
         for j in range(nm):
             row = v[j]
             for i in range(m):
-                tmp[i] = round_work(row[i] * acc[i], c)
+                tmp[i] = round_op(row[i] * acc[i], c)
             sums_k[j] = _block_sum(p, tmp, m)
         return False
     # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j)), float32 from +0.0
@@ -136,20 +136,20 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units, have
         dj = sc[2 * nm + 1 + j]
         wj = sc[j]
         for i in range(m):
-            t = round_work(row[i] - round_work(dj * acc[i], c), c)
-            tmp[i] = tmp[i] + round_work(t * wj, c)
+            t = round_op(row[i] - round_op(dj * acc[i], c), c)
+            tmp[i] = tmp[i] + round_op(t * wj, c)
     for i in range(m):
-        tmp[i] = round_work(tmp[i], c)
+        tmp[i] = round_op(tmp[i], c)
     if stage == 3:
         sums_k[0] = _block_squares(p, tmp, m)
         return False
     cs, sf, avg = sc[3 * nm + 1], sc[3 * nm + 2], sc[3 * nm + 3]
     for i in range(m):
-        r = round_work(round_work(acc[i] * cs, c) + round_work(tmp[i] * sf, c), c)
-        acc[i] = round_work(r * avg, c)
+        r = round_op(round_op(acc[i] * cs, c) + round_op(tmp[i] * sf, c), c)
+        acc[i] = round_op(r * avg, c)
     if has_base:
         for i in range(m):
-            acc[i] = round_work(acc[i] + xb[i], c)
+            acc[i] = round_op(acc[i] + xb[i], c)
     return True
 
 

@@ -53,19 +53,19 @@ def round_op(v, code):
 def _nearswap_one(x, y, t32, lo, w_code):
     x = round_work(x, w_code)  # the inputs in W (mergekit's dtype: casts them at load)
     y = round_work(y, w_code)
-    d = round_work(x - y, w_code)
+    d = round_op(x - y, w_code)
     ad = abs(d)
     c = lo if ad < lo else ad  # noqa: FURB136 - a NaN stays NaN (torch clamp)
-    r = round_work(np.float32(1.0) / c, w_code)
-    w = round_work(r * t32, w_code)
+    r = round_op(np.float32(1.0) / c, w_code)
+    w = round_op(r * t32, w_code)
     if w < np.float32(0.0):
         w = np.float32(0.0)
     elif w > np.float32(1.0):
         w = np.float32(1.0)
-    p = round_work(w * y, w_code)
-    q = round_work(np.float32(1.0) - w, w_code)
-    s = round_work(q * x, w_code)
-    return round_work(p + s, w_code)
+    p = round_op(w * y, w_code)
+    q = round_op(np.float32(1.0) - w, w_code)
+    s = round_op(q * x, w_code)
+    return round_op(p + s, w_code)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")

@@ -24,7 +24,7 @@ import numpy as np
 from .common import FLOAT_CODES, FLOAT_ITEMSIZE
 from .cpu_loops import BF16, F16, F32, round_all, task_vector
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_rows import DOT_BLOCK, _block_dots, _checked, _tree
 
 #: Columns per parallel task of ``col_dots``; elements per task of ``combine``.
@@ -121,7 +121,7 @@ def _combine_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n, row_len,
 @numba.njit(inline="always")
 def _unit_loop(x, y, m, n0, n1, c, p):
     for i in range(m):
-        p[i] = np.float64(round_work(round_work(x[i] / n0, c) * round_work(y[i] / n1, c), c))
+        p[i] = np.float64(round_op(round_op(x[i] / n0, c) * round_op(y[i] / n1, c), c))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -167,7 +167,7 @@ def _unit_col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_row
             _load(row0, code0, row1, code1, rowb, codeb, has_base, r * row_len + c0, m, x, y, b, w)
             for i in range(m):
                 c = c0 + i
-                u = round_work(round_work(x[i] / n0[c], w) * round_work(y[i] / n1[c], w), w)
+                u = round_op(round_op(x[i] / n0[c], w) * round_op(y[i] / n1[c], w), w)
                 acc[c] = acc[c] + np.float64(u)
 
 
@@ -175,9 +175,9 @@ def _unit_col_dots_kernel(row0, code0, row1, code1, rowb, codeb, has_base, n_row
 def _chain_one(x, y, lin, ca, cb, st, p, q, w):
     """One element of the chain's combination (no base)."""
     if lin:
-        return round_work(round_work(p * x, w) + round_work(q * y, w), w)
-    o = round_work(round_work(ca * x, w) + round_work(cb * y, w), w)
-    return round_work(o / st, w)
+        return round_op(round_op(p * x, w) + round_op(q * y, w), w)
+    o = round_op(round_op(ca * x, w) + round_op(cb * y, w), w)
+    return round_op(o / st, w)
 
 
 @numba.njit(inline="always")
@@ -192,7 +192,7 @@ def _chain_loops(x, y, b, i, seg, col, row, per_col, has_base, lin, ca, cb, st, 
             x[i + t] = _chain_one(x[i + t], y[i + t], lr, ar, br, sr, p, q, c)
     if has_base:
         for t in range(seg):
-            x[i + t] = round_work(b[i + t] + x[i + t], c)
+            x[i + t] = round_op(b[i + t] + x[i + t], c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

@@ -21,7 +21,7 @@ import numpy as np
 from .common import FLOAT_CODES
 from .cpu_loops import BF16, F16, F32, base_and_task_vectors
 from .cpu_merge import _encode_block
-from .cpu_nearswap import _round_host, round_work
+from .cpu_nearswap import _round_host, round_op, round_work
 from .cpu_rows import _checked
 
 #: Elements per parallel block.
@@ -95,17 +95,17 @@ def _ram_loops(tv, cnt, m, e, c, plus, lam, xb, acc):
             ovl = one if k > 1 else zero
             div = np.float32(max(k, 1))
             d = row[i]
-            z = round_work(d * (one if abs(d) > e else zero), c)
-            u = round_work(z * uniq, c)
-            o = round_work(round_work(z * ovl, c) / div, c)
-            s = u * lj + o if plus else round_work(u + o, c)
+            z = round_op(d * (one if abs(d) > e else zero), c)
+            u = round_op(z * uniq, c)
+            o = round_op(round_op(z * ovl, c) / div, c)
+            s = u * lj + o if plus else round_op(u + o, c)
             acc[i] = acc[i] + s
     if plus:
         for i in range(m):
             xb[i] = xb[i] + acc[i]
     else:
         for i in range(m):
-            xb[i] = round_work(xb[i] + round_work(acc[i], c), c)
+            xb[i] = round_op(xb[i] + round_op(acc[i], c), c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .cpu_loops import BF16, F16, F32, base_and_task_vectors, power_of_two
 from .cpu_merge import _encode_block, _f32_bits
-from .cpu_nearswap import _round_host, round_work
+from .cpu_nearswap import _round_host, round_op, round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
 
@@ -69,11 +69,11 @@ def _keys_loop(m2, m, n_models, c, key):
     if power_of_two(n_models):  # as in _vectors: m2 / N = m2 * (1 / N) exactly
         inv = 1.0 / nm
         for i in range(m):
-            v = round_work(np.float32(m2[i] * inv), c)
+            v = round_op(np.float32(m2[i] * inv), c)
             key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
     else:
         for i in range(m):
-            v = round_work(np.float32(m2[i] / nm), c)
+            v = round_op(np.float32(m2[i] / nm), c)
             key[i] = np.int64(_f32_bits(v) & np.uint32(0x7FFFFFFF))
 
 
@@ -92,7 +92,7 @@ def _keys(m2, m, n_models, w_code, key):
 def _select_loop(row, key, m, thr, c):
     zero = np.float32(0.0)
     for i in range(m):  # off the top-k: rW(tv * 0) (+-0, NaN for inf/NaN)
-        off = round_work(row[i] * zero, c)
+        off = round_op(row[i] * zero, c)
         row[i] = row[i] if key[i] >= thr else off
 
 
@@ -170,7 +170,7 @@ def _energy_block(inputs, codes, base_row, model_rows, first, m, w_code, keep_al
 @numba.njit(inline="always")
 def _sq_loop(row, m, c, p):
     for i in range(m):
-        p[i] = np.float64(round_work(row[i] * row[i], c))
+        p[i] = np.float64(round_op(row[i] * row[i], c))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -205,21 +205,21 @@ def _merge_loops(tv, m, c, wt, lo, xb, s_all, acc, den):
         for i in range(m):
             s_all[i] = s_all[i] + row[i]
     for i in range(m):
-        s_all[i] = round_work(s_all[i], c)  # the elected sign's sum, rounded once
+        s_all[i] = round_op(s_all[i], c)  # the elected sign's sum, rounded once
     for j in range(n_models):
         row = tv[j]
         w = wt[j]
         for i in range(m):
             v = row[i]
             agree = (v > zero) if s_all[i] >= zero else (v < zero)  # NaN: none agrees
-            ew = round_work(w * (np.float32(1.0) if agree else zero), c)
-            acc[i] = acc[i] + round_work(v * ew, c)
+            ew = round_op(w * (np.float32(1.0) if agree else zero), c)
+            acc[i] = acc[i] + round_op(v * ew, c)
             den[i] = den[i] + ew
     for i in range(m):
-        a = round_work(acc[i], c)
-        d = round_work(den[i], c)
+        a = round_op(acc[i], c)
+        d = round_op(den[i], c)
         d = lo if d < lo else d
-        xb[i] = round_work(xb[i] + round_work(a / d, c), c)
+        xb[i] = round_op(xb[i] + round_op(a / d, c), c)
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

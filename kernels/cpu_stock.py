@@ -25,7 +25,7 @@ import numpy as np
 from .cpu_loops import (BF16, F16, F32, base_and_task_vectors, launch_parts, part_blocks,
                          power_of_two)
 from .cpu_merge import _decode_block, _encode_block
-from .cpu_nearswap import round_work
+from .cpu_nearswap import round_op, round_work
 from .cpu_ram import _slot
 from .cpu_rows import _checked, _tree
 
@@ -76,7 +76,7 @@ def _dots_kernel(inputs, codes, base_row, model_rows, n, w_code, out, n_parts):
 @numba.njit(inline="always")
 def _cross_loop(dj, dq, m, c, p):
     for i in range(m):
-        p[i] = np.float64(round_work(dj[i] * dq[i], c))
+        p[i] = np.float64(round_op(dj[i] * dq[i], c))
 
 
 @numba.njit(inline="always")
@@ -119,7 +119,7 @@ def _base_and_sum(inputs, codes, base_row, model_rows, first, m, w_code, xb, a, 
 @numba.njit(inline="always")
 def _add_rounded(a, x, m, c):
     for i in range(m):
-        a[i] = round_work(a[i] + round_work(x[i], c), c)
+        a[i] = round_op(a[i] + round_work(x[i], c), c)  # x[i]: a stored value
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -154,14 +154,14 @@ def _interpolate(a, xb, m, count, t32, q, c):
     if power_of_two(np.int64(count)):
         inv = np.float32(1.0) / count
         for i in range(m):
-            avg = round_work(a[i] * inv, c)
-            p = round_work(t32 * avg, c)
-            xb[i] = round_work(p + round_work(q * round_work(xb[i], c), c), c)
+            avg = round_op(a[i] * inv, c)
+            p = round_op(t32 * avg, c)
+            xb[i] = round_op(p + round_op(q * round_work(xb[i], c), c), c)
     else:
         for i in range(m):
-            avg = round_work(a[i] / count, c)
-            p = round_work(t32 * avg, c)
-            xb[i] = round_work(p + round_work(q * round_work(xb[i], c), c), c)
+            avg = round_op(a[i] / count, c)
+            p = round_op(t32 * avg, c)
+            xb[i] = round_op(p + round_op(q * round_work(xb[i], c), c), c)
 
 
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
@@ -199,10 +199,10 @@ def _stock_rows_kernel(inputs, codes, base_row, model_rows, n, row_len, ts, qs, 
                       np.empty(STOCK_BLOCK, np.float32))  # fmt: skip
         for i in range(m):
             row = (first + i) // row_len
-            avg = round_work(a[i] / count, w_code)
-            p = round_work(ts[row] * avg, w_code)
-            xb[i] = round_work(p + round_work(qs[row] * round_work(xb[i], w_code), w_code),
-                               w_code)  # fmt: skip
+            avg = round_op(a[i] / count, w_code)
+            p = round_op(ts[row] * avg, w_code)
+            xb[i] = round_op(p + round_op(qs[row] * round_work(xb[i], w_code), w_code),
+                             w_code)  # fmt: skip
         _encode_block(xb, out_code, first, m, out)
 
 
