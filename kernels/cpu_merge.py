@@ -600,8 +600,8 @@ def _thin_merge_kernel_py(
                               inputs, offs, pf_rows, codes, out, out_code, pf_lo, 0)  # fmt: skip
                 cached = groups[k]
             row = rows[k]
-            _thin_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, rdo, EXACT, lo, m, xb,
-                        rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
+            _thin_block(inputs[row, offs[row]:], codes[row], round_in[row], rd, rdo, EXACT, lo,
+                        m, xb, rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
                         keep_lo[k], keep_hi[k], wd[k], sign, s_)  # fmt: skip
         if sign:
             # S = rdo(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:

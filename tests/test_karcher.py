@@ -351,6 +351,33 @@ def test_idle_rounds_are_not_read(tmp_path):
     assert runs["8MB"][1] == runs["256MB"][1]
 
 
+def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_path,
+                                                                            monkeypatch):
+    """A tensor spanning chunks keeps its iterate between passes in a temporary file
+    (``methods.karcher._spilled``): the oracle's bytes, and the file is made, written,
+    read back and closed once the tensor is written."""
+    import tempfile
+
+    import streammerge
+    from streammerge.api import Options
+    from streammerge.methods import karcher
+
+    files, make = [], tempfile.TemporaryFile
+
+    def counting(*args, **kw):
+        files.append(make(*args, **kw))
+        return files[-1]
+
+    monkeypatch.setattr(karcher.tempfile, "TemporaryFile", counting)
+    _, a, b = make_trio(tmp_path, big=1_500_000)
+    out = tmp_path / "o"
+    streammerge.merge([a, b], None, out, options=Options(memory="8MB"), method="karcher",
+                      weights=[1.0, 2.0], max_iter=3)  # fmt: skip
+    rec = json.loads((out / "streammerge.json").read_text())
+    assert _bytes(out) == _expected([a, b], rec)
+    assert files and all(f.closed for f in files)
+
+
 def test_triton_kernel_equals_numba():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1) or a GPU run")

@@ -10,12 +10,15 @@ dots, ||T|| and ||u'||; the passes after the rounds stop (||T|| < tol, or ``max_
 run no kernel, and a tensor larger than a chunk is not read for them (``RowPass.live``:
 the compute stage decides it after each pass, the reader waits for that). A tensor in one
 chunk holds the iterate in its slot's output bytes between passes instead (``_held``),
-and its unit vectors over the model rows (``_units``).
+and its unit vectors over the model rows (``_units``); a larger one keeps its iterate in a
+temporary file (``_spilled``), so each pass computes one round, not all before it.
 M3 multiplies the weights (mergekit's alphas are 1/N).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -204,6 +207,74 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     return out, state, keep
 
 
+#: ``RowArgs.stats`` key of the iterate of a tensor larger than a chunk, kept between its
+#: passes in an unlinked temporary file: (file, weights, {chunk start: (state, count)}).
+SPILL = "karcher_spill"
+
+
+def _spilled(out, a, pr: Program, stage: int) -> tuple:
+    """(held, after) for a chunk of a tensor larger than a chunk: its iterate between passes
+    in a temporary file (``tempfile.TemporaryFile``: in TMPDIR, unlinked, gone with the
+    process; W's itemsize per element of the tensor), read into the chunk's output bytes
+    before the pass and written back after it (``after``), as ``_held`` keeps a one-chunk
+    tensor's in place. Each pass then computes its own round, not every round before it
+    from the inputs (10 rounds of a 5632 x 2048 bf16 tensor: 146 -> 47 ns per element).
+    (None, None) when W's itemsize is not the output's, or nothing is kept yet."""
+    isz = FLOAT_ITEMSIZE[pr.work]
+    nb = a.count * isz
+    if isz != FLOAT_ITEMSIZE[a.out_dtype] or out.ndim != 1 or out.nbytes < nb:
+        return None, None
+    sp = a.stats.get(SPILL)
+    if sp is None or sp[1] != a.weights:
+        if sp is not None:
+            sp[0].close()
+        sp = (tempfile.TemporaryFile(prefix="streammerge-karcher-"), a.weights, {})
+        a.stats[SPILL] = sp
+    f, _, states = sp
+    state, count = states.get(a.start, (-1, 0))
+    state = state if count == a.count and state <= 2 * pr.full + 1 else -1
+    keep = stage in (2, 4)
+    if state < 0 and not keep:
+        return None, None
+    view = out.view(np.uint8)[:nb]
+    if state >= 0:
+        _transfer(os.preadv, f.fileno(), view, a.start * isz)
+
+    def after() -> None:
+        if keep:
+            _transfer(os.pwritev, f.fileno(), view, a.start * isz)
+            states[a.start] = (2 * pr.full + (stage == 4), a.count)
+        elif stage == 5:
+            states.pop(a.start, None)
+            if not states:
+                f.close()
+                a.stats.pop(SPILL, None)
+
+    return (out, state, keep), after
+
+
+def _transfer(call, fd: int, view: np.ndarray, offset: int) -> None:
+    """Every byte of ``view`` through ``os.preadv`` / ``os.pwritev`` at ``offset``.
+
+    Raises:
+        OSError: the temporary file ends early (a read) or the disk is full.
+    """
+    done = 0
+    while done < view.nbytes:
+        k = call(fd, [memoryview(view[done:])], offset + done)
+        if k <= 0:
+            raise OSError(f"karcher's temporary iterate: {done} of {view.nbytes} bytes")
+        done += k
+
+
+def _holding(out, a, pr: Program, stage: int) -> tuple:
+    """(held, after): the iterate kept in place (``_held``: a tensor in one chunk) or in a
+    temporary file (``_spilled``: a larger one)."""
+    if a.start == 0 and a.count == int(np.prod(a.shape)):
+        return _held(out, a, pr, stage), None
+    return _spilled(out, a, pr, stage)
+
+
 def _units(inputs, a, pr: Program, stage: int) -> int:
     """The pass's ``units`` (``cpu_karcher.karcher_pass``): the mean's pass stores the unit
     vectors over the model rows, every later pass reads them instead of decoding the inputs
@@ -218,9 +289,11 @@ def _pass_cpu(inputs, out, a) -> None:
     pr, stage = program_of(a)
     if stage is None:
         return
-    held = _held(out, a, pr, stage) if stage >= 2 else None
+    held, after = _holding(out, a, pr, stage) if stage >= 2 else (None, None)
     cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
                              a.counts, held, _units(inputs, a, pr, stage))  # fmt: skip
+    if after is not None:
+        after()
 
 
 def _karcher_cpu(inputs, out, a) -> None:
@@ -231,9 +304,11 @@ def _karcher_cpu(inputs, out, a) -> None:
     if stage == -1:
         out[...] = 0
         return
+    held, after = _holding(out, a, pr, 5)
     cpu_karcher.karcher_pass(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, 5, out,
-                             a.out_dtype, _held(out, a, pr, 5),
-                             _units(inputs, a, pr, 5))  # fmt: skip
+                             a.out_dtype, held, _units(inputs, a, pr, 5))  # fmt: skip
+    if after is not None:
+        after()
 
 
 def _models(launch, inputs, a) -> list:
@@ -304,6 +379,7 @@ METHOD = Method(
     plan_note=f"mergekit's chain: {len(PASSES) - 1} statistics passes (the norms, the "
     f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
     "those after the rounds stop are not read) and 1 writing pass: at most "
-    f"{len(PASSES)} reads of each tensor larger than a chunk, 1 of a smaller one (its iterate "
-    "held between passes)"
+    f"{len(PASSES)} reads of each tensor larger than a chunk (its iterate kept between passes "
+    "in a temporary file in TMPDIR, W's itemsize per element), 1 of a smaller one (its "
+    "iterate held between passes)"
 )
