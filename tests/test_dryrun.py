@@ -241,7 +241,18 @@ def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch
     from streammerge import notices
     from streammerge.exec import backends
 
+    import time
+
+    from streammerge.kernels import cpu_merge
+
     monkeypatch.setattr(backends, "kernels_compiled", lambda: False)
+    warm = cpu_merge.warmup
+
+    def slow_warmup():  # as a cold compile: the first pass must wait for the loader
+        time.sleep(0.5)
+        warm()
+
+    monkeypatch.setattr(cpu_merge, "warmup", slow_warmup)
     lines: list[str] = []
     monkeypatch.setattr(notices, "sink", lines.append)
     unused = backends.NumbaBackend(1)  # a run refused before its first pass: no notice
