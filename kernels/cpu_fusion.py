@@ -27,7 +27,7 @@ from .common import FLOAT_CODES, low_bits_vary
 from .cpu_loops import BF16, F16, F32, round_all
 from .cpu_merge import _bits_f32, _decode_block, _encode_block, _f32_bits
 from .cpu_nearswap import round_op, round_work
-from .cpu_rows import _checked, _tree
+from .cpu_rows import _checked, block_sum
 from .rounding_ir import bits_f64, f64_bits
 
 #: Elements per block of a row sum (SPEC "SLERP (v3)"'s pairwise tree).
@@ -114,12 +114,7 @@ def _row_sum(v, buf):
     total = 0.0
     n = v.shape[0]
     for lo in range(0, n, SUM_BLOCK):
-        m = min(SUM_BLOCK, n - lo)
-        for i in range(m):
-            buf[i] = v[lo + i]
-        for i in range(m, SUM_BLOCK):
-            buf[i] = 0.0
-        total = total + _tree(buf)
+        total = total + block_sum(buf, v[lo:], min(SUM_BLOCK, n - lo))
     return total
 
 

@@ -33,7 +33,7 @@ from .common import FLOAT_CODES, FLOAT_ITEMSIZE, HELD_UNITS, NO_HELD, STORE_UNIT
 from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_op, round_work
-from .cpu_rows import _checked, _tree
+from .cpu_rows import _checked, block_sum
 from .cpu_stock import STOCK_BLOCK, add_blocks
 
 __all__ = ["PIECE", "STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "karcher_sums",
@@ -144,11 +144,9 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
     if stage == 2 and bsums.shape[0] > 0:  # the block's sums, not its products
         for j in range(n_models):
             unit = units[j]
-            for i in range(m):
-                p[i] = np.float64(u[i] * unit[i])
-            for i in range(m, STOCK_BLOCK):
-                p[i] = 0.0
-            bsums[first // STOCK_BLOCK, j] = _tree(p)
+            for i in range(m):  # T: free scratch in this stage
+                T[i] = u[i] * unit[i]
+            bsums[first // STOCK_BLOCK, j] = block_sum(p, T, m)
         return False
     if stage == 2:
         for j in range(n_models):
@@ -368,27 +366,16 @@ def _lanes8(row, k, lanes):
     lanes[4], lanes[5], lanes[6], lanes[7] = a4, a5, a6, a7
 
 
-@numba.njit(inline="always")
-def _block_sums(row, m, p, dsum, j):
-    """dsum[j] += each block's pairwise tree of ``row``'s m products (widened to float64,
-    the last block padded with +0.0), block after block."""
-    for lo in range(0, m, STOCK_BLOCK):
-        e = min(m - lo, STOCK_BLOCK)
-        for i in range(e):
-            p[i] = np.float64(row[lo + i])
-        for i in range(e, STOCK_BLOCK):
-            p[i] = 0.0
-        dsum[j] = dsum[j] + _tree(p)
-
-
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _accumulate(vals, q, dot, lanes, tail, ntail, dsum):
     m = vals.shape[1]
     k = m - m % 8
     if dot:
         p = np.empty(STOCK_BLOCK, np.float64)
-        for j in range(q):
-            _block_sums(vals[j], m, p, dsum, j)
+        for j in range(q):  # each block's tree added in turn, left to right
+            row = vals[j]
+            for lo in range(0, m, STOCK_BLOCK):
+                dsum[j] = dsum[j] + block_sum(p, row[lo:], min(m - lo, STOCK_BLOCK))
     else:
         for j in range(q):
             row = vals[j]

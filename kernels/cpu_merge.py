@@ -538,12 +538,12 @@ def _thin_merge_kernel_py(
     words,  # [K] int64 Philox output word (j % 4)
     thresholds,  # [K] uint32 floor(p_k * 2**32)
     rescales,  # [K] float32 float32(1 / (1 - p_k))
-    weights,  # [K] float32 w'_k = rdo(float32(w_k))
+    weights,  # [K] float32 w'_k = rd(float32(w_k))
     keep_lo,  # [K] uint32 magnitude window, inclusive
     keep_hi,  # [K] uint32
     sign,  # bool: consensus "sign" (else "none")
     normalize,  # bool: m = acc / den
-    den_none,  # float32 den of consensus "none" (host: rdo(sum of w' in order), |den| < 1e-8 -> 1)
+    den_none,  # float32 den of consensus "none" (host: rd(sum of w' in order), |den| < 1e-8 -> 1)
     linear,  # bool: out = m (else x_b + s * m)
     scale,  # float32 s
     out,  # [>= n * itemsize] uint8
@@ -604,7 +604,7 @@ def _thin_merge_kernel_py(
                         m, xb, rw[words[k]], thresholds[k], masked, rescales[k], weights[k],
                         keep_lo[k], keep_hi[k], wd[k], sign, s_)  # fmt: skip
         if sign:
-            # S = rdo(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
+            # S = rd(sum of wd_k); acc, den = sums over the k whose wd_k has S's sign (S >= 0:
             # +; S NaN: -).
             for t in range(m):
                 s_[t] = rdo(s_[t])
@@ -623,8 +623,8 @@ def _thin_merge_kernel_py(
                         agree = (v > zero) if s_[t] >= zero else (v < zero)
                         acc[t] = acc[t] + v if agree else acc[t]
                         den[t] = den[t] + wt if agree else den[t]
-            # acc, den rounded to D; m = normalize ? rdo(acc / den) (den = 1 where 0) : acc;
-            # out = linear ? m : rdo(x_b + rdo(s * m))
+            # acc, den rounded to D; m = normalize ? rd(acc / den) (den = 1 where 0) : acc;
+            # out = linear ? m : rd(x_b + rd(s * m))
             if normalize:
                 for t in range(m):
                     dn = rdo(den[t])
@@ -633,7 +633,7 @@ def _thin_merge_kernel_py(
                 for t in range(m):
                     acc[t] = rdo(acc[t] / den[t])
                 if not linear:
-                    if scale == one:  # rdo(1 * x) = x for an rd value x
+                    if scale == one:  # rd(1 * x) = x for an rd value x
                         for t in range(m):
                             acc[t] = rdo(xb[t] + acc[t])
                     else:
@@ -647,8 +647,8 @@ def _thin_merge_kernel_py(
                     acc[t] = rdo(xb[t] + rdo(scale * rdo(acc[t])))
             res = acc
         else:
-            # acc = rdo(s_); m = normalize ? rdo(acc / den_none) : acc; out = linear ? m :
-            # rdo(x_b + rdo(s * m))
+            # acc = rd(s_); m = normalize ? rd(acc / den_none) : acc; out = linear ? m :
+            # rd(x_b + rd(s * m))
             res = acc
             if normalize:
                 if linear:
@@ -660,7 +660,7 @@ def _thin_merge_kernel_py(
             elif linear:
                 for t in range(m):
                     acc[t] = rdo(s_[t])
-            elif scale == one:  # rdo(1 * x) = x for an rd value x
+            elif scale == one:  # rd(1 * x) = x for an rd value x
                 for t in range(m):
                     acc[t] = rdo(xb[t] + rdo(s_[t]))
             else:

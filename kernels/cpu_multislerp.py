@@ -30,7 +30,7 @@ from .cpu_loops import BF16, F16, F32, launch_parts, part_blocks, round_all, tas
 from .cpu_merge import _decode_block, _encode_block
 from .cpu_nearswap import round_op, round_work
 from .cpu_ram import _slot
-from .cpu_rows import _checked, _tree
+from .cpu_rows import _checked, _tree, block_sum
 
 #: Elements per block of the statistics (SPEC), a power of two; chunks start at its multiples.
 MSL_BLOCK = 1024
@@ -60,14 +60,6 @@ def _vectors(inputs, codes, base_row, model_rows, first, m, w_code, xb, v):
         else:
             _decode_block(inputs[r], codes[r], first, m, v[j])
             round_all(v[j], m, w_code)
-
-
-@numba.njit(inline="always")
-def _block_sum(p, src, m):
-    """SPEC's block sum of float64(src[:m]) (padded with +0.0)."""
-    for i in range(MSL_BLOCK):
-        p[i] = np.float64(src[i]) if i < m else 0.0
-    return _tree(p)
 
 
 @numba.njit(inline="always")
@@ -128,7 +120,7 @@ def _msl_body(v, xb, has_base, m, stage, sc, c, sums_k, acc, tmp, p, units, have
             row = v[j]
             for i in range(m):
                 tmp[i] = round_op(row[i] * acc[i], c)
-            sums_k[j] = _block_sum(p, tmp, m)
+            sums_k[j] = block_sum(p, tmp, m)
         return False
     # T = rW(sum_j rW(rW(u_j - rW(dot_j * mh)) * w_j)), float32 from +0.0
     for j in range(nm):

@@ -38,6 +38,15 @@ def _tree(p):
 
 
 @numba.njit(inline="always")
+def block_sum(p, src, m):
+    """SPEC's block sum (a pairwise tree, ``_tree``) of float64(src[:m]), padded with +0.0
+    to the block ``p`` (float64 scratch, a power-of-two length: the block width)."""
+    for i in range(p.shape[0]):
+        p[i] = np.float64(src[i]) if i < m else 0.0
+    return _tree(p)
+
+
+@numba.njit(inline="always")
 def _block_dots(x, y, m, p00, p11, p01):
     """One block's float64 sums (x.x, y.y, x.y) of its first ``m`` float32 elements:
     exact products padded with +0.0 to ``DOT_BLOCK``, each summed by ``_tree``

@@ -27,11 +27,18 @@ _F16, _BF16 = FLOAT_CODES["F16"], FLOAT_CODES["BF16"]
 _I32 = ir.IntType(32)
 
 
+def bf16_round_op_bits(builder, u):
+    """IR: bits of float32 -> bfloat16 (nearest even) -> float32 without a NaN test, for
+    the result of an arithmetic op on rounded values (``round_op_ir`` says when that is
+    ``bf16_round_trip_bits``'s result)."""
+    lsb = builder.and_(builder.lshr(u, _I32(16)), _I32(1))
+    return builder.and_(builder.add(builder.add(u, _I32(0x7FFF)), lsb), _I32(0xFFFF0000))
+
+
 def bf16_round_trip_bits(builder, u):
     """IR: bits of float32 -> bfloat16 (nearest even; a NaN keeps its top 16 bits, made
     quiet) -> float32, on uint32 bit patterns (also ``cpu_merge._rd_bf16_ir``'s body)."""
-    lsb = builder.and_(builder.lshr(u, _I32(16)), _I32(1))
-    rounded = builder.and_(builder.add(builder.add(u, _I32(0x7FFF)), lsb), _I32(0xFFFF0000))
+    rounded = bf16_round_op_bits(builder, u)
     quiet = builder.and_(builder.or_(u, _I32(0x00400000)), _I32(0xFFFF0000))
     is_nan = builder.icmp_unsigned(">", builder.and_(u, _I32(0x7FFFFFFF)), _I32(0x7F800000))
     return builder.select(is_nan, quiet, rounded)
@@ -69,13 +76,6 @@ def _f16_bits_to_f32_bits(builder, h):
     bits = builder.select(builder.icmp_unsigned(">=", em, _I32(0x0400)), normal, sub)
     bits = builder.select(builder.icmp_unsigned(">=", em, _I32(0x7C00)), special, bits)
     return builder.or_(bits, sign)
-
-
-def bf16_round_op_bits(builder, u):
-    """IR: ``bf16_round_trip_bits`` without its NaN test, for the result of an arithmetic
-    op on rounded values (``round_op_ir`` says when that is the same bits)."""
-    lsb = builder.and_(builder.lshr(u, _I32(16)), _I32(1))
-    return builder.and_(builder.add(builder.add(u, _I32(0x7FFF)), lsb), _I32(0xFFFF0000))
 
 
 @intrinsic

@@ -238,11 +238,10 @@ def test_kernels_compiled_reads_numbas_cache(tmp_path):
 def test_cold_cache_is_announced_and_in_the_plans_estimate(tmp_path, monkeypatch):
     """Issue 21.9: with numba's cache cold, the backend says it is compiling (one notice
     before the first pass) and --plan adds the compile time to its estimate."""
-    from streammerge import notices
-    from streammerge.exec import backends
-
     import time
 
+    from streammerge import notices
+    from streammerge.exec import backends
     from streammerge.kernels import cpu_merge
 
     monkeypatch.setattr(backends, "kernels_compiled", lambda: False)

@@ -137,7 +137,7 @@ def test_kernels_equal_the_spec_oracle_whatever_the_chunking(n, dtypes, do, work
 
 def test_karcher_sums_equal_the_oracle_over_several_pieces():
     """The method's passes (``karcher_sums``: the dots' block sums taken in the kernel, in
-    parallel; the norms' products a piece at a time on a worker thread) give the oracle's
+    parallel; the norms' products a piece at a time) give the oracle's
     bytes on a tensor of several pieces and a partial last block, chunked or held."""
     n = cpu_karcher.PIECE + 5000
     dtypes = ["BF16"] * 3
