@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from streammerge.kernels.common import FLOAT_ITEMSIZE
-from streammerge.methods.method import Method, RowPass, held_units
+from streammerge.methods.method import Method, RowPass, held_units, whole_tensor
 from streammerge.methods.params import WEIGHT, Param
 
 #: The rounds the passes are declared for (mergekit's default ``max_iter``).
@@ -191,7 +191,7 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     of recomputing the rounds from the inputs (same values: SPEC "Karcher mean"); the
     step pass stores the stepped iterate, so the next round's passes only divide it by its
     norm."""
-    if a.start != 0 or a.count != int(np.prod(a.shape)) or out.ndim != 1 \
+    if not whole_tensor(a) or out.ndim != 1 \
             or FLOAT_ITEMSIZE[pr.work] != FLOAT_ITEMSIZE[a.out_dtype] \
             or out.nbytes < a.count * FLOAT_ITEMSIZE[pr.work]:  # fmt: skip
         return None
@@ -270,7 +270,7 @@ def _transfer(call, fd: int, view: np.ndarray, offset: int) -> None:
 def _holding(out, a, pr: Program, stage: int) -> tuple:
     """(held, after): the iterate kept in place (``_held``: a tensor in one chunk) or in a
     temporary file (``_spilled``: a larger one)."""
-    if a.start == 0 and a.count == int(np.prod(a.shape)):
+    if whole_tensor(a):
         return _held(out, a, pr, stage), None
     return _spilled(out, a, pr, stage)
 

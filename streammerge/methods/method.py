@@ -90,6 +90,12 @@ class RowPass:
         return self.accumulators is not None
 
 
+def whole_tensor(a) -> bool:
+    """Whether the chunk of ``a`` (``exec.ops.RowArgs``) is its whole tensor: the one-chunk
+    tensors whose passes all run on one slot, which may hold values between them."""
+    return a.start == 0 and a.count == math.prod(a.shape)
+
+
 def held_units(inputs, a, work: str, stage: int, store_stage: int, marks: dict) -> int:
     """The ``held`` of a multi-pass row-wise kernel's pass (``kernels.common.checked_held``:
     multislerp, karcher). Only a tensor in one chunk, whose passes all run on the same slot
@@ -101,7 +107,7 @@ def held_units(inputs, a, work: str, stage: int, store_stage: int, marks: dict) 
     """
     from streammerge.kernels.common import HELD_UNITS, NO_HELD, STORE_UNITS, held_units_fit
 
-    if stage < store_stage or a.count != math.prod(a.shape) \
+    if stage < store_stage or not whole_tensor(a) \
             or not held_units_fit(work, a.dtypes, a.model_rows):  # fmt: skip
         return NO_HELD
     if stage == store_stage:
