@@ -626,6 +626,37 @@ def test_ctrl_c_at_any_moment_is_one_line(tmp_path):
     assert checked >= 1, "every merge finished before its Ctrl-C"
 
 
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
+def test_ctrl_c_as_the_journal_closes_is_the_interrupt(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after the finished merge closes its journal's descriptor
+    (the output has appeared): the cleanup that follows must not close that descriptor a
+    second time. Before, it did, and its EBADF replaced the interrupt ("Bad file
+    descriptor", exit 2, seen once in test_ctrl_c_at_any_moment_is_one_line); had another
+    thread opened a file meanwhile, it would have closed that file instead."""
+    base, a, b = trio(tmp_path)
+    out = tmp_path / "out"
+    real_close, hits = os.close, []
+
+    def close(fd: int) -> None:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        real_close(fd)
+        if "streammerge-journal" in target and out.is_dir() and not hits:
+            hits.append(fd)
+            raise KeyboardInterrupt  # as Python raises it: after the call returned
+
+    monkeypatch.setattr(os, "close", close)
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge([a, b], base, out, seed=7)
+    monkeypatch.undo()
+    assert hits, "the journal's descriptor was never closed with the output in place"
+    with pytest.raises(OSError):  # closed exactly once: the number is free (or not ours)
+        os.fstat(hits[0])
+    assert (out / "model.safetensors").is_file() or any(out.glob("*.safetensors"))
+
 # --- 8: a header of many tensors --------------------------------------------------------------
 
 BIG_HEADER = """

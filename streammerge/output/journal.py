@@ -169,12 +169,21 @@ class JournalFile:
         os.fsync(self.fd)
 
     def release(self, remove: bool) -> None:
-        """Unlock and close; ``remove`` deletes the journal first (while still locked)."""
-        if remove:
-            try:
-                os.unlink(self.path)
-                fsync_dir(self.path.parent)
-            except FileNotFoundError:
-                pass
-        os.close(self.fd)
-        self.fd = -1
+        """Unlock and close; ``remove`` deletes the journal first (while still locked).
+
+        Once only: the descriptor is forgotten before it is closed, so a Ctrl-C between the
+        close and the bookkeeping, and the caller's cleanup calling this again, cannot close
+        it twice (an EBADF that replaced the interrupt, or another file's descriptor closed
+        if the number was reused meanwhile). A second call does nothing."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        try:
+            if remove:
+                try:
+                    os.unlink(self.path)
+                    fsync_dir(self.path.parent)
+                except FileNotFoundError:
+                    pass
+        finally:
+            os.close(fd)

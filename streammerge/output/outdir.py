@@ -315,9 +315,9 @@ class OutputDir(Resuming, Finishing):
         self._jfile = jf
 
     def _unlock(self, remove: bool) -> None:
-        if self._jfile is not None:
-            self._jfile.release(remove)
-            self._jfile = None
+        jf, self._jfile = self._jfile, None  # forgotten first: a Ctrl-C inside cannot repeat it
+        if jf is not None:
+            jf.release(remove)
 
     def _append(self, rec: dict) -> None:
         """Append one record to the journal and make it durable."""
