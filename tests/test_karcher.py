@@ -354,19 +354,23 @@ def test_idle_rounds_are_not_read(tmp_path):
 def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_path,
                                                                             monkeypatch):
     """A tensor spanning chunks keeps its iterate between passes in a temporary file
-    (``methods.karcher._spilled``): the oracle's bytes, and the file is made, written,
-    read back and closed once the tensor is written."""
+    (``methods.karcher._spilled``): the oracle's bytes, and the file is made in the
+    output's staging directory (not TMPDIR, which may be RAM), written, read back and
+    closed once the tensor is written."""
     import tempfile
 
     import streammerge
     from streammerge.api import Options
     from streammerge.methods import karcher
 
-    files, make = [], tempfile.TemporaryFile
+    files, dirs, make = [], [], tempfile.TemporaryFile
 
     def counting(*args, **kw):
-        files.append(make(*args, **kw))
-        return files[-1]
+        f = make(*args, **kw)
+        if "karcher" in kw.get("prefix", ""):  # not numba's cache files
+            files.append(f)
+            dirs.append(kw.get("dir"))
+        return f
 
     monkeypatch.setattr(karcher.tempfile, "TemporaryFile", counting)
     _, a, b = make_trio(tmp_path, big=1_500_000)
@@ -376,7 +380,27 @@ def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_
     rec = json.loads((out / "streammerge.json").read_text())
     assert _bytes(out) == _expected([a, b], rec)
     assert files and all(f.closed for f in files)
+    assert set(dirs) == {str(tmp_path / ".o.streammerge-partial")}
 
+
+
+def test_the_writing_pass_counts_skip_the_temporary_iterate(tmp_path):
+    """``RowArgs.counts`` of the writing pass are the last statistics pass's accumulators,
+    not karcher's temporary-iterate entry (``SPILL``), which the stats hold after them."""
+    from streammerge.api import Options, prepare
+    from streammerge.exec.ops import row_args
+    from streammerge.methods.karcher import SPILL
+    from streammerge.plan.plan_types import Chunk
+
+    _, a, b = make_trio(tmp_path)
+    prep = prepare([a, b], None, tmp_path / "o", {"method": "karcher"}, Options())
+    t = next(t for t in prep.plan.tensors if t.action == "merge")
+    c = Chunk(0, t.numel, t.segments[0])
+    last = cpu_karcher.zero_accumulators(2)
+    stats = {PASSES[0]: cpu_karcher.zero_accumulators(2), PASSES[1]: last, SPILL: ("file",)}
+    args = row_args(prep.plan.recipe.row, t, c, None, stats)
+    assert args.op == PASSES[-1] and args.counts is last
+    prep.output.close()
 
 def test_triton_kernel_equals_numba():
     if os.environ.get("TRITON_INTERPRET") != "1":

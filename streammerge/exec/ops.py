@@ -204,6 +204,9 @@ class RowArgs:
             chunk's first element (counter-based random numbers whatever the chunking).
         stats: pass name -> accumulators of every statistics pass of the tensor so far.
         shape: the tensor's shape (nuslerp: its vectors are the last axis).
+        scratch: the directory for a pass's temporary files (karcher's iterate of a tensor
+            larger than a chunk): the output's staging directory, on the output's disk
+            (TMPDIR may be RAM, a tmpfs); None: TMPDIR (statistics-only runs).
     """
 
     op: str
@@ -224,6 +227,7 @@ class RowArgs:
     start: int = 0
     stats: dict = field(default_factory=dict)
     shape: tuple[int, ...] = ()
+    scratch: str | None = None
 
 
 def row_len(t: TensorPlan) -> int:
@@ -246,19 +250,22 @@ def row_len(t: TensorPlan) -> int:
 
 
 def row_args(method: Method, t: TensorPlan, c: Chunk, op: str | None = None,
-             stats: dict | None = None) -> RowArgs:  # fmt: skip
+             stats: dict | None = None, scratch: str | None = None) -> RowArgs:  # fmt: skip
     """Arguments of a row-wise pass ``op`` (default the method's writing pass) over chunk
     ``c`` (whole rows of ``t``); ``stats``: the tensor's statistics accumulators so far,
-    by pass name (``RowArgs.stats``)."""
+    by pass name (``RowArgs.stats``); ``scratch``: ``RowArgs.scratch``."""
     n, tt, op = row_len(t), t.params.get("t"), op or method.row_op
     stats = {} if stats is None else stats
-    counts = stats.get(op) if op in stats else next(reversed(stats.values()), None)
+    # the writing pass: the last statistics pass's (not a method's own entry, e.g. karcher's
+    # temporary iterate, which is not a pass)
+    last = next((v for k, v in reversed(stats.items()) if k in ROW_PASSES), None)
+    counts = stats.get(op) if op in stats else last
     seg = c.segment
     return RowArgs(op, tuple(row_dtypes(t)), tuple(model_row(j) for j in seg.models),
                    c.count // n, n, 0.0 if tt is None else float(tt), t.dtype,
                    BASE_ROW if seg.has_base else -1, t.params.values, counts, c.count,
                    t.params.compute, seg.models, seg.weights, t.key, c.start,
-                   stats, tuple(t.shape))  # fmt: skip
+                   stats, tuple(t.shape), scratch)  # fmt: skip
 
 
 def convert_args(t: TensorPlan, c: Chunk) -> ConvertArgs:

@@ -128,7 +128,9 @@ def _stream_body(
     reader = RangeReader(direct=direct_io, hasher=hasher)
     read = ReaderStage(stream, items, layout, reader, getattr(backend, "takes_offsets", False))
     write = WriterStage(stream, outputs, layout, direct_io)
-    compute = ComputeStage(stream, plan, variants, backend, thresholds, on_bytes)
+    staging = getattr(outputs[0], "staging", None) if outputs else None  # the output's disk
+    scratch = None if staging is None else str(staging)
+    compute = ComputeStage(stream, plan, variants, backend, thresholds, on_bytes, scratch)
     threads = [threading.Thread(target=read.run, name="sm-reader", daemon=True)]
     cpu0 = _process_cpu_s()
     if outputs:

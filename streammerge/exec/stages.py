@@ -293,6 +293,7 @@ class ComputeStage:
     Attributes:
         variants: one plan per output (a sweep), the same tensors with other weights.
         on_bytes: called with each slot's input bytes.
+        scratch: the directory for the passes' temporary files (``ops.RowArgs.scratch``).
         bytes_read: input bytes of the slots computed so far.
     """
 
@@ -302,6 +303,7 @@ class ComputeStage:
     backend: Backend
     thresholds: TensorThresholds
     on_bytes: Callable[[int], None] | None
+    scratch: str | None = None
     bytes_read: int = 0
     by_name: list[dict[str, TensorPlan]] = field(init=False)
     inflight: deque = field(default_factory=deque)  # (item, handle) in submission order
@@ -358,6 +360,10 @@ class ComputeStage:
                 self.backend.wait(h)
         self.stream.done_q.put(done)
 
+    def row_args(self, t: TensorPlan, c: Chunk, op: str | None, stats: dict):
+        """``ops.row_args`` of the plan's method, with this run's ``scratch`` directory."""
+        return row_args(self.plan.recipe.row, t, c, op, stats, self.scratch)
+
     def tensor_stats(self, slot: Slot) -> dict:
         """The accumulators of the slot's tensor's statistics passes so far, by pass name
         (``RowArgs.stats``): started afresh at a new tensor, or at the first chunk of its
@@ -373,7 +379,7 @@ class ComputeStage:
         t = slot.tensor
         if op not in stats:
             stats[op] = row_pass(op).accumulators(len(t.sources))
-        self.backend.run(op, slot, row_args(self.plan.recipe.row, t, slot.chunk, op, stats))
+        self.backend.run(op, slot, self.row_args(t, slot.chunk, op, stats))
 
     def live_verdicts(self, slot: Slot, stats: dict) -> None:
         """After a statistics pass's last chunk: the verdicts the reader waits for
@@ -385,7 +391,7 @@ class ComputeStage:
             p = row_pass(name)
             if p.live is None or name not in t.ops:
                 return
-            live = bool(p.live(row_args(method, t, slot.chunk, name, stats)))
+            live = bool(p.live(self.row_args(t, slot.chunk, name, stats)))
             v = self.stream.verdict(t.name, name)
             v[1] = live
             v[0].set()
@@ -408,14 +414,14 @@ class ComputeStage:
             for p in method.row_passes[:-1]:
                 self.stats_pass(slot, p.name, stats)
         if len(self.variants) == 1:
-            return self.backend.run(slot.op, slot, row_args(method, t, slot.chunk, None, stats))
+            return self.backend.run(slot.op, slot, self.row_args(t, slot.chunk, None, stats))
         handles = []
         for k, names in enumerate(self.by_name):
             tk, c = names[t.name], slot.chunk
             ck = Chunk(c.start, c.count, tk.segments[t.segments.index(c.segment)])
             view = Slot(slot.inputs, slot.outs[k], tk, ck, slot.op, slot.out_nbytes,
                         offsets=slot.offsets)  # fmt: skip
-            handles.append(self.backend.run(slot.op, view, row_args(method, tk, ck, None, stats)))
+            handles.append(self.backend.run(slot.op, view, self.row_args(tk, ck, None, stats)))
         return _Handles(handles)
 
     def compute(self, slot: Slot):

@@ -214,8 +214,9 @@ SPILL = "karcher_spill"
 
 def _spilled(out, a, pr: Program, stage: int) -> tuple:
     """(held, after) for a chunk of a tensor larger than a chunk: its iterate between passes
-    in a temporary file (``tempfile.TemporaryFile``: in TMPDIR, unlinked, gone with the
-    process; W's itemsize per element of the tensor), read into the chunk's output bytes
+    in a temporary file (``tempfile.TemporaryFile``: in ``a.scratch``, the output's staging
+    directory, not TMPDIR, which may be RAM; unlinked, gone with the process; W's itemsize
+    per element of the tensor), read into the chunk's output bytes
     before the pass and written back after it (``after``), as ``_held`` keeps a one-chunk
     tensor's in place. Each pass then computes its own round, not every round before it
     from the inputs (10 rounds of a 5632 x 2048 bf16 tensor: 146 -> 47 ns per element).
@@ -228,7 +229,8 @@ def _spilled(out, a, pr: Program, stage: int) -> tuple:
     if sp is None or sp[1] != a.weights:
         if sp is not None:
             sp[0].close()
-        sp = (tempfile.TemporaryFile(prefix="streammerge-karcher-"), a.weights, {})
+        f = tempfile.TemporaryFile(prefix=".streammerge-karcher-", dir=a.scratch)
+        sp = (f, a.weights, {})
         a.stats[SPILL] = sp
     f, _, states = sp
     state, count = states.get(a.start, (-1, 0))
@@ -380,6 +382,7 @@ METHOD = Method(
     f"mean's norm, then per round the dots, ||T||, ||u'|| for up to {KARCHER_ROUNDS} rounds; "
     "those after the rounds stop are not read) and 1 writing pass: at most "
     f"{len(PASSES)} reads of each tensor larger than a chunk (its iterate kept between passes "
-    "in a temporary file in TMPDIR, W's itemsize per element), 1 of a smaller one (its "
+    "in an unlinked temporary file in the output's staging directory, W's itemsize per "
+    "element), 1 of a smaller one (its "
     "iterate held between passes)"
 )
