@@ -657,6 +657,32 @@ def test_ctrl_c_as_the_journal_closes_is_the_interrupt(tmp_path, monkeypatch):
         os.fstat(hits[0])
     assert (out / "model.safetensors").is_file() or any(out.glob("*.safetensors"))
 
+
+def test_ctrl_c_just_after_the_staging_mkdir_can_be_resumed(tmp_path, monkeypatch):
+    """A Ctrl-C that lands just after the staging directory is made: the journal that
+    records the mkdir is kept, so the empty directory is explained and ``--resume`` goes
+    on. Before, the interrupt's cleanup deleted the journal, and every later run (plain,
+    ``--resume``, ``--overwrite``) refused the unexplained staging directory."""
+    from streammerge.output import outdir
+
+    base, a, b = trio(tmp_path)
+    out = tmp_path / "out"
+    real_mkdir, hits = os.mkdir, []
+
+    def mkdir(path, *args, **kw):
+        real_mkdir(path, *args, **kw)
+        if str(path).endswith(".streammerge-partial") and not hits:
+            hits.append(path)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(outdir.os, "mkdir", mkdir)
+    with pytest.raises(KeyboardInterrupt):
+        streammerge.merge([a, b], base, out, seed=7)
+    monkeypatch.undo()
+    assert hits and Path(hits[0]).is_dir() and not out.exists()
+    streammerge.merge([a, b], base, out, seed=7, resume=True)
+    assert any(out.glob("*.safetensors")) and not Path(hits[0]).exists()
+
 # --- 8: a header of many tensors --------------------------------------------------------------
 
 BIG_HEADER = """

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -354,25 +355,23 @@ def test_idle_rounds_are_not_read(tmp_path):
 def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_path,
                                                                             monkeypatch):
     """A tensor spanning chunks keeps its iterate between passes in a temporary file
-    (``methods.karcher._spilled``): the oracle's bytes, and the file is made in the
-    output's staging directory (not TMPDIR, which may be RAM), written, read back and
+    (``methods.karcher._spilled``): the oracle's bytes, and the file is made nameless in
+    the output's staging directory (not TMPDIR, which may be RAM), written, read back and
     closed once the tensor is written."""
-    import tempfile
-
     import streammerge
     from streammerge.api import Options
     from streammerge.methods import karcher
 
-    files, dirs, make = [], [], tempfile.TemporaryFile
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc/self/fd (Linux) to see where the file is")
+    files, where, make = [], [], karcher._scratch_file
 
-    def counting(*args, **kw):
-        f = make(*args, **kw)
-        if "karcher" in kw.get("prefix", ""):  # not numba's cache files
-            files.append(f)
-            dirs.append(kw.get("dir"))
-        return f
+    def counting(scratch):
+        files.append(make(scratch))
+        where.append(os.readlink(f"/proc/self/fd/{files[-1].fileno()}"))
+        return files[-1]
 
-    monkeypatch.setattr(karcher.tempfile, "TemporaryFile", counting)
+    monkeypatch.setattr(karcher, "_scratch_file", counting)
     _, a, b = make_trio(tmp_path, big=1_500_000)
     out = tmp_path / "o"
     streammerge.merge([a, b], None, out, options=Options(memory="8MB"), method="karcher",
@@ -380,9 +379,25 @@ def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_
     rec = json.loads((out / "streammerge.json").read_text())
     assert _bytes(out) == _expected([a, b], rec)
     assert files and all(f.closed for f in files)
-    assert set(dirs) == {str(tmp_path / ".o.streammerge-partial")}
+    staging = str(tmp_path / ".o.streammerge-partial")
+    assert all(w.startswith(staging + "/") and w.endswith("(deleted)") for w in where), where
 
 
+
+
+def test_the_temporary_iterate_falls_back_to_tmpdir(tmp_path):
+    """Where the scratch directory takes no nameless file (here: it does not exist), the
+    iterate goes to TMPDIR's ``TemporaryFile``, never to a named file in the output."""
+    from streammerge.methods import karcher
+
+    with karcher._scratch_file(str(tmp_path / "missing")) as f:
+        f.write(b"x" * 10)
+        f.seek(0)
+        assert f.read() == b"x" * 10
+    assert not (tmp_path / "missing").exists() and list(tmp_path.iterdir()) == []
+    with karcher._scratch_file(str(tmp_path)) as f:  # nameless: nothing appears
+        f.write(b"y")
+        assert list(tmp_path.iterdir()) == []
 
 def test_the_writing_pass_counts_skip_the_temporary_iterate(tmp_path):
     """``RowArgs.counts`` of the writing pass are the last statistics pass's accumulators,

@@ -128,8 +128,7 @@ def _stream_body(
     reader = RangeReader(direct=direct_io, hasher=hasher)
     read = ReaderStage(stream, items, layout, reader, getattr(backend, "takes_offsets", False))
     write = WriterStage(stream, outputs, layout, direct_io)
-    staging = getattr(outputs[0], "staging", None) if outputs else None  # the output's disk
-    scratch = None if staging is None else str(staging)
+    scratch = getattr(outputs[0], "scratch_dir", None) if outputs else None  # output's disk
     compute = ComputeStage(stream, plan, variants, backend, thresholds, on_bytes, scratch)
     threads = [threading.Thread(target=read.run, name="sm-reader", daemon=True)]
     cpu0 = _process_cpu_s()

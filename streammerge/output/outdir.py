@@ -315,9 +315,9 @@ class OutputDir(Resuming, Finishing):
         self._jfile = jf
 
     def _unlock(self, remove: bool) -> None:
-        jf, self._jfile = self._jfile, None  # forgotten first: a Ctrl-C inside cannot repeat it
-        if jf is not None:
-            jf.release(remove)
+        if self._jfile is not None:
+            self._jfile.release(remove)  # once only, even if a Ctrl-C makes this run again
+            self._jfile = None
 
     def _append(self, rec: dict) -> None:
         """Append one record to the journal and make it durable."""
@@ -424,8 +424,11 @@ class OutputDir(Resuming, Finishing):
         self._truncate()
         self._append(self._head(fingerprint, seed))
         self._append({"mkdir": True})
+        # From here on the journal is kept whatever happens: set before the mkdir, so a
+        # Ctrl-C just after it cannot delete the journal and leave the staging directory
+        # unexplained (every later run, --resume and --overwrite too, would refuse it).
+        self._journal = Journal([])
         os.mkdir(self.staging, 0o755)
-        self._journal = Journal([])  # from here on the journal is kept whatever happens
         fsync_dir(self.staging.parent)
         self._append({"staging": identity(self.staging)})
         self._journal = Journal.read(self.journal_path)
@@ -435,6 +438,12 @@ class OutputDir(Resuming, Finishing):
     def shard_tmp_path(self, name: str) -> Path:
         """Where a shard is written before it is whole."""
         return self.staging / f"{name}.tmp"
+
+    @property
+    def scratch_dir(self) -> str:
+        """Where passes make nameless temporary files (``ops.RowArgs.scratch``): the staging
+        directory, on the output's disk (a distributed worker's output has none: TMPDIR)."""
+        return str(self.staging)
 
     def _input_digests(self, shard_name: str) -> list:
         """[role, tensor, bytes hashed, xxh3] of every input tensor that fed a shard."""
