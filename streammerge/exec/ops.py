@@ -206,7 +206,8 @@ class RowArgs:
         shape: the tensor's shape (nuslerp: its vectors are the last axis).
         scratch: the directory for a pass's temporary files (karcher's iterate of a tensor
             larger than a chunk): the output's staging directory, on the output's disk
-            (TMPDIR may be RAM, a tmpfs); None: TMPDIR (statistics-only runs).
+            (TMPDIR may be RAM, a tmpfs); None: TMPDIR (statistics-only runs, distributed
+            workers).
     """
 
     op: str

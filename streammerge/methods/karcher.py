@@ -216,9 +216,8 @@ def _spilled(out, a, pr: Program, stage: int) -> tuple:
     """(held, after) for a chunk of a tensor larger than a chunk: its iterate between passes
     in a temporary file (``_scratch_file``: nameless, in the output's staging directory,
     not TMPDIR, which may be RAM; gone with the process; W's itemsize per element of the
-    tensor), read into the chunk's output bytes
-    before the pass and written back after it (``after``), as ``_held`` keeps a one-chunk
-    tensor's in place. Each pass then computes its own round, not every round before it
+    tensor), read into the chunk's output bytes before the pass and written back after it
+    (``after``), as ``_held`` keeps a one-chunk tensor's in place. Each pass then computes its own round, not every round before it
     from the inputs (10 rounds of a 5632 x 2048 bf16 tensor: 146 -> 47 ns per element).
     (None, None) when W's itemsize is not the output's, or nothing is kept yet."""
     isz = FLOAT_ITEMSIZE[pr.work]
@@ -255,10 +254,13 @@ def _spilled(out, a, pr: Program, stage: int) -> tuple:
 
 
 def _scratch_file(scratch: str | None):
-    """A nameless read-write file (``O_TMPFILE``) in ``scratch`` (the output's staging
-    directory), so that not even a kill leaves it there; TMPDIR's ``TemporaryFile`` where
-    ``scratch`` is None or its filesystem has no nameless files (NFS, FUSE, CIFS: a named
-    file there could be left in the output)."""
+    """A binary read-write file object: nameless (``O_TMPFILE``) in ``scratch`` (the
+    output's staging directory, ``RowArgs.scratch``), so that not even a kill leaves it
+    there; TMPDIR's ``TemporaryFile`` where ``scratch`` is None or its filesystem has no
+    nameless files (NFS, FUSE, CIFS: a named file there could be left in the output).
+
+    Raises:
+        OSError: TMPDIR cannot hold a file either."""
     if scratch is not None and hasattr(os, "O_TMPFILE"):
         try:
             return open(os.open(scratch, os.O_TMPFILE | os.O_RDWR, 0o600), "w+b")
@@ -395,6 +397,5 @@ METHOD = Method(
     "those after the rounds stop are not read) and 1 writing pass: at most "
     f"{len(PASSES)} reads of each tensor larger than a chunk (its iterate kept between passes "
     "in a nameless temporary file in the output's staging directory, W's itemsize per "
-    "element), 1 of a smaller one (its "
-    "iterate held between passes)"
+    "element), 1 of a smaller one (its iterate held between passes)"
 )
