@@ -191,9 +191,7 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     of recomputing the rounds from the inputs (same values: SPEC "Karcher mean"); the
     step pass stores the stepped iterate, so the next round's passes only divide it by its
     norm."""
-    if not whole_tensor(a) or out.ndim != 1 \
-            or FLOAT_ITEMSIZE[pr.work] != FLOAT_ITEMSIZE[a.out_dtype] \
-            or out.nbytes < a.count * FLOAT_ITEMSIZE[pr.work]:  # fmt: skip
+    if not whole_tensor(a) or not _out_holds(out, a, pr):
         return None
     st = a.stats.get(HELD)
     same = st is not None and st[0] == out.ctypes.data and st[1] == a.weights \
@@ -207,8 +205,16 @@ def _held(out, a, pr: Program, stage: int) -> tuple | None:
     return out, state, keep
 
 
+def _out_holds(out, a, pr: Program) -> bool:
+    """Whether the chunk's output bytes can hold its iterate: W has the output dtype's
+    itemsize, and ``out`` is a byte row of at least the chunk's elements."""
+    isz = FLOAT_ITEMSIZE[pr.work]
+    return isz == FLOAT_ITEMSIZE[a.out_dtype] and out.ndim == 1 and out.nbytes >= a.count * isz
+
+
 #: ``RowArgs.stats`` key of the iterate of a tensor larger than a chunk, kept between its
-#: passes in an unlinked temporary file: (file, weights, {chunk start: (state, count)}).
+#: passes in a temporary file (``_scratch_file``): (file, weights, {chunk start: (state,
+#: count)}).
 SPILL = "karcher_spill"
 
 
@@ -217,13 +223,14 @@ def _spilled(out, a, pr: Program, stage: int) -> tuple:
     in a temporary file (``_scratch_file``: nameless, in the output's staging directory,
     not TMPDIR, which may be RAM; gone with the process; W's itemsize per element of the
     tensor), read into the chunk's output bytes before the pass and written back after it
-    (``after``), as ``_held`` keeps a one-chunk tensor's in place. Each pass then computes its own round, not every round before it
-    from the inputs (10 rounds of a 5632 x 2048 bf16 tensor: 146 -> 47 ns per element).
-    (None, None) when W's itemsize is not the output's, or nothing is kept yet."""
+    (``after``), as ``_held`` keeps a one-chunk tensor's in place. Each pass then computes
+    its own round, not every round before it from the inputs (10 rounds of a 5632 x 2048
+    bf16 tensor: 146 -> 47 ns per element). (None, None) when the output bytes cannot hold
+    it (``_out_holds``), or nothing is kept yet."""
+    if not _out_holds(out, a, pr):
+        return None, None
     isz = FLOAT_ITEMSIZE[pr.work]
     nb = a.count * isz
-    if isz != FLOAT_ITEMSIZE[a.out_dtype] or out.ndim != 1 or out.nbytes < nb:
-        return None, None
     sp = a.stats.get(SPILL)
     if sp is None or sp[1] != a.weights:
         if sp is not None:
