@@ -36,8 +36,12 @@ from .cpu_nearswap import round_op, round_work
 from .cpu_rows import _checked, block_sum
 from .cpu_stock import STOCK_BLOCK, add_blocks
 
-__all__ = ["PIECE", "STOCK_BLOCK", "accumulate", "dot_of", "karcher_pass", "karcher_sums",
-           "norm_of", "warmup", "zero_accumulators"]
+__all__ = ["PIECE", "STOCK_BLOCK", "T_HELD", "T_STORE", "accumulate", "dot_of", "karcher_pass",
+           "karcher_sums", "norm_of", "warmup", "zero_accumulators"]
+
+#: ``karcher_sums``' ``tangent`` modes: the tangent pass stores ``T`` in the given row, the
+#: step pass of the same round reads it there instead of recomputing it.
+T_STORE, T_HELD = 1, 2
 
 #: Elements of a statistics pass's products held at once (``karcher_sums``; a multiple of
 #: STOCK_BLOCK and of torch's 8 lanes).
@@ -83,11 +87,13 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
     round ``full`` (stage 4, state 2 full + 1). ``have_units``: ``units`` already holds the
     unit vectors (decoded from held rows), not x the inputs. ``sink`` = (vals float32
     [N, *], the products' columns; bsums float64 [blocks, N], 0 rows: none; p float64
-    [STOCK_BLOCK] scratch): stage 2 stores in bsums the block's N sums (SPEC's pairwise
-    tree over the block) instead of its products in vals. (30 arguments at most: CPython
-    passes a longer call as *args, which numba cannot inline.)"""
+    [STOCK_BLOCK] scratch; trow, t_mode): stage 2 stores in bsums the block's N sums
+    (SPEC's pairwise tree over the block) instead of its products in vals; stage 3 with
+    t_mode T_STORE stores T in the raw byte row trow (as W, at the held iterate's
+    elements), stage 4 with T_HELD reads it there instead of recomputing it. (30 arguments
+    at most: CPython passes a longer call as *args, which numba cannot inline.)"""
     n_models = x.shape[0]
-    vals, bsums, p = sink
+    vals, bsums, p, trow, t_mode = sink
     for j in range(n_models if not have_units else 0):
         xj = x[j]
         for i in range(m):
@@ -156,7 +162,12 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
                 dst[i] = u[i] * unit[i]
         return False
     if stage == 3 or stage == 4:
-        _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
+        if stage == 4 and t_mode == T_HELD:
+            _decode_block(trow, w, lo, m, T)  # exact: T's elements are W values
+        else:
+            _tangent(units, valid, u, T, m, full, dot, coef, skip, w)
+        if stage == 3 and t_mode == T_STORE:
+            _encode_block(T, w, lo, m, trow)
         dst = vals[0, first:first + m]
         if stage == 4:
             _step(u, T, m, full, cs, sn, nt, w)
@@ -176,33 +187,37 @@ def _chain_body(x, units, u, T, m, w, stage, full, n32, valid, na32, fb, v0, m0,
 @numba.njit(nogil=True, cache=True, error_model="numpy", fastmath=False)
 def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid, na32, fb, v0,
                  m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, vo, out, out_code,
-                 held_state, keep, units_mode, x, units, u, T, bsums, p):  # fmt: skip
+                 held_state, keep, units_mode, x, units, u, T, bsums, p, trow, t_mode):  # fmt: skip
     """One block (elements first .. first + m - 1) of pass ``stage``; its products go to
     columns vo .. vo + m - 1 of ``vals``; ``out`` holds the iterate (``_chain_body``).
     ``units_mode`` (``karcher_pass``'s ``units``): STORE_UNITS writes the unit vectors over
     the model rows as W, HELD_UNITS reads them there. Scratch (float32, the caller's, reused
     block after block): x, units [N, STOCK_BLOCK] (units zeroed once: a zero-norm model's
-    stays 0), u, T [STOCK_BLOCK]; p float64 [STOCK_BLOCK]. ``bsums``: ``_chain_body``'s."""
+    stays 0), u, T [STOCK_BLOCK]; p float64 [STOCK_BLOCK]. ``bsums``, ``trow``, ``t_mode``:
+    ``_chain_body``'s."""
     n_models = model_rows.shape[0]
     u[:m] = np.float32(0.0)
-    have = units_mode == HELD_UNITS
-    for j in range(n_models):  # W values stored as W: the decode of held units is exact
+    # a step pass with T and the iterate held reads neither the units nor the inputs
+    bare = stage == 4 and t_mode == T_HELD and held_state == 2 * full
+    have = units_mode == HELD_UNITS or bare
+    for j in range(n_models if not bare else 0):  # held units: W values, decoded exactly
         if have:
             _decode_block(inputs[model_rows[j]], w, first, m, units[j])
         else:
             _decode_block(inputs[model_rows[j]], codes[model_rows[j]], first, m, x[j])
+    sink = (vals, bsums, p, trow, t_mode)
     if w == BF16:
         done = _chain_body(x, units, u, T, m, BF16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
-                           out, held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, sink, vo, out,
+                           held_state, keep, first, have)  # fmt: skip
     elif w == F16:
         done = _chain_body(x, units, u, T, m, F16, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
-                           out, held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, sink, vo, out,
+                           held_state, keep, first, have)  # fmt: skip
     else:
         done = _chain_body(x, units, u, T, m, F32, stage, full, n32, valid, na32, fb, v0, m0,
-                           dot, coef, skip, cs, sn, nt, un, unapply, s32, (vals, bsums, p), vo,
-                           out, held_state, keep, first, have)  # fmt: skip
+                           dot, coef, skip, cs, sn, nt, un, unapply, s32, sink, vo, out,
+                           held_state, keep, first, have)  # fmt: skip
     if units_mode == STORE_UNITS:  # each block rewrites only its own elements: no race
         for j in range(n_models):
             _encode_block(units[j], w, first, m, inputs[model_rows[j]])
@@ -213,7 +228,7 @@ def _chain_block(inputs, codes, model_rows, first, m, w, stage, full, n32, valid
 @numba.njit(parallel=True, nogil=True, cache=True, error_model="numpy")
 def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, na32, fb, v0,
                   m0, dot, coef, skip, cs, sn, nt, un, unapply, s32, vals, out, out_code,
-                  held_state, keep, units_mode, n_parts, bsums):  # fmt: skip
+                  held_state, keep, units_mode, n_parts, bsums, trow, t_mode):  # fmt: skip
     # elements lo .. n - 1 (lo a multiple of STOCK_BLOCK); vals' column 0 is element lo.
     # Parts of contiguous blocks, each with its scratch made once (not once a block).
     n_blocks = (n - lo + STOCK_BLOCK - 1) // STOCK_BLOCK
@@ -231,7 +246,7 @@ def _chain_kernel(inputs, codes, model_rows, lo, n, w, stage, full, n32, valid, 
             _chain_block(inputs, codes, model_rows, lo + vo, min(STOCK_BLOCK, n - lo - vo), w,
                          stage, full, n32, valid, na32, fb, v0, m0, dot, coef, skip, cs, sn, nt,
                          un, unapply, s32, vals, vo, out, out_code, held_state, keep,
-                         units_mode, x, units, u, T, bsums, pt)  # fmt: skip
+                         units_mode, x, units, u, T, bsums, pt, trow, t_mode)  # fmt: skip
 
 
 def _rows(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int):
@@ -304,47 +319,71 @@ def karcher_pass(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
 
 
 def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n: int, prog,
-                 stage: int, acc: tuple, held: tuple | None = None,
-                 units: int = NO_HELD) -> None:  # fmt: skip
+                 stage: int, acc: tuple, held: tuple | None = None, units: int = NO_HELD,
+                 tangent: tuple | None = None) -> None:  # fmt: skip
     """``accumulate(acc, karcher_pass(...), stage)`` for a statistics pass (0 .. 4), the
     same sums: a dots pass's kernel takes the block sums itself (float64 [blocks, N], in
     parallel; the host adds them left to right); a norm pass's products come in pieces of
     PIECE elements (memory stays small however large the chunk). (A worker thread adding a
     piece's products while the next piece's are computed gained nothing measurable: the
     lanes take ~0.2 ns an element.) ``held``, ``units``: as ``karcher_pass``.
+    ``tangent``: ``(row, T_STORE)`` in a tangent pass (stage 3): store round ``prog.full``'s
+    T (W values, exactly) in the raw byte row ``row`` of n elements of W, a row no model
+    uses; ``(row, T_HELD)`` in the step pass (stage 4) of the same round of the same
+    chunk: read T there instead of recomputing it (the same values bit for bit). None:
+    neither.
 
     Raises:
-        ValueError: bad rows, dtypes, held row or ``units``.
+        ValueError: bad rows, dtypes, held row, ``units`` or ``tangent``.
     """
     codes, mr = _rows(inputs, dtypes, model_rows, n)
     held_row, rounds, keep = _held_row(held, prog, n)
     um = checked_held(units, stage, 1, prog.work, dtypes, model_rows)
+    trow, t_mode = _tangent_row(tangent, prog, stage, n)
     if stage == 2:  # the kernel's block sums, all blocks at once (8 bytes a block a model)
         bsums = np.empty(((n + STOCK_BLOCK - 1) // STOCK_BLOCK, len(model_rows)), np.float64)
         _run_chain(inputs, codes, mr, 0, n, prog, stage, np.zeros((1, 1), np.float32),
-                   held_row, 0, rounds, keep, um, bsums=bsums)  # fmt: skip
+                   held_row, 0, rounds, keep, um, bsums)  # fmt: skip
         add_blocks(acc[3], bsums)
         return
     part = np.zeros(len(model_rows) * min(n, PIECE), np.float32)
     for lo in range(0, n, PIECE):
         hi = min(n, lo + PIECE)
         vals = part[: len(model_rows) * (hi - lo)].reshape(len(model_rows), hi - lo)
-        _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, held_row, 0, rounds, keep, um)
+        _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, held_row, 0, rounds, keep, um,
+                   trow=trow, t_mode=t_mode)  # fmt: skip
         accumulate(acc, vals, stage)
+
+
+def _tangent_row(tangent, prog, stage: int, n: int) -> tuple[np.ndarray, int]:
+    """(byte row, mode) of a ``tangent`` argument (None: a dummy row, mode 0)."""
+    if tangent is None:
+        return np.zeros(4, np.uint8), 0
+    row, mode = tangent
+    if (stage, mode) not in ((3, T_STORE), (4, T_HELD)):
+        raise ValueError(f"tangent mode {mode} in stage {stage}: T_STORE is the tangent "
+                         "pass's (3), T_HELD the step pass's (4)")  # fmt: skip
+    _checked(row, prog.work, n, "held tangent")
+    return row, int(mode)
 
 
 #: No block sums (``_chain_kernel``'s ``bsums`` with 0 rows): the products go to ``vals``.
 _NO_BSUMS = np.zeros((0, 1), np.float64)
 
 
+#: No held tangent (``_chain_kernel``'s ``trow`` with ``t_mode`` 0).
+_NO_T = np.zeros(4, np.uint8)
+
+
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,
-               keep=False, units=NO_HELD, bsums=_NO_BSUMS) -> None:  # fmt: skip
+               keep=False, units=NO_HELD, bsums=_NO_BSUMS, trow=_NO_T,
+               t_mode=0) -> None:  # fmt: skip
     if hi > lo:
         _chain_kernel(inputs, codes, mr, lo, hi, FLOAT_CODES[prog.work], stage, prog.full,
                       prog.n32, prog.valid, prog.na32, prog.fb, prog.v0, prog.m0, prog.dot,
                       prog.coef, prog.skip, prog.cs, prog.sn, prog.nt, prog.un, prog.unapply,
                       prog.s32, vals, out, co, np.int64(rounds), keep, np.int64(units),
-                      np.int64(launch_parts()), bsums)  # fmt: skip
+                      np.int64(launch_parts()), bsums, trow, np.int64(t_mode))  # fmt: skip
 
 
 @numba.njit(inline="always")

@@ -59,7 +59,7 @@ def _same(a: bytes, b: bytes, dtype: str) -> bool:
 
 
 def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 20,
-           backend=None, held=False, sums=False) -> bytes:  # fmt: skip
+           backend=None, held=False, sums=False, tangent=None) -> bytes:  # fmt: skip
     """Every pass over the rows in chunks of ``chunk`` elements (whole blocks), as the
     pipeline runs them; ``backend(op, slot, m, prog, stage, out)`` replaces numba.
     ``held``: one chunk, the iterate held in the output bytes between passes (each round's
@@ -67,7 +67,10 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
     the unit vectors over the model rows of one slot where they fit (the mean's pass stores
     them, the later passes read them: ``methods.karcher._units``). ``sums``: the statistics
     passes through ``karcher_sums`` (the method's way: a dots pass's block sums taken by the
-    kernel, a norm's products in pieces), not ``accumulate(karcher_pass(...))``."""
+    kernel, a norm's products in pieces), not ``accumulate(karcher_pass(...))``.
+    ``tangent`` (with ``sums``; a tensor in one chunk): each round's tangent pass stores T
+    in a spare slot row (first a copy of model 0) and the step pass reads it
+    (``karcher_sums``' ``tangent``); ``"spoiled"``: the row is overwritten in between."""
     nm = len(rows)
     w = [1.0] * nm if w is None else w
     work = work or (dtypes[0] if len(set(dtypes)) == 1 else "F32")
@@ -75,10 +78,14 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
     assert not held or (chunk >= n and ITEM[work] == ITEM[do])
     rounds = -1
     sums = {}
-    one = _slot(rows) if held and held_units_fit(work, dtypes, range(nm)) else None
+    fit = held and held_units_fit(work, dtypes, range(nm))
+    one = _slot(rows) if fit else None
+    odt = dtypes
+    if tangent is not None:
+        one, odt = _slot(rows + [rows[0]]), dtypes + [dtypes[0]]
 
     def units(stage):
-        if one is None or stage < 1:
+        if not fit or stage < 1:
             return NO_HELD
         return STORE_UNITS if stage == 1 else HELD_UNITS
 
@@ -98,24 +105,35 @@ def _merge(rows, dtypes, n, do, w=None, it=10, tol=1e-5, work=None, chunk=1 << 2
                     cpu_karcher.accumulate(acc, vals, stage)
             elif stage == 5:
                 h = (o, rounds, False) if held and rounds >= 0 else None
-                cpu_karcher.karcher_pass(_slot(rows, lo, m) if one is None else one, dtypes,
-                                         list(range(nm)), m, pr, 5, o, do, h, units(5))  # fmt: skip
+                cpu_karcher.karcher_pass(_slot(rows, lo, m) if one is None else one,
+                                         dtypes if one is None else odt, list(range(nm)), m,
+                                         pr, 5, o, do, h, units(5))  # fmt: skip
             else:
                 h = None
                 if held and stage >= 2 and (stage in (2, 4) or rounds >= 0):
                     h = (o, rounds, stage in (2, 4))
-                slot = _slot(rows, lo, m) if one is None else one
+                slot, sdt = (_slot(rows, lo, m), dtypes) if one is None else (one, odt)
                 if sums:
-                    cpu_karcher.karcher_sums(slot, dtypes, list(range(nm)), m, pr, stage, acc,
-                                             h, units(stage))  # fmt: skip
+                    cpu_karcher.karcher_sums(slot, sdt, list(range(nm)), m, pr, stage, acc, h,
+                                             units(stage),
+                                             _tangent(slot, stage, tangent))  # fmt: skip
                 else:
                     cpu_karcher.accumulate(acc, cpu_karcher.karcher_pass(
-                        slot, dtypes, list(range(nm)), m, pr, stage, held=h,
+                        slot, sdt, list(range(nm)), m, pr, stage, held=h,
                         units=units(stage)), stage)  # fmt: skip
                 if h is not None and stage in (2, 4):  # the held iterate's state
                     rounds = 2 * pr.full + (stage == 4)
         sums[op] = acc
     return out.tobytes()
+
+
+def _tangent(slot, stage: int, tangent: str | None):
+    """``karcher_sums``' ``tangent`` in ``_merge``: the slot's last row."""
+    if tangent is None or stage not in (3, 4):
+        return None
+    if stage == 4 and tangent == "spoiled":
+        slot[-1] = 0x40  # every element 3.0 (bf16) or 2.125 (f16)
+    return slot[-1], cpu_karcher.T_STORE if stage == 3 else cpu_karcher.T_HELD
 
 
 CASES = [(["BF16"] * 3, "BF16", None), (["BF16"] * 3, "BF16", "F32"), (["F16"] * 4, "F16", None),
@@ -147,6 +165,28 @@ def test_karcher_sums_equal_the_oracle_over_several_pieces():
     for chunk, held in ((1 << 17, False), (1 << 20, True)):
         got = _merge(rows, dtypes, n, "BF16", [1.0, 2.0, 0.5], chunk=chunk, held=held, sums=True)
         assert got == want, (chunk, held)
+
+
+@pytest.mark.parametrize("dtypes, do, work", [c for c in CASES if ITEM[c[2] or c[0][0]] == 2])
+def test_the_step_pass_reads_the_tangent_its_tangent_pass_held(dtypes, do, work):
+    """Each round's T stored by its tangent pass in a spare slot row and read by the step
+    pass (``karcher_sums``' ``tangent``, the method's way for a tensor in one chunk) gives
+    the oracle's bytes; the step pass does read it (overwriting the row in between changes
+    the output); a mode in the wrong pass is refused."""
+    n = 3000
+    rows = _rows(n, dtypes, 5, False)
+    w = [1.0 + 0.5 * j for j in range(len(rows))]
+    want = _as_bytes(ref.spec_karcher_chain(rows, dtypes, do, w, work=work))
+    held = ITEM[work or dtypes[0]] == ITEM[do]
+    kw = dict(work=work, held=held, sums=True)
+    assert _merge(rows, dtypes, n, do, w, tangent="held", **kw) == want
+    assert _merge(rows, dtypes, n, do, w, tangent="spoiled", **kw) != want
+    slot = _slot(rows + [rows[0]])
+    pr, _ = program({}, PASSES[0], w, 10, 1e-5, work or dtypes[0])
+    with pytest.raises(ValueError, match="tangent mode"):
+        cpu_karcher.karcher_sums(slot, dtypes + dtypes[:1], list(range(len(rows))), n, pr, 0,
+                                 cpu_karcher.zero_accumulators(len(rows)),
+                                 tangent=(slot[-1], cpu_karcher.T_HELD))  # fmt: skip
 
 
 EDGES = {
@@ -383,6 +423,28 @@ def test_a_tensor_larger_than_a_chunk_keeps_its_iterate_in_a_temporary_file(tmp_
     assert all(w.startswith(staging + "/") and w.endswith("(deleted)") for w in where), where
 
 
+def test_a_tensor_in_one_chunk_steps_from_its_held_tangent(tmp_path, monkeypatch):
+    """In a merge, every step pass of a tensor in one chunk reads the T that its tangent
+    pass stored in the slot's free base row (``methods.karcher._held_tangent``), and the
+    bytes are the oracle's."""
+    import streammerge
+
+    modes, sums = [], cpu_karcher.karcher_sums
+
+    def spy(*args, **kw):
+        t = args[9] if len(args) > 9 else kw.get("tangent")
+        modes.append((args[5], None if t is None else t[1]))
+        return sums(*args, **kw)
+
+    monkeypatch.setattr(cpu_karcher, "karcher_sums", spy)
+    _, a, b = make_trio(tmp_path)
+    out = tmp_path / "o"
+    streammerge.merge([a, b], None, out, method="karcher", weights=[1.0, 2.0], max_iter=3)
+    rec = json.loads((out / "streammerge.json").read_text())
+    assert _bytes(out) == _expected([a, b], rec)
+    steps = [m for stage, m in modes if stage == 4]
+    assert steps and all(m == cpu_karcher.T_HELD for m in steps)
+    assert all(m == cpu_karcher.T_STORE for stage, m in modes if stage == 3)
 
 
 def test_the_temporary_iterate_falls_back_to_tmpdir(tmp_path):
@@ -398,6 +460,7 @@ def test_the_temporary_iterate_falls_back_to_tmpdir(tmp_path):
     with karcher._scratch_file(str(tmp_path)) as f:  # nameless: nothing appears
         f.write(b"y")
         assert list(tmp_path.iterdir()) == []
+
 
 def test_the_writing_pass_counts_skip_the_temporary_iterate(tmp_path):
     """``RowArgs.counts`` of the writing pass are the last statistics pass's accumulators,
@@ -416,6 +479,7 @@ def test_the_writing_pass_counts_skip_the_temporary_iterate(tmp_path):
     args = row_args(prep.plan.recipe.row, t, c, None, stats)
     assert args.op == PASSES[-1] and args.counts is last
     prep.output.close()
+
 
 def test_triton_kernel_equals_numba():
     if os.environ.get("TRITON_INTERPRET") != "1":

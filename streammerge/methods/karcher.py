@@ -172,9 +172,19 @@ def work_of(a) -> str:
 
 
 def program_of(a):
-    """(Program, stage) of the pass ``a.op`` from the tensor's sums so far."""
-    sums = {name: acc for name, acc in a.stats.items() if name != a.op}
-    return program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
+    """(Program, stage) of the pass ``a.op`` from the tensor's sums so far, derived once a
+    pass (the chunks of a pass, and ``_live`` before it, ask again: the sums of the passes
+    before it are final by then)."""
+    memo = a.stats.setdefault(PROGRAMS, {})
+    key = (a.op, a.weights, a.params, a.compute_dtype)
+    if key not in memo:
+        sums = {name: acc for name, acc in a.stats.items() if name in PASSES and name != a.op}
+        memo[key] = program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
+    return memo[key]
+
+
+#: ``RowArgs.stats`` key of ``program_of``'s results, by pass (and parameters).
+PROGRAMS = "karcher_programs"
 
 
 #: ``RowArgs.stats`` key of the iterate held in a slot's output bytes: (buffer address,
@@ -305,6 +315,31 @@ def _units(inputs, a, pr: Program, stage: int) -> int:
     return held_units(inputs, a, pr.work, stage, 1, a.stats)
 
 
+#: ``RowArgs.stats`` key of the tangent T held in a spare slot row between the tangent and
+#: step passes of one round (``_held_tangent``): (row address, weights, round).
+TANGENT = "karcher_tangent_held"
+
+
+def _held_tangent(inputs, a, pr: Program, stage: int) -> tuple | None:
+    """The pass's ``tangent`` (``cpu_karcher.karcher_sums``): a tensor in one chunk keeps
+    round r's T from its tangent pass for its step pass, which then does not recompute it
+    (the same values: SPEC "Karcher mean"), in a slot row no model uses (karcher has no
+    base: the base row is free) with room for the chunk in W. None: recompute."""
+    from streammerge.kernels.cpu_karcher import T_HELD, T_STORE
+
+    if stage not in (3, 4) or not whole_tensor(a):
+        return None
+    spare = [r for r in range(inputs.shape[0]) if r not in a.model_rows and r != a.base_row]
+    if not spare or inputs[spare[0]].nbytes < a.count * FLOAT_ITEMSIZE[pr.work]:
+        return None
+    row = inputs[spare[0]]
+    mark = (row.ctypes.data, a.weights, pr.full)
+    if stage == 3:
+        a.stats[TANGENT] = mark
+        return row, T_STORE
+    return (row, T_HELD) if a.stats.get(TANGENT) == mark else None
+
+
 def _pass_cpu(inputs, out, a) -> None:
     """One statistics pass: each block's sums, added into ``a.counts[0]`` left to right."""
     from streammerge.kernels import cpu_karcher
@@ -314,7 +349,8 @@ def _pass_cpu(inputs, out, a) -> None:
         return
     held, after = _holding(out, a, pr, stage) if stage >= 2 else (None, None)
     cpu_karcher.karcher_sums(inputs, list(a.dtypes), list(a.model_rows), a.count, pr, stage,
-                             a.counts, held, _units(inputs, a, pr, stage))  # fmt: skip
+                             a.counts, held, _units(inputs, a, pr, stage),
+                             _held_tangent(inputs, a, pr, stage))  # fmt: skip
     if after is not None:
         after()
 
