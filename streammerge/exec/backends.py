@@ -83,6 +83,9 @@ class NumbaBackend:
     #: The merge and histogram kernels read each row where its O_DIRECT read landed
     #: (``Slot.offsets``): the reader moves no input byte into place.
     takes_offsets = True
+    #: its slots are carved per chunk from one buffer (``exec.arena.SlotArena``): host memory
+    #: that no kernel keeps a handle on between slots
+    elastic_slots = True
 
     def __init__(self, threads: int | None = None, preload: bool = True) -> None:
         # Importing numba and loading the cached kernels takes ~0.8 s: do it in the

@@ -1,7 +1,7 @@
 """Execute a plan: read, run each chunk's passes and write, with the three stages overlapped.
 
-Three stages share a fixed ring of buffer slots, allocated once and reused (first writes to
-fresh pages ran at ~0.7 GiB/s on the reference machine, to reused pages ~5 GiB/s):
+Three stages share buffer slots, allocated once and reused (first writes to fresh pages
+ran at ~0.7 GiB/s on the reference machine, to reused pages ~5 GiB/s):
 
     reader thread  --ready-->  compute (caller's thread)  --done-->  writer thread
          ^                          |                                     |
@@ -16,7 +16,9 @@ elementwise pass: a tensor whose inputs fit one slot is read once and every pass
 the held slot ("held"); a larger one (a 128256 x 8192 embedding) is read twice: for its
 high histograms and the low histograms of a bucket window guessed from its first chunk,
 then to merge (a third read, for the low histograms, only when the guess missed).
-Such methods get fewer, larger slots (``make_layout``), so most tensors are held. With
+Such methods get fewer, larger slots (``make_layout``), so most tensors are held; on
+the CPU the slots' bytes are one buffer, carved per chunk (``arena.SlotArena``), so the
+reader reads ahead as far as the chunks' sizes allow. With
 ``trim_scope: model`` the thresholds of the whole model come first (``analyze``).
 
 Memory: every buffer is counted against the budget (slots, the writer's staging blocks,
@@ -31,6 +33,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from streammerge.exec.arena import SlotArena
 from streammerge.exec.layout import (
     Backend,
     Item,
@@ -96,6 +99,23 @@ def _stream(plan: Plan, items, outputs: list[OutputDir], layout: Layout, backend
     return result
 
 
+def _slots(layout: Layout, backend: Backend, outputs: int) -> tuple[Stream, list]:
+    """The stream and its slots' buffers: on the CPU (``elastic_slots``) one buffer the
+    slots are carved from, each the size of its chunk (``SlotArena``); on a device
+    ``layout.slots`` fixed slots (pinned buffers, reused by address)."""
+    k = max(1, outputs)
+    if getattr(backend, "elastic_slots", False):
+        arena = SlotArena(layout, backend.alloc, k)
+        return Stream(arena=arena), [arena.buffer]
+    stream, buffers = Stream(), []
+    for _ in range(layout.slots):
+        outs = [backend.alloc((layout.out_row_bytes,)) for _ in range(k)]
+        slot = Slot(backend.alloc((layout.rows, layout.row_bytes)), outs[0], outs=outs)
+        stream.free_q.put(slot)
+        buffers += [slot.inputs, *outs]
+    return stream, buffers
+
+
 def _stream_body(
     plan: Plan,
     items: Callable[[Callable | None], Iterable[Item | Marker]],
@@ -115,13 +135,7 @@ def _stream_body(
     The reader and writer stages run on their own threads, the compute stage on this one
     (``streammerge.exec.stages``); the first error of any stage is the one raised."""
     variants = variants or [plan]
-    slots = []
-    for _ in range(layout.slots):
-        outs = [backend.alloc((layout.out_row_bytes,)) for _ in range(max(1, len(outputs)))]
-        slots.append(Slot(backend.alloc((layout.rows, layout.row_bytes)), outs[0], outs=outs))
-    stream = Stream()
-    for s in slots:
-        stream.free_q.put(s)
+    stream, buffers = _slots(layout, backend, len(outputs))
     hasher = getattr(outputs[0], "input_hasher", None) if outputs else None
     for o in outputs[1:]:  # a sweep: every output records the same inputs' hashes
         o.input_hasher = hasher
@@ -155,7 +169,7 @@ def _stream_body(
     busy = stream.busy
     _split_cpu(busy, _process_cpu_s() - cpu0)
     busy.update(getattr(backend, "busy", {}))  # a device backend: streams and waits
-    allocated = sum(mapped_bytes(s.inputs) + sum(map(mapped_bytes, s.outs)) for s in slots)
+    allocated = sum(map(mapped_bytes, buffers))
     allocated += write.staging_bytes + (layout.stats_bytes if thresholds.peak_bytes else 0)
     moved, read_bytes = reader.moved_bytes, compute.bytes_read
     if not outputs:  # statistics only

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from streammerge.exec.arena import SlotArena
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
 from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
 from streammerge.exec.thresholds import TensorThresholds, accumulate
@@ -57,7 +58,9 @@ class Stream:
     """What the three stages share.
 
     Attributes:
-        free_q: slots free to be filled (the reader takes them; compute and writer return them).
+        free_q: slots free to be filled (the reader takes them; compute and writer return them)
+            where the slots are fixed; arena: the ``SlotArena`` the slots are carved from
+            instead (``take_slot`` / ``give_slot`` hide which).
         ready_q: filled slots and shard markers in file order, then None (reader -> compute).
         done_q: computed slots and shard markers, then None (compute -> writer).
         stop: set once a stage failed: the others leave at their next wait.
@@ -82,6 +85,24 @@ class Stream:
     verdicts: dict[str, list] = field(default_factory=dict)
     verdict_lock: threading.Lock = field(default_factory=threading.Lock)
     meta: dict[str, dict] = field(default_factory=dict)
+    arena: SlotArena | None = None
+
+    def take_slot(self, item: Item) -> Slot:
+        """A free slot for ``item`` (the reader's), waiting for one; raises
+        ``StageFailed`` once ``stop`` is set."""
+        if self.arena is None:
+            return self.get(self.free_q)
+        while (slot := self.arena.take(item, 0.1)) is None:
+            if self.stop.is_set():
+                raise StageFailed
+        return slot
+
+    def give_slot(self, slot: Slot) -> None:
+        """Return a slot the compute stage or the writer is done with."""
+        if self.arena is None:
+            self.free_q.put(slot)
+        else:
+            self.arena.give(slot)
 
     def get(self, q: queue.Queue):
         """The next entry of ``q``, waiting for it; raises ``StageFailed`` once ``stop`` is set."""
@@ -144,7 +165,7 @@ class ReaderStage:
                     if isinstance(item, Marker):
                         s.ready_q.put(item)
                         continue
-                    slot = s.get(s.free_q)
+                    slot = s.take_slot(item)
                     t0 = time.perf_counter()
                     self.fill(pool, slot, item)
                     s.busy["read_s"] += time.perf_counter() - t0
@@ -240,7 +261,7 @@ class WriterStage:
                     buf = item.outs[k] if merged else item.out
                     writer.write(memoryview(buf)[: item.out_nbytes])
                 s.busy["write_s"] += time.perf_counter() - t0
-                s.free_q.put(item)
+                s.give_slot(item)
             s.busy["write_cpu_s"] = time.thread_time() + sum(  # and the staging's I/O threads
                 thread_cpu_s(th.native_id) for st in stagings
                 for th in list(getattr(st.io, "_threads", ()))
@@ -334,7 +355,7 @@ class ComputeStage:
                 if self.on_bytes is not None:
                     self.on_bytes(item.in_nbytes)
                 if not to_writer:
-                    s.free_q.put(item)
+                    s.give_slot(item)
                     continue
             self.inflight.append((item, handle))
             while len(self.inflight) > self.backend.depth:
