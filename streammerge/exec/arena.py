@@ -67,7 +67,8 @@ class SlotArena:
         return align_up(n * per_in + DIRECT_SLACK), align_up(out + DIRECT_SLACK)
 
     def take(self, item: Item, timeout: float) -> Slot | None:
-        """A slot for ``item``, waiting up to ``timeout`` seconds for room; None: not yet (the caller checks whether the run stopped, and asks again).
+        """A slot for ``item``, waiting up to ``timeout`` seconds for room; None: not yet
+        (the caller checks whether the run stopped, and asks again).
 
         Raises:
             ValueError: the item needs more than a fixed slot (a planning error).
