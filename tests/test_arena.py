@@ -104,3 +104,15 @@ def test_a_merge_carving_its_slots_writes_the_bytes_of_fixed_slots(tmp_path, mon
     assert not takes  # fixed slots: none carved
     for method in ("ties", "nuslerp"):
         assert got[method, True] == got[method, False]
+
+
+def test_a_stopped_run_takes_no_more_slots():
+    """Once a stage failed (``Stream.stop``), the reader gets no slot even where the arena
+    has room: it reads nothing more before the run ends."""
+    from streammerge.exec.stages import StageFailed, Stream
+
+    stream = Stream(arena=SlotArena(_layout(), page_aligned, 1))
+    assert stream.take_slot(_item(100)) is not None
+    stream.stop.set()
+    with pytest.raises(StageFailed):
+        stream.take_slot(_item(100))

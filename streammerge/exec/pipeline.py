@@ -102,9 +102,11 @@ def _stream(plan: Plan, items, outputs: list[OutputDir], layout: Layout, backend
 def _slots(layout: Layout, backend: Backend, outputs: int) -> tuple[Stream, list]:
     """The stream and its slots' buffers: on the CPU (``elastic_slots``) one buffer the
     slots are carved from, each the size of its chunk (``SlotArena``); on a device
-    ``layout.slots`` fixed slots (pinned buffers, reused by address)."""
+    ``layout.slots`` fixed slots (pinned buffers, reused by address). Carving needs a
+    backend that holds no slot while the reader waits (``depth`` 0): slots held in flight
+    could leave no free range a whole chunk fits."""
     k = max(1, outputs)
-    if getattr(backend, "elastic_slots", False):
+    if getattr(backend, "elastic_slots", False) and backend.depth == 0:
         arena = SlotArena(layout, backend.alloc, k)
         return Stream(arena=arena), [arena.buffer]
     stream, buffers = Stream(), []

@@ -92,10 +92,11 @@ class Stream:
         ``StageFailed`` once ``stop`` is set."""
         if self.arena is None:
             return self.get(self.free_q)
-        while (slot := self.arena.take(item, 0.1)) is None:
+        while True:  # stop first, as ``get``: a failed run reads nothing more
             if self.stop.is_set():
                 raise StageFailed
-        return slot
+            if (slot := self.arena.take(item, 0.1)) is not None:
+                return slot
 
     def give_slot(self, slot: Slot) -> None:
         """Return a slot the compute stage or the writer is done with."""

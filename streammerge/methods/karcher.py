@@ -176,7 +176,7 @@ def program_of(a):
     pass (the chunks of a pass, and ``_live`` before it, ask again: the sums of the passes
     before it are final by then)."""
     memo = a.stats.setdefault(PROGRAMS, {})
-    key = (a.op, a.weights, a.params, a.compute_dtype)
+    key = (a.op, a.weights, a.params, a.compute_dtype, a.model_rows, a.dtypes)
     if key not in memo:
         sums = {name: acc for name, acc in a.stats.items() if name in PASSES and name != a.op}
         memo[key] = program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
