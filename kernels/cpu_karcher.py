@@ -355,10 +355,14 @@ def karcher_sums(inputs: np.ndarray, dtypes: list[str], model_rows: list[int], n
         accumulate(acc, vals, stage)
 
 
+#: No held tangent (``_chain_kernel``'s ``trow`` with ``t_mode`` 0).
+_NO_T = np.zeros(4, np.uint8)
+
+
 def _tangent_row(tangent, prog, stage: int, n: int) -> tuple[np.ndarray, int]:
-    """(byte row, mode) of a ``tangent`` argument (None: a dummy row, mode 0)."""
+    """(byte row, mode) of a ``tangent`` argument (None: ``_NO_T``, mode 0)."""
     if tangent is None:
-        return np.zeros(4, np.uint8), 0
+        return _NO_T, 0
     row, mode = tangent
     if (stage, mode) not in ((3, T_STORE), (4, T_HELD)):
         raise ValueError(f"tangent mode {mode} in stage {stage}: T_STORE is the tangent "
@@ -369,10 +373,6 @@ def _tangent_row(tangent, prog, stage: int, n: int) -> tuple[np.ndarray, int]:
 
 #: No block sums (``_chain_kernel``'s ``bsums`` with 0 rows): the products go to ``vals``.
 _NO_BSUMS = np.zeros((0, 1), np.float64)
-
-
-#: No held tangent (``_chain_kernel``'s ``trow`` with ``t_mode`` 0).
-_NO_T = np.zeros(4, np.uint8)
 
 
 def _run_chain(inputs, codes, mr, lo, hi, prog, stage, vals, out, co, rounds=-1,

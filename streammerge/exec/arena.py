@@ -48,8 +48,9 @@ class SlotArena:
 
     def __init__(self, layout: Layout, alloc, outputs: int) -> None:
         self.layout, self.outputs = layout, max(1, outputs)
-        self.total = layout.slots * (layout.rows * layout.row_bytes
-                                     + self.outputs * layout.out_row_bytes)  # fmt: skip
+        #: bytes of one fixed slot: the most an item may need
+        self.slot_size = layout.rows * layout.row_bytes + self.outputs * layout.out_row_bytes
+        self.total = layout.slots * self.slot_size
         self.buffer = alloc((self.total,))
         self._live: list[_Carved] = []
         self._cond = threading.Condition()
@@ -75,7 +76,7 @@ class SlotArena:
         """
         row, out = self.sizes(item)
         size = self.layout.rows * row + self.outputs * out
-        if size > self.total // self.layout.slots:
+        if size > self.slot_size:
             raise ValueError(f"{item.tensor.name}: a chunk of {item.chunk.count} elements "
                              "needs more than a slot")  # fmt: skip
         with self._cond:

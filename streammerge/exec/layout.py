@@ -59,7 +59,7 @@ class Slot:
     last: bool = False
     offsets: list | None = None  # row -> byte offset of its data (a backend that takes_offsets)
     fill: int = 0  # how many times the reader has filled this slot (a device backend's key)
-    carved: object = None  # its bytes in a ``SlotArena``'s ring (None: a fixed slot)
+    carved: object = None  # its bytes in a ``SlotArena``'s buffer (None: a fixed slot)
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,10 @@ def work_of(a) -> str:
     return a.compute_dtype or (dts[0] if len(set(dts)) == 1 else "F32")
 
 
+#: ``RowArgs.stats`` key of ``program_of``'s results, by pass (and parameters).
+PROGRAMS = "karcher_programs"
+
+
 def program_of(a):
     """(Program, stage) of the pass ``a.op`` from the tensor's sums so far, derived once a
     pass (the chunks of a pass, and ``_live`` before it, ask again: the sums of the passes
@@ -181,10 +185,6 @@ def program_of(a):
         sums = {name: acc for name, acc in a.stats.items() if name in PASSES and name != a.op}
         memo[key] = program(sums, a.op or "karcher", a.weights, *_params(a), work_of(a))
     return memo[key]
-
-
-#: ``RowArgs.stats`` key of ``program_of``'s results, by pass (and parameters).
-PROGRAMS = "karcher_programs"
 
 
 #: ``RowArgs.stats`` key of the iterate held in a slot's output bytes: (buffer address,
