@@ -7,23 +7,20 @@ JSON-serializable dict; ``format_plan`` renders it as text. Contents:
 
 - the recipe: method, trim scope, seed, the mixup ratios m (λ for two models) and α;
 - per tensor group (``embedding/other``, ``layer N``, ``head/final``): tensor count, output
-  bytes, input bytes read, the passes (``held``: read once, every pass on the held slot;
-  ``multi-pass``: two reads, three when the guessed window misses), and the resolved w / density / drop / gamma /
-  scale / normalize, once per distinct set with the tensors that share it;
+  bytes, input bytes read, the passes (``passes_of``), and the resolved w / density / drop /
+  gamma / scale / normalize, once per distinct set with the tensors that share it;
 - the output shards (file, size in bytes, tensor count);
 - ``bytes_read``: what the real run reads when every guessed threshold window hits
-  (``layout.read_bytes`` over the same ``work_items``, plus the two model-wide histogram
-  passes of trim_scope model, as ``api.execute`` counts them); ``bytes_read_max``: the
-  most it can read, every guess missing (a third read of each such tensor; the run never
-  reads more), equal to ``bytes_read`` for methods without statistics or when every such
-  tensor fits a slot; ``bytes_written``: the shard files' bytes;
+  (``layout.read_bytes`` over the same ``work_items``, plus the model-wide histogram passes
+  of trim_scope model, as ``api.execute`` counts them); ``bytes_read_max``: the most it can
+  read, every guess missing (the run never reads more); ``bytes_read_cached``: of
+  ``bytes_read``, what the page cache serves (``exec.reread``: the later passes of a tensor
+  read ``CACHE_READS`` times or more); ``bytes_written``: the shard files' bytes;
 - peak buffer memory (``Layout.buffer_bytes``) against the ``--memory`` budget;
-- the disk's read speed from a short read (``streammerge.io.measure``: at most
-  ``MEASURE_BYTES``, ``MEASURE_SECONDS``) of the largest input file, and
-  ``expected_seconds = bytes_read / speed``: a lower bound from reads alone (compute and
-  writes overlap the reads in the real run), plus
-  ``compile_seconds`` (``backends.COMPILE_S``) while numba's cache of the CPU kernels is
-  cold (the first run compiles them);
+- the disk's read speed from a short read (``streammerge.io.measure``) of the largest input
+  file, and ``expected_seconds = (bytes_read - bytes_read_cached) / speed``: a lower bound
+  (compute and writes overlap the reads), plus ``compile_seconds``
+  (``backends.COMPILE_S``) while numba's cache of the CPU kernels is cold;
 - ``base_only`` tensors and the vocabulary rules from the plan.
 
 Units: bytes are integers (bytes), speeds bytes per second, times seconds.
@@ -42,11 +39,13 @@ from streammerge.exec.layout import (
     work_items,
 )
 from streammerge.exec.ops import is_row_op, low_from_high
+from streammerge.exec.reread import CACHE_READS, cached_bytes
 from streammerge.io.measure import measure_read_speed
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
+from streammerge.sysinfo import available_memory_bytes
 
 #: Format tag of the ``--plan --json`` document.
 PLAN_FORMAT = "streammerge-plan/1"
@@ -280,6 +279,7 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     r, plan = prep.recipe, prep.plan
     todo, resumed = _todo(prep)
     bytes_read, bytes_read_max, analysis_read = _read_totals(plan, todo, layout)
+    from_cache = cached_bytes(work_items(plan, todo, layout), available_memory_bytes() // 2)
     kernels = any(t.action != "copy" for t in plan.tensors)  # copies run no kernel
     compile_s = _compile_seconds(device) if kernels else 0
     bytes_written = sum(s.size_bytes for s in todo)
@@ -297,27 +297,23 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
         "output": str(prep.output.out),
         "staging": str(prep.output.staging),
         "groups": ordered,
-        "analysis": (
-            {"passes": ["hist_high", "hist_low"], "bytes_read": analysis_read}
-            if plan.model_scope
-            else None
-        ),
-        "shards": [
-            {"file": s.filename, "size_bytes": s.size_bytes, "tensors": len(s.tensors)}
-            for s in plan.shards
-        ],
+        "analysis": {"passes": ["hist_high", "hist_low"], "bytes_read": analysis_read}
+        if plan.model_scope else None,  # fmt: skip
+        "shards": [{"file": s.filename, "size_bytes": s.size_bytes, "tensors": len(s.tensors)}
+                   for s in plan.shards],  # fmt: skip
         "resumed_shards": resumed,
         "bytes_read": bytes_read,
         "bytes_read_max": bytes_read_max,
         "bytes_read_analysis": analysis_read,
+        "bytes_read_cached": from_cache,
         "bytes_written": bytes_written,
         "total_size": plan.total_bytes,
         "memory": _memory(prep, layout, device),
         "disk": disk,
-        "expected_seconds": bytes_read / speed + compile_s if speed else None,
+        "expected_seconds": (bytes_read - from_cache) / speed + compile_s if speed else None,
         "compile_seconds": compile_s,
-        "expected_note": "lower bound: bytes_read / the measured read speed (compute and "
-        "writes overlap the reads; a slower stage makes the run longer)"
+        "expected_note": "lower bound: bytes read from the disk / the measured read speed "
+        "(compute and writes overlap the reads; a slower stage makes the run longer)"
         + (f", plus about {compile_s} s to compile the CPU kernels (first run only)"
            if compile_s else ""),
         "base_only": list(plan.base_only),
@@ -442,6 +438,9 @@ def _totals_lines(d: dict) -> list[str]:
            if most != d["bytes_read"] else "")
         + f"; to write: {d['bytes_written']} ({format_bytes(d['bytes_written'])})"
     )
+    if d.get("bytes_read_cached"):
+        out.append(f"  of the bytes read, {format_bytes(d['bytes_read_cached'])} from the "
+                   f"page cache: the later passes of tensors read {CACHE_READS}+ times")  # fmt: skip
     out.append(
         f"peak buffer memory: {mem['buffer_bytes'] / 2**20:.1f} MiB of the "
         f"{mem['budget_bytes'] / 2**20:.1f} MiB budget ({mem['slots']} slots of "

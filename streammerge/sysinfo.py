@@ -60,6 +60,23 @@ def total_memory_bytes() -> int:
     return total
 
 
+def available_memory_bytes() -> int:
+    """Memory this process could still use without swapping (bytes): ``MemAvailable``
+    (free plus reclaimable page cache, psutil), or what the cgroup's ``memory.max`` leaves
+    above its ``memory.current`` when that is less."""
+    import psutil
+
+    avail = int(psutil.virtual_memory().available)
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read().strip())
+    except (OSError, ValueError):
+        return avail
+    return min(avail, max(0, int(limit) - used)) if limit.isdigit() else avail
+
+
 def open_file_limit() -> int:
     """The soft limit on open file descriptors (``ulimit -n``); a large number if unknown."""
     try:

@@ -72,13 +72,17 @@ class Marker:
 
 @dataclass(frozen=True)
 class Item:
-    """One pass over one chunk of one tensor (``first`` / ``last`` chunk of the pass)."""
+    """One pass over one chunk of one tensor (``first`` / ``last`` chunk of the pass;
+    ``reads``: the passes planned over the tensor's chunks, a guessed window's second
+    statistics pass and a pass a verdict may skip counted as not run and run: ``ReaderStage``
+    keeps a tensor read three times or more in the page cache until it is done)."""
 
     tensor: TensorPlan
     chunk: Chunk
     op: str
     first: bool = False
     last: bool = False
+    reads: int = 1
 
 
 def page_aligned(shape: tuple[int, ...]) -> np.ndarray:
@@ -289,16 +293,16 @@ def tensor_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
     if "hist_high" in t.ops:
         chunks = list(_stats_chunks(t, layout))
         for i, c in enumerate(chunks):
-            yield Item(t, c, "hist_guess", first=i == 0, last=i == len(chunks) - 1)
+            yield Item(t, c, "hist_guess", first=i == 0, last=i == len(chunks) - 1, reads=2)
         if chunks and decide is not None and not low_from_high(t) and not decide(t):
             for c in chunks:
-                yield Item(t, c, "hist_low")
+                yield Item(t, c, "hist_low", reads=2)
         for c in iter_chunks(t, layout.max_elems(t)):
-            yield Item(t, c, "merge")
+            yield Item(t, c, "merge", reads=2 if chunks else 1)
         return
     for op in t.ops:
         for c in iter_chunks(t, layout.max_elems(t)):
-            yield Item(t, c, op)
+            yield Item(t, c, op, reads=len(t.ops))
 
 
 def _row_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
@@ -314,7 +318,7 @@ def _row_items(t: TensorPlan, layout: Layout, decide=None) -> Iterator[Item]:
         if k and decide is not None and row_pass(op).live is not None and not decide(t, op):
             continue
         for i, c in enumerate(chunks):
-            yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1)
+            yield Item(t, c, op, first=i == 0, last=i == len(chunks) - 1, reads=len(ops))
 
 
 def population(t: TensorPlan, n_models: int) -> list[int]:

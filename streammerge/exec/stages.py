@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from streammerge.exec.arena import SlotArena
 from streammerge.exec.layout import STAGING_BLOCKS, Backend, Item, Layout, Marker, Slot, population
 from streammerge.exec.ops import convert_args, is_row_op, merge_args, read_rows, row_args
+from streammerge.exec.reread import RereadCache
 from streammerge.exec.thresholds import TensorThresholds, accumulate
 from streammerge.io.lora_delta import AdaptedTensorInfo, adapt_jobs
 from streammerge.io.ranges import RangeReader
@@ -147,6 +148,8 @@ class ReaderStage:
         reader: reads (and fingerprints) the input ranges.
         offsets_ok: the backend takes each row from where its O_DIRECT read landed
             (``Slot.offsets``) instead of a memmove into place.
+        cache: which items are read through the page cache (``RereadCache``; None:
+            none).
     """
 
     stream: Stream
@@ -154,6 +157,7 @@ class ReaderStage:
     layout: Layout
     reader: RangeReader
     offsets_ok: bool
+    cache: RereadCache | None = None
 
     def run(self) -> None:
         """Fill a free slot per item and queue it (markers pass through), then None."""
@@ -180,6 +184,9 @@ class ReaderStage:
             pass
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             s.fail(e)
+        finally:
+            if self.cache is not None:
+                self.cache.release()
 
     def fill(self, pool: ThreadPoolExecutor, slot: Slot, item: Item) -> None:
         """Read ``item``'s input ranges into ``slot`` (a copy: straight into its output) and
@@ -212,7 +219,10 @@ class ReaderStage:
         adapted = [j for j in jobs if isinstance(j[0], AdaptedTensorInfo)]
         in_place = (not self.offsets_ok or item.op in ("copy", "convert")
                     or is_row_op(item.op) or bool(adapted))  # fmt: skip
-        deltas = self.reader.read_rows([j for _, j in local], pool, in_place=in_place)
+        buffered = self.cache is not None and self.cache.use(item)
+        deltas = self.reader.read_rows(
+            [j for _, j in local], pool, in_place=in_place, buffered=buffered
+        )
         if adapted:  # docs/SPEC.md "LoRA inputs (v3)"
             adapt_jobs(adapted, pool)
         if not in_place:

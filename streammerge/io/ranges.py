@@ -171,16 +171,17 @@ class RangeReader:
         finally:
             os.close(fd)
 
-    def read_rows(
-        self, jobs, pool, piece_bytes: int = DIRECT_PIECE, in_place: bool = True
-    ) -> list[int]:
+    def read_rows(self, jobs, pool, piece_bytes: int = DIRECT_PIECE, in_place: bool = True,
+                  buffered: bool = False) -> list[int]:  # fmt: skip
         """Put ``nbytes`` of each ``info``'s bytes from ``byte_offset`` at ``row[:nbytes]``,
         O_DIRECT ranges cut into ``piece_bytes`` pieces that ``pool`` reads in parallel.
 
         A ``row`` whose address is DIRECT_ALIGN-aligned and whose length is at least
         ``nbytes + DIRECT_SLACK`` takes an O_DIRECT read: the aligned pages around the range
         are read into it and the range is moved to the front (``memmove``, GIL released).
-        Other rows, and ranges O_DIRECT refuses (EINVAL), are read buffered.
+        Other rows, ranges O_DIRECT refuses (EINVAL), and every row with ``buffered``, are
+        read buffered: through the page cache, where a range read again soon is found
+        (``drop`` lets it go).
 
         With ``in_place=False`` nothing is moved: the bytes stay at ``row[d : d + nbytes]``
         for the returned offset ``d`` (< DIRECT_ALIGN; 0 for buffered reads), which a GPU
@@ -211,7 +212,8 @@ class RangeReader:
             fd, direct = self._fd(info.file)
             pos = info.start + byte_offset
             addr = row.ctypes.data
-            if not (direct and addr % DIRECT_ALIGN == 0 and len(row) >= nbytes + DIRECT_SLACK):
+            if buffered or not (direct and addr % DIRECT_ALIGN == 0
+                                and len(row) >= nbytes + DIRECT_SLACK):  # fmt: skip
                 whole.append(job)
                 continue
             lo = pos - pos % DIRECT_ALIGN
@@ -246,6 +248,25 @@ class RangeReader:
         if self.hasher is not None:
             self._hash(jobs, pool, deltas)
         return deltas
+
+    @staticmethod
+    def drop(infos) -> None:
+        """Advise the kernel that the bytes of each tensor in ``infos`` (``TensorInfo``) are
+        not needed again (``POSIX_FADV_DONTNEED``): buffered reads left them in the page
+        cache. Advice only: nothing is raised where it cannot be given."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for info in infos:
+            try:
+                fd = os.open(info.file, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, info.start, info.nbytes, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
 
     def hash_ranges(self, jobs, pool) -> None:
         """Hand ranges read elsewhere (inputs by URL: ``remote.read_jobs``) to the hasher,
