@@ -39,13 +39,12 @@ from streammerge.exec.layout import (
     work_items,
 )
 from streammerge.exec.ops import is_row_op, low_from_high
-from streammerge.exec.reread import CACHE_READS, cached_bytes
+from streammerge.exec.reread import CACHE_READS, cache_limit, cached_bytes
 from streammerge.io.measure import measure_read_speed
 from streammerge.names import natural_key
 from streammerge.plan.plan_types import ShardPlan, TensorPlan
 from streammerge.recipe.recipe import LAYER_PATTERN
 from streammerge.sizes import format_bytes
-from streammerge.sysinfo import available_memory_bytes
 
 #: Format tag of the ``--plan --json`` document.
 PLAN_FORMAT = "streammerge-plan/1"
@@ -279,7 +278,8 @@ def describe(prep, layout: Layout, measure_read: bool = True, device: str = "cpu
     r, plan = prep.recipe, prep.plan
     todo, resumed = _todo(prep)
     bytes_read, bytes_read_max, analysis_read = _read_totals(plan, todo, layout)
-    from_cache = cached_bytes(work_items(plan, todo, layout), available_memory_bytes() // 2)
+    limit = cache_limit(prep.options.direct_io)
+    from_cache = cached_bytes(work_items(plan, todo, layout), limit)
     kernels = any(t.action != "copy" for t in plan.tensors)  # copies run no kernel
     compile_s = _compile_seconds(device) if kernels else 0
     bytes_written = sum(s.size_bytes for s in todo)
@@ -439,8 +439,9 @@ def _totals_lines(d: dict) -> list[str]:
         + f"; to write: {d['bytes_written']} ({format_bytes(d['bytes_written'])})"
     )
     if d.get("bytes_read_cached"):
-        out.append(f"  of the bytes read, {format_bytes(d['bytes_read_cached'])} from the "
-                   f"page cache: the later passes of tensors read {CACHE_READS}+ times")  # fmt: skip
+        cached = format_bytes(d["bytes_read_cached"])
+        out.append(f"  of the bytes read, {cached} from the page cache: the later passes of "
+                   f"tensors read {CACHE_READS}+ times")  # fmt: skip
     out.append(
         f"peak buffer memory: {mem['buffer_bytes'] / 2**20:.1f} MiB of the "
         f"{mem['budget_bytes'] / 2**20:.1f} MiB budget ({mem['slots']} slots of "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def _status_kib(field: str) -> int | None:
@@ -60,21 +61,43 @@ def total_memory_bytes() -> int:
     return total
 
 
+#: (limit, usage, memory.stat field of reclaimable file pages) of cgroup v2, then v1.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "total_inactive_file"),
+)  # fmt: skip
+
+
+def _cgroup_room(limit_path: str, usage_path: str, inactive: str) -> int | None:
+    """Bytes a cgroup's memory limit leaves above its usage, not counting the inactive file
+    pages (page cache it reclaims first); None where there is no such limit."""
+    try:
+        with open(limit_path) as f:
+            limit = f.read().strip()
+        with open(usage_path) as f:
+            used = int(f.read().strip())
+        with open(Path(limit_path).parent / "memory.stat") as f:
+            stat = dict(line.split() for line in f if len(line.split()) == 2)
+    except (OSError, ValueError):
+        return None
+    if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's "no limit"
+        return None
+    return max(0, int(limit) - used + int(stat.get(inactive, 0)))
+
+
 def available_memory_bytes() -> int:
     """Memory this process could still use without swapping (bytes): ``MemAvailable``
-    (free plus reclaimable page cache, psutil), or what the cgroup's ``memory.max`` leaves
-    above its ``memory.current`` when that is less."""
+    (free plus reclaimable page cache, psutil), or less where the cgroup's memory limit
+    (v2 ``memory.max``, v1 ``memory.limit_in_bytes``) leaves less above its usage."""
     import psutil
 
     avail = int(psutil.virtual_memory().available)
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read().strip())
-    except (OSError, ValueError):
-        return avail
-    return min(avail, max(0, int(limit) - used)) if limit.isdigit() else avail
+    for files in _CGROUP_FILES:
+        room = _cgroup_room(*files)
+        if room is not None:
+            return min(avail, room)
+    return avail
 
 
 def open_file_limit() -> int:

@@ -24,7 +24,7 @@ def _merge(tmp_path, monkeypatch, method: str, limit: int | None):
     buffered, bytes)] per row read, [names dropped])."""
     import streammerge
     from streammerge.api import Options
-    from streammerge.exec import pipeline
+    from streammerge.exec import reread
 
     reads, drops = [], []
     real_read, real_drop = RangeReader.read_rows, RangeReader.drop
@@ -40,7 +40,7 @@ def _merge(tmp_path, monkeypatch, method: str, limit: int | None):
     monkeypatch.setattr(RangeReader, "read_rows", read_rows)
     monkeypatch.setattr(RangeReader, "drop", staticmethod(drop))
     if limit is not None:
-        monkeypatch.setattr(pipeline, "available_memory_bytes", lambda: 2 * limit)
+        monkeypatch.setattr(reread, "available_memory_bytes", lambda: 2 * limit)
     if not (tmp_path / "in").exists():
         make_trio(tmp_path / "in", big=1_500_000)
     base, a, b = (tmp_path / "in" / n for n in ("base", "a", "b"))
@@ -71,6 +71,10 @@ def test_a_tensor_read_in_many_passes_reads_the_cache_and_is_dropped(tmp_path, m
     from_disk = 3 * 2 * 1_500_000
     assert d["bytes_read_cached"] == sum(n for _, b, n in reads if b) - from_disk > 0
     assert "from the page cache" in dryrun.format_plan(d)
+    prep = prepare([a, b], base, tmp_path / "plan", {"method": "multislerp"},
+                   Options(memory="16MB", direct_io=False))  # fmt: skip
+    d = dryrun.describe(prep, layout_for(prep, SimpleNamespace(depth=0)), measure_read=False)
+    assert d["bytes_read_cached"] == 0  # buffered reads throughout: no cache of its own
     plain, reads0, drops0 = _merge(tmp_path, monkeypatch, "multislerp", 0)
     assert not any(b for _, b, _ in reads0) and not drops0
     assert got.keys() == plain.keys()
@@ -146,3 +150,20 @@ def test_drop_takes_a_buffered_read_out_of_the_page_cache(tmp_path):
         pytest.skip("this filesystem ignores POSIX_FADV_DONTNEED (tmpfs)")
     assert after <= before - (info.nbytes - 2 * 2 * 2**20) // mmap.PAGESIZE
     reader.close()
+
+
+def test_a_cgroups_room_counts_its_inactive_page_cache_as_free(tmp_path):
+    """The cache limit's memory: a cgroup limit minus its usage plus the page cache it would
+    reclaim first; none where the limit is "max" (v2) or v1's huge "no limit"."""
+    from streammerge.sysinfo import _cgroup_room
+
+    (tmp_path / "memory.max").write_text("1000000\n")
+    (tmp_path / "memory.current").write_text("900000\n")
+    (tmp_path / "memory.stat").write_text("anon 100000\ninactive_file 300000\nfile 800000\n")
+    files = (tmp_path / "memory.max", tmp_path / "memory.current", "inactive_file")
+    assert _cgroup_room(*map(str, files[:2]), files[2]) == 1000000 - 900000 + 300000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert _cgroup_room(*map(str, files[:2]), files[2]) is None
+    (tmp_path / "memory.max").write_text("9223372036854771712\n")
+    assert _cgroup_room(*map(str, files[:2]), files[2]) is None
+    assert _cgroup_room(str(tmp_path / "none"), str(tmp_path / "memory.current"), "x") is None

@@ -45,13 +45,12 @@ from streammerge.exec.layout import (
     work_items,
 )
 from streammerge.exec.ops import low_from_high
-from streammerge.exec.reread import RereadCache
+from streammerge.exec.reread import RereadCache, cache_limit
 from streammerge.exec.stages import ComputeStage, ReaderStage, Stream, WriterStage, StageFailed
 from streammerge.exec.thresholds import TensorThresholds
 from streammerge.io.ranges import RangeReader
 from streammerge.output.outdir import OutputDir
 from streammerge.plan.plan_types import Plan, ShardPlan
-from streammerge.sysinfo import available_memory_bytes
 
 
 @dataclass
@@ -144,7 +143,7 @@ def _stream_body(
     for o in outputs[1:]:  # a sweep: every output records the same inputs' hashes
         o.input_hasher = hasher
     reader = RangeReader(direct=direct_io, hasher=hasher)
-    cache = RereadCache(reader, available_memory_bytes() // 2 if direct_io else 0)
+    cache = RereadCache(reader, cache_limit(direct_io))
     read = ReaderStage(stream, items, layout, reader, getattr(backend, "takes_offsets", False),
                        cache)  # fmt: skip
     write = WriterStage(stream, outputs, layout, direct_io)

@@ -4,8 +4,10 @@ disk once, its later passes from the cache (``RereadCache``)."""
 from __future__ import annotations
 
 from streammerge.exec.layout import Item, read_bytes
+from streammerge.exec.ops import read_rows
 from streammerge.io.ranges import RangeReader
 from streammerge.io.remote import RemoteFile
+from streammerge.sysinfo import available_memory_bytes
 
 #: Passes over a tensor from which they read through the page cache (``Item.reads``).
 #: Reading 393 MB of a 2 GB trio's embeddings (three files): O_DIRECT 0.21 s of wall and
@@ -16,16 +18,24 @@ from streammerge.io.remote import RemoteFile
 CACHE_READS = 3
 
 
+def cache_limit(direct_io: bool) -> int:
+    """``RereadCache``'s limit for a run (bytes): half the memory available now
+    (``sysinfo.available_memory_bytes``) where the run reads with O_DIRECT; 0 (no cache)
+    where every read is buffered anyway."""
+    return available_memory_bytes() // 2 if direct_io else 0
+
+
 class RereadCache:
     """The reader's choice per item: O_DIRECT, or buffered through the page cache.
 
     A tensor read in ``CACHE_READS`` passes or more whose input bytes (all rows) are at most
-    ``limit`` is read buffered in every pass: the first fills the page cache, the later ones
-    find it there. Once the reader moves on to another tensor, ``release`` advises the
-    kernel to drop the tensor's bytes (``RangeReader.drop``), so the cache holds at most one
-    tensor's inputs: memory the kernel can take back at any time, not resident memory (a
-    cache that was taken back is read from the disk again, the same bytes). Bytes of that
-    tensor cached before the run are dropped too.
+    ``limit`` has its local rows (not those by URL) read buffered in every pass: the first
+    fills the page cache, the later ones find it there. Once the reader moves on to another
+    tensor, ``release`` advises the kernel to drop the tensor's bytes
+    (``RangeReader.drop``), so the cache holds at most one tensor's inputs: memory the
+    kernel can take back at any time, not resident memory (a cache that was taken back is
+    read from the disk again, the same bytes). Bytes of that tensor cached before the run
+    are dropped too.
 
     Args:
         reader: the run's ``RangeReader`` (its ``drop``).
@@ -61,8 +71,9 @@ class RereadCache:
 
 def cached_bytes(items, limit: int) -> int:
     """Bytes of ``items`` (``Item`` and markers, as ``work_items`` yields them) that a run
-    whose ``RereadCache`` has ``limit`` reads from the page cache, not the disk: every pass
-    of a cached tensor after the first over the same chunk (``--plan``)."""
+    whose ``RereadCache`` has ``limit`` reads from the page cache, not the disk: the local
+    rows of every pass of a cached tensor after the first over the same chunk (``--plan``;
+    rows by URL are fetched again each pass)."""
     probe = RereadCache(None, limit)
     probe.release = lambda: None  # counting only: nothing to drop
     seen, total = set(), 0
@@ -71,6 +82,13 @@ def cached_bytes(items, limit: int) -> int:
             continue
         key = (id(item.tensor), item.chunk.start, item.chunk.count)
         if key in seen:
-            total += read_bytes([item])
+            total += read_bytes([item]) - _remote_bytes(item)
         seen.add(key)
     return total
+
+
+def _remote_bytes(item: Item) -> int:
+    """Bytes of ``item``'s rows that are read by URL."""
+    t, c = item.tensor, item.chunk
+    return sum(c.count * info.itemsize for _, info in read_rows(t, c.segment)
+               if isinstance(info.file, RemoteFile))  # fmt: skip

@@ -257,6 +257,8 @@ class RangeReader:
         if not hasattr(os, "posix_fadvise"):
             return
         for info in infos:
+            if info.nbytes <= 0:  # a length of 0 would mean "to the end of the file"
+                continue
             try:
                 fd = os.open(info.file, os.O_RDONLY)
             except OSError:
