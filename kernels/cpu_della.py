@@ -90,61 +90,58 @@ def _ranks(mags, n, rank, pos, perm, spare, hist):
 
     Zeros come first (in index order). The nonzero magnitudes, as steps of their common
     power of two above the smallest (a bfloat16 value's low 16 bits are zero), are ranked
-    by one stable counting pass when they span at most ``pos.shape[0]`` steps (the usual
+    by one stable counting pass when they span fewer than ``pos.shape[0]`` steps (the usual
     row: a task vector's magnitudes cover a few binades); otherwise the radix sort
     ``_sorted_order`` gives the order and the ranks are its inverse.
-    rank: int64 [>= n] (the result); pos: int64 [bins]; perm, spare: int64 [>= n]; hist:
+    rank: int32 [>= n] (the result); pos: int32 [bins]; perm, spare: int64 [>= n]; hist:
     int64 [256]."""
     zeros = 0
     mn = np.uint32(0xFFFFFFFF)
     mx = np.uint32(0)
-    for i in range(n):
+    for i in range(n):  # selects, not branches: a row's zeros fall anywhere
         m = mags[i]
-        if m == 0:
-            zeros += 1
-        else:
-            mn = min(mn, m)
-            mx = max(mx, m)
+        zeros += m == 0
+        mn = min(mn, m if m != 0 else np.uint32(0xFFFFFFFF))
+        mx = max(mx, m)
     steps = np.uint32(0)
     for i in range(n):
-        if mags[i] != 0:
-            steps |= mags[i] - mn
+        m = mags[i]
+        steps |= (m - mn) if m != 0 else np.uint32(0)
     shift = np.uint32(0)
     if steps != 0:
         while (steps >> shift) & np.uint32(1) == 0:
             shift += np.uint32(1)
     span = np.int64(((mx - mn) >> shift) + 1) if zeros < n else np.int64(0)
-    if span > pos.shape[0]:
+    if span + 1 > pos.shape[0]:
         order = _sorted_order(mags, n, perm, spare, hist)
         for k in range(n):
             rank[order[k]] = k
         return
-    pos[:span] = 0
+    # bin 0 the zeros, bin 1 + (m - mn) >> shift a nonzero magnitude, chosen by a select:
+    # a branch on m == 0 was mispredicted at every zero (a row of bf16 task vectors with a
+    # quarter zeros: 6.7 ns per element against 2.85 branch-free; none: 2.85 and 2.78)
+    pos[: span + 1] = 0
     for i in range(n):
-        if mags[i] != 0:
-            pos[(mags[i] - mn) >> shift] += 1
-    total = np.int64(zeros)
-    for b in range(span):
+        m = mags[i]
+        pos[((m - mn) >> shift) + np.uint32(1) if m != 0 else np.uint32(0)] += 1
+    total = pos.dtype.type(0)
+    for b in range(span + 1):
         c = pos[b]
         pos[b] = total
         total += c
-    z = np.int64(0)
     for i in range(n):
         m = mags[i]
-        if m == 0:
-            rank[i] = z
-            z += 1
-        else:
-            b = (m - mn) >> shift
-            rank[i] = pos[b]
-            pos[b] += 1
+        b = ((m - mn) >> shift) + np.uint32(1) if m != 0 else np.uint32(0)
+        rank[i] = pos[b]
+        pos[b] += 1
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
 def _keep_tables(tha, thb, drop, row_len, thr, inv):
     """Per fine-tune j and rank k: the keep threshold K = A_j + (k * B_j) // (L - 1) (SPEC
     "DELLA"; walked with an integer quotient and carry, no division) and its rescale
-    float32(2**32) / float32(K). thr: uint64 [N, L]; inv: float32 [N, L]."""
+    float32(2**32) / float32(K). thr: uint32 [N, L] (K <= A_j + B_j <= (rho_j + eps_j) 2**32
+    < 2**32, so a Philox word compares with it as uint32); inv: float32 [N, L]."""
     two32 = np.float32(4294967296.0)
     span = np.uint64(max(row_len - 1, 1))
     for j in range(tha.shape[0]):
@@ -155,7 +152,7 @@ def _keep_tables(tha, thb, drop, row_len, thr, inv):
         kk = np.uint64(tha[j])
         rem = np.uint64(0)
         for k in range(row_len):
-            thr[j, k] = kk
+            thr[j, k] = np.uint32(kk)
             kk += step
             rem += carry
             if rem >= span:
@@ -179,7 +176,7 @@ def _thin_loop(d, n, rank, words, thr, inv, rescale, w, w_code, out):
     for i in range(n):
         k = rank[i]
         scaled = round_op(d[i] * inv[k], w_code) if rescale else d[i]
-        e = scaled if np.uint64(words[i]) < thr[k] else zero
+        e = scaled if words[i] < thr[k] else zero
         out[i] = round_op(w * e, w_code)
 
 
@@ -262,8 +259,8 @@ def _della_rows(inputs, codes, base_row, model_rows, r_lo, r_hi, row_len, start,
     d = np.empty(n, np.float32)
     wd = np.empty((n_models, n), np.float32)
     mags = np.empty(n, np.uint32)
-    rank = np.empty(n, np.int64)
-    pos = np.empty(max(COUNT_BINS_PER_ELEM * n, COUNT_BINS_MIN), np.int64)
+    rank = np.empty(n, np.int32)
+    pos = np.empty(max(COUNT_BINS_PER_ELEM * n, COUNT_BINS_MIN), np.int32)
     perm = np.empty(n, np.int64)
     spare = np.empty(n, np.int64)
     hist = np.empty(256, np.int64)
@@ -346,7 +343,7 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
     if abs(float(den0)) < 1e-8:
         den0 = np.float32(1.0)
     if n:
-        thr = np.zeros((nm, row_len), np.uint64)
+        thr = np.zeros((nm, row_len), np.uint32)
         inv = np.zeros((nm, row_len), np.float32)
         _keep_tables(tha, thb, drop, row_len, thr, inv)
         _della_kernel(inputs, codes, base_row, mr, n_rows, row_len, start,

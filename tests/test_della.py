@@ -118,7 +118,7 @@ def test_ranks_are_the_stable_order_of_the_magnitudes(kind):
     mags = x.view(np.uint32) & np.uint32(0x7FFFFFFF)
     want = np.empty(n, np.int64)
     want[np.lexsort((np.arange(n), mags))] = np.arange(n)
-    rank, pos = np.empty(n, np.int64), np.empty(8192, np.int64)
+    rank, pos = np.empty(n, np.int32), np.empty(8192, np.int32)  # the kernel's dtypes
     scratch = [np.empty(n, np.int64), np.empty(n, np.int64), np.empty(256, np.int64)]
     cpu_della._ranks(mags, n, rank, pos, *scratch)
     assert np.array_equal(rank, want)
