@@ -318,12 +318,15 @@ def della_chunk(inputs: np.ndarray, dtypes: list[str], base_row: int, model_rows
         model_ids: SPEC index j of each fine-tune row (its Philox word), default 0 .. N-1.
 
     Raises:
-        ValueError: bad rows, dtypes, output, or density +/- epsilon outside (0, 1).
+        ValueError: bad rows, dtypes, output, a row of 2**31 elements or more, or density
+            +/- epsilon outside (0, 1).
     """
     from .cpu_ram import _slot
     from .common import round_host
 
     n = n_rows * row_len
+    if row_len >= 2**31:  # the ranks and their counters are int32
+        raise ValueError(f"della ranks rows of fewer than 2**31 elements, not {row_len}")
     codes, mr, w_code, w = _slot(inputs, dtypes, base_row, model_rows, n, work)
     co = _checked(out, out_dtype, n, "out")
     nm = len(model_rows)

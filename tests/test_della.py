@@ -228,3 +228,13 @@ def test_bad_recipes_are_one_line(tmp_path, argv, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_row_the_int32_ranks_cannot_count_is_refused():
+    """The ranks and their counters are int32: a row of 2**31 elements is refused, not
+    ranked with wrapped counts."""
+    s = np.zeros((3, 16), np.uint8)
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        cpu_della.della_chunk(s, ["BF16"] * 3, 0, [1, 2], 0, 2**31, 0, 1, [1.0, 1.0],
+                              [0.5, 0.5], [0.1, 0.1], True, True, True, 1.0,
+                              np.zeros(16, np.uint8), "BF16")  # fmt: skip
