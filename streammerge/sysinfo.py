@@ -45,12 +45,20 @@ def peak_rss_bytes() -> int:
         return int(info.rss)
 
 
+#: (limit, usage, memory.stat field of reclaimable file pages) of cgroup v2, then v1.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+     "total_inactive_file"),
+)  # fmt: skip
+
+
 def total_memory_bytes() -> int:
     """Physical memory of this machine (bytes), or of the cgroup when it is smaller."""
     import psutil
 
     total = int(psutil.virtual_memory().total)
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+    for path, _, _ in _CGROUP_FILES:
         try:
             with open(path) as f:
                 text = f.read().strip()
@@ -59,14 +67,6 @@ def total_memory_bytes() -> int:
         if text.isdigit():
             total = min(total, int(text))
     return total
-
-
-#: (limit, usage, memory.stat field of reclaimable file pages) of cgroup v2, then v1.
-_CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
-     "total_inactive_file"),
-)  # fmt: skip
 
 
 def _cgroup_room(limit_path: str, usage_path: str, inactive: str) -> int | None:

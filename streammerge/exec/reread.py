@@ -3,7 +3,7 @@ disk once, its later passes from the cache (``RereadCache``)."""
 
 from __future__ import annotations
 
-from streammerge.exec.layout import Item, read_bytes
+from streammerge.exec.layout import Item
 from streammerge.exec.ops import read_rows
 from streammerge.io.ranges import RangeReader
 from streammerge.io.remote import RemoteFile
@@ -50,17 +50,23 @@ class RereadCache:
     def use(self, item: Item) -> bool:
         """True when ``item``'s rows are to be read buffered; a tensor other than the one
         cached releases that one first."""
-        t = item.tensor
-        if self._tensor is not None and self._tensor is not t:
+        if self._tensor is not None and self._tensor is not item.tensor:
             self.release()
+        local = self.cacheable(item)
+        if local:
+            self._tensor, self._infos = item.tensor, local
+        return bool(local)
+
+    def cacheable(self, item: Item) -> list:
+        """The local inputs (``TensorInfo``) of ``item``'s tensor where its rows are read
+        through the cache, else []."""
         if item.reads < CACHE_READS or not self.limit:
-            return False
+            return []
+        t = item.tensor
         srcs = [i for i in (t.base, *t.sources) if i is not None]
-        local = [i for i in srcs if not isinstance(i.file, RemoteFile)]
-        if not local or sum(i.nbytes for i in srcs) > self.limit:
-            return False
-        self._tensor, self._infos = t, local
-        return True
+        if sum(i.nbytes for i in srcs) > self.limit:
+            return []
+        return [i for i in srcs if not isinstance(i.file, RemoteFile)]
 
     def release(self) -> None:
         """Let the kernel drop the cached tensor's bytes (if any)."""
@@ -74,21 +80,15 @@ def cached_bytes(items, limit: int) -> int:
     whose ``RereadCache`` has ``limit`` reads from the page cache, not the disk: the local
     rows of every pass of a cached tensor after the first over the same chunk (``--plan``;
     rows by URL are fetched again each pass)."""
-    probe = RereadCache(None, limit)
-    probe.release = lambda: None  # counting only: nothing to drop
+    probe = RereadCache(None, limit)  # its choice only: nothing is read or dropped
     seen, total = set(), 0
     for item in items:
-        if not isinstance(item, Item) or not probe.use(item):
+        if not isinstance(item, Item) or not probe.cacheable(item):
             continue
         key = (id(item.tensor), item.chunk.start, item.chunk.count)
         if key in seen:
-            total += read_bytes([item]) - _remote_bytes(item)
+            t, c = item.tensor, item.chunk
+            total += sum(c.count * info.itemsize for _, info in read_rows(t, c.segment)
+                         if not isinstance(info.file, RemoteFile))  # fmt: skip
         seen.add(key)
     return total
-
-
-def _remote_bytes(item: Item) -> int:
-    """Bytes of ``item``'s rows that are read by URL."""
-    t, c = item.tensor, item.chunk
-    return sum(c.count * info.itemsize for _, info in read_rows(t, c.segment)
-               if isinstance(info.file, RemoteFile))  # fmt: skip
